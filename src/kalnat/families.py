@@ -1,0 +1,295 @@
+"""Output distributions: exponential families in their mean parameterisation.
+
+Each family maps a model's raw output ``z`` to the mean parameter ``ŷ = E[T(y)]`` of a
+*minimal* sufficient statistic ``T`` (``m`` values), and gives ``T(y)``, ``R = Cov_ŷ(T(y))``,
+the log-likelihood, sampling and a domain check for ``y`` (PAPER.md §1).
+
+With ``H = ∂ŷ/∂θ`` and ``e = T(y) − ŷ`` the gradient of the loss is ``−Hᵀ R⁻¹ e`` and the
+Fisher information of one observation is ``Hᵀ R⁻¹ H``; every learner is built on these two
+identities.
+
+Shapes, for one observation: ``z`` is ``(n_outputs,)``, ``ŷ`` and ``T(y)`` are ``(m,)``, ``R`` is
+``(m, m)``, and ``y`` has shape ``event_shape``. Leading batch axes are handled by ``vmap``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Family", "Gaussian", "Bernoulli", "Categorical", "Poisson"]
+
+
+class Family(abc.ABC):
+    """Interface shared by all output families.
+
+    Attributes:
+      m: dimension of the minimal mean parameter ŷ and of T(y).
+      n_outputs: number of raw outputs the model must produce.
+      event_shape: shape of one observation y.
+      is_classifier: whether ``probs`` (class probabilities) are meaningful.
+    """
+
+    m = 1
+    n_outputs = 1
+    event_shape = ()
+    is_classifier = False
+    name = "family"
+
+    @abc.abstractmethod
+    def mean(self, z):
+        """Raw output ``z (n_outputs,)`` → mean parameter ``ŷ (m,)``."""
+
+    @abc.abstractmethod
+    def stat(self, y):
+        """Observation ``y`` → minimal sufficient statistic ``T(y) (m,)``."""
+
+    @abc.abstractmethod
+    def cov(self, yhat):
+        """``R = Cov_ŷ(T(y))``, shape ``(m, m)``."""
+
+    @abc.abstractmethod
+    def log_prob(self, z, y):
+        """``log p(y | ŷ(z))`` computed from the raw output (stable near the boundary)."""
+
+    @abc.abstractmethod
+    def sample(self, key, yhat, shape=()):
+        """Draws ``y`` of shape ``shape + event_shape`` from ``p(· | ŷ)``."""
+
+    def check(self, y) -> np.ndarray:
+        """Validates observations on the host; returns them as a NumPy array.
+
+        ``y`` has shape ``event_shape`` or ``(b,) + event_shape``. Raises ``ValueError`` naming
+        the problem (non-finite values, wrong shape, value outside the family's domain).
+        """
+        y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise ValueError(f"{self.name}: y must be numeric, got dtype {y.dtype}")
+        nd = len(self.event_shape)
+        if y.ndim not in (nd, nd + 1) or y.shape[y.ndim - nd:] != self.event_shape:
+            raise ValueError(
+                f"{self.name}: y must have shape {self.event_shape} or (batch,) + "
+                f"{self.event_shape}, got {y.shape}"
+            )
+        if not np.all(np.isfinite(y)):
+            raise ValueError(f"{self.name}: y contains NaN or inf")
+        self._check_domain(y)
+        return y
+
+    def _check_domain(self, y: np.ndarray) -> None:
+        pass
+
+    def probs(self, yhat):
+        """Class probabilities of a classifier, from ``ŷ``; ``None`` otherwise."""
+        return None
+
+
+def _as_tuple_matrix(a: np.ndarray):
+    return tuple(map(tuple, a.tolist()))
+
+
+@dataclass(frozen=True, init=False)
+class Gaussian(Family):
+    """Gaussian with known covariance Σ: ``T(y) = y``, ``ŷ = μ = z``, ``R = Σ``.
+
+    Args:
+      cov: scalar variance, a vector of per-output variances, or a full ``(m, m)`` covariance.
+      dim: output dimension, needed only for an isotropic scalar ``cov`` with ``dim > 1``.
+    """
+
+    cov_: tuple
+    name = "gaussian"
+
+    def __init__(self, cov=1.0, dim: int | None = None):
+        c = np.asarray(cov, dtype=np.float64)
+        if c.ndim == 0:
+            c = np.eye(dim or 1) * float(c)
+        elif c.ndim == 1:
+            c = np.diag(c)
+        if c.ndim != 2 or c.shape[0] != c.shape[1]:
+            raise ValueError(f"gaussian: cov must be a scalar, vector or square matrix, got shape {np.shape(cov)}")
+        if dim is not None and c.shape[0] != dim:
+            raise ValueError(f"gaussian: cov has dimension {c.shape[0]} but dim={dim}")
+        if not np.all(np.isfinite(c)):
+            raise ValueError("gaussian: cov contains NaN or inf")
+        if not np.allclose(c, c.T) or np.linalg.eigvalsh(c).min() <= 0:
+            raise ValueError("gaussian: cov must be symmetric positive definite")
+        object.__setattr__(self, "cov_", _as_tuple_matrix(c))
+
+    @property
+    def m(self) -> int:
+        return len(self.cov_)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.m
+
+    @property
+    def event_shape(self) -> tuple:
+        return () if self.m == 1 else (self.m,)
+
+    def _sigma(self, dtype):
+        return jnp.asarray(self.cov_, dtype=dtype)
+
+    def mean(self, z):
+        return z
+
+    def stat(self, y):
+        return jnp.reshape(y, (self.m,))
+
+    def cov(self, yhat):
+        return self._sigma(yhat.dtype)
+
+    def log_prob(self, z, y):
+        sigma = self._sigma(z.dtype)
+        r = self.stat(y).astype(z.dtype) - z
+        chol = jnp.linalg.cholesky(sigma)
+        w = jax.scipy.linalg.solve_triangular(chol, r, lower=True)
+        logdet = 2.0 * jnp.sum(jnp.log(jnp.diag(chol)))
+        return -0.5 * (w @ w + logdet + self.m * jnp.log(2.0 * jnp.pi))
+
+    def sample(self, key, yhat, shape=()):
+        chol = jnp.linalg.cholesky(self._sigma(yhat.dtype))
+        eps = jax.random.normal(key, shape + (self.m,), dtype=yhat.dtype)
+        y = yhat + eps @ chol.T
+        return y.reshape(shape + self.event_shape)
+
+
+@dataclass(frozen=True)
+class Bernoulli(Family):
+    """Bernoulli: ``y ∈ {0, 1}``, ``ŷ = p = sigmoid(z)``, ``R = p(1 − p)``; one raw output."""
+
+    name = "bernoulli"
+    is_classifier = True
+
+    def mean(self, z):
+        return jax.nn.sigmoid(z)
+
+    def stat(self, y):
+        return jnp.reshape(y, (1,))
+
+    def cov(self, yhat):
+        return (yhat * (1.0 - yhat)).reshape(1, 1)
+
+    def log_prob(self, z, y):
+        y = jnp.reshape(y, (1,)).astype(z.dtype)
+        return jnp.sum(y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z))
+
+    def sample(self, key, yhat, shape=()):
+        return jax.random.bernoulli(key, yhat[0], shape).astype(jnp.int32)
+
+    def _check_domain(self, y):
+        if not np.all((y == 0) | (y == 1)):
+            bad = y[(y != 0) & (y != 1)].ravel()[0]
+            raise ValueError(f"bernoulli: labels must be 0 or 1, got {bad!r}")
+
+    def probs(self, yhat):
+        return jnp.concatenate([1.0 - yhat, yhat], axis=-1)
+
+
+@dataclass(frozen=True)
+class Categorical(Family):
+    """Categorical over ``K`` classes, labels ``0..K−1``.
+
+    ``T(y)`` is the one-hot vector of ``y`` without the last class (``m = K − 1``), whose
+    covariance ``R = diag(p) − p pᵀ`` is non-singular (PAPER.md §1). The model produces either
+    ``K − 1`` logits (the last class has logit 0; the minimal parameterisation) or ``K``
+    logits; ``n_outputs`` is the minimal ``K − 1``.
+    """
+
+    num_classes: int = 2
+    name = "categorical"
+    is_classifier = True
+
+    def __post_init__(self):
+        if int(self.num_classes) < 2:
+            raise ValueError(f"categorical: num_classes must be at least 2, got {self.num_classes}")
+
+    @property
+    def m(self) -> int:
+        return self.num_classes - 1
+
+    @property
+    def n_outputs(self) -> int:
+        return self.num_classes - 1
+
+    def _logits(self, z):
+        if z.shape[-1] == self.num_classes - 1:
+            z = jnp.concatenate([z, jnp.zeros(z.shape[:-1] + (1,), z.dtype)], axis=-1)
+        return z
+
+    def mean(self, z):
+        return jax.nn.softmax(self._logits(z))[..., :-1]
+
+    def stat(self, y):
+        return jax.nn.one_hot(y, self.num_classes)[:-1]
+
+    def cov(self, yhat):
+        return jnp.diag(yhat) - jnp.outer(yhat, yhat)
+
+    def log_prob(self, z, y):
+        return jax.nn.log_softmax(self._logits(z))[y]
+
+    def sample(self, key, yhat, shape=()):
+        p = jnp.concatenate([yhat, 1.0 - jnp.sum(yhat, keepdims=True)])
+        return jax.random.categorical(key, jnp.log(p), shape=shape)
+
+    def _check_domain(self, y):
+        ok = (y == np.round(y)) & (y >= 0) & (y < self.num_classes)
+        if not np.all(ok):
+            bad = y[~ok].ravel()[0]
+            raise ValueError(
+                f"categorical: labels must be integers in 0..{self.num_classes - 1}, got {bad!r}"
+            )
+
+    def probs(self, yhat):
+        return jnp.concatenate([yhat, 1.0 - jnp.sum(yhat, axis=-1, keepdims=True)], axis=-1)
+
+
+@dataclass(frozen=True)
+class Poisson(Family):
+    """Poisson counts: ``y ∈ {0, 1, 2, …}``, ``ŷ = λ = exp(z)``, ``R = λ``; one raw output."""
+
+    name = "poisson"
+
+    def mean(self, z):
+        return jnp.exp(z)
+
+    def stat(self, y):
+        return jnp.reshape(y, (1,))
+
+    def cov(self, yhat):
+        return yhat.reshape(1, 1)
+
+    def log_prob(self, z, y):
+        y = jnp.reshape(y, (1,)).astype(z.dtype)
+        return jnp.sum(y * z - jnp.exp(z) - jax.scipy.special.gammaln(y + 1.0))
+
+    def sample(self, key, yhat, shape=()):
+        return jax.random.poisson(key, yhat[0], shape)
+
+    def _check_domain(self, y):
+        ok = (y >= 0) & (y == np.round(y))
+        if not np.all(ok):
+            bad = y[~ok].ravel()[0]
+            raise ValueError(f"poisson: counts must be non-negative integers, got {bad!r}")
+
+
+def from_name(name: str, num_classes: int | None = None) -> Family:
+    """Family from its name: ``gaussian``, ``bernoulli``, ``categorical`` or ``poisson``."""
+    key = name.lower()
+    if key == "gaussian":
+        return Gaussian()
+    if key == "bernoulli":
+        return Bernoulli()
+    if key == "poisson":
+        return Poisson()
+    if key == "categorical":
+        if num_classes is None:
+            raise ValueError("categorical: num_classes is required")
+        return Categorical(int(num_classes))
+    raise ValueError(f"unknown family {name!r}; expected gaussian, bernoulli, categorical or poisson")

@@ -1,0 +1,11 @@
+"""The learners: EKF (covariance form), information filter, online natural gradient."""
+
+from kalnat.learners.base import Learner, Predictive
+from kalnat.learners.ekf import EKFState, ekf
+from kalnat.learners.information import InformationState, information_filter
+from kalnat.learners.natural import NaturalGradientState, natural_gradient
+
+__all__ = [
+    "Learner", "Predictive", "EKFState", "InformationState", "NaturalGradientState",
+    "ekf", "information_filter", "natural_gradient",
+]

@@ -1,0 +1,115 @@
+"""Models: pure JAX functions ``apply(params, x) -> z`` on a params pytree.
+
+Any function of that form works with every learner (plain functions, Flax's ``module.apply``,
+Equinox's ``eqx.combine`` wrappers); the learners flatten ``params`` with
+``jax.flatten_util.ravel_pytree``. This module ships plain-JAX constructors for the two
+models most streams start with: a linear predictor (a GLM, once paired with a family's
+link) and a multilayer perceptron.
+
+Shapes: ``x`` is one observation ``(p,)``; ``z`` is ``(n_outputs,)``. Learners ``vmap`` over
+minibatches, so ``apply`` never sees a batch axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Model", "linear", "mlp"]
+
+Params = Any
+
+
+class Model(NamedTuple):
+    """A model: ``init(key) -> params`` and ``apply(params, x) -> z``.
+
+    Attributes:
+      init: builds initial parameters from a PRNG key.
+      apply: the pure prediction function on one observation.
+      input_shape: shape of one ``x``.
+      n_outputs: length of ``z``.
+    """
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
+    input_shape: tuple
+    n_outputs: int
+
+
+def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None) -> Model:
+    """A linear predictor ``z = W x + b``; with a family's link this is a GLM.
+
+    Parameters start at zero, the usual (and, for a GLM, harmless) choice: the prior of the
+    learner, not the initial value, carries the scale.
+
+    Args:
+      n_features: p, the length of x.
+      n_outputs: the family's ``n_outputs``.
+      bias: include the intercept b.
+    """
+    _check_positive(n_features=n_features, n_outputs=n_outputs)
+
+    def init(key=None):
+        dt = dtype or jnp.zeros(()).dtype
+        params = {"w": jnp.zeros((n_outputs, n_features), dt)}
+        if bias:
+            params["b"] = jnp.zeros((n_outputs,), dt)
+        return params
+
+    def apply(params, x):
+        z = params["w"] @ x
+        return z + params["b"] if bias else z
+
+    return Model(init, apply, (n_features,), n_outputs)
+
+
+def mlp(
+    n_features: int,
+    hidden: Sequence[int],
+    n_outputs: int = 1,
+    *,
+    activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
+    dtype=None,
+) -> Model:
+    """A multilayer perceptron with LeCun-normal weights and zero biases.
+
+    The last layer starts at zero, so the initial prediction is the family's neutral value
+    (p = ½, μ = 0, λ = 1) while hidden units already differ — the filter's prior then decides
+    how fast the readout moves.
+
+    Args:
+      n_features: p, the length of x.
+      hidden: widths of the hidden layers, e.g. ``(64, 32)``.
+      n_outputs: the family's ``n_outputs``.
+      activation: hidden-layer nonlinearity (smooth: the filter linearises through it).
+    """
+    _check_positive(n_features=n_features, n_outputs=n_outputs, **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
+    sizes = [n_features, *hidden, n_outputs]
+
+    def init(key):
+        dt = dtype or jnp.zeros(()).dtype
+        keys = jax.random.split(key, len(sizes) - 1)
+        layers = []
+        for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
+            last = i == len(sizes) - 2
+            w = jnp.zeros((fan_out, fan_in), dt) if last else (
+                jax.random.normal(k, (fan_out, fan_in), dt) / jnp.sqrt(jnp.asarray(fan_in, dt))
+            )
+            layers.append({"w": w, "b": jnp.zeros((fan_out,), dt)})
+        return layers
+
+    def apply(params, x):
+        h = x
+        for layer in params[:-1]:
+            h = activation(layer["w"] @ h + layer["b"])
+        return params[-1]["w"] @ h + params[-1]["b"]
+
+    return Model(init, apply, (n_features,), n_outputs)
+
+
+def _check_positive(**sizes):
+    for name, v in sizes.items():
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")

@@ -1,0 +1,91 @@
+"""The one place for the linear algebra every learner shares.
+
+Solves go through Cholesky factors (every matrix solved against here is symmetric positive
+definite: ``S = H P Hᵀ + R``, an information matrix, a Fisher estimate). Nothing here builds a
+``d × d`` identity: diagonal shifts write the diagonal in place.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import cho_solve, solve_triangular
+
+__all__ = [
+    "symmetrize", "add_to_diagonal", "chol_solve", "whiten", "block_diag",
+    "joseph_update", "check_covariance",
+]
+
+
+def symmetrize(a):
+    """``(A + Aᵀ) / 2``."""
+    return 0.5 * (a + a.T)
+
+
+def add_to_diagonal(a, v):
+    """``A + v I`` (``v`` scalar or ``(d,)``) without forming ``I``."""
+    idx = jnp.arange(a.shape[0])
+    return a.at[idx, idx].add(v)
+
+
+def chol_solve(a, b):
+    """``A⁻¹ B`` for symmetric positive definite ``A (n, n)``, ``B (n, k)`` or ``(n,)``."""
+    chol = jnp.linalg.cholesky(a)
+    return cho_solve((chol, True), b)
+
+
+def whiten(s, b):
+    """``L⁻¹ Bᵀ`` transposed, with ``S = L Lᵀ``: returns ``W = B L⁻ᵀ`` so ``W Wᵀ = B S⁻¹ Bᵀ``.
+
+    Shapes: ``S (m, m)``, ``B (d, m)`` → ``W (d, m)``. This is how the covariance update
+    ``P⁻ Hᵀ S⁻¹ H P⁻`` becomes the symmetric rank-m product ``W Wᵀ``.
+    """
+    chol = jnp.linalg.cholesky(s)
+    return solve_triangular(chol, b.T, lower=True).T
+
+
+def block_diag(blocks):
+    """Block-diagonal ``(b·m, b·m)`` matrix from ``(b, m, m)`` blocks (batched ``R``)."""
+    b, m, _ = blocks.shape
+    eye = jnp.eye(b, dtype=blocks.dtype)
+    return (eye[:, None, :, None] * blocks[:, :, None, :]).reshape(b * m, b * m)
+
+
+def joseph_update(p_prior, gain, h_p, s):
+    """Joseph-form covariance ``(I − KH) P⁻ (I − KH)ᵀ + K R Kᵀ``, in O(d² m).
+
+    Expanded so that no ``d × d`` identity is formed:
+    ``P⁻ − K (H P⁻) − (H P⁻)ᵀ Kᵀ + K S Kᵀ`` with ``S = H P⁻ Hᵀ + R``.
+    Shapes: ``P⁻ (d, d)``, ``K (d, m)``, ``H P⁻ (m, d)``, ``S (m, m)``.
+    """
+    k_hp = gain @ h_p
+    return symmetrize(p_prior - k_hp - k_hp.T + gain @ s @ gain.T)
+
+
+def check_covariance(a, name: str, d: int) -> np.ndarray:
+    """Validates a prior on the host: scalar, ``(d,)`` diagonal or ``(d, d)``; returns ``(d, d)``.
+
+    Raises ``ValueError`` when it is not finite, not symmetric or not positive definite.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 0:
+        a = np.full(d, float(a))
+    if a.ndim == 1:
+        if a.shape != (d,):
+            raise ValueError(f"{name}: expected a scalar, ({d},) or ({d}, {d}), got shape {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains NaN or inf")
+        if np.any(a <= 0):
+            raise ValueError(f"{name} must be positive definite (found a diagonal entry {a.min():g} <= 0)")
+        return np.diag(a)
+    if a.shape != (d, d):
+        raise ValueError(f"{name}: expected a scalar, ({d},) or ({d}, {d}), got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf")
+    if not np.allclose(a, a.T, rtol=1e-10, atol=1e-12 * np.abs(a).max()):
+        raise ValueError(f"{name} must be symmetric")
+    try:
+        np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"{name} must be positive definite (Cholesky factorisation failed)") from None
+    return a

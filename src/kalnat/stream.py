@@ -1,0 +1,125 @@
+"""``fit``: run a learner over a stream of rows with ``lax.scan``, in chunks.
+
+Each chunk of ``chunk_size`` minibatches is one jitted ``scan`` whose state buffers are
+donated, so the ``d × d`` matrix is updated in place across the whole stream. Every
+minibatch is predicted *before* it is learned (progressive validation), from the same
+linearisation the update uses. The rows are moved to the device one chunk at a time, so a
+stream larger than device memory works.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from kalnat.learners.base import Learner, Predictive
+
+__all__ = ["FitResult", "fit"]
+
+
+class FitResult(NamedTuple):
+    """``state`` after the last row; ``predictions`` (one row each, made before learning it)."""
+
+    state: object
+    predictions: Optional[Predictive]
+
+
+_CHUNK_FNS: "weakref.WeakKeyDictionary[Learner, dict]" = weakref.WeakKeyDictionary()
+
+
+def _chunk_fn(learner: Learner, keep: bool):
+    fns = _CHUNK_FNS.setdefault(learner, {})
+    if keep not in fns:
+
+        def body(state, inp):
+            xb, yb, mb = inp
+
+            def learn(s):
+                return learner.step_and_predict(s, xb, yb, mb)
+
+            def skip(s):  # a minibatch that is all padding
+                out = jax.eval_shape(learn, s)
+                return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out[1])
+
+            state, pred = jax.lax.cond(jnp.any(mb), learn, skip, state)
+            return state, (pred if keep else None)
+
+        fns[keep] = jax.jit(lambda s, xs, ys, ms: jax.lax.scan(body, s, (xs, ys, ms)), donate_argnums=0)
+    return fns[keep]
+
+
+def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int = 256,
+        return_predictions: bool = True, progress: bool = False,
+        callback: Optional[Callable] = None) -> FitResult:
+    """Learns rows ``X (n, …)``, ``Y (n, …)`` in order, ``batch_size`` rows per update.
+
+    A minibatch is one update at one linearisation point (PAPER.md §3); for a
+    linear-Gaussian model it equals ``batch_size`` sequential updates exactly.
+
+    Args:
+      learner: from :func:`kalnat.ekf`, :func:`kalnat.natural_gradient`, …
+      state: the learner's state (donated: use the returned one).
+      X, Y: rows and targets; validated up front (``ValueError`` on NaN/inf, shape or domain).
+      batch_size: rows per update; a last partial minibatch is learned as a smaller one.
+      chunk_size: minibatches per jitted ``scan`` call.
+      return_predictions: keep the progressive predictions (``n`` rows of :class:`Predictive`).
+      progress: show a progress bar.
+      callback: ``callback(rows_done, state, chunk_predictions)`` after each chunk.
+    """
+    learner._check_state(state)
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    xs, single = learner.check_x(state, X)
+    if single:
+        raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
+    ys = learner.family.check(Y)
+    if ys.ndim == len(learner.family.event_shape):
+        raise ValueError(f"Y must have a leading row axis, got shape {ys.shape}")
+    n = xs.shape[0]
+    if ys.shape[0] != n:
+        raise ValueError(f"X has {n} rows but Y has {ys.shape[0]}")
+    if n == 0:
+        return FitResult(state, None)
+
+    dtype = np.dtype(learner._dtype(state))
+    n_batches = math.ceil(n / batch_size)
+    per_chunk = min(chunk_size, n_batches)
+    rows_per_chunk = per_chunk * batch_size
+    run = _chunk_fn(learner, bool(return_predictions))
+    preds = []
+    with tqdm(total=n, disable=not progress, unit="row") as bar:
+        for start in range(0, n, rows_per_chunk):
+            stop = min(start + rows_per_chunk, n)
+            xc, yc, mc = _pad_chunk(xs[start:stop], ys[start:stop], rows_per_chunk, dtype)
+            shape = (per_chunk, batch_size)
+            state, pc = run(state, xc.reshape(shape + xc.shape[1:]),
+                            yc.reshape(shape + yc.shape[1:]), mc.reshape(shape))
+            if return_predictions:
+                pc = jax.tree_util.tree_map(
+                    lambda a: np.asarray(a).reshape((rows_per_chunk,) + a.shape[2:])[: stop - start], pc)
+                preds.append(pc)
+            bar.update(stop - start)
+            if callback is not None:
+                callback(stop, state, pc if return_predictions else None)
+    predictions = None
+    if return_predictions:
+        predictions = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
+    return FitResult(state, predictions)
+
+
+def _pad_chunk(x, y, rows, dtype):
+    k = x.shape[0]
+    mask = np.zeros(rows, bool)
+    mask[:k] = True
+    if k < rows:  # pad with copies of the first row: valid inputs, masked out of every update
+        x = np.concatenate([x, np.repeat(x[:1], rows - k, axis=0)])
+        y = np.concatenate([y, np.repeat(y[:1], rows - k, axis=0)])
+    return x.astype(dtype, copy=False), y, mask
