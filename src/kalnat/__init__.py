@@ -10,7 +10,7 @@ See PAPER.md for the method: ``ekf``, ``information_filter`` and ``natural_gradi
 produce the same θ_t under the translation in :mod:`kalnat.schedules`.
 """
 
-from kalnat import checkpoint, families, models, numerics, schedules
+from kalnat import checkpoint, families, models, numerics, recurrent, schedules
 from kalnat.learners import (
     EKFState, InformationState, Learner, NaturalGradientState, Predictive, ekf,
     information_filter, natural_gradient,

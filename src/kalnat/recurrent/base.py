@@ -1,0 +1,225 @@
+"""What the recurrent learners share: Jacobians of a cell, the learner bundle and its boundary.
+
+A recurrent learner is, like a core :class:`~kalnat.learners.base.Learner`, a bundle of pure
+functions over a ``NamedTuple`` state, plus a validated, jitted, donating public boundary:
+
+- ``init(params, *, batch=1, s0=None, …) -> state``  (host-validated)
+- ``step_and_predict(state, xs (B, …), ys (B, …), mask (B,)) -> (state', Predictive)``: one
+  time step of ``B`` parallel sequences, the prediction made *before* learning y_t;
+- ``advance(state, xs) -> (state', Predictive)``: one time step without an observation.
+
+``B`` independent sequences share one θ: each has its own hidden state (and RTRL Jacobian),
+and their observations at a time step form one minibatch update at one linearisation point
+(stacked ``H``, block-diagonal ``R``, PAPER.md §3). A single stream is ``B = 1``. A sequence
+whose ``mask`` is false at a step (padding after its end) is frozen: its state does not move
+and it contributes nothing to the update.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kalnat.families import Family
+from kalnat.recurrent.cells import RecurrentModel
+
+__all__ = ["RecurrentLearner", "transition_jacobians", "readout_jacobians"]
+
+
+def transition_jacobians(cell: RecurrentModel, unravel):
+    """``(θ (d,), s (n,), x) -> (s', ∂f/∂s (n, n), ∂f/∂θ (n, d))`` at ``(s, θ)`` (PAPER.md §4).
+
+    Reverse mode: ``n`` vector-Jacobian products give both blocks at once, O(n d), the cheap
+    side since a recurrent model has more parameters than states.
+    """
+
+    def fn(theta, s, x):
+        def f(s_, th):
+            out = cell.transition(unravel(th), s_, x)
+            return out, out
+
+        (a, b), s_new = jax.jacrev(f, argnums=(0, 1), has_aux=True)(s, theta)
+        return s_new, a, b
+
+    return fn
+
+
+def readout_jacobians(cell: RecurrentModel, family: Family, unravel):
+    """``(θ (d,), s (n,)) -> (ŷ (m,), ∂ŷ/∂s (m, n), ∂ŷ/∂θ (m, d))``: readout and link."""
+
+    def fn(theta, s):
+        def g(s_, th):
+            yhat = jnp.reshape(family.mean(cell.readout(unravel(th), s_)), (family.m,))
+            return yhat, yhat
+
+        (hs, ht), yhat = jax.jacrev(g, argnums=(0, 1), has_aux=True)(s, theta)
+        return yhat, hs, ht
+
+    return fn
+
+
+def check_cell(cell, family):
+    if not isinstance(cell, RecurrentModel):
+        raise ValueError(f"cell must be a kalnat.recurrent.RecurrentModel, got {type(cell).__name__}")
+    if not isinstance(family, Family):
+        raise ValueError(f"family must be a kalnat family, got {type(family).__name__}")
+    ok = {family.n_outputs}
+    if family.name == "categorical":
+        ok.add(family.num_classes)
+    if cell.n_outputs not in ok:
+        raise ValueError(
+            f"the cell has {cell.n_outputs} outputs but the {family.name} family needs "
+            f"{family.n_outputs}" + (f" or {family.num_classes}" if family.name == "categorical" else "")
+        )
+
+
+def check_params(params):
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("params: the pytree has no arrays")
+    for leaf in leaves:
+        a = np.asarray(leaf)
+        if a.dtype.kind != "f":
+            raise ValueError(f"params: every leaf must be a float array, got dtype {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("params contain NaN or inf")
+
+
+def initial_states(cell, params, batch, s0, dtype):
+    """``s_0`` as ``(B, n)``: the cell's initial state, or ``s0`` given as ``(n,)`` / ``(B, n)``."""
+    if int(batch) != batch or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch}")
+    n = cell.n_state
+    if s0 is None:
+        s0 = jnp.broadcast_to(cell.init_state(params), (batch, n))
+    s0 = np.asarray(s0, dtype=np.float64)
+    if s0.shape == (n,):
+        s0 = np.broadcast_to(s0, (batch, n))
+    if s0.shape != (batch, n):
+        raise ValueError(f"s0 must have shape ({n},) or ({batch}, {n}), got {s0.shape}")
+    if not np.all(np.isfinite(s0)):
+        raise ValueError("s0 contains NaN or inf")
+    return jnp.array(s0, dtype=dtype)
+
+
+def initial_jacobians(jac0, batch, n, d, dtype):
+    """``G_0`` as ``(B, n, d)``: zeros, or ``jac0`` given as ``(n, d)`` / ``(B, n, d)``."""
+    if jac0 is None:
+        return jnp.zeros((batch, n, d), dtype)
+    g = np.asarray(jac0, dtype=np.float64)
+    if g.shape == (n, d):
+        g = np.broadcast_to(g, (batch, n, d))
+    if g.shape != (batch, n, d):
+        raise ValueError(f"jac0 must have shape ({n}, {d}) or ({batch}, {n}, {d}), got {g.shape}")
+    if not np.all(np.isfinite(g)):
+        raise ValueError("jac0 contains NaN or inf")
+    return jnp.array(g, dtype=dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class RecurrentLearner:
+    """An online learner of a recurrent model: pure functions plus a validated boundary.
+
+    Built by :func:`kalnat.recurrent.rtrl` or :func:`kalnat.recurrent.joint_ekf`.
+
+    Attributes:
+      name: ``"rtrl"`` or ``"joint_ekf"``.
+      cell: the :class:`~kalnat.recurrent.cells.RecurrentModel`.
+      family: the output family.
+      init: ``(params, *, batch=1, s0=None, …) -> state`` (validated on the host).
+      step_and_predict: pure ``(state, xs (B, …), ys (B, …), mask (B,)) -> (state', Predictive)``.
+      advance: pure ``(state, xs (B, …)) -> (state', Predictive)``, no learning.
+      state_cls: the state's ``NamedTuple`` type.
+      config: the settings it was built with.
+    """
+
+    name: str
+    cell: RecurrentModel
+    family: Family
+    init: Callable
+    step_and_predict: Callable
+    advance: Callable
+    state_cls: type
+    config: dict = field(default_factory=dict)
+
+    def step(self, state, xs, ys, mask=None):
+        """Pure step without the prediction."""
+        if mask is None:
+            mask = jnp.ones(xs.shape[0], bool)
+        return self.step_and_predict(state, xs, ys, mask)[0]
+
+    @functools.cached_property
+    def _update_jit(self):
+        return jax.jit(self.step_and_predict, donate_argnums=0)
+
+    @functools.cached_property
+    def _advance_jit(self):
+        return jax.jit(self.advance, donate_argnums=0)
+
+    def update(self, state, x, y):
+        """Learns one time step: ``x`` (``input_shape``, or ``(B,) + input_shape``) and ``y``.
+
+        Returns ``(state', Predictive)``, the prediction of ``y`` made before learning it.
+        The state's buffers are donated: use the returned state, not the one passed in.
+        """
+        self.check_state(state)
+        xs, single = self.check_step_x(state, x)
+        ys = self.family.check(y)
+        ys = ys[None] if ys.ndim == len(self.family.event_shape) else ys
+        if ys.shape[0] != xs.shape[0]:
+            raise ValueError(f"x has {xs.shape[0]} sequences but y has {ys.shape[0]}")
+        new, pred = self._update_jit(state, jnp.asarray(xs, self.dtype(state)), jnp.asarray(ys),
+                                     jnp.ones(xs.shape[0], bool))
+        return new, _squeeze(pred, single)
+
+    def predict(self, state, x):
+        """Runs one time step *without* learning (``y_t`` unknown, e.g. forecasting ahead).
+
+        Returns ``(state', Predictive)``: the hidden state (and RTRL Jacobian, or joint
+        covariance) moves through the transition; θ and its covariance do not. Donates the
+        state like :meth:`update`.
+        """
+        self.check_state(state)
+        xs, single = self.check_step_x(state, x)
+        new, pred = self._advance_jit(state, jnp.asarray(xs, self.dtype(state)))
+        return new, _squeeze(pred, single)
+
+    # ---- validation -------------------------------------------------------------------
+
+    def check_state(self, state):
+        if not isinstance(state, self.state_cls):
+            raise ValueError(f"{self.name}: expected a {self.state_cls.__name__}, got {type(state).__name__}")
+
+    @staticmethod
+    def dtype(state):
+        return state.s.dtype
+
+    def check_step_x(self, state, x):
+        """``(xs (B, …), single)`` for one time step of the state's ``B`` sequences."""
+        x = _check_numeric(x, "x")
+        b = state.s.shape[0]
+        shape = tuple(self.cell.input_shape)
+        if x.shape == shape and b == 1:
+            return x[None], True
+        if x.shape == (b,) + shape:
+            return x, False
+        raise ValueError(f"x must have shape ({b},) + {shape}" + (f" or {shape}" if b == 1 else "")
+                         + f" for this state of {b} sequence(s), got {x.shape}")
+
+
+def _check_numeric(a, name):
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return a
+
+
+def _squeeze(pred, single):
+    return jax.tree_util.tree_map(lambda a: a[0], pred) if single else pred

@@ -1,0 +1,174 @@
+"""Real-time recurrent learning and natural-gradient RTRL with state correction (PAPER.md §4).
+
+RTRL carries the Jacobian of the hidden state with respect to the parameters forward in time:
+
+```
+s_t = f(s_{t−1}, θ, x_t)
+G_t = ∂f/∂s · G_{t−1} + ∂f/∂θ                (n × d)
+H_t = ∂ŷ/∂s · G_t + ∂ŷ/∂θ                     (m × d), the Jacobian of ŷ_t through the past
+```
+
+Natural-gradient RTRL hands ``H_t`` (with ``R_t`` and ``e_t = T(y_t) − ŷ_t``) to one of the
+core learners — the EKF by default, or the information filter, or online natural gradient —
+through its :class:`~kalnat.learners.base.Rule`, which returns ``δθ = θ_t − θ_{t−1}``; then the
+state is corrected to first order for the parameter change, ``s_t ← s_t + G_t δθ``. With the
+correction, this is exactly the joint EKF on ``(s, θ)`` of :mod:`kalnat.recurrent.joint`
+(PAPER.md §4, theorem), at O(n² d + d² m) per step instead of the joint filter's O(n d²).
+Without it (``correct_state=False``) it is plain RTRL driven by natural gradient, which the
+theorem does not cover.
+
+Cost per step: the Jacobians of ``f`` by ``n`` reverse-mode products, O(n d); the product
+``∂f/∂s · G``, O(n² d); the core learner's update, O(d² m) for the EKF.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from kalnat.families import Family
+from kalnat.learners import Learner, ekf, information_filter, natural_gradient
+from kalnat.linearize import Linearization
+from kalnat.recurrent import base
+from kalnat.recurrent.cells import RecurrentModel
+
+__all__ = ["RTRLState", "rtrl", "rtrl_forward", "rtrl_jacobian_step"]
+
+_CORES = {
+    "ekf": ekf,
+    "information": information_filter,
+    "information_filter": information_filter,
+    "natural_gradient": natural_gradient,
+}
+
+
+class RTRLState(NamedTuple):
+    """State of natural-gradient RTRL for ``B`` parallel sequences.
+
+    Attributes:
+      core: the core learner's state (:class:`~kalnat.EKFState`, …) holding θ and its
+        covariance-like matrix (P_t for the EKF) and the step count.
+      s: ``(B, n)`` hidden states s_t.
+      jac: ``(B, n, d)`` RTRL Jacobians G_t = ∂s_t/∂θ.
+    """
+
+    core: Any
+    s: jax.Array
+    jac: jax.Array
+
+    @property
+    def params(self):
+        return self.core.params
+
+    @property
+    def count(self):
+        return self.core.count
+
+
+def rtrl_jacobian_step(cell: RecurrentModel, unravel):
+    """``(θ, s (n,), G (n, d), x) -> (s', G')``: one RTRL step for one sequence (PAPER.md §4)."""
+    trans = base.transition_jacobians(cell, unravel)
+
+    def fn(theta, s, g, x):
+        s_new, a, b = trans(theta, s, x)
+        return s_new, a @ g + b
+
+    return fn
+
+
+def rtrl_forward(cell: RecurrentModel, params, xs, s0=None, jac0=None):
+    """Runs RTRL at a fixed θ over one sequence ``xs (T, …)``: no learning.
+
+    Returns ``(s (T, n), G (T, n, d))``: every state and its Jacobian with respect to the flat
+    θ (``jax.flatten_util.ravel_pytree`` order). ``G_t`` is the Jacobian of the unrolled
+    recurrence ``θ ↦ s_t``.
+    """
+    theta, unravel = ravel_pytree(params)
+    n, d = cell.n_state, theta.shape[0]
+    s = cell.init_state(params) if s0 is None else jnp.asarray(s0, theta.dtype)
+    g = jnp.zeros((n, d), theta.dtype) if jac0 is None else jnp.asarray(jac0, theta.dtype)
+    step = rtrl_jacobian_step(cell, unravel)
+
+    def body(carry, x):
+        carry = step(theta, *carry, x)
+        return carry, carry
+
+    return jax.lax.scan(body, (s, g), jnp.asarray(xs, theta.dtype))[1]
+
+
+def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: bool = True,
+         **options) -> base.RecurrentLearner:
+    """Natural-gradient RTRL (PAPER.md §4) on any core learner.
+
+    Args:
+      cell: a :class:`~kalnat.recurrent.cells.RecurrentModel` (``elman``, ``gru``, your own).
+      family: the output family.
+      learner: the core learner taking ``H_t``: ``"ekf"`` (default), ``"information"``,
+        ``"natural_gradient"``, or one of the constructors :func:`kalnat.ekf`, … itself.
+      correct_state: apply ``s_t ← s_t + G_t δθ`` after each update (the theorem's form).
+        ``False`` gives plain RTRL driven by natural gradient.
+      **options: the core learner's own settings (``prior_var``, ``forgetting``,
+        ``process_noise``, ``joseph`` for the EKF; ``learning_rate``, ``init_fisher``, … for
+        natural gradient; ``kalnat.schedules.kalman_to_natural(...)._asdict()`` translates).
+
+    Returns:
+      A :class:`~kalnat.recurrent.base.RecurrentLearner` whose state is :class:`RTRLState`.
+    """
+    base.check_cell(cell, family)
+    if isinstance(learner, str):
+        if learner not in _CORES:
+            raise ValueError(f"unknown learner {learner!r}; expected one of {sorted(_CORES)}")
+        build = _CORES[learner]
+    elif callable(learner):
+        build = learner
+    else:
+        raise ValueError(f"learner must be a name or a learner constructor, got {type(learner).__name__}")
+    # The core learner sees the readout as its model; only its Rule, family and
+    # predictive are used, with H_t built here through the recurrence.
+    core: Learner = build(cell.readout, family, input_shape=(cell.n_state,), **options)
+    if not isinstance(core, Learner):
+        raise ValueError("learner must build a kalnat Learner (kalnat.ekf, kalnat.natural_gradient, …)")
+
+    def init(params, *, batch: int = 1, s0=None, jac0=None) -> RTRLState:
+        """State around ``params`` for ``batch`` sequences, ``s_0`` and ``G_0`` (zeros)."""
+        base.check_params(params)
+        core_state = core.init(params)
+        theta, _ = ravel_pytree(core_state.params)
+        s = base.initial_states(cell, core_state.params, batch, s0, theta.dtype)
+        g = base.initial_jacobians(jac0, batch, cell.n_state, theta.shape[0], theta.dtype)
+        return RTRLState(core_state, s, g)
+
+    def propagate(state, xs):
+        theta, unravel = ravel_pytree(state.core.params)
+        step = rtrl_jacobian_step(cell, unravel)
+        read = base.readout_jacobians(cell, family, unravel)
+        s, g = jax.vmap(step, (None, 0, 0, 0))(theta, state.s, state.jac, xs)
+        yhat, hs, ht = jax.vmap(read, (None, 0))(theta, s)
+        h = jnp.einsum("bmn,bnd->bmd", hs, g) + ht
+        lin = Linearization(yhat, h, jax.vmap(family.cov)(yhat), jnp.zeros_like(yhat))
+        return theta, unravel, s, g, lin
+
+    def step_and_predict(state: RTRLState, xs, ys, mask):
+        theta, unravel, s, g, lin = propagate(state, xs)
+        pred = core.predictive_from(state.core, lin)
+        e = jax.vmap(family.stat)(ys).astype(lin.yhat.dtype) - lin.yhat
+        lin = Linearization(lin.yhat, jnp.where(mask[:, None, None], lin.H, 0.0), lin.R,
+                            jnp.where(mask[:, None], e, 0.0))
+        core_state = core.update_from(state.core, theta, unravel, lin)
+        if correct_state:
+            delta = ravel_pytree(core_state.params)[0] - theta
+            s = s + g @ delta
+        s = jnp.where(mask[:, None], s, state.s)
+        g = jnp.where(mask[:, None, None], g, state.jac)
+        return RTRLState(core_state, s, g), pred
+
+    def advance(state: RTRLState, xs):
+        _, _, s, g, lin = propagate(state, xs)
+        return RTRLState(state.core, s, g), core.predictive_from(state.core, lin)
+
+    config = dict(learner=core.name, correct_state=correct_state, core=core, **options)
+    return base.RecurrentLearner("rtrl", cell, family, init, step_and_predict, advance,
+                                 RTRLState, config)
