@@ -1,0 +1,461 @@
+"""Real data sets bundled inside installed packages, and chunked CSV streaming.
+
+Nothing here downloads: the data sets are the ones scikit-learn ships in its wheel (and
+river's bundled ones when river is installed). A CSV file, or standard input, is read in
+chunks of rows so a file larger than memory can be learned; every problem (a row with the
+wrong number of fields, a non-numeric or empty value, a missing column) is reported as a
+:class:`DataError` naming the file, the line and the column, or skipped and counted when
+``skip_bad_rows`` is set.
+
+A stream is an iterator of :class:`Chunk` s; :func:`open_source` gives one for a CSV path,
+``-`` (standard input) or a bundled data set's name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DataError", "DatasetInfo", "Chunk", "Source", "TargetCoder", "available", "describe",
+    "is_dataset", "load", "open_source", "infer_task", "DEFAULT_DATASET",
+]
+
+DEFAULT_DATASET = "breast_cancer"
+_TARGET_NAMES = ("target", "label", "class", "y")
+
+
+class DataError(ValueError):
+    """A problem in the input data, located by file, line (1-based) and column."""
+
+    def __init__(self, source: str, message: str, line: Optional[int] = None,
+                 column: Optional[str] = None):
+        self.source, self.line, self.column, self.reason = source, line, column, message
+        where = source
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {message}")
+
+
+# ---- bundled data sets ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One bundled data set: where it comes from, its size and its task (a family name)."""
+
+    name: str
+    package: str
+    n_rows: int
+    n_features: int
+    task: str
+    n_classes: Optional[int]
+    order: str
+    loader: Callable = field(repr=False, compare=False)
+
+    @property
+    def task_text(self) -> str:
+        if self.task == "bernoulli":
+            return "binary"
+        if self.task == "categorical":
+            return f"{self.n_classes} classes"
+        return {"gaussian": "regression", "poisson": "counts"}[self.task]
+
+
+def _sklearn(loader_name):
+    def load_fn():
+        import sklearn.datasets as skd
+
+        bunch = getattr(skd, loader_name)()
+        names = [str(n) for n in getattr(bunch, "feature_names", [])] or [
+            f"x{i}" for i in range(bunch.data.shape[1])]
+        return np.asarray(bunch.data, np.float64), np.asarray(bunch.target), names, "target"
+    return load_fn
+
+
+def _river(cls_name, label_map=None):
+    def load_fn():
+        from river import datasets as rd
+
+        rows = list(getattr(rd, cls_name)())
+        names = list(rows[0][0].keys())
+        X = np.array([[float(x[k]) for k in names] for x, _ in rows], np.float64)
+        ys = [y for _, y in rows]
+        if label_map == "bool":
+            y = np.array([int(bool(v)) for v in ys])
+        elif label_map == "sorted":
+            classes = sorted({str(v) for v in ys})
+            y = np.array([classes.index(str(v)) for v in ys])
+        else:
+            y = np.array(ys, np.float64)
+        return X, y, names, "target"
+    return load_fn
+
+
+_SKLEARN = [
+    DatasetInfo("breast_cancer", "scikit-learn", 569, 30, "bernoulli", 2, "partly clustered",
+                _sklearn("load_breast_cancer")),
+    DatasetInfo("digits", "scikit-learn", 1797, 64, "categorical", 10, "cycles 0..9 early",
+                _sklearn("load_digits")),
+    DatasetInfo("diabetes", "scikit-learn", 442, 10, "gaussian", None, "none",
+                _sklearn("load_diabetes")),
+    DatasetInfo("iris", "scikit-learn", 150, 4, "categorical", 3, "sorted by class",
+                _sklearn("load_iris")),
+    DatasetInfo("wine", "scikit-learn", 178, 13, "categorical", 3, "sorted by class",
+                _sklearn("load_wine")),
+]
+
+# river's sets that ship inside its wheel (its RemoteDatasets download, so are not listed).
+_RIVER = [
+    DatasetInfo("phishing", "river", 1250, 9, "bernoulli", 2, "none", _river("Phishing", "bool")),
+    DatasetInfo("image_segments", "river", 2310, 18, "categorical", 7, "none",
+                _river("ImageSegments", "sorted")),
+    DatasetInfo("trump_approval", "river", 1001, 6, "gaussian", None, "time-ordered, drifting",
+                _river("TrumpApproval")),
+    DatasetInfo("chick_weights", "river", 578, 3, "gaussian", None, "time then chick",
+                _river("ChickWeights")),
+]
+
+
+def _river_installed() -> bool:
+    try:
+        import river.datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available() -> list[DatasetInfo]:
+    """The bundled data sets usable in this environment (river's only when installed)."""
+    return list(_SKLEARN) + (list(_RIVER) if _river_installed() else [])
+
+
+def is_dataset(name: str) -> bool:
+    return any(d.name == name for d in available())
+
+
+def describe(name: str) -> DatasetInfo:
+    for d in available():
+        if d.name == name:
+            return d
+    known = ", ".join(d.name for d in available())
+    hint = "" if _river_installed() else " (river's sets appear when river is installed)"
+    raise DataError(name, f"no such file or bundled data set; bundled sets: {known}{hint}")
+
+
+def load(name: str):
+    """``(X (n, p) float64, y (n,), feature_names, target_name)`` of a bundled data set."""
+    return describe(name).loader()
+
+
+# ---- streams ----------------------------------------------------------------------------
+
+class Chunk(NamedTuple):
+    """A block of consecutive good rows.
+
+    Attributes:
+      X: ``(n, p)`` float64 features.
+      y: ``(n,)`` raw targets (strings from a CSV, numbers from a bundled set).
+      lines: ``(n,)`` line numbers (1-based, in the file; row numbers for a bundled set).
+      skipped: ``[(line, column, reason), …]`` rows dropped by ``skip_bad_rows``.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    lines: np.ndarray
+    skipped: list
+
+
+@dataclass
+class Source:
+    """An opened stream: names of its columns and an iterator of :class:`Chunk` s."""
+
+    name: str
+    feature_names: list
+    target_name: Optional[str]
+    chunks: Iterator[Chunk]
+    task_hint: Optional[str] = None
+    n_classes_hint: Optional[int] = None
+    n_rows: Optional[int] = None
+
+
+def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10_000,
+                skip_bad_rows: bool = False, require_target: bool = True,
+                feature_names: Optional[Sequence[str]] = None, delimiter: str = ",",
+                shuffle_seed: Optional[int] = None, stdin=None) -> Source:
+    """Opens a CSV path, ``-`` (standard input) or a bundled data set's name as a stream.
+
+    Args:
+      target: the target column; default a column named target/label/class/y, else the last.
+      chunk_rows: rows per chunk.
+      skip_bad_rows: drop (and count) malformed rows instead of raising :class:`DataError`.
+      require_target: False for prediction, where the target column may be absent.
+      feature_names: the expected feature columns (prediction); by default every column but
+        the target.
+      shuffle_seed: shuffle the rows of a bundled set with this seed (CSV streams keep order).
+    """
+    if data != "-" and not os.path.exists(data) and is_dataset(data):
+        return _dataset_source(data, target, chunk_rows, feature_names, shuffle_seed)
+    if data != "-" and not os.path.exists(data):
+        describe(data)  # raises with the list of bundled sets
+    if shuffle_seed is not None:
+        raise DataError(data, "--shuffle applies to bundled data sets only; a CSV stream is read in order")
+    return _csv_source(data, target, chunk_rows, skip_bad_rows, require_target, feature_names,
+                       delimiter, stdin)
+
+
+def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed):
+    info = describe(name)
+    X, y, names, target_name = info.loader()
+    if target not in (None, target_name):
+        raise DataError(name, f"this data set's target column is {target_name!r}, not {target!r}")
+    if feature_names is not None and list(feature_names) != names:
+        raise DataError(name, "its columns differ from the model's features")
+    order = np.arange(len(y))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(y))
+    X, y = X[order], y[order]
+
+    def chunks():
+        for s in range(0, len(y), chunk_rows):
+            e = min(s + chunk_rows, len(y))
+            yield Chunk(X[s:e], y[s:e], order[s:e] + 1, [])
+
+    return Source(name, names, target_name, chunks(), info.task, info.n_classes, len(y))
+
+
+def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature_names,
+                delimiter, stdin):
+    label = "<stdin>" if path == "-" else path
+    if path == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        if isinstance(stream, (io.BufferedIOBase, io.RawIOBase)):  # a binary stream
+            stream = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        close = False
+    else:
+        try:
+            stream = open(path, newline="", encoding="utf-8")
+        except OSError as err:
+            raise DataError(label, f"cannot open ({err.strerror})") from None
+        close = True
+    reader = csv.reader(stream, delimiter=delimiter)
+    try:
+        header = next(r for r in reader if r)
+    except StopIteration:
+        if close:
+            stream.close()
+        raise DataError(label, "empty file: expected a header row", line=1) from None
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise DataError(label, f"unreadable CSV ({err})", line=reader.line_num) from None
+    header = [h.strip() for h in header]
+    header_line = reader.line_num
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise DataError(label, f"duplicate column names {dupes}", line=header_line)
+    t_idx = _target_index(label, header, target, require_target, feature_names, header_line)
+    if feature_names is None:
+        names = [h for i, h in enumerate(header) if i != t_idx]
+    else:
+        missing = [f for f in feature_names if f not in header]
+        if missing:
+            raise DataError(label, f"missing feature column(s) {missing} that the model was trained on",
+                            line=header_line)
+        names = list(feature_names)
+    f_idx = [header.index(n) for n in names]
+    if not f_idx:
+        raise DataError(label, "no feature columns besides the target", line=header_line)
+    width = len(header)
+
+    def chunks():
+        try:
+            rows, lines, skipped = [], [], []
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except (csv.Error, UnicodeDecodeError) as err:
+                    _bad(label, reader.line_num, None, f"unreadable CSV ({err})", skip_bad_rows, skipped)
+                    continue
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # blank line
+                if len(row) != width:
+                    if not skip_bad_rows and rows:  # report an earlier bad cell first
+                        _parse(label, header, rows, lines, f_idx, t_idx, False, [])
+                    _bad(label, reader.line_num, None,
+                         f"expected {width} fields (as in the header), got {len(row)}",
+                         skip_bad_rows, skipped)
+                    continue
+                rows.append(row)
+                lines.append(reader.line_num)
+                if len(rows) >= chunk_rows:
+                    yield _parse(label, header, rows, lines, f_idx, t_idx, skip_bad_rows, skipped)
+                    rows, lines, skipped = [], [], []
+            if rows or skipped:
+                yield _parse(label, header, rows, lines, f_idx, t_idx, skip_bad_rows, skipped)
+        finally:
+            if close:
+                stream.close()
+
+    tname = header[t_idx] if t_idx is not None else None
+    return Source(label, names, tname, chunks())
+
+
+def _target_index(label, header, target, require_target, feature_names, line):
+    if target is not None:
+        if target in header:
+            return header.index(target)
+        if require_target:
+            raise DataError(label, f"no target column {target!r} in the header "
+                                   f"(columns: {', '.join(header)})", line=line)
+        return None
+    if not require_target:
+        # Prediction: any column the model does not use as a feature is ignored.
+        return None
+    for i, h in enumerate(header):
+        if h.lower() in _TARGET_NAMES:
+            return i
+    if len(header) < 2:
+        raise DataError(label, "need at least two columns (features and a target)", line=line)
+    return len(header) - 1
+
+
+def _bad(label, line, column, reason, skip, skipped):
+    if not skip:
+        raise DataError(label, reason + " (use --skip-bad-rows to skip such rows)", line=line,
+                        column=column)
+    skipped.append((int(line), column, reason))
+
+
+def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped) -> Chunk:
+    """Numeric features of a block of rows; a bad cell is located by line and column."""
+    cells = np.array([[r[i] for i in f_idx] for r in rows], dtype=object).reshape(len(rows), len(f_idx))
+    lines = np.asarray(lines, np.int64)
+    try:
+        X = cells.astype(np.float64)
+        good = np.isfinite(X).all(axis=1)
+    except ValueError:  # some cell is not a number: find which, row by row
+        X = np.empty(cells.shape)
+        good = np.ones(len(rows), bool)
+        for k, row in enumerate(cells):
+            for j, v in enumerate(row):
+                try:
+                    X[k, j] = float(v)
+                except ValueError:
+                    good[k] = False
+                    what = "empty value" if not str(v).strip() else f"non-numeric value {str(v)!r}"
+                    _bad(label, lines[k], header[f_idx[j]], what, skip, skipped)
+                    break
+        good &= np.isfinite(np.where(good[:, None], X, 0.0)).all(axis=1)
+    for k in np.flatnonzero(~good):
+        if not any(s[0] == lines[k] for s in skipped):
+            j = int(np.flatnonzero(~np.isfinite(X[k]))[0])
+            _bad(label, lines[k], header[f_idx[j]], f"non-finite value {cells[k, j]!r}", skip, skipped)
+    y = np.array([r[t_idx].strip() for r in rows], dtype=object) if t_idx is not None else \
+        np.full(len(rows), None, dtype=object)
+    return Chunk(X[good], y[good], lines[good], sorted(skipped, key=lambda s: s[0]))
+
+
+# ---- targets -----------------------------------------------------------------------------
+
+def _canonical(v) -> str:
+    """A label as text: ``1``, ``1.0`` and ``"1"`` are the same class."""
+    s = str(v).strip()
+    try:
+        f = float(s)
+    except ValueError:
+        return s
+    return str(int(f)) if np.isfinite(f) and f == int(f) else s
+
+
+def infer_task(y, max_classes: int = 20):
+    """``(family name, classes or None)`` guessed from a sample of raw targets.
+
+    Numbers that are not all integers → gaussian; {0, 1} → bernoulli; a few non-negative
+    integers → categorical over 0..max; more distinct non-negative integers including a
+    zero → poisson; other integers → gaussian; text labels → bernoulli (two of them) or categorical.
+    """
+    vals = [str(v).strip() for v in y]
+    nums = []
+    for v in vals:
+        try:
+            nums.append(float(v))
+        except ValueError:
+            nums = None
+            break
+    if nums is None:
+        classes = sorted({v for v in vals if v})
+        return ("bernoulli" if len(classes) <= 2 else "categorical"), classes
+    a = np.asarray(nums)
+    a = a[np.isfinite(a)]
+    if a.size == 0 or np.any(a != np.round(a)):
+        return "gaussian", None
+    distinct = np.unique(a)
+    if set(distinct.tolist()) <= {0.0, 1.0}:
+        return "bernoulli", ["0", "1"]
+    if a.min() >= 0 and len(distinct) <= max_classes and a.max() < max_classes:
+        return "categorical", [str(i) for i in range(int(a.max()) + 1)]
+    if a.min() == 0:  # counts usually include zeros; large integers without any are amounts
+        return "poisson", None
+    return "gaussian", None
+
+
+class TargetCoder:
+    """Turns raw targets into what a family learns: class indices, counts or reals.
+
+    ``classes`` (class labels as text) is fixed when the coder is made, from ``--classes``
+    or the first chunk, so a label first seen later is an error (or a skipped row), never a
+    silent change of the model's output size.
+    """
+
+    def __init__(self, family: str, classes: Optional[Sequence[str]] = None):
+        self.family = family
+        self.classes = [_canonical(c) for c in classes] if classes is not None else None
+        if family in ("bernoulli", "categorical") and not self.classes:
+            raise ValueError(f"{family}: the class labels are needed")
+        if family == "bernoulli" and len(self.classes) != 2:
+            raise ValueError(f"bernoulli needs exactly two classes, got {self.classes}")
+        self._index = {c: i for i, c in enumerate(self.classes or [])}
+
+    def encode(self, label, y, lines, column, skip, skipped):
+        """``(values, good mask)``; a bad value raises :class:`DataError` unless skipped."""
+        n = len(y)
+        good = np.ones(n, bool)
+        if self.classes is not None:
+            out = np.zeros(n, np.int64)
+            for k, v in enumerate(y):
+                c = _canonical(v)
+                if c in self._index:
+                    out[k] = self._index[c]
+                    continue
+                good[k] = False
+                reason = ("empty target" if not c else
+                          f"label {c!r} is not one of the classes {self.classes} "
+                          "(fixed from --classes or the first rows; pass --classes to list them all)")
+                _bad(label, lines[k], column, reason, skip, skipped)
+            return out, good
+        if np.asarray(y).dtype.kind in "biuf":
+            out = np.asarray(y, np.float64)
+        else:
+            out = np.empty(n)
+            for k, v in enumerate(y):
+                try:
+                    out[k] = float(v)
+                except (TypeError, ValueError):
+                    out[k] = np.nan
+        for k in np.flatnonzero(~np.isfinite(out) | ((out < 0) | (out != np.round(out)))
+                                if self.family == "poisson" else ~np.isfinite(out)):
+            good[k] = False
+            v = str(y[k]).strip()
+            reason = ("empty target" if not v else
+                      f"count {v!r} is not a non-negative integer" if self.family == "poisson"
+                      else f"non-numeric target {v!r}")
+            _bad(label, lines[k], column, reason, skip, skipped)
+        return out, good
