@@ -1,0 +1,432 @@
+"""Recurrent models (PAPER.md §4): RTRL, natural-gradient RTRL with state correction, joint EKF.
+
+The theorem: from the factored prior and without state noise, the joint EKF on (s, θ) and
+natural-gradient RTRL with state correction produce the same (s_t, θ_t), and the joint
+covariance stays [G; I] P [G; I]ᵀ. Checked step by step, in float64, at 1e-9 relative.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax.flatten_util import ravel_pytree
+
+from kalnat import families, recurrent, schedules
+
+T = 120
+RTOL = 1e-9
+
+
+# ---- helpers --------------------------------------------------------------------------
+
+
+def _params(cell, seed):
+    """Random parameters with a non-zero readout, so every block of θ is learned from step 1."""
+    params = cell.init(jax.random.PRNGKey(seed))
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 100))
+    params["V"] = jax.random.normal(k1, params["V"].shape) / np.sqrt(cell.n_state)
+    params["c"] = 0.1 * jax.random.normal(k2, params["c"].shape)
+    return params
+
+
+def _data(family, p, t_len, seed, batch=None):
+    rng = np.random.default_rng(seed)
+    lead = (t_len,) if batch is None else (batch, t_len)
+    x = rng.normal(size=lead + (p,))
+    drive = np.cumsum(x[..., 0], axis=-1) * 0.3
+    if family.name == "categorical":
+        y = (np.floor(3 * (np.sin(drive) + 1) / 2.0001) + (rng.random(lead) < 0.2)) % family.num_classes
+        return x, y.astype(np.int32)
+    return x, np.sin(drive) + 0.3 * rng.normal(size=lead)
+
+
+@functools.lru_cache(maxsize=None)
+def _trajectory_fn(learner):
+    """Jitted scan recording θ_t, s_t (and the covariance-like matrix) after every step."""
+
+    def body(state, inp):
+        x, y = inp
+        mask = jnp.ones(state.s.shape[0], bool)
+        state, _ = learner.step_and_predict(state, x, y, mask)
+        theta = ravel_pytree(state.params)[0]
+        extra = state.cov if hasattr(state, "cov") else (state.jac, _core_matrix(state.core))
+        return state, (theta, state.s, extra)
+
+    return jax.jit(lambda s, xs, ys: jax.lax.scan(body, s, (xs, ys))[1])
+
+
+def _core_matrix(core):
+    for name in ("cov", "info", "fisher"):
+        if hasattr(core, name):
+            return getattr(core, name)
+
+
+def _trajectory(learner, params, x, y, **init):
+    """``x (T, p)`` or ``(B, T, p)``: returns θ_t ``(T, d)``, s_t ``(T, B, n)``, extra."""
+    state = learner.init(params, **init)
+    if x.ndim == 2:
+        x, y = x[:, None], y[:, None]
+    else:
+        x, y = np.swapaxes(x, 0, 1), np.swapaxes(y, 0, 1)
+    return _trajectory_fn(learner)(state, jnp.asarray(x), jnp.asarray(y))
+
+
+def _rel(a, b):
+    """Largest deviation over the trajectory, relative to the size of the reference."""
+    a, b = np.asarray(a), np.asarray(b)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
+
+
+CELLS = {
+    "elman": recurrent.elman(n_inputs=2, n_state=3, n_outputs=1),
+    "gru": recurrent.gru(n_inputs=2, n_state=3, n_outputs=1),
+    "elman3": recurrent.elman(n_inputs=2, n_state=3, n_outputs=2),
+    "gru3": recurrent.gru(n_inputs=2, n_state=3, n_outputs=2),
+}
+FAMILIES = {"gaussian": families.Gaussian(0.5), "categorical": families.Categorical(3)}
+
+
+@functools.lru_cache(maxsize=None)
+def _pair(cell_name, fam_name, forgetting, learner="ekf", **extra):
+    """(natural-gradient RTRL, joint EKF) with the same prior and forgetting, built once."""
+    cell_key = cell_name + ("3" if fam_name == "categorical" else "")
+    cell, fam = CELLS[cell_key], FAMILIES[fam_name]
+    prior = 0.5
+    if learner == "natural_gradient":
+        opts = schedules.kalman_to_natural(prior_var=prior, forgetting=forgetting)._asdict()
+    else:
+        opts = dict(prior_var=prior, forgetting=forgetting)
+    ng = recurrent.rtrl(cell, fam, learner=learner, **opts, **extra)
+    return cell, fam, ng, _joint(cell_key, fam_name, forgetting)
+
+
+@functools.lru_cache(maxsize=None)
+def _joint(cell_key, fam_name, forgetting):
+    return recurrent.joint_ekf(CELLS[cell_key], FAMILIES[fam_name], prior_var=0.5, forgetting=forgetting)
+
+
+# ---- the theorem: joint EKF == natural-gradient RTRL with state correction --------------
+
+
+@pytest.mark.parametrize("forgetting", [1.0, 0.99], ids=["static", "fading"])
+@pytest.mark.parametrize("fam_name", ["gaussian", "categorical"])
+@pytest.mark.parametrize("cell_name", ["elman", "gru"])
+def test_joint_ekf_equals_natural_gradient_rtrl(cell_name, fam_name, forgetting):
+    cell, fam, ng, joint = _pair(cell_name, fam_name, forgetting)
+    params = _params(cell, seed=3)
+    x, y = _data(fam, 2, T, seed=4)
+    th_a, s_a, (jac, p_theta) = _trajectory(ng, params, x, y)
+    th_b, s_b, p_joint = _trajectory(joint, params, x, y)
+    # The parameters actually moved (else equality would be trivial).
+    assert np.abs(th_a[-1] - ravel_pytree(params)[0]).max() > 1e-2
+    assert _rel(th_a, th_b) < RTOL
+    assert _rel(s_a, s_b) < RTOL
+    # The joint filter's parameter block is the EKF's P_t, its G_t = P^{sθ} (P^{θθ})⁻¹ is RTRL's.
+    n = cell.n_state
+    assert _rel(p_joint[:, n:, n:], p_theta) < RTOL
+    g_joint = np.linalg.solve(p_joint[:, n:, n:], np.swapaxes(p_joint[:, :n, n:], 1, 2))
+    assert _rel(np.swapaxes(g_joint, 1, 2), jac[:, 0]) < 1e-7
+
+
+@pytest.mark.parametrize("learner", ["information", "natural_gradient"])
+def test_any_core_learner_gives_the_same_trajectory(learner):
+    cell, fam, ng, joint = _pair("elman", "gaussian", 0.99, learner)
+    params = _params(cell, seed=5)
+    x, y = _data(fam, 2, T, seed=6)
+    th_a, s_a, _ = _trajectory(ng, params, x, y)
+    th_b, s_b, _ = _trajectory(joint, params, x, y)
+    assert _rel(th_a, th_b) < RTOL
+    assert _rel(s_a, s_b) < RTOL
+
+
+def test_factored_covariance_is_preserved():
+    cell, fam, ng, joint = _pair("gru", "gaussian", 0.99)
+    params = _params(cell, seed=7)
+    x, y = _data(fam, 2, T, seed=8)
+    _, _, p = _trajectory(joint, params, x, y)
+    _, _, (jac, _) = _trajectory(ng, params, x, y)
+    n = cell.n_state
+    p = np.asarray(p)
+    pss, pst, ptt = p[:, :n, :n], p[:, :n, n:], p[:, n:, n:]
+    # Schur complement of the parameter block: zero iff P = [G; I] P^θθ [G; I]ᵀ.
+    schur = pss - pst @ np.linalg.solve(ptt, np.swapaxes(pst, 1, 2))
+    scale = np.abs(pss).max(axis=(1, 2))
+    assert np.all(scale > 1e-6)  # the state block is not trivially zero
+    assert np.max(np.abs(schur).max(axis=(1, 2)) / scale) < 1e-9
+    rebuilt = jax.vmap(recurrent.factored_covariance)(jac, ptt)
+    assert _rel(rebuilt, p) < 1e-8
+
+
+def test_factored_form_with_nonzero_initial_jacobian():
+    """The theorem holds for any G_0, not only G_0 = 0."""
+    cell, fam, ng, joint = _pair("elman", "gaussian", 1.0)
+    params = _params(cell, seed=9)
+    d = ravel_pytree(params)[0].shape[0]
+    jac0 = 0.1 * np.random.default_rng(10).normal(size=(cell.n_state, d))
+    x, y = _data(fam, 2, T, seed=11)
+    th_a, s_a, _ = _trajectory(ng, params, x, y, jac0=jac0)
+    th_b, s_b, _ = _trajectory(joint, params, x, y, jac0=jac0)
+    assert _rel(th_a, th_b) < RTOL and _rel(s_a, s_b) < RTOL
+
+
+def test_batch_of_sequences_joint_equals_rtrl():
+    """B sequences sharing θ: z = (s¹, …, s^B, θ); the theorem carries over."""
+    cell, fam, ng, joint = _pair("elman", "categorical", 0.99)
+    params = _params(cell, seed=12)
+    x, y = _data(fam, 2, T, seed=13, batch=3)
+    th_a, s_a, _ = _trajectory(ng, params, x, y, batch=3)
+    th_b, s_b, _ = _trajectory(joint, params, x, y, batch=3)
+    assert s_a.shape == (T, 3, cell.n_state)
+    assert _rel(th_a, th_b) < RTOL and _rel(s_a, s_b) < RTOL
+
+
+# ---- what breaks the equality (so the checks above can fail) ---------------------------
+
+
+def test_without_state_correction_the_trajectories_differ():
+    cell, fam, _, joint = _pair("elman", "gaussian", 0.99)
+    plain = recurrent.rtrl(cell, fam, prior_var=0.5, forgetting=0.99, correct_state=False)
+    params = _params(cell, seed=3)
+    x, y = _data(fam, 2, T, seed=4)
+    th_a, s_a, _ = _trajectory(plain, params, x, y)
+    th_b, s_b, _ = _trajectory(joint, params, x, y)
+    assert _rel(th_a, th_b) > 1e-3 and _rel(s_a, s_b) > 1e-3
+
+
+def test_state_noise_gives_a_different_valid_filter():
+    cell, fam, ng, _ = _pair("elman", "gaussian", 1.0)
+    noisy = recurrent.joint_ekf(cell, fam, prior_var=0.5, state_noise=1e-2)
+    params = _params(cell, seed=3)
+    x, y = _data(fam, 2, T, seed=4)
+    th_a, _, _ = _trajectory(ng, params, x, y)
+    th_b, _, p = _trajectory(noisy, params, x, y)
+    assert _rel(th_a, th_b) > 1e-3
+    n = cell.n_state
+    p = np.asarray(p)
+    schur = p[:, :n, :n] - p[:, :n, n:] @ np.linalg.solve(p[:, n:, n:], np.swapaxes(p[:, :n, n:], 1, 2))
+    assert np.abs(schur).max() > 1e-4  # no longer factored
+    assert np.linalg.eigvalsh(p[-1]).min() > -1e-10  # still a covariance
+
+
+def test_general_initial_covariance():
+    cell, fam, ng, _ = _pair("elman", "gaussian", 1.0)
+    params = _params(cell, seed=3)
+    d = ravel_pytree(params)[0].shape[0]
+    n = cell.n_state
+    joint = recurrent.joint_ekf(cell, fam, prior_var=0.5)
+    cov = np.diag(np.r_[np.zeros(n), np.full(d, 0.5)])
+    x, y = _data(fam, 2, 40, seed=4)
+    # The factored prior written out by hand is the default prior.
+    th_a, _, _ = _trajectory(joint, params, x, y, cov=cov)
+    th_b, _, _ = _trajectory(joint, params, x, y)
+    assert _rel(th_a, th_b) < 1e-12
+    cov[:n, :n] += 0.2 * np.eye(n)
+    th_c, _, _ = _trajectory(joint, params, x, y, cov=cov)
+    assert _rel(th_c, th_b) > 1e-4
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        joint.init(params, cov=-np.eye(n + d))
+    with pytest.raises(ValueError, match="shape"):
+        joint.init(params, cov=np.eye(d))
+
+
+# ---- RTRL Jacobian == Jacobian of the unrolled recurrence ------------------------------
+
+
+@pytest.mark.parametrize("cell_name", ["elman", "gru"])
+def test_rtrl_jacobian_equals_unrolled_jacfwd(cell_name):
+    cell = CELLS[cell_name]
+    params = _params(cell, seed=14)
+    theta, unravel = ravel_pytree(params)
+    x, _ = _data(FAMILIES["gaussian"], 2, 40, seed=15)
+    s_rtrl, g_rtrl = recurrent.rtrl_forward(cell, params, x)
+
+    def unrolled(th):
+        p = unravel(th)
+
+        def body(s, xt):
+            s = cell.transition(p, s, xt)
+            return s, s
+
+        return jax.lax.scan(body, cell.init_state(p), x)[1]
+
+    g_ref = jax.jacfwd(unrolled)(theta)  # (T, n, d), through the whole sequence
+    assert np.abs(g_ref).max() > 1e-2
+    assert _rel(g_rtrl, g_ref) < 1e-12
+    assert _rel(s_rtrl, unrolled(theta)) < 1e-14
+
+
+def test_user_defined_cell():
+    """Any transition/readout pair on any pytree: here a leaky linear cell with a dict of arrays."""
+
+    def transition(p, s, x):
+        return p["a"] * s + jnp.tanh(p["w"] @ x)
+
+    def readout(p, s):
+        return jnp.atleast_1d(p["v"] @ s)
+
+    cell = recurrent.recurrent_model(transition, readout, n_state=2, input_shape=(2,), n_outputs=1)
+    params = {"a": jnp.array([0.5, -0.3]), "w": jnp.array([[0.4, 0.1], [-0.2, 0.7]]),
+              "v": jnp.array([1.0, -0.5])}
+    fam = families.Gaussian(0.5)
+    ng = recurrent.rtrl(cell, fam, prior_var=0.5)
+    joint = recurrent.joint_ekf(cell, fam, prior_var=0.5)
+    x, y = _data(fam, 2, 100, seed=16)
+    th_a, s_a, _ = _trajectory(ng, params, x, y)
+    th_b, s_b, _ = _trajectory(joint, params, x, y)
+    assert _rel(th_a, th_b) < RTOL and _rel(s_a, s_b) < RTOL
+    with pytest.raises(ValueError, match="no init"):
+        cell.init(jax.random.PRNGKey(0))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.2, 2.0), cell_name=st.sampled_from(["elman", "gru"]),
+       forgetting=st.sampled_from([1.0, 0.99]))
+def test_property_random_problems(seed, scale, cell_name, forgetting):
+    """Random parameters (readout scaled by ``scale``) and random data: the theorem holds."""
+    cell, fam, ng, joint = _pair(cell_name, "gaussian", forgetting)
+    params = _params(cell, seed)
+    params["V"] = scale * params["V"]
+    x, y = _data(fam, 2, 100, seed)
+    th_a, s_a, _ = _trajectory(ng, params, x, y)
+    th_b, s_b, _ = _trajectory(joint, params, x, y)
+    assert _rel(th_a, th_b) < RTOL and _rel(s_a, s_b) < RTOL
+
+
+# ---- the sequence driver ---------------------------------------------------------------
+
+
+def test_fit_sequence_chunks_and_pieces_are_one_stream():
+    cell, fam, ng, _ = _pair("elman", "gaussian", 0.99)
+    params = _params(cell, seed=17)
+    x, y = _data(fam, 2, 100, seed=18)
+    whole = recurrent.fit_sequence(ng, ng.init(params), x, y, chunk_size=256)
+    chunked = recurrent.fit_sequence(ng, ng.init(params), x, y, chunk_size=10)
+    first = recurrent.fit_sequence(ng, ng.init(params), x[:37], y[:37], chunk_size=10)
+    second = recurrent.fit_sequence(ng, first.state, x[37:], y[37:], chunk_size=10)
+    th = ravel_pytree(whole.state.params)[0]
+    for other in (chunked.state, second.state):
+        assert _rel(ravel_pytree(other.params)[0], th) < 1e-12
+        assert _rel(other.s, whole.state.s) < 1e-12
+    assert int(second.state.count) == 100
+    means = np.concatenate([first.predictions.mean, second.predictions.mean])
+    assert whole.predictions.mean.shape == (100, 1)
+    assert _rel(chunked.predictions.mean, whole.predictions.mean) < 1e-12
+    assert _rel(means, whole.predictions.mean) < 1e-12
+    # Predict-then-update: the first prediction uses θ_0 and s_1 = f(θ_0, s_0, x_1).
+    s1 = cell.transition(params, cell.init_state(params), x[0])
+    np.testing.assert_allclose(whole.predictions.mean[0], cell.readout(params, s1), rtol=1e-12)
+
+
+def test_fit_sequence_matches_update_and_joint_predictive():
+    cell, fam, ng, joint = _pair("elman", "categorical", 0.99)
+    params = _params(cell, seed=19)
+    x, y = _data(fam, 2, 30, seed=20)
+    ra = recurrent.fit_sequence(ng, ng.init(params), x, y, chunk_size=10)
+    rb = recurrent.fit_sequence(joint, joint.init(params), x, y, chunk_size=10)
+    for field in ("mean", "mean_cov", "obs_cov", "probs"):
+        assert _rel(getattr(ra.predictions, field), getattr(rb.predictions, field)) < RTOL
+    np.testing.assert_allclose(ra.predictions.probs.sum(-1), 1.0, rtol=1e-12)
+    state = ng.init(params)
+    for t in range(3):
+        state, pred = ng.update(state, x[t], y[t])
+        np.testing.assert_allclose(pred.mean, ra.predictions.mean[t], rtol=1e-12)
+
+
+def test_batch_with_lengths_freezes_finished_sequences():
+    cell, fam, ng, joint = _pair("elman", "categorical", 0.99)
+    params = _params(cell, seed=21)
+    x, y = _data(fam, 2, 50, seed=22, batch=2)
+    lengths = np.array([50, 20])
+    x2, y2 = x.copy(), y.copy()
+    x2[1, 20:] = 123.0  # padding: must not matter
+    y2[1, 20:] = 2
+    for learner in (ng, joint):
+        a = recurrent.fit_sequence(learner, learner.init(params, batch=2), x, y, lengths=lengths, chunk_size=8)
+        b = recurrent.fit_sequence(learner, learner.init(params, batch=2), x2, y2, lengths=lengths, chunk_size=8)
+        assert a.predictions.mean.shape == (2, 50, 2)
+        assert _rel(ravel_pytree(a.state.params)[0], ravel_pytree(b.state.params)[0]) < 1e-14
+        assert _rel(a.state.s, b.state.s) < 1e-14
+    # Past its end, sequence 2's state stays where its 20th step left it.
+    c = recurrent.fit_sequence(ng, ng.init(params, batch=2), x[:, :20], y[:, :20], chunk_size=10)
+    s_at_20 = np.array(c.state.s)
+    e = recurrent.fit_sequence(ng, c.state, x[:, 20:], y[:, 20:], lengths=np.array([30, 0]), chunk_size=10)
+    d = recurrent.fit_sequence(ng, ng.init(params, batch=2), x, y, lengths=lengths, chunk_size=10)
+    np.testing.assert_array_equal(e.state.s[1], s_at_20[1])
+    assert _rel(d.state.s, e.state.s) < 1e-12
+    assert np.abs(d.state.s[0] - s_at_20[0]).max() > 1e-3  # sequence 1 went on
+
+
+def test_predict_advances_the_state_without_learning():
+    cell, fam, ng, joint = _pair("elman", "gaussian", 1.0)
+    params = _params(cell, seed=23)
+    x, _ = _data(fam, 2, 5, seed=24)
+    for learner in (ng, joint):
+        state = learner.init(params)
+        theta0 = ravel_pytree(state.params)[0]
+        s_ref = cell.init_state(params)
+        for t in range(5):
+            state, pred = learner.predict(state, x[t])
+            s_ref = cell.transition(params, s_ref, x[t])
+            np.testing.assert_allclose(pred.mean, cell.readout(params, s_ref), rtol=1e-12)
+        assert _rel(ravel_pytree(state.params)[0], theta0) == 0
+        np.testing.assert_allclose(state.s[0], s_ref, rtol=1e-12)
+
+
+# ---- validation --------------------------------------------------------------------------
+
+
+def test_bad_input_raises_before_touching_the_state():
+    cell, fam, ng, joint = _pair("elman", "categorical", 0.99)
+    params = _params(cell, seed=25)
+    x, y = _data(fam, 2, 10, seed=26)
+    for learner in (ng, joint):
+        state = learner.init(params)
+        bad_x = x.copy()
+        bad_x[3, 1] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            recurrent.fit_sequence(learner, state, bad_x, y)
+        with pytest.raises(ValueError, match="labels"):
+            recurrent.fit_sequence(learner, state, x, np.where(np.arange(10) == 4, 3, y))
+        with pytest.raises(ValueError, match="shape"):
+            recurrent.fit_sequence(learner, state, x[:, :1], y)
+        with pytest.raises(ValueError, match="Y must have shape"):
+            recurrent.fit_sequence(learner, state, x, y[:9])
+        with pytest.raises(ValueError, match="lengths"):
+            recurrent.fit_sequence(learner, state, x, y, lengths=[11])
+        with pytest.raises(ValueError, match="NaN"):
+            learner.update(state, np.array([np.inf, 0.0]), 1)
+        with pytest.raises(ValueError, match="shape"):
+            learner.update(state, np.zeros(3), 1)
+        # The state is intact and usable.
+        out = recurrent.fit_sequence(learner, state, x, y, chunk_size=10)
+        assert np.isfinite(ravel_pytree(out.state.params)[0]).all()
+    with pytest.raises(ValueError, match="outputs"):
+        recurrent.rtrl(recurrent.elman(2, 3, n_outputs=1), families.Categorical(3))
+    with pytest.raises(ValueError, match="learner"):
+        recurrent.rtrl(cell, fam, learner="sgd")
+    with pytest.raises(ValueError, match="forgetting"):
+        recurrent.joint_ekf(cell, fam, forgetting=1.5)
+    with pytest.raises(ValueError, match="state_noise"):
+        recurrent.joint_ekf(cell, fam, state_noise=-1.0)
+    with pytest.raises(ValueError, match="s0"):
+        ng.init(params, s0=np.zeros(5))
+    with pytest.raises(ValueError, match="NaN"):
+        ng.init(jax.tree_util.tree_map(lambda a: a * np.nan, params))
+
+
+def test_float32_long_stream_is_stable():
+    cell = recurrent.elman(n_inputs=1, n_state=3, dtype=jnp.float32)
+    fam = families.Gaussian(0.1)
+    learner = recurrent.rtrl(cell, fam, prior_var=1.0, forgetting=0.995)
+    params = cell.init(jax.random.PRNGKey(0))
+    t = np.arange(3000)
+    series = np.sin(2 * np.pi * t / 23.0).astype(np.float32)
+    out = recurrent.fit_sequence(learner, learner.init(params), series[:-1, None], series[1:], chunk_size=500)
+    assert out.state.s.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out.state.core.cov)).all()
+    err = out.predictions.mean[-500:, 0] - series[-500:]
+    assert np.sqrt(np.mean(err ** 2)) < 0.1  # it learned the oscillation
