@@ -1,0 +1,152 @@
+"""PAPER.md §1: the two exponential-family identities every learner rests on, and each
+family's moments, likelihood, sampling and domain checks."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from numpy.polynomial.hermite_e import hermegauss
+from scipy import stats
+
+import kalnat
+from kalnat import families as F
+
+CASES = {
+    "gaussian": F.Gaussian(0.7),
+    "gaussian_diag": F.Gaussian([0.5, 2.0]),
+    "gaussian_full": F.Gaussian([[1.0, 0.4], [0.4, 0.6]]),
+    "bernoulli": F.Bernoulli(),
+    "categorical": F.Categorical(4),
+    "poisson": F.Poisson(),
+}
+
+
+def support(family, yhat):
+    """``(ys, weights)``: the exact law of y — enumerated, truncated (Poisson, mass lost
+    < 1e-15) or Gauss–Hermite nodes (exact for the quadratic integrands used here)."""
+    if family.name == "bernoulli":
+        p = float(yhat[0])
+        return [0, 1], [1 - p, p]
+    if family.name == "categorical":
+        probs = np.asarray(family.probs(yhat))
+        return list(range(family.num_classes)), list(probs)
+    if family.name == "poisson":
+        lam = float(yhat[0])
+        ys = np.arange(0, int(lam * 10 + 60))
+        return list(ys), list(stats.poisson.pmf(ys, lam))
+    nodes, w = hermegauss(3)
+    w = w / w.sum()
+    chol = np.linalg.cholesky(np.asarray(family.cov_))
+    ys, ws = [], []
+    for idx in itertools.product(range(3), repeat=family.m):
+        u = nodes[list(idx)]
+        ys.append((np.asarray(yhat) + chol @ u).reshape(family.event_shape))
+        ws.append(np.prod(w[list(idx)]))
+    return ys, ws
+
+
+def model_for(family, arch):
+    return (kalnat.models.linear(3, family.n_outputs) if arch == "linear"
+            else kalnat.models.mlp(3, (5,), family.n_outputs))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("arch", ["linear", "mlp"])
+def test_gradient_and_fisher_identities(name, arch):
+    family = CASES[name]
+    model = model_for(family, arch)
+    rng = np.random.default_rng(0)
+    theta0, unravel = ravel_pytree(model.init(jax.random.PRNGKey(1)))
+    theta = theta0 + 0.4 * rng.normal(size=theta0.shape)
+    x = rng.normal(size=3)
+
+    def loss(th, y):
+        return -family.log_prob(model.apply(unravel(th), x), y)
+
+    ys, ws = support(family, family.mean(model.apply(unravel(theta), x)))
+    lin = kalnat.linearize(lambda th, xx: model.apply(unravel(th), xx), family, theta,
+                           x[None], jnp.asarray(np.stack(ys)[:1]))
+    H, R = np.asarray(lin.H[0]), np.asarray(lin.R[0])
+    Rinv = np.linalg.inv(R)
+    grad_fn = jax.jit(jax.grad(loss))
+    fisher = np.zeros((theta.size, theta.size))
+    for y, w in zip(ys, ws):
+        g = np.asarray(grad_fn(theta, jnp.asarray(y)))
+        e = np.asarray(family.stat(jnp.asarray(y))) - np.asarray(lin.yhat[0])
+        np.testing.assert_allclose(-H.T @ Rinv @ e, g, rtol=1e-9, atol=1e-12)  # ∂ℓ/∂θ = −HᵀR⁻¹e
+        fisher += w * np.outer(g, g)
+    np.testing.assert_allclose(H.T @ Rinv @ H, fisher, rtol=1e-9, atol=1e-12)  # F = HᵀR⁻¹H
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_moments_and_likelihood(name):
+    """ŷ = E[T(y)], R = Cov(T(y)), the likelihood sums to one, and sampling follows ŷ."""
+    family = CASES[name]
+    z = jnp.asarray(np.random.default_rng(2).normal(size=family.n_outputs) * 0.5)
+    yhat = family.mean(z).reshape(family.m)
+    ys, ws = support(family, yhat)
+    T = np.stack([np.asarray(family.stat(jnp.asarray(y))) for y in ys])
+    w = np.asarray(ws)
+    mean = w @ T
+    np.testing.assert_allclose(mean, yhat, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose((T - mean).T @ np.diag(w) @ (T - mean), family.cov(yhat), rtol=1e-12, atol=1e-14)
+    if not name.startswith("gaussian"):
+        total = sum(float(jnp.exp(family.log_prob(z, jnp.asarray(y)))) for y in ys)
+        assert abs(total - 1) < 1e-12
+    else:
+        y = np.asarray(ys[0]).reshape(-1)
+        expected = stats.multivariate_normal(np.asarray(z), np.asarray(family.cov_)).logpdf(y)
+        assert abs(float(family.log_prob(z, jnp.asarray(ys[0]))) - expected) < 1e-12
+    draws = np.asarray(family.sample(jax.random.PRNGKey(0), yhat, (20000,)))
+    assert draws.shape == (20000,) + family.event_shape
+    emp = np.stack([np.asarray(family.stat(jnp.asarray(d))) for d in draws[:4000]]).mean(0)
+    assert np.all(np.abs(emp - np.asarray(yhat)) < 5 * np.sqrt(np.diag(np.asarray(family.cov(yhat)))) / np.sqrt(4000) + 1e-9)
+
+
+def test_categorical_accepts_k_or_k_minus_1_logits():
+    fam = F.Categorical(3)
+    z = jnp.array([0.3, -1.2])
+    np.testing.assert_allclose(fam.mean(z), fam.mean(jnp.array([0.3, -1.2, 0.0])), rtol=1e-15)
+    np.testing.assert_allclose(np.sum(fam.probs(fam.mean(z))), 1.0, rtol=1e-15)
+    assert fam.m == 2 and fam.n_outputs == 2
+
+
+@pytest.mark.parametrize("family,y,message", [
+    (F.Bernoulli(), [0, 1, 2], "0 or 1"),
+    (F.Bernoulli(), [0.5], "0 or 1"),
+    (F.Categorical(3), [3], "0..2"),
+    (F.Categorical(3), [-1], "0..2"),
+    (F.Categorical(3), [1.5], "integers"),
+    (F.Poisson(), [-1], "non-negative"),
+    (F.Poisson(), [2.5], "integers"),
+    (F.Gaussian(1.0), [np.nan], "NaN"),
+    (F.Poisson(), [np.inf], "NaN or inf"),
+    (F.Gaussian([1.0, 1.0]), [1.0, 2.0, 3.0], "shape"),
+    (F.Bernoulli(), ["a"], "numeric"),
+])
+def test_domain_errors_name_the_problem(family, y, message):
+    with pytest.raises(ValueError, match=message):
+        family.check(np.asarray(y))
+
+
+@pytest.mark.parametrize("cov,message", [
+    ([[1.0, 2.0], [2.0, 1.0]], "positive definite"),
+    ([[1.0, 0.1], [0.0, 1.0]], "symmetric"),
+    (-1.0, "positive definite"),
+    (np.nan, "NaN"),
+])
+def test_gaussian_covariance_must_be_spd(cov, message):
+    with pytest.raises(ValueError, match=message):
+        F.Gaussian(cov)
+
+
+def test_from_name():
+    assert isinstance(F.from_name("Bernoulli"), F.Bernoulli)
+    assert F.from_name("categorical", 5).num_classes == 5
+    with pytest.raises(ValueError, match="unknown family"):
+        F.from_name("gamma")
+    with pytest.raises(ValueError, match="num_classes"):
+        F.from_name("categorical")
