@@ -1,0 +1,218 @@
+"""The learner interface: update/predict/fit semantics, minibatches, input validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import kalnat
+from kalnat import families as F
+from kalnat import schedules as S
+
+P_IN = 3
+
+
+def flat(params):
+    return np.asarray(ravel_pytree(params)[0])
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    model = kalnat.models.linear(P_IN)
+    learner = kalnat.ekf(model, F.Bernoulli(), prior_var=1.0, forgetting=0.99)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(37, P_IN))
+    y = (rng.uniform(size=37) < 1 / (1 + np.exp(-X @ [1.0, -2.0, 0.5]))).astype(float)
+    return model, learner, X, y
+
+
+def test_fit_equals_row_by_row_update_and_predicts_before_learning(logistic):
+    model, learner, X, y = logistic
+    state = learner.init(model.init(None))
+    preds = []
+    for xi, yi in zip(X, y):
+        preds.append(np.asarray(learner.predict(state, xi).mean))
+        state = learner.update(state, xi, yi)
+    res = kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=5)
+    np.testing.assert_allclose(flat(res.state.params), flat(state.params), rtol=1e-12)
+    np.testing.assert_allclose(res.state.cov, state.cov, rtol=1e-12)
+    np.testing.assert_allclose(res.predictions.mean, np.stack(preds), rtol=1e-12)
+    assert res.predictions.mean[0, 0] == 0.5  # the first row is predicted from the prior
+    assert int(res.state.count) == len(X)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+def test_chunking_and_partial_batches_do_not_change_the_result(logistic, chunk_size):
+    model, learner, X, y = logistic
+    full = kalnat.fit(learner, learner.init(model.init(None)), X, y, batch_size=4, chunk_size=100)
+    res = kalnat.fit(learner, learner.init(model.init(None)), X, y, batch_size=4, chunk_size=chunk_size)
+    assert int(res.state.count) == 10  # 9 full minibatches and one of 1 row
+    np.testing.assert_array_equal(flat(res.state.params), flat(full.state.params))
+    assert res.predictions.mean.shape == (37, 1)
+    np.testing.assert_array_equal(res.predictions.mean, full.predictions.mean)
+
+
+def test_minibatch_equals_sequential_for_linear_gaussian():
+    """A minibatch is one update at one linearisation point; for a linear-Gaussian model the
+    linearisation is exact, so it equals the sequential updates (PAPER.md §3)."""
+    rng = np.random.default_rng(1)
+    fam = F.Gaussian([[0.5, 0.1], [0.1, 0.3]])
+    model = kalnat.models.linear(P_IN, 2)
+    X, Y = rng.normal(size=(64, P_IN)), rng.normal(size=(64, 2))
+    learner = kalnat.ekf(model, fam, prior_var=2.0)
+    seq = kalnat.fit(learner, learner.init(model.init(None)), X, Y, batch_size=1).state
+    bat = kalnat.fit(learner, learner.init(model.init(None)), X, Y, batch_size=8).state
+    np.testing.assert_allclose(flat(bat.params), flat(seq.params), rtol=1e-10)
+    np.testing.assert_allclose(bat.cov, seq.cov, rtol=1e-10, atol=1e-14)
+    # and a minibatch through the public update is the same single step
+    s = learner.init(model.init(None))
+    s = learner.update(s, X[:8], Y[:8])
+    s1 = kalnat.fit(learner, learner.init(model.init(None)), X[:8], Y[:8], batch_size=8).state
+    np.testing.assert_allclose(s.cov, s1.cov, rtol=1e-12)
+    assert int(s.count) == 1
+
+
+def test_minibatch_differs_from_sequential_for_nonlinear_models(logistic):
+    model, learner, X, y = logistic
+    seq = kalnat.fit(learner, learner.init(model.init(None)), X[:8], y[:8]).state
+    bat = kalnat.fit(learner, learner.init(model.init(None)), X[:8], y[:8], batch_size=8).state
+    assert np.max(np.abs(flat(seq.params) - flat(bat.params))) > 1e-4
+
+
+def test_predictive_of_each_learner(logistic):
+    model, _, X, y = logistic
+    fam = F.Categorical(3)
+    m3 = kalnat.models.linear(P_IN, fam.n_outputs)
+    labels = np.arange(37) % 3
+    states, preds = {}, {}
+    for learner in (kalnat.ekf(m3, fam, prior_var=0.5),
+                    kalnat.information_filter(m3, fam, prior_var=0.5),
+                    kalnat.natural_gradient(m3, fam, **S.kalman_to_natural(0.5)._asdict())):
+        st = kalnat.fit(learner, learner.init(m3.init(None)), X, labels).state
+        preds[learner.name] = learner.predict(st, X[:5])
+    ref = preds["ekf"]
+    assert ref.mean.shape == (5, 2) and ref.mean_cov.shape == (5, 2, 2) and ref.probs.shape == (5, 3)
+    np.testing.assert_allclose(ref.probs.sum(-1), 1.0, rtol=1e-14)
+    for p in preds.values():  # H P Hᵀ agrees across the three forms
+        np.testing.assert_allclose(p.mean_cov, ref.mean_cov, rtol=1e-9)
+        np.testing.assert_allclose(p.obs_cov - p.mean_cov,
+                                   jax.vmap(fam.cov)(p.mean), rtol=1e-12, atol=1e-15)
+    assert np.all(np.linalg.eigvalsh(np.asarray(ref.mean_cov)) > 0)
+    single = kalnat.ekf(m3, fam).predict(kalnat.ekf(m3, fam).init(m3.init(None)), X[0])
+    assert single.mean.shape == (2,) and single.probs.shape == (3,)
+
+
+def test_plain_function_and_nested_pytree_models():
+    """Any apply(params, x) on any pytree works; the learner flattens it."""
+    def apply(params, x):
+        (w, b), scale = params
+        return jnp.tanh(x @ w + b) * scale
+
+    params = ((jnp.ones((P_IN, 1)) * 0.1, jnp.zeros(1)), {"s": jnp.ones(1)}["s"])
+    learner = kalnat.ekf(apply, F.Gaussian(0.5), prior_var=1.0)
+    state = learner.init(params)
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(20, P_IN))
+    state = learner.update(state, X[0], 0.3)          # one observation, inferred from the model
+    state = learner.update(state, X[1:5], np.ones(4))  # a minibatch
+    res = kalnat.fit(learner, state, X[5:], np.zeros(15))
+    assert int(res.state.count) == 17
+    assert learner.predict(res.state, X[0]).mean.shape == (1,)
+    assert learner.predict(res.state, X[:4]).mean.shape == (4, 1)
+    with pytest.raises(ValueError, match="neither one observation nor a batch"):
+        learner.predict(res.state, np.ones(P_IN + 2))
+
+
+def test_caller_params_survive_in_place_updates(logistic):
+    model, learner, X, y = logistic
+    params = model.init(None)
+    state = learner.init(params)
+    for i in range(3):
+        state = learner.update(state, X[i], y[i])
+    assert np.all(np.asarray(params["w"]) == 0)  # still readable, still the initial values
+
+
+def test_float32_works(logistic):
+    model, _, X, y = logistic
+    model32 = kalnat.models.linear(P_IN, dtype=jnp.float32)
+    learner = kalnat.ekf(model32, F.Bernoulli(), prior_var=1.0)
+    res = kalnat.fit(learner, learner.init(model32.init(None)), X, y)
+    assert res.state.cov.dtype == jnp.float32 and flat(res.state.params).dtype == np.float32
+    ref = kalnat.fit(kalnat.ekf(model, F.Bernoulli(), prior_var=1.0),
+                     kalnat.ekf(model, F.Bernoulli()).init(model.init(None)), X, y).state
+    np.testing.assert_allclose(flat(res.state.params), flat(ref.params), rtol=1e-4, atol=1e-5)
+
+
+BAD_UPDATES = [
+    (lambda X, y: (X[0] * np.nan, y[0]), "x contains NaN or inf"),
+    (lambda X, y: (np.full(P_IN, np.inf), y[0]), "x contains NaN or inf"),
+    (lambda X, y: (X[0], np.nan), "NaN"),
+    (lambda X, y: (X[0, :2], y[0]), "x must have shape"),
+    (lambda X, y: (X[:3], y[:2]), "3 rows but y has 2"),
+    (lambda X, y: (X[0], 2.0), "0 or 1"),
+    (lambda X, y: (X[0].astype(str), y[0]), "numeric"),
+    (lambda X, y: (X[:2], y[:2, None]), "shape"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_UPDATES)
+def test_bad_input_raises_and_leaves_state_intact(logistic, bad, message):
+    model, learner, X, y = logistic
+    state = learner.update(learner.init(model.init(None)), X[0], y[0])
+    before = (flat(state.params).copy(), np.asarray(state.cov).copy())
+    x_bad, y_bad = bad(X, y)
+    with pytest.raises(ValueError, match=message):
+        learner.update(state, x_bad, y_bad)
+    np.testing.assert_array_equal(flat(state.params), before[0])  # not donated, not changed
+    np.testing.assert_array_equal(state.cov, before[1])
+    state = learner.update(state, X[1], y[1])  # and still usable
+    assert int(state.count) == 2
+
+
+@pytest.mark.parametrize("prior,message", [
+    (-1.0, "positive definite"),
+    (np.array([1.0, 1.0, 0.0, 1.0]), "positive definite"),
+    (np.array([[1.0, 2.0, 0, 0], [2.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]), "positive definite"),
+    (np.ones((3, 3)), "expected a scalar"),
+    (np.nan, "NaN"),
+])
+def test_bad_prior(logistic, prior, message):
+    model, _, _, _ = logistic
+    for make in (kalnat.ekf, kalnat.information_filter):
+        with pytest.raises(ValueError, match=message):
+            make(model, F.Bernoulli(), prior_var=prior).init(model.init(None))
+    with pytest.raises(ValueError, match=message):
+        kalnat.natural_gradient(model, F.Bernoulli(), init_fisher=prior).init(model.init(None))
+
+
+def test_bad_settings_and_states(logistic):
+    model, learner, X, y = logistic
+    with pytest.raises(ValueError, match="forgetting"):
+        kalnat.ekf(model, F.Bernoulli(), forgetting=1.5)
+    with pytest.raises(ValueError, match="process_noise"):
+        kalnat.ekf(model, F.Bernoulli(), process_noise=-1.0)
+    with pytest.raises(ValueError, match="damping"):
+        kalnat.natural_gradient(model, F.Bernoulli(), damping=-1.0)
+    with pytest.raises(ValueError, match="params contain NaN"):
+        learner.init({"w": jnp.full((1, P_IN), jnp.nan), "b": jnp.zeros(1)})
+    other = kalnat.information_filter(model, F.Bernoulli())
+    with pytest.raises(ValueError, match="expected a EKFState"):
+        learner.update(other.init(model.init(None)), X[0], y[0])
+    with pytest.raises(ValueError, match="batch_size"):
+        kalnat.fit(learner, learner.init(model.init(None)), X, y, batch_size=0)
+    with pytest.raises(ValueError, match="leading row axis"):
+        kalnat.fit(learner, learner.init(model.init(None)), X[0], y[0])
+    with pytest.raises(ValueError, match="37 rows but Y has 36"):
+        kalnat.fit(learner, learner.init(model.init(None)), X, y[:-1])
+
+
+def test_damping_regularises_the_natural_gradient_step(logistic):
+    model, _, X, y = logistic
+    plain = kalnat.natural_gradient(model, F.Gaussian(1.0), init_fisher=1.0)
+    damped = kalnat.natural_gradient(model, F.Gaussian(1.0), init_fisher=1.0, damping=10.0)
+    a = kalnat.fit(plain, plain.init(model.init(None)), X, y).state
+    b = kalnat.fit(damped, damped.init(model.init(None)), X, y).state
+    assert np.linalg.norm(flat(b.params)) < 0.5 * np.linalg.norm(flat(a.params))
+    # a linear-Gaussian H does not depend on θ, so J_t is the same: damping enters the solve only
+    np.testing.assert_allclose(a.fisher, b.fisher, rtol=1e-12)
