@@ -1,0 +1,498 @@
+"""What ``kalnat learn`` and ``kalnat predict`` do, usable from Python too.
+
+:class:`OnlineRunner` holds everything one stream needs — the learner and its state, the
+online feature scaler and, for a gaussian target, an online target scaler and noise
+estimate — and turns a block of raw rows into progressive predictions in the target's own
+units, learning the block after predicting it. :func:`learn_stream` drives it over a
+chunked source with a progress bar and collects the report; :class:`LoadedModel` rebuilds
+the learner from its checkpoint for prediction.
+
+Conventions (the same in ``kalnat compare``):
+  * features: each row standardised by the mean and deviation of the rows before it
+    (:mod:`kalnat.scaling`); a feature enters as 0 until two rows have given it a scale, and
+    standardised values are clipped to ±``clip`` so an early row scaled by rough statistics
+    cannot throw the learner far off;
+  * gaussian targets: standardised online in the same way (and learned as 0 until they
+    have a scale, clipped like the features); the learner's noise variance is
+    1 in those units and the reported predictive variance rescales the filter's
+    ``1 + h P hᵀ`` by the noise variance estimated from earlier residuals
+    (:class:`kalnat.baselines.OnlineNoise`). Its scores start at row 3, before which the
+    target has no scale;
+  * classes: fixed from ``--classes`` or the first chunk.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+import kalnat
+from kalnat import baselines, checkpoint, datasets, families, models, scaling, schedules
+
+__all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
+           "learn_stream", "LearnResult", "LoadedModel"]
+
+# Every learner of the core library, as built from the command's settings.
+METHODS = {
+    "ekf": lambda model, fam, pv, lam: kalnat.ekf(model, fam, prior_var=pv, forgetting=lam),
+    "ekf-joseph": lambda model, fam, pv, lam: kalnat.ekf(model, fam, prior_var=pv, forgetting=lam,
+                                                         joseph=True),
+    "information": lambda model, fam, pv, lam: kalnat.information_filter(
+        model, fam, prior_var=pv, forgetting=lam),
+    # Online natural gradient with the rates that make it the same filter (PAPER.md §3).
+    "natgrad": lambda model, fam, pv, lam: kalnat.natural_gradient(
+        model, fam, **schedules.kalman_to_natural(prior_var=pv, forgetting=lam)._asdict()),
+}
+
+GAUSSIAN_FIRST_SCORED_ROW = 3
+
+
+def parse_model(spec: str):
+    """``"linear"`` → ``("linear", ())``; ``"mlp:64,32"`` → ``("mlp", (64, 32))``."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind == "linear" and not rest:
+        return "linear", ()
+    if kind == "mlp":
+        try:
+            hidden = tuple(int(h) for h in rest.split(",") if h.strip())
+        except ValueError:
+            hidden = ()
+        if hidden and all(h > 0 for h in hidden):
+            return "mlp", hidden
+    raise ValueError(f"--model {spec!r}: expected 'linear' or 'mlp:W1,W2,…' (positive widths)")
+
+
+# A floor on the covariance R of T(y). When a prediction saturates (a probability rounds to
+# 0 or 1, a Poisson rate to 0), R = diag(p) − ppᵀ, p(1 − p) or λ becomes singular in floating
+# point, and so does S = H P Hᵀ + R because H = R ∂z/∂θ shrinks with it: the Cholesky factor
+# of S turns NaN and the filter dies (digits does this within 40 rows). Adding ε·I to R bounds
+# the information one observation can carry; for an unsaturated prediction (R ≈ 0.01–0.25)
+# it changes the update by a relative 1e-5 or less.
+R_FLOOR = 1e-6
+
+
+def _floored(base):
+    @dataclass(frozen=True)
+    class Floored(base):
+        def cov(self, yhat):
+            r = super().cov(yhat)
+            return r + R_FLOOR * jax.numpy.eye(r.shape[0], dtype=r.dtype)
+
+    Floored.__name__ = Floored.__qualname__ = base.__name__
+    return Floored
+
+
+_STABLE = {"bernoulli": _floored(families.Bernoulli), "categorical": _floored(families.Categorical),
+           "poisson": _floored(families.Poisson)}
+
+
+def make_family(name: str, n_classes: Optional[int] = None) -> families.Family:
+    """The family the command learns with: gaussian as is, the others with :data:`R_FLOOR`."""
+    if name == "categorical":
+        return _STABLE[name](int(n_classes))
+    if name in _STABLE:
+        return _STABLE[name]()
+    return families.from_name(name, n_classes)
+
+
+def build_model(spec: str, n_features: int, family: families.Family):
+    kind, hidden = parse_model(spec)
+    if kind == "linear":
+        return models.linear(n_features, family.n_outputs)
+    return models.mlp(n_features, hidden, family.n_outputs)
+
+
+def build_learner(cfg: dict, family: families.Family, n_features: int):
+    """``(model, learner, initial state)`` from the command's settings."""
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"unknown method {cfg['method']!r}; expected one of {', '.join(METHODS)}")
+    model = build_model(cfg["model_spec"], n_features, family)
+    learner = METHODS[cfg["method"]](model, family, float(cfg["prior_var"]), float(cfg["forgetting"]))
+    params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))
+    return model, learner, learner.init(params)
+
+
+def resolve_task(cfg: dict, source: datasets.Source, first_y) -> tuple[str, Optional[list]]:
+    """The family name and class labels: from the options, the data set, or the first chunk."""
+    family, classes = cfg.get("family"), cfg.get("classes")
+    if family is None and source.task_hint is not None:
+        family = source.task_hint
+        if classes is None and source.n_classes_hint:
+            classes = [str(i) for i in range(source.n_classes_hint)]
+    guess_family, guess_classes = datasets.infer_task(first_y)
+    if family is None:
+        family = guess_family
+    if family in ("bernoulli", "categorical") and classes is None:
+        if guess_classes is None:
+            raise ValueError(f"{source.name}: the target {source.target_name!r} is not a class "
+                             f"label (it looks {guess_family}); pass --classes or another --family")
+        classes = guess_classes
+        if family == "categorical" and len(classes) < 2:
+            raise ValueError(f"{source.name}: only one class in the first chunk; pass --classes")
+    if family == "bernoulli" and classes is not None and len(classes) != 2:
+        raise ValueError(f"{source.name}: bernoulli needs two classes, the target has "
+                         f"{len(classes)} ({', '.join(classes[:10])}); use --family categorical")
+    if family not in ("bernoulli", "categorical"):
+        classes = None
+    return family, classes
+
+
+def _target_affine(stats, y, min_std: float = 1e-8):
+    """Online standardisation of a target: ``(z, center, scale, stats')`` per row.
+
+    ``z = (y − center) / scale`` with the mean and deviation of the targets before each row,
+    exactly as :func:`kalnat.scaling.transform_and_update` scales a feature; the center and
+    scale are returned too, to map predictions back to the target's units.
+    """
+    y = np.asarray(y, np.float64)
+    _, new = scaling.transform_and_update(stats, y[:, None])
+    c0 = int(stats.count)
+    counts = c0 + np.arange(1, len(y) + 1)
+    means = stats.mean[0] + np.cumsum(y - stats.mean[0]) / counts     # after each row
+    prev_means = np.concatenate([[stats.mean[0]], means[:-1]])
+    m2s = stats.m2[0] + np.cumsum((y - prev_means) * (y - means))
+    prev_m2 = np.concatenate([[stats.m2[0]], m2s[:-1]])
+    prev_counts = counts - 1
+    prev_std = np.sqrt(prev_m2 / np.maximum(prev_counts, 1))
+    center = np.where(prev_counts > 0, prev_means, 0.0)
+    scale = np.where((prev_counts > 1) & (prev_std > min_std), prev_std, 1.0)
+    return (y - center) / scale, center, scale, new
+
+
+class OnlineRunner:
+    """One stream's learner, scalers and noise estimate (see the module's conventions)."""
+
+    def __init__(self, cfg: dict, family_name: str, classes: Optional[list], n_features: int):
+        self.cfg = dict(cfg)
+        self.classes = classes
+        self.family = make_family(family_name, len(classes) if family_name == "categorical" else None)
+        self.model, self.learner, self.state = build_learner(cfg, self.family, n_features)
+        self.n_parameters = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
+        self.scaler = scaling.init(n_features)
+        self.gaussian = self.family.name == "gaussian"
+        self.target_scaler = scaling.init(2) if self.gaussian else None
+        self.noise = baselines.OnlineNoise() if self.gaussian else None
+        self.rows = 0
+
+    def scale_features(self, X, update: bool = True):
+        """Standardised, clipped features; rows before a scale exists enter as 0."""
+        X = np.asarray(X, np.float64)
+        c0 = int(self.scaler.count)
+        Z, stats = scaling.transform_and_update(self.scaler, X)
+        if update:
+            self.scaler = stats
+        Z[: max(0, 2 - c0)] = 0.0
+        clip = float(self.cfg.get("clip") or 0.0)
+        return np.clip(Z, -clip, clip) if clip > 0 else Z
+
+    def step(self, X, y, callback=None) -> baselines.Predictions:
+        """Predicts the rows ``X (n, p)`` with targets ``y (n,)`` (class indices, counts or
+        reals), then learns them; returns the predictions in the target's units."""
+        Z = self.scale_features(X)
+        if self.gaussian:
+            c0 = int(self.target_scaler.count)
+            ytrain, center, scale, self.target_scaler = _target_affine(self.target_scaler, y)
+            # Until two targets have given it a scale, a target teaches nothing but "average";
+            # and like the features, an early target scaled by rough statistics is clipped.
+            ytrain[: max(0, 2 - c0)] = 0.0
+            clip = float(self.cfg.get("clip") or 0.0)
+            if clip > 0:
+                ytrain = np.clip(ytrain, -clip, clip)
+        else:
+            ytrain = y
+        res = kalnat.fit(self.learner, self.state, Z, ytrain, batch_size=int(self.cfg["batch_size"]),
+                         chunk_size=256, callback=callback)
+        self.state = res.state
+        p = res.predictions
+        self.rows += len(y)
+        mean = np.asarray(p.mean, np.float64)
+        bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
+        if bad.size:
+            raise ValueError(
+                f"the learner diverged (non-finite prediction at row {self.rows - len(y) + bad[0] + 1}); "
+                "try a smaller --prior-var, --batch-size 1 or a linear --model")
+        if self.family.is_classifier:
+            return baselines.Predictions(probs=np.asarray(p.probs, np.float64))
+        if self.gaussian:
+            unit = np.asarray(p.obs_cov, np.float64)[:, 0, 0]  # 1 + h P hᵀ (noise variance 1)
+            var = self.noise(ytrain - mean[:, 0], unit)
+            return baselines.Predictions(mean=center + scale * mean[:, 0], var=scale**2 * var)
+        return baselines.Predictions(mean=mean[:, 0])
+
+    def extra(self) -> dict:
+        """Everything :class:`LoadedModel` needs to rebuild this learner, as JSON."""
+        ts = self.target_scaler
+        return {
+            "kalnat_cli": 1,
+            "family": self.family.name,
+            "classes": self.classes,
+            "model": self.cfg["model_spec"],
+            "method": self.cfg["method"],
+            "prior_var": float(self.cfg["prior_var"]),
+            "forgetting": float(self.cfg["forgetting"]),
+            "batch_size": int(self.cfg["batch_size"]),
+            "clip": float(self.cfg.get("clip") or 0.0),
+            "seed": int(self.cfg.get("seed", 0)),
+            "scaler": _stats_json(self.scaler),
+            "target_scaler": _stats_json(ts) if ts is not None else None,
+            "noise": [self.noise.total, self.noise.weight] if self.noise else None,
+            "rows_seen": self.rows,
+        }
+
+
+def _stats_json(s):
+    return {"count": int(s.count), "mean": np.asarray(s.mean).tolist(), "m2": np.asarray(s.m2).tolist()}
+
+
+def _stats_from(d):
+    return scaling.RunningStats(np.asarray(d["count"], np.int64), np.asarray(d["mean"], np.float64),
+                                np.asarray(d["m2"], np.float64))
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+class Accumulator:
+    """Running progressive scores and a thinned learning curve, in bounded memory."""
+
+    MAX_POINTS = 2000
+
+    def __init__(self, family: families.Family, first_scored_row: int = 1):
+        self.family, self.first = family, first_scored_row
+        self.key = "accuracy" if family.is_classifier else "rmse"
+        self.n = 0          # rows scored
+        self.seen = 0       # rows predicted (scored or not)
+        self.sum_ll = 0.0
+        self.sum_m = 0.0
+        self.last_point_ll, self.last_point_n = 0.0, 0
+        self.curve = {"row": [], "log_loss": [], self.key: [], "window_log_loss": []}
+
+    def add(self, y, pred: baselines.Predictions):
+        losses = baselines.row_losses(self.family, y, pred)
+        rows = self.seen + np.arange(1, len(y) + 1)
+        keep = rows >= self.first
+        ll = losses["log_loss"][keep]
+        m = (losses["correct"] if self.family.is_classifier else losses["sq_err"])[keep]
+        rows = rows[keep]
+        self.seen += len(y)
+        if not len(ll):
+            return
+        cum_ll = self.sum_ll + np.cumsum(ll)
+        cum_m = self.sum_m + np.cumsum(m)
+        counts = self.n + np.arange(1, len(ll) + 1)
+        every = max(1, len(ll) // 50)
+        for k in list(range(every - 1, len(ll), every)) + ([len(ll) - 1] if len(ll) % every else []):
+            self._point(int(rows[k]), cum_ll[k], cum_m[k], int(counts[k]))
+        self.n = int(counts[-1])
+        self.sum_ll, self.sum_m = float(cum_ll[-1]), float(cum_m[-1])
+
+    def _point(self, row, cum_ll, cum_m, count):
+        c = self.curve
+        c["row"].append(row)
+        c["log_loss"].append(float(cum_ll / count))
+        metric = cum_m / count
+        c[self.key].append(float(metric if self.family.is_classifier else math.sqrt(metric)))
+        w = count - self.last_point_n
+        c["window_log_loss"].append(float((cum_ll - self.last_point_ll) / w) if w else math.nan)
+        self.last_point_ll, self.last_point_n = float(cum_ll), count
+        if len(c["row"]) > self.MAX_POINTS:  # thin to every other point (the last one stays)
+            for k in c:
+                c[k] = c[k][-1::-2][::-1]
+
+    def final(self) -> dict:
+        out = {"log_loss": self.sum_ll / self.n if self.n else math.nan, "rows_scored": self.n}
+        metric = self.sum_m / self.n if self.n else math.nan
+        out[self.key] = metric if self.family.is_classifier else math.sqrt(metric)
+        return out
+
+
+@dataclass
+class LearnResult:
+    runner: OnlineRunner
+    metrics: dict
+    feature_names: list
+    target_name: Optional[str]
+    family_name: str = field(init=False)
+
+    def __post_init__(self):
+        self.family_name = self.runner.family.name
+
+    @property
+    def is_classifier(self):
+        return self.runner.family.is_classifier
+
+    def save(self, path):
+        extra = self.runner.extra()
+        extra.update(feature_names=self.feature_names, target=self.target_name)
+        return checkpoint.save(path, self.runner.state, extra=extra)
+
+
+def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True) -> LearnResult:
+    """Learns every chunk of ``source`` in order; returns the runner and the report."""
+    chunks = iter(source.chunks)
+    skipped, runner, coder, acc = [], None, None, None
+    t_learn, t_first, first_rows = 0.0, None, 0
+    bar = tqdm(total=source.n_rows, unit="row", disable=not progress, dynamic_ncols=True,
+               desc=f"{cfg['method']} {source.name}")
+    try:
+        for chunk in chunks:
+            skipped.extend(chunk.skipped)
+            if not len(chunk.y):
+                continue
+            if runner is None:
+                family, classes = resolve_task(cfg, source, chunk.y)
+                coder = datasets.TargetCoder(family, classes)
+                runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1])
+                first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
+                acc = Accumulator(runner.family, first)
+            y, good = coder.encode(source.name, chunk.y, chunk.lines, source.target_name,
+                                   bool(cfg.get("skip_bad_rows")), skipped)
+            X, y = chunk.X[good], y[good]
+            if not len(y):
+                continue
+            done = [0]
+
+            def tick(rows_done, state, preds):
+                bar.update(rows_done - done[0])
+                done[0] = rows_done
+
+            t0 = time.perf_counter()
+            pred = runner.step(X, y, callback=tick)
+            dt = time.perf_counter() - t0
+            if t_first is None:
+                t_first, first_rows = dt, len(y)
+            t_learn += dt
+            acc.add(y, pred)
+            f = acc.final()
+            bar.set_postfix({"log-loss": f"{f['log_loss']:.4f}",
+                             acc.key: f"{f[acc.key]:.4f}"}, refresh=True)
+    finally:
+        bar.close()
+    if runner is None:
+        raise datasets.DataError(source.name, "no data rows" + (f" ({len(skipped)} bad rows skipped)"
+                                                                if skipped else ""))
+    rows = runner.rows
+    metrics = {
+        "data": source.name,
+        "family": runner.family.name,
+        "classes": runner.classes,
+        "target": source.target_name,
+        "n_features": len(source.feature_names),
+        "n_parameters": runner.n_parameters,
+        "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
+                                               "batch_size", "clip", "seed")},
+        "protocol": ("progressive validation: every row predicted before it is learned, one pass, "
+                     "given order; features standardised with statistics of earlier rows only"),
+        "rows_seen": rows,
+        "rows_skipped": len(skipped),
+        "skipped": [{"line": s[0], "column": s[1], "reason": s[2]} for s in skipped[:100]],
+        "final": acc.final(),
+        "first_scored_row": acc.first,
+        "seconds_total": t_learn,
+        "seconds_per_row": t_learn / rows,
+        # The first chunk includes compiling the update; later chunks show the running cost.
+        "seconds_per_row_after_first_chunk": ((t_learn - t_first) / (rows - first_rows)
+                                              if rows > first_rows else None),
+        "curve": acc.curve,
+    }
+    return LearnResult(runner, metrics, list(source.feature_names), source.target_name)
+
+
+# ---- prediction from a checkpoint ------------------------------------------------------------
+
+class LoadedModel:
+    """A learner restored from ``kalnat learn``'s ``model.npz`` (it predicts, it does not learn)."""
+
+    def __init__(self, extra: dict, state, learner, family):
+        self.extra, self.state, self.learner, self.family = extra, state, learner, family
+        self.feature_names = extra["feature_names"]
+        self.classes = extra["classes"]
+        self.scaler = _stats_from(extra["scaler"])
+        self.target_scaler = _stats_from(extra["target_scaler"]) if extra.get("target_scaler") else None
+
+    @classmethod
+    def load(cls, path) -> "LoadedModel":
+        try:
+            extra = checkpoint.read_header(path)["extra"]
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no model here (run `kalnat learn --out DIR` first)") from None
+        if extra.get("kalnat_cli") != 1:
+            raise ValueError(f"{path}: not written by `kalnat learn`")
+        classes = extra["classes"]
+        family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
+        cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
+               "forgetting": extra["forgetting"], "seed": extra["seed"]}
+        _, learner, template = build_learner(cfg, family, len(extra["feature_names"]))
+        state = checkpoint.load(path, like=template)
+        return cls(extra, state, learner, family)
+
+    def _scale(self, X):
+        s = self.scaler
+        count = int(s.count)
+        std = np.sqrt(s.m2 / max(count, 1))
+        center = s.mean if count > 0 else np.zeros_like(s.mean)
+        scale = np.where((count > 1) & (std > 1e-8), std, 1.0)
+        Z = (np.asarray(X, np.float64) - center) / scale
+        if count < 2:
+            Z[:] = 0.0
+        clip = float(self.extra.get("clip") or 0.0)
+        return np.clip(Z, -clip, clip) if clip > 0 else Z
+
+    def header(self):
+        if self.family.is_classifier:
+            return (["line", "predicted"] + [f"prob_{c}" for c in self.classes]
+                    + [f"prob_std_{c}" for c in self.classes])
+        return ["line", "mean", "std", "param_std"]
+
+    def predict(self, X) -> np.ndarray:
+        """Rows of the output table (without the line column) for raw features ``X (n, p)``."""
+        if not len(X):
+            return np.zeros((0, len(self.header()) - 1))
+        pred = self.learner.predict(self.state, self._scale(X))
+        mean = np.asarray(pred.mean, np.float64)
+        mc = np.asarray(pred.mean_cov, np.float64)
+        if self.family.is_classifier:
+            probs = np.asarray(pred.probs, np.float64)
+            if self.family.name == "bernoulli":
+                var = np.repeat(mc[:, 0, 0][:, None], 2, axis=1)
+            else:  # the last class's probability is 1 − Σ the others: its variance is 1ᵀΣ1
+                var = np.concatenate([np.diagonal(mc, axis1=1, axis2=2),
+                                      mc.sum(axis=(1, 2))[:, None]], axis=1)
+            return np.column_stack([np.argmax(probs, 1), probs, np.sqrt(np.maximum(var, 0))])
+        param_var = mc[:, 0, 0]
+        if self.family.name == "gaussian":
+            ts = self.target_scaler
+            count = int(ts.count)
+            center = ts.mean[0] if count > 0 else 0.0
+            std = math.sqrt(ts.m2[0] / max(count, 1))
+            scale = std if count > 1 and std > 1e-8 else 1.0
+            total, weight = self.extra["noise"]
+            noise = total / weight
+            m = center + scale * mean[:, 0]
+            sd = scale * np.sqrt(noise * (1.0 + param_var))
+            psd = scale * np.sqrt(noise * param_var)
+            return np.column_stack([m, sd, psd])
+        lam = mean[:, 0]
+        return np.column_stack([lam, np.sqrt(lam + param_var), np.sqrt(param_var)])
+
+    def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
+        """Writes a CSV of predictions for every row of ``source``; returns (rows, skipped)."""
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(self.header())
+        n = skipped = 0
+        for chunk in source.chunks:
+            skipped += len(chunk.skipped)
+            table = self.predict(chunk.X)
+            for line, row in zip(chunk.lines, table):
+                if self.family.is_classifier:
+                    w.writerow([int(line), self.classes[int(row[0])], *(f"{v:.6g}" for v in row[1:])])
+                else:
+                    w.writerow([int(line), *(f"{v:.6g}" for v in row)])
+            n += len(table)
+        return n, skipped

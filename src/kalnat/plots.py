@@ -1,0 +1,61 @@
+"""Matplotlib figures for the command's reports (Agg backend: files only, no display)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["learning_curves", "comparison"]
+
+
+def learning_curves(curve: dict, metric: str, path: str, title: str = "") -> list[str]:
+    """Running progressive log-loss and ``metric`` (accuracy or rmse) against rows seen.
+
+    ``curve`` has lists ``row``, ``log_loss``, ``metric`` and ``window_log_loss`` (the mean over
+    the rows since the previous point). Writes ``<path>_log_loss.png`` and
+    ``<path>_<metric>.png``; returns their paths.
+    """
+    out = []
+    for key, label in (("log_loss", "progressive log-loss"), (metric, f"progressive {metric}")):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(curve["row"], curve[key], label="running mean")
+        if key == "log_loss" and curve.get("window_log_loss"):
+            ax.plot(curve["row"], curve["window_log_loss"], alpha=0.5, lw=0.8, label="recent rows")
+            ax.legend()
+        ax.set_xlabel("rows seen")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = f"{path}_{key}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out.append(p)
+    return out
+
+
+def comparison(curves: dict, references: dict, path: str, title: str = "",
+               ylabel: str = "progressive log-loss (running mean)") -> str:
+    """One line per one-pass learner (``curves``: name → (rows, values)) and a dashed
+    horizontal line per offline reference (``references``: name → value)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, (rows, vals) in curves.items():
+        ax.plot(rows, vals, label=name, lw=2.0 if name.startswith("kalnat") else 1.2)
+    for k, (name, v) in enumerate(references.items()):
+        ax.axhline(v, ls="--", color=f"C{(len(curves) + k) % 10}", lw=1, label=name)
+    finite = [v for _, vals in curves.values() for v in vals[len(vals) // 10:]]
+    if finite:  # the first rows' losses would squash the interesting part of the plot
+        lo = min(min(finite), *references.values()) if references else min(finite)
+        hi = sorted(finite)[int(0.95 * (len(finite) - 1))]
+        ax.set_ylim(max(0.0, lo - 0.05 * abs(lo)) if lo >= 0 else lo * 1.05, hi * 1.3 if hi > 0 else hi + 1)
+    ax.set_xlabel("rows seen")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
