@@ -201,13 +201,12 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         p = predict_cov(p_dyn, state.count, forgetting, noise_vector(nb, d) if trans_noise else np.zeros(()))
         ph = p @ hz.T
         sm = hz @ ph + numerics.block_diag(r)
+        gain = numerics.chol_solve(sm, ph.T).T  # K = P⁻ H_zᵀ S⁻¹, (B n + d, B m)
         if joseph:
-            gain = numerics.chol_solve(sm, ph.T).T
-            dz, p = gain @ e, numerics.joseph_update(p, gain, ph.T, sm)
+            p = numerics.joseph_update(p, gain, ph.T, sm)
         else:
-            # One factorisation whitens both P⁻H_zᵀ and e: z += W L⁻¹e, P = P⁻ − W Wᵀ.
-            w = numerics.whiten(sm, jnp.concatenate([ph, e[None, :]], axis=0))
-            dz, p = w[:-1] @ w[-1], p - w[:-1] @ w[:-1].T
+            p = numerics.symmetrize(p - gain @ ph.T)
+        dz = gain @ e
         s = s + dz[: nb * n].reshape(nb, n)
         theta = theta + dz[nb * n:]
         return JointState(unravel(theta), s, p, state.count + 1), pred
