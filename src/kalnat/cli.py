@@ -251,7 +251,7 @@ def verify(rows, seed, quick):
     """Check PAPER.md's equivalences on random problems, in float64.
 
     For each family, a linear model and a small MLP, static (λ = 1) and forgetting
-    (λ = 0.95), one row and 4 rows per update: the EKF, the information filter and online
+    (λ = 0.95), one row and 4 rows per update (about 40 s; --quick: a few): the EKF, the information filter and online
     natural gradient configured by the Kalman translation run on the same stream; the table
     shows the largest relative deviation of θ and of P (natural gradient: P = η J⁻¹) from
     the EKF over all steps. Equal up to rounding means deviations around 1e-10 or below.
