@@ -1,0 +1,194 @@
+"""End-to-end tests of the `kalnat` command on small data (click's CliRunner, one process)."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kalnat import checkpoint
+from kalnat.cli import cli
+
+
+def _csv(path, X, y, names=None, target="target"):
+    names = names or [f"x{i}" for i in range(X.shape[1])]
+    with open(path, "w") as f:
+        f.write(",".join(names + [target]) + "\n")
+        for row, t in zip(X, y):
+            f.write(",".join(f"{v:.6g}" for v in row) + f",{t}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def logistic_csv(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 3)) * [1.0, 10.0, 0.1] + [0.0, 50.0, 0.0]
+    y = (X[:, 0] - 0.2 * (X[:, 1] - 50) + rng.normal(size=120) * 0.5 > 0).astype(int)
+    return _csv(tmp_path_factory.mktemp("data") / "logit.csv", X, y)
+
+
+def _run(args, input=None):
+    res = CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
+    return res
+
+
+def _ok(args, input=None):
+    res = _run(args, input)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def _user_error(args, input=None):
+    res = _run(args, input)
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output and res.output.startswith("Error: "), res.output
+    return res.output
+
+
+def test_learn_csv_writes_report_and_checkpoint(tmp_path, logistic_csv):
+    out = tmp_path / "rep"
+    res = _ok(["learn", logistic_csv, "--out", str(out), "--quiet"])
+    assert res.output == ""
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["family"] == "bernoulli" and m["rows_seen"] == 120 and m["rows_skipped"] == 0
+    assert m["final"]["rows_scored"] == 120
+    # the data are learnable: clearly better than the uniform prediction's log 2
+    assert m["final"]["log_loss"] < 0.55 and m["final"]["accuracy"] > 0.75
+    assert m["seconds_per_row"] > 0 and m["curve"]["row"][-1] == 120
+    assert np.isclose(m["curve"]["log_loss"][-1], m["final"]["log_loss"])
+    for png in m["files"]["plots"]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    extra = checkpoint.read_header(out / "model.npz")["extra"]
+    assert extra["feature_names"] == ["x0", "x1", "x2"] and extra["scaler"]["count"] == 120
+
+
+def test_chunked_reading_gives_the_same_run(tmp_path, logistic_csv):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _ok(["learn", logistic_csv, "--out", str(a), "--quiet"])
+    _ok(["learn", logistic_csv, "--out", str(b), "--quiet", "--chunk-rows", "7"])
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert np.isclose(ma["final"]["log_loss"], mb["final"]["log_loss"], rtol=1e-9, atol=0)
+
+
+def test_learn_from_standard_input_and_natgrad_equals_ekf(tmp_path, logistic_csv):
+    text = open(logistic_csv).read()
+    _ok(["learn", "-", "--out", str(tmp_path / "s"), "--quiet", "--method", "natgrad"], input=text)
+    _ok(["learn", logistic_csv, "--out", str(tmp_path / "e"), "--quiet"])
+    ms, me = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("s", "e"))
+    assert ms["data"] == "<stdin>" and ms["rows_seen"] == 120
+    # natural gradient with the Kalman rates is the same filter (PAPER.md §3)
+    assert np.isclose(ms["final"]["log_loss"], me["final"]["log_loss"], rtol=1e-8)
+
+
+def test_predict_reads_checkpoint_and_gives_probabilities(tmp_path, logistic_csv):
+    out = tmp_path / "rep"
+    _ok(["learn", logistic_csv, "--out", str(out), "--quiet"])
+    res = _ok(["predict", "--model-dir", str(out), logistic_csv])
+    rows = list(csv.DictReader(io.StringIO(res.output)))
+    assert len(rows) == 120 and rows[0]["line"] == "2"
+    p0, p1 = np.array([[float(r["prob_0"]), float(r["prob_1"])] for r in rows]).T
+    np.testing.assert_allclose(p0 + p1, 1.0, atol=1e-5)
+    assert all(float(r["prob_std_1"]) >= 0 for r in rows)
+    y = np.loadtxt(logistic_csv, delimiter=",", skiprows=1)[:, -1]
+    assert np.mean((p1 > 0.5) == y) > 0.8       # the final model fits the data it learned
+    assert {r["predicted"] for r in rows} <= {"0", "1"}
+
+
+def test_bundled_regression_set_and_predict_uncertainty(tmp_path):
+    out = tmp_path / "rep"
+    _ok(["learn", "diabetes", "--out", str(out), "--quiet"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["family"] == "gaussian" and m["rows_seen"] == 442 and m["first_scored_row"] == 3
+    assert 50 < m["final"]["rmse"] < 65        # y has sd 77; least squares in-sample 53.5
+    X = np.random.default_rng(0).normal(0, 0.05, size=(4, 10))
+    names = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
+    path = _csv(tmp_path / "new.csv", X, [0] * 4, names=names, target="unused")
+    res = _ok(["predict", "--model-dir", str(out), path])
+    rows = list(csv.DictReader(io.StringIO(res.output)))
+    assert len(rows) == 4
+    for r in rows:
+        assert 0 < float(r["param_std"]) < float(r["std"]) and 0 < float(r["mean"]) < 400
+
+
+def test_default_learn_runs_on_a_bundled_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = _ok(["learn"])
+    assert "breast_cancer: 569 rows" in res.output
+    m = json.load(open("kalnat-report/metrics.json"))
+    assert m["final"]["accuracy"] > 0.85
+
+
+def test_categorical_text_labels_and_mlp(tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 2))
+    y = np.where(X[:, 0] > 0.5, "hi", np.where(X[:, 0] < -0.5, "lo", "mid"))
+    path = _csv(tmp_path / "c.csv", X, y, target="level")
+    out = tmp_path / "rep"
+    _ok(["learn", path, "--out", str(out), "--quiet", "--model", "mlp:4", "--prior-var", "0.3"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["family"] == "categorical" and m["classes"] == ["hi", "lo", "mid"]
+    res = _ok(["predict", "--model-dir", str(out), path])
+    assert res.output.splitlines()[0] == "line,predicted,prob_hi,prob_lo,prob_mid,prob_std_hi,prob_std_lo,prob_std_mid"
+
+
+def test_bad_rows_give_located_errors(tmp_path):
+    good = "a,b,y\n1,2,0\n3,4,1\n"
+    cases = [
+        (good + "5,6\n", "line 4: expected 3 fields"),
+        (good + "5,oops,1\n", "line 4, column 'b': non-numeric value 'oops'"),
+        (good + "5,6,maybe\n", "line 4, column 'y': label 'maybe'"),
+    ]
+    for k, (text, msg) in enumerate(cases):
+        path = tmp_path / f"bad{k}.csv"
+        path.write_text(text)
+        # --chunk-rows 2: the task (bernoulli) is inferred from the first two rows
+        out = _user_error(["learn", str(path), "--out", str(tmp_path / "r"), "--quiet",
+                           "--chunk-rows", "2"])
+        assert str(path) in out and msg in out, out
+    out = _user_error(["learn", str(tmp_path / "bad0.csv"), "--target", "price", "--quiet",
+                       "--out", str(tmp_path / "r")])
+    assert "no target column 'price'" in out and "line 1" in out
+    assert "no such file or bundled data set" in _user_error(["learn", "nope.csv"])
+    assert "--model" in _user_error(["learn", "iris", "--model", "mlp:x"])
+
+
+def test_skip_bad_rows_counts_them_in_the_report(tmp_path):
+    rng = np.random.default_rng(2)
+    lines = ["a,b,y"] + [f"{u:.3f},{v:.3f},{int(u > 0)}" for u, v in rng.normal(size=(30, 2))]
+    lines[5] = "1,oops,1"
+    lines[9] = "1,2"
+    lines[12] = "1,2,7"        # not a label of the bernoulli task inferred from the first rows
+    path = tmp_path / "some_bad.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "rep"
+    _ok(["learn", str(path), "--out", str(out), "--quiet", "--skip-bad-rows", "--chunk-rows", "8"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rows_skipped"] == 3 and m["rows_seen"] == 27
+    assert sorted(s["line"] for s in m["skipped"]) == [6, 10, 13]
+
+
+def test_datasets_command_lists_sets():
+    res = _ok(["datasets"])
+    assert "breast_cancer" in res.output and "569" in res.output and "10 classes" in res.output
+
+
+def test_verify_quick_table():
+    res = _ok(["verify", "--quick", "--rows", "12"])
+    assert "equal up to rounding" in res.output
+    devs = [float(x) for line in res.output.splitlines()[2:6] for x in line.split()[-4:]]
+    assert len(devs) == 16 and max(devs) < 1e-10
+
+
+def test_compare_on_a_small_set(tmp_path):
+    out = tmp_path / "cmp"
+    res = _ok(["compare", "iris", "--out", str(out), "--no-kalnat-grid", "--lr-grid", "0.01,0.1"])
+    rep = json.loads((out / "compare.json").read_text())
+    names = [r["name"] for r in rep["results"]]
+    assert names[0] == "kalnat ekf" and "offline GLM, 10-fold CV" in names
+    assert "sgd (optax), best of grid" in names and "scikit-learn SGD partial_fit" in names
+    assert set(rep["grids"]["adam"]) == {"lr=0.01", "lr=0.1"}
+    assert all(np.isfinite(r["log_loss"]) for r in rep["results"])
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "kalnat ekf" in res.output and "log-loss" in res.output

@@ -1,0 +1,152 @@
+"""Bundled data sets, chunked CSV reading, located errors, target inference and coding."""
+
+import io
+
+import numpy as np
+import pytest
+
+from kalnat import datasets as ds
+
+
+def _write(tmp_path, text, name="d.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def _all(source):
+    chunks = list(source.chunks)
+    X = np.concatenate([c.X for c in chunks]) if chunks else np.zeros((0, 0))
+    y = np.concatenate([c.y for c in chunks]) if chunks else np.zeros(0)
+    lines = np.concatenate([c.lines for c in chunks]) if chunks else np.zeros(0)
+    skipped = [s for c in chunks for s in c.skipped]
+    return X, y, lines, skipped, chunks
+
+
+def test_bundled_sklearn_sets_are_listed_and_load():
+    names = {d.name for d in ds.available()}
+    assert {"breast_cancer", "digits", "diabetes", "iris", "wine"} <= names
+    X, y, feats, target = ds.load("iris")
+    assert X.shape == (150, 4) and y.shape == (150,) and len(feats) == 4
+    info = ds.describe("digits")
+    assert (info.n_rows, info.n_features, info.task, info.n_classes) == (1797, 64, "categorical", 10)
+
+
+def test_unknown_name_lists_the_bundled_sets():
+    with pytest.raises(ds.DataError, match="breast_cancer"):
+        ds.open_source("no_such_thing")
+
+
+def test_bundled_source_chunks_and_shuffle():
+    src = ds.open_source("wine", chunk_rows=50)
+    X, y, lines, _, chunks = _all(src)
+    assert [len(c.y) for c in chunks] == [50, 50, 50, 28]
+    assert src.task_hint == "categorical" and src.n_classes_hint == 3
+    np.testing.assert_array_equal(lines, np.arange(1, 179))
+    Xs, ys, *_ = _all(ds.open_source("wine", shuffle_seed=3))
+    assert not np.array_equal(ys, y) and sorted(ys.tolist()) == sorted(y.tolist())
+
+
+def test_csv_chunks_match_one_read_and_keep_line_numbers(tmp_path):
+    rows = "\n".join(f"{i},{2 * i},{i % 2}" for i in range(23))
+    path = _write(tmp_path, "a,b,target\n" + rows + "\n\n")
+    X1, y1, l1, _, _ = _all(ds.open_source(path, chunk_rows=5))
+    X2, y2, l2, _, c2 = _all(ds.open_source(path, chunk_rows=1000))
+    assert len(c2) == 1
+    np.testing.assert_array_equal(X1, X2)
+    np.testing.assert_array_equal(l1, np.arange(2, 25))
+    assert X1.shape == (23, 2) and list(y1[:3]) == ["0", "1", "0"]
+
+
+def test_default_target_is_named_column_else_last(tmp_path):
+    src = ds.open_source(_write(tmp_path, "label,x1,x2\n1,2,3\n"))
+    assert src.target_name == "label" and src.feature_names == ["x1", "x2"]
+    src = ds.open_source(_write(tmp_path, "u,v,w\n1,2,3\n", "e.csv"))
+    assert src.target_name == "w"
+
+
+def test_missing_target_column_names_file_and_columns(tmp_path):
+    path = _write(tmp_path, "a,b,c\n1,2,3\n")
+    with pytest.raises(ds.DataError) as err:
+        ds.open_source(path, target="price")
+    assert "d.csv" in str(err.value) and "line 1" in str(err.value) and "price" in str(err.value)
+    assert "a, b, c" in str(err.value)
+
+
+def test_malformed_row_is_located(tmp_path):
+    path = _write(tmp_path, "a,b,y\n1,2,0\n3,4,1\n5,6\n7,8,1\n")
+    with pytest.raises(ds.DataError, match=r"d\.csv, line 4: expected 3 fields"):
+        _all(ds.open_source(path))
+
+
+def test_non_numeric_and_empty_values_are_located(tmp_path):
+    path = _write(tmp_path, "a,b,y\n1,2,0\n3,abc,1\n")
+    with pytest.raises(ds.DataError) as err:
+        _all(ds.open_source(path))
+    assert err.value.line == 3 and err.value.column == "b" and "'abc'" in str(err.value)
+    path = _write(tmp_path, "a,b,y\n1,2,0\n,4,1\n", "e.csv")
+    with pytest.raises(ds.DataError, match=r"line 3, column 'a': empty value"):
+        _all(ds.open_source(path))
+
+
+def test_first_error_in_file_order_is_reported(tmp_path):
+    # a bad cell on line 2 comes before a short row on line 4 in the same chunk
+    path = _write(tmp_path, "a,b,y\nx,2,0\n3,4,1\n5,6\n")
+    with pytest.raises(ds.DataError) as err:
+        _all(ds.open_source(path))
+    assert err.value.line == 2
+
+
+def test_skip_bad_rows_counts_and_keeps_good_rows(tmp_path):
+    path = _write(tmp_path, "a,b,y\n1,2,0\n3,abc,1\n5,6\n7,8,1\n9,inf,0\n")
+    X, y, lines, skipped, _ = _all(ds.open_source(path, skip_bad_rows=True, chunk_rows=2))
+    np.testing.assert_array_equal(lines, [2, 5])
+    np.testing.assert_array_equal(X, [[1, 2], [7, 8]])
+    assert sorted(s[0] for s in skipped) == [3, 4, 6]
+
+
+def test_standard_input(tmp_path):
+    src = ds.open_source("-", stdin=io.StringIO("x,y\n1.5,0\n2.5,1\n"))
+    X, y, lines, _, _ = _all(src)
+    assert src.name == "<stdin>"
+    np.testing.assert_array_equal(X, [[1.5], [2.5]])
+    np.testing.assert_array_equal(lines, [2, 3])
+
+
+def test_empty_file(tmp_path):
+    with pytest.raises(ds.DataError, match="empty file"):
+        ds.open_source(_write(tmp_path, ""))
+
+
+@pytest.mark.parametrize("y, family, classes", [
+    ([0, 1, 1, 0], "bernoulli", ["0", "1"]),
+    (["0.0", "1.0"], "bernoulli", ["0", "1"]),
+    ([0, 2, 1, 2], "categorical", ["0", "1", "2"]),
+    ([0.5, 1.2], "gaussian", None),
+    (list(range(0, 60)), "poisson", None),
+    (list(range(25, 90)), "gaussian", None),
+    (["yes", "no", "yes"], "bernoulli", ["no", "yes"]),
+    (["a", "c", "b"], "categorical", ["a", "b", "c"]),
+])
+def test_infer_task(y, family, classes):
+    assert ds.infer_task(np.array(y, dtype=object)) == (family, classes)
+
+
+def test_target_coder_rejects_unseen_label_with_location():
+    coder = ds.TargetCoder("categorical", ["a", "b"])
+    vals, good = coder.encode("f.csv", np.array(["b", "a"], object), np.array([2, 3]), "y", False, [])
+    np.testing.assert_array_equal(vals, [1, 0])
+    with pytest.raises(ds.DataError, match=r"f\.csv, line 7, column 'y': label 'c'"):
+        coder.encode("f.csv", np.array(["a", "c"], object), np.array([6, 7]), "y", False, [])
+    skipped = []
+    _, good = coder.encode("f.csv", np.array(["a", "c"], object), np.array([6, 7]), "y", True, skipped)
+    assert good.tolist() == [True, False] and skipped[0][0] == 7
+
+
+def test_target_coder_counts_and_reals():
+    skipped = []
+    vals, good = ds.TargetCoder("poisson").encode("f", np.array(["3", "-1", "2.5", "x"], object),
+                                                  np.arange(4), "n", True, skipped)
+    assert good.tolist() == [True, False, False, False] and vals[0] == 3
+    with pytest.raises(ds.DataError, match="non-numeric target 'x'"):
+        ds.TargetCoder("gaussian").encode("f", np.array(["1", "x"], object), np.array([2, 3]), "t", False, [])
