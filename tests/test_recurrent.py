@@ -212,6 +212,20 @@ def test_state_noise_gives_a_different_valid_filter():
     assert np.linalg.eigvalsh(p[-1]).min() > -1e-10  # still a covariance
 
 
+def test_joseph_form_and_parameter_noise():
+    """The Joseph form is the same filter; noise on θ alone breaks the equality (PAPER.md §4)."""
+    cell, fam, ng, joint = _pair("elman", "gaussian", 1.0)
+    params = _params(cell, seed=3)
+    x, y = _data(fam, 2, T, seed=4)
+    th_ref, s_ref, _ = _trajectory(joint, params, x, y)
+    joseph = recurrent.joint_ekf(cell, fam, prior_var=0.5, joseph=True)
+    th_j, s_j, _ = _trajectory(joseph, params, x, y)
+    assert _rel(th_j, th_ref) < RTOL and _rel(s_j, s_ref) < RTOL
+    noisy = recurrent.joint_ekf(cell, fam, prior_var=0.5, process_noise=1e-3)
+    th_n, _, _ = _trajectory(noisy, params, x, y)
+    assert _rel(th_n, th_ref) > 1e-3
+
+
 def test_general_initial_covariance():
     cell, fam, ng, _ = _pair("elman", "gaussian", 1.0)
     params = _params(cell, seed=3)
@@ -219,7 +233,7 @@ def test_general_initial_covariance():
     n = cell.n_state
     joint = recurrent.joint_ekf(cell, fam, prior_var=0.5)
     cov = np.diag(np.r_[np.zeros(n), np.full(d, 0.5)])
-    x, y = _data(fam, 2, 40, seed=4)
+    x, y = _data(fam, 2, T, seed=4)
     # The factored prior written out by hand is the default prior.
     th_a, _, _ = _trajectory(joint, params, x, y, cov=cov)
     th_b, _, _ = _trajectory(joint, params, x, y)
@@ -290,7 +304,7 @@ def test_property_random_problems(seed, scale, cell_name, forgetting):
     cell, fam, ng, joint = _pair(cell_name, "gaussian", forgetting)
     params = _params(cell, seed)
     params["V"] = scale * params["V"]
-    x, y = _data(fam, 2, 100, seed)
+    x, y = _data(fam, 2, T, seed)
     th_a, s_a, _ = _trajectory(ng, params, x, y)
     th_b, s_b, _ = _trajectory(joint, params, x, y)
     assert _rel(th_a, th_b) < RTOL and _rel(s_a, s_b) < RTOL

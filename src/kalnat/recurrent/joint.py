@@ -20,8 +20,8 @@ uncertainty exceed what the parameters explain.
 ``B`` parallel sequences share θ: ``z = (s^1, …, s^B, θ)``, ``F``'s state block is
 block-diagonal, and the sequences' observations at a step are one minibatch update.
 
-Cost per step: ``F P Fᵀ`` without forming ``F``, O(B n (Bn + d) (n + d)) — O(n d²) for one
-sequence — plus the update, O((Bn + d)² B m).
+Cost per step: ``F P Fᵀ`` without forming ``F``, O(B n d (B n + d)) — O(n d²) for one
+sequence, n times RTRL's O(n² d) when d ≈ n² — plus the update, O((B n + d)² B m).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.scipy.linalg import solve_triangular
 
 from kalnat import numerics
 from kalnat.families import Family
@@ -41,7 +42,7 @@ from kalnat.recurrent import base
 from kalnat.recurrent.cells import RecurrentModel
 from kalnat.schedules import Forgetting
 
-__all__ = ["JointState", "joint_ekf", "apply_transition", "factored_covariance"]
+__all__ = ["JointState", "joint_ekf", "propagate_covariance", "factored_covariance"]
 
 
 class JointState(NamedTuple):
@@ -60,16 +61,22 @@ class JointState(NamedTuple):
     count: jax.Array
 
 
-def apply_transition(a, b, m):
-    """``F M`` for ``F = [[blockdiag(a), b], [0, I]]`` without forming ``F``.
+def propagate_covariance(a, b, p):
+    """``F P Fᵀ`` for ``F = [[blockdiag(a), b], [0, I]]``, without forming ``F``.
 
-    Shapes: ``a (B, n, n)`` = ∂f/∂s, ``b (B, n, d)`` = ∂f/∂θ per sequence, ``M (B n + d, k)``.
+    Shapes: ``a (B, n, n)`` = ∂f/∂s and ``b (B, n, d)`` = ∂f/∂θ per sequence,
+    ``P (B n + d, B n + d)``. Only the state rows and columns change (θ's dynamics are the
+    identity): ``(F P)_s = A P_s + B P_θ``, then ``P_ss ← (F P)_{s,s} Aᵀ + (F P)_{s,θ} Bᵀ`` and
+    ``P_sθ ← (F P)_{s,θ}``. One product of ``n × d`` by ``d × (B n + d)`` dominates: O(n d²).
     """
     nb, n, _ = a.shape
-    top = m[: nb * n].reshape(nb, n, -1)
-    bottom = m[nb * n:]
-    new_top = jnp.einsum("bij,bjk->bik", a, top) + jnp.einsum("bid,dk->bik", b, bottom)
-    return jnp.concatenate([new_top.reshape(nb * n, -1), bottom], axis=0)
+    ns = nb * n
+    fp = (jnp.einsum("bij,bjk->bik", a, p[:ns].reshape(nb, n, -1))
+          + jnp.einsum("bid,dk->bik", b, p[ns:])).reshape(ns, -1)
+    fp_ss, fp_st = fp[:, :ns], fp[:, ns:]
+    pss = (jnp.einsum("ibj,bkj->ibk", fp_ss.reshape(ns, nb, n), a).reshape(ns, ns)
+           + fp_st @ b.reshape(ns, -1).T)
+    return p.at[:ns, :ns].set(numerics.symmetrize(pss)).at[:ns, ns:].set(fp_st).at[ns:, :ns].set(fp_st.T)
 
 
 def factored_covariance(jac, p):
@@ -180,7 +187,7 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         s = jnp.where(mask[:, None], s, state.s)
         a = jnp.where(mask[:, None, None], a, jnp.eye(n, dtype=a.dtype))
         b = jnp.where(mask[:, None, None], b, 0.0)
-        p_dyn = numerics.symmetrize(apply_transition(a, b, apply_transition(a, b, state.cov).T))
+        p_dyn = propagate_covariance(a, b, state.cov)
         yhat, hs, ht = jax.vmap(read, (None, 0))(theta, s)
         hz = jnp.concatenate([_block_rows(hs), ht.reshape(nb * family.m, -1)], axis=1)
         # Predictive from F P Fᵀ, before forgetting and noise: the core learners' convention
@@ -201,12 +208,15 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         p = predict_cov(p_dyn, state.count, forgetting, noise_vector(nb, d) if trans_noise else np.zeros(()))
         ph = p @ hz.T
         sm = hz @ ph + numerics.block_diag(r)
-        gain = numerics.chol_solve(sm, ph.T).T  # K = P⁻ H_zᵀ S⁻¹, (B n + d, B m)
         if joseph:
-            p = numerics.joseph_update(p, gain, ph.T, sm)
+            gain = numerics.chol_solve(sm, ph.T).T  # K = P⁻ H_zᵀ S⁻¹, (B n + d, B m)
+            dz, p = gain @ e, numerics.joseph_update(p, gain, ph.T, sm)
         else:
-            p = numerics.symmetrize(p - gain @ ph.T)
-        dz = gain @ e
+            # As the core EKF: with S = L Lᵀ, W = P⁻H_zᵀ L⁻ᵀ and v = L⁻¹e give z += W v and
+            # P = P⁻ − W Wᵀ, symmetric by construction.
+            chol = jnp.linalg.cholesky(sm)
+            w = solve_triangular(chol, ph.T, lower=True).T
+            dz, p = w @ solve_triangular(chol, e, lower=True), p - w @ w.T
         s = s + dz[: nb * n].reshape(nb, n)
         theta = theta + dz[nb * n:]
         return JointState(unravel(theta), s, p, state.count + 1), pred
