@@ -21,8 +21,8 @@ Baselines:
 
 Targets: class indices ``0..K−1`` (bernoulli, categorical), counts (poisson), reals
 (gaussian; online baselines are given the target already standardised online by the
-caller, and their predictive variance is the running mean of their own earlier squared
-residuals, :class:`OnlineNoise`).
+caller, and their predictive variance is a running mean, forgetting over ~100 rows, of their
+own earlier squared residuals, :class:`OnlineNoise`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ __all__ = [
     "optax_grid", "sklearn_sgd", "river_linear", "offline_fit", "row_losses", "scores",
 ]
 
+# A point predictor's noise estimate forgets with an effective window of ~100 rows.
+POINT_NOISE_DECAY = 0.99
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 BASELINES = ("sgd", "adam", "sklearn_sgd", "river", "offline", "offline_cv")
 
@@ -76,27 +78,38 @@ def _n_classes(fam):
 class OnlineNoise:
     """Running estimate of a Gaussian noise variance from earlier residuals only.
 
-    Row t's variance is ``s²_{t} · u_t``, where ``s²_t`` is the mean of ``r_i² / u_i`` over the
-    rows before t (plus ``prior_var`` counted as one pseudo-row) and ``u_t`` the row's
-    variance factor in units of the noise (``1 + h V hᵀ`` for a filter whose noise variance is
-    1; 1 for a point predictor). For a linear-Gaussian model with noise variance σ² and prior
-    σ²·V₀, ``r_t / √u_t`` has variance σ², so ``s²_t`` is an unbiased running estimate of it.
+    Row t's variance is ``s²_t · u_t``, where ``s²_t`` is the (weighted) mean of ``r_i² / u_i``
+    over the rows before t, plus ``prior_var`` counted as ``prior_weight`` pseudo-rows, and
+    ``u_t`` the row's variance factor in units of the noise (``1 + h V hᵀ`` for a filter whose
+    noise variance is 1; 1 for a point predictor). For a linear-Gaussian model with noise
+    variance σ² and prior σ²·V₀, ``r_t / √u_t`` has variance σ², so with ``decay = 1`` ``s²_t``
+    is an unbiased running estimate of it. A point predictor's early residuals also carry its
+    early learning error, which nothing rescales: ``decay < 1`` (weights ``decay^age``) lets
+    its estimate forget them.
     """
 
-    def __init__(self, prior_var: float = 1.0, prior_weight: float = 1.0):
+    def __init__(self, prior_var: float = 1.0, prior_weight: float = 1.0, decay: float = 1.0):
         self.total = float(prior_var) * prior_weight
         self.weight = float(prior_weight)
+        self.decay = float(decay)
 
     def __call__(self, resid, unit=None):
         """Predictive variances of a block of rows, then absorbs their residuals."""
         resid = np.asarray(resid, np.float64)
         unit = np.ones_like(resid) if unit is None else np.asarray(unit, np.float64)
         z2 = resid**2 / unit
-        before = self.total + np.concatenate([[0.0], np.cumsum(z2)[:-1]])
-        counts = self.weight + np.arange(len(z2))
-        self.total += float(z2.sum())
-        self.weight += len(z2)
-        return before / counts * unit
+        if self.decay == 1.0:
+            before = self.total + np.concatenate([[0.0], np.cumsum(z2)[:-1]])
+            counts = self.weight + np.arange(len(z2))
+            self.total += float(z2.sum())
+            self.weight += len(z2)
+            return before / counts * unit
+        out = np.empty(len(z2))
+        for k, v in enumerate(z2):
+            out[k] = self.total / self.weight
+            self.total = self.decay * self.total + v
+            self.weight = self.decay * self.weight + 1.0
+        return out * unit
 
 
 def row_losses(family, y, pred: Predictions) -> dict:
@@ -395,4 +408,4 @@ def with_noise(family, y, pred: Predictions) -> Predictions:
     if fam.name != "gaussian" or pred.var is not None:
         return pred
     resid = np.asarray(y, np.float64) - pred.mean
-    return pred._replace(var=OnlineNoise()(resid))
+    return pred._replace(var=OnlineNoise(decay=POINT_NOISE_DECAY)(resid))
