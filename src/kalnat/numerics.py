@@ -12,9 +12,42 @@ import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 __all__ = [
-    "symmetrize", "add_to_diagonal", "chol_solve", "whiten", "block_diag",
+    "symmetrize", "add_to_diagonal", "cholesky", "chol_solve", "whiten", "block_diag",
     "joseph_update", "check_covariance",
 ]
+
+# Below this size the m × m factorisations of S = H P Hᵀ + R are unrolled into plain array
+# operations: LAPACK calls on tiny matrices cost more in dispatch than the whole O(d²) update.
+SMALL = 16
+
+
+def cholesky(a):
+    """Lower Cholesky factor of a symmetric positive definite ``(n, n)`` matrix."""
+    n = a.shape[0]
+    if n > SMALL:
+        return jnp.linalg.cholesky(a)
+    cols = []
+    for j in range(n):
+        c = a[:, j]
+        for k in range(j):
+            c = c - cols[k] * cols[k][j]
+        c = c / jnp.sqrt(c[j])
+        cols.append(jnp.where(jnp.arange(n) >= j, c, 0.0))
+    return jnp.stack(cols, axis=1)
+
+
+def solve_lower(chol, b):
+    """``L⁻¹ B`` for lower-triangular ``L (n, n)``, ``B (n, …)``."""
+    n = chol.shape[0]
+    if n > SMALL:
+        return solve_triangular(chol, b, lower=True)
+    rows = []
+    for i in range(n):
+        r = b[i]
+        for k in range(i):
+            r = r - chol[i, k] * rows[k]
+        rows.append(r / chol[i, i])
+    return jnp.stack(rows)
 
 
 def symmetrize(a):
@@ -30,18 +63,20 @@ def add_to_diagonal(a, v):
 
 def chol_solve(a, b):
     """``A⁻¹ B`` for symmetric positive definite ``A (n, n)``, ``B (n, k)`` or ``(n,)``."""
-    chol = jnp.linalg.cholesky(a)
-    return cho_solve((chol, True), b)
+    if a.shape[0] <= SMALL:
+        chol = cholesky(a)
+        return solve_lower(chol.T[::-1, ::-1], solve_lower(chol, b)[::-1])[::-1]
+    return cho_solve((jnp.linalg.cholesky(a), True), b)
 
 
-def whiten(s, b):
-    """``L⁻¹ Bᵀ`` transposed, with ``S = L Lᵀ``: returns ``W = B L⁻ᵀ`` so ``W Wᵀ = B S⁻¹ Bᵀ``.
+def whiten(s, b, e):
+    """With ``S = L Lᵀ``: ``W = B L⁻ᵀ`` and ``v = L⁻¹ e``, so ``W Wᵀ = B S⁻¹ Bᵀ``, ``W v = B S⁻¹ e``.
 
-    Shapes: ``S (m, m)``, ``B (d, m)`` → ``W (d, m)``. This is how the covariance update
-    ``P⁻ Hᵀ S⁻¹ H P⁻`` becomes the symmetric rank-m product ``W Wᵀ``.
+    Shapes: ``S (m, m)``, ``B (d, m)``, ``e (m,)`` → ``W (d, m)``, ``v (m,)``. This is how the
+    EKF update ``K e``, ``K H P⁻`` becomes ``W v`` and the symmetric rank-m product ``W Wᵀ``.
     """
-    chol = jnp.linalg.cholesky(s)
-    return solve_triangular(chol, b.T, lower=True).T
+    chol = cholesky(s)
+    return solve_lower(chol, b.T).T, solve_lower(chol, e)
 
 
 def block_diag(blocks):

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
 
 from kalnat import numerics
 from kalnat.families import Family
@@ -85,16 +84,19 @@ def ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1.0,
         return (jnp.asarray(p0, theta.dtype),)
 
     def update(state, theta, H, R, e):
-        p = predict_cov(state.cov, state.count, forgetting, q)
-        ph = p @ H.T
+        if np.any(q != 0):
+            p, c = predict_cov(state.cov, state.count, forgetting, q), 1.0
+        else:
+            # P⁻ = c·P is never materialised: c is folded into P Hᵀ and into the rank-m update,
+            # so P is read once and rewritten once, in place.
+            p, c = state.cov, 1.0 / forgetting_at(forgetting, state.count + 1)
+        ph = (p @ H.T) * c
         s = H @ ph + R
         if joseph:
             gain = numerics.chol_solve(s, ph.T).T
-            return theta + gain @ e, (numerics.joseph_update(p, gain, ph.T, s),)
-        chol = jnp.linalg.cholesky(s)
-        w = solve_triangular(chol, ph.T, lower=True).T
-        v = solve_triangular(chol, e, lower=True)
-        return theta + w @ v, (p - w @ w.T,)
+            return theta + gain @ e, (numerics.joseph_update(p * c, gain, ph.T, s),)
+        w, v = numerics.whiten(s, ph, e)
+        return theta + w @ v, (p * c - w @ w.T,)
 
     def quad(state, h):
         return h @ state.cov @ h.T

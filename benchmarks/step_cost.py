@@ -1,0 +1,126 @@
+"""Per-step cost of the covariance-form EKF against the memory-bandwidth floor.
+
+For d parameters and m outputs, one EKF step must read P (for P Hᵀ) and rewrite it
+(P − W Wᵀ): its floor is about one read and one write of the d × d matrix, i.e. one plain
+copy. Printed, side by side in one run (ratios; absolute times on a shared machine mislead):
+
+  fit/copy      EKF step inside ``kalnat.fit`` (lax.scan, donated state) ÷ one d × d copy
+  update/copy   EKF step through ``learner.update`` from Python (jit, donated) ÷ one copy
+  nodonate/upd  the same jitted step *without* buffer donation ÷ the donated one
+  natgrad/ekf   the same update through natural gradient (a d × d Cholesky solve per step)
+                ÷ the Kalman form: the O(d³) → O(d² m) saving of PAPER.md §2
+
+The model is linear with d parameters and an m-dimensional Gaussian output (``z = X θ`` with
+``X`` of shape (m, d)), so the Jacobian is cheap and the covariance update dominates.
+
+    python benchmarks/step_cost.py [--dims 256 1024 2048 4096] [--outputs 1 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import kalnat  # noqa: E402
+from kalnat import families as F  # noqa: E402
+from kalnat import schedules as S  # noqa: E402
+
+
+def median_time(fn, reps, min_time=0.2):
+    """Median seconds of ``fn()`` over ``reps`` runs (at least ``min_time`` in all)."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if len(times) > 50 * reps:
+            break
+    return float(np.median(times))
+
+
+def apply(theta, x):
+    return x @ theta
+
+
+def case(d, m, dtype, rows=32, natgrad=True):
+    rng = np.random.default_rng(0)
+    family = F.Gaussian(1.0, dim=m)
+    X = (rng.normal(size=(rows, m, d)) / np.sqrt(d)).astype(dtype)
+    Y = rng.normal(size=(rows, m) if m > 1 else (rows,)).astype(dtype)
+    theta0 = jnp.zeros(d, dtype)
+    ekf = kalnat.ekf(apply, family, prior_var=1.0, forgetting=0.999, input_shape=(m, d))
+
+    src = np.asarray(rng.normal(size=(d, d)), dtype)
+    dst = np.empty_like(src)
+    t_copy = median_time(lambda: np.copyto(dst, src), 9)
+
+    holder = {"s": ekf.init(theta0)}
+    kalnat.fit(ekf, ekf.init(theta0), X, Y, chunk_size=rows, return_predictions=False)  # compile
+
+    def run_fit():
+        holder["s"] = kalnat.fit(ekf, holder["s"], X, Y, chunk_size=rows, return_predictions=False).state
+        holder["s"].cov.block_until_ready()
+
+    t_fit = median_time(run_fit, 5) / rows
+
+    xs, ys = jnp.asarray(X), jnp.asarray(Y)
+    step_donated = jax.jit(ekf.step, donate_argnums=0)
+    step_copying = jax.jit(ekf.step)
+
+    def per_row(step):
+        def run():
+            s = holder["s"]
+            for i in range(8):
+                s = step(s, xs[i:i + 1], ys[i:i + 1])
+            s.cov.block_until_ready()
+            holder["s"] = s
+        run()  # compile
+        return median_time(run, 3) / 8
+
+    t_upd = per_row(step_donated)
+    t_nodonate = per_row(step_copying)
+
+    t_ng = float("nan")
+    if natgrad:
+        ng = kalnat.natural_gradient(apply, family, input_shape=(m, d),
+                                     **S.kalman_to_natural(1.0, 0.999)._asdict())
+        ng_state = {"s": ng.init(theta0)}
+        ng_step = jax.jit(ng.step, donate_argnums=0)
+
+        def run_ng():
+            ng_state["s"] = ng_step(ng_state["s"], xs[:1], ys[:1])
+            ng_state["s"].fisher.block_until_ready()
+        run_ng()
+        t_ng = median_time(run_ng, 3)
+    return dict(copy=t_copy, fit=t_fit, update=t_upd, nodonate=t_nodonate, natgrad=t_ng)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[256, 1024, 2048, 4096])
+    ap.add_argument("--outputs", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--natgrad-max-d", type=int, default=4096,
+                    help="skip the O(d³) natural-gradient step above this d")
+    args = ap.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; ratios of median per-step times")
+    print(f"{'dtype':8} {'d':>5} {'m':>3} {'copy ms':>8} {'fit/copy':>9} {'update/copy':>12} "
+          f"{'nodonate/upd':>13} {'natgrad/ekf':>12}")
+    for dtype in args.dtypes:
+        for d in args.dims:
+            for m in args.outputs:
+                r = case(d, m, np.dtype(dtype), natgrad=d <= args.natgrad_max_d)
+                print(f"{dtype:8} {d:5d} {m:3d} {r['copy'] * 1e3:8.3f} {r['fit'] / r['copy']:9.2f} "
+                      f"{r['update'] / r['copy']:12.2f} {r['nodonate'] / r['update']:13.2f} "
+                      f"{r['natgrad'] / r['update']:12.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
