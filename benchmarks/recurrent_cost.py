@@ -106,9 +106,9 @@ def main():
     ap = argparse.ArgumentParser(description="per-step cost: NG-RTRL vs joint EKF vs truncated BPTT")
     ap.add_argument("--quick", action="store_true", help="small sizes only")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    grow_n = [(4, 1), (8, 1), (16, 1), (32, 1)] + ([] if args.quick else [(48, 1)])
+    grow_n = [(4, 1), (8, 1), (16, 1), (32, 1)] + ([] if args.quick else [(48, 1), (64, 1)])
     grow_d = [(8, 8), (8, 32), (8, 128)] + ([] if args.quick else [(8, 256)])
 
     print(f"device: {jax.devices()[0].device_kind}, float64, {args.steps} steps, best of {args.repeat}")
