@@ -374,6 +374,22 @@ def test_batch_with_lengths_freezes_finished_sequences():
     assert np.abs(d.state.s[0] - s_at_20[0]).max() > 1e-3  # sequence 1 went on
 
 
+def test_independent_learners_by_vmap():
+    """One θ per sequence: the pure step vmapped over stacked states equals separate runs."""
+    cell, fam, ng, _ = _pair("elman", "gaussian", 1.0)
+    params = [_params(cell, seed) for seed in range(3)]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[ng.init(p) for p in params])
+    x, y = _data(fam, 2, 20, seed=27, batch=3)
+    step = jax.jit(jax.vmap(ng.step_and_predict))
+    for t in range(20):
+        stacked, _ = step(stacked, x[:, t, None], y[:, t, None], jnp.ones((3, 1), bool))
+    for i, p in enumerate(params):
+        alone = recurrent.fit_sequence(ng, ng.init(p), x[i], y[i]).state
+        assert _rel(ravel_pytree(jax.tree_util.tree_map(lambda a: a[i], stacked.params))[0],
+                    ravel_pytree(alone.params)[0]) < 1e-12
+        assert _rel(stacked.s[i], alone.s) < 1e-12
+
+
 def test_predict_advances_the_state_without_learning():
     cell, fam, ng, joint = _pair("elman", "gaussian", 1.0)
     params = _params(cell, seed=23)
