@@ -153,7 +153,8 @@ def learn(data, out_dir, quiet, **kw):
     data = data or datasets.DEFAULT_DATASET
     cfg = _config(kw)
     source = _open(data, kw)
-    result = run.learn_stream(source, cfg, progress=not quiet)
+    result = run.learn_stream(source, cfg, progress=not quiet,
+                              log=None if quiet else (lambda m: click.echo(m, err=True)))
     os.makedirs(out_dir, exist_ok=True)
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"

@@ -50,6 +50,9 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
     """Scores of kalnat and every available baseline on ``source`` (held in memory)."""
     log = log or (lambda m: None)
     X, y, family, classes, n_skipped = _read_all(source, cfg)
+    note = cli_learn.inference_note(cfg, source, family, classes)
+    if note:
+        log(note)
     n = len(y)
     start = cli_learn.GAUSSIAN_FIRST_SCORED_ROW - 1 if family == "gaussian" else 0
     log(f"{source.name}: {n} rows, {X.shape[1]} features, {family}"
@@ -164,7 +167,8 @@ def format_table(report: dict) -> str:
              fmt.format(*head), "  ".join("-" * w for w in widths)]
     lines += [fmt.format(*r) for r in rows]
     for name, grid in report["grids"].items():
-        lines.append(f"  {name} grid (log-loss): " + ", ".join(f"{k} {v:.4f}" for k, v in grid.items()))
+        lines.append(f"  {name} grid (log-loss): " + ", ".join(
+            f"{k} {v:.4f}" if np.isfinite(v) and v < 1e6 else f"{k} diverged" for k, v in grid.items()))
     return "\n".join(lines)
 
 

@@ -144,6 +144,16 @@ def resolve_task(cfg: dict, source: datasets.Source, first_y) -> tuple[str, Opti
     return family, classes
 
 
+def inference_note(cfg: dict, source: datasets.Source, family: str, classes) -> Optional[str]:
+    """A line telling the user what was guessed about the task, or None if nothing was."""
+    if cfg.get("family") or source.task_hint:
+        return None
+    what = family + (f" over {len(classes)} classes ({', '.join(classes[:6])}"
+                     + (", …" if len(classes) > 6 else "") + ")" if classes else "")
+    return (f"{source.name}: target {source.target_name!r} looks {what} from its first rows; "
+            "pass --family (and --classes) to say otherwise")
+
+
 def _target_affine(stats, y, min_std: float = 1e-8):
     """Online standardisation of a target: ``(z, center, scale, stats')`` per row.
 
@@ -333,8 +343,11 @@ class LearnResult:
         return checkpoint.save(path, self.runner.state, extra=extra)
 
 
-def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True) -> LearnResult:
-    """Learns every chunk of ``source`` in order; returns the runner and the report."""
+def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
+                 log=None) -> LearnResult:
+    """Learns every chunk of ``source`` in order; returns the runner and the report.
+
+    ``log(message)`` receives a note when the task was inferred from the data."""
     chunks = iter(source.chunks)
     skipped, runner, coder, acc = [], None, None, None
     t_learn, t_first, first_rows = 0.0, None, 0
@@ -347,6 +360,10 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True) -> L
                 continue
             if runner is None:
                 family, classes = resolve_task(cfg, source, chunk.y)
+                note = inference_note(cfg, source, family, classes)
+                if note and log:
+                    with tqdm.external_write_mode():  # above the progress bar, not inside it
+                        log(note)
                 coder = datasets.TargetCoder(family, classes)
                 runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1])
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
