@@ -45,11 +45,11 @@ def comparison(curves: dict, references: dict, path: str, title: str = "",
         ax.plot(rows, vals, label=name, lw=2.0 if name.startswith("kalnat") else 1.2)
     for k, (name, v) in enumerate(references.items()):
         ax.axhline(v, ls="--", color=f"C{(len(curves) + k) % 10}", lw=1, label=name)
-    finite = [v for _, vals in curves.values() for v in vals[len(vals) // 10:]]
-    if finite:  # the first rows' losses would squash the interesting part of the plot
-        lo = min(min(finite), *references.values()) if references else min(finite)
-        hi = sorted(finite)[int(0.95 * (len(finite) - 1))]
-        ax.set_ylim(max(0.0, lo - 0.05 * abs(lo)) if lo >= 0 else lo * 1.05, hi * 1.3 if hi > 0 else hi + 1)
+    finals = sorted(vals[-1] for _, vals in curves.values() if len(vals))
+    if finals:  # a badly diverging learner or the first rows would squash the rest of the plot
+        lo = min([finals[0], *references.values()])
+        span = 3.0 * (finals[len(finals) // 2] - lo) or 1.0
+        ax.set_ylim(lo - 0.1 * span, lo + span)
     ax.set_xlabel("rows seen")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
