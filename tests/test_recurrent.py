@@ -451,12 +451,13 @@ def test_bad_input_raises_before_touching_the_state():
 def test_float32_long_stream_is_stable():
     cell = recurrent.elman(n_inputs=1, n_state=3, dtype=jnp.float32)
     fam = families.Gaussian(0.1)
-    learner = recurrent.rtrl(cell, fam, prior_var=1.0, forgetting=0.995)
     params = cell.init(jax.random.PRNGKey(0))
-    t = np.arange(3000)
-    series = np.sin(2 * np.pi * t / 23.0).astype(np.float32)
-    out = recurrent.fit_sequence(learner, learner.init(params), series[:-1, None], series[1:], chunk_size=500)
-    assert out.state.s.dtype == jnp.float32
-    assert np.isfinite(np.asarray(out.state.core.cov)).all()
-    err = out.predictions.mean[-500:, 0] - series[-500:]
-    assert np.sqrt(np.mean(err ** 2)) < 0.1  # it learned the oscillation
+    t = np.arange(3001)
+    series = (np.sin(2 * np.pi * t / 23.0) + 0.1 * np.random.default_rng(0).normal(size=t.size)).astype(np.float32)
+    for learner in (recurrent.rtrl(cell, fam, prior_var=1.0), recurrent.joint_ekf(cell, fam, prior_var=1.0)):
+        out = recurrent.fit_sequence(learner, learner.init(params), series[:-1, None], series[1:], chunk_size=1000)
+        assert out.state.s.dtype == jnp.float32
+        cov = out.state.core.cov if learner.name == "rtrl" else out.state.cov
+        assert np.isfinite(np.asarray(cov)).all()
+        err = out.predictions.mean[-1000:, 0] - series[-1000:]
+        assert np.sqrt(np.mean(err ** 2)) < 0.12  # the noise level is 0.1: it learned the oscillation
