@@ -14,7 +14,6 @@ given ``lengths``: past its end a sequence is frozen and learns nothing.
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import jax
