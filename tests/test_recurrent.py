@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from kalnat import families, recurrent, schedules
+from kalnat import checkpoint, families, recurrent, schedules
 
 T = 120
 RTOL = 1e-9
@@ -313,14 +313,17 @@ def test_property_random_problems(seed, scale, cell_name, forgetting):
 # ---- the sequence driver ---------------------------------------------------------------
 
 
-def test_fit_sequence_chunks_and_pieces_are_one_stream():
+def test_fit_sequence_chunks_and_pieces_are_one_stream(tmp_path):
     cell, fam, ng, _ = _pair("elman", "gaussian", 0.99)
     params = _params(cell, seed=17)
     x, y = _data(fam, 2, 100, seed=18)
     whole = recurrent.fit_sequence(ng, ng.init(params), x, y, chunk_size=256)
     chunked = recurrent.fit_sequence(ng, ng.init(params), x, y, chunk_size=10)
     first = recurrent.fit_sequence(ng, ng.init(params), x[:37], y[:37], chunk_size=10)
-    second = recurrent.fit_sequence(ng, first.state, x[37:], y[37:], chunk_size=10)
+    # A checkpoint in the middle of the stream (θ, P, s, G) restores the same learner.
+    checkpoint.save(tmp_path / "mid.npz", first.state)
+    restored = checkpoint.load(tmp_path / "mid.npz", ng.init(params))
+    second = recurrent.fit_sequence(ng, restored, x[37:], y[37:], chunk_size=10)
     th = ravel_pytree(whole.state.params)[0]
     for other in (chunked.state, second.state):
         assert _rel(ravel_pytree(other.params)[0], th) < 1e-12
