@@ -278,7 +278,7 @@ def verify(rows, seed, quick):
 @cli.command(context_settings=CONTEXT)
 @click.argument("data", required=False, default=None, metavar="[DATA]")
 @_settings_options
-@click.option("--out", "out_dir", default="kalnat-compare", show_default=True,
+@click.option("--out", "out_dir", default="kalnat-report-compare", show_default=True,
               type=click.Path(file_okay=False), help="Folder for compare.json and compare.png.")
 @click.option("--lr-grid", default=",".join(str(x) for x in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)),
               show_default=True, help="Learning rates tried for SGD and Adam.")
