@@ -129,7 +129,7 @@ def test_joint_ekf_equals_natural_gradient_rtrl(cell_name, fam_name, forgetting)
     n = cell.n_state
     assert _rel(p_joint[:, n:, n:], p_theta) < RTOL
     g_joint = np.linalg.solve(p_joint[:, n:, n:], np.swapaxes(p_joint[:, :n, n:], 1, 2))
-    assert _rel(np.swapaxes(g_joint, 1, 2), jac[:, 0]) < 1e-7
+    assert _rel(np.swapaxes(g_joint, 1, 2), jac[:, 0]) < RTOL
 
 
 @pytest.mark.parametrize("learner", ["information", "natural_gradient"])
