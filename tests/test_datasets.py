@@ -150,3 +150,20 @@ def test_target_coder_counts_and_reals():
     assert good.tolist() == [True, False, False, False] and vals[0] == 3
     with pytest.raises(ds.DataError, match="non-numeric target 'x'"):
         ds.TargetCoder("gaussian").encode("f", np.array(["1", "x"], object), np.array([2, 3]), "t", False, [])
+
+
+def test_non_utf8_file_is_a_clear_error(tmp_path):
+    p = tmp_path / "bin.csv"
+    p.write_bytes(b"a,b,y\n1,2,0\n\xff\xfe,2,1\n")
+    with pytest.raises(ds.DataError, match=r"bin\.csv: not UTF-8 text"):
+        _all(ds.open_source(str(p), skip_bad_rows=True))
+
+
+def test_prediction_needs_the_trained_features(tmp_path):
+    path = _write(tmp_path, "b,extra\n1,2\n")
+    with pytest.raises(ds.DataError, match="missing feature column.*: a$"):
+        ds.open_source(path, require_target=False, feature_names=["a", "b"])
+    src = ds.open_source(_write(tmp_path, "x,b,a\n9,1,2\n", "ok.csv"), require_target=False,
+                         feature_names=["a", "b"])
+    X, *_ = _all(src)
+    np.testing.assert_array_equal(X, [[2, 1]])       # columns found by name, in the model's order

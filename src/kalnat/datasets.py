@@ -252,7 +252,9 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
         if close:
             stream.close()
         raise DataError(label, "empty file: expected a header row", line=1) from None
-    except (csv.Error, UnicodeDecodeError) as err:
+    except UnicodeDecodeError:
+        raise DataError(label, f"not UTF-8 text (at or after line {reader.line_num + 1})") from None
+    except csv.Error as err:
         raise DataError(label, f"unreadable CSV ({err})", line=reader.line_num) from None
     header = [h.strip() for h in header]
     header_line = reader.line_num
@@ -265,7 +267,8 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
     else:
         missing = [f for f in feature_names if f not in header]
         if missing:
-            raise DataError(label, f"missing feature column(s) {missing} that the model was trained on",
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise DataError(label, f"missing feature column(s) the model was trained on: {shown}",
                             line=header_line)
         names = list(feature_names)
     f_idx = [header.index(n) for n in names]
@@ -281,7 +284,9 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
                     row = next(reader)
                 except StopIteration:
                     break
-                except (csv.Error, UnicodeDecodeError) as err:
+                except UnicodeDecodeError:  # the text stream cannot resume: always fatal
+                    raise DataError(label, f"not UTF-8 text (at or after line {reader.line_num + 1})") from None
+                except csv.Error as err:
                     _bad(label, reader.line_num, None, f"unreadable CSV ({err})", skip_bad_rows, skipped)
                     continue
                 if not row or (len(row) == 1 and not row[0].strip()):
