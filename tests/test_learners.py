@@ -85,7 +85,7 @@ def test_predictive_of_each_learner(logistic):
     fam = F.Categorical(3)
     m3 = kalnat.models.linear(P_IN, fam.n_outputs)
     labels = np.arange(37) % 3
-    states, preds = {}, {}
+    preds = {}
     for learner in (kalnat.ekf(m3, fam, prior_var=0.5),
                     kalnat.information_filter(m3, fam, prior_var=0.5),
                     kalnat.natural_gradient(m3, fam, **S.kalman_to_natural(0.5)._asdict())):

@@ -30,10 +30,16 @@ class FitResult(NamedTuple):
     predictions: Optional[Predictive]
 
 
-_CHUNK_FNS: "weakref.WeakKeyDictionary[Learner, dict]" = weakref.WeakKeyDictionary()
+_CHUNK_FNS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def _chunk_fn(learner: Learner, keep: bool):
+def chunk_fn(learner, keep: bool):
+    """The jitted, state-donating ``scan`` over one chunk of minibatches (cached per learner).
+
+    Works for any learner with ``step_and_predict(state, xs, ys, mask) -> (state, pred)``
+    (the core learners, the recurrent ones). ``(state, xs (c, b, …), ys, mask (c, b)) ->
+    (state, preds or None)``; a minibatch whose rows are all masked is skipped.
+    """
     fns = _CHUNK_FNS.setdefault(learner, {})
     if keep not in fns:
 
@@ -93,7 +99,7 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     n_batches = math.ceil(n / batch_size)
     per_chunk = min(chunk_size, n_batches)
     rows_per_chunk = per_chunk * batch_size
-    run = _chunk_fn(learner, bool(return_predictions))
+    run = chunk_fn(learner, bool(return_predictions))
     preds = []
     with tqdm(total=n, disable=not progress, unit="row") as bar:
         for start in range(0, n, rows_per_chunk):

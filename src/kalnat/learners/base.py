@@ -87,15 +87,7 @@ class Learner:
 
         The parameters are copied, so the caller's arrays survive the in-place updates.
         """
-        leaves = jax.tree_util.tree_leaves(params)
-        if not leaves:
-            raise ValueError("params: the pytree has no arrays")
-        for leaf in leaves:
-            a = np.asarray(leaf)
-            if a.dtype.kind != "f":
-                raise ValueError(f"params: every leaf must be a float array, got dtype {a.dtype}")
-            if not np.all(np.isfinite(a)):
-                raise ValueError("params contain NaN or inf")
+        check_params(params)
         theta, _ = ravel_pytree(params)
         state = self.rule.state_cls(params, *self.rule.init(theta), jnp.zeros((), jnp.int32))
         # Distinct buffers, none shared with the caller: updates donate (overwrite) them.
@@ -211,6 +203,19 @@ class Learner:
                 ok = False
             cache[key] = True if ok else None
         return cache[key]
+
+
+def check_params(params):
+    """Host check of a params pytree: non-empty, float leaves, finite values."""
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("params: the pytree has no arrays")
+    for leaf in leaves:
+        a = np.asarray(leaf)
+        if a.dtype.kind != "f":
+            raise ValueError(f"params: every leaf must be a float array, got dtype {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("params contain NaN or inf")
 
 
 def _raw_shapes(family):

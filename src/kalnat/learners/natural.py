@@ -14,8 +14,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from kalnat import numerics, schedules
 from kalnat.families import Family
 from kalnat.learners.base import Learner, Rule, resolve_model

@@ -78,18 +78,6 @@ def check_cell(cell, family):
         )
 
 
-def check_params(params):
-    leaves = jax.tree_util.tree_leaves(params)
-    if not leaves:
-        raise ValueError("params: the pytree has no arrays")
-    for leaf in leaves:
-        a = np.asarray(leaf)
-        if a.dtype.kind != "f":
-            raise ValueError(f"params: every leaf must be a float array, got dtype {a.dtype}")
-        if not np.all(np.isfinite(a)):
-            raise ValueError("params contain NaN or inf")
-
-
 def initial_states(cell, params, batch, s0, dtype):
     """``s_0`` as ``(B, n)``: the cell's initial state, or ``s0`` given as ``(n,)`` / ``(B, n)``."""
     if int(batch) != batch or batch < 1:

@@ -36,7 +36,7 @@ from jax.scipy.linalg import solve_triangular
 
 from kalnat import numerics
 from kalnat.families import Family
-from kalnat.learners.base import Predictive
+from kalnat.learners.base import Predictive, check_params
 from kalnat.learners.ekf import check_forgetting, check_prior, check_process_noise, predict_cov
 from kalnat.recurrent import base
 from kalnat.recurrent.cells import RecurrentModel
@@ -142,7 +142,7 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
 
     def init(params, *, batch: int = 1, s0=None, jac0=None, cov=None) -> JointState:
         """State around ``params``; ``P_0 = [G_0; I] P^θ_0 [G_0; I]ᵀ`` (+ ``state_var``) or ``cov``."""
-        base.check_params(params)
+        check_params(params)
         theta, unravel = ravel_pytree(params)
         d, dtype = theta.shape[0], theta.dtype
         s = base.initial_states(cell, params, batch, s0, dtype)

@@ -31,6 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 from kalnat.families import Family
 from kalnat.learners import Learner, ekf, information_filter, natural_gradient
+from kalnat.learners.base import check_params
 from kalnat.linearize import Linearization
 from kalnat.recurrent import base
 from kalnat.recurrent.cells import RecurrentModel
@@ -134,7 +135,7 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
 
     def init(params, *, batch: int = 1, s0=None, jac0=None) -> RTRLState:
         """State around ``params`` for ``batch`` sequences, ``s_0`` and ``G_0`` (zeros)."""
-        base.check_params(params)
+        check_params(params)
         core_state = core.init(params)
         theta, _ = ravel_pytree(core_state.params)
         s = base.initial_states(cell, core_state.params, batch, s0, theta.dtype)

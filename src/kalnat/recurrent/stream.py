@@ -14,40 +14,14 @@ given ``lengths``: past its end a sequence is frozen and learns nothing.
 
 from __future__ import annotations
 
-import weakref
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from kalnat.recurrent.base import RecurrentLearner, _check_numeric
-from kalnat.stream import FitResult
+from kalnat.stream import FitResult, chunk_fn
 
 __all__ = ["fit_sequence"]
-
-_CHUNK_FNS: "weakref.WeakKeyDictionary[RecurrentLearner, dict]" = weakref.WeakKeyDictionary()
-
-
-def _chunk_fn(learner: RecurrentLearner, keep: bool):
-    fns = _CHUNK_FNS.setdefault(learner, {})
-    if keep not in fns:
-
-        def body(state, inp):
-            xb, yb, mb = inp
-
-            def learn(s):
-                return learner.step_and_predict(s, xb, yb, mb)
-
-            def skip(s):  # a time step that is padding for every sequence
-                out = jax.eval_shape(learn, s)
-                return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out[1])
-
-            state, pred = jax.lax.cond(jnp.any(mb), learn, skip, state)
-            return state, (pred if keep else None)
-
-        fns[keep] = jax.jit(lambda s, xs, ys, ms: jax.lax.scan(body, s, (xs, ys, ms)), donate_argnums=0)
-    return fns[keep]
 
 
 def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_size: int = 256,
@@ -106,7 +80,7 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     yt = np.swapaxes(y, 0, 1)
     mt = np.arange(t_len)[:, None] < lens[None, :]
     per_chunk = min(int(chunk_size), t_len)
-    run = _chunk_fn(learner, bool(return_predictions))
+    run = chunk_fn(learner, bool(return_predictions))
     preds = []
     with tqdm(total=t_len, disable=not progress, unit="step") as bar:
         for start in range(0, t_len, per_chunk):
