@@ -16,15 +16,12 @@ never a traceback.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import time
-from typing import Optional
 
 import click
-import numpy as np
 
+from kalnat.cli_learn import METHODS
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -65,12 +62,6 @@ def main(argv=None):
 
 # ---- the learner the options describe ------------------------------------------------------
 
-def _method_names():
-    from kalnat import cli_learn as run
-
-    return tuple(run.METHODS)
-
-
 def _settings_options(f):
     opts = [
         click.option("--target", metavar="COL", help="Target column (default: a column named "
@@ -82,7 +73,7 @@ def _settings_options(f):
         click.option("--model", "model_spec", default="linear", show_default=True,
                      metavar="linear|mlp:64,32", help="Model: a GLM or an MLP (tanh)."),
         click.option("--method", default="ekf", show_default=True,
-                     type=click.Choice(["ekf", "ekf-joseph", "information", "natgrad"]),
+                     type=click.Choice(list(METHODS)),
                      help="Learner; natgrad is configured by the exact Kalman translation."),
         click.option("--forget", "forgetting", default=1.0, show_default=True, type=float,
                      metavar="λ", help="Forgetting factor in (0, 1]; < 1 follows drift "
@@ -94,7 +85,7 @@ def _settings_options(f):
         click.option("--clip", default=5.0, show_default=True, type=float,
                      help="Clip standardised features to ±CLIP (0: no clipping)."),
         click.option("--seed", default=0, show_default=True, type=int,
-                     help="Seed of the MLP's initial weights (and of --shuffle)."),
+                     help="Seed of the MLP's initial weights."),
         click.option("--shuffle", type=int, default=None, metavar="SEED",
                      help="Shuffle a bundled data set's rows with this seed (CSV: read in order)."),
         click.option("--chunk-rows", default=10_000, show_default=True, type=click.IntRange(1),
