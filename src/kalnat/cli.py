@@ -226,10 +226,10 @@ def datasets():
 def _table(header, rows, out=None):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
-    click.echo(line.format(*header), file=out)
+    click.echo(line.format(*header).rstrip(), file=out)
     click.echo("  ".join("-" * w for w in widths), file=out)
     for r in rows:
-        click.echo(line.format(*r), file=out)
+        click.echo(line.format(*r).rstrip(), file=out)
 
 
 # ---- verify -----------------------------------------------------------------------------------
@@ -238,20 +238,22 @@ def _table(header, rows, out=None):
 @click.option("--rows", default=40, show_default=True, type=click.IntRange(2),
               help="Rows per random problem.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--quick", is_flag=True, help="One family and the linear model only.")
-def verify(rows, seed, quick):
+@click.option("--quick", is_flag=True, help="One family and the linear model only (seconds).")
+@click.option("--full", is_flag=True, help="Both batch sizes for every family and model.")
+def verify(rows, seed, quick, full):
     """Check PAPER.md's equivalences on random problems, in float64.
 
     For each family, a linear model and a small MLP, static (λ = 1) and forgetting
-    (λ = 0.95), one row and 4 rows per update (about 40 s; --quick: a few): the EKF, the information filter and online
-    natural gradient configured by the Kalman translation run on the same stream; the table
-    shows the largest relative deviation of θ and of P (natural gradient: P = η J⁻¹) from
-    the EKF over all steps. Equal up to rounding means deviations around 1e-10 or below.
+    (λ = 0.95), with one row or 4 rows per update (alternating between the models; --full:
+    both), the EKF, the information filter and online natural gradient configured by the
+    Kalman translation run on the same stream; the table shows the largest relative
+    deviation of θ and of P (natural gradient: P = η J⁻¹) from the EKF over all steps. Equal
+    up to rounding means deviations around 1e-10 or below.
     """
     from kalnat import cli_verify as _verify
 
     _jax()
-    table = _verify.run_all(rows=rows, seed=seed, quick=quick)
+    table = _verify.run_all(rows=rows, seed=seed, quick=quick, full=full)
     _table(("family", "model", "λ", "batch", "d", "θ: info vs ekf", "P: info vs ekf",
             "θ: natgrad vs ekf", "P: natgrad vs ekf"),
            [(r["family"], r["model"], r["forgetting"], r["batch"], r["d"],
