@@ -109,11 +109,21 @@ def build_model(spec: str, n_features: int, family: families.Family):
     return models.mlp(n_features, hidden, family.n_outputs)
 
 
+MAX_COVARIANCE_BYTES = 8 * 2**30
+MAX_CLASSES = 200
+
+
 def build_learner(cfg: dict, family: families.Family, n_features: int):
     """``(model, learner, initial state)`` from the command's settings."""
     if cfg["method"] not in METHODS:
         raise ValueError(f"unknown method {cfg['method']!r}; expected one of {', '.join(METHODS)}")
     model = build_model(cfg["model_spec"], n_features, family)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    d = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes)))
+    if 8 * d * d > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
+        raise ValueError(f"--model {cfg['model_spec']} on {n_features} features has {d} parameters: "
+                         f"the filter's {d} × {d} covariance would need {8 * d * d / 2**30:.0f} GiB; "
+                         "use a smaller model")
     learner = METHODS[cfg["method"]](model, family, float(cfg["prior_var"]), float(cfg["forgetting"]))
     params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))
     return model, learner, learner.init(params)
@@ -136,6 +146,10 @@ def resolve_task(cfg: dict, source: datasets.Source, first_y) -> tuple[str, Opti
         classes = guess_classes
         if family == "categorical" and len(classes) < 2:
             raise ValueError(f"{source.name}: only one class in the first chunk; pass --classes")
+    if family == "categorical" and len(classes) > MAX_CLASSES:
+        raise ValueError(f"{source.name}: {len(classes)} distinct values in the target "
+                         f"{source.target_name!r} is too many classes; is it a regression "
+                         "(--family gaussian) or a count (--family poisson)?")
     if family == "bernoulli" and classes is not None and len(classes) != 2:
         raise ValueError(f"{source.name}: bernoulli needs two classes, the target has "
                          f"{len(classes)} ({', '.join(classes[:10])}); use --family categorical")
