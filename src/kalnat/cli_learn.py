@@ -365,8 +365,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
     chunks = iter(source.chunks)
     skipped, runner, coder, acc = [], None, None, None
     t_learn, t_first, first_rows = 0.0, None, 0
-    bar = tqdm(total=source.n_rows, unit="row", disable=not progress, dynamic_ncols=True,
-               desc=f"{cfg['method']} {source.name}")
+    bar = None  # made once the learner exists, so a setup error is not printed inside a bar
     try:
         for chunk in chunks:
             skipped.extend(chunk.skipped)
@@ -376,12 +375,13 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                 family, classes = resolve_task(cfg, source, chunk.y)
                 note = inference_note(cfg, source, family, classes)
                 if note and log:
-                    with tqdm.external_write_mode():  # above the progress bar, not inside it
-                        log(note)
+                    log(note)
                 coder = datasets.TargetCoder(family, classes)
                 runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1])
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
                 acc = Accumulator(runner.family, first)
+                bar = tqdm(total=source.n_rows, unit="row", disable=not progress,
+                           dynamic_ncols=True, desc=f"{cfg['method']} {source.name}")
             y, good = coder.encode(source.name, chunk.y, chunk.lines, source.target_name,
                                    bool(cfg.get("skip_bad_rows")), skipped)
             X, y = chunk.X[good], y[good]
@@ -404,7 +404,8 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
             bar.set_postfix({"log-loss": f"{f['log_loss']:.4f}",
                              acc.key: f"{f[acc.key]:.4f}"}, refresh=True)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if runner is None:
         raise datasets.DataError(source.name, "no data rows" + (f" ({len(skipped)} bad rows skipped)"
                                                                 if skipped else ""))
