@@ -13,7 +13,7 @@ produce the same θ_t under the translation in :mod:`kalnat.schedules`.
 from kalnat import checkpoint, families, models, numerics, recurrent, schedules
 from kalnat.learners import (
     EKFState, InformationState, Learner, NaturalGradientState, Predictive, ekf,
-    information_filter, natural_gradient,
+    information_filter, natural_gradient, SqrtEKFState, sqrt_ekf,
 )
 from kalnat.linearize import Linearization, linearize
 from kalnat.stream import FitResult, fit
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "checkpoint", "families", "models", "numerics", "schedules",
-    "ekf", "information_filter", "natural_gradient", "fit", "FitResult",
+    "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "fit", "FitResult",
     "Learner", "Predictive", "EKFState", "InformationState", "NaturalGradientState",
     "Linearization", "linearize",
 ]

@@ -4,8 +4,9 @@ from kalnat.learners.base import Learner, Predictive
 from kalnat.learners.ekf import EKFState, ekf
 from kalnat.learners.information import InformationState, information_filter
 from kalnat.learners.natural import NaturalGradientState, natural_gradient
+from kalnat.learners.sqrt import SqrtEKFState, sqrt_ekf
 
 __all__ = [
     "Learner", "Predictive", "EKFState", "InformationState", "NaturalGradientState",
-    "ekf", "information_filter", "natural_gradient",
+    "ekf", "information_filter", "natural_gradient", "sqrt_ekf", "SqrtEKFState",
 ]
