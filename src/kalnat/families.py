@@ -88,6 +88,12 @@ class Family(abc.ABC):
         return None
 
 
+def _tiny(dtype):
+    """The smallest positive normal number of ``dtype``: the floor of a variance ``R``, so that
+    ``S = H P Hᵀ + R`` stays positive definite when the output is near-deterministic."""
+    return jnp.finfo(dtype).tiny
+
+
 def _as_tuple_matrix(a: np.ndarray):
     return tuple(map(tuple, a.tolist()))
 
@@ -173,7 +179,10 @@ class Bernoulli(Family):
         return jnp.reshape(y, (1,))
 
     def cov(self, yhat):
-        return (yhat * (1.0 - yhat)).reshape(1, 1)
+        # Floored at the smallest normal number: a saturated sigmoid (p rounds to 0 or 1, in
+        # float32 from |z| ≈ 17) gives p(1 − p) = 0 and H = 0, and S = H P Hᵀ + R would be 0.
+        # Any representable p(1 − p) > 0 is kept as is.
+        return jnp.maximum(yhat * (1.0 - yhat), _tiny(yhat.dtype)).reshape(1, 1)
 
     def log_prob(self, z, y):
         y = jnp.reshape(y, (1,)).astype(z.dtype)
@@ -257,13 +266,21 @@ class Poisson(Family):
     name = "poisson"
 
     def mean(self, z):
-        return jnp.exp(z)
+        # λ = exp(z) with z capped at 0.4·log(max float) (≈ 35 in float32, 283 in float64): a
+        # large first count can throw a filter far above the data (λ = e^370 overflows float32
+        # and S ∝ λ² overflows float64); capped, the next steps walk z back down. The cap keeps
+        # the slope (∂λ/∂z = λ at the cap), so the filter still sees which way to move, and it
+        # changes nothing below it.
+        z = jnp.asarray(z)
+        cap = 0.4 * float(np.log(np.finfo(z.dtype).max))
+        return jnp.exp(z - jax.lax.stop_gradient(jnp.maximum(z - cap, 0.0)))
 
     def stat(self, y):
         return jnp.reshape(y, (1,))
 
     def cov(self, yhat):
-        return yhat.reshape(1, 1)
+        # Floored at the smallest normal number (λ = exp(z) underflows to 0 for very negative z).
+        return jnp.maximum(yhat, _tiny(yhat.dtype)).reshape(1, 1)
 
     def log_prob(self, z, y):
         y = jnp.reshape(y, (1,)).astype(z.dtype)

@@ -17,7 +17,10 @@ One step, for ``k`` stacked observations ``H (k, d)``, ``R (k, k)``, ``e (k,)``:
    ``c_j = 1 + Σ_{i≥j} φ_i²`` (so ``c_1 = S``, ``c_{d+1} = 1``) and
    ``g_j = Σ_{i>j} φ_i L⁻[:, i]``,
 
-   ``L⁺[:, j] = L⁻[:, j] √(c_{j+1}/c_j) − φ_j g_j / √(c_j c_{j+1})``,   ``K = L⁻ φ / c_1``.
+   ``L⁺[:, j] = L⁻[:, j] √(c_{j+1}/c_j) − φ_j g_j / √(c_j c_{j+1})``,   ``K = L⁻ φ / c_1``,
+
+   evaluated as ``L⁻ − (small correction)`` so that late in a stream, when the correction is
+   ~1/t of ``L``, rounding stays at ``eps·|L|`` per step.
 
    This is ``L⁺ = L⁻ chol(I − φφᵀ/c_1)`` with the factor of the rank-one downdate in closed
    form; every ``c_j`` is a sum of positive terms, so no cancellation and ``L⁺`` keeps a
@@ -55,9 +58,17 @@ class SqrtEKFState(NamedTuple):
     count: jax.Array
 
 
-def _reverse_cumsum(a, axis=-1):
-    """``out_j = Σ_{i≥j} a_i`` along ``axis``."""
-    return jnp.flip(jnp.cumsum(jnp.flip(a, axis), axis=axis), axis)
+def _reverse_cumsum_exclusive(a, axis=-1):
+    """``out_j = Σ_{i>j} a_i`` along ``axis``.
+
+    Summed directly, never as an inclusive sum minus ``a_j``: that difference cancels (XLA may
+    associate a cumulative sum in any order) and would leave rounding noise where the exact
+    value is small or zero (the last ``c_{d+1} = r``, the diagonal of ``g``).
+    """
+    a = jnp.moveaxis(a, axis, -1)
+    shifted = jnp.concatenate([a[..., 1:], jnp.zeros_like(a[..., :1])], axis=-1)
+    out = jnp.flip(jnp.cumsum(jnp.flip(shifted, -1), axis=-1), -1)
+    return jnp.moveaxis(out, -1, axis)
 
 
 def chol_rank_one_downdate(chol, h, r=1.0):
@@ -68,13 +79,23 @@ def chol_rank_one_downdate(chol, h, r=1.0):
     """
     phi = chol.T @ h                                   # (d,)
     sq = phi * phi
-    c_next = _reverse_cumsum(sq) - sq + r              # c_{j+1} = r + Σ_{i>j} φ_i²
+    c_next = _reverse_cumsum_exclusive(sq) + r         # c_{j+1} = r + Σ_{i>j} φ_i²
     c = c_next + sq                                    # c_j     = r + Σ_{i≥j} φ_i²
-    lphi = chol * phi[None, :]
-    g = _reverse_cumsum(lphi, axis=1) - lphi           # g_j = Σ_{i>j} φ_i L[:, i]
-    root = jnp.sqrt(c * c_next)
-    new = chol * (c_next / root)[None, :] - g * (phi / root)[None, :]
-    # c_next/√(c c_next) = √(c_{j+1}/c_j); written as a ratio to share the one square root.
+    g = _reverse_cumsum_exclusive(chol * phi[None, :], axis=1)   # g_j = Σ_{i>j} φ_i L[:, i]
+    # √(c_{j+1}/c_j) = 1/√(1 + a_j) with a_j = φ_j²/c_{j+1}. Late in a stream a_j ~ 1/t is
+    # tiny: the new column is written as L − (small correction), the correction computed
+    # without cancellation (1 − 1/√(1+a) = a / (√(1+a) (1 + √(1+a)))), so rounding costs
+    # eps·|L| per step as in the covariance form, not eps/a.
+    # When a_j ≥ 1 (a very informative row, e.g. early on) the direct factor 1/√(1+a) is
+    # used instead: it stays positive however large a_j is, and so does the diagonal (g has
+    # no diagonal entries, L being triangular).
+    a = sq / c_next
+    root_a = jnp.sqrt(1.0 + a)
+    small = a < 1.0
+    shrink = jnp.where(small, a / (root_a * (1.0 + root_a)), 0.0)
+    scale = jnp.where(small, 1.0, 1.0 / root_a)
+    coef = phi / jnp.sqrt(c * c_next)
+    new = chol * scale[None, :] - (chol * shrink[None, :] + g * coef[None, :])
     gain = (chol @ phi) / c[0]
     # Only the lower triangle is meaningful; rounding must not leak into the upper one.
     return jnp.tril(new), gain
