@@ -17,6 +17,9 @@ from kalnat.learners import (
 )
 from kalnat.linearize import Linearization, linearize
 from kalnat.stream import FitResult, fit
+from kalnat.learners import iterated_ekf, nig_filter
+from kalnat import bank as bank, predictive, scaling
+from kalnat.bank import auto, ekf_bank
 
 __version__ = "0.1.0"
 
@@ -25,4 +28,5 @@ __all__ = [
     "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "fit", "FitResult",
     "Learner", "Predictive", "EKFState", "InformationState", "NaturalGradientState",
     "Linearization", "linearize",
+    "bank", "ekf_bank", "auto", "iterated_ekf", "nig_filter", "predictive", "scaling",
 ]
