@@ -12,7 +12,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["RunningStats", "init", "transform_and_update"]
+__all__ = [
+    "RunningStats", "init", "transform_and_update", "FrozenStats", "init_frozen", "transform_frozen",
+    "standardizer", "reexpress", "reexpress_state",
+]
 
 
 class RunningStats(NamedTuple):
@@ -61,3 +64,96 @@ def transform_and_update(stats: RunningStats, X, min_std: float = 1e-8):
     scale = np.where((prev_counts > 1) & (prev_std > min_std), prev_std, 1.0)
     Z = (X - center) / scale
     return Z, RunningStats(np.asarray(c0 + n), means[-1].copy(), m2s[-1].copy())
+
+
+# ---- statistics that stop moving, and the exact re-expression of a filter ---------------
+
+class FrozenStats(NamedTuple):
+    """Running statistics until ``warmup`` rows have been seen, then fixed."""
+
+    stats: RunningStats
+    warmup: int
+
+
+def init_frozen(n_features: int, warmup: int = 50) -> FrozenStats:
+    """Statistics that follow the stream for ``warmup`` rows and are then frozen."""
+    if int(warmup) != warmup or warmup < 2:
+        raise ValueError(f"warmup must be an integer ≥ 2, got {warmup}")
+    return FrozenStats(init(n_features), int(warmup))
+
+
+def transform_frozen(fs: FrozenStats, X, min_std: float = 1e-8):
+    """Like :func:`transform_and_update` for the first ``warmup`` rows, then the frozen
+    statistics of those rows. Returns ``(Z (n, p), fs')``."""
+    X = np.asarray(X, dtype=np.float64)
+    c0 = int(fs.stats.count)
+    k = max(0, min(fs.warmup - c0, X.shape[0]))
+    Z1, stats = transform_and_update(fs.stats, X[:k], min_std)
+    if k == X.shape[0]:
+        return Z1, FrozenStats(stats, fs.warmup)
+    center, scale = standardizer(stats, min_std)
+    return np.concatenate([Z1, (X[k:] - center) / scale]), FrozenStats(stats, fs.warmup)
+
+
+def standardizer(stats: RunningStats, min_std: float = 1e-8):
+    """``(center (p,), scale (p,))`` that :func:`transform_and_update` would use for the next
+    row: ``z = (x − center) / scale``."""
+    c = int(stats.count)
+    center = stats.mean if c > 0 else np.zeros_like(stats.mean)
+    scale = np.where((c > 1) & (stats.std > min_std), stats.std, 1.0)
+    return np.asarray(center, np.float64), np.asarray(scale, np.float64)
+
+
+def _first_layer(params):
+    if isinstance(params, dict) and "w" in params:
+        return params, lambda layer: layer
+    if isinstance(params, (list, tuple)) and params and isinstance(params[0], dict) and "w" in params[0]:
+        return params[0], lambda layer: type(params)([layer, *params[1:]])
+    raise ValueError("reexpress: params must be {'w', 'b'} (kalnat.models.linear) or a list of "
+                     "such layers (kalnat.models.mlp)")
+
+
+def reexpress(params, cov, old, new):
+    """θ and P of a filter in new feature coordinates, with every prediction unchanged.
+
+    The first layer sees ``z = (x − c)/s``. With new statistics ``(c', s')`` the same function
+    of x is ``W' z' + b'`` with ``W' = W diag(s'/s)`` and ``b' = b + W (c' − c)/s``: a linear map
+    ``θ' = A θ``. The EKF is equivariant under it (``H' = H A⁻¹``), so ``P' = A P Aᵀ`` keeps
+    ``H P Hᵀ`` and every later update the same: the filter is exactly the one that had seen
+    the new coordinates all along.
+
+    Args:
+      params: a params pytree whose first layer is ``{"w" (o, p), "b" (o,)}``.
+      cov: ``(d, d)`` covariance of the flat θ (P, or V of the normal–inverse-gamma filter).
+      old, new: ``(center (p,), scale (p,))`` before and after.
+
+    Returns:
+      ``(params', cov')``.
+    """
+    from jax.flatten_util import ravel_pytree
+    import jax
+
+    theta, unravel = ravel_pytree(params)
+    c0, s0 = (np.asarray(a, np.float64) for a in old)
+    c1, s1 = (np.asarray(a, np.float64) for a in new)
+    layer, _ = _first_layer(params)
+    if "b" not in layer and np.any(c0 != c1):
+        raise ValueError("reexpress: a change of centre needs a bias in the first layer")
+
+    def f(th):
+        p = unravel(th)
+        lay, put = _first_layer(p)
+        W = lay["w"]
+        new_layer = dict(lay, w=W * (s1 / s0).astype(W.dtype)[None])
+        if "b" in lay:
+            new_layer["b"] = lay["b"] + W @ ((c1 - c0) / s0).astype(W.dtype)
+        return ravel_pytree(put(new_layer))[0]
+
+    fv = jax.vmap(f)
+    return unravel(f(theta)), fv(fv(cov).T)  # fv(X) = X Aᵀ, so fv(fv(P)ᵀ) = A P Aᵀ
+
+
+def reexpress_state(state, old, new):
+    """A learner state (``params`` and ``cov``) re-expressed by :func:`reexpress`."""
+    params, cov = reexpress(state.params, state.cov, old, new)
+    return state._replace(params=params, cov=cov)

@@ -1,0 +1,129 @@
+"""The bank of filters: equal to its members, a log K regret bound, exact Bayesian weights."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import kalnat
+from kalnat import bank as kbank
+
+P_FEAT, N_ROWS = 3, 24
+MODEL = kalnat.models.linear(P_FEAT)
+PRIORS, FORGETS = (0.1, 1.0, 10.0), (1.0, 0.95)
+BERN = kalnat.families.Bernoulli()
+BANK = kalnat.ekf_bank(MODEL, BERN, prior_vars=PRIORS, forgettings=FORGETS, share=0.0)
+BANK_MOD = kalnat.ekf_bank(MODEL, BERN, prior_vars=PRIORS, forgettings=FORGETS, share=0.0, moderated=True)
+GAUSS = kalnat.families.Gaussian(0.5)
+G_PRIORS = (0.01, 0.3, 1.0, 30.0)
+BANK_G = kalnat.ekf_bank(MODEL, GAUSS, prior_vars=G_PRIORS, forgettings=(1.0,), share=0.0)
+MEMBERS = {(v, f): kalnat.ekf(MODEL, BERN, prior_var=v, forgetting=f) for v in PRIORS for f in FORGETS}
+
+
+def _stream(seed, n=N_ROWS, scale=2.0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, P_FEAT)) * scale
+    w = rng.normal(size=P_FEAT) * 2
+    y = (rng.random(n) < 1 / (1 + np.exp(-X @ w))).astype(np.int64)
+    return X, y
+
+
+def _run(learner, X, y):
+    return kalnat.fit(learner, learner.init(MODEL.init(None)), X, y, chunk_size=N_ROWS)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
+
+
+def test_bank_equals_members_run_one_by_one():
+    X, y = _stream(0)
+    res = _run(BANK, X, y)
+    lls = []
+    for k, cfg in enumerate(BANK.configs):
+        single = _run(MEMBERS[(cfg["prior_var"], cfg["forgetting"])], X, y)
+        mem = BANK.member_state(res.state, k)
+        assert _rel(mem.params["w"], single.state.params["w"]) < 1e-12
+        assert _rel(mem.cov, single.state.cov) < 1e-12
+        p = single.predictions.probs[np.arange(N_ROWS), y]
+        lls.append(np.log(p))
+    lls = np.array(lls)  # (K, n)
+    assert _rel(res.state.log_evidence, lls.sum(1)) < 1e-12
+    # The weights of each row are the posterior given the rows before it.
+    cum = np.concatenate([np.zeros((len(lls), 1)), np.cumsum(lls, 1)[:, :-1]], 1)
+    w = np.exp(cum - cum.max(0))
+    w /= w.sum(0)
+    assert _rel(res.predictions.weights, w.T) < 1e-12
+    mix = np.einsum("tk,ktc->tc", w.T, np.stack([_run(MEMBERS[(c["prior_var"], c["forgetting"])], X, y)
+                                                    .predictions.probs for c in BANK.configs]))
+    assert _rel(res.predictions.probs, mix) < 1e-12
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.sampled_from([0.3, 3.0, 30.0]), moderated=st.booleans())
+def test_bank_regret_at_most_log_k(seed, scale, moderated):
+    X, y = _stream(seed, scale=scale)
+    bank = BANK_MOD if moderated else BANK
+    s = _run(bank, X, y).state
+    K = bank.size
+    loss_bank = -float(s.log_marginal)
+    best = -float(np.max(s.log_evidence))
+    assert loss_bank <= best + np.log(K) + 1e-9
+    # and it is exactly the uniform-prior Bayes mixture of the members' evidences
+    assert abs(loss_bank + (jax.scipy.special.logsumexp(s.log_evidence) - np.log(K))) < 1e-9
+
+
+def _gauss_stream(seed, n=N_ROWS):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, P_FEAT))
+    y = X @ rng.normal(size=P_FEAT) * 0.7 + 0.3 + rng.normal(size=n) * np.sqrt(0.5)
+    return X, y
+
+
+def test_linear_gaussian_weights_are_exact_posterior_over_configurations():
+    X, y = _gauss_stream(1)
+    res = _run(BANK_G, X, y)
+    A = np.hstack([X, np.ones((N_ROWS, 1))])
+    logml = []
+    for v in G_PRIORS:
+        C = v * A @ A.T + 0.5 * np.eye(N_ROWS)
+        _, logdet = np.linalg.slogdet(C)
+        logml.append(-0.5 * (y @ np.linalg.solve(C, y) + logdet + N_ROWS * np.log(2 * np.pi)))
+    logml = np.array(logml)
+    post = np.exp(logml - logml.max())
+    post /= post.sum()
+    np.testing.assert_allclose(kbank.weights(res.state), post, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(res.state.log_evidence, logml, rtol=1e-9)
+
+
+def test_fixed_share_moves_to_forgetting_after_a_drift():
+    rng = np.random.default_rng(3)
+    n = 400
+    X = rng.normal(size=(n, P_FEAT)) * 2
+    w = np.where(np.arange(n)[:, None] < n // 2, 3.0, -3.0) * np.ones(P_FEAT)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(X * w).sum(1)))).astype(np.int64)
+    alpha = 0.01
+    b = kalnat.ekf_bank(MODEL, BERN, prior_vars=(1.0,), forgettings=(1.0, 0.97), share=alpha)
+    res = kalnat.fit(b, b.init(MODEL.init(None)), X, y, chunk_size=200)
+    wts = res.predictions.weights
+    assert wts[n // 2 + 20, 1] > 0.9  # the forgetting member takes over soon after the change
+    assert np.all(np.abs(wts.sum(1) - 1) < 1e-12)
+    # fixed-share regret: at most log K − n log(1 − α) above the best member
+    s = res.state
+    assert -float(s.log_marginal) <= -float(np.max(s.log_evidence)) + np.log(2) - n * np.log1p(-alpha)
+
+
+def test_bank_public_update_and_predict_and_errors():
+    X, y = _stream(5)
+    s = BANK.init(MODEL.init(None))
+    s = BANK.update(s, X[0], y[0])
+    pred = BANK.predict(s, X[1])
+    assert pred.probs.shape == (2,) and abs(float(pred.probs.sum()) - 1) < 1e-12
+    with pytest.raises(ValueError, match="BankState"):
+        BANK.update(MEMBERS[(1.0, 1.0)].init(MODEL.init(None)), X[0], y[0])
+    with pytest.raises(ValueError, match="share"):
+        kalnat.ekf_bank(MODEL, BERN, share=1.0)
+    with pytest.raises(ValueError, match="forgetting"):
+        kalnat.ekf_bank(MODEL, BERN, forgettings=(1.5,))
