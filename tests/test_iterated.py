@@ -1,0 +1,69 @@
+"""Iterated EKF: one iteration is the EKF; many reach the one-step MAP."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+import scipy.optimize
+
+import kalnat
+
+P_FEAT = 3
+MODEL = kalnat.models.linear(P_FEAT)
+BERN = kalnat.families.Bernoulli()
+POIS = kalnat.families.Poisson()
+
+
+def _stream(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, P_FEAT))
+    y = (rng.random(n) < 1 / (1 + np.exp(-X @ np.array([2.0, -1.0, 0.5])))).astype(np.int64)
+    return X, y
+
+
+@pytest.mark.parametrize("forgetting", [1.0, 0.97])
+def test_one_iteration_is_the_ekf_exactly(forgetting):
+    X, y = _stream()
+    a = kalnat.ekf(MODEL, BERN, prior_var=2.0, forgetting=forgetting)
+    b = kalnat.iterated_ekf(MODEL, BERN, prior_var=2.0, forgetting=forgetting, iterations=1)
+    ra = kalnat.fit(a, a.init(MODEL.init(None)), X, y)
+    rb = kalnat.fit(b, b.init(MODEL.init(None)), X, y)
+    np.testing.assert_array_equal(ra.state.params["w"], rb.state.params["w"])
+    np.testing.assert_array_equal(ra.state.params["b"], rb.state.params["b"])
+    np.testing.assert_array_equal(ra.state.cov, rb.state.cov)
+    np.testing.assert_array_equal(ra.predictions.probs, rb.predictions.probs)
+
+
+@pytest.mark.parametrize("family,y", [(BERN, np.array([1, 0, 1])), (POIS, np.array([3, 0, 7]))])
+def test_many_iterations_reach_the_one_step_map(family, y):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(3, P_FEAT)) * 0.8
+    learner = kalnat.iterated_ekf(MODEL, family, prior_var=0.7, iterations=40)
+    s0 = learner.init({"w": jnp.asarray(rng.normal(size=(1, P_FEAT)) * 0.3), "b": jnp.asarray([0.1])})
+    theta0, unravel = jax.flatten_util.ravel_pytree(s0.params)
+    P0 = np.asarray(s0.cov)
+    s1 = learner.step(s0, jnp.asarray(X), jnp.asarray(y))  # one update from three rows
+
+    def objective(th):
+        th = jnp.asarray(th)
+        d = th - theta0
+        nll = -sum(family.log_prob(MODEL.apply(unravel(th), x), yy) for x, yy in zip(X, y))
+        return 0.5 * d @ jnp.linalg.solve(jnp.asarray(P0), d) + nll
+
+    f = jax.jit(jax.value_and_grad(objective))
+    opt = scipy.optimize.minimize(lambda t: tuple(np.asarray(v) for v in f(t)), np.asarray(theta0),
+                                  jac=True, method="BFGS", options=dict(gtol=1e-13, maxiter=1000))
+    theta1 = np.asarray(jax.flatten_util.ravel_pytree(s1.params)[0])
+    np.testing.assert_allclose(theta1, opt.x, rtol=1e-8, atol=1e-10)
+    # and the gradient of the one-step objective vanishes there
+    assert np.max(np.abs(np.asarray(f(theta1)[1]))) < 1e-10
+    # the two-iteration filter is already closer than the EKF
+    one = kalnat.iterated_ekf(MODEL, family, prior_var=0.7, iterations=1).step(s0, jnp.asarray(X), jnp.asarray(y))
+    two = kalnat.iterated_ekf(MODEL, family, prior_var=0.7, iterations=2).step(s0, jnp.asarray(X), jnp.asarray(y))
+    err = lambda s: np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(s.params)[0]) - opt.x)
+    assert err(two) < err(one)
+
+
+def test_iterations_must_be_positive():
+    with pytest.raises(ValueError, match="iterations"):
+        kalnat.iterated_ekf(MODEL, BERN, iterations=0)
