@@ -62,6 +62,24 @@ def test_learn_csv_writes_report_and_checkpoint(tmp_path, logistic_csv):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     extra = checkpoint.read_header(out / "model.npz")["extra"]
     assert extra["feature_names"] == ["x0", "x1", "x2"] and extra["scaler"]["count"] == 120
+    # no --prior-var, no --forget: a bank, its members, final weights and weights over time
+    b = m["bank"]
+    assert m["learner"] == "ekf_bank" and len(b["members"]) == len(b["final_weights"]) > 1
+    assert {"prior_var", "forgetting"} <= set(b["members"][0])
+    assert abs(sum(b["final_weights"]) - 1) < 1e-9
+    assert b["curve"]["row"] == m["curve"]["row"]
+    assert all(abs(sum(w) - 1) < 1e-9 for w in b["curve"]["weights"])
+    assert "bank_weights.png" in m["files"]["plots"]
+
+
+def test_given_settings_run_the_single_learner(tmp_path, logistic_csv):
+    out = tmp_path / "one"
+    res = _ok(["learn", logistic_csv, "--out", str(out), "--prior-var", "0.5"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert "bank" not in m and m["learner"] == "ekf" and "bank_weights.png" not in m["files"]["plots"]
+    assert "ekf on linear" in res.output
+    # the model file holds one filter's state, not a bank's
+    assert checkpoint.read_header(out / "model.npz")["state_type"] == "EKFState"
 
 
 def test_chunked_reading_gives_the_same_run(tmp_path, logistic_csv):
@@ -75,7 +93,7 @@ def test_chunked_reading_gives_the_same_run(tmp_path, logistic_csv):
 def test_learn_from_standard_input_and_natgrad_equals_ekf(tmp_path, logistic_csv):
     text = open(logistic_csv).read()
     _ok(["learn", "-", "--out", str(tmp_path / "s"), "--quiet", "--method", "natgrad"], input=text)
-    _ok(["learn", logistic_csv, "--out", str(tmp_path / "e"), "--quiet"])
+    _ok(["learn", logistic_csv, "--out", str(tmp_path / "e"), "--quiet", "--prior-var", "1"])
     ms, me = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("s", "e"))
     assert ms["data"] == "<stdin>" and ms["rows_seen"] == 120
     # natural gradient with the Kalman rates is the same filter (PAPER.md §3)
@@ -85,6 +103,7 @@ def test_learn_from_standard_input_and_natgrad_equals_ekf(tmp_path, logistic_csv
 def test_predict_reads_checkpoint_and_gives_probabilities(tmp_path, logistic_csv):
     out = tmp_path / "rep"
     _ok(["learn", logistic_csv, "--out", str(out), "--quiet"])
+    assert checkpoint.read_header(out / "model.npz")["state_type"] == "BankState"
     res = _ok(["predict", "--model-dir", str(out), logistic_csv])
     rows = list(csv.DictReader(io.StringIO(res.output)))
     assert len(rows) == 120 and rows[0]["line"] == "2"
@@ -187,9 +206,10 @@ def test_compare_on_a_small_set(tmp_path):
     res = _ok(["compare", "iris", "--out", str(out), "--no-kalnat-grid", "--lr-grid", "0.01,0.1"])
     rep = json.loads((out / "compare.json").read_text())
     names = [r["name"] for r in rep["results"]]
-    assert names[0] == "kalnat ekf" and "offline GLM, 10-fold CV" in names
+    assert names[0] == "kalnat" and rep["results"][0]["setting"].startswith("no settings")
+    assert "offline GLM, 10-fold CV" in names
     assert "sgd (optax), best of grid" in names and "scikit-learn SGD partial_fit" in names
     assert set(rep["grids"]["adam"]) == {"lr=0.01", "lr=0.1"}
     assert all(np.isfinite(r["log_loss"]) for r in rep["results"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "kalnat ekf" in res.output and "log-loss" in res.output
+    assert "no settings (bank of EKFs)" in res.output and "log-loss" in res.output

@@ -75,11 +75,14 @@ def _settings_options(f):
         click.option("--method", default="ekf", show_default=True,
                      type=click.Choice(list(METHODS)),
                      help="Learner; natgrad is configured by the exact Kalman translation."),
-        click.option("--forget", "forgetting", default=1.0, show_default=True, type=float,
+        click.option("--forget", "forgetting", default=None, type=float,
                      metavar="λ", help="Forgetting factor in (0, 1]; < 1 follows drift "
-                     "(natural gradient with learning rate → 1 − λ)."),
-        click.option("--prior-var", default=1.0, show_default=True, type=float, metavar="V",
-                     help="Prior variance of each parameter (gaussian: in units of the noise)."),
+                     "(natural gradient with learning rate → 1 − λ). Default, with no "
+                     "--prior-var either: a bank of EKFs over priors and forgetting factors, "
+                     "mixed by their evidence; otherwise 1."),
+        click.option("--prior-var", default=None, type=float, metavar="V",
+                     help="Prior variance of each parameter (gaussian: in units of the noise). "
+                     "Default: chosen by the bank (see --forget); otherwise 1."),
         click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1),
                      help="Rows per update (one linearisation point)."),
         click.option("--clip", default=5.0, show_default=True, type=float,
@@ -107,9 +110,9 @@ def _config(kw) -> dict:
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
     run.parse_model(cfg["model_spec"])  # early, clear error for a bad --model
-    if not 0 < cfg["forgetting"] <= 1:
+    if cfg["forgetting"] is not None and not 0 < cfg["forgetting"] <= 1:
         raise click.BadParameter("must lie in (0, 1]", param_hint="--forget")
-    if not cfg["prior_var"] > 0:
+    if cfg["prior_var"] is not None and not cfg["prior_var"] > 0:
         raise click.BadParameter("must be positive", param_hint="--prior-var")
     return cfg
 
@@ -149,12 +152,16 @@ def learn(data, out_dir, quiet, **kw):
     os.makedirs(out_dir, exist_ok=True)
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"
-    metrics["files"] = {
-        "model": "model.npz",
-        "plots": [os.path.basename(p) for p in plots.learning_curves(
-            metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
-            title=f"{source.name}: {cfg['method']}, {cfg['model_spec']}, {result.family_name}")],
-    }
+    what = _learner_text(cfg, metrics)
+    pngs = plots.learning_curves(metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
+                                 title=f"{source.name}: {what}, {cfg['model_spec']}, {result.family_name}")
+    if "bank" in metrics:
+        b = metrics["bank"]
+        pngs.append(plots.bank_weights(b["curve"]["row"], b["curve"]["weights"],
+                                       [run.member_label(c) for c in b["members"]],
+                                       os.path.join(out_dir, "bank_weights.png"),
+                                       title=f"{source.name}: weights of the bank's members"))
+    metrics["files"] = {"model": "model.npz", "plots": [os.path.basename(p) for p in pngs]}
     result.save(os.path.join(out_dir, "model.npz"))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -164,10 +171,21 @@ def learn(data, out_dir, quiet, **kw):
                        else f"RMSE {final['rmse']:.4g}")
         skipped = f", {metrics['rows_skipped']} skipped" if metrics["rows_skipped"] else ""
         click.echo(f"{source.name}: {metrics['rows_seen']} rows{skipped}, {result.family_name}, "
-                   f"{cfg['method']} on {cfg['model_spec']} ({metrics['n_parameters']} parameters)")
+                   f"{what} on {cfg['model_spec']} ({metrics['n_parameters']} parameters)")
         click.echo(f"  progressive log-loss {final['log_loss']:.4f}  {main_metric}  "
                    f"({1e3 * metrics['seconds_per_row']:.3f} ms/row)")
-        click.echo(f"  report: {out_dir}/ (metrics.json, learning_curve_*.png, model.npz)")
+        if "bank" in metrics:
+            b = metrics["bank"]
+            top = sorted(zip(b["final_weights"], b["members"]), key=lambda t: -t[0])[:3]
+            click.echo("  bank weights: " + ", ".join(f"{run.member_label(c)}: {w:.2f}" for w, c in top))
+        click.echo(f"  report: {out_dir}/ (metrics.json, {', '.join(metrics['files']['plots'])}, "
+                   "model.npz)")
+
+
+def _learner_text(cfg, metrics) -> str:
+    if "bank" in metrics:
+        return f"bank of {len(metrics['bank']['members'])} {metrics['learner'].replace('_bank', '')} filters"
+    return cfg["method"]
 
 
 # ---- predict ----------------------------------------------------------------------------------

@@ -74,9 +74,14 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         runner = cli_learn.OnlineRunner(c, family, classes, X.shape[1])
         return _timed(lambda: runner.step(X, y))
 
-    log(f"  kalnat {cfg['method']} (prior_var={cfg['prior_var']}, λ={cfg['forgetting']}) …")
+    if cli_learn.uses_bank(cfg):
+        name, setting = "kalnat", "no settings (bank of EKFs)"
+    else:
+        pv, lam = cli_learn.single_settings(cfg)
+        name, setting = f"kalnat {cfg['method']}", f"prior_var={pv:g}, λ={lam:g}"
+    log(f"  {name} ({setting}) …")
     pred, secs = kalnat_run(cfg)
-    add(f"kalnat {cfg['method']}", f"prior_var={cfg['prior_var']:g}, λ={cfg['forgetting']:g}", pred, secs)
+    add(name, setting, pred, secs)
     if kalnat_grid:
         grid = {}
         for pv, lam in KALNAT_GRID:

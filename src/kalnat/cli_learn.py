@@ -113,8 +113,24 @@ MAX_COVARIANCE_BYTES = 8 * 2**30
 MAX_CLASSES = 200
 
 
+def uses_bank(cfg: dict) -> bool:
+    """No prior and no forgetting given (and the EKF): the learner is a bank that tunes them."""
+    return cfg.get("prior_var") is None and cfg.get("forgetting") is None and cfg["method"] == "ekf"
+
+
+def single_settings(cfg: dict) -> tuple[float, float]:
+    """``(prior_var, forgetting)`` of a single learner; an unset one takes its neutral value 1."""
+    pv, lam = cfg.get("prior_var"), cfg.get("forgetting")
+    return float(1.0 if pv is None else pv), float(1.0 if lam is None else lam)
+
+
 def build_learner(cfg: dict, family: families.Family, n_features: int):
-    """``(model, learner, initial state)`` from the command's settings."""
+    """``(model, learner, initial state)`` from the command's settings.
+
+    With :func:`uses_bank` the learner is :func:`kalnat.auto` (or, when ``cfg["bank"]`` holds
+    keyword arguments of :func:`kalnat.ekf_bank`, that bank); otherwise ``cfg["method"]`` at
+    :func:`single_settings`.
+    """
     if cfg["method"] not in METHODS:
         raise ValueError(f"unknown method {cfg['method']!r}; expected one of {', '.join(METHODS)}")
     model = build_model(cfg["model_spec"], n_features, family)
@@ -124,7 +140,11 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
         raise ValueError(f"--model {cfg['model_spec']} on {n_features} features has {d} parameters: "
                          f"the filter's {d} × {d} covariance would need {8 * d * d / 2**30:.0f} GiB; "
                          "use a smaller model")
-    learner = METHODS[cfg["method"]](model, family, float(cfg["prior_var"]), float(cfg["forgetting"]))
+    if uses_bank(cfg):
+        opts = cfg.get("bank")
+        learner = kalnat.ekf_bank(model, family, **opts) if opts else kalnat.auto(model, family)
+    else:
+        learner = METHODS[cfg["method"]](model, family, *single_settings(cfg))
     params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))
     return model, learner, learner.init(params)
 
@@ -198,7 +218,10 @@ class OnlineRunner:
         self.classes = classes
         self.family = make_family(family_name, len(classes) if family_name == "categorical" else None)
         self.model, self.learner, self.state = build_learner(cfg, self.family, n_features)
-        self.n_parameters = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
+        self.bank = self.learner if isinstance(self.learner, kalnat.bank.Bank) else None
+        size = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
+        self.n_parameters = size // self.bank.size if self.bank else size
+        self.weights = None  # (n, K) the bank's weights when each row of the last block was predicted
         self.scaler = scaling.init(n_features)
         self.gaussian = self.family.name == "gaussian"
         self.target_scaler = scaling.init(2) if self.gaussian else None
@@ -236,6 +259,8 @@ class OnlineRunner:
         self.state = res.state
         p = res.predictions
         self.rows += len(y)
+        if self.bank:
+            self.weights = np.asarray(p.weights, np.float64)
         mean = np.asarray(p.mean, np.float64)
         bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
         if bad.size:
@@ -259,8 +284,9 @@ class OnlineRunner:
             "classes": self.classes,
             "model": self.cfg["model_spec"],
             "method": self.cfg["method"],
-            "prior_var": float(self.cfg["prior_var"]),
-            "forgetting": float(self.cfg["forgetting"]),
+            "prior_var": self.cfg.get("prior_var"),
+            "forgetting": self.cfg.get("forgetting"),
+            "bank": self.cfg.get("bank"),
             "batch_size": int(self.cfg["batch_size"]),
             "clip": float(self.cfg.get("clip") or 0.0),
             "seed": int(self.cfg.get("seed", 0)),
@@ -287,9 +313,10 @@ class Accumulator:
 
     MAX_POINTS = 2000
 
-    def __init__(self, family: families.Family, first_scored_row: int = 1):
+    def __init__(self, family: families.Family, first_scored_row: int = 1, bank_size: int = 0):
         self.family, self.first = family, first_scored_row
         self.key = "accuracy" if family.is_classifier else "rmse"
+        self.weights = [] if bank_size else None  # a bank's weights at the curve's points
         self.n = 0          # rows scored
         self.seen = 0       # rows predicted (scored or not)
         self.sum_ll = 0.0
@@ -297,13 +324,15 @@ class Accumulator:
         self.last_point_ll, self.last_point_n = 0.0, 0
         self.curve = {"row": [], "log_loss": [], self.key: [], "window_log_loss": []}
 
-    def add(self, y, pred: baselines.Predictions):
+    def add(self, y, pred: baselines.Predictions, weights=None):
+        """Scores a block; ``weights (n, K)``: a bank's weights for its rows."""
         losses = baselines.row_losses(self.family, y, pred)
         rows = self.seen + np.arange(1, len(y) + 1)
         keep = rows >= self.first
         ll = losses["log_loss"][keep]
         m = (losses["correct"] if self.family.is_classifier else losses["sq_err"])[keep]
         rows = rows[keep]
+        w = None if self.weights is None else np.asarray(weights)[keep]
         self.seen += len(y)
         if not len(ll):
             return
@@ -312,12 +341,15 @@ class Accumulator:
         counts = self.n + np.arange(1, len(ll) + 1)
         every = max(1, len(ll) // 50)
         for k in list(range(every - 1, len(ll), every)) + ([len(ll) - 1] if len(ll) % every else []):
-            self._point(int(rows[k]), cum_ll[k], cum_m[k], int(counts[k]))
+            self._point(int(rows[k]), cum_ll[k], cum_m[k], int(counts[k]),
+                        None if w is None else w[k])
         self.n = int(counts[-1])
         self.sum_ll, self.sum_m = float(cum_ll[-1]), float(cum_m[-1])
 
-    def _point(self, row, cum_ll, cum_m, count):
+    def _point(self, row, cum_ll, cum_m, count, weights=None):
         c = self.curve
+        if weights is not None:
+            self.weights.append([float(v) for v in weights])
         c["row"].append(row)
         c["log_loss"].append(float(cum_ll / count))
         metric = cum_m / count
@@ -328,6 +360,8 @@ class Accumulator:
         if len(c["row"]) > self.MAX_POINTS:  # thin to every other point (the last one stays)
             for k in c:
                 c[k] = c[k][-1::-2][::-1]
+            if self.weights is not None:
+                self.weights = self.weights[-1::-2][::-1]
 
     def final(self) -> dict:
         out = {"log_loss": self.sum_ll / self.n if self.n else math.nan, "rows_scored": self.n}
@@ -379,7 +413,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                 coder = datasets.TargetCoder(family, classes)
                 runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1])
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
-                acc = Accumulator(runner.family, first)
+                acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)
                 bar = tqdm(total=source.n_rows, unit="row", disable=not progress,
                            dynamic_ncols=True, desc=f"{cfg['method']} {source.name}")
             y, good = coder.encode(source.name, chunk.y, chunk.lines, source.target_name,
@@ -399,7 +433,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
             if t_first is None:
                 t_first, first_rows = dt, len(y)
             t_learn += dt
-            acc.add(y, pred)
+            acc.add(y, pred, runner.weights)
             f = acc.final()
             bar.set_postfix({"log-loss": f"{f['log_loss']:.4f}",
                              acc.key: f"{f[acc.key]:.4f}"}, refresh=True)
@@ -419,6 +453,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
         "n_parameters": runner.n_parameters,
         "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
                                                "batch_size", "clip", "seed")},
+        "learner": runner.learner.name,
         "protocol": ("progressive validation: every row predicted before it is learned, one pass, "
                      "given order; features standardised with statistics of earlier rows only"),
         "rows_seen": rows,
@@ -433,7 +468,27 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                                               if rows > first_rows else None),
         "curve": acc.curve,
     }
+    if runner.bank:
+        metrics["bank"] = bank_report(runner.bank, runner.state, acc)
     return LearnResult(runner, metrics, list(source.feature_names), source.target_name)
+
+
+def bank_report(bank, state, acc: Accumulator) -> dict:
+    """The members' configurations, their final weights and evidence, and the weights at the
+    learning curve's points."""
+    return {
+        "members": [dict(c) for c in bank.configs],
+        "share": bank.share,
+        "moderated": bank.moderated,
+        "final_weights": [float(v) for v in kalnat.bank.weights(state)],
+        "log_evidence": [float(v) for v in np.asarray(state.log_evidence)],
+        "curve": {"row": list(acc.curve["row"]), "weights": acc.weights},
+    }
+
+
+def member_label(config: dict) -> str:
+    return ", ".join(f"{'v' if k == 'prior_var' else 'λ' if k == 'forgetting' else k}={v:g}"
+                     for k, v in config.items())
 
 
 # ---- prediction from a checkpoint ------------------------------------------------------------
@@ -459,7 +514,7 @@ class LoadedModel:
         classes = extra["classes"]
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
         cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
-               "forgetting": extra["forgetting"], "seed": extra["seed"]}
+               "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"]}
         _, learner, template = build_learner(cfg, family, len(extra["feature_names"]))
         state = checkpoint.load(path, like=template)
         return cls(extra, state, learner, family)
@@ -507,7 +562,9 @@ class LoadedModel:
             total, weight = self.extra["noise"]
             noise = total / weight
             m = center + scale * mean[:, 0]
-            sd = scale * np.sqrt(noise * (1.0 + param_var))
+            # obs_cov is 1 + h P hᵀ for a filter with noise variance 1 in these units; a bank's
+            # or a normal–inverse-gamma filter's also carries its own noise estimate and spread.
+            sd = scale * np.sqrt(noise * np.asarray(pred.obs_cov, np.float64)[:, 0, 0])
             psd = scale * np.sqrt(noise * param_var)
             return np.column_stack([m, sd, psd])
         lam = mean[:, 0]

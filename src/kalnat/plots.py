@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["learning_curves", "comparison"]
+__all__ = ["learning_curves", "comparison", "bank_weights"]
 
 
 def learning_curves(curve: dict, metric: str, path: str, title: str = "") -> list[str]:
@@ -55,6 +55,32 @@ def comparison(curves: dict, references: dict, path: str, title: str = "",
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bank_weights(rows, weights, labels, path: str, title: str = "") -> str:
+    """Stacked weights of a bank's members (``weights``: one ``(K,)`` list per row of
+    ``rows``) against rows seen; members that never reach 5 % share one grey band."""
+    import numpy as np
+
+    w = np.asarray(weights, float).reshape(len(rows), len(labels))
+    shown = np.flatnonzero(w.max(axis=0) >= 0.05) if len(rows) else np.arange(0)
+    rest = np.setdiff1d(np.arange(len(labels)), shown)
+    bands = [w[:, k] for k in shown] + ([w[:, rest].sum(axis=1)] if len(rest) else [])
+    names = [labels[k] for k in shown] + ([f"{len(rest)} others"] if len(rest) else [])
+    colors = [f"C{i % 10}" for i in range(len(shown))] + (["0.8"] if len(rest) else [])
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    if bands:
+        ax.stackplot(rows, *bands, labels=names, colors=colors)
+    ax.set_xlim(rows[0] if len(rows) else 0, rows[-1] if len(rows) else 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("rows seen")
+    ax.set_ylabel("weight when the row was predicted")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
