@@ -1,0 +1,124 @@
+"""Online feature scaling, and the exact re-expression of a filter under a change of scaling."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import kalnat
+from kalnat import scaling
+
+P_FEAT = 3
+FAMILIES = {
+    "gaussian": kalnat.families.Gaussian(0.7),
+    "bernoulli": kalnat.families.Bernoulli(),
+    "categorical": kalnat.families.Categorical(3),
+    "poisson": kalnat.families.Poisson(),
+}
+OLD = (np.array([1.0, -2.0, 0.5]), np.array([2.0, 0.5, 3.0]))
+NEW = (np.array([1.4, -1.0, 0.0]), np.array([0.7, 1.5, 4.0]))
+
+
+def _stream(family, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, P_FEAT)) * OLD[1] + OLD[0]
+    z = ((X - OLD[0]) / OLD[1]) @ np.array([0.8, -0.6, 0.4])
+    if family.name == "gaussian":
+        y = z + rng.normal(size=n)
+    elif family.name == "bernoulli":
+        y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(np.int64)
+    elif family.name == "categorical":
+        y = np.digitize(z + rng.normal(size=n) * 0.5, [-0.5, 0.5])
+    else:
+        y = rng.poisson(np.exp(0.5 * z))
+    return X, y
+
+
+def _coords(X, stats):
+    return (X - stats[0]) / stats[1]
+
+
+def _theta(state):
+    return np.asarray(jax.flatten_util.ravel_pytree(state.params)[0])
+
+
+CASES = [(kind, fam) for kind in ("linear", "mlp") for fam in FAMILIES]
+
+
+@pytest.mark.parametrize("kind,fam", CASES, ids=[f"{k}-{f}" for k, f in CASES])
+def test_reexpression_leaves_predictions_and_later_updates_unchanged(kind, fam):
+    family = FAMILIES[fam]
+    model = (kalnat.models.linear(P_FEAT, family.n_outputs) if kind == "linear"
+             else kalnat.models.mlp(P_FEAT, (4,), family.n_outputs))
+    learner = kalnat.ekf(model, family, prior_var=0.5)
+    X, y = _stream(family)
+    first = kalnat.fit(learner, learner.init(model.init(jax.random.PRNGKey(1))),
+                       _coords(X[:20], OLD), y[:20])
+    # the state is donated by later fits: keep a copy for each branch
+    s_old = jax.tree_util.tree_map(jnp.copy, first.state)
+    s_new = scaling.reexpress_state(jax.tree_util.tree_map(jnp.copy, first.state), OLD, NEW)
+    Zo, Zn = _coords(X[20:], OLD), _coords(X[20:], NEW)
+    po, pn = learner.predict(s_old, Zo), learner.predict(s_new, Zn)
+    for a, b in ((po.mean, pn.mean), (po.mean_cov, pn.mean_cov), (po.obs_cov, pn.obs_cov)):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * float(np.max(np.abs(a))))
+    # the filter is equivariant: learning on in new coordinates is learning on in the old ones
+    ro = kalnat.fit(learner, s_old, Zo, y[20:])
+    rn = kalnat.fit(learner, s_new, Zn, y[20:])
+    for a, b in ((ro.predictions.mean, rn.predictions.mean),
+                 (ro.predictions.mean_cov, rn.predictions.mean_cov)):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * float(np.max(np.abs(a))))
+    back = scaling.reexpress_state(rn.state, NEW, OLD)
+    np.testing.assert_allclose(_theta(back), _theta(ro.state), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(back.cov, ro.state.cov, rtol=1e-9, atol=1e-12)
+
+
+def test_reexpression_of_the_normal_inverse_gamma_filter():
+    model = kalnat.models.linear(P_FEAT)
+    learner = kalnat.nig_filter(model, FAMILIES["gaussian"], prior_var=2.0)
+    X, y = _stream(FAMILIES["gaussian"], seed=3)
+    s = kalnat.fit(learner, learner.init(model.init(None)), _coords(X[:25], OLD), y[:25]).state
+    s2 = scaling.reexpress_state(jax.tree_util.tree_map(jnp.copy, s), OLD, NEW)
+    po, pn = learner.predict(s, _coords(X[25:], OLD)), learner.predict(s2, _coords(X[25:], NEW))
+    np.testing.assert_allclose(pn.mean, po.mean, rtol=1e-9)
+    np.testing.assert_allclose(pn.obs_cov, po.obs_cov, rtol=1e-9)
+
+
+def test_reexpression_needs_a_first_layer_with_bias_for_a_new_centre():
+    model = kalnat.models.linear(P_FEAT, bias=False)
+    s = kalnat.ekf(model, FAMILIES["bernoulli"]).init(model.init(None))
+    with pytest.raises(ValueError, match="bias"):
+        scaling.reexpress_state(s, OLD, NEW)
+    scaled = scaling.reexpress_state(s, OLD, (OLD[0], NEW[1]))  # a change of scale alone is fine
+    assert scaled.cov.shape == s.cov.shape
+    with pytest.raises(ValueError, match="must be"):
+        scaling.reexpress({"weights": jnp.zeros(3)}, jnp.eye(3), OLD, NEW)
+
+
+def test_running_statistics_use_earlier_rows_only_in_any_chunking():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(30, 2)) * [1.0, 5.0] + [3.0, -1.0]
+    Z, stats = scaling.transform_and_update(scaling.init(2), X)
+    for t in (2, 7, 29):
+        np.testing.assert_allclose(Z[t], (X[t] - X[:t].mean(0)) / X[:t].std(0), rtol=1e-12)
+    np.testing.assert_allclose(Z[1], X[1] - X[0])  # one row: centred, no scale yet
+    parts, s = [], scaling.init(2)
+    for a, b in ((0, 4), (4, 5), (5, 30)):
+        z, s = scaling.transform_and_update(s, X[a:b])
+        parts.append(z)
+    np.testing.assert_allclose(np.concatenate(parts), Z, rtol=1e-12)
+    np.testing.assert_allclose(s.std, X.std(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.mean, X.mean(0), rtol=1e-12)
+
+
+def test_frozen_statistics_stop_after_the_warm_up():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(30, 2)) * [2.0, 0.3]
+    Z, fs = scaling.transform_frozen(scaling.init_frozen(2, warmup=10), X)
+    Zr, _ = scaling.transform_and_update(scaling.init(2), X[:10])
+    np.testing.assert_allclose(Z[:10], Zr)
+    np.testing.assert_allclose(Z[10:], (X[10:] - X[:10].mean(0)) / X[:10].std(0), rtol=1e-12)
+    assert int(fs.stats.count) == 10
+    Z2, _ = scaling.transform_frozen(fs, X[:3])  # later chunks keep the frozen statistics
+    np.testing.assert_allclose(Z2, (X[:3] - X[:10].mean(0)) / X[:10].std(0), rtol=1e-12)
+    with pytest.raises(ValueError, match="warmup"):
+        scaling.init_frozen(2, warmup=1)
