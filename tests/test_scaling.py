@@ -83,6 +83,24 @@ def test_reexpression_of_the_normal_inverse_gamma_filter():
     np.testing.assert_allclose(pn.obs_cov, po.obs_cov, rtol=1e-9)
 
 
+@pytest.mark.parametrize("forgetting", [1.0, 0.95])
+def test_reexpression_with_prior_is_the_filter_that_saw_the_new_coordinates(forgetting):
+    # linear-Gaussian: the filter is the batch posterior, so resetting the prior in the new
+    # coordinates gives exactly the filter run there from the start
+    model = kalnat.models.linear(P_FEAT)
+    learner = kalnat.ekf(model, FAMILIES["gaussian"], prior_var=0.5, forgetting=forgetting)
+    X, y = _stream(FAMILIES["gaussian"], n=25, seed=6)
+    s_old = kalnat.fit(learner, learner.init(model.init(None)), _coords(X, OLD), y).state
+    s_new = kalnat.fit(learner, learner.init(model.init(None)), _coords(X, NEW), y).state
+    params, cov = scaling.reexpress_with_prior(s_old.params, s_old.cov, OLD, NEW, 0.5, forgetting ** 25)
+    np.testing.assert_allclose(np.asarray(jax.flatten_util.ravel_pytree(params)[0]), _theta(s_new),
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(cov, s_new.cov, rtol=1e-9, atol=1e-14)
+    # while the exact re-expression keeps the old prior, and so differs
+    exact = scaling.reexpress_state(s_old, OLD, NEW)
+    assert np.max(np.abs(np.asarray(exact.cov) - np.asarray(s_new.cov))) > 1e-3
+
+
 def test_reexpression_needs_a_first_layer_with_bias_for_a_new_centre():
     model = kalnat.models.linear(P_FEAT, bias=False)
     s = kalnat.ekf(model, FAMILIES["bernoulli"]).init(model.init(None))

@@ -21,7 +21,7 @@ import sys
 
 import click
 
-from kalnat.cli_learn import METHODS
+from kalnat.cli_learn import DEFAULT_SCALING, METHODS, SCALINGS
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -87,6 +87,11 @@ def _settings_options(f):
                      help="Rows per update (one linearisation point)."),
         click.option("--clip", default=5.0, show_default=True, type=float,
                      help="Clip standardised features to ±CLIP (0: no clipping)."),
+        click.option("--scaling", type=click.Choice(list(SCALINGS)), default=DEFAULT_SCALING,
+                     show_default=True, help="Feature standardisation (earlier rows only): "
+                     "running moves under the filter; follow and reprior freeze the statistics "
+                     "between rows 2, 4, 8, … and re-express the filter in the new coordinates, "
+                     "reprior with its prior reset there."),
         click.option("--seed", default=0, show_default=True, type=int,
                      help="Seed of the MLP's initial weights."),
         click.option("--shuffle", type=int, default=None, metavar="SEED",
@@ -106,7 +111,7 @@ def _config(kw) -> dict:
     from kalnat import cli_learn as run
 
     cfg = {k: kw[k] for k in ("target", "family", "classes", "model_spec", "method", "forgetting",
-                              "prior_var", "batch_size", "clip", "seed", "skip_bad_rows")}
+                              "prior_var", "batch_size", "clip", "scaling", "seed", "skip_bad_rows")}
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
     run.parse_model(cfg["model_spec"])  # early, clear error for a bad --model

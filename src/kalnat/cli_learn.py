@@ -210,6 +210,81 @@ def _target_affine(stats, y, min_std: float = 1e-8):
     return (y - center) / scale, center, scale, new
 
 
+# How features are standardised for the filter (earlier rows only, always):
+#   running  each row by the statistics of all rows before it. The coordinates move under the
+#            filter, which (learning at a rate ~1/t) never unlearns what it learned in the
+#            early ones;
+#   follow   statistics frozen between boundaries at rows 2, 4, 8, …; at each boundary θ and
+#            P are re-expressed exactly in the new coordinates (scaling.reexpress), so what
+#            was learned keeps its meaning;
+#   reprior  like follow, but the prior is reset to v·I in the new coordinates
+#            (scaling.reexpress_with_prior; linear models, else as follow): an early, too
+#            narrow scale does not leave a far too broad prior behind.
+SCALINGS = ("running", "follow", "reprior")
+DEFAULT_SCALING = "reprior"
+
+
+def block_end(rows: int) -> int:
+    """The first block boundary after ``rows`` rows: the next power of two (≥ 2)."""
+    b = 2
+    while b <= rows:
+        b *= 2
+    return b
+
+
+def _cov_of(state) -> np.ndarray:
+    """The covariance P of θ held by any core learner's state, in float64."""
+    if hasattr(state, "cov"):
+        return np.asarray(state.cov, np.float64)
+    if hasattr(state, "info"):
+        return np.linalg.inv(np.asarray(state.info, np.float64))
+    if hasattr(state, "fisher"):  # P = η J⁻¹ (PAPER.md §3)
+        return float(state.lr) * np.linalg.inv(np.asarray(state.fisher, np.float64))
+    if hasattr(state, "chol"):
+        L = np.asarray(state.chol, np.float64)
+        return L @ L.T
+    raise ValueError(f"cannot re-express a {type(state).__name__}: use --scaling running")
+
+
+def _with_cov(state, params, cov):
+    """``state`` with ``params`` and the covariance ``cov``, in the state's own form."""
+    P = np.asarray(cov, np.float64)
+    dtype = jax.tree_util.tree_leaves(state.params)[0].dtype
+    put = lambda a: jax.numpy.asarray(a, dtype)
+    if hasattr(state, "cov"):
+        return state._replace(params=params, cov=put(P))
+    if hasattr(state, "info"):
+        return state._replace(params=params, info=put(np.linalg.inv(P)))
+    if hasattr(state, "fisher"):
+        return state._replace(params=params, fisher=put(float(state.lr) * np.linalg.inv(P)))
+    return state._replace(params=params, chol=put(np.linalg.cholesky(P)))
+
+
+def _reexpressed(runner, state, old, new):
+    """A learner's or a bank's state moved from coordinates ``old`` to ``new``."""
+    with_prior = runner.scheme == "reprior" and parse_model(runner.cfg["model_spec"])[0] == "linear"
+
+    def one(st, prior_var, forgetting):
+        if with_prior:
+            rho = float(forgetting) ** int(st.count)
+            params, cov = scaling.reexpress_with_prior(st.params, _cov_of(st), old, new, prior_var, rho,
+                                                       (A, B))
+        else:
+            params, cov = scaling.reexpress(st.params, _cov_of(st), old, new, A)
+        return _with_cov(st, params, cov)
+
+    params = state.params if runner.bank is None else runner.bank.member_state(state, 0).params
+    A = scaling.reexpression_matrix(params, old, new)
+    B = scaling.reexpression_matrix(params, new, old) if with_prior else None
+    if runner.bank is None:
+        return one(state, *single_settings(runner.cfg))
+    hp = {k: np.asarray(v) for k, v in state.hparams.items()}
+    members = [one(runner.bank.member_state(state, k), hp["prior_var"][k], hp["forgetting"][k])
+               for k in range(runner.bank.size)]
+    stacked = jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *members)
+    return state._replace(members=stacked)
+
+
 class OnlineRunner:
     """One stream's learner, scalers and noise estimate (see the module's conventions)."""
 
@@ -227,6 +302,10 @@ class OnlineRunner:
         self.target_scaler = scaling.init(2) if self.gaussian else None
         self.noise = baselines.OnlineNoise() if self.gaussian else None
         self.rows = 0
+        self.scheme = cfg.get("scaling") or DEFAULT_SCALING
+        if self.scheme not in SCALINGS:
+            raise ValueError(f"unknown scaling {self.scheme!r}; expected one of {', '.join(SCALINGS)}")
+        self.coords = None  # (center, scale) the filter is expressed in (block schemes)
 
     def scale_features(self, X, update: bool = True):
         """Standardised, clipped features; rows before a scale exists enter as 0."""
@@ -242,7 +321,7 @@ class OnlineRunner:
     def step(self, X, y, callback=None) -> baselines.Predictions:
         """Predicts the rows ``X (n, p)`` with targets ``y (n,)`` (class indices, counts or
         reals), then learns them; returns the predictions in the target's units."""
-        Z = self.scale_features(X)
+        X = np.asarray(X, np.float64)
         if self.gaussian:
             c0 = int(self.target_scaler.count)
             ytrain, center, scale, self.target_scaler = _target_affine(self.target_scaler, y)
@@ -254,10 +333,13 @@ class OnlineRunner:
                 ytrain = np.clip(ytrain, -clip, clip)
         else:
             ytrain = y
-        res = kalnat.fit(self.learner, self.state, Z, ytrain, batch_size=int(self.cfg["batch_size"]),
-                         chunk_size=256, callback=callback)
-        self.state = res.state
-        p = res.predictions
+        batch = int(self.cfg["batch_size"])
+        if self.scheme == "running":
+            res = kalnat.fit(self.learner, self.state, self.scale_features(X), ytrain,
+                             batch_size=batch, chunk_size=256, callback=callback)
+            self.state, p = res.state, res.predictions
+        else:
+            p = self._learn_in_blocks(X, ytrain, batch, callback)
         self.rows += len(y)
         if self.bank:
             self.weights = np.asarray(p.weights, np.float64)
@@ -275,6 +357,40 @@ class OnlineRunner:
             return baselines.Predictions(mean=center + scale * mean[:, 0], var=scale**2 * var)
         return baselines.Predictions(mean=mean[:, 0])
 
+    def _learn_in_blocks(self, X, ytrain, batch, callback):
+        """Learns with coordinates frozen between :func:`block_end` boundaries, re-expressing
+        the filter in the new coordinates at each boundary (see :data:`SCALINGS`)."""
+        preds, pos, n = [], 0, len(ytrain)
+        while pos < n:
+            rows = self.rows + pos
+            cut = min(n, pos + block_end(rows) - rows)
+            Xb = X[pos:cut]
+            if self.coords is None:  # no scale yet: the rows teach the intercept only
+                Z = np.zeros_like(Xb)
+            else:
+                Z = (Xb - self.coords[0]) / self.coords[1]
+                clip = float(self.cfg.get("clip") or 0.0)
+                Z = np.clip(Z, -clip, clip) if clip > 0 else Z
+            self.scaler = scaling.transform_and_update(self.scaler, Xb)[1]
+            cb = None if callback is None else (lambda off: lambda done, st, pc: callback(off + done, st, pc))(pos)
+            # two scan shapes in all (row by row for short blocks, 256 per call for long
+            # ones), not one per block length: each shape compiles once
+            res = kalnat.fit(self.learner, self.state, Z, ytrain[pos:cut], batch_size=batch,
+                             chunk_size=1 if cut - pos < 256 * batch else 256, callback=cb)
+            self.state = res.state
+            preds.append(res.predictions)
+            pos = cut
+            if self.rows + pos == block_end(self.rows + pos - 1):
+                self._move_coords()
+        return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
+
+    def _move_coords(self):
+        new = scaling.standardizer(self.scaler)
+        if self.coords is not None and int(self.scaler.count) > 1:
+            self.state = _reexpressed(self, self.state, self.coords, new)
+        if int(self.scaler.count) > 1:
+            self.coords = new
+
     def extra(self) -> dict:
         """Everything :class:`LoadedModel` needs to rebuild this learner, as JSON."""
         ts = self.target_scaler
@@ -291,6 +407,8 @@ class OnlineRunner:
             "clip": float(self.cfg.get("clip") or 0.0),
             "seed": int(self.cfg.get("seed", 0)),
             "scaler": _stats_json(self.scaler),
+            "scaling": self.scheme,
+            "coords": None if self.coords is None else [np.asarray(a).tolist() for a in self.coords],
             "target_scaler": _stats_json(ts) if ts is not None else None,
             "noise": [self.noise.total, self.noise.weight] if self.noise else None,
             "rows_seen": self.rows,
@@ -453,6 +571,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
         "n_parameters": runner.n_parameters,
         "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
                                                "batch_size", "clip", "seed")},
+        "scaling": runner.scheme,
         "learner": runner.learner.name,
         "protocol": ("progressive validation: every row predicted before it is learned, one pass, "
                      "given order; features standardised with statistics of earlier rows only"),
@@ -520,6 +639,13 @@ class LoadedModel:
         return cls(extra, state, learner, family)
 
     def _scale(self, X):
+        coords = self.extra.get("coords")
+        clip = float(self.extra.get("clip") or 0.0)
+        if coords is not None:  # the coordinates the filter was left in (block schemes)
+            Z = (np.asarray(X, np.float64) - np.asarray(coords[0])) / np.asarray(coords[1])
+            return np.clip(Z, -clip, clip) if clip > 0 else Z
+        if self.extra.get("scaling", "running") != "running":  # fewer than two rows learned
+            return np.zeros_like(np.asarray(X, np.float64))
         s = self.scaler
         count = int(s.count)
         std = np.sqrt(s.m2 / max(count, 1))
@@ -528,7 +654,6 @@ class LoadedModel:
         Z = (np.asarray(X, np.float64) - center) / scale
         if count < 2:
             Z[:] = 0.0
-        clip = float(self.extra.get("clip") or 0.0)
         return np.clip(Z, -clip, clip) if clip > 0 else Z
 
     def header(self):

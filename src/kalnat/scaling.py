@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import scipy.linalg
 
 __all__ = [
     "RunningStats", "init", "transform_and_update", "FrozenStats", "init_frozen", "transform_frozen",
-    "standardizer", "reexpress", "reexpress_state",
+    "standardizer", "reexpression_matrix", "reexpress", "reexpress_state", "reexpress_with_prior",
 ]
 
 
@@ -113,25 +114,15 @@ def _first_layer(params):
                      "such layers (kalnat.models.mlp)")
 
 
-def reexpress(params, cov, old, new):
-    """θ and P of a filter in new feature coordinates, with every prediction unchanged.
+def reexpression_matrix(params, old, new) -> np.ndarray:
+    """The ``(d, d)`` matrix A of the change of coordinates ``θ' = A θ`` (see :func:`reexpress`).
 
-    The first layer sees ``z = (x − c)/s``. With new statistics ``(c', s')`` the same function
-    of x is ``W' z' + b'`` with ``W' = W diag(s'/s)`` and ``b' = b + W (c' − c)/s``: a linear map
-    ``θ' = A θ``. The EKF is equivariant under it (``H' = H A⁻¹``), so ``P' = A P Aᵀ`` keeps
-    ``H P Hᵀ`` and every later update the same: the filter is exactly the one that had seen
-    the new coordinates all along.
-
-    Args:
-      params: a params pytree whose first layer is ``{"w" (o, p), "b" (o,)}``.
-      cov: ``(d, d)`` covariance of the flat θ (P, or V of the normal–inverse-gamma filter).
-      old, new: ``(center (p,), scale (p,))`` before and after.
-
-    Returns:
-      ``(params', cov')``.
+    A depends on the structure of ``params`` and on the coordinates only, so one A serves
+    every filter over the same model (the members of a bank).
     """
     from jax.flatten_util import ravel_pytree
     import jax
+    import jax.numpy as jnp
 
     theta, unravel = ravel_pytree(params)
     c0, s0 = (np.asarray(a, np.float64) for a in old)
@@ -149,11 +140,88 @@ def reexpress(params, cov, old, new):
             new_layer["b"] = lay["b"] + W @ ((c1 - c0) / s0).astype(W.dtype)
         return ravel_pytree(put(new_layer))[0]
 
-    fv = jax.vmap(f)
-    return unravel(f(theta)), fv(fv(cov).T)  # fv(X) = X Aᵀ, so fv(fv(P)ᵀ) = A P Aᵀ
+    d = theta.shape[0]
+    return np.asarray(jax.vmap(f)(jnp.eye(d, dtype=jnp.float64)), np.float64).T  # rows of fv(I) = Aᵀ
 
 
-def reexpress_state(state, old, new):
+def reexpress(params, cov, old, new, A=None):
+    """θ and P of a filter in new feature coordinates, with every prediction unchanged.
+
+    The first layer sees ``z = (x − c)/s``. With new statistics ``(c', s')`` the same function
+    of x is ``W' z' + b'`` with ``W' = W diag(s'/s)`` and ``b' = b + W (c' − c)/s``: a linear map
+    ``θ' = A θ``. The EKF is equivariant under it (``H' = H A⁻¹``), so ``P' = A P Aᵀ`` keeps
+    ``H P Hᵀ`` and every later update the same: the filter is exactly the one that had seen
+    the new coordinates all along.
+
+    Args:
+      params: a params pytree whose first layer is ``{"w" (o, p), "b" (o,)}``.
+      cov: ``(d, d)`` covariance of the flat θ (P, or V of the normal–inverse-gamma filter).
+      old, new: ``(center (p,), scale (p,))`` before and after.
+      A: :func:`reexpression_matrix` of these, if already computed.
+
+    Returns:
+      ``(params', cov')`` in the dtype of ``params``.
+    """
+    from jax.flatten_util import ravel_pytree
+    import jax.numpy as jnp
+
+    theta, unravel = ravel_pytree(params)
+    A = reexpression_matrix(params, old, new) if A is None else A
+    P = np.asarray(cov, np.float64)
+    t = A @ np.asarray(theta, np.float64)
+    return unravel(jnp.asarray(t, theta.dtype)), jnp.asarray(A @ P @ A.T, theta.dtype)
+
+
+def reexpress_state(state, old, new, A=None):
     """A learner state (``params`` and ``cov``) re-expressed by :func:`reexpress`."""
-    params, cov = reexpress(state.params, state.cov, old, new)
+    params, cov = reexpress(state.params, state.cov, old, new, A)
     return state._replace(params=params, cov=cov)
+
+
+def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: float = 1.0,
+                         maps=None):
+    """Like :func:`reexpress`, but the prior ``N(0, prior_var·I)`` is set in the new
+    coordinates instead of carried over from the old ones.
+
+    :func:`reexpress` keeps the filter's prior as it was stated: ``v·I`` in coordinates whose
+    scale came from the first few rows. When a feature's early deviation was far too small
+    (rows sorted by class, a feature constant at first), that prior is very broad in the
+    better-scaled coordinates that follow and the filter turns overconfident. Here the
+    information ``P⁻¹ = ρ Λ₀ + D`` (prior, weighted by what forgetting has left of it, plus
+    data) keeps its data part ``D`` re-expressed exactly and gets ``ρ Λ₀ = ρ I / v`` afresh:
+    ``P'⁻¹ = A⁻ᵀ D A⁻¹ + ρ I/v``, and the information vector ``P⁻¹ θ`` (all data: the prior
+    mean is 0) is re-expressed exactly. For a linear-Gaussian model without forgetting this
+    is the batch posterior of all rows seen in the new coordinates under the prior ``v·I``
+    there. Valid for a zero prior mean (:func:`kalnat.models.linear`'s initial parameters).
+
+    Args:
+      params, cov, old, new: as :func:`reexpress`.
+      prior_var: ``v``, the prior variance of every parameter.
+      prior_weight: ``ρ``, the prior's remaining weight (``Π λ_t`` under forgetting, else 1).
+      maps: ``(A, A⁻¹)``, :func:`reexpression_matrix` of ``(params, old, new)`` and of
+        ``(params, new, old)``, if already computed.
+
+    Returns:
+      ``(params', cov')``; when the corrected information is not positive definite (it is, up
+      to rounding) the exact :func:`reexpress` result.
+    """
+    from jax.flatten_util import ravel_pytree
+
+    if maps is None:
+        maps = reexpression_matrix(params, old, new), reexpression_matrix(params, new, old)
+    A, B = maps  # B = A⁻¹: the change back
+    new_params, cov_exact = reexpress(params, cov, old, new, A)
+    theta, unravel = ravel_pytree(params)
+    d = theta.shape[0]
+    try:
+        eta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(np.asarray(cov, np.float64)),
+                                     np.column_stack([np.asarray(theta, np.float64), np.eye(d)]))
+        # P'⁻¹ = A⁻ᵀ P⁻¹ A⁻¹, then the prior swapped: − ρ A⁻ᵀA⁻¹/v + ρ I/v
+        info = B.T @ eta[:, 1:] @ B + float(prior_weight) / float(prior_var) * (np.eye(d) - B.T @ B)
+        factor = scipy.linalg.cho_factor(0.5 * (info + info.T))
+    except np.linalg.LinAlgError:
+        return new_params, cov_exact
+    cov_new = scipy.linalg.cho_solve(factor, np.eye(d))
+    theta_new = cov_new @ (B.T @ eta[:, 0])  # the information vector P⁻¹θ re-expressed: A⁻ᵀ P⁻¹ θ
+    return (unravel(np.asarray(theta_new, theta.dtype)),
+            np.asarray(0.5 * (cov_new + cov_new.T), theta.dtype))
