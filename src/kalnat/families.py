@@ -60,6 +60,10 @@ class Family(abc.ABC):
     def sample(self, key, yhat, shape=()):
         """Draws ``y`` of shape ``shape + event_shape`` from ``p(· | ŷ)``."""
 
+    def innovation(self, yhat, y):
+        """``e = T(y) − ŷ`` (``(m,)``), the innovation every learner uses."""
+        return self.stat(y).astype(yhat.dtype) - yhat
+
     def check(self, y) -> np.ndarray:
         """Validates observations on the host; returns them as a NumPy array.
 
@@ -80,8 +84,37 @@ class Family(abc.ABC):
         self._check_domain(y)
         return y
 
+    def check_rows(self, y):
+        """``(y, bad)`` for observations with a leading row axis: ``y (b,) + event_shape``.
+
+        The dtype and shape are validated as in :meth:`check` (``ValueError``); rows that are
+        not finite or lie outside the family's domain are reported in ``bad`` (``(b,)``
+        booleans) instead of raising, so a stream can skip them.
+        """
+        y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise ValueError(f"{self.name}: y must be numeric, got dtype {y.dtype}")
+        nd = len(self.event_shape)
+        if y.ndim != nd + 1 or y.shape[1:] != self.event_shape:
+            raise ValueError(
+                f"{self.name}: y must have shape (rows,) + {self.event_shape}, got {y.shape}"
+            )
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(y) & self._in_domain(y)
+        return y, ~ok.all(axis=tuple(range(1, y.ndim)))
+
+    # The domain of y: elementwise test and the message naming it (families with a restricted
+    # domain override both).
+    _domain = ""
+
+    def _in_domain(self, y: np.ndarray) -> np.ndarray:
+        return np.ones(y.shape, bool)
+
     def _check_domain(self, y: np.ndarray) -> None:
-        pass
+        ok = self._in_domain(y)
+        if not np.all(ok):
+            bad = y[~ok].ravel()[0].item()
+            raise ValueError(f"{self.name}: {self._domain}, got {bad!r}")
 
     def probs(self, yhat):
         """Class probabilities of a classifier, from ``ŷ``; ``None`` otherwise."""
@@ -191,10 +224,10 @@ class Bernoulli(Family):
     def sample(self, key, yhat, shape=()):
         return jax.random.bernoulli(key, yhat[0], shape).astype(jnp.int32)
 
-    def _check_domain(self, y):
-        if not np.all((y == 0) | (y == 1)):
-            bad = y[(y != 0) & (y != 1)].ravel()[0]
-            raise ValueError(f"bernoulli: labels must be 0 or 1, got {bad!r}")
+    _domain = "labels must be 0 or 1"
+
+    def _in_domain(self, y):
+        return (y == 0) | (y == 1)
 
     def probs(self, yhat):
         return jnp.concatenate([1.0 - yhat, yhat], axis=-1)
@@ -247,13 +280,12 @@ class Categorical(Family):
         p = jnp.concatenate([yhat, 1.0 - jnp.sum(yhat, keepdims=True)])
         return jax.random.categorical(key, jnp.log(p), shape=shape)
 
-    def _check_domain(self, y):
-        ok = (y == np.round(y)) & (y >= 0) & (y < self.num_classes)
-        if not np.all(ok):
-            bad = y[~ok].ravel()[0]
-            raise ValueError(
-                f"categorical: labels must be integers in 0..{self.num_classes - 1}, got {bad!r}"
-            )
+    @property
+    def _domain(self):
+        return f"labels must be integers in 0..{self.num_classes - 1}"
+
+    def _in_domain(self, y):
+        return (y == np.round(y)) & (y >= 0) & (y < self.num_classes)
 
     def probs(self, yhat):
         return jnp.concatenate([yhat, 1.0 - jnp.sum(yhat, axis=-1, keepdims=True)], axis=-1)
@@ -278,6 +310,17 @@ class Poisson(Family):
     def stat(self, y):
         return jnp.reshape(y, (1,))
 
+    def innovation(self, yhat, y):
+        # A count far above the predicted rate (a cold start at λ = 1 meeting counts in the
+        # thousands) is learned as if it were e_max = 3·max(λ, 1) + 6√λ above it. The linearised
+        # update moves λ by about e, i.e. the log-rate by up to ~e/λ: uncapped, one count of
+        # 2000 at λ = 1 throws z up by ~1000, the filter collapses P along x at the capped
+        # rate and never recovers (or loses positive definiteness). e_max is over 6 standard
+        # deviations of a Poisson(λ) above λ and at least 3 counts: data the model explains
+        # (P < 1e-7 per row) never reach it, so there the filter is unchanged.
+        e = self.stat(y).astype(yhat.dtype) - yhat
+        return jnp.minimum(e, 3.0 * jnp.maximum(yhat, 1.0) + 6.0 * jnp.sqrt(yhat))
+
     def cov(self, yhat):
         # Floored at the smallest normal number (λ = exp(z) underflows to 0 for very negative z).
         return jnp.maximum(yhat, _tiny(yhat.dtype)).reshape(1, 1)
@@ -289,11 +332,10 @@ class Poisson(Family):
     def sample(self, key, yhat, shape=()):
         return jax.random.poisson(key, yhat[0], shape)
 
-    def _check_domain(self, y):
-        ok = (y >= 0) & (y == np.round(y))
-        if not np.all(ok):
-            bad = y[~ok].ravel()[0]
-            raise ValueError(f"poisson: counts must be non-negative integers, got {bad!r}")
+    _domain = "counts must be non-negative integers"
+
+    def _in_domain(self, y):
+        return (y >= 0) & (y == np.round(y))
 
 
 def from_name(name: str, num_classes: int | None = None) -> Family:

@@ -50,7 +50,7 @@ def linearize(apply_flat, family, theta, xs, ys=None, mask=None) -> Linearizatio
     if ys is None:
         e = jnp.zeros_like(yhat)
     else:
-        e = jax.vmap(family.stat)(ys).astype(yhat.dtype) - yhat
+        e = jax.vmap(family.innovation)(yhat, ys)
     if mask is not None:
         H = jnp.where(mask[:, None, None], H, 0.0)
         e = jnp.where(mask[:, None], e, 0.0)

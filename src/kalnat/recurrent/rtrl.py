@@ -155,7 +155,7 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
     def step_and_predict(state: RTRLState, xs, ys, mask):
         theta, unravel, s, g, lin = propagate(state, xs)
         pred = core.predictive_from(state.core, lin)
-        e = jax.vmap(family.stat)(ys).astype(lin.yhat.dtype) - lin.yhat
+        e = jax.vmap(family.innovation)(lin.yhat, ys)
         lin = Linearization(lin.yhat, jnp.where(mask[:, None, None], lin.H, 0.0), lin.R,
                             jnp.where(mask[:, None], e, 0.0))
         core_state = core.update_from(state.core, theta, unravel, lin)
