@@ -24,10 +24,23 @@ __all__ = ["FitResult", "fit"]
 
 
 class FitResult(NamedTuple):
-    """``state`` after the last row; ``predictions`` (one row each, made before learning it)."""
+    """The outcome of :func:`fit`.
+
+    Attributes:
+      state: the learner's state after the last row.
+      predictions: one per row, made before learning it (``None`` if not kept); rows that
+        were skipped have NaN predictions.
+      skipped: ``(n,)`` booleans, the rows skipped as bad by ``skip_bad_rows`` (all false
+        without it); ``n_skipped`` is their count.
+    """
 
     state: object
     predictions: Optional[Predictive]
+    skipped: Optional[np.ndarray] = None
+
+    @property
+    def n_skipped(self) -> int:
+        return 0 if self.skipped is None else int(np.count_nonzero(self.skipped))
 
 
 _CHUNK_FNS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
@@ -62,7 +75,7 @@ def chunk_fn(learner, keep: bool):
 
 def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int = 256,
         return_predictions: bool = True, progress: bool = False,
-        callback: Optional[Callable] = None) -> FitResult:
+        callback: Optional[Callable] = None, skip_bad_rows: bool = False) -> FitResult:
     """Learns rows ``X (n, …)``, ``Y (n, …)`` in order, ``batch_size`` rows per update.
 
     A minibatch is one update at one linearisation point (PAPER.md §3); for a
@@ -77,23 +90,32 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
       return_predictions: keep the progressive predictions (``n`` rows of :class:`Predictive`).
       progress: show a progress bar.
       callback: ``callback(rows_done, state, chunk_predictions)`` after each chunk.
+      skip_bad_rows: instead of raising, skip the rows with NaN/inf in ``x`` or ``y`` or a
+        ``y`` outside the family's domain (a label that is not a class, a negative or
+        fractional count). A skipped row is not learned (a minibatch of skipped rows is no
+        update at all: the step count and forgetting do not advance), its prediction is NaN,
+        and it is flagged in ``FitResult.skipped``. Wrong shapes and dtypes still raise.
     """
     learner._check_state(state)
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    xs, single = learner.check_x(state, X)
-    if single:
-        raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
-    ys = learner.family.check(Y)
-    if ys.ndim == len(learner.family.event_shape):
-        raise ValueError(f"Y must have a leading row axis, got shape {ys.shape}")
+    if skip_bad_rows:
+        xs, ys, bad = _bad_rows(learner, state, X, Y)
+    else:
+        xs, single = learner.check_x(state, X)
+        if single:
+            raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
+        ys = learner.family.check(Y)
+        if ys.ndim == len(learner.family.event_shape):
+            raise ValueError(f"Y must have a leading row axis, got shape {ys.shape}")
+        if ys.shape[0] != xs.shape[0]:
+            raise ValueError(f"X has {xs.shape[0]} rows but Y has {ys.shape[0]}")
+        bad = np.zeros(xs.shape[0], bool)
     n = xs.shape[0]
-    if ys.shape[0] != n:
-        raise ValueError(f"X has {n} rows but Y has {ys.shape[0]}")
     if n == 0:
-        return FitResult(state, None)
+        return FitResult(state, None, bad)
 
     dtype = np.dtype(learner._dtype(state))
     n_batches = math.ceil(n / batch_size)
@@ -104,13 +126,16 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     with tqdm(total=n, disable=not progress, unit="row") as bar:
         for start in range(0, n, rows_per_chunk):
             stop = min(start + rows_per_chunk, n)
-            xc, yc, mc = _pad_chunk(xs[start:stop], ys[start:stop], rows_per_chunk, dtype)
+            xc, yc, mc = _pad_chunk(xs[start:stop], ys[start:stop], ~bad[start:stop],
+                                    rows_per_chunk, dtype)
             shape = (per_chunk, batch_size)
             state, pc = run(state, xc.reshape(shape + xc.shape[1:]),
                             yc.reshape(shape + yc.shape[1:]), mc.reshape(shape))
             if return_predictions:
                 pc = jax.tree_util.tree_map(
                     lambda a: np.asarray(a).reshape((rows_per_chunk,) + a.shape[2:])[: stop - start], pc)
+                if skip_bad_rows and bad[start:stop].any():
+                    pc = jax.tree_util.tree_map(lambda a: _blank(a, bad[start:stop]), pc)
                 preds.append(pc)
             bar.update(stop - start)
             if callback is not None:
@@ -118,13 +143,50 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     predictions = None
     if return_predictions:
         predictions = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
-    return FitResult(state, predictions)
+    return FitResult(state, predictions, bad)
 
 
-def _pad_chunk(x, y, rows, dtype):
+def _bad_rows(learner, state, X, Y):
+    """``(xs, ys, bad (n,))``: shapes and dtypes validated (``ValueError``), bad rows flagged.
+
+    Bad rows are overwritten (in copies) with the first good row, so that every row of a
+    minibatch linearises to finite numbers: a masked row contributes ``H = 0``, ``e = 0``, but
+    a NaN in its ``ŷ`` or ``R`` would still reach the factorisation of the stacked ``S``.
+    """
+    x = np.asarray(X)
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"x must be numeric, got dtype {x.dtype}")
+    finite = np.isfinite(x)
+    xs, single = learner.check_x(state, np.where(finite, x, 0) if not finite.all() else x)
+    if single:
+        raise ValueError(f"X must have a leading row axis, got shape {x.shape}")
+    ys, bad_y = learner.family.check_rows(Y)
+    n = xs.shape[0]
+    if ys.shape[0] != n:
+        raise ValueError(f"X has {n} rows but Y has {ys.shape[0]}")
+    bad = bad_y | ~finite.all(axis=tuple(range(1, x.ndim)))
+    if bad.any():
+        good = np.flatnonzero(~bad)
+        xs, ys = xs.copy(), ys.copy()
+        if good.size:
+            xs[bad], ys[bad] = xs[good[0]], ys[good[0]]
+        else:  # nothing to learn: every minibatch is skipped, any valid values will do
+            ys[bad] = 0
+    return xs, ys, bad
+
+
+def _blank(a, bad):
+    if a.dtype.kind != "f":
+        return a
+    a = np.array(a)
+    a[bad] = np.nan
+    return a
+
+
+def _pad_chunk(x, y, valid, rows, dtype):
     k = x.shape[0]
     mask = np.zeros(rows, bool)
-    mask[:k] = True
+    mask[:k] = valid
     if k < rows:  # pad with copies of the first row: valid inputs, masked out of every update
         x = np.concatenate([x, np.repeat(x[:1], rows - k, axis=0)])
         y = np.concatenate([y, np.repeat(y[:1], rows - k, axis=0)])

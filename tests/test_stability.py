@@ -1,0 +1,218 @@
+"""Numerical stability of the exact filter in its forms (issue: reliability).
+
+Stress streams: features scaled by 1e6, perfectly separable logistic data, Poisson counts in
+the thousands, 10⁴ steps of fading memory with λ = 0.9. Each runs through the covariance
+form, its Joseph option, the square-root form and the information form, in float64 and in
+float32: no NaN, and the covariance stays symmetric positive definite (a Cholesky
+factorisation of the float64 copy succeeds and its smallest eigenvalue is positive).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import kalnat
+from kalnat import families as F
+
+P_IN = 4
+FORMS = ("ekf", "joseph", "sqrt", "information")
+
+
+def flat(params):
+    return np.asarray(ravel_pytree(params)[0], np.float64)
+
+
+def covariance(state):
+    """``P_t`` of any form, in float64."""
+    if hasattr(state, "chol"):
+        c = np.asarray(state.chol, np.float64)
+        return c @ c.T
+    if hasattr(state, "info"):
+        return np.linalg.inv(np.asarray(state.info, np.float64))
+    return np.asarray(state.cov, np.float64)
+
+
+def stored_matrix(state):
+    for name in ("chol", "info", "cov"):
+        if hasattr(state, name):
+            return np.asarray(getattr(state, name), np.float64)
+
+
+def assert_healthy(state):
+    """θ finite; the stored matrix finite and (for P or P⁻¹) symmetric positive definite."""
+    assert np.all(np.isfinite(flat(state.params))), "θ is not finite"
+    a = stored_matrix(state)
+    assert np.all(np.isfinite(a)), "the covariance is not finite"
+    if hasattr(state, "chol"):
+        # P = L Lᵀ is positive definite iff the triangular factor has a positive diagonal.
+        assert np.all(np.diag(a) > 0), f"non-positive diagonal of L: {np.diag(a).min()}"
+        assert np.all(np.triu(a, 1) == 0), "L is not lower-triangular"
+        return
+    np.testing.assert_array_equal(a, a.T)  # symmetric by construction, not to rounding
+    np.linalg.cholesky(a)  # raises LinAlgError when not positive definite
+    assert np.linalg.eigvalsh(a).min() > 0
+
+
+@functools.lru_cache(maxsize=None)
+def learner(form, family, forgetting=1.0, bias=True):
+    """Built once per configuration, so each jitted chunk function compiles once."""
+    model = kalnat.models.linear(P_IN, bias=bias)
+    kw = dict(prior_var=1.0, forgetting=forgetting)
+    if form == "ekf":
+        return model, kalnat.ekf(model, family, **kw)
+    if form == "joseph":
+        return model, kalnat.ekf(model, family, joseph=True, **kw)
+    if form == "sqrt":
+        return model, kalnat.sqrt_ekf(model, family, **kw)
+    return model, kalnat.information_filter(model, family, **kw)
+
+
+def run(form, family, X, y, dtype, forgetting=1.0, chunk_size=512):
+    model, lrn = learner(form, family, forgetting)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
+    return kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=chunk_size,
+                      return_predictions=False).state
+
+
+DTYPES = [jnp.float64, jnp.float32]
+
+
+# In float32 only the square-root form: after one row P has variances ~1 across x and ~1e-14
+# along it, a condition number (1e14) that a float32 P or P⁻¹ cannot hold (it is ~1e7 times
+# its rounding), while the factor L only needs ~1e7 (its square root).
+@pytest.mark.parametrize("form,dtype", [(f, jnp.float64) for f in FORMS] + [("sqrt", jnp.float32)],
+                         ids=[f"{f}-f64" for f in FORMS] + ["sqrt-f32"])
+def test_features_scaled_by_1e6(form, dtype):
+    """Ill-scaled inputs: x ~ 1e6, so H Hᵀ ~ 1e12 against a unit prior."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1000, P_IN)) * 1e6
+    theta = rng.normal(size=P_IN) * 1e-6
+    y = X @ theta + 0.3 + 0.1 * rng.normal(size=1000)
+    state = run(form, F.Gaussian(0.01), X, y, dtype)
+    assert_healthy(state)
+    w = flat(state.params)[1:]  # params flatten as b, w
+    assert np.allclose(w * 1e6, theta * 1e6, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("form", FORMS)
+def test_perfectly_separable_logistic(form, dtype):
+    """θ grows without bound and p → 0 or 1: R = p(1 − p) underflows unless floored."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(2000, P_IN))
+    y = (X @ np.array([3.0, -2.0, 1.0, 0.5]) > 0).astype(float)
+    model, lrn = learner(form, F.Bernoulli())
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
+    res = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=512)
+    assert_healthy(res.state)
+    assert np.all(np.isfinite(res.predictions.mean))
+    assert np.mean((res.predictions.mean[1000:, 0] > 0.5) == y[1000:]) > 0.97
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("form", FORMS)
+def test_poisson_counts_in_the_thousands(form, dtype):
+    """From λ = 1 the first count of ~2000 throws z far up (capped); the filter walks back."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(2000, P_IN)) * 0.3
+    w = np.array([0.5, -0.3, 0.2, 0.1])
+    y = rng.poisson(np.exp(X @ w + 7.5)).astype(float)
+    assert y.min() > 500 and y.mean() > 1500
+    model, lrn = learner(form, F.Poisson())
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
+    res = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=512)
+    assert_healthy(res.state)
+    assert np.all(np.isfinite(res.predictions.mean))
+    rate = np.exp(X @ w + 7.5)
+    assert np.median(np.abs(np.log(res.predictions.mean[1000:, 0] / rate[1000:]))) < 0.1
+    assert abs(flat(res.state.params)[0] - 7.5) < 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("form", FORMS)
+def test_fading_memory_ten_thousand_steps(form, dtype):
+    """λ = 0.9 over 10⁴ rows of a drifting linear-Gaussian stream: P settles where forgetting
+    balances the data (an effective window of ~10 rows), neither collapsing nor blowing up,
+    and the filter tracks the drift."""
+    rng = np.random.default_rng(3)
+    n = 10_000
+    X = rng.normal(size=(n, P_IN))
+    drift = np.cumsum(rng.normal(size=(n, P_IN)) * 0.01, axis=0)
+    y = np.sum(X * drift, axis=1) + 0.1 * rng.normal(size=n)
+    model, lrn = learner(form, F.Gaussian(0.01), 0.9, False)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
+    res = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=1024)
+    assert_healthy(res.state)
+    assert int(res.state.count) == n
+    eig = np.linalg.eigvalsh(covariance(res.state))
+    # Steady state: P ≈ (1 − λ) R (Σ x xᵀ)⁻¹-ish, about 1e-3 here; far from 0 and from ∞.
+    assert 1e-5 < eig.min() and eig.max() < 1e-1
+    assert np.all(np.isfinite(res.predictions.mean))
+    assert np.mean(np.abs(res.predictions.mean[1000:, 0] - y[1000:])) < 0.2
+
+
+def test_poisson_innovation_is_exact_for_plausible_counts():
+    """The cap on a Poisson innovation never touches counts within 6σ of λ (nor any count ≤ 3
+    above it): there the filter is the plain EKF of PAPER.md §2a."""
+    fam = F.Poisson()
+    lams, ys = [], []
+    for lam in (1e-3, 0.3, 1.0, 4.0, 50.0, 2000.0):
+        top = int(lam + 6 * np.sqrt(lam) + 3)
+        ys.append(np.arange(0, top + 1, dtype=float))
+        lams.append(np.full(top + 1, lam))
+    lams, ys = np.concatenate(lams), np.concatenate(ys)
+    e = np.asarray(jax.vmap(fam.innovation)(jnp.asarray(lams)[:, None], jnp.asarray(ys)))[:, 0]
+    np.testing.assert_array_equal(e, ys - lams)
+    e = float(fam.innovation(jnp.array([1.0]), 2000.0)[0])
+    assert e == 3.0 + 6.0  # a count of 2000 at λ = 1 is learned as 10
+
+
+@pytest.mark.parametrize("forgetting,noise,batch", [(1.0, 0.0, 1), (0.97, 1e-3, 3)])
+def test_sqrt_ekf_equals_ekf_in_float64(forgetting, noise, batch):
+    """Same θ_t and P_t = L Lᵀ as the covariance form, to rounding (PAPER.md §2a)."""
+    rng = np.random.default_rng(5)
+    model = kalnat.models.mlp(3, (4,), 2)
+    fam = F.Categorical(3)
+    kw = dict(prior_var=0.5, forgetting=forgetting, process_noise=noise)
+    params = model.init(jax.random.PRNGKey(0))
+    X = rng.normal(size=(60, 3))
+    y = rng.integers(0, 3, 60)
+    a = kalnat.fit(kalnat.ekf(model, fam, **kw), kalnat.ekf(model, fam, **kw).init(params), X, y,
+                   batch_size=batch)
+    sq = kalnat.sqrt_ekf(model, fam, **kw)
+    b = kalnat.fit(sq, sq.init(params), X, y, batch_size=batch)
+    th = flat(a.state.params)
+    assert np.linalg.norm(flat(b.state.params) - th) <= 1e-9 * np.linalg.norm(th)
+    p = np.asarray(a.state.cov)
+    assert np.linalg.norm(covariance(b.state) - p) <= 1e-9 * np.linalg.norm(p)
+    np.testing.assert_allclose(b.predictions.mean, a.predictions.mean, rtol=1e-9, atol=1e-12)
+    assert_healthy(b.state)
+
+
+def test_float32_long_stream_sqrt_stays_close_to_float64():
+    """2·10⁴ rows of an ill-scaled linear-Gaussian stream (feature scales 10^±1, P's condition
+    number ~10⁴) in float32: L keeps a positive diagonal and θ, P stay near the float64 run
+    (benchmarks/long_stream_float32.py runs 10⁶ rows)."""
+    rng = np.random.default_rng(6)
+    n, d = 20_000, 6
+    scales = 10.0 ** np.linspace(-1, 1, d)
+    X = (rng.normal(size=(n, d)) * scales).astype(np.float32)
+    y = (X.astype(np.float64) @ (rng.normal(size=d) / scales) + 0.5 * rng.normal(size=n)).astype(np.float32)
+    model = kalnat.models.linear(d, bias=False)
+    lrn = kalnat.sqrt_ekf(model, F.Gaussian(0.25), prior_var=1.0)
+    out = {}
+    for dtype in (jnp.float32, jnp.float64):
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
+        out[dtype] = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=4096, return_predictions=False).state
+    s32, s64 = out[jnp.float32], out[jnp.float64]
+    assert s32.chol.dtype == jnp.float32
+    assert_healthy(s32)
+    th32, th64 = flat(s32.params), flat(s64.params)
+    assert np.linalg.norm(th32 - th64) < 1e-4 * np.linalg.norm(th64)
+    p32, p64 = covariance(s32), covariance(s64)
+    assert np.linalg.norm(p32 - p64) < 1e-4 * np.linalg.norm(p64)
+    assert np.linalg.eigvalsh(p32).min() > 0.5 * np.linalg.eigvalsh(p64).min()
