@@ -1,10 +1,15 @@
 """Save and restore a learner state to a portable ``.npz`` file.
 
-The file holds every leaf of the state (parameters, covariance, step counters) and a small
-JSON header: a format version, the state's type and pytree structure, and each leaf's shape
-and dtype. It is written atomically (a temporary file in the same folder, then a rename), so
-a crash mid-write leaves the previous checkpoint intact. Restoring needs a template state of
-the same learner and shapes (e.g. ``learner.init(params)``): a mismatch is a ``ValueError``.
+The file holds every leaf of the state (parameters, covariance, step counters, random keys)
+and a small JSON header: a format version, the state's type and pytree structure, and each
+leaf's shape and dtype. It is written atomically (a temporary file in the same folder, then a
+rename), so a crash mid-write leaves the previous checkpoint intact. Restoring needs a
+template state of the same learner and shapes (e.g. ``learner.init(params)``): a mismatch is
+a ``ValueError``. The values are restored bit for bit, so a stream resumed from a checkpoint
+continues exactly as if it had never stopped.
+
+Typed random keys (``jax.random.key``) are stored as their raw key data with the name of
+their implementation; raw ``uint32`` keys (``jax.random.PRNGKey``) are plain arrays.
 """
 
 from __future__ import annotations
@@ -12,14 +17,25 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["save", "load", "FORMAT_VERSION"]
+__all__ = ["save", "load", "read_header", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
+
+
+def _is_key(a) -> bool:
+    return hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def _leaf_spec(a):
+    if _is_key(a):
+        return [list(a.shape), f"key:{jax.random.key_impl(a)}"]
+    return [list(np.shape(a)), str(np.asarray(a).dtype)]
 
 
 def _header(state, extra=None):
@@ -29,22 +45,30 @@ def _header(state, extra=None):
         "version": FORMAT_VERSION,
         "state_type": type(state).__name__,
         "treedef": str(treedef),
-        "leaves": [[list(np.shape(a)), str(np.asarray(a).dtype)] for a in leaves],
+        "leaves": [_leaf_spec(a) for a in leaves],
         "extra": extra or {},
     }
 
 
 def save(path, state, extra: dict | None = None) -> str:
-    """Writes ``state`` (and JSON-able ``extra`` metadata) to ``path`` atomically."""
+    """Writes ``state`` (and JSON-able ``extra`` metadata) to ``path`` atomically.
+
+    Nothing is written unless the whole file is: on any failure the temporary file is removed
+    and an existing checkpoint at ``path`` is left as it was.
+    """
     path = os.fspath(path)
-    leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(state)]
-    header = _header(state, extra)
+    leaves = [np.asarray(jax.random.key_data(a)) if _is_key(a) else np.asarray(a)
+              for a in jax.tree_util.tree_leaves(state)]
+    try:
+        header = json.dumps(_header(state, extra)).encode()
+    except TypeError as err:
+        raise ValueError(f"checkpoint: extra metadata must be JSON-serialisable ({err})") from None
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, __header__=np.frombuffer(json.dumps(header).encode(), np.uint8),
+            np.savez(f, __header__=np.frombuffer(header, np.uint8),
                      **{f"leaf_{i}": a for i, a in enumerate(leaves)})
             f.flush()
             os.fsync(f.fileno())
@@ -61,9 +85,10 @@ def read_header(path) -> dict:
     try:
         with np.load(os.fspath(path)) as z:
             header = json.loads(bytes(z["__header__"]).decode())
-    except (OSError, KeyError, ValueError) as err:
-        raise ValueError(f"{path}: not a kalnat checkpoint ({err})") from None
-    if header.get("format") != "kalnat-checkpoint":
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, TypeError, AttributeError) as err:
+        # A truncated or foreign file: numpy raises any of these depending on where it stops.
+        raise ValueError(f"{path}: not a kalnat checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict) or header.get("format") != "kalnat-checkpoint":
         raise ValueError(f"{path}: not a kalnat checkpoint")
     if header.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format version {header.get('version')}, "
@@ -72,16 +97,36 @@ def read_header(path) -> dict:
 
 
 def load(path, like):
-    """Restores a state saved by :func:`save`, with the structure of the template ``like``."""
+    """Restores a state saved by :func:`save`, with the structure of the template ``like``.
+
+    Raises ``ValueError`` when the file is not a checkpoint, holds another learner's state
+    type, or its pytree structure, shapes or dtypes differ from ``like``'s.
+    """
     header = read_header(path)
     expected = _header(like)
-    if header["state_type"] != expected["state_type"]:
-        raise ValueError(f"{path}: holds a {header['state_type']}, expected a {expected['state_type']} "
+    if header.get("state_type") != expected["state_type"]:
+        raise ValueError(f"{path}: holds a {header.get('state_type')}, expected a {expected['state_type']} "
                          "(written by a different learner)")
-    if header["treedef"] != expected["treedef"] or header["leaves"] != expected["leaves"]:
-        raise ValueError(f"{path}: parameter structure or shapes differ from this learner's "
-                         f"({header['leaves']} vs {expected['leaves']})")
+    if header.get("treedef") != expected["treedef"]:
+        raise ValueError(f"{path}: the state's structure differs from this learner's "
+                         f"(another model or learner configuration)")
+    if header.get("leaves") != expected["leaves"]:
+        diff = [(i, a, b) for i, (a, b) in enumerate(zip(header.get("leaves", []), expected["leaves"]))
+                if a != b]
+        first = f"leaf {diff[0][0]}: {diff[0][1]} in the file, {diff[0][2]} expected" if diff else ""
+        raise ValueError(f"{path}: shapes or dtypes differ from this learner's ({first})")
     treedef = jax.tree_util.tree_structure(like)
-    with np.load(os.fspath(path)) as z:
-        leaves = [jnp.asarray(z[f"leaf_{i}"]) for i in range(len(header["leaves"]))]
+    leaves = []
+    try:
+        with np.load(os.fspath(path)) as z:
+            for i, (shape, dtype) in enumerate(header["leaves"]):
+                a = z[f"leaf_{i}"]
+                if dtype.startswith("key:"):
+                    leaves.append(jax.random.wrap_key_data(jnp.asarray(a), impl=dtype[4:]))
+                    continue
+                if list(a.shape) != shape or str(a.dtype) != dtype:
+                    raise ValueError(f"leaf {i} is {a.shape} {a.dtype}, its header says {shape} {dtype}")
+                leaves.append(jnp.asarray(a))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: damaged checkpoint ({err})") from None
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,260 @@
+"""Checkpoints: every learner's state saved and restored bit for bit, exact resume of a stream
+(also after the process is killed), clear errors for a wrong file, atomic writes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kalnat
+from kalnat import checkpoint, recurrent
+from kalnat import families as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+P_IN = 3
+N = 60
+CUT = 23  # not a multiple of any chunk: the resumed stream restarts mid-chunk
+
+
+def _data(family, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(N, P_IN))
+    z = X @ np.array([1.0, -2.0, 0.5])
+    if family.name == "bernoulli":
+        return X, (rng.uniform(size=N) < 1 / (1 + np.exp(-z))).astype(float)
+    return X, z + 0.3 * rng.normal(size=N)
+
+
+MODEL = kalnat.models.linear(P_IN)
+BER, GAU = F.Bernoulli(), F.Gaussian(0.3)
+
+# Built once at import: each jitted chunk function then compiles once for the whole file.
+LEARNERS = {
+    "ekf": (kalnat.ekf(MODEL, BER, forgetting=0.99), BER),
+    "sqrt_ekf": (kalnat.sqrt_ekf(MODEL, BER, process_noise=1e-4), BER),
+    "information": (kalnat.information_filter(MODEL, BER), BER),
+    "natural_gradient": (kalnat.natural_gradient(MODEL, BER), BER),
+    "iterated": (kalnat.iterated_ekf(MODEL, BER, iterations=2), BER),
+    "nig": (kalnat.nig_filter(MODEL, GAU, forgetting=0.99), GAU),
+    "bank": (kalnat.ekf_bank(MODEL, BER, prior_vars=(0.1, 1.0), forgettings=(1.0, 0.99)), BER),
+}
+
+CELL = recurrent.elman(P_IN, 3)
+RECURRENT = {
+    "rtrl": recurrent.rtrl(CELL, GAU, forgetting=0.99),
+    "joint_ekf": recurrent.joint_ekf(CELL, GAU, forgetting=0.99),
+}
+
+
+def leaves(state):
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(state)]
+
+
+def assert_identical(a, b):
+    """Same pytree, same dtypes, the same bits."""
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(leaves(a), leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+def copy(state):
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_resume_from_checkpoint_is_bit_identical(name, tmp_path):
+    learner, family = LEARNERS[name]
+    X, y = _data(family)
+    params = MODEL.init(None)
+    whole = kalnat.fit(learner, learner.init(params), X, y, chunk_size=16)
+
+    first = kalnat.fit(learner, learner.init(params), X[:CUT], y[:CUT], chunk_size=16)
+    path = checkpoint.save(tmp_path / "mid.npz", first.state, extra={"rows": CUT})
+    restored = checkpoint.load(path, learner.init(params))
+    assert_identical(restored, first.state)  # every leaf, the step counters included
+    assert int(restored.count) == CUT
+    assert checkpoint.read_header(path)["extra"] == {"rows": CUT}
+    second = kalnat.fit(learner, restored, X[CUT:], y[CUT:], chunk_size=16)
+
+    assert_identical(second.state, whole.state)
+    np.testing.assert_array_equal(np.concatenate([first.predictions.mean, second.predictions.mean]),
+                                  whole.predictions.mean)
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_recurrent_resume_is_bit_identical(name, tmp_path):
+    learner = RECURRENT[name]
+    params = CELL.init(jax.random.PRNGKey(0))
+    X, y = _data(GAU, seed=1)
+    whole = recurrent.fit_sequence(learner, learner.init(params), X, y, chunk_size=16)
+    first = recurrent.fit_sequence(learner, learner.init(params), X[:CUT], y[:CUT], chunk_size=16)
+    checkpoint.save(tmp_path / "mid.npz", first.state)
+    restored = checkpoint.load(tmp_path / "mid.npz", learner.init(params))
+    assert_identical(restored, first.state)  # θ, covariance, hidden state (and G), count
+    second = recurrent.fit_sequence(learner, restored, X[CUT:], y[CUT:], chunk_size=16)
+    assert_identical(second.state, whole.state)
+
+
+class KeyedState(NamedTuple):
+    params: dict
+    key: jax.Array
+    raw_key: jax.Array
+    count: jax.Array
+
+
+def test_random_keys_and_counters_round_trip(tmp_path):
+    """A state holding a typed key and a raw uint32 key: both restored, both draw the same."""
+    state = KeyedState({"w": jnp.arange(3.0)}, jax.random.key(7), jax.random.PRNGKey(8),
+                       jnp.asarray(41, jnp.int32))
+    checkpoint.save(tmp_path / "k.npz", state)
+    like = KeyedState({"w": jnp.zeros(3)}, jax.random.key(0), jax.random.PRNGKey(0), jnp.zeros((), jnp.int32))
+    back = checkpoint.load(tmp_path / "k.npz", like)
+    assert jax.dtypes.issubdtype(back.key.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.normal(back.key, (4,)), jax.random.normal(state.key, (4,)))
+    np.testing.assert_array_equal(jax.random.normal(back.raw_key, (4,)), jax.random.normal(state.raw_key, (4,)))
+    assert back.count.dtype == jnp.int32 and int(back.count) == 41
+    np.testing.assert_array_equal(back.params["w"], state.params["w"])
+
+
+# ---- wrong files ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ekf_file(tmp_path_factory):
+    learner, _ = LEARNERS["ekf"]
+    path = tmp_path_factory.mktemp("ck") / "ekf.npz"
+    checkpoint.save(path, learner.init(MODEL.init(None)))
+    return path
+
+
+def test_checkpoint_of_another_learner_is_refused(ekf_file):
+    sq, _ = LEARNERS["sqrt_ekf"]
+    with pytest.raises(ValueError, match="holds a EKFState, expected a SqrtEKFState"):
+        checkpoint.load(ekf_file, sq.init(MODEL.init(None)))
+    bank, _ = LEARNERS["bank"]
+    with pytest.raises(ValueError, match="different learner"):
+        checkpoint.load(ekf_file, bank.init(MODEL.init(None)))
+
+
+def test_checkpoint_of_another_shape_or_dtype_is_refused(ekf_file):
+    bigger = kalnat.models.linear(P_IN + 1)
+    learner = kalnat.ekf(bigger, BER)
+    with pytest.raises(ValueError, match=r"shapes or dtypes differ.*\[1, 3\].*\[1, 4\]"):
+        checkpoint.load(ekf_file, learner.init(bigger.init(None)))
+    no_bias = kalnat.models.linear(P_IN, bias=False)
+    with pytest.raises(ValueError, match="structure differs"):
+        checkpoint.load(ekf_file, kalnat.ekf(no_bias, BER).init(no_bias.init(None)))
+    f32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), MODEL.init(None))
+    with pytest.raises(ValueError, match="float64.*float32"):
+        checkpoint.load(ekf_file, LEARNERS["ekf"][0].init(f32))
+
+
+def test_files_that_are_not_checkpoints_are_refused(tmp_path, ekf_file):
+    like = LEARNERS["ekf"][0].init(MODEL.init(None))
+    (tmp_path / "text.npz").write_text("hello")
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    data = ekf_file.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])  # a write that never finished
+    for name in ("text.npz", "plain.npz", "cut.npz", "missing.npz"):
+        with pytest.raises(ValueError, match="not a kalnat checkpoint"):
+            checkpoint.load(tmp_path / name, like)
+
+
+def test_other_format_version_is_refused(tmp_path, monkeypatch):
+    state = LEARNERS["ekf"][0].init(MODEL.init(None))
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 99)
+    checkpoint.save(tmp_path / "v99.npz", state)
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    with pytest.raises(ValueError, match="format version 99"):
+        checkpoint.load(tmp_path / "v99.npz", state)
+
+
+# ---- atomic writes -------------------------------------------------------------------
+
+
+def test_failed_write_leaves_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    learner, _ = LEARNERS["ekf"]
+    old = learner.init(MODEL.init(None))
+    path = tmp_path / "state.npz"
+    checkpoint.save(path, old, extra={"rows": 1})
+    before = path.read_bytes()
+    new = kalnat.fit(learner, learner.init(MODEL.init(None)), *_data(BER)).state
+
+    real_savez = np.savez
+
+    def savez_then_fail(f, **arrays):  # the disk fills up half-way through the file
+        real_savez(f, **arrays)
+        f.truncate(100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", savez_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(path, new, extra={"rows": 2})
+    monkeypatch.setattr(np, "savez", real_savez)
+    assert sorted(os.listdir(tmp_path)) == ["state.npz"]  # no temporary file left behind
+    assert path.read_bytes() == before
+    assert_identical(checkpoint.load(path, old), old)
+
+    with pytest.raises(ValueError, match="JSON"):
+        checkpoint.save(path, new, extra={"rows": object()})
+    assert sorted(os.listdir(tmp_path)) == ["state.npz"] and path.read_bytes() == before
+
+
+# ---- a killed stream -----------------------------------------------------------------
+
+
+def _rows_saved(path):
+    try:
+        return checkpoint.read_header(path)["extra"]["rows"]
+    except ValueError:
+        return 0
+
+
+def test_stream_killed_mid_run_resumes_to_the_uninterrupted_state(tmp_path):
+    """SIGKILL a process that checkpoints after each chunk, start it again: it resumes from
+    its last checkpoint and ends in the state of one uninterrupted run, bit for bit."""
+    sys.path.insert(0, HERE)
+    try:
+        import checkpoint_worker as worker
+    finally:
+        sys.path.remove(HERE)
+    script = os.path.join(HERE, "checkpoint_worker.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, script, str(tmp_path), "--pause", "0.05"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state_file = tmp_path / "state.npz"
+    deadline = time.monotonic() + 60
+    try:
+        while _rows_saved(state_file) < 3 * worker.CHUNK:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "the worker wrote no checkpoint"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _rows_saved(state_file)
+    assert 0 < killed_at < worker.ROWS and not (tmp_path / "final.npz").exists()
+
+    out = subprocess.run([sys.executable, script, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("resumed at ")
+    assert int(out.stdout.split()[2]) >= killed_at
+
+    model, learner = worker.learner()
+    X, y = worker.stream()
+    like = learner.init(model.init(None))
+    uninterrupted = kalnat.fit(learner, learner.init(model.init(None)), X, y).state
+    final = checkpoint.load(tmp_path / "final.npz", like)
+    assert int(final.count) == worker.ROWS
+    assert_identical(final, uninterrupted)
