@@ -38,11 +38,12 @@ def test_one_iteration_is_the_ekf_exactly(forgetting):
 def test_many_iterations_reach_the_one_step_map(family, y):
     rng = np.random.default_rng(1)
     X = rng.normal(size=(3, P_FEAT)) * 0.8
-    learner = kalnat.iterated_ekf(MODEL, family, prior_var=0.7, iterations=40)
+    # canonical links: Gauss–Newton is Newton's method here, a dozen steps reach rounding
+    learner = kalnat.iterated_ekf(MODEL, family, prior_var=0.7, iterations=12)
     s0 = learner.init({"w": jnp.asarray(rng.normal(size=(1, P_FEAT)) * 0.3), "b": jnp.asarray([0.1])})
     theta0, unravel = jax.flatten_util.ravel_pytree(s0.params)
     P0 = np.asarray(s0.cov)
-    s1 = learner.step(s0, jnp.asarray(X), jnp.asarray(y))  # one update from three rows
+    s1 = jax.jit(learner.step)(s0, jnp.asarray(X), jnp.asarray(y))  # one update from three rows
 
     def objective(th):
         th = jnp.asarray(th)
@@ -67,3 +68,17 @@ def test_many_iterations_reach_the_one_step_map(family, y):
 def test_iterations_must_be_positive():
     with pytest.raises(ValueError, match="iterations"):
         kalnat.iterated_ekf(MODEL, BERN, iterations=0)
+
+
+def test_bank_over_iteration_counts_equals_its_members():
+    X, y = _stream(n=12, seed=2)
+    b = kalnat.ekf_bank(MODEL, BERN, prior_vars=(3.0,), forgettings=(1.0,), iterations=(1, 2), share=0.0)
+    res = kalnat.fit(b, b.init(MODEL.init(None)), X, y)
+    for k, cfg in enumerate(b.configs):
+        one = kalnat.iterated_ekf(MODEL, BERN, prior_var=cfg["prior_var"], iterations=int(cfg["iterations"]))
+        s = kalnat.fit(one, one.init(MODEL.init(None)), X, y).state
+        mem = b.member_state(res.state, k)
+        np.testing.assert_allclose(mem.params["w"], s.params["w"], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(mem.cov, s.cov, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="iterations"):
+        kalnat.ekf_bank(MODEL, BERN, iterations=(1, 0))

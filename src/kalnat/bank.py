@@ -243,11 +243,16 @@ def bank(make: Callable[..., Learner], configs: Sequence[dict], *, share: float 
 
 
 def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
-             forgettings: Sequence[float] = DEFAULT_FORGETTINGS, iterations: int = 1,
+             forgettings: Sequence[float] = DEFAULT_FORGETTINGS, iterations=1,
              share: float = DEFAULT_SHARE, moderated: bool = False, input_shape=None,
              learner: Optional[str] = None) -> Bank:
     """The grid ``prior_vars × forgettings`` of EKFs (or iterated EKFs, or normal–inverse-gamma
-    filters for a Gaussian family with unknown noise when ``learner="nig"``) as one bank."""
+    filters for a Gaussian family with unknown noise when ``learner="nig"``) as one bank.
+
+    ``iterations``: linearisations per update (:func:`kalnat.iterated_ekf`), or a sequence of
+    such counts, a third axis of the grid (every member runs the largest count and uses its
+    own).
+    """
     from kalnat.learners.ekf import ekf
     from kalnat.learners.iterated import iterated_ekf
     from kalnat.learners.nig import nig_filter
@@ -259,17 +264,24 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
         if not float(v) > 0.0:
             raise ValueError(f"prior_var must be positive, got {v}")
     kind = learner or "ekf"
+    counts = tuple(int(i) for i in np.atleast_1d(iterations))
+    if any(i < 1 for i in counts) or any(i != j for i, j in zip(counts, np.atleast_1d(iterations))):
+        raise ValueError(f"iterations must be positive integers, got {iterations}")
 
-    def make(prior_var, forgetting):
+    def make(prior_var, forgetting, iterations=None):
         fg = lambda t: forgetting  # a callable keeps a traced forgetting factor out of host checks
         if kind == "nig":
             return nig_filter(model, family, prior_var=prior_var, forgetting=fg, input_shape=input_shape)
-        if kind == "iterated" or iterations > 1:
+        if kind == "iterated" or max(counts) > 1:
             return iterated_ekf(model, family, prior_var=prior_var, forgetting=fg,
-                                iterations=iterations, input_shape=input_shape)
+                                iterations=max(counts), input_shape=input_shape, active=iterations)
         return ekf(model, family, prior_var=prior_var, forgetting=fg, input_shape=input_shape)
 
-    configs = [dict(prior_var=v, forgetting=f) for v, f in itertools.product(prior_vars, forgettings)]
+    grid = itertools.product(prior_vars, forgettings)
+    if len(counts) > 1:
+        configs = [dict(prior_var=v, forgetting=f, iterations=i) for (v, f), i in itertools.product(grid, counts)]
+    else:
+        configs = [dict(prior_var=v, forgetting=f) for v, f in grid]
     return bank(make, configs, share=share, moderated=moderated, name=f"{kind}_bank")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,11 +35,16 @@ __all__ = ["IteratedEKF", "iterated_ekf"]
 
 @dataclass(frozen=True, eq=False)
 class IteratedEKF(Learner):
-    """An EKF whose update relinearises ``iterations`` times (state: :class:`EKFState`)."""
+    """An EKF whose update relinearises ``iterations`` times (state: :class:`EKFState`).
+
+    ``active`` (``None``: all) is how many of them count, possibly a traced scalar: the
+    members of a bank (:func:`kalnat.ekf_bank`) then differ in it inside one vmapped step.
+    """
 
     iterations: int = 1
     forgetting: object = 1.0
     process_noise: object = 0.0
+    active: object = None
 
     def _update(self, state, theta0, unravel, lin0, xs, ys, mask):
         q = self.process_noise
@@ -59,9 +63,14 @@ class IteratedEKF(Learner):
             return theta0 + w @ v, w
 
         theta, w = solve(theta0, lin0)
-        for _ in range(self.iterations - 1):  # small static count: unrolled
+        for i in range(self.iterations - 1):  # small static count: unrolled
             lin = _lin.linearize(apply_flat, self.family, theta, xs, ys, mask)
-            theta, w = solve(theta, lin)
+            theta_next, w_next = solve(theta, lin)
+            if self.active is None:
+                theta, w = theta_next, w_next
+            else:
+                use = i + 2 <= self.active
+                theta, w = jnp.where(use, theta_next, theta), jnp.where(use, w_next, w)
         return EKFState(unravel(theta), p * c - w @ w.T, state.count + 1)
 
     def step(self, state, xs, ys, mask=None):
@@ -75,12 +84,14 @@ class IteratedEKF(Learner):
 
 
 def iterated_ekf(model, family: Family, *, iterations: int = 2, prior_var=1.0,
-                 forgetting: Forgetting = 1.0, process_noise=0.0, input_shape=None) -> Learner:
+                 forgetting: Forgetting = 1.0, process_noise=0.0, input_shape=None,
+                 active=None) -> Learner:
     """Iterated EKF on the flat parameter θ: ``iterations`` Gauss–Newton steps per update.
 
     Args:
       model, family, prior_var, forgetting, process_noise, input_shape: as :func:`kalnat.ekf`.
       iterations: linearisations per update (1 is the EKF).
+      active: use only the first ``active`` (≤ ``iterations``) of them; may be traced.
 
     Returns:
       A :class:`~kalnat.learners.base.Learner` whose state is
@@ -108,4 +119,4 @@ def iterated_ekf(model, family: Family, *, iterations: int = 2, prior_var=1.0,
                   iterations=int(iterations))
     return IteratedEKF("iterated_ekf", apply, family, Rule(init, update, quad, EKFState),
                        input_shape, config, iterations=int(iterations), forgetting=forgetting,
-                       process_noise=q)
+                       process_noise=q, active=active)
