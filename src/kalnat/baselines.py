@@ -231,9 +231,12 @@ def _n_classes_from(family, y):
 
 # ---- scikit-learn and river one-pass learners -------------------------------------------
 
-def sklearn_sgd(X, y, family, *, n_classes: Optional[int] = None, seed: int = 0) -> Predictions:
+def sklearn_sgd(X, y, family, *, n_classes: Optional[int] = None, seed: int = 0,
+                **options) -> Predictions:
     """scikit-learn's ``SGDClassifier(loss="log_loss")`` or ``SGDRegressor`` learning one row
-    at a time with ``partial_fit``, default settings; each row predicted before it is learned.
+    at a time with ``partial_fit``, default settings unless ``options`` (the estimator's own
+    keywords: ``alpha``, ``learning_rate``, ``eta0``, …) say otherwise; each row predicted
+    before it is learned.
 
     Counts (poisson) have no scikit-learn online learner: ``ValueError``.
     """
@@ -244,7 +247,7 @@ def sklearn_sgd(X, y, family, *, n_classes: Optional[int] = None, seed: int = 0)
     n = len(X)
     if fam.is_classifier:
         K = _n_classes(fam)
-        clf = SGDClassifier(loss="log_loss", random_state=seed)
+        clf = SGDClassifier(loss="log_loss", random_state=seed, **options)
         probs = np.full((n, K), 1.0 / K)
         classes = np.arange(K)
         for t in range(n):
@@ -255,7 +258,7 @@ def sklearn_sgd(X, y, family, *, n_classes: Optional[int] = None, seed: int = 0)
         return Predictions(probs=_finite_probs(probs))
     if fam.name == "poisson":
         raise ValueError("scikit-learn has no online Poisson learner")
-    reg = SGDRegressor(random_state=seed)
+    reg = SGDRegressor(random_state=seed, **options)
     mean = np.zeros(n)
     for t in range(n):
         if t:
@@ -264,20 +267,23 @@ def sklearn_sgd(X, y, family, *, n_classes: Optional[int] = None, seed: int = 0)
     return Predictions(mean=np.where(np.isfinite(mean), mean, 0.0))
 
 
-def river_linear(X, y, family, *, n_classes: Optional[int] = None) -> Predictions:
+def river_linear(X, y, family, *, n_classes: Optional[int] = None,
+                 lr: Optional[float] = None) -> Predictions:
     """river's ``LogisticRegression`` (binary), ``SoftmaxRegression`` (classes) or
-    ``LinearRegression`` (gaussian), default settings, ``learn_one`` row by row.
+    ``LinearRegression`` (gaussian), ``learn_one`` row by row; default settings, or plain SGD
+    at learning rate ``lr`` (weights and intercept) when it is given.
 
     Raises ``ImportError`` without river and ``ValueError`` for counts (no river learner).
     """
-    from river import linear_model
+    from river import linear_model, optim
 
     fam = _family(family, n_classes or _n_classes_from(family, y))
     X = np.asarray(X, np.float64)
     n, p = X.shape
+    rate = {} if lr is None else {"optimizer": optim.SGD(lr), "intercept_lr": lr}
     rows = [dict(enumerate(r.tolist())) for r in X]
     if fam.name == "bernoulli":
-        m = linear_model.LogisticRegression()
+        m = linear_model.LogisticRegression(**rate)
         probs = np.empty((n, 2))
         for t in range(n):
             p1 = m.predict_proba_one(rows[t]).get(True, 0.5)
@@ -286,7 +292,7 @@ def river_linear(X, y, family, *, n_classes: Optional[int] = None) -> Prediction
         return Predictions(probs=_finite_probs(probs))
     if fam.name == "categorical":
         K = _n_classes(fam)
-        m = linear_model.SoftmaxRegression()
+        m = linear_model.SoftmaxRegression(**{k: v for k, v in rate.items() if k == "optimizer"})
         probs = np.full((n, K), 1.0 / K)
         for t in range(n):
             d = m.predict_proba_one(rows[t])
@@ -297,7 +303,7 @@ def river_linear(X, y, family, *, n_classes: Optional[int] = None) -> Prediction
         return Predictions(probs=_finite_probs(probs))
     if fam.name == "poisson":
         raise ValueError("river has no Poisson linear model")
-    m = linear_model.LinearRegression()
+    m = linear_model.LinearRegression(**rate)
     mean = np.empty(n)
     for t in range(n):
         mean[t] = m.predict_one(rows[t])
