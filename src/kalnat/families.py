@@ -268,13 +268,15 @@ class Categorical(Family):
         return jax.nn.softmax(self._logits(z))[..., :-1]
 
     def stat(self, y):
-        return jax.nn.one_hot(y, self.num_classes)[:-1]
+        # Labels arrive as any numeric dtype (bool, float from a CSV), already checked to be
+        # integers in 0..K−1; one_hot wants an integer index.
+        return jax.nn.one_hot(jnp.asarray(y).astype(jnp.int32), self.num_classes)[:-1]
 
     def cov(self, yhat):
         return jnp.diag(yhat) - jnp.outer(yhat, yhat)
 
     def log_prob(self, z, y):
-        return jax.nn.log_softmax(self._logits(z))[y]
+        return jax.nn.log_softmax(self._logits(z))[jnp.asarray(y).astype(jnp.int32)]
 
     def sample(self, key, yhat, shape=()):
         p = jnp.concatenate([yhat, 1.0 - jnp.sum(yhat, keepdims=True)])

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalnat.learners.base import Learner, Predictive
+from kalnat.learners.base import Learner, Predictive, check_range
 
 __all__ = ["FitResult", "fit"]
 
@@ -108,6 +108,7 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
         if single:
             raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
         ys = learner.family.check(Y)
+        check_range(ys, learner._dtype(state), "y")
         if ys.ndim == len(learner.family.event_shape):
             raise ValueError(f"Y must have a leading row axis, got shape {ys.shape}")
         if ys.shape[0] != xs.shape[0]:
@@ -156,11 +157,17 @@ def _bad_rows(learner, state, X, Y):
     x = np.asarray(X)
     if x.dtype.kind not in "biuf":
         raise ValueError(f"x must be numeric, got dtype {x.dtype}")
-    finite = np.isfinite(x)
+    top = np.finfo(learner._dtype(state)).max
+    with np.errstate(invalid="ignore"):
+        # Values that overflow the state's dtype count as inf.
+        finite = np.isfinite(x) & (np.abs(x) <= top) if x.dtype.kind == "f" else np.isfinite(x)
     xs, single = learner.check_x(state, np.where(finite, x, 0) if not finite.all() else x)
     if single:
         raise ValueError(f"X must have a leading row axis, got shape {x.shape}")
     ys, bad_y = learner.family.check_rows(Y)
+    if ys.dtype.kind == "f" and ys.size:
+        with np.errstate(invalid="ignore"):
+            bad_y = bad_y | ~(np.abs(ys) <= top).all(axis=tuple(range(1, ys.ndim)))
     n = xs.shape[0]
     if ys.shape[0] != n:
         raise ValueError(f"X has {n} rows but Y has {ys.shape[0]}")

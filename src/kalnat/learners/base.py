@@ -143,9 +143,12 @@ class Learner:
         self._check_state(state)
         xs, single = self.check_x(state, x)
         ys = self.family.check(y)
+        check_range(ys, self._dtype(state), "y")
         ys = ys[None] if ys.ndim == len(self.family.event_shape) else ys
         if ys.shape[0] != xs.shape[0]:
             raise ValueError(f"x has {xs.shape[0]} rows but y has {ys.shape[0]}")
+        if xs.shape[0] == 0:  # nothing to learn: no step, the state as it is
+            return state
         return self._update_jit(state, jnp.asarray(xs, self._dtype(state)), jnp.asarray(ys))
 
     def predict(self, state, x) -> Predictive:
@@ -176,6 +179,7 @@ class Learner:
             raise ValueError(f"x must be numeric, got dtype {x.dtype}")
         if not np.all(np.isfinite(x)):
             raise ValueError("x contains NaN or inf")
+        check_range(x, self._dtype(state), "x")
         if self.input_shape is not None:
             shape = tuple(self.input_shape)
             if x.shape == shape:
@@ -216,6 +220,14 @@ def check_params(params):
             raise ValueError(f"params: every leaf must be a float array, got dtype {a.dtype}")
         if not np.all(np.isfinite(a)):
             raise ValueError("params contain NaN or inf")
+
+
+def check_range(a, dtype, name):
+    """Finite values that would overflow to inf in the state's dtype (1e39 in float32)."""
+    top = np.finfo(dtype).max
+    if a.dtype.kind == "f" and a.size and np.finfo(a.dtype).max > top and np.abs(a).max() > top:
+        raise ValueError(f"{name} has values beyond the range of {np.dtype(dtype).name} "
+                         f"(the state's dtype), e.g. {np.abs(a).max():g}")
 
 
 def _raw_shapes(family):
