@@ -127,3 +127,18 @@ def test_bank_public_update_and_predict_and_errors():
         kalnat.ekf_bank(MODEL, BERN, share=1.0)
     with pytest.raises(ValueError, match="forgetting"):
         kalnat.ekf_bank(MODEL, BERN, forgettings=(1.5,))
+
+
+def test_a_diverged_member_leaves_the_bank():
+    X, y = _stream(7)
+    b = kalnat.ekf_bank(MODEL, BERN, prior_vars=(1.0,), forgettings=(1.0, 0.95), share=0.05)
+    s = b.init(MODEL.init(None))
+    # member 1's covariance has blown up (as a forgetting filter's can, unexcited)
+    s = s._replace(members=s.members._replace(cov=s.members.cov.at[1].set(jnp.nan)))
+    res = kalnat.fit(b, s, X, y, chunk_size=N_ROWS)
+    single = _run(MEMBERS[(1.0, 1.0)], X, y)
+    assert np.all(res.predictions.weights[:, 1] == 0) and np.all(res.predictions.weights[:, 0] == 1)
+    assert _rel(res.predictions.probs, single.predictions.probs) < 1e-12
+    assert _rel(res.state.log_marginal, res.state.log_evidence[0]) < 1e-12
+    assert np.isneginf(float(res.state.log_evidence[1]))
+    assert np.all(np.isfinite(np.asarray(b.predict(res.state, X[:3]).probs)))

@@ -140,8 +140,15 @@ class Bank(Learner):
             return jax.vmap(lambda m, c: moderated_probs(self.family, m, c))(pred.mean, pred.mean_cov)
         return pred.probs
 
-    def _mix(self, lw, preds, probs, ll):
-        """Mixture of the members' ``(K, b, …)`` predictions under log weights ``lw (K,)``."""
+    def _mix(self, lw, preds, probs, ll, ok=None):
+        """Mixture of the members' ``(K, b, …)`` predictions under log weights ``lw (K,)``;
+        members not ``ok`` (``(K,)``, a non-finite prediction) are left out."""
+        if ok is not None:
+            lw = jnp.where(ok, lw, -jnp.inf)
+            lw = lw - jax.scipy.special.logsumexp(lw)
+            keep = lambda a: None if a is None else jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)
+            preds = jax.tree_util.tree_map(keep, preds)
+            probs, ll = keep(probs), jnp.where(ok[:, None], ll, -jnp.inf)
         w = jnp.exp(lw)
         mean = jnp.einsum("k,kbm->bm", w, preds.mean)
         d = preds.mean - mean[None]
@@ -163,14 +170,20 @@ class Bank(Learner):
             return s2, pred, self._member_probs(pred), ll
 
         members, preds, probs, ll = jax.vmap(one)(state.hparams, state.members)
-        pred = self._mix(state.log_weights, preds, probs, ll)
-        batch_ll = jnp.sum(ll, axis=1)  # (K,) the minibatch's log-likelihood per member
-        lw = state.log_weights + batch_ll
+        # A member whose prediction is not finite (a forgetting filter's covariance can wind
+        # up) is out of the bank from then on: evidence −∞, weight 0, no fixed share.
+        finite = lambda a: jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
+        ok = (jnp.isfinite(state.log_evidence) & finite(ll) & finite(preds.mean)
+              & finite(preds.mean_cov) & finite(preds.obs_cov))
+        pred = self._mix(state.log_weights, preds, probs, ll, ok)
+        batch_ll = jnp.where(ok, jnp.sum(ll, axis=1), -jnp.inf)  # (K,) the minibatch's log-likelihood
+        lw = jnp.where(ok, state.log_weights, -jnp.inf)
+        lw = lw - jax.scipy.special.logsumexp(lw) + batch_ll  # the weights the row was predicted with
         marginal = jax.scipy.special.logsumexp(lw)
         lw = lw - marginal
         if self.share > 0:
-            K = self.size
-            lw = jnp.logaddexp(jnp.log1p(-self.share) + lw, jnp.log(self.share / K))
+            alive = jnp.sum(ok)
+            lw = jnp.where(ok, jnp.logaddexp(jnp.log1p(-self.share) + lw, jnp.log(self.share / alive)), -jnp.inf)
         new = BankState(members, state.hparams, lw, state.log_evidence + batch_ll,
                         state.log_marginal + marginal, state.count + 1)
         return new, pred
@@ -186,7 +199,9 @@ class Bank(Learner):
 
         preds, probs = jax.vmap(one)(state.hparams, state.members)
         ll = jnp.zeros(preds.mean.shape[:2], preds.mean.dtype)
-        return self._mix(state.log_weights, preds, probs, ll)
+        finite = lambda a: jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
+        ok = jnp.isfinite(state.log_weights) & finite(preds.mean) & finite(preds.mean_cov)
+        return self._mix(state.log_weights, preds, probs, ll, ok)
 
     def members_predict_batch(self, state: BankState, xs) -> Predictive:
         """Each member's own prediction, stacked ``(K, b, …)``."""
