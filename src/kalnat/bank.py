@@ -42,7 +42,9 @@ __all__ = [
 ]
 
 DEFAULT_PRIOR_VARS = (0.01, 0.1, 1.0, 10.0)
-DEFAULT_FORGETTINGS = (1.0, 0.998, 0.99)
+# 0.95 (a memory of ~20 rows) is what a drifting stream needs (trump_approval in the given
+# order: NIG bank RMSE 0.62 without it, 0.43 with it); the static sets lose nothing.
+DEFAULT_FORGETTINGS = (1.0, 0.998, 0.99, 0.95)
 DEFAULT_SHARE = 1e-3
 
 
@@ -303,10 +305,11 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
 def auto(model, family, *, input_shape=None) -> Bank:
     """kalnat with no settings: a bank over prior scale and forgetting.
 
-    Gaussian targets use normal–inverse-gamma filters (noise scale learned online, Student-t
-    predictive); other families use EKFs with plug-in probabilities: moderated ones scored
-    worse on every bundled classification set (see :func:`bank`).
+    Gaussian targets use normal–inverse-gamma filters (noise scale learned online and
+    forgotten with θ, Student-t predictive); other families use EKFs with one and with two
+    linearisations per update (the evidence picks: neither wins on every bundled set) and
+    plug-in probabilities (moderated ones scored worse on every bundled classification set).
     """
     if family.name == "gaussian" and family.m == 1:
         return ekf_bank(model, family, learner="nig", input_shape=input_shape)
-    return ekf_bank(model, family, input_shape=input_shape)
+    return ekf_bank(model, family, iterations=(1, 2), input_shape=input_shape)
