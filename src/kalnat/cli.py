@@ -157,7 +157,7 @@ def learn(data, out_dir, quiet, **kw):
     os.makedirs(out_dir, exist_ok=True)
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"
-    what = _learner_text(cfg, metrics)
+    what = metrics["learner_text"]
     pngs = plots.learning_curves(metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
                                  title=f"{source.name}: {what}, {cfg['model_spec']}, {result.family_name}")
     if "bank" in metrics:
@@ -186,11 +186,6 @@ def learn(data, out_dir, quiet, **kw):
         click.echo(f"  report: {out_dir}/ (metrics.json, {', '.join(metrics['files']['plots'])}, "
                    "model.npz)")
 
-
-def _learner_text(cfg, metrics) -> str:
-    if "bank" in metrics:
-        return f"bank of {len(metrics['bank']['members'])} {metrics['learner'].replace('_bank', '')} filters"
-    return cfg["method"]
 
 
 # ---- predict ----------------------------------------------------------------------------------

@@ -75,7 +75,9 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         return _timed(lambda: runner.step(X, y))
 
     if cli_learn.uses_bank(cfg):
-        name, setting = "kalnat", "no settings (bank of EKFs)"
+        name = "kalnat"
+        setting = "no settings: " + cli_learn.learner_text(
+            cli_learn.OnlineRunner(cfg, family, classes, X.shape[1]).learner, cfg)
     else:
         pv, lam = cli_learn.single_settings(cfg)
         name, setting = f"kalnat {cfg['method']}", f"prior_var={pv:g}, λ={lam:g}"

@@ -573,6 +573,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                                                "batch_size", "clip", "seed")},
         "scaling": runner.scheme,
         "learner": runner.learner.name,
+        "learner_text": learner_text(runner.learner, cfg),
         "protocol": ("progressive validation: every row predicted before it is learned, one pass, "
                      "given order; features standardised with statistics of earlier rows only"),
         "rows_seen": rows,
@@ -603,6 +604,16 @@ def bank_report(bank, state, acc: Accumulator) -> dict:
         "log_evidence": [float(v) for v in np.asarray(state.log_evidence)],
         "curve": {"row": list(acc.curve["row"]), "weights": acc.weights},
     }
+
+
+def learner_text(learner, cfg: dict) -> str:
+    """What runs, in words: ``"ekf"`` or ``"bank of 32 EKFs (1 or 2 linearisations)"``."""
+    if not isinstance(learner, kalnat.bank.Bank):
+        return cfg["method"]
+    kind = "normal–inverse-gamma filters" if learner.name == "nig_bank" else "EKFs"
+    counts = sorted({int(c["iterations"]) for c in learner.configs if "iterations" in c})
+    more = f" ({' or '.join(map(str, counts))} linearisations)" if len(counts) > 1 else ""
+    return f"bank of {learner.size} {kind}{more}"
 
 
 def member_label(config: dict) -> str:
