@@ -115,6 +115,24 @@ def test_perfectly_separable_logistic(form, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("form", FORMS)
+def test_perfectly_separable_three_classes(form, dtype):
+    """A saturated softmax (one p_j rounds to 1) must leave R = diag(p) − p pᵀ positive
+    definite; computed as p_j(1 − p_j) it was singular and every form turned to NaN."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(600, P_IN)) * 30  # logits of hundreds: p_j rounds to 1
+    y = np.argmax(X[:, :3], axis=1).astype(float)
+    model = kalnat.models.linear(P_IN, 2)
+    lrn = {"ekf": kalnat.ekf, "joseph": lambda *a: kalnat.ekf(*a, joseph=True),
+           "sqrt": kalnat.sqrt_ekf, "information": kalnat.information_filter}[form](model, F.Categorical(3))
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
+    res = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=600)
+    assert_healthy(res.state)
+    assert np.all(np.isfinite(res.predictions.probs))
+    assert np.mean(np.argmax(res.predictions.probs[300:], axis=1) == y[300:]) > 0.95
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("form", FORMS)
 def test_poisson_counts_in_the_thousands(form, dtype):
     """From λ = 1 the first count of ~2000 throws z far up (capped); the filter walks back."""
     rng = np.random.default_rng(2)
@@ -175,10 +193,10 @@ def test_poisson_innovation_is_exact_for_plausible_counts():
 def test_sqrt_ekf_equals_ekf_in_float64(forgetting, noise, batch):
     """Same θ_t and P_t = L Lᵀ as the covariance form, to rounding (PAPER.md §2a)."""
     rng = np.random.default_rng(5)
-    model = kalnat.models.mlp(3, (4,), 2)
+    model = kalnat.models.linear(3, 2)
     fam = F.Categorical(3)
     kw = dict(prior_var=0.5, forgetting=forgetting, process_noise=noise)
-    params = model.init(jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda a: a + 0.1, model.init(None))
     X = rng.normal(size=(60, 3))
     y = rng.integers(0, 3, 60)
     a = kalnat.fit(kalnat.ekf(model, fam, **kw), kalnat.ekf(model, fam, **kw).init(params), X, y,

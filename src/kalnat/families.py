@@ -273,7 +273,18 @@ class Categorical(Family):
         return jax.nn.one_hot(jnp.asarray(y).astype(jnp.int32), self.num_classes)[:-1]
 
     def cov(self, yhat):
-        return jnp.diag(yhat) - jnp.outer(yhat, yhat)
+        # diag(p) − p pᵀ, with 1 − p_j written as the sum of the other classes' probabilities:
+        # a saturated softmax (p_j rounds to 1) would otherwise give p_j(1 − p_j) = 0 and a
+        # singular R, and S = H P Hᵀ + R with H ≈ 0 would be singular too (NaN in every form).
+        # The diagonal is then raised by a few units of rounding of its largest entry (at least
+        # the smallest normal number), which keeps R positive definite when the last class's
+        # probability underflows; it changes a well-conditioned R by ~1e-15 relative.
+        p_last = jnp.maximum(1.0 - jnp.sum(yhat), 0.0)
+        others = 1.0 - jnp.eye(yhat.shape[0], dtype=yhat.dtype)  # m × m, m = K − 1 is small
+        rest = others @ yhat + p_last  # Σ_{k≠j} p_k summed, not 1 − p_j (it cancels)
+        diag = yhat * rest
+        floor = jnp.maximum(4.0 * jnp.finfo(yhat.dtype).eps * jnp.max(diag), _tiny(yhat.dtype))
+        return jnp.diag(diag + floor) - (jnp.outer(yhat, yhat) - jnp.diag(yhat * yhat))
 
     def log_prob(self, z, y):
         return jax.nn.log_softmax(self._logits(z))[jnp.asarray(y).astype(jnp.int32)]
