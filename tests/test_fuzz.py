@@ -56,7 +56,7 @@ CASES = [("ekf", "bernoulli"), ("sqrt_ekf", "poisson"), ("information", "categor
          ("nig", "gaussian"), ("sqrt_ekf", "categorical")]
 LEARNERS = {case: _make(case[0], FAMILIES[case[1]]) for case in CASES}
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -28,6 +28,12 @@ One step, for ``k`` stacked observations ``H (k, d)``, ``R (k, k)``, ``e (k,)``:
    θ from the earlier rows: the linearised model is held at θ_{t−1}, so the sequence equals
    the joint update of PAPER.md §2a exactly (and the minibatch rule of §3).
 
+4. Compensated summation: ``L⁺ = L⁻ + step`` is a Kahan sum, the part of ``step`` that
+   rounding drops is kept in ``chol_err`` and added at the next step. Late in a stream the
+   step is a few units in the last place of ``L``, and without this a biased share of it is
+   lost: over 10⁶ float32 rows ``P`` drifted ~1e-3 above the float64 run; with it, ~1e-7
+   (benchmarks/long_stream_float32.py).
+
 Cost O(d² k) per step like the covariance form; the same θ_t and ``P_t = L Lᵀ`` as
 :func:`kalnat.ekf` (to rounding, tested at 1e-10 in float64).
 """
@@ -51,10 +57,13 @@ __all__ = ["SqrtEKFState", "sqrt_ekf", "chol_rank_one_downdate"]
 
 class SqrtEKFState(NamedTuple):
     """``params`` (pytree, θ), ``chol`` ``(d, d)`` lower-triangular ``L`` with ``P_t = L Lᵀ``,
+    ``chol_err`` ``(d, d)`` the rounding error of ``chol`` carried to the next step
+    (compensated summation; ``L + chol_err`` is the factor to twice the working precision),
     ``count`` = t."""
 
     params: Any
     chol: jax.Array
+    chol_err: jax.Array
     count: jax.Array
 
 
@@ -71,11 +80,12 @@ def _reverse_cumsum_exclusive(a, axis=-1):
     return jnp.moveaxis(out, -1, axis)
 
 
-def chol_rank_one_downdate(chol, h, r=1.0):
+def chol_rank_one_downdate(chol, h, r=1.0, err=None):
     """One scalar observation ``h (d,)`` with noise variance ``r > 0`` on ``P = L Lᵀ``.
 
     Returns ``(L⁺ (d, d), k (d,))``: the factor of ``P − P h hᵀ P / (hᵀ P h + r)`` and the
-    Kalman gain ``k = P h / (hᵀ P h + r)``; see the module docstring for the formula.
+    Kalman gain ``k = P h / (hᵀ P h + r)``; see the module docstring for the formula. With
+    ``err`` (the rounding error carried from earlier steps) it returns ``(L⁺, err⁺, k)``.
     """
     phi = chol.T @ h                                   # (d,)
     sq = phi * phi
@@ -95,10 +105,20 @@ def chol_rank_one_downdate(chol, h, r=1.0):
     shrink = jnp.where(small, a / (root_a * (1.0 + root_a)), 0.0)
     scale = jnp.where(small, 1.0, 1.0 / root_a)
     coef = phi / jnp.sqrt(c * c_next)
-    new = chol * scale[None, :] - (chol * shrink[None, :] + g * coef[None, :])
+    base = chol * scale[None, :]
+    step = -(chol * shrink[None, :] + g * coef[None, :])
     gain = (chol @ phi) / c[0]
-    # Only the lower triangle is meaningful; rounding must not leak into the upper one.
-    return jnp.tril(new), gain
+    if err is None:
+        # Only the lower triangle is meaningful; rounding must not leak into the upper one.
+        return jnp.tril(base + step), gain
+    # Late in a stream the step is a few units in the last place of L, and rounding L + step
+    # loses a biased share of it (a step under half a unit is lost entirely), so P drifts up
+    # (~1e-3 relative over 10⁶ float32 rows). Kahan's compensated sum keeps what rounding
+    # dropped in ``err`` and adds it back at the next step.
+    step = step + err
+    new = base + step
+    err = step - (new - base)
+    return jnp.tril(new), jnp.tril(err), gain
 
 
 def _noise_factor(chol, q):
@@ -139,34 +159,37 @@ def sqrt_ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1
 
     def init(theta):
         p0 = check_prior(prior_var, theta.shape[0])
-        return (jnp.asarray(np.linalg.cholesky(p0), theta.dtype),)
+        chol = jnp.asarray(np.linalg.cholesky(p0), theta.dtype)
+        return chol, jnp.zeros_like(chol)
 
     def update(state, theta, H, R, e):
         lam = forgetting_at(forgetting, state.count + 1)
-        chol = state.chol
+        chol, err = state.chol, state.chol_err
         if callable(forgetting) or forgetting != 1.0:
-            chol = chol * jax.lax.rsqrt(jnp.asarray(lam, chol.dtype))
+            f = jax.lax.rsqrt(jnp.asarray(lam, chol.dtype))
+            chol, err = chol * f, err * f
         if has_noise:
-            chol = _noise_factor(chol, jnp.asarray(q, chol.dtype))
+            chol = _noise_factor(chol + err, jnp.asarray(q, chol.dtype))
+            err = jnp.zeros_like(chol)
         # Whitening turns the k observations into independent unit-variance ones.
         c_r = numerics.cholesky(R)
         h_w = numerics.solve_lower(c_r, H)
         e_w = numerics.solve_lower(c_r, e)
 
         def one(carry, row):
-            chol, delta = carry
+            chol, err, delta = carry
             h, eps = row
-            chol, gain = chol_rank_one_downdate(chol, h)
-            return (chol, delta + gain * (eps - h @ delta)), None
+            chol, err, gain = chol_rank_one_downdate(chol, h, err=err)
+            return (chol, err, delta + gain * (eps - h @ delta)), None
 
-        carry = (chol, jnp.zeros_like(theta))
+        carry = (chol, err, jnp.zeros_like(theta))
         if H.shape[0] <= numerics.SMALL:
             for i in range(H.shape[0]):
                 carry, _ = one(carry, (h_w[i], e_w[i]))
         else:
             carry, _ = jax.lax.scan(one, carry, (h_w, e_w))
-        chol, delta = carry
-        return theta + delta, (chol,)
+        chol, err, delta = carry
+        return theta + delta, (chol, err)
 
     def quad(state, h):
         hl = h @ state.chol
