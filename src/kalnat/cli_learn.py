@@ -265,6 +265,8 @@ def _reexpressed(runner, state, old, new):
     with_prior = runner.scheme == "reprior" and parse_model(runner.cfg["model_spec"])[0] == "linear"
 
     def one(st, prior_var, forgetting):
+        if not all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(st)):
+            return st  # a bank member that diverged: out of the mixture already
         if with_prior:
             rho = float(forgetting) ** int(st.count)
             params, cov = scaling.reexpress_with_prior(st.params, _cov_of(st), old, new, prior_var, rho,
