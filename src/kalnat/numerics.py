@@ -8,6 +8,7 @@ definite: ``S = H P Hᵀ + R``, an information matrix, a Fisher estimate). Nothi
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
@@ -19,6 +20,7 @@ __all__ = [
 # Below this size the m × m factorisations of S = H P Hᵀ + R are unrolled into plain array
 # operations: LAPACK calls on tiny matrices cost more in dispatch than the whole O(d²) update.
 SMALL = 16
+UNROLL = 4
 
 
 def cholesky(a):
@@ -26,14 +28,13 @@ def cholesky(a):
     n = a.shape[0]
     if n > SMALL:
         return jnp.linalg.cholesky(a)
-    cols = []
-    for j in range(n):
-        c = a[:, j]
-        for k in range(j):
-            c = c - cols[k] * cols[k][j]
-        c = c / jnp.sqrt(c[j])
-        cols.append(jnp.where(jnp.arange(n) >= j, c, 0.0))
-    return jnp.stack(cols, axis=1)
+    rows = jnp.arange(n)
+
+    def column(j, chol):  # columns not yet written are zero: L @ L[j] sums the finished ones
+        c = a[:, j] - chol @ chol[j]
+        return chol.at[:, j].set(jnp.where(rows >= j, c / jnp.sqrt(c[j]), 0.0))
+
+    return lax.fori_loop(0, n, column, jnp.zeros_like(a), unroll=n <= UNROLL)
 
 
 def solve_lower(chol, b):
@@ -41,13 +42,12 @@ def solve_lower(chol, b):
     n = chol.shape[0]
     if n > SMALL:
         return solve_triangular(chol, b, lower=True)
-    rows = []
-    for i in range(n):
-        r = b[i]
-        for k in range(i):
-            r = r - chol[i, k] * rows[k]
-        rows.append(r / chol[i, i])
-    return jnp.stack(rows)
+    flat = b.reshape(n, -1)
+
+    def row(i, out):  # rows not yet solved are zero, as in cholesky
+        return out.at[i].set((flat[i] - chol[i] @ out) / chol[i, i])
+
+    return lax.fori_loop(0, n, row, jnp.zeros_like(flat), unroll=n <= UNROLL).reshape(b.shape)
 
 
 def symmetrize(a):
