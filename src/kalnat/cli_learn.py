@@ -8,10 +8,13 @@ chunked source with a progress bar and collects the report; :class:`LoadedModel`
 the learner from its checkpoint for prediction.
 
 Conventions (the same in ``kalnat compare``):
-  * features: each row standardised by the mean and deviation of the rows before it
-    (:mod:`kalnat.scaling`); a feature enters as 0 until two rows have given it a scale, and
+  * features: each row standardised by the mean and deviation of rows before it
+    (:mod:`kalnat.scaling`; :data:`SCALINGS` says which rows, and how the filter follows a
+    change of statistics); a feature enters as 0 until two rows have given it a scale, and
     standardised values are clipped to ±``clip`` so an early row scaled by rough statistics
     cannot throw the learner far off;
+  * the learner: with no prior and no forgetting given, :func:`kalnat.auto`, a bank that
+    weighs priors, forgetting factors and linearisations by their evidence;
   * gaussian targets: standardised online in the same way (and learned as 0 until they
     have a scale, clipped like the features); the learner's noise variance is
     1 in those units and the reported predictive variance rescales the filter's
@@ -310,7 +313,9 @@ class OnlineRunner:
         self.coords = None  # (center, scale) the filter is expressed in (block schemes)
 
     def scale_features(self, X, update: bool = True):
-        """Standardised, clipped features; rows before a scale exists enter as 0."""
+        """Standardised, clipped features, each row by the statistics of all rows before it
+        (the ``running`` scheme; ``compare`` gives these to the baselines); rows before a scale
+        exists enter as 0."""
         X = np.asarray(X, np.float64)
         c0 = int(self.scaler.count)
         Z, stats = scaling.transform_and_update(self.scaler, X)
