@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
+import scipy.sparse
 
 __all__ = [
     "RunningStats", "init", "transform_and_update", "FrozenStats", "init_frozen", "transform_frozen",
@@ -166,10 +168,27 @@ def reexpress(params, cov, old, new, A=None):
     import jax.numpy as jnp
 
     theta, unravel = ravel_pytree(params)
-    A = reexpression_matrix(params, old, new) if A is None else A
-    P = np.asarray(cov, np.float64)
+    A = scipy.sparse.csr_matrix(reexpression_matrix(params, old, new) if A is None else A)
     t = A @ np.asarray(theta, np.float64)
-    return unravel(jnp.asarray(t, theta.dtype)), jnp.asarray(A @ P @ A.T, theta.dtype)
+    return unravel(jnp.asarray(t, theta.dtype)), jnp.asarray(_sandwich(A, cov), theta.dtype)
+
+
+def _sandwich(A, M):
+    """``A M Aᵀ`` for a sparse A (diagonal but for the first layer's bias rows) and a
+    symmetric M: two sparse products, O(nnz(A)·d) instead of O(d³)."""
+    return np.asarray(A @ np.asarray(A @ np.asarray(M, np.float64)).T)
+
+
+def _spd_inverse(M):
+    """Inverse of a symmetric positive-definite matrix (Cholesky, then its inverse: d³ in
+    all); ``LinAlgError`` when M is not positive definite."""
+    c, info = scipy.linalg.lapack.dpotrf(np.asarray(M, np.float64), lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("not positive definite")
+    inv, info = scipy.linalg.lapack.dpotri(c, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("singular")
+    return np.tril(inv) + np.tril(inv, -1).T
 
 
 def reexpress_state(state, old, new, A=None):
@@ -213,15 +232,18 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
     new_params, cov_exact = reexpress(params, cov, old, new, A)
     theta, unravel = ravel_pytree(params)
     d = theta.shape[0]
+    Bt = scipy.sparse.csr_matrix(np.asarray(B).T)
+    P = np.asarray(cov, np.float64)
+    if not np.all(np.isfinite(P)):
+        return new_params, cov_exact
     try:
-        eta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(np.asarray(cov, np.float64)),
-                                     np.column_stack([np.asarray(theta, np.float64), np.eye(d)]))
+        P_inv = _spd_inverse(P)
         # P'⁻¹ = A⁻ᵀ P⁻¹ A⁻¹, then the prior swapped: − ρ A⁻ᵀA⁻¹/v + ρ I/v
-        info = B.T @ eta[:, 1:] @ B + float(prior_weight) / float(prior_var) * (np.eye(d) - B.T @ B)
-        factor = scipy.linalg.cho_factor(0.5 * (info + info.T))
+        info = _sandwich(Bt, P_inv) + float(prior_weight) / float(prior_var) * (
+            np.eye(d) - (Bt @ Bt.T).toarray())
+        cov_new = _spd_inverse(0.5 * (info + info.T))
     except np.linalg.LinAlgError:
         return new_params, cov_exact
-    cov_new = scipy.linalg.cho_solve(factor, np.eye(d))
-    theta_new = cov_new @ (B.T @ eta[:, 0])  # the information vector P⁻¹θ re-expressed: A⁻ᵀ P⁻¹ θ
-    return (unravel(np.asarray(theta_new, theta.dtype)),
-            np.asarray(0.5 * (cov_new + cov_new.T), theta.dtype))
+    # the information vector P⁻¹θ re-expressed: A⁻ᵀ P⁻¹ θ
+    theta_new = cov_new @ (Bt @ (P_inv @ np.asarray(theta, np.float64)))
+    return unravel(np.asarray(theta_new, theta.dtype)), np.asarray(cov_new, theta.dtype)
