@@ -32,6 +32,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import kalnat  # noqa: E402
 from kalnat import families as F  # noqa: E402
+from kalnat.learners import covariance  # noqa: E402
 
 FORMS = {
     "ekf": lambda m, f: kalnat.ekf(m, f, prior_var=1.0),
@@ -39,16 +40,6 @@ FORMS = {
     "sqrt_ekf": lambda m, f: kalnat.sqrt_ekf(m, f, prior_var=1.0),
     "information": lambda m, f: kalnat.information_filter(m, f, prior_var=1.0),
 }
-
-
-def covariance(state):
-    """``P_t`` of any of the forms, in float64."""
-    if hasattr(state, "chol"):
-        c = np.asarray(state.chol, np.float64)
-        return c @ c.T
-    if hasattr(state, "info"):
-        return np.linalg.inv(np.asarray(state.info, np.float64))
-    return np.asarray(state.cov, np.float64)
 
 
 def make_stream(n, d, spread, seed=0):

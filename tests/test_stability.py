@@ -16,6 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import kalnat
+from kalnat.learners import covariance
 from kalnat import families as F
 
 P_IN = 4
@@ -24,16 +25,6 @@ FORMS = ("ekf", "joseph", "sqrt", "information")
 
 def flat(params):
     return np.asarray(ravel_pytree(params)[0], np.float64)
-
-
-def covariance(state):
-    """``P_t`` of any form, in float64."""
-    if hasattr(state, "chol"):
-        c = np.asarray(state.chol, np.float64)
-        return c @ c.T
-    if hasattr(state, "info"):
-        return np.linalg.inv(np.asarray(state.info, np.float64))
-    return np.asarray(state.cov, np.float64)
 
 
 def stored_matrix(state):

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import kalnat
 from kalnat import baselines, checkpoint, datasets, families, models, scaling, schedules
+from kalnat.learners import forms
 
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
            "learn_stream", "LearnResult", "LoadedModel"]
@@ -235,34 +236,6 @@ def block_end(rows: int) -> int:
     return b
 
 
-def _cov_of(state) -> np.ndarray:
-    """The covariance P of θ held by any core learner's state, in float64."""
-    if hasattr(state, "cov"):
-        return np.asarray(state.cov, np.float64)
-    if hasattr(state, "info"):
-        return np.linalg.inv(np.asarray(state.info, np.float64))
-    if hasattr(state, "fisher"):  # P = η J⁻¹ (PAPER.md §3)
-        return float(state.lr) * np.linalg.inv(np.asarray(state.fisher, np.float64))
-    if hasattr(state, "chol"):
-        L = np.asarray(state.chol, np.float64)
-        return L @ L.T
-    raise ValueError(f"cannot re-express a {type(state).__name__}: use --scaling running")
-
-
-def _with_cov(state, params, cov):
-    """``state`` with ``params`` and the covariance ``cov``, in the state's own form."""
-    P = np.asarray(cov, np.float64)
-    dtype = jax.tree_util.tree_leaves(state.params)[0].dtype
-    put = lambda a: jax.numpy.asarray(a, dtype)
-    if hasattr(state, "cov"):
-        return state._replace(params=params, cov=put(P))
-    if hasattr(state, "info"):
-        return state._replace(params=params, info=put(np.linalg.inv(P)))
-    if hasattr(state, "fisher"):
-        return state._replace(params=params, fisher=put(float(state.lr) * np.linalg.inv(P)))
-    return state._replace(params=params, chol=put(np.linalg.cholesky(P)))
-
-
 def _reexpressed(runner, state, old, new):
     """A learner's or a bank's state moved from coordinates ``old`` to ``new``."""
     with_prior = runner.scheme == "reprior" and parse_model(runner.cfg["model_spec"])[0] == "linear"
@@ -272,11 +245,11 @@ def _reexpressed(runner, state, old, new):
             return st  # a bank member that diverged: out of the mixture already
         if with_prior:
             rho = float(forgetting) ** int(st.count)
-            params, cov = scaling.reexpress_with_prior(st.params, _cov_of(st), old, new, prior_var, rho,
+            params, cov = scaling.reexpress_with_prior(st.params, forms.covariance(st), old, new, prior_var, rho,
                                                        (A, B))
         else:
-            params, cov = scaling.reexpress(st.params, _cov_of(st), old, new, A)
-        return _with_cov(st, params, cov)
+            params, cov = scaling.reexpress(st.params, forms.covariance(st), old, new, A)
+        return forms.with_covariance(st, params, cov)
 
     params = state.params if runner.bank is None else runner.bank.member_state(state, 0).params
     A = scaling.reexpression_matrix(params, old, new)
