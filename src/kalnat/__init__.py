@@ -24,8 +24,8 @@ from kalnat.bank import auto, ekf_bank
 __version__ = "0.1.0"
 
 __all__ = [
-    "checkpoint", "families", "models", "numerics", "schedules",
-    "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "fit", "FitResult",
+    "checkpoint", "families", "models", "numerics", "recurrent", "schedules",
+    "ekf", "sqrt_ekf", "SqrtEKFState", "information_filter", "natural_gradient", "fit", "FitResult",
     "Learner", "Predictive", "EKFState", "InformationState", "NaturalGradientState",
     "Linearization", "linearize",
     "bank", "ekf_bank", "auto", "iterated_ekf", "nig_filter", "predictive", "scaling",

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kalnat import datasets as _datasets
 from kalnat import families as _families
 from kalnat import models as _models
 
@@ -374,11 +375,7 @@ def offline_fit(X, y, family, *, folds: int = 0, C: float = 1.0, n_classes: Opti
 
 def available_baselines() -> list[str]:
     """Baseline names usable here (``river`` only when river is installed)."""
-    try:
-        import river  # noqa: F401
-        have_river = True
-    except ImportError:
-        have_river = False
+    have_river = _datasets.river_installed()
     return [b for b in BASELINES if b != "river" or have_river]
 
 

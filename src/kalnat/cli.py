@@ -234,9 +234,7 @@ def datasets():
     rows = [(d.name, d.package, f"{d.n_rows}", f"{d.n_features}", d.task_text, d.order)
             for d in ds.available()]
     _table(("name", "package", "rows", "features", "task", "row order"), rows)
-    try:
-        import river  # noqa: F401
-    except ImportError:
+    if not ds.river_installed():
         click.echo("\n(river's bundled sets are listed too once river is installed: "
                    "pip install 'kalnat[river]')")
 

@@ -14,6 +14,7 @@ A stream is an iterator of :class:`Chunk` s; :func:`open_source` gives one for a
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import sys
@@ -124,17 +125,14 @@ _RIVER = [
 ]
 
 
-def _river_installed() -> bool:
-    try:
-        import river.datasets  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def river_installed() -> bool:
+    """Whether river (the optional extra ``kalnat[river]``) can be imported."""
+    return importlib.util.find_spec("river") is not None
 
 
 def available() -> list[DatasetInfo]:
     """The bundled data sets usable in this environment (river's only when installed)."""
-    return list(_SKLEARN) + (list(_RIVER) if _river_installed() else [])
+    return list(_SKLEARN) + (list(_RIVER) if river_installed() else [])
 
 
 def is_dataset(name: str) -> bool:
@@ -146,7 +144,7 @@ def describe(name: str) -> DatasetInfo:
         if d.name == name:
             return d
     known = ", ".join(d.name for d in available())
-    hint = "" if _river_installed() else " (river's sets appear when river is installed)"
+    hint = "" if river_installed() else " (river's sets appear when river is installed)"
     raise DataError(name, f"no such file or bundled data set; bundled sets: {known}{hint}")
 
 
