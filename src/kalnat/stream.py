@@ -30,8 +30,9 @@ class FitResult(NamedTuple):
       state: the learner's state after the last row.
       predictions: one per row, made before learning it (``None`` if not kept); rows that
         were skipped have NaN predictions.
-      skipped: ``(n,)`` booleans, the rows skipped as bad by ``skip_bad_rows`` (all false
-        without it); ``n_skipped`` is their count.
+      skipped: ``(n,)`` booleans (``(T,)`` or ``(B, T)`` from
+        :func:`kalnat.recurrent.fit_sequence`), the rows skipped as bad by ``skip_bad_rows``
+        (all false without it); ``n_skipped`` is their count.
     """
 
     state: object

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kalnat.families import Family
+from kalnat.learners.base import check_range
 from kalnat.recurrent.cells import RecurrentModel
 
 __all__ = ["RecurrentLearner", "transition_jacobians", "readout_jacobians"]
@@ -152,12 +153,16 @@ class RecurrentLearner:
     def update(self, state, x, y):
         """Learns one time step: ``x`` (``input_shape``, or ``(B,) + input_shape``) and ``y``.
 
-        Returns ``(state', Predictive)``, the prediction of ``y`` made before learning it.
-        The state's buffers are donated: use the returned state, not the one passed in.
+        Validated on the host first: ``ValueError`` (the state untouched) on NaN/inf, a value
+        beyond the range of the state's dtype (1e39 for float32), a ``y`` outside the
+        family's domain or a wrong shape. Returns ``(state', Predictive)``, the prediction of
+        ``y`` made before learning it. The state's buffers are donated: use the returned
+        state, not the one passed in.
         """
         self.check_state(state)
         xs, single = self.check_step_x(state, x)
         ys = self.family.check(y)
+        check_range(ys, self.dtype(state), "y")
         ys = ys[None] if ys.ndim == len(self.family.event_shape) else ys
         if ys.shape[0] != xs.shape[0]:
             raise ValueError(f"x has {xs.shape[0]} sequences but y has {ys.shape[0]}")
@@ -190,6 +195,7 @@ class RecurrentLearner:
     def check_step_x(self, state, x):
         """``(xs (B, …), single)`` for one time step of the state's ``B`` sequences."""
         x = _check_numeric(x, "x")
+        check_range(x, self.dtype(state), "x")
         b = state.s.shape[0]
         shape = tuple(self.cell.input_shape)
         if x.shape == shape and b == 1:

@@ -10,6 +10,10 @@ the same sequence exactly where it stopped.
 A batch of ``B`` independent sequences (``X (B, T, …)``) is advanced in parallel (``vmap``
 over sequences inside each step), sharing θ; sequences of different lengths are padded and
 given ``lengths``: past its end a sequence is frozen and learns nothing.
+
+With ``skip_bad_rows``, a time step whose ``x_t`` or ``y_t`` is bad (NaN/inf, beyond the
+state's float range, ``y`` outside the family's domain) is dropped through the same mask as
+the padding: found on the host with NumPy, then masked inside the jitted scan.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from kalnat.learners.base import check_range
 from kalnat.recurrent.base import RecurrentLearner, _check_numeric
-from kalnat.stream import FitResult, chunk_fn
+from kalnat.stream import FitResult, _blank, chunk_fn
 
 __all__ = ["fit_sequence"]
 
 
 def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_size: int = 256,
-                 return_predictions: bool = True, progress: bool = False, callback=None) -> FitResult:
+                 return_predictions: bool = True, progress: bool = False, callback=None,
+                 skip_bad_rows: bool = False) -> FitResult:
     """Learns a sequence (or ``B`` sequences) step by step, predicting each ``y_t`` first.
 
     Args:
@@ -35,15 +41,34 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
       X: ``(T,) + input_shape`` for one stream (``B = 1``) or ``(B, T) + input_shape``.
       Y: ``(T,) + event_shape`` or ``(B, T) + event_shape``, aligned with ``X``: ``y_t`` is
         predicted from ``x_1 … x_t`` (for one-step-ahead forecasting put ``x_t = y_{t−1}``).
+        Validated up front: ``ValueError`` on NaN/inf, a value beyond the range of the
+        state's dtype (1e39 for float32), a ``y`` outside the family's domain, wrong shapes.
       lengths: ``(B,)`` true lengths of padded sequences (default: all ``T``).
       chunk_size: time steps per jitted ``scan``.
       return_predictions: keep the progressive predictions.
       progress: show a progress bar.
       callback: ``callback(steps_done, state, chunk_predictions)`` after each chunk.
+      skip_bad_rows: instead of raising, skip the time steps whose ``x_t`` or ``y_t`` has
+        NaN/inf or a value beyond the state's float range, or whose ``y_t`` lies outside the
+        family's domain. A skipped step is dropped from its sequence: no transition and no
+        learning (that sequence's hidden state — and RTRL Jacobian — carries over to its next
+        step, as if the step were not there), its prediction is NaN, and it is flagged in
+        ``FitResult.skipped``. For one stream the result is bit-identical to the sequence
+        with those steps removed (θ, covariance, hidden state, ``G``, step count). In a batch
+        (``B > 1``) the sequences step together on one θ, so a bad step of sequence ``b``
+        freezes ``b`` at that step exactly as padding past its end does (see ``lengths``):
+        ``b`` neither advances nor contributes an observation, while the other sequences
+        learn at that step as usual (θ, the step count and forgetting move with them; in the
+        joint EKF ``b``'s state is still corrected through its covariance with θ, as for
+        padding). A step that is bad (or padding) in every sequence is no update at all.
+        Bad values past a sequence's ``lengths`` are padding: ignored, not counted. Wrong
+        shapes and dtypes still raise.
 
     Returns:
-      :class:`kalnat.FitResult`: the state after the last step and the predictions
-      (:class:`~kalnat.Predictive` with leading axes ``(T,)`` or ``(B, T)``).
+      :class:`kalnat.FitResult`: the state after the last step, the predictions
+      (:class:`~kalnat.Predictive` with leading axes ``(T,)`` or ``(B, T)``) and ``skipped``,
+      booleans of shape ``(T,)`` or ``(B, T)`` (all false without ``skip_bad_rows``;
+      ``n_skipped`` is their total).
     """
     learner.check_state(state)
     if int(chunk_size) != chunk_size or chunk_size < 1:
@@ -51,7 +76,14 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     nb = state.s.shape[0]
     in_shape = tuple(learner.cell.input_shape)
     ev_shape = tuple(learner.family.event_shape)
-    x = _check_numeric(X, "X")
+    dtype = np.dtype(learner.dtype(state))
+    if skip_bad_rows:
+        x = np.asarray(X)
+        if x.dtype.kind not in "biuf":
+            raise ValueError(f"X must be numeric, got dtype {x.dtype}")
+    else:
+        x = _check_numeric(X, "X")
+        check_range(x, dtype, "X")
     if nb == 1 and x.ndim == len(in_shape) + 1 and x.shape[1:] == in_shape:
         single, x = True, x[None]
     elif x.ndim == len(in_shape) + 2 and x.shape[0] == nb and x.shape[2:] == in_shape:
@@ -63,7 +95,6 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     want = ((x.shape[1],) if single else (nb, x.shape[1])) + ev_shape
     if y.shape != want:
         raise ValueError(f"Y must have shape {want} to match X, got {y.shape}")
-    y = learner.family.check(y.reshape((-1,) + ev_shape)).reshape((nb,) + want[-1 - len(ev_shape):])
     t_len = x.shape[1]
     if lengths is None:
         lens = np.full(nb, t_len)
@@ -71,14 +102,24 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
         lens = np.asarray(lengths)
         if lens.shape != (nb,) or lens.dtype.kind not in "iu" or np.any(lens < 0) or np.any(lens > t_len):
             raise ValueError(f"lengths must be {nb} integers in 0..{t_len}, got {lengths!r}")
+    live = np.arange(t_len)[None, :] < lens[:, None]  # (B, T): within each sequence's length
+    if skip_bad_rows:
+        x, y, bad = _bad_steps(learner, x, y.reshape((nb, t_len) + ev_shape), dtype)
+        skipped = bad & live
+    else:
+        y = learner.family.check(y.reshape((-1,) + ev_shape))
+        check_range(y, dtype, "Y")
+        y = y.reshape((nb, t_len) + ev_shape)
+        skipped = np.zeros((nb, t_len), bool)
+    skipped_out = skipped[0] if single else skipped
     if t_len == 0:
-        return FitResult(state, None)
+        return FitResult(state, None, skipped_out)
 
-    dtype = np.dtype(learner.dtype(state))
     # Time-major: the scan runs over time, each step over the B sequences.
     xt = np.swapaxes(x, 0, 1).astype(dtype, copy=False)
     yt = np.swapaxes(y, 0, 1)
-    mt = np.arange(t_len)[:, None] < lens[None, :]
+    mt = (live & ~skipped).T
+    st = skipped.T
     per_chunk = min(int(chunk_size), t_len)
     run = chunk_fn(learner, bool(return_predictions))
     preds = []
@@ -89,6 +130,8 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
             state, pc = run(state, xc, yc, mc)
             if return_predictions:
                 pc = jax.tree_util.tree_map(lambda a: np.asarray(a)[: stop - start], pc)
+                if st[start:stop].any():
+                    pc = jax.tree_util.tree_map(lambda a: _blank(a, st[start:stop]), pc)
                 preds.append(pc)
             bar.update(stop - start)
             if callback is not None:
@@ -97,7 +140,37 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     if return_predictions:
         predictions = jax.tree_util.tree_map(
             lambda *a: _batch_major(np.concatenate(a), single), *preds)
-    return FitResult(state, predictions)
+    return FitResult(state, predictions, skipped_out)
+
+
+def _bad_steps(learner, x, y, dtype):
+    """``(x, y, bad (B, T))`` for ``x (B, T, …)``, ``y (B, T, …)``: dtypes validated
+    (``ValueError``), bad steps flagged and their values replaced (in copies) by finite,
+    in-domain ones.
+
+    A masked sequence still runs through the step's arithmetic in a batch (its readout's
+    ``R`` sits in the block-diagonal ``S``), so it must stay finite: non-finite or
+    out-of-range entries of ``x`` become 0 and a bad ``y_t`` becomes the first good one.
+    """
+    nb, t_len = x.shape[:2]
+    top = np.finfo(dtype).max
+    with np.errstate(invalid="ignore"):
+        # Values that overflow the state's dtype count as inf.
+        fin = np.isfinite(x) & (np.abs(x) <= top) if x.dtype.kind == "f" else np.ones(x.shape, bool)
+    bad_x = ~fin.reshape(nb, t_len, -1).all(axis=2)
+    ev = y.shape[2:]
+    ys, bad_y = learner.family.check_rows(y.reshape((-1,) + ev))
+    if ys.dtype.kind == "f" and ys.size:
+        with np.errstate(invalid="ignore"):
+            bad_y = bad_y | ~(np.abs(ys) <= top).reshape(ys.shape[0], -1).all(axis=1)
+    bad = bad_x | bad_y.reshape(nb, t_len)
+    if bad.any():
+        if not fin.all():
+            x = np.where(fin, x, 0)
+        ys = ys.copy()
+        good = np.flatnonzero(~bad_y)
+        ys[bad_y] = ys[good[0]] if good.size else 0
+    return x, ys.reshape(y.shape), bad
 
 
 def _batch_major(a, single):
