@@ -18,7 +18,10 @@ BANK_MOD = kalnat.ekf_bank(MODEL, BERN, prior_vars=PRIORS, forgettings=FORGETS, 
 GAUSS = kalnat.families.Gaussian(0.5)
 G_PRIORS = (0.01, 0.3, 1.0, 30.0)
 BANK_G = kalnat.ekf_bank(MODEL, GAUSS, prior_vars=G_PRIORS, forgettings=(1.0,), share=0.0)
-MEMBERS = {(v, f): kalnat.ekf(MODEL, BERN, prior_var=v, forgetting=f) for v in PRIORS for f in FORGETS}
+# A bank's members bound their variances by a multiple of their prior variance (ekf_bank's default).
+MEMBERS = {(v, f): kalnat.ekf(MODEL, BERN, prior_var=v, forgetting=f,
+                              max_variance=kbank.DEFAULT_VARIANCE_BOUND * v)
+           for v in PRIORS for f in FORGETS}
 
 
 def _stream(seed, n=N_ROWS, scale=2.0):

@@ -212,4 +212,4 @@ def test_compare_on_a_small_set(tmp_path):
     assert set(rep["grids"]["adam"]) == {"lr=0.01", "lr=0.1"}
     assert all(np.isfinite(r["log_loss"]) for r in rep["results"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "no settings: bank of 32 EKFs (1 or 2 linearisations)" in res.output and "log-loss" in res.output
+    assert "no settings: bank of 40 EKFs (1 or 2 linearisations)" in res.output and "log-loss" in res.output

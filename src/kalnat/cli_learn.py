@@ -587,7 +587,7 @@ def bank_report(bank, state, acc: Accumulator) -> dict:
 
 
 def learner_text(learner, cfg: dict) -> str:
-    """What runs, in words: ``"ekf"`` or ``"bank of 32 EKFs (1 or 2 linearisations)"``."""
+    """What runs, in words: ``"ekf"`` or ``"bank of 40 EKFs (1 or 2 linearisations)"``."""
     if not isinstance(learner, kalnat.bank.Bank):
         return cfg["method"]
     kind = "normal–inverse-gamma filters" if learner.name == "nig_bank" else "EKFs"

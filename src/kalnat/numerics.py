@@ -14,7 +14,7 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 
 __all__ = [
     "symmetrize", "add_to_diagonal", "cholesky", "chol_solve", "whiten", "block_diag",
-    "joseph_update", "check_covariance",
+    "joseph_update", "variance_bound", "check_covariance",
 ]
 
 # Below this size the m × m factorisations of S = H P Hᵀ + R are unrolled into plain array
@@ -95,6 +95,17 @@ def joseph_update(p_prior, gain, h_p, s):
     """
     k_hp = gain @ h_p
     return symmetrize(p_prior - k_hp - k_hp.T + gain @ s @ gain.T)
+
+
+def variance_bound(variances, cap):
+    """Factors ``s ∈ (0, 1]`` with ``s_i² v_i ≤ cap_i`` for the variances ``v (d,)`` of a ``P``.
+
+    The congruence ``D P D`` (``D = diag s``) caps every variance at ``cap`` (scalar or
+    ``(d,)``), keeps ``P`` positive definite and every correlation as it was, and leaves the
+    coordinates already within the bound untouched (``s_i = 1`` exactly). Since
+    ``λ_max(P) ≤ tr(P) ≤ Σ cap``, no direction of ``P`` can grow without limit.
+    """
+    return jnp.where(variances > cap, jnp.sqrt(cap / variances), jnp.ones_like(variances))
 
 
 def check_covariance(a, name: str, d: int) -> np.ndarray:

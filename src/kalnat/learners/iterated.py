@@ -19,16 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax.numpy as jnp
-import numpy as np
 
 from kalnat import linearize as _lin
 from kalnat import numerics
 from kalnat.families import Family
 from kalnat.learners.base import Learner, Rule, resolve_model
 from kalnat.learners.ekf import (
-    EKFState, check_forgetting, check_prior, check_process_noise, predict_cov,
+    EKFState, check_bound_shape, check_forgetting, check_max_variance, check_prior, check_process_noise,
+    predicted,
 )
-from kalnat.schedules import Forgetting, forgetting_at
+from kalnat.schedules import Forgetting
 
 __all__ = ["IteratedEKF", "iterated_ekf"]
 
@@ -45,20 +45,17 @@ class IteratedEKF(Learner):
     forgetting: object = 1.0
     process_noise: object = 0.0
     active: object = None
+    max_variance: object = None
 
     def _update(self, state, theta0, unravel, lin0, xs, ys, mask):
-        q = self.process_noise
-        if np.any(q != 0):
-            p, c = predict_cov(state.cov, state.count, self.forgetting, q), 1.0
-        else:
-            # As in the EKF: P⁻ = c·P folded into P Hᵀ and the rank-m update.
-            p, c = state.cov, 1.0 / forgetting_at(self.forgetting, state.count + 1)
+        # As in the EKF: P⁻ is folded into P Hᵀ and the rank-m update, never written.
+        prior = predicted(state.cov, state.count, self.forgetting, self.process_noise, self.max_variance)
         apply_flat = lambda th, x: self.apply(unravel(th), x)
 
         def solve(theta_i, lin):
             H, R, e = _lin.stack(lin)
             e = e + H @ (theta_i - theta0)  # zero on the first pass: θ_0 = θ_{t−1}
-            ph = (p @ H.T) * c
+            ph = prior.times(H.T)
             w, v = numerics.whiten(H @ ph + R, ph, e)
             return theta0 + w @ v, w
 
@@ -71,7 +68,7 @@ class IteratedEKF(Learner):
             else:
                 use = i + 2 <= self.active
                 theta, w = jnp.where(use, theta_next, theta), jnp.where(use, w_next, w)
-        return EKFState(unravel(theta), p * c - w @ w.T, state.count + 1)
+        return EKFState(unravel(theta), prior.matrix() - w @ w.T, state.count + 1)
 
     def step(self, state, xs, ys, mask=None):
         theta, unravel, lin = self.linearize(state, xs, ys, mask)
@@ -84,12 +81,13 @@ class IteratedEKF(Learner):
 
 
 def iterated_ekf(model, family: Family, *, iterations: int = 2, prior_var=1.0,
-                 forgetting: Forgetting = 1.0, process_noise=0.0, input_shape=None,
-                 active=None) -> Learner:
+                 forgetting: Forgetting = 1.0, process_noise=0.0, max_variance=None,
+                 input_shape=None, active=None) -> Learner:
     """Iterated EKF on the flat parameter θ: ``iterations`` Gauss–Newton steps per update.
 
     Args:
-      model, family, prior_var, forgetting, process_noise, input_shape: as :func:`kalnat.ekf`.
+      model, family, prior_var, forgetting, process_noise, max_variance, input_shape: as
+        :func:`kalnat.ekf`.
       iterations: linearisations per update (1 is the EKF).
       active: use only the first ``active`` (≤ ``iterations``) of them; may be traced.
 
@@ -102,21 +100,23 @@ def iterated_ekf(model, family: Family, *, iterations: int = 2, prior_var=1.0,
     apply, input_shape = resolve_model(model, input_shape)
     check_forgetting(forgetting)
     q = check_process_noise(process_noise)
+    max_variance = check_max_variance(max_variance)
 
     def init(theta):
+        check_bound_shape(max_variance, theta.shape[0])
         return (jnp.asarray(check_prior(prior_var, theta.shape[0]), theta.dtype),)
 
     def update(state, theta, H, R, e):  # the single-linearisation rule (first iterate)
-        p, c = predict_cov(state.cov, state.count, forgetting, q), 1.0
-        ph = (p @ H.T) * c
+        prior = predicted(state.cov, state.count, forgetting, q, max_variance)
+        ph = prior.times(H.T)
         w, v = numerics.whiten(H @ ph + R, ph, e)
-        return theta + w @ v, (p - w @ w.T,)
+        return theta + w @ v, (prior.matrix() - w @ w.T,)
 
     def quad(state, h):
         return h @ state.cov @ h.T
 
     config = dict(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise,
-                  iterations=int(iterations))
+                  iterations=int(iterations), max_variance=max_variance)
     return IteratedEKF("iterated_ekf", apply, family, Rule(init, update, quad, EKFState),
                        input_shape, config, iterations=int(iterations), forgetting=forgetting,
-                       process_noise=q, active=active)
+                       process_noise=q, active=active, max_variance=max_variance)

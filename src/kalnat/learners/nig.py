@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from kalnat import numerics
 from kalnat.families import Family
 from kalnat.learners.base import Learner, Predictive, Rule, resolve_model
-from kalnat.learners.ekf import check_forgetting, check_prior
+from kalnat.learners.ekf import (
+    check_bound_shape, check_forgetting, check_max_variance, check_prior, predicted,
+)
 from kalnat.predictive import student_t_log_prob
 from kalnat.schedules import Forgetting, forgetting_at
 
@@ -66,7 +68,8 @@ class NIGFilter(Learner):
 
 
 def nig_filter(model, family: Family, *, prior_var=1.0, noise_shape: float = 1.0,
-               noise_scale: float = 1.0, forgetting: Forgetting = 1.0, input_shape=None) -> Learner:
+               noise_scale: float = 1.0, forgetting: Forgetting = 1.0, max_variance=None,
+               input_shape=None) -> Learner:
     """Normal–inverse-gamma filter for a Gaussian family with unknown noise scale.
 
     Args:
@@ -75,6 +78,8 @@ def nig_filter(model, family: Family, *, prior_var=1.0, noise_shape: float = 1.0
       prior_var: ``V₀`` (scalar, ``(d,)`` or ``(d, d)``): θ's prior covariance in units of σ².
       noise_shape, noise_scale: ``a₀``, ``b₀`` of the inverse-gamma prior on σ².
       forgetting: λ in (0, 1] or ``t -> λ_t``: ``V⁻ = V/λ``, ``a⁻ = λa``, ``b⁻ = λb``.
+      max_variance: ``None`` or a bound on every variance of ``V⁻`` (in units of σ², like
+        ``prior_var``), as :func:`kalnat.ekf`'s: stops wind-up under forgetting.
 
     Returns:
       A :class:`NIGFilter` whose state is :class:`NIGState`.
@@ -85,25 +90,27 @@ def nig_filter(model, family: Family, *, prior_var=1.0, noise_shape: float = 1.0
         raise ValueError("noise_shape and noise_scale must be positive")
     apply, input_shape = resolve_model(model, input_shape)
     check_forgetting(forgetting)
+    max_variance = check_max_variance(max_variance)
     m = family.m
 
     def init(theta):
+        check_bound_shape(max_variance, theta.shape[0])
         v0 = jnp.asarray(check_prior(prior_var, theta.shape[0]), theta.dtype)
         return (v0, jnp.asarray(noise_shape, theta.dtype), jnp.asarray(noise_scale, theta.dtype))
 
     def update(state, theta, H, R, e):
         lam = forgetting_at(forgetting, state.count + 1)
-        c = 1.0 / lam
-        ph = (state.cov @ H.T) * c
+        prior = predicted(state.cov, state.count, forgetting, 0.0, max_variance)
+        ph = prior.times(H.T)
         w, v = numerics.whiten(H @ ph + R, ph, e)
         # Masked rows arrive with H = 0 and e = 0: they add no noise information.
         a = lam * state.shape + 0.5 * jnp.sum(jnp.any(H != 0, axis=1))
         b = lam * state.scale + 0.5 * (v @ v)
-        return theta + w @ v, (state.cov * c - w @ w.T, a, b)
+        return theta + w @ v, (prior.matrix() - w @ w.T, a, b)
 
     def quad(state, h):
         return (state.scale / state.shape) * (h @ state.cov @ h.T)
 
     config = dict(prior_var=prior_var, noise_shape=noise_shape, noise_scale=noise_scale,
-                  forgetting=forgetting, m=m)
+                  forgetting=forgetting, max_variance=max_variance, m=m)
     return NIGFilter("nig_filter", apply, family, Rule(init, update, quad, NIGState), input_shape, config)

@@ -49,7 +49,9 @@ import numpy as np
 from kalnat import numerics
 from kalnat.families import Family
 from kalnat.learners.base import Learner, Rule, resolve_model
-from kalnat.learners.ekf import check_forgetting, check_prior, check_process_noise
+from kalnat.learners.ekf import (
+    check_bound_shape, check_forgetting, check_max_variance, check_prior, check_process_noise,
+)
 from kalnat.schedules import Forgetting, forgetting_at
 
 __all__ = ["SqrtEKFState", "sqrt_ekf", "chol_rank_one_downdate"]
@@ -131,7 +133,7 @@ def _noise_factor(chol, q):
 
 
 def sqrt_ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1.0,
-             process_noise=0.0, joseph: bool = False, input_shape=None) -> Learner:
+             process_noise=0.0, joseph: bool = False, max_variance=None, input_shape=None) -> Learner:
     """Square-root EKF on the flat parameter θ (PAPER.md §2a), on a Cholesky factor of P.
 
     Same arguments, same θ_t and same ``P_t`` as :func:`kalnat.ekf`; the state holds ``L``
@@ -147,6 +149,8 @@ def sqrt_ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1
       joseph: accepted for signature compatibility with :func:`kalnat.ekf`; the factored
         update is already of the Joseph kind (a congruence ``L C``, never a difference of
         covariances), so it changes nothing.
+      max_variance: as :func:`kalnat.ekf`: ``L⁻ ← D L⁻``, a row scaling that keeps ``L``
+        lower-triangular with a positive diagonal.
       input_shape: shape of one ``x`` when ``model`` is a plain function (optional).
 
     Returns:
@@ -156,8 +160,10 @@ def sqrt_ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1
     check_forgetting(forgetting)
     q = check_process_noise(process_noise)
     has_noise = bool(np.any(q != 0))
+    max_variance = check_max_variance(max_variance)
 
     def init(theta):
+        check_bound_shape(max_variance, theta.shape[0])
         p0 = check_prior(prior_var, theta.shape[0])
         chol = jnp.asarray(np.linalg.cholesky(p0), theta.dtype)
         return chol, jnp.zeros_like(chol)
@@ -171,6 +177,9 @@ def sqrt_ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1
         if has_noise:
             chol = _noise_factor(chol + err, jnp.asarray(q, chol.dtype))
             err = jnp.zeros_like(chol)
+        if max_variance is not None:  # D L⁻ is the factor of D P⁻ D
+            s = numerics.variance_bound(jnp.sum(chol * chol, axis=1), jnp.asarray(max_variance, chol.dtype))
+            chol, err = chol * s[:, None], err * s[:, None]
         # Whitening turns the k observations into independent unit-variance ones.
         c_r = numerics.cholesky(R)
         h_w = numerics.solve_lower(c_r, H)
@@ -195,5 +204,6 @@ def sqrt_ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1
         hl = h @ state.chol
         return hl @ hl.T
 
-    config = dict(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise, joseph=joseph)
+    config = dict(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise, joseph=joseph,
+                  max_variance=max_variance)
     return Learner("sqrt_ekf", apply, family, Rule(init, update, quad, SqrtEKFState), input_shape, config)
