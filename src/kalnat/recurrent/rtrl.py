@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from kalnat.families import Family
-from kalnat.learners import Learner, ekf, information_filter, natural_gradient
+from kalnat.learners import Learner, ekf, information_filter, natural_gradient, sqrt_ekf
 from kalnat.learners.base import check_params
 from kalnat.linearize import Linearization
 from kalnat.recurrent import base
@@ -43,6 +43,7 @@ _CORES = {
     "information": information_filter,
     "information_filter": information_filter,
     "natural_gradient": natural_gradient,
+    "sqrt_ekf": sqrt_ekf,
 }
 
 
@@ -108,11 +109,13 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
       cell: a :class:`~kalnat.recurrent.cells.RecurrentModel` (``elman``, ``gru``, your own).
       family: the output family.
       learner: the core learner taking ``H_t``: ``"ekf"`` (default), ``"information"``,
-        ``"natural_gradient"``, or one of the constructors :func:`kalnat.ekf`, … itself.
+        ``"natural_gradient"``, ``"sqrt_ekf"`` (the Cholesky-factor form: use it in float32
+        with forgetting, where the covariance form loses positive definiteness within a few
+        thousand steps), or one of the constructors :func:`kalnat.ekf`, … itself.
       correct_state: apply ``s_t ← s_t + G_t δθ`` after each update (the theorem's form).
         ``False`` gives plain RTRL driven by natural gradient.
       **options: the core learner's own settings (``prior_var``, ``forgetting``,
-        ``process_noise``, ``joseph`` for the EKF; ``learning_rate``, ``init_fisher``, … for
+        ``process_noise``, ``joseph``, ``max_variance`` for the EKF; ``learning_rate``, ``init_fisher``, … for
         natural gradient; ``kalnat.schedules.kalman_to_natural(...)._asdict()`` translates).
 
     Returns:
