@@ -123,25 +123,16 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     n_batches = math.ceil(n / batch_size)
     per_chunk = min(chunk_size, n_batches)
     rows_per_chunk = per_chunk * batch_size
-    run = chunk_fn(learner, bool(return_predictions))
-    preds = []
-    with tqdm(total=n, disable=not progress, unit="row") as bar:
-        for start in range(0, n, rows_per_chunk):
-            stop = min(start + rows_per_chunk, n)
-            xc, yc, mc = _pad_chunk(xs[start:stop], ys[start:stop], ~bad[start:stop],
-                                    rows_per_chunk, dtype)
-            shape = (per_chunk, batch_size)
-            state, pc = run(state, xc.reshape(shape + xc.shape[1:]),
-                            yc.reshape(shape + yc.shape[1:]), mc.reshape(shape))
-            if return_predictions:
-                pc = jax.tree_util.tree_map(
-                    lambda a: np.asarray(a).reshape((rows_per_chunk,) + a.shape[2:])[: stop - start], pc)
-                if skip_bad_rows and bad[start:stop].any():
-                    pc = jax.tree_util.tree_map(lambda a: _blank(a, bad[start:stop]), pc)
-                preds.append(pc)
-            bar.update(stop - start)
-            if callback is not None:
-                callback(stop, state, pc if return_predictions else None)
+    shape = (per_chunk, batch_size)
+
+    def inputs(start, stop):
+        xc, yc, mc = _pad_chunk(xs[start:stop], ys[start:stop], ~bad[start:stop], rows_per_chunk, dtype)
+        return xc.reshape(shape + xc.shape[1:]), yc.reshape(shape + yc.shape[1:]), mc.reshape(shape)
+
+    state, preds = drive_chunks(
+        chunk_fn(learner, bool(return_predictions)), state, n, rows_per_chunk, inputs,
+        lambda a, k: a.reshape((rows_per_chunk,) + a.shape[2:])[:k], bad,
+        bool(return_predictions), progress, callback, "row")
     predictions = None
     if return_predictions:
         predictions = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
@@ -181,6 +172,30 @@ def _bad_rows(learner, state, X, Y):
         else:  # nothing to learn: every minibatch is skipped, any valid values will do
             ys[bad] = 0
     return xs, ys, bad
+
+
+def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, callback, unit):
+    """Runs the jitted chunk function ``run`` over ``n`` rows (or time steps), ``step`` at a time.
+
+    ``inputs(start, stop)`` gives one padded chunk's arguments, ``unpack(a, k)`` the first
+    ``k`` rows of a chunk's prediction array on the host; rows flagged in ``skipped`` get NaN
+    predictions. Shows the progress bar and calls ``callback(stop, state, predictions)``.
+    Returns ``(state, [chunk predictions])`` (an empty list unless ``keep``).
+    """
+    preds = []
+    with tqdm(total=n, disable=not progress, unit=unit) as bar:
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            state, pc = run(state, *inputs(start, stop))
+            if keep:
+                pc = jax.tree_util.tree_map(lambda a: unpack(np.asarray(a), stop - start), pc)
+                if skipped[start:stop].any():
+                    pc = jax.tree_util.tree_map(lambda a: _blank(a, skipped[start:stop]), pc)
+                preds.append(pc)
+            bar.update(stop - start)
+            if callback is not None:
+                callback(stop, state, pc if keep else None)
+    return state, preds
 
 
 def _blank(a, bad):

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from kalnat.learners.base import check_range
 from kalnat.recurrent.base import RecurrentLearner, _check_numeric
-from kalnat.stream import FitResult, _blank, chunk_fn
+from kalnat.stream import FitResult, chunk_fn, drive_chunks
 
 __all__ = ["fit_sequence"]
 
@@ -121,21 +120,10 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     mt = (live & ~skipped).T
     st = skipped.T
     per_chunk = min(int(chunk_size), t_len)
-    run = chunk_fn(learner, bool(return_predictions))
-    preds = []
-    with tqdm(total=t_len, disable=not progress, unit="step") as bar:
-        for start in range(0, t_len, per_chunk):
-            stop = min(start + per_chunk, t_len)
-            xc, yc, mc = _pad(xt[start:stop], yt[start:stop], mt[start:stop], per_chunk)
-            state, pc = run(state, xc, yc, mc)
-            if return_predictions:
-                pc = jax.tree_util.tree_map(lambda a: np.asarray(a)[: stop - start], pc)
-                if st[start:stop].any():
-                    pc = jax.tree_util.tree_map(lambda a: _blank(a, st[start:stop]), pc)
-                preds.append(pc)
-            bar.update(stop - start)
-            if callback is not None:
-                callback(stop, state, pc if return_predictions else None)
+    state, preds = drive_chunks(
+        chunk_fn(learner, bool(return_predictions)), state, t_len, per_chunk,
+        lambda start, stop: _pad(xt[start:stop], yt[start:stop], mt[start:stop], per_chunk),
+        lambda a, k: a[:k], st, bool(return_predictions), progress, callback, "step")
     predictions = None
     if return_predictions:
         predictions = jax.tree_util.tree_map(
