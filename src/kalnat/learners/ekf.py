@@ -13,10 +13,12 @@ that stays 0, a hidden unit that never turns on): there ``P`` grows as ``λ^−t
 after ``log(max float)/log(1/λ)`` rows (λ = 0.95: ~1 700 in float32, ~14 000 in float64), the
 classic covariance wind-up. ``max_variance`` bounds it: ``P⁻`` is replaced by ``D P⁻ D`` with
 ``D`` the diagonal of :func:`kalnat.numerics.variance_bound`, so no parameter is ever more
-uncertain than the bound (its prior variance is the natural choice: what a coordinate the
-data stopped informing falls back to). Coordinates within the bound are untouched, so the
-filter is exact until then; beyond it the filter is no longer the fixed-schedule natural
-gradient of PAPER.md §3, so the bound is off by default.
+uncertain than the bound. The prior variance sets its scale: a coordinate the data stopped
+informing falls back to being about as uncertain as before any data (:func:`kalnat.auto`
+uses 100 × the prior variance, which leaves weakly informed coordinates room to move).
+Coordinates within the bound are untouched, so the filter is exact until then; beyond it the
+filter is no longer the fixed-schedule natural gradient of PAPER.md §3, so the bound is off
+by default.
 """
 
 from __future__ import annotations
