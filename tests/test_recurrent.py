@@ -367,14 +367,25 @@ def test_batch_with_lengths_freezes_finished_sequences():
         assert a.predictions.mean.shape == (2, 50, 2)
         assert _rel(ravel_pytree(a.state.params)[0], ravel_pytree(b.state.params)[0]) < 1e-14
         assert _rel(a.state.s, b.state.s) < 1e-14
-    # Past its end, sequence 2's state stays where its 20th step left it.
+    # Past its end, sequence 2 does not advance: its G stays where its 20th step left it and
+    # its state moves only by the correction for θ's change, G (θ_50 − θ_20).
     c = recurrent.fit_sequence(ng, ng.init(params, batch=2), x[:, :20], y[:, :20], chunk_size=10)
-    s_at_20 = np.array(c.state.s)
+    s_at_20, g_at_20 = np.array(c.state.s), np.array(c.state.jac)
+    theta_20 = np.array(ravel_pytree(c.state.core.params)[0])
     e = recurrent.fit_sequence(ng, c.state, x[:, 20:], y[:, 20:], lengths=np.array([30, 0]), chunk_size=10)
     d = recurrent.fit_sequence(ng, ng.init(params, batch=2), x, y, lengths=lengths, chunk_size=10)
-    np.testing.assert_array_equal(e.state.s[1], s_at_20[1])
+    np.testing.assert_array_equal(e.state.jac[1], g_at_20[1])
+    moved = g_at_20[1] @ (np.array(ravel_pytree(e.state.core.params)[0]) - theta_20)
+    assert _rel(e.state.s[1], s_at_20[1] + moved) < 1e-12
+    assert np.abs(moved).max() > 1e-6
     assert _rel(d.state.s, e.state.s) < 1e-12
     assert np.abs(d.state.s[0] - s_at_20[0]).max() > 1e-3  # sequence 1 went on
+    # The theorem holds with frozen sequences: the joint EKF corrects them the same way.
+    j = recurrent.fit_sequence(joint, joint.init(params, batch=2), x, y, lengths=lengths, chunk_size=10)
+    assert _rel(ravel_pytree(j.state.params)[0], ravel_pytree(d.state.core.params)[0]) < RTOL
+    assert _rel(j.state.s, d.state.s) < RTOL
+    for field in ("mean", "mean_cov", "obs_cov"):
+        assert _rel(getattr(j.predictions, field)[:, :20], getattr(d.predictions, field)[:, :20]) < RTOL
 
 
 def test_independent_learners_by_vmap():

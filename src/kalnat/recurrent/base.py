@@ -11,8 +11,9 @@ functions over a ``NamedTuple`` state, plus a validated, jitted, donating public
 ``B`` independent sequences share one θ: each has its own hidden state (and RTRL Jacobian),
 and their observations at a time step form one minibatch update at one linearisation point
 (stacked ``H``, block-diagonal ``R``, PAPER.md §3). A single stream is ``B = 1``. A sequence
-whose ``mask`` is false at a step (padding after its end) is frozen: its state does not move
-and it contributes nothing to the update.
+whose ``mask`` is false at a step (padding after its end) is frozen: it does not advance and
+contributes nothing to the update; its state is only corrected for the change of θ (``G δθ``
+in RTRL, through its covariance with θ in the joint EKF: the same filter).
 """
 
 from __future__ import annotations

@@ -162,11 +162,13 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
         lin = Linearization(lin.yhat, jnp.where(mask[:, None, None], lin.H, 0.0), lin.R,
                             jnp.where(mask[:, None], e, 0.0))
         core_state = core.update_from(state.core, theta, unravel, lin)
-        if correct_state:
-            delta = ravel_pytree(core_state.params)[0] - theta
-            s = s + g @ delta
+        # A frozen sequence (past its end, or a skipped step) does not advance ...
         s = jnp.where(mask[:, None], s, state.s)
         g = jnp.where(mask[:, None, None], g, state.jac)
+        if correct_state:
+            # ... but is still corrected: its state depends on θ through its G, and the joint
+            # EKF moves it by the same G δθ through its covariance with θ.
+            s = s + g @ (ravel_pytree(core_state.params)[0] - theta)
         return RTRLState(core_state, s, g), pred
 
     def advance(state: RTRLState, xs):

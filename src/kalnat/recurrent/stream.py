@@ -9,7 +9,7 @@ the same sequence exactly where it stopped.
 
 A batch of ``B`` independent sequences (``X (B, T, …)``) is advanced in parallel (``vmap``
 over sequences inside each step), sharing θ; sequences of different lengths are padded and
-given ``lengths``: past its end a sequence is frozen and learns nothing.
+given ``lengths``: past its end a sequence is frozen (no transition, no observation).
 
 With ``skip_bad_rows``, a time step whose ``x_t`` or ``y_t`` is bad (NaN/inf, beyond the
 state's float range, ``y`` outside the family's domain) is dropped through the same mask as
@@ -57,9 +57,9 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
         (``B > 1``) the sequences step together on one θ, so a bad step of sequence ``b``
         freezes ``b`` at that step exactly as padding past its end does (see ``lengths``):
         ``b`` neither advances nor contributes an observation, while the other sequences
-        learn at that step as usual (θ, the step count and forgetting move with them; in the
-        joint EKF ``b``'s state is still corrected through its covariance with θ, as for
-        padding). A step that is bad (or padding) in every sequence is no update at all.
+        learn at that step as usual (θ, the step count and forgetting move with them, and
+        ``b``'s state is still corrected for θ's change, by ``G δθ`` in RTRL and through its
+        covariance with θ in the joint EKF, as for padding). A step that is bad (or padding) in every sequence is no update at all.
         Bad values past a sequence's ``lengths`` are padding: ignored, not counted. Wrong
         shapes and dtypes still raise.
 
