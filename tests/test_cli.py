@@ -213,3 +213,20 @@ def test_compare_on_a_small_set(tmp_path):
     assert all(np.isfinite(r["log_loss"]) for r in rep["results"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "no settings: bank of 40 EKFs (1 or 2 linearisations)" in res.output and "log-loss" in res.output
+
+
+def test_forgetting_with_a_constant_column_does_not_wind_up(tmp_path):
+    """λ = 0.95 overflows a float64 covariance along a never-excited feature after ~14 000 rows:
+    the command's EKF bounds it and runs on; the exact natural gradient stops with a hint."""
+    rng = np.random.default_rng(5)
+    n = 15_000
+    X = rng.normal(size=(n, 3))
+    X[:, 2] = 4.0
+    y = (X[:, 0] - X[:, 1] + rng.normal(size=n) > 0).astype(int)
+    data = _csv(tmp_path / "const.csv", X, y)
+    _ok(["learn", data, "--out", str(tmp_path / "e"), "--quiet", "--forget", "0.95", "--prior-var", "1"])
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["rows_seen"] == n and m["final"]["log_loss"] < 0.5
+    out = _user_error(["learn", data, "--out", str(tmp_path / "n"), "--quiet", "--forget", "0.95",
+                       "--prior-var", "1", "--method", "natgrad"])
+    assert "diverged" in out and "winds up" in out

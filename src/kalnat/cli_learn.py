@@ -43,11 +43,18 @@ from kalnat.learners import forms
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
            "learn_stream", "LearnResult", "LoadedModel"]
 
+def _bound(pv, lam):
+    """A forgetting EKF bounds its variances as the bank's members do (no wind-up along a
+    feature that stays constant); without forgetting P only shrinks and the filter is exact."""
+    return None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
+
+
 # Every learner of the core library, as built from the command's settings.
 METHODS = {
-    "ekf": lambda model, fam, pv, lam: kalnat.ekf(model, fam, prior_var=pv, forgetting=lam),
+    "ekf": lambda model, fam, pv, lam: kalnat.ekf(model, fam, prior_var=pv, forgetting=lam,
+                                                  max_variance=_bound(pv, lam)),
     "ekf-joseph": lambda model, fam, pv, lam: kalnat.ekf(model, fam, prior_var=pv, forgetting=lam,
-                                                         joseph=True),
+                                                         joseph=True, max_variance=_bound(pv, lam)),
     "information": lambda model, fam, pv, lam: kalnat.information_filter(
         model, fam, prior_var=pv, forgetting=lam),
     # Online natural gradient with the rates that make it the same filter (PAPER.md §3).
@@ -326,9 +333,12 @@ class OnlineRunner:
         mean = np.asarray(p.mean, np.float64)
         bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
         if bad.size:
+            hint = "try a smaller --prior-var, --batch-size 1 or a linear --model"
+            if self.cfg.get("forgetting") not in (None, 1.0) and self.cfg["method"] not in ("ekf", "ekf-joseph"):
+                hint += (f"; with --forget {self.cfg['forgetting']:g} the covariance winds up along features that"
+                         " stay constant: --method ekf bounds it")
             raise ValueError(
-                f"the learner diverged (non-finite prediction at row {self.rows - len(y) + bad[0] + 1}); "
-                "try a smaller --prior-var, --batch-size 1 or a linear --model")
+                f"the learner diverged (non-finite prediction at row {self.rows - len(y) + bad[0] + 1}); {hint}")
         if self.family.is_classifier:
             return baselines.Predictions(probs=np.asarray(p.probs, np.float64))
         if self.gaussian:
