@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalnat.learners.base import Learner, Predictive, check_range
+from kalnat.learners.base import Learner, Predictive, check_range, representable
 
 __all__ = ["FitResult", "fit"]
 
@@ -126,7 +126,8 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     shape = (per_chunk, batch_size)
 
     def inputs(start, stop):
-        xc, yc, mc = _pad_chunk(xs[start:stop], ys[start:stop], ~bad[start:stop], rows_per_chunk, dtype)
+        xc, yc, mc = pad_chunk(xs[start:stop].astype(dtype, copy=False), ys[start:stop],
+                               ~bad[start:stop], rows_per_chunk)
         return xc.reshape(shape + xc.shape[1:]), yc.reshape(shape + yc.shape[1:]), mc.reshape(shape)
 
     state, preds = drive_chunks(
@@ -149,21 +150,16 @@ def _bad_rows(learner, state, X, Y):
     x = np.asarray(X)
     if x.dtype.kind not in "biuf":
         raise ValueError(f"x must be numeric, got dtype {x.dtype}")
-    top = np.finfo(learner._dtype(state)).max
-    with np.errstate(invalid="ignore"):
-        # Values that overflow the state's dtype count as inf.
-        finite = np.isfinite(x) & (np.abs(x) <= top) if x.dtype.kind == "f" else np.isfinite(x)
-    xs, single = learner.check_x(state, np.where(finite, x, 0) if not finite.all() else x)
+    dtype = learner._dtype(state)
+    ok = representable(x, dtype)
+    xs, single = learner.check_x(state, np.where(ok, x, 0) if not ok.all() else x)
     if single:
         raise ValueError(f"X must have a leading row axis, got shape {x.shape}")
-    ys, bad_y = learner.family.check_rows(Y)
-    if ys.dtype.kind == "f" and ys.size:
-        with np.errstate(invalid="ignore"):
-            bad_y = bad_y | ~(np.abs(ys) <= top).all(axis=tuple(range(1, ys.ndim)))
+    ys, bad_y = bad_rows_of(learner.family, Y, dtype)
     n = xs.shape[0]
     if ys.shape[0] != n:
         raise ValueError(f"X has {n} rows but Y has {ys.shape[0]}")
-    bad = bad_y | ~finite.all(axis=tuple(range(1, x.ndim)))
+    bad = bad_y | ~np.all(ok, axis=tuple(range(1, ok.ndim)))
     if bad.any():
         good = np.flatnonzero(~bad)
         xs, ys = xs.copy(), ys.copy()
@@ -172,6 +168,24 @@ def _bad_rows(learner, state, X, Y):
         else:  # nothing to learn: every minibatch is skipped, any valid values will do
             ys[bad] = 0
     return xs, ys, bad
+
+
+def bad_rows_of(family, Y, dtype):
+    """``(y, bad (b,))``: ``family.check_rows`` (the family's domain) and, besides, values
+    beyond the range of the state's ``dtype``."""
+    ys, bad = family.check_rows(Y)
+    return ys, bad | ~np.all(representable(ys, dtype), axis=tuple(range(1, ys.ndim)))
+
+
+def pad_chunk(x, y, mask, rows):
+    """A chunk of ``k ≤ rows`` rows (or time steps) padded to ``rows`` with copies of its first
+    one: valid inputs, masked out of every update (``mask`` gets ``False`` there)."""
+    k = x.shape[0]
+    if k < rows:
+        x = np.concatenate([x, np.repeat(x[:1], rows - k, axis=0)])
+        y = np.concatenate([y, np.repeat(y[:1], rows - k, axis=0)])
+        mask = np.concatenate([mask, np.zeros((rows - k,) + mask.shape[1:], bool)])
+    return x, y, mask
 
 
 def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, callback, unit):
@@ -204,13 +218,3 @@ def _blank(a, bad):
     a = np.array(a)
     a[bad] = np.nan
     return a
-
-
-def _pad_chunk(x, y, valid, rows, dtype):
-    k = x.shape[0]
-    mask = np.zeros(rows, bool)
-    mask[:k] = valid
-    if k < rows:  # pad with copies of the first row: valid inputs, masked out of every update
-        x = np.concatenate([x, np.repeat(x[:1], rows - k, axis=0)])
-        y = np.concatenate([y, np.repeat(y[:1], rows - k, axis=0)])
-    return x.astype(dtype, copy=False), y, mask

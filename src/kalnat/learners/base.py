@@ -222,6 +222,16 @@ def check_params(params):
             raise ValueError("params contain NaN or inf")
 
 
+def representable(a, dtype) -> np.ndarray:
+    """Elementwise: finite, and within the range of ``dtype`` (the state's float type: 1e39 is
+    finite in float64 but inf in float32). What a stream may skip as bad."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        return np.ones(a.shape, bool)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(a) & (np.abs(a) <= np.finfo(dtype).max)
+
+
 def check_range(a, dtype, name):
     """Finite values that would overflow to inf in the state's dtype (1e39 in float32)."""
     top = np.finfo(dtype).max

@@ -21,9 +21,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from kalnat.learners.base import check_range
+from kalnat.learners.base import check_range, representable
 from kalnat.recurrent.base import RecurrentLearner, _check_numeric
-from kalnat.stream import FitResult, chunk_fn, drive_chunks
+from kalnat.stream import FitResult, bad_rows_of, chunk_fn, drive_chunks, pad_chunk
 
 __all__ = ["fit_sequence"]
 
@@ -122,7 +122,7 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     per_chunk = min(int(chunk_size), t_len)
     state, preds = drive_chunks(
         chunk_fn(learner, bool(return_predictions)), state, t_len, per_chunk,
-        lambda start, stop: _pad(xt[start:stop], yt[start:stop], mt[start:stop], per_chunk),
+        lambda start, stop: pad_chunk(xt[start:stop], yt[start:stop], mt[start:stop], per_chunk),
         lambda a, k: a[:k], st, bool(return_predictions), progress, callback, "step")
     predictions = None
     if return_predictions:
@@ -141,20 +141,12 @@ def _bad_steps(learner, x, y, dtype):
     out-of-range entries of ``x`` become 0 and a bad ``y_t`` becomes the first good one.
     """
     nb, t_len = x.shape[:2]
-    top = np.finfo(dtype).max
-    with np.errstate(invalid="ignore"):
-        # Values that overflow the state's dtype count as inf.
-        fin = np.isfinite(x) & (np.abs(x) <= top) if x.dtype.kind == "f" else np.ones(x.shape, bool)
-    bad_x = ~fin.reshape(nb, t_len, -1).all(axis=2)
-    ev = y.shape[2:]
-    ys, bad_y = learner.family.check_rows(y.reshape((-1,) + ev))
-    if ys.dtype.kind == "f" and ys.size:
-        with np.errstate(invalid="ignore"):
-            bad_y = bad_y | ~(np.abs(ys) <= top).reshape(ys.shape[0], -1).all(axis=1)
-    bad = bad_x | bad_y.reshape(nb, t_len)
+    ok = representable(x, dtype)
+    ys, bad_y = bad_rows_of(learner.family, y.reshape((-1,) + y.shape[2:]), dtype)
+    bad = ~np.all(ok, axis=tuple(range(2, ok.ndim))) | bad_y.reshape(nb, t_len)
     if bad.any():
-        if not fin.all():
-            x = np.where(fin, x, 0)
+        if not ok.all():
+            x = np.where(ok, x, 0)
         ys = ys.copy()
         good = np.flatnonzero(~bad_y)
         ys[bad_y] = ys[good[0]] if good.size else 0
@@ -163,12 +155,3 @@ def _bad_steps(learner, x, y, dtype):
 
 def _batch_major(a, single):
     return a[:, 0] if single else np.swapaxes(a, 0, 1)
-
-
-def _pad(x, y, m, rows):
-    k = x.shape[0]
-    if k < rows:  # copies of the first step: valid inputs, masked out of every update
-        x = np.concatenate([x, np.repeat(x[:1], rows - k, axis=0)])
-        y = np.concatenate([y, np.repeat(y[:1], rows - k, axis=0)])
-        m = np.concatenate([m, np.zeros((rows - k,) + m.shape[1:], bool)])
-    return x, y, m
