@@ -180,9 +180,8 @@ class Bank(Learner):
         members, preds, probs, ll = jax.vmap(one)(state.hparams, state.members)
         # A member whose prediction is not finite (a forgetting filter's covariance can wind
         # up) is out of the bank from then on: evidence −∞, weight 0, no fixed share.
-        finite = lambda a: jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
-        ok = (jnp.isfinite(state.log_evidence) & finite(ll) & finite(preds.mean)
-              & finite(preds.mean_cov) & finite(preds.obs_cov))
+        ok = (jnp.isfinite(state.log_evidence) & _finite(ll) & _finite(preds.mean)
+              & _finite(preds.mean_cov) & _finite(preds.obs_cov))
         pred = self._mix(state.log_weights, preds, probs, ll, ok)
         batch_ll = jnp.where(ok, jnp.sum(ll, axis=1), -jnp.inf)  # (K,) the minibatch's log-likelihood
         lw = jnp.where(ok, state.log_weights, -jnp.inf)
@@ -207,8 +206,7 @@ class Bank(Learner):
 
         preds, probs = jax.vmap(one)(state.hparams, state.members)
         ll = jnp.zeros(preds.mean.shape[:2], preds.mean.dtype)
-        finite = lambda a: jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
-        ok = jnp.isfinite(state.log_weights) & finite(preds.mean) & finite(preds.mean_cov)
+        ok = jnp.isfinite(state.log_weights) & _finite(preds.mean) & _finite(preds.mean_cov)
         return self._mix(state.log_weights, preds, probs, ll, ok)
 
     def members_predict_batch(self, state: BankState, xs) -> Predictive:
@@ -231,6 +229,11 @@ class Bank(Learner):
 
     def check_x(self, state, x):
         return self._first.check_x(self.member_state(state, 0), x)
+
+
+def _finite(a):
+    """``(K,)``: whether each member's slice of ``a (K, …)`` is finite."""
+    return jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
 
 
 def bank(make: Callable[..., Learner], configs: Sequence[dict], *, share: float = 0.0,

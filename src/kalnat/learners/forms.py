@@ -14,8 +14,17 @@ import numpy as np
 __all__ = ["covariance", "with_covariance"]
 
 
+_FORMS = ("cov", "chol", "info", "fisher")
+
+
+def _check_form(state):
+    if not any(hasattr(state, f) for f in _FORMS):
+        raise ValueError(f"{type(state).__name__} holds no covariance of θ")
+
+
 def covariance(state) -> np.ndarray:
     """``P (d, d)`` held by a core learner's state, as a float64 NumPy array."""
+    _check_form(state)
     if hasattr(state, "cov"):
         return np.asarray(state.cov, np.float64)
     if hasattr(state, "chol"):
@@ -25,17 +34,15 @@ def covariance(state) -> np.ndarray:
         return chol @ chol.T
     if hasattr(state, "info"):
         return np.linalg.inv(np.asarray(state.info, np.float64))
-    if hasattr(state, "fisher"):  # P = η J⁻¹ (PAPER.md §3)
-        return float(state.lr) * np.linalg.inv(np.asarray(state.fisher, np.float64))
-    raise ValueError(f"{type(state).__name__} holds no covariance of θ")
+    return float(state.lr) * np.linalg.inv(np.asarray(state.fisher, np.float64))  # P = η J⁻¹ (§3)
 
 
 def with_covariance(state, params, cov):
     """``state`` with parameters ``params`` and covariance ``cov (d, d)``, in its own form."""
+    _check_form(state)
     P = np.asarray(cov, np.float64)
-    covariance(state)  # the same error for a state without one
-    leaves = [getattr(state, f) for f in ("cov", "chol", "info", "fisher") if hasattr(state, f)]
-    put = lambda a: jnp.asarray(a, leaves[0].dtype)
+    dtype = next(getattr(state, f) for f in _FORMS if hasattr(state, f)).dtype
+    put = lambda a: jnp.asarray(a, dtype)
     if hasattr(state, "cov"):
         return state._replace(params=params, cov=put(P))
     if hasattr(state, "chol"):
