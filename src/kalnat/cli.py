@@ -187,7 +187,6 @@ def learn(data, out_dir, quiet, **kw):
                    "model.npz)")
 
 
-
 # ---- predict ----------------------------------------------------------------------------------
 
 @cli.command(context_settings=CONTEXT)

@@ -74,15 +74,14 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         runner = cli_learn.OnlineRunner(c, family, classes, X.shape[1])
         return _timed(lambda: runner.step(X, y))
 
-    if cli_learn.uses_bank(cfg):
-        name = "kalnat"
-        setting = "no settings: " + cli_learn.learner_text(
-            cli_learn.OnlineRunner(cfg, family, classes, X.shape[1]).learner, cfg)
+    runner = cli_learn.OnlineRunner(cfg, family, classes, X.shape[1])
+    if runner.bank:
+        name, setting = "kalnat", "no settings: " + cli_learn.learner_text(runner.learner, cfg)
     else:
         pv, lam = cli_learn.single_settings(cfg)
         name, setting = f"kalnat {cfg['method']}", f"prior_var={pv:g}, λ={lam:g}"
     log(f"  {name} ({setting}) …")
-    pred, secs = kalnat_run(cfg)
+    pred, secs = _timed(lambda: runner.step(X, y))
     add(name, setting, pred, secs)
     if kalnat_grid:
         grid = {}

@@ -43,18 +43,21 @@ from kalnat.learners import forms
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
            "learn_stream", "LearnResult", "LoadedModel"]
 
-def _bound(pv, lam):
-    """A forgetting EKF bounds its variances as the bank's members do (no wind-up along a
-    feature that stays constant); without forgetting P only shrinks and the filter is exact."""
-    return None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
+
+def _ekf(joseph: bool):
+    """The EKF at prior ``pv`` and forgetting ``lam``: when it forgets, its variances are bounded
+    as the bank's members' are (no wind-up along a feature that stays constant); without
+    forgetting P only shrinks and the bound is left off (the exact filter)."""
+    def make(model, fam, pv, lam):
+        bound = None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
+        return kalnat.ekf(model, fam, prior_var=pv, forgetting=lam, joseph=joseph, max_variance=bound)
+    return make
 
 
 # Every learner of the core library, as built from the command's settings.
 METHODS = {
-    "ekf": lambda model, fam, pv, lam: kalnat.ekf(model, fam, prior_var=pv, forgetting=lam,
-                                                  max_variance=_bound(pv, lam)),
-    "ekf-joseph": lambda model, fam, pv, lam: kalnat.ekf(model, fam, prior_var=pv, forgetting=lam,
-                                                         joseph=True, max_variance=_bound(pv, lam)),
+    "ekf": _ekf(joseph=False),
+    "ekf-joseph": _ekf(joseph=True),
     "information": lambda model, fam, pv, lam: kalnat.information_filter(
         model, fam, prior_var=pv, forgetting=lam),
     # Online natural gradient with the rates that make it the same filter (PAPER.md §3).
@@ -199,6 +202,11 @@ def inference_note(cfg: dict, source: datasets.Source, family: str, classes) -> 
             "pass --family (and --classes) to say otherwise")
 
 
+def _clipped(Z, clip: float):
+    """Standardised values clipped to ±``clip`` (0: not clipped)."""
+    return np.clip(Z, -clip, clip) if clip > 0 else Z
+
+
 def _target_affine(stats, y, min_std: float = 1e-8):
     """Online standardisation of a target: ``(z, center, scale, stats')`` per row.
 
@@ -287,6 +295,7 @@ class OnlineRunner:
         self.target_scaler = scaling.init(2) if self.gaussian else None
         self.noise = baselines.OnlineNoise() if self.gaussian else None
         self.rows = 0
+        self.clip = float(cfg.get("clip") or 0.0)
         self.scheme = cfg.get("scaling") or DEFAULT_SCALING
         if self.scheme not in SCALINGS:
             raise ValueError(f"unknown scaling {self.scheme!r}; expected one of {', '.join(SCALINGS)}")
@@ -302,8 +311,7 @@ class OnlineRunner:
         if update:
             self.scaler = stats
         Z[: max(0, 2 - c0)] = 0.0
-        clip = float(self.cfg.get("clip") or 0.0)
-        return np.clip(Z, -clip, clip) if clip > 0 else Z
+        return _clipped(Z, self.clip)
 
     def step(self, X, y, callback=None) -> baselines.Predictions:
         """Predicts the rows ``X (n, p)`` with targets ``y (n,)`` (class indices, counts or
@@ -315,9 +323,7 @@ class OnlineRunner:
             # Until two targets have given it a scale, a target teaches nothing but "average";
             # and like the features, an early target scaled by rough statistics is clipped.
             ytrain[: max(0, 2 - c0)] = 0.0
-            clip = float(self.cfg.get("clip") or 0.0)
-            if clip > 0:
-                ytrain = np.clip(ytrain, -clip, clip)
+            ytrain = _clipped(ytrain, self.clip)
         else:
             ytrain = y
         batch = int(self.cfg["batch_size"])
@@ -334,7 +340,7 @@ class OnlineRunner:
         bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
         if bad.size:
             hint = "try a smaller --prior-var, --batch-size 1 or a linear --model"
-            if self.cfg.get("forgetting") not in (None, 1.0) and self.cfg["method"] not in ("ekf", "ekf-joseph"):
+            if self.cfg.get("forgetting") not in (None, 1.0) and not self.cfg["method"].startswith("ekf"):
                 hint += (f"; with --forget {self.cfg['forgetting']:g} the covariance winds up along features that"
                          " stay constant: --method ekf bounds it")
             raise ValueError(
@@ -358,9 +364,7 @@ class OnlineRunner:
             if self.coords is None:  # no scale yet: the rows teach the intercept only
                 Z = np.zeros_like(Xb)
             else:
-                Z = (Xb - self.coords[0]) / self.coords[1]
-                clip = float(self.cfg.get("clip") or 0.0)
-                Z = np.clip(Z, -clip, clip) if clip > 0 else Z
+                Z = _clipped((Xb - self.coords[0]) / self.coords[1], self.clip)
             self.scaler = scaling.transform_and_update(self.scaler, Xb)[1]
             cb = None if callback is None else (lambda off: lambda done, st, pc: callback(off + done, st, pc))(pos)
             # two scan shapes in all (row by row for short blocks, 256 per call for long
@@ -394,7 +398,7 @@ class OnlineRunner:
             "forgetting": self.cfg.get("forgetting"),
             "bank": self.cfg.get("bank"),
             "batch_size": int(self.cfg["batch_size"]),
-            "clip": float(self.cfg.get("clip") or 0.0),
+            "clip": self.clip,
             "seed": int(self.cfg.get("seed", 0)),
             "scaler": _stats_json(self.scaler),
             "scaling": self.scheme,
@@ -640,22 +644,15 @@ class LoadedModel:
         return cls(extra, state, learner, family)
 
     def _scale(self, X):
+        X = np.asarray(X, np.float64)
         coords = self.extra.get("coords")
-        clip = float(self.extra.get("clip") or 0.0)
         if coords is not None:  # the coordinates the filter was left in (block schemes)
-            Z = (np.asarray(X, np.float64) - np.asarray(coords[0])) / np.asarray(coords[1])
-            return np.clip(Z, -clip, clip) if clip > 0 else Z
-        if self.extra.get("scaling", "running") != "running":  # fewer than two rows learned
-            return np.zeros_like(np.asarray(X, np.float64))
-        s = self.scaler
-        count = int(s.count)
-        std = np.sqrt(s.m2 / max(count, 1))
-        center = s.mean if count > 0 else np.zeros_like(s.mean)
-        scale = np.where((count > 1) & (std > 1e-8), std, 1.0)
-        Z = (np.asarray(X, np.float64) - center) / scale
-        if count < 2:
-            Z[:] = 0.0
-        return np.clip(Z, -clip, clip) if clip > 0 else Z
+            center, scale = (np.asarray(a) for a in coords)
+        elif self.extra.get("scaling", "running") != "running" or int(self.scaler.count) < 2:
+            return np.zeros_like(X)  # fewer than two rows learned: no scale yet
+        else:
+            center, scale = scaling.standardizer(self.scaler)
+        return _clipped((X - center) / scale, float(self.extra.get("clip") or 0.0))
 
     def header(self):
         if self.family.is_classifier:
@@ -680,11 +677,7 @@ class LoadedModel:
             return np.column_stack([np.argmax(probs, 1), probs, np.sqrt(np.maximum(var, 0))])
         param_var = mc[:, 0, 0]
         if self.family.name == "gaussian":
-            ts = self.target_scaler
-            count = int(ts.count)
-            center = ts.mean[0] if count > 0 else 0.0
-            std = math.sqrt(ts.m2[0] / max(count, 1))
-            scale = std if count > 1 and std > 1e-8 else 1.0
+            center, scale = (float(a[0]) for a in scaling.standardizer(self.target_scaler))
             total, weight = self.extra["noise"]
             noise = total / weight
             m = center + scale * mean[:, 0]

@@ -13,7 +13,6 @@ import numpy as np
 
 __all__ = ["covariance", "with_covariance"]
 
-
 _FORMS = ("cov", "chol", "info", "fisher")
 
 
