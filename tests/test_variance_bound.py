@@ -35,6 +35,10 @@ def make(form, max_variance, forgetting=0.9):
         "sqrt": lambda: kalnat.sqrt_ekf(MODEL, BERN, **kw),
         "iterated": lambda: kalnat.iterated_ekf(MODEL, BERN, iterations=2, **kw),
         "nig": lambda: kalnat.nig_filter(MODEL, GAUSS, **kw),
+        "information": lambda: kalnat.information_filter(MODEL, BERN, **kw),
+        "natural": lambda: kalnat.natural_gradient(
+            MODEL, BERN, max_variance=max_variance,
+            **kalnat.schedules.kalman_to_natural(CAP, forgetting)._asdict()),
     }[form]()
 
 
@@ -54,7 +58,7 @@ def run(form, max_variance, X, yb, yg, dtype=jnp.float64, forgetting=0.9):
     return kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=1000, return_predictions=False).state
 
 
-FORMS = ("ekf", "joseph", "sqrt", "iterated", "nig")
+FORMS = ("ekf", "joseph", "sqrt", "iterated", "nig", "information", "natural")
 
 
 def test_exact_filter_winds_up():
@@ -69,8 +73,9 @@ def test_bound_stops_windup(form, dtype):
     state = run(form, CAP, *stream(10_000), dtype=dtype)
     P = np.asarray(covariance(state), np.float64)
     assert np.all(np.isfinite(P)) and np.all(np.isfinite(np.asarray(jax.flatten_util.ravel_pytree(state.params)[0])))
+    held = np.asarray(getattr(state, {"sqrt": "chol", "information": "info", "natural": "fisher"}.get(form, "cov")))
     if form != "sqrt":
-        np.testing.assert_array_equal(np.asarray(state.cov), np.asarray(state.cov).T)
+        np.testing.assert_array_equal(held, held.T)
     assert np.linalg.eigvalsh(P).min() > 0
     # P_t ≤ P⁻ (a data update only removes variance) and P⁻'s variances are capped.
     assert np.max(np.diag(P)) <= CAP * (1 + 1e-5)
@@ -89,12 +94,16 @@ def test_bound_is_exact_below_it(form):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-15)
 
 
-def test_forms_agree_under_the_bound():
-    """The covariance and square-root forms apply the same congruence: same θ_t and P_t."""
+@pytest.mark.parametrize("form", ["sqrt", "information", "natural"])
+def test_forms_agree_under_the_bound(form):
+    """Every form applies the same congruence to P⁻ (the information and natural-gradient
+    forms its inverse to Λ⁻ and J): the same θ_t and P_t while the bound binds."""
     data = stream(2_000, seed=2)
-    a, b = run("ekf", CAP, *data), run("sqrt", CAP, *data)
-    np.testing.assert_allclose(np.asarray(covariance(b)), np.asarray(a.cov), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(b.params["w"]), np.asarray(a.params["w"]), rtol=1e-9, atol=1e-12)
+    a, b = run("ekf", CAP, *data), run(form, CAP, *data)
+    assert np.asarray(a.cov)[DEAD, DEAD] == pytest.approx(CAP, rel=1e-6)  # it binds
+    np.testing.assert_allclose(covariance(b), np.asarray(a.cov), rtol=1e-9, atol=1e-12)
+    for leaf in ("w", "b"):
+        np.testing.assert_allclose(np.asarray(b.params[leaf]), np.asarray(a.params[leaf]), rtol=1e-9, atol=1e-12)
 
 
 @settings(max_examples=60, deadline=None)
@@ -133,9 +142,10 @@ def test_bank_keeps_its_forgetting_members():
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, np.nan, np.inf, np.ones((2, 2))])
-def test_bad_max_variance(bad):
+@pytest.mark.parametrize("make_learner", [kalnat.ekf, kalnat.information_filter, kalnat.natural_gradient])
+def test_bad_max_variance(bad, make_learner):
     with pytest.raises(ValueError, match="max_variance"):
-        kalnat.ekf(MODEL, BERN, max_variance=bad)
+        make_learner(MODEL, BERN, max_variance=bad)
 
 
 def test_max_variance_shape_checked_at_init():

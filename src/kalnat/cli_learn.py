@@ -44,25 +44,26 @@ __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRun
            "learn_stream", "LearnResult", "LoadedModel"]
 
 
-def _ekf(joseph: bool):
-    """The EKF at prior ``pv`` and forgetting ``lam``: when it forgets, its variances are bounded
-    as the bank's members' are (no wind-up along a feature that stays constant); without
-    forgetting P only shrinks and the bound is left off (the exact filter)."""
-    def make(model, fam, pv, lam):
-        bound = None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
-        return kalnat.ekf(model, fam, prior_var=pv, forgetting=lam, joseph=joseph, max_variance=bound)
-    return make
+def _bound(pv: float, lam: float):
+    """When a learner forgets, its variances are bounded as the bank's members' are (no wind-up
+    along a feature that stays constant); without forgetting P only shrinks and the bound is
+    left off (the exact filter)."""
+    return None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
 
 
-# Every learner of the core library, as built from the command's settings.
+# Every learner of the core library, as built from the command's settings: the same filter in
+# four forms, bound included.
 METHODS = {
-    "ekf": _ekf(joseph=False),
-    "ekf-joseph": _ekf(joseph=True),
+    "ekf": lambda model, fam, pv, lam: kalnat.ekf(
+        model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
+    "ekf-joseph": lambda model, fam, pv, lam: kalnat.ekf(
+        model, fam, prior_var=pv, forgetting=lam, joseph=True, max_variance=_bound(pv, lam)),
     "information": lambda model, fam, pv, lam: kalnat.information_filter(
-        model, fam, prior_var=pv, forgetting=lam),
+        model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
     # Online natural gradient with the rates that make it the same filter (PAPER.md §3).
     "natgrad": lambda model, fam, pv, lam: kalnat.natural_gradient(
-        model, fam, **schedules.kalman_to_natural(prior_var=pv, forgetting=lam)._asdict()),
+        model, fam, max_variance=_bound(pv, lam),
+        **schedules.kalman_to_natural(prior_var=pv, forgetting=lam)._asdict()),
 }
 
 GAUSSIAN_FIRST_SCORED_ROW = 3
@@ -340,9 +341,6 @@ class OnlineRunner:
         bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
         if bad.size:
             hint = "try a smaller --prior-var, --batch-size 1 or a linear --model"
-            if self.cfg.get("forgetting") not in (None, 1.0) and not self.cfg["method"].startswith("ekf"):
-                hint += (f"; with --forget {self.cfg['forgetting']:g} the covariance winds up along features that"
-                         " stay constant: --method ekf bounds it")
             raise ValueError(
                 f"the learner diverged (non-finite prediction at row {self.rows - len(y) + bad[0] + 1}); {hint}")
         if self.family.is_classifier:

@@ -1,8 +1,9 @@
 """The one place for the linear algebra every learner shares.
 
 Solves go through Cholesky factors (every matrix solved against here is symmetric positive
-definite: ``S = H P Hᵀ + R``, an information matrix, a Fisher estimate). Nothing here builds a
-``d × d`` identity: diagonal shifts write the diagonal in place.
+definite: ``S = H P Hᵀ + R``, an information matrix, a Fisher estimate). Diagonal shifts write
+the diagonal in place; only :func:`spd_inverse`, for the O(d³) forms that need a whole
+inverse, solves against an identity.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 
 __all__ = [
     "symmetrize", "add_to_diagonal", "cholesky", "chol_solve", "whiten", "block_diag",
-    "joseph_update", "variance_bound", "check_covariance",
+    "joseph_update", "spd_inverse", "variance_bound", "precision_bound", "check_covariance",
 ]
 
 # Below this size the m × m factorisations of S = H P Hᵀ + R are unrolled into plain array
@@ -106,6 +107,23 @@ def variance_bound(variances, cap):
     ``λ_max(P) ≤ tr(P) ≤ Σ cap``, no direction of ``P`` can grow without limit.
     """
     return jnp.where(variances > cap, jnp.sqrt(cap / variances), jnp.ones_like(variances))
+
+
+def spd_inverse(a):
+    """``A⁻¹`` of a symmetric positive definite ``(d, d)`` matrix, through its Cholesky factor."""
+    chol = jnp.linalg.cholesky(a)
+    return cho_solve((chol, True), jnp.eye(a.shape[0], dtype=a.dtype))
+
+
+def precision_bound(info, cap):
+    """:func:`variance_bound` for a precision matrix: ``D⁻¹ Λ D⁻¹``, the inverse of ``D Λ⁻¹ D``.
+
+    The variances are the diagonal of ``Λ⁻¹`` (an O(d³) inverse, the price of the forms that
+    hold ``Λ = P⁻¹``). Returns the bounded ``Λ``; coordinates within the bound keep their rows
+    and columns exactly.
+    """
+    s = variance_bound(jnp.diagonal(spd_inverse(info)), cap)
+    return info / (s[:, None] * s[None, :])
 
 
 def check_covariance(a, name: str, d: int) -> np.ndarray:

@@ -4,7 +4,8 @@
 forgetting. It solves a ``d × d`` system each step (O(d³)); it exists to show the
 equivalence and for problems where the information matrix is the natural object (sparse
 priors, pooling evidence). Additive noise ``q·I`` needs ``(Λ⁻¹ + qI)⁻¹``: two more
-factorisations.
+factorisations. ``max_variance`` is the EKF's bound written on ``Λ⁻``: ``D⁻¹ Λ⁻ D⁻¹``, the
+inverse of ``D P⁻ D`` (:func:`kalnat.numerics.precision_bound`, one more inverse per step).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import numpy as np
 from kalnat import numerics
 from kalnat.families import Family
 from kalnat.learners.base import Learner, Rule, resolve_model
-from kalnat.learners.ekf import check_forgetting, check_prior, check_process_noise, predict_cov
+from kalnat.learners.ekf import (
+    check_bound_shape, check_forgetting, check_max_variance, check_prior, check_process_noise, predict_cov,
+)
 from kalnat.schedules import Forgetting, forgetting_at
 
 __all__ = ["InformationState", "information_filter", "fisher_terms"]
@@ -38,27 +41,26 @@ def fisher_terms(H, R, e):
     return H.T @ rinv_h, rinv_h.T @ e
 
 
-def _inv_spd(a):
-    chol = jnp.linalg.cholesky(a)
-    return jax.scipy.linalg.cho_solve((chol, True), jnp.eye(a.shape[0], dtype=a.dtype))
-
-
 def information_filter(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1.0,
-                       process_noise=0.0, input_shape=None) -> Learner:
+                       process_noise=0.0, max_variance=None, input_shape=None) -> Learner:
     """Information-form EKF (PAPER.md §2b); same arguments and θ_t as :func:`kalnat.ekf`."""
     apply, input_shape = resolve_model(model, input_shape)
     check_forgetting(forgetting)
     q = check_process_noise(process_noise)
+    max_variance = check_max_variance(max_variance)
 
     def init(theta):
         p0 = check_prior(prior_var, theta.shape[0])
+        check_bound_shape(max_variance, theta.shape[0])
         return (jnp.asarray(np.linalg.inv(p0), theta.dtype),)
 
     def update(state, theta, H, R, e):
         if np.any(q != 0):
-            info = _inv_spd(predict_cov(_inv_spd(state.info), state.count, forgetting, q))
+            info = numerics.spd_inverse(predict_cov(numerics.spd_inverse(state.info), state.count, forgetting, q))
         else:
             info = state.info * forgetting_at(forgetting, state.count + 1)
+        if max_variance is not None:
+            info = numerics.precision_bound(info, jnp.asarray(max_variance, info.dtype))
         fisher, grad = fisher_terms(H, R, e)
         info = numerics.symmetrize(info + fisher)
         return theta + numerics.chol_solve(info, grad), (info,)
@@ -66,5 +68,6 @@ def information_filter(model, family: Family, *, prior_var=1.0, forgetting: Forg
     def quad(state, h):
         return h @ numerics.chol_solve(state.info, h.T)
 
-    config = dict(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise)
+    config = dict(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise,
+                  max_variance=max_variance)
     return Learner("information", apply, family, Rule(init, update, quad, InformationState), input_shape, config)
