@@ -112,7 +112,7 @@ def test_against_numpy_reference(fam, arch, batch_size):
     n = 60 * batch_size
     params, X, Y = teacher_stream(model, family, n, seed=7)
     lam, prior, eta0 = 0.97, 0.5, 2.0
-    states = run_all(model, family, params, X, Y, prior, lam, batch_size, eta0=eta0)
+    states = run_all(model, family, params, X, Y, prior, lam, batch_size, eta0=eta0, joseph=False)
     jac, name, sigma, batches = reference_case(fam, arch, params, X, Y, batch_size, prior, lam)
     theta0 = flat(params)
     d = theta0.size
