@@ -525,7 +525,8 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
                 acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)
                 bar = tqdm(total=source.n_rows, unit="row", disable=not progress,
-                           dynamic_ncols=True, desc=f"{cfg['method']} {source.name}")
+                           dynamic_ncols=True,
+                           desc=f"{'bank' if runner.bank else cfg['method']} {source.name}")
             y, good = coder.encode(source.name, chunk.y, chunk.lines, source.target_name,
                                    bool(cfg.get("skip_bad_rows")), skipped)
             X, y = chunk.X[good], y[good]
