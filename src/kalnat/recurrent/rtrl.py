@@ -115,8 +115,9 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
       correct_state: apply ``s_t ← s_t + G_t δθ`` after each update (the theorem's form).
         ``False`` gives plain RTRL driven by natural gradient.
       **options: the core learner's own settings (``prior_var``, ``forgetting``,
-        ``process_noise``, ``joseph``, ``max_variance`` for the EKF; ``learning_rate``, ``init_fisher``, … for
-        natural gradient; ``kalnat.schedules.kalman_to_natural(...)._asdict()`` translates).
+        ``process_noise``, ``joseph`` for the EKF; ``learning_rate``, ``init_fisher``, … for
+        natural gradient, ``kalnat.schedules.kalman_to_natural(...)._asdict()`` translates;
+        ``max_variance`` for every one of them).
 
     Returns:
       A :class:`~kalnat.recurrent.base.RecurrentLearner` whose state is :class:`RTRLState`.
