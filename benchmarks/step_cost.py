@@ -4,6 +4,8 @@ For d parameters and m outputs, one EKF step must read P (for P Hᵀ) and rewrit
 (P − W Wᵀ): its floor is about one read and one write of the d × d matrix, i.e. one plain
 copy. Printed, side by side in one run (ratios; absolute times on a shared machine mislead):
 
+  rows          rows per timed ``fit`` call (more at small d, where a call's fixed cost
+                would otherwise be counted in every step)
   fit/copy      EKF step inside ``kalnat.fit`` (lax.scan, donated state) ÷ one d × d copy
   update/copy   EKF step through ``learner.update`` from Python (jit, donated) ÷ one copy
   nodonate/upd  the same jitted step *without* buffer donation ÷ the donated one
@@ -49,7 +51,15 @@ def apply(theta, x):
     return x @ theta
 
 
-def case(d, m, dtype, rows=32, natgrad=True):
+def stream_rows(d):
+    """Rows per timed ``fit`` call: ~64 M matrix entries of work, 32 at least. A call's fixed
+    cost (validation, the transfer of X, dispatch; ~0.1–0.3 ms) is then a small part of a
+    step even at d = 256, where a step is a few microseconds."""
+    return int(min(2048, max(32, 2**26 // d**2)))
+
+
+def case(d, m, dtype, rows=None, natgrad=True):
+    rows = stream_rows(d) if rows is None else rows
     rng = np.random.default_rng(0)
     family = F.Gaussian(1.0, dim=m)
     X = (rng.normal(size=(rows, m, d)) / np.sqrt(d)).astype(dtype)
@@ -99,7 +109,7 @@ def case(d, m, dtype, rows=32, natgrad=True):
             ng_state["s"].fisher.block_until_ready()
         run_ng()
         t_ng = median_time(run_ng, 3)
-    return dict(copy=t_copy, fit=t_fit, update=t_upd, nodonate=t_nodonate, natgrad=t_ng)
+    return dict(copy=t_copy, fit=t_fit, update=t_upd, nodonate=t_nodonate, natgrad=t_ng, rows=rows)
 
 
 def main():
@@ -111,13 +121,13 @@ def main():
                     help="skip the O(d³) natural-gradient step above this d")
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; ratios of median per-step times")
-    print(f"{'dtype':8} {'d':>5} {'m':>3} {'copy ms':>8} {'fit/copy':>9} {'update/copy':>12} "
+    print(f"{'dtype':8} {'d':>5} {'m':>3} {'rows':>5} {'copy ms':>8} {'fit/copy':>9} {'update/copy':>12} "
           f"{'nodonate/upd':>13} {'natgrad/ekf':>12}")
     for dtype in args.dtypes:
         for d in args.dims:
             for m in args.outputs:
                 r = case(d, m, np.dtype(dtype), natgrad=d <= args.natgrad_max_d)
-                print(f"{dtype:8} {d:5d} {m:3d} {r['copy'] * 1e3:8.3f} {r['fit'] / r['copy']:9.2f} "
+                print(f"{dtype:8} {d:5d} {m:3d} {r['rows']:5d} {r['copy'] * 1e3:8.3f} {r['fit'] / r['copy']:9.2f} "
                       f"{r['update'] / r['copy']:12.2f} {r['nodonate'] / r['update']:13.2f} "
                       f"{r['natgrad'] / r['update']:12.1f}", flush=True)
 
