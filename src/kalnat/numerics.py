@@ -14,7 +14,7 @@ import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 __all__ = [
-    "symmetrize", "add_to_diagonal", "cholesky", "chol_solve", "whiten", "block_diag",
+    "symmetrize", "add_to_diagonal", "downdate", "cholesky", "chol_solve", "whiten", "block_diag",
     "joseph_update", "spd_inverse", "variance_bound", "precision_bound", "check_covariance",
 ]
 
@@ -78,6 +78,23 @@ def whiten(s, b, e):
     """
     chol = cholesky(s)
     return solve_lower(chol, b.T).T, solve_lower(chol, e)
+
+
+def downdate(p, w):
+    """``P − W Wᵀ`` for ``P (d, d)``, ``W (d, m)``: the covariance update of every EKF form.
+
+    For ``m ≤ SMALL`` it is written as ``m`` outer products in one expression, which XLA fuses
+    into a single pass over ``P`` (``W Wᵀ`` as a product is a ``d × d`` temporary: one more
+    pass); each entry then subtracts the same products in the same order as its mirror, so a
+    symmetric ``P`` stays bitwise symmetric.
+    """
+    m = w.shape[1]
+    if m > SMALL:
+        return p - w @ w.T
+    out = p
+    for k in range(m):
+        out = out - w[:, k, None] * w[None, :, k]
+    return out
 
 
 def block_diag(blocks):

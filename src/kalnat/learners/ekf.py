@@ -162,7 +162,7 @@ def ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1.0,
             gain = numerics.chol_solve(s, ph.T).T
             return theta + gain @ e, (numerics.joseph_update(prior.matrix(), gain, ph.T, s),)
         w, v = numerics.whiten(s, ph, e)
-        return theta + w @ v, (prior.matrix() - w @ w.T,)
+        return theta + w @ v, (numerics.downdate(prior.matrix(), w),)
 
     def quad(state, h):
         return h @ state.cov @ h.T

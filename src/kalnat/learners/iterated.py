@@ -68,7 +68,7 @@ class IteratedEKF(Learner):
             else:
                 use = i + 2 <= self.active
                 theta, w = jnp.where(use, theta_next, theta), jnp.where(use, w_next, w)
-        return EKFState(unravel(theta), prior.matrix() - w @ w.T, state.count + 1)
+        return EKFState(unravel(theta), numerics.downdate(prior.matrix(), w), state.count + 1)
 
     def step(self, state, xs, ys, mask=None):
         theta, unravel, lin = self.linearize(state, xs, ys, mask)
@@ -110,7 +110,7 @@ def iterated_ekf(model, family: Family, *, iterations: int = 2, prior_var=1.0,
         prior = predicted(state.cov, state.count, forgetting, q, max_variance)
         ph = prior.times(H.T)
         w, v = numerics.whiten(H @ ph + R, ph, e)
-        return theta + w @ v, (prior.matrix() - w @ w.T,)
+        return theta + w @ v, (numerics.downdate(prior.matrix(), w),)
 
     def quad(state, h):
         return h @ state.cov @ h.T

@@ -106,7 +106,7 @@ def nig_filter(model, family: Family, *, prior_var=1.0, noise_shape: float = 1.0
         # Masked rows arrive with H = 0 and e = 0: they add no noise information.
         a = lam * state.shape + 0.5 * jnp.sum(jnp.any(H != 0, axis=1))
         b = lam * state.scale + 0.5 * (v @ v)
-        return theta + w @ v, (prior.matrix() - w @ w.T, a, b)
+        return theta + w @ v, (numerics.downdate(prior.matrix(), w), a, b)
 
     def quad(state, h):
         return (state.scale / state.shape) * (h @ state.cov @ h.T)

@@ -216,7 +216,7 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
             # P = P⁻ − W Wᵀ, symmetric by construction.
             chol = jnp.linalg.cholesky(sm)
             w = solve_triangular(chol, ph.T, lower=True).T
-            dz, p = w @ solve_triangular(chol, e, lower=True), p - w @ w.T
+            dz, p = w @ solve_triangular(chol, e, lower=True), numerics.downdate(p, w)
         s = s + dz[: nb * n].reshape(nb, n)
         theta = theta + dz[nb * n:]
         return JointState(unravel(theta), s, p, state.count + 1), pred
