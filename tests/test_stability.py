@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from jax.flatten_util import ravel_pytree
 
 import kalnat
 from kalnat.learners import covariance
 from kalnat import families as F
+from kalnat import numerics
 
 P_IN = 4
 FORMS = ("ekf", "joseph", "sqrt", "information")
@@ -225,3 +227,19 @@ def test_float32_long_stream_sqrt_stays_close_to_float64():
     p32, p64 = covariance(s32), covariance(s64)
     assert np.linalg.norm(p32 - p64) < 1e-4 * np.linalg.norm(p64)
     assert np.linalg.eigvalsh(p32).min() > 0.5 * np.linalg.eigvalsh(p64).min()
+
+
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(1, 12), m=st.integers(1, 20), seed=st.integers(0, 10_000))
+def test_downdate_is_symmetric_and_exact(d, m, seed):
+    """``P − W Wᵀ`` as fused outer products (m ≤ 16) or a product: bitwise symmetric for
+    small m, and equal to the NumPy product to rounding."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(d, d))
+    P = a @ a.T
+    P = 0.5 * (P + P.T)
+    W = rng.normal(size=(d, m)) * 0.1
+    out = np.asarray(numerics.downdate(jnp.asarray(P), jnp.asarray(W)))
+    np.testing.assert_allclose(out, P - W @ W.T, rtol=1e-12, atol=1e-12 * np.abs(P).max())
+    if m <= numerics.SMALL:
+        np.testing.assert_array_equal(out, out.T)
