@@ -115,6 +115,29 @@ def test_predict_reads_checkpoint_and_gives_probabilities(tmp_path, logistic_csv
     assert {r["predicted"] for r in rows} <= {"0", "1"}
 
 
+@pytest.mark.parametrize("method", ["ekf-joseph", "information", "sqrt-ekf", "iterated", "nig"])
+def test_every_method_learns_and_its_checkpoint_predicts(tmp_path, logistic_csv, method):
+    """Every --method runs the stream and writes a model that `kalnat predict` loads; the
+    forms of the exact filter score as the EKF does. nig takes a gaussian target."""
+    data = logistic_csv
+    if method == "nig":
+        rng = np.random.default_rng(3)
+        X = rng.normal(size=(80, 2))
+        data = _csv(tmp_path / "g.csv", X, 2 * X[:, 0] - X[:, 1] + 0.3 * rng.normal(size=80))
+    runs = {}
+    for m in (method, "ekf"):
+        _ok(["learn", data, "--out", str(tmp_path / m), "--quiet", "--prior-var", "1", "--method", m])
+        runs[m] = json.loads((tmp_path / m / "metrics.json").read_text())["final"]
+    key = "rmse" if method == "nig" else "log_loss"
+    if method in ("ekf-joseph", "information", "sqrt-ekf"):
+        assert runs[method][key] == pytest.approx(runs["ekf"][key], rel=1e-8)
+    else:  # a different learner, as good on these data
+        assert runs[method][key] < 1.1 * runs["ekf"][key]
+    rows = list(csv.DictReader(io.StringIO(_ok(["predict", "--model-dir", str(tmp_path / method), data]).output)))
+    assert len(rows) == (80 if method == "nig" else 120)
+    assert all(np.isfinite(float(v)) for r in rows for k, v in r.items() if k != "line")
+
+
 def test_bundled_regression_set_and_predict_uncertainty(tmp_path):
     out = tmp_path / "rep"
     _ok(["learn", "diabetes", "--out", str(out), "--quiet"])

@@ -74,7 +74,10 @@ def _settings_options(f):
                      metavar="linear|mlp:64,32", help="Model: a GLM or an MLP (tanh)."),
         click.option("--method", default="ekf", show_default=True,
                      type=click.Choice(list(METHODS)),
-                     help="Learner; natgrad is configured by the exact Kalman translation."),
+                     help="Learner: ekf, ekf-joseph, information and natgrad (configured by the "
+                     "exact Kalman translation) are one filter in four forms; sqrt-ekf keeps a "
+                     "Cholesky factor (float32, ill-scaled data); iterated relinearises twice per "
+                     "update; nig (gaussian targets) learns the noise scale."),
         click.option("--forget", "forgetting", default=None, type=float,
                      metavar="λ", help="Forgetting factor in (0, 1]; < 1 follows drift "
                      "(natural gradient with learning rate → 1 − λ). Default, with no "

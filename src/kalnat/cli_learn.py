@@ -51,8 +51,10 @@ def _bound(pv: float, lam: float):
     return None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
 
 
-# Every learner of the core library, as built from the command's settings: the same filter in
-# four forms, bound included.
+# Every learner of the core library, as built from the command's settings, bound included:
+# the exact filter in four forms (ekf, ekf-joseph, information, natgrad give the same θ_t),
+# its square-root form, the EKF relinearised twice per update, and for gaussian targets the
+# normal–inverse-gamma filter that learns the noise scale.
 METHODS = {
     "ekf": lambda model, fam, pv, lam: kalnat.ekf(
         model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
@@ -64,6 +66,12 @@ METHODS = {
     "natgrad": lambda model, fam, pv, lam: kalnat.natural_gradient(
         model, fam, max_variance=_bound(pv, lam),
         **schedules.kalman_to_natural(prior_var=pv, forgetting=lam)._asdict()),
+    "sqrt-ekf": lambda model, fam, pv, lam: kalnat.sqrt_ekf(
+        model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
+    "iterated": lambda model, fam, pv, lam: kalnat.iterated_ekf(
+        model, fam, iterations=2, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
+    "nig": lambda model, fam, pv, lam: kalnat.nig_filter(
+        model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
 }
 
 GAUSSIAN_FIRST_SCORED_ROW = 3
@@ -148,6 +156,8 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
     """
     if cfg["method"] not in METHODS:
         raise ValueError(f"unknown method {cfg['method']!r}; expected one of {', '.join(METHODS)}")
+    if cfg["method"] == "nig" and family.name != "gaussian":
+        raise ValueError(f"--method nig learns the noise scale of a gaussian target; this target is {family.name}")
     model = build_model(cfg["model_spec"], n_features, family)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     d = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes)))
