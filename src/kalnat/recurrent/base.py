@@ -167,8 +167,9 @@ class RecurrentLearner:
         ys = ys[None] if ys.ndim == len(self.family.event_shape) else ys
         if ys.shape[0] != xs.shape[0]:
             raise ValueError(f"x has {xs.shape[0]} sequences but y has {ys.shape[0]}")
-        new, pred = self._update_jit(state, jnp.asarray(xs, self.dtype(state)), jnp.asarray(ys),
-                                     jnp.ones(xs.shape[0], bool))
+        # NumPy arguments as they are: the jitted step's dispatch moves them (see Learner.update).
+        new, pred = self._update_jit(state, np.asarray(xs, self.dtype(state)), ys,
+                                     np.ones(xs.shape[0], bool))
         return new, _squeeze(pred, single)
 
     def predict(self, state, x):
@@ -180,7 +181,7 @@ class RecurrentLearner:
         """
         self.check_state(state)
         xs, single = self.check_step_x(state, x)
-        new, pred = self._advance_jit(state, jnp.asarray(xs, self.dtype(state)))
+        new, pred = self._advance_jit(state, np.asarray(xs, self.dtype(state)))
         return new, _squeeze(pred, single)
 
     # ---- validation -------------------------------------------------------------------
