@@ -106,6 +106,18 @@ def test_forms_agree_under_the_bound(form):
         np.testing.assert_allclose(np.asarray(b.params[leaf]), np.asarray(a.params[leaf]), rtol=1e-9, atol=1e-12)
 
 
+def test_information_form_bounds_with_process_noise():
+    """With additive noise the information form holds P⁻ = Λ⁻¹/λ + qI explicitly and bounds
+    it there: the same filter as the EKF's bound of P/λ + qI."""
+    X, yb, _ = stream(1_000, seed=4)
+    kw = dict(prior_var=CAP, forgetting=0.9, process_noise=1e-3, max_variance=CAP)
+    states = [kalnat.fit(lrn, lrn.init(MODEL.init(None)), X, yb, return_predictions=False).state
+              for lrn in (kalnat.ekf(MODEL, BERN, **kw), kalnat.information_filter(MODEL, BERN, **kw))]
+    assert np.asarray(states[0].cov)[DEAD, DEAD] == pytest.approx(CAP, rel=1e-6)
+    np.testing.assert_allclose(covariance(states[1]), np.asarray(states[0].cov), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(states[1].params["w"]), np.asarray(states[0].params["w"]), rtol=1e-9)
+
+
 @settings(max_examples=60, deadline=None)
 @given(d=st.integers(1, 6), seed=st.integers(0, 10_000), log_cap=st.floats(-3, 3))
 def test_variance_bound_congruence(d, seed, log_cap):

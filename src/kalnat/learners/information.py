@@ -55,12 +55,17 @@ def information_filter(model, family: Family, *, prior_var=1.0, forgetting: Forg
         return (jnp.asarray(np.linalg.inv(p0), theta.dtype),)
 
     def update(state, theta, H, R, e):
-        if np.any(q != 0):
-            info = numerics.spd_inverse(predict_cov(numerics.spd_inverse(state.info), state.count, forgetting, q))
+        cap = None if max_variance is None else jnp.asarray(max_variance, state.info.dtype)
+        if np.any(q != 0):  # P⁻ is at hand here: bound it before inverting back
+            p = predict_cov(numerics.spd_inverse(state.info), state.count, forgetting, q)
+            if cap is not None:
+                s = numerics.variance_bound(jnp.diagonal(p), cap)
+                p = p * (s[:, None] * s[None, :])
+            info = numerics.spd_inverse(p)
         else:
             info = state.info * forgetting_at(forgetting, state.count + 1)
-        if max_variance is not None:
-            info = numerics.precision_bound(info, jnp.asarray(max_variance, info.dtype))
+            if cap is not None:
+                info = numerics.precision_bound(info, cap)
         fisher, grad = fisher_terms(H, R, e)
         info = numerics.symmetrize(info + fisher)
         return theta + numerics.chol_solve(info, grad), (info,)
