@@ -27,8 +27,10 @@ DEAD = int(np.argmax(np.asarray(jax.flatten_util.ravel_pytree(_mark)[0])))
 
 
 @functools.lru_cache(maxsize=None)
-def make(form, max_variance, forgetting=0.9):
+def make(form, max_variance, forgetting=0.9, process_noise=0.0):
     kw = dict(prior_var=CAP, forgetting=forgetting, max_variance=max_variance)
+    if process_noise:  # a filter option (no natural-gradient counterpart)
+        kw["process_noise"] = process_noise
     return {
         "ekf": lambda: kalnat.ekf(MODEL, BERN, **kw),
         "joseph": lambda: kalnat.ekf(MODEL, BERN, joseph=True, **kw),
@@ -51,8 +53,8 @@ def stream(n, seed=0, dead_column=True):
     return X, (rng.random(n) < 1 / (1 + np.exp(-z))).astype(np.int64), z + rng.normal(size=n)
 
 
-def run(form, max_variance, X, yb, yg, dtype=jnp.float64, forgetting=0.9):
-    lrn = make(form, max_variance, forgetting)
+def run(form, max_variance, X, yb, yg, dtype=jnp.float64, forgetting=0.9, process_noise=0.0):
+    lrn = make(form, max_variance, forgetting, process_noise)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), MODEL.init(None))
     y = yg if form == "nig" else yb
     return kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=1000, return_predictions=False).state
@@ -94,28 +96,19 @@ def test_bound_is_exact_below_it(form):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("form", ["sqrt", "information", "natural"])
-def test_forms_agree_under_the_bound(form):
+@pytest.mark.parametrize("form,process_noise", [("sqrt", 0.0), ("information", 0.0), ("natural", 0.0),
+                                                ("information", 1e-3)])
+def test_forms_agree_under_the_bound(form, process_noise):
     """Every form applies the same congruence to P⁻ (the information and natural-gradient
-    forms its inverse to Λ⁻ and J): the same θ_t and P_t while the bound binds."""
+    forms its inverse to Λ⁻ and J; with additive noise the information form holds
+    P⁻ = Λ⁻¹/λ + qI and bounds it there): the same θ_t and P_t while the bound binds."""
     data = stream(2_000, seed=2)
-    a, b = run("ekf", CAP, *data), run(form, CAP, *data)
+    a = run("ekf", CAP, *data, process_noise=process_noise)
+    b = run(form, CAP, *data, process_noise=process_noise)
     assert np.asarray(a.cov)[DEAD, DEAD] == pytest.approx(CAP, rel=1e-6)  # it binds
     np.testing.assert_allclose(covariance(b), np.asarray(a.cov), rtol=1e-9, atol=1e-12)
     for leaf in ("w", "b"):
         np.testing.assert_allclose(np.asarray(b.params[leaf]), np.asarray(a.params[leaf]), rtol=1e-9, atol=1e-12)
-
-
-def test_information_form_bounds_with_process_noise():
-    """With additive noise the information form holds P⁻ = Λ⁻¹/λ + qI explicitly and bounds
-    it there: the same filter as the EKF's bound of P/λ + qI."""
-    X, yb, _ = stream(1_000, seed=4)
-    kw = dict(prior_var=CAP, forgetting=0.9, process_noise=1e-3, max_variance=CAP)
-    states = [kalnat.fit(lrn, lrn.init(MODEL.init(None)), X, yb, return_predictions=False).state
-              for lrn in (kalnat.ekf(MODEL, BERN, **kw), kalnat.information_filter(MODEL, BERN, **kw))]
-    assert np.asarray(states[0].cov)[DEAD, DEAD] == pytest.approx(CAP, rel=1e-6)
-    np.testing.assert_allclose(covariance(states[1]), np.asarray(states[0].cov), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(states[1].params["w"]), np.asarray(states[0].params["w"]), rtol=1e-9)
 
 
 @settings(max_examples=60, deadline=None)

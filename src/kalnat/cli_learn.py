@@ -44,11 +44,21 @@ __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRun
            "learn_stream", "LearnResult", "LoadedModel"]
 
 
-def _bound(pv: float, lam: float):
-    """When a learner forgets, its variances are bounded as the bank's members' are (no wind-up
-    along a feature that stays constant); without forgetting P only shrinks and the bound is
-    left off (the exact filter)."""
-    return None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
+def _filter(make, **options):
+    """``make`` (a core learner's constructor) at prior ``pv`` and forgetting ``lam``. When it
+    forgets, its variances are bounded as the bank's members' are (no wind-up along a feature
+    that stays constant); without forgetting P only shrinks and the bound is left off (the
+    exact filter)."""
+    def build(model, fam, pv, lam):
+        bound = None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
+        return make(model, fam, prior_var=pv, forgetting=lam, max_variance=bound, **options)
+    return build
+
+
+def _natural_gradient(model, fam, prior_var, forgetting, max_variance):
+    """Online natural gradient with the rates that make it the same filter (PAPER.md §3)."""
+    return kalnat.natural_gradient(model, fam, max_variance=max_variance, **schedules.kalman_to_natural(
+        prior_var=prior_var, forgetting=forgetting)._asdict())
 
 
 # Every learner of the core library, as built from the command's settings, bound included:
@@ -56,22 +66,13 @@ def _bound(pv: float, lam: float):
 # its square-root form, the EKF relinearised twice per update, and for gaussian targets the
 # normal–inverse-gamma filter that learns the noise scale.
 METHODS = {
-    "ekf": lambda model, fam, pv, lam: kalnat.ekf(
-        model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
-    "ekf-joseph": lambda model, fam, pv, lam: kalnat.ekf(
-        model, fam, prior_var=pv, forgetting=lam, joseph=True, max_variance=_bound(pv, lam)),
-    "information": lambda model, fam, pv, lam: kalnat.information_filter(
-        model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
-    # Online natural gradient with the rates that make it the same filter (PAPER.md §3).
-    "natgrad": lambda model, fam, pv, lam: kalnat.natural_gradient(
-        model, fam, max_variance=_bound(pv, lam),
-        **schedules.kalman_to_natural(prior_var=pv, forgetting=lam)._asdict()),
-    "sqrt-ekf": lambda model, fam, pv, lam: kalnat.sqrt_ekf(
-        model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
-    "iterated": lambda model, fam, pv, lam: kalnat.iterated_ekf(
-        model, fam, iterations=2, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
-    "nig": lambda model, fam, pv, lam: kalnat.nig_filter(
-        model, fam, prior_var=pv, forgetting=lam, max_variance=_bound(pv, lam)),
+    "ekf": _filter(kalnat.ekf),
+    "ekf-joseph": _filter(kalnat.ekf, joseph=True),
+    "information": _filter(kalnat.information_filter),
+    "natgrad": _filter(_natural_gradient),
+    "sqrt-ekf": _filter(kalnat.sqrt_ekf),
+    "iterated": _filter(kalnat.iterated_ekf, iterations=2),
+    "nig": _filter(kalnat.nig_filter),
 }
 
 GAUSSIAN_FIRST_SCORED_ROW = 3

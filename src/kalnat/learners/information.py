@@ -20,7 +20,7 @@ from kalnat import numerics
 from kalnat.families import Family
 from kalnat.learners.base import Learner, Rule, resolve_model
 from kalnat.learners.ekf import (
-    check_bound_shape, check_forgetting, check_max_variance, check_prior, check_process_noise, predict_cov,
+    check_bound_shape, check_forgetting, check_max_variance, check_prior, check_process_noise, predicted,
 )
 from kalnat.schedules import Forgetting, forgetting_at
 
@@ -55,17 +55,13 @@ def information_filter(model, family: Family, *, prior_var=1.0, forgetting: Forg
         return (jnp.asarray(np.linalg.inv(p0), theta.dtype),)
 
     def update(state, theta, H, R, e):
-        cap = None if max_variance is None else jnp.asarray(max_variance, state.info.dtype)
-        if np.any(q != 0):  # P⁻ is at hand here: bound it before inverting back
-            p = predict_cov(numerics.spd_inverse(state.info), state.count, forgetting, q)
-            if cap is not None:
-                s = numerics.variance_bound(jnp.diagonal(p), cap)
-                p = p * (s[:, None] * s[None, :])
-            info = numerics.spd_inverse(p)
+        if np.any(q != 0):  # P⁻ is at hand here: the EKF's prediction step, bound included
+            p = predicted(numerics.spd_inverse(state.info), state.count, forgetting, q, max_variance)
+            info = numerics.spd_inverse(p.matrix())
         else:
             info = state.info * forgetting_at(forgetting, state.count + 1)
-            if cap is not None:
-                info = numerics.precision_bound(info, cap)
+            if max_variance is not None:
+                info = numerics.precision_bound(info, jnp.asarray(max_variance, info.dtype))
         fisher, grad = fisher_terms(H, R, e)
         info = numerics.symmetrize(info + fisher)
         return theta + numerics.chol_solve(info, grad), (info,)
