@@ -137,7 +137,7 @@ def ekf_file(tmp_path_factory):
 
 def test_checkpoint_of_another_learner_is_refused(ekf_file):
     sq, _ = LEARNERS["sqrt_ekf"]
-    with pytest.raises(ValueError, match="holds a EKFState, expected a SqrtEKFState"):
+    with pytest.raises(ValueError, match=r"holds a State\[Covariance\], expected a State\[CholeskyFactor\]"):
         checkpoint.load(ekf_file, sq.init(MODEL.init(None)))
     bank, _ = LEARNERS["bank"]
     with pytest.raises(ValueError, match="different learner"):
@@ -175,6 +175,64 @@ def test_other_format_version_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
     with pytest.raises(ValueError, match="format version 99"):
         checkpoint.load(tmp_path / "v99.npz", state)
+
+
+# ---- files written by kalnat 0.1 ------------------------------------------------------
+
+V1 = os.path.join(HERE, "data", "checkpoints_v1")
+# Written by kalnat 0.1 (tests/data/checkpoints_v1): each learner after fit on the 20 rows of
+# _v1_data with these settings; 0.2 changed the predictive, not the update, so the same fit
+# here must reach the same θ and covariance.
+V1_LEARNERS = {
+    "ekf": (kalnat.ekf(MODEL, BER, forgetting=0.99), BER),
+    "sqrt_ekf": (kalnat.sqrt_ekf(MODEL, BER, process_noise=1e-4), BER),
+    "information": (kalnat.information_filter(MODEL, BER), BER),
+    "natural_gradient": (kalnat.natural_gradient(MODEL, BER), BER),
+    "nig": (kalnat.nig_filter(MODEL, GAU, forgetting=0.99), GAU),
+    "bank": (kalnat.ekf_bank(MODEL, BER, prior_vars=(0.1, 1.0), forgettings=(1.0, 0.99)), BER),
+}
+
+
+def _v1_data(family):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 3))
+    z = X @ np.array([1.0, -2.0, 0.5])
+    yb = (rng.uniform(size=20) < 1 / (1 + np.exp(-z))).astype(float)
+    return X, (yb if family.name == "bernoulli" else z + 0.3 * rng.normal(size=20))
+
+
+@pytest.mark.parametrize("name", list(V1_LEARNERS))
+def test_checkpoints_of_kalnat_0_1_load_into_the_same_state(name):
+    learner, family = V1_LEARNERS[name]
+    assert checkpoint.read_header(os.path.join(V1, f"{name}.npz"))["version"] == 1
+    old = checkpoint.load(os.path.join(V1, f"{name}.npz"), learner.init(MODEL.init(None)))
+    now = kalnat.fit(learner, learner.init(MODEL.init(None)), *_v1_data(family)).state
+    assert int(old.count) == int(now.count) == 20
+    for a, b in zip(leaves(old), leaves(now)):  # θ, covariance (each member's), counters, a and b
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    if name == "bank":
+        np.testing.assert_allclose(old.log_weights, now.log_weights, rtol=1e-12)
+    # and it learns on from there
+    kalnat.fit(learner, old, *_v1_data(family))
+
+
+def test_recurrent_checkpoint_of_kalnat_0_1_loads_into_the_same_state():
+    learner = recurrent.rtrl(CELL, GAU, forgetting=0.99)
+    params = CELL.init(jax.random.PRNGKey(0))
+    old = checkpoint.load(os.path.join(V1, "rtrl.npz"), learner.init(params))
+    X, _ = _v1_data(BER)
+    now = recurrent.fit_sequence(learner, learner.init(params), X, _v1_data(GAU)[1]).state
+    for a, b in zip(leaves(old), leaves(now)):  # θ, P, hidden state, G, count
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_checkpoint_of_kalnat_0_1_for_another_learner_names_the_version():
+    sq, _ = V1_LEARNERS["sqrt_ekf"]
+    with pytest.raises(ValueError, match=r"kalnat 0\.1 \(checkpoint format 1\) and holds a EKFState"):
+        checkpoint.load(os.path.join(V1, "ekf.npz"), sq.init(MODEL.init(None)))
+    bigger = kalnat.models.linear(P_IN + 1)
+    with pytest.raises(ValueError, match="shapes or dtypes differ"):
+        checkpoint.load(os.path.join(V1, "ekf.npz"), kalnat.ekf(bigger, BER).init(bigger.init(None)))
 
 
 # ---- atomic writes -------------------------------------------------------------------

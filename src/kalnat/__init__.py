@@ -6,27 +6,27 @@
     >>> state = learner.init(model.init(None))
     >>> result = kalnat.fit(learner, state, X, y)        # doctest: +SKIP
 
-See PAPER.md for the method: ``ekf``, ``information_filter`` and ``natural_gradient``
-produce the same θ_t under the translation in :mod:`kalnat.schedules`.
+See docs/method.md for the method: ``ekf``, ``sqrt_ekf``, ``information_filter`` and
+``natural_gradient`` are one filter (:mod:`kalnat.filter`) on different representations of
+θ's uncertainty (:mod:`kalnat.representations`), and produce the same θ_t under the
+translation in :mod:`kalnat.schedules`.
 """
 
-from kalnat import checkpoint, families, models, numerics, recurrent, schedules
+from kalnat import checkpoint, families, filter, models, numerics, recurrent, representations, schedules
+from kalnat.filter import Hyper, Predictive, State, covariance, with_covariance
 from kalnat.learners import (
-    EKFState, InformationState, Learner, NaturalGradientState, Predictive, ekf,
-    information_filter, natural_gradient, SqrtEKFState, sqrt_ekf,
+    Learner, ekf, information_filter, iterated_ekf, natural_gradient, nig_filter, sqrt_ekf,
 )
 from kalnat.linearize import Linearization, linearize
-from kalnat.stream import FitResult, fit
-from kalnat.learners import iterated_ekf, nig_filter
+from kalnat.stream import FitResult, fit, log_evidence
 from kalnat import bank as bank, predictive, scaling
 from kalnat.bank import auto, ekf_bank
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "checkpoint", "families", "models", "numerics", "recurrent", "schedules",
-    "ekf", "sqrt_ekf", "SqrtEKFState", "information_filter", "natural_gradient", "fit", "FitResult",
-    "Learner", "Predictive", "EKFState", "InformationState", "NaturalGradientState",
-    "Linearization", "linearize",
-    "bank", "ekf_bank", "auto", "iterated_ekf", "nig_filter", "predictive", "scaling",
+    "checkpoint", "families", "filter", "models", "numerics", "recurrent", "representations", "schedules",
+    "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "iterated_ekf", "nig_filter",
+    "fit", "FitResult", "log_evidence", "Learner", "Predictive", "State", "Hyper", "covariance", "with_covariance",
+    "Linearization", "linearize", "bank", "ekf_bank", "auto", "predictive", "scaling",
 ]

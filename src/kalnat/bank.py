@@ -1,13 +1,16 @@
 """A bank of filters mixed by their evidence: self-tuning prior scale and forgetting.
 
-K configurations of one learner (prior scale, forgetting factor, …) run as one ``vmap``-ed
-learner inside one jitted step, so ``kalnat.fit`` scans all of them at once. Their
+K configurations of one learner (prior scale, forgetting factor, linearisations, …) are K
+stacked hyperparameter pytrees (:class:`kalnat.filter.Hyper`): the bank's step is ``jax.vmap``
+of the learner's own step over (hyperparameters, state), inside one jitted step, so
+``kalnat.fit`` scans all of them at once and any learner can be a member. Their
 predictions are combined by Bayesian model averaging over the configurations: with a
 uniform prior over the K members, the weight of member k after t rows is proportional to
 its evidence, the product of its one-step predictive probabilities
-``Π_s p_k(y_s | y_<s)`` (:func:`kalnat.predictive.log_predictive`). For a linear-Gaussian
-model each member's evidence is its exact marginal likelihood, so the weights are the exact
-posterior over configurations.
+``Π_s p_k(y_s | y_<s)``, the log-likelihoods its condition step returns
+(:func:`kalnat.filter.condition`, from the prior). For a linear-Gaussian model each member's
+evidence is its exact marginal likelihood under its λ, q and bound, so the weights are the
+exact posterior over configurations.
 
 The bank's own predictive probability of a row is ``Σ_k w_k p_k(y)``, hence its cumulative
 log-loss is ``−log Σ_k (1/K) Π_t p_k(y_t)``, never above the best member's plus ``log K``.
@@ -18,13 +21,14 @@ then move to a member that forgets faster when the stream drifts, at a cost of a
 ``−log(1 − α)`` per row plus ``log(K/α)`` per switch.
 
     >>> bank = kalnat.ekf_bank(model, kalnat.families.Bernoulli())      # doctest: +SKIP
+    >>> bank = kalnat.bank.bank(kalnat.ekf(model, fam), [dict(prior_var=v) for v in (0.1, 1, 10)])  # doctest: +SKIP
     >>> result = kalnat.fit(bank, bank.init(model.init(None)), X, y)     # doctest: +SKIP
     >>> kalnat.bank.weights(result.state)                               # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -33,8 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kalnat.learners.base import Learner, Predictive
-from kalnat.predictive import log_predictive, moderated_probs
+from jax.flatten_util import ravel_pytree
+
+from kalnat import filter as _filter
+from kalnat.filter import Hyper, Predictive
+from kalnat.learners.base import Boundary, Learner, check_hyper, check_live, check_params
 
 __all__ = [
     "Bank", "BankState", "BankPredictive", "bank", "ekf_bank", "auto", "weights",
@@ -59,7 +66,6 @@ class BankState(NamedTuple):
 
     Attributes:
       members: the members' states, every leaf stacked on a leading ``K`` axis.
-      hparams: ``{name: (K,)}`` each member's hyperparameters (data, traced in the step).
       log_weights: ``(K,)`` normalised log weights for the next prediction.
       log_evidence: ``(K,)`` each member's cumulative log predictive likelihood.
       log_marginal: ``()`` the bank's cumulative log predictive likelihood (its −log-loss).
@@ -67,7 +73,6 @@ class BankState(NamedTuple):
     """
 
     members: Any
-    hparams: dict
     log_weights: jax.Array
     log_evidence: jax.Array
     log_marginal: jax.Array
@@ -102,53 +107,62 @@ def weights(state: BankState) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class Bank(Learner):
-    """K learners from one factory, run as one, mixed by evidence. Built by :func:`bank`."""
+class Bank(Boundary):
+    """K configurations of one learner run as one ``vmap``, mixed by evidence (:func:`bank`).
 
-    make: Callable = None
+    Attributes:
+      learner: the members' learner.
+      hyper: the members' hyperparameters, every leaf stacked on a leading ``K`` axis.
+      configs: the configurations, one dict per member.
+      share: the fixed-share rate α.
+      name: the bank's name.
+    """
+
+    learner: Learner
+    hyper: Hyper
     configs: tuple = ()
     share: float = 0.0
-    moderated: bool = False
-
-    # ---- members ---------------------------------------------------------------------
+    name: str = "bank"
 
     @property
     def size(self) -> int:
         return len(self.configs)
 
-    @functools.cached_property
-    def _first(self) -> Learner:
-        return self.make(**self.configs[0])
+    @property
+    def family(self):
+        return self.learner.family
 
-    def init(self, params) -> BankState:
-        states = [self.make(**cfg).init(params) for cfg in self.configs]
-        members = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
-        dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
-        hp = {k: jnp.asarray([cfg[k] for cfg in self.configs], dtype) for k in self.configs[0]}
+    @property
+    def apply(self):
+        return self.learner.apply
+
+    @property
+    def input_shape(self):
+        return self.learner.input_shape
+
+    @property
+    def moderated(self) -> bool:
+        return self.learner.moderated
+
+    def member_hyper(self, k: int) -> Hyper:
+        """Member k's hyperparameters."""
+        return jax.tree_util.tree_map(lambda a: a[k], self.hyper)
+
+    def init(self, params, hyper: Optional[Hyper] = None) -> BankState:
+        """Every member's initial state around ``params``, uniform weights."""
+        check_params(params)
+        hyper = self.hyper if hyper is None else hyper
+        theta, _ = ravel_pytree(params)
+        for k in range(self.size):
+            check_hyper(self.learner, jax.tree_util.tree_map(lambda a: np.asarray(a)[k], hyper), theta.shape[0])
+        members = jax.vmap(lambda h: _filter.init(self.learner, h, params))(hyper)
+        members = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), members)
+        dtype = theta.dtype
         K = self.size
         lw = jnp.full((K,), -np.log(K), dtype)
-        zero = jnp.zeros((), dtype)
-        return BankState(members, hp, lw, jnp.zeros((K,), dtype), zero, jnp.zeros((), jnp.int32))
+        return BankState(members, lw, jnp.zeros((K,), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
 
-    def _member_log_prob(self, learner, state, pred, ys, mask):
-        """``(b,)`` one-step predictive log-likelihoods of a member (masked rows 0)."""
-        own = getattr(learner, "row_log_prob", None)
-        if own is not None:
-            ll = own(state, pred, ys)
-        else:
-            fam = self.family
-            ll = jax.vmap(lambda m, c, o, y: log_predictive(fam, m, c, o, y, self.moderated))(
-                pred.mean, pred.mean_cov, pred.obs_cov, ys)
-        return ll if mask is None else jnp.where(mask, ll, 0.0)
-
-    def _member_probs(self, pred):
-        if not self.family.is_classifier:
-            return None
-        if self.moderated:
-            return jax.vmap(lambda m, c: moderated_probs(self.family, m, c))(pred.mean, pred.mean_cov)
-        return pred.probs
-
-    def _mix(self, lw, preds, probs, ll, ok=None):
+    def _mix(self, lw, preds, ll, ok=None):
         """Mixture of the members' ``(K, b, …)`` predictions under log weights ``lw (K,)``;
         members not ``ok`` (``(K,)``, a non-finite prediction) are left out."""
         if ok is not None:
@@ -156,33 +170,27 @@ class Bank(Learner):
             lw = lw - jax.scipy.special.logsumexp(lw)
             keep = lambda a: None if a is None else jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)
             preds = jax.tree_util.tree_map(keep, preds)
-            probs, ll = keep(probs), jnp.where(ok[:, None], ll, -jnp.inf)
+            ll = jnp.where(ok[:, None], ll, -jnp.inf)
         w = jnp.exp(lw)
         mean = jnp.einsum("k,kbm->bm", w, preds.mean)
         d = preds.mean - mean[None]
         spread = jnp.einsum("k,kbi,kbj->bij", w, d, d)
         mean_cov = jnp.einsum("k,kbij->bij", w, preds.mean_cov) + spread
         obs_cov = jnp.einsum("k,kbij->bij", w, preds.obs_cov) + spread
-        mixed = None if probs is None else jnp.einsum("k,kbc->bc", w, probs)
+        mixed = None if preds.probs is None else jnp.einsum("k,kbc->bc", w, preds.probs)
         b = mean.shape[0]
         log_prob = jax.scipy.special.logsumexp(lw[:, None] + ll, axis=0)
         return BankPredictive(mean, mean_cov, obs_cov, mixed, jnp.broadcast_to(w, (b, w.shape[0])), log_prob)
 
-    def step_and_predict(self, state: BankState, xs, ys, mask=None):
-        """All members predict then learn the minibatch; the weights move by its likelihood."""
-
-        def one(hp, s):
-            learner = self.make(**hp)
-            s2, pred = learner.step_and_predict(s, xs, ys, mask)
-            ll = self._member_log_prob(learner, s, pred, ys, mask)
-            return s2, pred, self._member_probs(pred), ll
-
-        members, preds, probs, ll = jax.vmap(one)(state.hparams, state.members)
+    def step(self, hyper, state: BankState, xs, ys, mask=None):
+        """All members predict then learn the minibatch; the weights move by its likelihood.
+        Returns ``(BankState, BankPredictive, log_prob (b,))``."""
+        members, preds, ll = jax.vmap(lambda h, s: self.learner.step(h, s, xs, ys, mask))(hyper, state.members)
         # A member whose prediction is not finite (a forgetting filter's covariance can wind
         # up) is out of the bank from then on: evidence −∞, weight 0, no fixed share.
         ok = (jnp.isfinite(state.log_evidence) & _finite(ll) & _finite(preds.mean)
               & _finite(preds.mean_cov) & _finite(preds.obs_cov))
-        pred = self._mix(state.log_weights, preds, probs, ll, ok)
+        pred = self._mix(state.log_weights, preds, ll, ok)
         batch_ll = jnp.where(ok, jnp.sum(ll, axis=1), -jnp.inf)  # (K,) the minibatch's log-likelihood
         lw = jnp.where(ok, state.log_weights, -jnp.inf)
         lw = lw - jax.scipy.special.logsumexp(lw) + batch_ll  # the weights the row was predicted with
@@ -191,30 +199,21 @@ class Bank(Learner):
         if self.share > 0:
             alive = jnp.sum(ok)
             lw = jnp.where(ok, jnp.logaddexp(jnp.log1p(-self.share) + lw, jnp.log(self.share / alive)), -jnp.inf)
-        new = BankState(members, state.hparams, lw, state.log_evidence + batch_ll,
-                        state.log_marginal + marginal, state.count + 1)
-        return new, pred
+        new = BankState(members, lw, state.log_evidence + batch_ll, state.log_marginal + marginal, state.count + 1)
+        return new, pred, pred.log_prob
 
-    def step(self, state, xs, ys, mask=None):
-        return self.step_and_predict(state, xs, ys, mask)[0]
-
-    def predict_batch(self, state: BankState, xs):
-        def one(hp, s):
-            learner = self.make(**hp)
-            pred = learner.predict_batch(s, xs)
-            return pred, self._member_probs(pred)
-
-        preds, probs = jax.vmap(one)(state.hparams, state.members)
+    def predict_batch(self, hyper, state: BankState, xs):
+        preds = self.members_predict_batch(hyper, state, xs)
         ll = jnp.zeros(preds.mean.shape[:2], preds.mean.dtype)
         ok = jnp.isfinite(state.log_weights) & _finite(preds.mean) & _finite(preds.mean_cov)
-        return self._mix(state.log_weights, preds, probs, ll, ok)
+        return self._mix(state.log_weights, preds, ll, ok)
 
-    def members_predict_batch(self, state: BankState, xs) -> Predictive:
+    def members_predict_batch(self, hyper, state: BankState, xs) -> Predictive:
         """Each member's own prediction, stacked ``(K, b, …)``."""
-        return jax.vmap(lambda hp, s: self.make(**hp).predict_batch(s, xs))(state.hparams, state.members)
+        return jax.vmap(lambda h, s: self.learner.predict_batch(h, s, xs))(hyper, state.members)
 
     def member_state(self, state: BankState, k: int):
-        """Member k's state, as its own learner ``self.make(**self.configs[k])`` would hold it."""
+        """Member k's state, as ``self.learner`` with ``self.member_hyper(k)`` would hold it."""
         return jax.tree_util.tree_map(lambda a: a[k], state.members)
 
     # ---- validation -------------------------------------------------------------------
@@ -226,9 +225,10 @@ class Bank(Learner):
     def _check_state(self, state):
         if not isinstance(state, BankState):
             raise ValueError(f"{self.name}: expected a BankState, got {type(state).__name__}")
+        check_live(state, self.name)
 
     def check_x(self, state, x):
-        return self._first.check_x(self.member_state(state, 0), x)
+        return self.learner.check_x(self.member_state(state, 0), x)
 
 
 def _finite(a):
@@ -236,36 +236,45 @@ def _finite(a):
     return jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
 
 
-def bank(make: Callable[..., Learner], configs: Sequence[dict], *, share: float = 0.0,
-         moderated: bool = False, name: str = "bank") -> Bank:
-    """A bank of ``K = len(configs)`` learners ``make(**config)`` mixed by their evidence.
+def bank(learner: Learner, configs: Sequence[dict], *, share: float = 0.0, name: str = "bank") -> Bank:
+    """A bank of ``K = len(configs)`` configurations of ``learner`` mixed by their evidence.
 
     Args:
-      make: ``make(**config) -> Learner``; called with Python floats at ``init`` and with
-        traced scalars inside the step, so every hyperparameter it receives must be usable
-        as data (pass a forgetting factor to :func:`kalnat.ekf` as ``lambda t: f``).
-        Members must share one state structure.
-      configs: one dict of float hyperparameters per member (same keys).
+      learner: any core learner (:func:`kalnat.ekf`, :func:`kalnat.sqrt_ekf`,
+        :func:`kalnat.iterated_ekf`, :func:`kalnat.nig_filter`, …).
+      configs: one dict per member of hyperparameters (fields of
+        :class:`~kalnat.filter.Hyper`: ``prior_var``, ``forgetting``, ``max_variance``,
+        ``iterations``, …; the same keys in each), over the learner's own defaults.
       share: fixed-share rate α in [0, 1): after each update ``w ← (1 − α) w + α/K``.
-      moderated: score classifiers and Poisson members with their moderated predictive
-        (:mod:`kalnat.predictive`), and mix moderated class probabilities.
 
     Returns:
-      A :class:`Bank`, a :class:`~kalnat.Learner` whose state is :class:`BankState`; it runs
-      under :func:`kalnat.fit` unchanged, and its predictions are :class:`BankPredictive`.
+      A :class:`Bank`, which runs under :func:`kalnat.fit` like any learner; its predictions
+      are :class:`BankPredictive`.
     """
-    configs = tuple({k: float(v) for k, v in cfg.items()} for cfg in configs)
+    if not isinstance(learner, Learner):
+        raise ValueError(f"bank: learner must be a kalnat core learner, got {type(learner).__name__}")
+    configs = tuple(dict(cfg) for cfg in configs)
     if not configs:
         raise ValueError("bank: at least one configuration is needed")
     keys = set(configs[0])
     if any(set(c) != keys for c in configs):
         raise ValueError("bank: every configuration must have the same hyperparameter names")
+    unknown = keys - set(Hyper._fields)
+    if unknown:
+        raise ValueError(f"bank: unknown hyperparameters {sorted(unknown)}; expected some of {Hyper._fields}")
     if not 0.0 <= float(share) < 1.0:
         raise ValueError(f"bank: share must lie in [0, 1), got {share}")
-    first = make(**configs[0])
-    return Bank(name, first.apply, first.family, first.rule, first.input_shape,
-                dict(configs=configs, share=share, moderated=moderated),
-                make=make, configs=configs, share=float(share), moderated=bool(moderated))
+    if "forgetting" in keys and learner.schedule is not None:
+        raise ValueError("bank: the learner's forgetting is a function of t; give it a constant to vary it")
+    members = [learner.hyper._replace(**cfg) for cfg in configs]
+    for h in members:
+        if "forgetting" in keys and not 0.0 < float(h.forgetting) <= 1.0:
+            raise ValueError(f"forgetting must lie in (0, 1], got {h.forgetting}")
+        if h.iterations != int(h.iterations) or not 1 <= int(h.iterations) <= learner.max_iterations:
+            raise ValueError(f"iterations must be positive integers up to the learner's "
+                             f"{learner.max_iterations}, got {h.iterations}")
+    stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(v) for v in a]), *members)
+    return Bank(learner, stacked, configs, float(share), name)
 
 
 def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
@@ -277,8 +286,8 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
     filters for a Gaussian family with unknown noise when ``learner="nig"``) as one bank.
 
     ``iterations``: linearisations per update (:func:`kalnat.iterated_ekf`), or a sequence of
-    such counts, a third axis of the grid (every member runs the largest count and uses its
-    own).
+    such counts, a third axis of the grid (``hyper.iterations``: every member's step is built
+    for the largest count and uses its own).
 
     ``variance_bound``: every variance of a member's ``P⁻`` stays below ``variance_bound``
     times its prior variance (:func:`kalnat.ekf`'s ``max_variance``). Without a bound a
@@ -303,22 +312,24 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
     if variance_bound is not None and not float(variance_bound) > 0:
         raise ValueError(f"variance_bound must be positive or None, got {variance_bound}")
 
-    def make(prior_var, forgetting, iterations=None):
-        fg = lambda t: forgetting  # a callable keeps a traced forgetting factor out of host checks
-        common = dict(prior_var=prior_var, forgetting=fg, input_shape=input_shape,
-                      max_variance=None if variance_bound is None else variance_bound * prior_var)
-        if kind == "nig":
-            return nig_filter(model, family, **common)
-        if kind == "iterated" or max(counts) > 1:
-            return iterated_ekf(model, family, iterations=max(counts), active=iterations, **common)
-        return ekf(model, family, **common)
-
-    grid = itertools.product(prior_vars, forgettings)
-    if len(counts) > 1:
-        configs = [dict(prior_var=v, forgetting=f, iterations=i) for (v, f), i in itertools.product(grid, counts)]
+    top = max(counts)
+    if kind == "nig":
+        base = nig_filter(model, family, iterations=top, input_shape=input_shape)
+    elif kind in ("ekf", "iterated"):
+        base = iterated_ekf(model, family, iterations=top, input_shape=input_shape) if top > 1 else \
+            ekf(model, family, input_shape=input_shape)
     else:
-        configs = [dict(prior_var=v, forgetting=f) for v, f in grid]
-    return bank(make, configs, share=share, moderated=moderated, name=f"{kind}_bank")
+        raise ValueError(f"unknown learner {kind!r}; expected 'ekf', 'iterated' or 'nig'")
+    base = dataclasses.replace(base, moderated=bool(moderated))
+    configs = []
+    for v, f, i in itertools.product(prior_vars, forgettings, counts):
+        cfg = dict(prior_var=float(v), forgetting=float(f))
+        if len(counts) > 1:
+            cfg["iterations"] = i
+        if variance_bound is not None:
+            cfg["max_variance"] = float(variance_bound) * float(v)
+        configs.append(cfg)
+    return bank(base, configs, share=share, name=f"{kind}_bank")
 
 
 def auto(model, family, *, input_shape=None) -> Bank:

@@ -1,9 +1,17 @@
 """Save and restore a learner state to a portable ``.npz`` file.
 
 The file holds every leaf of the state (parameters, covariance, step counters, random keys)
-and a small JSON header: a format version, the state's type and pytree structure, and each
-leaf's shape and dtype. It is written atomically (a temporary file in the same folder, then a
-rename), so a crash mid-write leaves the previous checkpoint intact. Restoring needs a
+and a small JSON header: a format version, the state's type (a core learner's with its
+representation, e.g. ``State[Covariance]``), the path of every leaf in the pytree (JAX's key
+paths, stable across JAX versions, unlike the printed tree structure) and each leaf's shape
+and dtype. It is written atomically (a temporary file in the same folder, fsync, rename, fsync
+of the folder), so a crash or a power loss mid-write leaves the previous checkpoint intact.
+
+Files written by kalnat 0.1 (format 1: ``EKFState``, ``SqrtEKFState``, ``InformationState``,
+``NaturalGradientState``, ``NIGState``, a bank's state with its hyperparameters inside) load
+into the equivalent 0.2 state, whose leaves are the same arrays in the same order (a bank's
+hyperparameters now live in the bank, not its state); anything else from format 1 fails with a
+message naming the version. Restoring needs a
 template state of the same learner and shapes (e.g. ``learner.init(params)``): a mismatch is
 a ``ValueError``. The values are restored bit for bit, so a stream resumed from a checkpoint
 continues exactly as if it had never stopped.
@@ -25,7 +33,11 @@ import numpy as np
 
 __all__ = ["save", "load", "read_header", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+# kalnat 0.1's state types, by the representation that holds the same leaves in 0.2
+_V1_NAMES = {"Covariance": "EKFState", "CholeskyFactor": "SqrtEKFState", "Precision": "InformationState",
+             "Fisher": "NaturalGradientState", "NIGCovariance": "NIGState"}
 
 
 def _is_key(a) -> bool:
@@ -38,14 +50,25 @@ def _leaf_spec(a):
     return [list(np.shape(a)), str(np.asarray(a).dtype)]
 
 
+def _state_type(state, v1=False) -> str:
+    """``State[Covariance]`` for a core learner's state (its type and representation), else the
+    state's type name; with ``v1``, the name kalnat 0.1 gave the same state."""
+    cov = getattr(state, "cov", None)
+    if hasattr(state, "core"):
+        return type(state).__name__
+    if cov is not None and hasattr(cov, "dense"):
+        return _V1_NAMES.get(type(cov).__name__, "") if v1 else f"{type(state).__name__}[{type(cov).__name__}]"
+    return type(state).__name__
+
+
 def _header(state, extra=None):
-    leaves, treedef = jax.tree_util.tree_flatten(state)
+    paths, _ = jax.tree_util.tree_flatten_with_path(state)
     return {
         "format": "kalnat-checkpoint",
         "version": FORMAT_VERSION,
-        "state_type": type(state).__name__,
-        "treedef": str(treedef),
-        "leaves": [_leaf_spec(a) for a in leaves],
+        "state_type": _state_type(state),
+        "paths": [jax.tree_util.keystr(p) for p, _ in paths],
+        "leaves": [_leaf_spec(a) for _, a in paths],
         "extra": extra or {},
     }
 
@@ -73,11 +96,26 @@ def save(path, state, extra: dict | None = None) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _fsync_folder(folder):
+    """The rename is durable once the folder's entry is on disk (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_header(path) -> dict:
@@ -90,10 +128,35 @@ def read_header(path) -> dict:
         raise ValueError(f"{path}: not a kalnat checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(header, dict) or header.get("format") != "kalnat-checkpoint":
         raise ValueError(f"{path}: not a kalnat checkpoint")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{path}: checkpoint format version {header.get('version')}, "
-                         f"this kalnat reads version {FORMAT_VERSION}")
+                         f"this kalnat reads versions 1 (kalnat 0.1) and {FORMAT_VERSION}")
     return header
+
+
+def _selection(path, header, expected, like):
+    """Indices of the file's leaves that make ``like``'s state, in order (all of them for
+    this format; a format-1 bank's hyperparameter leaves are dropped)."""
+    n = len(expected["leaves"])
+    if header["version"] == FORMAT_VERSION:
+        if header.get("state_type") != expected["state_type"]:
+            raise ValueError(f"{path}: holds a {header.get('state_type')}, expected a {expected['state_type']} "
+                             "(written by a different learner)")
+        if header.get("paths") != expected["paths"]:
+            raise ValueError(f"{path}: the state's structure differs from this learner's "
+                             "(another model or learner configuration)")
+        return list(range(n))
+    old = f"{path}: written by kalnat 0.1 (checkpoint format 1)"
+    want = _state_type(like, v1=True)
+    if header.get("state_type") != want:
+        raise ValueError(f"{old} and holds a {header.get('state_type')}; this learner's state was "
+                         f"{want or 'not written'} in that version")
+    found = len(header.get("leaves", []))
+    if hasattr(like, "members"):  # 0.1 kept the members' hyperparameters between them and the weights
+        if found < n:
+            raise ValueError(f"{old}: {found} arrays, this bank's state has {n}")
+        return list(range(n - 4)) + list(range(found - 4, found))
+    return list(range(found))
 
 
 def load(path, like):
@@ -104,22 +167,18 @@ def load(path, like):
     """
     header = read_header(path)
     expected = _header(like)
-    if header.get("state_type") != expected["state_type"]:
-        raise ValueError(f"{path}: holds a {header.get('state_type')}, expected a {expected['state_type']} "
-                         "(written by a different learner)")
-    if header.get("treedef") != expected["treedef"]:
-        raise ValueError(f"{path}: the state's structure differs from this learner's "
-                         f"(another model or learner configuration)")
-    if header.get("leaves") != expected["leaves"]:
-        diff = [(i, a, b) for i, (a, b) in enumerate(zip(header.get("leaves", []), expected["leaves"]))
-                if a != b]
-        first = f"leaf {diff[0][0]}: {diff[0][1]} in the file, {diff[0][2]} expected" if diff else ""
+    keep = _selection(path, header, expected, like)
+    specs = [header["leaves"][i] for i in keep]
+    if specs != expected["leaves"]:
+        diff = [(i, a, b) for i, (a, b) in enumerate(zip(specs, expected["leaves"])) if a != b]
+        first = f"leaf {diff[0][0]}: {diff[0][1]} in the file, {diff[0][2]} expected" if diff else \
+            f"{len(specs)} leaves in the file, {len(expected['leaves'])} expected"
         raise ValueError(f"{path}: shapes or dtypes differ from this learner's ({first})")
     treedef = jax.tree_util.tree_structure(like)
     leaves = []
     try:
         with np.load(os.fspath(path)) as z:
-            for i, (shape, dtype) in enumerate(header["leaves"]):
+            for i, (shape, dtype) in zip(keep, specs):
                 a = z[f"leaf_{i}"]
                 if dtype.startswith("key:"):
                     leaves.append(jax.random.wrap_key_data(jnp.asarray(a), impl=dtype[4:]))

@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 import kalnat
 from kalnat import baselines, checkpoint, datasets, families, models, scaling, schedules
-from kalnat.learners import forms
 
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
            "learn_stream", "LearnResult", "LoadedModel"]
@@ -272,18 +271,18 @@ def _reexpressed(runner, state, old, new):
             return st  # a bank member that diverged: out of the mixture already
         if with_prior:
             rho = float(forgetting) ** int(st.count)
-            params, cov = scaling.reexpress_with_prior(st.params, forms.covariance(st), old, new, prior_var, rho,
+            params, cov = scaling.reexpress_with_prior(st.params, kalnat.covariance(st), old, new, prior_var, rho,
                                                        (A, B))
         else:
-            params, cov = scaling.reexpress(st.params, forms.covariance(st), old, new, A)
-        return forms.with_covariance(st, params, cov)
+            params, cov = scaling.reexpress(st.params, kalnat.covariance(st), old, new, A)
+        return kalnat.with_covariance(st, params, cov)
 
     params = state.params if runner.bank is None else runner.bank.member_state(state, 0).params
     A = scaling.reexpression_matrix(params, old, new)
     B = scaling.reexpression_matrix(params, new, old) if with_prior else None
     if runner.bank is None:
         return one(state, *single_settings(runner.cfg))
-    hp = {k: np.asarray(v) for k, v in state.hparams.items()}
+    hp = {k: np.asarray(getattr(runner.bank.hyper, k)) for k in ("prior_var", "forgetting")}
     members = [one(runner.bank.member_state(state, k), hp["prior_var"][k], hp["forgetting"][k])
                for k in range(runner.bank.size)]
     stacked = jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *members)

@@ -65,22 +65,21 @@ def _group(family: str, kind: str, batch: int, lams, rows: int, seed: int, prior
     xs = jnp.asarray(X[:n]).reshape((n // batch, batch) + X.shape[1:])
     ys = jnp.asarray(Y[:n]).reshape((n // batch, batch) + Y.shape[1:])
 
-    def run(lam):
-        forget = lambda t: lam  # noqa: E731  (a schedule of t: keeps λ traced)
-        learners = (
-            (kalnat.ekf(model, fam, prior_var=prior_var, forgetting=forget), lambda st: st.cov),
-            (kalnat.information_filter(model, fam, prior_var=prior_var, forgetting=forget),
-             lambda st: jnp.linalg.inv(st.info)),
-            (kalnat.natural_gradient(model, fam, **schedules.kalman_to_natural(
-                prior_var=prior_var, forgetting=forget)._asdict()),
-             lambda st: st.lr * jnp.linalg.inv(st.fisher)),
-        )
+    learners = (
+        kalnat.ekf(model, fam, prior_var=prior_var),
+        kalnat.information_filter(model, fam, prior_var=prior_var),
+        kalnat.natural_gradient(model, fam, **schedules.kalman_to_natural(prior_var=prior_var)._asdict()),
+    )
+
+    def run(lam):  # λ is data (the hyperparameters' forgetting): one vmap over the λ's
         out = []
-        for learner, cov_of in learners:
-            def body(state, inp, learner=learner, cov_of=cov_of):
-                state = learner.step(state, *inp)
-                return state, (ravel_pytree(state.params)[0], cov_of(state))
-            out.append(jax.lax.scan(body, learner.init(params), (xs, ys))[1])
+        for learner in learners:
+            hyper = learner.hyper._replace(forgetting=lam)
+
+            def body(state, inp, learner=learner, hyper=hyper):
+                state = learner.step(hyper, state, *inp)[0]
+                return state, (ravel_pytree(state.params)[0], state.cov.dense())
+            out.append(jax.lax.scan(body, kalnat.filter.init(learner, hyper, params), (xs, ys))[1])
         return out
 
     traj = jax.jit(jax.vmap(run))(jnp.asarray(lams, jnp.float64))

@@ -14,8 +14,9 @@ import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 __all__ = [
-    "symmetrize", "add_to_diagonal", "downdate", "cholesky", "chol_solve", "whiten", "block_diag",
+    "symmetrize", "add_to_diagonal", "downdate", "cholesky", "chol_solve", "whiten", "block_diag", "diagonal_blocks",
     "joseph_update", "spd_inverse", "variance_bound", "precision_bound", "check_covariance",
+    "prior_matrix",
 ]
 
 # Below this size the m × m factorisations of S = H P Hᵀ + R are unrolled into plain array
@@ -97,6 +98,13 @@ def downdate(p, w):
     return out
 
 
+def diagonal_blocks(a, b: int, m: int):
+    """The ``b`` diagonal ``(m, m)`` blocks of a ``(b·m, b·m)`` matrix, as ``(b, m, m)``."""
+    a4 = a.reshape(b, m, b, m)
+    idx = jnp.arange(b)
+    return a4[idx, :, idx, :]
+
+
 def block_diag(blocks):
     """Block-diagonal ``(b·m, b·m)`` matrix from ``(b, m, m)`` blocks (batched ``R``)."""
     b, m, _ = blocks.shape
@@ -123,7 +131,11 @@ def variance_bound(variances, cap):
     coordinates already within the bound untouched (``s_i = 1`` exactly). Since
     ``λ_max(P) ≤ tr(P) ≤ Σ cap``, no direction of ``P`` can grow without limit.
     """
-    return jnp.where(variances > cap, jnp.sqrt(cap / variances), jnp.ones_like(variances))
+    over = variances > cap
+    # The ratio is formed only where the bound binds, so that an infinite or untouched cap
+    # gives a zero gradient rather than 0 · inf (jax.grad of the evidence goes through here).
+    ratio = jnp.where(over, cap / jnp.where(over, variances, 1.0), 1.0)
+    return jnp.where(over, jnp.sqrt(ratio), jnp.ones_like(variances))
 
 
 def spd_inverse(a):
@@ -141,6 +153,18 @@ def precision_bound(info, cap):
     """
     s = variance_bound(jnp.diagonal(spd_inverse(info)), cap)
     return info / (s[:, None] * s[None, :])
+
+
+def prior_matrix(v, d: int, dtype):
+    """``P_0 (d, d)`` from a prior variance: scalar ``v·I``, ``(d,)`` diagonal or ``(d, d)``.
+
+    Traceable (a bank builds its members' priors from stacked hyperparameters inside ``vmap``);
+    :func:`check_covariance` validates a concrete one on the host.
+    """
+    v = jnp.asarray(v, dtype)
+    if v.ndim == 2:
+        return v
+    return jnp.diag(jnp.broadcast_to(v, (d,)))
 
 
 def check_covariance(a, name: str, d: int) -> np.ndarray:

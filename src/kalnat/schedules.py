@@ -22,7 +22,7 @@ import numpy as np
 __all__ = [
     "Kalman", "Constant", "Function", "kalman", "constant", "as_schedule", "forgetting_at",
     "learning_rates", "NaturalGradientSettings", "KalmanSettings", "kalman_to_natural",
-    "natural_to_kalman",
+    "natural_to_kalman", "inverse",
 ]
 
 Forgetting = Union[float, Callable[[Any], Any]]
@@ -106,7 +106,8 @@ class KalmanSettings(NamedTuple):
     forgetting: Forgetting
 
 
-def _inverse(a, name):
+def inverse(a, name):
+    """``a⁻¹`` of a positive scalar, ``(d,)`` diagonal or positive definite ``(d, d)`` (host, float64)."""
     a = np.asarray(a, dtype=np.float64)
     if a.ndim <= 1:
         if np.any(a <= 0) or not np.all(np.isfinite(a)):
@@ -136,7 +137,7 @@ def kalman_to_natural(prior_var=1.0, forgetting: Forgetting = 1.0, process_noise
         )
     if not eta0 > 0:
         raise ValueError(f"eta0 must be positive, got {eta0}")
-    return NaturalGradientSettings(Kalman(forgetting), None, float(eta0), eta0 * _inverse(prior_var, "prior_var"))
+    return NaturalGradientSettings(Kalman(forgetting), None, float(eta0), eta0 * inverse(prior_var, "prior_var"))
 
 
 def natural_to_kalman(learning_rate, fisher_rate=None, eta0: float = 1.0,
@@ -154,7 +155,7 @@ def natural_to_kalman(learning_rate, fisher_rate=None, eta0: float = 1.0,
         raise ValueError(
             "a Fisher rate γ_t different from the learning rate η_t has no Kalman counterpart"
         )
-    prior = eta0 * _inverse(init_fisher, "init_fisher")
+    prior = eta0 * inverse(init_fisher, "init_fisher")
     if isinstance(lr, Kalman):
         return KalmanSettings(prior, lr.forgetting)
     if isinstance(lr, Constant):

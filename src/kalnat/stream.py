@@ -2,13 +2,15 @@
 
 Each chunk of ``chunk_size`` minibatches is one jitted ``scan`` whose state buffers are
 donated, so the ``d × d`` matrix is updated in place across the whole stream. Every
-minibatch is predicted *before* it is learned (progressive validation), from the same
-linearisation the update uses. The rows are moved to the device one chunk at a time, so a
+minibatch is predicted *before* it is learned (progressive validation), from the prior and
+the same linearisation the update uses; the hyperparameters are an argument of the compiled
+scan, so other values run without recompiling. The rows are moved to the device one chunk at a time, so a
 stream larger than device memory works.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Callable, NamedTuple, Optional
@@ -18,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalnat.learners.base import Learner, Predictive, check_range, representable
+from kalnat import filter as _filter
+from kalnat.filter import Predictive
+from kalnat.learners.base import Learner, check_range, representable
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "fit", "log_evidence"]
 
 
 class FitResult(NamedTuple):
@@ -28,16 +32,19 @@ class FitResult(NamedTuple):
 
     Attributes:
       state: the learner's state after the last row.
-      predictions: one per row, made before learning it (``None`` if not kept); rows that
-        were skipped have NaN predictions.
+      predictions: one per row, made before learning it, from the prior (``None`` if not
+        kept); rows that were skipped have NaN predictions.
       skipped: ``(n,)`` booleans (``(T,)`` or ``(B, T)`` from
         :func:`kalnat.recurrent.fit_sequence`), the rows skipped as bad by ``skip_bad_rows``
         (all false without it); ``n_skipped`` is their count.
+      log_likelihood: ``(n,)`` each row's one-step predictive log-likelihood (its sum is the
+        stream's log evidence; NaN for skipped rows; ``None`` if predictions are not kept).
     """
 
     state: object
     predictions: Optional[Predictive]
     skipped: Optional[np.ndarray] = None
+    log_likelihood: Optional[np.ndarray] = None
 
     @property
     def n_skipped(self) -> int:
@@ -50,36 +57,41 @@ _CHUNK_FNS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionar
 def chunk_fn(learner, keep: bool):
     """The jitted, state-donating ``scan`` over one chunk of minibatches (cached per learner).
 
-    Works for any learner with ``step_and_predict(state, xs, ys, mask) -> (state, pred)``
-    (the core learners, the recurrent ones). ``(state, xs (c, b, …), ys, mask (c, b)) ->
-    (state, preds or None)``; a minibatch whose rows are all masked is skipped.
+    Works for any learner with ``step(hyper, state, xs, ys, mask) -> (state, pred, log_lik)``
+    (the core learners, banks, the recurrent ones). ``(hyper, state, xs (c, b, …), ys,
+    mask (c, b)) -> (state, (preds, log_liks) or None)``; a minibatch whose rows are all masked
+    is skipped.
     """
     fns = _CHUNK_FNS.setdefault(learner, {})
     if keep not in fns:
 
-        def body(state, inp):
-            xb, yb, mb = inp
+        def run(hyper, state, xs, ys, ms):
+            def body(state, inp):
+                xb, yb, mb = inp
 
-            def learn(s):
-                return learner.step_and_predict(s, xb, yb, mb)
+                def learn(s):
+                    s, pred, ll = learner.step(hyper, s, xb, yb, mb)
+                    return s, (pred, ll)
 
-            def skip(s):  # a minibatch that is all padding
-                out = jax.eval_shape(learn, s)
-                return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out[1])
+                def skip(s):  # a minibatch that is all padding
+                    out = jax.eval_shape(learn, s)
+                    return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out[1])
 
-            state, pred = jax.lax.cond(jnp.any(mb), learn, skip, state)
-            return state, (pred if keep else None)
+                state, out = jax.lax.cond(jnp.any(mb), learn, skip, state)
+                return state, (out if keep else None)
 
-        fns[keep] = jax.jit(lambda s, xs, ys, ms: jax.lax.scan(body, s, (xs, ys, ms)), donate_argnums=0)
+            return jax.lax.scan(body, state, (xs, ys, ms))
+
+        fns[keep] = jax.jit(run, donate_argnums=1)
     return fns[keep]
 
 
 def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int = 256,
         return_predictions: bool = True, progress: bool = False,
-        callback: Optional[Callable] = None, skip_bad_rows: bool = False) -> FitResult:
+        callback: Optional[Callable] = None, skip_bad_rows: bool = False, hyper=None) -> FitResult:
     """Learns rows ``X (n, …)``, ``Y (n, …)`` in order, ``batch_size`` rows per update.
 
-    A minibatch is one update at one linearisation point (PAPER.md §3); for a
+    A minibatch is one update at one linearisation point (docs/method.md §2d); for a
     linear-Gaussian model it equals ``batch_size`` sequential updates exactly.
 
     Args:
@@ -96,6 +108,8 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
         fractional count). A skipped row is not learned (a minibatch of skipped rows is no
         update at all: the step count and forgetting do not advance), its prediction is NaN,
         and it is flagged in ``FitResult.skipped``. Wrong shapes and dtypes still raise.
+      hyper: the hyperparameters (:class:`kalnat.filter.Hyper`; a bank's stacked ones);
+        default the learner's own.
     """
     learner._check_state(state)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -130,14 +144,15 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
                                ~bad[start:stop], rows_per_chunk)
         return xc.reshape(shape + xc.shape[1:]), yc.reshape(shape + yc.shape[1:]), mc.reshape(shape)
 
+    run = functools.partial(chunk_fn(learner, bool(return_predictions)), learner.hyper if hyper is None else hyper)
     state, preds = drive_chunks(
-        chunk_fn(learner, bool(return_predictions)), state, n, rows_per_chunk, inputs,
+        run, state, n, rows_per_chunk, inputs,
         lambda a, k: a.reshape((rows_per_chunk,) + a.shape[2:])[:k], bad,
         bool(return_predictions), progress, callback, "row")
-    predictions = None
-    if return_predictions:
-        predictions = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
-    return FitResult(state, predictions, bad)
+    if not return_predictions:
+        return FitResult(state, None, bad)
+    predictions, ll = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
+    return FitResult(state, predictions, bad, ll)
 
 
 def _bad_rows(learner, state, X, Y):
@@ -192,9 +207,10 @@ def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, c
     """Runs the jitted chunk function ``run`` over ``n`` rows (or time steps), ``step`` at a time.
 
     ``inputs(start, stop)`` gives one padded chunk's arguments, ``unpack(a, k)`` the first
-    ``k`` rows of a chunk's prediction array on the host; rows flagged in ``skipped`` get NaN
-    predictions. Shows the progress bar and calls ``callback(stop, state, predictions)``.
-    Returns ``(state, [chunk predictions])`` (an empty list unless ``keep``).
+    ``k`` rows of a chunk's output array on the host (its predictions and log-likelihoods);
+    rows flagged in ``skipped`` get NaN. Shows the progress bar and calls
+    ``callback(stop, state, predictions)``. Returns ``(state, [chunk (predictions,
+    log-likelihoods)])`` (an empty list unless ``keep``).
     """
     preds = []
     with tqdm(total=n, disable=not progress, unit=unit) as bar:
@@ -208,7 +224,7 @@ def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, c
                 preds.append(pc)
             bar.update(stop - start)
             if callback is not None:
-                callback(stop, state, pc if keep else None)
+                callback(stop, state, pc[0] if keep else None)
     return state, preds
 
 
@@ -218,3 +234,27 @@ def _blank(a, bad):
     a = np.array(a)
     a[bad] = np.nan
     return a
+
+
+def log_evidence(learner, hyper, params, X, Y, *, batch_size: int = 1):
+    """A stream's log evidence ``Σ_t log p(y_t | y_<t)`` as a pure function of ``hyper``.
+
+    The learner starts from ``params`` with the prior of ``hyper`` and learns ``X (n, …)``,
+    ``Y (n, …)`` in minibatches of ``batch_size`` (``n`` a multiple of it); everything is
+    traceable, so ``jax.grad`` with respect to ``hyper`` (λ, the prior scale, q, …) gives the
+    gradient of the evidence: type-II maximum likelihood of the hyperparameters. For a
+    linear-Gaussian model it is the exact log marginal likelihood. No validation and no
+    donation: check the data with :func:`fit` first.
+    """
+    n = X.shape[0]
+    if n % batch_size:
+        raise ValueError(f"log_evidence: {n} rows is not a multiple of batch_size {batch_size}")
+    xs = jnp.reshape(X, (n // batch_size, batch_size) + X.shape[1:])
+    ys = jnp.reshape(Y, (n // batch_size, batch_size) + Y.shape[1:])
+    state = _filter.init(learner, hyper, params)
+
+    def body(s, xy):
+        s, _, ll = learner.step(hyper, s, xy[0], xy[1])
+        return s, jnp.sum(ll)
+
+    return jnp.sum(jax.lax.scan(body, state, (xs, ys))[1])

@@ -1,144 +1,65 @@
-"""What every learner shares: the public boundary, flattening, linearisation and prediction.
+"""What every learner shares: the public boundary, validation and the hyperparameters' checks.
 
-A learner is three pure functions in the style of optax's ``GradientTransformation``
-(``init(params) -> state``, ``update(state, x, y) -> state``, ``predict(state, x) ->
-Predictive``) plus the batched pure ``step`` that ``fit`` scans. Each concrete learner gives
-only what differs between them, a :class:`Rule`: its initial state, its update of θ and of
-its covariance-like matrix from a stacked linearisation, and the quadratic form ``H P Hᵀ``.
+A core learner is a :class:`Learner`: a model, a family, a representation of θ's uncertainty
+(:mod:`kalnat.representations`) and default hyperparameters (:class:`~kalnat.filter.Hyper`),
+run by the filter written once in :mod:`kalnat.filter`. Its pure pieces compose with ``jit``,
+``scan``, ``vmap`` and ``grad``:
 
-The public ``update`` validates its input on the host, then runs a jitted step that
-*donates* the state's buffers, so the ``d × d`` matrix is updated in place. The state passed
-in must not be used again (use the returned one); on bad input nothing is donated and a
-``ValueError`` is raised with the state untouched.
+- ``init(params, hyper=None) -> State`` (validated on the host);
+- ``step(hyper, state, xs, ys, mask) -> (State, Predictive, log_likelihood)``: predict, then
+  condition on a minibatch (``fit`` scans it);
+- ``predict_batch(hyper, state, xs) -> Predictive``: the one-step predictive, from the prior.
+
+The public ``update`` and ``predict`` validate their input on the host, then run a jitted
+step; ``update`` *donates* the state's buffers, so the ``d × d`` matrix is updated in place:
+the state passed in is consumed (use the returned one; passing a consumed state again raises a
+``ValueError`` that says so). On bad input nothing is donated and the state is untouched.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from kalnat import filter as _filter
 from kalnat import linearize as _lin
+from kalnat import numerics
 from kalnat.families import Family
+from kalnat.filter import Hyper, Predictive, State
 from kalnat.models import Model
+from kalnat.representations import Representation
 
-__all__ = ["Learner", "Predictive", "Rule"]
+__all__ = ["Learner", "Predictive", "Boundary", "check_hyper", "make_hyper"]
 
 
-class Predictive(NamedTuple):
-    """Linearised predictive distribution (PAPER.md §5).
+class Boundary:
+    """The validated, jitted, donating public methods of a learner (core learners and banks).
 
-    Shapes are for a minibatch of ``b`` rows; a single observation drops the ``b`` axis.
-
-    Attributes:
-      mean: ``(b, m)`` predicted mean parameter ŷ.
-      mean_cov: ``(b, m, m)`` uncertainty of ŷ from the parameters, ``H P Hᵀ``.
-      obs_cov: ``(b, m, m)`` covariance of a new T(y), ``H P Hᵀ + R``.
-      probs: ``(b, K)`` class probabilities for classifiers, ``None`` otherwise.
+    Needs ``hyper``, ``family``, ``step(hyper, state, xs, ys, mask)``,
+    ``predict_batch(hyper, state, xs)``, ``check_x(state, x)``, ``_check_state(state)`` and
+    ``_dtype(state)``.
     """
-
-    mean: jax.Array
-    mean_cov: jax.Array
-    obs_cov: jax.Array
-    probs: Optional[jax.Array] = None
-
-
-class Rule(NamedTuple):
-    """The part of a learner that differs between learners.
-
-    Attributes:
-      init: ``(theta (d,), dtype) -> extra`` the learner's own state fields (a tuple).
-      update: ``(state, theta, H (k, d), R (k, k), e (k,)) -> (theta', extra')``.
-      quad: ``(state, H (k, d)) -> H P Hᵀ (k, k)`` with ``P`` the posterior covariance.
-      state_cls: the NamedTuple of the state: ``state_cls(params, *extra, count)``.
-    """
-
-    init: Callable
-    update: Callable
-    quad: Callable
-    state_cls: type
-
-
-@dataclass(frozen=True, eq=False)
-class Learner:
-    """An online learner: ``init`` / ``update`` / ``predict`` over a model and a family.
-
-    Built by :func:`kalnat.ekf`, :func:`kalnat.information_filter` or
-    :func:`kalnat.natural_gradient`; not constructed directly.
-    """
-
-    name: str
-    apply: Callable
-    family: Family
-    rule: Rule
-    input_shape: Optional[tuple] = None
-    config: dict = field(default_factory=dict)
-    _shapes: dict = field(default_factory=dict, repr=False)
-
-    # ---- pure functions (compose with jit / scan / vmap) -------------------------------
-
-    def init(self, params) -> Any:
-        """Initial state around ``params`` (any pytree of float arrays).
-
-        The parameters are copied, so the caller's arrays survive the in-place updates.
-        """
-        check_params(params)
-        theta, _ = ravel_pytree(params)
-        state = self.rule.state_cls(params, *self.rule.init(theta), jnp.zeros((), jnp.int32))
-        # Distinct buffers, none shared with the caller: updates donate (overwrite) them.
-        return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
-
-    def linearize(self, state, xs, ys=None, mask=None):
-        """``(θ, unravel, Linearization)`` of a minibatch ``xs (b, …)`` at the state's θ."""
-        theta, unravel = ravel_pytree(state.params)
-        apply_flat = lambda th, x: self.apply(unravel(th), x)
-        return theta, unravel, _lin.linearize(apply_flat, self.family, theta, xs, ys, mask)
-
-    def update_from(self, state, theta, unravel, lin):
-        """New state from a linearisation already computed at the state's θ."""
-        H, R, e = _lin.stack(lin)
-        theta, extra = self.rule.update(state, theta, H, R, e)
-        return self.rule.state_cls(unravel(theta), *extra, state.count + 1)
-
-    def predictive_from(self, state, lin) -> Predictive:
-        mean_cov = jax.vmap(lambda h: self.rule.quad(state, h))(lin.H)
-        probs = self.family.probs(lin.yhat) if self.family.is_classifier else None
-        return Predictive(lin.yhat, mean_cov, mean_cov + lin.R, probs)
-
-    def step(self, state, xs, ys, mask=None):
-        """Pure minibatch update: one linearisation at θ for all ``b`` rows (PAPER.md §3)."""
-        theta, unravel, lin = self.linearize(state, xs, ys, mask)
-        return self.update_from(state, theta, unravel, lin)
-
-    def step_and_predict(self, state, xs, ys, mask=None):
-        """Progressive validation in one linearisation: the prediction *before* learning."""
-        theta, unravel, lin = self.linearize(state, xs, ys, mask)
-        return self.update_from(state, theta, unravel, lin), self.predictive_from(state, lin)
-
-    def predict_batch(self, state, xs) -> Predictive:
-        _, _, lin = self.linearize(state, xs)
-        return self.predictive_from(state, lin)
-
-    # ---- public boundary: validated, jitted, state donated ---------------------------
 
     @functools.cached_property
     def _update_jit(self):
-        return jax.jit(self.step, donate_argnums=0)
+        return jax.jit(lambda hyper, state, xs, ys: self.step(hyper, state, xs, ys)[:2], donate_argnums=1)
 
     @functools.cached_property
     def _predict_jit(self):
         return jax.jit(self.predict_batch)
 
-    def update(self, state, x, y):
+    def update(self, state, x, y, hyper=None):
         """Learns one observation (``x`` of the model's input shape, ``y`` of the family's
-        event shape) or a minibatch (a leading batch axis on both); returns the new state.
+        event shape) or a minibatch (a leading batch axis on both).
 
-        The state's buffers are donated: use the returned state, not the one passed in.
+        Returns ``(state, prediction)``: the new state and the prediction of ``y`` made before
+        learning it, from the prior. The state's buffers are donated: use the returned state.
         """
         self._check_state(state)
         xs, single = self.check_x(state, x)
@@ -148,19 +69,100 @@ class Learner:
         if ys.shape[0] != xs.shape[0]:
             raise ValueError(f"x has {xs.shape[0]} rows but y has {ys.shape[0]}")
         if xs.shape[0] == 0:  # nothing to learn: no step, the state as it is
-            return state
+            return state, None
         # NumPy arguments go to the jitted step as they are: its C++ dispatch moves them to the
         # device several times faster than jnp.asarray does, per row.
-        return self._update_jit(state, np.asarray(xs, self._dtype(state)), ys)
+        state, pred = self._update_jit(self.hyper if hyper is None else hyper, state,
+                                       np.asarray(xs, self._dtype(state)), ys)
+        return state, _squeeze(pred, single)
 
-    def predict(self, state, x) -> Predictive:
-        """Predictive mean, ``H P Hᵀ``, ``H P Hᵀ + R`` and class probabilities at ``x``."""
+    def predict(self, state, x, hyper=None):
+        """The one-step predictive at ``x`` (one row or a batch): mean, ``H P⁻ Hᵀ``,
+        ``H P⁻ Hᵀ + R`` and class probabilities. The state is not changed."""
         self._check_state(state)
         xs, single = self.check_x(state, x)
-        pred = self._predict_jit(state, np.asarray(xs, self._dtype(state)))
-        if single:
-            pred = jax.tree_util.tree_map(lambda a: a[0], pred)
-        return pred
+        pred = self._predict_jit(self.hyper if hyper is None else hyper, state, np.asarray(xs, self._dtype(state)))
+        return _squeeze(pred, single)
+
+
+def _squeeze(pred, single):
+    return jax.tree_util.tree_map(lambda a: a[0], pred) if single else pred
+
+
+def check_live(state, name):
+    """A state whose buffers were donated to an in-place update cannot be used again."""
+    for leaf in jax.tree_util.tree_leaves(state):
+        if isinstance(leaf, jax.Array) and leaf.is_deleted():
+            raise ValueError(
+                f"{name}: this state was consumed by an in-place update (update and fit donate the "
+                "state's buffers); continue with the state they returned")
+
+
+@dataclass(frozen=True, eq=False)
+class Learner(Boundary):
+    """An online learner: a model, a family and a representation, run by :mod:`kalnat.filter`.
+
+    Built by :func:`kalnat.ekf`, :func:`kalnat.sqrt_ekf`, :func:`kalnat.information_filter`,
+    :func:`kalnat.natural_gradient`, :func:`kalnat.iterated_ekf`, :func:`kalnat.nig_filter`.
+
+    Attributes:
+      name: the learner's name.
+      apply: ``apply(params, x) -> z``, the model.
+      family: the output family.
+      representation: how θ's uncertainty is stored (:mod:`kalnat.representations`).
+      hyper: the default hyperparameters (:class:`~kalnat.filter.Hyper`), used when a call
+        gives none.
+      max_iterations: linearisations per update the step is built for (1: the EKF).
+      moderated: classifiers' probabilities (and their log-likelihoods) averaged over the
+        posterior (:mod:`kalnat.predictive`) instead of plug-in.
+      schedule: ``t -> λ_t`` when forgetting was given as a function of the step (then
+        ``hyper.forgetting`` is not used).
+      input_shape: shape of one ``x``.
+      config: the settings it was built with.
+    """
+
+    name: str
+    apply: Callable
+    family: Family
+    representation: Representation
+    hyper: Hyper = Hyper()
+    max_iterations: int = 1
+    moderated: bool = False
+    schedule: Optional[Callable] = None
+    input_shape: Optional[tuple] = None
+    config: dict = field(default_factory=dict)
+    _shapes: dict = field(default_factory=dict, repr=False)
+
+    # ---- pure functions (compose with jit / scan / vmap / grad) ------------------------
+
+    def init(self, params, hyper: Optional[Hyper] = None) -> State:
+        """Initial state around ``params`` (any pytree of float arrays) with the prior of
+        ``hyper`` (default: the learner's). Validated on the host; the parameters are copied, so
+        the caller's arrays survive the in-place updates."""
+        check_params(params)
+        hyper = self.hyper if hyper is None else hyper
+        theta, _ = ravel_pytree(params)
+        check_hyper(self, hyper, theta.shape[0])
+        state = _filter.init(self, hyper, params)
+        # Distinct buffers, none shared with the caller: updates donate (overwrite) them.
+        return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
+
+    def linearize_at(self, state, xs, ys=None, mask=None):
+        """``θ -> Linearization`` of the minibatch ``xs (b, …)`` (and ``ys``), at any θ."""
+        _, unravel = ravel_pytree(state.params)
+        apply_flat = lambda th, x: self.apply(unravel(th), x)
+        return lambda theta: _lin.linearize(apply_flat, self.family, theta, xs, ys, mask)
+
+    def step(self, hyper, state, xs, ys, mask=None):
+        """Predict, then condition on a minibatch: one linearisation at θ for all ``b`` rows
+        (docs/method.md §2d). Returns ``(State, Predictive, log_likelihood (b,))``."""
+        return _filter.step(self, hyper, state, self.linearize_at(state, xs, ys, mask), mask)
+
+    def predict_batch(self, hyper, state, xs) -> Predictive:
+        """The one-step predictive of the rows ``xs (b, …)``, from the prior."""
+        prior = _filter.predict(self, hyper, state)
+        theta, _ = ravel_pytree(prior.params)
+        return _filter.predictive(self, hyper, prior, self.linearize_at(prior, xs)(theta))
 
     # ---- validation -------------------------------------------------------------------
 
@@ -168,11 +170,17 @@ class Learner:
     def _dtype(state):
         return jax.tree_util.tree_leaves(state.params)[0].dtype
 
+    @functools.cached_property
+    def _cov_type(self):
+        """The type of this representation's ``cov`` (from a 1-parameter abstract init)."""
+        probe = Hyper(noise_shape=1.0, noise_scale=1.0)
+        return type(jax.eval_shape(lambda: self.representation.init(probe, 1, jnp.float32)))
+
     def _check_state(self, state):
-        if not isinstance(state, self.rule.state_cls):
-            raise ValueError(
-                f"{self.name}: expected a {self.rule.state_cls.__name__}, got {type(state).__name__}"
-            )
+        if not isinstance(state, State) or type(state.cov) is not self._cov_type:
+            got = type(state).__name__ + (f" holding a {type(state.cov).__name__}" if isinstance(state, State) else "")
+            raise ValueError(f"{self.name}: expected a State holding a {self._cov_type.__name__}, got a {got}")
+        check_live(state, self.name)
 
     def check_x(self, state, x):
         """Validates inputs on the host: returns ``(xs (b, …), single)``."""
@@ -209,6 +217,71 @@ class Learner:
                 ok = False
             cache[key] = True if ok else None
         return cache[key]
+
+
+def build(name, model, family, representation, *, input_shape=None, iterations=1,
+          moderated=False, config=None, **hyper) -> Learner:
+    """A :class:`Learner` from a constructor's arguments: the model resolved, the
+    hyperparameters checked (:func:`make_hyper`), a callable forgetting kept as the schedule."""
+    apply, input_shape = resolve_model(model, input_shape)
+    if not isinstance(family, Family):
+        raise ValueError(f"family must be a kalnat family, got {type(family).__name__}")
+    forgetting = hyper.get("forgetting", 1.0)
+    hyper = make_hyper(iterations=iterations, **hyper)
+    if hyper.process_noise is not None and not representation.process_noise:
+        raise ValueError(f"{name}: additive process noise q·I has no form here; use forgetting instead")
+    return Learner(name, apply, family, representation, hyper, int(iterations), bool(moderated),
+                   forgetting if callable(forgetting) else None, input_shape, dict(config or {}))
+
+
+def make_hyper(*, prior_var=1.0, forgetting=1.0, process_noise=None, max_variance=None,
+               iterations=1, noise_shape=None, noise_scale=None):
+    """A :class:`~kalnat.filter.Hyper` from a constructor's arguments, checked where they do not
+    depend on the model's size (a callable forgetting is the learner's schedule, not data)."""
+    if not callable(forgetting) and not 0 < float(forgetting) <= 1:
+        raise ValueError(f"forgetting must lie in (0, 1], got {forgetting}")
+    if process_noise is not None:
+        q = np.asarray(process_noise, dtype=np.float64)
+        if q.ndim > 1 or not np.all(np.isfinite(q)) or np.any(q < 0):
+            raise ValueError("process_noise must be a non-negative scalar or (d,) vector")
+        process_noise = None if not np.any(q != 0) else (float(q) if q.ndim == 0 else q)
+    if max_variance is not None:
+        cap = np.asarray(max_variance, dtype=np.float64)
+        if cap.ndim > 1 or not np.all(np.isfinite(cap)) or np.any(cap <= 0):
+            raise ValueError(f"max_variance must be None or a positive scalar or (d,) vector, got {max_variance}")
+        max_variance = float(cap) if cap.ndim == 0 else cap
+    if int(iterations) != iterations or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations}")
+    return Hyper(prior_var, 1.0 if callable(forgetting) else float(forgetting), process_noise, max_variance,
+                 int(iterations), noise_shape, noise_scale)
+
+
+def check_hyper(learner, hyper: Hyper, d: int):
+    """Host validation of concrete hyperparameters for a model of ``d`` parameters (traced
+    ones, inside a transformation, are the caller's to keep valid)."""
+    if not isinstance(hyper, Hyper):
+        raise ValueError(f"{learner.name}: hyper must be a kalnat Hyper, got {type(hyper).__name__}")
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(hyper)):
+        return
+    numerics.check_covariance(hyper.prior_var, "prior_var", d)
+    lam = np.asarray(hyper.forgetting, np.float64)
+    if lam.shape != () or not 0 < float(lam) <= 1:
+        raise ValueError(f"forgetting must be a scalar in (0, 1], got {hyper.forgetting}")
+    for name in ("process_noise", "max_variance"):
+        v = getattr(hyper, name)
+        if v is not None:
+            v = np.asarray(v, np.float64)
+            if v.shape not in ((), (d,)):
+                raise ValueError(f"{name} must be a scalar or ({d},), got shape {v.shape}")
+            if not np.all(np.isfinite(v)) or np.any(v < 0) or (name == "max_variance" and np.any(v <= 0)):
+                raise ValueError(f"{name} must be finite and {'positive' if name == 'max_variance' else 'non-negative'}")
+    if hyper.process_noise is not None and not learner.representation.process_noise:
+        raise ValueError(f"{learner.name}: additive process noise has no form in this representation "
+                         "(use forgetting, noise proportional to P)")
+    it = np.asarray(hyper.iterations)
+    if it.shape != () or it.dtype.kind not in "iu" or not 1 <= int(it) <= learner.max_iterations:
+        raise ValueError(f"iterations must be an integer in 1..{learner.max_iterations} for this learner, "
+                         f"got {hyper.iterations}")
 
 
 def check_params(params):

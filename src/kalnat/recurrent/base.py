@@ -1,12 +1,16 @@
 """What the recurrent learners share: Jacobians of a cell, the learner bundle and its boundary.
 
 A recurrent learner is, like a core :class:`~kalnat.learners.base.Learner`, a bundle of pure
-functions over a ``NamedTuple`` state, plus a validated, jitted, donating public boundary:
+functions over a ``NamedTuple`` state and a hyperparameter pytree, plus a validated, jitted,
+donating public boundary with the same conventions as the core learners':
 
 - ``init(params, *, batch=1, s0=None, …) -> state``  (host-validated)
-- ``step_and_predict(state, xs (B, …), ys (B, …), mask (B,)) -> (state', Predictive)``: one
-  time step of ``B`` parallel sequences, the prediction made *before* learning y_t;
-- ``advance(state, xs) -> (state', Predictive)``: one time step without an observation.
+- ``step(hyper, state, xs (B, …), ys (B, …), mask (B,)) -> (state', Predictive, log_lik (B,))``:
+  one time step of ``B`` parallel sequences, the prediction made *before* learning y_t (from
+  the prior);
+- ``propagate(hyper, state, xs) -> (state', Predictive)``: one time step without an observation;
+- public: ``update(state, x, y) -> (state', Predictive)``, ``predict(state, x) -> Predictive``
+  (nothing changes) and ``advance(state, x) -> (state', Predictive)`` (through time, no learning).
 
 ``B`` independent sequences share one θ: each has its own hidden state (and RTRL Jacobian),
 and their observations at a time step form one minibatch update at one linearisation point
@@ -27,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kalnat.families import Family
-from kalnat.learners.base import check_range
+from kalnat.filter import Hyper
+from kalnat.learners.base import check_live, check_range
 from kalnat.recurrent.cells import RecurrentModel
 
 __all__ = ["RecurrentLearner", "transition_jacobians", "readout_jacobians"]
@@ -122,9 +127,11 @@ class RecurrentLearner:
       cell: the :class:`~kalnat.recurrent.cells.RecurrentModel`.
       family: the output family.
       init: ``(params, *, batch=1, s0=None, …) -> state`` (validated on the host).
-      step_and_predict: pure ``(state, xs (B, …), ys (B, …), mask (B,)) -> (state', Predictive)``.
-      advance: pure ``(state, xs (B, …)) -> (state', Predictive)``, no learning.
+      step: pure ``(hyper, state, xs (B, …), ys (B, …), mask (B,)) -> (state', Predictive,
+        log_likelihood (B,))``.
+      propagate: pure ``(hyper, state, xs (B, …)) -> (state', Predictive)``, no learning.
       state_cls: the state's ``NamedTuple`` type.
+      hyper: the default hyperparameters (:class:`~kalnat.filter.Hyper`).
       config: the settings it was built with.
     """
 
@@ -132,26 +139,25 @@ class RecurrentLearner:
     cell: RecurrentModel
     family: Family
     init: Callable
-    step_and_predict: Callable
-    advance: Callable
+    step: Callable
+    propagate: Callable
     state_cls: type
+    hyper: Hyper = Hyper()
     config: dict = field(default_factory=dict)
-
-    def step(self, state, xs, ys, mask=None):
-        """Pure step without the prediction."""
-        if mask is None:
-            mask = jnp.ones(xs.shape[0], bool)
-        return self.step_and_predict(state, xs, ys, mask)[0]
 
     @functools.cached_property
     def _update_jit(self):
-        return jax.jit(self.step_and_predict, donate_argnums=0)
+        return jax.jit(lambda h, s, xs, ys, m: self.step(h, s, xs, ys, m)[:2], donate_argnums=1)
 
     @functools.cached_property
     def _advance_jit(self):
-        return jax.jit(self.advance, donate_argnums=0)
+        return jax.jit(self.propagate, donate_argnums=1)
 
-    def update(self, state, x, y):
+    @functools.cached_property
+    def _predict_jit(self):
+        return jax.jit(lambda h, s, xs: self.propagate(h, s, xs)[1])
+
+    def update(self, state, x, y, hyper=None):
         """Learns one time step: ``x`` (``input_shape``, or ``(B,) + input_shape``) and ``y``.
 
         Validated on the host first: ``ValueError`` (the state untouched) on NaN/inf, a value
@@ -168,11 +174,19 @@ class RecurrentLearner:
         if ys.shape[0] != xs.shape[0]:
             raise ValueError(f"x has {xs.shape[0]} sequences but y has {ys.shape[0]}")
         # NumPy arguments as they are: the jitted step's dispatch moves them (see Learner.update).
-        new, pred = self._update_jit(state, np.asarray(xs, self.dtype(state)), ys,
-                                     np.ones(xs.shape[0], bool))
+        new, pred = self._update_jit(self.hyper if hyper is None else hyper, state,
+                                     np.asarray(xs, self.dtype(state)), ys, np.ones(xs.shape[0], bool))
         return new, _squeeze(pred, single)
 
-    def predict(self, state, x):
+    def predict(self, state, x, hyper=None):
+        """The prediction of ``y_t`` at input ``x_t`` from the current hidden state, without
+        learning and without changing the state."""
+        self.check_state(state)
+        xs, single = self.check_step_x(state, x)
+        pred = self._predict_jit(self.hyper if hyper is None else hyper, state, np.asarray(xs, self.dtype(state)))
+        return _squeeze(pred, single)
+
+    def advance(self, state, x, hyper=None):
         """Runs one time step *without* learning (``y_t`` unknown, e.g. forecasting ahead).
 
         Returns ``(state', Predictive)``: the hidden state (and RTRL Jacobian, or joint
@@ -181,7 +195,7 @@ class RecurrentLearner:
         """
         self.check_state(state)
         xs, single = self.check_step_x(state, x)
-        new, pred = self._advance_jit(state, np.asarray(xs, self.dtype(state)))
+        new, pred = self._advance_jit(self.hyper if hyper is None else hyper, state, np.asarray(xs, self.dtype(state)))
         return new, _squeeze(pred, single)
 
     # ---- validation -------------------------------------------------------------------
@@ -189,6 +203,13 @@ class RecurrentLearner:
     def check_state(self, state):
         if not isinstance(state, self.state_cls):
             raise ValueError(f"{self.name}: expected a {self.state_cls.__name__}, got {type(state).__name__}")
+        check_live(state, self.name)
+
+    # the names the shared stream driver and the bank use
+    _check_state = check_state
+
+    def _dtype(self, state):
+        return self.dtype(state)
 
     @staticmethod
     def dtype(state):

@@ -32,13 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from jax.scipy.linalg import solve_triangular
 
 from kalnat import numerics
 from kalnat.families import Family
-from kalnat.learners.base import Predictive, check_params
-from kalnat.learners.ekf import check_forgetting, check_prior, check_process_noise, predict_cov
+from kalnat.filter import assemble_predictive, row_log_likelihood
+from kalnat.learners.base import check_params, make_hyper
 from kalnat.recurrent import base
+from kalnat.representations.full import Full, inflate_dense
 from kalnat.recurrent.cells import RecurrentModel
 from kalnat.schedules import Forgetting
 
@@ -98,13 +98,6 @@ def _block_rows(blocks):
     return (eye[:, None, :, None] * blocks[:, :, None, :]).reshape(nb * m, nb * n)
 
 
-def _diagonal_blocks(q, nb, m):
-    """The ``B`` diagonal ``(m, m)`` blocks of a ``(B m, B m)`` matrix."""
-    q4 = q.reshape(nb, m, nb, m)
-    idx = jnp.arange(nb)
-    return q4[idx, :, idx, :]
-
-
 def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
               forgetting: Forgetting = 1.0, process_noise=0.0, state_noise=0.0,
               state_var=None, joseph: bool = False) -> base.RecurrentLearner:
@@ -128,9 +121,10 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
       A :class:`~kalnat.recurrent.base.RecurrentLearner` whose state is :class:`JointState`.
     """
     base.check_cell(cell, family)
-    check_forgetting(forgetting)
     n = cell.n_state
-    q_theta = check_process_noise(process_noise)
+    hyper = make_hyper(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise)
+    schedule = forgetting if callable(forgetting) else None
+    rep = Full(bool(joseph))
     q_state = np.asarray(state_noise, dtype=np.float64)
     if q_state.shape not in ((), (n,)) or not np.all(np.isfinite(q_state)) or np.any(q_state < 0):
         raise ValueError(f"state_noise must be a non-negative scalar or ({n},) vector")
@@ -138,7 +132,7 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         sv = np.asarray(state_var, dtype=np.float64)
         if sv.shape not in ((), (n,)) or not np.all(np.isfinite(sv)) or np.any(sv < 0):
             raise ValueError(f"state_var must be a non-negative scalar or ({n},) vector")
-    trans_noise = bool(np.any(q_theta != 0) or np.any(q_state != 0))
+    state_noise_on = bool(np.any(q_state != 0))
 
     def init(params, *, batch: int = 1, s0=None, jac0=None, cov=None) -> JointState:
         """State around ``params``; ``P_0 = [G_0; I] P^θ_0 [G_0; I]ᵀ`` (+ ``state_var``) or ``cov``."""
@@ -148,7 +142,7 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         s = base.initial_states(cell, params, batch, s0, dtype)
         size = batch * n + d
         if cov is None:
-            p0 = jnp.asarray(check_prior(prior_var, d), dtype)
+            p0 = jnp.asarray(numerics.check_covariance(hyper.prior_var, "prior_var", d), dtype)
             g0 = base.initial_jacobians(jac0, batch, n, d, dtype)
             p = factored_covariance(g0, p0)
             if state_var is not None:
@@ -172,63 +166,68 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         params = unravel(jnp.array(theta, copy=True))
         return JointState(params, s, jnp.array(p, copy=True), jnp.zeros((), jnp.int32))
 
-    def noise_vector(nb, d):
-        qs = np.broadcast_to(q_state, (n,))
-        qt = np.broadcast_to(q_theta, (d,))
-        return np.concatenate([np.tile(qs, nb), qt])
+    def noise_vector(hyper, nb, d, dtype):
+        """``diag(q_s, …, q_s, q_θ)``, or ``None`` without noise."""
+        if hyper.process_noise is None and not state_noise_on:
+            return None
+        qt = jnp.zeros(d, dtype) if hyper.process_noise is None else jnp.broadcast_to(
+            jnp.asarray(hyper.process_noise, dtype), (d,))
+        return jnp.concatenate([jnp.tile(jnp.broadcast_to(jnp.asarray(q_state, dtype), (n,)), nb), qt])
 
-    def propagate(state: JointState, xs, mask):
+    def transition(state: JointState, xs, mask):
         theta, unravel = ravel_pytree(state.params)
-        nb = state.s.shape[0]
         trans = base.transition_jacobians(cell, unravel)
-        read = base.readout_jacobians(cell, family, unravel)
         s, a, b = jax.vmap(trans, (None, 0, 0))(theta, state.s, xs)
         # A frozen (padding) sequence keeps its state: F's block is the identity there.
         s = jnp.where(mask[:, None], s, state.s)
         a = jnp.where(mask[:, None, None], a, jnp.eye(n, dtype=a.dtype))
         b = jnp.where(mask[:, None, None], b, 0.0)
-        p_dyn = propagate_covariance(a, b, state.cov)
-        yhat, hs, ht = jax.vmap(read, (None, 0))(theta, s)
-        hz = jnp.concatenate([_block_rows(hs), ht.reshape(nb * family.m, -1)], axis=1)
-        # Predictive from F P Fᵀ, before forgetting and noise: the core learners' convention
-        # (H P_{t−1} Hᵀ), and under the factored form the same number as RTRL's H P Hᵀ.
-        mean_cov = _diagonal_blocks(hz @ p_dyn @ hz.T, nb, family.m)
-        r = jax.vmap(family.cov)(yhat)
-        probs = family.probs(yhat) if family.is_classifier else None
-        pred = Predictive(yhat, mean_cov, mean_cov + r, probs)
-        return theta, unravel, s, p_dyn, hz, yhat, r, pred
+        return theta, unravel, s, propagate_covariance(a, b, state.cov)
 
-    def step_and_predict(state: JointState, xs, ys, mask):
-        theta, unravel, s, p_dyn, hz, yhat, r, pred = propagate(state, xs, mask)
-        nb, d = s.shape[0], theta.shape[0]
-        rows = jnp.repeat(mask, family.m)
-        e = jax.vmap(family.innovation)(yhat, ys).reshape(-1)
-        e = jnp.where(rows, e, 0.0)
+    def readout(theta, unravel, s):
+        """``(ŷ (B, m), H_z (B m, B n + d), R (B, m, m))`` at the states ``s``."""
+        read = base.readout_jacobians(cell, family, unravel)
+        yhat, hs, ht = jax.vmap(read, (None, 0))(theta, s)
+        hz = jnp.concatenate([_block_rows(hs), ht.reshape(s.shape[0] * family.m, -1)], axis=1)
+        return yhat, hz, jax.vmap(family.cov)(yhat)
+
+    def prior_of(hyper, state, p_dyn, d):
+        t = state.count + 1
+        lam = hyper.forgetting if schedule is None else schedule(t)
+        return inflate_dense(p_dyn, lam, noise_vector(hyper, state.s.shape[0], d, p_dyn.dtype), None)
+
+    def step(hyper, state: JointState, xs, ys, mask):
+        theta, unravel, s, p_dyn = transition(state, xs, mask)
+        nb, d, m = s.shape[0], theta.shape[0], family.m
+        yhat, hz, r = readout(theta, unravel, s)
+        rows = jnp.repeat(mask, m)
+        e = jnp.where(rows, jax.vmap(family.innovation)(yhat, ys).reshape(-1), 0.0)
         hz = jnp.where(rows[:, None], hz, 0.0)
-        p = predict_cov(p_dyn, state.count, forgetting, noise_vector(nb, d) if trans_noise else np.zeros(()))
-        ph = p @ hz.T
-        sm = hz @ ph + numerics.block_diag(r)
-        if joseph:
-            gain = numerics.chol_solve(sm, ph.T).T  # K = P⁻ H_zᵀ S⁻¹, (B n + d, B m)
-            dz, p = gain @ e, numerics.joseph_update(p, gain, ph.T, sm)
-        else:
-            # As the core EKF: with S = L Lᵀ, W = P⁻H_zᵀ L⁻ᵀ and v = L⁻¹e give z += W v and
-            # P = P⁻ − W Wᵀ, symmetric by construction.
-            chol = jnp.linalg.cholesky(sm)
-            w = solve_triangular(chol, ph.T, lower=True).T
-            dz, p = w @ solve_triangular(chol, e, lower=True), numerics.downdate(p, w)
+        R = numerics.block_diag(r)
+        # The condition step of the covariance form, on z = (s, θ): the same operations as the
+        # core EKF's (kalnat.representations.Full), from P⁻ = F P Fᵀ/λ + diag(q).
+        prior = prior_of(hyper, state, p_dyn, d)
+        dz, hph, aux = rep.gain(prior, hz, R, e)
+        pred = assemble_predictive(family, False, yhat, numerics.diagonal_blocks(hph, nb, m), r)
+        ll = jnp.where(mask, row_log_likelihood(family, False, pred, ys), 0.0)
+        p = rep.posterior(prior, hz, R, e, aux, rows).p
         s = s + dz[: nb * n].reshape(nb, n)
         theta = theta + dz[nb * n:]
-        return JointState(unravel(theta), s, p, state.count + 1), pred
+        return JointState(unravel(theta), s, p, state.count + 1), pred, ll
 
-    def advance(state: JointState, xs):
+    def propagate(hyper, state: JointState, xs):
         mask = jnp.ones(state.s.shape[0], bool)
-        theta, _, s, p_dyn, _, _, _, pred = propagate(state, xs, mask)
-        if trans_noise:  # the time update without an observation still adds the noise
-            p_dyn = numerics.add_to_diagonal(p_dyn, jnp.asarray(noise_vector(s.shape[0], theta.shape[0]), p_dyn.dtype))
+        theta, unravel, s, p_dyn = transition(state, xs, mask)
+        yhat, hz, r = readout(theta, unravel, s)
+        d = theta.shape[0]
+        prior = prior_of(hyper, state, p_dyn, d)
+        hph = jax.vmap(lambda h: prior.times(h.T).T @ h.T)(hz.reshape(s.shape[0], family.m, -1))
+        pred = assemble_predictive(family, False, yhat, hph, r)
+        q = noise_vector(hyper, s.shape[0], d, p_dyn.dtype)
+        if q is not None:  # the time update without an observation still adds the noise
+            p_dyn = numerics.add_to_diagonal(p_dyn, q)
         return JointState(state.params, s, p_dyn, state.count), pred
 
     config = dict(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise,
                   state_noise=state_noise, state_var=state_var, joseph=joseph)
-    return base.RecurrentLearner("joint_ekf", cell, family, init, step_and_predict, advance,
-                                 JointState, config)
+    return base.RecurrentLearner("joint_ekf", cell, family, init, step, propagate, JointState, hyper, config)

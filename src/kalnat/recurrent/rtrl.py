@@ -8,10 +8,13 @@ G_t = ∂f/∂s · G_{t−1} + ∂f/∂θ                (n × d)
 H_t = ∂ŷ/∂s · G_t + ∂ŷ/∂θ                     (m × d), the Jacobian of ŷ_t through the past
 ```
 
-Natural-gradient RTRL hands ``H_t`` (with ``R_t`` and ``e_t = T(y_t) − ŷ_t``) to one of the
-core learners — the EKF by default, or the information filter, or online natural gradient —
-through its :class:`~kalnat.learners.base.Rule`, which returns ``δθ = θ_t − θ_{t−1}``; then the
-state is corrected to first order for the parameter change, ``s_t ← s_t + G_t δθ``. With the
+Natural-gradient RTRL hands ``H_t`` (with ``R_t`` and ``e_t = T(y_t) − ŷ_t``) to any core
+learner — the EKF by default, its square-root, information, natural-gradient, iterated or
+normal–inverse-gamma forms — through the filter's step (:func:`kalnat.filter.step`), which
+returns ``δθ = θ_t − θ_{t−1}``; then the state is corrected to first order for the parameter
+change, ``s_t ← s_t + G_t δθ``. The model the core learner sees at step t is
+``θ ↦ g(s_t + G_t (θ − θ_{t−1}), θ)`` — the readout at the state corrected to first order —
+whose Jacobian at θ_{t−1} is ``H_t``; an iterated core relinearises it at its iterates. With the
 correction, this is exactly the joint EKF on ``(s, θ)`` of :mod:`kalnat.recurrent.joint`
 (PAPER.md §4, theorem), at O(n² d + d² m) per step instead of the joint filter's O(n d²).
 Without it (``correct_state=False``) it is plain RTRL driven by natural gradient, which the
@@ -29,8 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from kalnat import filter as _filter
 from kalnat.families import Family
-from kalnat.learners import Learner, ekf, information_filter, natural_gradient, sqrt_ekf
+from kalnat.learners import (
+    Learner, ekf, information_filter, iterated_ekf, natural_gradient, nig_filter, sqrt_ekf,
+)
 from kalnat.learners.base import check_params
 from kalnat.linearize import Linearization
 from kalnat.recurrent import base
@@ -44,6 +50,8 @@ _CORES = {
     "information_filter": information_filter,
     "natural_gradient": natural_gradient,
     "sqrt_ekf": sqrt_ekf,
+    "iterated_ekf": iterated_ekf,
+    "nig_filter": nig_filter,
 }
 
 
@@ -111,7 +119,9 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
       learner: the core learner taking ``H_t``: ``"ekf"`` (default), ``"information"``,
         ``"natural_gradient"``, ``"sqrt_ekf"`` (the Cholesky-factor form: use it in float32
         with forgetting, where the covariance form loses positive definiteness within a few
-        thousand steps), or one of the constructors :func:`kalnat.ekf`, … itself.
+        thousand steps), ``"iterated_ekf"`` (``iterations=k`` relinearisations of the readout
+        at the corrected state), ``"nig_filter"`` (unknown noise scale), or one of the
+        constructors :func:`kalnat.ekf`, … itself.
       correct_state: apply ``s_t ← s_t + G_t δθ`` after each update (the theorem's form).
         ``False`` gives plain RTRL driven by natural gradient.
       **options: the core learner's own settings (``prior_var``, ``forgetting``,
@@ -131,8 +141,8 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
         build = learner
     else:
         raise ValueError(f"learner must be a name or a learner constructor, got {type(learner).__name__}")
-    # The core learner sees the readout as its model; only its Rule, family and
-    # predictive are used, with H_t built here through the recurrence.
+    # The core learner sees the readout as its model; its filter runs on H_t built here
+    # through the recurrence.
     core: Learner = build(cell.readout, family, input_shape=(cell.n_state,), **options)
     if not isinstance(core, Learner):
         raise ValueError("learner must build a kalnat Learner (kalnat.ekf, kalnat.natural_gradient, …)")
@@ -146,23 +156,25 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
         g = base.initial_jacobians(jac0, batch, cell.n_state, theta.shape[0], theta.dtype)
         return RTRLState(core_state, s, g)
 
-    def propagate(state, xs):
+    def forward(state, xs, ys):
+        """``(θ, s_t, G_t, linearize_at)``: the transition at θ_{t−1}, and the readout's
+        linearisation at any θ through the state corrected to first order."""
         theta, unravel = ravel_pytree(state.core.params)
         step = rtrl_jacobian_step(cell, unravel)
         read = base.readout_jacobians(cell, family, unravel)
         s, g = jax.vmap(step, (None, 0, 0, 0))(theta, state.s, state.jac, xs)
-        yhat, hs, ht = jax.vmap(read, (None, 0))(theta, s)
-        h = jnp.einsum("bmn,bnd->bmd", hs, g) + ht
-        lin = Linearization(yhat, h, jax.vmap(family.cov)(yhat), jnp.zeros_like(yhat))
-        return theta, unravel, s, g, lin
 
-    def step_and_predict(state: RTRLState, xs, ys, mask):
-        theta, unravel, s, g, lin = propagate(state, xs)
-        pred = core.predictive_from(state.core, lin)
-        e = jax.vmap(family.innovation)(lin.yhat, ys)
-        lin = Linearization(lin.yhat, jnp.where(mask[:, None, None], lin.H, 0.0), lin.R,
-                            jnp.where(mask[:, None], e, 0.0))
-        core_state = core.update_from(state.core, theta, unravel, lin)
+        def linearize_at(th):
+            yhat, hs, ht = jax.vmap(read, (None, 0))(th, s + g @ (th - theta))
+            h = jnp.einsum("bmn,bnd->bmd", hs, g) + ht
+            e = jnp.zeros_like(yhat) if ys is None else jax.vmap(family.innovation)(yhat, ys)
+            return Linearization(yhat, h, jax.vmap(family.cov)(yhat), e, ys)
+
+        return theta, s, g, linearize_at
+
+    def step(hyper, state: RTRLState, xs, ys, mask):
+        theta, s, g, linearize_at = forward(state, xs, ys)
+        core_state, pred, ll = _filter.step(core, hyper, state.core, linearize_at, mask)
         # A frozen sequence (past its end, or a skipped step) does not advance ...
         s = jnp.where(mask[:, None], s, state.s)
         g = jnp.where(mask[:, None, None], g, state.jac)
@@ -170,12 +182,12 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
             # ... but is still corrected: its state depends on θ through its G, and the joint
             # EKF moves it by the same G δθ through its covariance with θ.
             s = s + g @ (ravel_pytree(core_state.params)[0] - theta)
-        return RTRLState(core_state, s, g), pred
+        return RTRLState(core_state, s, g), pred, ll
 
-    def advance(state: RTRLState, xs):
-        _, _, s, g, lin = propagate(state, xs)
-        return RTRLState(state.core, s, g), core.predictive_from(state.core, lin)
+    def propagate(hyper, state: RTRLState, xs):
+        theta, s, g, linearize_at = forward(state, xs, None)
+        prior = _filter.predict(core, hyper, state.core)
+        return RTRLState(state.core, s, g), _filter.predictive(core, hyper, prior, linearize_at(theta))
 
     config = dict(learner=core.name, correct_state=correct_state, core=core, **options)
-    return base.RecurrentLearner("rtrl", cell, family, init, step_and_predict, advance,
-                                 RTRLState, config)
+    return base.RecurrentLearner("rtrl", cell, family, init, step, propagate, RTRLState, core.hyper, config)

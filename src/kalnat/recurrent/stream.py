@@ -18,6 +18,8 @@ the padding: found on the host with NumPy, then masked inside the jitted scan.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -30,7 +32,7 @@ __all__ = ["fit_sequence"]
 
 def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_size: int = 256,
                  return_predictions: bool = True, progress: bool = False, callback=None,
-                 skip_bad_rows: bool = False) -> FitResult:
+                 skip_bad_rows: bool = False, hyper=None) -> FitResult:
     """Learns a sequence (or ``B`` sequences) step by step, predicting each ``y_t`` first.
 
     Args:
@@ -62,6 +64,7 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
         covariance with θ in the joint EKF, as for padding). A step that is bad (or padding) in every sequence is no update at all.
         Bad values past a sequence's ``lengths`` are padding: ignored, not counted. Wrong
         shapes and dtypes still raise.
+      hyper: the hyperparameters (:class:`kalnat.filter.Hyper`); default the learner's own.
 
     Returns:
       :class:`kalnat.FitResult`: the state after the last step, the predictions
@@ -120,15 +123,15 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     mt = (live & ~skipped).T
     st = skipped.T
     per_chunk = min(int(chunk_size), t_len)
+    run = functools.partial(chunk_fn(learner, bool(return_predictions)), learner.hyper if hyper is None else hyper)
     state, preds = drive_chunks(
-        chunk_fn(learner, bool(return_predictions)), state, t_len, per_chunk,
+        run, state, t_len, per_chunk,
         lambda start, stop: pad_chunk(xt[start:stop], yt[start:stop], mt[start:stop], per_chunk),
         lambda a, k: a[:k], st, bool(return_predictions), progress, callback, "step")
-    predictions = None
-    if return_predictions:
-        predictions = jax.tree_util.tree_map(
-            lambda *a: _batch_major(np.concatenate(a), single), *preds)
-    return FitResult(state, predictions, skipped_out)
+    if not return_predictions:
+        return FitResult(state, None, skipped_out)
+    predictions, ll = jax.tree_util.tree_map(lambda *a: _batch_major(np.concatenate(a), single), *preds)
+    return FitResult(state, predictions, skipped_out, ll)
 
 
 def _bad_steps(learner, x, y, dtype):

@@ -1,0 +1,224 @@
+"""The filter, written once: predict, condition and the predictive, over any representation.
+
+Every core learner is these pure functions (docs/method.md §3) with a different
+:mod:`~kalnat.representations` object, in the style of a Kalman filter library:
+
+    prior = filter.predict(learner, hyper, state)                    # P⁻ = D (P/λ + qI) D
+    pred = filter.predictive(learner, hyper, prior, lin)             # ŷ, H P⁻ Hᵀ, H P⁻ Hᵀ + R
+    state, log_lik = filter.condition(learner, hyper, prior, lin, mask)
+
+``hyper`` (:class:`Hyper`) is data: a pytree of arrays, so many configurations are one
+``jax.vmap`` (:mod:`kalnat.bank`) and ``jax.grad`` of a stream's summed ``log_lik`` with respect
+to λ or the prior scale is the gradient of the evidence (type-II maximum likelihood). The
+predictive is computed from the *prior*, so ``log_lik`` is the exact one-step marginal
+``log N(y_t; ŷ_t, H P⁻ Hᵀ + R)`` of a linear-Gaussian model under any λ, q and bound, and a
+stream's sum is its exact log marginal likelihood.
+
+The iterated update (``learner.max_iterations > 1``) relinearises from the same prior: pass
+``relinearize(θ) -> Linearization`` to :func:`condition`; ``hyper.iterations`` of them are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from kalnat import numerics
+from kalnat.linearize import Linearization, masked, stack
+from kalnat.predictive import log_predictive, moderated_probs, student_t_log_prob
+
+__all__ = [
+    "Hyper", "State", "Predictive", "init", "predict", "predictive", "condition", "step",
+    "assemble_predictive", "row_log_likelihood", "forgetting_at", "covariance", "with_covariance",
+]
+
+
+class Hyper(NamedTuple):
+    """A learner's hyperparameters, as data (a pytree: ``None`` fields are absent).
+
+    Attributes:
+      prior_var: ``P_0``: scalar (``v·I``), ``(d,)`` diagonal or ``(d, d)``.
+      forgetting: λ in (0, 1]: ``P⁻ = P/λ`` (fading memory; natural gradient's
+        ``1/η_t = λ/η_{t−1} + 1``).
+      process_noise: ``q`` (scalar or ``(d,)``): ``P⁻ = P/λ + q I``, a random walk on θ;
+        ``None``: none.
+      max_variance: a bound (scalar or ``(d,)``) on every variance of ``P⁻``, against covariance
+        wind-up; ``None``: the exact filter.
+      iterations: linearisations per update used (at most the learner's ``max_iterations``).
+      noise_shape, noise_scale: ``a₀``, ``b₀`` of the inverse-gamma prior on the noise scale
+        (the normal–inverse-gamma filter only).
+    """
+
+    prior_var: Any = 1.0
+    forgetting: Any = 1.0
+    process_noise: Any = None
+    max_variance: Any = None
+    iterations: Any = 1
+    noise_shape: Any = None
+    noise_scale: Any = None
+
+
+class State(NamedTuple):
+    """A core learner's state.
+
+    Attributes:
+      params: θ_t as the model's params pytree.
+      cov: θ's covariance in the learner's representation (:class:`~kalnat.representations.
+        Covariance`, ``CholeskyFactor``, ``Precision``, ``Fisher``, ``NIGCovariance``);
+        :func:`kalnat.covariance` gives it as a matrix.
+      count: t, the number of updates.
+    """
+
+    params: Any
+    cov: Any
+    count: jax.Array
+
+
+class Predictive(NamedTuple):
+    """Linearised one-step predictive distribution (docs/method.md §5), from the prior.
+
+    Shapes are for a minibatch of ``b`` rows; a single observation drops the ``b`` axis.
+
+    Attributes:
+      mean: ``(b, m)`` predicted mean parameter ŷ.
+      mean_cov: ``(b, m, m)`` uncertainty of ŷ from the parameters, ``H P⁻ Hᵀ``.
+      obs_cov: ``(b, m, m)`` covariance of a new T(y), ``H P⁻ Hᵀ + R`` (for the
+        normal–inverse-gamma filter: the scale matrix of its Student-t).
+      probs: ``(b, K)`` class probabilities for classifiers, ``None`` otherwise.
+    """
+
+    mean: jax.Array
+    mean_cov: jax.Array
+    obs_cov: jax.Array
+    probs: Optional[jax.Array] = None
+
+
+def init(learner, hyper: Hyper, params) -> State:
+    """``State`` around ``params`` with the prior of ``hyper`` (pure: traceable in ``hyper``)."""
+    theta, unravel = ravel_pytree(params)
+    cov = learner.representation.init(hyper, theta.shape[0], theta.dtype)
+    return State(unravel(theta), cov, jnp.zeros((), jnp.int32))
+
+
+def forgetting_at(learner, hyper: Hyper, t):
+    """λ_t: ``hyper.forgetting``, or the learner's schedule of ``t`` when it was built with one."""
+    return hyper.forgetting if learner.schedule is None else learner.schedule(t)
+
+
+def predict(learner, hyper: Hyper, state: State) -> State:
+    """The prediction step: ``state`` with ``cov`` replaced by the prior ``P⁻`` (θ unchanged)."""
+    t = state.count + 1
+    prior = learner.representation.inflate(state.cov, t, forgetting_at(learner, hyper, t),
+                                           hyper.process_noise, hyper.max_variance)
+    return state._replace(cov=prior)
+
+
+def assemble_predictive(family, moderated, yhat, hph, R, noise=None) -> Predictive:
+    """:class:`Predictive` from ``ŷ (b, m)``, the blocks ``H P⁻ Hᵀ (b, m, m)`` and ``R (b, m, m)``;
+    ``noise = (scale, dof)`` scales both covariances (unknown noise scale)."""
+    if noise is not None:
+        hph = noise[0] * hph
+        R = noise[0] * R
+    probs = None
+    if family.is_classifier:
+        probs = (jax.vmap(lambda m, c: moderated_probs(family, m, c))(yhat, hph) if moderated
+                 else family.probs(yhat))
+    return Predictive(yhat, hph, hph + R, probs)
+
+
+def row_log_likelihood(family, moderated, pred: Predictive, ys, noise=None):
+    """``(b,)`` one-step predictive log-likelihoods ``log p(y | past)`` of the rows (a Student-t
+    with ``noise``'s degrees of freedom, else :func:`kalnat.predictive.log_predictive`)."""
+    if noise is not None:
+        dof = noise[1]
+        return jax.vmap(lambda m, o, y: student_t_log_prob(family.stat(y).astype(m.dtype), m, o, dof))(
+            pred.mean, pred.obs_cov, ys)
+    return jax.vmap(lambda m, c, o, y: log_predictive(family, m, c, o, y, moderated))(
+        pred.mean, pred.mean_cov, pred.obs_cov, ys)
+
+
+def predictive(learner, hyper: Hyper, prior: State, lin: Linearization) -> Predictive:
+    """The one-step predictive of the rows of ``lin`` (linearised at the prior's θ)."""
+    rep = learner.representation
+    hph = jax.vmap(lambda h: rep.quad(prior.cov, h))(lin.H)
+    return assemble_predictive(learner.family, learner.moderated, lin.yhat, hph, lin.R, rep.noise(prior.cov))
+
+
+def condition(learner, hyper: Hyper, prior: State, lin: Linearization, mask=None,
+              relinearize: Optional[Callable] = None):
+    """The update on the rows of ``lin`` (``(b,)`` ``mask``: which count; default all).
+
+    Returns ``(posterior State, log_likelihood (b,))``: each row's one-step predictive
+    log-likelihood under the prior (0 for masked rows).
+    """
+    post, _, ll = _condition(learner, hyper, prior, lin, mask, relinearize)
+    return post, ll
+
+
+def step(learner, hyper: Hyper, state: State, linearize_at: Callable, mask=None):
+    """One step: predict, then condition on ``linearize_at(θ)`` (at the prior's θ, and at the
+    iterates of an iterated update). Returns ``(State, Predictive, log_likelihood (b,))``."""
+    prior = predict(learner, hyper, state)
+    theta, _ = ravel_pytree(prior.params)
+    return _condition(learner, hyper, prior, linearize_at(theta), mask, linearize_at)
+
+
+def _condition(learner, hyper, prior, lin, mask, relinearize):
+    rep = learner.representation
+    b, m = lin.yhat.shape
+    if mask is None:
+        mask = jnp.ones(b, bool)
+    theta0, unravel = ravel_pytree(prior.params)
+    H, R, e = stack(masked(lin, mask))
+    delta, hph, aux = rep.gain(prior.cov, H, R, e)
+    # The predictive of each row is the diagonal block of the H P⁻ Hᵀ the gain computed.
+    noise = rep.noise(prior.cov)
+    pred = assemble_predictive(learner.family, learner.moderated, lin.yhat,
+                               numerics.diagonal_blocks(hph, b, m), lin.R, noise)
+    if lin.y is None:
+        ll = jnp.zeros(b, lin.yhat.dtype)
+    else:
+        ll = jnp.where(mask, row_log_likelihood(learner.family, learner.moderated, pred, lin.y, noise), 0.0)
+    if learner.max_iterations > 1:
+        if relinearize is None:
+            raise ValueError(f"{learner.name}: an iterated update needs relinearize(θ)")
+        for i in range(learner.max_iterations - 1):  # a small static count: unrolled
+            H_i, R_i, e_i = stack(masked(relinearize(theta0 + delta), mask))
+            e_i = e_i + H_i @ delta  # the innovation of the linear model about θ_i, from θ_{t−1}
+            d_i, _, aux_i = rep.gain(prior.cov, H_i, R_i, e_i)
+            use = i + 2 <= hyper.iterations
+            delta, H, R, e, aux = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(use, new, old), (d_i, H_i, R_i, e_i, aux_i), (delta, H, R, e, aux))
+    cov = rep.posterior(prior.cov, H, R, e, aux, jnp.repeat(mask, m))
+    return State(unravel(theta0 + delta), cov, prior.count + 1), pred, ll
+
+
+def covariance(state) -> np.ndarray:
+    """θ's covariance ``P (d, d)`` held by any learner's state, as a float64 NumPy array.
+
+    A core learner's :class:`State` in any representation (for the normal–inverse-gamma filter
+    ``V``, θ's covariance in units of σ²); a bank's state gives ``(K, d, d)``, one per member;
+    a recurrent state gives its core's (RTRL) or the θ block of the joint covariance.
+    """
+    if hasattr(state, "members"):  # a bank
+        return np.stack([covariance(jax.tree_util.tree_map(lambda a: a[k], state.members))
+                         for k in range(state.log_weights.shape[0])])
+    if hasattr(state, "core"):  # natural-gradient RTRL
+        return covariance(state.core)
+    if isinstance(state, State):
+        return np.asarray(state.cov.dense(), np.float64)
+    if hasattr(state, "s") and hasattr(state, "cov"):  # the joint EKF on (s, θ)
+        d = ravel_pytree(state.params)[0].shape[0]
+        return np.asarray(state.cov, np.float64)[-d:, -d:]
+    raise ValueError(f"{type(state).__name__} holds no covariance of θ")
+
+
+def with_covariance(state: State, params, cov) -> State:
+    """``state`` with parameters ``params`` and covariance ``cov (d, d)``, in its own representation."""
+    if not isinstance(state, State):
+        raise ValueError(f"with_covariance takes a core learner's State, got {type(state).__name__}")
+    return state._replace(params=params, cov=state.cov.with_dense(jnp.asarray(np.asarray(cov, np.float64))))

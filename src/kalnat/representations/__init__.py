@@ -1,0 +1,21 @@
+"""How θ's uncertainty is stored: one file per representation, one interface
+(:class:`~kalnat.representations.base.Representation`) that :mod:`kalnat.filter` runs on.
+
+- :class:`Full`: the covariance ``P`` (the EKF; Joseph form as an option).
+- :class:`Cholesky`: a lower factor ``L`` with ``P = L Lᵀ`` (the square-root EKF).
+- :class:`PrecisionForm`: ``Λ = P⁻¹`` (the information filter).
+- :class:`FisherForm`: a Fisher matrix and learning rate, ``P = η J⁻¹`` (natural gradient).
+- :class:`NIG`: any of them with an unknown noise scale (normal–inverse-gamma).
+"""
+
+from kalnat.representations.base import Representation
+from kalnat.representations.cholesky import Cholesky, CholeskyFactor
+from kalnat.representations.fisher import Fisher, FisherForm, FisherPrior
+from kalnat.representations.full import Covariance, Full, PriorCovariance
+from kalnat.representations.nig import NIG, NIGCovariance
+from kalnat.representations.precision import Precision, PrecisionForm
+
+__all__ = [
+    "Representation", "Full", "Covariance", "PriorCovariance", "Cholesky", "CholeskyFactor",
+    "PrecisionForm", "Precision", "FisherForm", "Fisher", "FisherPrior", "NIG", "NIGCovariance",
+]

@@ -1,0 +1,59 @@
+"""The interface every representation of θ's uncertainty implements (docs/method.md §3).
+
+The filter step of :mod:`kalnat.filter` is written once over these operations; a
+representation says how ``P`` is stored and how each operation is computed in that storage:
+
+- ``init(hyper, d, dtype) -> cov``: the prior ``P_0`` from ``hyper.prior_var``;
+- ``inflate(cov, t, lam, q, bound) -> prior``: the prediction step
+  ``P⁻ = D (P/λ_t + q I) D`` (forgetting, additive noise, the variance bound's congruence);
+- ``quad(prior, h (m, d)) -> h P⁻ hᵀ (m, m)``: the predictive's parameter term for one row;
+- ``gain(prior, H (k, d), R (k, k), e (k,)) -> (δθ (d,), H P⁻ Hᵀ (k, k), aux)``: the update of
+  θ, ``δθ = P⁻ Hᵀ S⁻¹ e`` with ``S = H P⁻ Hᵀ + R``, and what the covariance update needs;
+- ``posterior(prior, H, R, e, aux, rows (k,)) -> cov``: the rank-k condition step,
+  ``P = P⁻ − P⁻ Hᵀ S⁻¹ H P⁻`` in the representation's own form.
+
+``cov`` (the state's) and ``prior`` are ``NamedTuple`` pytrees with ``dense() -> P (d, d)``
+and ``with_dense(P) -> cov`` (the same posterior in this form: for re-expression in new
+coordinates and :func:`kalnat.covariance`). ``gain`` and ``posterior`` are separate so that the
+iterated update (several linearisations from one prior) computes the gain at each and the
+covariance once.
+"""
+
+from __future__ import annotations
+
+import abc
+
+__all__ = ["Representation"]
+
+
+class Representation(abc.ABC):
+    """Base of the static (hashable) representation objects held by a learner."""
+
+    name = "representation"
+    #: whether additive process noise ``q I`` has a form in this representation
+    process_noise = True
+
+    @abc.abstractmethod
+    def init(self, hyper, d, dtype):
+        ...
+
+    @abc.abstractmethod
+    def inflate(self, cov, t, lam, q, bound):
+        ...
+
+    @abc.abstractmethod
+    def quad(self, prior, h):
+        ...
+
+    @abc.abstractmethod
+    def gain(self, prior, H, R, e):
+        ...
+
+    @abc.abstractmethod
+    def posterior(self, prior, H, R, e, aux, rows):
+        ...
+
+    def noise(self, prior):
+        """``(scale, dof)`` when the observation noise scale is itself uncertain (a Student-t
+        predictive with ``dof`` degrees of freedom and scale ``scale · S``), else ``None``."""
+        return None

@@ -1,0 +1,107 @@
+"""The full covariance ``P (d, d)``: the extended Kalman filter's covariance form (docs/method.md §2a).
+
+Per step, with ``P⁻ = D (P/λ + q I) D`` and the linearisation at θ_{t−1}: ``S = H P⁻ Hᵀ + R``;
+with ``S = L Lᵀ`` and ``W = P⁻ Hᵀ L⁻ᵀ`` the update is ``δθ = W (L⁻¹ e)``, ``P = P⁻ − W Wᵀ``:
+symmetric by construction, O(d² m) per step, no ``d × d`` inverse. The Joseph form
+``(I − KH) P⁻ (I − KH)ᵀ + K R Kᵀ`` is an option (more robust to rounding, ~2× the work).
+
+``P⁻`` is never written as a new matrix: :class:`PriorCovariance` holds ``P``, the forgetting
+``c = 1/λ`` and the bound's factors ``s``, and the products fold them in, so a step reads ``P``
+once for ``P⁻ Hᵀ`` and once for the downdate, which writes it back in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kalnat import numerics
+from kalnat.representations.base import Representation
+
+__all__ = ["Covariance", "PriorCovariance", "Full"]
+
+
+class Covariance(NamedTuple):
+    """``p (d, d)``: the posterior covariance ``P_t``."""
+
+    p: jax.Array
+
+    def dense(self):
+        return self.p
+
+    def with_dense(self, P):
+        return Covariance(jnp.asarray(P, self.p.dtype))
+
+
+class PriorCovariance(NamedTuple):
+    """``P⁻ = c · (s sᵀ) ∘ p``, held in pieces: ``p (d, d)`` the stored ``P`` (or ``P/λ + qI``
+    with additive noise, then ``c = 1``), ``c = 1/λ_t``, ``s (d,)`` the variance bound's
+    factors (``None``: no bound)."""
+
+    p: jax.Array
+    c: Any
+    s: Any
+
+    def times(self, ht):
+        """``P⁻ Hᵀ`` for ``Hᵀ (d, m)``."""
+        if self.s is None:
+            return (self.p @ ht) * self.c
+        return (self.p @ (ht * self.s[:, None])) * (self.c * self.s[:, None])
+
+    def matrix(self):
+        """``P⁻`` as an expression (XLA fuses it into the update that consumes it)."""
+        if self.s is None:
+            return self.p * self.c
+        # s_i s_j first: the factor is then bitwise symmetric. Forgetting multiplies any
+        # asymmetry of P by 1/λ at every step and the update never removes it.
+        return self.p * (self.c * (self.s[:, None] * self.s[None, :]))
+
+    def dense(self):
+        return self.matrix()
+
+
+def inflate_dense(p, lam, q, bound) -> PriorCovariance:
+    """The prediction step on a dense ``P``: forgetting, additive noise and the variance bound."""
+    c = 1.0 / jnp.asarray(lam, p.dtype)
+    if q is not None:
+        p, c = numerics.add_to_diagonal(p * c, jnp.asarray(q, p.dtype)), jnp.ones((), p.dtype)
+    s = None
+    if bound is not None:
+        s = numerics.variance_bound(c * jnp.diagonal(p), jnp.asarray(bound, p.dtype))
+    return PriorCovariance(p, c, s)
+
+
+@dataclass(frozen=True)
+class Full(Representation):
+    """The covariance form; ``joseph=True`` updates ``P`` in Joseph form."""
+
+    joseph: bool = False
+    name = "full"
+
+    def init(self, hyper, d, dtype):
+        return Covariance(numerics.prior_matrix(hyper.prior_var, d, dtype))
+
+    def inflate(self, cov, t, lam, q, bound):
+        return inflate_dense(cov.p, lam, q, bound)
+
+    def quad(self, prior, h):
+        return h @ prior.times(h.T)
+
+    def gain(self, prior, H, R, e):
+        ph = prior.times(H.T)
+        hph = H @ ph
+        s = hph + R
+        if self.joseph:
+            gain = numerics.chol_solve(s, ph.T).T
+            return gain @ e, hph, (gain, ph, s)
+        w, v = numerics.whiten(s, ph, e)
+        return w @ v, hph, w
+
+    def posterior(self, prior, H, R, e, aux, rows):
+        if self.joseph:
+            gain, ph, s = aux
+            return Covariance(numerics.joseph_update(prior.matrix(), gain, ph.T, s))
+        return Covariance(numerics.downdate(prior.matrix(), aux))
