@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import kalnat  # noqa: E402
 from kalnat import families as F  # noqa: E402
-from kalnat.learners import covariance  # noqa: E402
+from kalnat import covariance  # noqa: E402
 
 FORMS = {
     "ekf": lambda m, f: kalnat.ekf(m, f, prior_var=1.0),

@@ -4,7 +4,7 @@ The series ships with statsmodels (``statsmodels.datasets.sunspots``; nothing is
 downloaded). Each year's value is predicted from the past only, *before* it is learned
 (progressive validation), in one pass:
 
-- natural-gradient RTRL with state correction (PAPER.md §4), a GRU and an Elman cell of 8
+- natural-gradient RTRL with state correction (docs/method.md §4), a GRU and an Elman cell of 8
   states — the EKF on θ driven by RTRL's H_t = ∂ŷ_t/∂θ through the whole past — with
   forgetting 0.995, observation variance 0.3 and the best of three priors;
 - the joint EKF on (s, θ) with the same settings (the theorem says: the same forecasts);

@@ -162,15 +162,11 @@ class Bank(Boundary):
         lw = jnp.full((K,), -np.log(K), dtype)
         return BankState(members, lw, jnp.zeros((K,), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
 
-    def _mix(self, lw, preds, ll, ok=None):
-        """Mixture of the members' ``(K, b, …)`` predictions under log weights ``lw (K,)``;
-        members not ``ok`` (``(K,)``, a non-finite prediction) are left out."""
-        if ok is not None:
-            lw = jnp.where(ok, lw, -jnp.inf)
-            lw = lw - jax.scipy.special.logsumexp(lw)
-            keep = lambda a: None if a is None else jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)
-            preds = jax.tree_util.tree_map(keep, preds)
-            ll = jnp.where(ok[:, None], ll, -jnp.inf)
+    def _mix(self, lw, preds, log_prob, ok):
+        """Mixture of the members' ``(K, b, …)`` predictions under normalised log weights
+        ``lw (K,)`` (``−∞`` for the members not ``ok``, whose predictions are left out)."""
+        keep = lambda a: None if a is None else jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)  # noqa: E731
+        preds = jax.tree_util.tree_map(keep, preds)
         w = jnp.exp(lw)
         mean = jnp.einsum("k,kbm->bm", w, preds.mean)
         d = preds.mean - mean[None]
@@ -179,34 +175,77 @@ class Bank(Boundary):
         obs_cov = jnp.einsum("k,kbij->bij", w, preds.obs_cov) + spread
         mixed = None if preds.probs is None else jnp.einsum("k,kbc->bc", w, preds.probs)
         b = mean.shape[0]
-        log_prob = jax.scipy.special.logsumexp(lw[:, None] + ll, axis=0)
         return BankPredictive(mean, mean_cov, obs_cov, mixed, jnp.broadcast_to(w, (b, w.shape[0])), log_prob)
 
-    def step(self, hyper, state: BankState, xs, ys, mask=None):
-        """All members predict then learn the minibatch; the weights move by its likelihood.
-        Returns ``(BankState, BankPredictive, log_prob (b,))``."""
-        members, preds, ll = jax.vmap(lambda h, s: self.learner.step(h, s, xs, ys, mask))(hyper, state.members)
+    def _advance(self, state: BankState, members, preds, ll, finite):
+        """The weights moved by one minibatch: ``ll (K, b)`` the members' log-likelihoods,
+        ``finite (K,)`` whether their predictions were finite, ``preds`` their ``(K, b, …)``
+        predictions (``None``: no mixture prediction wanted). Returns ``(BankState,
+        BankPredictive or None, log_prob (b,))``."""
         # A member whose prediction is not finite (a forgetting filter's covariance can wind
         # up) is out of the bank from then on: evidence −∞, weight 0, no fixed share.
-        ok = (jnp.isfinite(state.log_evidence) & _finite(ll) & _finite(preds.mean)
-              & _finite(preds.mean_cov) & _finite(preds.obs_cov))
-        pred = self._mix(state.log_weights, preds, ll, ok)
-        batch_ll = jnp.where(ok, jnp.sum(ll, axis=1), -jnp.inf)  # (K,) the minibatch's log-likelihood
+        ok = jnp.isfinite(state.log_evidence) & finite
         lw = jnp.where(ok, state.log_weights, -jnp.inf)
-        lw = lw - jax.scipy.special.logsumexp(lw) + batch_ll  # the weights the row was predicted with
+        lw = lw - jax.scipy.special.logsumexp(lw)  # the weights the row is predicted with
+        row_ll = jnp.where(ok[:, None], ll, -jnp.inf)
+        log_prob = jax.scipy.special.logsumexp(lw[:, None] + row_ll, axis=0)
+        pred = None if preds is None else self._mix(lw, preds, log_prob, ok)
+        lw = lw + jnp.sum(row_ll, axis=1)
         marginal = jax.scipy.special.logsumexp(lw)
         lw = lw - marginal
         if self.share > 0:
             alive = jnp.sum(ok)
             lw = jnp.where(ok, jnp.logaddexp(jnp.log1p(-self.share) + lw, jnp.log(self.share / alive)), -jnp.inf)
-        new = BankState(members, lw, state.log_evidence + batch_ll, state.log_marginal + marginal, state.count + 1)
-        return new, pred, pred.log_prob
+        evidence = state.log_evidence + jnp.where(ok, jnp.sum(ll, axis=1), -jnp.inf)
+        new = BankState(members, lw, evidence, state.log_marginal + marginal, state.count + 1)
+        return new, pred, log_prob
+
+    def step(self, hyper, state: BankState, xs, ys, mask=None):
+        """All members predict then learn the minibatch; the weights move by its likelihood.
+        Returns ``(BankState, BankPredictive, log_prob (b,))``."""
+        members, preds, ll = jax.vmap(lambda h, s: self.learner.step(h, s, xs, ys, mask))(hyper, state.members)
+        return self._advance(state, members, preds, ll, jax.vmap(_all_finite)(preds, ll))
+
+    def scan_chunk(self, hyper, state: BankState, xs, ys, ms, keep: bool = True):
+        """:func:`kalnat.fit`'s chunk, member by member: the members do not depend on the
+        weights, so each runs through the whole chunk while its covariance stays in the cache
+        (row by row, all K covariances would be read from memory at every row), in vmapped
+        groups of :func:`members_per_group`; then the weights move row by row."""
+        from kalnat.stream import scan_rows
+
+        def member(args):
+            h, s = args
+            s, (pred, ll) = scan_rows(self.learner, h, s, xs, ys, ms)
+            return s, ((pred if keep else None), ll, jax.vmap(_all_finite)(pred, ll))
+
+        members, (preds, lls, fins) = jax.lax.map(member, (hyper, state.members),
+                                                  batch_size=members_per_group(state.members, self.size))
+        swap = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)  # noqa: E731  (K, c, …) -> (c, K, …)
+
+        def mix(weights, inp):
+            pred_k, ll_k, fin_k, mb = inp
+
+            def learn(w):
+                w, pred, lp = self._advance(w, None, pred_k, ll_k, fin_k)
+                return w, (pred, lp)
+
+            def skip(w):  # a minibatch that is all padding: no step for the members either
+                out = jax.eval_shape(learn, w)
+                return w, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out[1])
+
+            w, out = jax.lax.cond(jnp.any(mb), learn, skip, weights)
+            return w, (out if keep else None)
+
+        weights, out = jax.lax.scan(mix, state._replace(members=None),
+                                    (jax.tree_util.tree_map(swap, preds), swap(lls), swap(fins), ms))
+        return weights._replace(members=members), out
 
     def predict_batch(self, hyper, state: BankState, xs):
         preds = self.members_predict_batch(hyper, state, xs)
-        ll = jnp.zeros(preds.mean.shape[:2], preds.mean.dtype)
         ok = jnp.isfinite(state.log_weights) & _finite(preds.mean) & _finite(preds.mean_cov)
-        return self._mix(state.log_weights, preds, ll, ok)
+        lw = jnp.where(ok, state.log_weights, -jnp.inf)
+        lw = lw - jax.scipy.special.logsumexp(lw)
+        return self._mix(lw, preds, jnp.zeros(preds.mean.shape[1], preds.mean.dtype), ok)
 
     def members_predict_batch(self, hyper, state: BankState, xs) -> Predictive:
         """Each member's own prediction, stacked ``(K, b, …)``."""
@@ -234,6 +273,24 @@ class Bank(Boundary):
 def _finite(a):
     """``(K,)``: whether each member's slice of ``a (K, …)`` is finite."""
     return jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
+
+
+def _all_finite(pred, ll):
+    """Whether one member's prediction of a minibatch (and its log-likelihoods) is finite."""
+    parts = [ll, pred.mean, pred.mean_cov, pred.obs_cov]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in parts]))
+
+
+# Members run through a chunk in vmapped groups whose states together take at most this many
+# bytes: small enough for the cache (a group then reads its covariances once per chunk, not
+# once per row), large enough that small members still share one vectorised loop.
+GROUP_BYTES = 2**21
+
+
+def members_per_group(members, K: int) -> int:
+    """How many members :meth:`Bank.scan_chunk` advances together (from their states' sizes)."""
+    per = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(members)) // max(K, 1)
+    return int(max(1, min(K, GROUP_BYTES // max(per, 1))))
 
 
 def bank(learner: Learner, configs: Sequence[dict], *, share: float = 0.0, name: str = "bank") -> Bank:

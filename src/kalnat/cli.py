@@ -4,7 +4,7 @@
     kalnat learn data.csv --target y   # a CSV file (or - for standard input), in chunks
     kalnat predict --model-dir kalnat-report new.csv
     kalnat compare diabetes            # kalnat against SGD, Adam, scikit-learn, river, offline
-    kalnat verify                      # the equivalences of PAPER.md on random problems
+    kalnat verify                      # the equivalences of docs/method.md on random problems
     kalnat datasets                    # the bundled real data sets
 
 Every row is predicted before it is learned (progressive validation); features are
@@ -259,7 +259,7 @@ def _table(header, rows, out=None):
 @click.option("--quick", is_flag=True, help="One family and the linear model only (seconds).")
 @click.option("--full", is_flag=True, help="Both batch sizes for every family and model.")
 def verify(rows, seed, quick, full):
-    """Check PAPER.md's equivalences on random problems, in float64.
+    """Check the method's equivalences (docs/method.md) on random problems, in float64.
 
     For each family, a linear model and a small MLP, static (λ = 1) and forgetting
     (λ = 0.95), with one row or 4 rows per update (alternating between the models; --full:

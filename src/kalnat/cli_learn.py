@@ -55,7 +55,7 @@ def _filter(make, **options):
 
 
 def _natural_gradient(model, fam, prior_var, forgetting, max_variance):
-    """Online natural gradient with the rates that make it the same filter (PAPER.md §3)."""
+    """Online natural gradient with the rates that make it the same filter (docs/method.md §3)."""
     return kalnat.natural_gradient(model, fam, max_variance=max_variance, **schedules.kalman_to_natural(
         prior_var=prior_var, forgetting=forgetting)._asdict())
 
@@ -620,8 +620,10 @@ def learner_text(learner, cfg: dict) -> str:
 
 
 def member_label(config: dict) -> str:
+    """``v=1, λ=0.99, iterations=2``: what tells the members apart (their variance bound follows
+    from the prior variance and is left out)."""
     return ", ".join(f"{'v' if k == 'prior_var' else 'λ' if k == 'forgetting' else k}={v:g}"
-                     for k, v in config.items())
+                     for k, v in config.items() if k != "max_variance")
 
 
 # ---- prediction from a checkpoint ------------------------------------------------------------

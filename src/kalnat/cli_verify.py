@@ -1,4 +1,4 @@
-"""``kalnat verify``: PAPER.md's equivalences, measured on random problems.
+"""``kalnat verify``: the method's equivalences (docs/method.md), measured on random problems.
 
 For each problem the EKF (covariance form, §2a), the information filter (§2b) and online
 natural gradient configured by the Kalman translation (§3: ``γ_t = η_t``,

@@ -2,7 +2,7 @@
 
 Each family maps a model's raw output ``z`` to the mean parameter ``ŷ = E[T(y)]`` of a
 *minimal* sufficient statistic ``T`` (``m`` values), and gives ``T(y)``, ``R = Cov_ŷ(T(y))``,
-the log-likelihood, sampling and a domain check for ``y`` (PAPER.md §1).
+the log-likelihood, sampling and a domain check for ``y`` (docs/method.md §1).
 
 With ``H = ∂ŷ/∂θ`` and ``e = T(y) − ŷ`` the gradient of the loss is ``−Hᵀ R⁻¹ e`` and the
 Fisher information of one observation is ``Hᵀ R⁻¹ H``; every learner is built on these two
@@ -238,7 +238,7 @@ class Categorical(Family):
     """Categorical over ``K`` classes, labels ``0..K−1``.
 
     ``T(y)`` is the one-hot vector of ``y`` without the last class (``m = K − 1``), whose
-    covariance ``R = diag(p) − p pᵀ`` is non-singular (PAPER.md §1). The model produces either
+    covariance ``R = diag(p) − p pᵀ`` is non-singular (docs/method.md §1). The model produces either
     ``K − 1`` logits (the last class has logit 0; the minimal parameterisation) or ``K``
     logits; ``n_outputs`` is the minimal ``K − 1``.
     """

@@ -1,6 +1,6 @@
 """The filter, written once: predict, condition and the predictive, over any representation.
 
-Every core learner is these pure functions (docs/method.md §3) with a different
+Every core learner is these pure functions (docs/method.md §6) with a different
 :mod:`~kalnat.representations` object, in the style of a Kalman filter library:
 
     prior = filter.predict(learner, hyper, state)                    # P⁻ = D (P/λ + qI) D

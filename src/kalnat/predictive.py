@@ -1,7 +1,7 @@
 """Predictive log-likelihoods and moderated (posterior-averaged) predictive probabilities.
 
 The filter's Gaussian posterior N(θ, P) gives, through the linearisation, a Gaussian on the
-mean parameter ŷ with covariance ``H P Hᵀ`` (``Predictive.mean_cov``, PAPER.md §5). The
+mean parameter ŷ with covariance ``H P Hᵀ`` (``Predictive.mean_cov``, docs/method.md §5). The
 *plug-in* probability uses ŷ alone; the *moderated* one integrates the family's likelihood
 over the posterior of the raw output z (MacKay 1992, "The evidence framework applied to
 classification networks"):

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and the Kalman ⇄ natural-gradient translation (PAPER.md §3).
+"""Learning-rate schedules and the Kalman ⇄ natural-gradient translation (docs/method.md §3).
 
 A schedule is a callable ``(t, previous) -> rate`` where ``t = 1, 2, …`` is the step and
 ``previous`` the rate of step ``t − 1`` (``η_0`` at ``t = 1``): the Kalman schedule is a

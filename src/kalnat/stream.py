@@ -54,35 +54,39 @@ class FitResult(NamedTuple):
 _CHUNK_FNS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
+def scan_rows(learner, hyper, state, xs, ys, ms, keep: bool = True):
+    """``lax.scan`` of ``learner.step`` over the minibatches of a chunk: ``(state, (preds,
+    log_liks) or None)``; a minibatch whose rows are all masked is no step at all."""
+
+    def body(state, inp):
+        xb, yb, mb = inp
+
+        def learn(s):
+            s, pred, ll = learner.step(hyper, s, xb, yb, mb)
+            return s, (pred, ll)
+
+        def skip(s):  # a minibatch that is all padding
+            out = jax.eval_shape(learn, s)
+            return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out[1])
+
+        state, out = jax.lax.cond(jnp.any(mb), learn, skip, state)
+        return state, (out if keep else None)
+
+    return jax.lax.scan(body, state, (xs, ys, ms))
+
+
 def chunk_fn(learner, keep: bool):
-    """The jitted, state-donating ``scan`` over one chunk of minibatches (cached per learner).
+    """The jitted, state-donating scan over one chunk of minibatches (cached per learner).
 
     Works for any learner with ``step(hyper, state, xs, ys, mask) -> (state, pred, log_lik)``
-    (the core learners, banks, the recurrent ones). ``(hyper, state, xs (c, b, …), ys,
-    mask (c, b)) -> (state, (preds, log_liks) or None)``; a minibatch whose rows are all masked
-    is skipped.
+    (the core learners, the recurrent ones), or with its own ``scan_chunk`` (a bank, which runs
+    its members member by member). ``(hyper, state, xs (c, b, …), ys, mask (c, b)) -> (state,
+    (preds, log_liks) or None)``.
     """
     fns = _CHUNK_FNS.setdefault(learner, {})
     if keep not in fns:
-
-        def run(hyper, state, xs, ys, ms):
-            def body(state, inp):
-                xb, yb, mb = inp
-
-                def learn(s):
-                    s, pred, ll = learner.step(hyper, s, xb, yb, mb)
-                    return s, (pred, ll)
-
-                def skip(s):  # a minibatch that is all padding
-                    out = jax.eval_shape(learn, s)
-                    return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out[1])
-
-                state, out = jax.lax.cond(jnp.any(mb), learn, skip, state)
-                return state, (out if keep else None)
-
-            return jax.lax.scan(body, state, (xs, ys, ms))
-
-        fns[keep] = jax.jit(run, donate_argnums=1)
+        scan = getattr(learner, "scan_chunk", None) or functools.partial(scan_rows, learner)
+        fns[keep] = jax.jit(lambda hyper, state, xs, ys, ms: scan(hyper, state, xs, ys, ms, keep), donate_argnums=1)
     return fns[keep]
 
 

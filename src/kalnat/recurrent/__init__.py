@@ -1,4 +1,4 @@
-"""Online learning of recurrent models (PAPER.md §4).
+"""Online learning of recurrent models (docs/method.md §4).
 
     >>> from kalnat import families, recurrent
     >>> cell = recurrent.elman(n_inputs=1, n_state=8)

@@ -14,7 +14,7 @@ donating public boundary with the same conventions as the core learners':
 
 ``B`` independent sequences share one θ: each has its own hidden state (and RTRL Jacobian),
 and their observations at a time step form one minibatch update at one linearisation point
-(stacked ``H``, block-diagonal ``R``, PAPER.md §3). A single stream is ``B = 1``. A sequence
+(stacked ``H``, block-diagonal ``R``, docs/method.md §2d). A single stream is ``B = 1``. A sequence
 whose ``mask`` is false at a step (padding after its end) is frozen: it does not advance and
 contributes nothing to the update; its state is only corrected for the change of θ (``G δθ``
 in RTRL, through its covariance with θ in the joint EKF: the same filter).
@@ -39,7 +39,7 @@ __all__ = ["RecurrentLearner", "transition_jacobians", "readout_jacobians"]
 
 
 def transition_jacobians(cell: RecurrentModel, unravel):
-    """``(θ (d,), s (n,), x) -> (s', ∂f/∂s (n, n), ∂f/∂θ (n, d))`` at ``(s, θ)`` (PAPER.md §4).
+    """``(θ (d,), s (n,), x) -> (s', ∂f/∂s (n, n), ∂f/∂θ (n, d))`` at ``(s, θ)`` (docs/method.md §4).
 
     Reverse mode: ``n`` vector-Jacobian products give both blocks at once, O(n d), the cheap
     side since a recurrent model has more parameters than states.

@@ -1,6 +1,6 @@
 """Recurrent models: a transition ``f(params, s, x) -> s'`` and a readout ``g(params, s) -> z``.
 
-PAPER.md §4 writes the model as ``s_t = f(s_{t−1}, θ, x_t)``, ``ŷ_t = g(s_t, θ)``; here both
+docs/method.md §4 writes the model as ``s_t = f(s_{t−1}, θ, x_t)``, ``ŷ_t = g(s_t, θ)``; here both
 functions take the params pytree first, like every ``apply`` in :mod:`kalnat.models`, and the
 family's link turns the raw output ``z`` into ``ŷ``. Any pair of pure JAX functions works
 (:func:`recurrent_model`); :func:`elman` and :func:`gru` ship the two classic cells with a
@@ -24,7 +24,7 @@ Params = Any
 
 
 class RecurrentModel(NamedTuple):
-    """A recurrent model (PAPER.md §4).
+    """A recurrent model (docs/method.md §4).
 
     Attributes:
       init: ``key -> params`` (any pytree of float arrays).

@@ -1,4 +1,4 @@
-"""Joint extended Kalman filter on the hidden state and the parameters, z = (s, θ) (PAPER.md §4).
+"""Joint extended Kalman filter on the hidden state and the parameters, z = (s, θ) (docs/method.md §4).
 
 Dynamics ``z_t = (f(s_{t−1}, θ_{t−1}, x_t), θ_{t−1})`` with Jacobian
 ``F = [[∂f/∂s, ∂f/∂θ], [0, I]]``, observation Jacobian ``[∂ŷ/∂s, ∂ŷ/∂θ]``:
@@ -8,7 +8,7 @@ P⁻  = F P Fᵀ / λ_t + diag(q_s, q_θ)
 S   = H_z P⁻ H_zᵀ + R,   z_t = z⁻ + P⁻ H_zᵀ S⁻¹ e,   P_t = P⁻ − P⁻ H_zᵀ S⁻¹ H_z P⁻
 ```
 
-**Theorem (PAPER.md §4).** Started from the factored covariance
+**Theorem (docs/method.md §4).** Started from the factored covariance
 ``P_0 = [G_0; I] P^θ_0 [G_0; I]ᵀ`` (the default, with ``G_0 = 0``) and with no noise on the
 state (``state_noise = 0``), the filter keeps that form, with ``G_t = P^{sθ}_t (P^{θθ}_t)⁻¹``,
 and its ``(s_t, θ_t)`` equal natural-gradient RTRL with state correction
@@ -101,7 +101,7 @@ def _block_rows(blocks):
 def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
               forgetting: Forgetting = 1.0, process_noise=0.0, state_noise=0.0,
               state_var=None, joseph: bool = False) -> base.RecurrentLearner:
-    """Joint EKF on ``z = (s, θ)`` (PAPER.md §4).
+    """Joint EKF on ``z = (s, θ)`` (docs/method.md §4).
 
     Args:
       cell: a :class:`~kalnat.recurrent.cells.RecurrentModel`.

@@ -1,4 +1,4 @@
-"""Real-time recurrent learning and natural-gradient RTRL with state correction (PAPER.md §4).
+"""Real-time recurrent learning and natural-gradient RTRL with state correction (docs/method.md §4).
 
 RTRL carries the Jacobian of the hidden state with respect to the parameters forward in time:
 
@@ -16,7 +16,7 @@ change, ``s_t ← s_t + G_t δθ``. The model the core learner sees at step t is
 ``θ ↦ g(s_t + G_t (θ − θ_{t−1}), θ)`` — the readout at the state corrected to first order —
 whose Jacobian at θ_{t−1} is ``H_t``; an iterated core relinearises it at its iterates. With the
 correction, this is exactly the joint EKF on ``(s, θ)`` of :mod:`kalnat.recurrent.joint`
-(PAPER.md §4, theorem), at O(n² d + d² m) per step instead of the joint filter's O(n d²).
+(docs/method.md §4, theorem), at O(n² d + d² m) per step instead of the joint filter's O(n d²).
 Without it (``correct_state=False``) it is plain RTRL driven by natural gradient, which the
 theorem does not cover.
 
@@ -79,7 +79,7 @@ class RTRLState(NamedTuple):
 
 
 def rtrl_jacobian_step(cell: RecurrentModel, unravel):
-    """``(θ, s (n,), G (n, d), x) -> (s', G')``: one RTRL step for one sequence (PAPER.md §4)."""
+    """``(θ, s (n,), G (n, d), x) -> (s', G')``: one RTRL step for one sequence (docs/method.md §4)."""
     trans = base.transition_jacobians(cell, unravel)
 
     def fn(theta, s, g, x):
@@ -111,7 +111,7 @@ def rtrl_forward(cell: RecurrentModel, params, xs, s0=None, jac0=None):
 
 def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: bool = True,
          **options) -> base.RecurrentLearner:
-    """Natural-gradient RTRL (PAPER.md §4) on any core learner.
+    """Natural-gradient RTRL (docs/method.md §4) on any core learner.
 
     Args:
       cell: a :class:`~kalnat.recurrent.cells.RecurrentModel` (``elman``, ``gru``, your own).

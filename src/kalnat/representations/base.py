@@ -1,4 +1,4 @@
-"""The interface every representation of θ's uncertainty implements (docs/method.md §3).
+"""The interface every representation of θ's uncertainty implements (docs/method.md §6).
 
 The filter step of :mod:`kalnat.filter` is written once over these operations; a
 representation says how ``P`` is stored and how each operation is computed in that storage:

@@ -7,7 +7,9 @@ filter's forgetting) and ``ε = 0`` this is the same filter as the other represe
 ``P_t = η_t J_t⁻¹`` and ``P⁻ = η_t ((1 − γ_t) J_{t−1})⁻¹`` (docs/method.md §3). Other schedules
 (a constant rate, a function of t, ``γ ≠ η``) and damping ``ε`` make it online natural gradient
 outside that correspondence; ``H P⁻ Hᵀ`` is then ``η_t H ((1 − γ_t) J_{t−1} + εI)⁻¹ Hᵀ``.
-Each step solves a ``d × d`` system (O(d³)), which the covariance form avoids.
+Each step factors a ``d × d`` matrix (O(d³)), which the covariance form avoids; without damping
+it is one factorisation, of the prior's precision (:func:`~kalnat.representations.precision.
+precision_gain`), with damping two.
 
 The variance bound caps the variances of ``P⁻`` as the covariance form's does, by
 ``J_{t−1} ← D⁻¹ J_{t−1} D⁻¹`` (the precision of ``P⁻`` is ``(1 − γ_t)/η_t · J_{t−1}``).
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 
 from kalnat import numerics
 from kalnat.representations.base import Representation
-from kalnat.representations.precision import fisher_terms
+from kalnat.representations.precision import fisher_terms, precision_gain
 
 __all__ = ["Fisher", "FisherPrior", "FisherForm"]
 
@@ -95,6 +97,11 @@ class FisherForm(Representation):
 
     def gain(self, prior, H, R, e):
         eta, gamma = prior.lr, prior.fisher_lr
+        if not self.damping:
+            # In precision terms Λ⁻ = (1 − γ) J/η and J_t/η = Λ⁻ + (γ/η) Hᵀ R⁻¹ H: the information
+            # form's step with the observation weighted by γ/η (1 on the Kalman schedule).
+            delta, hph, info = precision_gain((1.0 - gamma) / eta * prior.fisher, H, R, e, gamma / eta)
+            return delta, hph, eta * info
         fisher_obs, grad = fisher_terms(H, R, e)
         fisher = numerics.symmetrize((1.0 - gamma) * prior.fisher + gamma * fisher_obs)
         delta = eta * numerics.chol_solve(self._regularised(fisher), grad)

@@ -4,7 +4,11 @@
 It solves a ``d × d`` system each step (O(d³)); it exists to show the equivalence and for
 problems where the information matrix is the natural object (sparse priors, pooling evidence).
 Additive noise ``q I`` needs ``(Λ⁻¹/λ + qI)⁻¹``: the covariance form's prediction step between
-two inverses. The variance bound is the covariance form's congruence written on ``Λ⁻``:
+two inverses.
+
+One factorisation per step: with ``Λ⁻ = C Cᵀ``, ``P⁻ Hᵀ = Λ⁻⁻¹ Hᵀ`` and ``H P⁻ Hᵀ`` (the
+predictive) come from ``C``, and ``δθ = Λ_t⁻¹ Hᵀ R⁻¹ e`` is computed as the same vector
+``P⁻ Hᵀ S⁻¹ e`` (the matrix inversion lemma), so ``Λ_t`` itself is only summed, never factored. The variance bound is the covariance form's congruence written on ``Λ⁻``:
 ``D⁻¹ Λ⁻ D⁻¹``, the inverse of ``D P⁻ D`` (:func:`kalnat.numerics.precision_bound`).
 """
 
@@ -41,6 +45,16 @@ def fisher_terms(H, R, e):
     return H.T @ rinv_h, rinv_h.T @ e
 
 
+def precision_gain(prior_info, H, R, e, weight):
+    """``(δθ, H P⁻ Hᵀ, Λ_t)`` for ``Λ_t = Λ⁻ + w Hᵀ R⁻¹ H`` and ``δθ = Λ_t⁻¹ Hᵀ R⁻¹ e``, with one
+    Cholesky factorisation, of ``Λ⁻``: ``δθ = P⁻ Hᵀ (H P⁻ Hᵀ + R/w)⁻¹ e / w`` (``P⁻ = Λ⁻⁻¹``)."""
+    ph = numerics.chol_solve(prior_info, H.T)            # P⁻ Hᵀ (d, k)
+    hph = H @ ph
+    w, v = numerics.whiten(hph + R / weight, ph, e)
+    fisher, _ = fisher_terms(H, R, e)
+    return (w @ v) / weight, hph, numerics.symmetrize(prior_info + weight * fisher)
+
+
 @dataclass(frozen=True)
 class PrecisionForm(Representation):
     """The information form."""
@@ -63,9 +77,7 @@ class PrecisionForm(Representation):
         return h @ numerics.chol_solve(prior.info, h.T)
 
     def gain(self, prior, H, R, e):
-        fisher, grad = fisher_terms(H, R, e)
-        info = numerics.symmetrize(prior.info + fisher)
-        return numerics.chol_solve(info, grad), H @ numerics.chol_solve(prior.info, H.T), info
+        return precision_gain(prior.info, H, R, e, 1.0)
 
     def posterior(self, prior, H, R, e, aux, rows):
         return Precision(aux)

@@ -1,0 +1,78 @@
+"""What a bank of K filters costs per row inside ``kalnat.fit``, against K single filters.
+
+A bank is ``jax.vmap`` of one learner's step over K stacked hyperparameter pytrees
+(:mod:`kalnat.bank`); its members' work is K times one filter's, plus the mixing of K
+predictions. Printed, side by side in one process (ratios; absolute times on a shared machine
+mislead), for a logistic model with d parameters:
+
+  single ms    one filter of the members' kind (bounded, forgetting), per row inside fit
+  bank ms      the bank, per row inside fit
+  bank/(K·1)   the bank ÷ K single filters: 1 is "the vmap costs nothing"; target ≤ 1.3
+  /ekf         the bank ÷ one plain EKF step (how many EKF steps a row of the bank costs)
+
+Banks: ``ekf_bank`` with one linearisation (K = 20, members: EKFs), and ``kalnat.auto``
+(K = 40, one and two linearisations, members: iterated EKFs with two).
+
+    python benchmarks/bank_cost.py [--dims 32 128 512] [--rows 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import kalnat  # noqa: E402
+
+
+def per_row(learner, X, y, reps=5):
+    """Median seconds per row of ``fit`` over ``X, y`` (compiled first; predictions kept)."""
+    init = lambda: learner.init(MODELS[X.shape[1]].init(None))  # noqa: E731
+    kalnat.fit(learner, init(), X, y, chunk_size=len(y))  # compile
+    times = []
+    for _ in range(reps):
+        state = init()
+        jax.block_until_ready(state)
+        t = time.perf_counter()
+        res = kalnat.fit(learner, state, X, y, chunk_size=len(y))
+        jax.block_until_ready(res.state)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) / len(y)
+
+
+MODELS = {}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[32, 128, 512])
+    ap.add_argument("--rows", type=int, default=512)
+    args = ap.parse_args()
+    fam = kalnat.families.Bernoulli()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float64; per row inside fit, medians")
+    print(f"{'bank':10} {'K':>3} {'d':>5} {'single ms':>10} {'bank ms':>9} {'bank/(K·1)':>11} {'/ekf':>7}")
+    for d in args.dims:
+        p = d - 1
+        model = MODELS.setdefault(p, kalnat.models.linear(p))
+        rng = np.random.default_rng(0)
+        rows = args.rows if d <= 128 else max(64, args.rows // 4)
+        X = rng.normal(size=(rows, p)) / np.sqrt(p)
+        y = (rng.random(rows) < 1 / (1 + np.exp(-X @ rng.normal(size=p) * 2))).astype(np.int64)
+        bound = kalnat.bank.DEFAULT_VARIANCE_BOUND
+        ekf = kalnat.ekf(model, fam, prior_var=1.0, forgetting=0.99, max_variance=bound)
+        t_ekf = per_row(ekf, X, y)
+        it2 = kalnat.iterated_ekf(model, fam, iterations=2, prior_var=1.0, forgetting=0.99, max_variance=bound)
+        cases = [("ekf_bank", kalnat.ekf_bank(model, fam), t_ekf),
+                 ("auto", kalnat.auto(model, fam), per_row(it2, X, y))]
+        for name, bank, t_one in cases:
+            t_bank = per_row(bank, X, y)
+            print(f"{name:10} {bank.size:3d} {d:5d} {t_one * 1e3:10.4f} {t_bank * 1e3:9.4f} "
+                  f"{t_bank / (bank.size * t_one):11.2f} {t_bank / t_ekf:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
