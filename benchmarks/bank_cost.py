@@ -62,7 +62,7 @@ def main():
         rows = args.rows if d <= 128 else max(64, args.rows // 4)
         X = rng.normal(size=(rows, p)) / np.sqrt(p)
         y = (rng.random(rows) < 1 / (1 + np.exp(-X @ rng.normal(size=p) * 2))).astype(np.int64)
-        bound = kalnat.bank.DEFAULT_VARIANCE_BOUND
+        bound = kalnat.bank.default_max_variance(1.0)
         ekf = kalnat.ekf(model, fam, prior_var=1.0, forgetting=0.99, max_variance=bound)
         t_ekf = per_row(ekf, X, y)
         it2 = kalnat.iterated_ekf(model, fam, iterations=2, prior_var=1.0, forgetting=0.99, max_variance=bound)

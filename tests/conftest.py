@@ -8,5 +8,5 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402
 
-# Exactness checks run in float64 (PAPER.md: equivalences hold to rounding).
+# Exactness checks run in float64 (docs/method.md: equivalences hold to rounding).
 jax.config.update("jax_enable_x64", True)

@@ -1,4 +1,4 @@
-"""An independent NumPy implementation of PAPER.md §1–§2, for checking the JAX learners.
+"""An independent NumPy implementation of docs/method.md §1–§2, for checking the JAX learners.
 
 Jacobians are written out by hand (no autodiff) for the linear model and a one-hidden-layer
 tanh MLP, in the parameter order ``jax.flatten_util.ravel_pytree`` uses for
@@ -31,7 +31,7 @@ def mlp_jac(theta, x, hidden, n_out):
 
 
 def family_terms(name, z, y, sigma=None):
-    """``(ŷ, ∂ŷ/∂z, R, T(y))`` by hand for each family of PAPER.md §1."""
+    """``(ŷ, ∂ŷ/∂z, R, T(y))`` by hand for each family of docs/method.md §1."""
     if name == "gaussian":
         m = z.shape[0]
         return z, np.eye(m), np.asarray(sigma), np.reshape(y, (m,)).astype(float)

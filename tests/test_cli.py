@@ -79,7 +79,7 @@ def test_given_settings_run_the_single_learner(tmp_path, logistic_csv):
     assert "bank" not in m and m["learner"] == "ekf" and "bank_weights.png" not in m["files"]["plots"]
     assert "ekf on linear" in res.output
     # the model file holds one filter's state, not a bank's
-    assert checkpoint.read_header(out / "model.npz")["state_type"] == "EKFState"
+    assert checkpoint.read_header(out / "model.npz")["state_type"] == "State[Covariance]"
 
 
 def test_chunked_reading_gives_the_same_run(tmp_path, logistic_csv):
@@ -96,7 +96,7 @@ def test_learn_from_standard_input_and_natgrad_equals_ekf(tmp_path, logistic_csv
     _ok(["learn", logistic_csv, "--out", str(tmp_path / "e"), "--quiet", "--prior-var", "1"])
     ms, me = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("s", "e"))
     assert ms["data"] == "<stdin>" and ms["rows_seen"] == 120
-    # natural gradient with the Kalman rates is the same filter (PAPER.md §3)
+    # natural gradient with the Kalman rates is the same filter (docs/method.md §3)
     assert np.isclose(ms["final"]["log_loss"], me["final"]["log_loss"], rtol=1e-8)
 
 

@@ -1,4 +1,4 @@
-"""PAPER.md §5: with 1/t rates the filter is asymptotically Fisher-efficient:
+"""docs/method.md §5: with 1/t rates the filter is asymptotically Fisher-efficient:
 t · E[(θ_t − θ*)ᵀ I(θ*) (θ_t − θ*)] → d, the Cramér–Rao bound."""
 
 import jax
@@ -34,7 +34,8 @@ def test_fisher_efficiency_logistic_regression():
         X = jax.random.normal(kx, (T, D_FEATURES))
         probs = jax.nn.sigmoid(X @ theta_star[1:] + theta_star[0])
         y = jax.random.bernoulli(ky, probs).astype(jnp.float64)
-        state, _ = jax.lax.scan(lambda s, xy: (learner.step(s, xy[0][None], xy[1][None]), None), state0, (X, y))
+        state, _ = jax.lax.scan(lambda s, xy: (learner.step(learner.hyper, s, xy[0][None], xy[1][None])[0], None),
+                                state0, (X, y))
         return ravel_pytree(state.params)[0]
 
     thetas = np.asarray(jax.jit(jax.vmap(one_run))(jax.random.split(jax.random.PRNGKey(1), RUNS)))

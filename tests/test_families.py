@@ -1,4 +1,4 @@
-"""PAPER.md §1: the two exponential-family identities every learner rests on, and each
+"""docs/method.md §1: the two exponential-family identities every learner rests on, and each
 family's moments, likelihood, sampling and domain checks."""
 
 import itertools

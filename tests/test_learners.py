@@ -33,10 +33,10 @@ def test_fit_equals_row_by_row_update_and_predicts_before_learning(logistic):
     preds = []
     for xi, yi in zip(X, y):
         preds.append(np.asarray(learner.predict(state, xi).mean))
-        state = learner.update(state, xi, yi)
+        state = learner.update(state, xi, yi)[0]
     res = kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=5)
     np.testing.assert_allclose(flat(res.state.params), flat(state.params), rtol=1e-12)
-    np.testing.assert_allclose(res.state.cov, state.cov, rtol=1e-12)
+    np.testing.assert_allclose(kalnat.covariance(res.state), kalnat.covariance(state), rtol=1e-12)
     np.testing.assert_allclose(res.predictions.mean, np.stack(preds), rtol=1e-12)
     assert res.predictions.mean[0, 0] == 0.5  # the first row is predicted from the prior
     assert int(res.state.count) == len(X)
@@ -55,7 +55,7 @@ def test_chunking_and_partial_batches_do_not_change_the_result(logistic, chunk_s
 
 def test_minibatch_equals_sequential_for_linear_gaussian():
     """A minibatch is one update at one linearisation point; for a linear-Gaussian model the
-    linearisation is exact, so it equals the sequential updates (PAPER.md §3)."""
+    linearisation is exact, so it equals the sequential updates (docs/method.md §2d)."""
     rng = np.random.default_rng(1)
     fam = F.Gaussian([[0.5, 0.1], [0.1, 0.3]])
     model = kalnat.models.linear(P_IN, 2)
@@ -64,12 +64,12 @@ def test_minibatch_equals_sequential_for_linear_gaussian():
     seq = kalnat.fit(learner, learner.init(model.init(None)), X, Y, batch_size=1).state
     bat = kalnat.fit(learner, learner.init(model.init(None)), X, Y, batch_size=8).state
     np.testing.assert_allclose(flat(bat.params), flat(seq.params), rtol=1e-10)
-    np.testing.assert_allclose(bat.cov, seq.cov, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(kalnat.covariance(bat), kalnat.covariance(seq), rtol=1e-10, atol=1e-14)
     # and a minibatch through the public update is the same single step
     s = learner.init(model.init(None))
-    s = learner.update(s, X[:8], Y[:8])
+    s = learner.update(s, X[:8], Y[:8])[0]
     s1 = kalnat.fit(learner, learner.init(model.init(None)), X[:8], Y[:8], batch_size=8).state
-    np.testing.assert_allclose(s.cov, s1.cov, rtol=1e-12)
+    np.testing.assert_allclose(kalnat.covariance(s), kalnat.covariance(s1), rtol=1e-12)
     assert int(s.count) == 1
 
 
@@ -114,8 +114,8 @@ def test_plain_function_and_nested_pytree_models():
     state = learner.init(params)
     rng = np.random.default_rng(3)
     X = rng.normal(size=(20, P_IN))
-    state = learner.update(state, X[0], 0.3)          # one observation, inferred from the model
-    state = learner.update(state, X[1:5], np.ones(4))  # a minibatch
+    state = learner.update(state, X[0], 0.3)[0]          # one observation, inferred from the model
+    state = learner.update(state, X[1:5], np.ones(4))[0]  # a minibatch
     res = kalnat.fit(learner, state, X[5:], np.zeros(15))
     assert int(res.state.count) == 17
     assert learner.predict(res.state, X[0]).mean.shape == (1,)
@@ -129,7 +129,7 @@ def test_caller_params_survive_in_place_updates(logistic):
     params = model.init(None)
     state = learner.init(params)
     for i in range(3):
-        state = learner.update(state, X[i], y[i])
+        state = learner.update(state, X[i], y[i])[0]
     assert np.all(np.asarray(params["w"]) == 0)  # still readable, still the initial values
 
 
@@ -138,7 +138,7 @@ def test_float32_works(logistic):
     model32 = kalnat.models.linear(P_IN, dtype=jnp.float32)
     learner = kalnat.ekf(model32, F.Bernoulli(), prior_var=1.0)
     res = kalnat.fit(learner, learner.init(model32.init(None)), X, y)
-    assert res.state.cov.dtype == jnp.float32 and flat(res.state.params).dtype == np.float32
+    assert res.state.cov.p.dtype == jnp.float32 and flat(res.state.params).dtype == np.float32
     ref = kalnat.fit(kalnat.ekf(model, F.Bernoulli(), prior_var=1.0),
                      kalnat.ekf(model, F.Bernoulli()).init(model.init(None)), X, y).state
     np.testing.assert_allclose(flat(res.state.params), flat(ref.params), rtol=1e-4, atol=1e-5)
@@ -159,30 +159,34 @@ BAD_UPDATES = [
 @pytest.mark.parametrize("bad,message", BAD_UPDATES)
 def test_bad_input_raises_and_leaves_state_intact(logistic, bad, message):
     model, learner, X, y = logistic
-    state = learner.update(learner.init(model.init(None)), X[0], y[0])
-    before = (flat(state.params).copy(), np.asarray(state.cov).copy())
+    state = learner.update(learner.init(model.init(None)), X[0], y[0])[0]
+    before = (flat(state.params).copy(), kalnat.covariance(state).copy())
     x_bad, y_bad = bad(X, y)
     with pytest.raises(ValueError, match=message):
         learner.update(state, x_bad, y_bad)
     np.testing.assert_array_equal(flat(state.params), before[0])  # not donated, not changed
-    np.testing.assert_array_equal(state.cov, before[1])
-    state = learner.update(state, X[1], y[1])  # and still usable
+    np.testing.assert_array_equal(kalnat.covariance(state), before[1])
+    state = learner.update(state, X[1], y[1])[0]  # and still usable
     assert int(state.count) == 2
 
 
-@pytest.mark.parametrize("prior,message", [
-    (-1.0, "positive definite"),
-    (np.array([1.0, 1.0, 0.0, 1.0]), "positive definite"),
-    (np.array([[1.0, 2.0, 0, 0], [2.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]), "positive definite"),
-    (np.ones((3, 3)), "expected a scalar"),
-    (np.nan, "NaN"),
+@pytest.mark.parametrize("prior,message,ng_message", [
+    (-1.0, "positive definite", "init_fisher must be positive definite"),
+    (np.array([1.0, 1.0, 0.0, 1.0]), "positive definite", "init_fisher must be positive definite"),
+    (np.array([[1.0, 2.0, 0, 0], [2.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]), "positive definite",
+     "init_fisher must be positive definite"),
+    # natural gradient's J_0 is checked when the learner is built (its values), then at init
+    # (its shape against the model's d): this singular matrix fails the first check
+    (np.ones((3, 3)), "expected a scalar", "init_fisher must be positive definite"),
+    (np.eye(3), "expected a scalar", r"init_fisher: expected a scalar, \(4,\) or \(4, 4\)"),
+    (np.nan, "NaN", "init_fisher contains NaN"),
 ])
-def test_bad_prior(logistic, prior, message):
+def test_bad_prior(logistic, prior, message, ng_message):
     model, _, _, _ = logistic
     for make in (kalnat.ekf, kalnat.information_filter):
         with pytest.raises(ValueError, match=message):
             make(model, F.Bernoulli(), prior_var=prior).init(model.init(None))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=ng_message):
         kalnat.natural_gradient(model, F.Bernoulli(), init_fisher=prior).init(model.init(None))
 
 
@@ -197,7 +201,7 @@ def test_bad_settings_and_states(logistic):
     with pytest.raises(ValueError, match="params contain NaN"):
         learner.init({"w": jnp.full((1, P_IN), jnp.nan), "b": jnp.zeros(1)})
     other = kalnat.information_filter(model, F.Bernoulli())
-    with pytest.raises(ValueError, match="expected a EKFState"):
+    with pytest.raises(ValueError, match="expected a State holding a Covariance, got a State holding a Precision"):
         learner.update(other.init(model.init(None)), X[0], y[0])
     with pytest.raises(ValueError, match="batch_size"):
         kalnat.fit(learner, learner.init(model.init(None)), X, y, batch_size=0)
@@ -215,4 +219,4 @@ def test_damping_regularises_the_natural_gradient_step(logistic):
     b = kalnat.fit(damped, damped.init(model.init(None)), X, y).state
     assert np.linalg.norm(flat(b.params)) < 0.5 * np.linalg.norm(flat(a.params))
     # a linear-Gaussian H does not depend on θ, so J_t is the same: damping enters the solve only
-    np.testing.assert_allclose(a.fisher, b.fisher, rtol=1e-12)
+    np.testing.assert_allclose(a.cov.fisher, b.cov.fisher, rtol=1e-12)

@@ -26,9 +26,9 @@ def _state(family, seed, scale=0.6):
     rng = np.random.default_rng(seed)
     s = learner.init(jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape)),
                                             model.init(None)))
-    d = s.cov.shape[0]
+    d = kalnat.covariance(s).shape[0]
     L = rng.normal(size=(d, d)) * scale / np.sqrt(d)
-    return model, learner, s._replace(cov=jnp.asarray(L @ L.T + 1e-3 * np.eye(d)))
+    return model, learner, kalnat.with_covariance(s, s.params, L @ L.T + 1e-3 * np.eye(d))
 
 
 def _logit_moments(model, s, x):
@@ -36,7 +36,7 @@ def _logit_moments(model, s, x):
     theta, unravel = jax.flatten_util.ravel_pytree(s.params)
     f = lambda th: jnp.atleast_1d(model.apply(unravel(th), x))
     J = np.asarray(jax.jacobian(f)(theta))
-    return np.asarray(f(theta)), J @ np.asarray(s.cov) @ J.T
+    return np.asarray(f(theta)), J @ kalnat.covariance(s) @ J.T
 
 
 @pytest.mark.parametrize("family", [BERN, CAT3, POIS], ids=lambda f: f.name)

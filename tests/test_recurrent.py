@@ -1,4 +1,4 @@
-"""Recurrent models (PAPER.md §4): RTRL, natural-gradient RTRL with state correction, joint EKF.
+"""Recurrent models (docs/method.md §4): RTRL, natural-gradient RTRL with state correction, joint EKF.
 
 The theorem: from the factored prior and without state noise, the joint EKF on (s, θ) and
 natural-gradient RTRL with state correction produce the same (s_t, θ_t), and the joint
@@ -51,18 +51,12 @@ def _trajectory_fn(learner):
     def body(state, inp):
         x, y = inp
         mask = jnp.ones(state.s.shape[0], bool)
-        state, _ = learner.step_and_predict(state, x, y, mask)
+        state, _, _ = learner.step(learner.hyper, state, x, y, mask)
         theta = ravel_pytree(state.params)[0]
-        extra = state.cov if hasattr(state, "cov") else (state.jac, _core_matrix(state.core))
+        extra = state.cov if hasattr(state, "cov") else (state.jac, state.core.cov.dense())
         return state, (theta, state.s, extra)
 
     return jax.jit(lambda s, xs, ys: jax.lax.scan(body, s, (xs, ys))[1])
-
-
-def _core_matrix(core):
-    for name in ("cov", "info", "fisher"):
-        if hasattr(core, name):
-            return getattr(core, name)
 
 
 def _trajectory(learner, params, x, y, **init):
@@ -213,7 +207,7 @@ def test_state_noise_gives_a_different_valid_filter():
 
 
 def test_joseph_form_and_parameter_noise():
-    """The Joseph form is the same filter; noise on θ alone breaks the equality (PAPER.md §4)."""
+    """The Joseph form is the same filter; noise on θ alone breaks the equality (docs/method.md §4)."""
     cell, fam, ng, joint = _pair("elman", "gaussian", 1.0)
     params = _params(cell, seed=3)
     x, y = _data(fam, 2, T, seed=4)
@@ -394,9 +388,9 @@ def test_independent_learners_by_vmap():
     params = [_params(cell, seed) for seed in range(3)]
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[ng.init(p) for p in params])
     x, y = _data(fam, 2, 20, seed=27, batch=3)
-    step = jax.jit(jax.vmap(ng.step_and_predict))
+    step = jax.jit(jax.vmap(lambda s, xt, yt, m: ng.step(ng.hyper, s, xt, yt, m)))
     for t in range(20):
-        stacked, _ = step(stacked, x[:, t, None], y[:, t, None], jnp.ones((3, 1), bool))
+        stacked, _, _ = step(stacked, x[:, t, None], y[:, t, None], jnp.ones((3, 1), bool))
     for i, p in enumerate(params):
         alone = recurrent.fit_sequence(ng, ng.init(p), x[i], y[i]).state
         assert _rel(ravel_pytree(jax.tree_util.tree_map(lambda a: a[i], stacked.params))[0],
@@ -404,7 +398,7 @@ def test_independent_learners_by_vmap():
         assert _rel(stacked.s[i], alone.s) < 1e-12
 
 
-def test_predict_advances_the_state_without_learning():
+def test_advance_moves_the_state_without_learning():
     cell, fam, ng, joint = _pair("elman", "gaussian", 1.0)
     params = _params(cell, seed=23)
     x, _ = _data(fam, 2, 5, seed=24)
@@ -413,7 +407,7 @@ def test_predict_advances_the_state_without_learning():
         theta0 = ravel_pytree(state.params)[0]
         s_ref = cell.init_state(params)
         for t in range(5):
-            state, pred = learner.predict(state, x[t])
+            state, pred = learner.advance(state, x[t])
             s_ref = cell.transition(params, s_ref, x[t])
             np.testing.assert_allclose(pred.mean, cell.readout(params, s_ref), rtol=1e-12)
         assert _rel(ravel_pytree(state.params)[0], theta0) == 0
@@ -471,7 +465,7 @@ def test_float32_long_stream_is_stable():
     for learner in (recurrent.rtrl(cell, fam, prior_var=1.0), recurrent.joint_ekf(cell, fam, prior_var=1.0)):
         out = recurrent.fit_sequence(learner, learner.init(params), series[:-1, None], series[1:], chunk_size=1000)
         assert out.state.s.dtype == jnp.float32
-        cov = out.state.core.cov if learner.name == "rtrl" else out.state.cov
+        cov = out.state.core.cov.dense() if learner.name == "rtrl" else out.state.cov
         assert np.isfinite(np.asarray(cov)).all()
         err = out.predictions.mean[-1000:, 0] - series[-1000:]
         assert np.sqrt(np.mean(err ** 2)) < 0.12  # the noise level is 0.1: it learned the oscillation

@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from jax.flatten_util import ravel_pytree
 
 import kalnat
-from kalnat.learners import covariance
+from kalnat import covariance
 from kalnat import families as F
 from kalnat import numerics
 
@@ -30,9 +30,9 @@ def flat(params):
 
 
 def stored_matrix(state):
-    for name in ("chol", "info", "cov"):
-        if hasattr(state, name):
-            return np.asarray(getattr(state, name), np.float64)
+    for name in ("chol", "info", "p"):
+        if hasattr(state.cov, name):
+            return np.asarray(getattr(state.cov, name), np.float64)
 
 
 def assert_healthy(state):
@@ -40,7 +40,7 @@ def assert_healthy(state):
     assert np.all(np.isfinite(flat(state.params))), "θ is not finite"
     a = stored_matrix(state)
     assert np.all(np.isfinite(a)), "the covariance is not finite"
-    if hasattr(state, "chol"):
+    if hasattr(state.cov, "chol"):
         # P = L Lᵀ is positive definite iff the triangular factor has a positive diagonal.
         assert np.all(np.diag(a) > 0), f"non-positive diagonal of L: {np.diag(a).min()}"
         assert np.all(np.triu(a, 1) == 0), "L is not lower-triangular"
@@ -168,7 +168,7 @@ def test_fading_memory_ten_thousand_steps(form, dtype):
 
 def test_poisson_innovation_is_exact_for_plausible_counts():
     """The cap on a Poisson innovation never touches counts within 6σ of λ (nor any count ≤ 3
-    above it): there the filter is the plain EKF of PAPER.md §2a."""
+    above it): there the filter is the plain EKF of docs/method.md §2a."""
     fam = F.Poisson()
     lams, ys = [], []
     for lam in (1e-3, 0.3, 1.0, 4.0, 50.0, 2000.0):
@@ -184,7 +184,7 @@ def test_poisson_innovation_is_exact_for_plausible_counts():
 
 @pytest.mark.parametrize("forgetting,noise,batch", [(1.0, 0.0, 1), (0.97, 1e-3, 3)])
 def test_sqrt_ekf_equals_ekf_in_float64(forgetting, noise, batch):
-    """Same θ_t and P_t = L Lᵀ as the covariance form, to rounding (PAPER.md §2a)."""
+    """Same θ_t and P_t = L Lᵀ as the covariance form, to rounding (docs/method.md §2a)."""
     rng = np.random.default_rng(5)
     model = kalnat.models.linear(3, 2)
     fam = F.Categorical(3)
@@ -198,7 +198,7 @@ def test_sqrt_ekf_equals_ekf_in_float64(forgetting, noise, batch):
     b = kalnat.fit(sq, sq.init(params), X, y, batch_size=batch)
     th = flat(a.state.params)
     assert np.linalg.norm(flat(b.state.params) - th) <= 1e-9 * np.linalg.norm(th)
-    p = np.asarray(a.state.cov)
+    p = covariance(a.state)
     assert np.linalg.norm(covariance(b.state) - p) <= 1e-9 * np.linalg.norm(p)
     np.testing.assert_allclose(b.predictions.mean, a.predictions.mean, rtol=1e-9, atol=1e-12)
     assert_healthy(b.state)
@@ -220,7 +220,7 @@ def test_float32_long_stream_sqrt_stays_close_to_float64():
         params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
         out[dtype] = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=4096, return_predictions=False).state
     s32, s64 = out[jnp.float32], out[jnp.float64]
-    assert s32.chol.dtype == jnp.float32
+    assert s32.cov.chol.dtype == jnp.float32
     assert_healthy(s32)
     th32, th64 = flat(s32.params), flat(s64.params)
     assert np.linalg.norm(th32 - th64) < 1e-4 * np.linalg.norm(th64)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,8 @@ from kalnat.learners.base import Boundary, Learner, check_hyper, check_live, che
 
 __all__ = [
     "Bank", "BankState", "BankPredictive", "bank", "ekf_bank", "auto", "weights",
-    "DEFAULT_PRIOR_VARS", "DEFAULT_FORGETTINGS", "DEFAULT_SHARE", "DEFAULT_VARIANCE_BOUND",
+    "DEFAULT_PRIOR_VARS", "DEFAULT_FORGETTINGS", "DEFAULT_SHARE", "MAX_VARIANCE_PER_PRIOR",
+    "default_max_variance",
 ]
 
 DEFAULT_PRIOR_VARS = (0.01, 0.1, 1.0, 10.0)
@@ -53,11 +54,11 @@ DEFAULT_PRIOR_VARS = (0.01, 0.1, 1.0, 10.0)
 # (trump_approval in the given order: RMSE 0.62 with λ ≥ 0.99, 0.43 with 0.95, 0.36 with
 # 0.9); the static sets lose ≤ 0.0005 of log-loss per row.
 DEFAULT_FORGETTINGS = (1.0, 0.998, 0.99, 0.95, 0.9)
-# Each member's variances stay below this multiple of its prior variance. Any bound stops the
+# Each member's max_variance is this multiple of its prior variance. Any bound stops the
 # wind-up of forgetting members; one at the prior itself (1) binds too often where the
 # command's re-expression leaves a weakly informed coordinate above the prior (breast_cancer:
 # 0.1356 against 0.1245 unbounded), 10–10⁴ score as unbounded (within ±0.006).
-DEFAULT_VARIANCE_BOUND = 100.0
+MAX_VARIANCE_PER_PRIOR = 100.0
 DEFAULT_SHARE = 1e-3
 
 
@@ -334,10 +335,16 @@ def bank(learner: Learner, configs: Sequence[dict], *, share: float = 0.0, name:
     return Bank(learner, stacked, configs, float(share), name)
 
 
+def default_max_variance(prior_var: float) -> float:
+    """The variance bound of a bank member (and of the command's forgetting filters):
+    :data:`MAX_VARIANCE_PER_PRIOR` times its prior variance."""
+    return MAX_VARIANCE_PER_PRIOR * float(prior_var)
+
+
 def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
              forgettings: Sequence[float] = DEFAULT_FORGETTINGS, iterations=1,
              share: float = DEFAULT_SHARE, moderated: bool = False,
-             variance_bound: Optional[float] = DEFAULT_VARIANCE_BOUND, input_shape=None,
+             max_variance: Union[None, float, Callable[[float], float]] = default_max_variance, input_shape=None,
              learner: Optional[str] = None) -> Bank:
     """The grid ``prior_vars × forgettings`` of EKFs (or iterated EKFs, or normal–inverse-gamma
     filters for a Gaussian family with unknown noise when ``learner="nig"``) as one bank.
@@ -346,10 +353,11 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
     such counts, a third axis of the grid (``hyper.iterations``: every member's step is built
     for the largest count and uses its own).
 
-    ``variance_bound``: every variance of a member's ``P⁻`` stays below ``variance_bound``
-    times its prior variance (:func:`kalnat.ekf`'s ``max_variance``). Without a bound a
-    forgetting member winds up along any direction the data never excite (a feature constant
-    so far) until its covariance overflows and it leaves the bank. ``None``: the exact filters.
+    ``max_variance``: the members' bound on every variance of ``P⁻``, as :func:`kalnat.ekf`'s
+    (a variance): one value for all, or a function of a member's prior variance (default
+    :func:`default_max_variance`, 100 × it). Without a bound a forgetting member winds up along
+    any direction the data never excite (a feature constant so far) until its covariance
+    overflows and it leaves the bank. ``None``: the exact filters.
     """
     from kalnat.learners.ekf import ekf
     from kalnat.learners.iterated import iterated_ekf
@@ -366,8 +374,11 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
     if any(i < 1 for i in counts) or any(i != j for i, j in zip(counts, np.atleast_1d(iterations))):
         raise ValueError(f"iterations must be positive integers, got {iterations}")
 
-    if variance_bound is not None and not float(variance_bound) > 0:
-        raise ValueError(f"variance_bound must be positive or None, got {variance_bound}")
+    bound_of = max_variance if callable(max_variance) else (lambda v: max_variance)
+    for v in prior_vars:
+        b = bound_of(v)
+        if b is not None and not float(b) > 0:
+            raise ValueError(f"max_variance must be positive or None, got {b} (prior_var {v})")
 
     top = max(counts)
     if kind == "nig":
@@ -383,8 +394,8 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
         cfg = dict(prior_var=float(v), forgetting=float(f))
         if len(counts) > 1:
             cfg["iterations"] = i
-        if variance_bound is not None:
-            cfg["max_variance"] = float(variance_bound) * float(v)
+        if max_variance is not None:
+            cfg["max_variance"] = float(bound_of(v))
         configs.append(cfg)
     return bank(base, configs, share=share, name=f"{kind}_bank")
 

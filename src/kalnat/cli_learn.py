@@ -49,7 +49,7 @@ def _filter(make, **options):
     that stays constant); without forgetting P only shrinks and the bound is left off (the
     exact filter)."""
     def build(model, fam, pv, lam):
-        bound = None if lam == 1.0 else kalnat.bank.DEFAULT_VARIANCE_BOUND * pv
+        bound = None if lam == 1.0 else kalnat.bank.default_max_variance(pv)
         return make(model, fam, prior_var=pv, forgetting=lam, max_variance=bound, **options)
     return build
 
@@ -273,9 +273,8 @@ def _reexpressed(runner, state, old, new):
             rho = float(forgetting) ** int(st.count)
             params, cov = scaling.reexpress_with_prior(st.params, kalnat.covariance(st), old, new, prior_var, rho,
                                                        (A, B))
-        else:
-            params, cov = scaling.reexpress(st.params, kalnat.covariance(st), old, new, A)
-        return kalnat.with_covariance(st, params, cov)
+            return kalnat.with_covariance(st, params, cov)
+        return scaling.reexpress_state(st, old, new, A)
 
     params = state.params if runner.bank is None else runner.bank.member_state(state, 0).params
     A = scaling.reexpression_matrix(params, old, new)

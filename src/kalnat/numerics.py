@@ -8,6 +8,8 @@ inverse, solves against an identity.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
@@ -167,12 +169,18 @@ def prior_matrix(v, d: int, dtype):
     return jnp.diag(jnp.broadcast_to(v, (d,)))
 
 
-def check_covariance(a, name: str, d: int) -> np.ndarray:
-    """Validates a prior on the host: scalar, ``(d,)`` diagonal or ``(d, d)``; returns ``(d, d)``.
+def check_covariance(a, name: str, d: Optional[int]) -> np.ndarray:
+    """Validates a prior on the host: scalar, ``(d,)`` diagonal or ``(d, d)``; returns ``(d, d)``
+    (with ``d = None``: any size, returned as given).
 
     Raises ``ValueError`` when it is not finite, not symmetric or not positive definite.
     """
     a = np.asarray(a, dtype=np.float64)
+    if d is None:
+        if a.ndim > 2 or (a.ndim == 2 and a.shape[0] != a.shape[1]):
+            raise ValueError(f"{name}: expected a scalar, a vector or a square matrix, got shape {a.shape}")
+        check_covariance(a, name, 1 if a.ndim == 0 else a.shape[0])
+        return a
     if a.ndim == 0:
         a = np.full(d, float(a))
     if a.ndim == 1:

@@ -192,9 +192,11 @@ def _spd_inverse(M):
 
 
 def reexpress_state(state, old, new, A=None):
-    """A learner state (``params`` and ``cov``) re-expressed by :func:`reexpress`."""
-    params, cov = reexpress(state.params, state.cov, old, new, A)
-    return state._replace(params=params, cov=cov)
+    """A core learner's state re-expressed by :func:`reexpress`, in its own representation."""
+    from kalnat.filter import covariance, with_covariance
+
+    params, cov = reexpress(state.params, covariance(state), old, new, A)
+    return with_covariance(state, params, cov)
 
 
 def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: float = 1.0,

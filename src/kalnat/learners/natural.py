@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kalnat import schedules
+from kalnat import numerics, schedules
 from kalnat.families import Family
 from kalnat.learners.base import Learner, build
 from kalnat.representations import FisherForm
@@ -48,8 +48,9 @@ def natural_gradient(model, family: Family, *, learning_rate=None, fisher_rate=N
         forgetting, schedule = float(lr.forgetting), None  # the filter's λ, as data
     fisher = None if fisher_rate is None else schedules.as_schedule(fisher_rate)
     rep = FisherForm(schedule, fisher, float(eta0), float(damping))
-    prior_var = float(eta0) * np.asarray(schedules.inverse(init_fisher, "init_fisher"))  # P_0 = η_0 J_0⁻¹
+    j0 = numerics.check_covariance(init_fisher, "init_fisher", None)
+    prior_var = float(eta0) * np.asarray(schedules.inverse(j0, "init_fisher"))  # P_0 = η_0 J_0⁻¹
     return build("natural_gradient", model, family, rep, input_shape=input_shape, moderated=moderated,
                  prior_var=prior_var, forgetting=forgetting, max_variance=max_variance,
                  config=dict(learning_rate=lr, fisher_rate=fisher, eta0=eta0, init_fisher=init_fisher,
-                             damping=damping))
+                             damping=damping, prior_name="init_fisher"))
