@@ -48,11 +48,18 @@ class Boundary:
 
     @functools.cached_property
     def _update_jit(self):
-        return jax.jit(lambda hyper, state, xs, ys: self.step(hyper, state, xs, ys)[:2], donate_argnums=1)
+        def fn(hyper, state, xs, ys, single):
+            state, pred, _ = self.step(hyper, state, xs, ys)
+            return state, unbatch(pred, single)
+        return jax.jit(fn, donate_argnums=1, static_argnums=4)
 
     @functools.cached_property
     def _predict_jit(self):
-        return jax.jit(self.predict_batch)
+        return jax.jit(lambda hyper, state, xs, single: unbatch(self.predict_batch(hyper, state, xs), single),
+                       static_argnums=3)
+
+    def _hyper(self, hyper, dtype):
+        return device_hyper(self, hyper, dtype)
 
     def update(self, state, x, y, hyper=None):
         """Learns one observation (``x`` of the model's input shape, ``y`` of the family's
@@ -63,29 +70,48 @@ class Boundary:
         """
         self._check_state(state)
         xs, single = self.check_x(state, x)
-        ys = self.family.check(y)
-        check_range(ys, self._dtype(state), "y")
-        ys = ys[None] if ys.ndim == len(self.family.event_shape) else ys
-        if ys.shape[0] != xs.shape[0]:
-            raise ValueError(f"x has {xs.shape[0]} rows but y has {ys.shape[0]}")
+        dtype = self._dtype(state)
+        ys = check_targets(self.family, y, dtype, xs.shape[0], "rows")
         if xs.shape[0] == 0:  # nothing to learn: no step, the state as it is
             return state, None
         # NumPy arguments go to the jitted step as they are: its C++ dispatch moves them to the
         # device several times faster than jnp.asarray does, per row.
-        state, pred = self._update_jit(self.hyper if hyper is None else hyper, state,
-                                       np.asarray(xs, self._dtype(state)), ys)
-        return state, _squeeze(pred, single)
+        return self._update_jit(self._hyper(hyper, dtype), state, np.asarray(xs, dtype), ys, single)
 
     def predict(self, state, x, hyper=None):
         """The one-step predictive at ``x`` (one row or a batch): mean, ``H P⁻ Hᵀ``,
         ``H P⁻ Hᵀ + R`` and class probabilities. The state is not changed."""
         self._check_state(state)
         xs, single = self.check_x(state, x)
-        pred = self._predict_jit(self.hyper if hyper is None else hyper, state, np.asarray(xs, self._dtype(state)))
-        return _squeeze(pred, single)
+        dtype = self._dtype(state)
+        return self._predict_jit(self._hyper(hyper, dtype), state, np.asarray(xs, dtype), single)
 
 
-def _squeeze(pred, single):
+def device_hyper(learner, hyper, dtype):
+    """``hyper``, or ``learner.hyper`` as device arrays of the state's dtype, converted once per
+    learner (Python floats would be converted again at every call of a jitted step)."""
+    if hyper is not None:
+        return hyper
+    cache = learner.__dict__.setdefault("_hyper_on_device", {})
+    if dtype not in cache:
+        cache[dtype] = jax.tree_util.tree_map(
+            lambda a: jnp.asarray(a, jnp.int32 if np.asarray(a).dtype.kind in "iu" else dtype), learner.hyper)
+    return cache[dtype]
+
+
+def check_targets(family, y, dtype, n: int, unit: str):
+    """``y`` validated on the host (the family's domain, the state's float range) as ``(n, …)``
+    for ``n`` rows of ``x`` (a single observation gets its leading axis)."""
+    ys = family.check(y)
+    check_range(ys, dtype, "y")
+    ys = ys[None] if ys.ndim == len(family.event_shape) else ys
+    if ys.shape[0] != n:
+        raise ValueError(f"x has {n} {unit} but y has {ys.shape[0]}")
+    return ys
+
+
+def unbatch(pred, single):
+    """A prediction of one row (``single``) without its leading batch axis."""
     return jax.tree_util.tree_map(lambda a: a[0], pred) if single else pred
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from kalnat.families import Family
 from kalnat.filter import Hyper
-from kalnat.learners.base import check_live, check_range
+from kalnat.learners.base import check_live, check_range, check_targets, device_hyper, unbatch
 from kalnat.recurrent.cells import RecurrentModel
 
 __all__ = ["RecurrentLearner", "transition_jacobians", "readout_jacobians"]
@@ -147,15 +147,21 @@ class RecurrentLearner:
 
     @functools.cached_property
     def _update_jit(self):
-        return jax.jit(lambda h, s, xs, ys, m: self.step(h, s, xs, ys, m)[:2], donate_argnums=1)
+        def fn(h, s, xs, ys, single):
+            s, pred, _ = self.step(h, s, xs, ys, jnp.ones(xs.shape[0], bool))
+            return s, unbatch(pred, single)
+        return jax.jit(fn, donate_argnums=1, static_argnums=4)
 
     @functools.cached_property
     def _advance_jit(self):
-        return jax.jit(self.propagate, donate_argnums=1)
+        def fn(h, s, xs, single):
+            s, pred = self.propagate(h, s, xs)
+            return s, unbatch(pred, single)
+        return jax.jit(fn, donate_argnums=1, static_argnums=3)
 
     @functools.cached_property
     def _predict_jit(self):
-        return jax.jit(lambda h, s, xs: self.propagate(h, s, xs)[1])
+        return jax.jit(lambda h, s, xs, single: unbatch(self.propagate(h, s, xs)[1], single), static_argnums=3)
 
     def update(self, state, x, y, hyper=None):
         """Learns one time step: ``x`` (``input_shape``, or ``(B,) + input_shape``) and ``y``.
@@ -168,23 +174,18 @@ class RecurrentLearner:
         """
         self.check_state(state)
         xs, single = self.check_step_x(state, x)
-        ys = self.family.check(y)
-        check_range(ys, self.dtype(state), "y")
-        ys = ys[None] if ys.ndim == len(self.family.event_shape) else ys
-        if ys.shape[0] != xs.shape[0]:
-            raise ValueError(f"x has {xs.shape[0]} sequences but y has {ys.shape[0]}")
+        ys = check_targets(self.family, y, self.dtype(state), xs.shape[0], "sequences")
         # NumPy arguments as they are: the jitted step's dispatch moves them (see Learner.update).
-        new, pred = self._update_jit(self.hyper if hyper is None else hyper, state,
-                                     np.asarray(xs, self.dtype(state)), ys, np.ones(xs.shape[0], bool))
-        return new, _squeeze(pred, single)
+        dtype = self.dtype(state)
+        return self._update_jit(device_hyper(self, hyper, dtype), state, np.asarray(xs, dtype), ys, single)
 
     def predict(self, state, x, hyper=None):
         """The prediction of ``y_t`` at input ``x_t`` from the current hidden state, without
         learning and without changing the state."""
         self.check_state(state)
         xs, single = self.check_step_x(state, x)
-        pred = self._predict_jit(self.hyper if hyper is None else hyper, state, np.asarray(xs, self.dtype(state)))
-        return _squeeze(pred, single)
+        dtype = self.dtype(state)
+        return self._predict_jit(device_hyper(self, hyper, dtype), state, np.asarray(xs, dtype), single)
 
     def advance(self, state, x, hyper=None):
         """Runs one time step *without* learning (``y_t`` unknown, e.g. forecasting ahead).
@@ -195,8 +196,8 @@ class RecurrentLearner:
         """
         self.check_state(state)
         xs, single = self.check_step_x(state, x)
-        new, pred = self._advance_jit(self.hyper if hyper is None else hyper, state, np.asarray(xs, self.dtype(state)))
-        return new, _squeeze(pred, single)
+        dtype = self.dtype(state)
+        return self._advance_jit(device_hyper(self, hyper, dtype), state, np.asarray(xs, dtype), single)
 
     # ---- validation -------------------------------------------------------------------
 
@@ -237,6 +238,3 @@ def _check_numeric(a, name):
         raise ValueError(f"{name} contains NaN or inf")
     return a
 
-
-def _squeeze(pred, single):
-    return jax.tree_util.tree_map(lambda a: a[0], pred) if single else pred
