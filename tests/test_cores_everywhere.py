@@ -154,3 +154,26 @@ def test_a_consumed_state_says_so():
     with pytest.raises(ValueError, match="consumed by an in-place update"):
         cell_learner.update(s, Xs[0], Ys[0])
     cell_learner.update(s2, Xs[0], Ys[0])
+
+
+def test_covariance_of_any_learner_state():
+    """kalnat.covariance reads θ's covariance from a core state in every representation, a bank's
+    state (one per member), RTRL's core and the joint EKF's θ block (equal by the theorem)."""
+    X, y = _rows(2)
+    ref = kalnat.fit(kalnat.ekf(MODEL, BERN), kalnat.ekf(MODEL, BERN).init(MODEL.init(None)), X, y).state
+    for make in (kalnat.sqrt_ekf, kalnat.information_filter):
+        other = make(MODEL, BERN)
+        st = kalnat.fit(other, other.init(MODEL.init(None)), X, y).state
+        np.testing.assert_allclose(kalnat.covariance(st), kalnat.covariance(ref), rtol=1e-9, atol=1e-14)
+    b = kbank.bank(kalnat.ekf(MODEL, BERN), [dict(prior_var=1.0), dict(prior_var=2.0)])
+    bs = kalnat.fit(b, b.init(MODEL.init(None)), X, y).state
+    assert kalnat.covariance(bs).shape == (2, 4, 4)
+    np.testing.assert_allclose(kalnat.covariance(bs)[0], kalnat.covariance(ref), rtol=1e-12)
+    Xs, Ys = _series(3)
+    params = CELL.init(jax.random.PRNGKey(4))
+    rt, jt = recurrent.rtrl(CELL, GAUSS, prior_var=0.5), recurrent.joint_ekf(CELL, GAUSS, prior_var=0.5)
+    a = recurrent.fit_sequence(rt, rt.init(params), Xs, Ys).state
+    j = recurrent.fit_sequence(jt, jt.init(params), Xs, Ys).state
+    np.testing.assert_allclose(kalnat.covariance(j), kalnat.covariance(a), rtol=1e-9, atol=1e-13)
+    with pytest.raises(ValueError, match="core learner"):
+        kalnat.log_evidence(b, b.hyper, MODEL.init(None), X, y)

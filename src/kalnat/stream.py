@@ -250,6 +250,8 @@ def log_evidence(learner, hyper, params, X, Y, *, batch_size: int = 1):
     linear-Gaussian model it is the exact log marginal likelihood. No validation and no
     donation: check the data with :func:`fit` first.
     """
+    if not isinstance(learner, Learner):
+        raise ValueError(f"log_evidence takes a core learner, got {type(learner).__name__}")
     n = X.shape[0]
     if n % batch_size:
         raise ValueError(f"log_evidence: {n} rows is not a multiple of batch_size {batch_size}")
