@@ -10,23 +10,43 @@ See docs/method.md for the method: ``ekf``, ``sqrt_ekf``, ``information_filter``
 ``natural_gradient`` are one filter (:mod:`kalnat.filter`) on different representations of
 θ's uncertainty (:mod:`kalnat.representations`), and produce the same θ_t under the
 translation in :mod:`kalnat.schedules`.
+
+The names below are imported on first use (PEP 562), so ``import kalnat`` — and the command's
+``--help`` — does not import JAX until something needs it.
 """
 
-from kalnat import checkpoint, families, filter, models, numerics, recurrent, representations, schedules
-from kalnat.filter import Hyper, Predictive, State, covariance, with_covariance
-from kalnat.learners import (
-    Learner, ekf, information_filter, iterated_ekf, natural_gradient, nig_filter, sqrt_ekf,
-)
-from kalnat.linearize import Linearization, linearize
-from kalnat.stream import FitResult, fit, log_evidence
-from kalnat import bank as bank, predictive, scaling
-from kalnat.bank import auto, ekf_bank
+import importlib
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "checkpoint", "families", "filter", "models", "numerics", "recurrent", "representations", "schedules",
-    "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "iterated_ekf", "nig_filter",
-    "fit", "FitResult", "log_evidence", "Learner", "Predictive", "State", "Hyper", "covariance", "with_covariance",
-    "Linearization", "linearize", "bank", "ekf_bank", "auto", "predictive", "scaling",
-]
+_SUBMODULES = (
+    "bank", "checkpoint", "families", "filter", "models", "numerics", "predictive", "recurrent",
+    "representations", "scaling", "schedules",
+)
+_NAMES = {
+    "Hyper": "kalnat.filter", "Predictive": "kalnat.filter", "State": "kalnat.filter",
+    "covariance": "kalnat.filter", "with_covariance": "kalnat.filter",
+    "Learner": "kalnat.learners", "ekf": "kalnat.learners", "information_filter": "kalnat.learners",
+    "iterated_ekf": "kalnat.learners", "natural_gradient": "kalnat.learners",
+    "nig_filter": "kalnat.learners", "sqrt_ekf": "kalnat.learners",
+    "Linearization": "kalnat.linearize", "linearize": "kalnat.linearize",
+    "FitResult": "kalnat.stream", "fit": "kalnat.stream", "log_evidence": "kalnat.stream",
+    "auto": "kalnat.bank", "ekf_bank": "kalnat.bank",
+}
+
+# `filter` stays out of the star-import: it would shadow the builtin.
+__all__ = sorted(set(_SUBMODULES + tuple(_NAMES)) - {"filter"})
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kalnat.{name}")
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'kalnat' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__ + ["filter", "__version__"]

@@ -21,18 +21,40 @@ import sys
 
 import click
 
-from kalnat.cli_learn import DEFAULT_SCALING, METHODS, SCALINGS
+from kalnat.cli_choices import DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_model
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
-FAMILIES = ("gaussian", "bernoulli", "categorical", "poisson")
+
+# JAX's persistent compilation cache: a second run of the same job skips XLA's compilation.
+CACHE_ENV = "KALNAT_CACHE_DIR"      # where (default: the user's cache folder, kalnat/jax)
+NO_CACHE_ENV = "KALNAT_NO_CACHE"    # set to 1 to turn it off
+
+
+def cache_dir():
+    """The compilation cache's folder, or ``None`` when it is off (:data:`NO_CACHE_ENV`)."""
+    if os.environ.get(NO_CACHE_ENV, "").strip() not in ("", "0"):
+        return None
+    path = os.environ.get(CACHE_ENV)
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "kalnat", "jax")
+    return path
 
 
 def _jax():
-    """Imports jax in float64: the filter's covariance benefits from the precision."""
+    """Imports jax for a command that computes: float64 (the filter's covariance benefits from
+    the precision) and the persistent compilation cache (safe to delete: it only holds
+    compiled programs, keyed by the program, JAX's version and the machine)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    path = cache_dir()
+    if path is not None:
+        jax.config.update("jax_compilation_cache_dir", path)
+        # every program, however quick to compile: the command's are many and small
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return jax
 
 
@@ -55,8 +77,8 @@ def cli():
 
 
 def main(argv=None):
-    """Console entry point (``kalnat = kalnat.cli:main``)."""
-    _jax()
+    """Console entry point (``kalnat = kalnat.cli:main``). JAX is imported by the commands that
+    compute, not for ``--help``, ``datasets`` or an argument error."""
     return cli.main(args=argv, prog_name="kalnat")
 
 
@@ -73,7 +95,7 @@ def _settings_options(f):
         click.option("--model", "model_spec", default="linear", show_default=True,
                      metavar="linear|mlp:64,32", help="Model: a GLM or an MLP (tanh)."),
         click.option("--method", default="ekf", show_default=True,
-                     type=click.Choice(list(METHODS)),
+                     type=click.Choice(list(METHOD_NAMES)),
                      help="Learner: ekf, ekf-joseph, information and natgrad (configured by the "
                      "exact Kalman translation) are one filter in four forms; sqrt-ekf keeps a "
                      "Cholesky factor (float32, ill-scaled data); iterated relinearises twice per "
@@ -111,13 +133,11 @@ def _settings_options(f):
 
 
 def _config(kw) -> dict:
-    from kalnat import cli_learn as run
-
     cfg = {k: kw[k] for k in ("target", "family", "classes", "model_spec", "method", "forgetting",
                               "prior_var", "batch_size", "clip", "scaling", "seed", "skip_bad_rows")}
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
-    run.parse_model(cfg["model_spec"])  # early, clear error for a bad --model
+    parse_model(cfg["model_spec"])  # early, clear error for a bad --model
     if cfg["forgetting"] is not None and not 0 < cfg["forgetting"] <= 1:
         raise click.BadParameter("must lie in (0, 1]", param_hint="--forget")
     if cfg["prior_var"] is not None and not cfg["prior_var"] > 0:
@@ -149,12 +169,13 @@ def learn(data, out_dir, quiet, **kw):
     (progressive log-loss, accuracy or RMSE, over time; rows seen and skipped; time per
     row), learning-curve PNGs and model.npz, the final learner state for `kalnat predict`.
     """
-    from kalnat import cli_learn as run, datasets, plots
+    from kalnat import datasets
 
-    _jax()
-    data = data or datasets.DEFAULT_DATASET
     cfg = _config(kw)
-    source = _open(data, kw)
+    source = _open(data or datasets.DEFAULT_DATASET, kw)  # a missing file fails here, before JAX
+    _jax()
+    from kalnat import cli_learn as run, plots
+
     result = run.learn_stream(source, cfg, progress=not quiet,
                               log=None if quiet else (lambda m: click.echo(m, err=True)))
     os.makedirs(out_dir, exist_ok=True)

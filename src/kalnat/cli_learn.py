@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import kalnat
 from kalnat import baselines, checkpoint, datasets, families, models, scaling, schedules
+from kalnat.cli_choices import DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_model  # noqa: F401 (re-exported)
 
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
            "learn_stream", "LearnResult", "LoadedModel"]
@@ -75,21 +76,6 @@ METHODS = {
 }
 
 GAUSSIAN_FIRST_SCORED_ROW = 3
-
-
-def parse_model(spec: str):
-    """``"linear"`` → ``("linear", ())``; ``"mlp:64,32"`` → ``("mlp", (64, 32))``."""
-    kind, _, rest = spec.strip().partition(":")
-    if kind == "linear" and not rest:
-        return "linear", ()
-    if kind == "mlp":
-        try:
-            hidden = tuple(int(h) for h in rest.split(",") if h.strip())
-        except ValueError:
-            hidden = ()
-        if hidden and all(h > 0 for h in hidden):
-            return "mlp", hidden
-    raise ValueError(f"--model {spec!r}: expected 'linear' or 'mlp:W1,W2,…' (positive widths)")
 
 
 # A floor on the covariance R of T(y). When a prediction saturates (a probability rounds to
@@ -238,20 +224,6 @@ def _target_affine(stats, y, min_std: float = 1e-8):
     center = np.where(prev_counts > 0, prev_means, 0.0)
     scale = np.where((prev_counts > 1) & (prev_std > min_std), prev_std, 1.0)
     return (y - center) / scale, center, scale, new
-
-
-# How features are standardised for the filter (earlier rows only, always):
-#   running  each row by the statistics of all rows before it. The coordinates move under the
-#            filter, which (learning at a rate ~1/t) never unlearns what it learned in the
-#            early ones;
-#   follow   statistics frozen between boundaries at rows 2, 4, 8, …; at each boundary θ and
-#            P are re-expressed exactly in the new coordinates (scaling.reexpress), so what
-#            was learned keeps its meaning;
-#   reprior  like follow, but the prior is reset to v·I in the new coordinates
-#            (scaling.reexpress_with_prior; linear models, else as follow): an early, too
-#            narrow scale does not leave a far too broad prior behind.
-SCALINGS = ("running", "follow", "reprior")
-DEFAULT_SCALING = "reprior"
 
 
 def block_end(rows: int) -> int:

@@ -1,0 +1,72 @@
+"""Start-up: the command imports JAX only for the commands that compute, and keeps compiled
+programs in a persistent cache (relocatable, safe to delete, off by an environment variable)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kalnat import cli_choices, cli_learn
+
+PROBE = """
+import sys
+from kalnat.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print("JAX_IMPORTED" if "jax" in sys.modules else "NO_JAX", file=sys.stderr)
+"""
+
+
+def _env(**more):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KALNAT_")}
+    env.update(JAX_PLATFORMS="cpu", **more)
+    return env
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["learn", "--help"], ["datasets"], ["learn", "no_such_file.csv"],
+                                  ["learn", "--model", "mlp:x"]], ids=" ".join)
+def test_help_listing_and_argument_errors_do_not_import_jax(argv):
+    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
+                         env=_env(), timeout=60)
+    assert out.stderr.strip().splitlines()[-1] == "NO_JAX", out.stderr
+
+
+def test_method_names_for_help_are_the_methods():
+    assert tuple(cli_learn.METHODS) == cli_choices.METHOD_NAMES
+
+
+def _csv(path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 3))
+    y = (X[:, 0] + 0.5 * rng.normal(size=60) > 0).astype(int)
+    with open(path, "w") as f:
+        f.write("a,b,c,y\n")
+        for row, t in zip(X, y):
+            f.write(",".join(f"{v:.6f}" for v in row) + f",{t}\n")
+    return str(path)
+
+
+def _learn(data, out, env):
+    cmd = [sys.executable, "-m", "kalnat.cli", "learn", data, "--prior-var", "1", "--quiet", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)["final"]
+
+
+def test_the_compilation_cache_is_written_reused_relocatable_and_can_be_turned_off(tmp_path):
+    data = _csv(tmp_path / "d.csv")
+    cache = tmp_path / "cache"
+    first = _learn(data, tmp_path / "r1", _env(KALNAT_CACHE_DIR=str(cache)))
+    entries = sorted(os.listdir(cache))
+    assert entries  # compiled programs were written there
+    again = _learn(data, tmp_path / "r2", _env(KALNAT_CACHE_DIR=str(cache)))
+    assert again == first and sorted(os.listdir(cache)) == entries  # reused: nothing new to compile
+    off = tmp_path / "off"
+    assert _learn(data, tmp_path / "r3", _env(KALNAT_CACHE_DIR=str(off), KALNAT_NO_CACHE="1")) == first
+    assert not off.exists()
