@@ -235,29 +235,48 @@ def block_end(rows: int) -> int:
 
 
 def _reexpressed(runner, state, old, new):
-    """A learner's or a bank's state moved from coordinates ``old`` to ``new``."""
+    """A learner's or a bank's state moved from coordinates ``old`` to ``new``.
+
+    The arithmetic is on the host in float64 (:mod:`kalnat.scaling`); a bank's members move
+    between host and device once, all together (one ``vmap`` of their representation's
+    ``dense`` and ``with_dense``), not member by member."""
     with_prior = runner.scheme == "reprior" and parse_model(runner.cfg["model_spec"])[0] == "linear"
-
-    def one(st, prior_var, forgetting):
-        if not all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(st)):
-            return st  # a bank member that diverged: out of the mixture already
+    bank = runner.bank
+    members = state if bank is None else state.members
+    covs = jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None]
+    covs = np.asarray(covs, np.float64)                                             # (K, d, d)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), members.params)
+    if bank is None:
+        params = jax.tree_util.tree_map(lambda a: a[None], params)
+        prior_vars, forgettings = ([v] for v in single_settings(runner.cfg))
+        counts = [int(state.count)]
+    else:
+        prior_vars, forgettings = np.asarray(bank.hyper.prior_var), np.asarray(bank.hyper.forgetting)
+        counts = np.asarray(members.count)
+    first = jax.tree_util.tree_map(lambda a: a[0], params)
+    A = scaling.reexpression_matrix(first, old, new)
+    B = scaling.reexpression_matrix(first, new, old) if with_prior else None
+    moved_params, moved_covs = [], []
+    for k in range(covs.shape[0]):
+        pk = jax.tree_util.tree_map(lambda a: a[k], params)
+        if not (np.all(np.isfinite(covs[k])) and all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(pk))):
+            moved_params.append(pk)  # a bank member that diverged: out of the mixture already
+            moved_covs.append(covs[k])
+            continue
         if with_prior:
-            rho = float(forgetting) ** int(st.count)
-            params, cov = scaling.reexpress_with_prior(st.params, kalnat.covariance(st), old, new, prior_var, rho,
-                                                       (A, B))
-            return kalnat.with_covariance(st, params, cov)
-        return scaling.reexpress_state(st, old, new, A)
-
-    params = state.params if runner.bank is None else runner.bank.member_state(state, 0).params
-    A = scaling.reexpression_matrix(params, old, new)
-    B = scaling.reexpression_matrix(params, new, old) if with_prior else None
-    if runner.bank is None:
-        return one(state, *single_settings(runner.cfg))
-    hp = {k: np.asarray(getattr(runner.bank.hyper, k)) for k in ("prior_var", "forgetting")}
-    members = [one(runner.bank.member_state(state, k), hp["prior_var"][k], hp["forgetting"][k])
-               for k in range(runner.bank.size)]
-    stacked = jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *members)
-    return state._replace(members=stacked)
+            rho = float(forgettings[k]) ** int(counts[k])
+            pk, ck = scaling.reexpress_with_prior(pk, covs[k], old, new, float(prior_vars[k]), rho, (A, B))
+        else:
+            pk, ck = scaling.reexpress(pk, covs[k], old, new, A)
+        moved_params.append(pk)
+        moved_covs.append(np.asarray(ck, np.float64))
+    dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
+    new_params = jax.tree_util.tree_map(lambda *a: jax.numpy.asarray(np.stack(a), dtype), *moved_params)
+    new_covs = jax.numpy.asarray(np.stack(moved_covs), dtype)
+    if bank is None:
+        return kalnat.with_covariance(state, jax.tree_util.tree_map(lambda a: a[0], new_params), new_covs[0])
+    cov = jax.vmap(lambda c, p: c.with_dense(p))(members.cov, new_covs)
+    return state._replace(members=members._replace(params=new_params, cov=cov))
 
 
 class OnlineRunner:
