@@ -146,3 +146,19 @@ def test_a_diverged_member_leaves_the_bank():
     assert _rel(res.state.log_marginal, res.state.log_evidence[0]) < 1e-12
     assert np.isneginf(float(res.state.log_evidence[1]))
     assert np.all(np.isfinite(np.asarray(b.predict(res.state, X[:3]).probs)))
+
+
+def test_row_by_row_update_equals_the_chunked_fit():
+    """The bank's two paths, Bank.step (update, one row) and Bank.scan_chunk (fit, member by
+    member through a chunk): the same members, weights, evidence and predictions."""
+    X, y = _stream(9)
+    b = kalnat.ekf_bank(MODEL, BERN, prior_vars=PRIORS, forgettings=FORGETS, iterations=(1, 2), share=0.01)
+    res = kalnat.fit(b, b.init(MODEL.init(None)), X, y)
+    s = b.init(MODEL.init(None))
+    probs = []
+    for x_t, y_t in zip(X, y):
+        s, pred = b.update(s, x_t, y_t)
+        probs.append(np.asarray(pred.probs))
+    np.testing.assert_allclose(np.array(probs), res.predictions.probs, rtol=1e-12, atol=1e-15)
+    for a_leaf, b_leaf in zip(jax.tree_util.tree_leaves(s), jax.tree_util.tree_leaves(res.state)):
+        np.testing.assert_allclose(a_leaf, b_leaf, rtol=1e-12, atol=1e-15)

@@ -184,3 +184,66 @@ def test_nig_counts_rows_whose_jacobian_is_zero():
     Vinv = np.eye(2) + X.T @ X
     mu = np.linalg.solve(Vinv, X.T @ y)
     assert abs(float(s.cov.scale) - (1.0 + 0.5 * (y @ y - mu @ Vinv @ mu))) < 1e-10
+
+
+# ---- minibatches, masked rows, the public predict ----------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])
+def test_minibatch_log_likelihoods_sum_to_the_exact_evidence(batch_size):
+    """Rows of one minibatch share θ: each row's log-likelihood is conditioned on the rows before
+    it, so a stream's sum is its exact marginal likelihood at any batch size (λ = 1, q = 0: a
+    minibatch is then the same filter as rows one by one)."""
+    X, y = _stream(6, n=24)
+    learner = kalnat.ekf(MODEL, GAUSS, prior_var=0.7)
+    one = kalnat.fit(learner, learner.init(MODEL.init(None)), X, y)
+    many = kalnat.fit(learner, learner.init(MODEL.init(None)), X, y, batch_size=batch_size)
+    np.testing.assert_allclose(many.log_likelihood, one.log_likelihood, rtol=1e-10)
+    A = np.hstack([np.ones((24, 1)), X])
+    C = 0.7 * A @ A.T + R_NOISE * np.eye(24)
+    _, logdet = np.linalg.slogdet(C)
+    exact = -0.5 * (y @ np.linalg.solve(C, y) + logdet + 24 * np.log(2 * np.pi))
+    assert abs(many.log_likelihood.sum() - exact) < 1e-10 * abs(exact)
+    # the normal–inverse-gamma filter's Student-t chain rule: the same with unknown noise
+    nig = kalnat.nig_filter(MODEL, prior_var=0.5, noise_shape=2.0, noise_scale=0.3)
+    a = kalnat.fit(nig, nig.init(MODEL.init(None)), X, y)
+    b = kalnat.fit(nig, nig.init(MODEL.init(None)), X, y, batch_size=batch_size)
+    np.testing.assert_allclose(b.log_likelihood, a.log_likelihood, rtol=1e-10)
+
+
+def test_skipped_rows_inside_minibatches_add_nothing_to_the_evidence():
+    X, y = _stream(7, n=24)
+    keep = np.ones(24, bool)
+    keep[[2, 5, 6, 13]] = False
+    y_bad = y.copy()
+    y_bad[~keep] = np.nan
+    learner = kalnat.ekf(MODEL, GAUSS, prior_var=0.7)
+    res = kalnat.fit(learner, learner.init(MODEL.init(None)), X, y_bad, batch_size=4, skip_bad_rows=True)
+    alone = kalnat.fit(learner, learner.init(MODEL.init(None)), X[keep], y[keep])
+    assert np.all(np.isnan(res.log_likelihood[~keep]))
+    np.testing.assert_allclose(np.nansum(res.log_likelihood), alone.log_likelihood.sum(), rtol=1e-10)
+    # and a bank's evidence sees the same
+    b = kbank.bank(learner, [dict(prior_var=0.7), dict(prior_var=2.0)])
+    bs = kalnat.fit(b, b.init(MODEL.init(None)), X, y_bad, batch_size=4, skip_bad_rows=True).state
+    np.testing.assert_allclose(bs.log_evidence[0], alone.log_likelihood.sum(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("learner", [EKF, SQRT, INFO], ids=lambda l: l.name)
+def test_public_predict_is_the_predictive_of_the_next_prior(learner):
+    """learner.predict(state, x) after t rows is N(ŷ, h P⁻ hᵀ + R) with P⁻ the prediction step
+    of row t + 1 (forgetting, noise and bound applied), not the posterior P_t."""
+    X, y = _stream(8)
+    state = kalnat.fit(learner, learner.init(MODEL.init(None)), X[:-1], y[:-1]).state
+    P = kalnat.covariance(state)
+    pred = learner.predict(state, X[-1])
+    lls, _, _ = textbook_kalman(X, y, prior_var=1.0, lam=0.9, q=0.02, cap=1.5)
+    a = np.concatenate([[1.0], X[-1]])
+    Pm = P / 0.9 + 0.02 * np.eye(4)
+    s = np.where(np.diag(Pm) > 1.5, np.sqrt(1.5 / np.diag(Pm)), 1.0)
+    Pm = Pm * np.outer(s, s)
+    np.testing.assert_allclose(np.asarray(pred.obs_cov)[0, 0], a @ Pm @ a + R_NOISE, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(pred.mean_cov)[0, 0], a @ Pm @ a, rtol=1e-10)
+    # the same number fit predicted for the last row
+    last = kalnat.fit(learner, learner.init(MODEL.init(None)), X, y).predictions
+    np.testing.assert_allclose(np.asarray(pred.obs_cov)[0, 0], np.asarray(last.obs_cov)[-1, 0, 0], rtol=1e-10)
+    assert np.isfinite(lls).all()

@@ -14,6 +14,9 @@ predictive is computed from the *prior*, so ``log_lik`` is the exact one-step ma
 ``log N(y_t; ŷ_t, H P⁻ Hᵀ + R)`` of a linear-Gaussian model under any λ, q and bound, and a
 stream's sum is its exact log marginal likelihood.
 
+With a minibatch, each row's log-likelihood is conditioned on the rows before it in the
+minibatch as well (:func:`minibatch_log_likelihood`), so the sum stays the exact evidence.
+
 The iterated update (``learner.max_iterations > 1``) relinearises from the same prior: pass
 ``relinearize(θ) -> Linearization`` to :func:`condition`; ``hyper.iterations`` of them are used.
 """
@@ -33,7 +36,7 @@ from kalnat.predictive import log_predictive, moderated_probs, student_t_log_pro
 
 __all__ = [
     "Hyper", "State", "Predictive", "init", "predict", "predictive", "condition", "step",
-    "assemble_predictive", "row_log_likelihood", "forgetting_at", "covariance", "with_covariance",
+    "assemble_predictive", "row_log_likelihood", "minibatch_log_likelihood", "forgetting_at", "covariance", "with_covariance",
 ]
 
 
@@ -131,14 +134,46 @@ def assemble_predictive(family, moderated, yhat, hph, R, noise=None) -> Predicti
 
 
 def row_log_likelihood(family, moderated, pred: Predictive, ys, noise=None):
-    """``(b,)`` one-step predictive log-likelihoods ``log p(y | past)`` of the rows (a Student-t
-    with ``noise``'s degrees of freedom, else :func:`kalnat.predictive.log_predictive`)."""
+    """``(b,)`` one-step predictive log-likelihoods ``log p(y | past)`` of the rows, each row on its
+    own (a Student-t with ``noise``'s degrees of freedom, else
+    :func:`kalnat.predictive.log_predictive`)."""
     if noise is not None:
         dof = noise[1]
         return jax.vmap(lambda m, o, y: student_t_log_prob(family.stat(y).astype(m.dtype), m, o, dof))(
             pred.mean, pred.obs_cov, ys)
     return jax.vmap(lambda m, c, o, y: log_predictive(family, m, c, o, y, moderated))(
         pred.mean, pred.mean_cov, pred.obs_cov, ys)
+
+
+def minibatch_log_likelihood(family, moderated, pred: Predictive, ys, hph, R, e, mask, noise=None):
+    """``(b,)`` the rows' log-likelihoods, summing to the minibatch's joint one-step log-likelihood.
+
+    Rows of one minibatch share θ's uncertainty, so they are not independent given the past.
+    For a Gaussian target the joint predictive of the stacked ``T(y)`` is ``N(ŷ, S)`` with
+    ``S = H P⁻ Hᵀ + R`` (``k × k``; a multivariate t with the noise scale unknown), and its
+    Cholesky factor splits the joint log-density, row after row, into ``log p(y_i | past, y_<i)``:
+    exact (for a linear-Gaussian model, the same numbers as learning the rows one by one). For
+    classifiers and counts each row is scored on its own (plug-in or moderated). Masked rows
+    score 0 and do not count.
+    """
+    b, m = pred.mean.shape
+    if family.name != "gaussian":
+        return jnp.where(mask, row_log_likelihood(family, moderated, pred, ys, noise), 0.0)
+    rows = jnp.repeat(mask, m)
+    S = hph + R if noise is None else noise[0] * (hph + R)
+    chol = numerics.cholesky(S)
+    v = jnp.where(rows, numerics.solve_lower(chol, e), 0.0)
+    log_diag = jnp.log(jnp.diagonal(chol))
+    if noise is None:
+        terms = -0.5 * v * v - log_diag - 0.5 * jnp.log(2.0 * jnp.pi)
+    else:  # the chain rule of a multivariate t: dof ν + j − 1 for the j-th counted scalar
+        nu = noise[1]
+        j = jnp.cumsum(rows).astype(v.dtype)
+        c = jnp.cumsum(v * v)
+        g = jax.scipy.special.gammaln
+        terms = (g(0.5 * (nu + j)) - g(0.5 * (nu + j - 1.0)) - 0.5 * jnp.log(nu * jnp.pi) - log_diag
+                 - 0.5 * (nu + j) * jnp.log1p(c / nu) + 0.5 * (nu + j - 1.0) * jnp.log1p((c - v * v) / nu))
+    return jnp.where(mask, jnp.sum(jnp.where(rows, terms, 0.0).reshape(b, m), axis=1), 0.0)
 
 
 def predictive(learner, hyper: Hyper, prior: State, lin: Linearization) -> Predictive:
@@ -182,7 +217,7 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
     if lin.y is None:
         ll = jnp.zeros(b, lin.yhat.dtype)
     else:
-        ll = jnp.where(mask, row_log_likelihood(learner.family, learner.moderated, pred, lin.y, noise), 0.0)
+        ll = minibatch_log_likelihood(learner.family, learner.moderated, pred, lin.y, hph, R, e, mask, noise)
     if learner.max_iterations > 1:
         if relinearize is None:
             raise ValueError(f"{learner.name}: an iterated update needs relinearize(θ)")

@@ -35,7 +35,7 @@ from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
 from kalnat.families import Family
-from kalnat.filter import assemble_predictive, row_log_likelihood
+from kalnat.filter import assemble_predictive, minibatch_log_likelihood
 from kalnat.learners.base import check_params, make_hyper
 from kalnat.recurrent import base
 from kalnat.representations.full import Full, inflate_dense
@@ -209,7 +209,7 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         prior = prior_of(hyper, state, p_dyn, d)
         dz, hph, aux = rep.gain(prior, hz, R, e)
         pred = assemble_predictive(family, False, yhat, numerics.diagonal_blocks(hph, nb, m), r)
-        ll = jnp.where(mask, row_log_likelihood(family, False, pred, ys), 0.0)
+        ll = minibatch_log_likelihood(family, False, pred, ys, hph, R, e, mask)
         p = rep.posterior(prior, hz, R, e, aux, rows).p
         s = s + dz[: nb * n].reshape(nb, n)
         theta = theta + dz[nb * n:]
