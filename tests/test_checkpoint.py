@@ -201,6 +201,7 @@ def test_checkpoints_of_kalnat_0_1_load_into_the_same_state(name):
     old = checkpoint.load(os.path.join(V1, f"{name}.npz"), learner.init(MODEL.init(None)))
     now = kalnat.fit(learner, learner.init(MODEL.init(None)), *_v1_data(family)).state
     assert int(old.count) == int(now.count) == 20
+    assert len(leaves(old)) == len(leaves(now))
     for a, b in zip(leaves(old), leaves(now)):  # θ, covariance (each member's), counters, a and b
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     if name == "bank":
@@ -215,6 +216,7 @@ def test_recurrent_checkpoint_of_kalnat_0_1_loads_into_the_same_state():
     old = checkpoint.load(os.path.join(V1, "rtrl.npz"), learner.init(params))
     X, _ = _v1_data(BER)
     now = recurrent.fit_sequence(learner, learner.init(params), X, _v1_data(GAU)[1]).state
+    assert len(leaves(old)) == len(leaves(now))
     for a, b in zip(leaves(old), leaves(now)):  # θ, P, hidden state, G, count
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 

@@ -177,3 +177,47 @@ def test_covariance_of_any_learner_state():
     np.testing.assert_allclose(kalnat.covariance(j), kalnat.covariance(a), rtol=1e-9, atol=1e-13)
     with pytest.raises(ValueError, match="core learner"):
         kalnat.log_evidence(b, b.hyper, MODEL.init(None), X, y)
+
+
+# ---- hyperparameters given to a call are checked like the learner's own ------------------
+
+
+def test_hyperparameters_given_to_a_call_are_checked():
+    X, y = _rows(3)
+    ekf = kalnat.ekf(MODEL, BERN)
+    state = ekf.init(MODEL.init(None))
+    for bad, what in [(ekf.hyper._replace(forgetting=-3.0), "forgetting"),
+                      (ekf.hyper._replace(iterations=3), "iterations"),
+                      (ekf.hyper._replace(max_variance=-1.0), "max_variance")]:
+        for call in (lambda: ekf.update(state, X[0], y[0], hyper=bad), lambda: ekf.predict(state, X[0], hyper=bad),
+                     lambda: kalnat.fit(ekf, state, X, y, hyper=bad)):
+            with pytest.raises(ValueError, match=what):
+                call()
+    ekf.predict(state, X[0])  # nothing was consumed
+    ng = kalnat.natural_gradient(MODEL, BERN, learning_rate=0.1)
+    with pytest.raises(ValueError, match="process noise"):
+        kalnat.fit(ng, ng.init(MODEL.init(None)), X, y, hyper=ng.hyper._replace(process_noise=0.5))
+    with pytest.raises(ValueError, match="fixed schedule"):
+        kbank.bank(ng, [dict(forgetting=1.0), dict(forgetting=0.5)])
+    nig = kalnat.nig_filter(MODEL)
+    with pytest.raises(ValueError, match="noise_shape"):
+        nig.init(MODEL.init(None), kalnat.Hyper(prior_var=2.0))
+    joint = recurrent.joint_ekf(CELL, GAUSS)
+    s = joint.init(CELL.init(jax.random.PRNGKey(0)))
+    Xs, Ys = _series()
+    with pytest.raises(ValueError, match="no variance bound"):
+        recurrent.fit_sequence(joint, s, Xs, Ys, hyper=joint.hyper._replace(max_variance=1.0))
+    # a consumed state, wherever it goes
+    new, _ = ekf.update(state, X[0], y[0])
+    for call in (lambda: kalnat.covariance(state), lambda: kalnat.checkpoint.save("unused.npz", state)):
+        with pytest.raises(ValueError, match="consumed"):
+            call()
+
+
+def test_any_representation_through_ekf():
+    X, y = _rows(4)
+    a = kalnat.ekf(MODEL, BERN, forgetting=0.9)
+    b = kalnat.ekf(MODEL, BERN, forgetting=0.9, representation=kalnat.representations.Cholesky())
+    ra, rb = (kalnat.fit(l, l.init(MODEL.init(None)), X, y) for l in (a, b))
+    np.testing.assert_allclose(kalnat.covariance(rb.state), kalnat.covariance(ra.state), rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(rb.log_likelihood, ra.log_likelihood, rtol=1e-10)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kalnat.filter import check_live
+
 __all__ = ["save", "load", "read_header", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2
@@ -79,6 +81,7 @@ def save(path, state, extra: dict | None = None) -> str:
     Nothing is written unless the whole file is: on any failure the temporary file is removed
     and an existing checkpoint at ``path`` is left as it was.
     """
+    check_live(state, "checkpoint.save")
     path = os.fspath(path)
     leaves = [np.asarray(jax.random.key_data(a)) if _is_key(a) else np.asarray(a)
               for a in jax.tree_util.tree_leaves(state)]

@@ -36,12 +36,15 @@ from kalnat.predictive import log_predictive, moderated_probs, student_t_log_pro
 
 __all__ = [
     "Hyper", "State", "Predictive", "init", "predict", "predictive", "condition", "step",
-    "assemble_predictive", "row_log_likelihood", "minibatch_log_likelihood", "forgetting_at", "covariance", "with_covariance",
+    "assemble_predictive", "row_log_likelihood", "minibatch_log_likelihood", "forgetting_at", "covariance", "with_covariance", "check_live",
 ]
 
 
 class Hyper(NamedTuple):
     """A learner's hyperparameters, as data (a pytree: ``None`` fields are absent).
+
+    ``prior_var``, ``noise_shape`` and ``noise_scale`` define the prior: ``init`` reads them (and
+    :func:`kalnat.log_evidence`, which starts from them); a step reads the others.
 
     Attributes:
       prior_var: ``P_0``: scalar (``v·I``), ``(d,)`` diagonal or ``(d, d)``.
@@ -232,6 +235,15 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
     return State(unravel(theta0 + delta), cov, prior.count + 1), pred, ll
 
 
+def check_live(state, name):
+    """A state whose buffers were donated to an in-place update cannot be used again."""
+    for leaf in jax.tree_util.tree_leaves(state):
+        if isinstance(leaf, jax.Array) and leaf.is_deleted():
+            raise ValueError(
+                f"{name}: this state was consumed by an in-place update (update and fit donate the "
+                "state's buffers); continue with the state they returned")
+
+
 def covariance(state) -> np.ndarray:
     """θ's covariance ``P (d, d)`` held by any learner's state, as a float64 NumPy array.
 
@@ -239,6 +251,7 @@ def covariance(state) -> np.ndarray:
     ``V``, θ's covariance in units of σ²); a bank's state gives ``(K, d, d)``, one per member;
     a recurrent state gives its core's (RTRL) or the θ block of the joint covariance.
     """
+    check_live(state, "covariance")
     if hasattr(state, "members"):  # a bank
         return np.stack([covariance(jax.tree_util.tree_map(lambda a: a[k], state.members))
                          for k in range(state.log_weights.shape[0])])

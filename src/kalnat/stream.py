@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from kalnat import filter as _filter
 from kalnat.filter import Predictive
-from kalnat.learners.base import Learner, check_range, representable
+from kalnat.learners.base import Learner, check_range, device_hyper, representable
 
 __all__ = ["FitResult", "fit", "log_evidence"]
 
@@ -148,7 +148,8 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
                                ~bad[start:stop], rows_per_chunk)
         return xc.reshape(shape + xc.shape[1:]), yc.reshape(shape + yc.shape[1:]), mc.reshape(shape)
 
-    run = functools.partial(chunk_fn(learner, bool(return_predictions)), learner.hyper if hyper is None else hyper)
+    learner.check_given_hyper(hyper, state)
+    run = functools.partial(chunk_fn(learner, bool(return_predictions)), device_hyper(learner, hyper, dtype))
     state, preds = drive_chunks(
         run, state, n, rows_per_chunk, inputs,
         lambda a, k: a.reshape((rows_per_chunk,) + a.shape[2:])[:k], bad,

@@ -31,7 +31,7 @@ from kalnat import filter as _filter
 from kalnat import linearize as _lin
 from kalnat import numerics
 from kalnat.families import Family
-from kalnat.filter import Hyper, Predictive, State
+from kalnat.filter import Hyper, Predictive, State, check_live
 from kalnat.models import Model
 from kalnat.representations import Representation
 
@@ -61,6 +61,12 @@ class Boundary:
     def _hyper(self, hyper, dtype):
         return device_hyper(self, hyper, dtype)
 
+    def check_given_hyper(self, hyper, state):
+        """Host checks of hyperparameters given to a call (a learner's own were checked when it
+        was built and at ``init``)."""
+        if hyper is not None:
+            check_hyper(self, hyper, ravel_pytree(state.params)[0].shape[0])
+
     def update(self, state, x, y, hyper=None):
         """Learns one observation (``x`` of the model's input shape, ``y`` of the family's
         event shape) or a minibatch (a leading batch axis on both).
@@ -69,6 +75,7 @@ class Boundary:
         learning it, from the prior. The state's buffers are donated: use the returned state.
         """
         self._check_state(state)
+        self.check_given_hyper(hyper, state)
         xs, single = self.check_x(state, x)
         dtype = self._dtype(state)
         ys = check_targets(self.family, y, dtype, xs.shape[0], "rows")
@@ -82,6 +89,7 @@ class Boundary:
         """The one-step predictive at ``x`` (one row or a batch): mean, ``H P⁻ Hᵀ``,
         ``H P⁻ Hᵀ + R`` and class probabilities. The state is not changed."""
         self._check_state(state)
+        self.check_given_hyper(hyper, state)
         xs, single = self.check_x(state, x)
         dtype = self._dtype(state)
         return self._predict_jit(self._hyper(hyper, dtype), state, np.asarray(xs, dtype), single)
@@ -113,15 +121,6 @@ def check_targets(family, y, dtype, n: int, unit: str):
 def unbatch(pred, single):
     """A prediction of one row (``single``) without its leading batch axis."""
     return jax.tree_util.tree_map(lambda a: a[0], pred) if single else pred
-
-
-def check_live(state, name):
-    """A state whose buffers were donated to an in-place update cannot be used again."""
-    for leaf in jax.tree_util.tree_leaves(state):
-        if isinstance(leaf, jax.Array) and leaf.is_deleted():
-            raise ValueError(
-                f"{name}: this state was consumed by an in-place update (update and fit donate the "
-                "state's buffers); continue with the state they returned")
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,10 +303,23 @@ def check_hyper(learner, hyper: Hyper, d: int):
     if hyper.process_noise is not None and not learner.representation.process_noise:
         raise ValueError(f"{learner.name}: additive process noise has no form in this representation "
                          "(use forgetting, noise proportional to P)")
+    if float(lam) != 1.0 and not forgetting_is_data(learner):
+        raise ValueError(f"{learner.name}: its forgetting (or learning rate) is a fixed schedule of t; "
+                         f"hyper.forgetting = {float(lam)} would be ignored")
+    if learner.representation.noise_prior:
+        for name in ("noise_shape", "noise_scale"):
+            v = getattr(hyper, name)
+            if v is None or np.ndim(v) or not np.isfinite(float(v)) or not float(v) > 0:
+                raise ValueError(f"{learner.name}: {name} must be a positive number, got {v}")
     it = np.asarray(hyper.iterations)
     if it.shape != () or it.dtype.kind not in "iu" or not 1 <= int(it) <= learner.max_iterations:
         raise ValueError(f"iterations must be an integer in 1..{learner.max_iterations} for this learner, "
                          f"got {hyper.iterations}")
+
+
+def forgetting_is_data(learner) -> bool:
+    """Whether ``hyper.forgetting`` is what the learner forgets with (not a fixed schedule of t)."""
+    return learner.schedule is None and learner.representation.uses_forgetting
 
 
 def check_params(params):

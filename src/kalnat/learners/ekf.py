@@ -17,9 +17,11 @@ variance).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from kalnat.families import Family
 from kalnat.learners.base import Learner, build
-from kalnat.representations import Full
+from kalnat.representations import Full, Representation
 from kalnat.schedules import Forgetting
 
 __all__ = ["ekf"]
@@ -27,7 +29,7 @@ __all__ = ["ekf"]
 
 def ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1.0,
         process_noise=0.0, joseph: bool = False, max_variance=None, moderated: bool = False,
-        input_shape=None) -> Learner:
+        representation: Optional[Representation] = None, input_shape=None) -> Learner:
     """Extended Kalman filter on the flat parameter θ (docs/method.md §2a).
 
     Args:
@@ -41,12 +43,18 @@ def ekf(model, family: Family, *, prior_var=1.0, forgetting: Forgetting = 1.0,
       max_variance: ``None`` (exact filter) or a bound (scalar or ``(d,)``, e.g. the prior
         variance) on every variance of ``P⁻``: stops covariance wind-up under forgetting.
       moderated: classifiers' probabilities averaged over the posterior.
+      representation: how θ's uncertainty is stored (:mod:`kalnat.representations`); default
+        the full covariance ``Full(joseph)``. Any representation runs the same filter.
       input_shape: shape of one ``x`` when ``model`` is a plain function (optional).
 
     Returns:
       A :class:`~kalnat.learners.base.Learner`; its state is a :class:`~kalnat.filter.State`
-      holding a :class:`~kalnat.representations.Covariance`.
+      holding the representation's ``cov`` (:class:`~kalnat.representations.Covariance` by
+      default).
     """
-    return build("ekf", model, family, Full(bool(joseph)), input_shape=input_shape, moderated=moderated,
+    if representation is not None and joseph:
+        raise ValueError("ekf: joseph=True is the full covariance's option; give Full(joseph=True) as the representation")
+    rep = Full(bool(joseph)) if representation is None else representation
+    return build("ekf", model, family, rep, input_shape=input_shape, moderated=moderated,
                  prior_var=prior_var, forgetting=forgetting, process_noise=process_noise,
                  max_variance=max_variance, config=dict(joseph=joseph))

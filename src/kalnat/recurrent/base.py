@@ -29,6 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from kalnat.families import Family
 from kalnat.filter import Hyper
@@ -132,6 +133,7 @@ class RecurrentLearner:
       propagate: pure ``(hyper, state, xs (B, …)) -> (state', Predictive)``, no learning.
       state_cls: the state's ``NamedTuple`` type.
       hyper: the default hyperparameters (:class:`~kalnat.filter.Hyper`).
+      check_hyper: ``(hyper, d)``: host checks of hyperparameters given to a call.
       config: the settings it was built with.
     """
 
@@ -143,7 +145,12 @@ class RecurrentLearner:
     propagate: Callable
     state_cls: type
     hyper: Hyper = Hyper()
+    check_hyper: Callable = None
     config: dict = field(default_factory=dict)
+
+    def check_given_hyper(self, hyper, state):
+        if hyper is not None and self.check_hyper is not None:
+            self.check_hyper(hyper, ravel_pytree(state.params)[0].shape[0])
 
     @functools.cached_property
     def _update_jit(self):
@@ -173,6 +180,7 @@ class RecurrentLearner:
         state, not the one passed in.
         """
         self.check_state(state)
+        self.check_given_hyper(hyper, state)
         xs, single = self.check_step_x(state, x)
         ys = check_targets(self.family, y, self.dtype(state), xs.shape[0], "sequences")
         # NumPy arguments as they are: the jitted step's dispatch moves them (see Learner.update).
@@ -183,6 +191,7 @@ class RecurrentLearner:
         """The prediction of ``y_t`` at input ``x_t`` from the current hidden state, without
         learning and without changing the state."""
         self.check_state(state)
+        self.check_given_hyper(hyper, state)
         xs, single = self.check_step_x(state, x)
         dtype = self.dtype(state)
         return self._predict_jit(device_hyper(self, hyper, dtype), state, np.asarray(xs, dtype), single)
@@ -195,6 +204,7 @@ class RecurrentLearner:
         state like :meth:`update`.
         """
         self.check_state(state)
+        self.check_given_hyper(hyper, state)
         xs, single = self.check_step_x(state, x)
         dtype = self.dtype(state)
         return self._advance_jit(device_hyper(self, hyper, dtype), state, np.asarray(xs, dtype), single)

@@ -122,7 +122,7 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
     """
     base.check_cell(cell, family)
     n = cell.n_state
-    hyper = make_hyper(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise)
+    hyper = own = make_hyper(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise)
     schedule = forgetting if callable(forgetting) else None
     rep = Full(bool(joseph))
     q_state = np.asarray(state_noise, dtype=np.float64)
@@ -134,15 +134,17 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
             raise ValueError(f"state_var must be a non-negative scalar or ({n},) vector")
     state_noise_on = bool(np.any(q_state != 0))
 
-    def init(params, *, batch: int = 1, s0=None, jac0=None, cov=None) -> JointState:
-        """State around ``params``; ``P_0 = [G_0; I] P^θ_0 [G_0; I]ᵀ`` (+ ``state_var``) or ``cov``."""
+    def init(params, hyper=None, *, batch: int = 1, s0=None, jac0=None, cov=None) -> JointState:
+        """State around ``params``; ``P_0 = [G_0; I] P^θ_0 [G_0; I]ᵀ`` (+ ``state_var``) or ``cov``,
+        with ``P^θ_0`` from ``hyper.prior_var`` (default the learner's)."""
         check_params(params)
+        prior_var = (own if hyper is None else hyper).prior_var
         theta, unravel = ravel_pytree(params)
         d, dtype = theta.shape[0], theta.dtype
         s = base.initial_states(cell, params, batch, s0, dtype)
         size = batch * n + d
         if cov is None:
-            p0 = jnp.asarray(numerics.check_covariance(hyper.prior_var, "prior_var", d), dtype)
+            p0 = jnp.asarray(numerics.check_covariance(prior_var, "prior_var", d), dtype)
             g0 = base.initial_jacobians(jac0, batch, n, d, dtype)
             p = factored_covariance(g0, p0)
             if state_var is not None:
@@ -230,4 +232,16 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
 
     config = dict(prior_var=prior_var, forgetting=forgetting, process_noise=process_noise,
                   state_noise=state_noise, state_var=state_var, joseph=joseph)
-    return base.RecurrentLearner("joint_ekf", cell, family, init, step, propagate, JointState, hyper, config)
+    def check(hyper, d):
+        """The joint EKF reads λ and q (and the prior at init); it has no bound and no iterations."""
+        if hyper.max_variance is not None or int(hyper.iterations) != 1:
+            raise ValueError("joint_ekf: no variance bound and no iterated update here (a bound on θ alone would "
+                             "break the factored covariance; use recurrent.rtrl)")
+        if not 0 < float(hyper.forgetting) <= 1:
+            raise ValueError(f"forgetting must lie in (0, 1], got {hyper.forgetting}")
+        if hyper.process_noise is not None:
+            q = np.asarray(hyper.process_noise, np.float64)
+            if q.shape not in ((), (d,)) or not np.all(np.isfinite(q)) or np.any(q < 0):
+                raise ValueError(f"process_noise must be a non-negative scalar or ({d},)")
+
+    return base.RecurrentLearner("joint_ekf", cell, family, init, step, propagate, JointState, hyper, check, config)

@@ -37,7 +37,7 @@ from kalnat.families import Family
 from kalnat.learners import (
     Learner, ekf, information_filter, iterated_ekf, natural_gradient, nig_filter, sqrt_ekf,
 )
-from kalnat.learners.base import check_params
+from kalnat.learners.base import check_hyper, check_params
 from kalnat.linearize import Linearization
 from kalnat.recurrent import base
 from kalnat.recurrent.cells import RecurrentModel
@@ -147,10 +147,11 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
     if not isinstance(core, Learner):
         raise ValueError("learner must build a kalnat Learner (kalnat.ekf, kalnat.natural_gradient, …)")
 
-    def init(params, *, batch: int = 1, s0=None, jac0=None) -> RTRLState:
-        """State around ``params`` for ``batch`` sequences, ``s_0`` and ``G_0`` (zeros)."""
+    def init(params, hyper=None, *, batch: int = 1, s0=None, jac0=None) -> RTRLState:
+        """State around ``params`` (the core's prior from ``hyper``, default its own) for
+        ``batch`` sequences, ``s_0`` and ``G_0`` (zeros)."""
         check_params(params)
-        core_state = core.init(params)
+        core_state = core.init(params, hyper)
         theta, _ = ravel_pytree(core_state.params)
         s = base.initial_states(cell, core_state.params, batch, s0, theta.dtype)
         g = base.initial_jacobians(jac0, batch, cell.n_state, theta.shape[0], theta.dtype)
@@ -190,4 +191,5 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
         return RTRLState(state.core, s, g), _filter.predictive(core, hyper, prior, linearize_at(theta))
 
     config = dict(learner=core.name, correct_state=correct_state, core=core, **options)
-    return base.RecurrentLearner("rtrl", cell, family, init, step, propagate, RTRLState, core.hyper, config)
+    return base.RecurrentLearner("rtrl", cell, family, init, step, propagate, RTRLState, core.hyper,
+                                 lambda hyper, d: check_hyper(core, hyper, d), config)

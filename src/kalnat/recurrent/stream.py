@@ -23,7 +23,7 @@ import functools
 import jax
 import numpy as np
 
-from kalnat.learners.base import check_range, representable
+from kalnat.learners.base import check_range, device_hyper, representable
 from kalnat.recurrent.base import RecurrentLearner, _check_numeric
 from kalnat.stream import FitResult, bad_rows_of, chunk_fn, drive_chunks, pad_chunk
 
@@ -123,7 +123,8 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     mt = (live & ~skipped).T
     st = skipped.T
     per_chunk = min(int(chunk_size), t_len)
-    run = functools.partial(chunk_fn(learner, bool(return_predictions)), learner.hyper if hyper is None else hyper)
+    learner.check_given_hyper(hyper, state)
+    run = functools.partial(chunk_fn(learner, bool(return_predictions)), device_hyper(learner, hyper, dtype))
     state, preds = drive_chunks(
         run, state, t_len, per_chunk,
         lambda start, stop: pad_chunk(xt[start:stop], yt[start:stop], mt[start:stop], per_chunk),

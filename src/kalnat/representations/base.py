@@ -12,9 +12,9 @@ representation says how ``P`` is stored and how each operation is computed in th
 - ``posterior(prior, H, R, e, aux, rows (k,)) -> cov``: the rank-k condition step,
   ``P = P⁻ − P⁻ Hᵀ S⁻¹ H P⁻`` in the representation's own form.
 
-``cov`` (the state's) and ``prior`` are ``NamedTuple`` pytrees with ``dense() -> P (d, d)``
-and ``with_dense(P) -> cov`` (the same posterior in this form: for re-expression in new
-coordinates and :func:`kalnat.covariance`). ``gain`` and ``posterior`` are separate so that the
+``cov`` (the state's) is a ``NamedTuple`` pytree with ``dense() -> P (d, d)`` and
+``with_dense(P) -> cov`` (the same posterior in this form: for re-expression in new coordinates
+and :func:`kalnat.covariance`); ``prior`` is one too, with ``dense() -> P⁻``. ``gain`` and ``posterior`` are separate so that the
 iterated update (several linearisations from one prior) computes the gain at each and the
 covariance once.
 """
@@ -32,6 +32,10 @@ class Representation(abc.ABC):
     name = "representation"
     #: whether additive process noise ``q I`` has a form in this representation
     process_noise = True
+    #: whether ``hyper.forgetting`` is used (a natural-gradient rate schedule may replace it)
+    uses_forgetting = True
+    #: whether ``init`` reads ``hyper.noise_shape`` and ``hyper.noise_scale``
+    noise_prior = False
 
     @abc.abstractmethod
     def init(self, hyper, d, dtype):

@@ -69,6 +69,10 @@ class FisherForm(Representation):
     name = "fisher"
     process_noise = False
 
+    @property
+    def uses_forgetting(self):
+        return self.schedule is None  # a Kalman rate with the filter's λ; other schedules ignore it
+
     def init(self, hyper, d, dtype):
         eta = jnp.asarray(self.eta0, dtype)
         prior = numerics.prior_matrix(hyper.prior_var, d, dtype)

@@ -10,8 +10,8 @@ conjugate family (DeGroot 1970 §9.10; West & Harrison 1997 §4.5); per row, lin
 
 with ``V⁻`` the inner prediction step and ``a⁻ = λ a``, ``b⁻ = λ b`` under forgetting. σ² cancels
 from the gain, so the noise scale only moves the predictive: a Student-t with ``2a⁻`` degrees
-of freedom, location ŷ and scale ``(b⁻/a⁻) S``. For a linear-Gaussian model it is the exact
-conjugate posterior, and its predictive the exact one-step marginal.
+of freedom, location ŷ and scale ``(b⁻/a⁻) S``. For a linear-Gaussian model with λ = 1 it is the
+exact conjugate posterior, and its predictive the exact one-step marginal.
 """
 
 from __future__ import annotations
@@ -51,10 +51,15 @@ class NIG(Representation):
 
     inner: Representation = field(default_factory=Full)
     name = "nig"
+    noise_prior = True
 
     @property
     def process_noise(self):
         return self.inner.process_noise
+
+    @property
+    def uses_forgetting(self):
+        return self.inner.uses_forgetting
 
     def init(self, hyper, d, dtype):
         return NIGCovariance(self.inner.init(hyper, d, dtype), jnp.asarray(hyper.noise_shape, dtype),

@@ -8,7 +8,8 @@ two inverses.
 
 One factorisation per step: with ``Λ⁻ = C Cᵀ``, ``P⁻ Hᵀ = Λ⁻⁻¹ Hᵀ`` and ``H P⁻ Hᵀ`` (the
 predictive) come from ``C``, and ``δθ = Λ_t⁻¹ Hᵀ R⁻¹ e`` is computed as the same vector
-``P⁻ Hᵀ S⁻¹ e`` (the matrix inversion lemma), so ``Λ_t`` itself is only summed, never factored. The variance bound is the covariance form's congruence written on ``Λ⁻``:
+``P⁻ Hᵀ S⁻¹ e`` (the matrix inversion lemma), so ``Λ_t`` itself is only summed, never
+factored. The variance bound is the covariance form's congruence written on ``Λ⁻``:
 ``D⁻¹ Λ⁻ D⁻¹``, the inverse of ``D P⁻ D`` (:func:`kalnat.numerics.precision_bound`).
 """
 
