@@ -36,7 +36,8 @@ from kalnat.predictive import log_predictive, moderated_probs, student_t_log_pro
 
 __all__ = [
     "Hyper", "State", "Predictive", "init", "predict", "predictive", "condition", "step",
-    "assemble_predictive", "row_log_likelihood", "minibatch_log_likelihood", "forgetting_at", "covariance", "with_covariance", "check_live",
+    "assemble_predictive", "row_log_likelihood", "minibatch_log_likelihood", "forgetting_at",
+    "covariance", "with_covariance", "check_live",
 ]
 
 

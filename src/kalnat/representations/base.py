@@ -14,9 +14,9 @@ representation says how ``P`` is stored and how each operation is computed in th
 
 ``cov`` (the state's) is a ``NamedTuple`` pytree with ``dense() -> P (d, d)`` and
 ``with_dense(P) -> cov`` (the same posterior in this form: for re-expression in new coordinates
-and :func:`kalnat.covariance`); ``prior`` is one too, with ``dense() -> P⁻``. ``gain`` and ``posterior`` are separate so that the
-iterated update (several linearisations from one prior) computes the gain at each and the
-covariance once.
+and :func:`kalnat.covariance`); ``prior`` is one too, with ``dense() -> P⁻``. ``gain`` and
+``posterior`` are separate so that the iterated update (several linearisations from one prior)
+computes the gain at each and the covariance once.
 """
 
 from __future__ import annotations
