@@ -29,7 +29,7 @@ _NAMES = {
     "Learner": "kalnat.learners", "ekf": "kalnat.learners", "information_filter": "kalnat.learners",
     "iterated_ekf": "kalnat.learners", "natural_gradient": "kalnat.learners",
     "nig_filter": "kalnat.learners", "sqrt_ekf": "kalnat.learners",
-    "Linearization": "kalnat.linearize", "linearize": "kalnat.linearize",
+    "Linearization": "kalnat.linearization", "linearize": "kalnat.linearization",
     "FitResult": "kalnat.stream", "fit": "kalnat.stream", "log_evidence": "kalnat.stream",
     "auto": "kalnat.bank", "ekf_bank": "kalnat.bank",
 }

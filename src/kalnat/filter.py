@@ -31,7 +31,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
-from kalnat.linearize import Linearization, masked, stack
+from kalnat.linearization import Linearization, masked, stack
 from kalnat.predictive import log_predictive, moderated_probs, student_t_log_prob
 
 __all__ = [

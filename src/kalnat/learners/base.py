@@ -28,7 +28,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kalnat import filter as _filter
-from kalnat import linearize as _lin
+from kalnat import linearization as _lin
 from kalnat import numerics
 from kalnat.families import Family
 from kalnat.filter import Hyper, Predictive, State, check_live

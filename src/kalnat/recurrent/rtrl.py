@@ -38,7 +38,7 @@ from kalnat.learners import (
     Learner, ekf, information_filter, iterated_ekf, natural_gradient, nig_filter, sqrt_ekf,
 )
 from kalnat.learners.base import check_hyper, check_params
-from kalnat.linearize import Linearization
+from kalnat.linearization import Linearization
 from kalnat.recurrent import base
 from kalnat.recurrent.cells import RecurrentModel
 
