@@ -1,7 +1,8 @@
 """Predictive log-likelihoods and moderated (posterior-averaged) predictive probabilities.
 
 The filter's Gaussian posterior N(θ, P) gives, through the linearisation, a Gaussian on the
-mean parameter ŷ with covariance ``H P Hᵀ`` (``Predictive.mean_cov``, docs/method.md §5). The
+mean parameter ŷ with covariance ``H P⁻ Hᵀ`` (``Predictive.mean_cov``, from the prior of the
+step, docs/method.md §5). The
 *plug-in* probability uses ŷ alone; the *moderated* one integrates the family's likelihood
 over the posterior of the raw output z (MacKay 1992, "The evidence framework applied to
 classification networks"):
@@ -13,12 +14,12 @@ classification networks"):
 - Poisson: the Poisson–log-normal probability by Gauss–Hermite quadrature over z.
 
 The covariance of z follows from that of ŷ exactly, because ŷ = link(z) and H_ŷ = J_link H_z:
-``Cov z = J⁻¹ (H P Hᵀ) J⁻ᵀ`` with ``J = ∂ŷ/∂z`` (``p(1−p)`` for Bernoulli, ``λ`` for Poisson,
+``Cov z = J⁻¹ (H P⁻ Hᵀ) J⁻ᵀ`` with ``J = ∂ŷ/∂z`` (``p(1−p)`` for Bernoulli, ``λ`` for Poisson,
 ``diag(p) − p pᵀ`` on the K−1 free logits for Categorical).
 
 :func:`log_predictive` is the one-step predictive log-likelihood ``log p(y_t | y_<t)`` of a
 row, the quantity whose product over the stream is a filter's evidence (used by
-:mod:`kalnat.bank`). For a Gaussian family it is the exact ``N(y; ŷ, H P Hᵀ + R)``; for
+:mod:`kalnat.bank`). For a Gaussian family it is the exact ``N(y; ŷ, H P⁻ Hᵀ + R)``; for
 a linear-Gaussian model that is the exact marginal likelihood.
 """
 
@@ -66,7 +67,7 @@ def moderated_probs(family, yhat, mean_cov):
 
     Args:
       family: Bernoulli or Categorical.
-      yhat: ``(m,)`` plug-in mean parameter; mean_cov: ``(m, m)`` = ``H P Hᵀ``.
+      yhat: ``(m,)`` plug-in mean parameter; mean_cov: ``(m, m)`` = ``H P⁻ Hᵀ``.
     """
     dt = yhat.dtype
     if family.name == "bernoulli":
@@ -123,10 +124,10 @@ def log_predictive(family, yhat, mean_cov, obs_cov, y, moderated: bool = False):
 
     Args:
       family: the output family.
-      yhat: ``(m,)`` ŷ; mean_cov: ``(m, m)`` ``H P Hᵀ``; obs_cov: ``(m, m)`` ``H P Hᵀ + R``.
+      yhat: ``(m,)`` ŷ; mean_cov: ``(m, m)`` ``H P⁻ Hᵀ``; obs_cov: ``(m, m)`` ``H P⁻ Hᵀ + R``.
       y: the observation (the family's event shape).
       moderated: integrate over the posterior (classifiers, Poisson); a Gaussian family is
-        always integrated (``N(y; ŷ, H P Hᵀ + R)``).
+        always integrated (``N(y; ŷ, H P⁻ Hᵀ + R)``).
     """
     dt = yhat.dtype
     name = family.name

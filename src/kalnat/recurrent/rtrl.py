@@ -59,7 +59,7 @@ class RTRLState(NamedTuple):
     """State of natural-gradient RTRL for ``B`` parallel sequences.
 
     Attributes:
-      core: the core learner's state (:class:`~kalnat.EKFState`, …) holding θ and its
+      core: the core learner's state (a :class:`~kalnat.State`) holding θ and its
         covariance-like matrix (P_t for the EKF) and the step count.
       s: ``(B, n)`` hidden states s_t.
       jac: ``(B, n, d)`` RTRL Jacobians G_t = ∂s_t/∂θ.
