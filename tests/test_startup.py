@@ -70,3 +70,25 @@ def test_the_compilation_cache_is_written_reused_relocatable_and_can_be_turned_o
     off = tmp_path / "off"
     assert _learn(data, tmp_path / "r3", _env(KALNAT_CACHE_DIR=str(off), KALNAT_NO_CACHE="1")) == first
     assert not off.exists()
+
+
+def test_fixed_chunk_compiles_one_program_and_learns_the_same():
+    import jax
+    import kalnat
+    from kalnat.stream import chunk_fn
+
+    model = kalnat.models.linear(3)
+    learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.99)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(50, 3))
+    y = (X[:, 0] > 0).astype(int)
+    plain = kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=16)
+    state, preds = learner.init(model.init(None)), []
+    for a, b in [(0, 2), (2, 4), (4, 8), (8, 16), (16, 50)]:  # blocks of the command's lengths
+        res = kalnat.fit(learner, state, X[a:b], y[a:b], chunk_size=16, fixed_chunk=True)
+        state = res.state
+        preds.append(res.predictions.probs)
+    assert chunk_fn(learner, True)._cache_size() == 1  # one shape for every block length
+    np.testing.assert_array_equal(np.concatenate(preds), plain.predictions.probs)
+    for a_leaf, b_leaf in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(plain.state)):
+        np.testing.assert_array_equal(a_leaf, b_leaf)

@@ -76,6 +76,9 @@ METHODS = {
 }
 
 GAUSSIAN_FIRST_SCORED_ROW = 3
+# Minibatches per compiled scan call: every block is padded to it (skipped rows cost a branch),
+# so a run compiles one program.
+CHUNK = 64
 
 
 # A floor on the covariance R of T(y). When a prediction saturates (a probability rounds to
@@ -330,7 +333,7 @@ class OnlineRunner:
         batch = int(self.cfg["batch_size"])
         if self.scheme == "running":
             res = kalnat.fit(self.learner, self.state, self.scale_features(X), ytrain,
-                             batch_size=batch, chunk_size=256, callback=callback)
+                             batch_size=batch, chunk_size=CHUNK, fixed_chunk=True, callback=callback)
             self.state, p = res.state, res.predictions
         else:
             p = self._learn_in_blocks(X, ytrain, batch, callback)
@@ -365,10 +368,10 @@ class OnlineRunner:
                 Z = _clipped((Xb - self.coords[0]) / self.coords[1], self.clip)
             self.scaler = scaling.transform_and_update(self.scaler, Xb)[1]
             cb = None if callback is None else (lambda off: lambda done, st, pc: callback(off + done, st, pc))(pos)
-            # two scan shapes in all (row by row for short blocks, 256 per call for long
-            # ones), not one per block length: each shape compiles once
+            # one scan shape for every block (the short early ones padded with skipped rows):
+            # one compiled program per run
             res = kalnat.fit(self.learner, self.state, Z, ytrain[pos:cut], batch_size=batch,
-                             chunk_size=1 if cut - pos < 256 * batch else 256, callback=cb)
+                             chunk_size=CHUNK, fixed_chunk=True, callback=cb)
             self.state = res.state
             preds.append(res.predictions)
             pos = cut

@@ -92,7 +92,8 @@ def chunk_fn(learner, keep: bool):
 
 def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int = 256,
         return_predictions: bool = True, progress: bool = False,
-        callback: Optional[Callable] = None, skip_bad_rows: bool = False, hyper=None) -> FitResult:
+        callback: Optional[Callable] = None, skip_bad_rows: bool = False, hyper=None,
+        fixed_chunk: bool = False) -> FitResult:
     """Learns rows ``X (n, …)``, ``Y (n, …)`` in order, ``batch_size`` rows per update.
 
     A minibatch is one update at one linearisation point (docs/method.md §2d); for a
@@ -114,6 +115,9 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
         and it is flagged in ``FitResult.skipped``. Wrong shapes and dtypes still raise.
       hyper: the hyperparameters (:class:`kalnat.filter.Hyper`; a bank's stacked ones);
         default the learner's own.
+      fixed_chunk: always scan ``chunk_size`` minibatches per call, padding a shorter stream
+        with masked rows (skipped, no step): one compiled program for streams of any length,
+        where the default compiles one per shorter length (cheaper to run, more to compile).
     """
     learner._check_state(state)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -139,7 +143,7 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
 
     dtype = np.dtype(learner._dtype(state))
     n_batches = math.ceil(n / batch_size)
-    per_chunk = min(chunk_size, n_batches)
+    per_chunk = chunk_size if fixed_chunk else min(chunk_size, n_batches)
     rows_per_chunk = per_chunk * batch_size
     shape = (per_chunk, batch_size)
 
