@@ -5,11 +5,13 @@
 - :class:`Cholesky`: a lower factor ``L`` with ``P = L Lᵀ`` (the square-root EKF).
 - :class:`PrecisionForm`: ``Λ = P⁻¹`` (the information filter).
 - :class:`FisherForm`: a Fisher matrix and learning rate, ``P = η J⁻¹`` (natural gradient).
+- :class:`Diagonal`: ``P = diag(p)``, O(d) memory (the variational-diagonal EKF).
 - :class:`NIG`: any of them with an unknown noise scale (normal–inverse-gamma).
 """
 
 from kalnat.representations.base import Representation
 from kalnat.representations.cholesky import Cholesky, CholeskyFactor
+from kalnat.representations.diagonal import Diagonal, DiagonalCovariance
 from kalnat.representations.fisher import Fisher, FisherForm, FisherPrior
 from kalnat.representations.full import Covariance, Full, PriorCovariance
 from kalnat.representations.nig import NIG, NIGCovariance
@@ -18,4 +20,5 @@ from kalnat.representations.precision import Precision, PrecisionForm
 __all__ = [
     "Representation", "Full", "Covariance", "PriorCovariance", "Cholesky", "CholeskyFactor",
     "PrecisionForm", "Precision", "FisherForm", "Fisher", "FisherPrior", "NIG", "NIGCovariance",
+    "Diagonal", "DiagonalCovariance",
 ]
