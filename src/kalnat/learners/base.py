@@ -195,11 +195,9 @@ class Learner(Boundary):
     def _dtype(state):
         return jax.tree_util.tree_leaves(state.params)[0].dtype
 
-    @functools.cached_property
+    @property
     def _cov_type(self):
-        """The type of this representation's ``cov`` (from a 1-parameter abstract init)."""
-        probe = Hyper(noise_shape=1.0, noise_scale=1.0)
-        return type(jax.eval_shape(lambda: self.representation.init(probe, 1, jnp.float32)))
+        return self.representation.state_type
 
     def _check_state(self, state):
         if not isinstance(state, State) or type(state.cov) is not self._cov_type:

@@ -6,10 +6,12 @@
 - :class:`PrecisionForm`: ``Λ = P⁻¹`` (the information filter).
 - :class:`FisherForm`: a Fisher matrix and learning rate, ``P = η J⁻¹`` (natural gradient).
 - :class:`Diagonal`: ``P = diag(p)``, O(d) memory (the variational-diagonal EKF).
+- :class:`Blocks`: one full covariance per group of parameters (the decoupled EKF).
 - :class:`NIG`: any of them with an unknown noise scale (normal–inverse-gamma).
 """
 
 from kalnat.representations.base import Representation
+from kalnat.representations.blocks import BlockCovariance, Blocks
 from kalnat.representations.cholesky import Cholesky, CholeskyFactor
 from kalnat.representations.diagonal import Diagonal, DiagonalCovariance
 from kalnat.representations.fisher import Fisher, FisherForm, FisherPrior
@@ -20,5 +22,5 @@ from kalnat.representations.precision import Precision, PrecisionForm
 __all__ = [
     "Representation", "Full", "Covariance", "PriorCovariance", "Cholesky", "CholeskyFactor",
     "PrecisionForm", "Precision", "FisherForm", "Fisher", "FisherPrior", "NIG", "NIGCovariance",
-    "Diagonal", "DiagonalCovariance",
+    "Diagonal", "DiagonalCovariance", "Blocks", "BlockCovariance",
 ]

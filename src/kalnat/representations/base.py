@@ -30,6 +30,8 @@ class Representation(abc.ABC):
     """Base of the static (hashable) representation objects held by a learner."""
 
     name = "representation"
+    #: the NamedTuple type of the state's ``cov`` (set by every representation)
+    state_type: type = tuple
     #: whether additive process noise ``q I`` has a form in this representation
     process_noise = True
     #: whether ``hyper.forgetting`` is used (a natural-gradient rate schedule may replace it)

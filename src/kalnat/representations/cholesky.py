@@ -137,6 +137,7 @@ class Cholesky(Representation):
     """The square-root form: ``P = L Lᵀ`` positive definite by construction in any precision."""
 
     name = "cholesky"
+    state_type = CholeskyFactor
 
     def init(self, hyper, d, dtype):
         chol = jnp.linalg.cholesky(numerics.prior_matrix(hyper.prior_var, d, dtype))

@@ -46,6 +46,7 @@ class Diagonal(Representation):
     """The variational-diagonal form (docs/method.md §6)."""
 
     name = "diagonal"
+    state_type = DiagonalCovariance
 
     def init(self, hyper, d, dtype):
         v = jnp.asarray(hyper.prior_var, dtype)

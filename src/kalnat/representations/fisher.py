@@ -67,6 +67,7 @@ class FisherForm(Representation):
     eta0: float = 1.0
     damping: float = 0.0
     name = "fisher"
+    state_type = Fisher
     process_noise = False
 
     @property

@@ -80,6 +80,7 @@ class Full(Representation):
 
     joseph: bool = False
     name = "full"
+    state_type = Covariance
 
     def init(self, hyper, d, dtype):
         return Covariance(numerics.prior_matrix(hyper.prior_var, d, dtype))

@@ -51,6 +51,7 @@ class NIG(Representation):
 
     inner: Representation = field(default_factory=Full)
     name = "nig"
+    state_type = NIGCovariance
     noise_prior = True
 
     @property

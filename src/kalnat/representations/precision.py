@@ -61,6 +61,7 @@ class PrecisionForm(Representation):
     """The information form."""
 
     name = "precision"
+    state_type = Precision
 
     def init(self, hyper, d, dtype):
         return Precision(numerics.spd_inverse(numerics.prior_matrix(hyper.prior_var, d, dtype)))
