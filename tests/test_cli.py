@@ -256,3 +256,22 @@ def test_forgetting_with_a_constant_column_does_not_wind_up(tmp_path):
         assert m["rows_seen"] == n and m["final"]["log_loss"] < 0.5
         final[method] = m["final"]["log_loss"]
     assert final["natgrad"] == pytest.approx(final["ekf"], rel=1e-9)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "blocks"])
+def test_covariance_option_learns_and_its_checkpoint_predicts(tmp_path, logistic_csv, covariance):
+    """--covariance diag|blocks: the filter on another representation, single and as the bank,
+    and the checkpoint rebuilds it for predict; a method with a form of its own refuses it."""
+    for extra, name in ((["--prior-var", "1"], "one"), ([], "bank")):
+        out = tmp_path / f"{covariance}-{name}"
+        _ok(["learn", logistic_csv, "--out", str(out), "--quiet", "--covariance", covariance] + extra)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["final"]["log_loss"] < 0.6  # learns (the data's base rate is ~0.69)
+        if name == "one":
+            kind = {"diag": "DiagonalCovariance", "blocks": "BlockCovariance"}[covariance]
+            assert checkpoint.read_header(out / "model.npz")["state_type"] == f"State[{kind}]"
+        rows = list(csv.DictReader(io.StringIO(_ok(["predict", "--model-dir", str(out), logistic_csv]).output)))
+        assert len(rows) == 120
+    res = CliRunner().invoke(cli, ["learn", logistic_csv, "--out", str(tmp_path / "x"), "--quiet",
+                                   "--covariance", covariance, "--method", "information", "--prior-var", "1"])
+    assert res.exit_code != 0 and "applies to --method ekf" in res.output

@@ -353,7 +353,7 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
              forgettings: Sequence[float] = DEFAULT_FORGETTINGS, iterations=1,
              share: float = DEFAULT_SHARE, moderated: bool = False,
              max_variance: Union[None, float, Callable[[float], float]] = default_max_variance, input_shape=None,
-             learner: Optional[str] = None) -> Bank:
+             learner: Optional[str] = None, representation=None) -> Bank:
     """The grid ``prior_vars × forgettings`` of EKFs (or iterated EKFs, or normal–inverse-gamma
     filters for a Gaussian family with unknown noise when ``learner="nig"``) as one bank.
 
@@ -389,11 +389,12 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
             raise ValueError(f"max_variance must be positive or None, got {b} (prior_var {v})")
 
     top = max(counts)
+    rep = dict(representation=representation)
     if kind == "nig":
-        base = nig_filter(model, family, iterations=top, input_shape=input_shape)
+        base = nig_filter(model, family, iterations=top, input_shape=input_shape, **rep)
     elif kind in ("ekf", "iterated"):
-        base = iterated_ekf(model, family, iterations=top, input_shape=input_shape) if top > 1 else \
-            ekf(model, family, input_shape=input_shape)
+        base = iterated_ekf(model, family, iterations=top, input_shape=input_shape, **rep) if top > 1 else \
+            ekf(model, family, input_shape=input_shape, **rep)
     else:
         raise ValueError(f"unknown learner {kind!r}; expected 'ekf', 'iterated' or 'nig'")
     base = dataclasses.replace(base, moderated=bool(moderated))
@@ -408,7 +409,7 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
     return bank(base, configs, share=share, name=f"{kind}_bank")
 
 
-def auto(model, family, *, input_shape=None) -> Bank:
+def auto(model, family, *, input_shape=None, representation=None) -> Bank:
     """kalnat with no settings: a bank over prior scale and forgetting.
 
     Gaussian targets use normal–inverse-gamma filters (noise scale learned online and
@@ -417,5 +418,5 @@ def auto(model, family, *, input_shape=None) -> Bank:
     plug-in probabilities (moderated ones scored worse on every bundled classification set).
     """
     if family.name == "gaussian" and family.m == 1:
-        return ekf_bank(model, family, learner="nig", input_shape=input_shape)
-    return ekf_bank(model, family, iterations=(1, 2), input_shape=input_shape)
+        return ekf_bank(model, family, learner="nig", input_shape=input_shape, representation=representation)
+    return ekf_bank(model, family, iterations=(1, 2), input_shape=input_shape, representation=representation)

@@ -21,7 +21,7 @@ import sys
 
 import click
 
-from kalnat.cli_choices import DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_model
+from kalnat.cli_choices import COVARIANCES, DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_model
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -100,6 +100,10 @@ def _settings_options(f):
                      "exact Kalman translation) are one filter in four forms; sqrt-ekf keeps a "
                      "Cholesky factor (float32, ill-scaled data); iterated relinearises twice per "
                      "update; nig (gaussian targets) learns the noise scale."),
+        click.option("--covariance", default="full", show_default=True, type=click.Choice(list(COVARIANCES)),
+                     help="How θ's uncertainty is stored: the full covariance, its diagonal (O(d) "
+                     "memory, the variational-diagonal EKF) or one block per layer's weights and "
+                     "biases (the decoupled EKF). For --method ekf, iterated and nig, and the bank."),
         click.option("--forget", "forgetting", default=None, type=float,
                      metavar="λ", help="Forgetting factor in (0, 1]; < 1 follows drift "
                      "(natural gradient with learning rate → 1 − λ). Default, with no "
@@ -134,7 +138,8 @@ def _settings_options(f):
 
 def _config(kw) -> dict:
     cfg = {k: kw[k] for k in ("target", "family", "classes", "model_spec", "method", "forgetting",
-                              "prior_var", "batch_size", "clip", "scaling", "seed", "skip_bad_rows")}
+                              "prior_var", "batch_size", "clip", "scaling", "seed", "skip_bad_rows",
+                              "covariance")}
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
     parse_model(cfg["model_spec"])  # early, clear error for a bad --model

@@ -3,6 +3,9 @@
 # What --method names; kalnat.cli_learn.METHODS builds each (tests check the two agree).
 METHOD_NAMES = ("ekf", "ekf-joseph", "information", "natgrad", "sqrt-ekf", "iterated", "nig")
 FAMILIES = ("gaussian", "bernoulli", "categorical", "poisson")
+# How θ's uncertainty is stored (kalnat.representations): the full covariance, its diagonal
+# (O(d)), or one block per layer's weights and biases (the decoupled EKF).
+COVARIANCES = ("full", "diag", "blocks")
 
 # How features are standardised for the filter (earlier rows only, always):
 #   running  each row by the statistics of all rows before it. The coordinates move under the

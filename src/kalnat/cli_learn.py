@@ -37,8 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import kalnat
-from kalnat import baselines, checkpoint, datasets, families, models, scaling, schedules
-from kalnat.cli_choices import DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_model  # noqa: F401 (re-exported)
+from kalnat import baselines, checkpoint, datasets, families, models, representations, scaling, schedules
+from kalnat.cli_choices import COVARIANCES, DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_model  # noqa: F401
 
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
            "learn_stream", "LearnResult", "LoadedModel"]
@@ -49,9 +49,9 @@ def _filter(make, **options):
     forgets, its variances are bounded as the bank's members' are (no wind-up along a feature
     that stays constant); without forgetting P only shrinks and the bound is left off (the
     exact filter)."""
-    def build(model, fam, pv, lam):
+    def build(model, fam, pv, lam, **more):  # more: the representation (--covariance)
         bound = None if lam == 1.0 else kalnat.bank.default_max_variance(pv)
-        return make(model, fam, prior_var=pv, forgetting=lam, max_variance=bound, **options)
+        return make(model, fam, prior_var=pv, forgetting=lam, max_variance=bound, **options, **more)
     return build
 
 
@@ -136,6 +136,17 @@ def single_settings(cfg: dict) -> tuple[float, float]:
     return float(1.0 if pv is None else pv), float(1.0 if lam is None else lam)
 
 
+def make_representation(name: str, shapes):
+    """The representation ``--covariance name`` stands for (``None``: the method's own, full)."""
+    if name in (None, "full"):
+        return None
+    if name == "diag":
+        return representations.Diagonal()
+    if name == "blocks":
+        return representations.Blocks.per_leaf(shapes)
+    raise ValueError(f"--covariance {name!r}: expected one of {', '.join(COVARIANCES)}")
+
+
 def build_learner(cfg: dict, family: families.Family, n_features: int):
     """``(model, learner, initial state)`` from the command's settings.
 
@@ -150,15 +161,22 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
     model = build_model(cfg["model_spec"], n_features, family)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     d = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes)))
-    if 8 * d * d > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
+    rep = make_representation(cfg.get("covariance"), shapes)
+    if rep is not None and cfg["method"] not in ("ekf", "iterated", "nig"):
+        raise ValueError(f"--covariance {cfg['covariance']} applies to --method ekf, iterated or nig "
+                         f"({cfg['method']} has a form of its own)")
+    largest = d if not isinstance(rep, (representations.Diagonal, representations.Blocks)) else \
+        (1 if isinstance(rep, representations.Diagonal) else max(rep.sizes))
+    if 8 * d * largest > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
         raise ValueError(f"--model {cfg['model_spec']} on {n_features} features has {d} parameters: "
                          f"the filter's {d} × {d} covariance would need {8 * d * d / 2**30:.0f} GiB; "
-                         "use a smaller model")
+                         "use a smaller model or --covariance diag")
+    extra = {} if rep is None else dict(representation=rep)
     if uses_bank(cfg):
         opts = cfg.get("bank")
-        learner = kalnat.ekf_bank(model, family, **opts) if opts else kalnat.auto(model, family)
+        learner = kalnat.ekf_bank(model, family, **opts, **extra) if opts else kalnat.auto(model, family, **extra)
     else:
-        learner = METHODS[cfg["method"]](model, family, *single_settings(cfg))
+        learner = METHODS[cfg["method"]](model, family, *single_settings(cfg), **extra)
     params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))
     return model, learner, learner.init(params)
 
@@ -395,6 +413,7 @@ class OnlineRunner:
             "classes": self.classes,
             "model": self.cfg["model_spec"],
             "method": self.cfg["method"],
+            "covariance": self.cfg.get("covariance") or "full",
             "prior_var": self.cfg.get("prior_var"),
             "forgetting": self.cfg.get("forgetting"),
             "bank": self.cfg.get("bank"),
@@ -642,7 +661,8 @@ class LoadedModel:
         classes = extra["classes"]
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
         cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
-               "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"]}
+               "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"],
+               "covariance": extra.get("covariance", "full")}
         _, learner, template = build_learner(cfg, family, len(extra["feature_names"]))
         state = checkpoint.load(path, like=template)
         return cls(extra, state, learner, family)
