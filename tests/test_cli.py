@@ -275,3 +275,20 @@ def test_covariance_option_learns_and_its_checkpoint_predicts(tmp_path, logistic
     res = CliRunner().invoke(cli, ["learn", logistic_csv, "--out", str(tmp_path / "x"), "--quiet",
                                    "--covariance", covariance, "--method", "information", "--prior-var", "1"])
     assert res.exit_code != 0 and "applies to --method ekf" in res.output
+
+
+def test_delimiter_by_name_and_a_hint_for_a_tsv(tmp_path):
+    """--delimiter tab (or '\\t') reads a TSV; reading one without it names the fix; a long
+    delimiter is a one-line error, not a traceback."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(40, 2))
+    y = (X[:, 0] > 0).astype(int)
+    path = tmp_path / "d.tsv"
+    path.write_text("a\tb\ty\n" + "".join(f"{r[0]:.5f}\t{r[1]:.5f}\t{t}\n" for r, t in zip(X, y)))
+    for name in ("tab", "\\t", "\t"):
+        _ok(["learn", str(path), "--out", str(tmp_path / "out"), "--quiet", "--prior-var", "1", "--delimiter", name])
+    res = CliRunner().invoke(cli, ["learn", str(path), "--out", str(tmp_path / "o2"), "--quiet", "--target", "y"])
+    assert res.exit_code != 0 and "--delimiter tab" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["learn", str(path), "--out", str(tmp_path / "o3"), "--quiet", "--delimiter", "ab"])
+    assert res.exit_code != 0 and "expected one character" in res.output and res.exception is None or \
+        isinstance(res.exception, SystemExit)

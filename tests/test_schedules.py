@@ -51,3 +51,16 @@ def test_as_schedule():
     assert S.as_schedule(0.1) == S.Constant(0.1)
     f = S.as_schedule(lambda t: 1.0 / t)
     assert isinstance(f, S.Function) and float(f(4, 1.0)) == 0.25
+
+
+def test_a_rate_that_needs_forgetting_above_one_has_no_filter():
+    """A constant rate c after η_0 > c/(1 − c), or a schedule that falls too fast, would need λ_t > 1
+    (negative process noise): refused, naming the step, where the filter itself refuses λ > 1."""
+    with pytest.raises(ValueError, match=r"λ_1 = 9, outside \(0, 1\].*eta0 ≤ 0.111111"):
+        S.natural_to_kalman(S.constant(0.1), eta0=1.0)
+    with pytest.raises(ValueError, match=r"λ_3"):
+        S.natural_to_kalman(lambda t: 0.9 if t < 3 else 0.1, eta0=0.9)
+    # feasible ones still translate: the first step's λ_1 = η_0 (1/c − 1) ≤ 1
+    assert S.natural_to_kalman(S.constant(0.5), eta0=0.5).forgetting == 0.5
+    settings = S.natural_to_kalman(lambda t: 1.0 / (t + 1), eta0=1.0)
+    assert float(settings.forgetting(5)) == pytest.approx(1.0)

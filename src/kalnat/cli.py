@@ -21,7 +21,9 @@ import sys
 
 import click
 
-from kalnat.cli_choices import COVARIANCES, DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_model
+from kalnat.cli_choices import (
+    COVARIANCES, DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_delimiter, parse_model,
+)
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -129,7 +131,8 @@ def _settings_options(f):
                      help="Rows read and learned per chunk (memory is bounded by this)."),
         click.option("--skip-bad-rows", is_flag=True, help="Skip malformed rows (counted in the "
                      "report) instead of stopping at the first one."),
-        click.option("--delimiter", default=",", show_default=True, help="CSV field separator."),
+        click.option("--delimiter", default=",", show_default=True, help="CSV field separator: one "
+                     "character, or tab (also \\t), comma, semicolon, space, pipe."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -154,7 +157,7 @@ def _open(data, kw, **more):
     from kalnat import datasets
 
     return datasets.open_source(data, target=kw.get("target"), chunk_rows=kw["chunk_rows"],
-                                skip_bad_rows=kw["skip_bad_rows"], delimiter=kw["delimiter"],
+                                skip_bad_rows=kw["skip_bad_rows"], delimiter=parse_delimiter(kw["delimiter"]),
                                 shuffle_seed=kw.get("shuffle"), **more)
 
 
@@ -226,7 +229,7 @@ def learn(data, out_dir, quiet, **kw):
               help="Output CSV (- for standard output).")
 @click.option("--chunk-rows", default=10_000, show_default=True, type=click.IntRange(1))
 @click.option("--skip-bad-rows", is_flag=True, help="Skip malformed rows instead of stopping.")
-@click.option("--delimiter", default=",", show_default=True)
+@click.option("--delimiter", default=",", show_default=True, help="CSV field separator (as for learn).")
 def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
     """Predictions with uncertainty for the rows of DATA (CSV, - or a bundled set).
 

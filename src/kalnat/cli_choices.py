@@ -34,3 +34,17 @@ def parse_model(spec: str):
         if hidden and all(h > 0 for h in hidden):
             return "mlp", hidden
     raise ValueError(f"--model {spec!r}: expected 'linear' or 'mlp:W1,W2,…' (positive widths)")
+
+
+# --delimiter's names for separators a shell makes awkward to type
+DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "space": " ", "pipe": "|"}
+
+
+def parse_delimiter(text: str) -> str:
+    """``--delimiter``: one character, or a name (``tab`` or ``\\t``, ``comma``, ``semicolon``,
+    ``space``, ``pipe``)."""
+    value = DELIMITER_NAMES.get(text.lower() if len(text) > 1 else text, text)
+    if len(value) != 1:
+        names = ", ".join(sorted(k for k in DELIMITER_NAMES if k.isalpha()))
+        raise ValueError(f"--delimiter {text!r}: expected one character or one of {names} (or \\t)")
+    return value

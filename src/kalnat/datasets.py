@@ -311,13 +311,21 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
     return Source(label, names, tname, chunks())
 
 
+def _separator_hint(header) -> str:
+    """A hint when the header looks split on another separator than the one given."""
+    for name, sep in (("tab", "\t"), ("semicolon", ";"), ("space", " "), ("pipe", "|")):
+        if len(header) == 1 and sep in header[0]:
+            return f"; the header has one column containing {name}s: pass --delimiter {name}"
+    return ""
+
+
 def _target_index(label, header, target, require_target, feature_names, line):
     if target is not None:
         if target in header:
             return header.index(target)
         if require_target:
             raise DataError(label, f"no target column {target!r} in the header "
-                                   f"(columns: {', '.join(header)})", line=line)
+                                   f"(columns: {', '.join(header)}){_separator_hint(header)}", line=line)
         return None
     if not require_target:
         # Prediction: any column the model does not use as a feature is ignored.
@@ -326,7 +334,8 @@ def _target_index(label, header, target, require_target, feature_names, line):
         if h.lower() in _TARGET_NAMES:
             return i
     if len(header) < 2:
-        raise DataError(label, "need at least two columns (features and a target)", line=line)
+        raise DataError(label, "need at least two columns (features and a target)" + _separator_hint(header),
+                        line=line)
     return len(header) - 1
 
 

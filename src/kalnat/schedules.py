@@ -148,7 +148,9 @@ def natural_to_kalman(learning_rate, fisher_rate=None, eta0: float = 1.0,
 
     Raises:
       ValueError: when ``γ_t ≠ η_t`` (the Fisher matrix and θ must be learned at the same
-        rate), or a constant rate outside ``(0, 1)``.
+        rate), a constant rate outside ``(0, 1)``, or rates that would need a forgetting
+        factor λ_t outside (0, 1] (λ_t > 1 is negative process noise: no filter does that;
+        checked over the first :data:`CHECKED_STEPS` steps of a schedule given as a function).
     """
     lr = as_schedule(learning_rate)
     if fisher_rate is not None and as_schedule(fisher_rate) != lr:
@@ -165,8 +167,25 @@ def natural_to_kalman(learning_rate, fisher_rate=None, eta0: float = 1.0,
         if eta0 == c:
             return KalmanSettings(prior, 1.0 - c)
         first = eta0 * (1.0 / c - 1.0)
+        _check_forgetting(1, first, f"eta0 = {eta0:g} with a constant rate {c:g}",
+                          f"; use eta0 ≤ {c / (1 - c):g} (e.g. eta0 = {c:g})")
         return KalmanSettings(prior, lambda t: jnp.where(t == 1, first, 1.0 - c))
     fn = lr.fn
+    previous = float(eta0)
+    for t in range(1, CHECKED_STEPS + 1):
+        rate = float(fn(t))
+        _check_forgetting(t, previous * (1.0 / rate - 1.0) if rate > 0 else float("nan"),
+                          f"the rate η_{t} = {rate:g} after η_{t - 1} = {previous:g}")
+        previous = rate
     return KalmanSettings(
         prior, lambda t: jnp.where(t == 1, eta0, fn(t - 1)) * (1.0 / fn(t) - 1.0)
     )
+
+
+CHECKED_STEPS = 1000
+
+
+def _check_forgetting(t, lam, what, hint=""):
+    if not 0.0 < lam <= 1.0 + 1e-12:  # (1/t schedules give λ = 1 up to rounding)
+        raise ValueError(f"no Kalman counterpart: {what} needs a forgetting factor λ_{t} = {lam:g}, outside (0, 1] "
+                         f"(λ > 1 is negative process noise){hint}")
