@@ -292,3 +292,23 @@ def test_delimiter_by_name_and_a_hint_for_a_tsv(tmp_path):
     res = CliRunner().invoke(cli, ["learn", str(path), "--out", str(tmp_path / "o3"), "--quiet", "--delimiter", "ab"])
     assert res.exit_code != 0 and "expected one character" in res.output and res.exception is None or \
         isinstance(res.exception, SystemExit)
+
+
+@pytest.mark.parametrize("where", ["target", "feature"])
+def test_a_value_too_large_to_standardise_is_a_located_error(tmp_path, where):
+    """1e308 in a cell: a located error and a non-zero exit (it used to print a NaN log-loss
+    and exit 0, or blame the prior), and with --skip-bad-rows the row is skipped and counted."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(30, 2))
+    y = X[:, 0] + 0.1 * rng.normal(size=30)
+    lines = ["a,b,y"] + [f"{r[0]:.5f},{r[1]:.5f},{t:.5f}" for r, t in zip(X, y)]
+    lines[17] = "1e308,0.5,1.0" if where == "feature" else "0.5,0.5,1e308"
+    path = tmp_path / "big.csv"
+    path.write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(cli, ["learn", str(path), "--out", str(tmp_path / "o"), "--quiet", "--family", "gaussian"])
+    column = "a" if where == "feature" else "y"
+    assert res.exit_code != 0 and f"line 18, column '{column}'" in res.output and "too large" in res.output
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    _ok(["learn", str(path), "--out", str(tmp_path / "s"), "--quiet", "--family", "gaussian", "--skip-bad-rows"])
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["rows_skipped"] == 1 and np.isfinite(metrics["final"]["rmse"])

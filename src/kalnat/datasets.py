@@ -346,6 +346,16 @@ def _bad(label, line, column, reason, skip, skipped):
     skipped.append((int(line), column, reason))
 
 
+# Values are standardised with running means and variances: a square must stay finite in
+# float64 (and sums of many of them), so magnitudes beyond this are refused, located.
+MAX_MAGNITUDE = 1e150
+
+
+def _too_large(v) -> str:
+    return (f"value {str(v).strip()!r} is too large (beyond ±{MAX_MAGNITUDE:g}, where standardising it "
+            "overflows); rescale the column")
+
+
 def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped) -> Chunk:
     """Numeric features of a block of rows; a bad cell is located by line and column."""
     cells = np.array([[r[i] for i in f_idx] for r in rows], dtype=object).reshape(len(rows), len(f_idx))
@@ -366,6 +376,11 @@ def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped) -> Chunk:
                     _bad(label, lines[k], header[f_idx[j]], what, skip, skipped)
                     break
         good &= np.isfinite(np.where(good[:, None], X, 0.0)).all(axis=1)
+    huge = good & (np.abs(np.where(good[:, None], X, 0.0)) > MAX_MAGNITUDE).any(axis=1)
+    for k in np.flatnonzero(huge):
+        j = int(np.flatnonzero(np.abs(X[k]) > MAX_MAGNITUDE)[0])
+        _bad(label, lines[k], header[f_idx[j]], _too_large(cells[k, j]), skip, skipped)
+    good &= ~huge
     for k in np.flatnonzero(~good):
         if not any(s[0] == lines[k] for s in skipped):
             j = int(np.flatnonzero(~np.isfinite(X[k]))[0])
@@ -470,4 +485,7 @@ class TargetCoder:
                       f"count {v!r} is not a non-negative integer" if self.family == "poisson"
                       else f"non-numeric target {v!r}")
             _bad(label, lines[k], column, reason, skip, skipped)
+        for k in np.flatnonzero(good & (np.abs(np.where(good, out, 0.0)) > MAX_MAGNITUDE)):
+            good[k] = False
+            _bad(label, lines[k], column, _too_large(y[k]), skip, skipped)
         return out, good
