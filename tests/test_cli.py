@@ -312,3 +312,20 @@ def test_a_value_too_large_to_standardise_is_a_located_error(tmp_path, where):
     _ok(["learn", str(path), "--out", str(tmp_path / "s"), "--quiet", "--family", "gaussian", "--skip-bad-rows"])
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["rows_skipped"] == 1 and np.isfinite(metrics["final"]["rmse"])
+
+
+def test_an_empty_target_cell_in_a_numeric_target_is_named(tmp_path):
+    """One empty cell among 300 real targets: the task is still a regression, and the cell is
+    named (it used to make the target look like 299 classes), or skipped with --skip-bad-rows."""
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(300, 2))
+    y = 100 + 10 * X[:, 0] + rng.normal(size=300)
+    lines = ["a,b,price"] + [f"{r[0]:.5f},{r[1]:.5f},{t:.3f}" for r, t in zip(X, y)]
+    lines[41] = lines[41].rsplit(",", 1)[0] + ","
+    path = tmp_path / "p.csv"
+    path.write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(cli, ["learn", str(path), "--out", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code != 0 and "line 42, column 'price': empty target" in res.output
+    _ok(["learn", str(path), "--out", str(tmp_path / "s"), "--quiet", "--skip-bad-rows"])
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["family"] == "gaussian" and metrics["rows_skipped"] == 1

@@ -408,10 +408,11 @@ def infer_task(y, max_classes: int = 20):
     Numbers that are not all integers → gaussian; {0, 1} → bernoulli; a few non-negative
     integers → categorical over 0..max; more distinct non-negative integers including a
     zero → poisson; other integers → gaussian; text labels → bernoulli (two of them) or categorical.
+    Empty cells are left out of the guess (they are reported, or skipped, as bad rows).
     """
     vals = [str(v).strip() for v in y]
     nums = []
-    for v in vals:
+    for v in (v for v in vals if v):  # an empty cell says nothing about the task (it is a bad row)
         try:
             nums.append(float(v))
         except ValueError:
