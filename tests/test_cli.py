@@ -329,3 +329,15 @@ def test_an_empty_target_cell_in_a_numeric_target_is_named(tmp_path):
     _ok(["learn", str(path), "--out", str(tmp_path / "s"), "--quiet", "--skip-bad-rows"])
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["family"] == "gaussian" and metrics["rows_skipped"] == 1
+
+
+def test_no_numpy_warnings_on_the_terminal(tmp_path):
+    """compare with a learning rate that makes the baselines diverge: reported as diverged,
+    and no RuntimeWarning reaches the output."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = _ok(["compare", "diabetes", "--out", str(tmp_path / "c"), "--no-kalnat-grid", "--lr-grid", "1"])
+    assert "diverged" in res.output and "Warning" not in res.output
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]

@@ -20,6 +20,7 @@ import os
 import sys
 
 import click
+import numpy as np
 
 from kalnat.cli_choices import (
     COVARIANCES, DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_delimiter, parse_model,
@@ -65,7 +66,10 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            # A baseline that diverges (compare's largest rates) is reported as such; NumPy's
+            # overflow warnings on the way are not for the terminal.
+            with np.errstate(all="ignore"):
+                return super().invoke(ctx)
         except DataError as err:
             raise click.ClickException(str(err)) from None
         except ValueError as err:
