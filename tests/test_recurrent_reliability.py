@@ -224,10 +224,11 @@ def test_values_beyond_a_float32_state_are_refused_or_skipped():
         assert np.all(np.isnan(res.predictions.mean[bad]))
 
 
-def test_float32_forgetting_needs_the_square_root_core():
-    """Float32 RTRL with forgetting: the covariance-form core loses positive definiteness to
-    rounding and turns NaN (after ~1 600 steps at λ = 0.995 on this series; ~2 600 with a
-    variance bound); the square-root core runs the whole stream with noise-level forecasts."""
+def test_float32_forgetting_runs_with_the_square_root_core():
+    """Float32 RTRL with forgetting: the square-root core runs the whole stream with
+    noise-level forecasts (the covariance-form core, run alongside for the README's account,
+    lost positive definiteness to rounding after ~1 600 steps at λ = 0.995 on this series; that
+    is a fact about it, not a requirement, so it is not asserted)."""
     cell = recurrent.elman(n_inputs=1, n_state=4)
     rng = np.random.default_rng(0)
     series = np.sin(0.3 * np.arange(3001)) + 0.1 * rng.normal(size=3001)
@@ -235,10 +236,9 @@ def test_float32_forgetting_needs_the_square_root_core():
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), cell.init(jax.random.PRNGKey(0)))
     fam = families.Gaussian(0.1)
     out = {}
-    for core, bound in (("ekf", None), ("sqrt_ekf", 1.0)):
+    for core, bound in (("sqrt_ekf", 1.0),):
         lrn = recurrent.rtrl(cell, fam, learner=core, prior_var=1.0, forgetting=0.995, max_variance=bound)
         res = recurrent.fit_sequence(lrn, lrn.init(params), x, y, chunk_size=1000)
         out[core] = np.asarray(res.predictions.mean, np.float64).ravel()
-    assert not np.all(np.isfinite(out["ekf"]))
     assert np.all(np.isfinite(out["sqrt_ekf"]))
     assert np.sqrt(np.mean((out["sqrt_ekf"][-1000:] - y[-1000:]) ** 2)) < 0.15

@@ -229,7 +229,7 @@ def test_float32_long_stream_sqrt_stays_close_to_float64():
     assert np.linalg.eigvalsh(p32).min() > 0.5 * np.linalg.eigvalsh(p64).min()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(d=st.integers(1, 12), m=st.integers(1, 20), seed=st.integers(0, 10_000))
 def test_downdate_is_symmetric_and_exact(d, m, seed):
     """``P − W Wᵀ`` as fused outer products (m ≤ 16) or a product: bitwise symmetric for
@@ -243,3 +243,24 @@ def test_downdate_is_symmetric_and_exact(d, m, seed):
     np.testing.assert_allclose(out, P - W @ W.T, rtol=1e-12, atol=1e-12 * np.abs(P).max())
     if m <= numerics.SMALL:
         np.testing.assert_array_equal(out, out.T)
+
+
+def test_float32_square_root_factor_tracks_float64_over_a_long_stream():
+    """The compensated summation of the square-root form (README Reliability: P within 5e-8 of
+    float64 over 10⁶ float32 rows): over 2·10⁵ rows P stays within 2e-6 of the float64 run.
+    Without the compensation the error is ~100 × larger (rounding drops a biased share of each
+    late, tiny update and P drifts up)."""
+    rng = np.random.default_rng(0)
+    n, d = 200_000, 8
+    scales = 10.0 ** np.linspace(-1, 1, d)
+    X = (rng.normal(size=(n, d)) * scales).astype(np.float32)
+    y = (X.astype(np.float64) @ (rng.normal(size=d) / scales) + 0.5 * rng.normal(size=n)).astype(np.float32)
+    model = kalnat.models.linear(d, bias=False)
+    learner = kalnat.sqrt_ekf(model, F.Gaussian(0.25), prior_var=1.0)
+    P = {}
+    for dtype in (jnp.float32, jnp.float64):
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
+        state = kalnat.fit(learner, learner.init(params), X, y, chunk_size=8192, return_predictions=False).state
+        P[dtype] = kalnat.covariance(state)
+    rel = np.linalg.norm(P[jnp.float32] - P[jnp.float64]) / np.linalg.norm(P[jnp.float64])
+    assert rel < 2e-6, rel
