@@ -311,3 +311,20 @@ def test_stream_killed_mid_run_resumes_to_the_uninterrupted_state(tmp_path):
     final = checkpoint.load(tmp_path / "final.npz", like)
     assert int(final.count) == worker.ROWS
     assert_identical(final, uninterrupted)
+
+
+def test_the_folder_is_synced_after_the_rename(tmp_path, monkeypatch):
+    """A rename is durable only once the folder's entry is on disk: save fsyncs the file, then
+    the folder (issue: the file was fsync'ed, its directory not)."""
+    import stat
+
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    checkpoint.save(tmp_path / "s.npz", LEARNERS["ekf"][0].init(MODEL.init(None)))
+    assert synced == [False, True]  # the file, then its folder

@@ -89,3 +89,14 @@ def test_needs_a_gaussian_family_and_positive_noise_prior():
         kalnat.nig_filter(MODEL, kalnat.families.Bernoulli())
     with pytest.raises(ValueError, match="positive"):
         kalnat.nig_filter(MODEL, GAUSS, noise_shape=0.0)
+
+
+def test_nig_filter_needs_no_family():
+    """The gaussian-target learner of the README's table: Gaussian(1) by default (σ² is the
+    noise variance itself); another family is refused by name."""
+    model = kalnat.models.linear(2)
+    learner = kalnat.nig_filter(model, prior_var=1.0)
+    state, pred = learner.update(learner.init(model.init(None)), np.array([0.5, -1.0]), 0.3)
+    assert learner.family.name == "gaussian" and np.isfinite(np.asarray(pred.obs_cov)).all()
+    with pytest.raises(ValueError, match="Gaussian family"):
+        kalnat.nig_filter(model, kalnat.families.Bernoulli())

@@ -7,7 +7,30 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["learning_curves", "comparison", "bank_weights"]
+__all__ = ["learning_curves", "comparison", "bank_weights", "distinct_colors", "wrap_title"]
+
+TITLE_WIDTH = 60  # characters per title line: longer titles are wrapped, not cut at the edge
+
+
+def wrap_title(title: str, width: int = TITLE_WIDTH) -> str:
+    """``title`` broken into lines of at most ``width`` characters (at spaces)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) if title else title
+
+
+def distinct_colors(n: int) -> list:
+    """``n`` colours no two of which are the same: matplotlib's cycle up to 10, ``tab20`` up to
+    20, then evenly spaced hues."""
+    import numpy as np
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        cmap = plt.get_cmap("tab20")
+        return [cmap(i) for i in range(n)]
+    cmap = plt.get_cmap("hsv")
+    return [cmap(v) for v in np.linspace(0.0, 1.0, n, endpoint=False)]
 
 
 def learning_curves(curve: dict, metric: str, path: str, title: str = "") -> list[str]:
@@ -26,7 +49,7 @@ def learning_curves(curve: dict, metric: str, path: str, title: str = "") -> lis
             ax.legend()
         ax.set_xlabel("rows seen")
         ax.set_ylabel(label)
-        ax.set_title(title)
+        ax.set_title(wrap_title(title), fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         p = f"{path}_{key}.png"
@@ -52,7 +75,7 @@ def comparison(curves: dict, references: dict, path: str, title: str = "",
         ax.set_ylim(lo - 0.1 * span, lo + span)
     ax.set_xlabel("rows seen")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(wrap_title(title), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -71,7 +94,7 @@ def bank_weights(rows, weights, labels, path: str, title: str = "") -> str:
     rest = np.setdiff1d(np.arange(len(labels)), shown)
     bands = [w[:, k] for k in shown] + ([w[:, rest].sum(axis=1)] if len(rest) else [])
     names = [labels[k] for k in shown] + ([f"{len(rest)} others"] if len(rest) else [])
-    colors = [f"C{i % 10}" for i in range(len(shown))] + (["0.8"] if len(rest) else [])
+    colors = distinct_colors(len(shown)) + (["0.8"] if len(rest) else [])
     fig, ax = plt.subplots(figsize=(7, 3.8))
     if bands:
         ax.stackplot(rows, *bands, labels=names, colors=colors)
@@ -79,7 +102,7 @@ def bank_weights(rows, weights, labels, path: str, title: str = "") -> str:
     ax.set_ylim(0, 1)
     ax.set_xlabel("rows seen")
     ax.set_ylabel("weight when the row was predicted")
-    ax.set_title(title)
+    ax.set_title(wrap_title(title), fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
