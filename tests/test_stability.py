@@ -204,22 +204,28 @@ def test_sqrt_ekf_equals_ekf_in_float64(forgetting, noise, batch):
     assert_healthy(b.state)
 
 
-def test_float32_long_stream_sqrt_stays_close_to_float64():
-    """2·10⁴ rows of an ill-scaled linear-Gaussian stream (feature scales 10^±1, P's condition
-    number ~10⁴) in float32: L keeps a positive diagonal and θ, P stay near the float64 run
-    (benchmarks/long_stream_float32.py runs 10⁶ rows)."""
-    rng = np.random.default_rng(6)
-    n, d = 20_000, 6
+def _long_stream_states(n, d, seed, chunk_size):
+    """The square-root form's states, float32 and float64, after the same ill-scaled
+    linear-Gaussian stream (feature scales 10^±1)."""
+    rng = np.random.default_rng(seed)
     scales = 10.0 ** np.linspace(-1, 1, d)
     X = (rng.normal(size=(n, d)) * scales).astype(np.float32)
     y = (X.astype(np.float64) @ (rng.normal(size=d) / scales) + 0.5 * rng.normal(size=n)).astype(np.float32)
     model = kalnat.models.linear(d, bias=False)
-    lrn = kalnat.sqrt_ekf(model, F.Gaussian(0.25), prior_var=1.0)
-    out = {}
+    learner = kalnat.sqrt_ekf(model, F.Gaussian(0.25), prior_var=1.0)
+    out = []
     for dtype in (jnp.float32, jnp.float64):
         params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
-        out[dtype] = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=4096, return_predictions=False).state
-    s32, s64 = out[jnp.float32], out[jnp.float64]
+        out.append(kalnat.fit(learner, learner.init(params), X, y, chunk_size=chunk_size,
+                              return_predictions=False).state)
+    return tuple(out)
+
+
+def test_float32_long_stream_sqrt_stays_close_to_float64():
+    """2·10⁴ rows of an ill-scaled linear-Gaussian stream (feature scales 10^±1, P's condition
+    number ~10⁴) in float32: L keeps a positive diagonal and θ, P stay near the float64 run
+    (benchmarks/long_stream_float32.py runs 10⁶ rows)."""
+    s32, s64 = _long_stream_states(20_000, 6, seed=6, chunk_size=4096)
     assert s32.cov.chol.dtype == jnp.float32
     assert_healthy(s32)
     th32, th64 = flat(s32.params), flat(s64.params)
@@ -250,17 +256,7 @@ def test_float32_square_root_factor_tracks_float64_over_a_long_stream():
     float64 over 10⁶ float32 rows): over 2·10⁵ rows P stays within 2e-6 of the float64 run.
     Without the compensation the error is ~100 × larger (rounding drops a biased share of each
     late, tiny update and P drifts up)."""
-    rng = np.random.default_rng(0)
-    n, d = 200_000, 8
-    scales = 10.0 ** np.linspace(-1, 1, d)
-    X = (rng.normal(size=(n, d)) * scales).astype(np.float32)
-    y = (X.astype(np.float64) @ (rng.normal(size=d) / scales) + 0.5 * rng.normal(size=n)).astype(np.float32)
-    model = kalnat.models.linear(d, bias=False)
-    learner = kalnat.sqrt_ekf(model, F.Gaussian(0.25), prior_var=1.0)
-    P = {}
-    for dtype in (jnp.float32, jnp.float64):
-        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
-        state = kalnat.fit(learner, learner.init(params), X, y, chunk_size=8192, return_predictions=False).state
-        P[dtype] = kalnat.covariance(state)
-    rel = np.linalg.norm(P[jnp.float32] - P[jnp.float64]) / np.linalg.norm(P[jnp.float64])
+    s32, s64 = _long_stream_states(200_000, 8, seed=0, chunk_size=8192)
+    P32, P64 = covariance(s32), covariance(s64)
+    rel = np.linalg.norm(P32 - P64) / np.linalg.norm(P64)
     assert rel < 2e-6, rel
