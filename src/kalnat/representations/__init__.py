@@ -7,6 +7,8 @@
 - :class:`FisherForm`: a Fisher matrix and learning rate, ``P = η J⁻¹`` (natural gradient).
 - :class:`Diagonal`: ``P = diag(p)``, O(d) memory (the variational-diagonal EKF).
 - :class:`Blocks`: one full covariance per group of parameters (the decoupled EKF).
+- :class:`Groups`: groups of parameters, each in a representation of its own.
+- :class:`LowRank`: diagonal plus rank-k precision, O(d k) memory (LoFi).
 - :class:`NIG`: any of them with an unknown noise scale (normal–inverse-gamma).
 """
 
@@ -15,6 +17,8 @@ from kalnat.representations.blocks import BlockCovariance, Blocks
 from kalnat.representations.cholesky import Cholesky, CholeskyFactor
 from kalnat.representations.diagonal import Diagonal, DiagonalCovariance
 from kalnat.representations.fisher import Fisher, FisherForm, FisherPrior
+from kalnat.representations.groups import GroupCovariance, Groups, last_layer_full
+from kalnat.representations.lowrank import LowRank, LowRankPrecision, LowRankPrior
 from kalnat.representations.full import Covariance, Full, PriorCovariance
 from kalnat.representations.nig import NIG, NIGCovariance
 from kalnat.representations.precision import Precision, PrecisionForm
@@ -22,5 +26,6 @@ from kalnat.representations.precision import Precision, PrecisionForm
 __all__ = [
     "Representation", "Full", "Covariance", "PriorCovariance", "Cholesky", "CholeskyFactor",
     "PrecisionForm", "Precision", "FisherForm", "Fisher", "FisherPrior", "NIG", "NIGCovariance",
-    "Diagonal", "DiagonalCovariance", "Blocks", "BlockCovariance",
+    "Diagonal", "DiagonalCovariance", "Blocks", "BlockCovariance", "LowRank", "LowRankPrecision",
+    "LowRankPrior", "Groups", "GroupCovariance", "last_layer_full",
 ]

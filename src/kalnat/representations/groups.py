@@ -1,0 +1,135 @@
+"""Groups of parameters, each in a representation of its own, cross-covariances dropped.
+
+``P = blockdiag(P_1, …, P_G)`` over consecutive groups of θ, with group ``g`` stored by any
+representation (full, low rank, diagonal, …). This is the decoupled EKF (Puskorius & Feldkamp
+1991) with a free choice per group, e.g. a full covariance for a network's last layer and a low
+rank plus diagonal precision for the rest (Duran-Martin et al. 2025): :func:`last_layer_full`.
+
+The observation couples the groups through ``S = Σ_g H_g P_g⁻ H_gᵀ + R``. Group ``g`` is
+conditioned exactly as a filter of its own whose observation noise also carries the other
+groups' uncertainty, ``R_g = R + Σ_{o≠g} H_o P_o⁻ H_oᵀ``: then ``H_g P_g⁻ H_gᵀ + R_g = S``, so
+its gain ``P_g⁻ H_gᵀ S⁻¹`` and covariance update ``P_g⁻ − P_g⁻ H_gᵀ S⁻¹ H_g P_g⁻`` are the
+block-diagonal filter's, in its own representation. With one group it is that representation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kalnat.representations.base import Representation
+from kalnat.representations.blocks import leaf_sizes
+from kalnat.representations.full import Full
+
+__all__ = ["Groups", "GroupCovariance", "last_layer_full"]
+
+
+class GroupCovariance(NamedTuple):
+    """``parts``: one covariance (or prior) per group, each in its group's representation."""
+
+    parts: Tuple
+
+    def dense(self):
+        return jax.scipy.linalg.block_diag(*[p.dense() for p in self.parts])
+
+    def with_dense(self, P):
+        P = jnp.asarray(P)
+        out, i = [], 0
+        for part in self.parts:
+            n = _size(part)
+            out.append(part.with_dense(P[i:i + n, i:i + n]))
+            i += n
+        return GroupCovariance(tuple(out))
+
+
+def _size(part) -> int:
+    return int(jax.tree_util.tree_leaves(part)[0].shape[0])
+
+
+@dataclass(frozen=True)
+class Groups(Representation):
+    """Consecutive groups of ``sizes`` parameters, group ``g`` in representation ``parts[g]``."""
+
+    sizes: Tuple[int, ...]
+    parts: Tuple[Representation, ...]
+    name = "groups"
+    state_type = GroupCovariance
+
+    def __post_init__(self):
+        if len(self.sizes) != len(self.parts) or not self.sizes:
+            raise ValueError(f"Groups: {len(self.sizes)} sizes for {len(self.parts)} representations")
+        for rep in self.parts:
+            if rep.noise_prior or not rep.uses_forgetting:
+                raise ValueError(f"Groups: a group cannot be in the {rep.name} representation "
+                                 "(it needs the whole of θ)")
+
+    @property
+    def process_noise(self):
+        return all(rep.process_noise for rep in self.parts)
+
+    def _cuts(self):
+        return np.cumsum((0,) + tuple(self.sizes))
+
+    def _split(self, v, axis=0):
+        c = self._cuts()
+        return [jax.lax.slice_in_dim(v, int(a), int(b), axis=axis) for a, b in zip(c[:-1], c[1:])]
+
+    def _split_option(self, v):
+        if v is None:
+            return [None] * len(self.sizes)
+        v = jnp.asarray(v)
+        return [v] * len(self.sizes) if v.ndim == 0 else self._split(v)
+
+    def init(self, hyper, d, dtype):
+        if sum(self.sizes) != d:
+            raise ValueError(f"groups of sizes {self.sizes} cover {sum(self.sizes)} parameters, the model has {d}")
+        v = jnp.asarray(hyper.prior_var, dtype)
+        if v.ndim == 2:
+            c = self._cuts()
+            priors = [v[a:b, a:b] for a, b in zip(c[:-1], c[1:])]
+        else:
+            priors = self._split_option(v)
+        return GroupCovariance(tuple(rep.init(hyper._replace(prior_var=pv), n, dtype)
+                                     for rep, n, pv in zip(self.parts, self.sizes, priors)))
+
+    def inflate(self, cov, t, lam, q, bound):
+        return GroupCovariance(tuple(
+            rep.inflate(c, t, lam, qg, bg) for rep, c, qg, bg in
+            zip(self.parts, cov.parts, self._split_option(q), self._split_option(bound))))
+
+    def quad(self, prior, h):
+        return sum(rep.quad(p, hg) for rep, p, hg in zip(self.parts, prior.parts, self._split(h, axis=1)))
+
+    def gain(self, prior, H, R, e):
+        hs = self._split(H, axis=1)
+        quads = [rep.quad(p, hg) for rep, p, hg in zip(self.parts, prior.parts, hs)]
+        total = sum(quads)
+        deltas, auxes, noises = [], [], []
+        for rep, p, hg, qg in zip(self.parts, prior.parts, hs, quads):
+            rg = R + (total - qg)  # the other groups' uncertainty joins the noise
+            dg, _, aux = rep.gain(p, hg, rg, e)
+            deltas.append(dg)
+            auxes.append(aux)
+            noises.append(rg)
+        return jnp.concatenate(deltas), total, (tuple(auxes), tuple(noises))
+
+    def posterior(self, prior, H, R, e, aux, rows):
+        auxes, noises = aux
+        return GroupCovariance(tuple(
+            rep.posterior(p, hg, rg, e, a, rows) for rep, p, hg, rg, a in
+            zip(self.parts, prior.parts, self._split(H, axis=1), noises, auxes)))
+
+
+def last_layer_full(params, rest: Representation) -> Groups:
+    """The preset "full last layer, ``rest`` for the others": the params pytree's last two
+    leaves in ``ravel_pytree`` order (for :func:`kalnat.models.mlp`, the output layer's bias and
+    weights) in one full covariance, every other parameter in ``rest`` (e.g. ``LowRank(10)``)."""
+    sizes = leaf_sizes(params)
+    if len(sizes) < 3:
+        raise ValueError("last_layer_full: the model has no layer before its last; use Full()")
+    last = int(sum(sizes[-2:]))
+    return Groups((int(sum(sizes[:-2])), last), (rest, Full()))

@@ -1,0 +1,191 @@
+"""Structured covariances on the covariance interface: low rank plus diagonal (LoFi's form) and
+groups in representations of their own (the "full last layer" preset). Each is the exact filter
+where nothing is approximated, keeps what it promises where something is, never holds a d × d
+array, stays positive definite in float32 and runs everywhere a representation runs."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import kalnat
+from kalnat import recurrent
+from kalnat.representations import Blocks, Diagonal, Full, Groups, LowRank, last_layer_full
+
+FAMILIES = {"gaussian": kalnat.families.Gaussian(0.5), "bernoulli": kalnat.families.Bernoulli(),
+            "poisson": kalnat.families.Poisson(), "categorical": kalnat.families.Categorical(3)}
+
+
+def _stream(family, seed, n=40, p=4):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p))
+    z = X @ rng.normal(size=(p, 3))
+    y = {"gaussian": z[:, 0] + 0.7 * rng.normal(size=n),
+         "bernoulli": (rng.random(n) < 1 / (1 + np.exp(-z[:, 0]))) * 1,
+         "poisson": rng.poisson(np.exp(0.4 * z[:, 0])),
+         "categorical": np.argmax(z + rng.gumbel(size=(n, 3)), axis=1)}[family]
+    return X, y
+
+
+def _agree(a, b, tol):
+    np.testing.assert_allclose(kalnat.covariance(b.state), kalnat.covariance(a.state), rtol=tol,
+                               atol=tol * np.abs(kalnat.covariance(a.state)).max())
+    for x, y in zip(jax.tree_util.tree_leaves(b.state.params), jax.tree_util.tree_leaves(a.state.params)):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(b.log_likelihood, a.log_likelihood, rtol=tol, atol=tol)
+
+
+OPTIONS = [dict(), dict(forgetting=0.9, process_noise=0.02, max_variance=0.8)]
+
+
+@pytest.mark.parametrize("family,opts", [("gaussian", OPTIONS[1]), ("bernoulli", OPTIONS[0]),
+                                         ("poisson", OPTIONS[1]), ("categorical", OPTIONS[1])])
+def test_low_rank_of_rank_at_least_d_is_the_exact_ekf(family, opts):
+    X, y = _stream(family, 1)
+    fam = FAMILIES[family]
+    model = kalnat.models.linear(4, fam.n_outputs)
+    d = 5 * fam.n_outputs
+    exact = kalnat.ekf(model, fam, prior_var=0.7, **opts)
+    low = kalnat.ekf(model, fam, prior_var=0.7, representation=LowRank(d + 1), **opts)
+    a = kalnat.fit(exact, exact.init(model.init(None)), X, y, batch_size=2)
+    b = kalnat.fit(low, low.init(model.init(None)), X, y, batch_size=2)
+    _agree(a, b, 1e-9)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), lam=st.floats(0.8, 1.0), q=st.floats(0.0, 0.1))
+def test_low_rank_prediction_step_is_exact_on_random_problems(seed, lam, q):
+    """υ⁻, W⁻ of the prediction step give exactly (P/λ + qI)⁻¹, whatever W is."""
+    rng = np.random.default_rng(seed)
+    d, k = 7, 3
+    cov = kalnat.representations.LowRankPrecision(jnp.asarray(rng.uniform(0.2, 3.0, d)),
+                                                 jnp.asarray(rng.normal(size=(d, k))))
+    P = np.linalg.inv(np.diag(cov.ups) + cov.w @ cov.w.T)
+    prior = LowRank(k).inflate(cov, 1, lam, q if q > 0 else None, None)
+    expected = P / lam + q * np.eye(d)
+    np.testing.assert_allclose(prior.dense(), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.inv(np.diag(prior.ups) + prior.w @ prior.w.T), expected, rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_low_rank_truncation_keeps_the_precision_diagonal_and_the_top_directions():
+    """Re-projection to rank k: diag(Λ⁻ + Hᵀ R⁻¹ H) kept exactly; in the prior's diagonal
+    metric, the dropped part is the smallest singular directions."""
+    rng = np.random.default_rng(3)
+    d, k, m = 9, 2, 3
+    rep = LowRank(k)
+    cov = kalnat.representations.LowRankPrecision(jnp.asarray(rng.uniform(0.5, 2.0, d)),
+                                                 jnp.asarray(rng.normal(size=(d, k))))
+    prior = rep.inflate(cov, 1, 1.0, None, None)
+    H, R = jnp.asarray(rng.normal(size=(m, d))), jnp.asarray(np.diag(rng.uniform(0.5, 2.0, m)))
+    post = rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool))
+    full = np.diag(prior.ups) + prior.w @ prior.w.T + H.T @ np.linalg.solve(R, H)
+    np.testing.assert_allclose(post.ups + np.sum(post.w ** 2, axis=1), np.diag(full), rtol=1e-12)
+    white = full / np.sqrt(np.outer(prior.ups, prior.ups)) - np.eye(d)       # Ã Ãᵀ
+    top = np.linalg.eigvalsh(white)[::-1][:k]
+    kept = np.linalg.eigvalsh((post.w / np.sqrt(prior.ups)[:, None]).T @ (post.w / np.sqrt(prior.ups)[:, None]))
+    np.testing.assert_allclose(np.sort(kept)[::-1], top, rtol=1e-10)
+
+
+def test_one_group_is_its_representation_and_full_groups_are_the_decoupled_ekf():
+    X, y = _stream("gaussian", 2)
+    X = X[:, :3]
+    model = kalnat.models.mlp(3, (3,))
+    params = model.init(jax.random.PRNGKey(0))
+    d = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))
+    fam = kalnat.families.Gaussian(0.2)
+    opts = OPTIONS[1]
+
+    def run(rep):
+        learner = kalnat.ekf(model, fam, prior_var=0.5, representation=rep, **opts)
+        return kalnat.fit(learner, learner.init(params), X, np.tanh(y), batch_size=2)
+
+    _agree(run(Full()), run(Groups((d,), (Full(),))), 1e-10)
+    blocks = run(Blocks((d - 4, 4)))
+    _agree(blocks, run(Groups((d - 4, 4), (Full(), Full()))), 1e-10)
+    # the preset with a rank that drops nothing is the same block-diagonal filter
+    _agree(blocks, run(last_layer_full(params, LowRank(d - 4))), 1e-9)
+
+
+def _step_shapes(learner, state, d, p):
+    x, y = jnp.ones((1, p)), jnp.ones((1,))
+    jaxpr = jax.make_jaxpr(lambda s: learner.step(learner.hyper, s, x, y))(state)
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            yield from (v.aval.shape for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+    return [s for s in walk(jaxpr.jaxpr) if len(s) >= 2 and s[-1] == d and s[-2] == d]
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "last-layer-full"])
+def test_structured_steps_never_hold_a_d_by_d_array(structure):
+    model = kalnat.models.mlp(40, (8,))
+    params = model.init(jax.random.PRNGKey(0))
+    d = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))
+    rep = LowRank(4) if structure == "lowrank" else last_layer_full(params, LowRank(4))
+    learner = kalnat.ekf(model, kalnat.families.Bernoulli(), representation=rep, forgetting=0.99,
+                         process_noise=1e-4, max_variance=10.0)
+    assert _step_shapes(learner, learner.init(params), d, 40) == []
+    full = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.99)
+    assert _step_shapes(full, full.init(params), d, 40)  # the check can see one
+
+
+@pytest.mark.parametrize("structure", ["diag", "blocks", "lowrank", "last-layer-full"])
+def test_structures_stay_positive_definite_over_a_long_float32_stream(structure):
+    """10⁵ rows in float32 with forgetting, a dead input and the bound: every structure keeps
+    a positive definite, finite, bounded covariance."""
+    rng = np.random.default_rng(4)
+    n, p = 100_000, 3
+    X = rng.normal(size=(n, p)).astype(np.float32)
+    X[:, 2] = 0.0  # a dead feature: wind-up without the bound
+    y = (rng.random(n) < 1 / (1 + np.exp(-X @ np.array([1.0, -2.0, 0.0])))).astype(np.float32)
+    model = kalnat.models.mlp(p, (2,))
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), model.init(jax.random.PRNGKey(1)))
+    rep = {"diag": Diagonal(), "blocks": Blocks.per_leaf(params), "lowrank": LowRank(2),
+           "last-layer-full": last_layer_full(params, LowRank(2))}[structure]
+    learner = kalnat.ekf(model, kalnat.families.Bernoulli(), representation=rep, forgetting=0.98,
+                         process_noise=1e-6, max_variance=5.0)
+    res = kalnat.fit(learner, learner.init(params), X, y, chunk_size=8192)
+    leaves = jax.tree_util.tree_leaves(res.state.cov)
+    assert all(a.dtype == np.float32 and np.all(np.isfinite(a)) for a in leaves), [(a.dtype, np.isfinite(a).all()) for a in leaves]
+    P = kalnat.covariance(res.state)
+    # the bound caps the prior P⁻ a step uses (a truncated low-rank posterior may exceed it)
+    prior = np.asarray(rep.inflate(res.state.cov, n + 1, np.float32(0.98), np.float32(1e-6), np.float32(5.0)).dense())
+    assert np.linalg.eigvalsh(P).min() > 0 and np.linalg.eigvalsh(prior).min() > 0
+    assert np.diag(prior).max() <= 5.0 * (1 + 1e-3)
+    assert np.all(np.isfinite(res.log_likelihood)) and -np.mean(res.log_likelihood[-1000:]) < 0.6
+
+
+def test_low_rank_runs_in_a_bank_rtrl_and_the_iterated_and_nig_filters():
+    X, y = _stream("bernoulli", 5, n=30)
+    model = kalnat.models.linear(4)
+    params = model.init(None)
+    rep = LowRank(2)
+    b = kalnat.ekf_bank(model, kalnat.families.Bernoulli(), representation=rep)
+    assert np.all(np.isfinite(kalnat.fit(b, b.init(params), X, y).log_likelihood))
+    it = kalnat.iterated_ekf(model, kalnat.families.Bernoulli(), iterations=2, representation=rep)
+    assert np.all(np.isfinite(kalnat.fit(it, it.init(params), X, y).log_likelihood))
+    nig = kalnat.nig_filter(model, representation=rep)
+    assert np.all(np.isfinite(kalnat.fit(nig, nig.init(params), X, X[:, 0] + 0.1).log_likelihood))
+    cell = recurrent.elman(1, 3)
+    rt = recurrent.rtrl(cell, kalnat.families.Gaussian(0.3), representation=LowRank(3), prior_var=0.5)
+    z = np.sin(0.3 * np.arange(41))
+    res = recurrent.fit_sequence(rt, rt.init(cell.init(jax.random.PRNGKey(0))), z[:-1, None], z[1:])
+    assert np.all(np.isfinite(res.log_likelihood))
+
+
+def test_bad_structures_say_what_is_wrong():
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LowRank(0)
+    model = kalnat.models.linear(3)
+    learner = kalnat.ekf(model, kalnat.families.Bernoulli(), prior_var=np.eye(4), representation=LowRank(2))
+    with pytest.raises(ValueError, match="scalar or a \\(d,\\) diagonal"):
+        learner.init(model.init(None))
+    with pytest.raises(ValueError, match="no layer before its last"):
+        last_layer_full(model.init(None), LowRank(2))
+    with pytest.raises(ValueError, match="2 sizes for 1 representations"):
+        Groups((2, 2), (Full(),))
