@@ -57,3 +57,19 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
             exec(compile(code, f"{path.name}, python block {i + 1}", "exec"), namespace)
         except Exception as err:  # name the block that failed
             raise AssertionError(f"{path.name}, python block {i + 1} failed: {type(err).__name__}: {err}\n{code}") from err
+
+
+def test_every_command_and_option_is_in_the_commands_page():
+    import click
+
+    from kalnat.cli import cli
+
+    page = (ROOT / "docs" / "cli.md").read_text()
+    missing = []
+    for name, command in cli.commands.items():
+        if f"kalnat {name}" not in page:
+            missing.append(f"kalnat {name}")
+        for param in command.params:
+            if isinstance(param, click.Option):
+                missing += [f"kalnat {name} {o}" for o in param.opts + param.secondary_opts if o not in page]
+    assert not missing, f"docs/cli.md does not document: {missing}"
