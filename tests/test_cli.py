@@ -159,7 +159,7 @@ def test_default_learn_runs_on_a_bundled_set(tmp_path, monkeypatch):
     res = _ok(["learn"])
     assert "breast_cancer: 569 rows" in res.output
     m = json.load(open("kalnat-report/metrics.json"))
-    # the README's numbers for the default, to their printed digits
+    # the numbers README.md and docs/cli.md (kalnat compare) give for the default, to their printed digits
     assert round(m["final"]["log_loss"], 4) == 0.1248 and round(m["final"]["accuracy"], 4) == 0.9578
 
 

@@ -167,3 +167,14 @@ def test_prediction_needs_the_trained_features(tmp_path):
                          feature_names=["a", "b"])
     X, *_ = _all(src)
     np.testing.assert_array_equal(X, [[2, 1]])       # columns found by name, in the model's order
+
+
+def test_bundled_sets_name_their_classes():
+    assert ds.class_names("breast_cancer") == ["malignant", "benign"]   # target 0 is malignant
+    assert ds.class_names("iris") == ["setosa", "versicolor", "virginica"]
+    assert ds.class_names("diabetes") is None
+    _, y, *_ = ds.load("iris")
+    src = ds.open_source("iris")
+    _, names, *_ = _all(src)
+    assert src.class_names == ["setosa", "versicolor", "virginica"]
+    np.testing.assert_array_equal(names, np.array(src.class_names, dtype=object)[y])

@@ -18,3 +18,59 @@ def test_long_titles_wrap():
     wrapped = plots.wrap_title(title)
     assert max(len(line) for line in wrapped.splitlines()) <= plots.TITLE_WIDTH
     assert wrapped.replace("\n", " ") == title
+
+
+def _figure_texts(monkeypatch):
+    """Every tick label, legend entry and title of each figure saved, by file name."""
+    import os
+
+    from matplotlib.figure import Figure
+
+    texts, save = {}, Figure.savefig
+
+    def recording(fig, path, *args, **kwargs):
+        seen = []
+        for ax in fig.axes:
+            seen += [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()]
+            legend = ax.get_legend()
+            seen += [t.get_text() for t in legend.get_texts()] if legend else []
+            seen.append(ax.get_title())
+        texts[os.path.basename(str(path))] = seen
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    return texts
+
+
+def test_a_bundled_sets_figures_name_its_classes(tmp_path, monkeypatch):
+    """`kalnat learn` on a bundled classification set labels its figures with the set's class
+    names (breast_cancer: malignant, benign; iris: setosa, versicolor, virginica), not 0/1/2;
+    the report and `kalnat predict` use the same names."""
+    import csv
+    import io
+    import json
+
+    from click.testing import CliRunner
+
+    from kalnat.cli import cli
+
+    texts = _figure_texts(monkeypatch)
+    for name, classes in (("breast_cancer", ["malignant", "benign"]),
+                          ("iris", ["setosa", "versicolor", "virginica"])):
+        out = tmp_path / name
+        res = CliRunner().invoke(cli, ["learn", name, "--out", str(out), "--quiet", "--prior-var", "1"],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["classes"] == classes
+        assert "confusion.png" in m["files"]["plots"]
+        assert set(classes) <= set(texts["confusion.png"])       # the axes' tick labels
+        confusion = m["confusion"]                               # [true][predicted], rows scored
+        assert sum(map(sum, confusion)) == m["final"]["rows_scored"]
+        correct = sum(confusion[k][k] for k in range(len(classes)))
+        assert abs(correct / m["final"]["rows_scored"] - m["final"]["accuracy"]) < 1e-12
+    pred = CliRunner().invoke(cli, ["predict", "--model-dir", str(tmp_path / "iris"), "iris"],
+                              catch_exceptions=False)
+    rows = list(csv.DictReader(io.StringIO(pred.output)))
+    assert {"prob_setosa", "prob_versicolor", "prob_virginica"} <= set(rows[0])
+    assert {r["predicted"] for r in rows} <= {"setosa", "versicolor", "virginica"}

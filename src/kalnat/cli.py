@@ -202,6 +202,9 @@ def learn(data, out_dir, quiet, **kw):
                                        [run.member_label(c) for c in b["members"]],
                                        os.path.join(out_dir, "bank_weights.png"),
                                        title=f"{source.name}: weights of the bank's members"))
+    if "confusion" in metrics:
+        pngs.append(plots.confusion(metrics["confusion"], metrics["classes"], os.path.join(out_dir, "confusion.png"),
+                                    title=f"{source.name}: progressive confusion matrix"))
     metrics["files"] = {"model": "model.npz", "plots": [os.path.basename(p) for p in pngs]}
     result.save(os.path.join(out_dir, "model.npz"))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:

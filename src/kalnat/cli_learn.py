@@ -187,7 +187,7 @@ def resolve_task(cfg: dict, source: datasets.Source, first_y) -> tuple[str, Opti
     if family is None and source.task_hint is not None:
         family = source.task_hint
         if classes is None and source.n_classes_hint:
-            classes = [str(i) for i in range(source.n_classes_hint)]
+            classes = source.class_names or [str(i) for i in range(source.n_classes_hint)]
     guess_family, guess_classes = datasets.infer_task(first_y)
     if family is None:
         family = guess_family
@@ -455,6 +455,9 @@ class Accumulator:
         self.sum_m = 0.0
         self.last_point_ll, self.last_point_n = 0.0, 0
         self.curve = {"row": [], "log_loss": [], self.key: [], "window_log_loss": []}
+        # rows scored by (true class, predicted class): the report's confusion figure
+        k = int(getattr(family, "num_classes", 2))
+        self.confusion = np.zeros((k, k), np.int64) if family.is_classifier else None
 
     def add(self, y, pred: baselines.Predictions, weights=None):
         """Scores a block; ``weights (n, K)``: a bank's weights for its rows."""
@@ -468,6 +471,9 @@ class Accumulator:
         self.seen += len(y)
         if not len(ll):
             return
+        if self.confusion is not None:
+            true = np.asarray(y, np.int64)[keep]
+            np.add.at(self.confusion, (true, np.argmax(np.asarray(pred.probs)[keep], axis=1)), 1)
         cum_ll = self.sum_ll + np.cumsum(ll)
         cum_m = self.sum_m + np.cumsum(m)
         counts = self.n + np.arange(1, len(ll) + 1)
@@ -603,6 +609,8 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                                               if rows > first_rows else None),
         "curve": acc.curve,
     }
+    if acc.confusion is not None:
+        metrics["confusion"] = acc.confusion.tolist()  # [true class][predicted class], rows scored
     if runner.bank:
         metrics["bank"] = bank_report(runner.bank, runner.state, acc)
     return LearnResult(runner, metrics, list(source.feature_names), source.target_name)

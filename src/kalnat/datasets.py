@@ -77,7 +77,9 @@ def _sklearn(loader_name):
         bunch = getattr(skd, loader_name)()
         names = [str(n) for n in getattr(bunch, "feature_names", [])] or [
             f"x{i}" for i in range(bunch.data.shape[1])]
-        return np.asarray(bunch.data, np.float64), np.asarray(bunch.target), names, "target"
+        labels = getattr(bunch, "target_names", None)  # class k's name (regression sets: none)
+        classes = [str(c) for c in labels] if labels is not None else None
+        return np.asarray(bunch.data, np.float64), np.asarray(bunch.target), names, "target", classes
     return load_fn
 
 
@@ -89,6 +91,7 @@ def _river(cls_name, label_map=None):
         names = list(rows[0][0].keys())
         X = np.array([[float(x[k]) for k in names] for x, _ in rows], np.float64)
         ys = [y for _, y in rows]
+        classes = None
         if label_map == "bool":
             y = np.array([int(bool(v)) for v in ys])
         elif label_map == "sorted":
@@ -96,7 +99,7 @@ def _river(cls_name, label_map=None):
             y = np.array([classes.index(str(v)) for v in ys])
         else:
             y = np.array(ys, np.float64)
-        return X, y, names, "target"
+        return X, y, names, "target", classes
     return load_fn
 
 
@@ -149,8 +152,15 @@ def describe(name: str) -> DatasetInfo:
 
 
 def load(name: str):
-    """``(X (n, p) float64, y (n,), feature_names, target_name)`` of a bundled data set."""
-    return describe(name).loader()
+    """``(X (n, p) float64, y (n,), feature_names, target_name)`` of a bundled data set
+    (for a classification set, ``y`` holds class indices; :func:`class_names` their names)."""
+    return describe(name).loader()[:4]
+
+
+def class_names(name: str) -> Optional[list]:
+    """The names of a bundled classification set's classes, in the order of its class indices
+    (breast_cancer: ``["malignant", "benign"]``); None for a regression set or unnamed labels."""
+    return describe(name).loader()[4]
 
 
 # ---- streams ----------------------------------------------------------------------------
@@ -182,6 +192,7 @@ class Source:
     task_hint: Optional[str] = None
     n_classes_hint: Optional[int] = None
     n_rows: Optional[int] = None
+    class_names: Optional[list] = None  # a bundled set's classes, in the order of its indices
 
 
 def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10_000,
@@ -211,7 +222,9 @@ def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10
 
 def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed):
     info = describe(name)
-    X, y, names, target_name = info.loader()
+    X, y, names, target_name, classes = info.loader()
+    if classes is not None:  # the stream speaks in class names, as a CSV of labels would
+        y = np.asarray(classes, dtype=object)[np.asarray(y, np.int64)]
     if target not in (None, target_name):
         raise DataError(name, f"this data set's target column is {target_name!r}, not {target!r}")
     if feature_names is not None and list(feature_names) != names:
@@ -226,7 +239,7 @@ def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed):
             e = min(s + chunk_rows, len(y))
             yield Chunk(X[s:e], y[s:e], order[s:e] + 1, [])
 
-    return Source(name, names, target_name, chunks(), info.task, info.n_classes, len(y))
+    return Source(name, names, target_name, chunks(), info.task, info.n_classes, len(y), classes)
 
 
 def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature_names,

@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["learning_curves", "comparison", "bank_weights", "distinct_colors", "wrap_title"]
+__all__ = ["learning_curves", "comparison", "bank_weights", "confusion", "distinct_colors", "wrap_title"]
 
 TITLE_WIDTH = 60  # characters per title line: longer titles are wrapped, not cut at the edge
 
@@ -104,6 +104,36 @@ def bank_weights(rows, weights, labels, path: str, title: str = "") -> str:
     ax.set_ylabel("weight when the row was predicted")
     ax.set_title(wrap_title(title), fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion(counts, classes, path: str, title: str = "") -> str:
+    """The progressive confusion matrix: ``counts[i][j]`` rows of true class ``classes[i]``
+    predicted (before being learned) as ``classes[j]``; shaded by the share of each true class,
+    the axes labelled with the class names."""
+    import numpy as np
+
+    c = np.asarray(counts, np.int64)
+    k = len(classes)
+    share = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+    size = min(9.0, 3.2 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(k), [str(n) for n in classes], rotation=45 if k > 3 else 0,
+                  ha="right" if k > 3 else "center")
+    ax.set_yticks(range(k), [str(n) for n in classes])
+    if k <= 12:  # the counts themselves, while they fit in their cells
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xlabel("predicted class (before the row was learned)")
+    ax.set_ylabel("true class")
+    ax.set_title(wrap_title(title, int(TITLE_WIDTH * (size + 1.2) / 7.0)), fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

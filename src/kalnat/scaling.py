@@ -158,7 +158,8 @@ def reexpress(params, cov, old, new, A=None):
     Args:
       params: a params pytree whose first layer is ``{"w" (o, p), "b" (o,)}``.
       cov: ``(d, d)`` covariance of the flat θ (P, or V of the normal–inverse-gamma filter).
-      old, new: ``(center (p,), scale (p,))`` before and after.
+      old: ``(center (p,), scale (p,))`` before.
+      new: ``(center (p,), scale (p,))`` after.
       A: :func:`reexpression_matrix` of these, if already computed.
 
     Returns:
@@ -216,7 +217,10 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
     there. Valid for a zero prior mean (:func:`kalnat.models.linear`'s initial parameters).
 
     Args:
-      params, cov, old, new: as :func:`reexpress`.
+      params: as :func:`reexpress`.
+      cov: as :func:`reexpress`.
+      old: as :func:`reexpress`.
+      new: as :func:`reexpress`.
       prior_var: ``v``, the prior variance of every parameter.
       prior_weight: ``ρ``, the prior's remaining weight (``Π λ_t`` under forgetting, else 1).
       maps: ``(A, A⁻¹)``, :func:`reexpression_matrix` of ``(params, old, new)`` and of

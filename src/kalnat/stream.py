@@ -102,7 +102,8 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     Args:
       learner: from :func:`kalnat.ekf`, :func:`kalnat.natural_gradient`, …
       state: the learner's state (donated: use the returned one).
-      X, Y: rows and targets; validated up front (``ValueError`` on NaN/inf, shape or domain).
+      X: ``(n, …)`` rows; validated up front (``ValueError`` on NaN/inf or shape).
+      Y: ``(n, …)`` targets; validated up front (``ValueError`` on NaN/inf, shape or domain).
       batch_size: rows per update; a last partial minibatch is learned as a smaller one.
       chunk_size: minibatches per jitted ``scan`` call.
       return_predictions: keep the progressive predictions (``n`` rows of :class:`Predictive`).

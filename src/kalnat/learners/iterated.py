@@ -34,8 +34,14 @@ def iterated_ekf(model, family: Family, *, iterations: int = 2, prior_var=1.0,
     """Iterated EKF on the flat parameter θ: ``iterations`` Gauss–Newton steps per update.
 
     Args:
-      model, family, prior_var, forgetting, process_noise, max_variance, moderated,
-        input_shape: as :func:`kalnat.ekf`.
+      model: as :func:`kalnat.ekf`.
+      family: as :func:`kalnat.ekf`.
+      prior_var: as :func:`kalnat.ekf`.
+      forgetting: as :func:`kalnat.ekf`.
+      process_noise: as :func:`kalnat.ekf`.
+      max_variance: as :func:`kalnat.ekf`.
+      moderated: as :func:`kalnat.ekf`.
+      input_shape: as :func:`kalnat.ekf`.
       iterations: linearisations per update (1 is the EKF exactly).
       representation: θ's uncertainty (:mod:`kalnat.representations`; default the full
         covariance).

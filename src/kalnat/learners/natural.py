@@ -36,7 +36,8 @@ def natural_gradient(model, family: Family, *, learning_rate=None, fisher_rate=N
         ``hyper.prior_var`` is ``P_0 = η_0 J_0⁻¹``.
       damping: ε ≥ 0 added to the diagonal of J_t in the solve (Fisher regularisation).
       max_variance: ``None`` or a bound (scalar or ``(d,)``) on every variance of ``P⁻``.
-      moderated, input_shape: as :func:`kalnat.ekf`.
+      moderated: as :func:`kalnat.ekf`.
+      input_shape: as :func:`kalnat.ekf`.
     """
     if not float(eta0) > 0:
         raise ValueError(f"eta0 must be positive, got {eta0}")

@@ -24,7 +24,8 @@ def nig_filter(model, family: Optional[Family] = None, *, prior_var=1.0, noise_s
       family: :class:`kalnat.families.Gaussian` (its ``cov`` is R₀, the noise's shape; default
         ``Gaussian(1.0)``: σ² is the noise variance itself).
       prior_var: ``V₀`` (scalar, ``(d,)`` or ``(d, d)``): θ's prior covariance in units of σ².
-      noise_shape, noise_scale: ``a₀``, ``b₀`` of the inverse-gamma prior on σ².
+      noise_shape: ``a₀`` of the inverse-gamma prior on σ².
+      noise_scale: ``b₀`` of the inverse-gamma prior on σ².
       forgetting: λ in (0, 1] or ``t -> λ_t``: ``V⁻ = V/λ``, ``a⁻ = λa``, ``b⁻ = λb``.
       max_variance: ``None`` or a bound on every variance of ``V⁻`` (in units of σ², like
         ``prior_var``), as :func:`kalnat.ekf`'s.

@@ -60,7 +60,8 @@ def recurrent_model(transition, readout, *, n_state: int, input_shape, n_outputs
     """Wraps a user-defined pair ``f(params, s, x) -> s'``, ``g(params, s) -> z``.
 
     Args:
-      transition, readout: pure JAX functions on one sequence (no batch axis).
+      transition: ``f(params, s, x) -> s'``, a pure JAX function on one sequence (no batch axis).
+      readout: ``g(params, s) -> z``, likewise.
       n_state: n.
       input_shape: shape of one ``x`` (a tuple; ``(p,)`` for a vector input).
       n_outputs: length of ``z`` (the family's ``n_outputs``).
