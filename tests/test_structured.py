@@ -1,5 +1,6 @@
-"""Structured covariances on the covariance interface: low rank plus diagonal (LoFi's form) and
-groups in representations of their own (the "full last layer" preset). Each is the exact filter
+"""Structured covariances on the covariance interface: low rank plus diagonal (LoFi's form),
+Kronecker factors per dense layer (K-FAC's form) and groups in representations of their own (the
+"full last layer" preset). Each is the exact filter
 where nothing is approximated, keeps what it promises where something is, never holds a d × d
 array, stays positive definite in float32 and runs everywhere a representation runs."""
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import kalnat
 from kalnat import recurrent
-from kalnat.representations import Blocks, Diagonal, Full, Groups, LowRank, last_layer_full
+from kalnat.representations import Blocks, Diagonal, Full, Groups, KronLayer, LowRank, kronecker, last_layer_full
 
 FAMILIES = {"gaussian": kalnat.families.Gaussian(0.5), "bernoulli": kalnat.families.Bernoulli(),
             "poisson": kalnat.families.Poisson(), "categorical": kalnat.families.Categorical(3)}
@@ -89,6 +90,43 @@ def test_low_rank_truncation_keeps_the_precision_diagonal_and_the_top_directions
     np.testing.assert_allclose(np.sort(kept)[::-1], top, rtol=1e-10)
 
 
+@pytest.mark.parametrize("case", ["one-output", "isotropic-outputs"])
+def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
+    """One output (G is 1 × 1), or several outputs with isotropic gaussian noise (information
+    I ⊗ Σ āāᵀ): the updated precision is a Kronecker product and the layer's filter exact."""
+    if case == "one-output":
+        X, y = _stream("bernoulli", 6)
+        fam, model, batch = FAMILIES["bernoulli"], kalnat.models.linear(4), 2
+    else:
+        X, _ = _stream("gaussian", 6)
+        y = X @ np.random.default_rng(7).normal(size=(4, 3)) + np.random.default_rng(8).normal(size=(40, 3))
+        fam, model, batch = kalnat.families.Gaussian(0.5, dim=3), kalnat.models.linear(4, 3), 3
+    rep = kronecker(model.init(None))
+    assert isinstance(rep, KronLayer)
+    opts = dict(prior_var=0.7, forgetting=0.9)
+    exact = kalnat.ekf(model, fam, **opts)
+    kron = kalnat.ekf(model, fam, representation=rep, **opts)
+    _agree(kalnat.fit(exact, exact.init(model.init(None)), X, y, batch_size=batch),
+           kalnat.fit(kron, kron.init(model.init(None)), X, y, batch_size=batch), 1e-9)
+
+
+def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():
+    model = kalnat.models.mlp(4, (5,), 3)
+    params = model.init(jax.random.PRNGKey(0))
+    rep = kronecker(params)
+    assert rep == Groups((25, 18), (KronLayer(5, 4), KronLayer(3, 5)))
+    rng = np.random.default_rng(9)
+    g, a = rng.normal(size=(3, 3)), rng.normal(size=(6, 6))
+    cov = kalnat.representations.KronCovariance(jnp.asarray(g @ g.T + np.eye(3)), jnp.asarray(a @ a.T + np.eye(6)))
+    P = np.asarray(cov.dense())
+    # θ's order: the bias, then W row by row; vec([W | b]) is G ⊗ A
+    order = np.r_[[3 + 5 * o + np.arange(5) for o in range(3)]]
+    full = np.kron(cov.g, cov.a)
+    np.testing.assert_allclose(P[np.ix_(order[0], order[0])], full[:5, :5], rtol=1e-12)
+    np.testing.assert_allclose(P[0, 0], full[5, 5], rtol=1e-12)
+    np.testing.assert_allclose(cov.with_dense(P).dense(), P, rtol=1e-10, atol=1e-12)
+
+
 def test_one_group_is_its_representation_and_full_groups_are_the_decoupled_ekf():
     X, y = _stream("gaussian", 2)
     X = X[:, :3]
@@ -121,12 +159,13 @@ def _step_shapes(learner, state, d, p):
     return [s for s in walk(jaxpr.jaxpr) if len(s) >= 2 and s[-1] == d and s[-2] == d]
 
 
-@pytest.mark.parametrize("structure", ["lowrank", "last-layer-full"])
+@pytest.mark.parametrize("structure", ["lowrank", "last-layer-full", "kron"])
 def test_structured_steps_never_hold_a_d_by_d_array(structure):
     model = kalnat.models.mlp(40, (8,))
     params = model.init(jax.random.PRNGKey(0))
     d = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))
-    rep = LowRank(4) if structure == "lowrank" else last_layer_full(params, LowRank(4))
+    rep = {"lowrank": LowRank(4), "last-layer-full": last_layer_full(params, LowRank(4)),
+           "kron": kronecker(params)}[structure]
     learner = kalnat.ekf(model, kalnat.families.Bernoulli(), representation=rep, forgetting=0.99,
                          process_noise=1e-4, max_variance=10.0)
     assert _step_shapes(learner, learner.init(params), d, 40) == []
@@ -134,7 +173,7 @@ def test_structured_steps_never_hold_a_d_by_d_array(structure):
     assert _step_shapes(full, full.init(params), d, 40)  # the check can see one
 
 
-@pytest.mark.parametrize("structure", ["diag", "blocks", "lowrank", "last-layer-full"])
+@pytest.mark.parametrize("structure", ["diag", "blocks", "lowrank", "last-layer-full", "kron"])
 def test_structures_stay_positive_definite_over_a_long_float32_stream(structure):
     """10⁵ rows in float32 with forgetting, a dead input and the bound: every structure keeps
     a positive definite, finite, bounded covariance."""
@@ -146,7 +185,7 @@ def test_structures_stay_positive_definite_over_a_long_float32_stream(structure)
     model = kalnat.models.mlp(p, (2,))
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), model.init(jax.random.PRNGKey(1)))
     rep = {"diag": Diagonal(), "blocks": Blocks.per_leaf(params), "lowrank": LowRank(2),
-           "last-layer-full": last_layer_full(params, LowRank(2))}[structure]
+           "last-layer-full": last_layer_full(params, LowRank(2)), "kron": kronecker(params)}[structure]
     learner = kalnat.ekf(model, kalnat.families.Bernoulli(), representation=rep, forgetting=0.98,
                          process_noise=1e-6, max_variance=5.0)
     res = kalnat.fit(learner, learner.init(params), X, y, chunk_size=8192)
@@ -160,7 +199,7 @@ def test_structures_stay_positive_definite_over_a_long_float32_stream(structure)
     assert np.all(np.isfinite(res.log_likelihood)) and -np.mean(res.log_likelihood[-1000:]) < 0.6
 
 
-def test_low_rank_runs_in_a_bank_rtrl_and_the_iterated_and_nig_filters():
+def test_structures_run_in_a_bank_rtrl_and_the_iterated_and_nig_filters():
     X, y = _stream("bernoulli", 5, n=30)
     model = kalnat.models.linear(4)
     params = model.init(None)
@@ -171,11 +210,15 @@ def test_low_rank_runs_in_a_bank_rtrl_and_the_iterated_and_nig_filters():
     assert np.all(np.isfinite(kalnat.fit(it, it.init(params), X, y).log_likelihood))
     nig = kalnat.nig_filter(model, representation=rep)
     assert np.all(np.isfinite(kalnat.fit(nig, nig.init(params), X, X[:, 0] + 0.1).log_likelihood))
+    kb = kalnat.ekf_bank(model, kalnat.families.Bernoulli(), representation=kronecker(params))
+    assert np.all(np.isfinite(kalnat.fit(kb, kb.init(params), X, y).log_likelihood))
     cell = recurrent.elman(1, 3)
-    rt = recurrent.rtrl(cell, kalnat.families.Gaussian(0.3), representation=LowRank(3), prior_var=0.5)
+    cell_params = cell.init(jax.random.PRNGKey(0))
     z = np.sin(0.3 * np.arange(41))
-    res = recurrent.fit_sequence(rt, rt.init(cell.init(jax.random.PRNGKey(0))), z[:-1, None], z[1:])
-    assert np.all(np.isfinite(res.log_likelihood))
+    for rep in (LowRank(3), kronecker(cell_params)):
+        rt = recurrent.rtrl(cell, kalnat.families.Gaussian(0.3), representation=rep, prior_var=0.5)
+        res = recurrent.fit_sequence(rt, rt.init(cell_params), z[:-1, None], z[1:])
+        assert np.all(np.isfinite(res.log_likelihood))
 
 
 def test_bad_structures_say_what_is_wrong():

@@ -23,7 +23,8 @@ import click
 import numpy as np
 
 from kalnat.cli_choices import (
-    COVARIANCES, DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_delimiter, parse_model,
+    AUTO_FULL_MAX, COVARIANCES, DEFAULT_RANK, DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_covariance,
+    parse_delimiter, parse_model,
 )
 from kalnat.datasets import DataError
 
@@ -106,10 +107,14 @@ def _settings_options(f):
                      "exact Kalman translation) are one filter in four forms; sqrt-ekf keeps a "
                      "Cholesky factor (float32, ill-scaled data); iterated relinearises twice per "
                      "update; nig (gaussian targets) learns the noise scale."),
-        click.option("--covariance", default="full", show_default=True, type=click.Choice(list(COVARIANCES)),
+        click.option("--covariance", default="auto", show_default=True, metavar="|".join(COVARIANCES),
                      help="How θ's uncertainty is stored: the full covariance, its diagonal (O(d) "
-                     "memory, the variational-diagonal EKF) or one block per layer's weights and "
-                     "biases (the decoupled EKF). For --method ekf, iterated and nig, and the bank."),
+                     "memory, the variational-diagonal EKF), one block per layer's weights and "
+                     "biases (the decoupled EKF), a diagonal plus rank-K precision (O(d K), LoFi's "
+                     "form), a full last layer with rank K for the rest, or Kronecker factors per dense layer "
+                     "(K-FAC's form). auto: full up to "
+                     f"{AUTO_FULL_MAX} parameters, lowrank:{DEFAULT_RANK} beyond. For --method ekf, "
+                     "iterated and nig, and the bank."),
         click.option("--forget", "forgetting", default=None, type=float,
                      metavar="λ", help="Forgetting factor in (0, 1]; < 1 follows drift "
                      "(natural gradient with learning rate → 1 − λ). Default, with no "
@@ -150,6 +155,7 @@ def _config(kw) -> dict:
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
     parse_model(cfg["model_spec"])  # early, clear error for a bad --model
+    parse_covariance(cfg["covariance"])  # early, clear error for a bad --covariance
     if cfg["forgetting"] is not None and not 0 < cfg["forgetting"] <= 1:
         raise click.BadParameter("must lie in (0, 1]", param_hint="--forget")
     if cfg["prior_var"] is not None and not cfg["prior_var"] > 0:

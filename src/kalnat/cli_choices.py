@@ -4,8 +4,41 @@
 METHOD_NAMES = ("ekf", "ekf-joseph", "information", "natgrad", "sqrt-ekf", "iterated", "nig")
 FAMILIES = ("gaussian", "bernoulli", "categorical", "poisson")
 # How θ's uncertainty is stored (kalnat.representations): the full covariance, its diagonal
-# (O(d)), or one block per layer's weights and biases (the decoupled EKF).
-COVARIANCES = ("full", "diag", "blocks")
+# (O(d)), one block per layer's weights and biases (the decoupled EKF), a diagonal plus rank-K
+# precision (O(d K)), a full covariance for the last layer and rank K for the rest, or
+# Kronecker factors per dense layer (K-FAC's form, O(n_in² + n_out²) a layer); auto
+# picks by the number of parameters (AUTO_FULL_MAX).
+COVARIANCES = ("auto", "full", "diag", "blocks", "lowrank:K", "last-layer:K", "kron")
+DEFAULT_RANK = 10
+# Up to this many parameters the default keeps the full covariance (O(d²) per row, exact);
+# beyond it a diagonal plus rank-DEFAULT_RANK precision (O(d K²)); the bundled sets (digits: 650)
+# stay on the full covariance, whose re-expression at block boundaries is cheaper than the
+# structured forms' (kalnat.scaling re-expresses a dense P).
+AUTO_FULL_MAX = 1024
+
+
+def parse_covariance(spec: str):
+    """``--covariance``: ``(kind, rank)``; ``rank`` is ``None`` but for ``lowrank[:K]`` and
+    ``last-layer[:K]`` (default rank 10)."""
+    kind, sep, rest = spec.strip().lower().partition(":")
+    if kind in ("auto", "full", "diag", "blocks", "kron") and not sep:
+        return kind, None
+    if kind in ("lowrank", "last-layer"):
+        if not sep:
+            return kind, DEFAULT_RANK
+        if rest.isdigit() and int(rest) > 0:
+            return kind, int(rest)
+    raise ValueError(f"--covariance {spec!r}: expected auto, full, diag, blocks, lowrank:K, "
+                     "last-layer:K or kron (K a positive rank, e.g. lowrank:10)")
+
+
+def resolve_covariance(spec, d: int) -> str:
+    """``--covariance`` for a model of ``d`` parameters, ``auto`` resolved (what a checkpoint
+    records, so that it loads the same way whatever a later default is)."""
+    kind, rank = parse_covariance(spec or "auto")
+    if kind == "auto":
+        kind, rank = ("full", None) if d <= AUTO_FULL_MAX else ("lowrank", DEFAULT_RANK)
+    return kind if rank is None else f"{kind}:{rank}"
 
 # How features are standardised for the filter (earlier rows only, always):
 #   running  each row by the statistics of all rows before it. The coordinates move under the

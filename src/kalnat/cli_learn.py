@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 import kalnat
 from kalnat import baselines, checkpoint, datasets, families, models, representations, scaling, schedules
-from kalnat.cli_choices import COVARIANCES, DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_model  # noqa: F401
+from kalnat.cli_choices import (  # noqa: F401
+    COVARIANCES, DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_covariance, parse_model, resolve_covariance)
 
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
            "learn_stream", "LearnResult", "LoadedModel"]
@@ -136,15 +137,38 @@ def single_settings(cfg: dict) -> tuple[float, float]:
     return float(1.0 if pv is None else pv), float(1.0 if lam is None else lam)
 
 
-def make_representation(name: str, shapes):
-    """The representation ``--covariance name`` stands for (``None``: the method's own, full)."""
-    if name in (None, "full"):
+def make_representation(name: Optional[str], shapes):
+    """The representation ``--covariance name`` stands for (``None``: the method's own, full);
+    ``auto`` (the default) is ``full`` up to AUTO_FULL_MAX parameters, ``lowrank`` beyond."""
+    d = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes)))
+    kind, rank = parse_covariance(resolve_covariance(name, d))
+    if kind == "full":
         return None
-    if name == "diag":
+    if kind == "diag":
         return representations.Diagonal()
-    if name == "blocks":
+    if kind == "blocks":
         return representations.Blocks.per_leaf(shapes)
-    raise ValueError(f"--covariance {name!r}: expected one of {', '.join(COVARIANCES)}")
+    if kind == "lowrank":
+        return representations.LowRank(rank)
+    if kind == "kron":
+        return representations.kronecker(shapes)
+    return representations.last_layer_full(shapes, representations.LowRank(rank))
+
+
+def stored_sizes(rep, d: int) -> int:
+    """The largest number of floats the representation ``rep`` keeps for one filter."""
+    if rep is None:
+        return d * d
+    if isinstance(rep, representations.Diagonal):
+        return d
+    if isinstance(rep, representations.Blocks):
+        return sum(n * n for n in rep.sizes)
+    if isinstance(rep, representations.LowRank):
+        return d * (rep.rank + 1)
+    if isinstance(rep, representations.KronLayer):
+        return rep.n_out ** 2 + (rep.n_in + 1) ** 2
+    return sum(stored_sizes(None if isinstance(r, representations.Full) else r, n)
+               for r, n in zip(rep.parts, rep.sizes))
 
 
 def build_learner(cfg: dict, family: families.Family, n_features: int):
@@ -161,16 +185,15 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
     model = build_model(cfg["model_spec"], n_features, family)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     d = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes)))
-    rep = make_representation(cfg.get("covariance"), shapes)
-    if rep is not None and cfg["method"] not in ("ekf", "iterated", "nig"):
+    own_form = cfg["method"] not in ("ekf", "iterated", "nig")
+    if own_form and (cfg.get("covariance") or "auto") not in ("auto", "full"):
         raise ValueError(f"--covariance {cfg['covariance']} applies to --method ekf, iterated or nig "
                          f"({cfg['method']} has a form of its own)")
-    largest = d if not isinstance(rep, (representations.Diagonal, representations.Blocks)) else \
-        (1 if isinstance(rep, representations.Diagonal) else max(rep.sizes))
-    if 8 * d * largest > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
+    rep = None if own_form else make_representation(cfg.get("covariance"), shapes)
+    if 8 * stored_sizes(rep, d) > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
         raise ValueError(f"--model {cfg['model_spec']} on {n_features} features has {d} parameters: "
                          f"the filter's {d} × {d} covariance would need {8 * d * d / 2**30:.0f} GiB; "
-                         "use a smaller model or --covariance diag")
+                         "use a smaller model or --covariance diag or lowrank:K")
     extra = {} if rep is None else dict(representation=rep)
     if uses_bank(cfg):
         opts = cfg.get("bank")
@@ -311,6 +334,8 @@ class OnlineRunner:
         self.bank = self.learner if isinstance(self.learner, kalnat.bank.Bank) else None
         size = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
         self.n_parameters = size // self.bank.size if self.bank else size
+        own_form = self.cfg["method"] not in ("ekf", "iterated", "nig")
+        self.covariance = "full" if own_form else resolve_covariance(self.cfg.get("covariance"), self.n_parameters)
         self.weights = None  # (n, K) the bank's weights when each row of the last block was predicted
         self.scaler = scaling.init(n_features)
         self.gaussian = self.family.name == "gaussian"
@@ -413,7 +438,7 @@ class OnlineRunner:
             "classes": self.classes,
             "model": self.cfg["model_spec"],
             "method": self.cfg["method"],
-            "covariance": self.cfg.get("covariance") or "full",
+            "covariance": self.covariance,
             "prior_var": self.cfg.get("prior_var"),
             "forgetting": self.cfg.get("forgetting"),
             "bank": self.cfg.get("bank"),

@@ -8,6 +8,8 @@
 - :class:`Diagonal`: ``P = diag(p)``, O(d) memory (the variational-diagonal EKF).
 - :class:`Blocks`: one full covariance per group of parameters (the decoupled EKF).
 - :class:`Groups`: groups of parameters, each in a representation of its own.
+- :class:`KronLayer`: Kronecker factors ``G ⊗ A`` for a dense layer (K-FAC's form);
+  :func:`kronecker` puts every layer of a model in it.
 - :class:`LowRank`: diagonal plus rank-k precision, O(d k) memory (LoFi).
 - :class:`NIG`: any of them with an unknown noise scale (normal–inverse-gamma).
 """
@@ -17,7 +19,8 @@ from kalnat.representations.blocks import BlockCovariance, Blocks
 from kalnat.representations.cholesky import Cholesky, CholeskyFactor
 from kalnat.representations.diagonal import Diagonal, DiagonalCovariance
 from kalnat.representations.fisher import Fisher, FisherForm, FisherPrior
-from kalnat.representations.groups import GroupCovariance, Groups, last_layer_full
+from kalnat.representations.groups import GroupCovariance, Groups, kronecker, last_layer_full
+from kalnat.representations.kron import KronCovariance, KronLayer
 from kalnat.representations.lowrank import LowRank, LowRankPrecision, LowRankPrior
 from kalnat.representations.full import Covariance, Full, PriorCovariance
 from kalnat.representations.nig import NIG, NIGCovariance
@@ -28,4 +31,5 @@ __all__ = [
     "PrecisionForm", "Precision", "FisherForm", "Fisher", "FisherPrior", "NIG", "NIGCovariance",
     "Diagonal", "DiagonalCovariance", "Blocks", "BlockCovariance", "LowRank", "LowRankPrecision",
     "LowRankPrior", "Groups", "GroupCovariance", "last_layer_full",
+    "KronLayer", "KronCovariance", "kronecker",
 ]

@@ -24,8 +24,9 @@ import numpy as np
 from kalnat.representations.base import Representation
 from kalnat.representations.blocks import leaf_sizes
 from kalnat.representations.full import Full
+from kalnat.representations.kron import KronLayer
 
-__all__ = ["Groups", "GroupCovariance", "last_layer_full"]
+__all__ = ["Groups", "GroupCovariance", "last_layer_full", "kronecker"]
 
 
 class GroupCovariance(NamedTuple):
@@ -47,7 +48,7 @@ class GroupCovariance(NamedTuple):
 
 
 def _size(part) -> int:
-    return int(jax.tree_util.tree_leaves(part)[0].shape[0])
+    return int(part.dense().shape[0])
 
 
 @dataclass(frozen=True)
@@ -133,3 +134,23 @@ def last_layer_full(params, rest: Representation) -> Groups:
         raise ValueError("last_layer_full: the model has no layer before its last; use Full()")
     last = int(sum(sizes[-2:]))
     return Groups((int(sum(sizes[:-2])), last), (rest, Full()))
+
+
+def kronecker(params) -> Representation:
+    """Kronecker factors for every dense layer (:class:`~kalnat.representations.kron.KronLayer`):
+    each bias leaf ``(n,)`` followed by a weight leaf ``(n, m)`` in ``ravel_pytree``'s order (as
+    :func:`kalnat.models.linear` and :func:`kalnat.models.mlp` lay out a layer) is one layer;
+    any other leaf keeps a full covariance of its own."""
+    leaves = [tuple(np.shape(a)) for a in jax.tree_util.tree_leaves(params)]
+    sizes, parts, i = [], [], 0
+    while i < len(leaves):
+        b, w = leaves[i], leaves[i + 1] if i + 1 < len(leaves) else None
+        if len(b) == 1 and w is not None and len(w) == 2 and w[0] == b[0]:
+            sizes.append(b[0] * (w[1] + 1))
+            parts.append(KronLayer(int(w[0]), int(w[1])))
+            i += 2
+        else:
+            sizes.append(int(np.prod(b)))
+            parts.append(Full())
+            i += 1
+    return parts[0] if len(parts) == 1 else Groups(tuple(sizes), tuple(parts))
