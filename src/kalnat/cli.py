@@ -173,7 +173,11 @@ def _open(data, kw, **more):
 @click.option("--out", "out_dir", default="kalnat-report", show_default=True,
               type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def learn(data, out_dir, quiet, **kw):
+@click.option("--predictions", "predictions_path", default=None, type=click.Path(dir_okay=False),
+              metavar="PATH", help="Also write every row's progressive prediction (made before the "
+              "row was learned) as CSV: row (1-based, stream order), then mean,sd (gaussian, "
+              "poisson) or p_<class> per class; NaN for a skipped row.")
+def learn(data, out_dir, quiet, predictions_path=None, **kw):
     """Learn DATA in one pass and write a report folder.
 
     DATA is a CSV file with a header row, - for standard input, or a bundled data set's name
@@ -188,8 +192,20 @@ def learn(data, out_dir, quiet, **kw):
     _jax()
     from kalnat import cli_learn as run, plots
 
-    result = run.learn_stream(source, cfg, progress=not quiet,
-                              log=None if quiet else (lambda m: click.echo(m, err=True)))
+    pred_file = None
+    if predictions_path is not None:
+        try:
+            pred_file = open(predictions_path, "w", newline="")
+        except OSError as err:
+            raise click.BadParameter(f"cannot write {predictions_path} ({err.strerror})",
+                                     param_hint="--predictions") from None
+    try:
+        result = run.learn_stream(source, cfg, progress=not quiet,
+                                  log=None if quiet else (lambda m: click.echo(m, err=True)),
+                                  predictions=pred_file)
+    finally:
+        if pred_file is not None:
+            pred_file.close()
     os.makedirs(out_dir, exist_ok=True)
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"
@@ -209,11 +225,13 @@ def learn(data, out_dir, quiet, **kw):
     if not quiet:
         final = metrics["final"]
         main_metric = (f"accuracy {final['accuracy']:.4f}" if result.is_classifier
-                       else f"RMSE {final['rmse']:.4g}")
+                       else f"RMSE {final['rmse_all_rows']:.4g} over all rows, "
+                       f"{final[f'rmse_after_row_{run.SKIP_ROWS}']:.4g} after row {run.SKIP_ROWS}")
         skipped = f", {metrics['rows_skipped']} skipped" if metrics["rows_skipped"] else ""
         click.echo(f"{source.name}: {metrics['rows_seen']} rows{skipped}, {result.family_name}, "
                    f"{what} on {cfg['model_spec']} ({metrics['n_parameters']} parameters)")
-        click.echo(f"  progressive log-loss {final['log_loss']:.4f}  {main_metric}  "
+        from_row = f" (from row {metrics['first_scored_row']})" if metrics["first_scored_row"] > 1 else ""
+        click.echo(f"  progressive log-loss{from_row} {final['log_loss']:.4f}  {main_metric}  "
                    f"({1e3 * metrics['seconds_per_row']:.3f} ms/row)")
         if "bank" in metrics:
             b = metrics["bank"]

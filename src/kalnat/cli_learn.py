@@ -41,7 +41,7 @@ from kalnat import baselines, checkpoint, datasets, families, models, representa
 from kalnat.cli_choices import COVARIANCES, DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_model  # noqa: F401
 
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
-           "learn_stream", "LearnResult", "LoadedModel"]
+           "learn_stream", "LearnResult", "LoadedModel", "PredictionWriter"]
 
 
 def _filter(make, **options):
@@ -76,6 +76,9 @@ METHODS = {
 }
 
 GAUSSIAN_FIRST_SCORED_ROW = 3
+# metrics.json's second RMSE starts after this many rows (the first ones mostly measure the
+# empty start every one-pass learner shares)
+SKIP_ROWS = 10
 # Minibatches per compiled scan call: every block is padded to it (skipped rows cost a branch),
 # so a run compiles one program.
 CHUNK = 64
@@ -370,7 +373,9 @@ class OnlineRunner:
             unit = np.asarray(p.obs_cov, np.float64)[:, 0, 0]  # 1 + h P hᵀ (noise variance 1)
             var = self.noise(ytrain - mean[:, 0], unit)
             return baselines.Predictions(mean=center + scale * mean[:, 0], var=scale**2 * var)
-        return baselines.Predictions(mean=mean[:, 0])
+        # a count's predictive variance: Poisson noise plus the parameters' part (as `predict`)
+        return baselines.Predictions(mean=mean[:, 0],
+                                     var=mean[:, 0] + np.asarray(p.mean_cov, np.float64)[:, 0, 0])
 
     def _learn_in_blocks(self, X, ytrain, batch, callback):
         """Learns with coordinates frozen between :func:`block_end` boundaries, re-expressing
@@ -455,11 +460,20 @@ class Accumulator:
         self.sum_m = 0.0
         self.last_point_ll, self.last_point_n = 0.0, 0
         self.curve = {"row": [], "log_loss": [], self.key: [], "window_log_loss": []}
+        # regression: squared errors of every predicted row and of those after row SKIP_ROWS,
+        # whatever the first scored row (the RMSEs other tools report)
+        self.sq_all = self.sq_after = 0.0
+        self.n_after = 0
 
     def add(self, y, pred: baselines.Predictions, weights=None):
         """Scores a block; ``weights (n, K)``: a bank's weights for its rows."""
         losses = baselines.row_losses(self.family, y, pred)
         rows = self.seen + np.arange(1, len(y) + 1)
+        if not self.family.is_classifier:
+            sq = losses["sq_err"]
+            self.sq_all += float(np.sum(sq))
+            self.sq_after += float(np.sum(sq[rows > SKIP_ROWS]))
+            self.n_after += int(np.sum(rows > SKIP_ROWS))
         keep = rows >= self.first
         ll = losses["log_loss"][keep]
         m = (losses["correct"] if self.family.is_classifier else losses["sq_err"])[keep]
@@ -499,6 +513,10 @@ class Accumulator:
         out = {"log_loss": self.sum_ll / self.n if self.n else math.nan, "rows_scored": self.n}
         metric = self.sum_m / self.n if self.n else math.nan
         out[self.key] = metric if self.family.is_classifier else math.sqrt(metric)
+        if not self.family.is_classifier:
+            out["rmse_all_rows"] = math.sqrt(self.sq_all / self.seen) if self.seen else math.nan
+            out[f"rmse_after_row_{SKIP_ROWS}"] = (math.sqrt(self.sq_after / self.n_after)
+                                                  if self.n_after else math.nan)
         return out
 
 
@@ -523,19 +541,68 @@ class LearnResult:
         return checkpoint.save(path, self.runner.state, extra=extra)
 
 
+class PredictionWriter:
+    """``kalnat learn --predictions``: every row's progressive prediction (made before the row
+    was learned) as CSV, written chunk by chunk. Columns: ``row`` (1-based, in stream order,
+    skipped rows included), then ``mean,sd`` (gaussian: the predictive mean and standard
+    deviation, noise included; poisson: the rate and the standard deviation of the count)
+    or ``p_<class>`` per class; NaN in every column but ``row`` for a skipped row."""
+
+    def __init__(self, out):
+        self.out = out
+        self.writer = csv.writer(out, lineterminator="\n")
+        self.header = None
+        self.row = 0
+        self.pending = 0  # skipped rows seen before the task (and so the header) was known
+
+    def start(self, family: str, classes):
+        self.header = ["row"] + ([f"p_{c}" for c in classes] if classes is not None else ["mean", "sd"])
+        self.writer.writerow(self.header)
+        self.write([], [None] * self.pending)
+        self.pending = 0
+
+    def write(self, lines, values, skipped_lines=()):
+        """Rows of one chunk: ``values[k]`` (a vector, or None for a skipped row) at file line
+        ``lines[k]``; ``skipped_lines``: rows skipped in it, merged in by line number (a CSV's
+        lines increase; a bundled set, possibly shuffled, skips none)."""
+        entries = list(zip(lines, values)) + [(line, None) for line in skipped_lines]
+        if skipped_lines:
+            entries.sort(key=lambda e: e[0])
+        if self.header is None:
+            self.pending += len(entries)
+            return
+        nan = ["nan"] * (len(self.header) - 1)
+        for _, v in entries:
+            self.row += 1
+            self.writer.writerow([self.row] + (nan if v is None else [f"{x:.10g}" for x in v]))
+
+
+def _prediction_table(pred: baselines.Predictions) -> np.ndarray:
+    """``(n, columns)``: class probabilities, or the mean and standard deviation."""
+    if pred.probs is not None:
+        return np.asarray(pred.probs, np.float64)
+    return np.column_stack([pred.mean, np.sqrt(np.maximum(pred.var, 0.0))])
+
+
 def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
-                 log=None) -> LearnResult:
+                 log=None, predictions=None) -> LearnResult:
     """Learns every chunk of ``source`` in order; returns the runner and the report.
 
-    ``log(message)`` receives a note when the task was inferred from the data."""
+    ``log(message)`` receives a note when the task was inferred from the data;
+    ``predictions``: a text file to which :class:`PredictionWriter` writes every row's
+    progressive prediction."""
     chunks = iter(source.chunks)
     skipped, runner, coder, acc = [], None, None, None
     t_learn, t_first, first_rows = 0.0, None, 0
     bar = None  # made once the learner exists, so a setup error is not printed inside a bar
+    writer = None if predictions is None else PredictionWriter(predictions)
     try:
         for chunk in chunks:
+            before = len(skipped)
             skipped.extend(chunk.skipped)
             if not len(chunk.y):
+                if writer is not None:
+                    writer.write([], [], [s[0] for s in skipped[before:]])
                 continue
             if runner is None:
                 family, classes = resolve_task(cfg, source, chunk.y)
@@ -549,10 +616,14 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                 bar = tqdm(total=source.n_rows, unit="row", disable=not progress,
                            dynamic_ncols=True,
                            desc=f"{'bank' if runner.bank else cfg['method']} {source.name}")
+                if writer is not None:
+                    writer.start(family, classes)
             y, good = coder.encode(source.name, chunk.y, chunk.lines, source.target_name,
                                    bool(cfg.get("skip_bad_rows")), skipped)
             X, y = chunk.X[good], y[good]
             if not len(y):
+                if writer is not None:
+                    writer.write([], [], [s[0] for s in skipped[before:]])
                 continue
             done = [0]
 
@@ -567,6 +638,9 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                 t_first, first_rows = dt, len(y)
             t_learn += dt
             acc.add(y, pred, runner.weights)
+            if writer is not None:
+                writer.write(np.asarray(chunk.lines)[good], _prediction_table(pred),
+                             [s[0] for s in skipped[before:]])
             f = acc.final()
             bar.set_postfix({"log-loss": f"{f['log_loss']:.4f}",
                              acc.key: f"{f[acc.key]:.4f}"}, refresh=True)
