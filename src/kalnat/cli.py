@@ -121,7 +121,9 @@ def _settings_options(f):
         click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1),
                      help="Rows per update (one linearisation point)."),
         click.option("--clip", default=5.0, show_default=True, type=float,
-                     help="Clip standardised features to ±CLIP (0: no clipping)."),
+                     help="Clip standardised features to ±CLIP (0: no clipping); a gaussian "
+                     "target's default or nig learner on a linear model (block scalings): "
+                     "features and target to ±max(CLIP, √(n−1)) in coordinates from n rows."),
         click.option("--scaling", type=click.Choice(list(SCALINGS)), default=DEFAULT_SCALING,
                      show_default=True, help="Feature standardisation (earlier rows only): "
                      "running moves under the filter; follow and reprior freeze the statistics "
