@@ -417,3 +417,21 @@ def test_learn_predictions_csv_for_counts(tmp_path):
     assert np.all(table[:, 2] >= np.sqrt(table[:, 1]))  # Poisson noise plus the parameters' part
     final = json.loads((tmp_path / "o" / "metrics.json").read_text())["final"]
     assert final["rmse_all_rows"] == pytest.approx(np.sqrt(np.mean((y - table[:, 1]) ** 2)), rel=1e-8)
+
+
+def test_predict_from_the_saved_model_is_the_next_progressive_prediction(tmp_path):
+    """A gaussian target (frozen target coordinates): `kalnat predict` with the model learned on
+    rows 1–59 gives row 60 the mean and sd that `--predictions` gives it when learning 1–60."""
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(60, 2)) * [1.0, 5.0] + [0.0, 20.0]
+    y = 100.0 + 10.0 * X[:, 0] - X[:, 1] + rng.normal(size=60)
+    ys = [f"{v:.6f}" for v in y]
+    _ok(["learn", _csv(tmp_path / "a.csv", X[:59], ys[:59]), "--out", str(tmp_path / "m"), "--quiet"])
+    pred = tmp_path / "p.csv"
+    _ok(["learn", _csv(tmp_path / "b.csv", X, ys), "--out", str(tmp_path / "n"), "--quiet",
+         "--predictions", str(pred)])
+    last = np.array(_pred_rows(pred)[-1], float)
+    out = list(csv.DictReader(io.StringIO(_ok(["predict", "--model-dir", str(tmp_path / "m"),
+                                                _csv(tmp_path / "c.csv", X[59:], ys[59:])]).output)))
+    assert float(out[0]["mean"]) == pytest.approx(last[1], rel=1e-5)
+    assert float(out[0]["std"]) == pytest.approx(last[2], rel=1e-5)
