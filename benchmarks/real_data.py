@@ -2,8 +2,9 @@
 
 For each bundled set, rows in the given order and shuffled (seed 0), every learner predicts
 each row before learning it (progressive validation, one pass) and is scored by log-loss and
-accuracy (classifiers) or RMSE and Gaussian log-loss (regression), over all scored rows and
-after the first 10. Learners, on the same online-standardised features (earlier rows only):
+accuracy (classifiers) or RMSE and Gaussian log-loss (regression), over all scored rows (a
+regression's log-loss from row 3, before which its target has no scale; its RMSE from row 1)
+and after the first 10. Learners, on the same online-standardised features (earlier rows only):
 
   kalnat, no settings   what ``kalnat learn DATA`` does with no options (the command's own
                         option defaults, through ``cli_learn.OnlineRunner``)
