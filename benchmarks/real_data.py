@@ -84,8 +84,11 @@ def sunspots_csv(shuffle: bool, folder: str) -> str:
     """The yearly sunspot numbers (statsmodels' copy, 1700–2008) as an AR model: a CSV of
     the :data:`SUNSPOT_LAGS` previous years (``lag1`` … ) and the year's value ``y``; rows in
     time order or shuffled with seed 0 (as ``--shuffle 0`` shuffles a bundled set)."""
-    import statsmodels.api as sm
-
+    try:
+        import statsmodels.api as sm
+    except ImportError:
+        raise SystemExit("the sunspots stream needs statsmodels, which bundles the series: "
+                         "pip install statsmodels (or leave sunspots out of --sets)") from None
     s = sm.datasets.sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(np.float64)
     k = SUNSPOT_LAGS
     X = np.column_stack([s[k - j: len(s) - j] for j in range(1, k + 1)])
