@@ -2,8 +2,9 @@
 
 For each bundled set, rows in the given order and shuffled (seed 0), every learner predicts
 each row before learning it (progressive validation, one pass) and is scored by log-loss and
-accuracy (classifiers) or RMSE and Gaussian log-loss (regression), over all scored rows and
-after the first 10. Learners, on the same online-standardised features (earlier rows only):
+accuracy (classifiers) or RMSE and Gaussian log-loss (regression), over all scored rows (a
+regression's log-loss from row 3, before which its target has no scale; its RMSE from row 1)
+and after the first 10. Learners, on the same online-standardised features (earlier rows only):
 
   kalnat, no settings   what ``kalnat learn DATA`` does with no options (the command's own
                         option defaults, through ``cli_learn.OnlineRunner``)
@@ -25,12 +26,23 @@ Time per row: kalnat warm (a second pass on the compiled step; the first pass's 
 time is reported apart in the JSON); optax's is its grid's one vmapped, jitted scan (compile
 included) over the number of grid points; scikit-learn's and river's, one grid point's loop.
 
+Regression streams (``--regression``: diabetes, trump_approval, chick_weights and the yearly
+sunspots series as an AR(9) model, whose lags are written to a CSV and read by the command
+like any user's file; statsmodels bundles the series): RMSE over all rows and after row 10,
+Gaussian log-loss (NLL) from row 3 (before which the target has no scale) and after row 10,
+for the default, the single EKF at its best prior variance in hindsight (λ = 1; prior
+variances :data:`EKF_PRIORS`, each column's best) and the baselines' grids, then one summary
+row per (stream, order): the goal is default RMSE ≤ the best baseline's, default NLL ≤ the
+best single EKF's.
+
     python benchmarks/real_data.py [--sets breast_cancer diabetes …] [--quick] [--out DIR]
+    python benchmarks/real_data.py --regression [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -46,6 +58,9 @@ import numpy as np  # noqa: E402
 from kalnat import baselines, cli, cli_compare, cli_learn  # noqa: E402
 
 SETS = ("breast_cancer", "phishing", "image_segments", "trump_approval", "diabetes")
+REGRESSION_SETS = ("diabetes", "trump_approval", "chick_weights", "sunspots")
+EKF_PRIORS = (0.01, 0.1, 1.0, 10.0, 100.0)
+SUNSPOT_LAGS = 9
 SKIP = 10  # the second score column starts after this many rows
 LRS = baselines.LR_GRID
 QUICK_LRS = (0.01, 0.1, 1.0)
@@ -65,8 +80,38 @@ def label(setting: dict) -> str:
 
 # ---- the stream, as `kalnat learn` reads it ----------------------------------------------
 
+def sunspots_csv(shuffle: bool, folder: str) -> str:
+    """The yearly sunspot numbers (statsmodels' copy, 1700–2008) as an AR model: a CSV of
+    the :data:`SUNSPOT_LAGS` previous years (``lag1`` … ) and the year's value ``y``; rows in
+    time order or shuffled with seed 0 (as ``--shuffle 0`` shuffles a bundled set)."""
+    try:
+        import statsmodels.api as sm
+    except ImportError:
+        raise SystemExit("the sunspots stream needs statsmodels, which bundles the series: "
+                         "pip install statsmodels (or leave sunspots out of --sets)") from None
+    s = sm.datasets.sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(np.float64)
+    k = SUNSPOT_LAGS
+    X = np.column_stack([s[k - j: len(s) - j] for j in range(1, k + 1)])
+    y = s[k:]
+    order = np.random.default_rng(0).permutation(len(y)) if shuffle else np.arange(len(y))
+    path = os.path.join(folder, f"sunspots{'_shuffled' if shuffle else ''}.csv")
+    with open(path, "w") as f:
+        f.write(",".join([f"lag{j}" for j in range(1, k + 1)] + ["y"]) + "\n")
+        for i in order:
+            f.write(",".join(f"{v:g}" for v in [*X[i], y[i]]) + "\n")
+    return path
+
+
 def command_config(name: str, shuffle: bool):
     """``(cfg, source)`` of ``kalnat learn NAME [--shuffle 0]``, from the command's own parser."""
+    if name == "sunspots":
+        import tempfile
+
+        ctx = cli.learn.make_context("learn", [sunspots_csv(shuffle, tempfile.mkdtemp())])
+        kw = dict(ctx.params)
+        data = kw.pop("data")
+        cfg, source = cli._config(kw), cli._open(data, kw)
+        return cfg, dataclasses.replace(source, name="sunspots")
     ctx = cli.learn.make_context("learn", [name] + (["--shuffle", "0"] if shuffle else []))
     kw = dict(ctx.params)
     data = kw.pop("data")
@@ -117,7 +162,12 @@ def variants(cfg, classifier: bool, gaussian: bool):
 
 # ---- one stream ------------------------------------------------------------------------------
 
-def run_stream(name: str, shuffle: bool, quick: bool, log) -> dict:
+def regression_variants(cfg):
+    """``--regression``: the single EKF at each prior variance of :data:`EKF_PRIORS`, λ = 1."""
+    return [(f"EKF, prior_var {v:g}", dict(cfg, method="ekf", prior_var=v, forgetting=1.0)) for v in EKF_PRIORS]
+
+
+def run_stream(name: str, shuffle: bool, quick: bool, log, regression: bool = False) -> dict:
     cfg, source = command_config(name, shuffle)
     X, y, family, classes, _ = cli_compare._read_all(source, cfg)
     n = len(y)
@@ -129,15 +179,18 @@ def run_stream(name: str, shuffle: bool, quick: bool, log) -> dict:
 
     def score(pred):
         a, b = (baselines.scores(fam, y, pred, start=s) for s in (first, SKIP))
+        # RMSE over every row (rows before the target has a scale included), as other tools report it
+        m = baselines.scores(fam, y, pred, start=0)[metric] if not classifier else a[metric]
         return {"log_loss": a["log_loss"], "log_loss_10": b["log_loss"],
-                metric: a[metric], metric + "_10": b[metric]}
+                metric: m, metric + "_10": b[metric]}
 
     def add(learner, setting, pred, sec_row, kind, **extra):
         rows.append(dict(learner=learner, setting=setting, kind=kind, ms_per_row=1e3 * sec_row,
                          **score(pred), **extra))
 
     log(f"{name} ({'shuffled, seed 0' if shuffle else 'given order'}): {n} rows, {X.shape[1]} features, {family}")
-    for vname, vcfg in [("kalnat, no settings", cfg)] + variants(cfg, classifier, gaussian):
+    more = regression_variants(cfg) if regression else variants(cfg, classifier, gaussian)
+    for vname, vcfg in [("kalnat, no settings", cfg)] + more:
         log(f"  {vname}")
         kind = "kalnat" if vcfg is cfg else "variant"
         try:
@@ -199,6 +252,14 @@ def run_stream(name: str, shuffle: bool, quick: bool, log) -> dict:
                          best_setting={k: s for k, (_, s) in best.items()},
                          grid={s: sc for s, sc, _ in scored}))
 
+    if regression:  # the single EKF's best prior in hindsight, each column on its own
+        ekfs = [r for r in rows if r["learner"].startswith("EKF, prior_var") and "error" not in r]
+        best = {k: min(ekfs, key=lambda r: r[k]) for k in ("log_loss", "log_loss_10", metric, metric + "_10")}
+        rows.append(dict(learner="EKF, best prior in hindsight", kind="ekf_best",
+                         setting=best["log_loss"]["learner"].replace("EKF, ", ""),
+                         ms_per_row=best["log_loss"]["ms_per_row"],
+                         **{k: r[k] for k, r in best.items()},
+                         best_setting={k: r["learner"].replace("EKF, ", "") for k, r in best.items()}))
     log("  offline GLM")
     for lname, folds in (("offline GLM, in-sample", 0), ("offline GLM, 10-fold CV", 10)):
         t0 = time.perf_counter()
@@ -230,7 +291,7 @@ def table(report: dict, markdown: bool = False) -> str:
             body.append([r["learner"], "diverged", "", "", "", "", r["error"][:60]])
             continue
         body.append([r["learner"], *(_fmt(r[k], k) for k in keys), f"{r['ms_per_row']:.3f}",
-                     r["setting"] if r["kind"] == "baseline" else ""])
+                     r["setting"] if r["kind"] in ("baseline", "ekf_best") else ""])
     title = (f"{report['data']}, {report['order']}: {report['rows']} rows, {report['family']}"
              + (f", scored from row {report['first_scored_row']}" if report["first_scored_row"] > 1 else ""))
     if markdown:
@@ -271,6 +332,31 @@ def summary(reports) -> str:
     return "\n".join(lines)
 
 
+def regression_summary(reports) -> str:
+    """One markdown row per regression stream: the default against the best baseline (RMSE)
+    and the single EKF's best prior (NLL), each column's best chosen in hindsight (✗: the
+    default misses that goal)."""
+    lines = ["| set, order | RMSE all rows: default | best baseline | RMSE after row 10: default | "
+             "best baseline | NLL: default | best EKF | NLL after row 10: default | best EKF |",
+             "|" + "---|" * 9]
+    for rep in reports:
+        res = {r["learner"]: r for r in rep["results"] if "error" not in r}
+        ours = res.get("kalnat, no settings")
+        if ours is None:
+            lines.append(f"| {rep['data']}, {rep['order']} | failed (see its table) |" + " |" * 7)
+            continue
+        base = [r for r in res.values() if r["kind"] == "baseline"]
+        ekf = res["EKF, best prior in hindsight"]
+        cells = []
+        for key, pool in (("rmse", base), ("rmse_10", base), ("log_loss", [ekf]), ("log_loss_10", [ekf])):
+            b = min(pool, key=lambda r: r[key])
+            name = SHORT.get(b["learner"].replace(", best of grid", ""), "EKF")
+            cells += [_fmt(ours[key], key) + ("" if ours[key] <= b[key] else " ✗"),
+                      f"{_fmt(b[key], key)} ({name}, {b['best_setting'][key]})"]
+        lines.append(f"| {rep['data']}, {rep['order']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=list(SETS), metavar="NAME",
@@ -278,7 +364,12 @@ def main(argv=None):
     ap.add_argument("--order", choices=("given", "shuffled", "both"), default="both")
     ap.add_argument("--quick", action="store_true", help=f"learning-rate grid {QUICK_LRS} only")
     ap.add_argument("--out", metavar="DIR", help="write real_data.json and real_data.md here")
+    ap.add_argument("--regression", action="store_true",
+                    help=f"the regression table: {' '.join(REGRESSION_SETS)} (unless --sets), "
+                    f"the default, the single EKF over prior variances {EKF_PRIORS} and the baselines")
     args = ap.parse_args(argv)
+    if args.regression and args.sets == list(SETS):
+        args.sets = list(REGRESSION_SETS)
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # overflow in diverged grid points
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     orders = {"given": (False,), "shuffled": (True,), "both": (False, True)}[args.order]
@@ -286,10 +377,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     for name in args.sets:
         for shuffle in orders:
-            rep = run_stream(name, shuffle, args.quick, log)
+            rep = run_stream(name, shuffle, args.quick, log, regression=args.regression)
             reports.append(rep)
             print("\n" + table(rep) + "\n", flush=True)
-    print(summary(reports))
+    overview = regression_summary(reports) if args.regression else summary(reports)
+    print(overview)
     print(f"\n({time.perf_counter() - t0:.0f} s in all)")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -297,7 +389,7 @@ def main(argv=None):
             json.dump({"reports": reports, "quick": args.quick, "skip": SKIP}, f, indent=1,
                       default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
         with open(os.path.join(args.out, "real_data.md"), "w") as f:
-            f.write(summary(reports) + "\n\n" + "\n\n".join(table(r, markdown=True) for r in reports) + "\n")
+            f.write(overview + "\n\n" + "\n\n".join(table(r, markdown=True) for r in reports) + "\n")
 
 
 if __name__ == "__main__":

@@ -364,3 +364,96 @@ def test_no_numpy_warnings_on_the_terminal(tmp_path):
         res = _ok(["compare", "diabetes", "--out", str(tmp_path / "c"), "--no-kalnat-grid", "--lr-grid", "1"])
     assert "diverged" in res.output and "Warning" not in res.output
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+# ---- --predictions and the named RMSEs (issue 15) ---------------------------------------------
+
+def _pred_rows(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+def test_learn_predictions_csv_for_a_regression(tmp_path):
+    """`--predictions`: one row per data row, 1-based, with the mean and sd the scores came
+    from; metrics.json names its RMSEs over all rows and after row 10, and they are those of
+    the written means."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(60, 2))
+    y = 3.0 + X[:, 0] - 2 * X[:, 1] + 0.3 * rng.normal(size=60)
+    data = _csv(tmp_path / "g.csv", X, [f"{v:.6f}" for v in y])
+    out, pred = tmp_path / "rep", tmp_path / "pred.csv"
+    res = _ok(["learn", data, "--out", str(out), "--predictions", str(pred)])
+    rows = _pred_rows(pred)
+    assert rows[0] == ["row", "mean", "sd"] and len(rows) == 61
+    table = np.array(rows[1:], float)
+    assert np.array_equal(table[:, 0], np.arange(1, 61)) and np.all(table[:, 2] > 0)
+    yy = np.array([float(f"{v:.6f}") for v in y])
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    rmse_all = np.sqrt(np.mean((yy - table[:, 1]) ** 2))
+    rmse_10 = np.sqrt(np.mean((yy[10:] - table[10:, 1]) ** 2))
+    assert final["rmse_all_rows"] == pytest.approx(rmse_all, rel=1e-8)
+    assert final["rmse_after_row_10"] == pytest.approx(rmse_10, rel=1e-8)
+    assert final["rmse"] == pytest.approx(np.sqrt(np.mean((yy[2:] - table[2:, 1]) ** 2)), rel=1e-8)
+    # the scored log-loss (from row 3) is the Gaussian one of the written mean and sd
+    nll = 0.5 * np.log(2 * np.pi * table[2:, 2] ** 2) + 0.5 * ((yy[2:] - table[2:, 1]) / table[2:, 2]) ** 2
+    assert final["log_loss"] == pytest.approx(nll.mean(), rel=1e-8)
+    assert f"RMSE {rmse_all:.4g} over all rows, {rmse_10:.4g} after row 10" in res.output
+
+
+def test_learn_predictions_csv_for_a_classifier_with_a_skipped_row(tmp_path):
+    """Classifiers: one p_<class> column per class, named as the data name them; a skipped row
+    keeps its place in stream order with NaN."""
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(40, 2))
+    labels = np.where(X[:, 0] > 0, "yes", "no")
+    lines = ["a,b,target"] + [f"{r[0]:.5f},{r[1]:.5f},{t}" for r, t in zip(X, labels)]
+    lines[8] = "oops,0.5,yes"  # data row 8
+    path = tmp_path / "c.csv"
+    path.write_text("\n".join(lines) + "\n")
+    pred = tmp_path / "p.csv"
+    _ok(["learn", str(path), "--out", str(tmp_path / "o"), "--quiet", "--skip-bad-rows",
+         "--classes", "no,yes", "--predictions", str(pred)])
+    rows = _pred_rows(pred)
+    assert rows[0] == ["row", "p_no", "p_yes"] and len(rows) == 41
+    table = np.array(rows[1:], float)
+    assert np.array_equal(table[:, 0], np.arange(1, 41))
+    assert np.all(np.isnan(table[7, 1:]))
+    good = np.delete(table, 7, axis=0)
+    assert np.allclose(good[:, 1:].sum(axis=1), 1.0) and np.all(np.isfinite(good))
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    y = np.delete((labels == "yes").astype(int), 7)
+    ll = -np.log(good[np.arange(39), 1 + y])
+    assert m["final"]["log_loss"] == pytest.approx(ll.mean(), rel=1e-6)
+
+
+def test_learn_predictions_csv_for_counts(tmp_path):
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(50, 2))
+    y = rng.poisson(np.exp(0.5 + 0.5 * X[:, 0]))
+    pred = tmp_path / "p.csv"
+    _ok(["learn", _csv(tmp_path / "n.csv", X, y), "--family", "poisson", "--out", str(tmp_path / "o"),
+         "--quiet", "--predictions", str(pred)])
+    rows = _pred_rows(pred)
+    assert rows[0] == ["row", "mean", "sd"] and len(rows) == 51
+    table = np.array(rows[1:], float)
+    assert np.all(table[:, 2] >= np.sqrt(table[:, 1]))  # Poisson noise plus the parameters' part
+    final = json.loads((tmp_path / "o" / "metrics.json").read_text())["final"]
+    assert final["rmse_all_rows"] == pytest.approx(np.sqrt(np.mean((y - table[:, 1]) ** 2)), rel=1e-8)
+
+
+def test_predict_from_the_saved_model_is_the_next_progressive_prediction(tmp_path):
+    """A gaussian target (frozen target coordinates): `kalnat predict` with the model learned on
+    rows 1–59 gives row 60 the mean and sd that `--predictions` gives it when learning 1–60."""
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(60, 2)) * [1.0, 5.0] + [0.0, 20.0]
+    y = 100.0 + 10.0 * X[:, 0] - X[:, 1] + rng.normal(size=60)
+    ys = [f"{v:.6f}" for v in y]
+    _ok(["learn", _csv(tmp_path / "a.csv", X[:59], ys[:59]), "--out", str(tmp_path / "m"), "--quiet"])
+    pred = tmp_path / "p.csv"
+    _ok(["learn", _csv(tmp_path / "b.csv", X, ys), "--out", str(tmp_path / "n"), "--quiet",
+         "--predictions", str(pred)])
+    last = np.array(_pred_rows(pred)[-1], float)
+    out = list(csv.DictReader(io.StringIO(_ok(["predict", "--model-dir", str(tmp_path / "m"),
+                                                _csv(tmp_path / "c.csv", X[59:], ys[59:])]).output)))
+    assert float(out[0]["mean"]) == pytest.approx(last[1], rel=1e-5)
+    assert float(out[0]["std"]) == pytest.approx(last[2], rel=1e-5)

@@ -126,7 +126,9 @@ def _settings_options(f):
         click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1),
                      help="Rows per update (one linearisation point)."),
         click.option("--clip", default=5.0, show_default=True, type=float,
-                     help="Clip standardised features to ±CLIP (0: no clipping)."),
+                     help="Clip standardised features to ±CLIP (0: no clipping); a gaussian "
+                     "target's default or nig learner on a linear model (block scalings): "
+                     "features and target to ±max(CLIP, √(n−1)) in coordinates from n rows."),
         click.option("--scaling", type=click.Choice(list(SCALINGS)), default=DEFAULT_SCALING,
                      show_default=True, help="Feature standardisation (earlier rows only): "
                      "running moves under the filter; follow and reprior freeze the statistics "
@@ -179,7 +181,11 @@ def _open(data, kw, **more):
 @click.option("--out", "out_dir", default="kalnat-report", show_default=True,
               type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def learn(data, out_dir, quiet, **kw):
+@click.option("--predictions", "predictions_path", default=None, type=click.Path(dir_okay=False),
+              metavar="PATH", help="Also write every row's progressive prediction (made before the "
+              "row was learned) as CSV: row (1-based, stream order), then mean,sd (gaussian, "
+              "poisson) or p_<class> per class; NaN for a skipped row.")
+def learn(data, out_dir, quiet, predictions_path=None, **kw):
     """Learn DATA in one pass and write a report folder.
 
     DATA is a CSV file with a header row, - for standard input, or a bundled data set's name
@@ -194,8 +200,20 @@ def learn(data, out_dir, quiet, **kw):
     _jax()
     from kalnat import cli_learn as run, plots
 
-    result = run.learn_stream(source, cfg, progress=not quiet,
-                              log=None if quiet else (lambda m: click.echo(m, err=True)))
+    pred_file = None
+    if predictions_path is not None:
+        try:
+            pred_file = open(predictions_path, "w", newline="")
+        except OSError as err:
+            raise click.BadParameter(f"cannot write {predictions_path} ({err.strerror})",
+                                     param_hint="--predictions") from None
+    try:
+        result = run.learn_stream(source, cfg, progress=not quiet,
+                                  log=None if quiet else (lambda m: click.echo(m, err=True)),
+                                  predictions=pred_file)
+    finally:
+        if pred_file is not None:
+            pred_file.close()
     os.makedirs(out_dir, exist_ok=True)
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"
@@ -218,11 +236,13 @@ def learn(data, out_dir, quiet, **kw):
     if not quiet:
         final = metrics["final"]
         main_metric = (f"accuracy {final['accuracy']:.4f}" if result.is_classifier
-                       else f"RMSE {final['rmse']:.4g}")
+                       else f"RMSE {final['rmse_all_rows']:.4g} over all rows, "
+                       f"{final[f'rmse_after_row_{run.SKIP_ROWS}']:.4g} after row {run.SKIP_ROWS}")
         skipped = f", {metrics['rows_skipped']} skipped" if metrics["rows_skipped"] else ""
         click.echo(f"{source.name}: {metrics['rows_seen']} rows{skipped}, {result.family_name}, "
                    f"{what} on {cfg['model_spec']} ({metrics['n_parameters']} parameters)")
-        click.echo(f"  progressive log-loss {final['log_loss']:.4f}  {main_metric}  "
+        from_row = f" (from row {metrics['first_scored_row']})" if metrics["first_scored_row"] > 1 else ""
+        click.echo(f"  progressive log-loss{from_row} {final['log_loss']:.4f}  {main_metric}  "
                    f"({1e3 * metrics['seconds_per_row']:.3f} ms/row)")
         if "bank" in metrics:
             b = metrics["bank"]

@@ -11,7 +11,7 @@ FAMILIES = ("gaussian", "bernoulli", "categorical", "poisson")
 COVARIANCES = ("auto", "full", "diag", "blocks", "lowrank:K", "last-layer:K", "kron")
 DEFAULT_RANK = 10
 # Up to this many parameters the default keeps the full covariance (O(d²) per row, exact);
-# beyond it a diagonal plus rank-DEFAULT_RANK precision (O(d K²)); the bundled sets (digits: 650)
+# beyond it a diagonal plus rank-DEFAULT_RANK precision (O(d K²)); the bundled sets (digits: 585)
 # stay on the full covariance, whose re-expression at block boundaries is cheaper than the
 # structured forms' (kalnat.scaling re-expresses a dense P).
 AUTO_FULL_MAX = 1024
