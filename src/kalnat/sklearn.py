@@ -8,7 +8,7 @@ One pass over the rows, in order: ``fit`` starts afresh and learns every row onc
 ``partial_fit`` continues from the current state (the first call needs ``classes=`` for the
 classifier, as scikit-learn's incremental classifiers do). The learner is any core filter
 (``method``) or the self-tuning bank :func:`kalnat.auto` (``method="auto"``, the default), on a
-linear model (``hidden=()``) or a multilayer perceptron (``hidden=(16,)``), with θ's
+linear model (``hidden=None``, the default) or a multilayer perceptron (``hidden=(16,)``), with θ's
 uncertainty held in full, diagonal or per-layer blocks (``covariance``, docs/method.md §6).
 
 Standardisation (``standardize=True``): the filter's prior ``N(0, v·I)`` is stated in
@@ -37,60 +37,17 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 import kalnat
-from kalnat import families, models, representations, scaling, schedules
+from kalnat import estimators, scaling
+from kalnat.estimators import COVARIANCES, METHODS
 
 __all__ = ["KalmanClassifier", "KalmanRegressor", "METHODS", "COVARIANCES"]
 
-METHODS = ("auto", "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "iterated_ekf")
-COVARIANCES = ("full", "diag", "blocks")
 # Rows per jitted scan of kalnat.fit: every call runs the same compiled program (short calls
 # are padded with skipped rows), so a stream of calls of any sizes compiles once.
 CHUNK = 32
 # Predictions are made on row counts padded to a power of two (at least this): a few compiled
 # programs serve every batch size.
 MIN_PREDICT_ROWS = 8
-
-_LEARNERS: dict = {}  # settings -> (learner, model): one compiled step per configuration
-
-
-def _learner(key):
-    """The (cached) learner and model for ``key`` (see :meth:`_KalmanEstimator._key`)."""
-    if key not in _LEARNERS:
-        _LEARNERS[key] = _build(*key)
-    return _LEARNERS[key]
-
-
-def _family(spec):
-    """A family from its hashable spec: ``("bernoulli",)``, ``("categorical", K)``,
-    ``("gaussian", noise_var)``."""
-    return {"bernoulli": families.Bernoulli, "categorical": families.Categorical,
-            "gaussian": families.Gaussian}[spec[0]](*spec[1:])
-
-
-def _build(family, n_features, hidden, method, covariance, prior_var, forgetting, seed):
-    family = _family(family)
-    n_out = family.n_outputs
-    model = (models.linear(n_features, n_out) if not hidden
-             else models.mlp(n_features, hidden, n_out))
-    params = model.init(jax.random.PRNGKey(seed))
-    rep = {"full": None, "diag": representations.Diagonal(),
-           "blocks": representations.Blocks.per_leaf(params)}[covariance]
-    if rep is not None and method not in ("auto", "ekf", "iterated_ekf"):
-        raise ValueError(f"covariance={covariance!r} is an option of method 'auto', 'ekf' or "
-                         f"'iterated_ekf'; {method!r} keeps its own representation of P")
-    if method == "auto":
-        return kalnat.auto(model, family, representation=rep), model
-    v = 1.0 if prior_var is None else float(prior_var)
-    lam = 1.0 if forgetting is None else float(forgetting)
-    # A forgetting filter gets the bank members' variance bound (no wind-up along a feature
-    # that stays constant); without forgetting P only shrinks and the filter is exact.
-    bound = None if lam == 1.0 else kalnat.bank.default_max_variance(v)
-    if method == "natural_gradient":
-        return kalnat.natural_gradient(model, family, max_variance=bound,
-                                       **schedules.kalman_to_natural(v, lam)._asdict()), model
-    make = getattr(kalnat, method)
-    more = {} if method in ("sqrt_ekf", "information_filter") else {"representation": rep}
-    return make(model, family, prior_var=v, forgetting=lam, max_variance=bound, **more), model
 
 
 def _reexpress(learner, state, old, new):
@@ -130,7 +87,7 @@ class _Coords(NamedTuple):
 class _KalmanEstimator(BaseEstimator):
     """What the classifier and the regressor share: settings, validation, the stream."""
 
-    def __init__(self, hidden=(), method="auto", covariance="full", prior_var=None, forgetting=None,
+    def __init__(self, hidden=None, method="auto", covariance="full", prior_var=None, forgetting=None,
                  standardize=True, random_state=0):
         self.hidden = hidden
         self.method = method
@@ -142,29 +99,11 @@ class _KalmanEstimator(BaseEstimator):
 
     # ---- settings ----------------------------------------------------------------------
 
-    def _key(self, family, n_features):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if self.covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}; got {self.covariance!r}")
-        if self.method == "auto" and (self.prior_var is not None or self.forgetting is not None):
-            raise ValueError("method='auto' chooses prior_var and forgetting by their evidence; give a core "
-                             "method (e.g. method='ekf') to set them")
-        if self.prior_var is not None and not (isinstance(self.prior_var, numbers.Real) and self.prior_var > 0):
-            raise ValueError(f"prior_var must be a positive number, got {self.prior_var!r}")
-        if self.forgetting is not None and not (isinstance(self.forgetting, numbers.Real)
-                                                and 0 < self.forgetting <= 1):
-            raise ValueError(f"forgetting must be a number in (0, 1], got {self.forgetting!r}")
-        hidden = tuple(int(h) for h in (self.hidden or ()))
-        seed = 0 if self.random_state is None else int(self.random_state)
-        return (family, int(n_features), hidden, self.method, self.covariance,
-                self.prior_var, self.forgetting, seed)
-
     def _start(self, family, n_features):
-        """A fresh state for ``family`` (:func:`_family`'s spec) and ``n_features`` (what ``fit`` and a first
-        ``partial_fit`` do)."""
-        self.learner_key_ = self._key(family, n_features)
-        learner, model = _learner(self.learner_key_)
+        """A fresh state for ``family`` (:func:`kalnat.estimators.family`'s spec) and
+        ``n_features``: what ``fit`` and a first ``partial_fit`` do."""
+        self.learner_key_ = estimators.settings_key(self, family, n_features)
+        learner, model = estimators.learner(self.learner_key_)
         self.state_ = learner.init(model.init(jax.random.PRNGKey(self.learner_key_[-1])))
         self.scaler_ = scaling.init(n_features)
         self.coords_ = None
@@ -174,7 +113,7 @@ class _KalmanEstimator(BaseEstimator):
     def learner_(self):
         """The kalnat learner (a :class:`~kalnat.Learner` or a :class:`~kalnat.bank.Bank`)."""
         check_is_fitted(self)
-        return _learner(self.learner_key_)[0]
+        return estimators.learner(self.learner_key_)[0]
 
     # ---- the stream --------------------------------------------------------------------
 
@@ -201,7 +140,7 @@ class _KalmanEstimator(BaseEstimator):
         self.n_rows_seen_ += X.shape[0]
         if not all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(self.state_.params)):
             raise ValueError(f"{type(self).__name__}: the filter diverged (non-finite parameters after "
-                             f"{self.n_rows_seen_} rows); try a smaller prior_var or a linear model (hidden=())")
+                             f"{self.n_rows_seen_} rows); try a smaller prior_var or a linear model (hidden=None)")
 
     def _predictive(self, X):
         """The one-step predictive of the rows ``X``, padded to a power of two rows."""
@@ -227,7 +166,8 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
     Two classes use a Bernoulli output, more a categorical one (K − 1 logits).
 
     Args:
-      hidden: widths of the hidden layers; ``()`` (default) a linear model (logistic regression).
+      hidden: widths of the hidden layers, e.g. ``(16,)``; ``None`` (default) a linear model
+        (logistic regression).
       method: ``"auto"`` (the evidence-weighted bank :func:`kalnat.auto`), or one core learner:
         ``"ekf"``, ``"sqrt_ekf"``, ``"information_filter"``, ``"natural_gradient"``,
         ``"iterated_ekf"`` (docs/method.md §2).
@@ -311,7 +251,7 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
     the scale of its Student-t predictive), as scikit-learn's Bayesian regressors do.
     """
 
-    def __init__(self, hidden=(), method="auto", covariance="full", prior_var=None, forgetting=None,
+    def __init__(self, hidden=None, method="auto", covariance="full", prior_var=None, forgetting=None,
                  noise_var=1.0, standardize=True, random_state=0):
         super().__init__(hidden=hidden, method=method, covariance=covariance, prior_var=prior_var,
                          forgetting=forgetting, standardize=standardize, random_state=random_state)
