@@ -55,14 +55,38 @@ def test_partial_fit_in_chunks_is_fit():
 @pytest.mark.parametrize("method", ["ekf", "auto"])
 def test_reexpression_keeps_every_prediction(method):
     """Moving the filter (a core learner's state or a bank's) to new feature coordinates
-    changes no prediction."""
-    X, _, c = _data(p=2)
-    clf = KalmanClassifier(method=method).fit(X[:30], c[:30])
-    before = clf.predict_proba(X[30:])
-    new = type(clf.coords_)(clf.coords_.center + np.array([0.7, -0.2]), clf.coords_.scale * np.array([3.0, 0.5]))
-    clf.state_ = _reexpress(clf.learner_, clf.state_, clf.coords_, new)
-    clf.coords_ = new
-    np.testing.assert_allclose(clf.predict_proba(X[30:]), before, rtol=1e-9)
+    changes no prediction: neither the mean (θ) nor its standard deviation (P)."""
+    X, y, _ = _data(p=2)
+    reg = KalmanRegressor(method=method).fit(X[:30], y[:30])
+    before = reg.predict(X[30:], return_std=True)
+    new = type(reg.coords_)(reg.coords_.center + np.array([0.7, -0.2]), reg.coords_.scale * np.array([3.0, 0.5]))
+    reg.state_ = _reexpress(reg.learner_, reg.state_, reg.coords_, new)
+    reg.coords_ = new
+    after = reg.predict(X[30:], return_std=True)
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-9)
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-9)
+
+
+def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinates():
+    """Two partial_fit calls, the statistics moving between them, equal kalnat.ekf run on all
+    rows in the last call's coordinates from the first prior carried there, A P₀ Aᵀ (a linear
+    model: w' = w·s₂/s₁, b' = b + w·(c₂ − c₁)/s₁; θ₀ = 0)."""
+    X, y, _ = _data(p=3)
+    reg = KalmanRegressor(method="ekf", prior_var=0.8, noise_var=0.5)
+    reg.partial_fit(X[:20], y[:20]).partial_fit(X[20:], y[20:])
+    c1, s1, c2, s2 = X[:20].mean(0), X[:20].std(0), X.mean(0), X.std(0)
+    cy, sy = y[:20].mean(), y[:20].std()
+    A = np.zeros((4, 4))                       # θ = (b, w) in ravel order
+    A[0, 0] = 1.0
+    A[0, 1:] = (c2 - c1) / s1
+    A[1:, 1:] = np.diag(s2 / s1)
+    model = kalnat.models.linear(3)
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.5), prior_var=0.8 * A @ A.T)
+    state = kalnat.fit(learner, learner.init(model.init(None)), (X - c2) / s2, (y - cy) / sy).state
+    pred = learner.predict(state, (X - c2) / s2)
+    mean, sd = reg.predict(X, return_std=True)
+    np.testing.assert_allclose(mean, cy + sy * np.asarray(pred.mean)[:, 0], rtol=1e-9)
+    np.testing.assert_allclose(sd, sy * np.sqrt(np.asarray(pred.obs_cov)[:, 0, 0]), rtol=1e-9)
 
 
 def test_standardised_features_make_units_irrelevant():
