@@ -121,3 +121,14 @@ def test_multiclass_and_bad_input():
         clf.learn_one({"a": "red"}, "x")
     with pytest.raises(ValueError, match="method must be one of"):
         KalmanRegressor(method="adam")
+
+
+def test_bad_rows_are_refused_before_anything_changes():
+    reg = KalmanRegressor(method="ekf")
+    reg.learn_one({}, 1.0)                               # a first row without features: the intercept
+    with pytest.raises(ValueError, match="'a' is nan"):
+        reg.learn_one({"a": float("nan")}, 1.0)
+    with pytest.raises(ValueError, match="finite number"):
+        reg.learn_one({"b": 1.0}, float("inf"))
+    assert reg._columns == {}
+    assert reg.predict_one({"a": 3.0}) == pytest.approx(0.5)   # the posterior mean of the intercept

@@ -27,7 +27,7 @@ step solves a ``d × d`` system (O(d³)): for models of up to a few thousand par
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp

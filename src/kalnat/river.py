@@ -149,18 +149,18 @@ class _Features:
         _, _, model = self._at(capacity)
         theta, unravel = ravel_pytree(model.init(jax.random.PRNGKey(0)))
         w = _first_layer_w(unravel(jnp.arange(theta.shape[0], dtype=theta.dtype)))
-        return theta.shape[0], np.asarray(w).astype(np.int64), unravel
+        return theta.shape[0], np.asarray(w).astype(np.int64), lambda a: unravel(jnp.asarray(a, theta.dtype))
 
     def _add_features(self, names):
         """Columns for the features not seen before, each with a fresh prior."""
         new = [n for n in dict.fromkeys(names) if n not in self._columns]
-        if not new:
-            return
-        if self._state is None:
+        if self._state is None:  # the first row (with or without features)
             capacity = max(MIN_CAPACITY, 1 << (len(new) - 1).bit_length())
             self._key = self._at(capacity)[0]
             self._state = self._template(capacity)
             self._columns.update((n, i) for i, n in enumerate(new))
+            return
+        if not new:
             return
         capacity = self._key[1]
         needed = len(self._columns) + len(new)
@@ -170,9 +170,10 @@ class _Features:
                 grown *= 2
             # The old coordinates laid out at the new capacity: the added columns are fresh.
             d, w, unravel = self._layout(capacity)
-            old = unravel(jnp.arange(d, dtype=jnp.float64))
-            wide = jnp.concatenate([jnp.asarray(w, jnp.float64), -jnp.ones((w.shape[0], grown - capacity))], axis=1)
-            self._regrow(grown, np.asarray(ravel_pytree(_with_first_layer_w(old, wide))[0]).astype(np.int64))
+            old = unravel(np.arange(d))
+            wide = np.concatenate([w, -np.ones((w.shape[0], grown - capacity), np.int64)], axis=1)
+            index = ravel_pytree(_with_first_layer_w(old, jnp.asarray(wide, _first_layer_w(old).dtype)))[0]
+            self._regrow(grown, np.asarray(index).astype(np.int64))
             capacity = grown
         cols = list(range(len(self._columns), needed))
         self._columns.update(zip(new, cols))
@@ -185,20 +186,26 @@ class _Features:
 
     # ---- rows ---------------------------------------------------------------------------
 
-    def _row(self, x, capacity):
-        """A dict of features as a vector of ``capacity`` values (unknown features left out)."""
-        v = np.zeros(capacity)
+    @staticmethod
+    def _check(x):
+        """``ValueError`` naming a feature whose value is not a finite number (``None``: absent)."""
         for name, value in x.items():
-            c = self._columns.get(name)
-            if c is None or value is None:
+            if value is None:
                 continue
             if not isinstance(value, numbers.Real):
                 raise ValueError(f"feature {name!r} has the value {value!r}: kalnat's estimators take numbers "
                                  "(encode categories first, e.g. with river.preprocessing.OneHotEncoder)")
-            v[c] = float(value)
-        if not np.all(np.isfinite(v)):
-            bad = next(n for n, val in x.items() if n in self._columns and not math.isfinite(float(val)))
-            raise ValueError(f"feature {bad!r} is {x[bad]!r}: features must be finite")
+            if not math.isfinite(value):
+                raise ValueError(f"feature {name!r} is {value!r}: features must be finite")
+
+    def _row(self, x, capacity):
+        """A dict of features as a vector of ``capacity`` values (unknown features left out)."""
+        self._check(x)
+        v = np.zeros(capacity)
+        for name, value in x.items():
+            c = self._columns.get(name)
+            if c is not None and value is not None:
+                v[c] = float(value)
         return v
 
     def _matrix(self, X, capacity):
@@ -215,6 +222,7 @@ class _Features:
         return M
 
     def _learn_one(self, x, y):
+        self._check(x)  # before a bad row adds columns
         self._add_features([n for n, v in x.items() if v is not None])
         xv = self._row(x, self._key[1])
         self._state, _ = self._learner.update(self._state, xv, y)
@@ -365,6 +373,8 @@ class KalmanRegressor(_Features, base.MiniBatchRegressor):
         return ("gaussian", float(self.noise_var))
 
     def learn_one(self, x, y):
+        if not (isinstance(y, numbers.Real) and math.isfinite(y)):
+            raise ValueError(f"the target must be a finite number, got {y!r}")
         self._learn_one(x, float(y))
 
     def predict_one(self, x, with_dist=False):
