@@ -5,7 +5,7 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import kalnat
-from kalnat.sklearn import KalmanClassifier, KalmanRegressor, _reexpress
+from kalnat.sklearn import KalmanClassifier, KalmanRegressor, _alive, _reexpress
 
 # One core filter keeps the checks' many small compilations cheap; the bank ("auto") runs the
 # same code paths and is exercised below.
@@ -139,3 +139,17 @@ def test_bad_settings_and_input_are_reported():
     clf = KalmanClassifier(method="ekf").partial_fit(X, c, classes=[0, 1])
     with pytest.raises(ValueError, match="not one of the classes"):
         clf.partial_fit(X, c + 5)
+
+
+def test_a_bank_goes_on_without_a_diverged_member():
+    """A bank member whose parameters are not finite is out of the mixture (kalnat.bank); the
+    estimator reports divergence only when no member is left."""
+    X, y, _ = _data(p=2)
+    reg = KalmanRegressor().fit(X[:30], y[:30])
+    state, learner = reg.state_, reg.learner_
+    members = state.members
+    broken = state._replace(members=members._replace(
+        params=dict(members.params, w=members.params["w"].at[0].set(np.nan))))
+    assert _alive(learner, broken)
+    assert not _alive(learner, broken._replace(log_weights=state.log_weights.at[1:].set(-np.inf)))
+    assert _alive(learner, state)

@@ -79,6 +79,16 @@ def _reexpress(learner, state, old, new):
     return state._replace(members=members._replace(params=new_params, cov=cov))
 
 
+def _alive(learner, state) -> bool:
+    """Whether the filter's parameters are finite (a bank's: those of a member still in the
+    mixture; a member that diverged is out of it, and the bank goes on without it)."""
+    finite = [np.isfinite(np.asarray(a)) for a in jax.tree_util.tree_leaves(state.params)]
+    if not isinstance(learner, kalnat.bank.Bank):
+        return all(np.all(f) for f in finite)
+    per_member = np.all([f.reshape(f.shape[0], -1).all(axis=1) for f in finite], axis=0)
+    return bool(np.any(per_member & np.isfinite(np.asarray(state.log_weights))))
+
+
 class _Coords(NamedTuple):
     center: np.ndarray
     scale: np.ndarray
@@ -138,7 +148,7 @@ class _KalmanEstimator(BaseEstimator):
                          return_predictions=False)
         self.state_ = res.state
         self.n_rows_seen_ += X.shape[0]
-        if not all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(self.state_.params)):
+        if not _alive(learner, self.state_):
             raise ValueError(f"{type(self).__name__}: the filter diverged (non-finite parameters after "
                              f"{self.n_rows_seen_} rows); try a smaller prior_var or a linear model (hidden=None)")
 
