@@ -132,3 +132,13 @@ def test_bad_rows_are_refused_before_anything_changes():
         reg.learn_one({"b": 1.0}, float("inf"))
     assert reg._columns == {}
     assert reg.predict_one({"a": 3.0}) == pytest.approx(0.5)   # the posterior mean of the intercept
+
+
+def test_feature_order_does_not_matter_to_the_bank():
+    """river's shuffle check on the default (a bank of normal–inverse-gamma filters) with raw
+    TrumpApproval features (a date near 7·10⁵): the features of a row take columns in a
+    canonical order, so the arithmetic is the same whatever order the dict lists them in."""
+    from river import datasets
+    from river.checks.common import check_shuffle_features_no_impact
+
+    check_shuffle_features_no_impact(KalmanRegressor(), datasets.TrumpApproval().take(200))

@@ -154,7 +154,10 @@ class _Features:
 
     def _add_features(self, names):
         """Columns for the features not seen before, each with a fresh prior."""
-        new = [n for n in dict.fromkeys(names) if n not in self._columns]
+        # Features arriving together take columns in a canonical order, not the dict's: the
+        # model's arithmetic is then the same whatever order a row lists its features in.
+        new = sorted((n for n in dict.fromkeys(names) if n not in self._columns),
+                     key=lambda n: (type(n).__name__, repr(n)))
         if self._state is None:  # the first row (with or without features)
             capacity = max(MIN_CAPACITY, 1 << (len(new) - 1).bit_length())
             self._key = self._at(capacity)[0]
