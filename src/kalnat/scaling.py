@@ -143,7 +143,8 @@ def reexpression_matrix(params, old, new) -> np.ndarray:
         return ravel_pytree(put(new_layer))[0]
 
     d = theta.shape[0]
-    return np.asarray(jax.vmap(f)(jnp.eye(d, dtype=jnp.float64)), np.float64).T  # rows of fv(I) = Aᵀ
+    # in θ's dtype: float64 is only available with x64 on (else JAX warns and truncates)
+    return np.asarray(jax.vmap(f)(jnp.eye(d, dtype=theta.dtype)), np.float64).T  # rows of fv(I) = Aᵀ
 
 
 def reexpress(params, cov, old, new, A=None):

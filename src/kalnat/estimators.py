@@ -1,0 +1,83 @@
+"""The learner behind the scikit-learn and river estimators (:mod:`kalnat.sklearn`,
+:mod:`kalnat.river`), built from their settings and cached.
+
+Learners are cached by their settings (:func:`learner`), so that every estimator with the same
+settings and input size runs the same compiled programs: a refit, a clone or an unpickled
+estimator compiles nothing new. Estimators hold the cache key and the state, never the
+learner itself (a model's ``apply`` is a closure, which does not pickle).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+
+import kalnat
+from kalnat import families, models, representations, schedules
+
+__all__ = ["METHODS", "COVARIANCES", "learner", "family", "settings_key"]
+
+METHODS = ("auto", "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "iterated_ekf")
+COVARIANCES = ("full", "diag", "blocks")
+
+_LEARNERS: dict = {}  # settings -> (learner, model)
+
+
+def family(spec):
+    """A family from its hashable spec: ``("bernoulli",)``, ``("categorical", K)``,
+    ``("gaussian", noise_var)``."""
+    return {"bernoulli": families.Bernoulli, "categorical": families.Categorical,
+            "gaussian": families.Gaussian}[spec[0]](*spec[1:])
+
+
+def settings_key(est, family_spec, n_features):
+    """The cache key of an estimator's learner, its settings checked (``ValueError`` naming the
+    setting). ``est`` has ``hidden``, ``method``, ``covariance``, ``prior_var``, ``forgetting``,
+    ``random_state``."""
+    if est.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {est.method!r}")
+    if est.covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}; got {est.covariance!r}")
+    if est.method == "auto" and (est.prior_var is not None or est.forgetting is not None):
+        raise ValueError("method='auto' chooses prior_var and forgetting by their evidence; give a core "
+                         "method (e.g. method='ekf') to set them")
+    if est.covariance != "full" and est.method not in ("auto", "ekf", "iterated_ekf"):
+        raise ValueError(f"covariance={est.covariance!r} is an option of method 'auto', 'ekf' or "
+                         f"'iterated_ekf'; {est.method!r} keeps its own representation of P")
+    if est.prior_var is not None and not (isinstance(est.prior_var, numbers.Real) and est.prior_var > 0):
+        raise ValueError(f"prior_var must be a positive number, got {est.prior_var!r}")
+    if est.forgetting is not None and not (isinstance(est.forgetting, numbers.Real) and 0 < est.forgetting <= 1):
+        raise ValueError(f"forgetting must be a number in (0, 1], got {est.forgetting!r}")
+    hidden = tuple(int(h) for h in (est.hidden or ()))
+    seed = 0 if est.random_state is None else int(est.random_state)
+    return (tuple(family_spec), int(n_features), hidden, est.method, est.covariance,
+            est.prior_var, est.forgetting, seed)
+
+
+def learner(key):
+    """``(learner, model)`` for a :func:`settings_key`, built once."""
+    if key not in _LEARNERS:
+        _LEARNERS[key] = _build(*key)
+    return _LEARNERS[key]
+
+
+def _build(family_spec, n_features, hidden, method, covariance, prior_var, forgetting, seed):
+    fam = family(family_spec)
+    n_out = fam.n_outputs
+    model = models.linear(n_features, n_out) if not hidden else models.mlp(n_features, hidden, n_out)
+    params = model.init(jax.random.PRNGKey(seed))
+    rep = {"full": None, "diag": representations.Diagonal(),
+           "blocks": representations.Blocks.per_leaf(params)}[covariance]
+    if method == "auto":
+        return kalnat.auto(model, fam, representation=rep), model
+    v = 1.0 if prior_var is None else float(prior_var)
+    lam = 1.0 if forgetting is None else float(forgetting)
+    # A forgetting filter gets the bank members' variance bound (no wind-up along a feature
+    # that stays constant); without forgetting P only shrinks and the filter is exact.
+    bound = None if lam == 1.0 else kalnat.bank.default_max_variance(v)
+    if method == "natural_gradient":  # the rates that make it the same filter (docs/method.md §3)
+        return kalnat.natural_gradient(model, fam, max_variance=bound,
+                                       **schedules.kalman_to_natural(v, lam)._asdict()), model
+    more = {} if method in ("sqrt_ekf", "information_filter") else {"representation": rep}
+    return getattr(kalnat, method)(model, fam, prior_var=v, forgetting=lam, max_variance=bound, **more), model

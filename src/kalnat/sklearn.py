@@ -1,0 +1,303 @@
+"""scikit-learn estimators: :class:`KalmanClassifier` and :class:`KalmanRegressor`.
+
+    >>> from kalnat.sklearn import KalmanClassifier
+    >>> clf = KalmanClassifier().fit(X, y)                           # doctest: +SKIP
+    >>> clf.partial_fit(X_new, y_new).predict_proba(X_test)          # doctest: +SKIP
+
+One pass over the rows, in order: ``fit`` starts afresh and learns every row once,
+``partial_fit`` continues from the current state (the first call needs ``classes=`` for the
+classifier, as scikit-learn's incremental classifiers do). The learner is any core filter
+(``method``) or the self-tuning bank :func:`kalnat.auto` (``method="auto"``, the default), on a
+linear model (``hidden=None``, the default) or a multilayer perceptron (``hidden=(16,)``), with θ's
+uncertainty held in full, diagonal or per-layer blocks (``covariance``, docs/method.md §6).
+
+Standardisation (``standardize=True``): the filter's prior ``N(0, v·I)`` is stated in
+standardised features, so that one prior scale suits features of any units (on raw features
+with scales 10⁻³ and 10³ the same prior is far too tight for one and far too loose for the
+other, and the filter is poorly conditioned). The centre and scale are the mean and deviation
+of every row given so far: each ``fit`` / ``partial_fit`` call first adds its rows to the
+running statistics (:mod:`kalnat.scaling`), then re-expresses the filter in the new
+coordinates (:func:`kalnat.scaling.reexpress`: ``θ' = Aθ``, ``P' = A P Aᵀ``, every prediction
+unchanged, the filter exactly the one that had always seen those coordinates), then learns
+the rows. The regressor's target is centred and scaled by the statistics of the first call
+(``fit``: all its rows), fixed from then on: the Gaussian noise variance ``noise_var`` and the
+predictive are in those units, mapped back for ``predict``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+import kalnat
+from kalnat import estimators, scaling
+from kalnat.estimators import COVARIANCES, METHODS
+
+__all__ = ["KalmanClassifier", "KalmanRegressor", "METHODS", "COVARIANCES"]
+
+# Rows per jitted scan of kalnat.fit: every call runs the same compiled program (short calls
+# are padded with skipped rows), so a stream of calls of any sizes compiles once.
+CHUNK = 32
+# Predictions are made on row counts padded to a power of two (at least this): a few compiled
+# programs serve every batch size.
+MIN_PREDICT_ROWS = 8
+
+
+def _reexpress(learner, state, old, new):
+    """A core learner's or a bank's state moved from feature coordinates ``old`` to ``new``
+    (``(center, scale)`` pairs), every prediction unchanged (:func:`kalnat.scaling.reexpress`)."""
+    bank = isinstance(learner, kalnat.bank.Bank)
+    members = state.members if bank else state
+    covs = np.asarray(jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None],
+                      np.float64)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) if bank else np.asarray(a, np.float64)[None],
+                                    members.params)
+    first = jax.tree_util.tree_map(lambda a: a[0], params)
+    A = scaling.reexpression_matrix(first, old, new)
+    moved_p, moved_c = [], []
+    for k in range(covs.shape[0]):
+        pk = jax.tree_util.tree_map(lambda a: a[k], params)
+        if np.all(np.isfinite(covs[k])):  # a bank member that diverged is out of the mixture: left as it is
+            pk, ck = scaling.reexpress(pk, covs[k], old, new, A)
+        else:
+            ck = covs[k]
+        moved_p.append(pk)
+        moved_c.append(np.asarray(ck, np.float64))
+    dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
+    new_params = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack([np.asarray(x) for x in a]), dtype), *moved_p)
+    new_covs = jnp.asarray(np.stack(moved_c), dtype)
+    if not bank:
+        return kalnat.with_covariance(state, jax.tree_util.tree_map(lambda a: a[0], new_params), new_covs[0])
+    cov = jax.vmap(lambda c, p: c.with_dense(p))(members.cov, new_covs)
+    return state._replace(members=members._replace(params=new_params, cov=cov))
+
+
+def _alive(learner, state) -> bool:
+    """Whether the filter's parameters are finite (a bank's: those of a member still in the
+    mixture; a member that diverged is out of it, and the bank goes on without it)."""
+    finite = [np.isfinite(np.asarray(a)) for a in jax.tree_util.tree_leaves(state.params)]
+    if not isinstance(learner, kalnat.bank.Bank):
+        return all(np.all(f) for f in finite)
+    per_member = np.all([f.reshape(f.shape[0], -1).all(axis=1) for f in finite], axis=0)
+    return bool(np.any(per_member & np.isfinite(np.asarray(state.log_weights))))
+
+
+class _Coords(NamedTuple):
+    center: np.ndarray
+    scale: np.ndarray
+
+
+class _KalmanEstimator(BaseEstimator):
+    """What the classifier and the regressor share: settings, validation, the stream."""
+
+    def __init__(self, hidden=None, method="auto", covariance="full", prior_var=None, forgetting=None,
+                 standardize=True, random_state=0):
+        self.hidden = hidden
+        self.method = method
+        self.covariance = covariance
+        self.prior_var = prior_var
+        self.forgetting = forgetting
+        self.standardize = standardize
+        self.random_state = random_state
+
+    # ---- settings ----------------------------------------------------------------------
+
+    def _start(self, family, n_features):
+        """A fresh state for ``family`` (:func:`kalnat.estimators.family`'s spec) and
+        ``n_features``: what ``fit`` and a first ``partial_fit`` do."""
+        self.learner_key_ = estimators.settings_key(self, family, n_features)
+        learner, model = estimators.learner(self.learner_key_)
+        self.state_ = learner.init(model.init(jax.random.PRNGKey(self.learner_key_[-1])))
+        self.scaler_ = scaling.init(n_features)
+        self.coords_ = None
+        self.n_rows_seen_ = 0
+
+    @property
+    def learner_(self):
+        """The kalnat learner (a :class:`~kalnat.Learner` or a :class:`~kalnat.bank.Bank`)."""
+        check_is_fitted(self)
+        return estimators.learner(self.learner_key_)[0]
+
+    # ---- the stream --------------------------------------------------------------------
+
+    def _features(self, X):
+        X = np.asarray(X, np.float64)
+        if self.coords_ is None:
+            return X
+        return (X - self.coords_.center) / self.coords_.scale
+
+    def _learn(self, X, t):
+        """Adds the rows to the statistics, re-expresses the filter, learns the rows."""
+        learner = self.learner_
+        if self.standardize:
+            self.scaler_ = scaling.transform_and_update(self.scaler_, X)[1]
+            new = _Coords(*scaling.standardizer(self.scaler_))
+            old = self.coords_
+            if old is not None and not (np.array_equal(old.center, new.center)
+                                        and np.array_equal(old.scale, new.scale)):
+                self.state_ = _reexpress(learner, self.state_, old, new)
+            self.coords_ = new
+        res = kalnat.fit(learner, self.state_, self._features(X), t, chunk_size=CHUNK, fixed_chunk=True,
+                         return_predictions=False)
+        self.state_ = res.state
+        self.n_rows_seen_ += X.shape[0]
+        if not _alive(learner, self.state_):
+            raise ValueError(f"{type(self).__name__}: the filter diverged (non-finite parameters after "
+                             f"{self.n_rows_seen_} rows); try a smaller prior_var or a linear model (hidden=None)")
+
+    def _predictive(self, X):
+        """The one-step predictive of the rows ``X``, padded to a power of two rows."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        n = X.shape[0]
+        rows = max(MIN_PREDICT_ROWS, 1 << max(0, n - 1).bit_length())
+        Z = np.zeros((rows, X.shape[1]))
+        Z[:n] = self._features(X)
+        pred = self.learner_.predict(self.state_, Z)
+        return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64)[:n], pred)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.non_deterministic = False
+        return tags
+
+
+class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
+    """A classifier learned by a Kalman filter on its parameters, one pass (see the module).
+
+    Two classes use a Bernoulli output, more a categorical one (K − 1 logits).
+
+    Args:
+      hidden: widths of the hidden layers, e.g. ``(16,)``; ``None`` (default) a linear model
+        (logistic regression).
+      method: ``"auto"`` (the evidence-weighted bank :func:`kalnat.auto`), or one core learner:
+        ``"ekf"``, ``"sqrt_ekf"``, ``"information_filter"``, ``"natural_gradient"``,
+        ``"iterated_ekf"`` (docs/method.md §2).
+      covariance: θ's uncertainty: ``"full"``, ``"diag"`` (O(d)) or ``"blocks"`` (one block per
+        layer's weights and biases) (:mod:`kalnat.representations`).
+      prior_var: the prior variance of every parameter (core methods; default 1).
+      forgetting: λ in (0, 1] (core methods; default 1, no forgetting).
+      standardize: learn on standardised features (see the module).
+      random_state: seed of an MLP's initial weights.
+
+    Attributes:
+      classes_: the class labels; ``state_``: the filter's state; ``learner_``: its learner.
+    """
+
+    def fit(self, X, y):
+        """Learns the rows of ``X (n, p)``, ``y (n,)`` in order, from a fresh state."""
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        classes = np.unique(y)
+        self._begin(classes, X.shape[1])
+        return self._learn_labels(X, y)
+
+    def partial_fit(self, X, y, classes=None):
+        """Learns the rows of ``X``, ``y`` from the current state; the first call needs
+        ``classes``, every label the stream will have."""
+        first = not hasattr(self, "classes_")
+        X, y = validate_data(self, X, y, dtype=np.float64, reset=first)
+        check_classification_targets(y)
+        if first:
+            if classes is None:
+                raise ValueError("classes must be given to the first call of partial_fit (every label of the "
+                                 "stream), e.g. partial_fit(X, y, classes=[0, 1])")
+            self._begin(np.unique(np.asarray(classes)), X.shape[1])
+        elif classes is not None and not np.array_equal(np.unique(np.asarray(classes)), self.classes_):
+            raise ValueError(f"classes {list(np.unique(classes))} differ from those of the first call "
+                             f"{list(self.classes_)}")
+        return self._learn_labels(X, y)
+
+    def _begin(self, classes, n_features):
+        if len(classes) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got 1 class "
+                             f"({classes[0]!r})")
+        family = ("bernoulli",) if len(classes) == 2 else ("categorical", len(classes))
+        self._start(family, n_features)
+        self.classes_ = classes
+
+    def _learn_labels(self, X, y):
+        index = np.searchsorted(self.classes_, y)
+        unknown = (index >= len(self.classes_)) | (self.classes_[np.minimum(index, len(self.classes_) - 1)] != y)
+        if np.any(unknown):
+            raise ValueError(f"label {y[np.argmax(unknown)]!r} is not one of the classes {list(self.classes_)} "
+                             "given to the first partial_fit")
+        self._learn(X, index.astype(np.int64))
+        return self
+
+    def predict_proba(self, X):
+        """``(n, n_classes)`` predictive class probabilities, columns in ``classes_`` order."""
+        probs = self._predictive(X).probs
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        """``(n,)`` the most probable class of each row."""
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = True
+        return tags
+
+
+class KalmanRegressor(RegressorMixin, _KalmanEstimator):
+    """A regressor learned by a Kalman filter on its parameters, one pass (see the module).
+
+    Args: as :class:`KalmanClassifier`, and
+      noise_var: the Gaussian noise variance of the core methods, in units of the target's
+        variance (``method="auto"`` learns the noise scale: normal–inverse-gamma filters).
+
+    ``predict(X, return_std=True)`` also gives the predictive standard deviation of a new
+    target, ``sqrt(h P⁻ hᵀ + R)`` in the target's units (for the normal–inverse-gamma filter
+    the scale of its Student-t predictive), as scikit-learn's Bayesian regressors do.
+    """
+
+    def __init__(self, hidden=None, method="auto", covariance="full", prior_var=None, forgetting=None,
+                 noise_var=1.0, standardize=True, random_state=0):
+        super().__init__(hidden=hidden, method=method, covariance=covariance, prior_var=prior_var,
+                         forgetting=forgetting, standardize=standardize, random_state=random_state)
+        self.noise_var = noise_var
+
+    def fit(self, X, y):
+        """Learns the rows of ``X (n, p)``, ``y (n,)`` in order, from a fresh state."""
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        self._begin(X.shape[1], y)
+        self._learn(X, self._target(y))
+        return self
+
+    def partial_fit(self, X, y):
+        """Learns the rows of ``X``, ``y`` from the current state."""
+        first = not hasattr(self, "state_")
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, reset=first)
+        if first:
+            self._begin(X.shape[1], y)
+        self._learn(X, self._target(y))
+        return self
+
+    def _begin(self, n_features, y):
+        if not (isinstance(self.noise_var, numbers.Real) and self.noise_var > 0):
+            raise ValueError(f"noise_var must be a positive number, got {self.noise_var!r}")
+        self._start(("gaussian", float(self.noise_var)), n_features)
+        center, scale = (float(np.mean(y)), float(np.std(y))) if self.standardize else (0.0, 1.0)
+        self.target_coords_ = _Coords(center, scale if scale > 1e-8 * max(1.0, abs(center)) else 1.0)
+
+    def _target(self, y):
+        return (np.asarray(y, np.float64) - self.target_coords_.center) / self.target_coords_.scale
+
+    def predict(self, X, return_std=False):
+        """Predictive means ``(n,)`` (and standard deviations ``(n,)`` with ``return_std``)."""
+        pred = self._predictive(X)
+        c, s = self.target_coords_
+        mean = c + s * pred.mean[:, 0]
+        if not return_std:
+            return mean
+        return mean, s * np.sqrt(pred.obs_cov[:, 0, 0])

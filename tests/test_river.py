@@ -1,0 +1,144 @@
+"""kalnat.river: river's own estimator checks, growing features, the predictive distribution."""
+
+import numpy as np
+import pytest
+
+river = pytest.importorskip("river")
+from river import checks  # noqa: E402
+
+import kalnat  # noqa: E402
+from kalnat.river import KalmanClassifier, KalmanRegressor, grow  # noqa: E402
+
+MODELS = [KalmanClassifier(method="ekf"), KalmanRegressor(method="ekf")]
+CHECKS = [(model, check) for model in MODELS for check in checks.yield_checks(model)
+          if check.__name__ not in model._unit_test_skips()]
+
+
+@pytest.mark.parametrize("model,check", CHECKS,
+                         ids=[f"{type(m).__name__}-{c.__name__}-{i}" for i, (m, c) in enumerate(CHECKS)])
+def test_river_checks(model, check):
+    check(model.clone())
+
+
+def _stream(n=40, p=12, seed=0):
+    """Rows whose features arrive a few at a time (feature j from row 3j on)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p))
+    for j in range(p):
+        X[: 3 * j, j] = 0.0
+    y = X @ rng.normal(size=p) + 0.1 * rng.normal(size=n)
+    rows = [{f"f{j}": X[i, j] for j in range(p) if i >= 3 * j} for i in range(n)]
+    return X, y, rows
+
+
+def test_growing_is_the_filter_that_always_had_the_features():
+    """Features arriving mid-stream, past the first capacity (8): without forgetting the filter
+    equals kalnat.ekf run from the start on all of them, each 0 until it arrived."""
+    X, y, rows = _stream()
+    reg = KalmanRegressor(method="ekf", prior_var=0.7)
+    for x, t in zip(rows, y):
+        reg.learn_one(x, t)
+    model = kalnat.models.linear(12)
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(1.0), prior_var=0.7)
+    state = kalnat.fit(learner, learner.init(model.init(None)), X, y).state
+    rng = np.random.default_rng(1)
+    for z in rng.normal(size=(5, 12)):
+        ref = learner.predict(state, z)
+        got = reg.predict_one({f"f{j}": z[j] for j in range(12)}, with_dist=True)
+        np.testing.assert_allclose(got.mu, float(ref.mean[0]), rtol=1e-10)
+        np.testing.assert_allclose(got.sigma, np.sqrt(float(ref.obs_cov[0, 0])), rtol=1e-10)
+
+
+def test_learn_many_is_learn_one():
+    pd = pytest.importorskip("pandas")
+    X, y, rows = _stream(n=24, p=10)
+    one = KalmanRegressor(method="ekf")
+    for x, t in zip(rows, y):
+        one.learn_one(x, t)
+    many = KalmanRegressor(method="ekf")
+    for i in range(0, 24, 8):
+        many.learn_many(pd.DataFrame(rows[i:i + 8]), pd.Series(y[i:i + 8]))
+    queries = pd.DataFrame(rows[-4:])
+    np.testing.assert_allclose(many.predict_many(queries), [one.predict_one(x) for x in rows[-4:]], rtol=1e-10)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag", "blocks"])
+@pytest.mark.parametrize("method", ["ekf", "auto"])
+def test_a_new_feature_gets_a_fresh_prior(method, covariance):
+    """Under forgetting an unused column's variance winds up (to the bound); when its feature
+    arrives its coordinates are back at the prior, uncorrelated with the rest."""
+    settings = dict(prior_var=0.5, forgetting=0.9) if method == "ekf" else {}
+    reg = KalmanRegressor(hidden=(3,), method=method, covariance=covariance, **settings)
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        reg.learn_one({"a": rng.normal(), "b": rng.normal()}, rng.normal())
+    reg.learn_one({"a": 0.0, "b": 0.0, "c": 0.0}, 0.0)   # "c" arrives as 0: nothing learned about it
+    state, learner = reg._state, reg._learner
+    members = [state] if method == "ekf" else [learner.member_state(state, k) for k in range(learner.size)]
+    priors = [0.5] if method == "ekf" else list(np.asarray(learner.hyper.prior_var))
+    lams = [0.9] if method == "ekf" else list(np.asarray(learner.hyper.forgetting))
+    d, w, _ = reg._layout(reg._key[1])
+    c = w[:, reg._columns["c"]]
+    others = np.setdiff1d(np.arange(d), c)
+    for s, v, lam in zip(members, priors, lams):
+        P = kalnat.covariance(s)
+        # the prior, then one prediction step (P/λ) and an update that does not touch it
+        np.testing.assert_allclose(P[np.ix_(c, c)], v / lam * np.eye(len(c)), rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(P[np.ix_(c, others)], 0.0)
+
+
+def test_grow_moves_theta_and_covariance():
+    """grow: kept coordinates carry θ and P over (permuted), fresh ones get the template's."""
+    model = kalnat.models.linear(3)
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(1.0))
+    rng = np.random.default_rng(3)
+    state = kalnat.fit(learner, learner.init(model.init(None)), rng.normal(size=(10, 3)), rng.normal(size=10)).state
+    big = kalnat.models.linear(5)
+    template = kalnat.ekf(big, kalnat.families.Gaussian(1.0), prior_var=2.0).init(big.init(None))
+    index = np.array([0, 3, -1, 1, -1, 2])  # b, then w's 5 columns: two fresh
+    out = grow(state, template, index)
+    P, Pn = kalnat.covariance(state), kalnat.covariance(out)
+    keep = index >= 0
+    np.testing.assert_array_equal(Pn[np.ix_(keep, keep)], P[np.ix_(index[keep], index[keep])])
+    np.testing.assert_array_equal(Pn[np.ix_(~keep, ~keep)], 2.0 * np.eye(2))
+    np.testing.assert_array_equal(Pn[np.ix_(keep, ~keep)], 0.0)
+    theta = np.concatenate([np.asarray(state.params["b"]), np.asarray(state.params["w"]).ravel()])
+    new = np.concatenate([np.asarray(out.params["b"]), np.asarray(out.params["w"]).ravel()])
+    np.testing.assert_array_equal(new, np.where(keep, theta[np.maximum(index, 0)], 0.0))
+
+
+def test_multiclass_and_bad_input():
+    clf = KalmanClassifier(method="ekf", classes=("x", "y", "z"))
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        a = rng.normal()
+        clf.learn_one({"a": a}, "x" if a < -0.5 else ("y" if a < 0.5 else "z"))
+    p = clf.predict_proba_one({"a": 2.0})
+    assert set(p) == {"x", "y", "z"} and max(p, key=p.get) == "z"
+    with pytest.raises(ValueError, match="not one of the classes"):
+        clf.learn_one({"a": 1.0}, "w")
+    with pytest.raises(ValueError, match="take numbers"):
+        clf.learn_one({"a": "red"}, "x")
+    with pytest.raises(ValueError, match="method must be one of"):
+        KalmanRegressor(method="adam")
+
+
+def test_bad_rows_are_refused_before_anything_changes():
+    reg = KalmanRegressor(method="ekf")
+    reg.learn_one({}, 1.0)                               # a first row without features: the intercept
+    with pytest.raises(ValueError, match="'a' is nan"):
+        reg.learn_one({"a": float("nan")}, 1.0)
+    with pytest.raises(ValueError, match="finite number"):
+        reg.learn_one({"b": 1.0}, float("inf"))
+    assert reg._columns == {}
+    assert reg.predict_one({"a": 3.0}) == pytest.approx(0.5)   # the posterior mean of the intercept
+
+
+def test_feature_order_does_not_matter_to_the_bank():
+    """river's shuffle check on the default (a bank of normal–inverse-gamma filters) with raw
+    TrumpApproval features (a date near 7·10⁵): the features of a row take columns in a
+    canonical order, so the arithmetic is the same whatever order the dict lists them in."""
+    from river import datasets
+    from river.checks.common import check_shuffle_features_no_impact
+
+    check_shuffle_features_no_impact(KalmanRegressor(), datasets.TrumpApproval().take(200))

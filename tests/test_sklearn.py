@@ -1,0 +1,155 @@
+"""kalnat.sklearn: scikit-learn's own estimator checks, and the estimators against the filters."""
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import kalnat
+from kalnat.sklearn import KalmanClassifier, KalmanRegressor, _alive, _reexpress
+
+# One core filter keeps the checks' many small compilations cheap; the bank ("auto") runs the
+# same code paths and is exercised below.
+CHECKED = [KalmanClassifier(method="ekf"), KalmanRegressor(method="ekf")]
+
+
+def _expected_failures(estimator):
+    return {}  # every check applies and passes
+
+
+@parametrize_with_checks(CHECKED, expected_failed_checks=_expected_failures)
+def test_sklearn_checks(estimator, check):
+    check(estimator)
+
+
+def _data(n=60, p=3, seed=0, scale=None):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p)) * (1.0 if scale is None else scale)
+    w = rng.normal(size=p)
+    z = (X / (1.0 if scale is None else scale)) @ w
+    return X, z + 0.3 * rng.normal(size=n), (z + 0.5 * rng.normal(size=n) > 0).astype(int)
+
+
+def test_regressor_is_the_filter_with_its_predictive():
+    """Unstandardised, the regressor is kalnat.ekf on the rows, and return_std is the
+    predictive's sqrt(h P⁻ hᵀ + R)."""
+    X, y, _ = _data()
+    reg = KalmanRegressor(method="ekf", prior_var=0.5, noise_var=0.2, standardize=False).fit(X[:40], y[:40])
+    model = kalnat.models.linear(3)
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.2), prior_var=0.5)
+    state = kalnat.fit(learner, learner.init(model.init(None)), X[:40], y[:40]).state
+    pred = learner.predict(state, X[40:])
+    mean, sd = reg.predict(X[40:], return_std=True)
+    np.testing.assert_allclose(mean, np.asarray(pred.mean)[:, 0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sd, np.sqrt(np.asarray(pred.obs_cov)[:, 0, 0]), rtol=1e-10)
+
+
+def test_partial_fit_in_chunks_is_fit():
+    X, y, _ = _data()
+    whole = KalmanRegressor(method="ekf", standardize=False).fit(X, y)
+    parts = KalmanRegressor(method="ekf", standardize=False)
+    for i in range(0, 60, 7):
+        parts.partial_fit(X[i:i + 7], y[i:i + 7])
+    np.testing.assert_allclose(parts.predict(X), whole.predict(X), rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ekf", "auto"])
+def test_reexpression_keeps_every_prediction(method):
+    """Moving the filter (a core learner's state or a bank's) to new feature coordinates
+    changes no prediction: neither the mean (θ) nor its standard deviation (P)."""
+    X, y, _ = _data(p=2)
+    reg = KalmanRegressor(method=method).fit(X[:30], y[:30])
+    before = reg.predict(X[30:], return_std=True)
+    new = type(reg.coords_)(reg.coords_.center + np.array([0.7, -0.2]), reg.coords_.scale * np.array([3.0, 0.5]))
+    reg.state_ = _reexpress(reg.learner_, reg.state_, reg.coords_, new)
+    reg.coords_ = new
+    after = reg.predict(X[30:], return_std=True)
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-9)
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-9)
+
+
+def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinates():
+    """Two partial_fit calls, the statistics moving between them, equal kalnat.ekf run on all
+    rows in the last call's coordinates from the first prior carried there, A P₀ Aᵀ (a linear
+    model: w' = w·s₂/s₁, b' = b + w·(c₂ − c₁)/s₁; θ₀ = 0)."""
+    X, y, _ = _data(p=3)
+    reg = KalmanRegressor(method="ekf", prior_var=0.8, noise_var=0.5)
+    reg.partial_fit(X[:20], y[:20]).partial_fit(X[20:], y[20:])
+    c1, s1, c2, s2 = X[:20].mean(0), X[:20].std(0), X.mean(0), X.std(0)
+    cy, sy = y[:20].mean(), y[:20].std()
+    A = np.zeros((4, 4))                       # θ = (b, w) in ravel order
+    A[0, 0] = 1.0
+    A[0, 1:] = (c2 - c1) / s1
+    A[1:, 1:] = np.diag(s2 / s1)
+    model = kalnat.models.linear(3)
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.5), prior_var=0.8 * A @ A.T)
+    state = kalnat.fit(learner, learner.init(model.init(None)), (X - c2) / s2, (y - cy) / sy).state
+    pred = learner.predict(state, (X - c2) / s2)
+    mean, sd = reg.predict(X, return_std=True)
+    np.testing.assert_allclose(mean, cy + sy * np.asarray(pred.mean)[:, 0], rtol=1e-9)
+    np.testing.assert_allclose(sd, sy * np.sqrt(np.asarray(pred.obs_cov)[:, 0, 0]), rtol=1e-9)
+
+
+def test_standardised_features_make_units_irrelevant():
+    """Features in wildly different units give the same classifier as unit-scale ones, also
+    learned in several partial_fit calls (statistics moving, the filter re-expressed)."""
+    scale = np.array([1e-3, 1.0, 1e3])
+    X, _, c = _data(scale=scale)
+    a = KalmanClassifier(method="ekf")
+    b = KalmanClassifier(method="ekf")
+    for i in range(0, 60, 20):
+        a.partial_fit(X[i:i + 20], c[i:i + 20], classes=[0, 1])
+        b.partial_fit(X[i:i + 20] / scale, c[i:i + 20], classes=[0, 1])
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X / scale), rtol=1e-8)
+    # On the raw features the same prior is far too tight for the feature in 1e-3 units.
+    raw = KalmanClassifier(method="ekf", standardize=False).fit(X, c)
+    loss = lambda clf: -np.mean(np.log(clf.predict_proba(X)[np.arange(60), c]))  # noqa: E731
+    assert loss(a) < loss(raw)  # 0.259 against 0.294
+
+
+def test_equivalent_methods_agree():
+    """ekf, sqrt_ekf, information_filter and natural_gradient are one filter (docs/method.md §3)."""
+    X, _, c = _data(n=40)
+    ref = KalmanClassifier(method="ekf", prior_var=2.0, forgetting=0.99).fit(X, c).predict_proba(X)
+    for method in ("sqrt_ekf", "information_filter", "natural_gradient"):
+        got = KalmanClassifier(method=method, prior_var=2.0, forgetting=0.99).fit(X, c).predict_proba(X)
+        np.testing.assert_allclose(got, ref, rtol=1e-8, err_msg=method)
+
+
+def test_multiclass_mlp_blocks_and_diagonal():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(90, 2))
+    y = np.array(["a", "b", "c"])[np.argmax(X @ rng.normal(size=(2, 3)), axis=1)]
+    for cov in ("blocks", "diag"):
+        clf = KalmanClassifier(hidden=(4,), method="ekf", covariance=cov, prior_var=0.5).fit(X, y)
+        proba = clf.predict_proba(X)
+        assert proba.shape == (90, 3) and np.allclose(proba.sum(axis=1), 1.0)
+        assert clf.score(X, y) > 0.6
+
+
+def test_bad_settings_and_input_are_reported():
+    X, _, c = _data(n=10)
+    with pytest.raises(ValueError, match="classes must be given"):
+        KalmanClassifier().partial_fit(X, c)
+    with pytest.raises(ValueError, match="method must be one of"):
+        KalmanClassifier(method="sgd").fit(X, c)
+    with pytest.raises(ValueError, match="method='auto' chooses"):
+        KalmanClassifier(prior_var=1.0).fit(X, c)
+    with pytest.raises(ValueError, match="covariance='diag' is an option"):
+        KalmanClassifier(method="sqrt_ekf", covariance="diag").fit(X, c)
+    clf = KalmanClassifier(method="ekf").partial_fit(X, c, classes=[0, 1])
+    with pytest.raises(ValueError, match="not one of the classes"):
+        clf.partial_fit(X, c + 5)
+
+
+def test_a_bank_goes_on_without_a_diverged_member():
+    """A bank member whose parameters are not finite is out of the mixture (kalnat.bank); the
+    estimator reports divergence only when no member is left."""
+    X, y, _ = _data(p=2)
+    reg = KalmanRegressor().fit(X[:30], y[:30])
+    state, learner = reg.state_, reg.learner_
+    members = state.members
+    broken = state._replace(members=members._replace(
+        params=dict(members.params, w=members.params["w"].at[0].set(np.nan))))
+    assert _alive(learner, broken)
+    assert not _alive(learner, broken._replace(log_weights=state.log_weights.at[1:].set(-np.inf)))
+    assert _alive(learner, state)
