@@ -195,7 +195,7 @@ def test_bad_rows_give_located_errors(tmp_path):
     assert "no target column 'price'" in out and "line 1" in out
     assert "no such file or bundled data set" in _user_error(["learn", "nope.csv"])
     assert "--model" in _user_error(["learn", "iris", "--model", "mlp:x"])
-    assert "covariance would need" in _user_error(["learn", "iris", "--model", "mlp:3000,3000"])
+    assert "filters would need" in _user_error(["learn", "iris", "--model", "mlp:3000,3000"])
 
 
 def test_skip_bad_rows_counts_them_in_the_report(tmp_path):

@@ -115,11 +115,11 @@ def test_equivalent_methods_agree():
         np.testing.assert_allclose(got, ref, rtol=1e-8, err_msg=method)
 
 
-def test_multiclass_mlp_blocks_and_diagonal():
+def test_multiclass_mlp_structured_covariances():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(90, 2))
     y = np.array(["a", "b", "c"])[np.argmax(X @ rng.normal(size=(2, 3)), axis=1)]
-    for cov in ("blocks", "diag"):
+    for cov in ("blocks", "diag", "lowrank:3", "kron", "last-layer:2"):
         clf = KalmanClassifier(hidden=(4,), method="ekf", covariance=cov, prior_var=0.5).fit(X, y)
         proba = clf.predict_proba(X)
         assert proba.shape == (90, 3) and np.allclose(proba.sum(axis=1), 1.0)
@@ -136,6 +136,8 @@ def test_bad_settings_and_input_are_reported():
         KalmanClassifier(prior_var=1.0).fit(X, c)
     with pytest.raises(ValueError, match="covariance='diag' is an option"):
         KalmanClassifier(method="sqrt_ekf", covariance="diag").fit(X, c)
+    with pytest.raises(ValueError, match="covariance must be one of"):
+        KalmanClassifier(covariance="lowrank:0").fit(X, c)
     clf = KalmanClassifier(method="ekf").partial_fit(X, c, classes=[0, 1])
     with pytest.raises(ValueError, match="not one of the classes"):
         clf.partial_fit(X, c + 5)

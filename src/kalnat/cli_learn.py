@@ -147,40 +147,6 @@ def single_settings(cfg: dict) -> tuple[float, float]:
     return float(1.0 if pv is None else pv), float(1.0 if lam is None else lam)
 
 
-def make_representation(name: Optional[str], shapes):
-    """The representation ``--covariance name`` stands for (``None``: the method's own, full);
-    ``auto`` (the default) is ``full`` up to AUTO_FULL_MAX parameters, ``lowrank`` beyond."""
-    d = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes)))
-    kind, rank = parse_covariance(resolve_covariance(name, d))
-    if kind == "full":
-        return None
-    if kind == "diag":
-        return representations.Diagonal()
-    if kind == "blocks":
-        return representations.Blocks.per_leaf(shapes)
-    if kind == "lowrank":
-        return representations.LowRank(rank)
-    if kind == "kron":
-        return representations.kronecker(shapes)
-    return representations.last_layer_full(shapes, representations.LowRank(rank))
-
-
-def stored_sizes(rep, d: int) -> int:
-    """The largest number of floats the representation ``rep`` keeps for one filter."""
-    if rep is None:
-        return d * d
-    if isinstance(rep, representations.Diagonal):
-        return d
-    if isinstance(rep, representations.Blocks):
-        return sum(n * n for n in rep.sizes)
-    if isinstance(rep, representations.LowRank):
-        return d * (rep.rank + 1)
-    if isinstance(rep, representations.KronLayer):
-        return rep.n_out ** 2 + (rep.n_in + 1) ** 2
-    return sum(stored_sizes(None if isinstance(r, representations.Full) else r, n)
-               for r, n in zip(rep.parts, rep.sizes))
-
-
 def build_learner(cfg: dict, family: families.Family, n_features: int):
     """``(model, learner, initial state)`` from the command's settings.
 
@@ -199,17 +165,21 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
     if own_form and (cfg.get("covariance") or "auto") not in ("auto", "full"):
         raise ValueError(f"--covariance {cfg['covariance']} applies to --method ekf, iterated or nig "
                          f"({cfg['method']} has a form of its own)")
-    rep = None if own_form else make_representation(cfg.get("covariance"), shapes)
-    if 8 * stored_sizes(rep, d) > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
-        raise ValueError(f"--model {cfg['model_spec']} on {n_features} features has {d} parameters: "
-                         f"the filter's {d} × {d} covariance would need {8 * d * d / 2**30:.0f} GiB; "
-                         "use a smaller model or --covariance diag or lowrank:K")
+    rep = None if own_form else representations.from_name(cfg.get("covariance"), shapes)
     extra = {} if rep is None else dict(representation=rep)
     if uses_bank(cfg):
         opts = cfg.get("bank")
         learner = kalnat.ekf_bank(model, family, **opts, **extra) if opts else kalnat.auto(model, family, **extra)
     else:
         learner = METHODS[cfg["method"]](model, family, *single_settings(cfg), **extra)
+    filters = learner.size if isinstance(learner, kalnat.bank.Bank) else 1
+    needed = 8 * filters * representations.stored_floats(rep, d)
+    if needed > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
+        kind = "covariance" if rep is None else f"--covariance {resolve_covariance(cfg.get('covariance'), d)}"
+        raise ValueError(f"--model {cfg['model_spec']} on {n_features} features has {d} parameters: "
+                         f"the {kind} of {filters} filter{'s' * (filters > 1)} would need "
+                         f"{needed / 2**30:.0f} GiB; use a smaller model, --covariance diag, a "
+                         "smaller rank or one filter (--prior-var)")
     params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))
     return model, learner, learner.init(params)
 

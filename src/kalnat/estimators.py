@@ -15,11 +15,13 @@ import jax
 
 import kalnat
 from kalnat import families, models, representations, schedules
+from kalnat.cli_choices import parse_covariance
 
 __all__ = ["METHODS", "COVARIANCES", "learner", "family", "settings_key"]
 
 METHODS = ("auto", "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "iterated_ekf")
-COVARIANCES = ("full", "diag", "blocks")
+# the command's --covariance names (kalnat.representations.from_name)
+COVARIANCES = ("full", "diag", "blocks", "lowrank:K", "last-layer:K", "kron", "auto")
 
 _LEARNERS: dict = {}  # settings -> (learner, model)
 
@@ -37,12 +39,14 @@ def settings_key(est, family_spec, n_features):
     ``random_state``."""
     if est.method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {est.method!r}")
-    if est.covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}; got {est.covariance!r}")
+    try:
+        parse_covariance(est.covariance) if isinstance(est.covariance, str) else parse_covariance("?")
+    except ValueError:
+        raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}; got {est.covariance!r}") from None
     if est.method == "auto" and (est.prior_var is not None or est.forgetting is not None):
         raise ValueError("method='auto' chooses prior_var and forgetting by their evidence; give a core "
                          "method (e.g. method='ekf') to set them")
-    if est.covariance != "full" and est.method not in ("auto", "ekf", "iterated_ekf"):
+    if est.covariance not in ("full", "auto") and est.method not in ("auto", "ekf", "iterated_ekf"):
         raise ValueError(f"covariance={est.covariance!r} is an option of method 'auto', 'ekf' or "
                          f"'iterated_ekf'; {est.method!r} keeps its own representation of P")
     if est.prior_var is not None and not (isinstance(est.prior_var, numbers.Real) and est.prior_var > 0):
@@ -67,8 +71,8 @@ def _build(family_spec, n_features, hidden, method, covariance, prior_var, forge
     n_out = fam.n_outputs
     model = models.linear(n_features, n_out) if not hidden else models.mlp(n_features, hidden, n_out)
     params = model.init(jax.random.PRNGKey(seed))
-    rep = {"full": None, "diag": representations.Diagonal(),
-           "blocks": representations.Blocks.per_leaf(params)}[covariance]
+    own_form = method not in ("auto", "ekf", "iterated_ekf")
+    rep = None if own_form else representations.from_name(covariance, params)
     if method == "auto":
         return kalnat.auto(model, fam, representation=rep), model
     v = 1.0 if prior_var is None else float(prior_var)
@@ -79,5 +83,5 @@ def _build(family_spec, n_features, hidden, method, covariance, prior_var, forge
     if method == "natural_gradient":  # the rates that make it the same filter (docs/method.md §3)
         return kalnat.natural_gradient(model, fam, max_variance=bound,
                                        **schedules.kalman_to_natural(v, lam)._asdict()), model
-    more = {} if method in ("sqrt_ekf", "information_filter") else {"representation": rep}
+    more = {} if own_form else {"representation": rep}
     return getattr(kalnat, method)(model, fam, prior_var=v, forgetting=lam, max_variance=bound, **more), model

@@ -169,13 +169,22 @@ def prior_matrix(v, d: int, dtype):
     return jnp.diag(jnp.broadcast_to(v, (d,)))
 
 
-def check_covariance(a, name: str, d: Optional[int]) -> np.ndarray:
+def check_covariance(a, name: str, d: Optional[int], dense: bool = True) -> np.ndarray:
     """Validates a prior on the host: scalar, ``(d,)`` diagonal or ``(d, d)``; returns ``(d, d)``
-    (with ``d = None``: any size, returned as given).
+    (with ``d = None``: any size, returned as given; with ``dense=False`` a scalar or diagonal
+    is returned as given, never as a ``d × d`` matrix, which a structured learner cannot hold).
 
     Raises ``ValueError`` when it is not finite, not symmetric or not positive definite.
     """
     a = np.asarray(a, dtype=np.float64)
+    if not dense and a.ndim < 2:
+        if a.ndim == 1 and a.shape != (d,):
+            raise ValueError(f"{name}: expected a scalar, ({d},) or ({d}, {d}), got shape {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains NaN or inf")
+        if np.any(a <= 0):
+            raise ValueError(f"{name} must be positive definite (found a diagonal entry {a.min():g} <= 0)")
+        return a
     if d is None:
         if a.ndim > 2 or (a.ndim == 2 and a.shape[0] != a.shape[1]):
             raise ValueError(f"{name}: expected a scalar, a vector or a square matrix, got shape {a.shape}")

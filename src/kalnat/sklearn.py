@@ -9,7 +9,7 @@ One pass over the rows, in order: ``fit`` starts afresh and learns every row onc
 classifier, as scikit-learn's incremental classifiers do). The learner is any core filter
 (``method``) or the self-tuning bank :func:`kalnat.auto` (``method="auto"``, the default), on a
 linear model (``hidden=None``, the default) or a multilayer perceptron (``hidden=(16,)``), with θ's
-uncertainty held in full, diagonal or per-layer blocks (``covariance``, docs/method.md §6).
+uncertainty held in full or in a structured form (``covariance``, docs/structured.md).
 
 Standardisation (``standardize=True``): the filter's prior ``N(0, v·I)`` is stated in
 standardised features, so that one prior scale suits features of any units (on raw features
@@ -181,8 +181,10 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
       method: ``"auto"`` (the evidence-weighted bank :func:`kalnat.auto`), or one core learner:
         ``"ekf"``, ``"sqrt_ekf"``, ``"information_filter"``, ``"natural_gradient"``,
         ``"iterated_ekf"`` (docs/method.md §2).
-      covariance: θ's uncertainty: ``"full"``, ``"diag"`` (O(d)) or ``"blocks"`` (one block per
-        layer's weights and biases) (:mod:`kalnat.representations`).
+      covariance: θ's uncertainty, by the command's ``--covariance`` names: ``"full"``,
+        ``"diag"`` (O(d)), ``"blocks"`` (one block per layer's weights and biases),
+        ``"lowrank:K"`` (diagonal plus rank K), ``"last-layer:K"``, ``"kron"`` (Kronecker factors
+        per layer) or ``"auto"`` (full up to 1 024 parameters) (docs/structured.md).
       prior_var: the prior variance of every parameter (core methods; default 1).
       forgetting: λ in (0, 1] (core methods; default 1, no forgetting).
       standardize: learn on standardised features (see the module).

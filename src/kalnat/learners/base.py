@@ -286,7 +286,7 @@ def check_hyper(learner, hyper: Hyper, d: int):
         raise ValueError(f"{learner.name}: hyper must be a kalnat Hyper, got {type(hyper).__name__}")
     if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(hyper)):
         return
-    numerics.check_covariance(hyper.prior_var, learner.config.get("prior_name", "prior_var"), d)
+    numerics.check_covariance(hyper.prior_var, learner.config.get("prior_name", "prior_var"), d, dense=False)
     lam = np.asarray(hyper.forgetting, np.float64)
     if lam.shape != () or not 0 < float(lam) <= 1:
         raise ValueError(f"forgetting must be a scalar in (0, 1], got {hyper.forgetting}")

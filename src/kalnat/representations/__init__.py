@@ -23,6 +23,7 @@ from kalnat.representations.groups import GroupCovariance, Groups, kronecker, la
 from kalnat.representations.kron import KronCovariance, KronLayer
 from kalnat.representations.lowrank import LowRank, LowRankPrecision, LowRankPrior
 from kalnat.representations.full import Covariance, Full, PriorCovariance
+from kalnat.representations.named import from_name, stored_floats
 from kalnat.representations.nig import NIG, NIGCovariance
 from kalnat.representations.precision import Precision, PrecisionForm
 
@@ -31,5 +32,5 @@ __all__ = [
     "PrecisionForm", "Precision", "FisherForm", "Fisher", "FisherPrior", "NIG", "NIGCovariance",
     "Diagonal", "DiagonalCovariance", "Blocks", "BlockCovariance", "LowRank", "LowRankPrecision",
     "LowRankPrior", "Groups", "GroupCovariance", "last_layer_full",
-    "KronLayer", "KronCovariance", "kronecker",
+    "KronLayer", "KronCovariance", "kronecker", "from_name", "stored_floats",
 ]
