@@ -14,10 +14,11 @@ P_IN = 3
 MODEL = kalnat.models.linear(P_IN)
 BER, GAU = F.Bernoulli(), F.Gaussian(0.3)
 
-# Built once: each jitted program compiles once for the file.
+# Built once: each jitted program compiles once for the file. The keyed code path is the same
+# for every learner (only its step differs): a covariance filter, the normal–inverse-gamma
+# filter (another state and family) and a bank stand for all.
 LEARNERS = {
     "ekf": (kalnat.ekf(MODEL, BER, forgetting=0.99), BER),
-    "sqrt_ekf": (kalnat.sqrt_ekf(MODEL, BER), BER),
     "nig": (kalnat.nig_filter(MODEL, GAU, forgetting=0.99), GAU),
     "bank": (kalnat.ekf_bank(MODEL, BER, prior_vars=(0.1, 1.0), forgettings=(1.0, 0.99)), BER),
 }
@@ -144,3 +145,65 @@ def test_errors(tmp_path):
     kalnat.checkpoint.save(tmp_path / "plain.npz", learner.init(MODEL.init(None)))
     with pytest.raises(ValueError, match="not a keyed learner's checkpoint"):
         Keyed.load(tmp_path / "plain.npz", learner, MODEL.init(None))
+
+
+# ---- kalnat learn --key ------------------------------------------------------------------------
+
+def _keyed_csv(path, keys, X, y):
+    with open(path, "w") as f:
+        f.write("a,user,b,c,y\n")
+        for k, row, t in zip(keys, X, y):
+            f.write(f"{row[0]:.6g},{k},{row[1]:.6g},{row[2]:.6g},{int(t)}\n")
+    return str(path)
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from kalnat.cli import cli
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+SINGLE = ["--prior-var", "1", "--forget", "1", "--quiet"]  # one EKF per key: quick to compile
+
+
+def test_cli_one_model_per_key(tmp_path):
+    import json
+
+    keys, X, Y = stream(BER, n=80, seed=5)
+    path = _keyed_csv(tmp_path / "d.csv", [str(k) for k in keys], X, Y)
+    res = _cli(["learn", path, "--key", "user", "--out", str(tmp_path / "r"), *SINGLE])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["n_features"] == 3 and m["keyed"]["n_keys"] == 6 and m["rows_seen"] == 80
+    assert m["keyed"]["rows_per_second"] > 0
+    lines = (tmp_path / "r" / "per_key.csv").read_text().splitlines()
+    assert lines[0] == "key,rows_scored,log_loss,accuracy" and len(lines) == 7
+    per = [line.split(",") for line in lines[1:]]
+    assert sum(int(r[1]) for r in per) == 80
+    pooled = sum(int(r[1]) * float(r[2]) for r in per) / 80
+    assert abs(pooled - m["final"]["log_loss"]) < 1e-5  # per_key.csv keeps 6 digits
+    # One key is one stream: the same learner and scaling as the command without --key.
+    one = _keyed_csv(tmp_path / "one.csv", ["u"] * 80, X, Y)
+    res = _cli(["learn", one, "--key", "user", "--out", str(tmp_path / "k1"), *SINGLE])
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "plain.csv", "w") as f:  # the same rows without the key column
+        f.write("a,b,c,y\n" + "".join(f"{r[0]:.6g},{r[1]:.6g},{r[2]:.6g},{int(t)}\n" for r, t in zip(X, Y)))
+    res = _cli(["learn", str(tmp_path / "plain.csv"), "--out", str(tmp_path / "plain"), "--scaling", "running",
+                *SINGLE])
+    assert res.exit_code == 0, res.output
+    a = json.loads((tmp_path / "k1" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert a["keyed"]["n_keys"] == 1 and a["n_features"] == b["n_features"] == 3
+    assert a["final"] == b["final"]
+
+
+def test_cli_key_errors(tmp_path):
+    keys, X, Y = stream(BER, n=10)
+    path = _keyed_csv(tmp_path / "d.csv", [str(k) for k in keys], X, Y)
+    for args, message in ((["--key", "nope"], "no key column 'nope'"),
+                          (["--key", "user", "--batch-size", "2"], "--batch-size must be 1"),
+                          (["--key", "user", "--scaling", "follow"], "--scaling running"),
+                          (["--key", "y"], "also the target")):
+        res = _cli(["learn", path, "--out", str(tmp_path / "r"), *SINGLE, *args])
+        assert res.exit_code != 0 and message in res.output, (args, res.output)

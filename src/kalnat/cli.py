@@ -173,7 +173,9 @@ def _open(data, kw, **more):
 @click.option("--out", "out_dir", default="kalnat-report", show_default=True,
               type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def learn(data, out_dir, quiet, **kw):
+@click.option("--key", metavar="COL", default=None, help="Learn one model per value of this column "
+              "(a user, a sensor, …; not a feature): per-key and pooled scores (CSV only).")
+def learn(data, out_dir, quiet, key, **kw):
     """Learn DATA in one pass and write a report folder.
 
     DATA is a CSV file with a header row, - for standard input, or a bundled data set's name
@@ -184,8 +186,12 @@ def learn(data, out_dir, quiet, **kw):
     from kalnat import datasets
 
     cfg = _config(kw)
-    source = _open(data or datasets.DEFAULT_DATASET, kw)  # a missing file fails here, before JAX
+    source = _open(data or datasets.DEFAULT_DATASET, kw, key=key)  # a missing file fails here, before JAX
     _jax()
+    if key is not None:
+        if click.get_current_context().get_parameter_source("scaling") == click.core.ParameterSource.DEFAULT:
+            cfg["scaling"] = "running"  # statistics pooled over keys (kalnat.cli_keyed)
+        return _learn_keyed(source, cfg, out_dir, quiet)
     from kalnat import cli_learn as run, plots
 
     result = run.learn_stream(source, cfg, progress=not quiet,
@@ -221,6 +227,40 @@ def learn(data, out_dir, quiet, **kw):
             click.echo("  bank weights: " + ", ".join(f"{run.member_label(c)}: {w:.2f}" for w, c in top))
         click.echo(f"  report: {out_dir}/ (metrics.json, {', '.join(metrics['files']['plots'])}, "
                    "model.npz)")
+
+
+def _learn_keyed(source, cfg, out_dir, quiet):
+    """``kalnat learn --key``: one model per key (kalnat.cli_keyed)."""
+    from kalnat import cli_keyed, plots
+
+    runner, metrics, scores = cli_keyed.learn_keyed(source, cfg, progress=not quiet,
+                                                    log=None if quiet else (lambda m: click.echo(m, err=True)))
+    os.makedirs(out_dir, exist_ok=True)
+    metric = scores.metric
+    keyed = metrics["keyed"]
+    what = f"{metrics['learner_text']} per {keyed['key_column']}"
+    pngs = plots.learning_curves(metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
+                                 title=f"{source.name}: {what}, {cfg['model_spec']}, {runner.family.name}")
+    cli_keyed.write_per_key(os.path.join(out_dir, "per_key.csv"), runner, scores)
+    runner.keyed.save(os.path.join(out_dir, "keyed_model.npz"),
+                      extra={"feature_names": list(source.feature_names), "target": source.target_name})
+    metrics["files"] = {"model": "keyed_model.npz", "per_key": "per_key.csv",
+                        "plots": [os.path.basename(p) for p in pngs]}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    if not quiet:
+        final, per = metrics["final"], keyed["per_key_mean"]
+        fmt = (lambda v: f"{v:.4f}") if metric == "accuracy" else (lambda v: f"{v:.4g}")
+        skipped = f", {metrics['rows_skipped']} skipped" if metrics["rows_skipped"] else ""
+        click.echo(f"{source.name}: {metrics['rows_seen']} rows{skipped}, {keyed['n_keys']} keys "
+                   f"({keyed['key_column']}), {runner.family.name}, {what} on {cfg['model_spec']} "
+                   f"({metrics['n_parameters']} parameters each)")
+        click.echo(f"  pooled:      progressive log-loss {final['log_loss']:.4f}  {metric} {fmt(final[metric])}")
+        if per["log_loss"] is not None:
+            click.echo(f"  key average: progressive log-loss {per['log_loss']:.4f}  {metric} {fmt(per[metric])}")
+        click.echo(f"  {keyed['rows_per_second']:.0f} rows/s")
+        click.echo(f"  report: {out_dir}/ (metrics.json, per_key.csv, "
+                   f"{', '.join(metrics['files']['plots'])}, keyed_model.npz)")
 
 
 # ---- predict ----------------------------------------------------------------------------------

@@ -317,14 +317,16 @@ class Keyed:
 
     # ---- checkpoints --------------------------------------------------------------------
 
-    def save(self, path) -> str:
+    def save(self, path, extra: Optional[dict] = None) -> str:
         """Writes every key's state and the key set to ``path`` (:mod:`kalnat.checkpoint`'s
-        format, atomically). Keys must be ``str`` or ``int`` to be saved (JSON)."""
+        format, atomically), with JSON-able ``extra`` metadata. Keys must be ``str`` or ``int``
+        to be saved (JSON)."""
         for i, k in enumerate(self.keys):
             if isinstance(k, bool) or not isinstance(k, (str, int)):
                 raise ValueError(f"Keyed.save: key {k!r} (slot {i}) is a {type(k).__name__}; only str and "
                                  "int keys can be saved: map the keys to strings or integers first")
-        return checkpoint.save(path, self.stack, extra={"keyed": {"keys": self.keys, "capacity": self.capacity}})
+        meta = dict(extra or {}, keyed={"keys": self.keys, "capacity": self.capacity})
+        return checkpoint.save(path, self.stack, extra=meta)
 
     @classmethod
     def load(cls, path, learner, params, *, hyper=None) -> "Keyed":
