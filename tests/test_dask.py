@@ -64,3 +64,31 @@ def test_cluster_equals_one_process_and_survives_a_lost_worker(tmp_path, monkeyp
         for a, b in zip(jax.tree_util.tree_leaves(alone.state(key)), states[key]):
             np.testing.assert_allclose(b, np.asarray(a), rtol=1e-12, atol=1e-300)
     assert sorted(os.listdir(tmp_path)) == ["shard_0.npz", "shard_1.npz"]
+
+
+def test_command_on_workers(tmp_path, monkeypatch):
+    """kalnat learn --key K --workers 2: the same scores as in one process."""
+    import json
+
+    from click.testing import CliRunner
+
+    from kalnat.cli import cli
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.join(HERE, "..", "src"), os.environ.get("PYTHONPATH", "")]))
+    rng = np.random.default_rng(2)
+    path = tmp_path / "d.csv"
+    with open(path, "w") as f:
+        f.write("user,a,b,y\n")
+        for _ in range(60):
+            x = rng.normal(size=2)
+            f.write(f"u{rng.integers(0, 5)},{x[0]:.5f},{x[1]:.5f},{int(x[0] + 0.3 * rng.normal() > 0)}\n")
+    common = ["learn", str(path), "--key", "user", "--prior-var", "1", "--forget", "1", "--quiet"]
+    res = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "one")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "two"), "--workers", "2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["keyed"]["dask_shards"] == 2 and two["keyed"]["n_keys"] == one["keyed"]["n_keys"] == 5
+    assert abs(two["final"]["log_loss"] - one["final"]["log_loss"]) <= 1e-12 * one["final"]["log_loss"]
+    assert sorted(os.listdir(tmp_path / "two" / "shards")) == ["shard_0.npz", "shard_1.npz"]

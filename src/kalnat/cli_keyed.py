@@ -11,6 +11,7 @@ pooled over all rows and per key (``per_key.csv``).
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import time
 
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+import kalnat
 from kalnat import baselines, datasets
 from kalnat.cli_learn import (
     GAUSSIAN_FIRST_SCORED_ROW, Accumulator, OnlineRunner, _clipped, _target_affine, inference_note,
@@ -32,16 +34,22 @@ class KeyedRunner(OnlineRunner):
     """:class:`~kalnat.cli_learn.OnlineRunner`'s scalers and noise estimate, pooled, with one
     learner state per key."""
 
-    def __init__(self, cfg: dict, family_name: str, classes, n_features: int):
+    def __init__(self, cfg: dict, family_name: str, classes, n_features: int, client=None):
         if cfg.get("scaling") not in (None, "running"):
             raise ValueError(f"--key standardises features with statistics pooled over keys (--scaling running); "
                              f"--scaling {cfg['scaling']} re-expresses one model's coordinates")
         if int(cfg.get("batch_size", 1)) != 1:
             raise ValueError("--key learns each key's rows one at a time: --batch-size must be 1")
         super().__init__(dict(cfg, scaling="running"), family_name, classes, n_features)
-        self.keyed = Keyed(self.learner, self.state.params if self.bank is None else
-                           jax.tree_util.tree_map(lambda a: a[0], self.state.members.params))
-        self.state = None  # the keys' states live in self.keyed
+        self.keyed = self.dask = None
+        if client is None:
+            self.keyed = Keyed(self.learner, self.state.params if self.bank is None else
+                               jax.tree_util.tree_map(lambda a: a[0], self.state.members.params))
+        else:  # one keyed learner per shard, on the Dask workers (kalnat.dask_keyed)
+            from kalnat.dask_keyed import DaskKeyed
+
+            self.dask = DaskKeyed(client, functools.partial(shard_factory, cfg, family_name, classes, n_features))
+        self.state = None  # the keys' states live in self.keyed or the shards
 
     def step_keyed(self, keys, X, y) -> baselines.Predictions:
         """Predicts then learns the rows ``X (n, p)``, ``y (n,)``, row ``i`` by ``keys[i]``'s
@@ -54,7 +62,11 @@ class KeyedRunner(OnlineRunner):
             ytrain = _clipped(ytrain, self.clip)
         else:
             ytrain = y
-        p = self.keyed.learn(keys, self.scale_features(X), ytrain).predictions
+        Z = self.scale_features(X)
+        if self.dask is not None:
+            p, _ = self.dask.learn(keys, Z, ytrain)
+        else:
+            p = self.keyed.learn(keys, Z, ytrain).predictions
         self.rows += len(y)
         if self.bank:
             self.weights = np.asarray(p.weights, np.float64)
@@ -72,18 +84,32 @@ class KeyedRunner(OnlineRunner):
         return baselines.Predictions(mean=mean[:, 0])
 
 
+def shard_factory(cfg, family_name, classes, n_features):
+    """``(learner, params)`` of the command's settings (run in each Dask worker too)."""
+    import kalnat.cli_learn as run
+
+    family = run.make_family(family_name, len(classes) if family_name == "categorical" else None)
+    _, learner, state = run.build_learner(dict(cfg, scaling="running"), family, n_features)
+    bank = isinstance(learner, kalnat.bank.Bank)
+    return learner, (jax.tree_util.tree_map(lambda a: a[0], state.members.params) if bank else state.params)
+
+
 class KeyedScores:
-    """Per-key sums of the progressive scores (by the keys' slots)."""
+    """Per-key sums of the progressive scores."""
 
     def __init__(self, family, first_scored_row: int):
         self.family, self.first = family, first_scored_row
+        self.index: dict = {}  # key -> row of the table
+        self.keys: list = []
         self.metric = "accuracy" if family.is_classifier else "rmse"
         self.rows = np.zeros(0, np.int64)
         self.log_loss = np.zeros(0)
         self.m = np.zeros(0)
         self.seen = 0
 
-    def add(self, slots, y, pred):
+    def add(self, keys, y, pred):
+        slots = np.fromiter((self.index.setdefault(k, len(self.index)) for k in keys), np.int64, len(keys))
+        self.keys.extend(list(self.index)[len(self.keys):])
         losses = baselines.row_losses(self.family, y, pred)
         keep = self.seen + np.arange(1, len(y) + 1) >= self.first
         self.seen += len(y)
@@ -106,12 +132,13 @@ class KeyedScores:
         return self.rows, ll, (m if self.family.is_classifier else np.sqrt(m))
 
 
-def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=None):
+def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=None, client=None):
     """Learns every chunk of ``source`` with one model per value of its key column.
 
     Returns ``(runner, metrics, scores)``: the :class:`KeyedRunner`, the report (``kalnat
     learn``'s, with ``keyed``: the key column, the number of keys, rows per second and a
-    summary of the per-key scores) and the :class:`KeyedScores`."""
+    summary of the per-key scores) and the :class:`KeyedScores`. With a Dask ``client`` the
+    keys' learners live on its workers (:mod:`kalnat.dask_keyed`)."""
     skipped, runner, coder, acc, scores = [], None, None, None, None
     t_learn, t_first, first_rows = 0.0, None, 0
     bar = None
@@ -126,7 +153,7 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
                 if note and log:
                     log(note)
                 coder = datasets.TargetCoder(family, classes)
-                runner = KeyedRunner(cfg, family, classes, chunk.X.shape[1])
+                runner = KeyedRunner(cfg, family, classes, chunk.X.shape[1], client)
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
                 acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)
                 scores = KeyedScores(runner.family, first)
@@ -144,7 +171,7 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
                 t_first, first_rows = dt, len(y)
             t_learn += dt
             acc.add(y, pred, runner.weights)
-            scores.add(np.fromiter((runner.keyed.slot[k] for k in keys.tolist()), np.int64, len(keys)), y, pred)
+            scores.add(keys.tolist(), y, pred)
             bar.update(len(y))
     finally:
         if bar is not None:
@@ -182,7 +209,9 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
         "curve": acc.curve,
         "keyed": {
             "key_column": source.key_name,
-            "n_keys": len(runner.keyed),
+            "n_keys": len(scores.keys),
+            "dask_shards": None if runner.dask is None else runner.dask.n_shards,
+            "dask_recoveries": None if runner.dask is None else runner.dask.recoveries,
             "rows_per_second": rows / t_learn if t_learn > 0 else None,
             # the mean over keys of each key's own scores (the pooled ones weigh keys by rows)
             "per_key_mean": {"log_loss": float(np.mean(ll[scored])) if scored.any() else None,
@@ -199,7 +228,7 @@ def write_per_key(path, runner: KeyedRunner, scores: KeyedScores):
     with open(path, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["key", "rows_scored", "log_loss", scores.metric])
-        for i, key in enumerate(runner.keyed.keys):
+        for i, key in enumerate(scores.keys):
             n = int(n_rows[i]) if i < n_rows.size else 0
             w.writerow([key, n, f"{ll[i]:.6g}" if n else "", f"{m[i]:.6g}" if n else ""])
     return os.path.basename(path)
