@@ -37,6 +37,7 @@ __all__ = ["Keyed", "KeyedResult"]
 
 # A chunk's rows are learned in segments of rounds whose number of active keys lies in
 # (W/2, W] for a power of two W: padding costs at most 2× in keys and 2× in rounds.
+LANE_BYTES = 2**23
 _FNS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -157,6 +158,8 @@ class Keyed:
         self.slot: dict = {}
         self.keys: list = []  # slot -> key
         self.capacity = _pow2(capacity)
+        per_key = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(self.fresh))
+        self._lanes = max(2, 1 << max(1, LANE_BYTES // max(per_key, 1)).bit_length() - 1)
         self.stack = _grow_fn(learner)(
             jax.tree_util.tree_map(lambda a: a[None][:0], self.fresh), self.fresh, self.capacity)
 
@@ -271,23 +274,34 @@ class Keyed:
             # At least two lanes: a vmap over one lane compiles to a program that rounds some
             # steps differently from learner.update (seen in float64); two or more match it.
             width = max(2, width)
-            depth = _pow2(r1 - r0)
-            sel = (rank >= r0) & (rank < r1)
-            rows = np.flatnonzero(sel)
-            r, p = rank[rows] - r0, pos[rows]
-            seg_slots = np.full(width, self.capacity, np.int64)  # padding: past the end
-            seg_slots[:active] = kslots[:active]
-            xb = np.broadcast_to(xs[rows[0]], (depth, width) + xs.shape[1:]).copy()
-            yb = np.broadcast_to(ys[rows[0]], (depth, width) + ys.shape[1:]).copy()
-            mb = np.zeros((depth, width), bool)
-            xb[r, p], yb[r, p], mb[r, p] = xs[rows], ys[rows], True
-            self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb)
-            if keep:
-                seg = jax.tree_util.tree_map(np.asarray, seg)
-                if out is None:
-                    out = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[2:], a.dtype), seg)
-                jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[r, p]), out, seg)
+            # At most self._lanes keys per call: a call's states then stay within LANE_BYTES
+            # (a larger gathered block makes every round stream it from memory: 5× slower).
+            for k0 in range(0, active, self._lanes):
+                k1 = min(active, k0 + self._lanes)
+                out = self._learn_block(fn, n, pos, rank, kslots, counts, r0, r1, k0, k1,
+                                        min(width, self._lanes), xs, ys, keep, out)
             r0 = r1
+        return out
+
+    def _learn_block(self, fn, n, pos, rank, kslots, counts, r0, r1, k0, k1, width, xs, ys, keep, out):
+        """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one call."""
+        r1 = min(r1, int(counts[k0]))  # the block's first key has the most rows
+        depth = _pow2(r1 - r0)
+        sel = (rank >= r0) & (rank < r1) & (pos >= k0) & (pos < k1)
+        rows = np.flatnonzero(sel)
+        r, p = rank[rows] - r0, pos[rows] - k0
+        seg_slots = np.full(width, self.capacity, np.int64)  # padding: past the end
+        seg_slots[:k1 - k0] = kslots[k0:k1]
+        xb = np.broadcast_to(xs[rows[0]], (depth, width) + xs.shape[1:]).copy()
+        yb = np.broadcast_to(ys[rows[0]], (depth, width) + ys.shape[1:]).copy()
+        mb = np.zeros((depth, width), bool)
+        xb[r, p], yb[r, p], mb[r, p] = xs[rows], ys[rows], True
+        self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb)
+        if keep:
+            seg = jax.tree_util.tree_map(np.asarray, seg)
+            if out is None:
+                out = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[2:], a.dtype), seg)
+            jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[r, p]), out, seg)
         return out
 
     def predict(self, keys: Sequence[Hashable], X, *, chunk_size: int = 4096):
