@@ -135,7 +135,9 @@ class DaskKeyed:
     def learn(self, keys, X, Y):
         """Learns one batch of rows (each key's rows in order); returns ``(predictions,
         log_likelihoods (n,))`` in the rows' order, as :meth:`Keyed.learn` gives them."""
-        keys = list(keys)
+        # NumPy keys as Python ones (np.int64(3) and 3 are one key, and JSON takes them)
+        keys = keys.tolist() if isinstance(keys, np.ndarray) else [
+            k.item() if isinstance(k, np.generic) else k for k in keys]
         X, Y = np.asarray(X), np.asarray(Y)
         n = len(keys)
         if X.shape[0] != n or Y.shape[0] != n:
