@@ -51,7 +51,8 @@ def main():
                     "P": rel(ref.state.cov.p, p),
                     "pred": rel(ref.predictions.mean, res.predictions.mean),
                     "ll": rel(ref.log_likelihood, res.log_likelihood),
-                    "row_sharded": p.sharding.spec == jax.sharding.PartitionSpec(sharded.AXIS, None), "shards": len(p.addressable_shards),
+                    "row_sharded": p.sharding.spec == jax.sharding.PartitionSpec(sharded.AXIS, None),
+                    "shards": len(p.addressable_shards),
                     "shard_shape": list(p.addressable_shards[0].data.shape),
                     "collectives": sharded.collectives(hlo),
                 })

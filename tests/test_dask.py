@@ -74,7 +74,8 @@ def test_command_on_workers(tmp_path, monkeypatch):
 
     from kalnat.cli import cli
 
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.join(HERE, "..", "src"), os.environ.get("PYTHONPATH", "")]))
+    src = os.path.join(HERE, "..", "src")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     rng = np.random.default_rng(2)
     path = tmp_path / "d.csv"
     with open(path, "w") as f:

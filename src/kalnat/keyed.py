@@ -20,9 +20,6 @@ Every key's filter is the learner's own: its states and progressive predictions 
 
 from __future__ import annotations
 
-import functools
-import json
-import math
 import weakref
 from typing import Any, Hashable, NamedTuple, Optional, Sequence
 
