@@ -293,7 +293,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers=None, scheduler=None):
         if per["log_loss"] is not None:
             click.echo(f"  key average: progressive log-loss {per['log_loss']:.4f}  {metric} {fmt(per[metric])}")
         where = f" on {keyed['dask_shards']} Dask shards" if keyed["dask_shards"] else ""
-        click.echo(f"  {keyed['rows_per_second']:.0f} rows/s{where}")
+        click.echo(f"  {keyed['rows_per_second']:.0f} rows/s{where} (compilation included)")
         click.echo(f"  report: {out_dir}/ (metrics.json, per_key.csv, "
                    f"{', '.join(metrics['files']['plots'])}, {model_file})")
 
