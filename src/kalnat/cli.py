@@ -185,7 +185,13 @@ def _open(data, kw, **more):
               metavar="PATH", help="Also write every row's progressive prediction (made before the "
               "row was learned) as CSV: row (1-based, stream order), then mean,sd (gaussian, "
               "poisson) or p_<class> per class; NaN for a skipped row.")
-def learn(data, out_dir, quiet, predictions_path=None, **kw):
+@click.option("--key", metavar="COL", default=None, help="Learn one model per value of this column "
+              "(a user, a sensor, …; not a feature): per-key and pooled scores (CSV only).")
+@click.option("--workers", type=click.IntRange(1), default=None, help="With --key: learn on a local Dask "
+              "cluster of this many worker processes, keys hashed to one shard per worker (kalnat[dask]).")
+@click.option("--scheduler", metavar="ADDRESS", default=None, help="With --key: learn on the Dask cluster "
+              "of this scheduler (kalnat[dask]).")
+def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, **kw):
     """Learn DATA in one pass and write a report folder.
 
     DATA is a CSV file with a header row, - for standard input, or a bundled data set's name
@@ -196,8 +202,19 @@ def learn(data, out_dir, quiet, predictions_path=None, **kw):
     from kalnat import datasets
 
     cfg = _config(kw)
-    source = _open(data or datasets.DEFAULT_DATASET, kw)  # a missing file fails here, before JAX
+    if (workers or scheduler) and key is None:
+        raise click.UsageError("--workers and --scheduler distribute the keys of --key COLUMN; pass --key")
+    if workers and scheduler:
+        raise click.UsageError("--workers starts a local cluster, --scheduler joins one: pass one of them")
+    if key is not None and predictions_path is not None:
+        raise click.UsageError("--predictions writes one stream's predictions; with --key the report "
+                               "folder's per_key.csv has each key's scores")
+    source = _open(data or datasets.DEFAULT_DATASET, kw, key=key)  # a missing file fails here, before JAX
     _jax()
+    if key is not None:
+        if click.get_current_context().get_parameter_source("scaling") == click.core.ParameterSource.DEFAULT:
+            cfg["scaling"] = "running"  # statistics pooled over keys (kalnat.cli_keyed)
+        return _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler)
     from kalnat import cli_learn as run, plots
 
     pred_file = None
@@ -250,6 +267,67 @@ def learn(data, out_dir, quiet, predictions_path=None, **kw):
             click.echo("  bank weights: " + ", ".join(f"{run.member_label(c)}: {w:.2f}" for w, c in top))
         click.echo(f"  report: {out_dir}/ (metrics.json, {', '.join(metrics['files']['plots'])}, "
                    "model.npz)")
+
+
+def _dask_client(workers, scheduler):
+    try:
+        import distributed
+    except ImportError:
+        raise click.ClickException("--workers and --scheduler need Dask: pip install 'kalnat[dask]'") from None
+    if scheduler:
+        return distributed.Client(scheduler), None
+    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=40)
+    return distributed.Client(cluster), cluster
+
+
+def _learn_keyed(source, cfg, out_dir, quiet, workers=None, scheduler=None):
+    """``kalnat learn --key``: one model per key (kalnat.cli_keyed), on Dask with --workers or
+    --scheduler."""
+    from kalnat import cli_keyed, plots
+
+    client, cluster = _dask_client(workers, scheduler) if (workers or scheduler) else (None, None)
+    try:
+        runner, metrics, scores = cli_keyed.learn_keyed(
+            source, cfg, progress=not quiet, log=None if quiet else (lambda m: click.echo(m, err=True)),
+            client=client)
+        if runner.dask is not None:  # the shards' final states, one checkpoint each
+            runner.dask.checkpoint_dir = os.path.join(out_dir, "shards")
+            runner.dask.checkpoint()
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    os.makedirs(out_dir, exist_ok=True)
+    metric = scores.metric
+    keyed = metrics["keyed"]
+    what = f"{metrics['learner_text']} per {keyed['key_column']}"
+    pngs = plots.learning_curves(metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
+                                 title=f"{source.name}: {what}, {cfg['model_spec']}, {runner.family.name}")
+    cli_keyed.write_per_key(os.path.join(out_dir, "per_key.csv"), runner, scores)
+    model_file = "keyed_model.npz" if runner.dask is None else "shards/"
+    if runner.dask is None:
+        runner.keyed.save(os.path.join(out_dir, model_file),
+                          extra={"feature_names": list(source.feature_names), "target": source.target_name})
+    metrics["files"] = {"model": model_file, "per_key": "per_key.csv",
+                        "plots": [os.path.basename(p) for p in pngs]}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    if not quiet:
+        final, per = metrics["final"], keyed["per_key_mean"]
+        fmt = (lambda v: f"{v:.4f}") if metric == "accuracy" else (lambda v: f"{v:.4g}")
+        skipped = f", {metrics['rows_skipped']} skipped" if metrics["rows_skipped"] else ""
+        click.echo(f"{source.name}: {metrics['rows_seen']} rows{skipped}, {keyed['n_keys']} keys "
+                   f"({keyed['key_column']}), {runner.family.name}, {what} on {cfg['model_spec']} "
+                   f"({metrics['n_parameters']} parameters each)")
+        click.echo(f"  pooled:      progressive log-loss {final['log_loss']:.4f}  {metric} {fmt(final[metric])}")
+        if per["log_loss"] is not None:
+            click.echo(f"  key average: progressive log-loss {per['log_loss']:.4f}  {metric} {fmt(per[metric])}")
+        where = f" on {keyed['dask_shards']} Dask shards" if keyed["dask_shards"] else ""
+        click.echo(f"  {keyed['rows_per_second']:.0f} rows/s{where} (compilation included)")
+        click.echo(f"  report: {out_dir}/ (metrics.json, per_key.csv, "
+                   f"{', '.join(metrics['files']['plots'])}, {model_file})")
 
 
 # ---- predict ----------------------------------------------------------------------------------

@@ -173,12 +173,14 @@ class Chunk(NamedTuple):
       y: ``(n,)`` raw targets (strings from a CSV, numbers from a bundled set).
       lines: ``(n,)`` line numbers (1-based, in the file; row numbers for a bundled set).
       skipped: ``[(line, column, reason), …]`` rows dropped by ``skip_bad_rows``.
+      keys: ``(n,)`` the key column's values as text (``open_source(key=…)``), else ``None``.
     """
 
     X: np.ndarray
     y: np.ndarray
     lines: np.ndarray
     skipped: list
+    keys: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -193,12 +195,13 @@ class Source:
     n_classes_hint: Optional[int] = None
     n_rows: Optional[int] = None
     class_names: Optional[list] = None  # a bundled set's classes, in the order of its indices
+    key_name: Optional[str] = None
 
 
 def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10_000,
                 skip_bad_rows: bool = False, require_target: bool = True,
                 feature_names: Optional[Sequence[str]] = None, delimiter: str = ",",
-                shuffle_seed: Optional[int] = None, stdin=None) -> Source:
+                shuffle_seed: Optional[int] = None, stdin=None, key: Optional[str] = None) -> Source:
     """Opens a CSV path, ``-`` (standard input) or a bundled data set's name as a stream.
 
     Args:
@@ -209,7 +212,11 @@ def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10
       feature_names: the expected feature columns (prediction); by default every column but
         the target.
       shuffle_seed: shuffle the rows of a bundled set with this seed (CSV streams keep order).
+      key: a column whose values (as text) name the stream each row belongs to (one model per
+        key); not a feature. CSV only.
     """
+    if key is not None and data != "-" and not os.path.exists(data) and is_dataset(data):
+        raise DataError(data, f"--key applies to CSV files; the bundled data set {data!r} has no key column")
     if data != "-" and not os.path.exists(data) and is_dataset(data):
         return _dataset_source(data, target, chunk_rows, feature_names, shuffle_seed)
     if data != "-" and not os.path.exists(data):
@@ -217,7 +224,7 @@ def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10
     if shuffle_seed is not None:
         raise DataError(data, "--shuffle applies to bundled data sets only; a CSV stream is read in order")
     return _csv_source(data, target, chunk_rows, skip_bad_rows, require_target, feature_names,
-                       delimiter, stdin)
+                       delimiter, stdin, key)
 
 
 def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed):
@@ -243,7 +250,7 @@ def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed):
 
 
 def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature_names,
-                delimiter, stdin):
+                delimiter, stdin, key=None):
     label = "<stdin>" if path == "-" else path
     if path == "-":
         stream = stdin if stdin is not None else sys.stdin
@@ -273,8 +280,16 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
     if dupes:
         raise DataError(label, f"duplicate column names {dupes}", line=header_line)
     t_idx = _target_index(label, header, target, require_target, feature_names, header_line)
+    k_idx = None
+    if key is not None:
+        if key not in header:
+            raise DataError(label, f"no key column {key!r} in the header (columns: {', '.join(header)})",
+                            line=header_line)
+        k_idx = header.index(key)
+        if k_idx == t_idx:
+            raise DataError(label, f"the key column {key!r} is also the target; pass --target", line=header_line)
     if feature_names is None:
-        names = [h for i, h in enumerate(header) if i != t_idx]
+        names = [h for i, h in enumerate(header) if i not in (t_idx, k_idx)]
     else:
         missing = [f for f in feature_names if f not in header]
         if missing:
@@ -312,16 +327,16 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
                 rows.append(row)
                 lines.append(reader.line_num)
                 if len(rows) >= chunk_rows:
-                    yield _parse(label, header, rows, lines, f_idx, t_idx, skip_bad_rows, skipped)
+                    yield _parse(label, header, rows, lines, f_idx, t_idx, skip_bad_rows, skipped, k_idx)
                     rows, lines, skipped = [], [], []
             if rows or skipped:
-                yield _parse(label, header, rows, lines, f_idx, t_idx, skip_bad_rows, skipped)
+                yield _parse(label, header, rows, lines, f_idx, t_idx, skip_bad_rows, skipped, k_idx)
         finally:
             if close:
                 stream.close()
 
     tname = header[t_idx] if t_idx is not None else None
-    return Source(label, names, tname, chunks())
+    return Source(label, names, tname, chunks(), key_name=key)
 
 
 def _separator_hint(header) -> str:
@@ -369,7 +384,7 @@ def _too_large(v) -> str:
             "overflows); rescale the column")
 
 
-def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped) -> Chunk:
+def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped, k_idx=None) -> Chunk:
     """Numeric features of a block of rows; a bad cell is located by line and column."""
     cells = np.array([[r[i] for i in f_idx] for r in rows], dtype=object).reshape(len(rows), len(f_idx))
     lines = np.asarray(lines, np.int64)
@@ -400,7 +415,8 @@ def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped) -> Chunk:
             _bad(label, lines[k], header[f_idx[j]], f"non-finite value {cells[k, j]!r}", skip, skipped)
     y = np.array([r[t_idx].strip() for r in rows], dtype=object) if t_idx is not None else \
         np.full(len(rows), None, dtype=object)
-    return Chunk(X[good], y[good], lines[good], sorted(skipped, key=lambda s: s[0]))
+    keys = None if k_idx is None else np.array([r[k_idx].strip() for r in rows], dtype=str)[good]
+    return Chunk(X[good], y[good], lines[good], sorted(skipped, key=lambda s: s[0]), keys)
 
 
 # ---- targets -----------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""Many streams on one process: rows per second of a keyed learner against the number of keys.
+
+:class:`kalnat.keyed.Keyed` holds one EKF per key and learns a chunk's rows as rounds of one
+vmapped, donated step (each key's rows in order). The competitor is the obvious loop: a dict
+of states, one ``learner.update`` call per row. Printed side by side in one process (absolute
+times on a shared machine mislead; the ratio is the point), for a logistic model with d
+parameters and keys drawn uniformly, so each key has a few rows per pass:
+
+  keys        number of keys (states held)
+  rows        rows timed (a second pass over the keys: no new key, everything compiled)
+  keyed r/s   rows per second of Keyed.learn (predictions kept)
+  µs/step     Keyed's cost per filter-step
+  loop r/s    rows per second of looping learner.update in Python (measured on 2000 rows)
+  ratio       keyed ÷ loop
+
+One model across devices (:mod:`kalnat.sharded`), in a subprocess on 8 simulated CPU devices
+(``--xla_force_host_platform_device_count=8``; they share this machine's cores, so the times
+show the partitioned program's overhead, not a speed-up):
+
+  devices     devices P's rows are split over
+  ms/step     per-step time of the sharded filter inside a scan (one row per step)
+  moved kB    bytes the compiled step moves between devices (its collectives' arrays)
+  P kB        the bytes of P (what gathering it once would move)
+
+Across Dask workers (:mod:`kalnat.dask_keyed`, when ``dask[distributed]`` is installed): a
+LocalCluster of 1 and 2 worker processes, keys hashed to one shard per worker, rows per second
+of ``DaskKeyed.learn`` over batches of ``--chunk`` rows (d = 8, 10⁴ keys; a second pass over
+the same batches, everything compiled), checkpoints every 4 batches included.
+
+    nice python benchmarks/streams_scale.py [--dims 8 32] [--max-keys 1000000] [--chunk 16384]
+    nice python benchmarks/streams_scale.py --sharded-only [--sharded-dims 256 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import kalnat  # noqa: E402
+from kalnat.keyed import Keyed  # noqa: E402
+
+
+def data(d, n, n_keys, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d - 1))
+    w = rng.normal(size=d - 1)
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-X @ w))).astype(np.float64)
+    return rng.integers(0, n_keys, size=n), X, y
+
+
+def loop_rate(learner, model, d, rows=2000, n_keys=100):
+    """Rows per second of ``learner.update`` called row by row on a dict of states."""
+    keys, X, y = data(d, rows, n_keys, seed=1)
+    states = {}
+    fresh = lambda: learner.init(model.init(None))  # noqa: E731
+    s, _ = learner.update(fresh(), X[0], y[0])  # compile
+    jax.block_until_ready(s)
+    t = time.perf_counter()
+    for k, x, t_ in zip(keys.tolist(), X, y):
+        state = states.get(k)
+        states[k], _ = learner.update(fresh() if state is None else state, x, t_)
+    jax.block_until_ready(list(states.values()))
+    return rows / (time.perf_counter() - t)
+
+
+def keyed_rate(learner, model, d, n_keys, rows_per_key, chunk):
+    n = max(n_keys * rows_per_key, 4 * chunk)
+    keys, X, y = data(d, n, n_keys)
+    keyed = Keyed(learner, model.init(None), capacity=n_keys)
+    keyed.learn(keys, X, y, chunk_size=chunk)  # every key appears; the segments compile
+    jax.block_until_ready(keyed.stack)
+    t = time.perf_counter()
+    keyed.learn(keys, X, y, chunk_size=chunk)
+    jax.block_until_ready(keyed.stack)
+    return n, n / (time.perf_counter() - t)
+
+
+def sharded_table(dims, rows=64):
+    """Per-step time and bytes moved of the sharded filter against the device count."""
+    from kalnat import sharded
+    from kalnat.learners.base import device_hyper
+
+    print(f"\none model over {len(jax.devices())} simulated devices: logistic EKF, P row-sharded, "
+          f"{rows} rows in one scan")
+    print(f"{'d':>5} {'devices':>7} {'ms/step':>8} {'moved kB':>9} {'P kB':>8}")
+    fam = kalnat.families.Bernoulli()
+    for d in dims:
+        model = kalnat.models.linear(d - 1)
+        learner = kalnat.ekf(model, fam)
+        _, X, y = data(d, rows, 1)
+        for n in (1, 2, 4, 8):
+            if n > len(jax.devices()) or d % n:
+                continue
+            mesh = sharded.mesh(jax.devices()[:n])
+            sharded.fit(learner, learner.init(model.init(None)), X, y, mesh, chunk_size=rows)  # compile
+            times = []
+            for _ in range(3):
+                state = sharded.shard(learner.init(model.init(None)), mesh)
+                jax.block_until_ready(state)
+                t = time.perf_counter()
+                res = sharded.fit(learner, state, X, y, mesh, chunk_size=rows)
+                jax.block_until_ready(res.state)
+                times.append(time.perf_counter() - t)
+            hyper = device_hyper(learner, None, np.float64)
+            state = sharded.shard(learner.init(model.init(None)), mesh)
+            hlo = sharded.step_fn(learner, mesh).lower(hyper, state, X[:1], y[:1]).compile().as_text()
+            moved = sum(8 * math.prod(shape) for _, shapes in sharded.collectives(hlo) for shape in shapes)
+            print(f"{d:>5} {n:>7} {1e3 * min(times) / rows:>8.3f} {moved / 1e3:>9.2f} {8 * d * d / 1e3:>8.0f}",
+                  flush=True)
+
+
+def dask_factory(d=8):
+    model = kalnat.models.linear(d - 1)
+    return kalnat.ekf(model, kalnat.families.Bernoulli()), model.init(None)
+
+
+def dask_table(chunk, n_keys=10_000, batches=12):
+    try:
+        import distributed
+    except ImportError:
+        print("\n(dask[distributed] not installed: no table against workers)")
+        return
+    from kalnat.dask_keyed import DaskKeyed
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
+    sys.path.insert(0, here)
+    import streams_scale as module  # the factory by an importable name, for the workers
+
+    print(f"\nDask LocalCluster: d = 8, {n_keys} keys, {batches} batches of {chunk} rows, second pass")
+    print(f"{'workers':>7} {'rows/s':>9} {'ratio to 1':>10}")
+    keys, X, y = data(8, chunk * batches, n_keys, seed=3)
+    first = None
+    for workers in (1, 2):
+        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                      dashboard_address=None, silence_logs=50) as cluster, \
+                distributed.Client(cluster) as client:
+            dk = DaskKeyed(client, module.dask_factory)
+            for timed in (False, True):  # a first pass compiles every shape in every worker
+                t = time.perf_counter()
+                for b in range(batches):
+                    s = slice(b * chunk, (b + 1) * chunk)
+                    dk.learn(keys[s], X[s], y[s])
+            rate = chunk * batches / (time.perf_counter() - t)
+        first = first or rate
+        print(f"{workers:>7} {rate:>9.0f} {rate / first:>10.2f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--max-keys", type=int, default=1_000_000)
+    ap.add_argument("--rows-per-key", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=16384, help="rows per Keyed.learn chunk")
+    ap.add_argument("--max-gib", type=float, default=2.0, help="memory bound on the keys' states")
+    ap.add_argument("--sharded-only", action="store_true", help="only the sharded table (needs the devices)")
+    ap.add_argument("--sharded-dims", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--no-sharded", action="store_true")
+    ap.add_argument("--no-dask", action="store_true")
+    args = ap.parse_args()
+    if args.sharded_only:
+        return sharded_table(args.sharded_dims)
+    fam = kalnat.families.Bernoulli()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float64; logistic EKF per key, "
+          f"{args.rows_per_key} rows per key per pass, chunks of {args.chunk} rows")
+    print(f"{'d':>3} {'keys':>8} {'rows':>8} {'keyed r/s':>10} {'µs/step':>8} {'loop r/s':>9} {'ratio':>7}")
+    for d in args.dims:
+        model = kalnat.models.linear(d - 1)
+        learner = kalnat.ekf(model, fam)
+        loop = loop_rate(learner, model, d)
+        n_keys = 100
+        while n_keys <= args.max_keys:
+            if n_keys * d * d * 8 > args.max_gib * 2**30:  # the keys' covariances alone
+                print(f"{d:>3} {n_keys:>8}  skipped: {n_keys} covariances of {d} × {d} exceed {args.max_gib} GiB")
+                break
+            rows, rate = keyed_rate(learner, model, d, n_keys, args.rows_per_key, args.chunk)
+            print(f"{d:>3} {n_keys:>8} {rows:>8} {rate:>10.0f} {1e6 / rate:>8.2f} {loop:>9.0f} "
+                  f"{rate / loop:>7.0f}", flush=True)
+            n_keys *= 10
+    if not args.no_dask:
+        dask_table(args.chunk)
+    if not args.no_sharded:  # XLA_FLAGS must be set before JAX starts: a fresh process
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                          + " --xla_force_host_platform_device_count=8").strip())
+        subprocess.run([sys.executable, __file__, "--sharded-only", "--sharded-dims",
+                        *map(str, args.sharded_dims)], env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()

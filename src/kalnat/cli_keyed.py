@@ -1,0 +1,234 @@
+"""What ``kalnat learn --key COLUMN`` does: one model per key (:class:`kalnat.keyed.Keyed`).
+
+The conventions are ``kalnat learn``'s (:mod:`kalnat.cli_learn`) with one learner definition
+per key: every row is predicted by its key's model before that model learns it. Features are
+standardised with the statistics of all earlier rows, pooled over keys (the ``running``
+scheme: per-key coordinates would need a re-expression per key); a gaussian target is
+standardised and its noise variance estimated the same way, pooled. Scores are reported
+pooled over all rows and per key (``per_key.csv``).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+import kalnat
+from kalnat import baselines, datasets
+from kalnat.cli_learn import (
+    GAUSSIAN_FIRST_SCORED_ROW, Accumulator, OnlineRunner, _clipped, _target_affine, inference_note,
+    learner_text, resolve_task,
+)
+from kalnat.keyed import Keyed
+
+__all__ = ["KeyedRunner", "learn_keyed", "KeyedScores"]
+
+
+class KeyedRunner(OnlineRunner):
+    """:class:`~kalnat.cli_learn.OnlineRunner`'s scalers and noise estimate, pooled, with one
+    learner state per key."""
+
+    def __init__(self, cfg: dict, family_name: str, classes, n_features: int, client=None):
+        if cfg.get("scaling") not in (None, "running"):
+            raise ValueError(f"--key standardises features with statistics pooled over keys (--scaling running); "
+                             f"--scaling {cfg['scaling']} re-expresses one model's coordinates")
+        if int(cfg.get("batch_size", 1)) != 1:
+            raise ValueError("--key learns each key's rows one at a time: --batch-size must be 1")
+        super().__init__(dict(cfg, scaling="running"), family_name, classes, n_features)
+        self.keyed = self.dask = None
+        if client is None:
+            self.keyed = Keyed(self.learner, self.state.params if self.bank is None else
+                               jax.tree_util.tree_map(lambda a: a[0], self.state.members.params))
+        else:  # one keyed learner per shard, on the Dask workers (kalnat.dask_keyed)
+            from kalnat.dask_keyed import DaskKeyed
+
+            self.dask = DaskKeyed(client, functools.partial(shard_factory, cfg, family_name, classes, n_features))
+        self.state = None  # the keys' states live in self.keyed or the shards
+
+    def step_keyed(self, keys, X, y) -> baselines.Predictions:
+        """Predicts then learns the rows ``X (n, p)``, ``y (n,)``, row ``i`` by ``keys[i]``'s
+        model; returns the predictions in the target's units."""
+        X = np.asarray(X, np.float64)
+        if self.gaussian:
+            c0 = int(self.target_scaler.count)
+            ytrain, center, scale, self.target_scaler = _target_affine(self.target_scaler, y)
+            ytrain[: max(0, 2 - c0)] = 0.0
+            ytrain = _clipped(ytrain, self.clip)
+        else:
+            ytrain = y
+        Z = self.scale_features(X)
+        if self.dask is not None:
+            p, _ = self.dask.learn(keys, Z, ytrain)
+        else:
+            p = self.keyed.learn(keys, Z, ytrain).predictions
+        self.rows += len(y)
+        if self.bank:
+            self.weights = np.asarray(p.weights, np.float64)
+        mean = np.asarray(p.mean, np.float64)
+        bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
+        if bad.size:
+            raise ValueError(f"the learner of key {keys[bad[0]]!r} diverged (non-finite prediction at row "
+                             f"{self.rows - len(y) + bad[0] + 1}); try a smaller --prior-var or a linear --model")
+        if self.family.is_classifier:
+            return baselines.Predictions(probs=np.asarray(p.probs, np.float64))
+        if self.gaussian:
+            unit = np.asarray(p.obs_cov, np.float64)[:, 0, 0]
+            var = self.noise(ytrain - mean[:, 0], unit)
+            return baselines.Predictions(mean=center + scale * mean[:, 0], var=scale**2 * var)
+        return baselines.Predictions(mean=mean[:, 0])
+
+
+def shard_factory(cfg, family_name, classes, n_features):
+    """``(learner, params)`` of the command's settings (run in each Dask worker too)."""
+    import kalnat.cli_learn as run
+
+    family = run.make_family(family_name, len(classes) if family_name == "categorical" else None)
+    _, learner, state = run.build_learner(dict(cfg, scaling="running"), family, n_features)
+    bank = isinstance(learner, kalnat.bank.Bank)
+    return learner, (jax.tree_util.tree_map(lambda a: a[0], state.members.params) if bank else state.params)
+
+
+class KeyedScores:
+    """Per-key sums of the progressive scores."""
+
+    def __init__(self, family, first_scored_row: int):
+        self.family, self.first = family, first_scored_row
+        self.index: dict = {}  # key -> row of the table
+        self.keys: list = []
+        self.metric = "accuracy" if family.is_classifier else "rmse"
+        self.rows = np.zeros(0, np.int64)
+        self.log_loss = np.zeros(0)
+        self.m = np.zeros(0)
+        self.seen = 0
+
+    def add(self, keys, y, pred):
+        slots = np.fromiter((self.index.setdefault(k, len(self.index)) for k in keys), np.int64, len(keys))
+        self.keys.extend(list(self.index)[len(self.keys):])
+        losses = baselines.row_losses(self.family, y, pred)
+        keep = self.seen + np.arange(1, len(y) + 1) >= self.first
+        self.seen += len(y)
+        n = int(slots.max()) + 1 if len(slots) else 0
+        if n > self.rows.size:
+            grow = n - self.rows.size
+            self.rows = np.concatenate([self.rows, np.zeros(grow, np.int64)])
+            self.log_loss = np.concatenate([self.log_loss, np.zeros(grow)])
+            self.m = np.concatenate([self.m, np.zeros(grow)])
+        s = slots[keep]
+        np.add.at(self.rows, s, 1)
+        np.add.at(self.log_loss, s, losses["log_loss"][keep])
+        np.add.at(self.m, s, (losses["correct"] if self.family.is_classifier else losses["sq_err"])[keep])
+
+    def table(self):
+        """``(rows, log_loss, metric)`` per slot (NaN where a key has no scored row)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ll = self.log_loss / self.rows
+            m = self.m / self.rows
+        return self.rows, ll, (m if self.family.is_classifier else np.sqrt(m))
+
+
+def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=None, client=None):
+    """Learns every chunk of ``source`` with one model per value of its key column.
+
+    Returns ``(runner, metrics, scores)``: the :class:`KeyedRunner`, the report (``kalnat
+    learn``'s, with ``keyed``: the key column, the number of keys, rows per second and a
+    summary of the per-key scores) and the :class:`KeyedScores`. With a Dask ``client`` the
+    keys' learners live on its workers (:mod:`kalnat.dask_keyed`)."""
+    skipped, runner, coder, acc, scores = [], None, None, None, None
+    t_learn, t_first, first_rows = 0.0, None, 0
+    bar = None
+    try:
+        for chunk in source.chunks:
+            skipped.extend(chunk.skipped)
+            if not len(chunk.y):
+                continue
+            if runner is None:
+                family, classes = resolve_task(cfg, source, chunk.y)
+                note = inference_note(cfg, source, family, classes)
+                if note and log:
+                    log(note)
+                coder = datasets.TargetCoder(family, classes)
+                runner = KeyedRunner(cfg, family, classes, chunk.X.shape[1], client)
+                first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
+                acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)
+                scores = KeyedScores(runner.family, first)
+                bar = tqdm(total=source.n_rows, unit="row", disable=not progress, dynamic_ncols=True,
+                           desc=f"{'bank' if runner.bank else cfg['method']} per {source.key_name}")
+            y, good = coder.encode(source.name, chunk.y, chunk.lines, source.target_name,
+                                   bool(cfg.get("skip_bad_rows")), skipped)
+            X, y, keys = chunk.X[good], y[good], chunk.keys[good]
+            if not len(y):
+                continue
+            t0 = time.perf_counter()
+            pred = runner.step_keyed(keys, X, y)
+            dt = time.perf_counter() - t0
+            if t_first is None:
+                t_first, first_rows = dt, len(y)
+            t_learn += dt
+            acc.add(y, pred, runner.weights)
+            scores.add(keys.tolist(), y, pred)
+            bar.update(len(y))
+    finally:
+        if bar is not None:
+            bar.close()
+    if runner is None:
+        raise datasets.DataError(source.name, "no data rows" + (f" ({len(skipped)} bad rows skipped)"
+                                                                if skipped else ""))
+    rows = runner.rows
+    n_rows, ll, m = scores.table()
+    scored = n_rows > 0
+    metrics = {
+        "data": source.name,
+        "family": runner.family.name,
+        "classes": runner.classes,
+        "target": source.target_name,
+        "n_features": len(source.feature_names),
+        "n_parameters": runner.n_parameters,
+        "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
+                                               "batch_size", "clip", "seed")},
+        "scaling": runner.scheme,
+        "learner": runner.learner.name,
+        "learner_text": learner_text(runner.learner, cfg),
+        "protocol": ("progressive validation: every row predicted by its key's model before that model "
+                     "learns it, one pass, given order; features standardised with statistics of earlier "
+                     "rows only, pooled over keys"),
+        "rows_seen": rows,
+        "rows_skipped": len(skipped),
+        "skipped": [{"line": s[0], "column": s[1], "reason": s[2]} for s in skipped[:100]],
+        "final": acc.final(),
+        "first_scored_row": acc.first,
+        "seconds_total": t_learn,
+        "seconds_per_row": t_learn / rows,
+        "seconds_per_row_after_first_chunk": ((t_learn - t_first) / (rows - first_rows)
+                                              if rows > first_rows else None),
+        "curve": acc.curve,
+        "keyed": {
+            "key_column": source.key_name,
+            "n_keys": len(scores.keys),
+            "dask_shards": None if runner.dask is None else runner.dask.n_shards,
+            "dask_recoveries": None if runner.dask is None else runner.dask.recoveries,
+            "rows_per_second": rows / t_learn if t_learn > 0 else None,
+            # the mean over keys of each key's own scores (the pooled ones weigh keys by rows)
+            "per_key_mean": {"log_loss": float(np.mean(ll[scored])) if scored.any() else None,
+                             scores.metric: float(np.mean(m[scored])) if scored.any() else None},
+            "per_key_file": "per_key.csv",
+        },
+    }
+    return runner, metrics, scores
+
+
+def write_per_key(path, runner: KeyedRunner, scores: KeyedScores):
+    """``per_key.csv``: each key's rows scored, progressive log-loss and accuracy or RMSE."""
+    n_rows, ll, m = scores.table()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["key", "rows_scored", "log_loss", scores.metric])
+        for i, key in enumerate(scores.keys):
+            n = int(n_rows[i]) if i < n_rows.size else 0
+            w.writerow([key, n, f"{ll[i]:.6g}" if n else "", f"{m[i]:.6g}" if n else ""])
+    return os.path.basename(path)

@@ -1,0 +1,232 @@
+"""Keyed learners across machines with Dask (``pip install 'kalnat[dask]'``).
+
+Keys hash to shards (a stable hash: CRC-32 of the key's JSON text); each shard is a Dask actor
+on some worker holding that shard's :class:`kalnat.keyed.Keyed`, which learns its rows in
+order. The driver (:class:`DaskKeyed`) splits each batch of rows by shard, keeping their
+order, and sends every shard its part; the scheduler is Dask's.
+
+Fault tolerance: every ``checkpoint_every`` batches each shard's state is checkpointed
+(:meth:`Keyed.save`'s file, sent to the driver as bytes, so no shared file system is needed,
+and written to ``checkpoint_dir`` when one is given). The driver keeps each shard's batches
+since its last checkpoint. When a shard's worker is lost, its actor is rebuilt on another
+worker from the last checkpoint and the batches since then are replayed, then the failed
+batch is retried: every row is learned exactly once by the final states, and the
+predictions returned are those of the retried batch (tests/test_dask.py kills a worker
+mid-stream and compares the final states with an uninterrupted one-process run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+__all__ = ["shard_of", "ShardLearner", "DaskKeyed"]
+
+
+def shard_of(key, n_shards: int) -> int:
+    """A key's shard: stable across processes and runs (Python's ``hash`` of a str is not)."""
+    try:
+        text = json.dumps(key)
+    except TypeError:
+        raise ValueError(f"key {key!r} ({type(key).__name__}) cannot be sharded: keys must be str or int") from None
+    return zlib.crc32(text.encode()) % n_shards
+
+
+class ShardLearner:
+    """One shard's keyed learner, run as a Dask actor.
+
+    ``factory() -> (learner, params)`` builds the learner inside the worker (it is pickled by
+    reference or by cloudpickle); ``x64``: float64, set before any array is made.
+    """
+
+    def __init__(self, factory: Callable, x64: bool = True):
+        import jax
+
+        if x64:
+            jax.config.update("jax_enable_x64", True)
+        from kalnat.keyed import Keyed
+
+        self.learner, self.params = factory()
+        self.keyed = Keyed(self.learner, self.params)
+        self.batch = -1  # the last batch learned
+
+    def learn(self, batch: int, keys, X, Y):
+        """Learns one batch's rows of this shard; returns ``(predictions, log_likelihoods)``
+        as NumPy arrays."""
+        if batch <= self.batch:
+            raise ValueError(f"shard asked to learn batch {batch} again (it has learned up to {self.batch})")
+        res = self.keyed.learn(list(keys), X, Y)
+        self.batch = batch
+        return res.predictions, res.log_likelihood
+
+    def snapshot(self) -> tuple[int, bytes]:
+        """``(last batch, checkpoint file's bytes)``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "shard.npz")
+            self.keyed.save(path, extra={"batch": self.batch})
+            with open(path, "rb") as f:
+                return self.batch, f.read()
+
+    def restore(self, data: bytes):
+        from kalnat import checkpoint
+        from kalnat.keyed import Keyed
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "shard.npz")
+            with open(path, "wb") as f:
+                f.write(data)
+            self.keyed = Keyed.load(path, self.learner, self.params)
+            self.batch = int(checkpoint.read_header(path)["extra"]["batch"])
+        return self.batch
+
+    def leaves(self) -> dict:
+        """Every key's state as a list of NumPy arrays (for checks)."""
+        import jax
+
+        return {k: [np.asarray(a) for a in jax.tree_util.tree_leaves(self.keyed.state(k))] for k in self.keyed.keys}
+
+    def n_keys(self) -> int:
+        return len(self.keyed)
+
+
+class DaskKeyed:
+    """A keyed learner over ``n_shards`` Dask actors (default: one per worker of ``client``).
+
+    Args:
+      client: a ``dask.distributed.Client``.
+      factory: ``() -> (learner, params)``, run in each worker (a module-level function or a
+        ``functools.partial`` of one).
+      n_shards: number of shards (default: the client's number of workers).
+      checkpoint_every: batches between checkpoints of every shard.
+      checkpoint_dir: where the shards' checkpoints are also written (``shard_<i>.npz``).
+      retries: how many times a shard is rebuilt for one batch before giving up.
+      timeout: seconds a shard may take for one batch before it is taken for lost.
+    """
+
+    def __init__(self, client, factory: Callable, *, n_shards: Optional[int] = None, checkpoint_every: int = 4,
+                 checkpoint_dir: Optional[str] = None, retries: int = 3, x64: bool = True,
+                 timeout: float = 600.0):
+        self.client, self.factory, self.x64 = client, factory, x64
+        self.n_shards = int(n_shards or len(client.scheduler_info()["workers"]))
+        if self.n_shards < 1:
+            raise ValueError("DaskKeyed: the cluster has no workers")
+        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_dir = checkpoint_dir
+        self.retries = int(retries)
+        self.timeout = float(timeout)
+        self.actors = [self._new_actor(i) for i in range(self.n_shards)]
+        self.saved = [(-1, None)] * self.n_shards      # (batch, bytes) of each shard's last checkpoint
+        self.log = [[] for _ in range(self.n_shards)]  # each shard's batches since then
+        self.batch = -1
+        self.recoveries = 0
+
+    def _new_actor(self, i):
+        workers = sorted(self.client.scheduler_info()["workers"])
+        future = self.client.submit(ShardLearner, self.factory, self.x64, actor=True, pure=False,
+                                    workers=[workers[i % len(workers)]], allow_other_workers=True)
+        return future.result()
+
+    def learn(self, keys, X, Y):
+        """Learns one batch of rows (each key's rows in order); returns ``(predictions,
+        log_likelihoods (n,))`` in the rows' order, as :meth:`Keyed.learn` gives them."""
+        # NumPy keys as Python ones (np.int64(3) and 3 are one key, and JSON takes them)
+        keys = keys.tolist() if isinstance(keys, np.ndarray) else [
+            k.item() if isinstance(k, np.generic) else k for k in keys]
+        X, Y = np.asarray(X), np.asarray(Y)
+        n = len(keys)
+        if X.shape[0] != n or Y.shape[0] != n:
+            raise ValueError(f"keys, X and Y must have the same number of rows ({n}, {X.shape[0]}, {Y.shape[0]})")
+        shard = np.fromiter((shard_of(k, self.n_shards) for k in keys), np.int64, n)
+        self.batch += 1
+        parts = {}
+        for i in range(self.n_shards):
+            rows = np.flatnonzero(shard == i)
+            if rows.size:
+                parts[i] = (rows, [keys[r] for r in rows], X[rows], Y[rows])
+        calls = {}
+        for i, (_, k, x, y) in parts.items():
+            try:
+                calls[i] = self.actors[i].learn(self.batch, k, x, y)
+            except Exception:  # Dask knows the actor's worker is gone
+                calls[i] = None
+        out = {}
+        for i, call in calls.items():
+            try:
+                if call is None:
+                    raise RuntimeError("lost")
+                out[i] = call.result(timeout=self.timeout)
+            except Exception:  # the shard's worker is gone: rebuild it, then learn this batch
+                out[i] = self._recover(i, parts[i][1:])
+            self.log[i].append((self.batch,) + parts[i][1:])
+        if (self.batch + 1) % self.checkpoint_every == 0:
+            self.checkpoint()
+        first = next(iter(out.values()))
+        pred, ll = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[1:], a.dtype), first)
+        for i, part in out.items():
+            rows = parts[i][0]
+            jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a), (pred, ll), part)
+        return pred, ll
+
+    def _recover(self, i, part):
+        """Shard ``i`` rebuilt from its last checkpoint, its logged batches replayed, and
+        ``part`` (this batch's rows) learned."""
+        for attempt in range(self.retries):
+            try:
+                self.recoveries += 1
+                actor = self._new_actor(i)
+                if self.saved[i][1] is not None:
+                    actor.restore(self.saved[i][1]).result()
+                for batch, k, x, y in self.log[i]:
+                    actor.learn(batch, k, x, y).result()
+                result = actor.learn(self.batch, *part).result()
+                self.actors[i] = actor
+                return result
+            except Exception:
+                if attempt == self.retries - 1:
+                    raise
+        raise RuntimeError("unreachable")
+
+    def checkpoint(self):
+        """Checkpoints every shard now (and clears their replay logs)."""
+        for i, actor in enumerate(self.actors):
+            try:
+                batch, data = actor.snapshot().result(timeout=self.timeout)
+            except Exception:  # lost since its last batch: rebuild it (nothing new to learn)
+                self._rebuild(i)
+                batch, data = self.actors[i].snapshot().result()
+            self.saved[i] = (batch, data)
+            self.log[i] = [entry for entry in self.log[i] if entry[0] > batch]
+            if self.checkpoint_dir:
+                os.makedirs(self.checkpoint_dir, exist_ok=True)
+                path = os.path.join(self.checkpoint_dir, f"shard_{i}.npz")
+                tmp = path + ".tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+
+    def _rebuild(self, i):
+        actor = self._new_actor(i)
+        if self.saved[i][1] is not None:
+            actor.restore(self.saved[i][1]).result()
+        for batch, k, x, y in self.log[i]:
+            actor.learn(batch, k, x, y).result()
+        self.actors[i] = actor
+        self.recoveries += 1
+
+    def leaves(self) -> dict:
+        """Every key's state (as NumPy leaves), gathered from the shards."""
+        out = {}
+        for actor in self.actors:
+            out.update(actor.leaves().result())
+        return out
+
+    def n_keys(self) -> int:
+        return sum(actor.n_keys().result() for actor in self.actors)

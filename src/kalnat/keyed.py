@@ -1,0 +1,363 @@
+"""Keyed learners: one learner definition, one independent state per key (user, sensor, store).
+
+:class:`Keyed` holds the states of every key seen so far stacked on a leading *slot* axis of
+a fixed capacity, with a key → slot dict on the host. A chunk of rows is learned as one or a
+few jitted, state-donating programs: the rows are grouped by key into *rounds* (round ``r``
+holds each key's ``r``-th row of the chunk, so a key's rows stay in order), the states of the
+chunk's keys are gathered by slot index, advanced round after round by one ``vmap`` of the
+learner's ``step`` (a mask leaves the keys with fewer rows as they are), and scattered back
+in place. Compiled shapes are the capacity and the (keys, rounds) sizes of a segment, all
+powers of two, so new keys cost no compilation: the capacity doubles when it runs out.
+
+Every key's filter is the learner's own: its states and progressive predictions are those of
+``learner.update`` (or :func:`kalnat.fit` with ``batch_size=1``) run on that key's rows alone
+(tests/test_keyed.py checks bit-identity in float64).
+
+    >>> keyed = Keyed(kalnat.ekf(model, family), model.init(None))   # doctest: +SKIP
+    >>> result = keyed.learn(keys, X, y)      # predictions made before learning each row
+    >>> keyed.save("keyed.npz"); keyed = Keyed.load("keyed.npz", learner, params)
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Hashable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kalnat import checkpoint
+from kalnat.learners.base import check_range, device_hyper
+
+__all__ = ["Keyed", "KeyedResult"]
+
+# A chunk's rows are learned in segments of rounds whose number of active keys lies in
+# (W/2, W] for a power of two W: padding costs at most 2× in keys and 2× in rounds.
+LANE_BYTES = 2**23
+_FNS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+class KeyedResult(NamedTuple):
+    """The outcome of :meth:`Keyed.learn`, in the order of the rows given.
+
+    Attributes:
+      predictions: one per row (the learner's ``Predictive``), made from the key's state
+        before learning the row.
+      log_likelihood: ``(n,)`` each row's one-step predictive log-likelihood.
+      slots: ``(n,)`` the slot of each row's key.
+    """
+
+    predictions: Any
+    log_likelihood: np.ndarray
+    slots: np.ndarray
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _where(mask, new, old):
+    return jax.tree_util.tree_map(
+        lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def _segment_fn(learner):
+    """``(hyper, stack, slots (W,), xs (R, W, …), ys (R, W, …), ms (R, W)) -> (stack,
+    (preds, log_liks) (R, W, …))``, jitted with the stack donated (cached per learner)."""
+    fns = _FNS.setdefault(learner, {})
+    if "segment" not in fns:
+        def fn(hyper, stack, slots, xs, ys, ms):
+            states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
+            one = jax.vmap(lambda s, x, y: learner.step(hyper, s, x[None], y[None]))
+
+            def body(states, inp):
+                x, y, m = inp
+                new, pred, ll = one(states, x, y)
+                return _where(m, new, states), jax.tree_util.tree_map(lambda a: a[:, 0], (pred, ll))
+
+            states, out = jax.lax.scan(body, states, (xs, ys, ms))
+            # Padding slots point past the capacity: their (unchanged) states are dropped.
+            stack = jax.tree_util.tree_map(lambda a, s: a.at[slots].set(s, mode="drop"), stack, states)
+            return stack, out
+
+        fns["segment"] = jax.jit(fn, donate_argnums=1)
+    return fns["segment"]
+
+
+def _predict_fn(learner):
+    """``(hyper, stack, fresh, slots (b,), known (b,), xs (b, …)) -> preds (b, …)``."""
+    fns = _FNS.setdefault(learner, {})
+    if "predict" not in fns:
+        def fn(hyper, stack, fresh, slots, known, xs):
+            states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
+            fresh = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (slots.shape[0],) + a.shape), fresh)
+            states = _where(known, states, fresh)
+            pred = jax.vmap(lambda s, x: learner.predict_batch(hyper, s, x[None]))(states, xs)
+            return jax.tree_util.tree_map(lambda a: a[:, 0], pred)
+
+        fns["predict"] = jax.jit(fn)
+    return fns["predict"]
+
+
+def _grow_fn(learner):
+    fns = _FNS.setdefault(learner, {})
+    if "grow" not in fns:
+        fns["grow"] = jax.jit(
+            lambda stack, fresh, extra: jax.tree_util.tree_map(
+                lambda a, f: jnp.concatenate([a, jnp.broadcast_to(f, (extra,) + f.shape)]), stack, fresh),
+            static_argnums=2)
+    return fns["grow"]
+
+
+def _rounds(slots: np.ndarray):
+    """Groups a chunk's rows by key, keeping each key's rows in order.
+
+    Returns ``(order, rank, keys_desc, counts_desc)``: the chunk's distinct slots sorted by
+    their number of rows (descending: round ``r``'s active keys are then a prefix), each
+    row's position ``pos`` in that order and its round ``rank``.
+    """
+    uniq, inv, counts = np.unique(slots, return_inverse=True, return_counts=True)
+    by_count = np.argsort(-counts, kind="stable")
+    pos_of = np.empty_like(by_count)
+    pos_of[by_count] = np.arange(by_count.size)
+    pos = pos_of[inv]
+    # rank: the row's index among its key's rows (a stable sort keeps the stream's order)
+    order = np.argsort(pos, kind="stable")
+    starts = np.zeros(uniq.size, np.int64)
+    starts[1:] = np.cumsum(counts[by_count])[:-1]
+    rank = np.empty(slots.size, np.int64)
+    rank[order] = np.arange(slots.size) - starts[pos[order]]
+    return pos, rank, uniq[by_count], counts[by_count]
+
+
+class Keyed:
+    """One ``learner`` per key, every key starting from ``learner.init(params, hyper)``.
+
+    Args:
+      learner: any kalnat learner (core learners, a bank from :func:`kalnat.auto` or
+        :func:`kalnat.ekf_bank`): anything with ``init`` and a pure ``step``.
+      params: the model's initial parameters, every key's start.
+      hyper: the hyperparameters, shared by every key (default the learner's own).
+      capacity: initial number of slots (rounded up to a power of two); doubles as needed.
+    """
+
+    def __init__(self, learner, params, *, hyper=None, capacity: int = 16):
+        if int(capacity) != capacity or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity}")
+        self.learner = learner
+        self.params = params
+        self.fresh = learner.init(params, hyper)  # every new key's state
+        self._dtype = learner._dtype(self.fresh)
+        self._hyper = device_hyper(learner, hyper, self._dtype)
+        if hyper is not None:
+            learner.check_given_hyper(hyper, self.fresh)
+        self.slot: dict = {}
+        self.keys: list = []  # slot -> key
+        self.capacity = _pow2(capacity)
+        per_key = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(self.fresh))
+        self._lanes = max(2, 1 << max(1, LANE_BYTES // max(per_key, 1)).bit_length() - 1)
+        self.stack = _grow_fn(learner)(
+            jax.tree_util.tree_map(lambda a: a[None][:0], self.fresh), self.fresh, self.capacity)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key) -> bool:
+        return _plain(key) in self.slot
+
+    # ---- keys -> slots ------------------------------------------------------------------
+
+    def _slots(self, keys, n: int, add: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(slots (n,), known (n,))`` of the rows' keys; with ``add``, new keys get slots
+        in order of first appearance (and the capacity grows)."""
+        # A NumPy array of ints or strings is grouped by np.unique; anything else key by key
+        # (np.asarray of a list would turn [7, "a"] into the strings "7" and "a").
+        arr = keys if isinstance(keys, np.ndarray) and keys.ndim == 1 and keys.dtype.kind in "iuSU" else None
+        if arr is not None:
+            if arr.shape[0] != n:
+                raise ValueError(f"keys has {arr.shape[0]} entries but X has {n} rows")
+            uniq, first, inv = np.unique(arr, return_index=True, return_inverse=True)
+            ukeys = uniq.tolist()
+        else:
+            keys = list(keys)
+            if len(keys) != n:
+                raise ValueError(f"keys has {len(keys)} entries but X has {n} rows")
+            index, ukeys, first, inv = {}, [], [], np.empty(n, np.int64)
+            for i, k in enumerate(keys):
+                k = _plain(k)
+                try:
+                    j = index.setdefault(k, len(ukeys))
+                except TypeError:
+                    raise ValueError(f"keys[{i}] = {k!r} is not hashable: keys must be hashable "
+                                     "(str, int, tuple, …)") from None
+                if j == len(ukeys):
+                    ukeys.append(k)
+                    first.append(i)
+                inv[i] = j
+            first = np.asarray(first, np.int64)
+        uslots = np.fromiter((self.slot.get(k, -1) for k in ukeys), np.int64, len(ukeys))
+        if add:
+            new = np.flatnonzero(uslots < 0)
+            new = new[np.argsort(first[new], kind="stable")]
+            start = len(self.keys)
+            for j, i in enumerate(new.tolist()):
+                self.slot[ukeys[i]] = start + j
+                self.keys.append(ukeys[i])
+            uslots[new] = start + np.arange(new.size)
+            self._reserve(len(self.keys))
+        slots = uslots[inv]
+        return np.maximum(slots, 0), slots >= 0
+
+    def _reserve(self, n: int):
+        if n > self.capacity:
+            capacity = _pow2(n)
+            self.stack = _grow_fn(self.learner)(self.stack, self.fresh, capacity - self.capacity)
+            self.capacity = capacity
+
+    # ---- learning and prediction --------------------------------------------------------
+
+    def _check(self, X, Y=None):
+        xs, single = self.learner.check_x(self.fresh, X)
+        if single:
+            raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
+        if Y is None:
+            return xs, None
+        ys = self.learner.family.check(Y)
+        check_range(ys, self._dtype, "y")
+        if ys.ndim == len(self.learner.family.event_shape):
+            raise ValueError(f"Y must have a leading row axis, got shape {ys.shape}")
+        if ys.shape[0] != xs.shape[0]:
+            raise ValueError(f"X has {xs.shape[0]} rows but Y has {ys.shape[0]}")
+        return xs.astype(self._dtype, copy=False), ys
+
+    def learn(self, keys: Sequence[Hashable], X, Y, *, chunk_size: int = 4096,
+              return_predictions: bool = True) -> Optional[KeyedResult]:
+        """Learns rows ``X (n, …)``, ``Y (n, …)`` in order, row ``i`` by the state of
+        ``keys[i]`` (new keys start from the prior). Each key's rows are learned one at a
+        time, in the order given, exactly as ``learner.update`` would; ``chunk_size`` rows are
+        grouped per device call. Returns a :class:`KeyedResult` (``None`` without
+        ``return_predictions``). Input is validated before anything is learned."""
+        if int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        xs, ys = self._check(X, Y)
+        n = xs.shape[0]
+        slots, _ = self._slots(keys, n, add=True)
+        preds = []
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            preds.append(self._learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop],
+                                           return_predictions))
+        if not return_predictions:
+            return None
+        if not preds:
+            return KeyedResult(None, np.zeros(0, self._dtype), slots)
+        pred, ll = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
+        return KeyedResult(pred, ll, slots)
+
+    def _learn_chunk(self, slots, xs, ys, keep):
+        n = slots.size
+        pos, rank, kslots, counts = _rounds(slots)
+        fn = _segment_fn(self.learner)
+        out = None
+        r0 = 0
+        n_rounds = int(counts[0])
+        while r0 < n_rounds:
+            active = int(np.count_nonzero(counts > r0))  # keys with a row in round r0
+            width = _pow2(active)
+            # the rounds whose active keys still number more than width/2
+            r1 = int(counts[width // 2]) if width // 2 < counts.size else n_rounds
+            r1 = max(r1, r0 + 1)
+            # At least two lanes: a vmap over one lane compiles to a program that rounds some
+            # steps differently from learner.update (seen in float64); two or more match it.
+            width = max(2, width)
+            # At most self._lanes keys per call: a call's states then stay within LANE_BYTES
+            # (a larger gathered block makes every round stream it from memory: 5× slower).
+            for k0 in range(0, active, self._lanes):
+                k1 = min(active, k0 + self._lanes)
+                out = self._learn_block(fn, n, pos, rank, kslots, counts, r0, r1, k0, k1,
+                                        min(width, self._lanes), xs, ys, keep, out)
+            r0 = r1
+        return out
+
+    def _learn_block(self, fn, n, pos, rank, kslots, counts, r0, r1, k0, k1, width, xs, ys, keep, out):
+        """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one call."""
+        r1 = min(r1, int(counts[k0]))  # the block's first key has the most rows
+        depth = _pow2(r1 - r0)
+        sel = (rank >= r0) & (rank < r1) & (pos >= k0) & (pos < k1)
+        rows = np.flatnonzero(sel)
+        r, p = rank[rows] - r0, pos[rows] - k0
+        seg_slots = np.full(width, self.capacity, np.int64)  # padding: past the end
+        seg_slots[:k1 - k0] = kslots[k0:k1]
+        xb = np.broadcast_to(xs[rows[0]], (depth, width) + xs.shape[1:]).copy()
+        yb = np.broadcast_to(ys[rows[0]], (depth, width) + ys.shape[1:]).copy()
+        mb = np.zeros((depth, width), bool)
+        xb[r, p], yb[r, p], mb[r, p] = xs[rows], ys[rows], True
+        self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb)
+        if keep:
+            seg = jax.tree_util.tree_map(np.asarray, seg)
+            if out is None:
+                out = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[2:], a.dtype), seg)
+            jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[r, p]), out, seg)
+        return out
+
+    def predict(self, keys: Sequence[Hashable], X, *, chunk_size: int = 4096):
+        """The one-step predictive of row ``i`` from ``keys[i]``'s current state (a key not
+        seen yet: from the prior). Nothing is learned."""
+        xs, _ = self._check(X)
+        n = xs.shape[0]
+        slots, known = self._slots(keys, n, add=False)
+        fn = _predict_fn(self.learner)
+        outs = []
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            b = _pow2(stop - start)
+            pad = lambda a: np.concatenate([a, np.repeat(a[:1], b - a.shape[0], axis=0)])  # noqa: E731
+            out = fn(self._hyper, self.stack, self.fresh, pad(slots[start:stop]), pad(known[start:stop]),
+                     pad(xs[start:stop].astype(self._dtype, copy=False)))
+            outs.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:stop - start], out))
+        return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
+
+    def state(self, key):
+        """``key``'s current state (a copy; ``KeyError`` for a key not seen)."""
+        k = _plain(key)
+        if k not in self.slot:
+            raise KeyError(f"no state for key {key!r}: it has not appeared in the rows learned")
+        i = self.slot[k]
+        return jax.tree_util.tree_map(lambda a: jnp.array(a[i], copy=True), self.stack)
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def save(self, path, extra: Optional[dict] = None) -> str:
+        """Writes every key's state and the key set to ``path`` (:mod:`kalnat.checkpoint`'s
+        format, atomically), with JSON-able ``extra`` metadata. Keys must be ``str`` or ``int``
+        to be saved (JSON)."""
+        for i, k in enumerate(self.keys):
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise ValueError(f"Keyed.save: key {k!r} (slot {i}) is a {type(k).__name__}; only str and "
+                                 "int keys can be saved: map the keys to strings or integers first")
+        meta = dict(extra or {}, keyed={"keys": self.keys, "capacity": self.capacity})
+        return checkpoint.save(path, self.stack, extra=meta)
+
+    @classmethod
+    def load(cls, path, learner, params, *, hyper=None) -> "Keyed":
+        """A :class:`Keyed` restored from :meth:`save`'s file, for the same ``learner``,
+        ``params`` (the template of shapes and every new key's start) and ``hyper``."""
+        header = checkpoint.read_header(path)
+        meta = header.get("extra", {}).get("keyed")
+        if not isinstance(meta, dict) or not isinstance(meta.get("keys"), list):
+            raise ValueError(f"{path}: not a keyed learner's checkpoint (no key set in its header)")
+        keys, capacity = meta["keys"], int(meta["capacity"])
+        keyed = cls(learner, params, hyper=hyper, capacity=capacity)
+        if len(set(keys)) != len(keys) or len(keys) > capacity:
+            raise ValueError(f"{path}: damaged key set ({len(keys)} keys, {len(set(keys))} distinct, "
+                             f"capacity {capacity})")
+        keyed.stack = checkpoint.load(path, keyed.stack)
+        keyed.keys = list(keys)
+        keyed.slot = {k: i for i, k in enumerate(keys)}
+        return keyed
+
+
+def _plain(key):
+    """NumPy scalars as Python ones, so ``np.int64(3)`` and ``3`` are one key."""
+    return key.item() if isinstance(key, np.generic) else key

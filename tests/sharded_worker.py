@@ -1,0 +1,63 @@
+"""Run by tests/test_sharded.py in a subprocess: XLA_FLAGS (8 simulated CPU devices) must be set
+before JAX is imported. Prints one JSON line: deviations from one device and the collectives."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+
+import kalnat  # noqa: E402
+from kalnat import sharded  # noqa: E402
+from kalnat.learners.base import device_hyper  # noqa: E402
+
+D, N = 16, 24
+
+
+def rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-300))
+
+
+def main():
+    out = {"devices": len(jax.devices()), "cases": []}
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(N, D - 1))
+    z = X @ rng.normal(size=D - 1)
+    model = kalnat.models.linear(D - 1)
+    cases = [("bernoulli", kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.99),
+              (rng.uniform(size=N) < 1 / (1 + np.exp(-z))).astype(float)),
+             ("gaussian", kalnat.ekf(model, kalnat.families.Gaussian(0.5)), z + rng.normal(size=N))]
+    for name, learner, y in cases:
+        for batch in (1, 2):
+            ref = kalnat.fit(learner, learner.init(model.init(None)), X, y, batch_size=batch)
+            for n in (2, 8):
+                mesh = sharded.mesh(jax.devices()[:n])
+                res = sharded.fit(learner, learner.init(model.init(None)), X, y, mesh, batch_size=batch)
+                p = res.state.cov.p
+                hyper = device_hyper(learner, None, np.float64)
+                state = sharded.shard(learner.init(model.init(None)), mesh)
+                hlo = sharded.step_fn(learner, mesh).lower(hyper, state, X[:batch], y[:batch]).compile().as_text()
+                out["cases"].append({
+                    "family": name, "batch": batch, "n": n,
+                    "theta": max(rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(ref.state.params),
+                                                           jax.tree_util.tree_leaves(res.state.params))),
+                    "P": rel(ref.state.cov.p, p),
+                    "pred": rel(ref.predictions.mean, res.predictions.mean),
+                    "ll": rel(ref.log_likelihood, res.log_likelihood),
+                    "row_sharded": p.sharding.spec == jax.sharding.PartitionSpec(sharded.AXIS, None),
+                    "shards": len(p.addressable_shards),
+                    "shard_shape": list(p.addressable_shards[0].data.shape),
+                    "collectives": sharded.collectives(hlo),
+                })
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

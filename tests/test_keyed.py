@@ -1,0 +1,211 @@
+"""Keyed learners: every key's state and predictions bit-identical (float64) to its filter run
+alone, with keys appearing mid-stream, interleaved rows and capacity growth; exact resume from
+a checkpoint; clear errors for keys that cannot be saved."""
+
+import jax
+import numpy as np
+import pytest
+
+import kalnat
+from kalnat import families as F
+from kalnat.keyed import Keyed, _rounds
+
+P_IN = 3
+MODEL = kalnat.models.linear(P_IN)
+BER, GAU = F.Bernoulli(), F.Gaussian(0.3)
+
+# Built once: each jitted program compiles once for the file. The keyed code path is the same
+# for every learner (only its step differs): a covariance filter, the normal–inverse-gamma
+# filter (another state and family) and a bank stand for all.
+LEARNERS = {
+    "ekf": (kalnat.ekf(MODEL, BER, forgetting=0.99), BER),
+    "nig": (kalnat.nig_filter(MODEL, GAU, forgetting=0.99), GAU),
+    "bank": (kalnat.ekf_bank(MODEL, BER, prior_vars=(0.1, 1.0), forgettings=(1.0, 0.99)), BER),
+}
+
+
+def stream(family, n=90, seed=0):
+    """Rows of five keys of very different frequencies; keys "d", "e" and 7 first appear late."""
+    rng = np.random.default_rng(seed)
+    keys = np.array(rng.choice(["a", "b", "c"], size=n, p=[0.6, 0.3, 0.1]), object)
+    keys[n // 2::7] = "d"
+    keys[2 * n // 3::5] = "e"
+    keys[n - 3] = 7
+    X = rng.normal(size=(n, P_IN))
+    z = X @ np.array([1.0, -2.0, 0.5])
+    Y = (rng.uniform(size=n) < 1 / (1 + np.exp(-z))).astype(float) if family is BER else z + 0.3 * rng.normal(size=n)
+    return list(keys), X, Y
+
+
+def leaves(state):
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(state)]
+
+
+def alone(learner, keys, X, Y, key):
+    """``key``'s rows learned alone with ``learner.update``: (final state, prediction means)."""
+    state = learner.init(MODEL.init(None))
+    means = []
+    for i in (i for i, k in enumerate(keys) if k == key):
+        state, pred = learner.update(state, X[i], Y[i])
+        means.append(np.asarray(pred.mean))
+    return state, np.stack(means)
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_each_key_equals_its_filter_alone(name):
+    learner, family = LEARNERS[name]
+    keys, X, Y = stream(family)
+    keyed = Keyed(learner, MODEL.init(None), capacity=2)
+    if name == "ekf":  # a segment's keys split over calls of two keys each (large states do this)
+        keyed._lanes = 2
+    # ekf: two calls (keys appear in the second), small chunks: segments of many shapes; the
+    # others (a step of their own under the same code) one call of one chunk: fewer compilations
+    cut, chunks = (40, (16, 32)) if name == "ekf" else (0, (90, 90))
+    r1 = keyed.learn(keys[:cut], X[:cut], Y[:cut], chunk_size=chunks[0])
+    r2 = keyed.learn(keys[cut:], X[cut:], Y[cut:], chunk_size=chunks[1])
+    assert len(keyed) == 6 and keyed.capacity == 8  # grown 2 -> 8
+    means = r2.predictions.mean if cut == 0 else np.concatenate([r1.predictions.mean, r2.predictions.mean])
+    lls = r2.log_likelihood if cut == 0 else np.concatenate([r1.log_likelihood, r2.log_likelihood])
+    rows = np.arange(len(keys))
+    for key in sorted(set(keys), key=str):
+        state, ref_means = alone(learner, keys, X, Y, key)
+        for a, b in zip(leaves(state), leaves(keyed.state(key))):
+            assert np.array_equal(a, b), (name, key)
+        assert np.array_equal(means[[k == key for k in keys]], ref_means), (name, key)
+    if name == "ekf":  # and the log-likelihoods are fit's, key by key
+        for key in ("a", "e"):
+            sel = rows[[k == key for k in keys]]
+            res = kalnat.fit(learner, learner.init(MODEL.init(None)), X[sel], Y[sel])
+            assert np.array_equal(lls[sel], res.log_likelihood)
+            assert np.array_equal(means[sel], res.predictions.mean)
+
+
+def test_predict_and_unknown_keys():
+    learner, family = LEARNERS["ekf"]
+    keys, X, Y = stream(family)
+    keyed = Keyed(learner, MODEL.init(None))
+    keyed.learn(keys, X, Y)
+    pred = keyed.predict(["a", "zz", 7], X[:3])
+    ref_a = learner.predict(keyed.state("a"), X[0])
+    fresh = learner.predict(learner.init(MODEL.init(None)), X[1])
+    assert np.array_equal(pred.mean[0], ref_a.mean) and np.array_equal(pred.obs_cov[0], ref_a.obs_cov)
+    assert np.array_equal(pred.mean[1], fresh.mean)
+    assert "zz" not in keyed and 7 in keyed and np.int64(7) in keyed
+    with pytest.raises(KeyError, match="zz"):
+        keyed.state("zz")
+
+
+def test_numpy_keys_and_rounds():
+    # integer keys as a NumPy array (the fast path) are the same keys as Python ints
+    learner, family = LEARNERS["ekf"]
+    _, X, Y = stream(family, n=30)
+    ints = np.random.default_rng(1).integers(0, 4, size=30)
+    a = Keyed(learner, MODEL.init(None))
+    b = Keyed(learner, MODEL.init(None))
+    ra = a.learn(ints, X, Y)
+    rb = b.learn([int(k) for k in ints], X, Y)
+    assert a.keys == b.keys and np.array_equal(ra.predictions.mean, rb.predictions.mean)
+    # rounds: each row's rank among its key's rows, keys ordered by their number of rows
+    pos, rank, kslots, counts = _rounds(np.array([5, 3, 5, 5, 3, 9]))
+    assert kslots.tolist() == [5, 3, 9] and counts.tolist() == [3, 2, 1]
+    assert rank.tolist() == [0, 0, 1, 2, 1, 0] and pos.tolist() == [0, 1, 0, 0, 1, 2]
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    learner, family = LEARNERS["ekf"]
+    keys, X, Y = stream(family, seed=3)
+    cut = 37
+    whole = Keyed(learner, MODEL.init(None), capacity=2)
+    ref = whole.learn(keys, X, Y)
+    first = Keyed(learner, MODEL.init(None), capacity=2)
+    first.learn(keys[:cut], X[:cut], Y[:cut])
+    first.save(tmp_path / "k.npz")
+    resumed = Keyed.load(tmp_path / "k.npz", learner, MODEL.init(None))
+    assert resumed.keys == first.keys and resumed.capacity == first.capacity
+    rest = resumed.learn(keys[cut:], X[cut:], Y[cut:])
+    assert np.array_equal(rest.predictions.mean, ref.predictions.mean[cut:])
+    for key in set(keys):
+        for a, b in zip(leaves(whole.state(key)), leaves(resumed.state(key))):
+            assert np.array_equal(a, b)
+
+
+def test_errors(tmp_path):
+    learner, family = LEARNERS["ekf"]
+    _, X, Y = stream(family, n=4)
+    keyed = Keyed(learner, MODEL.init(None))
+    with pytest.raises(ValueError, match="keys has 3 entries but X has 4 rows"):
+        keyed.learn(["a", "b", "c"], X, Y)
+    with pytest.raises(ValueError, match=r"keys\[1\].*not hashable"):
+        keyed.learn(["a", ["b"], "c", "d"], X, Y)
+    with pytest.raises(ValueError, match="NaN"):
+        keyed.learn(["a"] * 4, np.where(X > 1, np.nan, X), Y)
+    assert len(keyed) == 0  # bad input: nothing learned, no key added
+    keyed.learn([("a", 1), "b", "b", 2], X, Y)
+    with pytest.raises(ValueError, match=r"key \('a', 1\).*tuple.*str and int"):
+        keyed.save(tmp_path / "k.npz")
+    assert not (tmp_path / "k.npz").exists()
+    kalnat.checkpoint.save(tmp_path / "plain.npz", learner.init(MODEL.init(None)))
+    with pytest.raises(ValueError, match="not a keyed learner's checkpoint"):
+        Keyed.load(tmp_path / "plain.npz", learner, MODEL.init(None))
+
+
+# ---- kalnat learn --key ------------------------------------------------------------------------
+
+def _keyed_csv(path, keys, X, y):
+    with open(path, "w") as f:
+        f.write("a,user,b,c,y\n")
+        for k, row, t in zip(keys, X, y):
+            f.write(f"{row[0]:.6g},{k},{row[1]:.6g},{row[2]:.6g},{int(t)}\n")
+    return str(path)
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from kalnat.cli import cli
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+SINGLE = ["--prior-var", "1", "--forget", "1", "--quiet"]  # one EKF per key: quick to compile
+
+
+def test_cli_one_model_per_key(tmp_path):
+    import json
+
+    keys, X, Y = stream(BER, n=80, seed=5)
+    path = _keyed_csv(tmp_path / "d.csv", [str(k) for k in keys], X, Y)
+    res = _cli(["learn", path, "--key", "user", "--out", str(tmp_path / "r"), *SINGLE])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["n_features"] == 3 and m["keyed"]["n_keys"] == 6 and m["rows_seen"] == 80
+    assert m["keyed"]["rows_per_second"] > 0
+    lines = (tmp_path / "r" / "per_key.csv").read_text().splitlines()
+    assert lines[0] == "key,rows_scored,log_loss,accuracy" and len(lines) == 7
+    per = [line.split(",") for line in lines[1:]]
+    assert sum(int(r[1]) for r in per) == 80
+    pooled = sum(int(r[1]) * float(r[2]) for r in per) / 80
+    assert abs(pooled - m["final"]["log_loss"]) < 1e-5  # per_key.csv keeps 6 digits
+    # One key is one stream: the same learner and scaling as the command without --key.
+    one = _keyed_csv(tmp_path / "one.csv", ["u"] * 80, X, Y)
+    res = _cli(["learn", one, "--key", "user", "--out", str(tmp_path / "k1"), *SINGLE])
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "plain.csv", "w") as f:  # the same rows without the key column
+        f.write("a,b,c,y\n" + "".join(f"{r[0]:.6g},{r[1]:.6g},{r[2]:.6g},{int(t)}\n" for r, t in zip(X, Y)))
+    res = _cli(["learn", str(tmp_path / "plain.csv"), "--out", str(tmp_path / "plain"), "--scaling", "running",
+                *SINGLE])
+    assert res.exit_code == 0, res.output
+    a = json.loads((tmp_path / "k1" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert a["keyed"]["n_keys"] == 1 and a["n_features"] == b["n_features"] == 3
+    assert a["final"] == b["final"]
+
+
+def test_cli_key_errors(tmp_path):
+    keys, X, Y = stream(BER, n=10)
+    path = _keyed_csv(tmp_path / "d.csv", [str(k) for k in keys], X, Y)
+    for args, message in ((["--key", "nope"], "no key column 'nope'"),
+                          (["--key", "user", "--batch-size", "2"], "--batch-size must be 1"),
+                          (["--key", "user", "--scaling", "follow"], "--scaling running"),
+                          (["--key", "y"], "also the target")):
+        res = _cli(["learn", path, "--out", str(tmp_path / "r"), *SINGLE, *args])
+        assert res.exit_code != 0 and message in res.output, (args, res.output)

@@ -1,0 +1,49 @@
+"""One model across devices (kalnat.sharded): on 8 simulated CPU devices the filter with P
+row-sharded equals the one-device filter (float64, 1e-12), P stays sharded, and the compiled
+step moves no d × d array between devices (its HLO's collectives are d × m or m × m)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(HERE, "..", "src")] + env.get("PYTHONPATH", "").split(os.pathsep))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_worker.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_equals_one_device(report):
+    assert report["devices"] == 8
+    assert len(report["cases"]) == 8
+    for case in report["cases"]:
+        for what in ("theta", "P", "pred", "ll"):
+            assert case[what] <= 1e-12, (case["family"], case["batch"], case["n"], what, case[what])
+
+
+def test_p_stays_row_sharded(report):
+    for case in report["cases"]:
+        assert case["row_sharded"]
+        assert case["shards"] == case["n"] and case["shard_shape"] == [16 // case["n"], 16]
+
+
+def test_no_d_by_d_array_moves(report):
+    d = 16
+    for case in report["cases"]:
+        ops = case["collectives"]
+        assert any(op == "all-reduce" for op, _ in ops)  # S = H P⁻ Hᵀ + R is summed over devices
+        assert any(op == "all-gather" and [d, case["batch"]] in shapes for op, shapes in ops)  # W (d × m)
+        for op, shapes in ops:
+            for shape in shapes:
+                # at most d × m numbers (m = the minibatch's outputs); P's block is d²/n
+                assert math.prod(shape) <= d * case["batch"], (op, shape, case["n"])
