@@ -1,95 +1,43 @@
 """Keyed learners on Dask (kalnat.dask_keyed): a LocalCluster of 2 worker processes equals the
 one-process run (1e-12, float64), and a worker killed mid-stream is rebuilt from its shard's
-last checkpoint with its rows since then replayed: the same predictions and final states."""
+last checkpoint with its rows since then replayed: the same predictions and final states.
 
+Each scenario runs in a process of its own (tests/dask_scenarios.py), so that the cluster's
+threads and processes never share the test runner's process."""
+
+import importlib.util
 import os
+import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
-distributed = pytest.importorskip("distributed")
-
-from kalnat.dask_keyed import DaskKeyed, shard_of  # noqa: E402
-from kalnat.keyed import Keyed  # noqa: E402
+if importlib.util.find_spec("distributed") is None:
+    pytest.skip("dask.distributed is not installed (the dask extra)", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import keyed_factory  # noqa: E402
 
 
-def batches(n_batches=6, rows=24, seed=0):
-    rng = np.random.default_rng(seed)
-    for b in range(n_batches):
-        keys = rng.choice(["a", "b", "c", "d", "e", "f"], size=rows).tolist()
-        if b >= 2:
-            keys[::5] = [f"late{b}"] * len(keys[::5])  # keys appearing mid-stream
-        X = rng.normal(size=(rows, keyed_factory.P_IN))
-        yield keys, X, (rng.uniform(size=rows) < 1 / (1 + np.exp(-X[:, 0]))).astype(float)
+def _scenario(name, tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(HERE, "..", "src"), HERE, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, os.path.join(HERE, "dask_scenarios.py"), name, str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), (out.stdout[-2000:], out.stderr[-4000:])
 
 
 def test_shards_are_stable():
+    from kalnat.dask_keyed import shard_of
+
     assert shard_of("user-1", 7) == shard_of("user-1", 7) and shard_of(12, 3) in range(3)
     with pytest.raises(ValueError, match="cannot be sharded"):
         shard_of(object(), 2)
 
 
-def test_cluster_equals_one_process_and_survives_a_lost_worker(tmp_path, monkeypatch):
-    # The workers are fresh processes: they import keyed_factory and this kalnat from PYTHONPATH.
-    src = os.path.join(HERE, "..", "src")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, HERE, os.environ.get("PYTHONPATH", "")]))
-    learner, params = keyed_factory.make()
-    alone = Keyed(learner, params)
-    stream = list(batches())
-    expected = [alone.learn(k, X, y) for k, X, y in stream]
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
-        dk = DaskKeyed(client, keyed_factory.make, checkpoint_every=3, checkpoint_dir=str(tmp_path))
-        assert dk.n_shards == 2
-        for b, ((keys, X, y), ref) in enumerate(zip(stream, expected)):
-            if b == 4:  # after the checkpoint of batches 0–2 and one batch more: that one is replayed
-                victim = sorted(client.scheduler_info()["workers"])[0]
-                try:
-                    client.run(os._exit, 1, workers=[victim])
-                except Exception:
-                    pass  # the worker died answering
-            pred, ll = dk.learn(keys, X, y)
-            assert np.allclose(pred.mean, ref.predictions.mean, rtol=1e-12, atol=0), b
-            assert np.allclose(ll, ref.log_likelihood, rtol=1e-12, atol=0), b
-        assert dk.recoveries >= 1
-        states = dk.leaves()
-        assert dk.n_keys() == len(alone) == len(states)
-    for key in alone.keys:
-        for a, b in zip(jax.tree_util.tree_leaves(alone.state(key)), states[key]):
-            np.testing.assert_allclose(b, np.asarray(a), rtol=1e-12, atol=1e-300)
-    assert sorted(os.listdir(tmp_path)) == ["shard_0.npz", "shard_1.npz"]
+def test_cluster_equals_one_process_and_survives_a_lost_worker(tmp_path):
+    _scenario("cluster", tmp_path)
 
 
-def test_command_on_workers(tmp_path, monkeypatch):
+def test_command_on_workers(tmp_path):
     """kalnat learn --key K --workers 2: the same scores as in one process."""
-    import json
-
-    from click.testing import CliRunner
-
-    from kalnat.cli import cli
-
-    src = os.path.join(HERE, "..", "src")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-    rng = np.random.default_rng(2)
-    path = tmp_path / "d.csv"
-    with open(path, "w") as f:
-        f.write("user,a,b,y\n")
-        for _ in range(60):
-            x = rng.normal(size=2)
-            f.write(f"u{rng.integers(0, 5)},{x[0]:.5f},{x[1]:.5f},{int(x[0] + 0.3 * rng.normal() > 0)}\n")
-    common = ["learn", str(path), "--key", "user", "--prior-var", "1", "--forget", "1", "--quiet"]
-    res = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "one")], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "two"), "--workers", "2"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two["keyed"]["dask_shards"] == 2 and two["keyed"]["n_keys"] == one["keyed"]["n_keys"] == 5
-    assert abs(two["final"]["log_loss"] - one["final"]["log_loss"]) <= 1e-12 * one["final"]["log_loss"]
-    assert sorted(os.listdir(tmp_path / "two" / "shards")) == ["shard_0.npz", "shard_1.npz"]
+    _scenario("command", tmp_path)

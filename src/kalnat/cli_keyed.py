@@ -23,7 +23,7 @@ import kalnat
 from kalnat import baselines, datasets
 from kalnat.cli_learn import (
     GAUSSIAN_FIRST_SCORED_ROW, Accumulator, OnlineRunner, _clipped, _target_affine, inference_note,
-    learner_text, resolve_task,
+    metrics_header, resolve_task,
 )
 from kalnat.keyed import Keyed
 
@@ -183,21 +183,10 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
     n_rows, ll, m = scores.table()
     scored = n_rows > 0
     metrics = {
-        "data": source.name,
-        "family": runner.family.name,
-        "classes": runner.classes,
-        "target": source.target_name,
-        "n_features": len(source.feature_names),
-        "n_parameters": runner.n_parameters,
-        "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
-                                               "batch_size", "clip", "seed")},
-        "scaling": runner.scheme,
-        "learner": runner.learner.name,
-        "learner_text": learner_text(runner.learner, cfg),
-        "protocol": ("progressive validation: every row predicted by its key's model before that model "
-                     "learns it, one pass, given order; features standardised with statistics of earlier "
-                     "rows only, pooled over keys"),
-        "rows_seen": rows,
+        **metrics_header(source, runner, cfg,
+                         "progressive validation: every row predicted by its key's model before that model "
+                         "learns it, one pass, given order; features standardised with statistics of earlier "
+                         "rows only, pooled over keys"),
         "rows_skipped": len(skipped),
         "skipped": [{"line": s[0], "column": s[1], "reason": s[2]} for s in skipped[:100]],
         "final": acc.final(),

@@ -687,6 +687,26 @@ def _prediction_table(pred: baselines.Predictions) -> np.ndarray:
     return np.column_stack([pred.mean, np.sqrt(np.maximum(pred.var, 0.0))])
 
 
+def metrics_header(source, runner, cfg: dict, protocol: str) -> dict:
+    """The head of a run's metrics.json: the data, the task, the learner and its settings, the
+    protocol and the rows seen (shared by the one-stream and the keyed runs)."""
+    return {
+        "data": source.name,
+        "family": runner.family.name,
+        "classes": runner.classes,
+        "target": source.target_name,
+        "n_features": len(source.feature_names),
+        "n_parameters": runner.n_parameters,
+        "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
+                                               "batch_size", "clip", "seed")},
+        "scaling": runner.scheme,
+        "learner": runner.learner.name,
+        "learner_text": learner_text(runner.learner, cfg),
+        "protocol": protocol,
+        "rows_seen": runner.rows,
+    }
+
+
 def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                  log=None, predictions=None) -> LearnResult:
     """Learns every chunk of ``source`` in order; returns the runner and the report.
@@ -755,20 +775,9 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                                                                 if skipped else ""))
     rows = runner.rows
     metrics = {
-        "data": source.name,
-        "family": runner.family.name,
-        "classes": runner.classes,
-        "target": source.target_name,
-        "n_features": len(source.feature_names),
-        "n_parameters": runner.n_parameters,
-        "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
-                                               "batch_size", "clip", "seed")},
-        "scaling": runner.scheme,
-        "learner": runner.learner.name,
-        "learner_text": learner_text(runner.learner, cfg),
-        "protocol": ("progressive validation: every row predicted before it is learned, one pass, "
-                     "given order; features standardised with statistics of earlier rows only"),
-        "rows_seen": rows,
+        **metrics_header(source, runner, cfg,
+                         "progressive validation: every row predicted before it is learned, one pass, "
+                         "given order; features standardised with statistics of earlier rows only"),
         "rows_skipped": len(skipped),
         "skipped": [{"line": s[0], "column": s[1], "reason": s[2]} for s in skipped[:100]],
         "final": acc.final(),

@@ -48,7 +48,14 @@ class GroupCovariance(NamedTuple):
 
 
 def _size(part) -> int:
-    return int(part.dense().shape[0])
+    """How many parameters a group's covariance covers, read from its shapes."""
+    if hasattr(part, "ups"):            # LowRankPrecision
+        return int(part.ups.shape[0])
+    if hasattr(part, "g") and hasattr(part, "a"):   # KronCovariance
+        return int(part.g.shape[0] * part.a.shape[0])
+    if hasattr(part, "blocks"):         # BlockCovariance
+        return sum(int(b.shape[0]) for b in part.blocks)
+    return int(jax.tree_util.tree_leaves(part)[0].shape[0])
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,10 @@ class Groups(Representation):
         quads = [rep.quad(p, hg) for rep, p, hg in zip(self.parts, prior.parts, hs)]
         total = sum(quads)
         deltas, auxes, noises = [], [], []
-        for rep, p, hg, qg in zip(self.parts, prior.parts, hs, quads):
-            rg = R + (total - qg)  # the other groups' uncertainty joins the noise
+        for g, (rep, p, hg) in enumerate(zip(self.parts, prior.parts, hs)):
+            # the other groups' uncertainty joins the noise (summed, not total − own: that
+            # difference cancels in float32 when one group carries most of it)
+            rg = R + sum(q for j, q in enumerate(quads) if j != g)
             dg, _, aux = rep.gain(p, hg, rg, e)
             deltas.append(dg)
             auxes.append(aux)
@@ -139,8 +148,10 @@ def last_layer_full(params, rest: Representation) -> Groups:
 def kronecker(params) -> Representation:
     """Kronecker factors for every dense layer (:class:`~kalnat.representations.kron.KronLayer`):
     each bias leaf ``(n,)`` followed by a weight leaf ``(n, m)`` in ``ravel_pytree``'s order (as
-    :func:`kalnat.models.linear` and :func:`kalnat.models.mlp` lay out a layer) is one layer;
-    any other leaf keeps a full covariance of its own."""
+    :func:`kalnat.models.linear` and :func:`kalnat.models.mlp` lay out a layer: ``z = W a + b``
+    with ``W (n_out, n_in)``) is one layer; any other leaf keeps a full covariance of its own.
+    A weight stored ``(n_in, n_out)`` (flax's kernels) would put the factors on the wrong axes:
+    still a valid covariance, but not K-FAC's form."""
     leaves = [tuple(np.shape(a)) for a in jax.tree_util.tree_leaves(params)]
     sizes, parts, i = [], [], 0
     while i < len(leaves):

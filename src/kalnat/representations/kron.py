@@ -10,9 +10,10 @@ the approximation of K-FAC (Martens & Grosse 2015) is the sum of them.
 
 - **Prediction.** ``P/λ`` scales ``G`` (exact). Additive noise ``q I`` becomes
   ``(G + α I) ⊗ (A + β I)`` with ``αβ = q`` split by the factors' mean variances as K-FAC splits
-  its damping: ``≥ P + q I``, never less uncertain than asked. The variance bound scales ``G``
-  by the congruence that caps ``max_j A_jj · G_ii``: every variance within the bound, some
-  below it (a vector bound acts by its smallest entry on the layer).
+  its damping: ``≥ P + q I``, never less uncertain than asked (a vector ``q`` acts by its
+  largest entry on the layer). The variance bound scales ``G`` by the congruence that caps
+  ``max_j A_jj · G_ii``: every variance within the bound, some below it, so the bound is
+  conservative, not tight (a vector bound acts by its smallest entry on the layer).
 - **Gain.** ``δθ = P⁻ Hᵀ S⁻¹ e`` with ``P⁻ vec(M) = vec(G M A)``: the exact gain of this prior.
 - **Posterior.** The precision ``Λ⁻ + Hᵀ R⁻¹ H`` is replaced by its nearest Kronecker product
   (Van Loan & Pitsianis 1993) in the prior's whitened coordinates, where it is
@@ -122,7 +123,7 @@ class KronLayer(Representation):
         g = cov.g / jnp.asarray(lam, cov.g.dtype)
         a = cov.a
         if q is not None:
-            q = jnp.min(jnp.asarray(q, g.dtype))
+            q = jnp.max(jnp.asarray(q, g.dtype))  # a vector q: its largest on the layer (never less)
             pi = jnp.sqrt((jnp.trace(g) / self.n_out) / (jnp.trace(a) / (self.n_in + 1)))
             g = numerics.add_to_diagonal(g, jnp.sqrt(q) * pi)
             a = numerics.add_to_diagonal(a, jnp.sqrt(q) / pi)

@@ -20,9 +20,13 @@ data"). It is positive definite by construction in any precision. Its choices, m
   metric of the prior's diagonal: ``Λ⁻ + Hᵀ R⁻¹ H = υ⁻^{1/2} (I + Ã Ãᵀ) υ⁻^{1/2}`` with
   ``Ã = υ⁻^{-1/2} [W⁻, Hᵀ L_R⁻ᵀ]`` (``d × (k + m)``); the top ``k`` singular directions of
   ``Ã`` stay in ``W`` and the rest's diagonal is added to ``υ``, so the diagonal of ``Λ`` is
-  kept exactly (as LoFi does) and what is dropped is the least informative direction relative
+  kept exactly (as LoFi does; only the floor on ``υ`` below can raise it) and what is dropped is the least informative direction relative
   to each parameter's own scale (invariant to rescaling a parameter, unlike a plain SVD of
   ``[W⁻, Hᵀ L_R⁻ᵀ]``).
+
+Not differentiable in the hyperparameters: the SVDs' derivatives divide by differences of
+singular values, which repeat (all zero at the prior); :func:`kalnat.log_evidence`'s gradient
+needs another representation.
 
 With ``k ≥ d`` nothing is ever dropped and it is the exact EKF (up to a floor on υ, ``√ε Λ_ii``, which
 keeps it from underflowing under forgetting and never binds in a short stream).
@@ -64,8 +68,8 @@ class LowRankPrecision(NamedTuple):
         return LowRankPrior(self.ups, self.w, u, 1.0 / (1.0 + s * s)).dense()
 
     def with_dense(self, P):
-        """The closest form to ``P⁻¹``: its top ``k`` eigen-directions in ``w``, the rest's
-        diagonal in ``ups`` (the re-projection of the update)."""
+        """``P⁻¹`` in this form: its top ``k`` eigen-directions in ``w``, the rest's diagonal in
+        ``ups`` (unweighted, unlike the update's re-projection; for re-expressing a state)."""
         lam = jnp.linalg.inv(jnp.asarray(P, self.ups.dtype))
         lam = 0.5 * (lam + lam.T)
         vals, vecs = jnp.linalg.eigh(lam)
@@ -147,8 +151,8 @@ class LowRank(Representation):
             lq = lam * jnp.asarray(q, ups.dtype) * ups
             dinv = lam / (1.0 + lq)                                              # D⁻¹ (d,)
             us = u * jnp.sqrt(s * s / (1.0 + s * s))[None, :]                    # U σ^{1/2}
-            # N = I − σ^{1/2} Uᵀ λD⁻¹ U σ^{1/2} = diag(1 − σ) + σ^{1/2} Uᵀ diag(ε) U σ^{1/2} with
-            # ε = 1 − λD⁻¹ (UᵀU = I): a sum of positive terms, where I − (…) cancels in
+            # N = I − σ^{1/2} Uᵀ (D⁻¹/λ) U σ^{1/2} = diag(1 − σ) + σ^{1/2} Uᵀ diag(ε) U σ^{1/2}
+            # with ε = 1 − D⁻¹/λ (UᵀU = I): a sum of positive terms, where I − (…) cancels in
             # float32 once s is large (a well-determined direction) and q υ small.
             ue = us * jnp.sqrt(lq / (1.0 + lq))[:, None]
             lower = numerics.cholesky(jnp.diag(1.0 / (1.0 + s * s)) + ue.T @ ue)

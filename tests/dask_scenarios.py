@@ -1,0 +1,106 @@
+"""The Dask scenarios of tests/test_dask.py, run in a process of their own: a LocalCluster's
+scheduler threads and the worker processes stay out of the test runner's process (which
+compiles XLA programs for the rest of the suite). Usage: dask_scenarios.py NAME TMPDIR."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+import distributed  # noqa: E402
+
+
+from kalnat.dask_keyed import DaskKeyed  # noqa: E402
+from kalnat.keyed import Keyed  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import keyed_factory  # noqa: E402
+
+
+def batches(n_batches=6, rows=24, seed=0):
+    rng = np.random.default_rng(seed)
+    for b in range(n_batches):
+        keys = rng.choice(["a", "b", "c", "d", "e", "f"], size=rows).tolist()
+        if b >= 2:
+            keys[::5] = [f"late{b}"] * len(keys[::5])  # keys appearing mid-stream
+        X = rng.normal(size=(rows, keyed_factory.P_IN))
+        yield keys, X, (rng.uniform(size=rows) < 1 / (1 + np.exp(-X[:, 0]))).astype(float)
+
+
+def cluster_scenario(tmp_path, monkeypatch):
+    # The workers are fresh processes: they import keyed_factory and this kalnat from PYTHONPATH.
+    src = os.path.join(HERE, "..", "src")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, HERE, os.environ.get("PYTHONPATH", "")]))
+    learner, params = keyed_factory.make()
+    alone = Keyed(learner, params)
+    stream = list(batches())
+    expected = [alone.learn(k, X, y) for k, X, y in stream]
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
+        dk = DaskKeyed(client, keyed_factory.make, checkpoint_every=3, checkpoint_dir=str(tmp_path))
+        assert dk.n_shards == 2
+        for b, ((keys, X, y), ref) in enumerate(zip(stream, expected)):
+            if b == 4:  # after the checkpoint of batches 0–2 and one batch more: that one is replayed
+                victim = sorted(client.scheduler_info()["workers"])[0]
+                try:
+                    client.run(os._exit, 1, workers=[victim])
+                except Exception:
+                    pass  # the worker died answering
+            pred, ll = dk.learn(keys, X, y)
+            assert np.allclose(pred.mean, ref.predictions.mean, rtol=1e-12, atol=0), b
+            assert np.allclose(ll, ref.log_likelihood, rtol=1e-12, atol=0), b
+        assert dk.recoveries >= 1
+        states = dk.leaves()
+        assert dk.n_keys() == len(alone) == len(states)
+    for key in alone.keys:
+        for a, b in zip(jax.tree_util.tree_leaves(alone.state(key)), states[key]):
+            np.testing.assert_allclose(b, np.asarray(a), rtol=1e-12, atol=1e-300)
+    assert sorted(os.listdir(tmp_path)) == ["shard_0.npz", "shard_1.npz"]
+
+
+def command_scenario(tmp_path, monkeypatch):
+    """kalnat learn --key K --workers 2: the same scores as in one process."""
+    import json
+
+    from click.testing import CliRunner
+
+    from kalnat.cli import cli
+
+    src = os.path.join(HERE, "..", "src")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    rng = np.random.default_rng(2)
+    path = tmp_path / "d.csv"
+    with open(path, "w") as f:
+        f.write("user,a,b,y\n")
+        for _ in range(60):
+            x = rng.normal(size=2)
+            f.write(f"u{rng.integers(0, 5)},{x[0]:.5f},{x[1]:.5f},{int(x[0] + 0.3 * rng.normal() > 0)}\n")
+    common = ["learn", str(path), "--key", "user", "--prior-var", "1", "--forget", "1", "--quiet"]
+    res = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "one")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "two"), "--workers", "2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["keyed"]["dask_shards"] == 2 and two["keyed"]["n_keys"] == one["keyed"]["n_keys"] == 5
+    assert abs(two["final"]["log_loss"] - one["final"]["log_loss"]) <= 1e-12 * one["final"]["log_loss"]
+    assert sorted(os.listdir(tmp_path / "two" / "shards")) == ["shard_0.npz", "shard_1.npz"]
+
+
+class _Env:
+    """monkeypatch.setenv for a plain script."""
+
+    def setenv(self, key, value):
+        os.environ[key] = value
+
+
+if __name__ == "__main__":
+    import pathlib
+
+    name, tmp = sys.argv[1], pathlib.Path(sys.argv[2])
+    {"cluster": cluster_scenario, "command": command_scenario}[name](tmp, _Env())
+    print("OK")
