@@ -23,7 +23,7 @@ import kalnat
 from kalnat import baselines, datasets
 from kalnat.cli_learn import (
     GAUSSIAN_FIRST_SCORED_ROW, Accumulator, OnlineRunner, _clipped, _target_affine, inference_note,
-    metrics_header, resolve_task,
+    resolve_task, run_metrics,
 )
 from kalnat.keyed import Keyed
 
@@ -183,19 +183,10 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
     n_rows, ll, m = scores.table()
     scored = n_rows > 0
     metrics = {
-        **metrics_header(source, runner, cfg,
-                         "progressive validation: every row predicted by its key's model before that model "
-                         "learns it, one pass, given order; features standardised with statistics of earlier "
-                         "rows only, pooled over keys"),
-        "rows_skipped": len(skipped),
-        "skipped": [{"line": s[0], "column": s[1], "reason": s[2]} for s in skipped[:100]],
-        "final": acc.final(),
-        "first_scored_row": acc.first,
-        "seconds_total": t_learn,
-        "seconds_per_row": t_learn / rows,
-        "seconds_per_row_after_first_chunk": ((t_learn - t_first) / (rows - first_rows)
-                                              if rows > first_rows else None),
-        "curve": acc.curve,
+        **run_metrics(source, runner, cfg,
+                      "progressive validation: every row predicted by its key's model before that model "
+                      "learns it, one pass, given order; features standardised with statistics of earlier "
+                      "rows only, pooled over keys", skipped, acc, t_learn, t_first, first_rows),
         "keyed": {
             "key_column": source.key_name,
             "n_keys": len(scores.keys),

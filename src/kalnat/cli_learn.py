@@ -687,9 +687,10 @@ def _prediction_table(pred: baselines.Predictions) -> np.ndarray:
     return np.column_stack([pred.mean, np.sqrt(np.maximum(pred.var, 0.0))])
 
 
-def metrics_header(source, runner, cfg: dict, protocol: str) -> dict:
-    """The head of a run's metrics.json: the data, the task, the learner and its settings, the
-    protocol and the rows seen (shared by the one-stream and the keyed runs)."""
+def run_metrics(source, runner, cfg: dict, protocol: str, skipped, acc, t_learn, t_first, first_rows) -> dict:
+    """A run's metrics.json: the data, the task, the learner and its settings, the protocol, the
+    rows seen and skipped, the scores and the time per row (the one-stream and the keyed runs)."""
+    rows = runner.rows
     return {
         "data": source.name,
         "family": runner.family.name,
@@ -703,7 +704,17 @@ def metrics_header(source, runner, cfg: dict, protocol: str) -> dict:
         "learner": runner.learner.name,
         "learner_text": learner_text(runner.learner, cfg),
         "protocol": protocol,
-        "rows_seen": runner.rows,
+        "rows_seen": rows,
+        "rows_skipped": len(skipped),
+        "skipped": [{"line": s[0], "column": s[1], "reason": s[2]} for s in skipped[:100]],
+        "final": acc.final(),
+        "first_scored_row": acc.first,
+        "seconds_total": t_learn,
+        "seconds_per_row": t_learn / rows,
+        # The first chunk includes compiling the update; later chunks show the running cost.
+        "seconds_per_row_after_first_chunk": ((t_learn - t_first) / (rows - first_rows)
+                                              if rows > first_rows else None),
+        "curve": acc.curve,
     }
 
 
@@ -773,22 +784,10 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
     if runner is None:
         raise datasets.DataError(source.name, "no data rows" + (f" ({len(skipped)} bad rows skipped)"
                                                                 if skipped else ""))
-    rows = runner.rows
-    metrics = {
-        **metrics_header(source, runner, cfg,
-                         "progressive validation: every row predicted before it is learned, one pass, "
-                         "given order; features standardised with statistics of earlier rows only"),
-        "rows_skipped": len(skipped),
-        "skipped": [{"line": s[0], "column": s[1], "reason": s[2]} for s in skipped[:100]],
-        "final": acc.final(),
-        "first_scored_row": acc.first,
-        "seconds_total": t_learn,
-        "seconds_per_row": t_learn / rows,
-        # The first chunk includes compiling the update; later chunks show the running cost.
-        "seconds_per_row_after_first_chunk": ((t_learn - t_first) / (rows - first_rows)
-                                              if rows > first_rows else None),
-        "curve": acc.curve,
-    }
+    metrics = run_metrics(source, runner, cfg,
+                          "progressive validation: every row predicted before it is learned, one pass, "
+                          "given order; features standardised with statistics of earlier rows only",
+                          skipped, acc, t_learn, t_first, first_rows)
     if acc.confusion is not None:
         metrics["confusion"] = acc.confusion.tolist()  # [true class][predicted class], rows scored
     if runner.bank:
