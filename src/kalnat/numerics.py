@@ -8,6 +8,7 @@ inverse, solves against an identity.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 __all__ = [
     "symmetrize", "add_to_diagonal", "downdate", "cholesky", "chol_solve", "whiten", "block_diag", "diagonal_blocks",
     "joseph_update", "spd_inverse", "variance_bound", "precision_bound", "check_covariance",
-    "prior_matrix",
+    "prior_matrix", "all_within",
 ]
 
 # Below this size the m × m factorisations of S = H P Hᵀ + R are unrolled into plain array
@@ -211,3 +212,21 @@ def check_covariance(a, name: str, d: Optional[int], dense: bool = True) -> np.n
     except np.linalg.LinAlgError:
         raise ValueError(f"{name} must be positive definite (Cholesky factorisation failed)") from None
     return a
+
+
+def all_within(a: np.ndarray, top: float = math.inf) -> bool:
+    """Whether every value of the float array ``a`` is finite (and, for a finite ``top``, at most
+    ``top`` in magnitude), tested in one BLAS call: a sum of squares is finite, and at most
+    ``top²``, only if every value is (NaN and inf propagate; squares cannot cancel).
+
+    A sufficient test, for the host's checks of every row: ``True`` is exact, ``False`` may be
+    an overflow of the sum (values near the top of the range) and sends the caller to its
+    elementwise check, which then names the problem or passes. Half of ``top²`` is the bound, so
+    that rounding in the sum cannot let a value just past ``top`` through.
+    """
+    if a.ndim == 0:  # one target: a float compare (strict, so a long double rounded to top is not let through)
+        v = float(a)
+        return math.isfinite(v) and abs(v) < top
+    # (Where top² is beyond float64 the bound is inf: a finite sum of squares then bounds every
+    # value by 1.3e154, below any such top; a long double's sum beyond it converts to inf.)
+    return float(np.vdot(a, a)) < 0.5 * top * top

@@ -227,8 +227,7 @@ class _Features:
 
     # One row goes straight to the learner's jitted step: the row is built and checked here
     # (finite numbers, in the state's range, of the capacity's width), and the public
-    # update/predict would check it again, a bank by slicing every member's state on the host
-    # (about half the time of a row).
+    # update/predict would check it again.
 
     def _learn_one(self, x, y):
         self._check(x)  # before a bad row adds columns

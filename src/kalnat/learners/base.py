@@ -19,6 +19,7 @@ the state passed in is consumed (use the returned one; passing a consumed state 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -210,9 +211,7 @@ class Learner(Boundary):
         x = np.asarray(x)
         if x.dtype.kind not in "biuf":
             raise ValueError(f"x must be numeric, got dtype {x.dtype}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("x contains NaN or inf")
-        check_range(x, self._dtype(state), "x")
+        check_values(x, self._dtype(state), "x")
         if self.input_shape is not None:
             shape = tuple(self.input_shape)
             if x.shape == shape:
@@ -343,12 +342,33 @@ def representable(a, dtype) -> np.ndarray:
         return np.isfinite(a) & (np.abs(a) <= np.finfo(dtype).max)
 
 
+def check_values(a, dtype, name):
+    """``a`` (numeric) finite and within the range of the state's ``dtype``, or a ``ValueError``
+    naming ``name``. One BLAS call when it is (:func:`~kalnat.numerics.all_within`): this runs
+    on every row of ``update``."""
+    if a.dtype.kind == "f" and a.size and not numerics.all_within(a, _top(a.dtype, dtype)):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains NaN or inf")
+        check_range(a, dtype, name)
+
+
 def check_range(a, dtype, name):
     """Finite values that would overflow to inf in the state's dtype (1e39 in float32)."""
-    top = np.finfo(dtype).max
-    if a.dtype.kind == "f" and a.size and np.finfo(a.dtype).max > top and np.abs(a).max() > top:
+    if a.dtype.kind != "f" or not a.size:
+        return
+    top = _top(a.dtype, dtype)
+    if not math.isinf(top) and not numerics.all_within(a, top) and np.abs(a).max() > top:
         raise ValueError(f"{name} has values beyond the range of {np.dtype(dtype).name} "
                          f"(the state's dtype), e.g. {np.abs(a).max():g}")
+
+
+@functools.lru_cache(maxsize=None)
+def _top(src, dtype) -> float:
+    """The largest magnitude an array of float dtype ``src`` may hold for a state of ``dtype``:
+    the state's range where ``src``'s is wider (1e39 is finite in float64, inf in float32), else
+    no bound beyond being finite (``inf``)."""
+    top = np.finfo(dtype).max
+    return float(top) if np.finfo(src).max > top else math.inf
 
 
 def _raw_shapes(family):
