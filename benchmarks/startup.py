@@ -11,10 +11,12 @@ row at a time through ``learner.update`` next to river, side by side on this mac
   floor             JAX's dispatch of a jitted function taking and returning what the update
                     does (hyperparameters, the donated state, the row; the state and a
                     prediction), computing nothing: the least a jitted step costs per call
+  fit               seconds per row of the same rows learned by ``kalnat.fit`` (compiled first)
 
 Per-row times are the fastest pass of 40 rows out of 20 passes (after 20 rows to compile and
 warm up), over ``--repeat`` rounds with kalnat and river alternating, so that other work on the
-machine inflates them less.
+machine inflates them less; NumPy's BLAS runs on one thread there (threadpoolctl), which is
+river's fastest setting at these sizes.
 
 With ``--inline`` every jitted step runs on the calling thread (``JAX_CPU_ENABLE_ASYNC_DISPATCH=0``
 before JAX is imported): by default XLA's CPU client hands a program of more than about 1000
@@ -99,6 +101,24 @@ def per_row_update(d, passes):
     return per_row(one, passes, lambda: jax.block_until_ready(box[0]))
 
 
+def per_row_fit(d, passes, rows=4096):
+    """Seconds per row inside ``kalnat.fit`` (one row per update, the rows scanned in chunks), after
+    a first fit of the same shape has compiled it: what the same rows cost learned together."""
+    import jax
+    import kalnat
+
+    learner, state = _learner(d)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(rows, d - 1)), rng.normal(size=rows)
+    state = jax.block_until_ready(kalnat.fit(learner, state, X, y, return_predictions=False).state)
+    best = float("inf")
+    for _ in range(max(1, passes // 10)):
+        t = time.perf_counter()
+        state = jax.block_until_ready(kalnat.fit(learner, state, X, y, return_predictions=False).state)
+        best = min(best, (time.perf_counter() - t) / rows)
+    return best
+
+
 def per_row_checks(d, passes):
     """The host's checks ``update`` makes of one row before its jitted step."""
     from kalnat.learners.base import check_targets
@@ -145,14 +165,29 @@ def per_row_river(d, passes):
 
 
 def per_row_table(dims, repeat, passes=PASSES):
-    print(f"{'d':>5} {'update µs':>10} {'river µs':>9} {'update/river':>13} {'checks µs':>10} {'floor µs':>9}")
+    try:  # NumPy's BLAS on one thread: river's d × d update per row only waits on more of them
+        from threadpoolctl import threadpool_limits
+        try:
+            import river.linear_model  # noqa: F401  (loads SciPy's BLAS too, before the limit)
+        except ImportError:
+            pass
+        with threadpool_limits(1, user_api="blas"):
+            return _per_row_table(dims, repeat, passes)
+    except ImportError:
+        return _per_row_table(dims, repeat, passes)
+
+
+def _per_row_table(dims, repeat, passes):
+    print(f"{'d':>5} {'update µs':>10} {'river µs':>9} {'update/river':>13} {'checks µs':>10} {'floor µs':>9} "
+          f"{'fit µs':>7} {'fit/river':>10}")
     for d in dims:
-        times = {f: [] for f in (per_row_update, per_row_river, per_row_checks, per_row_floor)}
+        times = {f: [] for f in (per_row_update, per_row_river, per_row_checks, per_row_floor, per_row_fit)}
         for _ in range(repeat):
             for f in times:
                 times[f].append(f(d, passes))
-        a, b, c, f = (min(v) for v in times.values())
-        print(f"{d:5d} {a * 1e6:10.1f} {b * 1e6:9.1f} {a / b:13.2f} {c * 1e6:10.1f} {f * 1e6:9.1f}", flush=True)
+        a, b, c, f, g = (min(v) for v in times.values())
+        print(f"{d:5d} {a * 1e6:10.1f} {b * 1e6:9.1f} {a / b:13.2f} {c * 1e6:10.1f} {f * 1e6:9.1f} "
+              f"{g * 1e6:7.1f} {g / b:10.2f}", flush=True)
 
 
 def main():
