@@ -239,7 +239,11 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
 def check_live(state, name):
     """A state whose buffers were donated to an in-place update cannot be used again."""
     for leaf in jax.tree_util.tree_leaves(state):
-        if isinstance(leaf, jax.Array) and leaf.is_deleted():
+        try:  # (per row of update: a method call is cheaper than an isinstance check of jax.Array)
+            deleted = leaf.is_deleted()
+        except AttributeError:  # a NumPy array or a number: never donated
+            continue
+        if deleted:
             raise ValueError(
                 f"{name}: this state was consumed by an in-place update (update and fit donate the "
                 "state's buffers); continue with the state they returned")
