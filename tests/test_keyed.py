@@ -169,35 +169,87 @@ def _cli(args):
 SINGLE = ["--prior-var", "1", "--forget", "1", "--quiet"]  # one EKF per key: quick to compile
 
 
-def test_cli_one_model_per_key(tmp_path):
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Three reports learned once for the file: six keys (r), one key (k1) and the same rows
+    without the key column (plain); new rows to predict (new.csv, with a key never learned)."""
+    tmp = tmp_path_factory.mktemp("keyed_cli")
+    keys, X, Y = stream(BER, n=80, seed=5)
+    path = _keyed_csv(tmp / "d.csv", [str(k) for k in keys], X, Y)
+    res = _cli(["learn", path, "--key", "user", "--out", str(tmp / "r"), *SINGLE])
+    assert res.exit_code == 0, res.output
+    # One key is one stream: the same learner and scaling as the command without --key.
+    one = _keyed_csv(tmp / "one.csv", ["u"] * 80, X, Y)
+    res = _cli(["learn", one, "--key", "user", "--out", str(tmp / "k1"), *SINGLE])
+    assert res.exit_code == 0, res.output
+    with open(tmp / "plain.csv", "w") as f:  # the same rows without the key column
+        f.write("a,b,c,y\n" + "".join(f"{r[0]:.6g},{r[1]:.6g},{r[2]:.6g},{int(t)}\n" for r, t in zip(X, Y)))
+    res = _cli(["learn", str(tmp / "plain.csv"), "--out", str(tmp / "plain"), "--scaling", "running", *SINGLE])
+    assert res.exit_code == 0, res.output
+    new_keys = ["a", "zz", "d", "b", "zz", "7", "c", "e"]
+    new_X = np.vectorize(lambda v: float(f"{v:.6g}"))(np.random.default_rng(9).normal(size=(8, P_IN)))  # as written
+    _keyed_csv(tmp / "new.csv", new_keys, new_X, np.zeros(len(new_keys)))
+    _keyed_csv(tmp / "new_one.csv", ["u"] * len(new_keys), new_X, np.zeros(len(new_keys)))
+    return tmp, new_keys, new_X
+
+
+def test_cli_one_model_per_key(reports):
     import json
 
-    keys, X, Y = stream(BER, n=80, seed=5)
-    path = _keyed_csv(tmp_path / "d.csv", [str(k) for k in keys], X, Y)
-    res = _cli(["learn", path, "--key", "user", "--out", str(tmp_path / "r"), *SINGLE])
-    assert res.exit_code == 0, res.output
-    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    tmp = reports[0]
+    m = json.loads((tmp / "r" / "metrics.json").read_text())
     assert m["n_features"] == 3 and m["keyed"]["n_keys"] == 6 and m["rows_seen"] == 80
     assert m["keyed"]["rows_per_second"] > 0
-    lines = (tmp_path / "r" / "per_key.csv").read_text().splitlines()
+    lines = (tmp / "r" / "per_key.csv").read_text().splitlines()
     assert lines[0] == "key,rows_scored,log_loss,accuracy" and len(lines) == 7
     per = [line.split(",") for line in lines[1:]]
     assert sum(int(r[1]) for r in per) == 80
     pooled = sum(int(r[1]) * float(r[2]) for r in per) / 80
     assert abs(pooled - m["final"]["log_loss"]) < 1e-5  # per_key.csv keeps 6 digits
-    # One key is one stream: the same learner and scaling as the command without --key.
-    one = _keyed_csv(tmp_path / "one.csv", ["u"] * 80, X, Y)
-    res = _cli(["learn", one, "--key", "user", "--out", str(tmp_path / "k1"), *SINGLE])
-    assert res.exit_code == 0, res.output
-    with open(tmp_path / "plain.csv", "w") as f:  # the same rows without the key column
-        f.write("a,b,c,y\n" + "".join(f"{r[0]:.6g},{r[1]:.6g},{r[2]:.6g},{int(t)}\n" for r, t in zip(X, Y)))
-    res = _cli(["learn", str(tmp_path / "plain.csv"), "--out", str(tmp_path / "plain"), "--scaling", "running",
-                *SINGLE])
-    assert res.exit_code == 0, res.output
-    a = json.loads((tmp_path / "k1" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    a = json.loads((tmp / "k1" / "metrics.json").read_text())
+    b = json.loads((tmp / "plain" / "metrics.json").read_text())
     assert a["keyed"]["n_keys"] == 1 and a["n_features"] == b["n_features"] == 3
     assert a["final"] == b["final"]
+
+
+def test_predict_with_a_keyed_model(reports):
+    """`kalnat predict` on a keyed report: each row by its key's learned state (exactly what
+    the learner's own predict gives from that state; a key never learned: from the prior), and
+    with one key exactly the one-stream model's predictions."""
+    from kalnat.cli_keyed import LoadedKeyedModel
+    from kalnat.cli_learn import LoadedModel
+
+    tmp, new_keys, new_X = reports
+    model = LoadedKeyedModel.load(str(tmp / "r" / "keyed_model.npz"))
+    assert model.key_name == "user" and len(model.keyed) == 6
+    table, seen = model.predict_keyed(np.array(new_keys), new_X)
+    assert seen.tolist() == [k != "zz" for k in new_keys]
+    learner, Z = model.learner, model._scale(new_X)
+    prior = learner.init(model.keyed.params)
+    ref = [learner.predict(model.keyed.state(k) if k != "zz" else prior, z) for k, z in zip(new_keys, Z)]
+    ref = model.table(jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(v) for v in a]), *ref))
+    assert table.shape == (8, 5) and np.array_equal(table, ref)
+    assert not np.array_equal(table[0], table[3])  # keys a and b: states of their own
+    # the command: the key after the line, key_seen last, the unseen rows counted
+    res = _cli(["predict", "--model-dir", str(tmp / "r"), str(tmp / "new.csv")])
+    assert res.exit_code == 0, res.output
+    out = res.stdout.splitlines()
+    assert out[0] == "line,key,predicted,prob_0,prob_1,prob_std_0,prob_std_1,key_seen"
+    assert [r.split(",")[1] for r in out[1:]] == new_keys and [r.split(",")[-1] for r in out[1:]] == \
+        ["0" if k == "zz" else "1" for k in new_keys]
+    assert [r.split(",")[3:-1] for r in out[1:]] == [[f"{v:.6g}" for v in row[1:]] for row in table]
+    assert "2 rows of 1 keys not seen in learning" in res.stderr
+    # one key: the one-stream model's predictions (float64 and the command's text)
+    one = LoadedKeyedModel.load(str(tmp / "k1" / "keyed_model.npz"))
+    plain = LoadedModel.load(str(tmp / "plain" / "model.npz"))
+    t1, seen1 = one.predict_keyed(np.array(["u"] * 8), new_X)
+    np.testing.assert_allclose(t1, plain.predict(new_X), rtol=1e-13, atol=0)
+    a = _cli(["predict", "--model-dir", str(tmp / "k1"), str(tmp / "new_one.csv")]).stdout.splitlines()
+    b = _cli(["predict", "--model-dir", str(tmp / "plain"), str(tmp / "new_one.csv")]).stdout.splitlines()
+    assert [",".join(r.split(",")[:1] + r.split(",")[2:-1]) for r in a] == b
+    # a new CSV without the key column: a located error
+    res = _cli(["predict", "--model-dir", str(tmp / "r"), str(tmp / "plain.csv")])
+    assert res.exit_code != 0 and "no key column 'user'" in res.output
 
 
 def test_cli_key_errors(tmp_path):

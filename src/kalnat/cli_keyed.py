@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 import kalnat
 from kalnat import baselines, datasets
 from kalnat.cli_learn import (
-    GAUSSIAN_FIRST_SCORED_ROW, Accumulator, OnlineRunner, _clipped, _target_affine, inference_note,
-    resolve_task, run_metrics,
+    GAUSSIAN_FIRST_SCORED_ROW, Accumulator, LoadedModel, OnlineRunner, _clipped, _target_affine,
+    inference_note, make_family, resolve_task, run_metrics,
 )
 from kalnat.keyed import Keyed
 
-__all__ = ["KeyedRunner", "learn_keyed", "KeyedScores"]
+__all__ = ["KeyedRunner", "learn_keyed", "KeyedScores", "save_keyed", "LoadedKeyedModel"]
 
 
 class KeyedRunner(OnlineRunner):
@@ -212,3 +212,81 @@ def write_per_key(path, runner: KeyedRunner, scores: KeyedScores):
             n = int(n_rows[i]) if i < n_rows.size else 0
             w.writerow([key, n, f"{ll[i]:.6g}" if n else "", f"{m[i]:.6g}" if n else ""])
     return os.path.basename(path)
+
+
+# ---- the keyed model for `kalnat predict` ----------------------------------------------------
+
+def save_keyed(path, runner: KeyedRunner, source: datasets.Source) -> str:
+    """``keyed_model.npz``: every key's state (:meth:`Keyed.save`) with what
+    :class:`LoadedKeyedModel` needs to predict: the runner's scalers and settings (as
+    ``model.npz`` holds them), the feature names and the key column."""
+    extra = runner.extra()
+    extra.update(feature_names=list(source.feature_names), target=source.target_name, key_column=source.key_name)
+    return runner.keyed.save(path, extra=extra)
+
+
+class LoadedKeyedModel(LoadedModel):
+    """Every key's learner restored from ``keyed_model.npz`` (it predicts, it does not learn).
+
+    A row is predicted by its key's state (:meth:`Keyed.predict`), in the output columns of
+    :class:`~kalnat.cli_learn.LoadedModel` with the key after the line and ``key_seen`` last
+    (0: a key not seen in learning, predicted from the prior every key starts from)."""
+
+    def __init__(self, extra: dict, keyed: Keyed, family):
+        super().__init__(extra, None, keyed.learner, family)
+        self.keyed = keyed
+        self.key_name = extra["key_column"]
+
+    @classmethod
+    def load(cls, path) -> "LoadedKeyedModel":
+        from kalnat import checkpoint
+
+        try:
+            extra = checkpoint.read_header(path)["extra"]
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no keyed model here (run `kalnat learn --key COL --out DIR` first)") from None
+        if extra.get("kalnat_cli") != 1 or "key_column" not in extra:
+            raise ValueError(f"{path}: not a keyed model written by `kalnat learn --key`")
+        classes = extra["classes"]
+        cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
+               "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"],
+               "covariance": extra.get("covariance", "full")}
+        learner, params = shard_factory(cfg, extra["family"], classes, len(extra["feature_names"]))
+        family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
+        return cls(extra, Keyed.load(path, learner, params), family)
+
+    def header(self):
+        head = super().header()
+        return head[:1] + ["key"] + head[1:] + ["key_seen"]
+
+    def predict_keyed(self, keys, X) -> tuple[np.ndarray, np.ndarray]:
+        """``(table (n, columns), seen (n,))`` for raw features ``X (n, p)``, row ``i`` by the
+        state of ``keys[i]``: the table's columns are :class:`LoadedModel`'s (no line, key or
+        ``key_seen``); ``seen`` is false where the key was not learned (the prior's prediction)."""
+        keys = np.asarray(keys)
+        seen = np.fromiter((k in self.keyed for k in keys.tolist()), bool, len(keys))
+        if not len(X):
+            return np.zeros((0, len(self.header()) - 3)), seen
+        return self.table(self.keyed.predict(keys, self._scale(X))), seen
+
+    def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
+        """Writes a CSV of predictions for every row of ``source`` (opened with ``key=``
+        :attr:`key_name`); returns ``(rows, skipped)``; :attr:`unseen_rows` and
+        :attr:`unseen_keys` count the rows and keys predicted from the prior."""
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(self.header())
+        n = skipped = 0
+        self.unseen_rows, unseen = 0, set()
+        for chunk in source.chunks:
+            skipped += len(chunk.skipped)
+            table, seen = self.predict_keyed(chunk.keys, chunk.X)
+            self.unseen_rows += int(np.count_nonzero(~seen))
+            unseen.update(chunk.keys[~seen].tolist())
+            for line, key, row, s in zip(chunk.lines, chunk.keys, table, seen):
+                if self.family.is_classifier:
+                    w.writerow([int(line), key, self.classes[int(row[0])], *(f"{v:.6g}" for v in row[1:]), int(s)])
+                else:
+                    w.writerow([int(line), key, *(f"{v:.6g}" for v in row), int(s)])
+            n += len(table)
+        self.unseen_keys = len(unseen)
+        return n, skipped
