@@ -38,18 +38,23 @@ class KeyedRunner(OnlineRunner):
         if cfg.get("scaling") not in (None, "running"):
             raise ValueError(f"--key standardises features with statistics pooled over keys (--scaling running); "
                              f"--scaling {cfg['scaling']} re-expresses one model's coordinates")
-        if int(cfg.get("batch_size", 1)) != 1:
-            raise ValueError("--key learns each key's rows one at a time: --batch-size must be 1")
         super().__init__(dict(cfg, scaling="running"), family_name, classes, n_features)
         self.keyed = self.dask = None
         if client is None:
             self.keyed = Keyed(self.learner, self.state.params if self.bank is None else
-                               jax.tree_util.tree_map(lambda a: a[0], self.state.members.params))
+                               jax.tree_util.tree_map(lambda a: a[0], self.state.members.params),
+                               batch_size=int(cfg.get("batch_size", 1)))
         else:  # one keyed learner per shard, on the Dask workers (kalnat.dask_keyed)
             from kalnat.dask_keyed import DaskKeyed
 
-            self.dask = DaskKeyed(client, functools.partial(shard_factory, cfg, family_name, classes, n_features))
+            self.dask = DaskKeyed(client, functools.partial(shard_factory, cfg, family_name, classes, n_features),
+                                  batch_size=int(cfg.get("batch_size", 1)))
         self.state = None  # the keys' states live in self.keyed or the shards
+
+    def finish(self):
+        """The end of the stream: each key's rows held in a partial minibatch (``--batch-size``
+        > 1) learned, as :func:`kalnat.fit` learns a stream's last one."""
+        (self.keyed or self.dask).flush()
 
     def step_keyed(self, keys, X, y) -> baselines.Predictions:
         """Predicts then learns the rows ``X (n, p)``, ``y (n,)``, row ``i`` by ``keys[i]``'s
@@ -179,6 +184,9 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
     if runner is None:
         raise datasets.DataError(source.name, "no data rows" + (f" ({len(skipped)} bad rows skipped)"
                                                                 if skipped else ""))
+    t0 = time.perf_counter()
+    runner.finish()
+    t_learn += time.perf_counter() - t0
     rows = runner.rows
     n_rows, ll, m = scores.table()
     scored = n_rows > 0

@@ -45,7 +45,7 @@ class ShardLearner:
     reference or by cloudpickle); ``x64``: float64, set before any array is made.
     """
 
-    def __init__(self, factory: Callable, x64: bool = True):
+    def __init__(self, factory: Callable, x64: bool = True, batch_size: int = 1):
         import jax
 
         if x64:
@@ -53,7 +53,7 @@ class ShardLearner:
         from kalnat.keyed import Keyed
 
         self.learner, self.params = factory()
-        self.keyed = Keyed(self.learner, self.params)
+        self.keyed = Keyed(self.learner, self.params, batch_size=batch_size)
         self.batch = -1  # the last batch learned
 
     def learn(self, batch: int, keys, X, Y):
@@ -64,6 +64,13 @@ class ShardLearner:
         res = self.keyed.learn(list(keys), X, Y)
         self.batch = batch
         return res.predictions, res.log_likelihood
+
+    def flush(self, batch: int):
+        """:meth:`Keyed.flush` (the held rows of partial minibatches learned), as batch ``batch``."""
+        if batch <= self.batch:
+            raise ValueError(f"shard asked to flush as batch {batch} (it has learned up to {self.batch})")
+        self.keyed.flush()
+        self.batch = batch
 
     def snapshot(self) -> tuple[int, bytes]:
         """``(last batch, checkpoint file's bytes)``."""
@@ -107,12 +114,15 @@ class DaskKeyed:
       checkpoint_dir: where the shards' checkpoints are also written (``shard_<i>.npz``).
       retries: how many times a shard is rebuilt for one batch before giving up.
       timeout: seconds a shard may take for one batch before it is taken for lost.
+      batch_size: rows per update of each key (:class:`kalnat.keyed.Keyed`'s); :meth:`flush`
+        learns the partial minibatches held at the end of a stream.
     """
 
     def __init__(self, client, factory: Callable, *, n_shards: Optional[int] = None, checkpoint_every: int = 4,
                  checkpoint_dir: Optional[str] = None, retries: int = 3, x64: bool = True,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, batch_size: int = 1):
         self.client, self.factory, self.x64 = client, factory, x64
+        self.batch_size = int(batch_size)
         self.n_shards = int(n_shards or len(client.scheduler_info()["workers"]))
         if self.n_shards < 1:
             raise ValueError("DaskKeyed: the cluster has no workers")
@@ -128,7 +138,7 @@ class DaskKeyed:
 
     def _new_actor(self, i):
         workers = sorted(self.client.scheduler_info()["workers"])
-        future = self.client.submit(ShardLearner, self.factory, self.x64, actor=True, pure=False,
+        future = self.client.submit(ShardLearner, self.factory, self.x64, self.batch_size, actor=True, pure=False,
                                     workers=[workers[i % len(workers)]], allow_other_workers=True)
         return future.result()
 
@@ -173,6 +183,22 @@ class DaskKeyed:
             jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a), (pred, ll), part)
         return pred, ll
 
+    def flush(self):
+        """Every shard's held rows (``batch_size > 1``) learned, as one more batch (logged and
+        replayed like the others)."""
+        self.batch += 1
+        for i in range(self.n_shards):
+            try:
+                self.actors[i].flush(self.batch).result(timeout=self.timeout)
+            except Exception:  # lost: rebuilt from its checkpoint and log, then flushed
+                self._rebuild(i)
+                self.actors[i].flush(self.batch).result(timeout=self.timeout)
+            self.log[i].append((self.batch, None, None, None))
+
+    def _replay(self, actor, i):
+        for batch, k, x, y in self.log[i]:
+            (actor.flush(batch) if k is None else actor.learn(batch, k, x, y)).result()
+
     def _recover(self, i, part):
         """Shard ``i`` rebuilt from its last checkpoint, its logged batches replayed, and
         ``part`` (this batch's rows) learned."""
@@ -182,8 +208,7 @@ class DaskKeyed:
                 actor = self._new_actor(i)
                 if self.saved[i][1] is not None:
                     actor.restore(self.saved[i][1]).result()
-                for batch, k, x, y in self.log[i]:
-                    actor.learn(batch, k, x, y).result()
+                self._replay(actor, i)
                 result = actor.learn(self.batch, *part).result()
                 self.actors[i] = actor
                 return result
@@ -216,8 +241,7 @@ class DaskKeyed:
         actor = self._new_actor(i)
         if self.saved[i][1] is not None:
             actor.restore(self.saved[i][1]).result()
-        for batch, k, x, y in self.log[i]:
-            actor.learn(batch, k, x, y).result()
+        self._replay(actor, i)
         self.actors[i] = actor
         self.recoveries += 1
 
