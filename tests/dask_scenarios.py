@@ -95,6 +95,51 @@ def command_scenario(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "two" / "shards")) == ["shard_0.npz", "shard_1.npz"]
 
 
+def dataframe_scenario(tmp_path, monkeypatch):
+    """A Dask dataframe of 3 partitions learned on 2 workers (DaskKeyed.learn_dataframe): each
+    key's rows in the dataframe's order, equal to one process learning the rows in order."""
+    import dask.dataframe as dd
+    import pandas as pd
+
+    src = os.path.join(HERE, "..", "src")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, HERE, os.environ.get("PYTHONPATH", "")]))
+    rows = [(k, X, y) for keys, Xb, yb in batches(n_batches=3) for k, X, y in zip(keys, Xb, yb)]
+    keys = [r[0] for r in rows]
+    X = np.stack([r[1] for r in rows])
+    y = np.array([r[2] for r in rows])
+    # the key column between the features, the target first: columns are found by name
+    df = pd.DataFrame({"y": y, "a": X[:, 0], "user": keys, "b": X[:, 1], "c": X[:, 2]})
+    ddf = dd.from_pandas(df, npartitions=3, sort=False)
+    assert ddf.npartitions == 3
+    learner, params = keyed_factory.make()
+    alone = Keyed(learner, params)
+    ref = alone.learn(keys, X, y)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
+        dk = DaskKeyed(client, keyed_factory.make)
+        pred, ll = dk.learn_dataframe(ddf, key="user", target="y", features=["a", "b", "c"])
+        assert dk.batch == 2  # one batch per partition
+        np.testing.assert_allclose(pred.mean, ref.predictions.mean, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(ll, ref.log_likelihood, rtol=1e-12, atol=0)
+        states = dk.leaves()
+        try:
+            dk.learn_dataframe(ddf, key="nope", target="y")
+            raise AssertionError("no error for a missing key column")
+        except ValueError as err:
+            assert "no key column 'nope'" in str(err)
+        bad = dd.from_pandas(df.assign(b=np.where(np.arange(len(df)) == 40, np.nan, df["b"])), npartitions=3,
+                             sort=False)
+        try:
+            dk.learn_dataframe(bad, key="user", target="y", features=["a", "b", "c"])
+            raise AssertionError("no error for a missing value")
+        except ValueError as err:
+            assert "row 40, column 'b'" in str(err), err
+    assert sorted(states) == sorted(alone.keys)
+    for key in alone.keys:
+        for a, b in zip(jax.tree_util.tree_leaves(alone.state(key)), states[key]):
+            np.testing.assert_allclose(b, np.asarray(a), rtol=1e-12, atol=1e-300)
+
+
 class _Env:
     """monkeypatch.setenv for a plain script."""
 
@@ -106,5 +151,5 @@ if __name__ == "__main__":
     import pathlib
 
     name, tmp = sys.argv[1], pathlib.Path(sys.argv[2])
-    {"cluster": cluster_scenario, "command": command_scenario}[name](tmp, _Env())
+    {"cluster": cluster_scenario, "command": command_scenario, "dataframe": dataframe_scenario}[name](tmp, _Env())
     print("OK")

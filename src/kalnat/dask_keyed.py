@@ -3,7 +3,8 @@
 Keys hash to shards (a stable hash: CRC-32 of the key's JSON text); each shard is a Dask actor
 on some worker holding that shard's :class:`kalnat.keyed.Keyed`, which learns its rows in
 order. The driver (:class:`DaskKeyed`) splits each batch of rows by shard, keeping their
-order, and sends every shard its part; the scheduler is Dask's.
+order, and sends every shard its part; the scheduler is Dask's. A Dask dataframe is learned
+partition after partition (:meth:`DaskKeyed.learn_dataframe`).
 
 Fault tolerance: every ``checkpoint_every`` batches each shard's state is checkpointed
 (:meth:`Keyed.save`'s file, sent to the driver as bytes, so no shared file system is needed,
@@ -21,7 +22,7 @@ import json
 import os
 import tempfile
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +37,26 @@ def shard_of(key, n_shards: int) -> int:
     except TypeError:
         raise ValueError(f"key {key!r} ({type(key).__name__}) cannot be sharded: keys must be str or int") from None
     return zlib.crc32(text.encode()) % n_shards
+
+
+def _partition_rows(part, key, target, features, i):
+    """``(keys, X, Y)`` of one pandas partition; a non-numeric or missing value is a
+    ``ValueError`` naming the partition, row and column (nothing of it is learned)."""
+    keys = part[key].tolist()
+    cols = {}
+    for c in list(features) + [target]:
+        try:
+            v = part[c].to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError):
+            raise ValueError(f"learn_dataframe: partition {i}, column {c!r}: not numeric "
+                             f"(dtype {part[c].dtype})") from None
+        bad = np.flatnonzero(~np.isfinite(v))
+        if bad.size:
+            raise ValueError(f"learn_dataframe: partition {i}, row {part.index[bad[0]]!r}, column {c!r}: "
+                             f"missing or non-finite value {v[bad[0]]!r}")
+        cols[c] = v
+    X = np.stack([cols[c] for c in features], axis=1) if len(keys) else np.zeros((0, len(features)))
+    return keys, X, cols[target]
 
 
 class ShardLearner:
@@ -182,6 +203,54 @@ class DaskKeyed:
             rows = parts[i][0]
             jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a), (pred, ll), part)
         return pred, ll
+
+    def learn_dataframe(self, df, key: str, target: str, features: Optional[Sequence[str]] = None,
+                        return_predictions: bool = True):
+        """Learns a Dask (or pandas) dataframe's rows: its partitions in order, each one batch
+        of :meth:`learn`, so every key's rows keep the dataframe's order. A partition is
+        computed on the cluster while the shards learn the one before, and passes through the
+        driver on its way to them.
+
+        Args:
+          df: a ``dask.dataframe.DataFrame`` (or a ``pandas.DataFrame``: one partition).
+          key: the column naming each row's stream (any str or int values).
+          target: the target column.
+          features: the feature columns, in the model's order (default: every other column,
+            in the dataframe's order).
+          return_predictions: keep the predictions.
+
+        Returns ``(predictions, log_likelihoods (n,))`` in the dataframe's row order, as
+        :meth:`learn` gives them for one batch (``None`` without ``return_predictions``).
+        """
+        columns = list(df.columns)
+        for name, what in ((key, "key"), (target, "target")):
+            if name not in columns:
+                raise ValueError(f"learn_dataframe: no {what} column {name!r} (columns: {', '.join(map(str, columns))})")
+        if key == target:
+            raise ValueError(f"learn_dataframe: the key column {key!r} is also the target")
+        features = [c for c in columns if c not in (key, target)] if features is None else list(features)
+        missing = [c for c in features if c not in columns]
+        if missing or not features:
+            raise ValueError(f"learn_dataframe: feature columns missing: {missing}" if missing else
+                             "learn_dataframe: no feature columns besides the key and the target")
+        npart = getattr(df, "npartitions", None)
+        parts = [df] if npart is None else [df.get_partition(i) for i in range(npart)]
+        future = None if npart is None else self.client.compute(parts[0])
+        out = []
+        for i in range(len(parts)):
+            part = parts[i] if future is None else future.result()
+            if future is not None and i + 1 < len(parts):  # the next partition, while this one learns
+                future = self.client.compute(parts[i + 1])
+            keys, X, Y = _partition_rows(part, key, target, features, i)
+            if len(keys):
+                res = self.learn(keys, X, Y)
+                if return_predictions:
+                    out.append(res)
+        if not return_predictions:
+            return None
+        if not out:
+            raise ValueError("learn_dataframe: the dataframe has no rows")
+        return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *out)
 
     def flush(self):
         """Every shard's held rows (``batch_size > 1``) learned, as one more batch (logged and
