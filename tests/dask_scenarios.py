@@ -92,7 +92,25 @@ def command_scenario(tmp_path, monkeypatch):
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["keyed"]["dask_shards"] == 2 and two["keyed"]["n_keys"] == one["keyed"]["n_keys"] == 5
     assert abs(two["final"]["log_loss"] - one["final"]["log_loss"]) <= 1e-12 * one["final"]["log_loss"]
-    assert sorted(os.listdir(tmp_path / "two" / "shards")) == ["shard_0.npz", "shard_1.npz"]
+    assert sorted(os.listdir(tmp_path / "two" / "shards")) == ["model.json", "shard_0.npz", "shard_1.npz"]
+    # kalnat predict reads the shards: each row by its key's state, as from the one-process model
+    new = tmp_path / "new.csv"
+    with open(new, "w") as f:
+        f.write("user,a,b\n" + "".join(f"u{i % 7},{0.3 * i - 1:.2f},{1 - 0.2 * i:.2f}\n" for i in range(14)))
+    outs = [CliRunner().invoke(cli, ["predict", "--model-dir", str(tmp_path / r), str(new)], catch_exceptions=False)
+            for r in ("one", "two")]
+    assert all(o.exit_code == 0 for o in outs), [o.output for o in outs]
+    assert outs[0].stdout == outs[1].stdout and outs[0].stdout.count(",0\n") == 4  # u5 and u6: not learned
+    from kalnat.cli_keyed import LoadedKeyedModel
+
+    one = LoadedKeyedModel.load(str(tmp_path / "one" / "keyed_model.npz"))
+    two = LoadedKeyedModel.load(str(tmp_path / "two" / "shards"))
+    assert len(two.shards) == 2 and sum(len(k) for k in two.shards) == 5
+    keys = np.array([f"u{i % 7}" for i in range(14)])
+    X = np.random.default_rng(3).normal(size=(14, 2))
+    (t1, s1), (t2, s2) = one.predict_keyed(keys, X), two.predict_keyed(keys, X)
+    assert np.array_equal(s1, s2) and s1.sum() == 10
+    np.testing.assert_allclose(t2, t1, rtol=1e-12, atol=0)
 
 
 def dataframe_scenario(tmp_path, monkeypatch):

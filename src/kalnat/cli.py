@@ -294,6 +294,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers=None, scheduler=None):
         if runner.dask is not None:  # the shards' final states, one checkpoint each
             runner.dask.checkpoint_dir = os.path.join(out_dir, "shards")
             runner.dask.checkpoint()
+            cli_keyed.save_shards_header(runner.dask.checkpoint_dir, runner, source)
     finally:
         if client is not None:
             client.close()
@@ -376,8 +377,9 @@ def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
 
 
 def _keyed_model_file(model_dir):
-    """The report's ``keyed_model.npz`` when ``kalnat learn --key`` wrote the folder (its
-    metrics.json names the model; without one, a keyed model alone), else ``None``."""
+    """The report's ``keyed_model.npz`` (or ``shards/``, learned on Dask) when ``kalnat learn
+    --key`` wrote the folder (its metrics.json names the model; without one, a keyed model
+    alone), else ``None``."""
     path = os.path.join(model_dir, "keyed_model.npz")
     try:
         with open(os.path.join(model_dir, "metrics.json")) as f:
@@ -385,9 +387,7 @@ def _keyed_model_file(model_dir):
     except (OSError, ValueError, AttributeError):
         named = None
     if named == "shards/":
-        raise click.ClickException(f"{model_dir}: learned on Dask workers, whose states are in {model_dir}/shards/; "
-                                   "`kalnat predict` reads a model learned in one process (learn without "
-                                   "--workers/--scheduler)")
+        return os.path.join(model_dir, "shards")
     if named == "keyed_model.npz" or (named is None and os.path.exists(path)
                                       and not os.path.exists(os.path.join(model_dir, "model.npz"))):
         return path

@@ -224,36 +224,66 @@ def write_per_key(path, runner: KeyedRunner, scores: KeyedScores):
 
 # ---- the keyed model for `kalnat predict` ----------------------------------------------------
 
+def _model_extra(runner: KeyedRunner, source: datasets.Source) -> dict:
+    extra = runner.extra()
+    extra.update(feature_names=list(source.feature_names), target=source.target_name, key_column=source.key_name)
+    return extra
+
+
 def save_keyed(path, runner: KeyedRunner, source: datasets.Source) -> str:
     """``keyed_model.npz``: every key's state (:meth:`Keyed.save`) with what
     :class:`LoadedKeyedModel` needs to predict: the runner's scalers and settings (as
     ``model.npz`` holds them), the feature names and the key column."""
-    extra = runner.extra()
-    extra.update(feature_names=list(source.feature_names), target=source.target_name, key_column=source.key_name)
-    return runner.keyed.save(path, extra=extra)
+    return runner.keyed.save(path, extra=_model_extra(runner, source))
+
+
+SHARDS_HEADER = "model.json"
+
+
+def save_shards_header(folder, runner: KeyedRunner, source: datasets.Source) -> str:
+    """A Dask run's ``shards/model.json``: what :func:`save_keyed` puts in the header of
+    ``keyed_model.npz``, and the number of shards (``shard_<i>.npz``, their checkpoints)."""
+    import json
+
+    path = os.path.join(folder, SHARDS_HEADER)
+    with open(path, "w") as f:
+        json.dump(dict(_model_extra(runner, source), n_shards=runner.dask.n_shards), f)
+    return path
 
 
 class LoadedKeyedModel(LoadedModel):
-    """Every key's learner restored from ``keyed_model.npz`` (it predicts, it does not learn).
+    """Every key's learner restored from ``keyed_model.npz``, or from a Dask run's ``shards/``
+    folder (it predicts, it does not learn).
 
-    A row is predicted by its key's state (:meth:`Keyed.predict`), in the output columns of
+    A row is predicted by its key's state (:meth:`Keyed.predict`; on the shard
+    :func:`kalnat.dask_keyed.shard_of` names), in the output columns of
     :class:`~kalnat.cli_learn.LoadedModel` with the key after the line and ``key_seen`` last
     (0: a key not seen in learning, predicted from the prior every key starts from)."""
 
-    def __init__(self, extra: dict, keyed: Keyed, family):
-        super().__init__(extra, None, keyed.learner, family)
-        self.keyed = keyed
+    def __init__(self, extra: dict, shards: list, family):
+        super().__init__(extra, None, shards[0].learner, family)
+        self.shards = shards
+        self.keyed = shards[0] if len(shards) == 1 else None
         self.key_name = extra["key_column"]
 
     @classmethod
     def load(cls, path) -> "LoadedKeyedModel":
+        """From ``keyed_model.npz``, or a ``shards/`` folder (its ``model.json`` and
+        ``shard_<i>.npz``)."""
+        import json
+
         from kalnat import checkpoint
 
+        folder = os.path.isdir(path)
         try:
-            extra = checkpoint.read_header(path)["extra"]
-        except FileNotFoundError:
+            if folder:
+                with open(os.path.join(path, SHARDS_HEADER)) as f:
+                    extra = json.load(f)
+            else:
+                extra = checkpoint.read_header(path)["extra"]
+        except (FileNotFoundError, ValueError):
             raise ValueError(f"{path}: no keyed model here (run `kalnat learn --key COL --out DIR` first)") from None
-        if extra.get("kalnat_cli") != 1 or "key_column" not in extra:
+        if not isinstance(extra, dict) or extra.get("kalnat_cli") != 1 or "key_column" not in extra:
             raise ValueError(f"{path}: not a keyed model written by `kalnat learn --key`")
         classes = extra["classes"]
         cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
@@ -261,7 +291,11 @@ class LoadedKeyedModel(LoadedModel):
                "covariance": extra.get("covariance", "full")}
         learner, params = shard_factory(cfg, extra["family"], classes, len(extra["feature_names"]))
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
-        return cls(extra, Keyed.load(path, learner, params), family)
+        files = [os.path.join(path, f"shard_{i}.npz") for i in range(int(extra["n_shards"]))] if folder else [path]
+        for f in files:
+            if not os.path.exists(f):
+                raise ValueError(f"{f}: missing (the shards of a keyed model learned on Dask)")
+        return cls(extra, [Keyed.load(f, learner, params) for f in files], family)
 
     def header(self):
         head = super().header()
@@ -272,10 +306,24 @@ class LoadedKeyedModel(LoadedModel):
         state of ``keys[i]``: the table's columns are :class:`LoadedModel`'s (no line, key or
         ``key_seen``); ``seen`` is false where the key was not learned (the prior's prediction)."""
         keys = np.asarray(keys)
-        seen = np.fromiter((k in self.keyed for k in keys.tolist()), bool, len(keys))
+        if len(self.shards) == 1:
+            shard = np.zeros(len(keys), np.int64)
+        else:
+            from kalnat.dask_keyed import shard_of
+
+            shard = np.fromiter((shard_of(k, len(self.shards)) for k in keys.tolist()), np.int64, len(keys))
+        seen = np.fromiter((k in self.shards[s] for k, s in zip(keys.tolist(), shard)), bool, len(keys))
         if not len(X):
             return np.zeros((0, len(self.header()) - 3)), seen
-        return self.table(self.keyed.predict(keys, self._scale(X))), seen
+        Z, table = self._scale(X), None
+        for i, keyed in enumerate(self.shards):
+            rows = np.flatnonzero(shard == i)
+            if rows.size:
+                part = self.table(keyed.predict(keys[rows], Z[rows]))
+                if table is None:
+                    table = np.zeros((len(keys), part.shape[1]))
+                table[rows] = part
+        return table, seen
 
     def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
         """Writes a CSV of predictions for every row of ``source`` (opened with ``key=``
