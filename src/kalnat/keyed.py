@@ -277,7 +277,8 @@ class Keyed:
         ``keys[i]`` (new keys start from the prior). Each key's rows are learned one at a
         time, in the order given, exactly as ``learner.update`` would (``batch_size`` at a
         time: see :class:`Keyed`); ``chunk_size`` rows are grouped per device call. Returns a
-        :class:`KeyedResult` (``None`` without ``return_predictions``). Input is validated before anything is learned."""
+        :class:`KeyedResult` (``None`` without ``return_predictions``). Input is validated
+        before anything is learned."""
         if int(chunk_size) != chunk_size or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         xs, ys = self._check(X, Y)
@@ -382,7 +383,7 @@ class Keyed:
             r1 = int(n_mb[width // 2]) if width // 2 < n_mb.size else n_rounds
             r1 = max(r1, r0 + 1)
             width = max(2, width)  # two lanes at least (see _learn_chunk)
-            lanes = max(2, self._lanes // B)  # a call's rows, as for B = 1
+            lanes = self._lanes  # a call's states within LANE_BYTES, as for B = 1
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
                 rr1 = min(r1, int(n_mb[k0]))
