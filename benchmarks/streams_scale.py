@@ -17,10 +17,11 @@ One model across devices (:mod:`kalnat.sharded`), in a subprocess on 8 simulated
 (``--xla_force_host_platform_device_count=8``; they share this machine's cores, so the times
 show the partitioned program's overhead, not a speed-up):
 
-  devices     devices P's rows are split over
+  form        full (P row-sharded), diagonal (p split), lowrank:8 (υ and W's rows split)
+  devices     devices the covariance is split over
   ms/step     per-step time of the sharded filter inside a scan (one row per step)
   moved kB    bytes the compiled step moves between devices (its collectives' arrays)
-  P kB        the bytes of P (what gathering it once would move)
+  state kB    the bytes of the covariance (what gathering it once would move)
 
 Across Dask workers (:mod:`kalnat.dask_keyed`, when ``dask[distributed]`` is installed): a
 LocalCluster of 1 and 2 worker processes, keys hashed to one shard per worker, rows per second
@@ -29,6 +30,10 @@ the same batches, everything compiled), checkpoints every 4 batches included.
 
     nice python benchmarks/streams_scale.py [--dims 8 32] [--max-keys 1000000] [--chunk 16384]
     nice python benchmarks/streams_scale.py --sharded-only [--sharded-dims 256 1024]
+    nice python benchmarks/streams_scale.py --minibatch-only
+
+Rows per update (``Keyed(…, batch_size=B)``, ``kalnat learn --key K --batch-size B``): rows
+per second for B = 1, 4, 16 at d = 8, 10³ keys with 64 rows each per pass.
 """
 
 from __future__ import annotations
@@ -85,17 +90,20 @@ def keyed_rate(learner, model, d, n_keys, rows_per_key, chunk):
 
 
 def sharded_table(dims, rows=64):
-    """Per-step time and bytes moved of the sharded filter against the device count."""
-    from kalnat import sharded
+    """Per-step time and bytes moved of the sharded filter against the device count: the full
+    covariance (P row-sharded), the diagonal and the low-rank precision (split by parameter)."""
+    from kalnat import representations, sharded
     from kalnat.learners.base import device_hyper
 
-    print(f"\none model over {len(jax.devices())} simulated devices: logistic EKF, P row-sharded, "
-          f"{rows} rows in one scan")
-    print(f"{'d':>5} {'devices':>7} {'ms/step':>8} {'moved kB':>9} {'P kB':>8}")
+    print(f"\none model over {len(jax.devices())} simulated devices: logistic EKF, covariance split by "
+          f"parameter, {rows} rows in one scan; state kB: the covariance's bytes")
+    print(f"{'form':>10} {'d':>5} {'devices':>7} {'ms/step':>8} {'moved kB':>9} {'state kB':>8}")
     fam = kalnat.families.Bernoulli()
-    for d in dims:
+    forms = [("full", None), ("diagonal", representations.Diagonal()), ("lowrank:8", representations.LowRank(8))]
+    for (form, rep), d in ((f, d) for f in forms for d in dims):
         model = kalnat.models.linear(d - 1)
-        learner = kalnat.ekf(model, fam)
+        learner = kalnat.ekf(model, fam, representation=rep)
+        state_kb = sum(8 * a.size for a in jax.tree_util.tree_leaves(learner.init(model.init(None)).cov)) / 1e3
         _, X, y = data(d, rows, 1)
         for n in (1, 2, 4, 8):
             if n > len(jax.devices()) or d % n:
@@ -112,10 +120,33 @@ def sharded_table(dims, rows=64):
                 times.append(time.perf_counter() - t)
             hyper = device_hyper(learner, None, np.float64)
             state = sharded.shard(learner.init(model.init(None)), mesh)
-            hlo = sharded.step_fn(learner, mesh).lower(hyper, state, X[:1], y[:1]).compile().as_text()
+            hlo = sharded.step_fn(learner, mesh, type(state.cov)).lower(hyper, state, X[:1], y[:1]).compile().as_text()
             moved = sum(8 * math.prod(shape) for _, shapes in sharded.collectives(hlo) for shape in shapes)
-            print(f"{d:>5} {n:>7} {1e3 * min(times) / rows:>8.3f} {moved / 1e3:>9.2f} {8 * d * d / 1e3:>8.0f}",
+            print(f"{form:>10} {d:>5} {n:>7} {1e3 * min(times) / rows:>8.3f} {moved / 1e3:>9.2f} {state_kb:>8.0f}",
                   flush=True)
+
+
+def minibatch_table(d, n_keys, rows_per_key, chunk, sizes=(1, 4, 16)):
+    """Rows per second of Keyed with ``batch_size`` B (each key's rows B per update)."""
+    model = kalnat.models.linear(d - 1)
+    learner = kalnat.ekf(model, kalnat.families.Bernoulli())
+    n = n_keys * rows_per_key
+    keys, X, y = data(d, n, n_keys, seed=2)
+    print(f"\nrows per update of each key: d = {d}, {n_keys} keys, {rows_per_key} rows per key per pass, "
+          f"chunks of {chunk} rows, second pass (flush included)")
+    print(f"{'B':>3} {'keyed r/s':>10} {'ratio to B=1':>12}")
+    first = None
+    for b in sizes:
+        keyed = Keyed(learner, model.init(None), capacity=n_keys, batch_size=b)
+        for timed in (False, True):
+            jax.block_until_ready(keyed.stack)
+            t = time.perf_counter()
+            keyed.learn(keys, X, y, chunk_size=chunk)
+            keyed.flush()
+            jax.block_until_ready(keyed.stack)
+        rate = n / (time.perf_counter() - t)
+        first = first or rate
+        print(f"{b:>3} {rate:>10.0f} {rate / first:>12.2f}", flush=True)
 
 
 def dask_factory(d=8):
@@ -166,9 +197,12 @@ def main():
     ap.add_argument("--sharded-dims", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--no-sharded", action="store_true")
     ap.add_argument("--no-dask", action="store_true")
+    ap.add_argument("--minibatch-only", action="store_true", help="only the table against --batch-size")
     args = ap.parse_args()
     if args.sharded_only:
         return sharded_table(args.sharded_dims)
+    if args.minibatch_only:
+        return minibatch_table(8, 1000, 64, args.chunk)
     fam = kalnat.families.Bernoulli()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float64; logistic EKF per key, "
           f"{args.rows_per_key} rows per key per pass, chunks of {args.chunk} rows")
@@ -186,6 +220,7 @@ def main():
             print(f"{d:>3} {n_keys:>8} {rows:>8} {rate:>10.0f} {1e6 / rate:>8.2f} {loop:>9.0f} "
                   f"{rate / loop:>7.0f}", flush=True)
             n_keys *= 10
+    minibatch_table(8, 1000, 64, args.chunk)
     if not args.no_dask:
         dask_table(args.chunk)
     if not args.no_sharded:  # XLA_FLAGS must be set before JAX starts: a fresh process

@@ -18,6 +18,7 @@ from kalnat import sharded  # noqa: E402
 from kalnat.learners.base import device_hyper  # noqa: E402
 
 D, N = 16, 24
+RANK = 3
 
 
 def rel(a, b):
@@ -56,6 +57,32 @@ def main():
                     "shard_shape": list(p.addressable_shards[0].data.shape),
                     "collectives": sharded.collectives(hlo),
                 })
+    # the structured forms (representations.Diagonal, LowRank): their (d,) and (d, k) leaves
+    # split by parameter, on 8 devices
+    out["structured"] = []
+    y = cases[0][2]
+    for rep in (kalnat.representations.Diagonal(), kalnat.representations.LowRank(rank=RANK)):
+        learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.99, representation=rep)
+        mesh = sharded.mesh(jax.devices())
+        for batch in (1, 2):
+            ref = kalnat.fit(learner, learner.init(model.init(None)), X, y, batch_size=batch)
+            res = sharded.fit(learner, learner.init(model.init(None)), X, y, mesh, batch_size=batch)
+            hyper = device_hyper(learner, None, np.float64)
+            state = sharded.shard(learner.init(model.init(None)), mesh)
+            hlo = sharded.step_fn(learner, mesh, type(state.cov)).lower(hyper, state, X[:batch], y[:batch]) \
+                .compile().as_text()
+            leaves = jax.tree_util.tree_leaves(res.state.cov)
+            out["structured"].append({
+                "form": rep.name, "batch": batch,
+                "theta": max(rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(ref.state.params),
+                                                       jax.tree_util.tree_leaves(res.state.params))),
+                "cov": max(rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(ref.state.cov), leaves)),
+                "pred": rel(ref.predictions.mean, res.predictions.mean),
+                "ll": rel(ref.log_likelihood, res.log_likelihood),
+                "specs": [list(a.sharding.spec) for a in leaves],
+                "shard_shapes": [list(a.addressable_shards[0].data.shape) for a in leaves],
+                "collectives": sharded.collectives(hlo),
+            })
     print(json.dumps(out))
 
 

@@ -41,3 +41,10 @@ def test_cluster_equals_one_process_and_survives_a_lost_worker(tmp_path):
 def test_command_on_workers(tmp_path):
     """kalnat learn --key K --workers 2: the same scores as in one process."""
     _scenario("command", tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pandas") is None or importlib.util.find_spec("pyarrow") is None,
+                    reason="dask.dataframe needs pandas and pyarrow (dask[dataframe])")
+def test_dataframe_partitions_on_workers(tmp_path):
+    """DaskKeyed.learn_dataframe: a Dask dataframe's partitions in order, equal to one process."""
+    _scenario("dataframe", tmp_path)

@@ -149,6 +149,49 @@ def test_errors(tmp_path):
         Keyed.load(tmp_path / "plain.npz", learner, MODEL.init(None))
 
 
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_minibatches_per_key_equal_fit_on_each_keys_rows(name, tmp_path):
+    """batch_size = 3: each key's consecutive rows three at a time, across calls and chunks
+    (a key's partial minibatch held until its next rows complete it, or flush()), equals
+    kalnat.fit(batch_size=3) on the key's rows alone: states and predictions bit for bit."""
+    B = 3
+    learner, family = LEARNERS[name]
+    keys, X, Y = stream(family)
+    keyed = Keyed(learner, MODEL.init(None), capacity=2, batch_size=B)
+    # ekf: several calls and small chunks (minibatches completed across them), a segment's keys
+    # split over calls of two keys each, and a save with rows held, resumed from the file; the
+    # others: one call
+    cuts, chunk = ((0, 17, 41, 90), 13) if name == "ekf" else ((0, 90), 90)
+    if name == "ekf":
+        keyed._lanes = 2
+    results = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        results.append(keyed.learn(keys[a:b], X[a:b], Y[a:b], chunk_size=chunk))
+        if name == "ekf" and a == 17:
+            assert keyed.pending  # rows held: the file keeps them
+            keyed.save(tmp_path / "k.npz")
+            held = {s: (x.copy(), y.copy()) for s, (x, y) in keyed.pending.items()}
+            keyed = Keyed.load(tmp_path / "k.npz", learner, MODEL.init(None))
+            keyed._lanes = 2
+            assert keyed.batch_size == B and sorted(keyed.pending) == sorted(held)
+            assert all(np.array_equal(keyed.pending[s][0], held[s][0]) for s in held)
+    keyed.flush()
+    assert not keyed.pending
+    means = np.concatenate([r.predictions.mean for r in results])
+    lls = np.concatenate([r.log_likelihood for r in results])
+    for key in sorted(set(keys), key=str):
+        sel = np.array([k == key for k in keys])
+        # one scan shape for every key (fixed_chunk): one compilation
+        res = kalnat.fit(learner, learner.init(MODEL.init(None)), X[sel], Y[sel], batch_size=B,
+                         chunk_size=16, fixed_chunk=True)
+        for a, b in zip(leaves(res.state), leaves(keyed.state(key))):
+            assert np.array_equal(a, b), (name, key)
+        assert np.array_equal(means[sel], res.predictions.mean), (name, key)
+        # the normal–inverse-gamma log-likelihood (its log-gamma terms) rounds differently in
+        # its last bit under vmap: 2e-16 apart, as with one row per update
+        np.testing.assert_allclose(lls[sel], res.log_likelihood, rtol=0, atol=1e-15 if name == "nig" else 0)
+
+
 # ---- kalnat learn --key ------------------------------------------------------------------------
 
 def _keyed_csv(path, keys, X, y):
@@ -169,42 +212,123 @@ def _cli(args):
 SINGLE = ["--prior-var", "1", "--forget", "1", "--quiet"]  # one EKF per key: quick to compile
 
 
-def test_cli_one_model_per_key(tmp_path):
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Three reports learned once for the file: six keys (r), one key (k1) and the same rows
+    without the key column (plain); new rows to predict (new.csv, with a key never learned)."""
+    tmp = tmp_path_factory.mktemp("keyed_cli")
+    keys, X, Y = stream(BER, n=80, seed=5)
+    path = _keyed_csv(tmp / "d.csv", [str(k) for k in keys], X, Y)
+    res = _cli(["learn", path, "--key", "user", "--out", str(tmp / "r"), *SINGLE])
+    assert res.exit_code == 0, res.output
+    # One key is one stream: the same learner and scaling as the command without --key.
+    one = _keyed_csv(tmp / "one.csv", ["u"] * 80, X, Y)
+    res = _cli(["learn", one, "--key", "user", "--out", str(tmp / "k1"), *SINGLE])
+    assert res.exit_code == 0, res.output
+    with open(tmp / "plain.csv", "w") as f:  # the same rows without the key column
+        f.write("a,b,c,y\n" + "".join(f"{r[0]:.6g},{r[1]:.6g},{r[2]:.6g},{int(t)}\n" for r, t in zip(X, Y)))
+    res = _cli(["learn", str(tmp / "plain.csv"), "--out", str(tmp / "plain"), "--scaling", "running", *SINGLE])
+    assert res.exit_code == 0, res.output
+    new_keys = ["a", "zz", "d", "b", "zz", "7", "c", "e"]
+    new_X = np.vectorize(lambda v: float(f"{v:.6g}"))(np.random.default_rng(9).normal(size=(8, P_IN)))  # as written
+    _keyed_csv(tmp / "new.csv", new_keys, new_X, np.zeros(len(new_keys)))
+    _keyed_csv(tmp / "new_one.csv", ["u"] * len(new_keys), new_X, np.zeros(len(new_keys)))
+    return tmp, new_keys, new_X
+
+
+def test_cli_one_model_per_key(reports):
     import json
 
-    keys, X, Y = stream(BER, n=80, seed=5)
-    path = _keyed_csv(tmp_path / "d.csv", [str(k) for k in keys], X, Y)
-    res = _cli(["learn", path, "--key", "user", "--out", str(tmp_path / "r"), *SINGLE])
-    assert res.exit_code == 0, res.output
-    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    tmp = reports[0]
+    m = json.loads((tmp / "r" / "metrics.json").read_text())
     assert m["n_features"] == 3 and m["keyed"]["n_keys"] == 6 and m["rows_seen"] == 80
     assert m["keyed"]["rows_per_second"] > 0
-    lines = (tmp_path / "r" / "per_key.csv").read_text().splitlines()
+    lines = (tmp / "r" / "per_key.csv").read_text().splitlines()
     assert lines[0] == "key,rows_scored,log_loss,accuracy" and len(lines) == 7
     per = [line.split(",") for line in lines[1:]]
     assert sum(int(r[1]) for r in per) == 80
     pooled = sum(int(r[1]) * float(r[2]) for r in per) / 80
     assert abs(pooled - m["final"]["log_loss"]) < 1e-5  # per_key.csv keeps 6 digits
-    # One key is one stream: the same learner and scaling as the command without --key.
-    one = _keyed_csv(tmp_path / "one.csv", ["u"] * 80, X, Y)
-    res = _cli(["learn", one, "--key", "user", "--out", str(tmp_path / "k1"), *SINGLE])
-    assert res.exit_code == 0, res.output
-    with open(tmp_path / "plain.csv", "w") as f:  # the same rows without the key column
-        f.write("a,b,c,y\n" + "".join(f"{r[0]:.6g},{r[1]:.6g},{r[2]:.6g},{int(t)}\n" for r, t in zip(X, Y)))
-    res = _cli(["learn", str(tmp_path / "plain.csv"), "--out", str(tmp_path / "plain"), "--scaling", "running",
-                *SINGLE])
-    assert res.exit_code == 0, res.output
-    a = json.loads((tmp_path / "k1" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    a = json.loads((tmp / "k1" / "metrics.json").read_text())
+    b = json.loads((tmp / "plain" / "metrics.json").read_text())
     assert a["keyed"]["n_keys"] == 1 and a["n_features"] == b["n_features"] == 3
     assert a["final"] == b["final"]
+
+
+def test_predict_with_a_keyed_model(reports):
+    """`kalnat predict` on a keyed report: each row by its key's learned state (exactly what
+    the learner's own predict gives from that state; a key never learned: from the prior), and
+    with one key exactly the one-stream model's predictions."""
+    from kalnat.cli_keyed import LoadedKeyedModel
+    from kalnat.cli_learn import LoadedModel
+
+    tmp, new_keys, new_X = reports
+    model = LoadedKeyedModel.load(str(tmp / "r" / "keyed_model.npz"))
+    assert model.key_name == "user" and len(model.keyed) == 6
+    table, seen = model.predict_keyed(np.array(new_keys), new_X)
+    assert seen.tolist() == [k != "zz" for k in new_keys]
+    learner, Z = model.learner, model._scale(new_X)
+    prior = learner.init(model.keyed.params)
+    ref = [learner.predict(model.keyed.state(k) if k != "zz" else prior, z) for k, z in zip(new_keys, Z)]
+    ref = model.table(jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(v) for v in a]), *ref))
+    assert table.shape == (8, 5) and np.array_equal(table, ref)
+    assert not np.array_equal(table[0], table[3])  # keys a and b: states of their own
+    # the command: the key after the line, key_seen last, the unseen rows counted
+    res = _cli(["predict", "--model-dir", str(tmp / "r"), str(tmp / "new.csv")])
+    assert res.exit_code == 0, res.output
+    out = res.stdout.splitlines()
+    assert out[0] == "line,key,predicted,prob_0,prob_1,prob_std_0,prob_std_1,key_seen"
+    assert [r.split(",")[1] for r in out[1:]] == new_keys and [r.split(",")[-1] for r in out[1:]] == \
+        ["0" if k == "zz" else "1" for k in new_keys]
+    assert [r.split(",")[3:-1] for r in out[1:]] == [[f"{v:.6g}" for v in row[1:]] for row in table]
+    assert "2 rows of 1 keys not seen in learning" in res.stderr
+    # one key: the one-stream model's predictions (float64 and the command's text)
+    one = LoadedKeyedModel.load(str(tmp / "k1" / "keyed_model.npz"))
+    plain = LoadedModel.load(str(tmp / "plain" / "model.npz"))
+    t1, seen1 = one.predict_keyed(np.array(["u"] * 8), new_X)
+    np.testing.assert_allclose(t1, plain.predict(new_X), rtol=1e-13, atol=0)
+    a = _cli(["predict", "--model-dir", str(tmp / "k1"), str(tmp / "new_one.csv")]).stdout.splitlines()
+    b = _cli(["predict", "--model-dir", str(tmp / "plain"), str(tmp / "new_one.csv")]).stdout.splitlines()
+    assert [",".join(r.split(",")[:1] + r.split(",")[2:-1]) for r in a] == b
+    # a new CSV without the key column: a located error
+    res = _cli(["predict", "--model-dir", str(tmp / "r"), str(tmp / "plain.csv")])
+    assert res.exit_code != 0 and "no key column 'user'" in res.output
+
+
+def test_cli_key_with_batch_size(reports):
+    """--key with --batch-size 3: each key's rows three at a time across the CSV's chunks (7
+    rows: minibatches straddle them; 80 rows: the last one partial, learned at the end); with
+    one key, the one-stream command's minibatches (one chunk): the same scores and state."""
+    import json
+
+    from kalnat.cli_keyed import LoadedKeyedModel
+    from kalnat.cli_learn import LoadedModel
+
+    tmp = reports[0]
+    B = ["--batch-size", "3"]
+    res = _cli(["learn", str(tmp / "one.csv"), "--key", "user", "--out", str(tmp / "kb"), "--chunk-rows", "7",
+                *B, *SINGLE])
+    assert res.exit_code == 0, res.output
+    res = _cli(["learn", str(tmp / "plain.csv"), "--out", str(tmp / "pb"), "--scaling", "running", *B, *SINGLE])
+    assert res.exit_code == 0, res.output
+    a = json.loads((tmp / "kb" / "metrics.json").read_text())
+    b = json.loads((tmp / "pb" / "metrics.json").read_text())
+    assert a["settings"]["batch_size"] == 3 and a["rows_seen"] == 80
+    for k in ("log_loss", "accuracy"):
+        assert abs(a["final"][k] - b["final"][k]) <= 1e-12 * abs(b["final"][k]), k
+    one = LoadedKeyedModel.load(str(tmp / "kb" / "keyed_model.npz")).keyed.state("u")
+    plain = LoadedModel.load(str(tmp / "pb" / "model.npz")).state
+    for x, y in zip(leaves(one), leaves(plain)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-15)
+    # and not the one-row filter's
+    k1 = LoadedKeyedModel.load(str(tmp / "k1" / "keyed_model.npz")).keyed.state("u")
+    assert not np.allclose(leaves(k1)[0], leaves(one)[0])
 
 
 def test_cli_key_errors(tmp_path):
     keys, X, Y = stream(BER, n=10)
     path = _keyed_csv(tmp_path / "d.csv", [str(k) for k in keys], X, Y)
     for args, message in ((["--key", "nope"], "no key column 'nope'"),
-                          (["--key", "user", "--batch-size", "2"], "--batch-size must be 1"),
                           (["--key", "user", "--scaling", "follow"], "--scaling running"),
                           (["--key", "y"], "also the target")):
         res = _cli(["learn", path, "--out", str(tmp_path / "r"), *SINGLE, *args])

@@ -47,3 +47,24 @@ def test_no_d_by_d_array_moves(report):
             for shape in shapes:
                 # at most d × m numbers (m = the minibatch's outputs); P's block is d²/n
                 assert math.prod(shape) <= d * case["batch"], (op, shape, case["n"])
+
+
+def test_structured_forms_shard_by_parameter(report):
+    """Diagonal (p (d,)) and LowRank (υ (d,), W (d, k)): every leaf split by parameter over the
+    8 devices, equal to one device (1e-12), and nothing larger than d × (k + m) moves."""
+    d, k = 16, 3
+    assert [(c["form"], c["batch"]) for c in report["structured"]] == [
+        ("diagonal", 1), ("diagonal", 2), ("lowrank", 1), ("lowrank", 2)]
+    for case in report["structured"]:
+        for what in ("theta", "cov", "pred", "ll"):
+            assert case[what] <= 1e-12, (case["form"], case["batch"], what, case[what])
+        shapes = {"diagonal": [[d // 8]], "lowrank": [[d // 8], [d // 8, k]]}[case["form"]]
+        assert case["shard_shapes"] == shapes and all(spec[0] == "rows" for spec in case["specs"])
+        m = case["batch"]
+        ops = case["collectives"]
+        assert any(op == "all-reduce" for op, _ in ops)
+        if case["form"] == "lowrank":  # the re-projection's SVD takes [W⁻, Hᵀ L_R⁻ᵀ] in full
+            assert any(op == "all-gather" and [d, k + m] in shapes for op, shapes in ops)
+        for op, shapes in ops:
+            for shape in shapes:
+                assert math.prod(shape) <= d * ((k if case["form"] == "lowrank" else 0) + m), (case["form"], op, shape)

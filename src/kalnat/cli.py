@@ -294,6 +294,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers=None, scheduler=None):
         if runner.dask is not None:  # the shards' final states, one checkpoint each
             runner.dask.checkpoint_dir = os.path.join(out_dir, "shards")
             runner.dask.checkpoint()
+            cli_keyed.save_shards_header(runner.dask.checkpoint_dir, runner, source)
     finally:
         if client is not None:
             client.close()
@@ -308,8 +309,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers=None, scheduler=None):
     cli_keyed.write_per_key(os.path.join(out_dir, "per_key.csv"), runner, scores)
     model_file = "keyed_model.npz" if runner.dask is None else "shards/"
     if runner.dask is None:
-        runner.keyed.save(os.path.join(out_dir, model_file),
-                          extra={"feature_names": list(source.feature_names), "target": source.target_name})
+        cli_keyed.save_keyed(os.path.join(out_dir, model_file), runner, source)
     metrics["files"] = {"model": model_file, "per_key": "per_key.csv",
                         "plots": [os.path.basename(p) for p in pngs]}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -352,18 +352,46 @@ def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
     from kalnat import cli_learn as run
 
     _jax()
-    model = run.LoadedModel.load(os.path.join(model_dir, "model.npz"))
+    keyed = _keyed_model_file(model_dir)
+    if keyed:
+        from kalnat.cli_keyed import LoadedKeyedModel
+
+        model = LoadedKeyedModel.load(keyed)
+    else:
+        model = run.LoadedModel.load(os.path.join(model_dir, "model.npz"))
     kw = dict(chunk_rows=chunk_rows, skip_bad_rows=skip_bad_rows, delimiter=delimiter)
-    source = _open(data, kw, require_target=False, feature_names=model.feature_names)
+    source = _open(data, kw, require_target=False, feature_names=model.feature_names,
+                   **({"key": model.key_name} if keyed else {}))
     out = sys.stdout if out_file == "-" else open(out_file, "w", newline="")
     try:
         n, skipped = model.predict_csv(source, out)
     finally:
         if out is not sys.stdout:
             out.close()
+    if keyed and model.unseen_rows:
+        click.echo(f"{model.unseen_rows} rows of {model.unseen_keys} keys not seen in learning: predicted "
+                   "from the prior (key_seen = 0)", err=True)
     if out_file != "-":
         click.echo(f"{n} predictions written to {out_file}" +
                    (f" ({skipped} rows skipped)" if skipped else ""), err=True)
+
+
+def _keyed_model_file(model_dir):
+    """The report's ``keyed_model.npz`` (or ``shards/``, learned on Dask) when ``kalnat learn
+    --key`` wrote the folder (its metrics.json names the model; without one, a keyed model
+    alone), else ``None``."""
+    path = os.path.join(model_dir, "keyed_model.npz")
+    try:
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            named = json.load(f).get("files", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named == "shards/":
+        return os.path.join(model_dir, "shards")
+    if named == "keyed_model.npz" or (named is None and os.path.exists(path)
+                                      and not os.path.exists(os.path.join(model_dir, "model.npz"))):
+        return path
+    return None
 
 
 # ---- datasets ---------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 import kalnat
 from kalnat import baselines, datasets
 from kalnat.cli_learn import (
-    GAUSSIAN_FIRST_SCORED_ROW, Accumulator, OnlineRunner, _clipped, _target_affine, inference_note,
-    resolve_task, run_metrics,
+    GAUSSIAN_FIRST_SCORED_ROW, Accumulator, LoadedModel, OnlineRunner, _clipped, _target_affine,
+    inference_note, make_family, resolve_task, run_metrics,
 )
 from kalnat.keyed import Keyed
 
-__all__ = ["KeyedRunner", "learn_keyed", "KeyedScores"]
+__all__ = ["KeyedRunner", "learn_keyed", "KeyedScores", "save_keyed", "LoadedKeyedModel"]
 
 
 class KeyedRunner(OnlineRunner):
@@ -38,18 +38,23 @@ class KeyedRunner(OnlineRunner):
         if cfg.get("scaling") not in (None, "running"):
             raise ValueError(f"--key standardises features with statistics pooled over keys (--scaling running); "
                              f"--scaling {cfg['scaling']} re-expresses one model's coordinates")
-        if int(cfg.get("batch_size", 1)) != 1:
-            raise ValueError("--key learns each key's rows one at a time: --batch-size must be 1")
         super().__init__(dict(cfg, scaling="running"), family_name, classes, n_features)
         self.keyed = self.dask = None
         if client is None:
             self.keyed = Keyed(self.learner, self.state.params if self.bank is None else
-                               jax.tree_util.tree_map(lambda a: a[0], self.state.members.params))
+                               jax.tree_util.tree_map(lambda a: a[0], self.state.members.params),
+                               batch_size=int(cfg.get("batch_size", 1)))
         else:  # one keyed learner per shard, on the Dask workers (kalnat.dask_keyed)
             from kalnat.dask_keyed import DaskKeyed
 
-            self.dask = DaskKeyed(client, functools.partial(shard_factory, cfg, family_name, classes, n_features))
+            self.dask = DaskKeyed(client, functools.partial(shard_factory, cfg, family_name, classes, n_features),
+                                  batch_size=int(cfg.get("batch_size", 1)))
         self.state = None  # the keys' states live in self.keyed or the shards
+
+    def finish(self):
+        """The end of the stream: each key's rows held in a partial minibatch (``--batch-size``
+        > 1) learned, as :func:`kalnat.fit` learns a stream's last one."""
+        (self.keyed or self.dask).flush()
 
     def step_keyed(self, keys, X, y) -> baselines.Predictions:
         """Predicts then learns the rows ``X (n, p)``, ``y (n,)``, row ``i`` by ``keys[i]``'s
@@ -179,6 +184,9 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
     if runner is None:
         raise datasets.DataError(source.name, "no data rows" + (f" ({len(skipped)} bad rows skipped)"
                                                                 if skipped else ""))
+    t0 = time.perf_counter()
+    runner.finish()
+    t_learn += time.perf_counter() - t0
     rows = runner.rows
     n_rows, ll, m = scores.table()
     scored = n_rows > 0
@@ -212,3 +220,129 @@ def write_per_key(path, runner: KeyedRunner, scores: KeyedScores):
             n = int(n_rows[i]) if i < n_rows.size else 0
             w.writerow([key, n, f"{ll[i]:.6g}" if n else "", f"{m[i]:.6g}" if n else ""])
     return os.path.basename(path)
+
+
+# ---- the keyed model for `kalnat predict` ----------------------------------------------------
+
+def _model_extra(runner: KeyedRunner, source: datasets.Source) -> dict:
+    extra = runner.extra()
+    extra.update(feature_names=list(source.feature_names), target=source.target_name, key_column=source.key_name)
+    return extra
+
+
+def save_keyed(path, runner: KeyedRunner, source: datasets.Source) -> str:
+    """``keyed_model.npz``: every key's state (:meth:`Keyed.save`) with what
+    :class:`LoadedKeyedModel` needs to predict: the runner's scalers and settings (as
+    ``model.npz`` holds them), the feature names and the key column."""
+    return runner.keyed.save(path, extra=_model_extra(runner, source))
+
+
+SHARDS_HEADER = "model.json"
+
+
+def save_shards_header(folder, runner: KeyedRunner, source: datasets.Source) -> str:
+    """A Dask run's ``shards/model.json``: what :func:`save_keyed` puts in the header of
+    ``keyed_model.npz``, and the number of shards (``shard_<i>.npz``, their checkpoints)."""
+    import json
+
+    path = os.path.join(folder, SHARDS_HEADER)
+    with open(path, "w") as f:
+        json.dump(dict(_model_extra(runner, source), n_shards=runner.dask.n_shards), f)
+    return path
+
+
+class LoadedKeyedModel(LoadedModel):
+    """Every key's learner restored from ``keyed_model.npz``, or from a Dask run's ``shards/``
+    folder (it predicts, it does not learn).
+
+    A row is predicted by its key's state (:meth:`Keyed.predict`; on the shard
+    :func:`kalnat.dask_keyed.shard_of` names), in the output columns of
+    :class:`~kalnat.cli_learn.LoadedModel` with the key after the line and ``key_seen`` last
+    (0: a key not seen in learning, predicted from the prior every key starts from)."""
+
+    def __init__(self, extra: dict, shards: list, family):
+        super().__init__(extra, None, shards[0].learner, family)
+        self.shards = shards
+        self.keyed = shards[0] if len(shards) == 1 else None
+        self.key_name = extra["key_column"]
+
+    @classmethod
+    def load(cls, path) -> "LoadedKeyedModel":
+        """From ``keyed_model.npz``, or a ``shards/`` folder (its ``model.json`` and
+        ``shard_<i>.npz``)."""
+        import json
+
+        from kalnat import checkpoint
+
+        folder = os.path.isdir(path)
+        try:
+            if folder:
+                with open(os.path.join(path, SHARDS_HEADER)) as f:
+                    extra = json.load(f)
+            else:
+                extra = checkpoint.read_header(path)["extra"]
+        except (FileNotFoundError, ValueError):
+            raise ValueError(f"{path}: no keyed model here (run `kalnat learn --key COL --out DIR` first)") from None
+        if not isinstance(extra, dict) or extra.get("kalnat_cli") != 1 or "key_column" not in extra:
+            raise ValueError(f"{path}: not a keyed model written by `kalnat learn --key`")
+        classes = extra["classes"]
+        cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
+               "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"],
+               "covariance": extra.get("covariance", "full")}
+        learner, params = shard_factory(cfg, extra["family"], classes, len(extra["feature_names"]))
+        family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
+        files = [os.path.join(path, f"shard_{i}.npz") for i in range(int(extra["n_shards"]))] if folder else [path]
+        for f in files:
+            if not os.path.exists(f):
+                raise ValueError(f"{f}: missing (the shards of a keyed model learned on Dask)")
+        return cls(extra, [Keyed.load(f, learner, params) for f in files], family)
+
+    def header(self):
+        head = super().header()
+        return head[:1] + ["key"] + head[1:] + ["key_seen"]
+
+    def predict_keyed(self, keys, X) -> tuple[np.ndarray, np.ndarray]:
+        """``(table (n, columns), seen (n,))`` for raw features ``X (n, p)``, row ``i`` by the
+        state of ``keys[i]``: the table's columns are :class:`LoadedModel`'s (no line, key or
+        ``key_seen``); ``seen`` is false where the key was not learned (the prior's prediction)."""
+        keys = np.asarray(keys)
+        if len(self.shards) == 1:
+            shard = np.zeros(len(keys), np.int64)
+        else:
+            from kalnat.dask_keyed import shard_of
+
+            shard = np.fromiter((shard_of(k, len(self.shards)) for k in keys.tolist()), np.int64, len(keys))
+        seen = np.fromiter((k in self.shards[s] for k, s in zip(keys.tolist(), shard)), bool, len(keys))
+        if not len(X):
+            return np.zeros((0, len(self.header()) - 3)), seen
+        Z, table = self._scale(X), None
+        for i, keyed in enumerate(self.shards):
+            rows = np.flatnonzero(shard == i)
+            if rows.size:
+                part = self.table(keyed.predict(keys[rows], Z[rows]))
+                if table is None:
+                    table = np.zeros((len(keys), part.shape[1]))
+                table[rows] = part
+        return table, seen
+
+    def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
+        """Writes a CSV of predictions for every row of ``source`` (opened with ``key=``
+        :attr:`key_name`); returns ``(rows, skipped)``; :attr:`unseen_rows` and
+        :attr:`unseen_keys` count the rows and keys predicted from the prior."""
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(self.header())
+        n = skipped = 0
+        self.unseen_rows, unseen = 0, set()
+        for chunk in source.chunks:
+            skipped += len(chunk.skipped)
+            table, seen = self.predict_keyed(chunk.keys, chunk.X)
+            self.unseen_rows += int(np.count_nonzero(~seen))
+            unseen.update(chunk.keys[~seen].tolist())
+            for line, key, row, s in zip(chunk.lines, chunk.keys, table, seen):
+                if self.family.is_classifier:
+                    w.writerow([int(line), key, self.classes[int(row[0])], *(f"{v:.6g}" for v in row[1:]), int(s)])
+                else:
+                    w.writerow([int(line), key, *(f"{v:.6g}" for v in row), int(s)])
+            n += len(table)
+        self.unseen_keys = len(unseen)
+        return n, skipped

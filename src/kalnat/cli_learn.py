@@ -876,7 +876,11 @@ class LoadedModel:
         """Rows of the output table (without the line column) for raw features ``X (n, p)``."""
         if not len(X):
             return np.zeros((0, len(self.header()) - 1))
-        pred = self.learner.predict(self.state, self._scale(X))
+        return self.table(self.learner.predict(self.state, self._scale(X)))
+
+    def table(self, pred) -> np.ndarray:
+        """Rows of the output table (without the line column) for the learner's predictive
+        ``pred`` of standardised rows (``kalnat predict --key`` reuses it, one state per row)."""
         mean = np.asarray(pred.mean, np.float64)
         mc = np.asarray(pred.mean_cov, np.float64)
         if self.family.is_classifier:

@@ -3,7 +3,8 @@
 Keys hash to shards (a stable hash: CRC-32 of the key's JSON text); each shard is a Dask actor
 on some worker holding that shard's :class:`kalnat.keyed.Keyed`, which learns its rows in
 order. The driver (:class:`DaskKeyed`) splits each batch of rows by shard, keeping their
-order, and sends every shard its part; the scheduler is Dask's.
+order, and sends every shard its part; the scheduler is Dask's. A Dask dataframe is learned
+partition after partition (:meth:`DaskKeyed.learn_dataframe`).
 
 Fault tolerance: every ``checkpoint_every`` batches each shard's state is checkpointed
 (:meth:`Keyed.save`'s file, sent to the driver as bytes, so no shared file system is needed,
@@ -21,7 +22,7 @@ import json
 import os
 import tempfile
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -38,6 +39,26 @@ def shard_of(key, n_shards: int) -> int:
     return zlib.crc32(text.encode()) % n_shards
 
 
+def _partition_rows(part, key, target, features, i):
+    """``(keys, X, Y)`` of one pandas partition; a non-numeric or missing value is a
+    ``ValueError`` naming the partition, row and column (nothing of it is learned)."""
+    keys = part[key].tolist()
+    cols = {}
+    for c in list(features) + [target]:
+        try:
+            v = part[c].to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError):
+            raise ValueError(f"learn_dataframe: partition {i}, column {c!r}: not numeric "
+                             f"(dtype {part[c].dtype})") from None
+        bad = np.flatnonzero(~np.isfinite(v))
+        if bad.size:
+            raise ValueError(f"learn_dataframe: partition {i}, row {part.index[bad[0]]!r}, column {c!r}: "
+                             f"missing or non-finite value {v[bad[0]]!r}")
+        cols[c] = v
+    X = np.stack([cols[c] for c in features], axis=1) if len(keys) else np.zeros((0, len(features)))
+    return keys, X, cols[target]
+
+
 class ShardLearner:
     """One shard's keyed learner, run as a Dask actor.
 
@@ -45,7 +66,7 @@ class ShardLearner:
     reference or by cloudpickle); ``x64``: float64, set before any array is made.
     """
 
-    def __init__(self, factory: Callable, x64: bool = True):
+    def __init__(self, factory: Callable, x64: bool = True, batch_size: int = 1):
         import jax
 
         if x64:
@@ -53,7 +74,7 @@ class ShardLearner:
         from kalnat.keyed import Keyed
 
         self.learner, self.params = factory()
-        self.keyed = Keyed(self.learner, self.params)
+        self.keyed = Keyed(self.learner, self.params, batch_size=batch_size)
         self.batch = -1  # the last batch learned
 
     def learn(self, batch: int, keys, X, Y):
@@ -64,6 +85,13 @@ class ShardLearner:
         res = self.keyed.learn(list(keys), X, Y)
         self.batch = batch
         return res.predictions, res.log_likelihood
+
+    def flush(self, batch: int):
+        """:meth:`Keyed.flush` (the held rows of partial minibatches learned), as batch ``batch``."""
+        if batch <= self.batch:
+            raise ValueError(f"shard asked to flush as batch {batch} (it has learned up to {self.batch})")
+        self.keyed.flush()
+        self.batch = batch
 
     def snapshot(self) -> tuple[int, bytes]:
         """``(last batch, checkpoint file's bytes)``."""
@@ -107,12 +135,15 @@ class DaskKeyed:
       checkpoint_dir: where the shards' checkpoints are also written (``shard_<i>.npz``).
       retries: how many times a shard is rebuilt for one batch before giving up.
       timeout: seconds a shard may take for one batch before it is taken for lost.
+      batch_size: rows per update of each key (:class:`kalnat.keyed.Keyed`'s); :meth:`flush`
+        learns the partial minibatches held at the end of a stream.
     """
 
     def __init__(self, client, factory: Callable, *, n_shards: Optional[int] = None, checkpoint_every: int = 4,
                  checkpoint_dir: Optional[str] = None, retries: int = 3, x64: bool = True,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, batch_size: int = 1):
         self.client, self.factory, self.x64 = client, factory, x64
+        self.batch_size = int(batch_size)
         self.n_shards = int(n_shards or len(client.scheduler_info()["workers"]))
         if self.n_shards < 1:
             raise ValueError("DaskKeyed: the cluster has no workers")
@@ -128,7 +159,7 @@ class DaskKeyed:
 
     def _new_actor(self, i):
         workers = sorted(self.client.scheduler_info()["workers"])
-        future = self.client.submit(ShardLearner, self.factory, self.x64, actor=True, pure=False,
+        future = self.client.submit(ShardLearner, self.factory, self.x64, self.batch_size, actor=True, pure=False,
                                     workers=[workers[i % len(workers)]], allow_other_workers=True)
         return future.result()
 
@@ -173,6 +204,70 @@ class DaskKeyed:
             jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a), (pred, ll), part)
         return pred, ll
 
+    def learn_dataframe(self, df, key: str, target: str, features: Optional[Sequence[str]] = None,
+                        return_predictions: bool = True):
+        """Learns a Dask (or pandas) dataframe's rows: its partitions in order, each one batch
+        of :meth:`learn`, so every key's rows keep the dataframe's order. A partition is
+        computed on the cluster while the shards learn the one before, and passes through the
+        driver on its way to them.
+
+        Args:
+          df: a ``dask.dataframe.DataFrame`` (or a ``pandas.DataFrame``: one partition).
+          key: the column naming each row's stream (any str or int values).
+          target: the target column.
+          features: the feature columns, in the model's order (default: every other column,
+            in the dataframe's order).
+          return_predictions: keep the predictions.
+
+        Returns ``(predictions, log_likelihoods (n,))`` in the dataframe's row order, as
+        :meth:`learn` gives them for one batch (``None`` without ``return_predictions``).
+        """
+        columns = list(df.columns)
+        for name, what in ((key, "key"), (target, "target")):
+            if name not in columns:
+                raise ValueError(f"learn_dataframe: no {what} column {name!r} (columns: {', '.join(map(str, columns))})")
+        if key == target:
+            raise ValueError(f"learn_dataframe: the key column {key!r} is also the target")
+        features = [c for c in columns if c not in (key, target)] if features is None else list(features)
+        missing = [c for c in features if c not in columns]
+        if missing or not features:
+            raise ValueError(f"learn_dataframe: feature columns missing: {missing}" if missing else
+                             "learn_dataframe: no feature columns besides the key and the target")
+        npart = getattr(df, "npartitions", None)
+        parts = [df] if npart is None else [df.get_partition(i) for i in range(npart)]
+        future = None if npart is None else self.client.compute(parts[0])
+        out = []
+        for i in range(len(parts)):
+            part = parts[i] if future is None else future.result()
+            if future is not None and i + 1 < len(parts):  # the next partition, while this one learns
+                future = self.client.compute(parts[i + 1])
+            keys, X, Y = _partition_rows(part, key, target, features, i)
+            if len(keys):
+                res = self.learn(keys, X, Y)
+                if return_predictions:
+                    out.append(res)
+        if not return_predictions:
+            return None
+        if not out:
+            raise ValueError("learn_dataframe: the dataframe has no rows")
+        return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *out)
+
+    def flush(self):
+        """Every shard's held rows (``batch_size > 1``) learned, as one more batch (logged and
+        replayed like the others)."""
+        self.batch += 1
+        for i in range(self.n_shards):
+            try:
+                self.actors[i].flush(self.batch).result(timeout=self.timeout)
+            except Exception:  # lost: rebuilt from its checkpoint and log, then flushed
+                self._rebuild(i)
+                self.actors[i].flush(self.batch).result(timeout=self.timeout)
+            self.log[i].append((self.batch, None, None, None))
+
+    def _replay(self, actor, i):
+        for batch, k, x, y in self.log[i]:
+            (actor.flush(batch) if k is None else actor.learn(batch, k, x, y)).result()
+
     def _recover(self, i, part):
         """Shard ``i`` rebuilt from its last checkpoint, its logged batches replayed, and
         ``part`` (this batch's rows) learned."""
@@ -182,8 +277,7 @@ class DaskKeyed:
                 actor = self._new_actor(i)
                 if self.saved[i][1] is not None:
                     actor.restore(self.saved[i][1]).result()
-                for batch, k, x, y in self.log[i]:
-                    actor.learn(batch, k, x, y).result()
+                self._replay(actor, i)
                 result = actor.learn(self.batch, *part).result()
                 self.actors[i] = actor
                 return result
@@ -216,8 +310,7 @@ class DaskKeyed:
         actor = self._new_actor(i)
         if self.saved[i][1] is not None:
             actor.restore(self.saved[i][1]).result()
-        for batch, k, x, y in self.log[i]:
-            actor.learn(batch, k, x, y).result()
+        self._replay(actor, i)
         self.actors[i] = actor
         self.recoveries += 1
 

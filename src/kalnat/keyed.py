@@ -11,7 +11,8 @@ powers of two, so new keys cost no compilation: the capacity doubles when it run
 
 Every key's filter is the learner's own: its states and progressive predictions are those of
 ``learner.update`` (or :func:`kalnat.fit` with ``batch_size=1``) run on that key's rows alone
-(tests/test_keyed.py checks bit-identity in float64).
+(tests/test_keyed.py checks bit-identity in float64). With ``batch_size=B`` a key's rows are
+learned B at a time, as :func:`kalnat.fit` with ``batch_size=B`` on its rows alone.
 
     >>> keyed = Keyed(kalnat.ekf(model, family), model.init(None))   # doctest: +SKIP
     >>> result = keyed.learn(keys, X, y)      # predictions made before learning each row
@@ -85,6 +86,31 @@ def _segment_fn(learner):
     return fns["segment"]
 
 
+def _minibatch_segment_fn(learner):
+    """:func:`_segment_fn` with ``B`` rows per step: ``(hyper, stack, slots (W,), xs (R, W, B,
+    …), ys (R, W, B, …), ms (R, W, B), commit (R, W)) -> (stack, (preds, log_liks) (R, W, B,
+    …))``. A minibatch's masked rows are left out of its update (``learner.step``'s mask, as
+    :func:`kalnat.fit` pads a partial one); a minibatch not committed (a key's partial last
+    one, held for its next rows) is predicted, and its state left as it was."""
+    fns = _FNS.setdefault(learner, {})
+    if "minibatch" not in fns:
+        def fn(hyper, stack, slots, xs, ys, ms, commit):
+            states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
+            one = jax.vmap(lambda s, x, y, m: learner.step(hyper, s, x, y, m))
+
+            def body(states, inp):
+                x, y, m, c = inp
+                new, pred, ll = one(states, x, y, m)
+                return _where(c, new, states), (pred, ll)
+
+            states, out = jax.lax.scan(body, states, (xs, ys, ms, commit))
+            stack = jax.tree_util.tree_map(lambda a, s: a.at[slots].set(s, mode="drop"), stack, states)
+            return stack, out
+
+        fns["minibatch"] = jax.jit(fn, donate_argnums=1)
+    return fns["minibatch"]
+
+
 def _predict_fn(learner):
     """``(hyper, stack, fresh, slots (b,), known (b,), xs (b, …)) -> preds (b, …)``."""
     fns = _FNS.setdefault(learner, {})
@@ -140,11 +166,25 @@ class Keyed:
       params: the model's initial parameters, every key's start.
       hyper: the hyperparameters, shared by every key (default the learner's own).
       capacity: initial number of slots (rounded up to a power of two); doubles as needed.
+      batch_size: rows per update of each key: a key's consecutive rows are learned
+        ``batch_size`` at a time (one linearisation point, :func:`kalnat.fit`'s minibatch),
+        across calls of :meth:`learn`; a key's rows that do not fill a minibatch yet are
+        predicted (from the state the whole minibatch will be learned from) and held until
+        its next rows complete it, or until :meth:`flush` learns them as a partial minibatch.
+        After :meth:`flush`, every key's state is ``kalnat.fit(learner, …, batch_size=B)`` on
+        its rows alone.
     """
 
-    def __init__(self, learner, params, *, hyper=None, capacity: int = 16):
+    def __init__(self, learner, params, *, hyper=None, capacity: int = 16, batch_size: int = 1):
         if int(capacity) != capacity or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity}")
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        self.batch_size = int(batch_size)
+        # batch_size > 1: each key's rows of a partial minibatch, predicted and not yet learned
+        # (slot -> (xs (r, …), ys (r, …)), r < batch_size); learned once the key's next rows
+        # complete the minibatch, or by flush()
+        self.pending: dict = {}
         self.learner = learner
         self.params = params
         self.fresh = learner.init(params, hyper)  # every new key's state
@@ -235,19 +275,20 @@ class Keyed:
               return_predictions: bool = True) -> Optional[KeyedResult]:
         """Learns rows ``X (n, …)``, ``Y (n, …)`` in order, row ``i`` by the state of
         ``keys[i]`` (new keys start from the prior). Each key's rows are learned one at a
-        time, in the order given, exactly as ``learner.update`` would; ``chunk_size`` rows are
-        grouped per device call. Returns a :class:`KeyedResult` (``None`` without
-        ``return_predictions``). Input is validated before anything is learned."""
+        time, in the order given, exactly as ``learner.update`` would (``batch_size`` at a
+        time: see :class:`Keyed`); ``chunk_size`` rows are grouped per device call. Returns a
+        :class:`KeyedResult` (``None`` without ``return_predictions``). Input is validated
+        before anything is learned."""
         if int(chunk_size) != chunk_size or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         xs, ys = self._check(X, Y)
         n = xs.shape[0]
         slots, _ = self._slots(keys, n, add=True)
         preds = []
+        learn_chunk = self._learn_chunk if self.batch_size == 1 else self._learn_minibatches
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            preds.append(self._learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop],
-                                           return_predictions))
+            preds.append(learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop], return_predictions))
         if not return_predictions:
             return None
         if not preds:
@@ -301,6 +342,76 @@ class Keyed:
             jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[r, p]), out, seg)
         return out
 
+    def flush(self):
+        """Learns every key's held rows (``batch_size > 1``: a minibatch its rows have not
+        completed) as a partial minibatch, as :func:`kalnat.fit` learns a stream's last one.
+        Their predictions were returned by :meth:`learn`; a key's next row starts a new
+        minibatch."""
+        if self.pending:
+            self._learn_minibatches(np.zeros(0, np.int64), None, None, False, final=True)
+
+    def _learn_minibatches(self, slots, xs, ys, keep, final=False):
+        """``batch_size > 1``: the chunk's rows after each key's held ones, grouped per key into
+        minibatches of ``B`` consecutive rows; round ``r`` holds each key's ``r``-th minibatch.
+        Complete minibatches are learned; a key's partial last one is predicted and held
+        (learned too when ``final``)."""
+        B, n = self.batch_size, slots.size
+        held = sorted(self.pending) if final else [s for s in np.unique(slots).tolist() if s in self.pending]
+        if xs is None:  # flush: the rows' shapes from the held ones
+            x0, y0 = self.pending[held[0]]
+            xs, ys = x0[:0], y0[:0]
+        ext_slots = np.concatenate([np.full(len(self.pending[s][0]), s, np.int64) for s in held] + [slots])
+        ext_x = np.concatenate([self.pending[s][0] for s in held] + [xs])
+        ext_y = np.concatenate([self.pending[s][1] for s in held] + [ys])
+        first_new = ext_slots.size - n  # the held rows come first: each key's rows stay in order
+        pos, rank, kslots, counts = _rounds(ext_slots)  # counts: each key's rows, descending
+        mbi, off = rank // B, rank % B
+        n_mb = -(-counts // B)  # each key's minibatches (its last one possibly partial)
+        learned = n_mb if final else counts // B  # the ones learned now
+        for s in held:
+            del self.pending[s]
+        if not final:  # a key's partial last minibatch: its rows held
+            for k in np.flatnonzero(counts % B).tolist():
+                rows = np.flatnonzero((pos == k) & (mbi == n_mb[k] - 1))
+                self.pending[int(kslots[k])] = (ext_x[rows].copy(), ext_y[rows].copy())
+        fn = _minibatch_segment_fn(self.learner)
+        out = None
+        r0, n_rounds = 0, int(n_mb[0]) if n_mb.size else 0
+        while r0 < n_rounds:
+            active = int(np.count_nonzero(n_mb > r0))
+            width = _pow2(active)
+            r1 = int(n_mb[width // 2]) if width // 2 < n_mb.size else n_rounds
+            r1 = max(r1, r0 + 1)
+            width = max(2, width)  # two lanes at least (see _learn_chunk)
+            lanes = self._lanes  # a call's states within LANE_BYTES, as for B = 1
+            for k0 in range(0, active, lanes):
+                k1 = min(active, k0 + lanes)
+                rr1 = min(r1, int(n_mb[k0]))
+                depth = _pow2(rr1 - r0)
+                sel = (mbi >= r0) & (mbi < rr1) & (pos >= k0) & (pos < k1)
+                rows = np.flatnonzero(sel)
+                r, p, o = mbi[rows] - r0, pos[rows] - k0, off[rows]
+                w = min(width, lanes)
+                seg_slots = np.full(w, self.capacity, np.int64)  # padding: past the end
+                seg_slots[:k1 - k0] = kslots[k0:k1]
+                xb = np.broadcast_to(ext_x[rows[0]], (depth, w, B) + ext_x.shape[1:]).copy()
+                yb = np.broadcast_to(ext_y[rows[0]], (depth, w, B) + ext_y.shape[1:]).copy()
+                mb = np.zeros((depth, w, B), bool)
+                xb[r, p, o], yb[r, p, o], mb[r, p, o] = ext_x[rows], ext_y[rows], True
+                commit = np.zeros((depth, w), bool)
+                commit[:, :k1 - k0] = (r0 + np.arange(depth))[:, None] < learned[k0:k1][None, :]
+                commit &= mb.any(axis=2)  # a round past the block's (depth is a power of two): no step
+                self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb, commit)
+                if keep:
+                    new = rows >= first_new  # held rows were predicted when they arrived
+                    rows, r, p, o = rows[new] - first_new, r[new], p[new], o[new]
+                    seg = jax.tree_util.tree_map(np.asarray, seg)
+                    if out is None:
+                        out = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[3:], a.dtype), seg)
+                    jax.tree_util.tree_map(lambda d, a: d.__setitem__(rows, a[r, p, o]), out, seg)
+            r0 = r1
+        return out
+
     def predict(self, keys: Sequence[Hashable], X, *, chunk_size: int = 4096):
         """The one-step predictive of row ``i`` from ``keys[i]``'s current state (a key not
         seen yet: from the prior). Nothing is learned."""
@@ -319,7 +430,8 @@ class Keyed:
         return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
 
     def state(self, key):
-        """``key``'s current state (a copy; ``KeyError`` for a key not seen)."""
+        """``key``'s current state (a copy; ``KeyError`` for a key not seen): its rows learned
+        so far (not those held in a partial minibatch, ``batch_size > 1``)."""
         k = _plain(key)
         if k not in self.slot:
             raise KeyError(f"no state for key {key!r}: it has not appeared in the rows learned")
@@ -336,23 +448,46 @@ class Keyed:
             if isinstance(k, bool) or not isinstance(k, (str, int)):
                 raise ValueError(f"Keyed.save: key {k!r} (slot {i}) is a {type(k).__name__}; only str and "
                                  "int keys can be saved: map the keys to strings or integers first")
-        meta = dict(extra or {}, keyed={"keys": self.keys, "capacity": self.capacity})
-        return checkpoint.save(path, self.stack, extra=meta)
+        meta = {"keys": self.keys, "capacity": self.capacity}
+        tree = self.stack
+        if self.batch_size > 1:
+            meta["batch_size"] = self.batch_size
+        if self.pending:  # the held rows too: a resumed run completes their minibatches
+            held = sorted(self.pending)
+            x0, y0 = self.pending[held[0]]
+
+            def pad(a):  # to batch_size - 1 rows, the most a key holds
+                return np.concatenate([a, np.zeros((self.batch_size - 1 - len(a),) + a.shape[1:], a.dtype)])
+            tree = (self.stack, np.stack([pad(self.pending[h][0]) for h in held]),
+                    np.stack([pad(self.pending[h][1]) for h in held]))
+            meta["held"] = {"slots": held, "rows": [len(self.pending[h][0]) for h in held],
+                            "x": [list(x0.shape[1:]), str(x0.dtype)], "y": [list(y0.shape[1:]), str(y0.dtype)]}
+        return checkpoint.save(path, tree, extra=dict(extra or {}, keyed=meta))
 
     @classmethod
     def load(cls, path, learner, params, *, hyper=None) -> "Keyed":
         """A :class:`Keyed` restored from :meth:`save`'s file, for the same ``learner``,
-        ``params`` (the template of shapes and every new key's start) and ``hyper``."""
+        ``params`` (the template of shapes and every new key's start) and ``hyper``; its
+        ``batch_size`` and held rows are the file's."""
         header = checkpoint.read_header(path)
         meta = header.get("extra", {}).get("keyed")
         if not isinstance(meta, dict) or not isinstance(meta.get("keys"), list):
             raise ValueError(f"{path}: not a keyed learner's checkpoint (no key set in its header)")
         keys, capacity = meta["keys"], int(meta["capacity"])
-        keyed = cls(learner, params, hyper=hyper, capacity=capacity)
+        batch_size = int(meta.get("batch_size", 1))
+        keyed = cls(learner, params, hyper=hyper, capacity=capacity, batch_size=batch_size)
         if len(set(keys)) != len(keys) or len(keys) > capacity:
             raise ValueError(f"{path}: damaged key set ({len(keys)} keys, {len(set(keys))} distinct, "
                              f"capacity {capacity})")
-        keyed.stack = checkpoint.load(path, keyed.stack)
+        held = meta.get("held")
+        if held:
+            (xs, xd), (ys, yd), k = held["x"], held["y"], len(held["slots"])
+            like = (keyed.stack, np.zeros((k, batch_size - 1, *xs), xd), np.zeros((k, batch_size - 1, *ys), yd))
+            keyed.stack, hx, hy = checkpoint.load(path, like)
+            for i, (slot, r) in enumerate(zip(held["slots"], held["rows"])):
+                keyed.pending[int(slot)] = (np.array(hx[i, :r]), np.array(hy[i, :r]))
+        else:
+            keyed.stack = checkpoint.load(path, keyed.stack)
         keyed.keys = list(keys)
         keyed.slot = {k: i for i, k in enumerate(keys)}
         return keyed

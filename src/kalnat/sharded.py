@@ -10,6 +10,10 @@ all-gather. Per step the devices exchange ``O(d m + m²)`` numbers, never a ``d 
 (tests/test_sharded.py checks the compiled program's collectives). ``P`` is donated, so each
 device updates its rows in place; it is never gathered.
 
+The structured forms shard by parameter too: a diagonal's variances ``p (d,)``, a low-rank
+precision's ``υ (d,)`` and ``W (d, k)`` by rows (the low-rank step gathers ``d × (k + m)``
+for its SVDs, never more).
+
 The same code runs on several hosts once ``jax.distributed.initialize()`` has made every
 host's devices part of ``jax.devices()``.
 
@@ -29,7 +33,9 @@ from jax.sharding import PartitionSpec as Spec
 
 from kalnat.filter import State
 from kalnat.learners.base import Learner, device_hyper
+from kalnat.representations.diagonal import DiagonalCovariance
 from kalnat.representations.full import Covariance
+from kalnat.representations.lowrank import LowRankPrecision
 from kalnat.stream import FitResult, scan_rows
 
 __all__ = ["mesh", "shard", "state_sharding", "step_fn", "fit", "collectives"]
@@ -44,36 +50,53 @@ def mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
+# Each form's leaves split along θ's axis: the full covariance by rows, the diagonal's variances
+# and the low-rank precision's υ (d,) and W (d, k) by parameter.
+_SPECS = {
+    Covariance: lambda: Covariance(Spec(AXIS, None)),
+    DiagonalCovariance: lambda: DiagonalCovariance(Spec(AXIS)),
+    LowRankPrecision: lambda: LowRankPrecision(Spec(AXIS), Spec(AXIS, None)),
+}
+
+
 def _check(learner, state, mesh_):
-    if not isinstance(learner, Learner) or not isinstance(getattr(state, "cov", None), Covariance):
-        raise ValueError("kalnat.sharded runs the covariance form (kalnat.ekf and its variants, whose state holds "
-                         f"a Covariance); got {getattr(learner, 'name', type(learner).__name__)}")
-    d = state.cov.p.shape[0]
+    if not isinstance(learner, Learner) or type(getattr(state, "cov", None)) not in _SPECS:
+        raise ValueError("kalnat.sharded runs kalnat.ekf (and its variants) with the full covariance, "
+                         "representations.Diagonal or representations.LowRank; got "
+                         f"{getattr(learner, 'name', type(learner).__name__)} with "
+                         f"{type(getattr(state, 'cov', None)).__name__}")
+    d = jax.tree_util.tree_leaves(state.cov)[0].shape[0]
     n = mesh_.shape[AXIS]
     if d % n:
         raise ValueError(f"kalnat.sharded: d = {d} parameters do not split evenly over {n} devices; "
                          f"use a device count that divides {d}")
 
 
-def state_sharding(mesh_: Mesh):
-    """The state's shardings (a prefix of any core state's pytree): ``P``'s rows split over the
-    mesh, θ and the step count replicated."""
+def state_sharding(mesh_: Mesh, cov_type=Covariance):
+    """The state's shardings (a prefix of any core state's pytree): the covariance's leaves
+    split along θ's axis over the mesh (``P``'s rows; a diagonal's variances; a low-rank
+    precision's υ and W's rows), θ and the step count replicated."""
     rep = NamedSharding(mesh_, Spec())
-    return State(rep, Covariance(NamedSharding(mesh_, Spec(AXIS, None))), rep)
+    if cov_type not in _SPECS:
+        raise ValueError(f"kalnat.sharded: no sharding for a {cov_type.__name__} "
+                         f"(one of {', '.join(t.__name__ for t in _SPECS)})")
+    cov = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh_, spec), _SPECS[cov_type](),
+                                 is_leaf=lambda x: isinstance(x, Spec))
+    return State(rep, cov, rep)
 
 
 def shard(state, mesh_: Mesh):
     """``state`` placed on the mesh (:func:`state_sharding`)."""
-    s = state_sharding(mesh_)
+    s = state_sharding(mesh_, type(state.cov))
     return State(jax.device_put(state.params, s.params), jax.device_put(state.cov, s.cov),
                  jax.device_put(state.count, s.count))
 
 
-def _jitted(learner, mesh_, kind):
+def _jitted(learner, mesh_, kind, cov_type=Covariance):
     fns = _FNS.setdefault(learner, {})
-    key = (kind, mesh_)
+    key = (kind, mesh_, cov_type)
     if key not in fns:
-        rep, s = NamedSharding(mesh_, Spec()), state_sharding(mesh_)
+        rep, s = NamedSharding(mesh_, Spec()), state_sharding(mesh_, cov_type)
         if kind == "step":
             fns[key] = jax.jit(lambda hyper, state, xs, ys: learner.step(hyper, state, xs, ys),
                                in_shardings=(rep, s, rep, rep), out_shardings=(s, rep, rep), donate_argnums=1)
@@ -83,10 +106,11 @@ def _jitted(learner, mesh_, kind):
     return fns[key]
 
 
-def step_fn(learner, mesh_: Mesh):
+def step_fn(learner, mesh_: Mesh, cov_type=Covariance):
     """The jitted, donating step ``(hyper, state, xs (b, …), ys (b, …)) -> (state, Predictive,
-    log_lik (b,))`` with the state sharded as :func:`state_sharding` says."""
-    return _jitted(learner, mesh_, "step")
+    log_lik (b,))`` with the state sharded as :func:`state_sharding` says (``cov_type``: the
+    state's covariance type, ``type(state.cov)``)."""
+    return _jitted(learner, mesh_, "step", cov_type)
 
 
 def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: int = 256,
@@ -107,7 +131,7 @@ def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: i
     if n % batch_size:
         raise ValueError(f"kalnat.sharded.fit: {n} rows is not a multiple of batch_size {batch_size}")
     dtype = learner._dtype(state)
-    run = _jitted(learner, mesh_, "scan")
+    run = _jitted(learner, mesh_, "scan", type(state.cov))
     hyper = device_hyper(learner, hyper, dtype)
     state = shard(state, mesh_)
     preds = []
