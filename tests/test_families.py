@@ -2,6 +2,7 @@
 family's moments, likelihood, sampling and domain checks."""
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +151,39 @@ def test_from_name():
         F.from_name("gamma")
     with pytest.raises(ValueError, match="num_classes"):
         F.from_name("categorical")
+
+
+_SATURATED = """
+import jax, numpy as np, jax.numpy as jnp
+jax.config.update("jax_enable_x64", True)
+from kalnat import families as F
+fam = F.Categorical(10)
+cov = jax.jit(fam.cov)
+rng = np.random.default_rng(0)
+bad = 0
+for trial in range(12):
+    others = 10.0 ** rng.uniform(-24, -14, 8)
+    at = int(rng.integers(9))
+    for k in range(-50, 50):
+        p = np.insert(others, at, 1.0 - others.sum() + k * 1.1e-16)
+        R = np.asarray(cov(jnp.asarray(p)))
+        bad += not np.linalg.eigvalsh(R)[0] > 0
+print(bad)
+"""
+
+
+def test_saturated_softmax_noise_is_positive_definite():
+    """A confident softmax over 10 classes (one probability within a few units of rounding of
+    1, the rest from 1e-14 down to 1e-24, the last class's lost to rounding): R = diag(p) − p pᵀ
+    must stay positive definite as compiled with XLA's default optimisation (the command's),
+    or S = H P Hᵀ + R (H ≈ 0 there) has no Cholesky factor and the update is NaN (it was, with
+    a Kronecker covariance on digits, at row 989). Run in a process of its own: this suite's
+    XLA flags (no LLVM optimisation) round differently and never showed it."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _SATURATED], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0", f"{out.stdout.strip()} of 1200 saturated R not positive definite"

@@ -288,7 +288,10 @@ class Categorical(Family):
         rest = others @ yhat + p_last  # Σ_{k≠j} p_k summed, not 1 − p_j (it cancels)
         diag = yhat * rest
         floor = jnp.maximum(4.0 * jnp.finfo(yhat.dtype).eps * jnp.max(diag), _tiny(yhat.dtype))
-        return jnp.diag(diag + floor) - (jnp.outer(yhat, yhat) - jnp.diag(yhat * yhat))
+        # − p pᵀ off the diagonal only, by a mask: ``outer − diag(p²)`` leaves a saturated
+        # class's diagonal a rounding error of p² (~ε) once XLA contracts it into a fused
+        # multiply-add, against a true p(1 − p) of ~1e-14, and R is then indefinite
+        return jnp.diag(diag + floor) - jnp.outer(yhat, yhat) * others
 
     def log_prob(self, z, y):
         return jax.nn.log_softmax(self._logits(z))[jnp.asarray(y).astype(jnp.int32)]
