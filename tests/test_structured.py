@@ -90,6 +90,40 @@ def test_low_rank_truncation_keeps_the_precision_diagonal_and_the_top_directions
     np.testing.assert_allclose(np.sort(kept)[::-1], top, rtol=1e-10)
 
 
+def _reprojected_by_svd(prior, H, R, k):
+    """The re-projection from an SVD of the tall Ã = υ⁻^{-1/2} [W⁻, Hᵀ L_R⁻ᵀ] itself."""
+    info = np.linalg.solve(np.linalg.cholesky(R), H).T
+    root = np.sqrt(np.asarray(prior.ups))[:, None]
+    u, s, _ = np.linalg.svd(np.concatenate([prior.w, info], axis=1) / root, full_matrices=False)
+    us = u * s
+    w = root * us[:, :k]
+    return np.asarray(prior.ups) * (1.0 + np.sum(us[:, k:] ** 2, axis=1)), w @ w.T
+
+
+@pytest.mark.parametrize("d,k,m,zero", [(9, 3, 1, 0), (9, 3, 3, 0), (9, 4, 2, 2), (5, 7, 2, 0), (6, 3, 1, 3)])
+def test_low_rank_reprojection_from_the_prior_factors_is_the_svd_of_the_tall_matrix(d, k, m, zero):
+    """The posterior finds Ã's SVD from the prior's QR factors and the gain's projections; it is
+    the SVD of Ã itself, also where W is rank deficient (``zero`` columns of W are 0: the start)
+    and where k > d."""
+    rng = np.random.default_rng(d * 100 + k * 10 + m + zero)
+    rep = LowRank(k)
+    w = rng.normal(size=(d, k)) * rng.uniform(0.1, 10.0, k)
+    w[:, k - zero:] = 0.0
+    cov = kalnat.representations.LowRankPrecision(jnp.asarray(rng.uniform(0.5, 2.0, d)), jnp.asarray(w))
+    prior = rep.inflate(cov, 1, 0.95, None, None)
+    H = jnp.asarray(rng.normal(size=(m, d)))
+    a = rng.normal(size=(m, m))
+    R = jnp.asarray(a @ a.T + m * np.eye(m))
+    _, _, aux = rep.gain(prior, H, R, jnp.zeros(m))
+    ups, wwt = _reprojected_by_svd(prior, H, R, k)
+    for post in (rep.posterior(prior, H, R, jnp.zeros(m), aux, jnp.ones(m, bool)),
+                 rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool))):
+        np.testing.assert_allclose(post.ups, ups, rtol=1e-10)
+        np.testing.assert_allclose(post.w @ post.w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
+    u = np.asarray(prior.u)
+    np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-12)
+
+
 @pytest.mark.parametrize("case", ["one-output", "isotropic-outputs"])
 def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
     """One output (G is 1 × 1), or several outputs with isotropic gaussian noise (information
