@@ -150,13 +150,17 @@ class KronLayer(Representation):
         lg, la = numerics.cholesky(prior.g), numerics.cholesky(prior.a)
         info = numerics.solve_lower(numerics.cholesky(R), H)           # L_R⁻¹ H (k, d)
         mh = jnp.einsum("ji,kjl,lm->kim", lg, self._m(info.T), la)      # M̂_j = L_Gᵀ M_j L_A
-        u = jnp.eye(self.n_out, dtype=lg.dtype)
-        v = jnp.eye(self.n_in + 1, dtype=lg.dtype)
+        v = None                                                        # V = I to start
         for _ in range(PASSES):
-            u = jnp.trace(v) * jnp.eye(self.n_out, dtype=v.dtype) + jnp.einsum("kij,jl,kml->im", mh, v, mh)
+            if v is None:  # ⟨I, I⟩ I + Σ M̂ M̂ᵀ: the first pass without a product with I
+                u = (self.n_in + 1) * jnp.eye(self.n_out, dtype=lg.dtype) + jnp.einsum("kij,kmj->im", mh, mh)
+            else:
+                u = jnp.trace(v) * jnp.eye(self.n_out, dtype=v.dtype) + jnp.einsum("kij,jl,kml->im", mh, v, mh)
             u = u / jnp.sqrt(jnp.sum(u * u))
             v = jnp.trace(u) * jnp.eye(self.n_in + 1, dtype=u.dtype) + jnp.einsum("kji,jl,klm->im", mh, u, mh)
-        # Λ ≈ (L_G⁻ᵀ U L_G⁻¹) ⊗ (L_A⁻ᵀ V L_A⁻¹), so P = (L_G U⁻¹ L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ)
-        g = lg @ numerics.chol_solve(_sym(u), lg.T)
-        a = la @ numerics.chol_solve(_sym(v), la.T)
+        # Λ ≈ (L_G⁻ᵀ U L_G⁻¹) ⊗ (L_A⁻ᵀ V L_A⁻¹), so P = (L_G U⁻¹ L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ), each
+        # formed as XᵀX with X = L_U⁻¹ L_Gᵀ (one triangular solve; symmetric by construction)
+        xg = numerics.solve_lower(numerics.cholesky(_sym(u)), lg.T)
+        xa = numerics.solve_lower(numerics.cholesky(_sym(v)), la.T)
+        g, a = xg.T @ xg, xa.T @ xa
         return KronCovariance(*_balanced(_sym(g), _sym(a)))
