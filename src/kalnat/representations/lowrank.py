@@ -24,6 +24,13 @@ data"). It is positive definite by construction in any precision. Its choices, m
   to each parameter's own scale (invariant to rescaling a parameter, unlike a plain SVD of
   ``[W⁻, Hᵀ L_R⁻ᵀ]``).
 
+**Cost.** One factorisation of a tall matrix per step (two with process noise): the
+prediction step's thin SVD is a Householder QR of ``υ^{-1/2} W`` and an SVD of its ``k × k``
+``R``; the re-projection's SVD of ``Ã`` needs none of its own, since
+``Ã = [u, Q_ρ] [[diag(s) Vᵀ, b̂], [0, R_ρ]]`` from the prior's factors and the gain's
+projections of ``ĝ = υ⁻^{-1/2} Hᵀ L_R⁻ᵀ``, ``b̂ = uᵀ ĝ`` and ``ρ̂ = ĝ − u b̂ = Q_ρ R_ρ``: the SVD of that small matrix gives Ã's
+right singular vectors ``V``, and ``Ã V`` is one product.
+
 Not differentiable in the hyperparameters: the SVDs' derivatives divide by differences of
 singular values, which repeat (all zero at the prior); :func:`kalnat.log_evidence`'s gradient
 needs another representation.
