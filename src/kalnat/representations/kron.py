@@ -143,12 +143,13 @@ class KronLayer(Representation):
     def gain(self, prior, H, R, e):
         ph = self._times(prior, H.T)
         hph = H @ ph
-        w, v = numerics.whiten(hph + R, ph, e)
-        return w @ v, hph, None
+        # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
+        return ph @ numerics.chol_solve(hph + R, e), hph, None
 
     def posterior(self, prior, H, R, e, aux, rows):
         lg, la = numerics.cholesky(prior.g), numerics.cholesky(prior.a)
-        info = numerics.solve_lower(numerics.cholesky(R), H)           # L_R⁻¹ H (k, d)
+        inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype))
+        info = inv @ H                                                  # L_R⁻¹ H (k, d)
         mh = jnp.einsum("ji,kjl,lm->kim", lg, self._m(info.T), la)      # M̂_j = L_Gᵀ M_j L_A
         v = None                                                        # V = I to start
         for _ in range(PASSES):

@@ -204,8 +204,8 @@ class LowRank(Representation):
         cb = jnp.sqrt(prior.c)[:, None] * b
         hph = rho.T @ rho + cb.T @ cb                    # H P⁻ Hᵀ, a sum of squares
         ph = (rho + prior.along(prior.c[:, None] * b)) / jnp.sqrt(prior.ups)[:, None]
-        w, v = numerics.whiten(hph + R, ph, e)
-        return w @ v, hph, (rho, b)
+        # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
+        return ph @ numerics.chol_solve(hph + R, e), hph, (rho, b)
 
     def posterior(self, prior, H, R, e, aux, rows):
         # Ã = [υ^{-1/2} W⁻, ĝ] with ĝ = υ^{-1/2} Hᵀ L_R⁻ᵀ (d × (k + m)). Its SVD is found from
@@ -215,9 +215,8 @@ class LowRank(Representation):
         # right singular vectors are K's. Then Ã V = U diag(s) is one product with [u, ρ̂],
         # where Q_ρ is never formed (it is undefined where ρ̂ ≈ 0, ĝ within the span of u).
         rho, b = prior.whitened(H.T) if aux is None else aux
-        chol = numerics.cholesky(R)
-        rho = numerics.solve_lower(chol, rho.T).T                       # ρ̂ = ρ L_R⁻ᵀ (d, m)
-        b = numerics.solve_lower(chol, b.T).T                           # b̂ = b L_R⁻ᵀ (r, m)
+        inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype)).T   # L_R⁻ᵀ
+        rho, b = rho @ inv, b @ inv                                     # ρ̂ (d, m), b̂ (r, m)
         r, m = b.shape
         if m == 1:
             r_rho = jnp.sqrt(jnp.sum(rho * rho)).reshape(1, 1)
