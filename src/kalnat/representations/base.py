@@ -59,6 +59,17 @@ class Representation(abc.ABC):
     def posterior(self, prior, H, R, e, aux, rows):
         ...
 
+    def project(self, prior, H):
+        """``(H P⁻ Hᵀ (k, k), projection)`` for ``H (k, d)``: what :meth:`gain_projected` reuses.
+        A representation whose gain recomputes its quad's products (``P⁻ Hᵀ``) overrides both,
+        so that :class:`~kalnat.representations.Groups`, which needs every group's quad before
+        any gain, computes them once."""
+        return self.quad(prior, H), None
+
+    def gain_projected(self, prior, H, R, e, projection):
+        """:meth:`gain` given ``projection`` from :meth:`project` of the same ``prior`` and ``H``."""
+        return self.gain(prior, H, R, e)
+
     def noise(self, prior):
         """``(scale, dof)`` when the observation noise scale is itself uncertain (a Student-t
         predictive with ``dof`` degrees of freedom and scale ``scale · S``), else ``None``."""

@@ -138,11 +138,17 @@ class KronLayer(Representation):
         return self._vec(jnp.einsum("ij,kjl,lm->kim", prior.g, m, prior.a))
 
     def quad(self, prior, h):
-        return h @ self._times(prior, h.T)
+        return self.project(prior, h)[0]
+
+    def project(self, prior, H):
+        ph = self._times(prior, H.T)
+        return H @ ph, ph
 
     def gain(self, prior, H, R, e):
-        ph = self._times(prior, H.T)
-        hph = H @ ph
+        return self.gain_projected(prior, H, R, e, None)
+
+    def gain_projected(self, prior, H, R, e, projection):
+        hph, ph = self.project(prior, H) if projection is None else projection
         # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
         return ph @ numerics.chol_solve(hph + R, e), hph, None
 

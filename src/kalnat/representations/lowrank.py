@@ -195,14 +195,18 @@ class LowRank(Representation):
         return prior
 
     def quad(self, prior, h):
-        rho, b = prior.whitened(h.T)
-        cb = jnp.sqrt(prior.c)[:, None] * b
-        return rho.T @ rho + cb.T @ cb
+        return self.project(prior, h)[0]
 
-    def gain(self, prior, H, R, e):
+    def project(self, prior, H):
         rho, b = prior.whitened(H.T)
         cb = jnp.sqrt(prior.c)[:, None] * b
-        hph = rho.T @ rho + cb.T @ cb                    # H P⁻ Hᵀ, a sum of squares
+        return rho.T @ rho + cb.T @ cb, (rho, b)         # H P⁻ Hᵀ, a sum of squares
+
+    def gain(self, prior, H, R, e):
+        return self.gain_projected(prior, H, R, e, None)
+
+    def gain_projected(self, prior, H, R, e, projection):
+        hph, (rho, b) = self.project(prior, H) if projection is None else projection
         ph = (rho + prior.along(prior.c[:, None] * b)) / jnp.sqrt(prior.ups)[:, None]
         # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
         return ph @ numerics.chol_solve(hph + R, e), hph, (rho, b)
