@@ -16,7 +16,8 @@ representation says how ``P`` is stored and how each operation is computed in th
 ``with_dense(P) -> cov`` (the same posterior in this form: for re-expression in new coordinates
 and :func:`kalnat.covariance`); ``prior`` is one too, with ``dense() -> P⁻``. ``gain`` and
 ``posterior`` are separate so that the iterated update (several linearisations from one prior)
-computes the gain at each and the covariance once.
+computes the gain at each and the covariance once. ``project`` and ``gain_projected``
+(optional) split ``gain`` where its products are those of ``quad``.
 """
 
 from __future__ import annotations
