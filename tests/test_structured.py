@@ -144,6 +144,36 @@ def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
            kalnat.fit(kron, kron.init(model.init(None)), X, y, batch_size=batch), 1e-9)
 
 
+def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring():
+    """On a prior with full G and A and information that is no Kronecker product: P = (L_G U⁻¹
+    L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ) from the alternating passes, written out in NumPy."""
+    from kalnat.representations.kron import PASSES, _order
+    rng = np.random.default_rng(5)
+    n_out, n_in, k = 3, 4, 2
+    rep = KronLayer(n_out, n_in)
+
+    def spd(n):
+        a = rng.normal(size=(n, n))
+        return a @ a.T / n + 0.5 * np.eye(n)
+
+    g, a = spd(n_out), spd(n_in + 1)
+    H = rng.normal(size=(k, n_out * (n_in + 1)))
+    c = rng.normal(size=(k, k))
+    R = c @ c.T + k * np.eye(k)
+    post = rep.posterior(kalnat.representations.KronCovariance(jnp.asarray(g), jnp.asarray(a)),
+                         jnp.asarray(H), jnp.asarray(R), jnp.zeros(k), None, jnp.ones(k, bool))
+    lg, la = np.linalg.cholesky(g), np.linalg.cholesky(a)
+    info = np.linalg.solve(np.linalg.cholesky(R), H)
+    ms = [lg.T @ row[_order(n_out, n_in)].reshape(n_out, n_in + 1) @ la for row in info]
+    v = np.eye(n_in + 1)
+    for _ in range(PASSES):
+        u = np.trace(v) * np.eye(n_out) + sum(m @ v @ m.T for m in ms)
+        u = u / np.linalg.norm(u)
+        v = np.trace(u) * np.eye(n_in + 1) + sum(m.T @ u @ m for m in ms)
+    expected = np.kron(lg @ np.linalg.solve(u, lg.T), la @ np.linalg.solve(v, la.T))
+    np.testing.assert_allclose(np.kron(post.g, post.a), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():
     model = kalnat.models.mlp(4, (5,), 3)
     params = model.init(jax.random.PRNGKey(0))
