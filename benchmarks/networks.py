@@ -12,7 +12,13 @@ Part 2, a synthetic stream from a teacher MLP 100 → 300 → 300 → 1 (120 901
 gaussian noise 0.1): time per step, memory and the progressive squared error of each structure
 and of Adam (a grid of 3 rates, best in hindsight), and the ratio of time per step to Adam's.
 
-    python benchmarks/networks.py [--part 1 2] [--rows 2000] [--float64]
+Times are wall-clock and CPU (the process's, all its threads: on a machine shared with other
+work the CPU time is the steadier of the two). The factorisations of the structured forms run
+in LAPACK (OpenBLAS, through JAX's CPU kernels), whose own threads contend with XLA's: on a
+loaded 2-core machine a 300 × 300 factorisation ran 10–100 × slower with OpenBLAS's default
+threads than with one. ``--blas-threads`` sets them (default 1; 0 leaves the library's default).
+
+    python benchmarks/networks.py [--part 1 2] [--rows 2000] [--float64] [--blas-threads 1]
 """
 
 from __future__ import annotations
@@ -50,10 +56,10 @@ def run_filter(model, family, rep, params, X, Y, warm=64):
     held, temp = memory(learner, state, X[0], Y[0])
     first = kalnat.fit(learner, state, X[:warm], Y[:warm], chunk_size=warm)  # compiles
     jax.block_until_ready(first.state)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rest = kalnat.fit(learner, first.state, X[warm:], Y[warm:], chunk_size=warm)
     jax.block_until_ready(rest.state)
-    per_row = (time.perf_counter() - t) / (len(X) - warm)
+    per_row = (time.perf_counter() - t) / (len(X) - warm), (time.process_time() - c) / (len(X) - warm)
     ll = np.concatenate([first.log_likelihood, rest.log_likelihood])
     preds = [first.predictions, rest.predictions]
     return ll, preds, per_row, held, temp
@@ -73,9 +79,9 @@ def run_optax(apply, loss_fn, params, X, Y, opt):
 
     run = jax.jit(lambda p, s, X, Y: jax.lax.scan(body, (p, s), (X, Y)))
     jax.block_until_ready(run(params, state, X, Y))  # compiles; the second call is timed
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     (_, _), (losses, outs) = jax.block_until_ready(run(params, state, X, Y))
-    return np.asarray(losses), np.asarray(outs), (time.perf_counter() - t) / len(X)
+    return np.asarray(losses), np.asarray(outs), ((time.perf_counter() - t) / len(X), (time.process_time() - c) / len(X))
 
 
 def digits(order, dtype):
@@ -90,13 +96,13 @@ def digits(order, dtype):
     d = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))
     fam = kalnat.families.Categorical(10)
     print(f"\ndigits, {order} order: MLP 64 → 72 → 10, d = {d}; {len(y)} rows")
-    print(f"{'learner':<16}{'log-loss':>10}{'accuracy':>10}{'µs/row':>10}{'state MB':>10}{'temp MB':>10}")
+    print(f"{'learner':<16}{'log-loss':>10}{'accuracy':>10}{'µs/row':>10}{'CPU µs':>10}{'state MB':>10}{'temp MB':>10}")
     rows = {}
     for name, rep in structures(params, exact=True).items():
         ll, preds, per_row, held, temp = run_filter(model, fam, rep, params, X, y)
         probs = np.concatenate([np.asarray(p.probs) for p in preds])
         rows[name] = (-ll.mean(), (probs.argmax(1) == y).mean(), per_row)
-        print(f"{name:<16}{-ll.mean():>10.4f}{rows[name][1]:>10.3f}{per_row * 1e6:>10.0f}"
+        print(f"{name:<16}{-ll.mean():>10.4f}{rows[name][1]:>10.3f}{per_row[0] * 1e6:>10.0f}{per_row[1] * 1e6:>10.0f}"
               f"{held / 2**20:>10.2f}{temp / 2**20:>10.2f}")
     logits = lambda p, x: model.apply(p, x)
     xent = lambda z, t: optax.softmax_cross_entropy_with_integer_labels(z, t)
@@ -109,7 +115,7 @@ def digits(order, dtype):
             if best is None or score < best[0]:
                 best = (score, (outs.argmax(1) == y).mean(), per_row, lr)
         rows[opt_name] = best[:3]
-        print(f"{opt_name + '*':<16}{best[0]:>10.4f}{best[1]:>10.3f}{best[2] * 1e6:>10.0f}"
+        print(f"{opt_name + '*':<16}{best[0]:>10.4f}{best[1]:>10.3f}{best[2][0] * 1e6:>10.0f}{best[2][1] * 1e6:>10.0f}"
               f"{'':>10}{'':>10}   (lr {best[3]:g}, best of 6 in hindsight)")
     adam = rows["adam"][0]
     print("log-loss ÷ Adam*'s: " + ", ".join(f"{k} {v[0] / adam:.2f}" for k, v in rows.items()))
@@ -132,7 +138,7 @@ def synthetic(rows, dtype):
     d = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))
     fam = kalnat.families.Gaussian(0.01)
     print(f"\nsynthetic teacher stream: MLP 100 → 300 → 300 → 1, d = {d}; {rows} rows")
-    print(f"{'learner':<16}{'MSE all':>10}{'MSE last ¼':>12}{'ms/step':>10}{'state MB':>10}{'temp MB':>10}")
+    print(f"{'learner':<16}{'MSE all':>10}{'MSE last ¼':>12}{'ms/step':>10}{'CPU ms':>10}{'state MB':>10}{'temp MB':>10}")
     out = {}
     for name, rep in structures(params, exact=False).items():
         if name == "blocks":
@@ -141,8 +147,8 @@ def synthetic(rows, dtype):
         mean = np.concatenate([np.asarray(p.mean)[:, 0] for p in preds])
         err = (mean - Y) ** 2
         out[name] = per_row
-        print(f"{name:<16}{err.mean():>10.4f}{err[-rows // 4:].mean():>12.4f}{per_row * 1e3:>10.2f}"
-              f"{held / 2**20:>10.2f}{temp / 2**20:>10.2f}")
+        print(f"{name:<16}{err.mean():>10.4f}{err[-rows // 4:].mean():>12.4f}{per_row[0] * 1e3:>10.2f}"
+              f"{per_row[1] * 1e3:>10.2f}{held / 2**20:>10.2f}{temp / 2**20:>10.2f}")
     mse = lambda z, t: jnp.mean((z - t) ** 2)
     best = None
     for lr in (1e-4, 1e-3, 1e-2):
@@ -151,8 +157,10 @@ def synthetic(rows, dtype):
         if best is None or losses.mean() < best[0]:
             best = (losses.mean(), losses[-rows // 4:].mean(), per_row, lr)
     out["adam"] = best[2]
-    print(f"{'adam*':<16}{best[0]:>10.4f}{best[1]:>12.4f}{best[2] * 1e3:>10.2f}   (lr {best[3]:g}, best of 3)")
-    print("time per step ÷ Adam's: " + ", ".join(f"{k} {v / best[2]:.1f}" for k, v in out.items()))
+    print(f"{'adam*':<16}{best[0]:>10.4f}{best[1]:>12.4f}{best[2][0] * 1e3:>10.2f}{best[2][1] * 1e3:>10.2f}"
+          f"   (lr {best[3]:g}, best of 3)")
+    print("time per step ÷ Adam's: " + ", ".join(f"{k} {v[0] / best[2][0]:.1f}" for k, v in out.items()))
+    print("CPU time per step ÷ Adam's: " + ", ".join(f"{k} {v[1] / best[2][1]:.1f}" for k, v in out.items()))
 
 
 def main():
@@ -160,7 +168,13 @@ def main():
     ap.add_argument("--part", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rows", type=int, default=2000, help="rows of the synthetic stream")
     ap.add_argument("--float64", action="store_true")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="threads of the LAPACK/BLAS library JAX's CPU factorisations call (0: its default)")
     args = ap.parse_args()
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+        threadpool_limits(args.blas_threads, user_api="blas")
+    print(f"BLAS threads: {args.blas_threads or 'default'}")
     if args.float64:
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.float64 else jnp.float32

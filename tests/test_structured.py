@@ -90,6 +90,40 @@ def test_low_rank_truncation_keeps_the_precision_diagonal_and_the_top_directions
     np.testing.assert_allclose(np.sort(kept)[::-1], top, rtol=1e-10)
 
 
+def _reprojected_by_svd(prior, H, R, k):
+    """The re-projection from an SVD of the tall Ã = υ⁻^{-1/2} [W⁻, Hᵀ L_R⁻ᵀ] itself."""
+    info = np.linalg.solve(np.linalg.cholesky(R), H).T
+    root = np.sqrt(np.asarray(prior.ups))[:, None]
+    u, s, _ = np.linalg.svd(np.concatenate([prior.w, info], axis=1) / root, full_matrices=False)
+    us = u * s
+    w = root * us[:, :k]
+    return np.asarray(prior.ups) * (1.0 + np.sum(us[:, k:] ** 2, axis=1)), w @ w.T
+
+
+@pytest.mark.parametrize("d,k,m,zero", [(9, 3, 1, 0), (9, 3, 3, 0), (9, 4, 2, 2), (5, 7, 2, 0), (6, 3, 1, 3)])
+def test_low_rank_reprojection_from_the_prior_factors_is_the_svd_of_the_tall_matrix(d, k, m, zero):
+    """The posterior finds Ã's SVD from the prior's QR factors and the gain's projections; it is
+    the SVD of Ã itself, also where W is rank deficient (``zero`` columns of W are 0: the start)
+    and where k > d."""
+    rng = np.random.default_rng(d * 100 + k * 10 + m + zero)
+    rep = LowRank(k)
+    w = rng.normal(size=(d, k)) * rng.uniform(0.1, 10.0, k)
+    w[:, k - zero:] = 0.0
+    cov = kalnat.representations.LowRankPrecision(jnp.asarray(rng.uniform(0.5, 2.0, d)), jnp.asarray(w))
+    prior = rep.inflate(cov, 1, 0.95, None, None)
+    H = jnp.asarray(rng.normal(size=(m, d)))
+    a = rng.normal(size=(m, m))
+    R = jnp.asarray(a @ a.T + m * np.eye(m))
+    _, _, aux = rep.gain(prior, H, R, jnp.zeros(m))
+    ups, wwt = _reprojected_by_svd(prior, H, R, k)
+    for post in (rep.posterior(prior, H, R, jnp.zeros(m), aux, jnp.ones(m, bool)),
+                 rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool))):
+        np.testing.assert_allclose(post.ups, ups, rtol=1e-10)
+        np.testing.assert_allclose(post.w @ post.w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
+    u = np.asarray(prior.u)
+    np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-12)
+
+
 @pytest.mark.parametrize("case", ["one-output", "isotropic-outputs"])
 def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
     """One output (G is 1 × 1), or several outputs with isotropic gaussian noise (information
@@ -108,6 +142,36 @@ def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
     kron = kalnat.ekf(model, fam, representation=rep, **opts)
     _agree(kalnat.fit(exact, exact.init(model.init(None)), X, y, batch_size=batch),
            kalnat.fit(kron, kron.init(model.init(None)), X, y, batch_size=batch), 1e-9)
+
+
+def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring():
+    """On a prior with full G and A and information that is no Kronecker product: P = (L_G U⁻¹
+    L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ) from the alternating passes, written out in NumPy."""
+    from kalnat.representations.kron import PASSES, _order
+    rng = np.random.default_rng(5)
+    n_out, n_in, k = 3, 4, 2
+    rep = KronLayer(n_out, n_in)
+
+    def spd(n):
+        a = rng.normal(size=(n, n))
+        return a @ a.T / n + 0.5 * np.eye(n)
+
+    g, a = spd(n_out), spd(n_in + 1)
+    H = rng.normal(size=(k, n_out * (n_in + 1)))
+    c = rng.normal(size=(k, k))
+    R = c @ c.T + k * np.eye(k)
+    post = rep.posterior(kalnat.representations.KronCovariance(jnp.asarray(g), jnp.asarray(a)),
+                         jnp.asarray(H), jnp.asarray(R), jnp.zeros(k), None, jnp.ones(k, bool))
+    lg, la = np.linalg.cholesky(g), np.linalg.cholesky(a)
+    info = np.linalg.solve(np.linalg.cholesky(R), H)
+    ms = [lg.T @ row[_order(n_out, n_in)].reshape(n_out, n_in + 1) @ la for row in info]
+    v = np.eye(n_in + 1)
+    for _ in range(PASSES):
+        u = np.trace(v) * np.eye(n_out) + sum(m @ v @ m.T for m in ms)
+        u = u / np.linalg.norm(u)
+        v = np.trace(u) * np.eye(n_in + 1) + sum(m.T @ u @ m for m in ms)
+    expected = np.kron(lg @ np.linalg.solve(u, lg.T), la @ np.linalg.solve(v, la.T))
+    np.testing.assert_allclose(np.kron(post.g, post.a), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():

@@ -16,7 +16,8 @@ representation says how ``P`` is stored and how each operation is computed in th
 ``with_dense(P) -> cov`` (the same posterior in this form: for re-expression in new coordinates
 and :func:`kalnat.covariance`); ``prior`` is one too, with ``dense() -> P⁻``. ``gain`` and
 ``posterior`` are separate so that the iterated update (several linearisations from one prior)
-computes the gain at each and the covariance once.
+computes the gain at each and the covariance once. ``project`` and ``gain_projected``
+(optional) split ``gain`` where its products are those of ``quad``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ class Representation(abc.ABC):
     @abc.abstractmethod
     def posterior(self, prior, H, R, e, aux, rows):
         ...
+
+    def project(self, prior, H):
+        """``(H P⁻ Hᵀ (k, k), projection)`` for ``H (k, d)``: what :meth:`gain_projected` reuses.
+        A representation whose gain recomputes its quad's products (``P⁻ Hᵀ``) overrides both,
+        so that :class:`~kalnat.representations.Groups`, which needs every group's quad before
+        any gain, computes them once."""
+        return self.quad(prior, H), None
+
+    def gain_projected(self, prior, H, R, e, projection):
+        """:meth:`gain` given ``projection`` from :meth:`project` of the same ``prior`` and ``H``."""
+        return self.gain(prior, H, R, e)
 
     def noise(self, prior):
         """``(scale, dof)`` when the observation noise scale is itself uncertain (a Student-t

@@ -66,9 +66,13 @@ class Diagonal(Representation):
     def gain(self, prior, H, R, e):
         ph = prior.p[:, None] * H.T                      # P⁻ Hᵀ (d, k)
         hph = H @ ph
-        w, v = numerics.whiten(hph + R, ph, e)
-        return w @ v, hph, None
+        # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
+        return ph @ numerics.chol_solve(hph + R, e), hph, None
 
     def posterior(self, prior, H, R, e, aux, rows):
-        fisher_diag = jnp.sum(H * numerics.chol_solve(R, H), axis=0)   # diag(Hᵀ R⁻¹ H) (d,)
+        # diag(Hᵀ R⁻¹ H) (d,) as the column sums of squares of L_R⁻¹ H, L_R⁻¹ formed (m × m)
+        # so that H is read once
+        inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype))
+        white = inv @ H
+        fisher_diag = jnp.sum(white * white, axis=0)
         return DiagonalCovariance(1.0 / (1.0 / prior.p + fisher_diag))

@@ -114,14 +114,15 @@ class Groups(Representation):
 
     def gain(self, prior, H, R, e):
         hs = self._split(H, axis=1)
-        quads = [rep.quad(p, hg) for rep, p, hg in zip(self.parts, prior.parts, hs)]
+        projections = [rep.project(p, hg) for rep, p, hg in zip(self.parts, prior.parts, hs)]
+        quads = [hph for hph, _ in projections]
         total = sum(quads)
         deltas, auxes, noises = [], [], []
         for g, (rep, p, hg) in enumerate(zip(self.parts, prior.parts, hs)):
             # the other groups' uncertainty joins the noise (summed, not total − own: that
             # difference cancels in float32 when one group carries most of it)
             rg = R + sum(q for j, q in enumerate(quads) if j != g)
-            dg, _, aux = rep.gain(p, hg, rg, e)
+            dg, _, aux = rep.gain_projected(p, hg, rg, e, projections[g])
             deltas.append(dg)
             auxes.append(aux)
             noises.append(rg)

@@ -138,25 +138,36 @@ class KronLayer(Representation):
         return self._vec(jnp.einsum("ij,kjl,lm->kim", prior.g, m, prior.a))
 
     def quad(self, prior, h):
-        return h @ self._times(prior, h.T)
+        return self.project(prior, h)[0]
+
+    def project(self, prior, H):
+        ph = self._times(prior, H.T)
+        return H @ ph, ph
 
     def gain(self, prior, H, R, e):
-        ph = self._times(prior, H.T)
-        hph = H @ ph
-        w, v = numerics.whiten(hph + R, ph, e)
-        return w @ v, hph, None
+        return self.gain_projected(prior, H, R, e, None)
+
+    def gain_projected(self, prior, H, R, e, projection):
+        hph, ph = self.project(prior, H) if projection is None else projection
+        # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
+        return ph @ numerics.chol_solve(hph + R, e), hph, None
 
     def posterior(self, prior, H, R, e, aux, rows):
         lg, la = numerics.cholesky(prior.g), numerics.cholesky(prior.a)
-        info = numerics.solve_lower(numerics.cholesky(R), H)           # L_R⁻¹ H (k, d)
+        inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype))
+        info = inv @ H                                                  # L_R⁻¹ H (k, d)
         mh = jnp.einsum("ji,kjl,lm->kim", lg, self._m(info.T), la)      # M̂_j = L_Gᵀ M_j L_A
-        u = jnp.eye(self.n_out, dtype=lg.dtype)
-        v = jnp.eye(self.n_in + 1, dtype=lg.dtype)
+        v = None                                                        # V = I to start
         for _ in range(PASSES):
-            u = jnp.trace(v) * jnp.eye(self.n_out, dtype=v.dtype) + jnp.einsum("kij,jl,kml->im", mh, v, mh)
+            if v is None:  # ⟨I, I⟩ I + Σ M̂ M̂ᵀ: the first pass without a product with I
+                u = (self.n_in + 1) * jnp.eye(self.n_out, dtype=lg.dtype) + jnp.einsum("kij,kmj->im", mh, mh)
+            else:
+                u = jnp.trace(v) * jnp.eye(self.n_out, dtype=v.dtype) + jnp.einsum("kij,jl,kml->im", mh, v, mh)
             u = u / jnp.sqrt(jnp.sum(u * u))
             v = jnp.trace(u) * jnp.eye(self.n_in + 1, dtype=u.dtype) + jnp.einsum("kji,jl,klm->im", mh, u, mh)
-        # Λ ≈ (L_G⁻ᵀ U L_G⁻¹) ⊗ (L_A⁻ᵀ V L_A⁻¹), so P = (L_G U⁻¹ L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ)
-        g = lg @ numerics.chol_solve(_sym(u), lg.T)
-        a = la @ numerics.chol_solve(_sym(v), la.T)
+        # Λ ≈ (L_G⁻ᵀ U L_G⁻¹) ⊗ (L_A⁻ᵀ V L_A⁻¹), so P = (L_G U⁻¹ L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ), each
+        # formed as XᵀX with X = L_U⁻¹ L_Gᵀ (one triangular solve; symmetric by construction)
+        xg = numerics.solve_lower(numerics.cholesky(_sym(u)), lg.T)
+        xa = numerics.solve_lower(numerics.cholesky(_sym(v)), la.T)
+        g, a = xg.T @ xg, xa.T @ xa
         return KronCovariance(*_balanced(_sym(g), _sym(a)))

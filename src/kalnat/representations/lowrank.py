@@ -24,6 +24,13 @@ data"). It is positive definite by construction in any precision. Its choices, m
   to each parameter's own scale (invariant to rescaling a parameter, unlike a plain SVD of
   ``[W⁻, Hᵀ L_R⁻ᵀ]``).
 
+**Cost.** One factorisation of a tall matrix per step (two with process noise): the
+prediction step's thin SVD is a Householder QR of ``υ^{-1/2} W`` and an SVD of its ``k × k``
+``R``; the re-projection's SVD of ``Ã`` needs none of its own, since
+``Ã = [u, Q_ρ] [[diag(s) Vᵀ, b̂], [0, R_ρ]]`` from the prior's factors and the gain's
+projections of ``ĝ = υ⁻^{-1/2} Hᵀ L_R⁻ᵀ``, ``b̂ = uᵀ ĝ`` and ``ρ̂ = ĝ − u b̂ = Q_ρ R_ρ``: the SVD of that small matrix gives Ã's
+right singular vectors ``V``, and ``Ã V`` is one product.
+
 Not differentiable in the hyperparameters: the SVDs' derivatives divide by differences of
 singular values, which repeat (all zero at the prior); :func:`kalnat.log_evidence`'s gradient
 needs another representation.
@@ -47,9 +54,18 @@ __all__ = ["LowRank", "LowRankPrecision", "LowRankPrior"]
 
 
 def _factors(ups, w):
-    """``U (d, r)`` and ``s (r,)`` with ``υ^{-1/2} W = U diag(s) Vᵀ``, ``r = min(d, k)``."""
-    u, s, _ = jnp.linalg.svd(w / jnp.sqrt(ups)[:, None], full_matrices=False)
-    return u, s
+    """``Q (d, r)`` orthonormal, ``U_R (r, r)`` orthogonal, ``s (r,)`` and ``S Vᵀ (r, k)`` with
+    ``υ^{-1/2} W = U diag(s) Vᵀ``, ``U = Q U_R``, ``r = min(d, k)``.
+
+    A Householder QR of the tall ``A = υ^{-1/2} W = Q R``, then the SVD of the small ``R =
+    U_R diag(s) Vᵀ``: ``U = Q U_R`` is the thin SVD's ``U`` (up to a rotation among equal
+    singular values, which leaves ``P⁻`` unchanged), as backward stable, and orthonormal also
+    where ``A`` is rank deficient (``W = 0`` at the start), at a fraction of the cost of an SVD
+    of the tall matrix. ``U`` is kept as the pair: a product with it is two thin ones.
+    """
+    q, r = jnp.linalg.qr(w / jnp.sqrt(ups)[:, None])
+    ur, s, vt = jnp.linalg.svd(r, full_matrices=False)
+    return q, ur, s, s[:, None] * vt
 
 
 def _pad(w, k):
@@ -64,8 +80,8 @@ class LowRankPrecision(NamedTuple):
     w: jax.Array
 
     def dense(self):
-        u, s = _factors(self.ups, self.w)
-        return LowRankPrior(self.ups, self.w, u, 1.0 / (1.0 + s * s)).dense()
+        q, ur, s, sv = _factors(self.ups, self.w)
+        return LowRankPrior(self.ups, self.w, q, ur, 1.0 / (1.0 + s * s), sv).dense()
 
     def with_dense(self, P):
         """``P⁻¹`` in this form: its top ``k`` eigen-directions in ``w``, the rest's diagonal in
@@ -83,27 +99,40 @@ class LowRankPrecision(NamedTuple):
 
 class LowRankPrior(NamedTuple):
     """The prior ``Λ⁻ = diag(ups) + w wᵀ`` with the factors of ``P⁻ = Λ⁻⁻¹``:
-    ``P⁻ = υ^{-1/2} (I − u diag(1 − c) uᵀ) υ^{-1/2}``, ``u (d, r)`` orthonormal, ``c (r,)``."""
+    ``P⁻ = υ^{-1/2} (I − u diag(1 − c) uᵀ) υ^{-1/2}``, ``u = q ur (d, r)`` orthonormal (``q (d, r)``
+    orthonormal, ``ur (r, r)`` orthogonal; ``u`` itself is never formed in a step), ``c (r,)``,
+    and ``sv = uᵀ υ^{-1/2} w (r, k)`` (``diag(s) Vᵀ`` of the thin SVD ``υ^{-1/2} w = u diag(s) Vᵀ``)."""
 
     ups: jax.Array
     w: jax.Array
-    u: jax.Array
+    q: jax.Array
+    ur: jax.Array
     c: jax.Array
+    sv: jax.Array
+
+    @property
+    def u(self):
+        """``u (d, r)``, formed."""
+        return self.q @ self.ur
 
     def whitened(self, ht):
         """For ``Hᵀ (d, m)``: ``(ρ, b)`` with ``g = υ^{-1/2} Hᵀ``, ``b = uᵀ g``, ``ρ = g − u b``."""
         g = ht / jnp.sqrt(self.ups)[:, None]
-        b = self.u.T @ g
-        rho = g - self.u @ b
+        b = self.q.T @ g                                 # u and q span the same columns
+        rho = g - self.q @ b
         # Projected twice: in a well-determined direction ρ ≈ 0 while c b is tiny too, and one
         # pass leaves ρ a rounding error of order ε‖g‖ along u, which the gain would then carry.
-        back = self.u.T @ rho
-        return rho - self.u @ back, b + back
+        back = self.q.T @ rho
+        return rho - self.q @ back, self.ur.T @ (b + back)
+
+    def along(self, b):
+        """``u b`` for ``b (r, …)``."""
+        return self.q @ (self.ur @ b)
 
     def times(self, ht):
         """``P⁻ Hᵀ`` for ``Hᵀ (d, m)``."""
         rho, b = self.whitened(ht)
-        return (rho + self.u @ (self.c[:, None] * b)) / jnp.sqrt(self.ups)[:, None]
+        return (rho + self.along(self.c[:, None] * b)) / jnp.sqrt(self.ups)[:, None]
 
     def variances(self):
         """``diag(P⁻) (d,)``."""
@@ -147,10 +176,10 @@ class LowRank(Representation):
         if q is None:  # P/λ: Λ⁻ = λ Λ, and υ^{-1/2} W is unchanged
             ups, w = lam * ups, jnp.sqrt(lam) * w
         else:
-            u, s = _factors(ups, w)
+            qm, ur, s, _ = _factors(ups, w)
             lq = lam * jnp.asarray(q, ups.dtype) * ups
             dinv = lam / (1.0 + lq)                                              # D⁻¹ (d,)
-            us = u * jnp.sqrt(s * s / (1.0 + s * s))[None, :]                    # U σ^{1/2}
+            us = qm @ (ur * jnp.sqrt(s * s / (1.0 + s * s))[None, :])            # U σ^{1/2}
             # N = I − σ^{1/2} Uᵀ (D⁻¹/λ) U σ^{1/2} = diag(1 − σ) + σ^{1/2} Uᵀ diag(ε) U σ^{1/2}
             # with ε = 1 − D⁻¹/λ (UᵀU = I): a sum of positive terms, where I − (…) cancels in
             # float32 once s is large (a well-determined direction) and q υ small.
@@ -158,33 +187,53 @@ class LowRank(Representation):
             lower = numerics.cholesky(jnp.diag(1.0 / (1.0 + s * s)) + ue.T @ ue)
             w = (jnp.sqrt(ups) * dinv)[:, None] * numerics.solve_lower(lower, us.T).T / jnp.sqrt(lam)
             ups, w = ups * dinv, _pad(w, self.rank)
-        u, s = _factors(ups, w)
-        prior = LowRankPrior(ups, w, u, 1.0 / (1.0 + s * s))
+        qm, ur, s, sv = _factors(ups, w)
+        prior = LowRankPrior(ups, w, qm, ur, 1.0 / (1.0 + s * s), sv)
         if bound is not None:  # S P⁻ S: υ/s², W/s; υ^{-1/2} W and so u, c are unchanged
             f = numerics.variance_bound(prior.variances(), jnp.asarray(bound, ups.dtype))
             prior = prior._replace(ups=ups / (f * f), w=w / f[:, None])
         return prior
 
     def quad(self, prior, h):
-        rho, b = prior.whitened(h.T)
-        cb = jnp.sqrt(prior.c)[:, None] * b
-        return rho.T @ rho + cb.T @ cb
+        return self.project(prior, h)[0]
 
-    def gain(self, prior, H, R, e):
+    def project(self, prior, H):
         rho, b = prior.whitened(H.T)
         cb = jnp.sqrt(prior.c)[:, None] * b
-        hph = rho.T @ rho + cb.T @ cb                    # H P⁻ Hᵀ, a sum of squares
-        ph = (rho + prior.u @ (prior.c[:, None] * b)) / jnp.sqrt(prior.ups)[:, None]
-        w, v = numerics.whiten(hph + R, ph, e)
-        return w @ v, hph, None
+        return rho.T @ rho + cb.T @ cb, (rho, b)         # H P⁻ Hᵀ, a sum of squares
+
+    def gain(self, prior, H, R, e):
+        return self.gain_projected(prior, H, R, e, None)
+
+    def gain_projected(self, prior, H, R, e, projection):
+        hph, (rho, b) = self.project(prior, H) if projection is None else projection
+        ph = (rho + prior.along(prior.c[:, None] * b)) / jnp.sqrt(prior.ups)[:, None]
+        # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
+        return ph @ numerics.chol_solve(hph + R, e), hph, (rho, b)
 
     def posterior(self, prior, H, R, e, aux, rows):
-        info = numerics.solve_lower(numerics.cholesky(R), H).T          # Hᵀ L_R⁻ᵀ (d, m)
-        root = jnp.sqrt(prior.ups)[:, None]
-        a = jnp.concatenate([prior.w, info], axis=1) / root             # Ã (d, k + m)
-        u, s, _ = jnp.linalg.svd(a, full_matrices=False)
-        us = u * s[None, :]
+        # Ã = [υ^{-1/2} W⁻, ĝ] with ĝ = υ^{-1/2} Hᵀ L_R⁻ᵀ (d × (k + m)). Its SVD is found from
+        # the prior's factors without a factorisation of Ã itself: ĝ = u b̂ + ρ̂ (the gain's
+        # projections, ρ̂ ⟂ u), ρ̂ = Q_ρ R_ρ, so Ã = [u, Q_ρ] K with the small
+        # K = [[diag(s) Vᵀ, b̂], [0, R_ρ]], [u, Q_ρ] orthonormal: ÃᵀÃ = KᵀK, and Ã's
+        # right singular vectors are K's. Then Ã V = U diag(s) is one product with [u, ρ̂],
+        # where Q_ρ is never formed (it is undefined where ρ̂ ≈ 0, ĝ within the span of u).
+        rho, b = prior.whitened(H.T) if aux is None else aux
+        inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype)).T   # L_R⁻ᵀ
+        rho, b = rho @ inv, b @ inv                                     # ρ̂ (d, m), b̂ (r, m)
+        r, m = b.shape
+        if m == 1:
+            r_rho = jnp.sqrt(jnp.sum(rho * rho)).reshape(1, 1)
+        else:
+            r_rho = jnp.linalg.qr(rho, mode="r")                        # ρ̂ᵀρ̂ = R_ρᵀ R_ρ
+        top = jnp.concatenate([prior.sv, b], axis=1)                    # (r, k + m)
+        kmat = jnp.concatenate([top, jnp.concatenate(
+            [jnp.zeros((m, prior.sv.shape[1]), r_rho.dtype), r_rho], axis=1)], axis=0)
+        _, _, vt = jnp.linalg.svd(kmat, full_matrices=False)            # V of Ã (k + m, n)
+        v = vt.T
+        us = prior.along(top @ v) + rho @ v[prior.sv.shape[1]:]          # Ã V = U diag(s) (d, n)
         k = self.rank
+        root = jnp.sqrt(prior.ups)[:, None]
         w = root * us[:, :k]
         dropped = jnp.sum(us[:, k:] ** 2, axis=1)                       # diag of what leaves W
         return LowRankPrecision(prior.ups * (1.0 + dropped), _pad(w, k))
