@@ -63,8 +63,8 @@ def test_structured_forms_shard_by_parameter(report):
         m = case["batch"]
         ops = case["collectives"]
         assert any(op == "all-reduce" for op, _ in ops)
-        if case["form"] == "lowrank":  # the re-projection's SVD takes [W⁻, Hᵀ L_R⁻ᵀ] in full
-            assert any(op == "all-gather" and [d, k + m] in shapes for op, shapes in ops)
+        if case["form"] == "lowrank":  # the prediction step's QR takes υ^{-1/2} W whole
+            assert any(op == "all-gather" and [d, k] in shapes for op, shapes in ops)
         for op, shapes in ops:
             for shape in shapes:
                 assert math.prod(shape) <= d * ((k if case["form"] == "lowrank" else 0) + m), (case["form"], op, shape)
