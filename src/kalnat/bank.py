@@ -239,8 +239,11 @@ class Bank(Boundary):
             s, (pred, ll) = scan_rows(self.learner, h, s, xs, ys, ms)
             return s, ((pred if keep else None), ll, jax.vmap(_all_finite)(pred, ll))
 
+        group = members_per_group(state.members, self.size)
+        # One member at a time: a plain loop (lax.map's batches of one are still vmapped, which
+        # turns each member's own conds, such as its count of linearisations, into selects).
         members, (preds, lls, fins) = jax.lax.map(member, (hyper, state.members),
-                                                  batch_size=members_per_group(state.members, self.size))
+                                                  batch_size=None if group == 1 else group)
         swap = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)  # noqa: E731  (K, c, …) -> (c, K, …)
 
         def mix(weights, inp):

@@ -293,8 +293,8 @@ def _reexpressed(runner, state, old, new):
         prior_vars, forgettings = np.asarray(bank.hyper.prior_var), np.asarray(bank.hyper.forgetting)
         counts = np.asarray(members.count)
     first = jax.tree_util.tree_map(lambda a: a[0], params)
-    A = scaling.reexpression_matrix(first, old, new)
-    B = scaling.reexpression_matrix(first, new, old) if with_prior else None
+    maps = scaling.reexpression(first, old, new) if with_prior else None
+    A = maps.A if with_prior else scaling.reexpression_matrix(first, old, new)
     moved_params, moved_covs = [], []
     for k in range(covs.shape[0]):
         pk = jax.tree_util.tree_map(lambda a: a[k], params)
@@ -304,7 +304,7 @@ def _reexpressed(runner, state, old, new):
             continue
         if with_prior:
             rho = float(forgettings[k]) ** int(counts[k])
-            pk, ck = scaling.reexpress_with_prior(pk, covs[k], old, new, float(prior_vars[k]), rho, (A, B))
+            pk, ck = scaling.reexpress_with_prior(pk, covs[k], old, new, float(prior_vars[k]), rho, maps)
         else:
             pk, ck = scaling.reexpress(pk, covs[k], old, new, A)
         moved_params.append(pk)

@@ -225,13 +225,20 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
     if learner.max_iterations > 1:
         if relinearize is None:
             raise ValueError(f"{learner.name}: an iterated update needs relinearize(θ)")
-        for i in range(learner.max_iterations - 1):  # a small static count: unrolled
+        def again(carry):
+            delta = carry[0]
             H_i, R_i, e_i = stack(masked(relinearize(theta0 + delta), mask))
             e_i = e_i + H_i @ delta  # the innovation of the linear model about θ_i, from θ_{t−1}
             d_i, _, aux_i = rep.gain(prior.cov, H_i, R_i, e_i)
-            use = i + 2 <= hyper.iterations
-            delta, H, R, e, aux = jax.tree_util.tree_map(
-                lambda new, old: jnp.where(use, new, old), (d_i, H_i, R_i, e_i, aux_i), (delta, H, R, e, aux))
+            return d_i, H_i, R_i, e_i, aux_i
+
+        carry = (delta, H, R, e, aux)
+        for i in range(learner.max_iterations - 1):  # a small static count: unrolled
+            # A cond, not a select: a member of a bank that uses fewer linearisations than the
+            # bank is built for skips the work when its step runs on its own (Bank.scan_chunk's
+            # members one at a time); under vmap JAX turns it into a select of both.
+            carry = jax.lax.cond(i + 2 <= hyper.iterations, again, lambda c: c, carry)
+        delta, H, R, e, aux = carry
     cov = rep.posterior(prior.cov, H, R, e, aux, jnp.repeat(mask, m))
     return State(unravel(theta0 + delta), cov, prior.count + 1), pred, ll
 
