@@ -92,3 +92,41 @@ def test_fixed_chunk_compiles_one_program_and_learns_the_same():
     np.testing.assert_array_equal(np.concatenate(preds), plain.predictions.probs)
     for a_leaf, b_leaf in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(plain.state)):
         np.testing.assert_array_equal(a_leaf, b_leaf)
+
+
+LOAD = """
+import sys
+from kalnat import datasets
+src = datasets.open_source({name!r}, cache_dir={folder!r})
+chunk = next(src.chunks)
+print("SKLEARN" if "sklearn" in sys.modules else "NO_SKLEARN", file=sys.stderr)
+import numpy as np
+np.savez({out!r}, X=chunk.X, y=chunk.y.astype(str), names=np.asarray(src.feature_names), classes=np.asarray(src.class_names))
+"""
+
+
+def _load(name, folder, out):
+    run = subprocess.run([sys.executable, "-c", LOAD.format(name=name, folder=str(folder), out=str(out))],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert run.returncode == 0, run.stderr
+    with np.load(out) as f:
+        return run.stderr.strip().splitlines()[-1], {k: f[k] for k in f}
+
+
+@pytest.mark.parametrize("name", ["breast_cancer", "iris"])
+def test_a_bundled_set_is_kept_in_the_cache_and_read_back_without_its_package(tmp_path, name):
+    folder = tmp_path / "datasets"
+    first_import, first = _load(name, folder, tmp_path / "a.npz")
+    assert first_import == "SKLEARN" and len(os.listdir(folder)) == 1
+    again_import, again = _load(name, folder, tmp_path / "b.npz")
+    assert again_import == "NO_SKLEARN"  # the copy was read, not the package
+    for k in first:
+        np.testing.assert_array_equal(again[k], first[k])
+    (kept,) = os.listdir(folder)
+    with open(folder / kept, "wb") as f:
+        f.write(b"not a npz")  # a damaged copy is read afresh from the package and replaced
+    damaged_import, damaged = _load(name, folder, tmp_path / "c.npz")
+    assert damaged_import == "SKLEARN"
+    for k in first:
+        np.testing.assert_array_equal(damaged[k], first[k])
+    assert _load(name, folder, tmp_path / "d.npz")[0] == "NO_SKLEARN"

@@ -31,6 +31,7 @@ from kalnat.datasets import DataError
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 # JAX's persistent compilation cache: a second run of the same job skips XLA's compilation.
+# Its folder also keeps the bundled data sets once read (a subfolder ``datasets``).
 CACHE_ENV = "KALNAT_CACHE_DIR"      # where (default: the user's cache folder, kalnat/jax)
 NO_CACHE_ENV = "KALNAT_NO_CACHE"    # set to 1 to turn it off
 
@@ -168,9 +169,11 @@ def _config(kw) -> dict:
 def _open(data, kw, **more):
     from kalnat import datasets
 
+    folder = cache_dir()
     return datasets.open_source(data, target=kw.get("target"), chunk_rows=kw["chunk_rows"],
                                 skip_bad_rows=kw["skip_bad_rows"], delimiter=parse_delimiter(kw["delimiter"]),
-                                shuffle_seed=kw.get("shuffle"), **more)
+                                shuffle_seed=kw.get("shuffle"),
+                                cache_dir=None if folder is None else os.path.join(folder, "datasets"), **more)
 
 
 # ---- learn ------------------------------------------------------------------------------------

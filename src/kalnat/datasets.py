@@ -201,7 +201,8 @@ class Source:
 def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10_000,
                 skip_bad_rows: bool = False, require_target: bool = True,
                 feature_names: Optional[Sequence[str]] = None, delimiter: str = ",",
-                shuffle_seed: Optional[int] = None, stdin=None, key: Optional[str] = None) -> Source:
+                shuffle_seed: Optional[int] = None, stdin=None, key: Optional[str] = None,
+                cache_dir: Optional[str] = None) -> Source:
     """Opens a CSV path, ``-`` (standard input) or a bundled data set's name as a stream.
 
     Args:
@@ -214,11 +215,13 @@ def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10
       shuffle_seed: shuffle the rows of a bundled set with this seed (CSV streams keep order).
       key: a column whose values (as text) name the stream each row belongs to (one model per
         key); not a feature. CSV only.
+      cache_dir: a folder where a bundled set is kept, once read, in a form that loads in
+        milliseconds (``None``: read from its package every time).
     """
     if key is not None and data != "-" and not os.path.exists(data) and is_dataset(data):
         raise DataError(data, f"--key applies to CSV files; the bundled data set {data!r} has no key column")
     if data != "-" and not os.path.exists(data) and is_dataset(data):
-        return _dataset_source(data, target, chunk_rows, feature_names, shuffle_seed)
+        return _dataset_source(data, target, chunk_rows, feature_names, shuffle_seed, cache_dir)
     if data != "-" and not os.path.exists(data):
         describe(data)  # raises with the list of bundled sets
     if shuffle_seed is not None:
@@ -227,9 +230,47 @@ def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10
                        delimiter, stdin, key)
 
 
-def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed):
-    info = describe(name)
+# Bumped when a loader above changes what it returns: older cached copies are then not read.
+_CACHE_FORMAT = 1
+
+
+def _load_cached(info: DatasetInfo, folder: Optional[str]):
+    """``info.loader()``, kept as a ``.npz`` in ``folder`` after the first call (``None``: not
+    kept). Importing scikit-learn to read a bundled set costs ~2 s, several times the rest of
+    a warm ``kalnat learn`` on it. The file's name holds the package's version, so an upgrade
+    reads the set afresh; a copy that cannot be read is replaced."""
+    if folder is None:
+        return info.loader()
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        stamp = version(info.package)
+    except PackageNotFoundError:
+        return info.loader()
+    path = os.path.join(folder, f"{info.name}-{info.package}-{stamp}-{_CACHE_FORMAT}.npz")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            classes = [str(c) for c in f["classes"]] if "classes" in f else None
+            return f["X"], f["y"], [str(n) for n in f["names"]], str(f["target_name"]), classes
+    except (OSError, ValueError, KeyError):
+        pass
     X, y, names, target_name, classes = info.loader()
+    parts = dict(X=X, y=y, names=np.asarray(names, str), target_name=np.asarray(target_name, str))
+    if classes is not None:
+        parts["classes"] = np.asarray(classes, str)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"  # written whole, then renamed: a reader never sees half
+        np.savez(tmp, **parts)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only or full disk: the set is loaded again next time
+    return X, y, names, target_name, classes
+
+
+def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed, cache_dir=None):
+    info = describe(name)
+    X, y, names, target_name, classes = _load_cached(info, cache_dir)
     if classes is not None:  # the stream speaks in class names, as a CSV of labels would
         y = np.asarray(classes, dtype=object)[np.asarray(y, np.int64)]
     if target not in (None, target_name):
