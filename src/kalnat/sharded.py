@@ -15,7 +15,9 @@ precision's ``υ (d,)`` and ``W (d, k)`` by rows (the low-rank step gathers ``d 
 QR and ``d × m`` pieces, never more than ``d × (k + m)``).
 
 The same code runs on several hosts once ``jax.distributed.initialize()`` has made every
-host's devices part of ``jax.devices()``.
+host's devices part of ``jax.devices()`` (``examples/multihost.py``; tests/test_multihost.py
+runs two processes on one machine): every process feeds the same rows and holds only its own
+rows of ``P``.
 
     >>> mesh = kalnat.sharded.mesh()                              # doctest: +SKIP
     >>> state = kalnat.sharded.shard(learner.init(params), mesh)  # doctest: +SKIP
