@@ -274,48 +274,19 @@ def block_end(rows: int) -> int:
 
 
 def _reexpressed(runner, state, old, new):
-    """A learner's or a bank's state moved from coordinates ``old`` to ``new``.
-
-    The arithmetic is on the host in float64 (:mod:`kalnat.scaling`); a bank's members move
-    between host and device once, all together (one ``vmap`` of their representation's
-    ``dense`` and ``with_dense``), not member by member."""
+    """A learner's or a bank's state moved from coordinates ``old`` to ``new``
+    (:func:`kalnat.scaling.reexpress_members`; the prior set afresh there under ``reprior``)."""
     with_prior = runner.scheme == "reprior" and parse_model(runner.cfg["model_spec"])[0] == "linear"
     bank = runner.bank
-    members = state if bank is None else state.members
-    covs = jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None]
-    covs = np.asarray(covs, np.float64)                                             # (K, d, d)
-    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), members.params)
-    if bank is None:
-        params = jax.tree_util.tree_map(lambda a: a[None], params)
-        prior_vars, forgettings = ([v] for v in single_settings(runner.cfg))
-        counts = [int(state.count)]
-    else:
-        prior_vars, forgettings = np.asarray(bank.hyper.prior_var), np.asarray(bank.hyper.forgetting)
-        counts = np.asarray(members.count)
-    first = jax.tree_util.tree_map(lambda a: a[0], params)
-    maps = scaling.reexpression(first, old, new) if with_prior else None
-    A = maps.A if with_prior else scaling.reexpression_matrix(first, old, new)
-    moved_params, moved_covs = [], []
-    for k in range(covs.shape[0]):
-        pk = jax.tree_util.tree_map(lambda a: a[k], params)
-        if not (np.all(np.isfinite(covs[k])) and all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(pk))):
-            moved_params.append(pk)  # a bank member that diverged: out of the mixture already
-            moved_covs.append(covs[k])
-            continue
-        if with_prior:
-            rho = float(forgettings[k]) ** int(counts[k])
-            pk, ck = scaling.reexpress_with_prior(pk, covs[k], old, new, float(prior_vars[k]), rho, maps)
-        else:
-            pk, ck = scaling.reexpress(pk, covs[k], old, new, A)
-        moved_params.append(pk)
-        moved_covs.append(np.asarray(ck, np.float64))
-    dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
-    new_params = jax.tree_util.tree_map(lambda *a: jax.numpy.asarray(np.stack(a), dtype), *moved_params)
-    new_covs = jax.numpy.asarray(np.stack(moved_covs), dtype)
-    if bank is None:
-        return kalnat.with_covariance(state, jax.tree_util.tree_map(lambda a: a[0], new_params), new_covs[0])
-    cov = jax.vmap(lambda c, p: c.with_dense(p))(members.cov, new_covs)
-    return state._replace(members=members._replace(params=new_params, cov=cov))
+    priors = None
+    if with_prior and bank is None:
+        v, lam = single_settings(runner.cfg)
+        priors = [v], [float(lam) ** int(state.count)]
+    elif with_prior:
+        counts = np.asarray(state.members.count)
+        priors = (np.asarray(bank.hyper.prior_var),
+                  np.asarray(bank.hyper.forgetting, np.float64) ** counts)  # ρ = λ^t: what forgetting left
+    return scaling.reexpress_members(state, old, new, bank=bank is not None, priors=priors)
 
 
 def _target_moved(runner, state, old, new):

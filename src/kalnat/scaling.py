@@ -18,7 +18,7 @@ import scipy.sparse
 __all__ = [
     "RunningStats", "init", "transform_and_update", "FrozenStats", "init_frozen", "transform_frozen",
     "standardizer", "reexpression_matrix", "Reexpression", "reexpression", "reexpress", "reexpress_state",
-    "reexpress_with_prior",
+    "reexpress_with_prior", "reexpress_members",
 ]
 
 
@@ -283,3 +283,47 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
             theta_new = cov_new @ (maps.Bt @ (P_inv @ np.asarray(theta, np.float64)))
             return unravel(np.asarray(theta_new, theta.dtype)), np.asarray(cov_new, theta.dtype)
     return reexpress(params, cov, old, new, maps.A)
+
+
+def reexpress_members(state, old, new, *, bank: bool, priors=None):
+    """A core learner's state, or a bank's (every member), moved from feature coordinates
+    ``old`` to ``new``: exactly (:func:`reexpress`), or with the prior set afresh in the new
+    coordinates (:func:`reexpress_with_prior`) when ``priors = (prior_vars (K,),
+    prior_weights (K,))`` gives each member's ``v`` and ``ρ``.
+
+    The arithmetic is on the host in float64; a bank's members move between host and device
+    once, all together (one ``vmap`` of their representation's ``dense`` and ``with_dense``),
+    and share one :class:`Reexpression`. A member whose state is not finite (it diverged, and
+    is out of the bank's mixture already) is left as it is."""
+    import jax
+    import jax.numpy as jnp
+    from kalnat.filter import with_covariance
+
+    members = state.members if bank else state
+    covs = np.asarray(jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None],
+                      np.float64)                                                      # (K, d, d)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) if bank else np.asarray(a, np.float64)[None],
+                                    members.params)
+    first = jax.tree_util.tree_map(lambda a: a[0], params)
+    maps = reexpression(first, old, new) if priors is not None else None
+    A = maps.A if maps is not None else scipy.sparse.csr_matrix(reexpression_matrix(first, old, new))
+    moved_params, moved_covs = [], []
+    for k in range(covs.shape[0]):
+        pk = jax.tree_util.tree_map(lambda a: a[k], params)
+        if np.all(np.isfinite(covs[k])) and all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(pk)):
+            if priors is None:
+                pk, ck = reexpress(pk, covs[k], old, new, A)
+            else:
+                pk, ck = reexpress_with_prior(pk, covs[k], old, new, float(priors[0][k]), float(priors[1][k]), maps)
+        else:
+            ck = covs[k]
+        moved_params.append(pk)
+        moved_covs.append(np.asarray(ck, np.float64))
+    dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
+    new_params = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack([np.asarray(x) for x in a]), dtype),
+                                        *moved_params)
+    new_covs = jnp.asarray(np.stack(moved_covs), dtype)
+    if not bank:
+        return with_covariance(state, jax.tree_util.tree_map(lambda a: a[0], new_params), new_covs[0])
+    cov = jax.vmap(lambda c, p: c.with_dense(p))(members.cov, new_covs)
+    return state._replace(members=members._replace(params=new_params, cov=cov))

@@ -30,7 +30,6 @@ import numbers
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
@@ -53,30 +52,7 @@ MIN_PREDICT_ROWS = 8
 def _reexpress(learner, state, old, new):
     """A core learner's or a bank's state moved from feature coordinates ``old`` to ``new``
     (``(center, scale)`` pairs), every prediction unchanged (:func:`kalnat.scaling.reexpress`)."""
-    bank = isinstance(learner, kalnat.bank.Bank)
-    members = state.members if bank else state
-    covs = np.asarray(jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None],
-                      np.float64)
-    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) if bank else np.asarray(a, np.float64)[None],
-                                    members.params)
-    first = jax.tree_util.tree_map(lambda a: a[0], params)
-    A = scaling.reexpression_matrix(first, old, new)
-    moved_p, moved_c = [], []
-    for k in range(covs.shape[0]):
-        pk = jax.tree_util.tree_map(lambda a: a[k], params)
-        if np.all(np.isfinite(covs[k])):  # a bank member that diverged is out of the mixture: left as it is
-            pk, ck = scaling.reexpress(pk, covs[k], old, new, A)
-        else:
-            ck = covs[k]
-        moved_p.append(pk)
-        moved_c.append(np.asarray(ck, np.float64))
-    dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
-    new_params = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack([np.asarray(x) for x in a]), dtype), *moved_p)
-    new_covs = jnp.asarray(np.stack(moved_c), dtype)
-    if not bank:
-        return kalnat.with_covariance(state, jax.tree_util.tree_map(lambda a: a[0], new_params), new_covs[0])
-    cov = jax.vmap(lambda c, p: c.with_dense(p))(members.cov, new_covs)
-    return state._replace(members=members._replace(params=new_params, cov=cov))
+    return scaling.reexpress_members(state, old, new, bank=isinstance(learner, kalnat.bank.Bank))
 
 
 def _alive(learner, state) -> bool:
