@@ -136,6 +136,19 @@ def _grow_fn(learner):
     return fns["grow"]
 
 
+def _gather(pending, n: int):
+    """The rows' outputs ``(preds, log_liks)``, each ``(n, …)``, from device calls' outputs
+    ``[(rows, index, outputs)]``: row ``rows[j]`` is ``outputs[index][j]`` (index: the row's
+    round, lane and, with minibatches, place in its minibatch)."""
+    out = None
+    for rows, index, seg in pending:
+        seg = jax.tree_util.tree_map(np.asarray, seg)
+        if out is None:
+            out = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[len(index):], a.dtype), seg)
+        jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[index]), out, seg)
+    return out
+
+
 def _rounds(slots: np.ndarray):
     """Groups a chunk's rows by key, keeping each key's rows in order.
 
@@ -284,23 +297,24 @@ class Keyed:
         xs, ys = self._check(X, Y)
         n = xs.shape[0]
         slots, _ = self._slots(keys, n, add=True)
-        preds = []
+        pending = []  # the device calls' outputs, read back once all of them are queued
         learn_chunk = self._learn_chunk if self.batch_size == 1 else self._learn_minibatches
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            preds.append(learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop], return_predictions))
+            pending += [(rows + start, index, seg) for rows, index, seg in
+                        learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop], return_predictions)]
         if not return_predictions:
             return None
-        if not preds:
+        if not pending:
             return KeyedResult(None, np.zeros(0, self._dtype), slots)
-        pred, ll = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
+        pred, ll = _gather(pending, n)
         return KeyedResult(pred, ll, slots)
 
     def _learn_chunk(self, slots, xs, ys, keep):
         n = slots.size
         pos, rank, kslots, counts = _rounds(slots)
         fn = _segment_fn(self.learner)
-        out = None
+        out = []
         r0 = 0
         n_rounds = int(counts[0])
         while r0 < n_rounds:
@@ -316,13 +330,14 @@ class Keyed:
             # (a larger gathered block makes every round stream it from memory: 5× slower).
             for k0 in range(0, active, self._lanes):
                 k1 = min(active, k0 + self._lanes)
-                out = self._learn_block(fn, n, pos, rank, kslots, counts, r0, r1, k0, k1,
-                                        min(width, self._lanes), xs, ys, keep, out)
+                out += self._learn_block(fn, pos, rank, kslots, counts, r0, r1, k0, k1,
+                                         min(width, self._lanes), xs, ys, keep)
             r0 = r1
         return out
 
-    def _learn_block(self, fn, n, pos, rank, kslots, counts, r0, r1, k0, k1, width, xs, ys, keep, out):
-        """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one call."""
+    def _learn_block(self, fn, pos, rank, kslots, counts, r0, r1, k0, k1, width, xs, ys, keep):
+        """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one
+        call. Returns ``[(rows, index, outputs)]`` (:func:`_gather`; empty unless ``keep``)."""
         r1 = min(r1, int(counts[k0]))  # the block's first key has the most rows
         depth = _pow2(r1 - r0)
         sel = (rank >= r0) & (rank < r1) & (pos >= k0) & (pos < k1)
@@ -335,12 +350,8 @@ class Keyed:
         mb = np.zeros((depth, width), bool)
         xb[r, p], yb[r, p], mb[r, p] = xs[rows], ys[rows], True
         self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb)
-        if keep:
-            seg = jax.tree_util.tree_map(np.asarray, seg)
-            if out is None:
-                out = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[2:], a.dtype), seg)
-            jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[r, p]), out, seg)
-        return out
+        # Not read back here: the host builds the next call's blocks while the device runs this one.
+        return [(rows, (r, p), seg)] if keep else []
 
     def flush(self):
         """Learns every key's held rows (``batch_size > 1``: a minibatch its rows have not
@@ -375,7 +386,7 @@ class Keyed:
                 rows = np.flatnonzero((pos == k) & (mbi == n_mb[k] - 1))
                 self.pending[int(kslots[k])] = (ext_x[rows].copy(), ext_y[rows].copy())
         fn = _minibatch_segment_fn(self.learner)
-        out = None
+        out = []
         r0, n_rounds = 0, int(n_mb[0]) if n_mb.size else 0
         while r0 < n_rounds:
             active = int(np.count_nonzero(n_mb > r0))
@@ -404,11 +415,7 @@ class Keyed:
                 self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb, commit)
                 if keep:
                     new = rows >= first_new  # held rows were predicted when they arrived
-                    rows, r, p, o = rows[new] - first_new, r[new], p[new], o[new]
-                    seg = jax.tree_util.tree_map(np.asarray, seg)
-                    if out is None:
-                        out = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[3:], a.dtype), seg)
-                    jax.tree_util.tree_map(lambda d, a: d.__setitem__(rows, a[r, p, o]), out, seg)
+                    out.append((rows[new] - first_new, (r[new], p[new], o[new]), seg))
             r0 = r1
         return out
 
