@@ -18,7 +18,7 @@ in LAPACK (OpenBLAS, through JAX's CPU kernels), whose own threads contend with 
 loaded 2-core machine a 300 × 300 factorisation ran 10–100 × slower with OpenBLAS's default
 threads than with one. ``--blas-threads`` sets them (default 1; 0 leaves the library's default).
 
-    python benchmarks/networks.py [--part 1 2] [--rows 2000] [--float64] [--blas-threads 1]
+    python benchmarks/networks.py [--part 1 2] [--rows 2000] [--structures diag …] [--float64] [--blas-threads 1]
 """
 
 from __future__ import annotations
@@ -132,21 +132,26 @@ def teacher(rows, dtype):
     return model, X, Y
 
 
-def synthetic(rows, dtype):
+def tenths(err):
+    """The mean of ``err`` over each tenth of the stream: the loss curve, in ten points."""
+    return " ".join(f"{w.mean():.4f}" for w in np.array_split(err, 10))
+
+
+def synthetic(rows, dtype, only=None):
     model, X, Y = teacher(rows, dtype)
     params = model.init(jax.random.PRNGKey(5))
     d = sum(np.size(a) for a in jax.tree_util.tree_leaves(params))
     fam = kalnat.families.Gaussian(0.01)
     print(f"\nsynthetic teacher stream: MLP 100 → 300 → 300 → 1, d = {d}; {rows} rows")
     print(f"{'learner':<16}{'MSE all':>10}{'MSE last ¼':>12}{'ms/step':>10}{'CPU ms':>10}{'state MB':>10}{'temp MB':>10}")
-    out = {}
+    out, curves = {}, {}
     for name, rep in structures(params, exact=False).items():
-        if name == "blocks":
-            continue  # its 300·100 weight block alone is a 30 000² matrix
+        if name == "blocks" or (only is not None and name not in only):
+            continue  # blocks: its 300·100 weight block alone is a 30 000² matrix
         _, preds, per_row, held, temp = run_filter(model, fam, rep, params, X, Y)
         mean = np.concatenate([np.asarray(p.mean)[:, 0] for p in preds])
         err = (mean - Y) ** 2
-        out[name] = per_row
+        out[name], curves[name] = per_row, tenths(err)
         print(f"{name:<16}{err.mean():>10.4f}{err[-rows // 4:].mean():>12.4f}{per_row[0] * 1e3:>10.2f}"
               f"{per_row[1] * 1e3:>10.2f}{held / 2**20:>10.2f}{temp / 2**20:>10.2f}")
     mse = lambda z, t: jnp.mean((z - t) ** 2)
@@ -155,18 +160,23 @@ def synthetic(rows, dtype):
         losses, _, per_row = run_optax(model.apply, mse, params, jnp.asarray(X), jnp.asarray(Y)[:, None],
                                        optax.adam(lr))
         if best is None or losses.mean() < best[0]:
-            best = (losses.mean(), losses[-rows // 4:].mean(), per_row, lr)
-    out["adam"] = best[2]
+            best = (losses.mean(), losses[-rows // 4:].mean(), per_row, lr, tenths(losses))
+    out["adam"], curves["adam*"] = best[2], best[4]
     print(f"{'adam*':<16}{best[0]:>10.4f}{best[1]:>12.4f}{best[2][0] * 1e3:>10.2f}{best[2][1] * 1e3:>10.2f}"
           f"   (lr {best[3]:g}, best of 3)")
     print("time per step ÷ Adam's: " + ", ".join(f"{k} {v[0] / best[2][0]:.1f}" for k, v in out.items()))
     print("CPU time per step ÷ Adam's: " + ", ".join(f"{k} {v[1] / best[2][1]:.1f}" for k, v in out.items()))
+    print("squared error by tenth of the stream (the loss curve):")
+    for name, curve in curves.items():
+        print(f"  {name:<14}{curve}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rows", type=int, default=2000, help="rows of the synthetic stream")
+    ap.add_argument("--structures", nargs="+", default=None,
+                    help="part 2: only these structures (diag lowrank:10 last-layer:10 kron), and Adam")
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--blas-threads", type=int, default=1,
                     help="threads of the LAPACK/BLAS library JAX's CPU factorisations call (0: its default)")
@@ -182,7 +192,7 @@ def main():
         for order in ("given", "shuffled"):
             digits(order, dtype)
     if 2 in args.part:
-        synthetic(args.rows, dtype)
+        synthetic(args.rows, dtype, args.structures)
 
 
 if __name__ == "__main__":
