@@ -24,22 +24,22 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def reports():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)  # the worker adds its own device count to the suite's XLA flags
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(HERE, "..", "src")] + env.get("PYTHONPATH", "").split(os.pathsep))
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), str(PROCESSES), port],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(PROCESSES)]
     outs = []
-    for p in procs:
-        try:
+    try:
+        for p in procs:
             stdout, stderr = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for q in procs:
+            assert p.returncode == 0, stderr[-3000:]
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:  # one process failed or hung: the other would wait for it forever
+        for q in procs:
+            if q.poll() is None:
                 q.kill()
-            raise
-        assert p.returncode == 0, stderr[-3000:]
-        outs.append(json.loads(stdout.strip().splitlines()[-1]))
     return outs
 
 

@@ -123,10 +123,15 @@ def test_a_bundled_set_is_kept_in_the_cache_and_read_back_without_its_package(tm
     for k in first:
         np.testing.assert_array_equal(again[k], first[k])
     (kept,) = os.listdir(folder)
-    with open(folder / kept, "wb") as f:
-        f.write(b"not a npz")  # a damaged copy is read afresh from the package and replaced
-    damaged_import, damaged = _load(name, folder, tmp_path / "c.npz")
-    assert damaged_import == "SKLEARN"
-    for k in first:
-        np.testing.assert_array_equal(damaged[k], first[k])
-    assert _load(name, folder, tmp_path / "d.npz")[0] == "NO_SKLEARN"
+    whole = (folder / kept).read_bytes()
+    # a damaged copy (not a zip, cut short, a flipped byte, empty) is read afresh and replaced
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF
+    for i, damage in enumerate([b"not a npz", whole[: len(whole) // 2], bytes(flipped), b""]):
+        (folder / kept).write_bytes(damage)
+        damaged_import, damaged = _load(name, folder, tmp_path / f"c{i}.npz")
+        assert damaged_import == "SKLEARN"
+        for k in first:
+            np.testing.assert_array_equal(damaged[k], first[k])
+        assert _load(name, folder, tmp_path / f"d{i}.npz")[0] == "NO_SKLEARN"
+        assert os.listdir(folder) == [kept]  # no temporary file left behind

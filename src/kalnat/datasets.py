@@ -18,6 +18,7 @@ import importlib.util
 import io
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
@@ -248,23 +249,31 @@ def _load_cached(info: DatasetInfo, folder: Optional[str]):
     except PackageNotFoundError:
         return info.loader()
     path = os.path.join(folder, f"{info.name}-{info.package}-{stamp}-{_CACHE_FORMAT}.npz")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            classes = [str(c) for c in f["classes"]] if "classes" in f else None
-            return f["X"], f["y"], [str(n) for n in f["names"]], str(f["target_name"]), classes
-    except (OSError, ValueError, KeyError):
-        pass
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                classes = [str(c) for c in f["classes"]] if "classes" in f else None
+                return f["X"], f["y"], [str(n) for n in f["names"]], str(f["target_name"]), classes
+        except Exception:  # noqa: BLE001  (any copy that does not read back whole: truncated, a bad CRC, …)
+            pass  # read from the package again, and the copy replaced below
     X, y, names, target_name, classes = info.loader()
     parts = dict(X=X, y=y, names=np.asarray(names, str), target_name=np.asarray(target_name, str))
     if classes is not None:
         parts["classes"] = np.asarray(classes, str)
+    tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"  # written whole, then renamed: a reader never sees half
-        np.savez(tmp, **parts)
+        # written whole under a name of its own, then renamed: a reader never sees half a file
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **parts)
         os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass  # a read-only or full disk: the set is loaded again next time
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
     return X, y, names, target_name, classes
 
 

@@ -311,7 +311,6 @@ class Keyed:
         return KeyedResult(pred, ll, slots)
 
     def _learn_chunk(self, slots, xs, ys, keep):
-        n = slots.size
         pos, rank, kslots, counts = _rounds(slots)
         fn = _segment_fn(self.learner)
         out = []

@@ -200,10 +200,12 @@ _MASKS: dict = {}
 
 
 def _lower_mask(d: int) -> np.ndarray:
-    if d not in _MASKS:
+    mask = _MASKS.get(d)
+    if mask is None:  # one size kept (a run re-expresses one model); a local, so threads are safe
+        mask = np.tri(d, dtype=bool)
         _MASKS.clear()
-        _MASKS[d] = np.tri(d, dtype=bool)
-    return _MASKS[d]
+        _MASKS[d] = mask
+    return mask
 
 
 class Reexpression(NamedTuple):
@@ -259,7 +261,8 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
       new: as :func:`reexpress`.
       prior_var: ``v``, the prior variance of every parameter.
       prior_weight: ``ρ``, the prior's remaining weight (``Π λ_t`` under forgetting, else 1).
-      maps: :func:`reexpression` of ``(params, old, new)``, if already computed.
+      maps: :func:`reexpression` of ``(params, old, new)`` (or the pair ``(A, A⁻¹)`` of
+        :func:`reexpression_matrix`), if already computed.
 
     Returns:
       ``(params', cov')``; when the corrected information is not positive definite (it is, up
@@ -267,7 +270,12 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
     """
     from jax.flatten_util import ravel_pytree
 
-    maps = reexpression(params, old, new) if maps is None else maps
+    if maps is None:
+        maps = reexpression(params, old, new)
+    elif not isinstance(maps, Reexpression):  # the pair (A, A⁻¹) of reexpression_matrix
+        A, B = (np.asarray(a.toarray() if scipy.sparse.issparse(a) else a, np.float64) for a in maps)
+        Bt = scipy.sparse.csr_matrix(B.T)
+        maps = Reexpression(scipy.sparse.csr_matrix(A), Bt, np.eye(A.shape[0]) - (Bt @ Bt.T).toarray())
     theta, unravel = ravel_pytree(params)
     P = np.asarray(cov, np.float64)
     if np.all(np.isfinite(P)):
