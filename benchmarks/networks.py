@@ -175,7 +175,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rows", type=int, default=2000, help="rows of the synthetic stream")
-    ap.add_argument("--structures", nargs="+", default=None,
+    ap.add_argument("--structures", nargs="+", default=None, choices=["diag", "lowrank:10", "last-layer:10", "kron"],
                     help="part 2: only these structures (diag lowrank:10 last-layer:10 kron), and Adam")
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--blas-threads", type=int, default=1,

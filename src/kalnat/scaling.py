@@ -225,8 +225,13 @@ class Reexpression(NamedTuple):
 
 def reexpression(params, old, new) -> Reexpression:
     """The :class:`Reexpression` from coordinates ``old`` to ``new`` for ``params``' structure."""
-    A = scipy.sparse.csr_matrix(reexpression_matrix(params, old, new))
-    Bt = scipy.sparse.csr_matrix(reexpression_matrix(params, new, old).T)
+    return _from_pair(reexpression_matrix(params, old, new), reexpression_matrix(params, new, old))
+
+
+def _from_pair(A, B):
+    """The :class:`Reexpression` of ``θ' = A θ`` and its inverse ``B = A⁻¹`` (dense or sparse)."""
+    A, B = (scipy.sparse.csr_matrix(a) for a in (A, B))
+    Bt = B.T.tocsr()
     return Reexpression(A, Bt, np.eye(A.shape[0]) - (Bt @ Bt.T).toarray())
 
 
@@ -273,9 +278,7 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
     if maps is None:
         maps = reexpression(params, old, new)
     elif not isinstance(maps, Reexpression):  # the pair (A, A⁻¹) of reexpression_matrix
-        A, B = (np.asarray(a.toarray() if scipy.sparse.issparse(a) else a, np.float64) for a in maps)
-        Bt = scipy.sparse.csr_matrix(B.T)
-        maps = Reexpression(scipy.sparse.csr_matrix(A), Bt, np.eye(A.shape[0]) - (Bt @ Bt.T).toarray())
+        maps = _from_pair(*maps)
     theta, unravel = ravel_pytree(params)
     P = np.asarray(cov, np.float64)
     if np.all(np.isfinite(P)):
