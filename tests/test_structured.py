@@ -144,12 +144,17 @@ def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
            kalnat.fit(kron, kron.init(model.init(None)), X, y, batch_size=batch), 1e-9)
 
 
-def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring():
-    """On a prior with full G and A and information that is no Kronecker product: P = (L_G U⁻¹
-    L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ) from the alternating passes, written out in NumPy."""
-    from kalnat.representations.kron import PASSES, _order
-    rng = np.random.default_rng(5)
-    n_out, n_in, k = 3, 4, 2
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(n_out=st.integers(1, 4), n_in=st.integers(1, 4), k=st.integers(1, 3), outer=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(n_out, n_in, k, outer, seed):
+    """On a prior with full G and A and a noise R that couples the rows: P = (L_G U⁻¹ L_Gᵀ) ⊗
+    (L_A V⁻¹ L_Aᵀ) from the alternating passes, written out in NumPy, and the gain's products
+    P⁻Hᵀ and H P⁻ Hᵀ from the dense P⁻. Rows that are outer products δ āᵀ (a dense layer's)
+    take the factored path, any others the general one; both are checked against the same
+    reference."""
+    from kalnat.representations.kron import PASSES
+    rng = np.random.default_rng(seed)
     rep = KronLayer(n_out, n_in)
 
     def spd(n):
@@ -157,14 +162,25 @@ def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring()
         return a @ a.T / n + 0.5 * np.eye(n)
 
     g, a = spd(n_out), spd(n_in + 1)
-    H = rng.normal(size=(k, n_out * (n_in + 1)))
+    if outer:  # δ āᵀ with ā = [a; 1]; a zero row (a masked one) among them
+        mats = [np.outer(rng.normal(size=n_out), np.r_[rng.normal(size=n_in), 1.0]) for _ in range(k)]
+        mats[0] = mats[0] * (k > 1 and seed % 2)
+    else:  # sums of two outer products: no dense layer's rows, unless the layer has one output
+        mats = [np.outer(rng.normal(size=n_out), rng.normal(size=n_in + 1))
+                + np.outer(rng.normal(size=n_out), rng.normal(size=n_in + 1)) for _ in range(k)]
+    H = np.stack([np.r_[m[:, n_in], m[:, :n_in].ravel()] for m in mats])  # θ's order: b, then W
     c = rng.normal(size=(k, k))
     R = c @ c.T + k * np.eye(k)
-    post = rep.posterior(kalnat.representations.KronCovariance(jnp.asarray(g), jnp.asarray(a)),
-                         jnp.asarray(H), jnp.asarray(R), jnp.zeros(k), None, jnp.ones(k, bool))
+    prior = kalnat.representations.KronCovariance(jnp.asarray(g), jnp.asarray(a))
+    assert bool(rep._outer(jnp.asarray(H))[0]) == (outer or n_out == 1)
+    hph, (ph, _) = rep.project(prior, jnp.asarray(H))
+    P = np.asarray(prior.dense())
+    np.testing.assert_allclose(ph, P @ H.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(hph, H @ P @ H.T, rtol=1e-10, atol=1e-12)
+    post = rep.posterior(prior, jnp.asarray(H), jnp.asarray(R), jnp.zeros(k), None, jnp.ones(k, bool))
     lg, la = np.linalg.cholesky(g), np.linalg.cholesky(a)
     info = np.linalg.solve(np.linalg.cholesky(R), H)
-    ms = [lg.T @ row[_order(n_out, n_in)].reshape(n_out, n_in + 1) @ la for row in info]
+    ms = [lg.T @ np.c_[row[n_out:].reshape(n_out, n_in), row[:n_out]] @ la for row in info]
     v = np.eye(n_in + 1)
     for _ in range(PASSES):
         u = np.trace(v) * np.eye(n_out) + sum(m @ v @ m.T for m in ms)
@@ -172,6 +188,31 @@ def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring()
         v = np.trace(u) * np.eye(n_in + 1) + sum(m.T @ u @ m for m in ms)
     expected = np.kron(lg @ np.linalg.solve(u, lg.T), la @ np.linalg.solve(v, la.T))
     np.testing.assert_allclose(np.kron(post.g, post.a), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_dense_layers_rows_are_outer_products_and_a_shared_layers_are_not():
+    """What decides the Kronecker form's cost: every row of an MLP's Jacobian is δ āᵀ on each
+    layer (its factored path, O(n²) a layer), in float32 too; the rows of a layer used twice
+    are sums of such products (the general path)."""
+    from jax.flatten_util import ravel_pytree
+    for dtype in (jnp.float64, jnp.float32):
+        model = kalnat.models.mlp(4, (5, 6), 3, dtype=dtype)
+        params = model.init(jax.random.PRNGKey(0))
+        theta, unravel = ravel_pytree(params)
+        x = jax.random.normal(jax.random.PRNGKey(1), (2, 4), dtype)
+        H = jnp.concatenate([jax.jacobian(lambda t, xi=xi: model.apply(unravel(t), xi))(theta) for xi in x])
+        rep = kronecker(params)
+        cuts = np.cumsum((0,) + rep.sizes)
+        assert [bool(layer._outer(H[:, a:b])[0]) for layer, a, b in zip(rep.parts, cuts[:-1], cuts[1:])] == [True] * 3
+    # one layer applied twice, z = W tanh(W x + b) + b: each row is a sum of two outer products
+    shared = {"b": jnp.ones(3), "w": jax.random.normal(jax.random.PRNGKey(2), (3, 3))}
+    theta, unravel = ravel_pytree(shared)
+
+    def twice(t, xi):
+        p = unravel(t)
+        return p["w"] @ jnp.tanh(p["w"] @ xi + p["b"]) + p["b"]
+    H = jax.jacobian(twice)(theta, jnp.arange(1.0, 4.0))
+    assert kronecker(shared) == KronLayer(3, 3) and not bool(KronLayer(3, 3)._outer(H)[0])
 
 
 def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():

@@ -23,6 +23,18 @@ the approximation of K-FAC (Martens & Grosse 2015) is the sum of them.
   step). Where the updated precision *is* a Kronecker product, e.g. a layer with one output,
   or several outputs whose information is ``I ⊗ Σ āāᵀ`` (isotropic gaussian noise), the first
   pass finds it exactly and the filter is the exact one on the layer.
+
+**Outer-product rows.** A dense layer's Jacobian for one example is ``δ āᵀ`` in each output
+row, whatever the network around it: its bias column is ``δ`` and ``ā = Mᵀδ / δᵀδ``. When every
+row of ``H`` is of that form (checked each step, to a few units of rounding), everything above
+is written with ``GΔ``, ``AĀ`` (``Δ``, ``Ā`` the rows' factors) and ``k × k`` matrices, at
+O((n_out² + n_in²) k) instead of O(n_out n_in (n_out + n_in) k): the gain's rows are
+``vec(Gδ (Aā)ᵀ)``, ``H P⁻ Hᵀ = ΔᵀGΔ ∘ ĀᵀAĀ``, and in the whitened coordinates every alternating
+pass stays ``U = αI + D W Dᵀ``, ``V = βI + Â Z Âᵀ`` (``D = L_GᵀΔ``, ``W = R⁻¹ ∘ ÂᵀVÂ``,
+``Z = R⁻¹ ∘ DᵀUD``), whose factors follow by Woodbury without a Cholesky factor of ``G`` or
+``A``: ``L_G U⁻¹ L_Gᵀ = (G − GΔ X ΔᵀG) / α`` with ``X = W (αI + ΔᵀGΔ W)⁻¹``. Rows that are
+not outer products (a weight shared across time steps in RTRL, a layer used twice) take the
+general path; under ``vmap`` (a bank) the check becomes a select and both paths run.
 """
 
 from __future__ import annotations
@@ -42,6 +54,9 @@ __all__ = ["KronLayer", "KronCovariance"]
 # Alternating passes of the nearest Kronecker product: exact after one where it is exact; the
 # second refines the factors where the information is not of that form.
 PASSES = 2
+# How far a row of H may be from an outer product δ āᵀ (relative Frobenius norm, in units of
+# rounding) and still take the outer-product path: a dense layer's rows are that to rounding.
+OUTER_TOL = 64
 
 
 class KronCovariance(NamedTuple):
@@ -100,14 +115,14 @@ class KronLayer(Representation):
     name = "kron"
     state_type = KronCovariance
 
-    def _m(self, ht):
-        """``Hᵀ (d, k)`` → the rows as ``(k, n_out, n_in + 1)`` matrices."""
-        return ht[_order(self.n_out, self.n_in)].T.reshape(-1, self.n_out, self.n_in + 1)
+    def _m(self, H):
+        """``H (k, d)`` → its rows as ``(k, n_out, n_in + 1)`` matrices ``[W | b]``."""
+        w = H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
+        return jnp.concatenate([w, H[:, :self.n_out, None]], axis=2)
 
     def _vec(self, m):
-        """``(k, n_out, n_in + 1)`` matrices → ``(d, k)`` in θ's order."""
-        flat = m.reshape(m.shape[0], -1).T
-        return flat[np.argsort(_order(self.n_out, self.n_in))]
+        """``(k, n_out, n_in + 1)`` matrices → ``(d, k)`` in θ's order (the inverse of ``_m``)."""
+        return jnp.concatenate([m[:, :, self.n_in], m[:, :, :self.n_in].reshape(m.shape[0], -1)], axis=1).T
 
     def init(self, hyper, d, dtype):
         if d != self.n_out * (self.n_in + 1):
@@ -133,30 +148,54 @@ class KronLayer(Representation):
             g = g * (f[:, None] * f[None, :])
         return KronCovariance(g, a)
 
-    def _times(self, prior, ht):
-        m = self._m(ht)
-        return self._vec(jnp.einsum("ij,kjl,lm->kim", prior.g, m, prior.a))
+    def _outer(self, H):
+        """``H (k, d)`` → ``(ok, Δ (k, n_out), Ā (k, n_in + 1))`` with row ``j`` of ``H`` the
+        matrix ``δ_j ā_jᵀ`` wherever ``ok``: ``δ`` its bias column, ``ā = Mᵀδ / δᵀδ``."""
+        delta = H[:, :self.n_out]
+        w = H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
+        dd = jnp.sum(delta * delta, axis=1)
+        safe = jnp.where(dd > 0, dd, 1.0)
+        aw = jnp.einsum("kij,ki->kj", w, delta) / safe[:, None]
+        res = w - delta[:, :, None] * aw[:, None, :]
+        tol = OUTER_TOL * jnp.finfo(H.dtype).eps
+        ok = jnp.all(jnp.sum(res * res, axis=(1, 2)) <= tol * tol * jnp.sum(H * H, axis=1))
+        return ok, delta, jnp.concatenate([aw, (dd / safe)[:, None]], axis=1)
 
     def quad(self, prior, h):
         return self.project(prior, h)[0]
 
     def project(self, prior, H):
-        ph = self._times(prior, H.T)
-        return H @ ph, ph
+        outer = self._outer(H)
+        ok, delta, abar = outer
+
+        def by_factors():
+            gd, aa = delta @ prior.g, abar @ prior.a        # rows (Gδ_j)ᵀ, (Aā_j)ᵀ
+            return (delta @ gd.T) * (abar @ aa.T), self._vec(gd[:, :, None] * aa[:, None, :])
+
+        def general():
+            ph = self._vec(jnp.einsum("ij,kjl,lm->kim", prior.g, self._m(H), prior.a))
+            return H @ ph, ph
+        hph, ph = jax.lax.cond(ok, by_factors, general)
+        return hph, (ph, outer)
 
     def gain(self, prior, H, R, e):
         return self.gain_projected(prior, H, R, e, None)
 
     def gain_projected(self, prior, H, R, e, projection):
-        hph, ph = self.project(prior, H) if projection is None else projection
+        hph, (ph, outer) = self.project(prior, H) if projection is None else projection
         # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
-        return ph @ numerics.chol_solve(hph + R, e), hph, None
+        return ph @ numerics.chol_solve(hph + R, e), hph, outer
 
     def posterior(self, prior, H, R, e, aux, rows):
+        ok, delta, abar = self._outer(H) if aux is None else aux
+        return jax.lax.cond(ok, lambda: self._outer_posterior(prior, delta, abar, R),
+                            lambda: self._general_posterior(prior, H, R))
+
+    def _general_posterior(self, prior, H, R):
         lg, la = numerics.cholesky(prior.g), numerics.cholesky(prior.a)
         inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype))
         info = inv @ H                                                  # L_R⁻¹ H (k, d)
-        mh = jnp.einsum("ji,kjl,lm->kim", lg, self._m(info.T), la)      # M̂_j = L_Gᵀ M_j L_A
+        mh = jnp.einsum("ji,kjl,lm->kim", lg, self._m(info), la)      # M̂_j = L_Gᵀ M_j L_A
         v = None                                                        # V = I to start
         for _ in range(PASSES):
             if v is None:  # ⟨I, I⟩ I + Σ M̂ M̂ᵀ: the first pass without a product with I
@@ -171,3 +210,30 @@ class KronLayer(Representation):
         xa = numerics.solve_lower(numerics.cholesky(_sym(v)), la.T)
         g, a = xg.T @ xg, xa.T @ xa
         return KronCovariance(*_balanced(_sym(g), _sym(a)))
+
+    def _outer_posterior(self, prior, delta, abar, R):
+        """The passes of :meth:`_general_posterior` for rows ``δ_j ā_jᵀ``, in ``k × k`` terms:
+        ``U = αI + D W Dᵀ``, ``V = βI + Â Z Âᵀ`` (the module's docstring)."""
+        n, p = self.n_out, self.n_in + 1
+        rinv = _sym(numerics.chol_solve(R, jnp.eye(R.shape[0], dtype=R.dtype)))
+        gd, aa = delta @ prior.g, abar @ prior.a                 # (GΔ)ᵀ, (AĀ)ᵀ
+        kd, ka = _sym(delta @ gd.T), _sym(abar @ aa.T)           # DᵀD = ΔᵀGΔ, ÂᵀÂ = ĀᵀAĀ
+        beta, z = jnp.asarray(1.0, kd.dtype), jnp.zeros_like(ka)  # V = I to start
+        for _ in range(PASSES):
+            w = rinv * (beta * ka + ka @ z @ ka)                  # R⁻¹ ∘ ÂᵀVÂ
+            alpha = beta * p + jnp.trace(z @ ka)                  # tr V
+            wk = w @ kd
+            f = jnp.sqrt(alpha * alpha * n + 2.0 * alpha * jnp.trace(wk) + jnp.sum(wk * wk.T))  # ‖U‖_F
+            alpha, w = alpha / f, w / f
+            wk = wk / f
+            z = rinv * (alpha * kd + kd @ wk)                     # R⁻¹ ∘ DᵀUD
+            beta = alpha * n + jnp.trace(wk)                      # tr U
+        return KronCovariance(*_balanced(_sym(_woodbury(prior.g, gd, kd, alpha, w)),
+                                         _sym(_woodbury(prior.a, aa, ka, beta, z))))
+
+
+def _woodbury(g, y, k, alpha, w):
+    """``L (αI + D W Dᵀ)⁻¹ Lᵀ = (G − Yᵀ X Y) / α`` for ``G = L Lᵀ``, ``Y = DᵀLᵀ (k, n)``,
+    ``K = DᵀD``: ``X = W (αI + K W)⁻¹``, written ``((αI + W K)⁻¹ W)ᵀ`` (``W``, ``K`` symmetric)."""
+    x = jnp.linalg.solve(numerics.add_to_diagonal(w @ k, alpha), w).T
+    return (g - (y.T @ _sym(x)) @ y) / alpha
