@@ -23,7 +23,11 @@ before JAX is imported): by default XLA's CPU client hands a program of more tha
 flops (the update from d ≈ 16) to a worker thread and returns at once, which overlaps the next
 row's checks with the step on an idle machine and costs a thread switch per row on a busy one.
 
+With ``--digits full diag …`` it times ``kalnat learn digits --covariance X`` instead, each with
+an empty compilation cache (what docs/cli.md quotes), and prints its log-loss and accuracy.
+
     python benchmarks/startup.py [--dims 8 32 128 512] [--repeat 3] [--per-row] [--inline]
+    python benchmarks/startup.py --digits full diag blocks kron
 """
 
 from __future__ import annotations
@@ -190,12 +194,29 @@ def _per_row_table(dims, repeat, passes):
               f"{g * 1e6:7.1f} {g / b:10.2f}", flush=True)
 
 
+def digits_table(kalnat_cmd, covariances, env, cache, out):
+    """``kalnat learn digits --covariance X``: wall seconds (empty cache), log-loss, accuracy."""
+    print(f"{'kalnat learn digits':<32}{'seconds':>8}{'log-loss':>10}{'accuracy':>10}")
+    try:
+        for cov in covariances:
+            shutil.rmtree(cache, ignore_errors=True)
+            t = wall(kalnat_cmd + ["learn", "digits", "--covariance", cov, "--quiet", "--out", out], env)
+            with open(os.path.join(out, "metrics.json")) as f:
+                final = json.load(f)["final"]
+            print(f"{'--covariance ' + cov:<32}{t:>8.1f}{final['log_loss']:>10.4f}{final['accuracy']:>10.3f}")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[8, 32, 128, 512])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--per-row", action="store_true", help="only the per-row table")
     ap.add_argument("--inline", action="store_true", help="per-row steps run on the calling thread")
+    ap.add_argument("--digits", nargs="+", metavar="COVARIANCE",
+                    help="only `kalnat learn digits --covariance X` for each X, cold cache")
     args = ap.parse_args()
     if args.inline:  # read when JAX creates its CPU client: before the first import here
         os.environ["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "0"
@@ -206,6 +227,8 @@ def main():
     out = tempfile.mkdtemp(prefix="kalnat-report-")
     env = dict(os.environ, KALNAT_CACHE_DIR=cache)
     env.pop("KALNAT_NO_CACHE", None)
+    if args.digits:
+        return digits_table(kalnat_cmd, args.digits, env, cache, out)
     try:
         t_help = wall(kalnat_cmd + ["--help"], env, args.repeat)
         learn = kalnat_cmd + ["learn", "breast_cancer", "--quiet", "--out", out]

@@ -337,3 +337,33 @@ def test_bad_structures_say_what_is_wrong():
         last_layer_full(model.init(None), LowRank(2))
     with pytest.raises(ValueError, match="2 sizes for 1 representations"):
         Groups((2, 2), (Full(),))
+
+
+def _conds(jaxpr):
+    """How many ``cond`` equations a jaxpr holds, at any depth."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "cond"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _conds(sub)
+    return n
+
+
+def test_a_bank_of_kronecker_members_keeps_their_branches(monkeypatch):
+    """The Kronecker step chooses its path with a cond, which vmap turns into a select of both
+    (a select, not a cond, in the program): a bank advances such members one at a time, so its
+    chunk's program keeps those conds, as many as with the members one at a time by force."""
+    from kalnat import bank as bank_module
+    model = kalnat.models.mlp(4, (3,), 2)  # H depends on θ, so each member's predicate is its own
+    params = model.init(jax.random.PRNGKey(0))
+    fam = kalnat.families.Gaussian(0.5, dim=2)
+    X, y, ms = jnp.ones((3, 1, 4)), jnp.ones((3, 1, 2)), jnp.ones((3, 1), bool)  # 3 minibatches of a row
+
+    def conds():
+        bank = kalnat.ekf_bank(model, fam, representation=kronecker(params))
+        return _conds(jax.make_jaxpr(lambda s: bank.scan_chunk(bank.hyper, s, X, y, ms))(bank.init(params)).jaxpr)
+    kept = conds()
+    monkeypatch.setattr(KronLayer, "branches", False)
+    vmapped = conds()
+    monkeypatch.setattr(bank_module, "GROUP_BYTES", 1)
+    assert kept == conds() > vmapped, (kept, vmapped)

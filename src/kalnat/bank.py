@@ -240,6 +240,8 @@ class Bank(Boundary):
             return s, ((pred if keep else None), ll, jax.vmap(_all_finite)(pred, ll))
 
         group = members_per_group(state.members, self.size)
+        if getattr(getattr(self.learner, "representation", None), "branches", False):
+            group = 1  # a step that branches on the data runs one branch only outside vmap
         # One member at a time: a plain loop (lax.map's batches of one are still vmapped, which
         # turns each member's own conds, such as its count of linearisations, into selects).
         members, (preds, lls, fins) = jax.lax.map(member, (hyper, state.members),

@@ -39,6 +39,9 @@ class Representation(abc.ABC):
     uses_forgetting = True
     #: whether ``init`` reads ``hyper.noise_shape`` and ``hyper.noise_scale``
     noise_prior = False
+    #: whether its step branches on the data (``lax.cond``): under ``vmap`` every branch would
+    #: run, so a bank advances such members one at a time
+    branches = False
 
     @abc.abstractmethod
     def init(self, hyper, d, dtype):

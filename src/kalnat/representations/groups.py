@@ -76,6 +76,10 @@ class Groups(Representation):
                                  "(it needs the whole of θ)")
 
     @property
+    def branches(self):
+        return any(rep.branches for rep in self.parts)
+
+    @property
     def process_noise(self):
         return all(rep.process_noise for rep in self.parts)
 

@@ -114,6 +114,7 @@ class KronLayer(Representation):
     n_in: int
     name = "kron"
     state_type = KronCovariance
+    branches = True  # the outer-product path or the general one, row by row
 
     def _m(self, H):
         """``H (k, d)`` → its rows as ``(k, n_out, n_in + 1)`` matrices ``[W | b]``."""
