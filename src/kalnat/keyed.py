@@ -21,6 +21,8 @@ learned B at a time, as :func:`kalnat.fit` with ``batch_size=B`` on its rows alo
 
 from __future__ import annotations
 
+import collections
+
 import weakref
 from typing import Any, Hashable, NamedTuple, Optional, Sequence
 
@@ -32,6 +34,10 @@ from kalnat import checkpoint
 from kalnat.learners.base import check_range, device_hyper
 
 __all__ = ["Keyed", "KeyedResult"]
+
+# Device calls whose outputs may wait to be read back: the host builds the next calls while the
+# device runs these, and a long learn() holds at most this many calls' (padded) outputs.
+PENDING_CALLS = 8
 
 # A chunk's rows are learned in segments of rounds whose number of active keys lies in
 # (W/2, W] for a power of two W: padding costs at most 2× in keys and 2× in rounds.
@@ -136,17 +142,30 @@ def _grow_fn(learner):
     return fns["grow"]
 
 
-def _gather(pending, n: int):
-    """The rows' outputs ``(preds, log_liks)``, each ``(n, …)``, from device calls' outputs
-    ``[(rows, index, outputs)]``: row ``rows[j]`` is ``outputs[index][j]`` (index: the row's
-    round, lane and, with minibatches, place in its minibatch)."""
-    out = None
-    for rows, index, seg in pending:
+class _Outputs:
+    """The rows' outputs ``(preds, log_liks)``, each ``(n, …)``, filled from device calls'
+    outputs ``(rows, index, outputs)``: row ``rows[j]`` is ``outputs[index][j]`` (index: the
+    row's round, lane and, with minibatches, place in its minibatch). At most ``PENDING_CALLS``
+    calls' outputs wait on the device; reading the oldest back blocks only on that call."""
+
+    def __init__(self, n: int):
+        self.n, self.out, self.queue = n, None, collections.deque()
+
+    def add(self, rows, index, seg):
+        self.queue.append((rows, index, seg))
+        while len(self.queue) > PENDING_CALLS:
+            self._read(*self.queue.popleft())
+
+    def result(self):
+        while self.queue:
+            self._read(*self.queue.popleft())
+        return self.out
+
+    def _read(self, rows, index, seg):
         seg = jax.tree_util.tree_map(np.asarray, seg)
-        if out is None:
-            out = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[len(index):], a.dtype), seg)
-        jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[index]), out, seg)
-    return out
+        if self.out is None:
+            self.out = jax.tree_util.tree_map(lambda a: np.zeros((self.n,) + a.shape[len(index):], a.dtype), seg)
+        jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[index]), self.out, seg)
 
 
 def _rounds(slots: np.ndarray):
@@ -297,18 +316,19 @@ class Keyed:
         xs, ys = self._check(X, Y)
         n = xs.shape[0]
         slots, _ = self._slots(keys, n, add=True)
-        pending = []  # the device calls' outputs, read back once all of them are queued
+        outputs = _Outputs(n)
         learn_chunk = self._learn_chunk if self.batch_size == 1 else self._learn_minibatches
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            pending += [(rows + start, index, seg) for rows, index, seg in
-                        learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop], return_predictions)]
+            for rows, index, seg in learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop],
+                                                return_predictions):
+                outputs.add(rows + start, index, seg)
         if not return_predictions:
             return None
-        if not pending:
+        out = outputs.result()
+        if out is None:
             return KeyedResult(None, np.zeros(0, self._dtype), slots)
-        pred, ll = _gather(pending, n)
-        return KeyedResult(pred, ll, slots)
+        return KeyedResult(*out, slots)
 
     def _learn_chunk(self, slots, xs, ys, keep):
         pos, rank, kslots, counts = _rounds(slots)
@@ -336,7 +356,7 @@ class Keyed:
 
     def _learn_block(self, fn, pos, rank, kslots, counts, r0, r1, k0, k1, width, xs, ys, keep):
         """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one
-        call. Returns ``[(rows, index, outputs)]`` (:func:`_gather`; empty unless ``keep``)."""
+        call. Returns ``[(rows, index, outputs)]`` (:class:`_Outputs`; empty unless ``keep``)."""
         r1 = min(r1, int(counts[k0]))  # the block's first key has the most rows
         depth = _pow2(r1 - r0)
         sel = (rank >= r0) & (rank < r1) & (pos >= k0) & (pos < k1)
