@@ -58,7 +58,7 @@ def test_each_key_equals_its_filter_alone(name, monkeypatch):
     keyed = Keyed(learner, MODEL.init(None), capacity=2)
     if name == "ekf":  # a segment's keys split over calls of two keys each (large states do this)
         keyed._lanes = 2
-        # and each call's outputs read back as soon as the next call is queued
+        # and each chunk's calls' outputs read back as soon as the next chunk's are queued
         monkeypatch.setattr(kalnat.keyed, "PENDING_CALLS", 1)
     # ekf: two calls (keys appear in the second), small chunks: segments of many shapes; the
     # others (a step of their own under the same code) one call of one chunk: fewer compilations

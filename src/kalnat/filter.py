@@ -183,7 +183,9 @@ def minibatch_log_likelihood(family, moderated, pred: Predictive, ys, hph, R, e,
 def predictive(learner, hyper: Hyper, prior: State, lin: Linearization) -> Predictive:
     """The one-step predictive of the rows of ``lin`` (linearised at the prior's θ)."""
     rep = learner.representation
-    hph = jax.vmap(lambda h: rep.quad(prior.cov, h))(lin.H)
+    # a representation that branches on the data keeps its conds under a map (vmap: selects)
+    quad = lambda h: rep.quad(prior.cov, h)  # noqa: E731
+    hph = jax.lax.map(quad, lin.H) if rep.branches else jax.vmap(quad)(lin.H)
     return assemble_predictive(learner.family, learner.moderated, lin.yhat, hph, lin.R, rep.noise(prior.cov))
 
 

@@ -35,8 +35,9 @@ from kalnat.learners.base import check_range, device_hyper
 
 __all__ = ["Keyed", "KeyedResult"]
 
-# Device calls whose outputs may wait to be read back: the host builds the next calls while the
-# device runs these, and a long learn() holds at most this many calls' (padded) outputs.
+# Device calls whose outputs may wait to be read back once a chunk's calls are queued: the host
+# builds the next calls while the device runs these, and a long learn() holds the (padded)
+# outputs of one chunk's calls and at most this many more, not of all its chunks.
 PENDING_CALLS = 8
 
 # A chunk's rows are learned in segments of rounds whose number of active keys lies in
@@ -145,8 +146,9 @@ def _grow_fn(learner):
 class _Outputs:
     """The rows' outputs ``(preds, log_liks)``, each ``(n, …)``, filled from device calls'
     outputs ``(rows, index, outputs)``: row ``rows[j]`` is ``outputs[index][j]`` (index: the
-    row's round, lane and, with minibatches, place in its minibatch). At most ``PENDING_CALLS``
-    calls' outputs wait on the device; reading the oldest back blocks only on that call."""
+    row's round, lane and, with minibatches, place in its minibatch). Beyond the chunk being
+    added, at most ``PENDING_CALLS`` calls' outputs wait on the device; reading the oldest back
+    blocks only on that call."""
 
     def __init__(self, n: int):
         self.n, self.out, self.queue = n, None, collections.deque()

@@ -30,11 +30,15 @@ row of ``H`` is of that form (checked each step, to a few units of rounding), ev
 is written with ``GΔ``, ``AĀ`` (``Δ``, ``Ā`` the rows' factors) and ``k × k`` matrices, at
 O((n_out² + n_in²) k) instead of O(n_out n_in (n_out + n_in) k): the gain's rows are
 ``vec(Gδ (Aā)ᵀ)``, ``H P⁻ Hᵀ = ΔᵀGΔ ∘ ĀᵀAĀ``, and in the whitened coordinates every alternating
-pass stays ``U = αI + D W Dᵀ``, ``V = βI + Â Z Âᵀ`` (``D = L_GᵀΔ``, ``W = R⁻¹ ∘ ÂᵀVÂ``,
-``Z = R⁻¹ ∘ DᵀUD``), whose factors follow by Woodbury without a Cholesky factor of ``G`` or
-``A``: ``L_G U⁻¹ L_Gᵀ = (G − GΔ X ΔᵀG) / α`` with ``X = W (αI + ΔᵀGΔ W)⁻¹``. Rows that are
+pass stays ``U = αI + D W Dᵀ``, ``V = βI + Â Z Âᵀ`` (``D = L_GᵀΔ``; on the rows whitened
+by ``L_R⁻¹``, which are outer products where ``R`` couples only rows of one ``ā``, as one
+example's outputs, ``W = diag(ÂᵀVÂ)``, ``Z = diag(DᵀUD)``), whose factors follow by Woodbury
+without a Cholesky factor of ``G`` or ``A``: ``L_G U⁻¹ L_Gᵀ = (G − FᵀF) / α`` with
+``F = L_M⁻¹ W^{1/2} ΔᵀG``, ``M = αI + W^{1/2} ΔᵀGΔ W^{1/2}``. Rows that are
 not outer products (a weight shared across time steps in RTRL, a layer used twice) take the
-general path; under ``vmap`` (a bank) the check becomes a select and both paths run.
+general path (so do a minibatch's rows in a group of :class:`Groups`, whose ``R`` couples
+examples). Under ``vmap`` the cond becomes a select and both paths run: a bank's ``fit`` and
+the predictive therefore map over members and rows (``branches``).
 """
 
 from __future__ import annotations
@@ -156,10 +160,12 @@ class KronLayer(Representation):
         w = H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
         dd = jnp.sum(delta * delta, axis=1)
         safe = jnp.where(dd > 0, dd, 1.0)
-        aw = jnp.einsum("kij,ki->kj", w, delta) / safe[:, None]
+        # (HIGHEST: an accelerator's default float32 products are too coarse for the check)
+        aw = jnp.einsum("kij,ki->kj", w, delta, precision=jax.lax.Precision.HIGHEST) / safe[:, None]
         res = w - delta[:, :, None] * aw[:, None, :]
         tol = OUTER_TOL * jnp.finfo(H.dtype).eps
-        ok = jnp.all(jnp.sum(res * res, axis=(1, 2)) <= tol * tol * jnp.sum(H * H, axis=1))
+        size = jnp.sum(H * H, axis=1)
+        ok = jnp.all((jnp.sum(res * res, axis=(1, 2)) <= tol * tol * size) & jnp.isfinite(size))
         return ok, delta, jnp.concatenate([aw, (dd / safe)[:, None]], axis=1)
 
     def quad(self, prior, h):
@@ -188,14 +194,17 @@ class KronLayer(Representation):
         return ph @ numerics.chol_solve(hph + R, e), hph, outer
 
     def posterior(self, prior, H, R, e, aux, rows):
-        ok, delta, abar = self._outer(H) if aux is None else aux
-        return jax.lax.cond(ok, lambda: self._outer_posterior(prior, delta, abar, R),
-                            lambda: self._general_posterior(prior, H, R))
+        # The rows whitened by L_R⁻¹ first, as the general path does (R⁻¹ itself would square
+        # R's condition number: a saturated softmax's R reaches 10⁶ in float32). They are outer
+        # products where R couples only rows with the same ā: one example's outputs.
+        info = numerics.solve_lower(numerics.cholesky(R), H)           # L_R⁻¹ H (k, d)
+        ok, delta, abar = self._outer(info)
+        return jax.lax.cond(ok, lambda: self._outer_posterior(prior, delta, abar),
+                            lambda: self._general_posterior(prior, info))
 
-    def _general_posterior(self, prior, H, R):
+    def _general_posterior(self, prior, info):
+        """The posterior from the whitened rows ``info = L_R⁻¹ H (k, d)``."""
         lg, la = numerics.cholesky(prior.g), numerics.cholesky(prior.a)
-        inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype))
-        info = inv @ H                                                  # L_R⁻¹ H (k, d)
         mh = jnp.einsum("ji,kjl,lm->kim", lg, self._m(info), la)      # M̂_j = L_Gᵀ M_j L_A
         v = None                                                        # V = I to start
         for _ in range(PASSES):
@@ -212,29 +221,32 @@ class KronLayer(Representation):
         g, a = xg.T @ xg, xa.T @ xa
         return KronCovariance(*_balanced(_sym(g), _sym(a)))
 
-    def _outer_posterior(self, prior, delta, abar, R):
-        """The passes of :meth:`_general_posterior` for rows ``δ_j ā_jᵀ``, in ``k × k`` terms:
-        ``U = αI + D W Dᵀ``, ``V = βI + Â Z Âᵀ`` (the module's docstring)."""
+    def _outer_posterior(self, prior, delta, abar):
+        """The passes of :meth:`_general_posterior` for whitened rows ``δ_j ā_jᵀ`` (``R = I``),
+        in ``k × k`` terms: ``U = αI + D diag(w) Dᵀ``, ``V = βI + Â diag(z) Âᵀ`` (the module's
+        docstring, with ``R⁻¹ = I``)."""
         n, p = self.n_out, self.n_in + 1
-        rinv = _sym(numerics.chol_solve(R, jnp.eye(R.shape[0], dtype=R.dtype)))
         gd, aa = delta @ prior.g, abar @ prior.a                 # (GΔ)ᵀ, (AĀ)ᵀ
         kd, ka = _sym(delta @ gd.T), _sym(abar @ aa.T)           # DᵀD = ΔᵀGΔ, ÂᵀÂ = ĀᵀAĀ
-        beta, z = jnp.asarray(1.0, kd.dtype), jnp.zeros_like(ka)  # V = I to start
+        beta, z = jnp.asarray(1.0, kd.dtype), jnp.zeros(ka.shape[0], ka.dtype)  # V = I to start
         for _ in range(PASSES):
-            w = rinv * (beta * ka + ka @ z @ ka)                  # R⁻¹ ∘ ÂᵀVÂ
-            alpha = beta * p + jnp.trace(z @ ka)                  # tr V
-            wk = w @ kd
+            w = beta * jnp.diagonal(ka) + jnp.sum(ka * ka * z[None, :], axis=1)   # diag ÂᵀVÂ
+            alpha = beta * p + jnp.sum(z * jnp.diagonal(ka))                      # tr V
+            wk = w[:, None] * kd                                                  # W K
             f = jnp.sqrt(alpha * alpha * n + 2.0 * alpha * jnp.trace(wk) + jnp.sum(wk * wk.T))  # ‖U‖_F
             alpha, w = alpha / f, w / f
-            wk = wk / f
-            z = rinv * (alpha * kd + kd @ wk)                     # R⁻¹ ∘ DᵀUD
-            beta = alpha * n + jnp.trace(wk)                      # tr U
+            z = alpha * jnp.diagonal(kd) + jnp.sum(kd * kd * w[None, :], axis=1)  # diag DᵀUD
+            beta = alpha * n + jnp.sum(w * jnp.diagonal(kd))                      # tr U
         return KronCovariance(*_balanced(_sym(_woodbury(prior.g, gd, kd, alpha, w)),
                                          _sym(_woodbury(prior.a, aa, ka, beta, z))))
 
 
 def _woodbury(g, y, k, alpha, w):
-    """``L (αI + D W Dᵀ)⁻¹ Lᵀ = (G − Yᵀ X Y) / α`` for ``G = L Lᵀ``, ``Y = DᵀLᵀ (k, n)``,
-    ``K = DᵀD``: ``X = W (αI + K W)⁻¹``, written ``((αI + W K)⁻¹ W)ᵀ`` (``W``, ``K`` symmetric)."""
-    x = jnp.linalg.solve(numerics.add_to_diagonal(w @ k, alpha), w).T
-    return (g - (y.T @ _sym(x)) @ y) / alpha
+    """``L (αI + D diag(w) Dᵀ)⁻¹ Lᵀ`` for ``G = L Lᵀ``, ``Y = DᵀLᵀ (k, n)``, ``K = DᵀD``,
+    ``w ≥ 0``: ``(G − FᵀF) / α`` with ``F = L_M⁻¹ S Y``, ``S = diag(√w)``, ``M = αI + S K S``
+    (Woodbury in its symmetric form: a Cholesky factor of a positive definite ``k × k`` matrix,
+    and the downdate as a sum of outer products, bitwise symmetric)."""
+    s = jnp.sqrt(w)
+    m = numerics.add_to_diagonal(s[:, None] * k * s[None, :], alpha)
+    f = numerics.solve_lower(numerics.cholesky(m), s[:, None] * y)
+    return numerics.downdate(g, f.T) / alpha

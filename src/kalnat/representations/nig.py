@@ -55,6 +55,10 @@ class NIG(Representation):
     noise_prior = True
 
     @property
+    def branches(self):
+        return self.inner.branches
+
+    @property
     def process_noise(self):
         return self.inner.process_noise
 
