@@ -182,7 +182,7 @@ def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(n
     assert bool(rep._outer(jnp.asarray(H))[0]) == (outer or n_out == 1)
     whitened = np.linalg.solve(np.linalg.cholesky(R), H)
     assert bool(rep._outer(jnp.asarray(whitened))[0]) == (outer or n_out == 1)
-    hph, (ph, _) = rep.project(prior, jnp.asarray(H))
+    hph, ph = rep.project(prior, jnp.asarray(H))
     P = np.asarray(prior.dense())
     np.testing.assert_allclose(ph, P @ H.T, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hph, H @ P @ H.T, rtol=1e-10, atol=1e-12)

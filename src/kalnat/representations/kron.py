@@ -172,8 +172,7 @@ class KronLayer(Representation):
         return self.project(prior, h)[0]
 
     def project(self, prior, H):
-        outer = self._outer(H)
-        ok, delta, abar = outer
+        ok, delta, abar = self._outer(H)
 
         def by_factors():
             gd, aa = delta @ prior.g, abar @ prior.a        # rows (Gδ_j)ᵀ, (Aā_j)ᵀ
@@ -182,16 +181,15 @@ class KronLayer(Representation):
         def general():
             ph = self._vec(jnp.einsum("ij,kjl,lm->kim", prior.g, self._m(H), prior.a))
             return H @ ph, ph
-        hph, ph = jax.lax.cond(ok, by_factors, general)
-        return hph, (ph, outer)
+        return jax.lax.cond(ok, by_factors, general)
 
     def gain(self, prior, H, R, e):
         return self.gain_projected(prior, H, R, e, None)
 
     def gain_projected(self, prior, H, R, e, projection):
-        hph, (ph, outer) = self.project(prior, H) if projection is None else projection
+        hph, ph = self.project(prior, H) if projection is None else projection
         # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
-        return ph @ numerics.chol_solve(hph + R, e), hph, outer
+        return ph @ numerics.chol_solve(hph + R, e), hph, None
 
     def posterior(self, prior, H, R, e, aux, rows):
         # The rows whitened by L_R⁻¹ first, as the general path does (R⁻¹ itself would square
