@@ -1,7 +1,11 @@
 """The report's figures: no two bank members share a colour, titles wrap instead of running
 off the figure."""
 
+import subprocess
+import sys
+
 import matplotlib.colors as mcolors
+import pytest
 
 from kalnat import plots
 
@@ -74,3 +78,39 @@ def test_a_bundled_sets_figures_name_its_classes(tmp_path, monkeypatch):
     rows = list(csv.DictReader(io.StringIO(pred.output)))
     assert {"prob_setosa", "prob_versicolor", "prob_virginica"} <= set(rows[0])
     assert {r["predicted"] for r in rows} <= {"setosa", "versicolor", "virginica"}
+
+
+WORKERS_PROBE = """
+import sys
+from kalnat.figure_workers import FigureWorkers
+with FigureWorkers() as figures:
+    assert figures.forked, "no workers without JAX on Linux"
+    import jax  # as the command does once the workers run: nothing more is forked after this
+    done = figures.draw("confusion", [[3, 1], [0, 4]], ["a", "b"], sys.argv[1] + "/c.png", title="t")
+    bad = figures.draw("confusion", [[3, 1], [0, 4]], ["a", "b"], sys.argv[1] + "/missing/c.png")
+    print(done.result())
+    try:
+        bad.result()
+    except OSError as err:
+        print("raised", type(err).__name__)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_figure_workers_draw_in_forked_processes_and_pass_their_errors_back(tmp_path):
+    out = subprocess.run([sys.executable, "-c", WORKERS_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == str(tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
+    assert lines[1] == "raised FileNotFoundError"
+
+
+def test_figure_workers_draw_here_once_jax_is_imported(tmp_path):
+    import jax  # noqa: F401  (forking a process with JAX's threads running is unsafe)
+    from kalnat.figure_workers import FigureWorkers
+
+    with FigureWorkers() as figures:
+        assert not figures.forked
+        path = figures.draw("confusion", [[3, 1], [0, 4]], ["a", "b"], str(tmp_path / "c.png")).result()
+    assert path == str(tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0

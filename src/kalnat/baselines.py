@@ -33,7 +33,6 @@ from typing import NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kalnat import datasets as _datasets
 from kalnat import families as _families
@@ -159,6 +158,8 @@ def scores(family, y, pred: Predictions, start: int = 0, n_points: int = 200) ->
 # ---- optax: SGD and Adam over the same model ----------------------------------------------
 
 def _optimizer(name, lr):
+    import optax  # here, not at the top: a command that runs no baseline skips its import (0.1 s)
+
     if name == "sgd":
         return optax.sgd(lr)
     if name == "adam":
@@ -175,6 +176,8 @@ def optax_grid(name: str, X, y, family, *, model=None, lrs: Sequence[float] = LR
     Returns one :class:`Predictions` per rate (gaussian: mean only; the caller adds the
     variance with :class:`OnlineNoise`, see :func:`run_baseline`).
     """
+    import optax
+
     fam = _family(family, _n_classes_from(family, y))
     X = np.asarray(X)
     model = model or _models.linear(X.shape[1], fam.n_outputs)

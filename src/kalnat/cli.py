@@ -214,12 +214,20 @@ def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, 
         raise click.UsageError("--predictions writes one stream's predictions; with --key the report "
                                "folder's per_key.csv has each key's scores")
     source = _open(data or datasets.DEFAULT_DATASET, kw, key=key)  # a missing file fails here, before JAX
-    _jax()
     if key is not None:
+        _jax()
         if click.get_current_context().get_parameter_source("scaling") == click.core.ParameterSource.DEFAULT:
             cfg["scaling"] = "running"  # statistics pooled over keys (kalnat.cli_keyed)
         return _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler)
-    from kalnat import cli_learn as run, plots
+    from kalnat.figure_workers import FigureWorkers
+
+    with FigureWorkers() as figures:  # started before JAX is imported (see kalnat.figure_workers)
+        _learn_single(source, cfg, out_dir, quiet, predictions_path, figures)
+
+
+def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
+    _jax()
+    from kalnat import cli_learn as run
 
     pred_file = None
     if predictions_path is not None:
@@ -239,19 +247,24 @@ def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, 
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"
     what = metrics["learner_text"]
-    pngs = plots.learning_curves(metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
-                                 title=f"{source.name}: {what}, {cfg['model_spec']}, {result.family_name}")
+    drawn = [figures.draw("learning_curves", metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
+                          title=f"{source.name}: {what}, {cfg['model_spec']}, {result.family_name}")]
     if "bank" in metrics:
         b = metrics["bank"]
-        pngs.append(plots.bank_weights(b["curve"]["row"], b["curve"]["weights"],
-                                       [run.member_label(c) for c in b["members"]],
-                                       os.path.join(out_dir, "bank_weights.png"),
-                                       title=f"{source.name}: weights of the bank's members"))
+        drawn.append(figures.draw("bank_weights", b["curve"]["row"], b["curve"]["weights"],
+                                  [run.member_label(c) for c in b["members"]],
+                                  os.path.join(out_dir, "bank_weights.png"),
+                                  title=f"{source.name}: weights of the bank's members"))
     if "confusion" in metrics:
-        pngs.append(plots.confusion(metrics["confusion"], metrics["classes"], os.path.join(out_dir, "confusion.png"),
-                                    title=f"{source.name}: progressive confusion matrix"))
+        drawn.append(figures.draw("confusion", metrics["confusion"], metrics["classes"],
+                                  os.path.join(out_dir, "confusion.png"),
+                                  title=f"{source.name}: progressive confusion matrix"))
+    result.save(os.path.join(out_dir, "model.npz"))  # while the figures are drawn
+    pngs = []
+    for job in drawn:  # learning_curves draws two files, the others one
+        made = job.result()
+        pngs.extend(made if isinstance(made, list) else [made])
     metrics["files"] = {"model": "model.npz", "plots": [os.path.basename(p) for p in pngs]}
-    result.save(os.path.join(out_dir, "model.npz"))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     if not quiet:

@@ -117,35 +117,40 @@ def _first_layer(params):
                      "such layers (kalnat.models.mlp)")
 
 
-def reexpression_matrix(params, old, new) -> np.ndarray:
-    """The ``(d, d)`` matrix A of the change of coordinates ``θ' = A θ`` (see :func:`reexpress`).
+def reexpression_matrix(params, old, new) -> scipy.sparse.csr_matrix:
+    """The ``(d, d)`` sparse matrix A of the change of coordinates ``θ' = A θ`` (see
+    :func:`reexpress`), in float64.
 
     A depends on the structure of ``params`` and on the coordinates only, so one A serves
-    every filter over the same model (the members of a bank).
+    every filter over the same model (the members of a bank). It is built from where each of
+    the first layer's entries sits in the flat θ (``ravel_pytree``'s order: the leaves in
+    ``tree_flatten``'s order, each in C order), on the host: A is the identity but for
+    ``W' = W diag(s'/s)`` on the first layer's weights and ``b' = b + W (c' − c)/s`` on its
+    biases.
     """
-    from jax.flatten_util import ravel_pytree
     import jax
-    import jax.numpy as jnp
 
-    theta, unravel = ravel_pytree(params)
     c0, s0 = (np.asarray(a, np.float64) for a in old)
     c1, s1 = (np.asarray(a, np.float64) for a in new)
-    layer, _ = _first_layer(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    sizes = [int(np.size(leaf)) for leaf in leaves]
+    starts = np.cumsum([0] + sizes[:-1])
+    where = jax.tree_util.tree_unflatten(treedef, [
+        start + np.arange(n).reshape(np.shape(leaf)) for start, n, leaf in zip(starts, sizes, leaves)])
+    layer, _ = _first_layer(where)
     if "b" not in layer and np.any(c0 != c1):
         raise ValueError("reexpress: a change of centre needs a bias in the first layer")
-
-    def f(th):
-        p = unravel(th)
-        lay, put = _first_layer(p)
-        W = lay["w"]
-        new_layer = dict(lay, w=W * (s1 / s0).astype(W.dtype)[None])
-        if "b" in lay:
-            new_layer["b"] = lay["b"] + W @ ((c1 - c0) / s0).astype(W.dtype)
-        return ravel_pytree(put(new_layer))[0]
-
-    d = theta.shape[0]
-    # in θ's dtype: float64 is only available with x64 on (else JAX warns and truncates)
-    return np.asarray(jax.vmap(f)(jnp.eye(d, dtype=theta.dtype)), np.float64).T  # rows of fv(I) = Aᵀ
+    d = sum(sizes)
+    w = np.asarray(layer["w"])                                                        # (o, p)
+    diag = np.ones(d)
+    diag[w] = np.broadcast_to(s1 / s0, w.shape)
+    rows, cols, vals = [np.arange(d)], [np.arange(d)], [diag]
+    if "b" in layer:  # b'_j = b_j + Σ_k W_jk (c'_k − c_k)/s_k
+        rows.append(np.broadcast_to(np.asarray(layer["b"])[:, None], w.shape).ravel())
+        cols.append(w.ravel())
+        vals.append(np.broadcast_to((c1 - c0) / s0, w.shape).ravel())
+    return scipy.sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(d, d))
 
 
 def reexpress(params, cov, old, new, A=None):
@@ -171,9 +176,14 @@ def reexpress(params, cov, old, new, A=None):
     import jax.numpy as jnp
 
     theta, unravel = ravel_pytree(params)
-    A = scipy.sparse.csr_matrix(reexpression_matrix(params, old, new) if A is None else A)
-    t = A @ np.asarray(theta, np.float64)
-    return unravel(jnp.asarray(t, theta.dtype)), jnp.asarray(_sandwich(A, cov), theta.dtype)
+    A = reexpression_matrix(params, old, new) if A is None else scipy.sparse.csr_matrix(A)
+    t, P = _moved(np.asarray(theta, np.float64), cov, A)
+    return unravel(jnp.asarray(t, theta.dtype)), jnp.asarray(P, theta.dtype)
+
+
+def _moved(theta, cov, A):
+    """:func:`reexpress` of a flat float64 θ: ``(A θ, A P Aᵀ)``."""
+    return A @ theta, _sandwich(A, cov)
 
 
 def _sandwich(A, M):
@@ -280,6 +290,12 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
     elif not isinstance(maps, Reexpression):  # the pair (A, A⁻¹) of reexpression_matrix
         maps = _from_pair(*maps)
     theta, unravel = ravel_pytree(params)
+    t, P = _moved_with_prior(np.asarray(theta, np.float64), cov, maps, prior_var, prior_weight)
+    return unravel(np.asarray(t, theta.dtype)), np.asarray(P, theta.dtype)
+
+
+def _moved_with_prior(theta, cov, maps: Reexpression, prior_var, prior_weight):
+    """:func:`reexpress_with_prior` of a flat float64 θ: ``(θ', P')``."""
     P = np.asarray(cov, np.float64)
     if np.all(np.isfinite(P)):
         try:
@@ -291,9 +307,8 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
             pass
         else:
             # the information vector P⁻¹θ re-expressed: A⁻ᵀ P⁻¹ θ
-            theta_new = cov_new @ (maps.Bt @ (P_inv @ np.asarray(theta, np.float64)))
-            return unravel(np.asarray(theta_new, theta.dtype)), np.asarray(cov_new, theta.dtype)
-    return reexpress(params, cov, old, new, maps.A)
+            return cov_new @ (maps.Bt @ (P_inv @ theta)), cov_new
+    return _moved(theta, P, maps.A)
 
 
 def reexpress_members(state, old, new, *, bank: bool, priors=None):
@@ -313,27 +328,27 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     members = state.members if bank else state
     covs = np.asarray(jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None],
                       np.float64)                                                      # (K, d, d)
-    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) if bank else np.asarray(a, np.float64)[None],
-                                    members.params)
-    first = jax.tree_util.tree_map(lambda a: a[0], params)
+    # the members' flat θ (K, d) on the host, in ravel_pytree's order (the leaves in
+    # tree_flatten's order, each in C order): no device work per member
+    leaves, treedef = jax.tree_util.tree_flatten(members.params)
+    leaves = [np.asarray(a, np.float64) if bank else np.asarray(a, np.float64)[None] for a in leaves]
+    K = covs.shape[0]
+    thetas = np.concatenate([a.reshape(K, -1) for a in leaves], axis=1)
+    first = jax.tree_util.tree_unflatten(treedef, [a[0] for a in leaves])
     maps = reexpression(first, old, new) if priors is not None else None
-    A = maps.A if maps is not None else scipy.sparse.csr_matrix(reexpression_matrix(first, old, new))
-    moved_params, moved_covs = [], []
-    for k in range(covs.shape[0]):
-        pk = jax.tree_util.tree_map(lambda a: a[k], params)
-        if np.all(np.isfinite(covs[k])) and all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(pk)):
+    A = maps.A if maps is not None else reexpression_matrix(first, old, new)
+    moved_thetas, moved_covs = thetas.copy(), covs.copy()
+    for k in range(K):
+        if np.all(np.isfinite(covs[k])) and np.all(np.isfinite(thetas[k])):
             if priors is None:
-                pk, ck = reexpress(pk, covs[k], old, new, A)
+                moved_thetas[k], moved_covs[k] = _moved(thetas[k], covs[k], A)
             else:
-                pk, ck = reexpress_with_prior(pk, covs[k], old, new, float(priors[0][k]), float(priors[1][k]), maps)
-        else:
-            ck = covs[k]
-        moved_params.append(pk)
-        moved_covs.append(np.asarray(ck, np.float64))
+                moved_thetas[k], moved_covs[k] = _moved_with_prior(thetas[k], covs[k], maps, priors[0][k], priors[1][k])
     dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
-    new_params = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack([np.asarray(x) for x in a]), dtype),
-                                        *moved_params)
-    new_covs = jnp.asarray(np.stack(moved_covs), dtype)
+    ends = np.cumsum([a[0].size for a in leaves])
+    new_params = jax.tree_util.tree_unflatten(treedef, [
+        jnp.asarray(part.reshape(a.shape), dtype) for part, a in zip(np.split(moved_thetas, ends[:-1], axis=1), leaves)])
+    new_covs = jnp.asarray(moved_covs, dtype)
     if not bank:
         return with_covariance(state, jax.tree_util.tree_map(lambda a: a[0], new_params), new_covs[0])
     cov = jax.vmap(lambda c, p: c.with_dense(p))(members.cov, new_covs)

@@ -1,0 +1,76 @@
+"""The command's report figures, drawn by worker processes started before JAX is imported.
+
+Importing matplotlib and drawing a report's figures took about a third of a warm ``kalnat
+learn`` of a small data set (about 1 s of 3). Workers forked at the command's start import
+matplotlib while the command imports JAX and learns, and draw the figures side by side at the
+end. Forking is safe only before JAX starts its threads, and cheap only where ``fork`` is the
+platform's way of starting a process (Linux); elsewhere, or once JAX is imported (a test, a
+notebook), the figures are drawn in the calling process. The files are the same either way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import sys
+
+__all__ = ["FigureWorkers", "WORKERS"]
+
+WORKERS = 2  # a report has up to four figures; two workers draw them in about half the time
+
+
+def _ready():
+    import os
+
+    # behind the command's own work: on a machine with fewer free cores than processes, the
+    # workers take what the command leaves (the figures are wanted only at its end)
+    os.nice(5)
+    import kalnat.plots  # noqa: F401  (the import is the work done ahead)
+
+
+def _draw(name, args, kwargs):
+    from kalnat import plots
+
+    return getattr(plots, name)(*args, **kwargs)
+
+
+class FigureWorkers:
+    """Runs :mod:`kalnat.plots` functions in forked workers, or in this process where
+    forking is unsafe or unavailable.
+
+    ``draw(name, *args, **kwargs)`` returns a :class:`concurrent.futures.Future` of
+    ``kalnat.plots.<name>(*args, **kwargs)``; its ``result()`` raises what the drawing raised.
+    Use as a context manager: leaving it shuts the workers down (unfinished figures are
+    cancelled when leaving on an error).
+    """
+
+    def __init__(self, workers: int = WORKERS):
+        self._pool = None
+        if workers > 0 and sys.platform.startswith("linux") and "jax" not in sys.modules:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("fork"), initializer=_ready)
+            self._pool.submit(int)  # with fork, the first submit starts every worker: now, before JAX
+
+    @property
+    def forked(self) -> bool:
+        """Whether the figures are drawn by worker processes."""
+        return self._pool is not None
+
+    def draw(self, name: str, *args, **kwargs) -> concurrent.futures.Future:
+        if self._pool is not None:
+            return self._pool.submit(_draw, name, args, kwargs)
+        done = concurrent.futures.Future()
+        done.set_result(_draw(name, args, kwargs))
+        return done
+
+    def close(self, cancel: bool = False):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        self.close(cancel=kind is not None)
+        return False
