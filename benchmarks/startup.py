@@ -26,7 +26,7 @@ row's checks with the step on an idle machine and costs a thread switch per row 
 With ``--digits full diag …`` it times ``kalnat learn digits --covariance X`` instead, each with
 an empty compilation cache (what docs/cli.md quotes), and prints its log-loss and accuracy.
 
-    python benchmarks/startup.py [--dims 8 32 128 512] [--repeat 3] [--per-row] [--inline]
+    python benchmarks/startup.py [--dims 8 32 128 512] [--repeat 3] [--per-row | --no-per-row] [--inline]
     python benchmarks/startup.py --digits full diag blocks kron
 """
 
@@ -214,6 +214,7 @@ def main():
     ap.add_argument("--dims", type=int, nargs="+", default=[8, 32, 128, 512])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--per-row", action="store_true", help="only the per-row table")
+    ap.add_argument("--no-per-row", action="store_true", help="only the start-up lines")
     ap.add_argument("--inline", action="store_true", help="per-row steps run on the calling thread")
     ap.add_argument("--digits", nargs="+", metavar="COVARIANCE",
                     help="only `kalnat learn digits --covariance X` for each X, cold cache")
@@ -246,7 +247,8 @@ def main():
     print(f"kalnat --help                 {t_help:6.2f} s   (target 0.3)")
     print(f"kalnat learn, cold cache      {t_cold:6.2f} s   (target 3)    log-loss {log_loss:.4f}")
     print(f"kalnat learn, warm cache      {t_warm:6.2f} s   (target 1.5)  warm/cold {t_warm / t_cold:.2f}")
-    per_row_table(args.dims, args.repeat)
+    if not args.no_per_row:
+        per_row_table(args.dims, args.repeat)
 
 
 if __name__ == "__main__":

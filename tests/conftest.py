@@ -10,6 +10,22 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # (tests/test_startup.py turns it on in a folder of its own).
 os.environ.setdefault("KALNAT_NO_CACHE", "1")
 
+# One persistent compilation cache for the whole run, shared by the test workers and the
+# subprocesses they start: a program that several of them compile (common shapes, the bank's
+# members, the command's scans) is compiled once. A fresh folder per run (its controller makes
+# it; the workers inherit the variable), deleted at the end; every program is kept, however
+# quick to compile.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="kalnat-tests-jax-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 # Exactness checks run in float64 (docs/method.md: equivalences hold to rounding).

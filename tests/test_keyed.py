@@ -58,8 +58,26 @@ def test_each_key_equals_its_filter_alone(name, monkeypatch):
     keyed = Keyed(learner, MODEL.init(None), capacity=2)
     if name == "ekf":  # a segment's keys split over calls of two keys each (large states do this)
         keyed._lanes = 2
-        # and each chunk's calls' outputs read back as soon as the next chunk's are queued
+        # and each call's outputs read back as soon as the next call's are queued: within a
+        # chunk too, the calls being made one at a time (counted: made − read ≤ 1 before a call)
         monkeypatch.setattr(kalnat.keyed, "PENDING_CALLS", 1)
+        count = {"made": 0, "read": 0}
+        segment, read = kalnat.keyed._segment_fn, kalnat.keyed._Outputs._read
+
+        def counted_segment(learner):
+            fn = segment(learner)
+
+            def call(*args):
+                assert count["made"] - count["read"] <= 1, count
+                count["made"] += 1
+                return fn(*args)
+            return call
+
+        def counted_read(self, *args):
+            count["read"] += 1
+            return read(self, *args)
+        monkeypatch.setattr(kalnat.keyed, "_segment_fn", counted_segment)
+        monkeypatch.setattr(kalnat.keyed._Outputs, "_read", counted_read)
     # ekf: two calls (keys appear in the second), small chunks: segments of many shapes; the
     # others (a step of their own under the same code) one call of one chunk: fewer compilations
     cut, chunks = (40, (16, 32)) if name == "ekf" else (0, (90, 90))

@@ -23,7 +23,8 @@ print("JAX_IMPORTED" if "jax" in sys.modules else "NO_JAX", file=sys.stderr)
 
 
 def _env(**more):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KALNAT_")}
+    # without the suite's shared JAX cache (tests/conftest.py): the command's own is under test
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KALNAT_") and k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(JAX_PLATFORMS="cpu", **more)
     return env
 

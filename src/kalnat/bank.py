@@ -251,9 +251,7 @@ class Bank(Boundary):
             s, (pred, ll) = scan_rows(self.learner, h, s, xs, ys, ms)
             return s, ((pred if keep else None), ll, jax.vmap(_all_finite)(pred, ll))
 
-        group = members_per_group(state.members, self.size)
-        if getattr(getattr(self.learner, "representation", None), "branches", False):
-            group = 1  # a step that branches on the data runs one branch only outside vmap
+        group = members_per_group(state.members, self.size, self.learner)
         # One member at a time: a plain loop (lax.map's batches of one are still vmapped, which
         # turns each member's own conds, such as its count of linearisations, into selects).
         members, (preds, lls, fins) = jax.lax.map(member, (hyper, state.members),
@@ -328,8 +326,12 @@ def _all_finite(pred, ll):
 GROUP_BYTES = 2**21
 
 
-def members_per_group(members, K: int) -> int:
-    """How many members :meth:`Bank.scan_chunk` advances together (from their states' sizes)."""
+def members_per_group(members, K: int, learner=None) -> int:
+    """How many members :meth:`Bank.scan_chunk` advances together: from their states' sizes,
+    and one at a time when ``learner``'s representation branches on the data (a ``lax.cond``
+    under ``vmap`` runs both branches; alone, only the one taken)."""
+    if getattr(getattr(learner, "representation", None), "branches", False):
+        return 1
     per = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(members)) // max(K, 1)
     return int(max(1, min(K, GROUP_BYTES // max(per, 1))))
 

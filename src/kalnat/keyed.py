@@ -22,7 +22,6 @@ learned B at a time, as :func:`kalnat.fit` with ``batch_size=B`` on its rows alo
 from __future__ import annotations
 
 import collections
-
 import weakref
 from typing import Any, Hashable, NamedTuple, Optional, Sequence
 
@@ -35,9 +34,9 @@ from kalnat.learners.base import check_range, device_hyper
 
 __all__ = ["Keyed", "KeyedResult"]
 
-# Device calls whose outputs may wait to be read back once a chunk's calls are queued: the host
-# builds the next calls while the device runs these, and a long learn() holds the (padded)
-# outputs of one chunk's calls and at most this many more, not of all its chunks.
+# Device calls whose outputs may wait to be read back: the host builds the next calls while the
+# device runs these, and a long learn() holds the (padded) outputs of this many calls at most,
+# not of all its calls (a chunk's calls are generated one at a time).
 PENDING_CALLS = 8
 
 # A chunk's rows are learned in segments of rounds whose number of active keys lies in
@@ -146,9 +145,9 @@ def _grow_fn(learner):
 class _Outputs:
     """The rows' outputs ``(preds, log_liks)``, each ``(n, …)``, filled from device calls'
     outputs ``(rows, index, outputs)``: row ``rows[j]`` is ``outputs[index][j]`` (index: the
-    row's round, lane and, with minibatches, place in its minibatch). Beyond the chunk being
-    added, at most ``PENDING_CALLS`` calls' outputs wait on the device; reading the oldest back
-    blocks only on that call."""
+    row's round, lane and, with minibatches, place in its minibatch). At most
+    ``PENDING_CALLS`` calls' outputs wait on the device; reading the oldest back blocks only
+    on that call."""
 
     def __init__(self, n: int):
         self.n, self.out, self.queue = n, None, collections.deque()
@@ -333,9 +332,11 @@ class Keyed:
         return KeyedResult(*out, slots)
 
     def _learn_chunk(self, slots, xs, ys, keep):
+        """A generator of the chunk's calls' ``(rows, index, outputs)`` (:class:`_Outputs`;
+        none unless ``keep``): a call is made when it is asked for, so that the calls waiting
+        to be read back stay within ``PENDING_CALLS``."""
         pos, rank, kslots, counts = _rounds(slots)
         fn = _segment_fn(self.learner)
-        out = []
         r0 = 0
         n_rounds = int(counts[0])
         while r0 < n_rounds:
@@ -351,10 +352,9 @@ class Keyed:
             # (a larger gathered block makes every round stream it from memory: 5× slower).
             for k0 in range(0, active, self._lanes):
                 k1 = min(active, k0 + self._lanes)
-                out += self._learn_block(fn, pos, rank, kslots, counts, r0, r1, k0, k1,
-                                         min(width, self._lanes), xs, ys, keep)
+                yield from self._learn_block(fn, pos, rank, kslots, counts, r0, r1, k0, k1,
+                                             min(width, self._lanes), xs, ys, keep)
             r0 = r1
-        return out
 
     def _learn_block(self, fn, pos, rank, kslots, counts, r0, r1, k0, k1, width, xs, ys, keep):
         """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one
@@ -379,14 +379,16 @@ class Keyed:
         completed) as a partial minibatch, as :func:`kalnat.fit` learns a stream's last one.
         Their predictions were returned by :meth:`learn`; a key's next row starts a new
         minibatch."""
-        if self.pending:
-            self._learn_minibatches(np.zeros(0, np.int64), None, None, False, final=True)
+        if self.pending:  # a generator: nothing is learned until it is run through
+            for _ in self._learn_minibatches(np.zeros(0, np.int64), None, None, False, final=True):
+                pass
 
     def _learn_minibatches(self, slots, xs, ys, keep, final=False):
         """``batch_size > 1``: the chunk's rows after each key's held ones, grouped per key into
         minibatches of ``B`` consecutive rows; round ``r`` holds each key's ``r``-th minibatch.
         Complete minibatches are learned; a key's partial last one is predicted and held
-        (learned too when ``final``)."""
+        (learned too when ``final``). A generator of each call's ``(rows, index, outputs)``
+        (none unless ``keep``), as :meth:`_learn_chunk`: a call is made when it is asked for."""
         B, n = self.batch_size, slots.size
         held = sorted(self.pending) if final else [s for s in np.unique(slots).tolist() if s in self.pending]
         if xs is None:  # flush: the rows' shapes from the held ones
@@ -407,7 +409,6 @@ class Keyed:
                 rows = np.flatnonzero((pos == k) & (mbi == n_mb[k] - 1))
                 self.pending[int(kslots[k])] = (ext_x[rows].copy(), ext_y[rows].copy())
         fn = _minibatch_segment_fn(self.learner)
-        out = []
         r0, n_rounds = 0, int(n_mb[0]) if n_mb.size else 0
         while r0 < n_rounds:
             active = int(np.count_nonzero(n_mb > r0))
@@ -436,9 +437,8 @@ class Keyed:
                 self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb, commit)
                 if keep:
                     new = rows >= first_new  # held rows were predicted when they arrived
-                    out.append((rows[new] - first_new, (r[new], p[new], o[new]), seg))
+                    yield rows[new] - first_new, (r[new], p[new], o[new]), seg
             r0 = r1
-        return out
 
     def predict(self, keys: Sequence[Hashable], X, *, chunk_size: int = 4096):
         """The one-step predictive of row ``i`` from ``keys[i]``'s current state (a key not
