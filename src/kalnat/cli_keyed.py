@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import kalnat
 from kalnat import baselines, datasets
 from kalnat.cli_learn import (
-    GAUSSIAN_FIRST_SCORED_ROW, Accumulator, LoadedModel, OnlineRunner, _clipped, _target_affine,
+    GAUSSIAN_FIRST_SCORED_ROW, Accumulator, LoadedModel, OnlineRunner,
     inference_note, make_family, resolve_task, run_metrics,
 )
 from kalnat.keyed import Keyed
@@ -60,13 +60,7 @@ class KeyedRunner(OnlineRunner):
         """Predicts then learns the rows ``X (n, p)``, ``y (n,)``, row ``i`` by ``keys[i]``'s
         model; returns the predictions in the target's units."""
         X = np.asarray(X, np.float64)
-        if self.gaussian:
-            c0 = int(self.target_scaler.count)
-            ytrain, center, scale, self.target_scaler = _target_affine(self.target_scaler, y)
-            ytrain[: max(0, 2 - c0)] = 0.0
-            ytrain = _clipped(ytrain, self.clip)
-        else:
-            ytrain = y
+        ytrain, affine = self.train_targets(y)
         Z = self.scale_features(X)
         if self.dask is not None:
             p, _ = self.dask.learn(keys, Z, ytrain)
@@ -80,13 +74,7 @@ class KeyedRunner(OnlineRunner):
         if bad.size:
             raise ValueError(f"the learner of key {keys[bad[0]]!r} diverged (non-finite prediction at row "
                              f"{self.rows - len(y) + bad[0] + 1}); try a smaller --prior-var or a linear --model")
-        if self.family.is_classifier:
-            return baselines.Predictions(probs=np.asarray(p.probs, np.float64))
-        if self.gaussian:
-            unit = np.asarray(p.obs_cov, np.float64)[:, 0, 0]
-            var = self.noise(ytrain - mean[:, 0], unit)
-            return baselines.Predictions(mean=center + scale * mean[:, 0], var=scale**2 * var)
-        return baselines.Predictions(mean=mean[:, 0])
+        return self.in_target_units(p, ytrain, affine)
 
 
 def shard_factory(cfg, family_name, classes, n_features):

@@ -370,16 +370,9 @@ class OnlineRunner:
         reals), then learns them; returns the predictions in the target's units."""
         X = np.asarray(X, np.float64)
         if self.frozen_target:
-            ytrain = np.asarray(y, np.float64)  # standardised block by block in _learn_in_blocks
-        elif self.gaussian:
-            c0 = int(self.target_scaler.count)
-            ytrain, center, scale, self.target_scaler = _target_affine(self.target_scaler, y)
-            # Until two targets have given it a scale, a target teaches nothing but "average";
-            # and like the features, an early target scaled by rough statistics is clipped.
-            ytrain[: max(0, 2 - c0)] = 0.0
-            ytrain = _clipped(ytrain, self.clip)
+            ytrain, affine = np.asarray(y, np.float64), None  # standardised block by block in _learn_in_blocks
         else:
-            ytrain = y
+            ytrain, affine = self.train_targets(y)
         batch = int(self.cfg["batch_size"])
         if self.scheme == "running":
             res = kalnat.fit(self.learner, self.state, self.scale_features(X), ytrain,
@@ -398,11 +391,31 @@ class OnlineRunner:
             hint = "try a smaller --prior-var, --batch-size 1 or a linear --model"
             raise ValueError(
                 f"the learner diverged (non-finite prediction at row {self.rows - len(y) + bad[0] + 1}); {hint}")
+        if self.frozen_target and not self.family.is_classifier:
+            return baselines.Predictions(mean=y_mean, var=y_var)
+        return self.in_target_units(p, ytrain, affine)
+
+    def train_targets(self, y):
+        """``(targets as learned, affine)``: a gaussian target standardised online, each by the
+        targets before it (``affine = (center, scale)`` per row, to map predictions back), others
+        as given (``affine = None``)."""
+        if not self.gaussian:
+            return y, None
+        c0 = int(self.target_scaler.count)
+        ytrain, center, scale, self.target_scaler = _target_affine(self.target_scaler, y)
+        # Until two targets have given it a scale, a target teaches nothing but "average"; and
+        # like the features, an early target scaled by rough statistics is clipped.
+        ytrain[: max(0, 2 - c0)] = 0.0
+        return _clipped(ytrain, self.clip), (center, scale)
+
+    def in_target_units(self, p, ytrain, affine) -> baselines.Predictions:
+        """The learner's predictions ``p`` of rows learned as ``ytrain`` (:meth:`train_targets`)
+        in the target's units: class probabilities, or a mean and a variance."""
+        mean = np.asarray(p.mean, np.float64)
         if self.family.is_classifier:
             return baselines.Predictions(probs=np.asarray(p.probs, np.float64))
-        if self.frozen_target:
-            return baselines.Predictions(mean=y_mean, var=y_var)
         if self.gaussian:
+            center, scale = affine
             unit = np.asarray(p.obs_cov, np.float64)[:, 0, 0]  # 1 + h P hᵀ (noise variance 1)
             var = self.noise(ytrain - mean[:, 0], unit)
             return baselines.Predictions(mean=center + scale * mean[:, 0], var=scale**2 * var)
