@@ -30,3 +30,22 @@ import jax  # noqa: E402
 
 # Exactness checks run in float64 (docs/method.md: equivalences hold to rounding).
 jax.config.update("jax_enable_x64", True)
+
+import pytest  # noqa: E402
+
+# Each compiled XLA CPU program keeps about 30 memory maps of its own while JAX caches it, and
+# Linux allows a process 65 530 (vm.max_map_count): a test worker that had compiled some 2 000
+# programs failed to map the next one ("LLVM compilation error: Cannot allocate memory") and
+# crashed in XLA's compiler. After a test, a worker past half that drops JAX's caches; programs
+# used again come back from the persistent cache above.
+MAPS_BEFORE_CLEARING = 32_000
+_MAPS = "/proc/self/maps"
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    yield
+    if os.path.exists(_MAPS):
+        with open(_MAPS, "rb") as f:
+            if f.read().count(b"\n") > MAPS_BEFORE_CLEARING:
+                jax.clear_caches()
