@@ -47,9 +47,12 @@ class FigureWorkers:
     def __init__(self, workers: int = WORKERS):
         self._pool = None
         if workers > 0 and sys.platform.startswith("linux") and "jax" not in sys.modules:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("fork"), initializer=_ready)
-            self._pool.submit(int)  # with fork, the first submit starts every worker: now, before JAX
+            try:
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("fork"), initializer=_ready)
+                self._pool.submit(int)  # with fork, the first submit starts every worker: now, before JAX
+            except OSError:  # no process to spare (a limit on processes, memory): drawn here
+                self.close()
 
     @property
     def forked(self) -> bool:
