@@ -361,21 +361,29 @@ def _conds(jaxpr):
 def test_a_bank_of_kronecker_members_keeps_their_branches(monkeypatch):
     """The Kronecker step chooses its path with a cond, which vmap turns into a select of both
     (a select, not a cond, in the program): a bank advances such members one at a time, so its
-    chunk's program keeps those conds, as many as with the members one at a time by force."""
+    chunk's program keeps those conds, as many as with the members one at a time by force, and
+    so do its single update (``bank.update``) and its prediction."""
     from kalnat import bank as bank_module
     model = kalnat.models.mlp(4, (3,), 2)  # H depends on θ, so each member's predicate is its own
     params = model.init(jax.random.PRNGKey(0))
     fam = kalnat.families.Gaussian(0.5, dim=2)
     X, y, ms = jnp.ones((3, 1, 4)), jnp.ones((3, 1, 2)), jnp.ones((3, 1), bool)  # 3 minibatches of a row
 
-    def conds():
+    def conds():  # in a chunk's scan, one update (bank.update's step) and a prediction
         bank = kalnat.ekf_bank(model, fam, representation=kronecker(params))
-        return _conds(jax.make_jaxpr(lambda s: bank.scan_chunk(bank.hyper, s, X, y, ms))(bank.init(params)).jaxpr)
-    kept = conds()
+        state = bank.init(params)
+        programs = (lambda s: bank.scan_chunk(bank.hyper, s, X, y, ms), lambda s: bank.step(bank.hyper, s, X[0], y[0]),
+                    lambda s: bank.predict_batch(bank.hyper, s, X[0]))
+        return [_conds(jax.make_jaxpr(f)(state).jaxpr) for f in programs], jax.jit(programs[1])(state)
+    kept, stepped = conds()
     monkeypatch.setattr(KronLayer, "branches", False)
-    vmapped = conds()
-    monkeypatch.setattr(bank_module, "GROUP_BYTES", 1)
-    assert kept == conds() > vmapped, (kept, vmapped)
+    vmapped, stepped_vmapped = conds()
+    assert all(k > v for k, v in zip(kept, vmapped)), (kept, vmapped)
+    for a, b in zip(jax.tree_util.tree_leaves(stepped), jax.tree_util.tree_leaves(stepped_vmapped)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)  # the same update either way
+    bank = kalnat.ekf_bank(model, fam, representation=kronecker(params))
+    monkeypatch.setattr(bank_module, "GROUP_BYTES", 1)  # members one at a time by force: as many conds as kept
+    assert _conds(jax.make_jaxpr(lambda s: bank.scan_chunk(bank.hyper, s, X, y, ms))(bank.init(params)).jaxpr) == kept[0]
 
 
 def test_kronecker_factored_posterior_holds_for_a_saturated_softmax():

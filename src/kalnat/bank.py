@@ -236,7 +236,8 @@ class Bank(Boundary):
     def step(self, hyper, state: BankState, xs, ys, mask=None):
         """All members predict then learn the minibatch; the weights move by its likelihood.
         Returns ``(BankState, BankPredictive, log_prob (b,))``."""
-        members, preds, ll = jax.vmap(lambda h, s: self.learner.step(h, s, xs, ys, mask))(hyper, state.members)
+        members, preds, ll = self._over_members(lambda h, s: self.learner.step(h, s, xs, ys, mask), hyper,
+                                                state.members)
         return self._advance(state, members, preds, ll, jax.vmap(_all_finite)(preds, ll))
 
     def scan_chunk(self, hyper, state: BankState, xs, ys, ms, keep: bool = True):
@@ -285,7 +286,15 @@ class Bank(Boundary):
 
     def members_predict_batch(self, hyper, state: BankState, xs) -> Predictive:
         """Each member's own prediction, stacked ``(K, b, …)``."""
-        return jax.vmap(lambda h, s: self.learner.predict_batch(h, s, xs))(hyper, state.members)
+        return self._over_members(lambda h, s: self.learner.predict_batch(h, s, xs), hyper, state.members)
+
+    def _over_members(self, f, hyper, members):
+        """``f(h, s)`` of every member, stacked: vectorised, or one member at a time when the
+        representation branches on the data (a ``lax.cond`` under ``vmap`` runs both branches;
+        alone, only the one taken)."""
+        if _branches(self.learner):
+            return jax.lax.map(lambda hs: f(*hs), (hyper, members))
+        return jax.vmap(f)(hyper, members)
 
     def member_state(self, state: BankState, k: int):
         """Member k's state, as ``self.learner`` with ``self.member_hyper(k)`` would hold it."""
@@ -326,11 +335,16 @@ def _all_finite(pred, ll):
 GROUP_BYTES = 2**21
 
 
+def _branches(learner) -> bool:
+    """Whether ``learner``'s representation branches on the data (``Representation.branches``)."""
+    return bool(getattr(getattr(learner, "representation", None), "branches", False))
+
+
 def members_per_group(members, K: int, learner=None) -> int:
     """How many members :meth:`Bank.scan_chunk` advances together: from their states' sizes,
     and one at a time when ``learner``'s representation branches on the data (a ``lax.cond``
     under ``vmap`` runs both branches; alone, only the one taken)."""
-    if getattr(getattr(learner, "representation", None), "branches", False):
+    if _branches(learner):
         return 1
     per = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(members)) // max(K, 1)
     return int(max(1, min(K, GROUP_BYTES // max(per, 1))))
