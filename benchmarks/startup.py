@@ -213,8 +213,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[8, 32, 128, 512])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--per-row", action="store_true", help="only the per-row table")
-    ap.add_argument("--no-per-row", action="store_true", help="only the start-up lines")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--per-row", action="store_true", help="only the per-row table")
+    only.add_argument("--no-per-row", action="store_true", help="only the start-up lines")
     ap.add_argument("--inline", action="store_true", help="per-row steps run on the calling thread")
     ap.add_argument("--digits", nargs="+", metavar="COVARIANCE",
                     help="only `kalnat learn digits --covariance X` for each X, cold cache")

@@ -40,12 +40,17 @@ import pytest  # noqa: E402
 # used again come back from the persistent cache above.
 MAPS_BEFORE_CLEARING = 32_000
 _MAPS = "/proc/self/maps"
+_clear_above = [MAPS_BEFORE_CLEARING]  # raised when a clearing leaves many maps (live programs)
+
+
+def _maps() -> int:
+    with open(_MAPS, "rb") as f:
+        return f.read().count(b"\n")
 
 
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
     yield
-    if os.path.exists(_MAPS):
-        with open(_MAPS, "rb") as f:
-            if f.read().count(b"\n") > MAPS_BEFORE_CLEARING:
-                jax.clear_caches()
+    if os.path.exists(_MAPS) and _maps() > _clear_above[0]:
+        jax.clear_caches()
+        _clear_above[0] = max(MAPS_BEFORE_CLEARING, _maps() + MAPS_BEFORE_CLEARING // 2)

@@ -51,6 +51,32 @@ def alone(learner, keys, X, Y, key):
     return state, np.stack(means)
 
 
+def one_pending_call(monkeypatch, factory: str) -> dict:
+    """``PENDING_CALLS = 1``, and every call of the jitted function that ``kalnat.keyed.<factory>``
+    makes checks that at most one earlier call's outputs still wait to be read back: within a
+    chunk too, its calls being made one at a time. Returns the counts (``on``: checking)."""
+    monkeypatch.setattr(kalnat.keyed, "PENDING_CALLS", 1)
+    count = {"made": 0, "read": 0, "on": True}
+    make, read = getattr(kalnat.keyed, factory), kalnat.keyed._Outputs._read
+
+    def counted_factory(learner):
+        fn = make(learner)
+
+        def call(*args):
+            if count["on"]:
+                assert count["made"] - count["read"] <= 1, count
+                count["made"] += 1
+            return fn(*args)
+        return call
+
+    def counted_read(self, *args):
+        count["read"] += 1
+        return read(self, *args)
+    monkeypatch.setattr(kalnat.keyed, factory, counted_factory)
+    monkeypatch.setattr(kalnat.keyed._Outputs, "_read", counted_read)
+    return count
+
+
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_each_key_equals_its_filter_alone(name, monkeypatch):
     learner, family = LEARNERS[name]
@@ -58,26 +84,8 @@ def test_each_key_equals_its_filter_alone(name, monkeypatch):
     keyed = Keyed(learner, MODEL.init(None), capacity=2)
     if name == "ekf":  # a segment's keys split over calls of two keys each (large states do this)
         keyed._lanes = 2
-        # and each call's outputs read back as soon as the next call's are queued: within a
-        # chunk too, the calls being made one at a time (counted: made − read ≤ 1 before a call)
-        monkeypatch.setattr(kalnat.keyed, "PENDING_CALLS", 1)
-        count = {"made": 0, "read": 0}
-        segment, read = kalnat.keyed._segment_fn, kalnat.keyed._Outputs._read
-
-        def counted_segment(learner):
-            fn = segment(learner)
-
-            def call(*args):
-                assert count["made"] - count["read"] <= 1, count
-                count["made"] += 1
-                return fn(*args)
-            return call
-
-        def counted_read(self, *args):
-            count["read"] += 1
-            return read(self, *args)
-        monkeypatch.setattr(kalnat.keyed, "_segment_fn", counted_segment)
-        monkeypatch.setattr(kalnat.keyed._Outputs, "_read", counted_read)
+        # and each call's outputs read back as soon as the next call's are queued
+        one_pending_call(monkeypatch, "_segment_fn")
     # ekf: two calls (keys appear in the second), small chunks: segments of many shapes; the
     # others (a step of their own under the same code) one call of one chunk: fewer compilations
     cut, chunks = (40, (16, 32)) if name == "ekf" else (0, (90, 90))
@@ -170,7 +178,7 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))
-def test_minibatches_per_key_equal_fit_on_each_keys_rows(name, tmp_path):
+def test_minibatches_per_key_equal_fit_on_each_keys_rows(name, tmp_path, monkeypatch):
     """batch_size = 3: each key's consecutive rows three at a time, across calls and chunks
     (a key's partial minibatch held until its next rows complete it, or flush()), equals
     kalnat.fit(batch_size=3) on the key's rows alone: states and predictions bit for bit."""
@@ -184,6 +192,7 @@ def test_minibatches_per_key_equal_fit_on_each_keys_rows(name, tmp_path):
     cuts, chunk = ((0, 17, 41, 90), 13) if name == "ekf" else ((0, 90), 90)
     if name == "ekf":
         keyed._lanes = 2
+        count = one_pending_call(monkeypatch, "_minibatch_segment_fn")
     results = []
     for a, b in zip(cuts[:-1], cuts[1:]):
         results.append(keyed.learn(keys[a:b], X[a:b], Y[a:b], chunk_size=chunk))
@@ -195,6 +204,9 @@ def test_minibatches_per_key_equal_fit_on_each_keys_rows(name, tmp_path):
             keyed._lanes = 2
             assert keyed.batch_size == B and sorted(keyed.pending) == sorted(held)
             assert all(np.array_equal(keyed.pending[s][0], held[s][0]) for s in held)
+    if name == "ekf":
+        assert count["made"] > 4  # several calls per learn
+        count["on"] = False  # flush's calls keep no outputs
     keyed.flush()
     assert not keyed.pending
     means = np.concatenate([r.predictions.mean for r in results])

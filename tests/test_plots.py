@@ -96,6 +96,35 @@ with FigureWorkers() as figures:
 """
 
 
+DEAD_WORKERS_PROBE = """
+import concurrent.futures, sys
+from concurrent.futures.process import BrokenProcessPool
+from kalnat.figure_workers import FigureWorkers
+
+def already_broken(*args, **kwargs):
+    raise BrokenProcessPool("a worker died before this figure")
+
+died = concurrent.futures.Future()
+died.set_exception(BrokenProcessPool("a worker died while drawing"))
+with FigureWorkers() as figures:
+    assert figures.forked
+    figures._pool.submit = lambda *args, **kwargs: died  # the pool as a worker's death leaves it
+    first = figures.draw("confusion", [[3, 1], [0, 4]], ["a", "b"], sys.argv[1] + "/c.png")
+    figures._pool.submit = already_broken
+    second = figures.draw("confusion", [[3, 1], [0, 4]], ["a", "b"], sys.argv[1] + "/d.png")
+    print(first.result(), second.result(), figures.forked)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_figures_whose_workers_died_are_drawn_by_the_command(tmp_path):
+    out = subprocess.run([sys.executable, "-c", DEAD_WORKERS_PROBE, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tmp_path / "c.png"), str(tmp_path / "d.png"), "False"]
+    assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "d.png").stat().st_size > 0
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
 def test_figure_workers_draw_in_forked_processes_and_pass_their_errors_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", WORKERS_PROBE, str(tmp_path)], capture_output=True, text=True,
@@ -113,4 +142,7 @@ def test_figure_workers_draw_here_once_jax_is_imported(tmp_path):
     with FigureWorkers() as figures:
         assert not figures.forked
         path = figures.draw("confusion", [[3, 1], [0, 4]], ["a", "b"], str(tmp_path / "c.png")).result()
+        bad = figures.draw("confusion", [[3, 1], [0, 4]], ["a", "b"], str(tmp_path / "missing" / "c.png"))
+        with pytest.raises(FileNotFoundError):  # raised by result(), as from a worker
+            bad.result()
     assert path == str(tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -115,9 +114,6 @@ def weights(state: BankState) -> np.ndarray:
     return np.asarray(jnp.exp(state.log_weights))
 
 
-_INIT_FNS: "weakref.WeakKeyDictionary[Bank, Callable]" = weakref.WeakKeyDictionary()
-
-
 @dataclass(frozen=True, eq=False)
 class Bank(Boundary):
     """K configurations of one learner run as one ``vmap``, mixed by evidence (:func:`bank`).
@@ -173,20 +169,12 @@ class Bank(Boundary):
         """Every member's initial state around ``params``, uniform weights."""
         check_params(params)
         hyper = self.hyper if hyper is None else hyper
-        d = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+        theta, _ = ravel_pytree(params)
         for k in range(self.size):
-            check_hyper(self.learner, self.member_hyper(k, hyper), d)
-        # one compiled program, not one per array op: a command's first run and every later
-        # process would otherwise look up each of a dozen small programs in the compilation cache
-        if self not in _INIT_FNS:  # through a weak reference: the cache must not keep the bank alive
-            ref = weakref.ref(self)
-            _INIT_FNS[self] = jax.jit(lambda h, p: ref()._init(h, p))
-        return _INIT_FNS[self](hyper, params)
-
-    def _init(self, hyper, params) -> BankState:
+            check_hyper(self.learner, self.member_hyper(k, hyper), theta.shape[0])
         members = jax.vmap(lambda h: _filter.init(self.learner, h, params))(hyper)
         members = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), members)
-        dtype = ravel_pytree(params)[0].dtype
+        dtype = theta.dtype
         K = self.size
         lw = jnp.full((K,), -np.log(K), dtype) if self.log_prior is None else jnp.asarray(self.log_prior, dtype)
         return BankState(members, lw, jnp.zeros((K,), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32))

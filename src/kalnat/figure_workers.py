@@ -5,7 +5,8 @@ learn`` of a small data set (about 1 s of 3). Workers forked at the command's st
 matplotlib while the command imports JAX and learns, and draw the figures side by side at the
 end. Forking is safe only before JAX starts its threads, and cheap only where ``fork`` is the
 platform's way of starting a process (Linux); elsewhere, or once JAX is imported (a test, a
-notebook), the figures are drawn in the calling process. The files are the same either way.
+notebook), or when no worker can be started or one dies, the figures are drawn in the calling
+process. The files are the same either way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import sys
+from concurrent.futures.process import BrokenProcessPool
+from typing import Optional
 
 __all__ = ["FigureWorkers", "WORKERS"]
 
@@ -21,7 +24,10 @@ WORKERS = 2  # a report has up to four figures; two workers draw them in about h
 
 def _ready():
     import os
+    import signal
 
+    # Ctrl-C is the command's to handle (it shuts the workers down), not each worker's
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # behind the command's own work: on a machine with fewer free cores than processes, the
     # workers take what the command leaves (the figures are wanted only at its end)
     os.nice(5)
@@ -34,12 +40,28 @@ def _draw(name, args, kwargs):
     return getattr(plots, name)(*args, **kwargs)
 
 
+class _Figure:
+    """One figure being drawn: :meth:`result` gives what ``kalnat.plots.<name>`` returned, or
+    raises what it raised; a figure whose worker died is drawn here instead."""
+
+    def __init__(self, future: Optional[concurrent.futures.Future], name, args, kwargs):
+        self.future, self.call = future, (name, args, kwargs)
+
+    def result(self):
+        if self.future is not None:
+            try:
+                return self.future.result()
+            except BrokenProcessPool:
+                pass
+        return _draw(*self.call)
+
+
 class FigureWorkers:
     """Runs :mod:`kalnat.plots` functions in forked workers, or in this process where
     forking is unsafe or unavailable.
 
-    ``draw(name, *args, **kwargs)`` returns a :class:`concurrent.futures.Future` of
-    ``kalnat.plots.<name>(*args, **kwargs)``; its ``result()`` raises what the drawing raised.
+    ``draw(name, *args, **kwargs)`` starts ``kalnat.plots.<name>(*args, **kwargs)``; the
+    returned object's ``result()`` gives its return value or raises what the drawing raised.
     Use as a context manager: leaving it shuts the workers down (unfinished figures are
     cancelled when leaving on an error).
     """
@@ -52,19 +74,30 @@ class FigureWorkers:
                     workers, mp_context=multiprocessing.get_context("fork"), initializer=_ready)
                 self._pool.submit(int)  # with fork, the first submit starts every worker: now, before JAX
             except OSError:  # no process to spare (a limit on processes, memory): drawn here
-                self.close()
+                self._abandon()
 
     @property
     def forked(self) -> bool:
         """Whether the figures are drawn by worker processes."""
         return self._pool is not None
 
-    def draw(self, name: str, *args, **kwargs) -> concurrent.futures.Future:
+    def draw(self, name: str, *args, **kwargs) -> _Figure:
+        future = None
         if self._pool is not None:
-            return self._pool.submit(_draw, name, args, kwargs)
-        done = concurrent.futures.Future()
-        done.set_result(_draw(name, args, kwargs))
-        return done
+            try:
+                future = self._pool.submit(_draw, name, args, kwargs)
+            except BrokenProcessPool:  # a worker died: this figure and the next are drawn here
+                self._abandon()
+        return _Figure(future, name, args, kwargs)
+
+    def _abandon(self):
+        """Stops the workers that did start (a pool whose start failed halfway has no manager
+        to stop them, and a waiting worker would keep the command from exiting)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self, cancel: bool = False):
         if self._pool is not None:

@@ -117,17 +117,21 @@ def _first_layer(params):
                      "such layers (kalnat.models.mlp)")
 
 
-def reexpression_matrix(params, old, new) -> scipy.sparse.csr_matrix:
-    """The ``(d, d)`` sparse matrix A of the change of coordinates ``θ' = A θ`` (see
-    :func:`reexpress`), in float64.
+def reexpression_matrix(params, old, new) -> np.ndarray:
+    """The ``(d, d)`` matrix A of the change of coordinates ``θ' = A θ`` (see :func:`reexpress`),
+    in float64.
 
     A depends on the structure of ``params`` and on the coordinates only, so one A serves
-    every filter over the same model (the members of a bank). It is built from where each of
-    the first layer's entries sits in the flat θ (``ravel_pytree``'s order: the leaves in
-    ``tree_flatten``'s order, each in C order), on the host: A is the identity but for
-    ``W' = W diag(s'/s)`` on the first layer's weights and ``b' = b + W (c' − c)/s`` on its
-    biases.
+    every filter over the same model (the members of a bank).
     """
+    return _sparse_reexpression(params, old, new).toarray()
+
+
+def _sparse_reexpression(params, old, new) -> scipy.sparse.csr_matrix:
+    """:func:`reexpression_matrix` as a sparse matrix, built on the host from where each of the
+    first layer's entries sits in the flat θ (``ravel_pytree``'s order: the leaves in
+    ``tree_flatten``'s order, each in C order). A is the identity but for ``W' = W diag(s'/s)``
+    on the first layer's weights and ``b' = b + W (c' − c)/s`` on its biases."""
     import jax
 
     c0, s0 = (np.asarray(a, np.float64) for a in old)
@@ -176,7 +180,7 @@ def reexpress(params, cov, old, new, A=None):
     import jax.numpy as jnp
 
     theta, unravel = ravel_pytree(params)
-    A = reexpression_matrix(params, old, new) if A is None else scipy.sparse.csr_matrix(A)
+    A = _sparse_reexpression(params, old, new) if A is None else scipy.sparse.csr_matrix(A)
     t, P = _moved(np.asarray(theta, np.float64), cov, A)
     return unravel(jnp.asarray(t, theta.dtype)), jnp.asarray(P, theta.dtype)
 
@@ -235,7 +239,7 @@ class Reexpression(NamedTuple):
 
 def reexpression(params, old, new) -> Reexpression:
     """The :class:`Reexpression` from coordinates ``old`` to ``new`` for ``params``' structure."""
-    return _from_pair(reexpression_matrix(params, old, new), reexpression_matrix(params, new, old))
+    return _from_pair(_sparse_reexpression(params, old, new), _sparse_reexpression(params, new, old))
 
 
 def _from_pair(A, B):
@@ -336,7 +340,7 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     thetas = np.concatenate([a.reshape(K, -1) for a in leaves], axis=1)
     first = jax.tree_util.tree_unflatten(treedef, [a[0] for a in leaves])
     maps = reexpression(first, old, new) if priors is not None else None
-    A = maps.A if maps is not None else reexpression_matrix(first, old, new)
+    A = maps.A if maps is not None else _sparse_reexpression(first, old, new)
     moved_thetas, moved_covs = thetas.copy(), covs.copy()
     for k in range(K):
         if np.all(np.isfinite(covs[k])) and np.all(np.isfinite(thetas[k])):
