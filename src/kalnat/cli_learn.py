@@ -391,7 +391,7 @@ class OnlineRunner:
             hint = "try a smaller --prior-var, --batch-size 1 or a linear --model"
             raise ValueError(
                 f"the learner diverged (non-finite prediction at row {self.rows - len(y) + bad[0] + 1}); {hint}")
-        if self.frozen_target and not self.family.is_classifier:
+        if self.frozen_target:  # a gaussian target, predicted in its units block by block
             return baselines.Predictions(mean=y_mean, var=y_var)
         return self.in_target_units(p, ytrain, affine)
 
