@@ -101,10 +101,10 @@ def _reprojected_by_svd(prior, H, R, k):
 
 
 @pytest.mark.parametrize("d,k,m,zero", [(9, 3, 1, 0), (9, 3, 3, 0), (9, 4, 2, 2), (5, 7, 2, 0), (6, 3, 1, 3)])
-def test_low_rank_reprojection_from_the_prior_factors_is_the_svd_of_the_tall_matrix(d, k, m, zero):
-    """The posterior finds Ã's SVD from the prior's QR factors and the gain's projections; it is
-    the SVD of Ã itself, also where W is rank deficient (``zero`` columns of W are 0: the start)
-    and where k > d."""
+def test_low_rank_reprojection_from_the_gram_matrix_is_the_svd_of_the_tall_matrix(d, k, m, zero):
+    """The posterior finds Ã's singular directions from its small Gram matrix (the prior's and
+    the gain's projections); it is the SVD of Ã itself, also where W is rank deficient (``zero``
+    columns of W are 0: the start) and where k > d; the gain's P⁻Hᵀ and H P⁻ Hᵀ are exact."""
     rng = np.random.default_rng(d * 100 + k * 10 + m + zero)
     rep = LowRank(k)
     w = rng.normal(size=(d, k)) * rng.uniform(0.1, 10.0, k)
@@ -120,8 +120,45 @@ def test_low_rank_reprojection_from_the_prior_factors_is_the_svd_of_the_tall_mat
                  rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool))):
         np.testing.assert_allclose(post.ups, ups, rtol=1e-10)
         np.testing.assert_allclose(post.w @ post.w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
-    u = np.asarray(prior.u)
-    np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-12)
+    P = np.linalg.inv(np.diag(prior.ups) + prior.w @ prior.w.T)
+    ph, hph, _, _ = prior.projections(H.T)              # Woodbury through I + AᵀA's factor
+    np.testing.assert_allclose(ph, P @ H.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(hph, H @ P @ H.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_low_rank_update_keeps_the_diagonal_part_above_its_floor(m):
+    """After an update υ_i ≥ √ε Λ_ii (float32): the diagonal part of a parameter whose
+    information lies in W, which forgetting would otherwise shrink until it underflows."""
+    rng = np.random.default_rng(5)
+    d, k = 6, 2
+    ups = np.full(d, 1e-20, np.float32)               # below the floor: as after long forgetting
+    w = rng.normal(size=(d, k))
+    cov = kalnat.representations.LowRankPrecision(jnp.asarray(ups), jnp.asarray(w, jnp.float32))
+    rep = LowRank(k)
+    prior = rep.inflate(cov, 1, np.float32(1.0), None, None)
+    H = jnp.asarray((w @ rng.normal(size=(k, m))).T, jnp.float32)   # within W's span: nothing dropped
+    post = rep.posterior(prior, H, jnp.eye(m, dtype=jnp.float32), jnp.zeros(m, jnp.float32), None, jnp.ones(m, bool))
+    diag = np.asarray(post.ups) + np.sum(np.asarray(post.w) ** 2, axis=1)
+    assert np.all(np.asarray(post.ups) >= 0.999 * np.sqrt(np.finfo(np.float32).eps) * diag)
+
+
+@pytest.mark.parametrize("drop", ["random", "the-row", "the-row-negated", "an-old-column"])
+def test_low_rank_one_row_deflation_keeps_the_complement_of_the_dropped_direction(drop):
+    """One row's re-projection (a Householder reflection, O(d k)) keeps exactly
+    [W, h] (I − v vᵀ) [W, h]ᵀ, whichever sign eigh gives v, also where v is the row's own
+    direction ±e_{k+1} (the naive reflection v + e_{k+1} vanishes at −e_{k+1})."""
+    from kalnat.representations.lowrank import _without
+    rng = np.random.default_rng(11)
+    d, k = 8, 3
+    w, h = rng.normal(size=(d, k)), rng.normal(size=d)
+    v = {"random": rng.normal(size=k + 1), "the-row": np.eye(k + 1)[k], "the-row-negated": -np.eye(k + 1)[k],
+         "an-old-column": -np.eye(k + 1)[1]}[drop]
+    v = v / np.linalg.norm(v)
+    full = np.concatenate([w, h[:, None]], axis=1)
+    kept, dropped = _without(jnp.asarray(w), jnp.asarray(h), jnp.asarray(v))
+    np.testing.assert_allclose(kept @ kept.T, full @ (np.eye(k + 1) - np.outer(v, v)) @ full.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dropped, (full @ v) ** 2, rtol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["one-output", "isotropic-outputs"])

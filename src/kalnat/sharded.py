@@ -11,8 +11,9 @@ all-gather. Per step the devices exchange ``O(d m + m²)`` numbers, never a ``d 
 device updates its rows in place; it is never gathered.
 
 The structured forms shard by parameter too: a diagonal's variances ``p (d,)``, a low-rank
-precision's ``υ (d,)`` and ``W (d, k)`` by rows (the low-rank step gathers ``d × k`` for its
-QR and ``d × m`` pieces, never more than ``d × (k + m)``).
+precision's ``υ (d,)`` and ``W (d, k)`` by rows (the low-rank step's sums over parameters are
+``k × k``, ``k × m`` and ``m × m`` all-reduces; ``W`` is never gathered, nothing larger than
+``d × m`` moves).
 
 The same code runs on several hosts once ``jax.distributed.initialize()`` has made every
 host's devices part of ``jax.devices()`` (``examples/multihost.py``; tests/test_multihost.py

@@ -5,38 +5,45 @@
 "Low-rank extended Kalman filtering for online learning of neural networks from streaming
 data"). It is positive definite by construction in any precision. Its choices, made here:
 
-- **The prediction step is exact.** With ``A = υ^{-1/2} W = U diag(s) Vᵀ`` (a thin SVD),
-  ``P⁻ = P/λ + q I`` is again diagonal plus rank ``k`` in precision:
-  ``υ⁻ = υ / (1/λ + q υ)`` and ``W⁻ = υ^{1/2} D⁻¹ U σ^{1/2} L⁻ᵀ / √λ`` with
-  ``D = diag(1/λ + q υ)``, ``σ = s²/(1 + s²)`` and ``L Lᵀ = I − σ^{1/2} Uᵀ D⁻¹ U σ^{1/2} / λ``
-  (formed as a sum of positive terms)
-  (Woodbury twice; ``L`` exists since ``D ≥ 1/λ``). With ``q = 0`` it is ``Λ⁻ = λ Λ``. The
-  variance bound's congruence ``P⁻ → S P⁻ S`` is ``υ → υ/s²``, ``W → W/s``, also exact.
+- **The prediction step is exact.** With ``A = υ^{-1/2} W`` and its Gram matrix
+  ``G = AᵀA = V diag(s²) Vᵀ`` (``k × k``), ``P⁻ = P/λ + q I`` is again diagonal plus rank ``k``
+  in precision: ``υ⁻ = υ / (1/λ + q υ)`` and ``W⁻ = D⁻¹ W Z L⁻ᵀ / √λ`` with
+  ``D = diag(1/λ + q υ)``, ``Z = V (I + diag(s²))^{-1/2}`` and
+  ``L Lᵀ = (I + diag(s²))⁻¹ + Zᵀ Aᵀ (I − D⁻¹/λ) A Z`` (a sum of positive terms; Woodbury
+  twice). With ``q = 0`` it is ``Λ⁻ = λ Λ``. The variance bound's congruence
+  ``P⁻ → S P⁻ S`` is ``υ → υ/s²``, ``W → W/s``, also exact (``A`` is unchanged).
 - **The mean moves by the exact Kalman gain of that prior**, ``δθ = P⁻ Hᵀ S⁻¹ e`` with
-  ``P⁻ = υ^{-1/2} (I − U diag(1 − c) Uᵀ) υ^{-1/2}``, ``c = 1/(1 + s²)``; ``H P⁻ Hᵀ`` is formed
-  as a sum of squares (``‖(I − UUᵀ) g‖² + ‖c^{1/2} Uᵀ g‖²``), so it is never negative in
-  float32.
+  ``P⁻ = υ^{-1/2} (I + A Aᵀ)⁻¹ υ^{-1/2}`` applied by Woodbury through the Cholesky factor of
+  the small ``M = I + G``: with ``g = υ^{-1/2} Hᵀ``, ``c = M⁻¹ Aᵀ g`` and
+  ``r = g − A c = (I + AAᵀ)⁻¹ g``, ``P⁻ Hᵀ = υ^{-1/2} r`` and ``H P⁻ Hᵀ = rᵀr + cᵀc``
+  (``Aᵀ r = c``): a sum of squares, never negative in float32.
 - **The precision gains the observation's information and is re-projected to rank k** in the
   metric of the prior's diagonal: ``Λ⁻ + Hᵀ R⁻¹ H = υ⁻^{1/2} (I + Ã Ãᵀ) υ⁻^{1/2}`` with
   ``Ã = υ⁻^{-1/2} [W⁻, Hᵀ L_R⁻ᵀ]`` (``d × (k + m)``); the top ``k`` singular directions of
   ``Ã`` stay in ``W`` and the rest's diagonal is added to ``υ``, so the diagonal of ``Λ`` is
-  kept exactly (as LoFi does; only the floor on ``υ`` below can raise it) and what is dropped is the least informative direction relative
-  to each parameter's own scale (invariant to rescaling a parameter, unlike a plain SVD of
-  ``[W⁻, Hᵀ L_R⁻ᵀ]``).
+  kept exactly (as LoFi does; only the floor on ``υ`` below can raise it) and what is dropped
+  is the least informative direction relative to each parameter's own scale (invariant to
+  rescaling a parameter, unlike a plain SVD of ``[W⁻, Hᵀ L_R⁻ᵀ]``).
 
-**Cost.** One factorisation of a tall matrix per step (two with process noise): the
-prediction step's thin SVD is a Householder QR of ``υ^{-1/2} W`` and an SVD of its ``k × k``
-``R``; the re-projection's SVD of ``Ã`` needs none of its own, since
-``Ã = [u, Q_ρ] [[diag(s) Vᵀ, b̂], [0, R_ρ]]`` from the prior's factors and the gain's
-projections of ``ĝ = υ⁻^{-1/2} Hᵀ L_R⁻ᵀ``, ``b̂ = uᵀ ĝ`` and ``ρ̂ = ĝ − u b̂ = Q_ρ R_ρ``: the SVD of that small matrix gives Ã's
-right singular vectors ``V``, and ``Ã V`` is one product.
+**Cost: no factorisation of a tall matrix.** Every ``d``-long operation is a product: the
+prior's Gram matrix ``G`` (``d k²``), the gain's ``Aᵀ g`` and ``A c`` (``d k m``), and the
+re-projection's ``[W⁻, Hᵀ L_R⁻ᵀ] V`` (``d (k + m)²``), where ``V``, the right singular vectors
+of ``Ã``, are the eigenvectors of its ``(k + m) × (k + m)`` Gram matrix
+``[[G, Aᵀĝ], [ĝᵀA, ĝᵀĝ]]``, built from ``G`` and the gain's projections. The factorisations
+(a Cholesky factor and a symmetric eigendecomposition) are ``k × k`` and ``(k + m)²``. The
+Gram matrix squares the condition of ``Ã``: in float32 a direction whose singular value is
+below ``√ε`` of the largest is found only roughly, which moves which weak direction is kept, not
+the precision's diagonal (kept exactly whatever ``V``) nor its positive definiteness. Sums over
+``d`` are all the step needs between the rows of ``W``: sharded by parameter (:mod:`kalnat.sharded`),
+a step all-reduces ``k × k`` and ``k × m`` pieces and never gathers ``W``.
 
-Not differentiable in the hyperparameters: the SVDs' derivatives divide by differences of
-singular values, which repeat (all zero at the prior); :func:`kalnat.log_evidence`'s gradient
-needs another representation.
+Not differentiable in the hyperparameters: the eigendecomposition's derivative divides by
+differences of eigenvalues, which repeat (all zero at the prior); :func:`kalnat.log_evidence`'s
+gradient needs another representation.
 
-With ``k ≥ d`` nothing is ever dropped and it is the exact EKF (up to a floor on υ, ``√ε Λ_ii``, which
-keeps it from underflowing under forgetting and never binds in a short stream).
+With ``k ≥ d`` nothing is ever dropped (``Ã`` has rank at most ``d``) and it is the exact EKF
+(up to a floor on υ, ``√ε Λ_ii``, which keeps it from underflowing under forgetting and never
+binds in a short stream).
 """
 
 from __future__ import annotations
@@ -53,19 +60,44 @@ from kalnat.representations.base import Representation
 __all__ = ["LowRank", "LowRankPrecision", "LowRankPrior"]
 
 
-def _factors(ups, w):
-    """``Q (d, r)`` orthonormal, ``U_R (r, r)`` orthogonal, ``s (r,)`` and ``S Vᵀ (r, k)`` with
-    ``υ^{-1/2} W = U diag(s) Vᵀ``, ``U = Q U_R``, ``r = min(d, k)``.
+def _gram(ups, w):
+    """``G = Wᵀ diag(1/υ) W (k, k)``: ``AᵀA`` for ``A = υ^{-1/2} W``."""
+    return (w / ups[:, None]).T @ w
 
-    A Householder QR of the tall ``A = υ^{-1/2} W = Q R``, then the SVD of the small ``R =
-    U_R diag(s) Vᵀ``: ``U = Q U_R`` is the thin SVD's ``U`` (up to a rotation among equal
-    singular values, which leaves ``P⁻`` unchanged), as backward stable, and orthonormal also
-    where ``A`` is rank deficient (``W = 0`` at the start), at a fraction of the cost of an SVD
-    of the tall matrix. ``U`` is kept as the pair: a product with it is two thin ones.
-    """
-    q, r = jnp.linalg.qr(w / jnp.sqrt(ups)[:, None])
-    ur, s, vt = jnp.linalg.svd(r, full_matrices=False)
-    return q, ur, s, s[:, None] * vt
+
+def _prior(ups, w, gram=None):
+    gram = _gram(ups, w) if gram is None else gram
+    eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
+    return LowRankPrior(ups, w, gram, numerics.cholesky(eye + 0.5 * (gram + gram.T)))
+
+
+def _floored(ups, w):
+    """The state ``(υ, W)`` with ``υ_i`` at least ``√ε Λ_ii`` (``ε`` the dtype's rounding).
+
+    A parameter whose information lies in W keeps a diagonal part that forgetting shrinks as
+    ``λ^t``, nothing renews, and that would underflow (then ``υ^{-1/2}`` is infinite); with the
+    floor, ``diag(P⁻)``, computed through ``1 − ‖(A L⁻ᵀ)_i‖² ≈ 0`` for such a parameter, is still
+    accurate to ~``√ε`` of itself. Forgetting scales ``υ`` and ``Λ_ii`` alike, so the floor is
+    kept where the ratio changes: after each update and additive noise."""
+    floor = jnp.sqrt(jnp.finfo(ups.dtype).eps)
+    return LowRankPrecision(jnp.maximum(ups, floor * (ups + jnp.sum(w * w, axis=1))), w)
+
+
+def _without(w, h, v):
+    """``(W, dropped)``: ``[w, h] (d, k + 1)`` less its direction ``v (k + 1,)`` (unit), as ``d × k``.
+
+    What is kept is ``[w, h] (I − v vᵀ) [w, h]ᵀ``, and ``I − v vᵀ = B Bᵀ`` for ``B`` the
+    Householder reflection taking ``v`` to ``±e_{k+1}`` without its last column, so ``W = [w, h] B``
+    is ``w`` less a rank-one term: O(d k), where a rotation by the ``k`` kept directions is
+    O(d k²). ``u = v + sign(v_{k+1}) e_{k+1}`` keeps the reflection accurate whatever ``v_{k+1}``
+    (``v = −e_{k+1}``, the row's own direction dropped, would make ``v + e_{k+1}`` zero).
+    ``dropped = ([w, h] v)²`` is the diagonal of what leaves."""
+    k = w.shape[1]
+    u = v.at[k].add(jnp.where(v[k] < 0, -1.0, 1.0))
+    # two products with a k-vector (XLA's CPU matrix-vector path; one with a (k, 2) matrix
+    # takes the general path, ~3 × slower)
+    y = (w @ u[:k] + h * u[k]) * (2.0 / (u @ u))
+    return w - y[:, None] * u[None, :k], (w @ v[:k] + h * v[k]) ** 2
 
 
 def _pad(w, k):
@@ -80,8 +112,7 @@ class LowRankPrecision(NamedTuple):
     w: jax.Array
 
     def dense(self):
-        q, ur, s, sv = _factors(self.ups, self.w)
-        return LowRankPrior(self.ups, self.w, q, ur, 1.0 / (1.0 + s * s), sv).dense()
+        return _prior(self.ups, self.w).dense()
 
     def with_dense(self, P):
         """``P⁻¹`` in this form: its top ``k`` eigen-directions in ``w``, the rest's diagonal in
@@ -98,46 +129,32 @@ class LowRankPrecision(NamedTuple):
 
 
 class LowRankPrior(NamedTuple):
-    """The prior ``Λ⁻ = diag(ups) + w wᵀ`` with the factors of ``P⁻ = Λ⁻⁻¹``:
-    ``P⁻ = υ^{-1/2} (I − u diag(1 − c) uᵀ) υ^{-1/2}``, ``u = q ur (d, r)`` orthonormal (``q (d, r)``
-    orthonormal, ``ur (r, r)`` orthogonal; ``u`` itself is never formed in a step), ``c (r,)``,
-    and ``sv = uᵀ υ^{-1/2} w (r, k)`` (``diag(s) Vᵀ`` of the thin SVD ``υ^{-1/2} w = u diag(s) Vᵀ``)."""
+    """The prior ``Λ⁻ = diag(ups) + w wᵀ`` with what applying ``P⁻ = Λ⁻⁻¹`` needs:
+    ``gram = wᵀ diag(1/ups) w (k, k)`` (``AᵀA``, ``A = υ^{-1/2} w``) and ``lower``, the lower
+    Cholesky factor of ``I + gram``, so that ``P⁻ = υ^{-1/2} (I − A (I + AᵀA)⁻¹ Aᵀ) υ^{-1/2}``."""
 
     ups: jax.Array
     w: jax.Array
-    q: jax.Array
-    ur: jax.Array
-    c: jax.Array
-    sv: jax.Array
+    gram: jax.Array
+    lower: jax.Array
 
-    @property
-    def u(self):
-        """``u (d, r)``, formed."""
-        return self.q @ self.ur
-
-    def whitened(self, ht):
-        """For ``Hᵀ (d, m)``: ``(ρ, b)`` with ``g = υ^{-1/2} Hᵀ``, ``b = uᵀ g``, ``ρ = g − u b``."""
-        g = ht / jnp.sqrt(self.ups)[:, None]
-        b = self.q.T @ g                                 # u and q span the same columns
-        rho = g - self.q @ b
-        # Projected twice: in a well-determined direction ρ ≈ 0 while c b is tiny too, and one
-        # pass leaves ρ a rounding error of order ε‖g‖ along u, which the gain would then carry.
-        back = self.q.T @ rho
-        return rho - self.q @ back, self.ur.T @ (b + back)
-
-    def along(self, b):
-        """``u b`` for ``b (r, …)``."""
-        return self.q @ (self.ur @ b)
+    def projections(self, ht):
+        """For ``Hᵀ (d, m)``: ``(P⁻ Hᵀ, H P⁻ Hᵀ, b, gg)`` with ``b = Aᵀ g (k, m)`` and
+        ``gg = gᵀ g (m, m)``, ``g = υ^{-1/2} Hᵀ`` (what the re-projection's Gram matrix needs)."""
+        x = ht / self.ups[:, None]
+        b = (x.T @ self.w).T                                      # Aᵀ g (xᵀW: XLA's CPU dot of Wᵀ x is ~4 × slower)
+        c = numerics.solve_lower(self.lower.T[::-1, ::-1], numerics.solve_lower(self.lower, b)[::-1])[::-1]
+        ph = x - (self.w @ c) / self.ups[:, None]                 # υ^{-1/2} r, r = g − A c
+        return ph, (ph * self.ups[:, None]).T @ ph + c.T @ c, b, ht.T @ x
 
     def times(self, ht):
         """``P⁻ Hᵀ`` for ``Hᵀ (d, m)``."""
-        rho, b = self.whitened(ht)
-        return (rho + self.along(self.c[:, None] * b)) / jnp.sqrt(self.ups)[:, None]
+        return self.projections(ht)[0]
 
     def variances(self):
-        """``diag(P⁻) (d,)``."""
-        u2 = self.u * self.u
-        return jnp.maximum(1.0 - jnp.sum(u2, axis=1), 0.0) / self.ups + (u2 @ self.c) / self.ups
+        """``diag(P⁻) (d,)``: ``(1 − ‖(A L⁻ᵀ)_i‖²) / υ_i``."""
+        y = numerics.solve_lower(self.lower, self.w.T).T          # W L⁻ᵀ (d, k)
+        return jnp.maximum(1.0 - jnp.sum(y * y, axis=1) / self.ups, 0.0) / self.ups
 
     def dense(self):
         d = self.ups.shape[0]
@@ -166,74 +183,62 @@ class LowRank(Representation):
 
     def inflate(self, cov, t, lam, q, bound):
         ups, w = cov.ups, cov.w
-        # A parameter whose information lies in W keeps a diagonal part that forgetting shrinks
-        # as λ^t, nothing renews, and that would underflow (then υ^{-1/2} is infinite): υ_i is
-        # kept at least √ε Λ_ii (ε the dtype's rounding): then diag(P⁻), computed through
-        # 1 − ‖u_i‖² ≈ 0 for such a parameter, is still accurate to ~√ε of itself.
-        floor = jnp.sqrt(jnp.finfo(ups.dtype).eps)
-        ups = jnp.maximum(ups, floor * (ups + jnp.sum(w * w, axis=1)))
         lam = jnp.asarray(lam, ups.dtype)
-        if q is None:  # P/λ: Λ⁻ = λ Λ, and υ^{-1/2} W is unchanged
+        gram = _gram(ups, w)
+        if q is None:  # P/λ: Λ⁻ = λ Λ, and A = υ^{-1/2} W, so G, is unchanged
             ups, w = lam * ups, jnp.sqrt(lam) * w
         else:
-            qm, ur, s, _ = _factors(ups, w)
+            s2, v = jnp.linalg.eigh(0.5 * (gram + gram.T))
+            s2 = jnp.maximum(s2, 0.0)
+            z = v / jnp.sqrt(1.0 + s2)[None, :]                                  # V (I + S²)^{-1/2}
             lq = lam * jnp.asarray(q, ups.dtype) * ups
             dinv = lam / (1.0 + lq)                                              # D⁻¹ (d,)
-            us = qm @ (ur * jnp.sqrt(s * s / (1.0 + s * s))[None, :])            # U σ^{1/2}
-            # N = I − σ^{1/2} Uᵀ (D⁻¹/λ) U σ^{1/2} = diag(1 − σ) + σ^{1/2} Uᵀ diag(ε) U σ^{1/2}
-            # with ε = 1 − D⁻¹/λ (UᵀU = I): a sum of positive terms, where I − (…) cancels in
-            # float32 once s is large (a well-determined direction) and q υ small.
-            ue = us * jnp.sqrt(lq / (1.0 + lq))[:, None]
-            lower = numerics.cholesky(jnp.diag(1.0 / (1.0 + s * s)) + ue.T @ ue)
-            w = (jnp.sqrt(ups) * dinv)[:, None] * numerics.solve_lower(lower, us.T).T / jnp.sqrt(lam)
-            ups, w = ups * dinv, _pad(w, self.rank)
-        qm, ur, s, sv = _factors(ups, w)
-        prior = LowRankPrior(ups, w, qm, ur, 1.0 / (1.0 + s * s), sv)
-        if bound is not None:  # S P⁻ S: υ/s², W/s; υ^{-1/2} W and so u, c are unchanged
+            # U σ^{1/2} = A Z; N = diag(1 − σ) + Zᵀ Aᵀ diag(ε) A Z with ε = 1 − D⁻¹/λ = lq/(1+lq):
+            # a sum of positive terms, where I − (…) cancels in float32 once s is large (a
+            # well-determined direction) and q υ small.
+            wz = w @ z
+            ue = wz * jnp.sqrt(lq / ((1.0 + lq) * ups))[:, None]
+            lower = numerics.cholesky(jnp.diag(1.0 / (1.0 + s2)) + ue.T @ ue)
+            w = dinv[:, None] * numerics.solve_lower(lower, wz.T).T / jnp.sqrt(lam)
+            ups, w = _floored(ups * dinv, w)
+            gram = None
+        prior = _prior(ups, w, gram)
+        if bound is not None:  # S P⁻ S: υ/s², W/s; A = υ^{-1/2} W, and so G, is unchanged
             f = numerics.variance_bound(prior.variances(), jnp.asarray(bound, ups.dtype))
             prior = prior._replace(ups=ups / (f * f), w=w / f[:, None])
         return prior
 
     def quad(self, prior, h):
-        return self.project(prior, h)[0]
+        return prior.projections(h.T)[1]
 
     def project(self, prior, H):
-        rho, b = prior.whitened(H.T)
-        cb = jnp.sqrt(prior.c)[:, None] * b
-        return rho.T @ rho + cb.T @ cb, (rho, b)         # H P⁻ Hᵀ, a sum of squares
+        ph, hph, b, gg = prior.projections(H.T)
+        return hph, (ph, b, gg)
 
     def gain(self, prior, H, R, e):
         return self.gain_projected(prior, H, R, e, None)
 
     def gain_projected(self, prior, H, R, e, projection):
-        hph, (rho, b) = self.project(prior, H) if projection is None else projection
-        ph = (rho + prior.along(prior.c[:, None] * b)) / jnp.sqrt(prior.ups)[:, None]
+        hph, (ph, b, gg) = self.project(prior, H) if projection is None else projection
         # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
-        return ph @ numerics.chol_solve(hph + R, e), hph, (rho, b)
+        return ph @ numerics.chol_solve(hph + R, e), hph, (ph, b, gg)
 
     def posterior(self, prior, H, R, e, aux, rows):
-        # Ã = [υ^{-1/2} W⁻, ĝ] with ĝ = υ^{-1/2} Hᵀ L_R⁻ᵀ (d × (k + m)). Its SVD is found from
-        # the prior's factors without a factorisation of Ã itself: ĝ = u b̂ + ρ̂ (the gain's
-        # projections, ρ̂ ⟂ u), ρ̂ = Q_ρ R_ρ, so Ã = [u, Q_ρ] K with the small
-        # K = [[diag(s) Vᵀ, b̂], [0, R_ρ]], [u, Q_ρ] orthonormal: ÃᵀÃ = KᵀK, and Ã's
-        # right singular vectors are K's. Then Ã V = U diag(s) is one product with [u, ρ̂],
-        # where Q_ρ is never formed (it is undefined where ρ̂ ≈ 0, ĝ within the span of u).
-        rho, b = prior.whitened(H.T) if aux is None else aux
+        # Ã = υ⁻^{-1/2} [W⁻, Ĥ] with Ĥ = Hᵀ L_R⁻ᵀ (d × (k + m)). Its right singular vectors V
+        # are the eigenvectors of ÃᵀÃ = [[G, b̂], [b̂ᵀ, ĝᵀĝ]] (b̂ = Aᵀĝ, ĝ = υ⁻^{-1/2} Ĥ: the gain's
+        # projections through L_R⁻ᵀ), and υ⁻^{1/2} Ã V = [W⁻, Ĥ] V is one product. eigh sorts
+        # the eigenvalues up: the first m columns are the least informative directions.
+        _, b, gg = self.project(prior, H)[1] if aux is None else aux
         inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype)).T   # L_R⁻ᵀ
-        rho, b = rho @ inv, b @ inv                                     # ρ̂ (d, m), b̂ (r, m)
-        r, m = b.shape
-        if m == 1:
-            r_rho = jnp.sqrt(jnp.sum(rho * rho)).reshape(1, 1)
-        else:
-            r_rho = jnp.linalg.qr(rho, mode="r")                        # ρ̂ᵀρ̂ = R_ρᵀ R_ρ
-        top = jnp.concatenate([prior.sv, b], axis=1)                    # (r, k + m)
-        kmat = jnp.concatenate([top, jnp.concatenate(
-            [jnp.zeros((m, prior.sv.shape[1]), r_rho.dtype), r_rho], axis=1)], axis=0)
-        _, _, vt = jnp.linalg.svd(kmat, full_matrices=False)            # V of Ã (k + m, n)
-        v = vt.T
-        us = prior.along(top @ v) + rho @ v[prior.sv.shape[1]:]          # Ã V = U diag(s) (d, n)
-        k = self.rank
-        root = jnp.sqrt(prior.ups)[:, None]
-        w = root * us[:, :k]
-        dropped = jnp.sum(us[:, k:] ** 2, axis=1)                       # diag of what leaves W
-        return LowRankPrecision(prior.ups * (1.0 + dropped), _pad(w, k))
+        b, gg = b @ inv, inv.T @ gg @ inv
+        m = b.shape[1]
+        gram = jnp.concatenate([jnp.concatenate([prior.gram, b], axis=1),
+                                jnp.concatenate([b.T, gg], axis=1)], axis=0)
+        _, v = jnp.linalg.eigh(0.5 * (gram + gram.T))
+        k, hh = self.rank, H.T @ inv
+        if m > 1:
+            moved = prior.w @ v[:k] + hh @ v[k:]                      # υ⁻^{1/2} Ã V (d, k + m)
+            dropped = jnp.sum(moved[:, :m] ** 2, axis=1)              # diag of what leaves W
+            return _floored(prior.ups + dropped, moved[:, m:])
+        w, dropped = _without(prior.w, hh[:, 0], v[:, 0])
+        return _floored(prior.ups + dropped, w)
