@@ -65,10 +65,12 @@ def _gram(ups, w):
     return (w / ups[:, None]).T @ w
 
 
-def _prior(ups, w, gram=None):
+def _prior(ups, w, gram=None, root=None):
+    """The prior ``diag(ups) + root² w wᵀ`` (``root`` a scalar, default 1)."""
     gram = _gram(ups, w) if gram is None else gram
     eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
-    return LowRankPrior(ups, w, gram, numerics.cholesky(eye + 0.5 * (gram + gram.T)))
+    root = jnp.ones((), ups.dtype) if root is None else root
+    return LowRankPrior(ups, w, root, gram, numerics.cholesky(eye + 0.5 * (gram + gram.T)))
 
 
 def _floored(ups, w):
@@ -83,8 +85,9 @@ def _floored(ups, w):
     return LowRankPrecision(jnp.maximum(ups, floor * (ups + jnp.sum(w * w, axis=1))), w)
 
 
-def _without(w, h, v):
-    """``(W, dropped)``: ``[w, h] (d, k + 1)`` less its direction ``v (k + 1,)`` (unit), as ``d × k``.
+def _without(w, h, v, root=1.0):
+    """``(W, dropped)``: ``[w, h] (d, k + 1)`` less its direction ``v (k + 1,)`` (unit), as ``d × k``
+    (``w`` is ``root`` times the ``base`` given).
 
     What is kept is ``[w, h] (I − v vᵀ) [w, h]ᵀ``, and ``I − v vᵀ = B Bᵀ`` for ``B`` the
     Householder reflection taking ``v`` to ``±e_{k+1}`` without its last column, so ``W = [w, h] B``
@@ -96,8 +99,8 @@ def _without(w, h, v):
     u = v.at[k].add(jnp.where(v[k] < 0, -1.0, 1.0))
     # two products with a k-vector (XLA's CPU matrix-vector path; one with a (k, 2) matrix
     # takes the general path, ~3 × slower)
-    y = (w @ u[:k] + h * u[k]) * (2.0 / (u @ u))
-    return w - y[:, None] * u[None, :k], (w @ v[:k] + h * v[k]) ** 2
+    y = (w @ (root * u[:k]) + h * u[k]) * (2.0 / (u @ u))
+    return root * w - y[:, None] * u[None, :k], (w @ (root * v[:k]) + h * v[k]) ** 2
 
 
 def _pad(w, k):
@@ -129,22 +132,30 @@ class LowRankPrecision(NamedTuple):
 
 
 class LowRankPrior(NamedTuple):
-    """The prior ``Λ⁻ = diag(ups) + w wᵀ`` with what applying ``P⁻ = Λ⁻⁻¹`` needs:
-    ``gram = wᵀ diag(1/ups) w (k, k)`` (``AᵀA``, ``A = υ^{-1/2} w``) and ``lower``, the lower
-    Cholesky factor of ``I + gram``, so that ``P⁻ = υ^{-1/2} (I − A (I + AᵀA)⁻¹ Aᵀ) υ^{-1/2}``."""
+    """The prior ``Λ⁻ = diag(ups) + w wᵀ``, ``w = root · base`` (forgetting scales ``W`` by
+    ``√λ``: a scalar here, not a pass over ``d × k`` numbers), with what applying
+    ``P⁻ = Λ⁻⁻¹`` needs: ``gram = wᵀ diag(1/ups) w (k, k)`` (``AᵀA``, ``A = υ^{-1/2} w``) and
+    ``lower``, the lower Cholesky factor of ``I + gram``, so that
+    ``P⁻ = υ^{-1/2} (I − A (I + AᵀA)⁻¹ Aᵀ) υ^{-1/2}``."""
 
     ups: jax.Array
-    w: jax.Array
+    base: jax.Array
+    root: jax.Array
     gram: jax.Array
     lower: jax.Array
+
+    @property
+    def w(self):
+        """``W⁻ (d, k)``, formed."""
+        return self.root * self.base
 
     def projections(self, ht):
         """For ``Hᵀ (d, m)``: ``(P⁻ Hᵀ, H P⁻ Hᵀ, b, gg)`` with ``b = Aᵀ g (k, m)`` and
         ``gg = gᵀ g (m, m)``, ``g = υ^{-1/2} Hᵀ`` (what the re-projection's Gram matrix needs)."""
         x = ht / self.ups[:, None]
-        b = (x.T @ self.w).T                                      # Aᵀ g (xᵀW: XLA's CPU dot of Wᵀ x is ~4 × slower)
+        b = self.root * (x.T @ self.base).T                       # Aᵀ g (xᵀW: XLA's CPU dot of Wᵀ x is ~4 × slower)
         c = numerics.solve_lower(self.lower.T[::-1, ::-1], numerics.solve_lower(self.lower, b)[::-1])[::-1]
-        ph = x - (self.w @ c) / self.ups[:, None]                 # υ^{-1/2} r, r = g − A c
+        ph = x - (self.base @ (self.root * c)) / self.ups[:, None]  # υ^{-1/2} r, r = g − A c
         return ph, (ph * self.ups[:, None]).T @ ph + c.T @ c, b, ht.T @ x
 
     def times(self, ht):
@@ -153,7 +164,7 @@ class LowRankPrior(NamedTuple):
 
     def variances(self):
         """``diag(P⁻) (d,)``: ``(1 − ‖(A L⁻ᵀ)_i‖²) / υ_i``."""
-        y = numerics.solve_lower(self.lower, self.w.T).T          # W L⁻ᵀ (d, k)
+        y = self.root * numerics.solve_lower(self.lower, self.base.T).T   # W L⁻ᵀ (d, k)
         return jnp.maximum(1.0 - jnp.sum(y * y, axis=1) / self.ups, 0.0) / self.ups
 
     def dense(self):
@@ -184,9 +195,9 @@ class LowRank(Representation):
     def inflate(self, cov, t, lam, q, bound):
         ups, w = cov.ups, cov.w
         lam = jnp.asarray(lam, ups.dtype)
-        gram = _gram(ups, w)
+        gram, root = _gram(ups, w), None
         if q is None:  # P/λ: Λ⁻ = λ Λ, and A = υ^{-1/2} W, so G, is unchanged
-            ups, w = lam * ups, jnp.sqrt(lam) * w
+            ups, root = lam * ups, jnp.sqrt(lam)
         else:
             s2, v = jnp.linalg.eigh(0.5 * (gram + gram.T))
             s2 = jnp.maximum(s2, 0.0)
@@ -202,10 +213,10 @@ class LowRank(Representation):
             w = dinv[:, None] * numerics.solve_lower(lower, wz.T).T / jnp.sqrt(lam)
             ups, w = _floored(ups * dinv, w)
             gram = None
-        prior = _prior(ups, w, gram)
+        prior = _prior(ups, w, gram, root)
         if bound is not None:  # S P⁻ S: υ/s², W/s; A = υ^{-1/2} W, and so G, is unchanged
             f = numerics.variance_bound(prior.variances(), jnp.asarray(bound, ups.dtype))
-            prior = prior._replace(ups=ups / (f * f), w=w / f[:, None])
+            prior = prior._replace(ups=ups / (f * f), base=prior.w / f[:, None], root=jnp.ones_like(prior.root))
         return prior
 
     def quad(self, prior, h):
@@ -237,8 +248,8 @@ class LowRank(Representation):
         _, v = jnp.linalg.eigh(0.5 * (gram + gram.T))
         k, hh = self.rank, H.T @ inv
         if m > 1:
-            moved = prior.w @ v[:k] + hh @ v[k:]                      # υ⁻^{1/2} Ã V (d, k + m)
+            moved = prior.base @ (prior.root * v[:k]) + hh @ v[k:]    # υ⁻^{1/2} Ã V (d, k + m)
             dropped = jnp.sum(moved[:, :m] ** 2, axis=1)              # diag of what leaves W
             return _floored(prior.ups + dropped, moved[:, m:])
-        w, dropped = _without(prior.w, hh[:, 0], v[:, 0])
+        w, dropped = _without(prior.base, hh[:, 0], v[:, 0], prior.root)
         return _floored(prior.ups + dropped, w)
