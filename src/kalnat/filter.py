@@ -242,7 +242,10 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
             carry = jax.lax.cond(i + 2 <= hyper.iterations, again, lambda c: c, carry)
         delta, H, R, e, aux = carry
     cov = rep.posterior(prior.cov, H, R, e, aux, jnp.repeat(mask, m))
-    return State(unravel(theta0 + delta), cov, prior.count + 1), pred, ll
+    # θ + δθ leaf by leaf (the same sums): adding to the flat θ would concatenate the
+    # parameters only to slice them apart again, a copy of θ per step
+    params = jax.tree_util.tree_map(jnp.add, prior.params, unravel(delta))
+    return State(params, cov, prior.count + 1), pred, ll
 
 
 def check_live(state, name):

@@ -53,7 +53,7 @@ class Diagonal(Representation):
         return DiagonalCovariance(jnp.diagonal(v) if v.ndim == 2 else jnp.broadcast_to(v, (d,)))
 
     def inflate(self, cov, t, lam, q, bound):
-        p = cov.p / jnp.asarray(lam, cov.p.dtype)
+        p = cov.p * (1.0 / jnp.asarray(lam, cov.p.dtype))   # one division, not d
         if q is not None:
             p = p + jnp.asarray(q, p.dtype)
         if bound is not None:  # the congruence D P⁻ D on a diagonal
@@ -75,4 +75,4 @@ class Diagonal(Representation):
         inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype))
         white = inv @ H
         fisher_diag = jnp.sum(white * white, axis=0)
-        return DiagonalCovariance(1.0 / (1.0 / prior.p + fisher_diag))
+        return DiagonalCovariance(prior.p / (1.0 + prior.p * fisher_diag))   # (1/p⁻ + f)⁻¹, one division
