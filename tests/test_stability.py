@@ -260,3 +260,23 @@ def test_float32_square_root_factor_tracks_float64_over_a_long_stream():
     P32, P64 = covariance(s32), covariance(s64)
     rel = np.linalg.norm(P32 - P64) / np.linalg.norm(P64)
     assert rel < 2e-6, rel
+
+
+def test_fit_reports_a_diverged_filter_instead_of_returning_nans():
+    """Forgetting without a variance bound on an input that is always 0, in float32: the
+    dead weight's variance grows as λ^{-t} until it overflows. fit raises at the first NaN
+    log-likelihood, naming the row and the remedy, rather than returning NaN scores."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    X = rng.normal(size=(n, 2)).astype(np.float32)
+    X[:, 1] = 0.0
+    y = (X[:, 0] > 0).astype(np.float32)
+    model = kalnat.models.linear(2)
+    learner = kalnat.ekf(model, F.Bernoulli(), forgetting=0.9)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), model.init(None))
+    with pytest.raises(ValueError, match=r"diverged: the one-step log-likelihood of row \d+ .*max_variance"):
+        kalnat.fit(learner, learner.init(params), X, y, chunk_size=64)
+    # with the bound the same stream is learned to the end
+    bounded = kalnat.ekf(model, F.Bernoulli(), forgetting=0.9, max_variance=10.0)
+    res = kalnat.fit(bounded, bounded.init(params), X, y, chunk_size=64)
+    assert np.all(np.isfinite(res.log_likelihood))

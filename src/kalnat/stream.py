@@ -119,6 +119,9 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
       fixed_chunk: always scan ``chunk_size`` minibatches per call, padding a shorter stream
         with masked rows (skipped, no step): one compiled program for streams of any length,
         where the default compiles one per shorter length (cheaper to run, more to compile).
+
+    Raises ``ValueError`` where a learned row's one-step log-likelihood is NaN (the filter
+    diverged: a variance left the float range), naming the row, when predictions are kept.
     """
     learner._check_state(state)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -229,6 +232,7 @@ def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, c
             state, pc = run(state, *inputs(start, stop))
             if keep:
                 pc = jax.tree_util.tree_map(lambda a: unpack(np.asarray(a), stop - start), pc)
+                check_diverged(pc[1], skipped[start:stop], start, unit)
                 if skipped[start:stop].any():
                     pc = jax.tree_util.tree_map(lambda a: _blank(a, skipped[start:stop]), pc)
                 preds.append(pc)
@@ -236,6 +240,21 @@ def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, c
             if callback is not None:
                 callback(stop, state, pc[0] if keep else None)
     return state, preds
+
+
+def check_diverged(log_lik, skipped, start, unit):
+    """Raises where a learned row's one-step log-likelihood is NaN: the filter has diverged
+    (a variance left the float range), and every later number would be NaN too."""
+    ll = np.asarray(log_lik)
+    learned = ~np.asarray(skipped).reshape(ll.shape[0], -1)     # (k, 1), or (k, B) sequences
+    bad = np.flatnonzero((np.isnan(ll.reshape(ll.shape[0], -1)) & learned).any(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"the learner diverged: the one-step log-likelihood of {unit} {start + bad[0]} (from 0) is NaN. "
+            "A variance grew beyond the float range: with forgetting < 1, the variance of a parameter "
+            "the rows do not inform grows without end unless max_variance caps it; a float32 state "
+            "overflows sooner than float64. The state given to fit was consumed: start again from "
+            "learner.init with max_variance set, float64 parameters, or forgetting closer to 1")
 
 
 def _blank(a, bad):
