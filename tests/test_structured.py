@@ -126,6 +126,20 @@ def test_low_rank_reprojection_from_the_gram_matrix_is_the_svd_of_the_tall_matri
     np.testing.assert_allclose(hph, H @ P @ H.T, rtol=1e-10, atol=1e-12)
 
 
+def test_low_rank_state_from_a_dense_covariance_steps_exactly():
+    """with_dense (re-expression, with_covariance) puts the top k directions of P⁻¹ in W;
+    with k = d they hold nearly all of each Λ_ii, and the state must come out with υ at its
+    floor: the next prior, applied through I + WᵀΥ⁻¹W, is then P itself (with υ at ε Λ_ii that
+    matrix is singular to float64's precision and P⁻ was wrong by 13 %)."""
+    rng = np.random.default_rng(8)
+    d = 6
+    a = rng.normal(size=(d, d))
+    P = a @ a.T + 0.5 * np.eye(d)
+    cov = LowRank(d).init(kalnat.filter.Hyper(prior_var=1.0), d, jnp.float64).with_dense(P)
+    prior = LowRank(d).inflate(cov, 1, 1.0, None, None)
+    np.testing.assert_allclose(prior.dense(), P, rtol=1e-6, atol=1e-6 * np.abs(P).max())
+
+
 @pytest.mark.parametrize("m", [1, 2])
 def test_low_rank_update_keeps_the_diagonal_part_above_its_floor(m):
     """After an update υ_i ≥ √ε Λ_ii (float32): the diagonal part of a parameter whose

@@ -30,7 +30,7 @@ _NAMES = {
     "iterated_ekf": "kalnat.learners", "natural_gradient": "kalnat.learners",
     "nig_filter": "kalnat.learners", "sqrt_ekf": "kalnat.learners",
     "Linearization": "kalnat.linearization", "linearize": "kalnat.linearization",
-    "FitResult": "kalnat.stream", "fit": "kalnat.stream", "log_evidence": "kalnat.stream",
+    "FitResult": "kalnat.stream", "Diverged": "kalnat.stream", "fit": "kalnat.stream", "log_evidence": "kalnat.stream",
     "auto": "kalnat.bank", "ekf_bank": "kalnat.bank",
 }
 

@@ -365,6 +365,12 @@ class OnlineRunner:
         Z[: max(0, 2 - c0)] = 0.0
         return _clipped(Z, self.clip)
 
+    @staticmethod
+    def _diverged(row):
+        """The command's error for a learner that diverged at ``row`` (from 0) of the stream."""
+        return ValueError(f"the learner diverged (non-finite prediction at row {row + 1}); "
+                          "try a smaller --prior-var, --batch-size 1 or a linear --model")
+
     def step(self, X, y, callback=None) -> baselines.Predictions:
         """Predicts the rows ``X (n, p)`` with targets ``y (n,)`` (class indices, counts or
         reals), then learns them; returns the predictions in the target's units."""
@@ -375,8 +381,11 @@ class OnlineRunner:
             ytrain, affine = self.train_targets(y)
         batch = int(self.cfg["batch_size"])
         if self.scheme == "running":
-            res = kalnat.fit(self.learner, self.state, self.scale_features(X), ytrain,
-                             batch_size=batch, chunk_size=CHUNK, fixed_chunk=True, callback=callback)
+            try:
+                res = kalnat.fit(self.learner, self.state, self.scale_features(X), ytrain,
+                                 batch_size=batch, chunk_size=CHUNK, fixed_chunk=True, callback=callback)
+            except kalnat.Diverged as err:
+                raise self._diverged(self.rows + err.row) from None
             self.state, p = res.state, res.predictions
         else:
             p = self._learn_in_blocks(X, ytrain, batch, callback)
@@ -388,9 +397,7 @@ class OnlineRunner:
         mean = np.asarray(p.mean, np.float64)
         bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
         if bad.size:
-            hint = "try a smaller --prior-var, --batch-size 1 or a linear --model"
-            raise ValueError(
-                f"the learner diverged (non-finite prediction at row {self.rows - len(y) + bad[0] + 1}); {hint}")
+            raise self._diverged(self.rows - len(y) + bad[0])
         if self.frozen_target:  # a gaussian target, predicted in its units block by block
             return baselines.Predictions(mean=y_mean, var=y_var)
         return self.in_target_units(p, ytrain, affine)
@@ -453,8 +460,11 @@ class OnlineRunner:
             cb = None if callback is None else (lambda off: lambda done, st, pc: callback(off + done, st, pc))(pos)
             # one scan shape for every block (the short early ones padded with skipped rows):
             # one compiled program per run
-            res = kalnat.fit(self.learner, self.state, Z, ytrain[pos:cut], batch_size=batch,
-                             chunk_size=CHUNK, fixed_chunk=True, callback=cb)
+            try:
+                res = kalnat.fit(self.learner, self.state, Z, ytrain[pos:cut], batch_size=batch,
+                                 chunk_size=CHUNK, fixed_chunk=True, callback=cb)
+            except kalnat.Diverged as err:
+                raise self._diverged(self.rows + pos + err.row) from None
             self.state = res.state
             preds.append(res.predictions)
             if self.frozen_target:  # in this block's units; the noise estimate absorbs them here

@@ -13,7 +13,7 @@ device updates its rows in place; it is never gathered.
 The structured forms shard by parameter too: a diagonal's variances ``p (d,)``, a low-rank
 precision's ``υ (d,)`` and ``W (d, k)`` by rows (the low-rank step's sums over parameters are
 ``k × k``, ``k × m`` and ``m × m`` all-reduces; ``W`` is never gathered, nothing larger than
-``d × m`` moves).
+``d × m`` or ``k × k`` moves).
 
 The same code runs on several hosts once ``jax.distributed.initialize()`` has made every
 host's devices part of ``jax.devices()`` (``examples/multihost.py``; tests/test_multihost.py
@@ -39,7 +39,7 @@ from kalnat.learners.base import Learner, device_hyper
 from kalnat.representations.diagonal import DiagonalCovariance
 from kalnat.representations.full import Covariance
 from kalnat.representations.lowrank import LowRankPrecision
-from kalnat.stream import FitResult, scan_rows
+from kalnat.stream import FitResult, check_diverged, scan_rows
 
 __all__ = ["mesh", "shard", "state_sharding", "step_fn", "fit", "collectives"]
 
@@ -145,7 +145,9 @@ def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: i
         xc = np.asarray(xs[start:stop], dtype).reshape((c, batch_size) + xs.shape[1:])
         yc = ys[start:stop].reshape((c, batch_size) + ys.shape[1:])
         state, out = run(hyper, state, xc, yc, np.ones((c, batch_size), bool))
-        preds.append(jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((stop - start,) + a.shape[2:]), out))
+        out = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((stop - start,) + a.shape[2:]), out)
+        check_diverged(out[1], np.zeros(stop - start, bool), start, "row")
+        preds.append(out)
     pred, ll = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
     return FitResult(state, pred, np.zeros(n, bool), ll)
 

@@ -120,8 +120,8 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
         with masked rows (skipped, no step): one compiled program for streams of any length,
         where the default compiles one per shorter length (cheaper to run, more to compile).
 
-    Raises ``ValueError`` where a learned row's one-step log-likelihood is NaN (the filter
-    diverged: a variance left the float range), naming the row, when predictions are kept.
+    Raises :class:`Diverged` (a ``ValueError``) where a learned row's one-step log-likelihood
+    is NaN (the filter diverged), naming the row, when predictions are kept.
     """
     learner._check_state(state)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -242,19 +242,30 @@ def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, c
     return state, preds
 
 
+class Diverged(ValueError):
+    """A learned row's one-step log-likelihood is NaN: the filter diverged. ``row``: its index
+    (from 0) among the rows (or time steps) of the call that raised."""
+
+    def __init__(self, message, row):
+        super().__init__(message)
+        self.row = row
+
+
 def check_diverged(log_lik, skipped, start, unit):
-    """Raises where a learned row's one-step log-likelihood is NaN: the filter has diverged
-    (a variance left the float range), and every later number would be NaN too."""
+    """Raises :class:`Diverged` where a learned row's one-step log-likelihood is NaN: every
+    later number would be NaN too."""
     ll = np.asarray(log_lik)
     learned = ~np.asarray(skipped).reshape(ll.shape[0], -1)     # (k, 1), or (k, B) sequences
     bad = np.flatnonzero((np.isnan(ll.reshape(ll.shape[0], -1)) & learned).any(axis=1))
     if bad.size:
-        raise ValueError(
-            f"the learner diverged: the one-step log-likelihood of {unit} {start + bad[0]} (from 0) is NaN. "
-            "A variance grew beyond the float range: with forgetting < 1, the variance of a parameter "
-            "the rows do not inform grows without end unless max_variance caps it; a float32 state "
-            "overflows sooner than float64. The state given to fit was consumed: start again from "
-            "learner.init with max_variance set, float64 parameters, or forgetting closer to 1")
+        row = start + int(bad[0])
+        raise Diverged(
+            f"the learner diverged: the one-step log-likelihood of {unit} {row} (from 0) is NaN, a "
+            "variance or a prediction having left the float range. Common causes: forgetting < 1 "
+            "without max_variance (the variance of a parameter the rows do not inform grows without "
+            "end), a prior variance too large for the model (a network's or a log link's outputs "
+            "overflow), float32 where float64 has the range. The state given to fit was consumed: "
+            "start again from learner.init", row)
 
 
 def _blank(a, bad):

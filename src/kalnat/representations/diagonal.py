@@ -53,7 +53,7 @@ class Diagonal(Representation):
         return DiagonalCovariance(jnp.diagonal(v) if v.ndim == 2 else jnp.broadcast_to(v, (d,)))
 
     def inflate(self, cov, t, lam, q, bound):
-        p = cov.p * (1.0 / jnp.asarray(lam, cov.p.dtype))   # one division, not d
+        p = cov.p * (1.0 / jnp.asarray(lam, cov.p.dtype))   # 1/λ once, then a product a coordinate
         if q is not None:
             p = p + jnp.asarray(q, p.dtype)
         if bound is not None:  # the congruence D P⁻ D on a diagonal
@@ -75,4 +75,6 @@ class Diagonal(Representation):
         inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype))
         white = inv @ H
         fisher_diag = jnp.sum(white * white, axis=0)
-        return DiagonalCovariance(prior.p / (1.0 + prior.p * fisher_diag))   # (1/p⁻ + f)⁻¹, one division
+        # (1/p⁻ + f)⁻¹ as written: p⁻/(1 + p⁻ f) saves a division but overflows to 0 where
+        # p⁻ f passes the float range (a huge p⁻ in float32), which would stop that parameter
+        return DiagonalCovariance(1.0 / (1.0 / prior.p + fisher_diag))
