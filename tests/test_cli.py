@@ -239,6 +239,20 @@ def test_compare_on_a_small_set(tmp_path):
     assert "no settings: bank of 40 EKFs (1 or 2 linearisations)" in res.output and "log-loss" in res.output
 
 
+def test_a_diverging_learner_is_a_located_error_in_the_command_s_terms(tmp_path):
+    """A Poisson MLP with a prior variance of 10⁶ overflows its log link within a few dozen
+    rows: the command stops with the stream's row and its own flags (not the Python API's
+    advice, which kalnat.fit raises underneath), and a non-zero exit."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2))
+    y = rng.poisson(np.exp(0.5 * X[:, 0]))
+    data = _csv(tmp_path / "counts.csv", X, y)
+    out = _user_error(["learn", data, "--family", "poisson", "--model", "mlp:8", "--prior-var", "1e6",
+                       "--quiet", "--out", str(tmp_path / "r")])
+    assert "diverged (non-finite prediction at row " in out and "--prior-var" in out
+    assert "learner.init" not in out
+
+
 def test_forgetting_with_a_constant_column_does_not_wind_up(tmp_path):
     """λ = 0.95 overflows a float64 covariance along a never-excited feature after ~14 000 rows:
     the command's learners bound it and run on, the EKF and the natural gradient as the same
