@@ -250,6 +250,9 @@ class Diverged(ValueError):
         super().__init__(message)
         self.row = row
 
+    def __reduce__(self):  # raised in another process (a Dask worker), it arrives whole
+        return Diverged, (str(self), self.row)
+
 
 def check_diverged(log_lik, skipped, start, unit):
     """Raises :class:`Diverged` where a learned row's one-step log-likelihood is NaN: every

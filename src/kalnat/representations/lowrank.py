@@ -82,28 +82,29 @@ def _floored(ups, w):
     A parameter whose information lies in W keeps a diagonal part that forgetting shrinks as
     ``λ^t``, nothing renews, and that would underflow (then ``υ^{-1/2}`` is infinite); with the
     floor, ``diag(P⁻)``, computed through ``1 − ‖(A L⁻ᵀ)_i‖² ≈ 0`` for such a parameter, is still
-    accurate to ~``√ε`` of itself. Forgetting scales ``υ`` and ``Λ_ii`` alike, so the floor is
-    kept where the ratio changes: after each update and additive noise."""
+    accurate to ~``√ε`` of itself, and ``I + WᵀΥ⁻¹W`` is far from singular. Forgetting scales
+    ``υ`` and ``Λ_ii`` alike, so the floor is kept where the ratio changes: after each update
+    and additive noise, and on a state made by ``with_dense``."""
     floor = jnp.sqrt(jnp.finfo(ups.dtype).eps)
     return LowRankPrecision(jnp.maximum(ups, floor * (ups + jnp.sum(w * w, axis=1))), w)
 
 
-def _without(w, h, v, root=1.0):
-    """``(W, dropped)``: ``[w, h] (d, k + 1)`` less its direction ``v (k + 1,)`` (unit), as ``d × k``
-    (``w`` is ``root`` times the ``base`` given).
+def _without(base, h, v, root=1.0):
+    """``(W', dropped)``: ``[W, h] (d, k + 1)``, ``W = root · base``, less its direction
+    ``v (k + 1,)`` (unit), as ``d × k``.
 
-    What is kept is ``[w, h] (I − v vᵀ) [w, h]ᵀ``, and ``I − v vᵀ = B Bᵀ`` for ``B`` the
-    Householder reflection taking ``v`` to ``±e_{k+1}`` without its last column, so ``W = [w, h] B``
-    is ``w`` less a rank-one term: O(d k), where a rotation by the ``k`` kept directions is
-    O(d k²). ``u = v + sign(v_{k+1}) e_{k+1}`` keeps the reflection accurate whatever ``v_{k+1}``
-    (``v = −e_{k+1}``, the row's own direction dropped, would make ``v + e_{k+1}`` zero).
-    ``dropped = ([w, h] v)²`` is the diagonal of what leaves."""
-    k = w.shape[1]
+    What is kept is ``[W, h] (I − v vᵀ) [W, h]ᵀ``, and ``I − v vᵀ = B Bᵀ`` for ``B`` the
+    Householder reflection taking ``v`` to ``±e_{k+1}`` without its last column, so
+    ``W' = [W, h] B`` is ``W`` less a rank-one term: O(d k), where a rotation by the ``k`` kept
+    directions is O(d k²). ``u = v + sign(v_{k+1}) e_{k+1}`` keeps the reflection accurate
+    whatever ``v_{k+1}`` (``v = −e_{k+1}``, the row's own direction dropped, would make
+    ``v + e_{k+1}`` zero). ``dropped = ([W, h] v)²`` is the diagonal of what leaves."""
+    k = base.shape[1]
     u = v.at[k].add(jnp.where(v[k] < 0, -1.0, 1.0))
     # two products with a k-vector (XLA's CPU matrix-vector path; one with a (k, 2) matrix
     # takes the general path, ~3 × slower)
-    y = (w @ (root * u[:k]) + h * u[k]) * (2.0 / (u @ u))
-    return root * w - y[:, None] * u[None, :k], (w @ (root * v[:k]) + h * v[k]) ** 2
+    y = (base @ (root * u[:k]) + h * u[k]) * (2.0 / (u @ u))
+    return root * base - y[:, None] * u[None, :k], (base @ (root * v[:k]) + h * v[k]) ** 2
 
 
 def _pad(w, k):
