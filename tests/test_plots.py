@@ -93,6 +93,8 @@ with FigureWorkers() as figures:
         bad.result()
     except OSError as err:
         print("raised", type(err).__name__)
+    # drawn by the workers: this process never imported matplotlib (a fallback drawing here would)
+    print("matplotlib here:", "matplotlib" in sys.modules)
 """
 
 
@@ -133,6 +135,7 @@ def test_figure_workers_draw_in_forked_processes_and_pass_their_errors_back(tmp_
     lines = out.stdout.strip().splitlines()
     assert lines[0] == str(tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
     assert lines[1] == "raised FileNotFoundError"
+    assert lines[2] == "matplotlib here: False"
 
 
 def test_figure_workers_draw_here_once_jax_is_imported(tmp_path):
