@@ -407,7 +407,7 @@ class Keyed:
             del self.pending[s]
         if not final:  # a key's partial last minibatch: its rows held
             # found for all keys at once and grouped by key (each key's in order): a search
-            # of the chunk per key cost O(keys × rows), most of a chunk's time with 10³ keys
+            # of the chunk per key costs O(keys × rows)
             rows = np.flatnonzero((counts % B != 0)[pos] & (mbi == n_mb[pos] - 1))
             rows = rows[np.argsort(pos[rows], kind="stable")]
             ks, starts = np.unique(pos[rows], return_index=True)

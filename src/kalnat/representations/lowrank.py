@@ -34,8 +34,8 @@ of ``Ã``, are the eigenvectors of its ``(k + m) × (k + m)`` Gram matrix
 Gram matrix squares the condition of ``Ã``: in float32 a direction whose singular value is
 below ``√ε`` of the largest is found only roughly, which moves which weak direction is kept, not
 the precision's diagonal (kept exactly whatever ``V``) nor its positive definiteness; and
-``P⁻ Hᵀ`` through ``I + G`` is accurate to ~``ε s²_max`` relative (float32: 1e-4 at
-``s² = 10⁶``; a QR of ``A`` would keep ~``ε``, at the price of a tall factorisation a step),
+``P⁻ Hᵀ`` through ``I + G`` is accurate to ~``ε s²_max`` relative (a QR of ``A`` would keep
+~``ε``, at the price of a tall factorisation a step),
 while ``H P⁻ Hᵀ``, a sum of squares, stays accurate to ~``ε``. Sums over
 ``d`` are all the step needs between the rows of ``W``: sharded by parameter (:mod:`kalnat.sharded`),
 a step all-reduces ``k × k`` and ``k × m`` pieces and never gathers ``W``.
