@@ -111,7 +111,7 @@ class BankPredictive(NamedTuple):
 
 def weights(state: BankState) -> np.ndarray:
     """Normalised weights ``(K,)`` of the members."""
-    return np.asarray(jnp.exp(state.log_weights))
+    return np.exp(np.asarray(state.log_weights))
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,17 +167,16 @@ class Bank(Boundary):
 
     def init(self, params, hyper: Optional[Hyper] = None) -> BankState:
         """Every member's initial state around ``params``, uniform weights."""
-        check_params(params)
+        d, dtype = check_params(params)
         hyper = self.hyper if hyper is None else hyper
-        theta, _ = ravel_pytree(params)
         for k in range(self.size):
-            check_hyper(self.learner, self.member_hyper(k, hyper), theta.shape[0])
-        members = jax.vmap(lambda h: _filter.init(self.learner, h, params))(hyper)
-        members = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), members)
-        dtype = theta.dtype
+            check_hyper(self.learner, self.member_hyper(k, hyper), d)
+        members = _filter.fresh(self.learner, hyper, params, stacked=True)
         K = self.size
-        lw = jnp.full((K,), -np.log(K), dtype) if self.log_prior is None else jnp.asarray(self.log_prior, dtype)
-        return BankState(members, lw, jnp.zeros((K,), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
+        lw = np.full((K,), -np.log(K)) if self.log_prior is None else np.asarray(self.log_prior)
+        # from the host as they are: each jnp constructor would be a program of its own
+        return BankState(members, *jax.device_put((lw.astype(dtype), np.zeros((K,), dtype), np.zeros((), dtype),
+                                                   np.zeros((), np.int32))))
 
     def _mix(self, lw, preds, log_prob, ok):
         """Mixture of the members' ``(K, b, …)`` predictions under normalised log weights
@@ -233,7 +232,7 @@ class Bank(Boundary):
         weights, so each runs through the whole chunk while its covariance stays in the cache
         (row by row, all K covariances would be read from memory at every row), in vmapped
         groups of :func:`members_per_group`; then the weights move row by row."""
-        from kalnat.stream import scan_rows
+        from kalnat.stream import scan_rows, step_or_skip
 
         def member(args):
             h, s = args
@@ -254,11 +253,8 @@ class Bank(Boundary):
                 w, pred, lp = self._advance(w, None, pred_k, ll_k, fin_k)
                 return w, (pred, lp)
 
-            def skip(w):  # a minibatch that is all padding: no step for the members either
-                out = jax.eval_shape(learn, w)
-                return w, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out[1])
-
-            w, out = jax.lax.cond(jnp.any(mb), learn, skip, weights)
+            # a minibatch that is all padding: no step for the members either
+            w, out = step_or_skip(jnp.any(mb), learn, weights)
             return w, (out if keep else None)
 
         weights, out = jax.lax.scan(mix, state._replace(members=None),

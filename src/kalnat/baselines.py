@@ -181,7 +181,7 @@ def optax_grid(name: str, X, y, family, *, model=None, lrs: Sequence[float] = LR
     fam = _family(family, _n_classes_from(family, y))
     X = np.asarray(X)
     model = model or _models.linear(X.shape[1], fam.n_outputs)
-    dtype = jnp.zeros(()).dtype
+    dtype = jax.dtypes.canonicalize_dtype(float)
     params0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(jax.random.PRNGKey(seed)))
     ys = jnp.asarray(y if fam.is_classifier or fam.name == "poisson" else np.asarray(y, np.float64))
     if fam.is_classifier:

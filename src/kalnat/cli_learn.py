@@ -159,7 +159,7 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
     if cfg["method"] == "nig" and family.name != "gaussian":
         raise ValueError(f"--method nig learns the noise scale of a gaussian target; this target is {family.name}")
     model = build_model(cfg["model_spec"], n_features, family)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
     d = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes)))
     own_form = cfg["method"] not in ("ekf", "iterated", "nig")
     if own_form and (cfg.get("covariance") or "auto") not in ("auto", "full"):
@@ -180,7 +180,8 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
                          f"the {kind} of {filters} filter{'s' * (filters > 1)} would need "
                          f"{needed / 2**30:.0f} GiB; use a smaller model, --covariance diag, a "
                          "smaller rank or one filter (--prior-var)")
-    params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))
+    # one program (op by op, the key and each of the model's arrays would be one each)
+    params = jax.jit(lambda seed: model.init(jax.random.PRNGKey(seed)))(int(cfg.get("seed", 0)))
     return model, learner, learner.init(params)
 
 

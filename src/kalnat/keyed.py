@@ -22,7 +22,6 @@ learned B at a time, as :func:`kalnat.fit` with ``batch_size=B`` on its rows alo
 from __future__ import annotations
 
 import collections
-import weakref
 from typing import Any, Hashable, NamedTuple, Optional, Sequence
 
 import jax
@@ -31,6 +30,7 @@ import numpy as np
 
 from kalnat import checkpoint
 from kalnat.learners.base import check_range, device_hyper
+from kalnat.programs import once
 
 __all__ = ["Keyed", "KeyedResult"]
 
@@ -42,7 +42,6 @@ PENDING_CALLS = 8
 # A chunk's rows are learned in segments of rounds whose number of active keys lies in
 # (W/2, W] for a power of two W: padding costs at most 2× in keys and 2× in rounds.
 LANE_BYTES = 2**23
-_FNS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
 class KeyedResult(NamedTuple):
@@ -72,24 +71,21 @@ def _where(mask, new, old):
 def _segment_fn(learner):
     """``(hyper, stack, slots (W,), xs (R, W, …), ys (R, W, …), ms (R, W)) -> (stack,
     (preds, log_liks) (R, W, …))``, jitted with the stack donated (cached per learner)."""
-    fns = _FNS.setdefault(learner, {})
-    if "segment" not in fns:
-        def fn(hyper, stack, slots, xs, ys, ms):
-            states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
-            one = jax.vmap(lambda s, x, y: learner.step(hyper, s, x[None], y[None]))
+    def fn(hyper, stack, slots, xs, ys, ms):
+        states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
+        one = jax.vmap(lambda s, x, y: learner.step(hyper, s, x[None], y[None]))
 
-            def body(states, inp):
-                x, y, m = inp
-                new, pred, ll = one(states, x, y)
-                return _where(m, new, states), jax.tree_util.tree_map(lambda a: a[:, 0], (pred, ll))
+        def body(states, inp):
+            x, y, m = inp
+            new, pred, ll = one(states, x, y)
+            return _where(m, new, states), jax.tree_util.tree_map(lambda a: a[:, 0], (pred, ll))
 
-            states, out = jax.lax.scan(body, states, (xs, ys, ms))
-            # Padding slots point past the capacity: their (unchanged) states are dropped.
-            stack = jax.tree_util.tree_map(lambda a, s: a.at[slots].set(s, mode="drop"), stack, states)
-            return stack, out
+        states, out = jax.lax.scan(body, states, (xs, ys, ms))
+        # Padding slots point past the capacity: their (unchanged) states are dropped.
+        stack = jax.tree_util.tree_map(lambda a, s: a.at[slots].set(s, mode="drop"), stack, states)
+        return stack, out
 
-        fns["segment"] = jax.jit(fn, donate_argnums=1)
-    return fns["segment"]
+    return once(learner, "segment", lambda: jax.jit(fn, donate_argnums=1))
 
 
 def _minibatch_segment_fn(learner):
@@ -98,48 +94,39 @@ def _minibatch_segment_fn(learner):
     …))``. A minibatch's masked rows are left out of its update (``learner.step``'s mask, as
     :func:`kalnat.fit` pads a partial one); a minibatch not committed (a key's partial last
     one, held for its next rows) is predicted, and its state left as it was."""
-    fns = _FNS.setdefault(learner, {})
-    if "minibatch" not in fns:
-        def fn(hyper, stack, slots, xs, ys, ms, commit):
-            states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
-            one = jax.vmap(lambda s, x, y, m: learner.step(hyper, s, x, y, m))
+    def fn(hyper, stack, slots, xs, ys, ms, commit):
+        states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
+        one = jax.vmap(lambda s, x, y, m: learner.step(hyper, s, x, y, m))
 
-            def body(states, inp):
-                x, y, m, c = inp
-                new, pred, ll = one(states, x, y, m)
-                return _where(c, new, states), (pred, ll)
+        def body(states, inp):
+            x, y, m, c = inp
+            new, pred, ll = one(states, x, y, m)
+            return _where(c, new, states), (pred, ll)
 
-            states, out = jax.lax.scan(body, states, (xs, ys, ms, commit))
-            stack = jax.tree_util.tree_map(lambda a, s: a.at[slots].set(s, mode="drop"), stack, states)
-            return stack, out
+        states, out = jax.lax.scan(body, states, (xs, ys, ms, commit))
+        stack = jax.tree_util.tree_map(lambda a, s: a.at[slots].set(s, mode="drop"), stack, states)
+        return stack, out
 
-        fns["minibatch"] = jax.jit(fn, donate_argnums=1)
-    return fns["minibatch"]
+    return once(learner, "minibatch", lambda: jax.jit(fn, donate_argnums=1))
 
 
 def _predict_fn(learner):
     """``(hyper, stack, fresh, slots (b,), known (b,), xs (b, …)) -> preds (b, …)``."""
-    fns = _FNS.setdefault(learner, {})
-    if "predict" not in fns:
-        def fn(hyper, stack, fresh, slots, known, xs):
-            states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
-            fresh = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (slots.shape[0],) + a.shape), fresh)
-            states = _where(known, states, fresh)
-            pred = jax.vmap(lambda s, x: learner.predict_batch(hyper, s, x[None]))(states, xs)
-            return jax.tree_util.tree_map(lambda a: a[:, 0], pred)
+    def fn(hyper, stack, fresh, slots, known, xs):
+        states = jax.tree_util.tree_map(lambda a: jnp.take(a, slots, axis=0, mode="clip"), stack)
+        fresh = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (slots.shape[0],) + a.shape), fresh)
+        states = _where(known, states, fresh)
+        pred = jax.vmap(lambda s, x: learner.predict_batch(hyper, s, x[None]))(states, xs)
+        return jax.tree_util.tree_map(lambda a: a[:, 0], pred)
 
-        fns["predict"] = jax.jit(fn)
-    return fns["predict"]
+    return once(learner, "predict", lambda: jax.jit(fn))
 
 
 def _grow_fn(learner):
-    fns = _FNS.setdefault(learner, {})
-    if "grow" not in fns:
-        fns["grow"] = jax.jit(
-            lambda stack, fresh, extra: jax.tree_util.tree_map(
-                lambda a, f: jnp.concatenate([a, jnp.broadcast_to(f, (extra,) + f.shape)]), stack, fresh),
-            static_argnums=2)
-    return fns["grow"]
+    return once(learner, "grow", lambda: jax.jit(
+        lambda stack, fresh, extra: jax.tree_util.tree_map(
+            lambda a, f: jnp.concatenate([a, jnp.broadcast_to(f, (extra,) + f.shape)]), stack, fresh),
+        static_argnums=2))
 
 
 class _Outputs:

@@ -52,7 +52,7 @@ def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None
     _check_positive(n_features=n_features, n_outputs=n_outputs)
 
     def init(key=None):
-        dt = dtype or jnp.zeros(()).dtype
+        dt = dtype or jax.dtypes.canonicalize_dtype(float)
         params = {"w": jnp.zeros((n_outputs, n_features), dt)}
         if bias:
             params["b"] = jnp.zeros((n_outputs,), dt)
@@ -89,7 +89,7 @@ def mlp(
     sizes = [n_features, *hidden, n_outputs]
 
     def init(key):
-        dt = dtype or jnp.zeros(()).dtype
+        dt = dtype or jax.dtypes.canonicalize_dtype(float)
         keys = jax.random.split(key, len(sizes) - 1)
         layers = []
         for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):

@@ -28,7 +28,6 @@ rows of ``P``.
 from __future__ import annotations
 
 import re
-import weakref
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -36,6 +35,7 @@ from jax.sharding import PartitionSpec as Spec
 
 from kalnat.filter import State
 from kalnat.learners.base import Learner, device_hyper
+from kalnat.programs import once
 from kalnat.representations.diagonal import DiagonalCovariance
 from kalnat.representations.full import Covariance
 from kalnat.representations.lowrank import LowRankPrecision
@@ -44,7 +44,6 @@ from kalnat.stream import FitResult, check_diverged, scan_rows
 __all__ = ["mesh", "shard", "state_sharding", "step_fn", "fit", "collectives"]
 
 AXIS = "rows"
-_FNS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
 def mesh(devices=None) -> Mesh:
@@ -96,17 +95,15 @@ def shard(state, mesh_: Mesh):
 
 
 def _jitted(learner, mesh_, kind, cov_type=Covariance):
-    fns = _FNS.setdefault(learner, {})
-    key = (kind, mesh_, cov_type)
-    if key not in fns:
+    def make():
         rep, s = NamedSharding(mesh_, Spec()), state_sharding(mesh_, cov_type)
         if kind == "step":
-            fns[key] = jax.jit(lambda hyper, state, xs, ys: learner.step(hyper, state, xs, ys),
-                               in_shardings=(rep, s, rep, rep), out_shardings=(s, rep, rep), donate_argnums=1)
-        else:
-            fns[key] = jax.jit(lambda hyper, state, xs, ys, ms: scan_rows(learner, hyper, state, xs, ys, ms),
-                               in_shardings=(rep, s, rep, rep, rep), out_shardings=(s, rep), donate_argnums=1)
-    return fns[key]
+            return jax.jit(lambda hyper, state, xs, ys: learner.step(hyper, state, xs, ys),
+                           in_shardings=(rep, s, rep, rep), out_shardings=(s, rep, rep), donate_argnums=1)
+        return jax.jit(lambda hyper, state, xs, ys, ms: scan_rows(learner, hyper, state, xs, ys, ms),
+                       in_shardings=(rep, s, rep, rep, rep), out_shardings=(s, rep), donate_argnums=1)
+
+    return once(learner, (kind, mesh_, cov_type), make)
 
 
 def step_fn(learner, mesh_: Mesh, cov_type=Covariance):

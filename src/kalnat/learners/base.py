@@ -103,8 +103,9 @@ def device_hyper(learner, hyper, dtype):
         return hyper
     cache = learner.__dict__.setdefault("_hyper_on_device", {})
     if dtype not in cache:
-        cache[dtype] = jax.tree_util.tree_map(
-            lambda a: jnp.asarray(a, jnp.int32 if np.asarray(a).dtype.kind in "iu" else dtype), learner.hyper)
+        # converted on the host: jnp.asarray with a dtype is a compiled program per leaf
+        cache[dtype] = jax.device_put(jax.tree_util.tree_map(
+            lambda a: np.asarray(a, np.int32 if np.asarray(a).dtype.kind in "iu" else dtype), learner.hyper))
     return cache[dtype]
 
 
@@ -165,13 +166,10 @@ class Learner(Boundary):
         """Initial state around ``params`` (any pytree of float arrays) with the prior of
         ``hyper`` (default: the learner's). Validated on the host; the parameters are copied, so
         the caller's arrays survive the in-place updates."""
-        check_params(params)
+        d, _ = check_params(params)
         hyper = self.hyper if hyper is None else hyper
-        theta, _ = ravel_pytree(params)
-        check_hyper(self, hyper, theta.shape[0])
-        state = _filter.init(self, hyper, params)
-        # Distinct buffers, none shared with the caller: updates donate (overwrite) them.
-        return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
+        check_hyper(self, hyper, d)
+        return _filter.fresh(self, hyper, params)
 
     def linearize_at(self, state, xs, ys=None, mask=None):
         """``θ -> Linearization`` of the minibatch ``xs (b, …)`` (and ``ys``), at any θ."""
@@ -319,8 +317,10 @@ def forgetting_is_data(learner) -> bool:
     return learner.schedule is None and learner.representation.uses_forgetting
 
 
-def check_params(params):
-    """Host check of a params pytree: non-empty, float leaves, finite values."""
+def check_params(params) -> tuple[int, np.dtype]:
+    """Host check of a params pytree: non-empty, float leaves, finite values. Returns the
+    length and dtype of the flat θ (as ``ravel_pytree`` would give them, without its array
+    operations)."""
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
         raise ValueError("params: the pytree has no arrays")
@@ -330,6 +330,7 @@ def check_params(params):
             raise ValueError(f"params: every leaf must be a float array, got dtype {a.dtype}")
         if not np.all(np.isfinite(a)):
             raise ValueError("params contain NaN or inf")
+    return sum(int(np.size(leaf)) for leaf in leaves), jnp.result_type(*leaves)
 
 
 def representable(a, dtype) -> np.ndarray:

@@ -100,7 +100,7 @@ def elman(n_inputs: int, n_state: int, n_outputs: int = 1, *, recurrent_scale: f
     _check_positive(n_inputs=n_inputs, n_state=n_state, n_outputs=n_outputs)
 
     def init(key):
-        dt = dtype or jnp.zeros(()).dtype
+        dt = dtype or jax.dtypes.canonicalize_dtype(float)
         kw, ku = jax.random.split(key)
         return {
             "W": _orthogonal(kw, n_state, dt, recurrent_scale),
@@ -130,7 +130,7 @@ def gru(n_inputs: int, n_state: int, n_outputs: int = 1, *, dtype=None) -> Recur
     _check_positive(n_inputs=n_inputs, n_state=n_state, n_outputs=n_outputs)
 
     def init(key):
-        dt = dtype or jnp.zeros(()).dtype
+        dt = dtype or jax.dtypes.canonicalize_dtype(float)
         keys = jax.random.split(key, 6)
         params = {}
         for i, gate in enumerate("urh"):
