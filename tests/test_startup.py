@@ -66,8 +66,11 @@ def test_the_compilation_cache_is_written_reused_relocatable_and_can_be_turned_o
     first = _learn(data, tmp_path / "r1", _env(KALNAT_CACHE_DIR=str(cache)))
     entries = sorted(os.listdir(cache))
     assert entries  # compiled programs were written there
+    programs = sorted(os.listdir(cache / "programs"))
+    assert len(programs) == 1  # the traced chunk program, kept for the next run (kalnat.saved)
     again = _learn(data, tmp_path / "r2", _env(KALNAT_CACHE_DIR=str(cache)))
     assert again == first and sorted(os.listdir(cache)) == entries  # reused: nothing new to compile
+    assert sorted(os.listdir(cache / "programs")) == programs
     off = tmp_path / "off"
     assert _learn(data, tmp_path / "r3", _env(KALNAT_CACHE_DIR=str(off), KALNAT_NO_CACHE="1")) == first
     assert not off.exists()

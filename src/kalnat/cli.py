@@ -237,9 +237,11 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
             raise click.BadParameter(f"cannot write {predictions_path} ({err.strerror})",
                                      param_hint="--predictions") from None
     try:
+        folder = cache_dir()
         result = run.learn_stream(source, cfg, progress=not quiet,
                                   log=None if quiet else (lambda m: click.echo(m, err=True)),
-                                  predictions=pred_file)
+                                  predictions=pred_file,
+                                  programs=None if folder is None else os.path.join(folder, "programs"))
     finally:
         if pred_file is not None:
             pred_file.close()

@@ -34,6 +34,7 @@ Conventions (the same in ``kalnat compare``):
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import kalnat
-from kalnat import baselines, checkpoint, datasets, families, models, representations, scaling, schedules
+from kalnat import baselines, checkpoint, datasets, families, models, representations, saved, scaling, schedules
 from kalnat.cli_choices import (  # noqa: F401
     COVARIANCES, DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_covariance, parse_model, resolve_covariance)
 
@@ -313,11 +314,16 @@ def _target_moved(runner, state, old, new):
 class OnlineRunner:
     """One stream's learner, scalers and noise estimate (see the module's conventions)."""
 
-    def __init__(self, cfg: dict, family_name: str, classes: Optional[list], n_features: int):
+    def __init__(self, cfg: dict, family_name: str, classes: Optional[list], n_features: int,
+                 programs: Optional[str] = None):
         self.cfg = dict(cfg)
         self.classes = classes
         self.family = make_family(family_name, len(classes) if family_name == "categorical" else None)
         self.model, self.learner, self.state = build_learner(cfg, self.family, n_features)
+        if programs is not None:  # build_learner makes the same learner from these every time
+            recipe = json.dumps([self.cfg, self.family.name, None if classes is None else len(classes),
+                                 n_features], sort_keys=True, default=repr)
+            saved.describe(self.learner, recipe, programs)
         self.bank = self.learner if isinstance(self.learner, kalnat.bank.Bank) else None
         size = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
         self.n_parameters = size // self.bank.size if self.bank else size
@@ -714,12 +720,13 @@ def run_metrics(source, runner, cfg: dict, protocol: str, skipped, acc, t_learn,
 
 
 def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
-                 log=None, predictions=None) -> LearnResult:
+                 log=None, predictions=None, programs: Optional[str] = None) -> LearnResult:
     """Learns every chunk of ``source`` in order; returns the runner and the report.
 
     ``log(message)`` receives a note when the task was inferred from the data;
     ``predictions``: a text file to which :class:`PredictionWriter` writes every row's
-    progressive prediction."""
+    progressive prediction; ``programs``: a folder where the learner's compiled programs are
+    kept for the next run (:mod:`kalnat.saved`)."""
     chunks = iter(source.chunks)
     skipped, runner, coder, acc = [], None, None, None
     t_learn, t_first, first_rows = 0.0, None, 0
@@ -739,7 +746,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                 if note and log:
                     log(note)
                 coder = datasets.TargetCoder(family, classes)
-                runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1])
+                runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1], programs)
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
                 acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)
                 bar = tqdm(total=source.n_rows, unit="row", disable=not progress,

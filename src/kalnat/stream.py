@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kalnat import filter as _filter
+from kalnat import saved
 from kalnat.filter import Predictive
 from kalnat.learners.base import Learner, check_range, device_hyper, representable
 from kalnat.programs import once
@@ -99,8 +100,9 @@ def chunk_fn(learner, keep: bool):
     (preds, log_liks) or None)``.
     """
     scan = getattr(learner, "scan_chunk", None) or functools.partial(scan_rows, learner)
-    return once(learner, ("chunk", keep), lambda: jax.jit(
-        lambda hyper, state, xs, ys, ms: scan(hyper, state, xs, ys, ms, keep), donate_argnums=1))
+    return once(learner, ("chunk", keep), lambda: saved.jit(
+        learner, f"chunk keep={keep}", lambda hyper, state, xs, ys, ms: scan(hyper, state, xs, ys, ms, keep),
+        donate_argnums=(1,)))
 
 
 def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int = 256,
