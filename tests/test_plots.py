@@ -1,10 +1,12 @@
 """The report's figures: no two bank members share a colour, titles wrap instead of running
 off the figure."""
 
+import os
 import subprocess
 import sys
 
 import matplotlib.colors as mcolors
+import numpy as np
 import pytest
 
 from kalnat import plots
@@ -149,3 +151,33 @@ def test_figure_workers_draw_here_once_jax_is_imported(tmp_path):
         with pytest.raises(FileNotFoundError):  # raised by result(), as from a worker
             bad.result()
     assert path == str(tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
+
+
+COMMAND_PROBE = """
+import sys
+from kalnat.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print("matplotlib here:", "matplotlib" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+@pytest.mark.parametrize("keyed", [False, True], ids=["one stream", "--key"])
+def test_the_command_draws_its_figures_in_workers(tmp_path, keyed):
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "d.csv", "w") as f:
+        f.write("k,a,b,y\n")
+        for i in range(40):
+            a, b = rng.normal(size=2)
+            f.write(f"{i % 3},{a:.5f},{b:.5f},{int(a + 0.3 * rng.normal() > 0)}\n")  # k: a feature alone
+    argv = ["learn", str(tmp_path / "d.csv"), "--prior-var", "1", "--quiet", "--out", str(tmp_path / "r")]
+    env = {k: v for k, v in os.environ.items() if k != "KALNAT_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", COMMAND_PROBE, *argv, *(["--key", "k"] if keyed else [])],
+                         capture_output=True, text=True, timeout=300, env=dict(env, KALNAT_NO_CACHE="1"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "matplotlib here: False"  # the command's process never drew one
+    pngs = sorted(p.name for p in (tmp_path / "r").glob("*.png"))
+    assert "learning_curve_log_loss.png" in pngs and "learning_curve_accuracy.png" in pngs

@@ -214,13 +214,13 @@ def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, 
         raise click.UsageError("--predictions writes one stream's predictions; with --key the report "
                                "folder's per_key.csv has each key's scores")
     source = _open(data or datasets.DEFAULT_DATASET, kw, key=key)  # a missing file fails here, before JAX
-    if key is not None:
-        _jax()
-        if click.get_current_context().get_parameter_source("scaling") == click.core.ParameterSource.DEFAULT:
-            cfg["scaling"] = "running"  # statistics pooled over keys (kalnat.cli_keyed)
-        return _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler)
     from kalnat.figure_workers import FigureWorkers
 
+    if key is not None:
+        if click.get_current_context().get_parameter_source("scaling") == click.core.ParameterSource.DEFAULT:
+            cfg["scaling"] = "running"  # statistics pooled over keys (kalnat.cli_keyed)
+        with FigureWorkers(1) as figures:  # one figure job: the learning curves
+            return _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures)
     with FigureWorkers() as figures:  # started before JAX is imported (see kalnat.figure_workers)
         _learn_single(source, cfg, out_dir, quiet, predictions_path, figures)
 
@@ -300,10 +300,12 @@ def _dask_client(workers, scheduler):
     return distributed.Client(cluster), cluster
 
 
-def _learn_keyed(source, cfg, out_dir, quiet, workers=None, scheduler=None):
+def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
     """``kalnat learn --key``: one model per key (kalnat.cli_keyed), on Dask with --workers or
-    --scheduler."""
-    from kalnat import cli_keyed, plots
+    --scheduler; ``figures``: the :class:`kalnat.figure_workers.FigureWorkers` that draw the
+    report's figures."""
+    _jax()
+    from kalnat import cli_keyed
 
     client, cluster = _dask_client(workers, scheduler) if (workers or scheduler) else (None, None)
     try:
@@ -323,12 +325,13 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers=None, scheduler=None):
     metric = scores.metric
     keyed = metrics["keyed"]
     what = f"{metrics['learner_text']} per {keyed['key_column']}"
-    pngs = plots.learning_curves(metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
-                                 title=f"{source.name}: {what}, {cfg['model_spec']}, {runner.family.name}")
+    curves = figures.draw("learning_curves", metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
+                          title=f"{source.name}: {what}, {cfg['model_spec']}, {runner.family.name}")
     cli_keyed.write_per_key(os.path.join(out_dir, "per_key.csv"), runner, scores)
     model_file = "keyed_model.npz" if runner.dask is None else "shards/"
-    if runner.dask is None:
+    if runner.dask is None:  # while the figures are drawn
         cli_keyed.save_keyed(os.path.join(out_dir, model_file), runner, source)
+    pngs = curves.result()
     metrics["files"] = {"model": model_file, "per_key": "per_key.csv",
                         "plots": [os.path.basename(p) for p in pngs]}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
