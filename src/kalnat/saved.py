@@ -90,7 +90,7 @@ class _Saved:
 
     def __call__(self, *args):
         leaves, tree = jax.tree_util.tree_flatten(args)
-        avals = tuple(jax.ShapeDtypeStruct(np.shape(a), getattr(a, "dtype", None) or np.result_type(a))
+        avals = tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a))
                       for a in leaves)
         signature = (tree, tuple((a.shape, str(a.dtype)) for a in avals))
         if signature not in self.programs:
