@@ -2,8 +2,11 @@
 row at a time through ``learner.update`` next to river, side by side on this machine.
 
   --help            ``kalnat --help`` (a fresh process: what typing it costs)
-  learn cold        ``kalnat learn`` on breast_cancer with an empty compilation cache
-  learn warm        the same again, the cache now filled (JAX's persistent compilation cache)
+  learn first       ``kalnat learn`` on breast_cancer with an empty cache folder (the data set
+                    read from scikit-learn, every program compiled)
+  learn cold        the same with no compiled or saved program, the data set already kept
+  learn warm        the same again, the cache now filled (JAX's persistent compilation cache
+                    and the chunk program saved by ``kalnat.saved``)
   update / river    seconds per row of ``learner.update(state, x, y)`` (EKF, Gaussian, a
                     linear model of d parameters, NumPy rows) and of river's
                     ``BayesianLinearRegression.learn_one`` (the same posterior mean) at d
@@ -23,11 +26,15 @@ before JAX is imported): by default XLA's CPU client hands a program of more tha
 flops (the update from d ≈ 16) to a worker thread and returns at once, which overlaps the next
 row's checks with the step on an idle machine and costs a thread switch per row on a busy one.
 
+With ``--phases`` it prints where the seconds of a first and of a warm ``kalnat learn`` go,
+timed inside the command's process: imports, learning, the figures' wait.
+
 With ``--digits full diag …`` it times ``kalnat learn digits --covariance X`` instead, each with
 an empty compilation cache (what docs/cli.md quotes), and prints its log-loss and accuracy.
 
     python benchmarks/startup.py [--dims 8 32 128 512] [--repeat 3] [--per-row | --no-per-row] [--inline]
     python benchmarks/startup.py --digits full diag blocks kron
+    python benchmarks/startup.py --phases
 """
 
 from __future__ import annotations
@@ -58,6 +65,60 @@ def wall(cmd, env, repeat=1):
         if out.returncode != 0:
             raise SystemExit(out.stderr)
     return float(np.median(times))
+
+
+PHASES_PROBE = """
+import sys, time
+start = time.perf_counter()
+import kalnat.cli as cli
+import kalnat.figure_workers as figure_workers
+marks = [("kalnat.cli imported", time.perf_counter())]
+take_jax, result = cli._jax, figure_workers._Figure.result
+
+
+def _jax():
+    jax = take_jax()
+    marks.append(("data set opened, JAX imported", time.perf_counter()))
+    import kalnat.cli_learn as cli_learn
+    marks.append(("kalnat's modules, SciPy imported", time.perf_counter()))
+    learn_stream = cli_learn.learn_stream
+
+    def timed(*args, **kwargs):
+        out = learn_stream(*args, **kwargs)
+        marks.append(("learned (program loaded or compiled, rows, re-expressions)", time.perf_counter()))
+        return out
+
+    cli_learn.learn_stream = timed
+    return jax
+
+
+def waited(self):
+    out = result(self)
+    marks.append(("figures drawn", time.perf_counter()))
+    return out
+
+
+cli._jax, figure_workers._Figure.result = _jax, waited
+try:
+    cli.main(sys.argv[1:])
+except SystemExit:
+    pass
+marks.append(("report written", time.perf_counter()))
+last = start
+for name, t in marks:
+    if name != "figures drawn" or t == max(m[1] for m in marks if m[0] == name):
+        print(f"{t - start:6.2f} s  +{t - last:5.2f} s  {name}")
+        last = t
+"""
+
+
+def phases(kalnat_args, env):
+    """Where a run's seconds go, from inside one process (``--phases``)."""
+    out = subprocess.run([sys.executable, "-c", PHASES_PROBE, *kalnat_args], env=env, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr)
+    print(out.stdout, end="")
 
 
 def _learner(d):
@@ -217,6 +278,8 @@ def main():
     only.add_argument("--per-row", action="store_true", help="only the per-row table")
     only.add_argument("--no-per-row", action="store_true", help="only the start-up lines")
     ap.add_argument("--inline", action="store_true", help="per-row steps run on the calling thread")
+    ap.add_argument("--phases", action="store_true",
+                    help="only where the seconds of a first and a warm `kalnat learn` go")
     ap.add_argument("--digits", nargs="+", metavar="COVARIANCE",
                     help="only `kalnat learn digits --covariance X` for each X, cold cache")
     args = ap.parse_args()
@@ -231,12 +294,27 @@ def main():
     env.pop("KALNAT_NO_CACHE", None)
     if args.digits:
         return digits_table(kalnat_cmd, args.digits, env, cache, out)
+    if args.phases:
+        try:
+            learn = ["learn", "breast_cancer", "--quiet", "--out", out]
+            for label in ("first run (empty cache folder)", "warm"):
+                print(f"kalnat learn, {label}:")
+                phases(learn, env)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+        return
     try:
         t_help = wall(kalnat_cmd + ["--help"], env, args.repeat)
         learn = kalnat_cmd + ["learn", "breast_cancer", "--quiet", "--out", out]
-        colds, warms = [], []
+        firsts, colds, warms = [], [], []
         for _ in range(args.repeat):
             shutil.rmtree(cache, ignore_errors=True)
+            firsts.append(wall(learn, env))
+            for entry in os.listdir(cache):  # compiled and saved programs gone, the data set kept
+                path = os.path.join(cache, entry)
+                if entry != "datasets":
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             colds.append(wall(learn, env))
             warms.append(wall(learn, env))
         with open(os.path.join(out, "metrics.json")) as f:
@@ -244,8 +322,9 @@ def main():
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
-    t_cold, t_warm = float(np.median(colds)), float(np.median(warms))
+    t_first, t_cold, t_warm = (float(np.median(t)) for t in (firsts, colds, warms))
     print(f"kalnat --help                 {t_help:6.2f} s   (target 0.3)")
+    print(f"kalnat learn, first run       {t_first:6.2f} s                 (empty cache folder)")
     print(f"kalnat learn, cold cache      {t_cold:6.2f} s   (target 3)    log-loss {log_loss:.4f}")
     print(f"kalnat learn, warm cache      {t_warm:6.2f} s   (target 1.5)  warm/cold {t_warm / t_cold:.2f}")
     if not args.no_per_row:
