@@ -78,7 +78,64 @@ def test_a_folder_that_cannot_be_made_leaves_the_program_unsaved(tmp_path, plain
     blocked = tmp_path / "a file"
     blocked.write_text("")
     _same(_learn(blocked / "programs"), plain)
-    assert not any(p.suffix == ".tmp" for p in tmp_path.rglob("*"))
+
+
+def test_a_write_that_fails_leaves_nothing_half_written(tmp_path, plain, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saved.os, "replace", full_disk)
+    _same(_learn(tmp_path), plain)
+    assert os.listdir(tmp_path) == []  # neither the program nor its temporary file
+
+
+def test_a_program_jax_export_refuses_is_traced_as_before(tmp_path, plain, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("cannot export a host callback")
+
+    monkeypatch.setattr(saved.export, "export", refuse)
+    _same(_learn(tmp_path), plain)
+    assert _files(tmp_path) == []
+
+
+def test_a_saved_call_is_one_compiled_program_for_host_and_device_arguments(tmp_path):
+    """The state comes from init, then from the previous call, the rows from NumPy: once the
+    first chunk has compiled, nothing more is compiled."""
+    model, X, y = _problem()
+    learner = kalnat.auto(model, kalnat.families.Bernoulli())
+    saved.describe(learner, "one program", str(tmp_path))
+    compiles = []
+
+    def count(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        res = kalnat.fit(learner, learner.init(model.init(None)), X[:16], y[:16], chunk_size=16)
+        first = len(compiles)
+        assert first >= 1
+        res = kalnat.fit(learner, res.state, X[16:], y[16:], chunk_size=16)
+        kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=16)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert len(compiles) == first
+
+
+def test_the_command_saves_only_a_learner_its_settings_name_exactly(tmp_path):
+    """A setting that is not JSON (an array given from Python) would be named by its repr,
+    which rounds: two different banks would share one program. Such a learner is not saved."""
+    from kalnat import cli, cli_learn
+
+    ctx = cli.learn.make_context("learn", ["data.csv"])
+    kw = dict(ctx.params)
+    kw.pop("data")
+    cfg = cli._config(kw)
+    named = cli_learn.OnlineRunner(cfg, "bernoulli", ["0", "1"], 3, programs=str(tmp_path))
+    assert named.learner in saved._RECIPES
+    bank = dict(prior_vars=[1.0], forgettings=np.array([0.9999999999, 0.99, 1.0]), forgetting_mass=0.01)
+    unnamed = cli_learn.OnlineRunner(dict(cfg, bank=bank), "bernoulli", ["0", "1"], 3, programs=str(tmp_path))
+    assert unnamed.learner not in saved._RECIPES
 
 
 def test_an_undescribed_learner_is_plain_jit(tmp_path):

@@ -98,6 +98,26 @@ def test_fixed_chunk_compiles_one_program_and_learns_the_same():
         np.testing.assert_array_equal(a_leaf, b_leaf)
 
 
+def test_a_learner_and_its_compiled_programs_are_freed_with_it():
+    """A learner's programs close over it (kalnat.programs.once): kept in a global table they
+    would keep every learner ever used alive."""
+    import gc
+    import weakref
+
+    import kalnat
+
+    model = kalnat.models.linear(3)
+    X, y = np.zeros((8, 3)), np.zeros(8, int)
+    alive = []
+    for _ in range(3):
+        learner = kalnat.auto(model, kalnat.families.Bernoulli())
+        kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=8)
+        alive.append(weakref.ref(learner))
+        del learner
+    gc.collect()
+    assert [ref() for ref in alive] == [None] * 3
+
+
 LOAD = """
 import sys
 from kalnat import datasets

@@ -181,8 +181,7 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
                          f"the {kind} of {filters} filter{'s' * (filters > 1)} would need "
                          f"{needed / 2**30:.0f} GiB; use a smaller model, --covariance diag, a "
                          "smaller rank or one filter (--prior-var)")
-    # one program (op by op, the key and each of the model's arrays would be one each)
-    params = jax.jit(lambda seed: model.init(jax.random.PRNGKey(seed)))(int(cfg.get("seed", 0)))
+    params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))  # as kalnat.models' own, bit for bit
     return model, learner, learner.init(params)
 
 
@@ -321,9 +320,14 @@ class OnlineRunner:
         self.family = make_family(family_name, len(classes) if family_name == "categorical" else None)
         self.model, self.learner, self.state = build_learner(cfg, self.family, n_features)
         if programs is not None:  # build_learner makes the same learner from these every time
-            recipe = json.dumps([self.cfg, self.family.name, None if classes is None else len(classes),
-                                 n_features], sort_keys=True, default=repr)
-            saved.describe(self.learner, recipe, programs)
+            try:  # text that names every setting exactly; a setting that is not JSON (an array
+                # from Python, a function) is not named by its repr: such a learner is not saved
+                recipe = json.dumps([self.cfg, self.family.name, None if classes is None else len(classes),
+                                     n_features], sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError):
+                recipe = None
+            if recipe is not None:
+                saved.describe(self.learner, recipe, programs)
         self.bank = self.learner if isinstance(self.learner, kalnat.bank.Bank) else None
         size = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
         self.n_parameters = size // self.bank.size if self.bank else size

@@ -34,7 +34,6 @@ from jax.flatten_util import ravel_pytree
 from kalnat import numerics
 from kalnat.linearization import Linearization, masked, stack
 from kalnat.predictive import log_predictive, moderated_probs, student_t_log_prob
-from kalnat.programs import once
 
 __all__ = [
     "Hyper", "State", "Predictive", "init", "predict", "predictive", "condition", "step",
@@ -108,23 +107,35 @@ class Predictive(NamedTuple):
 
 def init(learner, hyper: Hyper, params) -> State:
     """``State`` around ``params`` with the prior of ``hyper`` (pure: traceable in ``hyper``)."""
-    theta, unravel = ravel_pytree(params)
-    cov = learner.representation.init(hyper, theta.shape[0], theta.dtype)
-    return State(unravel(theta), cov, jnp.zeros((), jnp.int32))
+    return _init_state(learner.representation, hyper, params)
 
 
 def fresh(learner, hyper: Hyper, params, stacked: bool = False) -> State:
     """:func:`init` in buffers of its own (updates donate them; none is shared with ``params``),
-    as one compiled program per learner: run op by op, its array operations were each a program
-    to compile or load from the cache (about twenty for a bank, a third of a second of a first
-    ``kalnat learn``). ``stacked``: ``hyper``'s leaves have a leading axis of K members; the
-    states are stacked the same way."""
-    def make():
-        one = functools.partial(init, learner)
-        f = jax.vmap(one, in_axes=(0, None)) if stacked else one
-        return jax.jit(lambda h, p: jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), f(h, p)))
+    as one compiled program for every learner with an equal representation: run op by op, its
+    array operations were each a program to compile or load from the cache (about twenty for a
+    bank, a third of a second of a first ``kalnat learn``). ``stacked``: ``hyper``'s leaves have
+    a leading axis of K members; the states are stacked the same way."""
+    rep = learner.representation
+    try:
+        hash(rep)
+    except TypeError:  # not a static argument: op by op
+        return _fresh(rep, hyper, params, stacked)
+    return _fresh_jit(rep, hyper, params, stacked)
 
-    return once(learner, ("init", stacked), make)(hyper, params)
+
+def _init_state(representation, hyper: Hyper, params) -> State:
+    theta, unravel = ravel_pytree(params)
+    return State(unravel(theta), representation.init(hyper, theta.shape[0], theta.dtype), jnp.zeros((), jnp.int32))
+
+
+def _fresh(representation, hyper, params, stacked):
+    one = functools.partial(_init_state, representation)
+    state = (jax.vmap(one, in_axes=(0, None)) if stacked else one)(hyper, params)
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
+
+
+_fresh_jit = jax.jit(_fresh, static_argnums=(0, 3))
 
 
 def forgetting_at(learner, hyper: Hyper, t):

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from jax import export
+from jax.sharding import SingleDeviceSharding
 
 __all__ = ["describe", "jit"]
 
@@ -90,29 +91,32 @@ class _Saved:
 
     def __call__(self, *args):
         leaves, tree = jax.tree_util.tree_flatten(args)
-        avals = tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a))
-                      for a in leaves)
-        signature = (tree, tuple((a.shape, str(a.dtype)) for a in avals))
-        if signature not in self.programs:
-            self.programs[signature] = self._program(args, tree, avals, signature)
-        call, out_tree = self.programs[signature]
-        # all on the default device, committed: arrays from the host, from jnp and from an
-        # earlier call would otherwise differ in placement, each a program of its own
-        leaves = jax.device_put(leaves, jax.devices()[0])
-        return jax.tree_util.tree_unflatten(out_tree, call(*leaves))
+        signature = (tree, tuple((a.shape, a.dtype) if hasattr(a, "dtype") else (np.shape(a), np.result_type(a))
+                                 for a in leaves))
+        program = self.programs.get(signature)
+        if program is None:
+            program = self.programs[signature] = self._program(args, signature)
+        return program(args, leaves)
 
-    def _program(self, args, tree, avals, signature):
-        key = hashlib.sha256(repr((self.recipe, _environment(), str(tree), signature[1],
-                                   self.donate)).encode()).hexdigest()
+    def _program(self, args, signature):
+        tree, shapes = signature
+        key = hashlib.sha256(repr((self.recipe, _environment(), str(tree), shapes, self.donate)).encode()).hexdigest()
         path = os.path.join(self.folder, f"{key}.program")
         exported, out_tree = self._read(path)
         if exported is None:
-            exported, out_tree = self._export(tree, avals)
+            try:
+                exported, out_tree = self._export(tree, [jax.ShapeDtypeStruct(*s) for s in shapes])
+            except Exception:  # a program jax.export does not take (a host callback): traced each run
+                jitted = jax.jit(self.fn, donate_argnums=self.donate)
+                return lambda args, leaves: jitted(*args)
             self._write(path, exported, out_tree)
         # the donated arguments' leaves, by their place among all leaves
         starts = np.cumsum([0] + [len(jax.tree_util.tree_leaves(a)) for a in args])
         donated = tuple(i for n in self.donate for i in range(starts[n], starts[n + 1]))
-        return jax.jit(exported.call, donate_argnums=donated), out_tree
+        # every argument placed on the default device: arrays from the host, from jnp and from
+        # an earlier call differ in placement, and would otherwise each be a program of its own
+        call = jax.jit(exported.call, donate_argnums=donated, in_shardings=SingleDeviceSharding(jax.devices()[0]))
+        return lambda args, leaves: jax.tree_util.tree_unflatten(out_tree, call(*leaves))
 
     def _export(self, tree, avals):
         out_trees = []
@@ -146,6 +150,7 @@ class _Saved:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
+            os.chmod(tmp, 0o644)  # as JAX's own cache files: a shared cache folder serves everyone
             os.replace(tmp, path)
         except OSError:  # a full disk: nothing half-written is left
             try:
