@@ -138,6 +138,34 @@ def test_the_command_saves_only_a_learner_its_settings_name_exactly(tmp_path):
     assert unnamed.learner not in saved._RECIPES
 
 
+def test_a_moved_cache_folder_keeps_its_programs():
+    """Where JAX's cache lives is no part of a program's key: a folder moved (KALNAT_CACHE_DIR
+    changed with it) still serves its saved programs."""
+    before = saved._environment()
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", "/a/folder/moved/elsewhere")
+    try:
+        moved = saved._environment()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
+    assert moved == before
+
+
+def test_a_saved_program_is_readable_by_everyone_who_shares_the_folder(tmp_path):
+    _learn(tmp_path)
+    (name,) = _files(tmp_path)
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_the_command_s_initial_parameters_are_the_model_s_own_bit_for_bit():
+    from kalnat import cli_learn
+
+    family = kalnat.families.Bernoulli()
+    cfg = dict(model_spec="mlp:16,8", method="ekf", prior_var=1.0, forgetting=None, covariance="diag", seed=5)
+    model, _, state = cli_learn.build_learner(cfg, family, 7)
+    _same(state.params, model.init(jax.random.PRNGKey(5)))
+
+
 def test_an_undescribed_learner_is_plain_jit(tmp_path):
     model, _, _ = _problem()
     learner = kalnat.ekf(model, kalnat.families.Bernoulli(), prior_var=1.0)

@@ -118,6 +118,34 @@ def test_a_learner_and_its_compiled_programs_are_freed_with_it():
     assert [ref() for ref in alive] == [None] * 3
 
 
+def test_equal_representations_share_one_initial_program_and_others_go_with_their_learner():
+    """kalnat.filter.fresh: a representation of plain values is a static argument of one shared
+    program; one holding a function (a schedule) would stay in JAX's cache with everything it
+    holds, so its program is kept with its learner instead."""
+    import gc
+    import weakref
+
+    import kalnat
+    from kalnat import filter as _filter
+
+    model = kalnat.models.linear(3)
+    params = model.init(None)
+    kalnat.ekf(model, kalnat.families.Gaussian(1.0), prior_var=1.0).init(params)
+    shared = _filter._fresh_shared._cache_size()
+    kalnat.ekf(model, kalnat.families.Gaussian(1.0), prior_var=2.0).init(params)  # an equal Full()
+    assert _filter._fresh_shared._cache_size() == shared
+    reps = []
+    for k in range(2):
+        learner = kalnat.natural_gradient(model, kalnat.families.Gaussian(1.0),
+                                          learning_rate=lambda t, k=k: 0.1 / (1.0 + t + k))
+        learner.init(params)
+        reps.append(weakref.ref(learner.representation))
+        del learner
+    gc.collect()
+    assert _filter._fresh_shared._cache_size() == shared
+    assert [r() for r in reps] == [None, None]
+
+
 LOAD = """
 import sys
 from kalnat import datasets

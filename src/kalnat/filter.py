@@ -23,6 +23,7 @@ The iterated update (``learner.max_iterations > 1``) relinearises from the same 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -34,6 +35,7 @@ from jax.flatten_util import ravel_pytree
 from kalnat import numerics
 from kalnat.linearization import Linearization, masked, stack
 from kalnat.predictive import log_predictive, moderated_probs, student_t_log_prob
+from kalnat.programs import once
 
 __all__ = [
     "Hyper", "State", "Predictive", "init", "predict", "predictive", "condition", "step",
@@ -112,16 +114,32 @@ def init(learner, hyper: Hyper, params) -> State:
 
 def fresh(learner, hyper: Hyper, params, stacked: bool = False) -> State:
     """:func:`init` in buffers of its own (updates donate them; none is shared with ``params``),
-    as one compiled program for every learner with an equal representation: run op by op, its
-    array operations were each a program to compile or load from the cache (about twenty for a
-    bank, a third of a second of a first ``kalnat learn``). ``stacked``: ``hyper``'s leaves have
-    a leading axis of K members; the states are stacked the same way."""
+    as one compiled program: run op by op, its array operations were each a program to compile
+    or load from the cache (about twenty for a bank, a third of a second of a first ``kalnat
+    learn``). ``stacked``: ``hyper``'s leaves have a leading axis of K members; the states are
+    stacked the same way.
+
+    A representation given by plain values (numbers, flags, text) is a static argument of one
+    program shared by every learner with an equal one; any other (one holding a function: a
+    schedule) gets a program kept with its learner, so that neither outlives the learner."""
     rep = learner.representation
-    try:
-        hash(rep)
-    except TypeError:  # not a static argument: op by op
-        return _fresh(rep, hyper, params, stacked)
-    return _fresh_jit(rep, hyper, params, stacked)
+    if _by_value(rep):
+        return _fresh_shared(rep, hyper, params, stacked)
+    return once(learner, ("init", stacked), lambda: jax.jit(
+        lambda h, p: _fresh(rep, h, p, stacked)))(hyper, params)
+
+
+def _by_value(x) -> bool:
+    """Whether ``x`` is made of plain values only, so that equal means interchangeable: exact
+    Python numbers, flags, text, ``None``, tuples and dataclasses of them (``np.float64(1)``
+    equals ``1.0`` but makes float64 arrays where ``1.0`` follows the parameters' dtype)."""
+    if x is None or type(x) in (bool, int, float, str):
+        return True
+    if type(x) is tuple:
+        return all(_by_value(v) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return all(_by_value(getattr(x, f.name)) for f in dataclasses.fields(x))
+    return False
 
 
 def _init_state(representation, hyper: Hyper, params) -> State:
@@ -135,7 +153,7 @@ def _fresh(representation, hyper, params, stacked):
     return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
 
 
-_fresh_jit = jax.jit(_fresh, static_argnums=(0, 3))
+_fresh_shared = jax.jit(_fresh, static_argnums=(0, 3))
 
 
 def forgetting_at(learner, hyper: Hyper, t):

@@ -76,10 +76,23 @@ def _environment() -> str:
     JAX's version and flags (x64, matmul precision, …), the platform, Python's version."""
     import jaxlib
 
-    flags = sorted((k, repr(v)) for k, v in jax.config.values.items())
+    # where caches and logs go changes no program: a cache folder moved keeps its programs
+    flags = sorted((k, repr(v)) for k, v in jax.config.values.items() if "cache" not in k and "log" not in k)
     device = jax.devices()[0]
     return repr((_source_digest(), jax.__version__, jaxlib.__version__, device.platform,
                  device.device_kind, sys.version_info[:2], flags))
+
+
+def _device(leaves):
+    """Where ``jax.jit`` would run on ``leaves``: the device of an argument committed to one,
+    else ``jax.default_device``'s, else the first device."""
+    for a in leaves:
+        if isinstance(a, jax.Array) and a.committed and len(a.devices()) == 1:
+            return next(iter(a.devices()))
+    device = jax.config.jax_default_device
+    if isinstance(device, str):  # a platform's name
+        return jax.devices(device)[0]
+    return device if device is not None else jax.devices()[0]
 
 
 class _Saved:
@@ -92,14 +105,14 @@ class _Saved:
     def __call__(self, *args):
         leaves, tree = jax.tree_util.tree_flatten(args)
         signature = (tree, tuple((a.shape, a.dtype) if hasattr(a, "dtype") else (np.shape(a), np.result_type(a))
-                                 for a in leaves))
+                                 for a in leaves), _device(leaves))
         program = self.programs.get(signature)
         if program is None:
             program = self.programs[signature] = self._program(args, signature)
         return program(args, leaves)
 
     def _program(self, args, signature):
-        tree, shapes = signature
+        tree, shapes, device = signature
         key = hashlib.sha256(repr((self.recipe, _environment(), str(tree), shapes, self.donate)).encode()).hexdigest()
         path = os.path.join(self.folder, f"{key}.program")
         exported, out_tree = self._read(path)
@@ -115,7 +128,7 @@ class _Saved:
         donated = tuple(i for n in self.donate for i in range(starts[n], starts[n + 1]))
         # every argument placed on the default device: arrays from the host, from jnp and from
         # an earlier call differ in placement, and would otherwise each be a program of its own
-        call = jax.jit(exported.call, donate_argnums=donated, in_shardings=SingleDeviceSharding(jax.devices()[0]))
+        call = jax.jit(exported.call, donate_argnums=donated, in_shardings=SingleDeviceSharding(device))
         return lambda args, leaves: jax.tree_util.tree_unflatten(out_tree, call(*leaves))
 
     def _export(self, tree, avals):
