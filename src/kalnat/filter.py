@@ -115,9 +115,8 @@ def init(learner, hyper: Hyper, params) -> State:
 def fresh(learner, hyper: Hyper, params, stacked: bool = False) -> State:
     """:func:`init` in buffers of its own (updates donate them; none is shared with ``params``),
     as one compiled program: run op by op, its array operations were each a program to compile
-    or load from the cache (about twenty for a bank, a third of a second of a first ``kalnat
-    learn``). ``stacked``: ``hyper``'s leaves have a leading axis of K members; the states are
-    stacked the same way.
+    or load from the cache (about twenty for a bank). ``stacked``: ``hyper``'s leaves have a
+    leading axis of K members; the states are stacked the same way.
 
     A representation given by plain values (numbers, flags, text) is a static argument of one
     program shared by every learner with an equal one; any other (one holding a function: a

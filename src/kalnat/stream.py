@@ -58,8 +58,8 @@ def step_or_skip(any_row, learn, carry):
     ``out``.
 
     ``learn`` is traced once: ``cond`` traces its first branch first, and the second takes the
-    shapes from that trace instead of tracing ``learn`` again with ``eval_shape`` (which
-    doubled the time a bank's chunk took to trace, a third of a warm ``kalnat learn``)."""
+    shapes from that trace instead of tracing ``learn`` again with ``eval_shape`` (the step is
+    most of what a chunk's program takes to trace)."""
     traced = []
 
     def run(c):
