@@ -13,6 +13,10 @@ parameters and keys drawn uniformly, so each key has a few rows per pass:
   loop r/s    rows per second of looping learner.update in Python (measured on 2000 rows)
   ratio       keyed ÷ loop
 
+Every key once per round (10⁴ keys at d = 16, 16 rounds): Keyed's µs per filter-step next to
+the step alone, one jitted scan of the vmapped step over 2 048 states (nothing gathered,
+grouped or read back): what Keyed adds to the step's own cost.
+
 One model across devices (:mod:`kalnat.sharded`), in a subprocess on 8 simulated CPU devices
 (``--xla_force_host_platform_device_count=8``; they share this machine's cores, so the times
 show the partitioned program's overhead, not a speed-up):
@@ -25,10 +29,10 @@ show the partitioned program's overhead, not a speed-up):
 
 Across Dask workers (:mod:`kalnat.dask_keyed`, when ``dask[distributed]`` is installed): a
 LocalCluster of 1 and 2 worker processes, keys hashed to one shard per worker, rows per second
-of ``DaskKeyed.learn`` over batches of ``--chunk`` rows (d = 8, 10⁴ keys; a second pass over
+of ``DaskKeyed.learn`` over batches of 16 384 rows (``--chunk`` when given; d = 8, 10⁴ keys; a second pass over
 the same batches, everything compiled), checkpoints every 4 batches included.
 
-    nice python benchmarks/streams_scale.py [--dims 8 32] [--max-keys 1000000] [--chunk 16384]
+    nice python benchmarks/streams_scale.py [--dims 8 32] [--max-keys 1000000] [--chunk N]
     nice python benchmarks/streams_scale.py --sharded-only [--sharded-dims 256 1024]
     nice python benchmarks/streams_scale.py --minibatch-only
 
@@ -77,9 +81,15 @@ def loop_rate(learner, model, d, rows=2000, n_keys=100):
     return rows / (time.perf_counter() - t)
 
 
-def keyed_rate(learner, model, d, n_keys, rows_per_key, chunk):
-    n = max(n_keys * rows_per_key, 4 * chunk)
+def keyed_rate(learner, model, d, n_keys, rows_per_key, chunk, rounds=False):
+    """``(rows, rows per second)`` of a second :meth:`Keyed.learn` over the same rows: keys
+    drawn uniformly, or with ``rounds`` every key once per round (in a shuffled order)."""
+    n = max(n_keys * rows_per_key, 65536)
     keys, X, y = data(d, n, n_keys)
+    if rounds:
+        n = n_keys * rows_per_key
+        keys = np.tile(np.random.default_rng(4).permutation(n_keys), rows_per_key)
+        X, y = X[:n], y[:n]
     keyed = Keyed(learner, model.init(None), capacity=n_keys)
     keyed.learn(keys, X, y, chunk_size=chunk)  # every key appears; the segments compile
     jax.block_until_ready(keyed.stack)
@@ -87,6 +97,32 @@ def keyed_rate(learner, model, d, n_keys, rows_per_key, chunk):
     keyed.learn(keys, X, y, chunk_size=chunk)
     jax.block_until_ready(keyed.stack)
     return n, n / (time.perf_counter() - t)
+
+
+def step_alone(learner, model, d, width, rounds):
+    """µs per filter-step of one jitted scan of ``vmap(learner.step)`` over ``width`` states
+    for ``rounds`` rounds (best of 5): the step's own cost, without Keyed's gathering,
+    writing back, grouping and outputs."""
+    from kalnat.learners.base import device_hyper
+
+    hyper = device_hyper(learner, None, np.float64)
+    fresh = learner.init(model.init(None))
+    states = jax.tree_util.tree_map(lambda a: jax.numpy.broadcast_to(a, (width,) + a.shape).copy(), fresh)
+    _, X, y = data(d, width * rounds, 1, seed=5)
+    xs, ys = X.reshape(rounds, width, d - 1), y.reshape(rounds, width)
+    one = jax.vmap(lambda s, x, t: learner.step(hyper, s, x[None], t[None]))
+
+    @jax.jit
+    def scan(states, xs, ys):
+        return jax.lax.scan(lambda s, inp: (one(s, *inp)[0], None), states, (xs, ys))[0]
+
+    jax.block_until_ready(scan(states, xs, ys))
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(scan(states, xs, ys))
+        best = min(best, time.perf_counter() - t)
+    return 1e6 * best / (width * rounds)
 
 
 def sharded_table(dims, rows=64):
@@ -133,7 +169,7 @@ def minibatch_table(d, n_keys, rows_per_key, chunk, sizes=(1, 4, 16)):
     n = n_keys * rows_per_key
     keys, X, y = data(d, n, n_keys, seed=2)
     print(f"\nrows per update of each key: d = {d}, {n_keys} keys, {rows_per_key} rows per key per pass, "
-          f"chunks of {chunk} rows, second pass (flush included)")
+          f"chunk_size {chunk or 'default'}, second pass (flush included)")
     print(f"{'B':>3} {'keyed r/s':>10} {'ratio to B=1':>12}")
     first = None
     for b in sizes:
@@ -191,7 +227,8 @@ def main():
     ap.add_argument("--dims", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--max-keys", type=int, default=1_000_000)
     ap.add_argument("--rows-per-key", type=int, default=4)
-    ap.add_argument("--chunk", type=int, default=16384, help="rows per Keyed.learn chunk")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="Keyed.learn's chunk_size (default: its own, all the call's rows)")
     ap.add_argument("--max-gib", type=float, default=2.0, help="memory bound on the keys' states")
     ap.add_argument("--sharded-only", action="store_true", help="only the sharded table (needs the devices)")
     ap.add_argument("--sharded-dims", type=int, nargs="+", default=[256, 1024])
@@ -205,7 +242,8 @@ def main():
         return minibatch_table(8, 1000, 64, args.chunk)
     fam = kalnat.families.Bernoulli()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float64; logistic EKF per key, "
-          f"{args.rows_per_key} rows per key per pass, chunks of {args.chunk} rows")
+          f"{args.rows_per_key} rows per key per pass (65 536 rows at least), "
+          f"chunk_size {args.chunk or 'default (the whole call)'}")
     print(f"{'d':>3} {'keys':>8} {'rows':>8} {'keyed r/s':>10} {'µs/step':>8} {'loop r/s':>9} {'ratio':>7}")
     for d in args.dims:
         model = kalnat.models.linear(d - 1)
@@ -220,9 +258,20 @@ def main():
             print(f"{d:>3} {n_keys:>8} {rows:>8} {rate:>10.0f} {1e6 / rate:>8.2f} {loop:>9.0f} "
                   f"{rate / loop:>7.0f}", flush=True)
             n_keys *= 10
+    # 10⁴ filters at d = 16, each stepped once per round; next to it the step alone: one scan
+    # of the vmapped step over 2 048 keys' states, nothing gathered, grouped or read back
+    d, n_keys, rounds = 16, 10_000, 16
+    model = kalnat.models.linear(d - 1)
+    learner = kalnat.ekf(model, fam)
+    rows, rate = keyed_rate(learner, model, d, n_keys, rounds, args.chunk, rounds=True)
+    alone = step_alone(learner, model, d, 2048, rounds)
+    print(f"\nevery key once per round: d = {d}, {n_keys} keys, {rounds} rounds ({rows} rows), second pass; "
+          f"the step alone: one scan over 2048 keys × {rounds} rounds")
+    print(f"{'keyed µs/step':>13} {'step alone µs/step':>18} {'ratio':>6}\n"
+          f"{1e6 / rate:>13.2f} {alone:>18.2f} {1e6 / rate / alone:>6.1f}", flush=True)
     minibatch_table(8, 1000, 64, args.chunk)
     if not args.no_dask:
-        dask_table(args.chunk)
+        dask_table(args.chunk or 16384)
     if not args.no_sharded:  # XLA_FLAGS must be set before JAX starts: a fresh process
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                                           + " --xla_force_host_platform_device_count=8").strip())

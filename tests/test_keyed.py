@@ -5,10 +5,12 @@ a checkpoint; clear errors for keys that cannot be saved."""
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kalnat
 from kalnat import families as F
-from kalnat.keyed import Keyed, _rounds
+from kalnat.keyed import Keyed, _rounds, _stable_argsort
 
 P_IN = 3
 MODEL = kalnat.models.linear(P_IN)
@@ -52,11 +54,15 @@ def alone(learner, keys, X, Y, key):
 
 
 def one_pending_call(monkeypatch, factory: str) -> dict:
-    """``PENDING_CALLS = 1``, and every call of the jitted function that ``kalnat.keyed.<factory>``
-    makes checks that at most one earlier call's outputs still wait to be read back: within a
-    chunk too, its calls being made one at a time. Returns the counts (``on``: checking)."""
+    """``PENDING_CALLS = 1`` and ``CALL_STEPS = 8``; every call of the jitted function that
+    ``kalnat.keyed.<factory>`` makes checks that at most one earlier call's outputs still wait
+    to be read back: within a chunk too, its calls being made one at a time. Returns the
+    counts (``on``: checking; ``grid``: the largest call's rows, padding included)."""
     monkeypatch.setattr(kalnat.keyed, "PENDING_CALLS", 1)
-    count = {"made": 0, "read": 0, "on": True}
+    # a key's rows of one chunk split over several calls (a state gathered and written back
+    # between them); the tests check that no call's grid is larger
+    monkeypatch.setattr(kalnat.keyed, "CALL_STEPS", 8)
+    count = {"made": 0, "read": 0, "on": True, "grid": 0}
     make, read = getattr(kalnat.keyed, factory), kalnat.keyed._Outputs._read
 
     def counted_factory(learner):
@@ -66,6 +72,7 @@ def one_pending_call(monkeypatch, factory: str) -> dict:
             if count["on"]:
                 assert count["made"] - count["read"] <= 1, count
                 count["made"] += 1
+            count["grid"] = max(count["grid"], args[5].size)  # the mask (rounds, lanes[, rows])
             return fn(*args)
         return call
 
@@ -85,13 +92,15 @@ def test_each_key_equals_its_filter_alone(name, monkeypatch):
     if name == "ekf":  # a segment's keys split over calls of two keys each (large states do this)
         keyed._lanes = 2
         # and each call's outputs read back as soon as the next call's are queued
-        one_pending_call(monkeypatch, "_segment_fn")
+        count = one_pending_call(monkeypatch, "_segment_fn")
     # ekf: two calls (keys appear in the second), small chunks: segments of many shapes; the
     # others (a step of their own under the same code) one call of one chunk: fewer compilations
     cut, chunks = (40, (16, 32)) if name == "ekf" else (0, (90, 90))
     r1 = keyed.learn(keys[:cut], X[:cut], Y[:cut], chunk_size=chunks[0])
     r2 = keyed.learn(keys[cut:], X[cut:], Y[cut:], chunk_size=chunks[1])
     assert len(keyed) == 6 and keyed.capacity == 8  # grown 2 -> 8
+    if name == "ekf":  # key "a" has 7 and 19 rows in a chunk: its rounds split over calls
+        assert count["grid"] == 8  # 4 rounds of two lanes at most
     means = r2.predictions.mean if cut == 0 else np.concatenate([r1.predictions.mean, r2.predictions.mean])
     lls = r2.log_likelihood if cut == 0 else np.concatenate([r1.log_likelihood, r2.log_likelihood])
     rows = np.arange(len(keys))
@@ -134,9 +143,68 @@ def test_numpy_keys_and_rounds():
     rb = b.learn([int(k) for k in ints], X, Y)
     assert a.keys == b.keys and np.array_equal(ra.predictions.mean, rb.predictions.mean)
     # rounds: each row's rank among its key's rows, keys ordered by their number of rows
-    pos, rank, kslots, counts = _rounds(np.array([5, 3, 5, 5, 3, 9]))
+    _, _, counts, kslots, pos, rank = _rounds(np.array([5, 3, 5, 5, 3, 9]))
     assert kslots.tolist() == [5, 3, 9] and counts.tolist() == [3, 2, 1]
     assert rank.tolist() == [0, 0, 1, 2, 1, 0] and pos.tolist() == [0, 1, 0, 0, 1, 2]
+
+
+INT_DTYPES = st.sampled_from([np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64])
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.data())
+def test_radix_argsort_is_numpys_stable_argsort(data):
+    """The grouping's radix sort (16-bit digits, as many passes as the span needs) equals
+    NumPy's stable argsort: any integer dtype, negative values, the dtype's extremes, spans
+    across digit boundaries, many ties."""
+    dtype = np.dtype(data.draw(INT_DTYPES))
+    info = np.iinfo(dtype)
+    lo = data.draw(st.one_of(st.sampled_from([-2**63, -70_000, -3, 0]), st.integers(-2**63, 2**64 - 1)))
+    lo = min(max(lo, int(info.min)), int(info.max))  # within the dtype: negatives, zero, extremes
+    span = data.draw(st.sampled_from([0, 1, 2**16 - 1, 2**16, 2**16 + 1, 2**31, 2**40, 2**64]))
+    hi = min(int(info.max), lo + span)
+    # each value on its own (no fill value), the range's ends and a few values around 0 among them
+    values = st.one_of(st.integers(lo, hi), st.sampled_from([lo, hi] + [v for v in (-1, 0, 1) if lo <= v <= hi]))
+    a = np.array(data.draw(st.lists(values, max_size=300)), dtype)
+    assert np.array_equal(_stable_argsort(a), np.argsort(a, kind="stable"))
+
+
+def test_rounds_by_a_plain_loop():
+    """_rounds against its definition, row by row: keys ordered by rows (descending, ties by
+    slot), each row's rank among its key's rows, each key's rows in stream order."""
+    rng = np.random.default_rng(2)
+    for slots in (rng.integers(0, 9, 200), rng.integers(0, 70_000, 300), np.array([4])):
+        g = _rounds(slots)
+        counts = {s: int(np.sum(slots == s)) for s in set(slots.tolist())}
+        keys = sorted(counts, key=lambda s: (-counts[s], s))
+        assert g.kslots.tolist() == keys and g.counts.tolist() == [counts[s] for s in keys]
+        for j, s in enumerate(keys):
+            rows = np.flatnonzero(slots == s)
+            assert g.order[g.start[j]:g.start[j] + counts[s]].tolist() == rows.tolist()
+            assert g.rank[rows].tolist() == list(range(rows.size)) and set(g.pos[rows].tolist()) == {j}
+
+
+def test_integer_key_arrays_are_the_keys_given_one_by_one():
+    """NumPy integer keys (found by binary search in the sorted integer keys) are the dict's
+    keys: the same slots as the same keys given in a list, across calls adding keys; a key
+    that equals an integer without being one (3.0, True) keeps its slot; integers past int64
+    (uint64) work."""
+    learner, family = LEARNERS["ekf"]
+    _, X, Y = stream(family, n=30)
+    a = Keyed(learner, MODEL.init(None))
+    b = Keyed(learner, MODEL.init(None))
+    a.learn([3.0, True, "u"], X[:3], Y[:3])  # from a list: the dict's keys 3.0, True, "u"
+    b.learn([3.0, True, "u"], X[:3], Y[:3])
+    calls = [np.array([5, 3, 1, -2**63, 5, 2**62]), np.array([7, 5, 3, 1], np.int8),
+             np.array([2**64 - 1, 2**63, 7], np.uint64), np.array([-2**63, 2**64 - 1, 9], object)]
+    for keys in calls:
+        n = len(keys)
+        ra = a.learn(keys, X[:n], Y[:n])
+        rb = b.learn([k for k in keys.tolist()], X[:n], Y[:n])
+        assert a.keys == b.keys and a.slot == b.slot
+        assert np.array_equal(ra.slots, rb.slots) and np.array_equal(ra.predictions.mean, rb.predictions.mean)
+    assert a.slot[3] == 0 and a.slot[1] == 1 and len(a) == 10  # 3 is 3.0's key, 1 is True's
+    assert a.keys[3:] == [5, -2**63, 2**62, 7, 2**64 - 1, 2**63, 9]  # in order of first appearance
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
@@ -206,6 +274,7 @@ def test_minibatches_per_key_equal_fit_on_each_keys_rows(name, tmp_path, monkeyp
             assert all(np.array_equal(keyed.pending[s][0], held[s][0]) for s in held)
     if name == "ekf":
         assert count["made"] > 4  # several calls per learn
+        assert count["grid"] == 6  # 8 rows at most: one round of two lanes of 3 rows
         count["on"] = False  # flush's calls keep no outputs
     keyed.flush()
     assert not keyed.pending

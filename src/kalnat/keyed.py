@@ -1,10 +1,10 @@
 """Keyed learners: one learner definition, one independent state per key (user, sensor, store).
 
 :class:`Keyed` holds the states of every key seen so far stacked on a leading *slot* axis of
-a fixed capacity, with a key → slot dict on the host. A chunk of rows is learned as one or a
-few jitted, state-donating programs: the rows are grouped by key into *rounds* (round ``r``
-holds each key's ``r``-th row of the chunk, so a key's rows stay in order), the states of the
-chunk's keys are gathered by slot index, advanced round after round by one ``vmap`` of the
+a fixed capacity, with a key → slot dict on the host. A call's rows (or each ``chunk_size``
+of them) are learned by a few jitted, state-donating programs: the rows are grouped by key into
+*rounds* (round ``r`` holds each key's ``r``-th row, so a key's rows stay in order), the states
+of their keys are gathered by slot index, advanced round after round by one ``vmap`` of the
 learner's ``step`` (a mask leaves the keys with fewer rows as they are), and scattered back
 in place. Compiled shapes are the capacity and the (keys, rounds) sizes of a segment, all
 powers of two, so new keys cost no compilation: the capacity doubles when it runs out.
@@ -43,6 +43,10 @@ PENDING_CALLS = 8
 # (W/2, W] for a power of two W: padding costs at most 2× in keys and 2× in rounds.
 LANE_BYTES = 2**23
 
+# At most this many (round, lane) steps per call: a call's rows, copied into its grid, stay
+# within this many rows however many rows a chunk gives one key (a chunk can be a whole call).
+CALL_STEPS = 2**16
+
 
 class KeyedResult(NamedTuple):
     """The outcome of :meth:`Keyed.learn`, in the order of the rows given.
@@ -61,6 +65,12 @@ class KeyedResult(NamedTuple):
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _rounds_per_call(width: int, batch: int = 1) -> int:
+    """The most rounds of ``width`` lanes of ``batch`` rows a call takes: a power of two, so a
+    call's padded grid stays within ``CALL_STEPS`` rows."""
+    return 1 << (max(1, CALL_STEPS // (width * batch)).bit_length() - 1)
 
 
 def _where(mask, new, old):
@@ -156,25 +166,72 @@ class _Outputs:
         jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[index]), self.out, seg)
 
 
-def _rounds(slots: np.ndarray):
-    """Groups a chunk's rows by key, keeping each key's rows in order.
+def _stable_argsort(a: np.ndarray) -> np.ndarray:
+    """``np.argsort(a, kind="stable")`` of integers ``a (n,)``, as a least-significant-digit
+    radix sort on 16-bit digits: NumPy sorts 16-bit integers stably by counting, in O(n),
+    while its stable sort of 64-bit ones is a merge sort (1.6 × 10⁵ rows of 10⁴ keys: 10 ms
+    against 0.7 ms for one pass). As many passes as the span ``max − min`` needs: one up to
+    65 536 slots."""
+    if a.size == 0:
+        return np.zeros(0, np.intp)
+    u = (a.astype(np.int64, copy=False).view(np.uint64) ^ np.uint64(1 << 63) if a.dtype.kind == "i"
+         else a.astype(np.uint64, copy=False))  # signed order as unsigned order
+    u = u - u.min()
+    order = None
+    for shift in range(0, max(1, int(u.max()).bit_length()), 16):
+        digit = ((u if order is None else u[order]) >> np.uint64(shift)).astype(np.uint16)  # mod 2¹⁶
+        step = np.argsort(digit, kind="stable")
+        order = step if order is None else order[step]
+    return order
 
-    Returns ``(order, rank, keys_desc, counts_desc)``: the chunk's distinct slots sorted by
-    their number of rows (descending: round ``r``'s active keys are then a prefix), each
-    row's position ``pos`` in that order and its round ``rank``.
+
+def _groups(a: np.ndarray):
+    """``(order, head)`` of integers ``a (n,)``: ``order`` its stable argsort, ``head (n,)``
+    whether ``a[order[i]]`` starts a new value (so ``order[head]`` holds each value's first
+    row, in increasing order of value)."""
+    order = _stable_argsort(a)
+    s = a[order]
+    head = np.empty(a.size, bool)
+    head[:1] = True
+    np.not_equal(s[1:], s[:-1], out=head[1:])
+    return order, head
+
+
+class _Rounds(NamedTuple):
+    """A chunk's rows grouped by key (:func:`_rounds`). ``K`` keys, ordered by their number of
+    rows, descending (ties by slot), so that round ``r``'s active keys are a prefix.
+
+    Attributes:
+      order: ``(n,)`` the rows grouped by slot, each key's rows in the stream's order.
+      start: ``(K,)`` where each key's rows begin in ``order``.
+      counts: ``(K,)`` each key's number of rows (descending).
+      kslots: ``(K,)`` each key's slot.
+      pos: ``(n,)`` each row's key's place in that order.
+      rank: ``(n,)`` each row's round: its index among its key's rows.
     """
-    uniq, inv, counts = np.unique(slots, return_inverse=True, return_counts=True)
+
+    order: np.ndarray
+    start: np.ndarray
+    counts: np.ndarray
+    kslots: np.ndarray
+    pos: np.ndarray
+    rank: np.ndarray
+
+
+def _rounds(slots: np.ndarray) -> _Rounds:
+    """Groups a chunk's rows by key (slot), keeping each key's rows in order (:class:`_Rounds`)."""
+    order, head = _groups(slots)
+    n = slots.size
+    starts = np.flatnonzero(head)
+    counts = np.diff(np.append(starts, n))
     by_count = np.argsort(-counts, kind="stable")
     pos_of = np.empty_like(by_count)
     pos_of[by_count] = np.arange(by_count.size)
-    pos = pos_of[inv]
-    # rank: the row's index among its key's rows (a stable sort keeps the stream's order)
-    order = np.argsort(pos, kind="stable")
-    starts = np.zeros(uniq.size, np.int64)
-    starts[1:] = np.cumsum(counts[by_count])[:-1]
-    rank = np.empty(slots.size, np.int64)
-    rank[order] = np.arange(slots.size) - starts[pos[order]]
-    return pos, rank, uniq[by_count], counts[by_count]
+    group = np.cumsum(head) - 1  # the group of the row order[i]
+    pos, rank = np.empty(n, np.int64), np.empty(n, np.int64)
+    pos[order] = pos_of[group]
+    rank[order] = np.arange(n) - starts[group]
+    return _Rounds(order, starts[by_count], counts[by_count], slots[order[starts]][by_count], pos, rank)
 
 
 class Keyed:
@@ -212,13 +269,19 @@ class Keyed:
         self._hyper = device_hyper(learner, hyper, self._dtype)
         if hyper is not None:
             learner.check_given_hyper(hyper, self.fresh)
-        self.slot: dict = {}
-        self.keys: list = []  # slot -> key
+        self._set_keys([])
         self.capacity = _pow2(capacity)
         per_key = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(self.fresh))
         self._lanes = max(2, 1 << max(1, LANE_BYTES // max(per_key, 1)).bit_length() - 1)
         self.stack = _grow_fn(learner)(
             jax.tree_util.tree_map(lambda a: a[None][:0], self.fresh), self.fresh, self.capacity)
+
+    def _set_keys(self, keys: list):
+        self.keys = keys  # slot -> key
+        self.slot = {k: i for i, k in enumerate(keys)}
+        # the integer keys, sorted, and their slots: NumPy integer keys are found by binary
+        # search (_index_slots); self.keys[:_indexed] are in it
+        self._ikeys, self._islots, self._indexed = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -237,8 +300,16 @@ class Keyed:
         if arr is not None:
             if arr.shape[0] != n:
                 raise ValueError(f"keys has {arr.shape[0]} entries but X has {n} rows")
-            uniq, first, inv = np.unique(arr, return_index=True, return_inverse=True)
-            ukeys = uniq.tolist()
+            if arr.dtype.kind in "iu":  # np.unique's merge sort, by radix (_stable_argsort)
+                order, head = _groups(arr)
+                first = order[head]  # each key's first row: the sort is stable
+                ukeys = arr[first]
+                inv = np.empty(n, np.int64)
+                inv[order] = np.cumsum(head) - 1
+                uslots = self._index_slots(ukeys)
+            else:
+                uniq, first, inv = np.unique(arr, return_index=True, return_inverse=True)
+                ukeys = uniq.tolist()
         else:
             keys = list(keys)
             if len(keys) != n:
@@ -256,18 +327,45 @@ class Keyed:
                     first.append(i)
                 inv[i] = j
             first = np.asarray(first, np.int64)
-        uslots = np.fromiter((self.slot.get(k, -1) for k in ukeys), np.int64, len(ukeys))
+        if not isinstance(ukeys, np.ndarray):
+            uslots = np.fromiter((self.slot.get(k, -1) for k in ukeys), np.int64, len(ukeys))
         if add:
             new = np.flatnonzero(uslots < 0)
             new = new[np.argsort(first[new], kind="stable")]
             start = len(self.keys)
-            for j, i in enumerate(new.tolist()):
-                self.slot[ukeys[i]] = start + j
-                self.keys.append(ukeys[i])
+            for j, k in enumerate(_take(ukeys, new)):
+                self.slot[k] = start + j
+                self.keys.append(k)
             uslots[new] = start + np.arange(new.size)
             self._reserve(len(self.keys))
         slots = uslots[inv]
         return np.maximum(slots, 0), slots >= 0
+
+    def _index_slots(self, uvals: np.ndarray) -> np.ndarray:
+        """``(u,)`` the slots of distinct integers ``uvals`` (−1: none yet), by binary search in
+        the sorted integer keys: a dict lookup per key costs ~0.5 µs in Python, 50 ms a call
+        at 10⁵ keys. A value not found there is looked up in the dict (which also holds keys
+        that equal an integer without being one, such as 3.0)."""
+        if self._indexed < len(self.keys):  # keys added since: merged in
+            add = [(k, i) for i, k in enumerate(self.keys[self._indexed:], self._indexed)
+                   if isinstance(k, int) and -2**63 <= k < 2**63]
+            if add:
+                k, i = np.array(add, np.int64).T
+                o = np.argsort(k, kind="stable")
+                at = np.searchsorted(self._ikeys, k[o])
+                self._ikeys, self._islots = np.insert(self._ikeys, at, k[o]), np.insert(self._islots, at, i[o])
+            self._indexed = len(self.keys)
+        out = np.full(uvals.size, -1, np.int64)
+        fits = (uvals <= np.iinfo(np.int64).max) if uvals.dtype.kind == "u" else np.ones(uvals.size, bool)
+        if self._ikeys.size:
+            v = uvals[fits].astype(np.int64)
+            at = np.minimum(np.searchsorted(self._ikeys, v), self._ikeys.size - 1)
+            hit = self._ikeys[at] == v
+            out[np.flatnonzero(fits)[hit]] = self._islots[at[hit]]
+        miss = np.flatnonzero(out < 0)
+        if miss.size:
+            out[miss] = np.fromiter((self.slot.get(k, -1) for k in uvals[miss].tolist()), np.int64, miss.size)
+        return out
 
     def _reserve(self, n: int):
         if n > self.capacity:
@@ -291,18 +389,24 @@ class Keyed:
             raise ValueError(f"X has {xs.shape[0]} rows but Y has {ys.shape[0]}")
         return xs.astype(self._dtype, copy=False), ys
 
-    def learn(self, keys: Sequence[Hashable], X, Y, *, chunk_size: int = 4096,
+    def learn(self, keys: Sequence[Hashable], X, Y, *, chunk_size: Optional[int] = None,
               return_predictions: bool = True) -> Optional[KeyedResult]:
         """Learns rows ``X (n, …)``, ``Y (n, …)`` in order, row ``i`` by the state of
         ``keys[i]`` (new keys start from the prior). Each key's rows are learned one at a
         time, in the order given, exactly as ``learner.update`` would (``batch_size`` at a
-        time: see :class:`Keyed`); ``chunk_size`` rows are grouped per device call. Returns a
-        :class:`KeyedResult` (``None`` without ``return_predictions``). Input is validated
-        before anything is learned."""
-        if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        time: see :class:`Keyed`). Returns a :class:`KeyedResult` (``None`` without
+        ``return_predictions``). Input is validated before anything is learned.
+
+        ``chunk_size`` rows (default: all ``n``) are grouped by key at a time. A key's state is
+        read and written back once for its rows of a chunk (once per ``CALL_STEPS`` rounds),
+        so a chunk holding more rows of each key costs less per row (docs/keyed.md);
+        ``chunk_size`` only bounds the grouping's host memory (~50 bytes per row)."""
         xs, ys = self._check(X, Y)
         n = xs.shape[0]
+        if chunk_size is None:
+            chunk_size = max(n, 1)
+        if int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         slots, _ = self._slots(keys, n, add=True)
         outputs = _Outputs(n)
         learn_chunk = self._learn_chunk if self.batch_size == 1 else self._learn_minibatches
@@ -322,44 +426,51 @@ class Keyed:
         """A generator of the chunk's calls' ``(rows, index, outputs)`` (:class:`_Outputs`;
         none unless ``keep``): a call is made when it is asked for, so that the calls waiting
         to be read back stay within ``PENDING_CALLS``."""
-        pos, rank, kslots, counts = _rounds(slots)
+        g = _rounds(slots)
         fn = _segment_fn(self.learner)
         r0 = 0
-        n_rounds = int(counts[0])
+        n_rounds = int(g.counts[0])
         while r0 < n_rounds:
-            active = int(np.count_nonzero(counts > r0))  # keys with a row in round r0
+            active = int(np.count_nonzero(g.counts > r0))  # keys with a row in round r0
             width = _pow2(active)
             # the rounds whose active keys still number more than width/2
-            r1 = int(counts[width // 2]) if width // 2 < counts.size else n_rounds
+            r1 = int(g.counts[width // 2]) if width // 2 < g.counts.size else n_rounds
             r1 = max(r1, r0 + 1)
             # At least two lanes: a vmap over one lane compiles to a program that rounds some
             # steps differently from learner.update (seen in float64); two or more match it.
-            width = max(2, width)
             # At most self._lanes keys per call: a call's states then stay within LANE_BYTES
             # (a larger gathered block makes every round stream it from memory: 5× slower).
+            width = min(max(2, width), self._lanes)
+            r1 = min(r1, r0 + _rounds_per_call(width))
             for k0 in range(0, active, self._lanes):
                 k1 = min(active, k0 + self._lanes)
-                yield from self._learn_block(fn, pos, rank, kslots, counts, r0, r1, k0, k1,
-                                             min(width, self._lanes), xs, ys, keep)
+                # the last block of many keys: as wide as its own keys need
+                yield from self._learn_block(fn, g, r0, r1, k0, k1, min(width, max(2, _pow2(k1 - k0))),
+                                             xs, ys, keep)
             r0 = r1
 
-    def _learn_block(self, fn, pos, rank, kslots, counts, r0, r1, k0, k1, width, xs, ys, keep):
+    def _learn_block(self, fn, g: _Rounds, r0, r1, k0, k1, width, xs, ys, keep):
         """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one
         call. Returns ``[(rows, index, outputs)]`` (:class:`_Outputs`; empty unless ``keep``)."""
-        r1 = min(r1, int(counts[k0]))  # the block's first key has the most rows
+        counts = g.counts[k0:k1]
+        r1 = min(r1, int(counts[0]))  # the block's first key has the most rows
         depth = _pow2(r1 - r0)
-        sel = (rank >= r0) & (rank < r1) & (pos >= k0) & (pos < k1)
-        rows = np.flatnonzero(sel)
-        r, p = rank[rows] - r0, pos[rows] - k0
-        seg_slots = np.full(width, self.capacity, np.int64)  # padding: past the end
-        seg_slots[:k1 - k0] = kslots[k0:k1]
-        xb = np.broadcast_to(xs[rows[0]], (depth, width) + xs.shape[1:]).copy()
-        yb = np.broadcast_to(ys[rows[0]], (depth, width) + ys.shape[1:]).copy()
+        # (round, lane) -> row, found from each key's place in g.order: O(the block), not a
+        # pass over the chunk per block
+        r = np.arange(r0, r0 + depth)[:, None]
         mb = np.zeros((depth, width), bool)
-        xb[r, p], yb[r, p], mb[r, p] = xs[rows], ys[rows], True
-        self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb)
+        mb[:, :k1 - k0] = r < np.minimum(counts, r1)
+        at = np.zeros((depth, width), np.int64)  # a padded step reads a real row (its first)
+        at[:, :k1 - k0] = g.start[k0:k1] + r
+        grid = g.order[np.where(mb, at, g.start[k0])]
+        seg_slots = np.full(width, self.capacity, np.int64)  # padding: past the end
+        seg_slots[:k1 - k0] = g.kslots[k0:k1]
+        self.stack, seg = fn(self._hyper, self.stack, seg_slots, xs[grid], ys[grid], mb)
         # Not read back here: the host builds the next call's blocks while the device runs this one.
-        return [(rows, (r, p), seg)] if keep else []
+        if not keep:
+            return []
+        index = np.nonzero(mb)
+        return [(grid[index], index, seg)]
 
     def flush(self):
         """Learns every key's held rows (``batch_size > 1``: a minibatch its rows have not
@@ -386,7 +497,7 @@ class Keyed:
         ext_x = np.concatenate([self.pending[s][0] for s in held] + [xs])
         ext_y = np.concatenate([self.pending[s][1] for s in held] + [ys])
         first_new = ext_slots.size - n  # the held rows come first: each key's rows stay in order
-        pos, rank, kslots, counts = _rounds(ext_slots)  # counts: each key's rows, descending
+        _, _, counts, kslots, pos, rank = _rounds(ext_slots)  # counts: each key's rows, descending
         mbi, off = rank // B, rank % B
         n_mb = -(-counts // B)  # each key's minibatches (its last one possibly partial)
         learned = n_mb if final else counts // B  # the ones learned now
@@ -411,6 +522,7 @@ class Keyed:
             r1 = max(r1, r0 + 1)
             width = max(2, width)  # two lanes at least (see _learn_chunk)
             lanes = self._lanes  # a call's states within LANE_BYTES, as for B = 1
+            r1 = min(r1, r0 + _rounds_per_call(min(width, lanes), B))  # as _learn_chunk
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
                 rr1 = min(r1, int(n_mb[k0]))
@@ -418,7 +530,7 @@ class Keyed:
                 sel = (mbi >= r0) & (mbi < rr1) & (pos >= k0) & (pos < k1)
                 rows = np.flatnonzero(sel)
                 r, p, o = mbi[rows] - r0, pos[rows] - k0, off[rows]
-                w = min(width, lanes)
+                w = min(width, lanes, max(2, _pow2(k1 - k0)))  # as _learn_chunk
                 seg_slots = np.full(w, self.capacity, np.int64)  # padding: past the end
                 seg_slots[:k1 - k0] = kslots[k0:k1]
                 xb = np.broadcast_to(ext_x[rows[0]], (depth, w, B) + ext_x.shape[1:]).copy()
@@ -510,9 +622,15 @@ class Keyed:
                 keyed.pending[int(slot)] = (np.array(hx[i, :r]), np.array(hy[i, :r]))
         else:
             keyed.stack = checkpoint.load(path, keyed.stack)
-        keyed.keys = list(keys)
-        keyed.slot = {k: i for i, k in enumerate(keys)}
+        keyed._set_keys(list(keys))
         return keyed
+
+
+def _take(keys, index: np.ndarray) -> list:
+    """``keys[index]`` as Python objects (``keys``: a list, or a NumPy array of integers)."""
+    if isinstance(keys, np.ndarray):
+        return keys[index].tolist()
+    return [keys[i] for i in index.tolist()]
 
 
 def _plain(key):
