@@ -184,27 +184,61 @@ def test_rounds_by_a_plain_loop():
             assert g.rank[rows].tolist() == list(range(rows.size)) and set(g.pos[rows].tolist()) == {j}
 
 
-def test_integer_key_arrays_are_the_keys_given_one_by_one():
+def test_integer_key_arrays_are_the_keys_given_one_by_one(monkeypatch):
     """NumPy integer keys (found by binary search in the sorted integer keys) are the dict's
     keys: the same slots as the same keys given in a list, across calls adding keys; a key
-    that equals an integer without being one (3.0, True) keeps its slot; integers past int64
-    (uint64) work."""
+    that equals an integer without being one (3.0, True, an int subclass with an equality of
+    its own) keeps its slot; integers past int64 (uint64) work."""
+    monkeypatch.setattr(kalnat.keyed, "RECENT_KEYS", 2)  # keys split over both sorted parts
+
+    class Tag(int):  # equal to nothing but itself
+        __eq__, __hash__ = object.__eq__, object.__hash__
+
     learner, family = LEARNERS["ekf"]
     _, X, Y = stream(family, n=30)
     a = Keyed(learner, MODEL.init(None))
     b = Keyed(learner, MODEL.init(None))
-    a.learn([3.0, True, "u"], X[:3], Y[:3])  # from a list: the dict's keys 3.0, True, "u"
-    b.learn([3.0, True, "u"], X[:3], Y[:3])
-    calls = [np.array([5, 3, 1, -2**63, 5, 2**62]), np.array([7, 5, 3, 1], np.int8),
-             np.array([2**64 - 1, 2**63, 7], np.uint64), np.array([-2**63, 2**64 - 1, 9], object)]
+    tag = Tag(11)
+    a.learn([3.0, True, "u", tag], X[:4], Y[:4])  # from a list: the dict's keys 3.0, True, "u", tag
+    b.learn([3.0, True, "u", tag], X[:4], Y[:4])
+    calls = [np.array([5, 3, 1, -2**63, 5, 2**62, 11]), np.array([7, 5, 3, 1], np.int8),
+             np.array([2**64 - 1, 2**63, 7, 11], np.uint64), np.array([-2**63, 2**64 - 1, 9], object)]
     for keys in calls:
         n = len(keys)
         ra = a.learn(keys, X[:n], Y[:n])
         rb = b.learn([k for k in keys.tolist()], X[:n], Y[:n])
         assert a.keys == b.keys and a.slot == b.slot
         assert np.array_equal(ra.slots, rb.slots) and np.array_equal(ra.predictions.mean, rb.predictions.mean)
-    assert a.slot[3] == 0 and a.slot[1] == 1 and len(a) == 10  # 3 is 3.0's key, 1 is True's
-    assert a.keys[3:] == [5, -2**63, 2**62, 7, 2**64 - 1, 2**63, 9]  # in order of first appearance
+    assert a.slot[3] == 0 and a.slot[1] == 1 and a.slot[tag] == 3  # 3 is 3.0's key, 1 is True's
+    assert a.keys[4:] == [5, -2**63, 2**62, 11, 7, 2**64 - 1, 2**63, 9]  # in order of first appearance
+    # the integer keys within int64 are found without the dict, in both sorted parts
+    assert a._index[0].size and a._recent[0].size
+    ints = np.array([1, 5, -2**63, 2**62, 11, 7, 9])
+    monkeypatch.setattr(a, "slot", {})
+    assert a._index_slots(ints).tolist() == [b.slot[k] for k in ints.tolist()]
+
+
+def test_a_call_takes_at_most_call_steps_rows(monkeypatch):
+    """Small states (many keys fit LANE_BYTES): a call still takes at most CALL_STEPS (round,
+    key) steps, and each key's filter is still its own."""
+    monkeypatch.setattr(kalnat.keyed, "CALL_STEPS", 4)
+    learner, family = LEARNERS["ekf"]
+    sizes, make = [], kalnat.keyed._segment_fn
+
+    def recording(learner):
+        fn = make(learner)
+        return lambda *args: sizes.append(args[5].size) or fn(*args)
+    monkeypatch.setattr(kalnat.keyed, "_segment_fn", recording)
+    keys = [k for _ in range(3) for k in range(12)]  # 12 keys, 3 rows each: rounds of 12 keys
+    _, X, Y = stream(family, n=len(keys))
+    keyed = Keyed(learner, MODEL.init(None))
+    assert keyed._lanes > 12
+    res = keyed.learn(keys, X, Y)
+    assert max(sizes) == 4
+    for key in (0, 11):
+        state, means = alone(learner, keys, X, Y, key)
+        assert all(np.array_equal(p, q) for p, q in zip(leaves(state), leaves(keyed.state(key))))
+        assert np.array_equal(res.predictions.mean[[k == key for k in keys]], means)
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):

@@ -22,6 +22,7 @@ learned B at a time, as :func:`kalnat.fit` with ``batch_size=B`` on its rows alo
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any, Hashable, NamedTuple, Optional, Sequence
 
 import jax
@@ -40,12 +41,18 @@ __all__ = ["Keyed", "KeyedResult"]
 PENDING_CALLS = 8
 
 # A chunk's rows are learned in segments of rounds whose number of active keys lies in
-# (W/2, W] for a power of two W: padding costs at most 2× in keys and 2× in rounds.
+# (W/2, W] for a power of two W: padding costs at most 2× in keys and 2× in rounds. A call takes
+# the states of at most LANE_BYTES worth of keys (two at least), so that its rounds run in cache.
 LANE_BYTES = 2**23
 
 # At most this many (round, lane) steps per call: a call's rows, copied into its grid, stay
 # within this many rows however many rows a chunk gives one key (a chunk can be a whole call).
 CALL_STEPS = 2**16
+
+# NumPy integer keys are found in a large sorted array and a small one that the keys added since
+# join first (copying the large one each call that adds keys costs O(all keys)); the small one
+# joins the large one once it holds more than RECENT_KEYS · max(1, √(large) / 256) keys.
+RECENT_KEYS = 4096
 
 
 class KeyedResult(NamedTuple):
@@ -69,8 +76,14 @@ def _pow2(n: int) -> int:
 
 def _rounds_per_call(width: int, batch: int = 1) -> int:
     """The most rounds of ``width`` lanes of ``batch`` rows a call takes: a power of two, so a
-    call's padded grid stays within ``CALL_STEPS`` rows."""
+    call's padded grid stays within ``CALL_STEPS`` rows (with ``width`` from :func:`_lanes`)."""
     return 1 << (max(1, CALL_STEPS // (width * batch)).bit_length() - 1)
+
+
+def _lanes(lanes: int, batch: int = 1) -> int:
+    """The most keys a call takes: ``lanes`` (``LANE_BYTES`` of states), and no more than
+    ``CALL_STEPS`` rows in one round (small states: 10⁵ keys of a few parameters)."""
+    return max(2, min(lanes, 1 << (max(1, CALL_STEPS // batch).bit_length() - 1)))
 
 
 def _where(mask, new, old):
@@ -171,14 +184,17 @@ def _stable_argsort(a: np.ndarray) -> np.ndarray:
     radix sort on 16-bit digits: NumPy sorts 16-bit integers stably by counting, in O(n),
     while its stable sort of 64-bit ones is a merge sort (1.6 × 10⁵ rows of 10⁴ keys: 10 ms
     against 0.7 ms for one pass). As many passes as the span ``max − min`` needs: one up to
-    65 536 slots."""
+    65 536 slots, two up to 2³²; NumPy's own sort beyond."""
     if a.size == 0:
         return np.zeros(0, np.intp)
     u = (a.astype(np.int64, copy=False).view(np.uint64) ^ np.uint64(1 << 63) if a.dtype.kind == "i"
          else a.astype(np.uint64, copy=False))  # signed order as unsigned order
     u = u - u.min()
+    bits = int(u.max()).bit_length()
+    if bits > 32:  # three or four passes (hashed 64-bit ids): no faster than the merge sort
+        return np.argsort(a, kind="stable")
     order = None
-    for shift in range(0, max(1, int(u.max()).bit_length()), 16):
+    for shift in range(0, max(1, bits), 16):
         digit = ((u if order is None else u[order]) >> np.uint64(shift)).astype(np.uint16)  # mod 2¹⁶
         step = np.argsort(digit, kind="stable")
         order = step if order is None else order[step]
@@ -279,9 +295,9 @@ class Keyed:
     def _set_keys(self, keys: list):
         self.keys = keys  # slot -> key
         self.slot = {k: i for i, k in enumerate(keys)}
-        # the integer keys, sorted, and their slots: NumPy integer keys are found by binary
-        # search (_index_slots); self.keys[:_indexed] are in it
-        self._ikeys, self._islots, self._indexed = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+        # the integer keys, sorted, and their slots, in a large and a small part: NumPy integer
+        # keys are found by binary search (_index_slots); self.keys[:_indexed] are in them
+        self._index, self._recent, self._indexed = _no_index(), _no_index(), 0
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -346,22 +362,24 @@ class Keyed:
         the sorted integer keys: a dict lookup per key costs ~0.5 µs in Python, 50 ms a call
         at 10⁵ keys. A value not found there is looked up in the dict (which also holds keys
         that equal an integer without being one, such as 3.0)."""
-        if self._indexed < len(self.keys):  # keys added since: merged in
+        if self._indexed < len(self.keys):  # keys added since
+            # exactly int or bool: a subclass may define its own equality (the dict's business)
             add = [(k, i) for i, k in enumerate(self.keys[self._indexed:], self._indexed)
-                   if isinstance(k, int) and -2**63 <= k < 2**63]
+                   if type(k) in (int, bool) and -2**63 <= k < 2**63]
             if add:
-                k, i = np.array(add, np.int64).T
-                o = np.argsort(k, kind="stable")
-                at = np.searchsorted(self._ikeys, k[o])
-                self._ikeys, self._islots = np.insert(self._ikeys, at, k[o]), np.insert(self._islots, at, i[o])
+                # a call adding a few keys to 10⁶ copies ~12 000 of them, not 10⁶ (RECENT_KEYS)
+                self._recent = _merged(self._recent, np.array(add, np.int64).T)
+                if self._recent[0].size > RECENT_KEYS * max(1, math.isqrt(self._index[0].size) // 256):
+                    self._index, self._recent = _merged(self._index, self._recent), _no_index()
             self._indexed = len(self.keys)
         out = np.full(uvals.size, -1, np.int64)
-        fits = (uvals <= np.iinfo(np.int64).max) if uvals.dtype.kind == "u" else np.ones(uvals.size, bool)
-        if self._ikeys.size:
-            v = uvals[fits].astype(np.int64)
-            at = np.minimum(np.searchsorted(self._ikeys, v), self._ikeys.size - 1)
-            hit = self._ikeys[at] == v
-            out[np.flatnonzero(fits)[hit]] = self._islots[at[hit]]
+        fits = np.flatnonzero(uvals <= np.iinfo(np.int64).max) if uvals.dtype.kind == "u" else np.arange(uvals.size)
+        v = uvals[fits].astype(np.int64)
+        for keys, slots in (self._index, self._recent):
+            if keys.size:
+                at = np.minimum(np.searchsorted(keys, v), keys.size - 1)
+                hit = keys[at] == v
+                out[fits[hit]] = slots[at[hit]]
         miss = np.flatnonzero(out < 0)
         if miss.size:
             out[miss] = np.fromiter((self.slot.get(k, -1) for k in uvals[miss].tolist()), np.int64, miss.size)
@@ -397,10 +415,12 @@ class Keyed:
         time: see :class:`Keyed`). Returns a :class:`KeyedResult` (``None`` without
         ``return_predictions``). Input is validated before anything is learned.
 
-        ``chunk_size`` rows (default: all ``n``) are grouped by key at a time. A key's state is
-        read and written back once for its rows of a chunk (once per ``CALL_STEPS`` rounds),
-        so a chunk holding more rows of each key costs less per row (docs/keyed.md);
-        ``chunk_size`` only bounds the grouping's host memory (~50 bytes per row)."""
+        ``chunk_size`` rows (default: all ``n``) are grouped by key into rounds at a time. A
+        key's state is gathered and written back once per device call that holds its rows; a
+        call holds a run of rounds over which the number of keys with rows stays within a
+        power of two (and at most ``CALL_STEPS`` steps), so a chunk holding more rows of each
+        key costs less per row (docs/keyed.md). ``chunk_size`` bounds the memory of that
+        grouping (~50 bytes a row); the keys' lookup and the outputs cover all ``n`` rows."""
         xs, ys = self._check(X, Y)
         n = xs.shape[0]
         if chunk_size is None:
@@ -428,6 +448,7 @@ class Keyed:
         to be read back stay within ``PENDING_CALLS``."""
         g = _rounds(slots)
         fn = _segment_fn(self.learner)
+        lanes = _lanes(self._lanes)
         r0 = 0
         n_rounds = int(g.counts[0])
         while r0 < n_rounds:
@@ -438,12 +459,12 @@ class Keyed:
             r1 = max(r1, r0 + 1)
             # At least two lanes: a vmap over one lane compiles to a program that rounds some
             # steps differently from learner.update (seen in float64); two or more match it.
-            # At most self._lanes keys per call: a call's states then stay within LANE_BYTES
-            # (a larger gathered block makes every round stream it from memory: 5× slower).
-            width = min(max(2, width), self._lanes)
+            # At most `lanes` keys per call: a call's states then stay within LANE_BYTES (a
+            # larger gathered block makes every round stream it from memory: 5× slower).
+            width = min(max(2, width), lanes)
             r1 = min(r1, r0 + _rounds_per_call(width))
-            for k0 in range(0, active, self._lanes):
-                k1 = min(active, k0 + self._lanes)
+            for k0 in range(0, active, lanes):
+                k1 = min(active, k0 + lanes)
                 # the last block of many keys: as wide as its own keys need
                 yield from self._learn_block(fn, g, r0, r1, k0, k1, min(width, max(2, _pow2(k1 - k0))),
                                              xs, ys, keep)
@@ -497,8 +518,9 @@ class Keyed:
         ext_x = np.concatenate([self.pending[s][0] for s in held] + [xs])
         ext_y = np.concatenate([self.pending[s][1] for s in held] + [ys])
         first_new = ext_slots.size - n  # the held rows come first: each key's rows stay in order
-        _, _, counts, kslots, pos, rank = _rounds(ext_slots)  # counts: each key's rows, descending
-        mbi, off = rank // B, rank % B
+        g = _rounds(ext_slots)
+        counts, kslots, pos, rank = g.counts, g.kslots, g.pos, g.rank  # counts: each key's rows, descending
+        mbi = rank // B  # each row's minibatch among its key's
         n_mb = -(-counts // B)  # each key's minibatches (its last one possibly partial)
         learned = n_mb if final else counts // B  # the ones learned now
         for s in held:
@@ -521,29 +543,32 @@ class Keyed:
             r1 = int(n_mb[width // 2]) if width // 2 < n_mb.size else n_rounds
             r1 = max(r1, r0 + 1)
             width = max(2, width)  # two lanes at least (see _learn_chunk)
-            lanes = self._lanes  # a call's states within LANE_BYTES, as for B = 1
+            lanes = _lanes(self._lanes, B)  # as for B = 1
             r1 = min(r1, r0 + _rounds_per_call(min(width, lanes), B))  # as _learn_chunk
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
                 rr1 = min(r1, int(n_mb[k0]))
                 depth = _pow2(rr1 - r0)
-                sel = (mbi >= r0) & (mbi < rr1) & (pos >= k0) & (pos < k1)
-                rows = np.flatnonzero(sel)
-                r, p, o = mbi[rows] - r0, pos[rows] - k0, off[rows]
                 w = min(width, lanes, max(2, _pow2(k1 - k0)))  # as _learn_chunk
+                # (round, lane, place) -> row from each key's place in g.order, as _learn_block
+                rank_at = np.arange(r0, r0 + depth)[:, None, None] * B + np.arange(B)
+                mb = np.zeros((depth, w, B), bool)
+                mb[:, :k1 - k0] = (rank_at < rr1 * B) & (rank_at < counts[k0:k1, None])
+                at = np.zeros((depth, w, B), np.int64)
+                at[:, :k1 - k0] = g.start[k0:k1, None] + rank_at
+                grid = g.order[np.where(mb, at, g.start[k0])]
                 seg_slots = np.full(w, self.capacity, np.int64)  # padding: past the end
                 seg_slots[:k1 - k0] = kslots[k0:k1]
-                xb = np.broadcast_to(ext_x[rows[0]], (depth, w, B) + ext_x.shape[1:]).copy()
-                yb = np.broadcast_to(ext_y[rows[0]], (depth, w, B) + ext_y.shape[1:]).copy()
-                mb = np.zeros((depth, w, B), bool)
-                xb[r, p, o], yb[r, p, o], mb[r, p, o] = ext_x[rows], ext_y[rows], True
+                xb, yb = ext_x[grid], ext_y[grid]
                 commit = np.zeros((depth, w), bool)
                 commit[:, :k1 - k0] = (r0 + np.arange(depth))[:, None] < learned[k0:k1][None, :]
                 commit &= mb.any(axis=2)  # a round past the block's (depth is a power of two): no step
                 self.stack, seg = fn(self._hyper, self.stack, seg_slots, xb, yb, mb, commit)
                 if keep:
+                    index = np.nonzero(mb)
+                    rows = grid[index]
                     new = rows >= first_new  # held rows were predicted when they arrived
-                    yield rows[new] - first_new, (r[new], p[new], o[new]), seg
+                    yield rows[new] - first_new, tuple(i[new] for i in index), seg
             r0 = r1
 
     def predict(self, keys: Sequence[Hashable], X, *, chunk_size: int = 4096):
@@ -624,6 +649,17 @@ class Keyed:
             keyed.stack = checkpoint.load(path, keyed.stack)
         keyed._set_keys(list(keys))
         return keyed
+
+
+def _no_index():
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+def _merged(a, b):
+    """Two ``(sorted keys, slots)`` pairs as one (the keys distinct)."""
+    o = np.argsort(b[0], kind="stable")
+    at = np.searchsorted(a[0], b[0][o])
+    return np.insert(a[0], at, b[0][o]), np.insert(a[1], at, b[1][o])
 
 
 def _take(keys, index: np.ndarray) -> list:
