@@ -34,6 +34,31 @@ def test_shards_are_stable():
         shard_of(object(), 2)
 
 
+def test_keys_go_to_the_shards_as_arrays_of_the_same_keys():
+    """The driver sends each shard its keys as one NumPy array (Dask walks a list element by
+    element): int64 or str where every key is one, else Python scalars in an object array;
+    every row's shard is shard_of of its key, computed once per distinct int or str key."""
+    import numpy as np
+
+    from kalnat.dask_keyed import _key_array, _shards, shard_of
+
+    cases = [
+        (np.array([5, -3, 5, 2**62]), "i", [5, -3, 5, 2**62]),
+        (np.array([2**64 - 1, 1], np.uint64), "u", [2**64 - 1, 1]),
+        ([np.int64(7), 7, 3], "i", [7, 7, 3]),                        # NumPy scalars as Python ones
+        (["a", "b", "a"], "U", ["a", "b", "a"]),
+        (np.array(["x", "y"], object), "U", ["x", "y"]),                 # a pandas column of str
+        ([7, "7", True, (1, 2)], "O", [7, "7", True, (1, 2)]),        # mixed: Python scalars kept
+        ([2**64, 1], "O", [2**64, 1]),                                  # past int64
+        (["a\0", "a"], "O", ["a\0", "a"]),                            # NumPy's str would drop the NUL
+    ]
+    for keys, kind, expected in cases:
+        arr = _key_array(keys)
+        assert arr.dtype.kind == kind and arr.tolist() == expected and all(
+            type(a) is type(b) for a, b in zip(arr.tolist(), expected)), (keys, arr)
+        assert _shards(arr, 5).tolist() == [shard_of(k, 5) for k in expected]
+
+
 def test_cluster_equals_one_process_and_survives_a_lost_worker(tmp_path):
     _scenario("cluster", tmp_path)
 

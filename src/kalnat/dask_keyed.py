@@ -39,10 +39,39 @@ def shard_of(key, n_shards: int) -> int:
     return zlib.crc32(text.encode()) % n_shards
 
 
+def _key_array(keys) -> np.ndarray:
+    """A batch's keys as one NumPy array: ``int64`` (Python ints within its range), ``str``, or
+    else ``object`` holding Python scalars (NumPy ones as Python ones: ``np.int64(3)`` and 3 are
+    one key, and JSON takes them). Dask sends an array to a shard as one buffer, where it walks a
+    list element by element (16 384 Python ints took 0.4 s as an actor's argument, their array
+    1.5 ms), and :class:`kalnat.keyed.Keyed` groups int and str arrays by sorting."""
+    if isinstance(keys, np.ndarray) and keys.ndim == 1 and keys.dtype.kind in "iuU":
+        return keys
+    items = [k.item() if isinstance(k, np.generic) else k
+             for k in (keys.tolist() if isinstance(keys, np.ndarray) else keys)]
+    if items and all(type(k) is int for k in items) and -2**63 <= min(items) and max(items) < 2**63:
+        return np.array(items, np.int64)
+    if items and all(type(k) is str and not k.endswith("\0") for k in items):  # (NumPy drops trailing NULs)
+        return np.array(items, str)
+    out = np.empty(len(items), object)
+    for i, k in enumerate(items):  # (a tuple key stays one element)
+        out[i] = k
+    return out
+
+
+def _shards(keys: np.ndarray, n_shards: int) -> np.ndarray:
+    """``(n,)`` each row's shard: :func:`shard_of` once per distinct key of an int or str
+    array, else once per row."""
+    if keys.dtype.kind in "iuU":
+        uniq, inv = np.unique(keys, return_inverse=True)
+        return np.fromiter((shard_of(k, n_shards) for k in uniq.tolist()), np.int64, uniq.size)[inv.ravel()]
+    return np.fromiter((shard_of(k, n_shards) for k in keys.tolist()), np.int64, keys.size)
+
+
 def _partition_rows(part, key, target, features, i):
     """``(keys, X, Y)`` of one pandas partition; a non-numeric or missing value is a
     ``ValueError`` naming the partition, row and column (nothing of it is learned)."""
-    keys = part[key].tolist()
+    keys = part[key].to_numpy()
     cols = {}
     for c in list(features) + [target]:
         try:
@@ -82,7 +111,8 @@ class ShardLearner:
         as NumPy arrays."""
         if batch <= self.batch:
             raise ValueError(f"shard asked to learn batch {batch} again (it has learned up to {self.batch})")
-        res = self.keyed.learn(list(keys), X, Y)
+        # DaskKeyed sends a NumPy array (_key_array): Keyed groups int and str arrays by sorting
+        res = self.keyed.learn(keys if isinstance(keys, np.ndarray) else list(keys), X, Y)
         self.batch = batch
         return res.predictions, res.log_likelihood
 
@@ -166,20 +196,18 @@ class DaskKeyed:
     def learn(self, keys, X, Y):
         """Learns one batch of rows (each key's rows in order); returns ``(predictions,
         log_likelihoods (n,))`` in the rows' order, as :meth:`Keyed.learn` gives them."""
-        # NumPy keys as Python ones (np.int64(3) and 3 are one key, and JSON takes them)
-        keys = keys.tolist() if isinstance(keys, np.ndarray) else [
-            k.item() if isinstance(k, np.generic) else k for k in keys]
+        keys = _key_array(keys)
         X, Y = np.asarray(X), np.asarray(Y)
         n = len(keys)
         if X.shape[0] != n or Y.shape[0] != n:
             raise ValueError(f"keys, X and Y must have the same number of rows ({n}, {X.shape[0]}, {Y.shape[0]})")
-        shard = np.fromiter((shard_of(k, self.n_shards) for k in keys), np.int64, n)
+        shard = _shards(keys, self.n_shards)
         self.batch += 1
         parts = {}
         for i in range(self.n_shards):
             rows = np.flatnonzero(shard == i)
             if rows.size:
-                parts[i] = (rows, [keys[r] for r in rows], X[rows], Y[rows])
+                parts[i] = (rows, keys[rows], X[rows], Y[rows])
         calls = {}
         for i, (_, k, x, y) in parts.items():
             try:
