@@ -57,6 +57,29 @@ def test_keys_go_to_the_shards_as_arrays_of_the_same_keys():
         assert arr.dtype.kind == kind and arr.tolist() == expected and all(
             type(a) is type(b) for a, b in zip(arr.tolist(), expected)), (keys, arr)
         assert _shards(arr, 5).tolist() == [shard_of(k, 5) for k in expected]
+    assert _key_array(["u", "v" * 65]).dtype.kind == "O"  # a long key: not every key padded to it
+    with pytest.raises(ValueError, match=r"keys\[1\] = \[2\] is not hashable"):
+        _key_array([1, [2]])
+
+
+def test_a_dataframes_key_column_keeps_its_keys():
+    """learn_dataframe's keys (_partition_rows) are the column's Python values: a nullable int
+    column stays int (a missing one cannot be sharded, as a datetime cannot), a categorical
+    column of ints stays int."""
+    import numpy as np
+    import pandas as pd
+
+    from kalnat.dask_keyed import _key_array, _partition_rows, _shards
+
+    def keys_of(column):
+        frame = pd.DataFrame({"k": column, "a": [0.5, 1.5, 2.5], "y": [0.0, 1.0, 0.0]})
+        return _key_array(_partition_rows(frame, "k", "y", ["a"], 0)[0])
+
+    assert keys_of(pd.array([1, 2, 1], dtype="Int64")).tolist() == [1, 2, 1]
+    assert keys_of(pd.Categorical([3, 4, 3])).dtype == np.int64
+    for bad in (pd.array([1, None, 1], dtype="Int64"), pd.to_datetime(["2020-01-01"] * 3)):
+        with pytest.raises(ValueError, match="cannot be sharded"):
+            _shards(keys_of(bad), 3)
 
 
 def test_cluster_equals_one_process_and_survives_a_lost_worker(tmp_path):

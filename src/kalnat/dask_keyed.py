@@ -51,10 +51,15 @@ def _key_array(keys) -> np.ndarray:
              for k in (keys.tolist() if isinstance(keys, np.ndarray) else keys)]
     if items and all(type(k) is int for k in items) and -2**63 <= min(items) and max(items) < 2**63:
         return np.array(items, np.int64)
-    if items and all(type(k) is str and not k.endswith("\0") for k in items):  # (NumPy drops trailing NULs)
+    # (NumPy drops a str's trailing NULs, and pads every str to the longest)
+    if items and all(type(k) is str and not k.endswith("\0") and len(k) <= 64 for k in items):
         return np.array(items, str)
     out = np.empty(len(items), object)
     for i, k in enumerate(items):  # (a tuple key stays one element)
+        try:
+            hash(k)
+        except TypeError:  # here, before any shard learns the batch
+            raise ValueError(f"keys[{i}] = {k!r} is not hashable: keys must be str or int") from None
         out[i] = k
     return out
 
@@ -71,7 +76,9 @@ def _shards(keys: np.ndarray, n_shards: int) -> np.ndarray:
 def _partition_rows(part, key, target, features, i):
     """``(keys, X, Y)`` of one pandas partition; a non-numeric or missing value is a
     ``ValueError`` naming the partition, row and column (nothing of it is learned)."""
-    keys = part[key].to_numpy()
+    # as Python objects, which _key_array then types: to_numpy() would make a nullable int column
+    # with a missing value floats (key 1 as 1.0, on another shard) and datetimes ints
+    keys = part[key].tolist()
     cols = {}
     for c in list(features) + [target]:
         try:
@@ -201,6 +208,8 @@ class DaskKeyed:
         n = len(keys)
         if X.shape[0] != n or Y.shape[0] != n:
             raise ValueError(f"keys, X and Y must have the same number of rows ({n}, {X.shape[0]}, {Y.shape[0]})")
+        if n == 0:  # nothing to learn: not a batch
+            return None, np.zeros(0)
         shard = _shards(keys, self.n_shards)
         self.batch += 1
         parts = {}
