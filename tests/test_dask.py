@@ -62,6 +62,18 @@ def test_keys_go_to_the_shards_as_arrays_of_the_same_keys():
         _key_array([1, [2]])
 
 
+def test_an_empty_batch_is_not_a_batch():
+    """No rows: nothing sent to the shards and no batch counted (the replay log's numbering)."""
+    import numpy as np
+
+    from kalnat.dask_keyed import DaskKeyed
+
+    dk = object.__new__(DaskKeyed)  # no cluster: an empty batch never reaches one
+    dk.n_shards, dk.batch = 2, 4
+    pred, ll = dk.learn([], np.zeros((0, 3)), np.zeros(0))
+    assert pred is None and ll.shape == (0,) and dk.batch == 4
+
+
 def test_a_dataframes_key_column_keeps_its_keys():
     """learn_dataframe's keys (_partition_rows) are the column's Python values: a nullable int
     column stays int (a missing one cannot be sharded, as a datetime cannot), a categorical
