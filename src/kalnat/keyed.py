@@ -191,7 +191,7 @@ def _stable_argsort(a: np.ndarray) -> np.ndarray:
          else a.astype(np.uint64, copy=False))  # signed order as unsigned order
     u = u - u.min()
     bits = int(u.max()).bit_length()
-    if bits > 32:  # three or four passes (hashed 64-bit ids): no faster than the merge sort
+    if bits > 32:  # hashed 64-bit ids: four passes measured slower than NumPy's merge sort
         return np.argsort(a, kind="stable")
     order = None
     for shift in range(0, max(1, bits), 16):
