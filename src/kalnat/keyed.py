@@ -234,6 +234,21 @@ class _Rounds(NamedTuple):
     rank: np.ndarray
 
 
+def _grid(g: _Rounds, r0: int, r1: int, k0: int, k1: int, width: int, batch: int = 1):
+    """``(grid, mask)``, each ``(depth, width, batch)``: the rows of rounds ``r0 … r1 − 1``
+    (``batch`` rows a round) of the keys at positions ``k0 … k1 − 1``, read off each key's
+    place in ``g.order`` (O(the call), not a pass over the chunk per call). ``depth`` is
+    ``r1 − r0`` rounded up to a power of two; a padded place reads a real row (the block's
+    first key's first) and is masked."""
+    depth = _pow2(r1 - r0)
+    rank = np.arange(r0, r0 + depth)[:, None, None] * batch + np.arange(batch)  # a key's row index
+    mask = np.zeros((depth, width, batch), bool)
+    mask[:, :k1 - k0] = (rank < r1 * batch) & (rank < g.counts[k0:k1, None])
+    at = np.zeros((depth, width, batch), np.int64)
+    at[:, :k1 - k0] = g.start[k0:k1, None] + rank
+    return g.order[np.where(mask, at, g.start[k0])], mask
+
+
 def _rounds(slots: np.ndarray) -> _Rounds:
     """Groups a chunk's rows by key (slot), keeping each key's rows in order (:class:`_Rounds`)."""
     order, head = _groups(slots)
@@ -473,17 +488,8 @@ class Keyed:
     def _learn_block(self, fn, g: _Rounds, r0, r1, k0, k1, width, xs, ys, keep):
         """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one
         call. Returns ``[(rows, index, outputs)]`` (:class:`_Outputs`; empty unless ``keep``)."""
-        counts = g.counts[k0:k1]
-        r1 = min(r1, int(counts[0]))  # the block's first key has the most rows
-        depth = _pow2(r1 - r0)
-        # (round, lane) -> row, found from each key's place in g.order: O(the block), not a
-        # pass over the chunk per block
-        r = np.arange(r0, r0 + depth)[:, None]
-        mb = np.zeros((depth, width), bool)
-        mb[:, :k1 - k0] = r < np.minimum(counts, r1)
-        at = np.zeros((depth, width), np.int64)  # a padded step reads a real row (its first)
-        at[:, :k1 - k0] = g.start[k0:k1] + r
-        grid = g.order[np.where(mb, at, g.start[k0])]
+        r1 = min(r1, int(g.counts[k0]))  # the block's first key has the most rows
+        grid, mb = (a[..., 0] for a in _grid(g, r0, r1, k0, k1, width))
         seg_slots = np.full(width, self.capacity, np.int64)  # padding: past the end
         seg_slots[:k1 - k0] = g.kslots[k0:k1]
         self.stack, seg = fn(self._hyper, self.stack, seg_slots, xs[grid], ys[grid], mb)
@@ -548,15 +554,9 @@ class Keyed:
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
                 rr1 = min(r1, int(n_mb[k0]))
-                depth = _pow2(rr1 - r0)
                 w = min(width, lanes, max(2, _pow2(k1 - k0)))  # as _learn_chunk
-                # (round, lane, place) -> row from each key's place in g.order, as _learn_block
-                rank_at = np.arange(r0, r0 + depth)[:, None, None] * B + np.arange(B)
-                mb = np.zeros((depth, w, B), bool)
-                mb[:, :k1 - k0] = (rank_at < rr1 * B) & (rank_at < counts[k0:k1, None])
-                at = np.zeros((depth, w, B), np.int64)
-                at[:, :k1 - k0] = g.start[k0:k1, None] + rank_at
-                grid = g.order[np.where(mb, at, g.start[k0])]
+                grid, mb = _grid(g, r0, rr1, k0, k1, w, B)
+                depth = mb.shape[0]
                 seg_slots = np.full(w, self.capacity, np.int64)  # padding: past the end
                 seg_slots[:k1 - k0] = kslots[k0:k1]
                 xb, yb = ext_x[grid], ext_y[grid]
