@@ -76,11 +76,11 @@ def _pow2(n: int) -> int:
 
 def _rounds_per_call(width: int, batch: int = 1) -> int:
     """The most rounds of ``width`` lanes of ``batch`` rows a call takes: a power of two, so a
-    call's padded grid stays within ``CALL_STEPS`` rows (with ``width`` from :func:`_lanes`)."""
+    call's padded grid stays within ``CALL_STEPS`` rows (``width`` from :func:`_keys_per_call`)."""
     return 1 << (max(1, CALL_STEPS // (width * batch)).bit_length() - 1)
 
 
-def _lanes(lanes: int, batch: int = 1) -> int:
+def _keys_per_call(lanes: int, batch: int = 1) -> int:
     """The most keys a call takes: ``lanes`` (``LANE_BYTES`` of states), and no more than
     ``CALL_STEPS`` rows in one round (small states: 10⁵ keys of a few parameters)."""
     return max(2, min(lanes, 1 << (max(1, CALL_STEPS // batch).bit_length() - 1)))
@@ -463,7 +463,7 @@ class Keyed:
         to be read back stay within ``PENDING_CALLS``."""
         g = _rounds(slots)
         fn = _segment_fn(self.learner)
-        lanes = _lanes(self._lanes)
+        lanes = _keys_per_call(self._lanes)
         r0 = 0
         n_rounds = int(g.counts[0])
         while r0 < n_rounds:
@@ -549,7 +549,7 @@ class Keyed:
             r1 = int(n_mb[width // 2]) if width // 2 < n_mb.size else n_rounds
             r1 = max(r1, r0 + 1)
             width = max(2, width)  # two lanes at least (see _learn_chunk)
-            lanes = _lanes(self._lanes, B)  # as for B = 1
+            lanes = _keys_per_call(self._lanes, B)  # as for B = 1
             r1 = min(r1, r0 + _rounds_per_call(min(width, lanes), B))  # as _learn_chunk
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
