@@ -94,6 +94,136 @@ def test_a_dataframes_key_column_keeps_its_keys():
             _shards(keys_of(bad), 3)
 
 
+class _Done:
+    """A finished Dask future: ``result`` returns the value or raises the error."""
+
+    def __init__(self, fn, *args):
+        try:
+            self.value, self.error = fn(*args), None
+        except Exception as err:  # noqa: BLE001 (raised by result, as Dask's futures do)
+            self.value, self.error = None, err
+
+    def result(self, timeout=None):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Actor:
+    """An actor's handle in this process: each method call runs at once; a killed actor's
+    calls raise OSError, as Dask's do when the worker is gone."""
+
+    def __init__(self, obj, failing=()):
+        self.obj, self.dead, self.failing = obj, False, failing
+
+    def __getattr__(self, name):
+        def call(*args):
+            if self.dead or name in self.failing:
+                raise OSError("Unable to contact Actor's worker")
+            return _Done(getattr(self.obj, name), *args)
+        return call
+
+
+class _Cluster:
+    """The part of ``dask.distributed.Client`` that DaskKeyed uses, in this process; while
+    ``full`` or once ``room`` actors are made, no new actor can be made (a cluster with no room
+    left); its actors' methods named in ``failing`` fail as a lost worker's do."""
+
+    def __init__(self, room=None, failing=()):
+        self.full, self.made, self.room, self.failing = False, [], room, failing
+
+    def scheduler_info(self):
+        return {"workers": {"w0": {}, "w1": {}}}
+
+    def submit(self, cls, *args, actor, pure, workers, allow_other_workers):
+        def make():
+            if self.full or len(self.made) == self.room:
+                raise OSError("no worker can take the actor")
+            self.made.append(_Actor(cls(*args), self.failing))
+            return self.made[-1]
+        return _Done(make)
+
+    def close(self):
+        pass
+
+
+def test_a_shard_lost_for_good_keeps_its_rows_and_the_others_learn_theirs():
+    """A shard that cannot be rebuilt is an error (ShardLost) only once every other shard has
+    learned the batch, and each logs it: a later rebuild of any shard replays it, and the lost
+    shard learns it when it is rebuilt. A bad row is an error before any shard learns. The
+    final states equal one process learning the good batches in order (bit for bit)."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, HERE)
+    try:
+        import keyed_factory
+        from dask_scenarios import batches
+    finally:
+        sys.path.remove(HERE)
+    from kalnat.dask_keyed import DaskKeyed, ShardLost, shard_of
+    from kalnat.keyed import Keyed
+
+    stream = list(batches(n_batches=7))
+    alone = Keyed(*keyed_factory.make(), batch_size=2)
+    cluster = _Cluster()
+    dk = DaskKeyed(cluster, keyed_factory.make, n_shards=3, checkpoint_every=3, retries=2, batch_size=2)
+    shard = {k: shard_of(k, 3) for keys, _, _ in stream for k in keys}
+    assert set(shard.values()) == {0, 1, 2}
+    for b, (keys, X, y) in enumerate(stream):
+        if b == 3:  # shard 1 lost for good: the others learn the batch and log it
+            dk.actors[1].dead = cluster.full = True
+            with pytest.raises(ShardLost, match=r"shard 1 lost and not rebuilt in 2 tries \(shard 1: OSError"):
+                dk.learn(keys, X, y)
+            assert dk.actors[1] is None and [len(log) for log in dk.log] == [1, 1, 1]
+            alone.learn(keys, X, y)
+            dk.actors[2].dead, cluster.full = True, False  # shard 2 lost too: it replays batch 3
+            continue
+        if b == 5:  # a bad row: nothing learned, no batch counted
+            bad = X.copy()
+            bad[7, 1] = np.nan
+            before = (dk.batch, [len(log) for log in dk.log], [a.obj.batch for a in dk.actors])
+            with pytest.raises(ValueError, match="x contains NaN"):
+                dk.learn(keys, bad, y)
+            assert (dk.batch, [len(log) for log in dk.log], [a.obj.batch for a in dk.actors]) == before
+        pred, ll = dk.learn(keys, X, y)
+        ref = alone.learn(keys, X, y)
+        assert np.array_equal(pred.mean, ref.predictions.mean) and np.array_equal(ll, ref.log_likelihood), b
+    assert dk.recoveries == 2 + 1 + 1  # shard 1: two failed tries, then once; shard 2 once
+    # a checkpoint with shard 0 lost for good: the others are checkpointed, shard 0 keeps its log
+    dk.actors[0].dead = cluster.full = True
+    saved = list(dk.saved)
+    with pytest.raises(ShardLost, match=r"shard 0 .*every other shard was checkpointed"):
+        dk.checkpoint()
+    assert dk.saved[0] == saved[0] and dk.saved[1][0] == dk.saved[2][0] == dk.batch and dk.log[0]
+    cluster.full = False
+    dk.flush()
+    alone.flush()
+    states = dk.leaves()
+    assert sorted(states) == sorted(alone.keys)
+    for key in alone.keys:
+        assert all(np.array_equal(b, np.asarray(a)) for a, b in zip(jax.tree_util.tree_leaves(alone.state(key)),
+                                                                    states[key])), key
+
+
+def test_the_command_stops_with_a_message_when_a_shard_is_lost_for_good(tmp_path, monkeypatch):
+    """kalnat learn --key K --workers 2 on a cluster whose workers are lost at their first
+    batch and that has no room for new ones: a message naming the shard and a non-zero exit,
+    no traceback."""
+    from click.testing import CliRunner
+
+    from kalnat import cli
+
+    monkeypatch.setattr(cli, "_dask_client", lambda workers, scheduler: (_Cluster(room=2, failing={"learn"}), None))
+    path = tmp_path / "d.csv"
+    path.write_text("user,a,y\n" + "".join(f"u{i % 3},{i / 10:.1f},{i % 2}\n" for i in range(12)))
+    res = CliRunner().invoke(cli.cli, ["learn", str(path), "--key", "user", "--workers", "2", "--quiet",
+                                       "--prior-var", "1", "--forget", "1", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and res.exception is not None and isinstance(res.exception, SystemExit), res.output
+    assert "Error: DaskKeyed: shards 0, 1 lost and not rebuilt in 3 tries" in res.output, res.output
+    assert "The run stops here." in res.output and "Traceback" not in res.output
+
+
 def test_cluster_equals_one_process_and_survives_a_lost_worker(tmp_path):
     _scenario("cluster", tmp_path)
 

@@ -128,6 +128,9 @@ def test_predict_and_unknown_keys():
     assert np.array_equal(pred.mean[0], ref_a.mean) and np.array_equal(pred.obs_cov[0], ref_a.obs_cov)
     assert np.array_equal(pred.mean[1], fresh.mean)
     assert "zz" not in keyed and 7 in keyed and np.int64(7) in keyed
+    assert keyed.known(["a", "zz", 7, np.int64(7), 7.0, 8]).tolist() == [True, False, True, True, True, False]
+    assert keyed.known(np.array([8, 7])).tolist() == [False, True]
+    assert keyed.known(np.array(["zz", "a"])).tolist() == [False, True]
     with pytest.raises(KeyError, match="zz"):
         keyed.state("zz")
 

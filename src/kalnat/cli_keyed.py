@@ -296,11 +296,15 @@ class LoadedKeyedModel(LoadedModel):
         keys = np.asarray(keys)
         if len(self.shards) == 1:
             shard = np.zeros(len(keys), np.int64)
-        else:
-            from kalnat.dask_keyed import shard_of
+        else:  # as the driver sharded them (once per distinct key)
+            from kalnat.dask_keyed import _key_array, _shards
 
-            shard = np.fromiter((shard_of(k, len(self.shards)) for k in keys.tolist()), np.int64, len(keys))
-        seen = np.fromiter((k in self.shards[s] for k, s in zip(keys.tolist(), shard)), bool, len(keys))
+            keys = _key_array(keys)
+            shard = _shards(keys, len(self.shards))
+        seen = np.zeros(len(keys), bool)
+        for i, keyed in enumerate(self.shards):
+            rows = np.flatnonzero(shard == i)
+            seen[rows] = keyed.known(keys[rows])
         if not len(X):
             return np.zeros((0, len(self.header()) - 3)), seen
         Z, table = self._scale(X), None

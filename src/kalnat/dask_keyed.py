@@ -13,7 +13,11 @@ since its last checkpoint. When a shard's worker is lost, its actor is rebuilt o
 worker from the last checkpoint and the batches since then are replayed, then the failed
 batch is retried: every row is learned exactly once by the final states, and the
 predictions returned are those of the retried batch (tests/test_dask.py kills a worker
-mid-stream and compares the final states with an uninterrupted one-process run).
+mid-stream and compares the final states with an uninterrupted one-process run). A shard
+that cannot be rebuilt (``retries`` tries) raises :class:`ShardLost` once the other shards
+have learned the batch; it keeps the batch in its log and learns it when the next call
+rebuilds it. A batch's rows are checked in the driver first (the shards' own checks), so a
+bad row is an error before any shard learns.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-__all__ = ["shard_of", "ShardLearner", "DaskKeyed"]
+__all__ = ["shard_of", "ShardLearner", "DaskKeyed", "ShardLost"]
+
+
+class ShardLost(RuntimeError):
+    """A shard whose worker was lost and that could not be rebuilt (``DaskKeyed.retries``
+    tries). The shard keeps its batches since its last checkpoint (none is lost) and learns
+    them when it is next rebuilt, at the driver's next call."""
 
 
 def shard_of(key, n_shards: int) -> int:
@@ -193,6 +203,7 @@ class DaskKeyed:
         self.log = [[] for _ in range(self.n_shards)]  # each shard's batches since then
         self.batch = -1
         self.recoveries = 0
+        self._check = None  # _checker's
 
     def _new_actor(self, i):
         workers = sorted(self.client.scheduler_info()["workers"])
@@ -200,45 +211,51 @@ class DaskKeyed:
                                     workers=[workers[i % len(workers)]], allow_other_workers=True)
         return future.result()
 
+    def _checker(self):
+        """A keyed learner in the driver, built by ``factory`` once, whose checks every batch
+        passes before any shard sees it: the shards' own (``Keyed.learn``), so that a bad row
+        is an error with nothing learned, not a batch learned by some shards only."""
+        if self._check is None:
+            from kalnat.keyed import Keyed
+
+            with jax.enable_x64(self.x64):
+                self._check = Keyed(*self.factory(), capacity=1)
+        return self._check
+
     def learn(self, keys, X, Y):
         """Learns one batch of rows (each key's rows in order); returns ``(predictions,
-        log_likelihoods (n,))`` in the rows' order, as :meth:`Keyed.learn` gives them."""
+        log_likelihoods (n,))`` in the rows' order, as :meth:`Keyed.learn` gives them.
+
+        Bad input (keys, features or targets) is a ``ValueError`` before any shard learns. A
+        shard whose worker is lost is rebuilt and learns the batch there; one that cannot be
+        rebuilt (``retries`` tries) is a :class:`ShardLost` error, raised once every other
+        shard has learned the batch: the lost shard keeps its rows and learns them when it is
+        next rebuilt (at the next call), so the batch must not be passed again."""
         keys = _key_array(keys)
-        X, Y = np.asarray(X), np.asarray(Y)
         n = len(keys)
-        if X.shape[0] != n or Y.shape[0] != n:
-            raise ValueError(f"keys, X and Y must have the same number of rows ({n}, {X.shape[0]}, {Y.shape[0]})")
-        if n == 0:  # nothing to learn: not a batch
+        if n == 0 and len(X) == 0 and len(Y) == 0:  # nothing to learn: not a batch
             return None, np.zeros(0)
+        with jax.enable_x64(self.x64):
+            X, Y = self._checker()._check(X, Y)
+        if X.shape[0] != n:
+            raise ValueError(f"keys has {n} entries but X has {X.shape[0]} rows")
         shard = _shards(keys, self.n_shards)
         self.batch += 1
-        parts = {}
+        rows, entries = {}, {}
         for i in range(self.n_shards):
-            rows = np.flatnonzero(shard == i)
-            if rows.size:
-                parts[i] = (rows, keys[rows], X[rows], Y[rows])
-        calls = {}
-        for i, (_, k, x, y) in parts.items():
-            try:
-                calls[i] = self.actors[i].learn(self.batch, k, x, y)
-            except Exception:  # Dask knows the actor's worker is gone
-                calls[i] = None
-        out = {}
-        for i, call in calls.items():
-            try:
-                if call is None:
-                    raise RuntimeError("lost")
-                out[i] = call.result(timeout=self.timeout)
-            except Exception:  # the shard's worker is gone: rebuild it, then learn this batch
-                out[i] = self._recover(i, parts[i][1:])
-            self.log[i].append((self.batch,) + parts[i][1:])
+            r = np.flatnonzero(shard == i)
+            if r.size:
+                rows[i], entries[i] = r, (self.batch, keys[r], X[r], Y[r])
+        out = self._run(entries, "learned")
         if (self.batch + 1) % self.checkpoint_every == 0:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except ShardLost:  # the batch is learned; the lost shard keeps its log for the next call
+                pass
         first = next(iter(out.values()))
         pred, ll = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[1:], a.dtype), first)
         for i, part in out.items():
-            rows = parts[i][0]
-            jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a), (pred, ll), part)
+            jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows[i], a), (pred, ll), part)
         return pred, ll
 
     def learn_dataframe(self, df, key: str, target: str, features: Optional[Sequence[str]] = None,
@@ -291,23 +308,58 @@ class DaskKeyed:
 
     def flush(self):
         """Every shard's held rows (``batch_size > 1``) learned, as one more batch (logged and
-        replayed like the others)."""
+        replayed like the others; a shard lost for good is :meth:`learn`'s :class:`ShardLost`)."""
         self.batch += 1
-        for i in range(self.n_shards):
+        self._run({i: (self.batch, None, None, None) for i in range(self.n_shards)}, "flushed")
+
+    def _run(self, entries: dict, what: str) -> dict:
+        """Sends each shard ``i`` its entry ``(batch, keys, X, Y)`` (``keys`` ``None``: a
+        flush), then collects the results; a shard that fails is rebuilt and runs its entry
+        there (:meth:`_rebuild`). Every entry joins its shard's log, run or not: a shard that
+        could not be rebuilt is left lost and runs it when next rebuilt. Raises
+        :class:`ShardLost` once every shard has had its entry, if one could not run it."""
+        calls = {}
+        for i, entry in entries.items():
             try:
-                self.actors[i].flush(self.batch).result(timeout=self.timeout)
-            except Exception:  # lost: rebuilt from its checkpoint and log, then flushed
-                self._rebuild(i)
-                self.actors[i].flush(self.batch).result(timeout=self.timeout)
-            self.log[i].append((self.batch, None, None, None))
+                calls[i] = _send(self.actors[i], entry)
+            except Exception:  # Dask knows the actor's worker is gone (or it was lost before)
+                calls[i] = None
+        out, lost = {}, {}
+        for i, call in calls.items():
+            try:
+                if call is None:
+                    raise RuntimeError("the shard's actor could not be called")
+                out[i] = call.result(timeout=self.timeout)
+            except Exception:  # the shard's worker is gone: rebuild it, then run this entry
+                try:
+                    out[i] = self._rebuild(i, entries[i])
+                except Exception as err:
+                    lost[i] = err
+            self.log[i].append(entries[i])
+        if lost:
+            done = f"{what} batch {self.batch}" if len(lost) < len(entries) else ""
+            raise ShardLost(self._lost_message(lost, done)) from next(iter(lost.values()))
+        return out
+
+    def _lost_message(self, lost: dict, done: str = "") -> str:
+        """``lost``: ``{shard: error}``; ``done``: what every other shard did."""
+        i, err = next(iter(lost.items()))
+        shards = ", ".join(map(str, lost))
+        others = f"; every other shard {done}" if done else ""
+        return (f"DaskKeyed: shard{'s' * (len(lost) > 1)} {shards} lost and not rebuilt in {self.retries} "
+                f"tries (shard {i}: {type(err).__name__}: {err}){others}. A lost shard keeps its batches since "
+                "its last checkpoint and learns them when it is rebuilt, at the next call (learn, flush, "
+                "checkpoint, leaves, n_keys): do not pass the batch again")
 
     def _replay(self, actor, i):
-        for batch, k, x, y in self.log[i]:
-            (actor.flush(batch) if k is None else actor.learn(batch, k, x, y)).result()
+        for entry in self.log[i]:
+            _send(actor, entry).result()
 
-    def _recover(self, i, part):
-        """Shard ``i`` rebuilt from its last checkpoint, its logged batches replayed, and
-        ``part`` (this batch's rows) learned."""
+    def _rebuild(self, i, entry=None):
+        """Shard ``i`` rebuilt on a new actor from its last checkpoint, its logged batches
+        replayed, then ``entry`` run there (its result returned); ``retries`` tries, after
+        which the shard is left lost (``self.actors[i]`` ``None``) and the error raised."""
+        self.actors[i] = None
         for attempt in range(self.retries):
             try:
                 self.recoveries += 1
@@ -315,7 +367,7 @@ class DaskKeyed:
                 if self.saved[i][1] is not None:
                     actor.restore(self.saved[i][1]).result()
                 self._replay(actor, i)
-                result = actor.learn(self.batch, *part).result()
+                result = None if entry is None else _send(actor, entry).result()
                 self.actors[i] = actor
                 return result
             except Exception:
@@ -323,14 +375,29 @@ class DaskKeyed:
                     raise
         raise RuntimeError("unreachable")
 
-    def checkpoint(self):
-        """Checkpoints every shard now (and clears their replay logs)."""
-        for i, actor in enumerate(self.actors):
+    def _live(self, i):
+        """Shard ``i``'s actor, rebuilt first if it was left lost."""
+        if self.actors[i] is None:
             try:
-                batch, data = actor.snapshot().result(timeout=self.timeout)
-            except Exception:  # lost since its last batch: rebuild it (nothing new to learn)
                 self._rebuild(i)
-                batch, data = self.actors[i].snapshot().result()
+            except Exception as err:
+                raise ShardLost(self._lost_message({i: err})) from err
+        return self.actors[i]
+
+    def checkpoint(self):
+        """Checkpoints every shard now (and clears their replay logs); a shard lost for good
+        keeps its log and is :class:`ShardLost`, raised after the others are checkpointed."""
+        lost = {}
+        for i in range(self.n_shards):
+            try:
+                try:
+                    batch, data = self.actors[i].snapshot().result(timeout=self.timeout)
+                except Exception:  # lost since its last batch: rebuild it (nothing new to learn)
+                    self._rebuild(i)
+                    batch, data = self.actors[i].snapshot().result(timeout=self.timeout)
+            except Exception as err:
+                lost[i] = err
+                continue
             self.saved[i] = (batch, data)
             self.log[i] = [entry for entry in self.log[i] if entry[0] > batch]
             if self.checkpoint_dir:
@@ -342,21 +409,22 @@ class DaskKeyed:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
-
-    def _rebuild(self, i):
-        actor = self._new_actor(i)
-        if self.saved[i][1] is not None:
-            actor.restore(self.saved[i][1]).result()
-        self._replay(actor, i)
-        self.actors[i] = actor
-        self.recoveries += 1
+        if lost:
+            done = "was checkpointed" if len(lost) < self.n_shards else ""
+            raise ShardLost(self._lost_message(lost, done)) from next(iter(lost.values()))
 
     def leaves(self) -> dict:
         """Every key's state (as NumPy leaves), gathered from the shards."""
         out = {}
-        for actor in self.actors:
-            out.update(actor.leaves().result())
+        for i in range(self.n_shards):
+            out.update(self._live(i).leaves().result())
         return out
 
     def n_keys(self) -> int:
-        return sum(actor.n_keys().result() for actor in self.actors)
+        return sum(self._live(i).n_keys().result() for i in range(self.n_shards))
+
+
+def _send(actor, entry):
+    """A log entry ``(batch, keys, X, Y)`` sent to a shard's actor (``keys`` ``None``: a flush)."""
+    batch, keys, X, Y = entry
+    return actor.flush(batch) if keys is None else actor.learn(batch, keys, X, Y)

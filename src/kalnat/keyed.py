@@ -320,6 +320,11 @@ class Keyed:
     def __contains__(self, key) -> bool:
         return _plain(key) in self.slot
 
+    def known(self, keys: Sequence[Hashable]) -> np.ndarray:
+        """``(n,)`` booleans: whether each of ``keys`` has a state (``key in self`` for each, by
+        the lookup :meth:`learn` uses: one pass for a NumPy array of ints or strings)."""
+        return self._slots(keys, len(keys), add=False)[1]
+
     # ---- keys -> slots ------------------------------------------------------------------
 
     def _slots(self, keys, n: int, add: bool) -> tuple[np.ndarray, np.ndarray]:
