@@ -282,6 +282,22 @@ def test_errors(tmp_path):
         Keyed.load(tmp_path / "plain.npz", learner, MODEL.init(None))
 
 
+def test_a_plain_functions_one_row_is_a_row():
+    """A plain function ``apply(p, x) = x @ w`` reads a one-row batch ``(1, 3)`` as one
+    observation too: Keyed, whose X always has a row axis, learns it as that row (as
+    learner.update does), and still asks for the row axis where X has none."""
+    learner = kalnat.ekf(lambda p, x: x @ p["w"], GAU)
+    params = {"w": np.zeros(P_IN)}
+    _, X, Y = stream(GAU, n=2)
+    keyed = Keyed(learner, params)
+    res = keyed.learn(["a"], X[:1], Y[:1])
+    state, pred = learner.update(learner.init(params), X[0], Y[0])
+    assert np.array_equal(res.predictions.mean[0], pred.mean)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(keyed.state("a")), leaves(state)))
+    with pytest.raises(ValueError, match="X must have a leading row axis"):
+        keyed.learn(["a"], X[0], Y[:1])
+
+
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_minibatches_per_key_equal_fit_on_each_keys_rows(name, tmp_path, monkeypatch):
     """batch_size = 3: each key's consecutive rows three at a time, across calls and chunks

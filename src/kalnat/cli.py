@@ -317,10 +317,10 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
             runner.dask.checkpoint()
             cli_keyed.save_shards_header(runner.dask.checkpoint_dir, runner, source)
     except RuntimeError as err:
-        from kalnat.dask_keyed import ShardLost  # (imported with the cluster's learner)
+        from kalnat.dask_keyed import ShardError  # (imported with the cluster's learner)
 
-        if isinstance(err, ShardLost):  # a message, no traceback: the cluster, not the data
-            raise click.ClickException(f"{err}. The run stops here.") from None
+        if isinstance(err, ShardError):  # a message, no traceback: the cluster, not the data
+            raise click.ClickException(f"{err.summary}. The run stops; its report is not written.") from None
         raise
     finally:
         if client is not None:

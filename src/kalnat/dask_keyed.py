@@ -15,13 +15,15 @@ batch is retried: every row is learned exactly once by the final states, and the
 predictions returned are those of the retried batch (tests/test_dask.py kills a worker
 mid-stream and compares the final states with an uninterrupted one-process run). A shard
 that cannot be rebuilt (``retries`` tries) raises :class:`ShardLost` once the other shards
-have learned the batch; it keeps the batch in its log and learns it when the next call
-rebuilds it. A batch's rows are checked in the driver first (the shards' own checks), so a
-bad row is an error before any shard learns.
+have learned the batch; it keeps the batch in its log and learns it when its next call
+rebuilds it. A shard whose own code raises learns none of the batch (:class:`ShardError`).
+Each shard's rows are checked in the driver first (the checks the shard makes), so a bad row
+is an error before any shard learns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -31,13 +33,30 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-__all__ = ["shard_of", "ShardLearner", "DaskKeyed", "ShardLost"]
+__all__ = ["shard_of", "ShardLearner", "DaskKeyed", "ShardError", "ShardLost"]
 
 
-class ShardLost(RuntimeError):
+class ShardError(RuntimeError):
+    """A shard could not do its part of a call (its own code raised: the error it raised is
+    the ``__cause__``); every other shard did. ``summary``: which shards and why, in a line."""
+
+    def __init__(self, message: str, summary: str = ""):
+        super().__init__(message)
+        self.summary = summary or message
+
+
+class ShardLost(ShardError):
     """A shard whose worker was lost and that could not be rebuilt (``DaskKeyed.retries``
     tries). The shard keeps its batches since its last checkpoint (none is lost) and learns
     them when it is next rebuilt, at the driver's next call."""
+
+
+def _worker_lost(err: BaseException) -> bool:
+    """Whether an actor call's error means its worker is gone rather than that the shard's code
+    raised: Dask raises ``OSError`` when it cannot reach the worker (a call's timeout is a
+    ``TimeoutError``, an ``OSError`` too) and ``RuntimeError("Worker holding Actor was lost")``
+    once the scheduler knows."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "Actor was lost" in str(err))
 
 
 def shard_of(key, n_shards: int) -> int:
@@ -65,11 +84,12 @@ def _key_array(keys) -> np.ndarray:
     if items and all(type(k) is str and not k.endswith("\0") and len(k) <= 64 for k in items):
         return np.array(items, str)
     out = np.empty(len(items), object)
-    for i, k in enumerate(items):  # (a tuple key stays one element)
-        try:
-            hash(k)
-        except TypeError:  # here, before any shard learns the batch
-            raise ValueError(f"keys[{i}] = {k!r} is not hashable: keys must be str or int") from None
+    for i, k in enumerate(items):
+        # What a shard's checkpoint can hold (Keyed.save), and one JSON text per key: True and
+        # 1, or 7.0 and 7, are one key to Keyed but would go to different shards.
+        if isinstance(k, bool) or not isinstance(k, (str, int)):
+            raise ValueError(f"keys[{i}] = {k!r} is a {type(k).__name__}: keys on Dask must be str or int "
+                             "(what a shard's checkpoint holds)")
         out[i] = k
     return out
 
@@ -197,6 +217,8 @@ class DaskKeyed:
         self.checkpoint_every = int(checkpoint_every)
         self.checkpoint_dir = checkpoint_dir
         self.retries = int(retries)
+        if self.retries < 1:
+            raise ValueError(f"DaskKeyed: retries must be at least 1, got {retries}")
         self.timeout = float(timeout)
         self.actors = [self._new_actor(i) for i in range(self.n_shards)]
         self.saved = [(-1, None)] * self.n_shards      # (batch, bytes) of each shard's last checkpoint
@@ -207,18 +229,25 @@ class DaskKeyed:
 
     def _new_actor(self, i):
         workers = sorted(self.client.scheduler_info()["workers"])
+        if not workers:  # (an OSError: a lost worker's, so the rebuild is tried again)
+            raise OSError("the cluster has no workers")
         future = self.client.submit(ShardLearner, self.factory, self.x64, self.batch_size, actor=True, pure=False,
                                     workers=[workers[i % len(workers)]], allow_other_workers=True)
-        return future.result()
+        return future.result(timeout=self.timeout)
+
+    def _x64(self):
+        # as ShardLearner: float64 when asked, else the process's own setting
+        return jax.enable_x64(True) if self.x64 else contextlib.nullcontext()
 
     def _checker(self):
-        """A keyed learner in the driver, built by ``factory`` once, whose checks every batch
-        passes before any shard sees it: the shards' own (``Keyed.learn``), so that a bad row
-        is an error with nothing learned, not a batch learned by some shards only."""
+        """A keyed learner in the driver, built by ``factory`` once: each shard's rows pass its
+        checks (``Keyed.learn``'s, as the shard makes them) before any shard sees the batch,
+        so that a bad row is an error with nothing learned, not a batch learned by some shards
+        only. (The driver thereby starts JAX, on its default device.)"""
         if self._check is None:
             from kalnat.keyed import Keyed
 
-            with jax.enable_x64(self.x64):
+            with self._x64():
                 self._check = Keyed(*self.factory(), capacity=1)
         return self._check
 
@@ -226,32 +255,36 @@ class DaskKeyed:
         """Learns one batch of rows (each key's rows in order); returns ``(predictions,
         log_likelihoods (n,))`` in the rows' order, as :meth:`Keyed.learn` gives them.
 
-        Bad input (keys, features or targets) is a ``ValueError`` before any shard learns. A
-        shard whose worker is lost is rebuilt and learns the batch there; one that cannot be
-        rebuilt (``retries`` tries) is a :class:`ShardLost` error, raised once every other
-        shard has learned the batch: the lost shard keeps its rows and learns them when it is
-        next rebuilt (at the next call), so the batch must not be passed again."""
+        Bad input (keys, features or targets) is a ``ValueError`` before any shard learns,
+        and the batch is not counted. A shard whose worker is lost is rebuilt and learns the
+        batch there; one that cannot be rebuilt (``retries`` tries) is a :class:`ShardLost`
+        error, raised once every other shard has learned the batch: the lost shard keeps its
+        rows and learns them when it is next rebuilt (at its next call), so the batch must not
+        be passed again. A shard whose own code raises learns nothing of the batch (a
+        :class:`ShardError`, the others having learned theirs)."""
         keys = _key_array(keys)
+        X, Y = np.asarray(X), np.asarray(Y)
         n = len(keys)
-        if n == 0 and len(X) == 0 and len(Y) == 0:  # nothing to learn: not a batch
+        if X.ndim == 0 or Y.ndim == 0 or X.shape[0] != n or Y.shape[0] != n:
+            raise ValueError(f"keys, X and Y must have the same number of rows ({n}, {X.shape[:1]}, {Y.shape[:1]})")
+        if n == 0:  # nothing to learn: not a batch
             return None, np.zeros(0)
-        with jax.enable_x64(self.x64):
-            X, Y = self._checker()._check(X, Y)
-        if X.shape[0] != n:
-            raise ValueError(f"keys has {n} entries but X has {X.shape[0]} rows")
         shard = _shards(keys, self.n_shards)
+        rows = {i: r for i in range(self.n_shards) if (r := np.flatnonzero(shard == i)).size}
+        with self._x64():
+            for r in rows.values():  # each shard's rows, as the shard will check them
+                self._checker()._check(X[r], Y[r])
         self.batch += 1
-        rows, entries = {}, {}
-        for i in range(self.n_shards):
-            r = np.flatnonzero(shard == i)
-            if r.size:
-                rows[i], entries[i] = r, (self.batch, keys[r], X[r], Y[r])
-        out = self._run(entries, "learned")
+        # the rows as given (each shard casts them to its dtype, as Keyed.learn does)
+        out = self._run({i: (self.batch, keys[r], X[r], Y[r]) for i, r in rows.items()}, "learned")
         if (self.batch + 1) % self.checkpoint_every == 0:
             try:
                 self.checkpoint()
-            except ShardLost:  # the batch is learned; the lost shard keeps its log for the next call
+            except ShardLost:  # the batch is learned; the lost shard keeps its log for its next call
                 pass
+            except Exception as err:
+                raise ShardError(f"DaskKeyed: batch {self.batch} is learned (do not pass it again), but its "
+                                 f"checkpoint failed: {type(err).__name__}: {err}") from err
         first = next(iter(out.values()))
         pred, ll = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[1:], a.dtype), first)
         for i, part in out.items():
@@ -314,114 +347,157 @@ class DaskKeyed:
 
     def _run(self, entries: dict, what: str) -> dict:
         """Sends each shard ``i`` its entry ``(batch, keys, X, Y)`` (``keys`` ``None``: a
-        flush), then collects the results; a shard that fails is rebuilt and runs its entry
-        there (:meth:`_rebuild`). Every entry joins its shard's log, run or not: a shard that
-        could not be rebuilt is left lost and runs it when next rebuilt. Raises
-        :class:`ShardLost` once every shard has had its entry, if one could not run it."""
-        calls = {}
+        flush), then collects the results (:meth:`_call`). An entry joins its shard's log when
+        the shard ran it, or when the shard was lost and not rebuilt (it runs it when next
+        rebuilt); not when the shard's own code raised (it learned nothing of it). Raises
+        once every shard has had its entry: :class:`ShardLost` if a shard is lost,
+        :class:`ShardError` if one raised."""
+        sent = {}
         for i, entry in entries.items():
             try:
-                calls[i] = _send(self.actors[i], entry)
-            except Exception:  # Dask knows the actor's worker is gone (or it was lost before)
-                calls[i] = None
-        out, lost = {}, {}
-        for i, call in calls.items():
-            try:
-                if call is None:
-                    raise RuntimeError("the shard's actor could not be called")
-                out[i] = call.result(timeout=self.timeout)
-            except Exception:  # the shard's worker is gone: rebuild it, then run this entry
-                try:
-                    out[i] = self._rebuild(i, entries[i])
-                except Exception as err:
-                    lost[i] = err
-            self.log[i].append(entries[i])
-        if lost:
-            done = f"{what} batch {self.batch}" if len(lost) < len(entries) else ""
-            raise ShardLost(self._lost_message(lost, done)) from next(iter(lost.values()))
+                sent[i] = _send(self.actors[i], entry) if self.actors[i] is not None else None
+            except Exception as err:  # Dask knows the actor's worker is gone
+                sent[i] = err
+        out, failed = {}, {}
+        for i, call in sent.items():
+            status, value = self._call(i, call, lambda actor, e=entries[i]: _send(actor, e))
+            if status == "ok":
+                out[i] = value
+            else:
+                failed[i] = (status, value)
+            if status == "raised":  # its state is in doubt: rebuilt at its next call, without this entry
+                self.actors[i] = None
+            else:
+                self.log[i].append(entries[i])
+        if failed:
+            self._raise(failed, f"{what} batch {self.batch}" if len(failed) < len(entries) else "", entries=True)
         return out
 
-    def _lost_message(self, lost: dict, done: str = "") -> str:
-        """``lost``: ``{shard: error}``; ``done``: what every other shard did."""
-        i, err = next(iter(lost.items()))
-        shards = ", ".join(map(str, lost))
-        others = f"; every other shard {done}" if done else ""
-        return (f"DaskKeyed: shard{'s' * (len(lost) > 1)} {shards} lost and not rebuilt in {self.retries} "
-                f"tries (shard {i}: {type(err).__name__}: {err}){others}. A lost shard keeps its batches since "
-                "its last checkpoint and learns them when it is rebuilt, at the next call (learn, flush, "
-                "checkpoint, leaves, n_keys): do not pass the batch again")
+    def _call(self, i, call, again) -> tuple[str, object]:
+        """The result of shard ``i``'s ``call`` (an actor future, the error raised making it,
+        or ``None`` for a shard lost before), as ``("ok", result)``; ``("raised", error)``
+        where the shard's own code raised; else its worker is lost: the shard is rebuilt on a
+        new actor (its checkpoint, its log replayed) and ``again(actor)`` made there, up to
+        ``retries`` times, then ``("lost", error)`` with the shard left lost (``None``)."""
+        for attempt in range(self.retries + 1):
+            try:
+                if isinstance(call, Exception):
+                    raise call
+                if call is None:
+                    raise OSError("the shard was lost before")
+                return "ok", call.result(timeout=self.timeout)
+            except Exception as err:
+                if not _worker_lost(err):
+                    return "raised", err
+                lost = err
+            if attempt == self.retries:
+                break
+            try:
+                self._rebuild(i)
+                call = again(self.actors[i])
+            except Exception as err:  # the rebuild failed: a lost worker's error, tried again
+                call = err if _worker_lost(err) else OSError(f"rebuilding the shard: {type(err).__name__}: {err}")
+        self.actors[i] = None
+        return "lost", lost
+
+    def _raise(self, failed: dict, done: str = "", entries: bool = False):
+        """Raises :class:`ShardLost` or :class:`ShardError` for ``failed``: ``{shard: (status,
+        error)}`` (:meth:`_call`'s); ``done``: what every other shard did; ``entries``: the
+        call was a batch (:meth:`_run`)."""
+        lost = {i: e for i, (status, e) in failed.items() if status == "lost"}
+        raised = {i: e for i, (status, e) in failed.items() if status == "raised"}
+        parts = []
+        if lost:
+            i, err = next(iter(lost.items()))
+            parts.append(f"shard{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} lost and not rebuilt in "
+                         f"{self.retries} tries (shard {i}: {type(err).__name__}: {err})")
+        if raised:
+            i, err = next(iter(raised.items()))
+            parts.append(f"shard{'s' * (len(raised) > 1)} {', '.join(map(str, raised))} raised (shard {i}: "
+                         f"{type(err).__name__}: {err})")
+        summary = "DaskKeyed: " + "; ".join(parts)
+        message = summary + (f"; every other shard {done}" if done else "") + "."
+        if lost:
+            message += (" A lost shard keeps its batches since its last checkpoint and learns them when it "
+                        "is rebuilt, at its next call" + (": do not pass the batch again." if entries else "."))
+        if raised and entries:
+            message += (" A shard that raised has not learned this batch's rows: it is rebuilt from its "
+                        "checkpoint and its other batches at its next call.")
+        cause = next(iter((lost or raised).values()))
+        raise (ShardLost if lost else ShardError)(message, summary) from cause
 
     def _replay(self, actor, i):
         for entry in self.log[i]:
-            _send(actor, entry).result()
+            _send(actor, entry).result(timeout=self.timeout)
 
-    def _rebuild(self, i, entry=None):
-        """Shard ``i`` rebuilt on a new actor from its last checkpoint, its logged batches
-        replayed, then ``entry`` run there (its result returned); ``retries`` tries, after
-        which the shard is left lost (``self.actors[i]`` ``None``) and the error raised."""
+    def _rebuild(self, i):
+        """Shard ``i`` on a new actor, from its last checkpoint with its logged batches
+        replayed (one try; ``self.actors[i]`` is ``None`` until it succeeds)."""
         self.actors[i] = None
-        for attempt in range(self.retries):
-            try:
-                self.recoveries += 1
-                actor = self._new_actor(i)
-                if self.saved[i][1] is not None:
-                    actor.restore(self.saved[i][1]).result()
-                self._replay(actor, i)
-                result = None if entry is None else _send(actor, entry).result()
-                self.actors[i] = actor
-                return result
-            except Exception:
-                if attempt == self.retries - 1:
-                    raise
-        raise RuntimeError("unreachable")
+        self.recoveries += 1
+        actor = self._new_actor(i)
+        if self.saved[i][1] is not None:
+            actor.restore(self.saved[i][1]).result(timeout=self.timeout)
+        self._replay(actor, i)
+        self.actors[i] = actor
 
-    def _live(self, i):
-        """Shard ``i``'s actor, rebuilt first if it was left lost."""
-        if self.actors[i] is None:
-            try:
-                self._rebuild(i)
-            except Exception as err:
-                raise ShardLost(self._lost_message({i: err})) from err
-        return self.actors[i]
+    def _ask(self, i, method: str):
+        """Shard ``i``'s ``method()`` (no batch: nothing to log), rebuilding a lost shard."""
+        def ask(actor):
+            return getattr(actor, method)()
+
+        try:
+            call = ask(self.actors[i]) if self.actors[i] is not None else None
+        except Exception as err:
+            call = err
+        status, value = self._call(i, call, ask)
+        if status != "ok":
+            self._raise({i: (status, value)})
+        return value
 
     def checkpoint(self):
-        """Checkpoints every shard now (and clears their replay logs); a shard lost for good
-        keeps its log and is :class:`ShardLost`, raised after the others are checkpointed."""
-        lost = {}
+        """Checkpoints every shard now (and clears their replay logs). A shard that cannot be
+        checkpointed keeps its log; :class:`ShardLost` or :class:`ShardError` is raised after
+        the others are checkpointed (an error writing ``checkpoint_dir`` likewise)."""
+        failed, write = {}, None
         for i in range(self.n_shards):
             try:
-                try:
-                    batch, data = self.actors[i].snapshot().result(timeout=self.timeout)
-                except Exception:  # lost since its last batch: rebuild it (nothing new to learn)
-                    self._rebuild(i)
-                    batch, data = self.actors[i].snapshot().result(timeout=self.timeout)
-            except Exception as err:
-                lost[i] = err
+                batch, data = self._ask(i, "snapshot")
+            except ShardError as err:
+                failed[i] = ("lost" if isinstance(err, ShardLost) else "raised", err.__cause__)
                 continue
             self.saved[i] = (batch, data)
             self.log[i] = [entry for entry in self.log[i] if entry[0] > batch]
             if self.checkpoint_dir:
-                os.makedirs(self.checkpoint_dir, exist_ok=True)
-                path = os.path.join(self.checkpoint_dir, f"shard_{i}.npz")
-                tmp = path + ".tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-        if lost:
-            done = "was checkpointed" if len(lost) < self.n_shards else ""
-            raise ShardLost(self._lost_message(lost, done)) from next(iter(lost.values()))
+                try:
+                    _write(os.path.join(self.checkpoint_dir, f"shard_{i}.npz"), data)
+                except OSError as err:  # the driver holds the checkpoint: the others are still made
+                    write = write or err
+        if failed:
+            self._raise(failed, "was checkpointed" if len(failed) < self.n_shards else "")
+        if write is not None:
+            raise write
 
     def leaves(self) -> dict:
         """Every key's state (as NumPy leaves), gathered from the shards."""
         out = {}
         for i in range(self.n_shards):
-            out.update(self._live(i).leaves().result())
+            out.update(self._ask(i, "leaves"))
         return out
 
     def n_keys(self) -> int:
-        return sum(self._live(i).n_keys().result() for i in range(self.n_shards))
+        return sum(self._ask(i, "n_keys") for i in range(self.n_shards))
+
+
+def _write(path, data: bytes):
+    """``data`` to ``path``, atomically (a temporary file, synced, then renamed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _send(actor, entry):

@@ -415,8 +415,10 @@ class Keyed:
 
     def _check(self, X, Y=None):
         xs, single = self.learner.check_x(self.fresh, X)
-        if single:
+        if single and not self._rows_of_single(X):
             raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
+        if single:  # a plain function's batch of one row, which it also reads as one observation
+            xs = np.asarray(X)
         if Y is None:
             return xs, None
         ys = self.learner.family.check(Y)
@@ -426,6 +428,17 @@ class Keyed:
         if ys.shape[0] != xs.shape[0]:
             raise ValueError(f"X has {xs.shape[0]} rows but Y has {ys.shape[0]}")
         return xs.astype(self._dtype, copy=False), ys
+
+    def _rows_of_single(self, X) -> bool:
+        """Whether ``X``'s first axis indexes observations the model takes (``X`` holds rows, as
+        Keyed's ``X`` always does, though the model may read it as one observation too)."""
+        x = np.asarray(X)
+        if x.ndim == 0 or x.shape[0] == 0:
+            return False
+        try:
+            return self.learner.check_x(self.fresh, x[0])[1]
+        except ValueError:
+            return False
 
     def learn(self, keys: Sequence[Hashable], X, Y, *, chunk_size: Optional[int] = None,
               return_predictions: bool = True) -> Optional[KeyedResult]:
