@@ -292,7 +292,8 @@ def test_priors(prior, sym, kind):
     a ValueError at ``init``; a valid one gives a finite state."""
     prior = np.asarray(prior)
     if sym and prior.ndim == 2 and prior.shape[0] == prior.shape[1]:
-        prior = prior @ prior.T if np.all(np.isfinite(prior)) else prior + prior.T
+        with np.errstate(invalid="ignore"):  # inf + (−inf): a NaN, another bad prior
+            prior = prior @ prior.T if np.all(np.isfinite(prior)) else prior + prior.T
     fam = FAMILIES["gaussian"]
     build = {"ekf": kalnat.ekf, "sqrt_ekf": kalnat.sqrt_ekf, "information": kalnat.information_filter,
              "iterated": kalnat.iterated_ekf, "nig": kalnat.nig_filter}[kind]
