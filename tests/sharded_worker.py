@@ -83,6 +83,39 @@ def main():
                 "shard_shapes": [list(a.addressable_shards[0].data.shape) for a in leaves],
                 "collectives": sharded.collectives(hlo),
             })
+    # the forms made of parts: blocks per leaf, a low-rank rest with a full last layer, the
+    # Kronecker factors per layer (kept whole); an MLP whose blocks of 8, 56 and 8 parameters
+    # split over 8 devices and whose output bias (1) and last layer (9) do not
+    out["parts"] = []
+    mlp = kalnat.models.mlp(7, (8,))
+    params = mlp.init(jax.random.PRNGKey(0))
+    Xm = X[:, :7]
+    reps = {"blocks": kalnat.representations.Blocks.per_leaf(params),
+            "last-layer": kalnat.representations.last_layer_full(params, kalnat.representations.LowRank(rank=RANK)),
+            "kron": kalnat.representations.kronecker(params)}
+    for (form, rep), batches in zip(reps.items(), [(1,), (2,), (1,)]):  # (each compiles its own scans)
+        learner = kalnat.ekf(mlp, kalnat.families.Bernoulli(), forgetting=0.99, representation=rep)
+        mesh = sharded.mesh(jax.devices())
+        for batch in batches:
+            ref = kalnat.fit(learner, learner.init(params), Xm, y, batch_size=batch)
+            res = sharded.fit(learner, learner.init(params), Xm, y, mesh, batch_size=batch)
+            hyper = device_hyper(learner, None, np.float64)
+            state = sharded.shard(learner.init(params), mesh)
+            hlo = sharded.step_fn(learner, mesh, state.cov).lower(hyper, state, Xm[:batch], y[:batch]) \
+                .compile().as_text()
+            leaves = jax.tree_util.tree_leaves(res.state.cov)
+            out["parts"].append({
+                "form": form, "batch": batch, "d": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
+                "theta": max(rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(ref.state.params),
+                                                       jax.tree_util.tree_leaves(res.state.params))),
+                # P itself: a low-rank factor W is defined up to the signs of its columns
+                "cov": rel(ref.state.cov.dense(), res.state.cov.dense()),
+                "pred": rel(ref.predictions.mean, res.predictions.mean),
+                "ll": rel(ref.log_likelihood, res.log_likelihood),
+                "specs": [list(a.sharding.spec) for a in leaves],
+                "shapes": [list(a.shape) for a in leaves],
+                "collectives": sharded.collectives(hlo),
+            })
     print(json.dumps(out))
 
 

@@ -1,6 +1,7 @@
 """One model across devices (kalnat.sharded): on 8 simulated CPU devices the filter with P
 row-sharded equals the one-device filter (float64, 1e-12), P stays sharded, and the compiled
-step moves no d × d array between devices (its HLO's collectives are d × m or m × m)."""
+step moves no d × d array between devices (its HLO's collectives are d × m or m × m); the
+structured forms split by parameter, and blocks and groups part by part."""
 
 import json
 import math
@@ -49,6 +50,31 @@ def test_no_d_by_d_array_moves(report):
                 assert math.prod(shape) <= d * case["batch"], (op, shape, case["n"])
 
 
+def test_forms_of_parts_shard_each_part_that_splits(report):
+    """Blocks, groups (a low-rank rest with a full last layer) and Kronecker factors on 8
+    devices: equal to one device (1e-12, P itself); every block or group leaf whose first axis
+    divides by 8 is split by rows, the rest (a 1-parameter block, the 9 × 9 last layer, the
+    Kronecker factors) kept whole; no split leaf moves whole between devices, and nothing
+    larger than d × m or a whole part (padded to the device count) moves."""
+    by = {(c["form"], c["batch"]): c for c in report["parts"]}
+    assert sorted(by) == [("blocks", 1), ("kron", 1), ("last-layer", 2)]
+    rows, whole = ["rows", None], []
+    expected = {"blocks": [rows, rows, whole, rows], "last-layer": [["rows"], rows, whole],
+                "kron": [whole] * 4}
+    for (form, m), case in by.items():
+        for what in ("theta", "cov", "pred", "ll"):
+            assert case[what] <= 1e-12, (form, m, what, case[what])
+        assert case["specs"] == expected[form], (form, case["specs"])
+        split = [tuple(sh) for sh, spec in zip(case["shapes"], case["specs"]) if spec]
+        kept = [math.prod([-(-sh[0] // 8) * 8] + sh[1:]) for sh, spec in zip(case["shapes"], case["specs"]) if not spec]
+        bound = max([case["d"] * m] + kept)
+        for op, shapes in case["collectives"]:
+            for shape in shapes:
+                assert tuple(v for v in shape if v != 1) not in split, (form, m, op, shape)
+                assert math.prod(shape) <= bound, (form, m, op, shape, bound)
+    assert by[("kron", 1)]["collectives"] == []
+
+
 def test_structured_forms_shard_by_parameter(report):
     """Diagonal (p (d,)) and LowRank (υ (d,), W (d, k)): every leaf split by parameter over the
     8 devices, equal to one device (1e-12), and nothing larger than d × m moves (W stays split)."""
@@ -67,3 +93,22 @@ def test_structured_forms_shard_by_parameter(report):
         for op, shapes in ops:
             for shape in shapes:
                 assert math.prod(shape) <= d * m, (case["form"], op, shape)
+
+
+def test_forms_it_cannot_shard_are_errors():
+    """A learner whose state is not one of the forms kalnat.sharded splits is a ValueError
+    before anything runs; so is a form of parts given by its type (its shapes decide)."""
+    import jax
+    import numpy as np
+
+    import kalnat
+    from kalnat import sharded
+    from kalnat.representations import BlockCovariance
+
+    model = kalnat.models.linear(3)
+    mesh = sharded.mesh(jax.devices()[:1])
+    nig = kalnat.nig_filter(model, kalnat.families.Gaussian(1.0))
+    with pytest.raises(ValueError, match="kalnat.sharded runs kalnat.ekf .* got nig"):
+        sharded.fit(nig, nig.init(model.init(None)), np.zeros((2, 3)), np.zeros(2), mesh)
+    with pytest.raises(ValueError, match="a BlockCovariance is split by its shapes"):
+        sharded.state_sharding(mesh, BlockCovariance)

@@ -13,7 +13,9 @@ device updates its rows in place; it is never gathered.
 The structured forms shard by parameter too: a diagonal's variances ``p (d,)``, a low-rank
 precision's ``υ (d,)`` and ``W (d, k)`` by rows (the low-rank step's sums over parameters are
 ``k × k``, ``k × m`` and ``m × m`` all-reduces; ``W`` is never gathered, nothing larger than
-``d × m`` or ``k × k`` moves).
+``d × m`` or ``k × k`` moves). Blocks and groups split each part whose size divides by the
+device count in the same way and hold the others whole on every device; Kronecker factors are
+held whole (the comment above ``_cov_specs`` says why).
 
 The same code runs on several hosts once ``jax.distributed.initialize()`` has made every
 host's devices part of ``jax.devices()`` (``examples/multihost.py``; tests/test_multihost.py
@@ -36,8 +38,11 @@ from jax.sharding import PartitionSpec as Spec
 from kalnat.filter import State
 from kalnat.learners.base import Learner, device_hyper
 from kalnat.programs import once
+from kalnat.representations.blocks import BlockCovariance
 from kalnat.representations.diagonal import DiagonalCovariance
 from kalnat.representations.full import Covariance
+from kalnat.representations.groups import GroupCovariance
+from kalnat.representations.kron import KronCovariance
 from kalnat.representations.lowrank import LowRankPrecision
 from kalnat.stream import FitResult, check_diverged, scan_rows
 
@@ -53,64 +58,103 @@ def mesh(devices=None) -> Mesh:
 
 
 # Each form's leaves split along θ's axis: the full covariance by rows, the diagonal's variances
-# and the low-rank precision's υ (d,) and W (d, k) by parameter.
-_SPECS = {
-    Covariance: lambda: Covariance(Spec(AXIS, None)),
-    DiagonalCovariance: lambda: DiagonalCovariance(Spec(AXIS)),
-    LowRankPrecision: lambda: LowRankPrecision(Spec(AXIS), Spec(AXIS, None)),
-}
+# and the low-rank precision's υ (d,) and W (d, k) by parameter. These three must split evenly
+# (else nothing of them would). The forms made of parts (blocks, groups) split each part's
+# leaves whose first axis divides evenly over the devices and keep the rest whole on every
+# device (a 9 × 9 block among 64 × 64 ones). Kronecker factors stay whole: a step factors and
+# whitens them (split, it gathered them: measured on 8 devices), and they hold about as many
+# numbers as their layer's parameters, which every device holds anyway.
+_WHOLE = (Covariance, DiagonalCovariance, LowRankPrecision)
+_PARTS = (BlockCovariance, GroupCovariance, KronCovariance)
+
+
+def _rows(shape, n: int, even: bool = False) -> Spec:
+    """A leaf of ``shape`` split along its first axis over ``n`` devices (replicated where that
+    axis does not divide evenly, unless ``even``)."""
+    if even or shape[0] % n == 0:
+        return Spec(AXIS, *([None] * (len(shape) - 1)))
+    return Spec()
+
+
+def _cov_specs(cov, n: int):
+    """The covariance's ``PartitionSpec`` s, a pytree like ``cov`` (its shapes decide; a type
+    of :data:`_WHOLE` alone gives the evenly split form)."""
+    if isinstance(cov, type):
+        if cov not in _WHOLE:
+            raise ValueError(f"kalnat.sharded: a {cov.__name__} is split by its shapes: pass the covariance "
+                             "(state.cov), not its type")
+        shapes = {Covariance: [(n, n)], DiagonalCovariance: [(n,)], LowRankPrecision: [(n,), (n, 1)]}[cov]
+        return cov(*(_rows(sh, n, even=True) for sh in shapes))
+    if isinstance(cov, BlockCovariance):
+        return BlockCovariance(tuple(_rows(b.shape, n) for b in cov.blocks))
+    if isinstance(cov, GroupCovariance):
+        return GroupCovariance(tuple(_cov_specs(part, n) for part in cov.parts))
+    if isinstance(cov, KronCovariance):  # whole on every device: the step factors and whitens them
+        return KronCovariance(Spec(), Spec())
+    if isinstance(cov, _WHOLE):
+        return type(cov)(*(_rows(a.shape, n) for a in cov))
+    raise ValueError(f"kalnat.sharded: no sharding for a {type(cov).__name__} (the full, diagonal, low-rank, "
+                     "block, group and Kronecker forms)")
+
+
+def _layout(cov):
+    """What a compiled step's shardings depend on: the covariance's type and shapes."""
+    if isinstance(cov, type):
+        return cov
+    return jax.tree_util.tree_structure(cov), tuple(np.shape(a) for a in jax.tree_util.tree_leaves(cov))
 
 
 def _check(learner, state, mesh_):
-    if not isinstance(learner, Learner) or type(getattr(state, "cov", None)) not in _SPECS:
-        raise ValueError("kalnat.sharded runs kalnat.ekf (and its variants) with the full covariance, "
-                         "representations.Diagonal or representations.LowRank; got "
-                         f"{getattr(learner, 'name', type(learner).__name__)} with "
-                         f"{type(getattr(state, 'cov', None)).__name__}")
-    d = jax.tree_util.tree_leaves(state.cov)[0].shape[0]
+    cov = getattr(state, "cov", None)
+    if not isinstance(learner, Learner) or not isinstance(cov, _WHOLE + _PARTS):
+        raise ValueError("kalnat.sharded runs kalnat.ekf (and its variants) with the full covariance or "
+                         "representations.Diagonal, LowRank, Blocks, Groups (last_layer_full, kronecker); got "
+                         f"{getattr(learner, 'name', type(learner).__name__)} with {type(cov).__name__}")
+    d = jax.tree_util.tree_leaves(cov)[0].shape[0]
     n = mesh_.shape[AXIS]
-    if d % n:
+    if isinstance(cov, _WHOLE) and d % n:
         raise ValueError(f"kalnat.sharded: d = {d} parameters do not split evenly over {n} devices; "
                          f"use a device count that divides {d}")
 
 
-def state_sharding(mesh_: Mesh, cov_type=Covariance):
+def state_sharding(mesh_: Mesh, cov=Covariance):
     """The state's shardings (a prefix of any core state's pytree): the covariance's leaves
     split along θ's axis over the mesh (``P``'s rows; a diagonal's variances; a low-rank
-    precision's υ and W's rows), θ and the step count replicated."""
+    precision's υ and W's rows; each block's, group's and Kronecker factor's rows where they
+    divide evenly), θ and the step count replicated. ``cov``: the state's covariance
+    (``state.cov``), or the type of a full, diagonal or low-rank one."""
     rep = NamedSharding(mesh_, Spec())
-    if cov_type not in _SPECS:
-        raise ValueError(f"kalnat.sharded: no sharding for a {cov_type.__name__} "
-                         f"(one of {', '.join(t.__name__ for t in _SPECS)})")
-    cov = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh_, spec), _SPECS[cov_type](),
-                                 is_leaf=lambda x: isinstance(x, Spec))
-    return State(rep, cov, rep)
+    specs = _cov_specs(cov, mesh_.shape[AXIS])
+    return State(rep, jax.tree_util.tree_map(lambda spec: NamedSharding(mesh_, spec), specs,
+                                             is_leaf=lambda x: isinstance(x, Spec)), rep)
 
 
 def shard(state, mesh_: Mesh):
     """``state`` placed on the mesh (:func:`state_sharding`)."""
-    s = state_sharding(mesh_, type(state.cov))
+    s = state_sharding(mesh_, state.cov)
     return State(jax.device_put(state.params, s.params), jax.device_put(state.cov, s.cov),
                  jax.device_put(state.count, s.count))
 
 
-def _jitted(learner, mesh_, kind, cov_type=Covariance):
+def _jitted(learner, mesh_, kind, cov=Covariance):
+    s = state_sharding(mesh_, cov)  # (the shardings, not cov: the compiled step outlives the state)
+
     def make():
-        rep, s = NamedSharding(mesh_, Spec()), state_sharding(mesh_, cov_type)
+        rep = NamedSharding(mesh_, Spec())
         if kind == "step":
             return jax.jit(lambda hyper, state, xs, ys: learner.step(hyper, state, xs, ys),
                            in_shardings=(rep, s, rep, rep), out_shardings=(s, rep, rep), donate_argnums=1)
         return jax.jit(lambda hyper, state, xs, ys, ms: scan_rows(learner, hyper, state, xs, ys, ms),
                        in_shardings=(rep, s, rep, rep, rep), out_shardings=(s, rep), donate_argnums=1)
 
-    return once(learner, (kind, mesh_, cov_type), make)
+    return once(learner, (kind, mesh_, _layout(cov)), make)
 
 
-def step_fn(learner, mesh_: Mesh, cov_type=Covariance):
+def step_fn(learner, mesh_: Mesh, cov=Covariance):
     """The jitted, donating step ``(hyper, state, xs (b, …), ys (b, …)) -> (state, Predictive,
-    log_lik (b,))`` with the state sharded as :func:`state_sharding` says (``cov_type``: the
-    state's covariance type, ``type(state.cov)``)."""
-    return _jitted(learner, mesh_, "step", cov_type)
+    log_lik (b,))`` with the state sharded as :func:`state_sharding` says (``cov``: the state's
+    covariance, ``state.cov``, or the type of a full, diagonal or low-rank one)."""
+    return _jitted(learner, mesh_, "step", cov)
 
 
 def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: int = 256,
@@ -131,7 +175,7 @@ def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: i
     if n % batch_size:
         raise ValueError(f"kalnat.sharded.fit: {n} rows is not a multiple of batch_size {batch_size}")
     dtype = learner._dtype(state)
-    run = _jitted(learner, mesh_, "scan", type(state.cov))
+    run = _jitted(learner, mesh_, "scan", state.cov)
     hyper = device_hyper(learner, hyper, dtype)
     state = shard(state, mesh_)
     preds = []
