@@ -116,18 +116,26 @@ class _Actor:
     calls raise OSError, as Dask's do when the worker is gone."""
 
     def __init__(self, obj, failing=()):
-        self.obj, self.dead, self.failing, self.raises = obj, False, failing, None
+        self.obj, self.dead, self.failing = obj, False, failing
 
     def __getattr__(self, name):
         def call(*args):
             if self.dead or name in self.failing:
                 raise OSError("Unable to contact Actor's worker")
-            if self.raises is not None and name == "learn":  # the shard's own code raises
-                def fail(*_):
-                    raise self.raises
-                return _Done(fail)
             return _Done(getattr(self.obj, name), *args)
         return call
+
+
+def _fails_learning(shard, error, after_batch=None):
+    """The shard's own code raises ``error`` when it learns (after its batch ``after_batch``
+    only, if given), as a worker out of memory would."""
+    learn = shard.keyed.learn
+
+    def failing(*args, **kwargs):
+        if after_batch is None or shard.batch == after_batch:
+            raise error
+        return learn(*args, **kwargs)
+    shard.keyed.learn = failing
 
 
 class _Cluster:
@@ -137,6 +145,7 @@ class _Cluster:
 
     def __init__(self, room=None, failing=()):
         self.full, self.made, self.room, self.failing = False, [], room, failing
+        self.on_make = []  # hooks, each called with the next actor made (None: none)
 
     def scheduler_info(self):
         return {"workers": {"w0": {}, "w1": {}}}
@@ -146,6 +155,9 @@ class _Cluster:
             if self.full or len(self.made) == self.room:
                 raise OSError("no worker can take the actor")
             self.made.append(_Actor(cls(*args), self.failing))
+            hook = self.on_make.pop(0) if self.on_make else None
+            if hook is not None:
+                hook(self.made[-1])
             return self.made[-1]
         return _Done(make)
 
@@ -195,10 +207,11 @@ def test_a_shard_lost_for_good_keeps_its_rows_and_the_others_learn_theirs():
                 dk.learn(keys, bad, y)
             assert (dk.batch, [len(log) for log in dk.log], [a.obj.batch for a in dk.actors]) == before
         if b == 6:  # shard 0's own code raises: the others learn the batch; shard 0 none of it
-            dk.actors[0].raises = MemoryError("out of memory")
+            _fails_learning(dk.actors[0].obj, MemoryError("out of memory"))
             logs = [len(log) for log in dk.log]
             with pytest.raises(ShardError, match=r"shard 0 raised \(shard 0: MemoryError: out of memory\); every "
-                                                 r"other shard learned batch 6\. A shard that raised") as err:
+                                                 r"other shard learned batch 6\. A shard that raised .* Do not pass "
+                                                 r"the batch again\.") as err:
                 dk.learn(keys, X, y)
             assert not isinstance(err.value, ShardLost) and dk.actors[0] is None and dk.recoveries == 4
             assert [len(log) for log in dk.log] == [logs[0], logs[1] + 1, logs[2] + 1]
@@ -225,22 +238,104 @@ def test_a_shard_lost_for_good_keeps_its_rows_and_the_others_learn_theirs():
                                                                     states[key])), key
 
 
+def test_a_shards_own_errors_are_told_from_a_lost_worker():
+    """In one batch a shard raises and another is lost for good: a ShardError (not ShardLost)
+    naming both. The lost shard's pending batch then fails when its rebuild replays it (its
+    own code): dropped from its log and reported, and the shard learns on. A shard lost at the
+    periodic checkpoint is a warning (its batch is learned). The final states equal one
+    process learning exactly the rows reported learned (bit for bit)."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, HERE)
+    try:
+        import keyed_factory
+        from dask_scenarios import batches
+    finally:
+        sys.path.remove(HERE)
+    from kalnat.dask_keyed import DaskKeyed, ShardError, shard_of
+    from kalnat.keyed import Keyed
+
+    stream = list(batches(n_batches=7, seed=1))
+    alone = Keyed(*keyed_factory.make())
+    cluster = _Cluster()
+    dk = DaskKeyed(cluster, keyed_factory.make, n_shards=3, checkpoint_every=3, retries=2)
+
+    def learned_by(keys, X, y, shards):
+        r = [i for i, k in enumerate(keys) if shard_of(k, 3) in shards]
+        alone.learn([keys[i] for i in r], X[r], y[r])
+
+    for b, (keys, X, y) in enumerate(stream):
+        if b == 2:
+            _fails_learning(dk.actors[0].obj, MemoryError("out of memory"))
+            dk.actors[1].dead = cluster.full = True
+            with pytest.raises(ShardError, match=r"shard 1 lost .*; shard 0 raised \(shard 0: MemoryError") as err:
+                dk.learn(keys, X, y)
+            assert type(err.value) is ShardError and (err.value.lost, err.value.raised) == ({1}, {0})
+            learned_by(keys, X, y, {2})  # shard 1 keeps batch 2 pending; shard 0 learned none of it
+            cluster.full = False
+            # the next actors: shard 0's rebuild, then shard 1's, whose code fails on batch 2
+            cluster.on_make = [None, lambda actor: _fails_learning(actor.obj, MemoryError("smaller worker"),
+                                                                   after_batch=1)]
+            continue
+        if b == 3:  # shard 1's rebuild cannot learn its pending batch 2: dropped, reported
+            with pytest.raises(ShardError, match=r"shard 1 could not learn its batch 2 again when rebuilt "
+                                                 r"\(MemoryError: smaller worker\): those rows are dropped, not "
+                                                 r"learned; every shard learned batch 3") as err:
+                dk.learn(keys, X, y)
+            assert err.value.dropped == [(1, 2)] and [e[0] for e in dk.log[1]] == [0, 1, 3]
+            learned_by(keys, X, y, {0, 1, 2})
+            continue
+        if b == 5:  # shard 2 lost between its batch and the checkpoint after it: a warning
+            dk.actors[2].failing, cluster.full = {"snapshot"}, True
+            with pytest.warns(RuntimeWarning, match=r"shard 2 lost .* the checkpoint after batch 5 is not made"):
+                dk.learn(keys, X, y)
+            assert dk.actors[2] is None and dk.saved[2][0] == -1 and dk.saved[0][0] == 5
+            learned_by(keys, X, y, {0, 1, 2})
+            cluster.full = False
+            continue
+        dk.learn(keys, X, y)
+        learned_by(keys, X, y, {0, 1, 2})
+    states = dk.leaves()
+    assert sorted(states) == sorted(alone.keys)
+    for key in alone.keys:
+        assert all(np.array_equal(b, np.asarray(a)) for a, b in zip(jax.tree_util.tree_leaves(alone.state(key)),
+                                                                    states[key])), key
+
+
 def test_the_command_stops_with_a_message_when_a_shard_is_lost_for_good(tmp_path, monkeypatch):
-    """kalnat learn --key K --workers 2 on a cluster whose workers are lost at their first
-    batch and that has no room for new ones: a message naming the shard and a non-zero exit,
-    no traceback."""
+    """kalnat learn --key K --workers 2 on a cluster that has no room for new workers: workers
+    lost at their first batch, or at the final checkpoint of a run into an earlier run's
+    report, are a message naming the shards and a non-zero exit, no traceback; the earlier
+    run's shards are left whole (not mixed with the new run's)."""
     from click.testing import CliRunner
 
     from kalnat import cli
 
-    monkeypatch.setattr(cli, "_dask_client", lambda workers, scheduler: (_Cluster(room=2, failing={"learn"}), None))
     path = tmp_path / "d.csv"
     path.write_text("user,a,y\n" + "".join(f"u{i % 3},{i / 10:.1f},{i % 2}\n" for i in range(12)))
-    res = CliRunner().invoke(cli.cli, ["learn", str(path), "--key", "user", "--workers", "2", "--quiet",
-                                       "--prior-var", "1", "--forget", "1", "--out", str(tmp_path / "r")])
+    out = tmp_path / "r"
+
+    def run(cluster):
+        monkeypatch.setattr(cli, "_dask_client", lambda workers, scheduler: (cluster, None))
+        return CliRunner().invoke(cli.cli, ["learn", str(path), "--key", "user", "--workers", "2", "--quiet",
+                                            "--prior-var", "1", "--forget", "1", "--out", str(out)])
+
+    res = run(_Cluster(room=2, failing={"learn"}))
     assert res.exit_code == 1 and res.exception is not None and isinstance(res.exception, SystemExit), res.output
     assert "Error: DaskKeyed: shards 0, 1 lost and not rebuilt in 3 tries" in res.output, res.output
     assert res.output.strip().endswith("The run stops; its report is not written.") and "Traceback" not in res.output
+    assert not out.exists() or not os.listdir(out)
+    assert run(_Cluster()).exit_code == 0
+    before = {f: (out / "shards" / f).read_bytes() for f in os.listdir(out / "shards")}
+    assert sorted(before) == ["model.json", "shard_0.npz", "shard_1.npz"]
+    path.write_text("user,a,y\n" + "".join(f"u{i % 3},{i / 7:.1f},{i % 2}\n" for i in range(12)))
+    cluster = _Cluster(room=2)  # shard 0 is checkpointed, shard 1 lost at its checkpoint
+    cluster.on_make = [None, lambda actor: setattr(actor, "failing", {"snapshot"})]
+    res = run(cluster)
+    assert res.exit_code == 1 and "shard 1 lost and not rebuilt" in res.output and "Traceback" not in res.output
+    assert {f: (out / "shards" / f).read_bytes() for f in os.listdir(out / "shards")} == before
+    assert [f for f in os.listdir(out) if f.startswith(".shards")] == []
 
 
 def test_cluster_equals_one_process_and_survives_a_lost_worker(tmp_path):

@@ -300,6 +300,28 @@ def _dask_client(workers, scheduler):
     return distributed.Client(cluster), cluster
 
 
+def _write_shards(runner, source, folder):
+    """The shards' checkpoints and their header into ``folder`` (replaced whole): written in a
+    new folder first, so that a failed checkpoint leaves no mix of two runs' shards."""
+    import shutil
+    import tempfile
+
+    from kalnat import cli_keyed
+
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    new = tempfile.mkdtemp(prefix=".shards-", dir=os.path.dirname(folder))
+    try:
+        runner.dask.checkpoint_dir = new
+        runner.dask.checkpoint()
+        cli_keyed.save_shards_header(new, runner, source)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(new, folder)
+    finally:
+        runner.dask.checkpoint_dir = None
+        shutil.rmtree(new, ignore_errors=True)
+
+
 def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
     """``kalnat learn --key``: one model per key (kalnat.cli_keyed), on Dask with --workers or
     --scheduler; ``figures``: the :class:`kalnat.figure_workers.FigureWorkers` that draw the
@@ -313,9 +335,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
             source, cfg, progress=not quiet, log=None if quiet else (lambda m: click.echo(m, err=True)),
             client=client)
         if runner.dask is not None:  # the shards' final states, one checkpoint each
-            runner.dask.checkpoint_dir = os.path.join(out_dir, "shards")
-            runner.dask.checkpoint()
-            cli_keyed.save_shards_header(runner.dask.checkpoint_dir, runner, source)
+            _write_shards(runner, source, os.path.join(out_dir, "shards"))
     except RuntimeError as err:
         from kalnat.dask_keyed import ShardError  # (imported with the cluster's learner)
 

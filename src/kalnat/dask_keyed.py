@@ -16,47 +16,45 @@ predictions returned are those of the retried batch (tests/test_dask.py kills a 
 mid-stream and compares the final states with an uninterrupted one-process run). A shard
 that cannot be rebuilt (``retries`` tries) raises :class:`ShardLost` once the other shards
 have learned the batch; it keeps the batch in its log and learns it when its next call
-rebuilds it. A shard whose own code raises learns none of the batch (:class:`ShardError`).
-Each shard's rows are checked in the driver first (the checks the shard makes), so a bad row
-is an error before any shard learns.
+rebuilds it. A shard whose own code raises (its errors come back as ``_Raised``, told apart
+from a lost worker's) learns none of the batch (:class:`ShardError`). Each shard's rows are
+checked in the driver first (the checks the shard makes), so a bad row is an error before
+any shard learns.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
+import warnings
 import zlib
 from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
+from kalnat.dask_shard import ShardLearner, _Raised
+
 __all__ = ["shard_of", "ShardLearner", "DaskKeyed", "ShardError", "ShardLost"]
 
 
 class ShardError(RuntimeError):
-    """A shard could not do its part of a call (its own code raised: the error it raised is
-    the ``__cause__``); every other shard did. ``summary``: which shards and why, in a line."""
+    """A call that not every shard could do its part of; the others did theirs. Attributes:
+    ``lost`` (shards whose workers are lost and could not be rebuilt: they keep their
+    batches and learn them when rebuilt), ``raised`` (shards whose own code raised: they
+    learned none of the call's rows), ``dropped`` (``(shard, batch)`` of logged batches a
+    rebuilt shard's code could not learn again: not learned) and ``summary`` (one line)."""
 
-    def __init__(self, message: str, summary: str = ""):
+    def __init__(self, message: str, summary: str = "", lost=(), raised=(), dropped=()):
         super().__init__(message)
         self.summary = summary or message
+        self.lost, self.raised, self.dropped = set(lost), set(raised), list(dropped)
 
 
 class ShardLost(ShardError):
-    """A shard whose worker was lost and that could not be rebuilt (``DaskKeyed.retries``
-    tries). The shard keeps its batches since its last checkpoint (none is lost) and learns
-    them when it is next rebuilt, at the driver's next call."""
-
-
-def _worker_lost(err: BaseException) -> bool:
-    """Whether an actor call's error means its worker is gone rather than that the shard's code
-    raised: Dask raises ``OSError`` when it cannot reach the worker (a call's timeout is a
-    ``TimeoutError``, an ``OSError`` too) and ``RuntimeError("Worker holding Actor was lost")``
-    once the scheduler knows."""
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "Actor was lost" in str(err))
+    """A :class:`ShardError` where every failing shard is lost (``raised`` and ``dropped``
+    empty): nothing of the call is lost; the lost shards keep their batches since their last
+    checkpoint and learn them when they are next rebuilt, at their next call."""
 
 
 def shard_of(key, n_shards: int) -> int:
@@ -125,71 +123,6 @@ def _partition_rows(part, key, target, features, i):
     return keys, X, cols[target]
 
 
-class ShardLearner:
-    """One shard's keyed learner, run as a Dask actor.
-
-    ``factory() -> (learner, params)`` builds the learner inside the worker (it is pickled by
-    reference or by cloudpickle); ``x64``: float64, set before any array is made.
-    """
-
-    def __init__(self, factory: Callable, x64: bool = True, batch_size: int = 1):
-        import jax
-
-        if x64:
-            jax.config.update("jax_enable_x64", True)
-        from kalnat.keyed import Keyed
-
-        self.learner, self.params = factory()
-        self.keyed = Keyed(self.learner, self.params, batch_size=batch_size)
-        self.batch = -1  # the last batch learned
-
-    def learn(self, batch: int, keys, X, Y):
-        """Learns one batch's rows of this shard; returns ``(predictions, log_likelihoods)``
-        as NumPy arrays."""
-        if batch <= self.batch:
-            raise ValueError(f"shard asked to learn batch {batch} again (it has learned up to {self.batch})")
-        # DaskKeyed sends a NumPy array (_key_array): Keyed groups int and str arrays by sorting
-        res = self.keyed.learn(keys if isinstance(keys, np.ndarray) else list(keys), X, Y)
-        self.batch = batch
-        return res.predictions, res.log_likelihood
-
-    def flush(self, batch: int):
-        """:meth:`Keyed.flush` (the held rows of partial minibatches learned), as batch ``batch``."""
-        if batch <= self.batch:
-            raise ValueError(f"shard asked to flush as batch {batch} (it has learned up to {self.batch})")
-        self.keyed.flush()
-        self.batch = batch
-
-    def snapshot(self) -> tuple[int, bytes]:
-        """``(last batch, checkpoint file's bytes)``."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "shard.npz")
-            self.keyed.save(path, extra={"batch": self.batch})
-            with open(path, "rb") as f:
-                return self.batch, f.read()
-
-    def restore(self, data: bytes):
-        from kalnat import checkpoint
-        from kalnat.keyed import Keyed
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "shard.npz")
-            with open(path, "wb") as f:
-                f.write(data)
-            self.keyed = Keyed.load(path, self.learner, self.params)
-            self.batch = int(checkpoint.read_header(path)["extra"]["batch"])
-        return self.batch
-
-    def leaves(self) -> dict:
-        """Every key's state as a list of NumPy arrays (for checks)."""
-        import jax
-
-        return {k: [np.asarray(a) for a in jax.tree_util.tree_leaves(self.keyed.state(k))] for k in self.keyed.keys}
-
-    def n_keys(self) -> int:
-        return len(self.keyed)
-
-
 class DaskKeyed:
     """A keyed learner over ``n_shards`` Dask actors (default: one per worker of ``client``).
 
@@ -217,37 +150,37 @@ class DaskKeyed:
         self.checkpoint_every = int(checkpoint_every)
         self.checkpoint_dir = checkpoint_dir
         self.retries = int(retries)
-        if self.retries < 1:
-            raise ValueError(f"DaskKeyed: retries must be at least 1, got {retries}")
         self.timeout = float(timeout)
+        for name, value, ok in (("checkpoint_every", checkpoint_every, self.checkpoint_every >= 1),
+                                ("retries", retries, self.retries >= 1), ("timeout", timeout, self.timeout > 0)):
+            if not ok:
+                raise ValueError(f"DaskKeyed: {name} must be positive, got {value}")
+        self.recoveries = 0  # shards rebuilt (attempts, the failed ones too)
         self.actors = [self._new_actor(i) for i in range(self.n_shards)]
         self.saved = [(-1, None)] * self.n_shards      # (batch, bytes) of each shard's last checkpoint
         self.log = [[] for _ in range(self.n_shards)]  # each shard's batches since then
         self.batch = -1
-        self.recoveries = 0
         self._check = None  # _checker's
+        self._dropped = []  # (shard, batch, error) of logged batches a rebuild could not learn again
 
     def _new_actor(self, i):
         workers = sorted(self.client.scheduler_info()["workers"])
         if not workers:  # (an OSError: a lost worker's, so the rebuild is tried again)
             raise OSError("the cluster has no workers")
+        # each rebuild on the next worker: a worker whose call timed out may still be running it
         future = self.client.submit(ShardLearner, self.factory, self.x64, self.batch_size, actor=True, pure=False,
-                                    workers=[workers[i % len(workers)]], allow_other_workers=True)
+                                    workers=[workers[(i + self.recoveries) % len(workers)]], allow_other_workers=True)
         return future.result(timeout=self.timeout)
 
-    def _x64(self):
-        # as ShardLearner: float64 when asked, else the process's own setting
-        return jax.enable_x64(True) if self.x64 else contextlib.nullcontext()
-
     def _checker(self):
-        """A keyed learner in the driver, built by ``factory`` once: each shard's rows pass its
-        checks (``Keyed.learn``'s, as the shard makes them) before any shard sees the batch,
-        so that a bad row is an error with nothing learned, not a batch learned by some shards
-        only. (The driver thereby starts JAX, on its default device.)"""
+        """A keyed learner in the driver, built by ``factory`` once in the shards' dtype (asked
+        of shard 0): each shard's rows pass its checks (``Keyed.learn``'s, as the shard makes
+        them) before any shard sees the batch, so that a bad row is an error with nothing
+        learned, not a batch learned by some shards only. (The driver thereby starts JAX.)"""
         if self._check is None:
             from kalnat.keyed import Keyed
 
-            with self._x64():
+            with jax.enable_x64(self._ask(0, "dtype") == "float64"):
                 self._check = Keyed(*self.factory(), capacity=1)
         return self._check
 
@@ -271,20 +204,23 @@ class DaskKeyed:
             return None, np.zeros(0)
         shard = _shards(keys, self.n_shards)
         rows = {i: r for i in range(self.n_shards) if (r := np.flatnonzero(shard == i)).size}
-        with self._x64():
+        checker = self._checker()
+        with jax.enable_x64(checker._dtype == np.float64):
             for r in rows.values():  # each shard's rows, as the shard will check them
-                self._checker()._check(X[r], Y[r])
+                checker._check(X[r], Y[r])
         self.batch += 1
         # the rows as given (each shard casts them to its dtype, as Keyed.learn does)
         out = self._run({i: (self.batch, keys[r], X[r], Y[r]) for i, r in rows.items()}, "learned")
         if (self.batch + 1) % self.checkpoint_every == 0:
             try:
                 self.checkpoint()
-            except ShardLost:  # the batch is learned; the lost shard keeps its log for its next call
-                pass
-            except Exception as err:
+            except ShardLost as err:  # the batch is learned; a lost shard keeps its log for its next call
+                warnings.warn(f"{err.summary}: the checkpoint after batch {self.batch} is not made for "
+                              f"{'them' if len(err.lost) > 1 else 'it'}; rebuilt at its next call", RuntimeWarning)
+            except ShardError as err:
                 raise ShardError(f"DaskKeyed: batch {self.batch} is learned (do not pass it again), but its "
-                                 f"checkpoint failed: {type(err).__name__}: {err}") from err
+                                 f"checkpoint failed: {err}", err.summary, err.lost, err.raised,
+                                 err.dropped) from err
         first = next(iter(out.values()))
         pred, ll = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[1:], a.dtype), first)
         for i, part in out.items():
@@ -349,15 +285,10 @@ class DaskKeyed:
         """Sends each shard ``i`` its entry ``(batch, keys, X, Y)`` (``keys`` ``None``: a
         flush), then collects the results (:meth:`_call`). An entry joins its shard's log when
         the shard ran it, or when the shard was lost and not rebuilt (it runs it when next
-        rebuilt); not when the shard's own code raised (it learned nothing of it). Raises
-        once every shard has had its entry: :class:`ShardLost` if a shard is lost,
-        :class:`ShardError` if one raised."""
-        sent = {}
-        for i, entry in entries.items():
-            try:
-                sent[i] = _send(self.actors[i], entry) if self.actors[i] is not None else None
-            except Exception as err:  # Dask knows the actor's worker is gone
-                sent[i] = err
+        rebuilt); not when the shard's own code raised (it learned none of it: its state is
+        rebuilt from its checkpoint and log at its next call). Raises a :class:`ShardError`
+        once every shard has had its entry, if one could not run it."""
+        sent = {i: self._make(i, lambda actor, e=entry: _send(actor, e)) for i, entry in entries.items()}
         out, failed = {}, {}
         for i, call in sent.items():
             status, value = self._call(i, call, lambda actor, e=entries[i]: _send(actor, e))
@@ -369,16 +300,22 @@ class DaskKeyed:
                 self.actors[i] = None
             else:
                 self.log[i].append(entries[i])
-        if failed:
-            self._raise(failed, f"{what} batch {self.batch}" if len(failed) < len(entries) else "", entries=True)
+        self._raise(failed, _done(failed, len(entries), f"{what} batch {self.batch}"), batch=len(entries))
         return out
 
+    def _make(self, i, ask):
+        """``ask(actor)`` on shard ``i``'s actor: a future, the error raised making it, or
+        ``None`` for a shard left lost."""
+        try:
+            return ask(self.actors[i]) if self.actors[i] is not None else None
+        except Exception as err:  # Dask knows the actor's worker is gone
+            return err
+
     def _call(self, i, call, again) -> tuple[str, object]:
-        """The result of shard ``i``'s ``call`` (an actor future, the error raised making it,
-        or ``None`` for a shard lost before), as ``("ok", result)``; ``("raised", error)``
-        where the shard's own code raised; else its worker is lost: the shard is rebuilt on a
-        new actor (its checkpoint, its log replayed) and ``again(actor)`` made there, up to
-        ``retries`` times, then ``("lost", error)`` with the shard left lost (``None``)."""
+        """The result of shard ``i``'s ``call`` (:meth:`_make`'s), as ``("ok", result)``;
+        ``("raised", error)`` where the shard's own code raised; else its worker is lost: the
+        shard is rebuilt on a new actor (:meth:`_rebuild`) and ``again(actor)`` made there,
+        up to ``retries`` times, then ``("lost", error)`` with the shard left lost (``None``)."""
         for attempt in range(self.retries + 1):
             try:
                 if isinstance(call, Exception):
@@ -386,86 +323,107 @@ class DaskKeyed:
                 if call is None:
                     raise OSError("the shard was lost before")
                 return "ok", call.result(timeout=self.timeout)
-            except Exception as err:
-                if not _worker_lost(err):
-                    return "raised", err
+            except _Raised as err:
+                return "raised", err
+            except Exception as err:  # a lost worker (or a timeout)
                 lost = err
             if attempt == self.retries:
                 break
             try:
                 self._rebuild(i)
                 call = again(self.actors[i])
-            except Exception as err:  # the rebuild failed: a lost worker's error, tried again
-                call = err if _worker_lost(err) else OSError(f"rebuilding the shard: {type(err).__name__}: {err}")
+            except Exception as err:
+                call = err
         self.actors[i] = None
         return "lost", lost
 
-    def _raise(self, failed: dict, done: str = "", entries: bool = False):
-        """Raises :class:`ShardLost` or :class:`ShardError` for ``failed``: ``{shard: (status,
-        error)}`` (:meth:`_call`'s); ``done``: what every other shard did; ``entries``: the
-        call was a batch (:meth:`_run`)."""
+    def _rebuild(self, i):
+        """Shard ``i`` on a new actor, from its last checkpoint with its logged batches replayed
+        (one try; ``self.actors[i]`` is ``None`` until it succeeds). A logged batch that the
+        shard's own code cannot learn again (a smaller worker's memory) is dropped from the
+        log and the shard rebuilt without it (:meth:`_raise` reports it)."""
+        self.actors[i] = None
+        while True:
+            self.recoveries += 1
+            actor = self._new_actor(i)
+            if self.saved[i][1] is not None:
+                actor.restore(self.saved[i][1]).result(timeout=self.timeout)
+            entry = None
+            try:
+                for entry in self.log[i]:
+                    _send(actor, entry).result(timeout=self.timeout)
+            except _Raised as err:
+                self.log[i] = [e for e in self.log[i] if e is not entry]
+                self._dropped.append((i, entry[0], err))
+                continue
+            self.actors[i] = actor
+            return
+
+    def _raise(self, failed: dict, done: str = "", batch: int = 0, write: Optional[OSError] = None):
+        """Raises a :class:`ShardError` (:class:`ShardLost` where every failure is a lost shard)
+        for ``failed``: ``{shard: (status, error)}`` (:meth:`_call`'s), the logged batches
+        dropped since the last call, and ``write`` (an error writing ``checkpoint_dir``); does
+        nothing without any. ``done``: what the other shards did (:func:`_done`); ``batch``:
+        the number of shards a batch went to (:meth:`_run`), else 0."""
+        dropped, self._dropped = self._dropped, []
+        if not failed and not dropped and write is None:
+            return
         lost = {i: e for i, (status, e) in failed.items() if status == "lost"}
         raised = {i: e for i, (status, e) in failed.items() if status == "raised"}
+
+        def shards(d):
+            return f"shard{'s' * (len(d) > 1)} {', '.join(map(str, d))}"
         parts = []
         if lost:
             i, err = next(iter(lost.items()))
-            parts.append(f"shard{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} lost and not rebuilt in "
-                         f"{self.retries} tries (shard {i}: {type(err).__name__}: {err})")
+            parts.append(f"{shards(lost)} lost and not rebuilt in {self.retries} tries "
+                         f"(shard {i}: {type(err).__name__}: {err})")
         if raised:
             i, err = next(iter(raised.items()))
-            parts.append(f"shard{'s' * (len(raised) > 1)} {', '.join(map(str, raised))} raised (shard {i}: "
-                         f"{type(err).__name__}: {err})")
+            parts.append(f"{shards(raised)} raised (shard {i}: {err})")
+        for i, batch, err in dropped:
+            parts.append(f"shard {i} could not learn its batch {batch} again when rebuilt ({err}): those rows "
+                         "are dropped, not learned")
+        if write is not None:
+            parts.append(f"writing the checkpoints to {self.checkpoint_dir}: {write}")
         summary = "DaskKeyed: " + "; ".join(parts)
-        message = summary + (f"; every other shard {done}" if done else "") + "."
+        message = summary + (f"; {done}" if done else "") + "."
         if lost:
             message += (" A lost shard keeps its batches since its last checkpoint and learns them when it "
-                        "is rebuilt, at its next call" + (": do not pass the batch again." if entries else "."))
-        if raised and entries:
+                        "is rebuilt, at its next call.")
+        if raised and batch:
             message += (" A shard that raised has not learned this batch's rows: it is rebuilt from its "
                         "checkpoint and its other batches at its next call.")
-        cause = next(iter((lost or raised).values()))
-        raise (ShardLost if lost else ShardError)(message, summary) from cause
+        if batch and len(raised) < batch:
+            message += " Do not pass the batch again."
+        cause = next(iter(lost.values()), next(iter(raised.values()), dropped[0][2] if dropped else write))
+        kind = ShardLost if lost and not raised and not dropped and write is None else ShardError
+        raise kind(message, summary, lost, raised, [(i, b) for i, b, _ in dropped]) from cause
 
-    def _replay(self, actor, i):
-        for entry in self.log[i]:
-            _send(actor, entry).result(timeout=self.timeout)
-
-    def _rebuild(self, i):
-        """Shard ``i`` on a new actor, from its last checkpoint with its logged batches
-        replayed (one try; ``self.actors[i]`` is ``None`` until it succeeds)."""
-        self.actors[i] = None
-        self.recoveries += 1
-        actor = self._new_actor(i)
-        if self.saved[i][1] is not None:
-            actor.restore(self.saved[i][1]).result(timeout=self.timeout)
-        self._replay(actor, i)
-        self.actors[i] = actor
-
-    def _ask(self, i, method: str):
-        """Shard ``i``'s ``method()`` (no batch: nothing to log), rebuilding a lost shard."""
+    def _query(self, i, method: str):
+        """Shard ``i``'s ``method()`` (no batch: nothing to log), rebuilding a lost shard, as
+        :meth:`_call`'s ``(status, value)``."""
         def ask(actor):
             return getattr(actor, method)()
+        return self._call(i, self._make(i, ask), ask)
 
-        try:
-            call = ask(self.actors[i]) if self.actors[i] is not None else None
-        except Exception as err:
-            call = err
-        status, value = self._call(i, call, ask)
-        if status != "ok":
-            self._raise({i: (status, value)})
+    def _ask(self, i, method: str):
+        """:meth:`_query`'s result, or its :class:`ShardError`."""
+        status, value = self._query(i, method)
+        self._raise({} if status == "ok" else {i: (status, value)})
         return value
 
     def checkpoint(self):
         """Checkpoints every shard now (and clears their replay logs). A shard that cannot be
-        checkpointed keeps its log; :class:`ShardLost` or :class:`ShardError` is raised after
-        the others are checkpointed (an error writing ``checkpoint_dir`` likewise)."""
+        checkpointed keeps its log; the :class:`ShardError` is raised after the others are
+        checkpointed (an error writing ``checkpoint_dir`` likewise)."""
         failed, write = {}, None
         for i in range(self.n_shards):
-            try:
-                batch, data = self._ask(i, "snapshot")
-            except ShardError as err:
-                failed[i] = ("lost" if isinstance(err, ShardLost) else "raised", err.__cause__)
+            status, value = self._query(i, "snapshot")
+            if status != "ok":
+                failed[i] = (status, value)
                 continue
+            batch, data = value
             self.saved[i] = (batch, data)
             self.log[i] = [entry for entry in self.log[i] if entry[0] > batch]
             if self.checkpoint_dir:
@@ -473,10 +431,7 @@ class DaskKeyed:
                     _write(os.path.join(self.checkpoint_dir, f"shard_{i}.npz"), data)
                 except OSError as err:  # the driver holds the checkpoint: the others are still made
                     write = write or err
-        if failed:
-            self._raise(failed, "was checkpointed" if len(failed) < self.n_shards else "")
-        if write is not None:
-            raise write
+        self._raise(failed, _done(failed, self.n_shards, "was checkpointed"), write=write)
 
     def leaves(self) -> dict:
         """Every key's state (as NumPy leaves), gathered from the shards."""
@@ -487,6 +442,13 @@ class DaskKeyed:
 
     def n_keys(self) -> int:
         return sum(self._ask(i, "n_keys") for i in range(self.n_shards))
+
+
+def _done(failed: dict, n: int, what: str) -> str:
+    """What the shards of a call that did not fail did: ``what`` (a verb phrase)."""
+    if len(failed) == n:
+        return ""
+    return f"every {'other ' if failed else ''}shard {what}"
 
 
 def _write(path, data: bytes):
