@@ -35,6 +35,7 @@ the same batches, everything compiled), checkpoints every 4 batches included.
     nice python benchmarks/streams_scale.py [--dims 8 32] [--max-keys 1000000] [--chunk N]
     nice python benchmarks/streams_scale.py --sharded-only [--sharded-dims 256 1024]
     nice python benchmarks/streams_scale.py --minibatch-only
+    nice python benchmarks/streams_scale.py --dask-only
 
 Rows per update (``Keyed(…, batch_size=B)``, ``kalnat learn --key K --batch-size B``): rows
 per second for B = 1, 4, 16 at d = 8, 10³ keys with 64 rows each per pass.
@@ -235,11 +236,14 @@ def main():
     ap.add_argument("--no-sharded", action="store_true")
     ap.add_argument("--no-dask", action="store_true")
     ap.add_argument("--minibatch-only", action="store_true", help="only the table against --batch-size")
+    ap.add_argument("--dask-only", action="store_true", help="only the table against Dask workers")
     args = ap.parse_args()
     if args.sharded_only:
         return sharded_table(args.sharded_dims)
     if args.minibatch_only:
         return minibatch_table(8, 1000, 64, args.chunk)
+    if args.dask_only:
+        return dask_table(args.chunk or 16384)
     fam = kalnat.families.Bernoulli()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float64; logistic EKF per key, "
           f"{args.rows_per_key} rows per key per pass (65 536 rows at least), "
