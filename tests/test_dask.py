@@ -274,9 +274,10 @@ def test_a_shards_own_errors_are_told_from_a_lost_worker():
             assert type(err.value) is ShardError and (err.value.lost, err.value.raised) == ({1}, {0})
             learned_by(keys, X, y, {2})  # shard 1 keeps batch 2 pending; shard 0 learned none of it
             cluster.full = False
-            # the next actors: shard 0's rebuild, then shard 1's, whose code fails on batch 2
-            cluster.on_make = [None, lambda actor: _fails_learning(actor.obj, MemoryError("smaller worker"),
-                                                                   after_batch=1)]
+            # the next actors: shard 0's rebuild, then two of shard 1's, whose code fails on batch 2
+            # (once is the worker's failure: the next worker is tried; on two, the batch's)
+            smaller = lambda actor: _fails_learning(actor.obj, MemoryError("smaller worker"), after_batch=1)  # noqa: E731
+            cluster.on_make = [None, smaller, smaller]
             continue
         if b == 3:  # shard 1's rebuild cannot learn its pending batch 2: dropped, reported
             with pytest.raises(ShardError, match=r"shard 1 could not learn its batch 2 again when rebuilt "
@@ -284,6 +285,15 @@ def test_a_shards_own_errors_are_told_from_a_lost_worker():
                                                  r"learned; every shard learned batch 3") as err:
                 dk.learn(keys, X, y)
             assert err.value.dropped == [(1, 2)] and [e[0] for e in dk.log[1]] == [0, 1, 3]
+            learned_by(keys, X, y, {0, 1, 2})
+            continue
+        if b == 4:  # shard 2 lost; its first new worker fails every batch, the next learns them
+            dk.actors[2].dead = True
+            cluster.on_make = [lambda actor: _fails_learning(actor.obj, MemoryError("no room"))]
+            dk.learn(keys, X, y)
+            logged = [e[0] for e in dk.log[2]]
+            dk.n_keys()  # rebuilds shard 2 (if the batch had none of its rows): nothing dropped
+            assert [e[0] for e in dk.log[2]] == logged and len(logged) >= 3 and not cluster.on_make
             learned_by(keys, X, y, {0, 1, 2})
             continue
         if b == 5:  # shard 2 lost between its batch and the checkpoint after it: a warning

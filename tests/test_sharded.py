@@ -112,3 +112,15 @@ def test_forms_it_cannot_shard_are_errors():
         sharded.fit(nig, nig.init(model.init(None)), np.zeros((2, 3)), np.zeros(2), mesh)
     with pytest.raises(ValueError, match="a BlockCovariance is split by its shapes"):
         sharded.state_sharding(mesh, BlockCovariance)
+    # a full covariance alone must split evenly (placing P (9, 9) on 8 devices is an error);
+    # as a group's part it is held whole
+    from jax.sharding import PartitionSpec as Spec
+
+    from kalnat.representations import GroupCovariance
+    from kalnat.representations.full import Covariance, PriorCovariance
+
+    P = Covariance(np.eye(9))
+    assert sharded._cov_specs(P, 8) == Covariance(Spec("rows", None))
+    assert sharded._cov_specs(GroupCovariance((P,)), 8) == GroupCovariance((Covariance(Spec()),))
+    with pytest.raises(ValueError, match="a predicted state's blocks"):
+        sharded._cov_specs(BlockCovariance((PriorCovariance(np.eye(2), 1.0, None),)), 8)

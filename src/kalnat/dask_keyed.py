@@ -162,6 +162,8 @@ class DaskKeyed:
         self.batch = -1
         self._check = None  # _checker's
         self._dropped = []  # (shard, batch, error) of logged batches a rebuild could not learn again
+        self._replay_failures = {}  # (shard, id of a log entry): replays of it that raised
+        self._dtype = self._ask(0, "dtype")  # the shards' (the driver checks rows in it)
 
     def _new_actor(self, i):
         workers = sorted(self.client.scheduler_info()["workers"])
@@ -174,13 +176,13 @@ class DaskKeyed:
 
     def _checker(self):
         """A keyed learner in the driver, built by ``factory`` once in the shards' dtype (asked
-        of shard 0): each shard's rows pass its checks (``Keyed.learn``'s, as the shard makes
+        of shard 0 when the shards are made): each shard's rows pass its checks (``Keyed.learn``'s, as the shard makes
         them) before any shard sees the batch, so that a bad row is an error with nothing
         learned, not a batch learned by some shards only. (The driver thereby starts JAX.)"""
         if self._check is None:
             from kalnat.keyed import Keyed
 
-            with jax.enable_x64(self._ask(0, "dtype") == "float64"):
+            with jax.enable_x64(self._dtype == "float64"):
                 self._check = Keyed(*self.factory(), capacity=1)
         return self._check
 
@@ -217,9 +219,9 @@ class DaskKeyed:
             except ShardLost as err:  # the batch is learned; a lost shard keeps its log for its next call
                 warnings.warn(f"{err.summary}: the checkpoint after batch {self.batch} is not made for "
                               f"{'them' if len(err.lost) > 1 else 'it'}; rebuilt at its next call", RuntimeWarning)
-            except ShardError as err:
-                raise ShardError(f"DaskKeyed: batch {self.batch} is learned (do not pass it again), but its "
-                                 f"checkpoint failed: {err}", err.summary, err.lost, err.raised,
+            except ShardError as err:  # (raised: the shards' snapshots, not the batch: not named so)
+                raise ShardError(f"DaskKeyed: batch {self.batch} is learned (do not pass it again), but the "
+                                 f"checkpoint after it failed: {err}", err.summary, err.lost, (),
                                  err.dropped) from err
         first = next(iter(out.values()))
         pred, ll = jax.tree_util.tree_map(lambda a: np.zeros((n,) + a.shape[1:], a.dtype), first)
@@ -339,20 +341,26 @@ class DaskKeyed:
 
     def _rebuild(self, i):
         """Shard ``i`` on a new actor, from its last checkpoint with its logged batches replayed
-        (one try; ``self.actors[i]`` is ``None`` until it succeeds). A logged batch that the
-        shard's own code cannot learn again (a smaller worker's memory) is dropped from the
-        log and the shard rebuilt without it (:meth:`_raise` reports it)."""
+        (one try; ``self.actors[i]`` is ``None`` until it succeeds). Where the new shard's own
+        code raises, the try fails as a lost worker's would (the next goes to the next worker:
+        a worker without the memory for the model fails every batch), except for a logged batch
+        that has now failed on two workers: dropped from the log, the shard rebuilt without it
+        (:meth:`_raise` reports it)."""
         self.actors[i] = None
         while True:
             self.recoveries += 1
             actor = self._new_actor(i)
-            if self.saved[i][1] is not None:
-                actor.restore(self.saved[i][1]).result(timeout=self.timeout)
             entry = None
             try:
+                if self.saved[i][1] is not None:
+                    actor.restore(self.saved[i][1]).result(timeout=self.timeout)
                 for entry in self.log[i]:
                     _send(actor, entry).result(timeout=self.timeout)
             except _Raised as err:
+                key = (i, None if entry is None else entry[0])  # (a shard's batch numbers are its own)
+                self._replay_failures[key] = self._replay_failures.get(key, 0) + 1
+                if entry is None or self._replay_failures[key] < 2:
+                    raise RuntimeError(f"rebuilding shard {i}: {err}") from err
                 self.log[i] = [e for e in self.log[i] if e is not entry]
                 self._dropped.append((i, entry[0], err))
                 continue

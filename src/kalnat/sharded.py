@@ -76,9 +76,10 @@ def _rows(shape, n: int, even: bool = False) -> Spec:
     return Spec()
 
 
-def _cov_specs(cov, n: int):
+def _cov_specs(cov, n: int, top: bool = True):
     """The covariance's ``PartitionSpec`` s, a pytree like ``cov`` (its shapes decide; a type
-    of :data:`_WHOLE` alone gives the evenly split form)."""
+    of :data:`_WHOLE` alone gives the evenly split form, as one of them at the ``top`` does:
+    not splitting evenly is then an error when it is placed)."""
     if isinstance(cov, type):
         if cov not in _WHOLE:
             raise ValueError(f"kalnat.sharded: a {cov.__name__} is split by its shapes: pass the covariance "
@@ -86,13 +87,16 @@ def _cov_specs(cov, n: int):
         shapes = {Covariance: [(n, n)], DiagonalCovariance: [(n,)], LowRankPrecision: [(n,), (n, 1)]}[cov]
         return cov(*(_rows(sh, n, even=True) for sh in shapes))
     if isinstance(cov, BlockCovariance):
+        if not all(hasattr(b, "shape") for b in cov.blocks):
+            raise ValueError("kalnat.sharded: a predicted state's blocks (PriorCovariance) are not placed; "
+                             "shard a learned or initial state")
         return BlockCovariance(tuple(_rows(b.shape, n) for b in cov.blocks))
     if isinstance(cov, GroupCovariance):
-        return GroupCovariance(tuple(_cov_specs(part, n) for part in cov.parts))
+        return GroupCovariance(tuple(_cov_specs(part, n, top=False) for part in cov.parts))
     if isinstance(cov, KronCovariance):  # whole on every device: the step factors and whitens them
         return KronCovariance(Spec(), Spec())
     if isinstance(cov, _WHOLE):
-        return type(cov)(*(_rows(a.shape, n) for a in cov))
+        return type(cov)(*(_rows(a.shape, n, even=top) for a in cov))
     raise ValueError(f"kalnat.sharded: no sharding for a {type(cov).__name__} (the full, diagonal, low-rank, "
                      "block, group and Kronecker forms)")
 
@@ -117,12 +121,14 @@ def _check(learner, state, mesh_):
                          f"use a device count that divides {d}")
 
 
-def state_sharding(mesh_: Mesh, cov=Covariance):
+def state_sharding(mesh_: Mesh, cov=Covariance, *, cov_type=None):
     """The state's shardings (a prefix of any core state's pytree): the covariance's leaves
     split along θ's axis over the mesh (``P``'s rows; a diagonal's variances; a low-rank
-    precision's υ and W's rows; each block's, group's and Kronecker factor's rows where they
-    divide evenly), θ and the step count replicated. ``cov``: the state's covariance
-    (``state.cov``), or the type of a full, diagonal or low-rank one."""
+    precision's υ and W's rows; each block's and group's rows where they divide evenly;
+    Kronecker factors whole), θ and the step count replicated. ``cov``: the state's covariance
+    (``state.cov``), or the type of a full, diagonal or low-rank one (``cov_type``, its
+    earlier name)."""
+    cov = cov if cov_type is None else cov_type
     rep = NamedSharding(mesh_, Spec())
     specs = _cov_specs(cov, mesh_.shape[AXIS])
     return State(rep, jax.tree_util.tree_map(lambda spec: NamedSharding(mesh_, spec), specs,
@@ -150,11 +156,11 @@ def _jitted(learner, mesh_, kind, cov=Covariance):
     return once(learner, (kind, mesh_, _layout(cov)), make)
 
 
-def step_fn(learner, mesh_: Mesh, cov=Covariance):
+def step_fn(learner, mesh_: Mesh, cov=Covariance, *, cov_type=None):
     """The jitted, donating step ``(hyper, state, xs (b, …), ys (b, …)) -> (state, Predictive,
     log_lik (b,))`` with the state sharded as :func:`state_sharding` says (``cov``: the state's
     covariance, ``state.cov``, or the type of a full, diagonal or low-rank one)."""
-    return _jitted(learner, mesh_, "step", cov)
+    return _jitted(learner, mesh_, "step", cov if cov_type is None else cov_type)
 
 
 def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: int = 256,
