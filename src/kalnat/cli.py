@@ -300,43 +300,6 @@ def _dask_client(workers, scheduler):
     return distributed.Client(cluster), cluster
 
 
-def _write_shards(runner, source, folder):
-    """The shards' checkpoints and their header into ``folder`` (replaced whole): written in a
-    new folder first, then swapped in (the old one renamed aside, and back if the swap fails),
-    so that a failed checkpoint or swap leaves no mix of two runs' shards."""
-    import shutil
-    import tempfile
-
-    from kalnat import cli_keyed
-
-    parent = os.path.dirname(folder) or "."
-    os.makedirs(parent, exist_ok=True)
-    new = tempfile.mkdtemp(prefix=".shards-new-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(new, 0o777 & ~umask)  # (mkdtemp's is 0700)
-    old = None
-    try:
-        runner.dask.checkpoint_dir = new
-        runner.dask.checkpoint()
-        cli_keyed.save_shards_header(new, runner, source)
-        if os.path.lexists(folder):
-            old = tempfile.mkdtemp(prefix=".shards-old-", dir=parent)
-            os.replace(folder, old)  # (onto the empty folder mkdtemp made)
-        try:
-            os.replace(new, folder)
-        except OSError:
-            if old is not None:
-                os.replace(old, folder)
-                old = None
-            raise
-    finally:
-        runner.dask.checkpoint_dir = None
-        shutil.rmtree(new, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
     """``kalnat learn --key``: one model per key (kalnat.cli_keyed), on Dask with --workers or
     --scheduler; ``figures``: the :class:`kalnat.figure_workers.FigureWorkers` that draw the
@@ -350,7 +313,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
             source, cfg, progress=not quiet, log=None if quiet else (lambda m: click.echo(m, err=True)),
             client=client)
         if runner.dask is not None:  # the shards' final states, one checkpoint each
-            _write_shards(runner, source, os.path.join(out_dir, "shards"))
+            cli_keyed.write_shards(runner, source, os.path.join(out_dir, "shards"))
     except RuntimeError as err:
         from kalnat.dask_keyed import ShardError  # (imported with the cluster's learner)
 

@@ -27,7 +27,7 @@ from kalnat.cli_learn import (
 )
 from kalnat.keyed import Keyed
 
-__all__ = ["KeyedRunner", "learn_keyed", "KeyedScores", "save_keyed", "LoadedKeyedModel"]
+__all__ = ["KeyedRunner", "learn_keyed", "KeyedScores", "save_keyed", "write_shards", "LoadedKeyedModel"]
 
 
 class KeyedRunner(OnlineRunner):
@@ -237,6 +237,41 @@ def save_shards_header(folder, runner: KeyedRunner, source: datasets.Source) -> 
     with open(path, "w") as f:
         json.dump(dict(_model_extra(runner, source), n_shards=runner.dask.n_shards), f)
     return path
+
+
+def write_shards(runner: KeyedRunner, source: datasets.Source, folder: str):
+    """The shards' checkpoints and their header into ``folder`` (replaced whole): written in a
+    new folder first, then swapped in (the old one renamed aside, and back if the swap fails),
+    so that a failed checkpoint or swap leaves no mix of two runs' shards."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(folder) or "."
+    os.makedirs(parent, exist_ok=True)
+    new = tempfile.mkdtemp(prefix=".shards-new-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)  # (mkdtemp's is 0700)
+    old = None
+    try:
+        runner.dask.checkpoint_dir = new
+        runner.dask.checkpoint()
+        save_shards_header(new, runner, source)
+        if os.path.lexists(folder):
+            old = tempfile.mkdtemp(prefix=".shards-old-", dir=parent)
+            os.replace(folder, old)  # (onto the empty folder mkdtemp made)
+        try:
+            os.replace(new, folder)
+        except OSError:
+            if old is not None:
+                os.replace(old, folder)
+                old = None
+            raise
+    finally:
+        runner.dask.checkpoint_dir = None
+        shutil.rmtree(new, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class LoadedKeyedModel(LoadedModel):

@@ -62,8 +62,7 @@ def mesh(devices=None) -> Mesh:
 # (else nothing of them would). The forms made of parts (blocks, groups) split each part's
 # leaves whose first axis divides evenly over the devices and keep the rest whole on every
 # device (a 9 × 9 block among 64 × 64 ones). Kronecker factors stay whole: a step factors and
-# whitens them (split, it gathered them: measured on 8 devices), and they hold about as many
-# numbers as their layer's parameters, which every device holds anyway.
+# whitens them (split, it gathered them whole every step: measured on 8 devices).
 _WHOLE = (Covariance, DiagonalCovariance, LowRankPrecision)
 _PARTS = (BlockCovariance, GroupCovariance, KronCovariance)
 
