@@ -162,7 +162,7 @@ class DaskKeyed:
         self.batch = -1
         self._check = None  # _checker's
         self._dropped = []  # (shard, batch, error) of logged batches a rebuild could not learn again
-        self._replay_failures = {}  # (shard, id of a log entry): replays of it that raised
+        self._replay_failures = {}  # (shard, batch): replays of a logged batch that raised
         self._dtype = self._ask(0, "dtype")  # the shards' (the driver checks rows in it)
 
     def _new_actor(self, i):
@@ -176,9 +176,10 @@ class DaskKeyed:
 
     def _checker(self):
         """A keyed learner in the driver, built by ``factory`` once in the shards' dtype (asked
-        of shard 0 when the shards are made): each shard's rows pass its checks (``Keyed.learn``'s, as the shard makes
-        them) before any shard sees the batch, so that a bad row is an error with nothing
-        learned, not a batch learned by some shards only. (The driver thereby starts JAX.)"""
+        of shard 0 when the shards are made): each shard's rows pass its checks
+        (``Keyed.learn``'s, as the shard makes them) before any shard sees the batch, so that a
+        bad row is an error with nothing learned, not a batch learned by some shards only. (The
+        driver thereby starts JAX.)"""
         if self._check is None:
             from kalnat.keyed import Keyed
 
