@@ -82,20 +82,27 @@ def save(path, state, extra: dict | None = None) -> str:
     and an existing checkpoint at ``path`` is left as it was.
     """
     check_live(state, "checkpoint.save")
-    path = os.fspath(path)
     leaves = [np.asarray(jax.random.key_data(a)) if _is_key(a) else np.asarray(a)
               for a in jax.tree_util.tree_leaves(state)]
     try:
         header = json.dumps(_header(state, extra)).encode()
     except TypeError as err:
         raise ValueError(f"checkpoint: extra metadata must be JSON-serialisable ({err})") from None
+    return write_atomically(path, lambda f: np.savez(f, __header__=np.frombuffer(header, np.uint8),
+                                                     **{f"leaf_{i}": a for i, a in enumerate(leaves)}))
+
+
+def write_atomically(path, write) -> str:
+    """``write(f)`` on a temporary file in ``path``'s folder, synced, then renamed to ``path``
+    (and the folder synced): on any failure the temporary file is removed and an existing file
+    at ``path`` is left as it was. Returns ``path``."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, __header__=np.frombuffer(header, np.uint8),
-                     **{f"leaf_{i}": a for i, a in enumerate(leaves)})
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -33,7 +33,9 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from kalnat import checkpoint
 from kalnat.dask_shard import ShardLearner, _Raised
+from kalnat.keyed import saveable_key
 
 __all__ = ["shard_of", "ShardLearner", "DaskKeyed", "ShardError", "ShardLost"]
 
@@ -85,7 +87,7 @@ def _key_array(keys) -> np.ndarray:
     for i, k in enumerate(items):
         # What a shard's checkpoint can hold (Keyed.save), and one JSON text per key: True and
         # 1, or 7.0 and 7, are one key to Keyed but would go to different shards.
-        if isinstance(k, bool) or not isinstance(k, (str, int)):
+        if not saveable_key(k):
             raise ValueError(f"keys[{i}] = {k!r} is a {type(k).__name__}: keys on Dask must be str or int "
                              "(what a shard's checkpoint holds)")
         out[i] = k
@@ -437,7 +439,8 @@ class DaskKeyed:
             self.log[i] = [entry for entry in self.log[i] if entry[0] > batch]
             if self.checkpoint_dir:
                 try:
-                    _write(os.path.join(self.checkpoint_dir, f"shard_{i}.npz"), data)
+                    checkpoint.write_atomically(os.path.join(self.checkpoint_dir, f"shard_{i}.npz"),
+                                                lambda f, data=data: f.write(data))
                 except OSError as err:  # the driver holds the checkpoint: the others are still made
                     write = write or err
         self._raise(failed, _done(failed, self.n_shards, "was checkpointed"), write=write)
@@ -458,17 +461,6 @@ def _done(failed: dict, n: int, what: str) -> str:
     if len(failed) == n:
         return ""
     return f"every {'other ' if failed else ''}shard {what}"
-
-
-def _write(path, data: bytes):
-    """``data`` to ``path``, atomically (a temporary file, synced, then renamed)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _send(actor, entry):

@@ -622,7 +622,7 @@ class Keyed:
         format, atomically), with JSON-able ``extra`` metadata. Keys must be ``str`` or ``int``
         to be saved (JSON)."""
         for i, k in enumerate(self.keys):
-            if isinstance(k, bool) or not isinstance(k, (str, int)):
+            if not saveable_key(k):
                 raise ValueError(f"Keyed.save: key {k!r} (slot {i}) is a {type(k).__name__}; only str and "
                                  "int keys can be saved: map the keys to strings or integers first")
         meta = {"keys": self.keys, "capacity": self.capacity}
@@ -667,6 +667,12 @@ class Keyed:
             keyed.stack = checkpoint.load(path, keyed.stack)
         keyed._set_keys(list(keys))
         return keyed
+
+
+def saveable_key(key) -> bool:
+    """Whether a checkpoint can hold ``key`` (JSON, one text per key): a str or an int, not a
+    bool (``True`` and ``1`` are one key to a dict but not to JSON)."""
+    return isinstance(key, (str, int)) and not isinstance(key, bool)
 
 
 def _no_index():
