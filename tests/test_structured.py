@@ -230,14 +230,21 @@ def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(n
     # whitened, and the general path takes them)
     R = c @ c.T + k * np.eye(k) if shared or not outer else np.diag(rng.uniform(0.5, 2.0, k))
     prior = kalnat.representations.KronCovariance(jnp.asarray(g), jnp.asarray(a))
-    assert bool(rep._outer(jnp.asarray(H))[0]) == (outer or n_out == 1)
     whitened = np.linalg.solve(np.linalg.cholesky(R), H)
-    assert bool(rep._outer(jnp.asarray(whitened))[0]) == (outer or n_out == 1)
-    hph, ph = rep.project(prior, jnp.asarray(H))
-    P = np.asarray(prior.dense())
+
+    # one compiled program per example (op by op, each shape's ~170 operations compiled apiece)
+    @jax.jit
+    def run(prior, H, whitened, R):
+        post = rep.posterior(prior, H, R, jnp.zeros(k), None, jnp.ones(k, bool))
+        return rep._outer(H)[0], rep._outer(whitened)[0], rep.project(prior, H), post, prior.dense()
+
+    is_outer, whitened_outer, (hph, ph), post, P = run(prior, jnp.asarray(H), jnp.asarray(whitened),
+                                                       jnp.asarray(R))
+    assert bool(is_outer) == (outer or n_out == 1)
+    assert bool(whitened_outer) == (outer or n_out == 1)
+    P = np.asarray(P)
     np.testing.assert_allclose(ph, P @ H.T, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hph, H @ P @ H.T, rtol=1e-10, atol=1e-12)
-    post = rep.posterior(prior, jnp.asarray(H), jnp.asarray(R), jnp.zeros(k), None, jnp.ones(k, bool))
     lg, la = np.linalg.cholesky(g), np.linalg.cholesky(a)
     info = np.linalg.solve(np.linalg.cholesky(R), H)
     ms = [lg.T @ np.c_[row[n_out:].reshape(n_out, n_in), row[:n_out]] @ la for row in info]
