@@ -189,8 +189,11 @@ def test_a_bundled_set_is_kept_in_the_cache_and_read_back_without_its_package(tm
         (folder / kept).write_bytes(damage)
         for read_from_package in (1, 0):  # afresh from the package, then the new copy
             del calls[:]
-            chunk = next(datasets.open_source(name, cache_dir=str(folder)).chunks)
+            src = datasets.open_source(name, cache_dir=str(folder))
+            chunk = next(src.chunks)
             assert len(calls) == read_from_package
             np.testing.assert_array_equal(chunk.X, first["X"])
             np.testing.assert_array_equal(chunk.y.astype(str), first["y"])
+            assert list(src.feature_names) == list(first["names"])
+            assert list(src.class_names or []) == list(first["classes"])
         assert os.listdir(folder) == [kept]  # no temporary file left behind
