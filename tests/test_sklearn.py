@@ -155,3 +155,20 @@ def test_a_bank_goes_on_without_a_diverged_member():
     assert _alive(learner, broken)
     assert not _alive(learner, broken._replace(log_weights=state.log_weights.at[1:].set(-np.inf)))
     assert _alive(learner, state)
+
+
+def test_a_search_over_hyperparameters_compiles_once():
+    """Estimators that differ only in prior_var or forgetting run one learner's compiled
+    programs (kalnat.estimators keeps one model per architecture; kalnat.programs shares the
+    programs of learners that differ only in their hyperparameters), each with its own
+    hyperparameters."""
+    from kalnat import estimators
+
+    X, _, y = _data(seed=3)
+    fits = [KalmanClassifier(method="ekf", prior_var=v, forgetting=lam).fit(X, y)
+            for v, lam in ((0.5, None), (2.0, None), (2.0, 0.99))]
+    programs = [estimators.learner(c.learner_key_)[0].__dict__["_programs"][("chunk", False)] for c in fits]
+    assert programs[1] is programs[0] and programs[2] is programs[0]
+    # each runs its own filter (bitwise as it would alone: tests/test_startup.py)
+    probs = [c.predict_proba(X) for c in fits]
+    assert not np.allclose(probs[0], probs[1]) and not np.allclose(probs[1], probs[2])

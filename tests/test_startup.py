@@ -147,6 +147,137 @@ def test_equal_representations_share_one_initial_program_and_others_go_with_thei
     assert [r() for r in reps] == [None, None]
 
 
+def _chunk_program(learner, params, X, y):
+    """The learner's fit program after a fit of ``X, y``, and the fit's result."""
+    import kalnat
+
+    res = kalnat.fit(learner, learner.init(params), X, y, chunk_size=16)
+    return learner.__dict__["_programs"][("chunk", True)], res
+
+
+def test_learners_that_differ_only_in_hyperparameters_share_programs_and_learn_as_if_alone(monkeypatch):
+    """kalnat.programs.once: a learner built again with another prior, forgetting, process
+    noise or variance bound runs the programs of a live equal learner (hyperparameters are an
+    argument of every program), and learns exactly what it learns with programs of its own."""
+    import jax
+
+    import kalnat
+    from kalnat import families as F
+    from kalnat.learners.base import Learner
+
+    model = kalnat.models.linear(3)
+    params = model.init(None)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 3)), rng.normal(size=40)
+    a = kalnat.ekf(model, F.Gaussian(0.5), prior_var=1.0, forgetting=0.9)
+    first, _ = _chunk_program(a, params, X, y)
+    settings = [dict(prior_var=2.0, forgetting=0.99), dict(prior_var=np.full(4, 0.5), process_noise=1e-3),
+                dict(forgetting=0.95, max_variance=2.0)]
+    shared, updates = [], []
+    for kw in settings:
+        b = kalnat.ekf(model, F.Gaussian(0.5), **kw)
+        program, res = _chunk_program(b, params, X, y)
+        assert program is first
+        learned = [np.array(a) for a in jax.tree_util.tree_leaves((res.state, res.predictions))]
+        s, pred = b.update(res.state, X[0], y[0])  # the one-row program too (res.state donated)
+        updates.append(b.__dict__["_programs"]["update one"])
+        shared.append(learned + [np.array(a) for a in jax.tree_util.tree_leaves((s, pred))])
+    assert all(u is updates[0] for u in updates)
+    monkeypatch.setattr(Learner, "program_key", lambda self: None)  # each learner its own programs
+    for kw, leaves in zip(settings, shared):
+        b = kalnat.ekf(model, F.Gaussian(0.5), **kw)
+        program, alone = _chunk_program(b, params, X, y)
+        assert program is not first
+        learned = [np.array(a) for a in jax.tree_util.tree_leaves((alone.state, alone.predictions))]
+        s, pred = b.update(alone.state, X[0], y[0])
+        alone_leaves = learned + [np.array(a) for a in jax.tree_util.tree_leaves((s, pred))]
+        assert len(leaves) == len(alone_leaves)
+        for u, v in zip(leaves, alone_leaves):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_learners_that_differ_in_what_a_program_holds_do_not_share_it():
+    """Every field of a learner but its hyperparameters shapes its programs: learners that
+    differ in one of them, or whose programs are saved by recipe, or whose representation
+    holds a function, each run their own."""
+    import kalnat
+    from kalnat import families as F
+    from kalnat import saved
+
+    model = kalnat.models.linear(3)
+    params = model.init(None)
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(16, 3)), (rng.uniform(size=16) < 0.5).astype(float)
+    base = kalnat.ekf(model, F.Bernoulli(), prior_var=1.0)
+    first, _ = _chunk_program(base, params, X, y)
+    other_model = kalnat.models.linear(3)  # the same architecture, another apply function
+    described = kalnat.ekf(model, F.Bernoulli(), prior_var=2.0)
+    saved.describe(described, "a recipe", "/nonexistent-kalnat-programs")
+    others = {
+        "joseph": kalnat.ekf(model, F.Bernoulli(), joseph=True),
+        "moderated": kalnat.ekf(model, F.Bernoulli(), moderated=True),
+        "iterations": kalnat.iterated_ekf(model, F.Bernoulli(), iterations=2),
+        "learner": kalnat.information_filter(model, F.Bernoulli()),
+        "family": kalnat.ekf(model, F.Poisson()),
+        "model": kalnat.ekf(other_model, F.Bernoulli()),
+        "schedule": kalnat.ekf(model, F.Bernoulli(), forgetting=lambda t: 0.99),
+        "representation holding a function": kalnat.natural_gradient(
+            model, F.Bernoulli(), learning_rate=lambda t: 1.0 / (t + 2.0)),
+        "described": described,
+    }
+    for name, learner in others.items():
+        program, _ = _chunk_program(learner, params if name != "model" else other_model.init(None), X, y)
+        assert program is not first, name
+    assert base.program_key() == kalnat.ekf(model, F.Bernoulli(), prior_var=3.0, forgetting=0.5).program_key()
+    assert described.program_key() is None and others["representation holding a function"].program_key() is None
+    # linearisations per update (unrolled in the step) differ, all else equal
+    two = kalnat.iterated_ekf(model, F.Bernoulli(), iterations=2)
+    assert two.program_key() == kalnat.iterated_ekf(model, F.Bernoulli(), iterations=2, prior_var=3.0).program_key()
+    assert two.program_key() != kalnat.iterated_ekf(model, F.Bernoulli(), iterations=3).program_key()
+    # a subclass's own fields are in the key; every field of a learner is either in it or
+    # named as not shaping a program (a new field needs that decision)
+    from dataclasses import dataclass, fields
+
+    from kalnat.learners.base import Learner
+
+    @dataclass(frozen=True, eq=False)
+    class Scaled(Learner):
+        scale: float = 1.0
+
+    given = {f.name: getattr(base, f.name) for f in fields(base) if f.name != "_shapes"}
+    assert Scaled(**given, scale=1.0).program_key() != Scaled(**given, scale=5.0).program_key()
+    assert Learner.NOT_IN_PROGRAMS == {"hyper", "config", "_shapes"}
+    assert {f.name for f in fields(Learner)} == {"name", "apply", "family", "representation", "max_iterations",
+                                                 "moderated", "schedule", "input_shape"} | Learner.NOT_IN_PROGRAMS
+
+
+def test_shared_programs_go_with_the_last_learner_holding_them():
+    """The table of shared programs holds them weakly: learners that shared programs are all
+    freed, and their programs with them."""
+    import gc
+    import weakref
+
+    import kalnat
+    from kalnat import programs
+
+    model = kalnat.models.linear(3)
+    X, y = np.zeros((8, 3)), np.zeros(8, int)
+    alive, held = [], []
+    for lam in (0.9, 0.95, 0.99):
+        learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=lam)
+        kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=8)
+        alive.append(weakref.ref(learner))
+        key = learner.program_key()
+        held.append(learner.__dict__["_programs"][("chunk", True)])
+        del learner
+    assert held[1] is held[0] and held[2] is held[0]
+    assert programs._SHARED[(key, ("chunk", True))] is held[0]
+    del held
+    gc.collect()
+    assert [ref() for ref in alive] == [None] * 3
+    assert not any(k[0] == key for k in list(programs._SHARED.keys()))
+
+
 LOAD = """
 import sys
 from kalnat import datasets

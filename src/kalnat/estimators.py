@@ -24,6 +24,7 @@ METHODS = ("auto", "ekf", "sqrt_ekf", "information_filter", "natural_gradient", 
 COVARIANCES = ("full", "diag", "blocks", "lowrank:K", "last-layer:K", "kron", "auto")
 
 _LEARNERS: dict = {}  # settings -> (learner, model)
+_MODELS: dict = {}  # (n_features, hidden, n_outputs) -> model
 
 
 def family(spec):
@@ -66,10 +67,20 @@ def learner(key):
     return _LEARNERS[key]
 
 
+def _model(n_features, hidden, n_out):
+    """One model object per architecture: learners of one model function that differ only in
+    their hyperparameters share their compiled programs (:func:`kalnat.programs.once`), so a
+    search over ``prior_var`` or ``forgetting`` compiles once."""
+    key = (n_features, hidden, n_out)
+    if key not in _MODELS:
+        _MODELS[key] = models.linear(n_features, n_out) if not hidden else models.mlp(n_features, hidden, n_out)
+    return _MODELS[key]
+
+
 def _build(family_spec, n_features, hidden, method, covariance, prior_var, forgetting, seed):
     fam = family(family_spec)
     n_out = fam.n_outputs
-    model = models.linear(n_features, n_out) if not hidden else models.mlp(n_features, hidden, n_out)
+    model = _model(n_features, hidden, n_out)
     params = model.init(jax.random.PRNGKey(seed))
     own_form = method not in ("auto", "ekf", "iterated_ekf")
     rep = None if own_form else representations.from_name(covariance, params)

@@ -45,6 +45,11 @@ def describe(learner, recipe: str, folder: str) -> None:
     _RECIPES[learner] = (recipe, folder)
 
 
+def described(learner) -> bool:
+    """Whether ``learner`` was given a recipe (:func:`describe`)."""
+    return learner in _RECIPES
+
+
 def jit(learner, name: str, fn: Callable, donate_argnums: Sequence[int] = ()):
     """``jax.jit(fn, donate_argnums=…)``, or, for a learner given a recipe, a function that
     returns the same values from a program saved by an earlier process when there is one.

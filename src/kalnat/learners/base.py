@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import jax
@@ -30,10 +30,11 @@ from jax.flatten_util import ravel_pytree
 
 from kalnat import filter as _filter
 from kalnat import linearization as _lin
-from kalnat import numerics
+from kalnat import numerics, saved
 from kalnat.families import Family
 from kalnat.filter import Hyper, Predictive, State, check_live
 from kalnat.models import Model
+from kalnat.programs import once
 from kalnat.representations import Representation
 
 __all__ = ["Learner", "Predictive", "Boundary", "check_hyper", "make_hyper"]
@@ -52,12 +53,13 @@ class Boundary:
         def fn(hyper, state, xs, ys, single):
             state, pred, _ = self.step(hyper, state, xs, ys)
             return state, unbatch(pred, single)
-        return jax.jit(fn, donate_argnums=1, static_argnums=4)
+        return once(self, "update one", lambda: jax.jit(fn, donate_argnums=1, static_argnums=4))
 
     @functools.cached_property
     def _predict_jit(self):
-        return jax.jit(lambda hyper, state, xs, single: unbatch(self.predict_batch(hyper, state, xs), single),
-                       static_argnums=3)
+        return once(self, "predict one", lambda: jax.jit(
+            lambda hyper, state, xs, single: unbatch(self.predict_batch(hyper, state, xs), single),
+            static_argnums=3))
 
     def _hyper(self, hyper, dtype):
         return device_hyper(self, hyper, dtype)
@@ -159,6 +161,31 @@ class Learner(Boundary):
     input_shape: Optional[tuple] = None
     config: dict = field(default_factory=dict)
     _shapes: dict = field(default_factory=dict, repr=False)
+
+    #: the fields a compiled program does not depend on (:meth:`program_key`): ``hyper`` is an
+    #: argument of every program; ``config`` a record of how the learner was built, read on the
+    #: host (what in it shapes a step is in ``representation``, ``max_iterations`` or
+    #: ``schedule``); ``_shapes`` a cache of the host's checks
+    NOT_IN_PROGRAMS = frozenset({"hyper", "config", "_shapes"})
+
+    def program_key(self):
+        """What this learner's compiled programs depend on besides their arguments
+        (:func:`kalnat.programs.once`): its type and every field but :attr:`NOT_IN_PROGRAMS`
+        (a subclass's own fields too).
+        Learners of equal keys share their programs. ``None`` (nothing shared) for a learner
+        whose programs are saved across processes (:func:`kalnat.saved.describe`: its programs
+        are found by its recipe), whose representation is not made of plain values (equal is
+        not interchangeable there: ``np.float64(1) == 1.0``, but their arrays' dtypes differ),
+        or whose fields cannot be hashed."""
+        if saved.described(self) or not _filter._by_value(self.representation):
+            return None
+        key = (type(self),) + tuple((f.name, getattr(self, f.name)) for f in fields(self)
+                                    if f.name not in self.NOT_IN_PROGRAMS)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     # ---- pure functions (compose with jit / scan / vmap / grad) ------------------------
 
