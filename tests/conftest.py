@@ -8,7 +8,8 @@ import sys
 # (exp, log1p, tanh, sigmoid and cumsum round differently):
 # - skipping LLVM's optimisation passes took CI here from 8m08 to ~6m15;
 # - at that level, XLA's older elemental emitters in place of its MLIR fusion emitters compile
-#   a fit's scan in 0.18 s against 0.58 s (test_equivalence.py 122 s → 75 s on one core).
+#   a fit's scan in 0.20–0.22 s against 0.51–0.54 s (benchmarks/compile_time.py; 0.73–0.86 s
+#   with XLA's defaults); test_equivalence.py took 75 s on one core against 122 s.
 # Tests whose claim depends on the default rounding run it in a subprocess with XLA_FLAGS=""
 # (test_families.py); KALNAT_TEST_DEFAULT_XLA=1 runs the whole suite with XLA's defaults.
 # An option this XLA does not know would abort every process that imports JAX, so each is

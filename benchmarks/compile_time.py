@@ -1,0 +1,118 @@
+"""What compiling costs, side by side on this machine.
+
+  options     seconds to lower and to compile one ``kalnat.fit`` chunk program (an EKF and an
+              information filter on an MLP 3 → 4 → 3, categorical, minibatches of 8) under
+              XLA's default CPU options, LLVM's optimisation passes skipped
+              (``--xla_backend_optimization_level=0``), and those skipped with XLA's older
+              elemental emitters (``--xla_cpu_use_fusion_emitters=false``): the test suite's
+              options (``tests/conftest.py``). Each setting runs in a fresh process (XLA reads
+              its options once), ``--repeat`` rounds alternating.
+  sharing     seconds of a learner's first ``fit`` (100 rows, linear model, Bernoulli) when an
+              equal learner with other hyperparameters is alive: with the programs it shares
+              (``kalnat.programs.once``) and with programs of its own (``program_key`` turned
+              off), ``--repeat`` rounds alternating, in one process.
+
+    python benchmarks/compile_time.py [--repeat 3] [--part options|sharing|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+OPTIONS = {
+    "XLA defaults": "",
+    "level 0": "--xla_backend_optimization_level=0",
+    "level 0 + older emitters": "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
+}
+
+ONE_PROGRAM = """
+import json, time
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np, kalnat
+from kalnat import families as F
+from kalnat.learners.base import device_hyper
+from kalnat.stream import chunk_fn
+fam = F.Categorical(3)
+model = kalnat.models.mlp(3, (4,), fam.n_outputs)
+out = {}
+for name, make in (("ekf", kalnat.ekf), ("information", kalnat.information_filter)):
+    learner = make(model, fam, prior_var=0.5, forgetting=0.99)
+    state = learner.init(model.init(jax.random.PRNGKey(0)))
+    X, Y, M = np.zeros((200, 8, 3)), np.zeros((200, 8), np.int64), np.ones((200, 8), bool)
+    t0 = time.perf_counter()
+    lowered = chunk_fn(learner, True).lower(device_hyper(learner, None, np.float64), state, X, Y, M)
+    t1 = time.perf_counter()
+    lowered.compile()
+    out[name] = (t1 - t0, time.perf_counter() - t1)
+print(json.dumps(out))
+"""
+
+
+def options(repeat: int) -> None:
+    times = {k: {"ekf": [], "information": []} for k in OPTIONS}
+    for _ in range(repeat):
+        for label, flags in OPTIONS.items():
+            env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)
+            run = subprocess.run([sys.executable, "-c", ONE_PROGRAM], env=env, capture_output=True, text=True,
+                                 check=True)
+            for name, (_, compiled) in json.loads(run.stdout.strip().splitlines()[-1]).items():
+                times[label][name].append(compiled)
+    base = {n: statistics.median(times["XLA defaults"][n]) for n in ("ekf", "information")}
+    print(f"compile one fit chunk program, median of {repeat} (seconds; ÷ XLA defaults)")
+    print(f"{'options':28s} {'ekf':>6s} {'ratio':>6s} {'information':>12s} {'ratio':>6s}")
+    for label in OPTIONS:
+        e, i = (statistics.median(times[label][n]) for n in ("ekf", "information"))
+        print(f"{label:28s} {e:6.2f} {e / base['ekf']:6.2f} {i:12.2f} {i / base['information']:6.2f}")
+
+
+def sharing(repeat: int) -> None:
+    import time
+
+    import jax
+    import numpy as np
+
+    import kalnat
+    from kalnat.learners.base import Learner
+
+    model = kalnat.models.linear(3)
+    params = model.init(None)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 3))
+    y = (X[:, 0] > 0).astype(float)
+    keep = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.9)
+    kalnat.fit(keep, keep.init(params), X, y)  # the live learner whose programs are shared
+    own_key = Learner.program_key
+    shared, alone = [], []
+    for r in range(repeat):
+        for mode in ("shared", "alone"):
+            Learner.program_key = own_key if mode == "shared" else (lambda self: None)
+            learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.95 - 0.01 * r)
+            t = time.perf_counter()
+            jax.block_until_ready(kalnat.fit(learner, learner.init(params), X, y).state)
+            (shared if mode == "shared" else alone).append(time.perf_counter() - t)
+    Learner.program_key = own_key
+    s, a = statistics.median(shared), statistics.median(alone)
+    print(f"a learner's first fit of 100 rows beside an equal live learner, median of {repeat}")
+    print(f"  shared programs {s * 1e3:8.1f} ms   own programs {a * 1e3:8.1f} ms   own/shared {a / s:6.0f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--part", choices=["options", "sharing", "both"], default="both")
+    args = ap.parse_args()
+    if args.part in ("options", "both"):
+        options(args.repeat)
+    if args.part in ("sharing", "both"):
+        sharing(args.repeat)
+
+
+if __name__ == "__main__":
+    main()
