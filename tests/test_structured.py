@@ -200,10 +200,11 @@ def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
        seed=st.integers(0, 2**16))
 @example(n_out=3, n_in=4, k=2, outer=False, seed=5)
 @example(n_out=3, n_in=2, k=3, outer=True, seed=1)
+@example(n_out=3, n_in=2, k=3, outer=True, seed=2)
 def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(n_out, n_in, k, outer, seed):
     """On a prior with full G and A and a noise R that couples the rows: P = (L_G U⁻¹ L_Gᵀ) ⊗
-    (L_A V⁻¹ L_Aᵀ) from the alternating passes, written out in NumPy, and the gain's products
-    P⁻Hᵀ and H P⁻ Hᵀ from the dense P⁻. Rows that are outer products δ āᵀ (a dense layer's)
+    (L_A V⁻¹ L_Aᵀ) from the alternating passes, written out in NumPy, and the gain P⁻Hᵀ S⁻¹ e
+    and H P⁻ Hᵀ from the dense P⁻. Rows that are outer products δ āᵀ (a dense layer's)
     take the factored path, any others the general one; both are checked against the same
     reference."""
     from kalnat.representations.kron import PASSES
@@ -226,25 +227,31 @@ def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(n
                 + np.outer(rng.normal(size=n_out), rng.normal(size=n_in + 1)) for _ in range(k)]
     H = np.stack([np.r_[m[:, n_in], m[:, :n_in].ravel()] for m in mats])  # θ's order: b, then W
     c = rng.normal(size=(k, k))
-    # rows of several examples: R couples none of them (else they are not outer products once
-    # whitened, and the general path takes them)
-    R = c @ c.T + k * np.eye(k) if shared or not outer else np.diag(rng.uniform(0.5, 2.0, k))
+    # rows of several examples: R couples none of them, except for a third of the seeds (then
+    # they are not outer products once whitened, and the general path takes them)
+    coupled = shared or not outer or seed % 3 == 2
+    R = c @ c.T + k * np.eye(k) if coupled else np.diag(rng.uniform(0.5, 2.0, k))
     prior = kalnat.representations.KronCovariance(jnp.asarray(g), jnp.asarray(a))
     whitened = np.linalg.solve(np.linalg.cholesky(R), H)
 
     # one compiled program per example (op by op, each shape's ~170 operations compiled apiece)
     @jax.jit
-    def run(prior, H, whitened, R):
-        post = rep.posterior(prior, H, R, jnp.zeros(k), None, jnp.ones(k, bool))
-        return rep._outer(H)[0], rep._outer(whitened)[0], rep.project(prior, H), post, prior.dense()
+    def run(prior, H, whitened, R, e):
+        post = rep.posterior(prior, H, R, e, None, jnp.ones(k, bool))
+        gain, hph, _ = rep.gain(prior, H, R, e)
+        factored = rep._whitened(prior, H, R, None)[0]  # the path the posterior took
+        return rep._outer(H)[0], rep._outer(whitened)[0], factored, (hph, gain), post, prior.dense()
 
-    is_outer, whitened_outer, (hph, ph), post, P = run(prior, jnp.asarray(H), jnp.asarray(whitened),
-                                                       jnp.asarray(R))
+    e = rng.normal(size=k)
+    is_outer, whitened_outer, factored, (hph, gain), post, P = run(prior, jnp.asarray(H), jnp.asarray(whitened),
+                                                                   jnp.asarray(R), jnp.asarray(e))
     assert bool(is_outer) == (outer or n_out == 1)
-    assert bool(whitened_outer) == (outer or n_out == 1)
+    assert bool(factored) == bool(whitened_outer)
+    if not coupled or shared:
+        assert bool(whitened_outer) == (outer or n_out == 1)
     P = np.asarray(P)
-    np.testing.assert_allclose(ph, P @ H.T, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hph, H @ P @ H.T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gain, P @ H.T @ np.linalg.solve(H @ P @ H.T + R, e), rtol=1e-10, atol=1e-12)
     lg, la = np.linalg.cholesky(g), np.linalg.cholesky(a)
     info = np.linalg.solve(np.linalg.cholesky(R), H)
     ms = [lg.T @ np.c_[row[n_out:].reshape(n_out, n_in), row[:n_out]] @ la for row in info]
@@ -464,6 +471,7 @@ def test_kronecker_factored_posterior_holds_for_a_saturated_softmax():
                                                   jnp.asarray(a @ a.T / n_in + 0.1 * np.eye(n_in + 1)))
     whitened = jnp.asarray(np.linalg.solve(np.linalg.cholesky(R), H))
     assert bool(rep._outer(whitened)[0])
+    assert bool(rep._whitened(prior, jnp.asarray(H), jnp.asarray(R), None)[0])  # the factored path
     post = rep.posterior(prior, jnp.asarray(H), jnp.asarray(R), jnp.zeros(n_out), None, jnp.ones(n_out, bool))
     ref = rep._general_posterior(prior, whitened)
     # 1e-7: the observation is ~10⁶ × the prior's information here, and both paths lose that

@@ -86,7 +86,7 @@ class KronCovariance(NamedTuple):
         u, s, vt = jnp.linalg.svd(r, full_matrices=False)
         g = (u[:, 0] * jnp.sqrt(s[0])).reshape(n_out, n_out)
         a = (vt[0] * jnp.sqrt(s[0])).reshape(n_in1, n_in1)
-        sign = jnp.sign(jnp.trace(g))
+        sign = jnp.sign(_trace(g))
         return KronCovariance(_sym(g * sign), _sym(a * sign))
 
 
@@ -103,9 +103,20 @@ def _order(n_out: int, n_in: int) -> np.ndarray:
     return m.reshape(-1)
 
 
+def _trace(m):
+    """``tr M`` from its diagonal (``jnp.trace`` masks the whole matrix: one more pass over it)."""
+    return jnp.sum(jnp.diagonal(m))
+
+
+def _balance(tg, n, ta, p):
+    """``c`` such that ``c·G ⊗ A/c`` has both factors at the same mean variance, from their
+    traces ``tg``, ``ta`` and sizes (keeps float32 in range)."""
+    return jnp.sqrt((ta / p) / (tg / n))
+
+
 def _balanced(g, a):
-    """The same ``g ⊗ a`` with both factors at the same mean variance (keeps float32 in range)."""
-    c = jnp.sqrt((jnp.trace(a) / a.shape[0]) / (jnp.trace(g) / g.shape[0]))
+    """The same ``g ⊗ a`` with both factors at the same mean variance."""
+    c = _balance(_trace(g), g.shape[0], _trace(a), a.shape[0])
     return g * c, a / c
 
 
@@ -144,7 +155,7 @@ class KronLayer(Representation):
         a = cov.a
         if q is not None:
             q = jnp.max(jnp.asarray(q, g.dtype))  # a vector q: its largest on the layer (never less)
-            pi = jnp.sqrt((jnp.trace(g) / self.n_out) / (jnp.trace(a) / (self.n_in + 1)))
+            pi = jnp.sqrt((_trace(g) / self.n_out) / (_trace(a) / (self.n_in + 1)))
             g = numerics.add_to_diagonal(g, jnp.sqrt(q) * pi)
             a = numerics.add_to_diagonal(a, jnp.sqrt(q) / pi)
         if bound is not None:
@@ -155,50 +166,80 @@ class KronLayer(Representation):
 
     def _outer(self, H):
         """``H (k, d)`` → ``(ok, Δ (k, n_out), Ā (k, n_in + 1))`` with row ``j`` of ``H`` the
-        matrix ``δ_j ā_jᵀ`` wherever ``ok``: ``δ`` its bias column, ``ā = Mᵀδ / δᵀδ``."""
+        matrix ``δ_j ā_jᵀ`` wherever ``ok``: ``δ`` its bias column, ``ā`` the weight row of the
+        largest ``|δ_i|`` divided by ``δ_i`` (exact to rounding for an outer product: one pass
+        over ``H``, the check's)."""
         delta = H[:, :self.n_out]
         w = H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
-        dd = jnp.sum(delta * delta, axis=1)
-        safe = jnp.where(dd > 0, dd, 1.0)
-        # (HIGHEST: an accelerator's default float32 products are too coarse for the check)
-        aw = jnp.einsum("kij,ki->kj", w, delta, precision=jax.lax.Precision.HIGHEST) / safe[:, None]
+        pivot = jnp.argmax(jnp.abs(delta), axis=1)
+        top = jnp.take_along_axis(delta, pivot[:, None], axis=1)[:, 0]
+        safe = jnp.where(top != 0, top, 1.0)
+        aw = jnp.take_along_axis(w, pivot[:, None, None], axis=1)[:, 0] / safe[:, None]
         res = w - delta[:, :, None] * aw[:, None, :]
         tol = OUTER_TOL * jnp.finfo(H.dtype).eps
         size = jnp.sum(H * H, axis=1)
         ok = jnp.all((jnp.sum(res * res, axis=(1, 2)) <= tol * tol * size) & jnp.isfinite(size))
-        return ok, delta, jnp.concatenate([aw, (dd / safe)[:, None]], axis=1)
+        return ok, delta, jnp.concatenate([aw, (top != 0).astype(H.dtype)[:, None]], axis=1)
 
     def quad(self, prior, h):
         return self.project(prior, h)[0]
 
     def project(self, prior, H):
+        """``(H P⁻ Hᵀ, factors)``: ``factors = (ok, Δ, Ā, (GΔ)ᵀ, (AĀ)ᵀ)`` of the rows (zeros
+        off the outer-product path), which the gain and the posterior reuse."""
         ok, delta, abar = self._outer(H)
 
         def by_factors():
             gd, aa = delta @ prior.g, abar @ prior.a        # rows (Gδ_j)ᵀ, (Aā_j)ᵀ
-            return (delta @ gd.T) * (abar @ aa.T), self._vec(gd[:, :, None] * aa[:, None, :])
+            return (delta @ gd.T) * (abar @ aa.T), gd, aa
 
         def general():
             ph = self._vec(jnp.einsum("ij,kjl,lm->kim", prior.g, self._m(H), prior.a))
-            return H @ ph, ph
-        return jax.lax.cond(ok, by_factors, general)
+            return H @ ph, jnp.zeros_like(delta), jnp.zeros_like(abar)
+        hph, gd, aa = jax.lax.cond(ok, by_factors, general)
+        return hph, (ok, delta, abar, gd, aa)
 
     def gain(self, prior, H, R, e):
         return self.gain_projected(prior, H, R, e, None)
 
     def gain_projected(self, prior, H, R, e, projection):
-        hph, ph = self.project(prior, H) if projection is None else projection
-        # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
-        return ph @ numerics.chol_solve(hph + R, e), hph, None
+        hph, factors = self.project(prior, H) if projection is None else projection
+        ok, _, _, gd, aa = factors
+        s = numerics.chol_solve(hph + R, e)
+        # δθ = P⁻Hᵀ s = vec(G (Σ_j s_j M_j) A): one layer-sized matrix, never the k rows of P⁻Hᵀ
+        # (on the outer-product path Σ_j s_j (Gδ_j)(Aā_j)ᵀ)
+        m = jax.lax.cond(ok, lambda: jnp.einsum("ki,k,kj->ij", gd, s, aa),
+                         lambda: prior.g @ jnp.einsum("k,kij->ij", s, self._m(H)) @ prior.a)
+        return self._vec(m[None])[:, 0], hph, factors
 
     def posterior(self, prior, H, R, e, aux, rows):
-        # The rows whitened by L_R⁻¹ first, as the general path does (R⁻¹ itself would square
-        # R's condition number: a saturated softmax's R reaches 10⁶ in float32). They are outer
-        # products where R couples only rows with the same ā: one example's outputs.
-        info = numerics.solve_lower(numerics.cholesky(R), H)           # L_R⁻¹ H (k, d)
-        ok, delta, abar = self._outer(info)
-        return jax.lax.cond(ok, lambda: self._outer_posterior(prior, delta, abar),
-                            lambda: self._general_posterior(prior, info))
+        ok, chol, factors = self._whitened(prior, H, R, aux)
+        return jax.lax.cond(ok, lambda: self._outer_posterior(prior, *factors),
+                            lambda: self._general_posterior(prior, numerics.solve_lower(chol, H)))
+
+    def _whitened(self, prior, H, R, factors):
+        """``(ok, L_R, (Δ̂, Ā, (GΔ̂)ᵀ, (AĀ)ᵀ))`` for the rows whitened by ``L_R⁻¹``, as the general
+        path takes them (``R⁻¹`` itself would square ``R``'s condition number: a saturated
+        softmax's ``R`` reaches 10⁶ in float32); ``ok``: they are outer products.
+
+        Whitened row ``j`` is ``Σ_i W_ji δ_i ā_iᵀ`` (``W = L_R⁻¹``): the outer product
+        ``(Σ_i W_ji δ_i) ā_jᵀ`` where every row it mixes in has ``ā_j``'s ``ā`` or is zero (one
+        example's outputs). Its factors then follow from the gain's (``factors``, from
+        :meth:`project`) in ``k × k`` terms, ``G Σ_i W_ji δ_i = Σ_i W_ji (Gδ_i)``, with no
+        second pass over ``H``. A layer with one output has outer-product rows whatever ``R``
+        mixes, and only ``n_in + 1`` parameters: its rows are whitened outright."""
+        chol = numerics.cholesky(R)
+        if self.n_out == 1:
+            ok, delta, abar = self._outer(numerics.solve_lower(chol, H))
+            return ok, chol, (delta, abar, delta @ prior.g, abar @ prior.a)
+        ok, delta, abar, gd, aa = self.project(prior, H)[1] if factors is None else factors
+        w = numerics.solve_lower(chol, jnp.eye(R.shape[0], dtype=R.dtype))
+        tol = OUTER_TOL * jnp.finfo(abar.dtype).eps
+        apart = jnp.sum((abar[:, None, :] - abar[None, :, :]) ** 2, axis=2)      # (j, i)
+        same = apart <= tol * tol * jnp.sum(abar * abar, axis=1)[:, None]
+        zero = jnp.all(delta == 0, axis=1)[None, :]                             # row i is zero
+        ok = ok & jnp.all((w == 0) | same | zero)
+        return ok, chol, (w @ delta, abar, w @ gd, aa)
 
     def _general_posterior(self, prior, info):
         """The posterior from the whitened rows ``info = L_R⁻¹ H (k, d)``."""
@@ -209,9 +250,9 @@ class KronLayer(Representation):
             if v is None:  # ⟨I, I⟩ I + Σ M̂ M̂ᵀ: the first pass without a product with I
                 u = (self.n_in + 1) * jnp.eye(self.n_out, dtype=lg.dtype) + jnp.einsum("kij,kmj->im", mh, mh)
             else:
-                u = jnp.trace(v) * jnp.eye(self.n_out, dtype=v.dtype) + jnp.einsum("kij,jl,kml->im", mh, v, mh)
+                u = _trace(v) * jnp.eye(self.n_out, dtype=v.dtype) + jnp.einsum("kij,jl,kml->im", mh, v, mh)
             u = u / jnp.sqrt(jnp.sum(u * u))
-            v = jnp.trace(u) * jnp.eye(self.n_in + 1, dtype=u.dtype) + jnp.einsum("kji,jl,klm->im", mh, u, mh)
+            v = _trace(u) * jnp.eye(self.n_in + 1, dtype=u.dtype) + jnp.einsum("kji,jl,klm->im", mh, u, mh)
         # Λ ≈ (L_G⁻ᵀ U L_G⁻¹) ⊗ (L_A⁻ᵀ V L_A⁻¹), so P = (L_G U⁻¹ L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ), each
         # formed as XᵀX with X = L_U⁻¹ L_Gᵀ (one triangular solve; symmetric by construction)
         xg = numerics.solve_lower(numerics.cholesky(_sym(u)), lg.T)
@@ -219,32 +260,37 @@ class KronLayer(Representation):
         g, a = xg.T @ xg, xa.T @ xa
         return KronCovariance(*_balanced(_sym(g), _sym(a)))
 
-    def _outer_posterior(self, prior, delta, abar):
+    def _outer_posterior(self, prior, delta, abar, gd, aa):
         """The passes of :meth:`_general_posterior` for whitened rows ``δ_j ā_jᵀ`` (``R = I``),
-        in ``k × k`` terms: ``U = αI + D diag(w) Dᵀ``, ``V = βI + Â diag(z) Âᵀ`` (the module's
-        docstring, with ``R⁻¹ = I``)."""
+        given ``(GΔ)ᵀ``, ``(AĀ)ᵀ``, in ``k × k`` terms: ``U = αI + D diag(w) Dᵀ``,
+        ``V = βI + Â diag(z) Âᵀ`` (the module's docstring, with ``R⁻¹ = I``)."""
         n, p = self.n_out, self.n_in + 1
-        gd, aa = delta @ prior.g, abar @ prior.a                 # (GΔ)ᵀ, (AĀ)ᵀ
         kd, ka = _sym(delta @ gd.T), _sym(abar @ aa.T)           # DᵀD = ΔᵀGΔ, ÂᵀÂ = ĀᵀAĀ
         beta, z = jnp.asarray(1.0, kd.dtype), jnp.zeros(ka.shape[0], ka.dtype)  # V = I to start
         for _ in range(PASSES):
             w = beta * jnp.diagonal(ka) + jnp.sum(ka * ka * z[None, :], axis=1)   # diag ÂᵀVÂ
             alpha = beta * p + jnp.sum(z * jnp.diagonal(ka))                      # tr V
             wk = w[:, None] * kd                                                  # W K
-            f = jnp.sqrt(alpha * alpha * n + 2.0 * alpha * jnp.trace(wk) + jnp.sum(wk * wk.T))  # ‖U‖_F
+            f = jnp.sqrt(alpha * alpha * n + 2.0 * alpha * _trace(wk) + jnp.sum(wk * wk.T))  # ‖U‖_F
             alpha, w = alpha / f, w / f
             z = alpha * jnp.diagonal(kd) + jnp.sum(kd * kd * w[None, :], axis=1)  # diag DᵀUD
             beta = alpha * n + jnp.sum(w * jnp.diagonal(kd))                      # tr U
-        return KronCovariance(*_balanced(_sym(_woodbury(prior.g, gd, kd, alpha, w)),
-                                         _sym(_woodbury(prior.a, aa, ka, beta, z))))
+        fg, fa = _woodbury(gd, kd, alpha, w), _woodbury(aa, ka, beta, z)
+        # (G − FᵀF)/α and (A − FᵀF)/β balanced, each in one pass over its factor: the traces
+        # from the diagonals alone, and no symmetrisation (the downdate of a symmetric matrix is
+        # bitwise symmetric)
+        tg = jnp.sum(jnp.diagonal(prior.g) - jnp.sum(fg * fg, axis=0)) / alpha
+        ta = jnp.sum(jnp.diagonal(prior.a) - jnp.sum(fa * fa, axis=0)) / beta
+        c = _balance(tg, n, ta, p)
+        return KronCovariance(numerics.downdate(prior.g, fg.T) * (c / alpha),
+                              numerics.downdate(prior.a, fa.T) / (c * beta))
 
 
-def _woodbury(g, y, k, alpha, w):
-    """``L (αI + D diag(w) Dᵀ)⁻¹ Lᵀ`` for ``G = L Lᵀ``, ``Y = DᵀLᵀ (k, n)``, ``K = DᵀD``,
-    ``w ≥ 0``: ``(G − FᵀF) / α`` with ``F = L_M⁻¹ S Y``, ``S = diag(√w)``, ``M = αI + S K S``
-    (Woodbury in its symmetric form: a Cholesky factor of a positive definite ``k × k`` matrix,
-    and the downdate as a sum of outer products, bitwise symmetric)."""
+def _woodbury(y, k, alpha, w):
+    """``F`` with ``L (αI + D diag(w) Dᵀ)⁻¹ Lᵀ = (G − FᵀF) / α`` for ``G = L Lᵀ``,
+    ``Y = DᵀLᵀ (k, n)``, ``K = DᵀD``, ``w ≥ 0``: ``F = L_M⁻¹ S Y``, ``S = diag(√w)``,
+    ``M = αI + S K S`` (Woodbury in its symmetric form: a Cholesky factor of a positive
+    definite ``k × k`` matrix; the downdate as a sum of outer products is bitwise symmetric)."""
     s = jnp.sqrt(w)
     m = numerics.add_to_diagonal(s[:, None] * k * s[None, :], alpha)
-    f = numerics.solve_lower(numerics.cholesky(m), s[:, None] * y)
-    return numerics.downdate(g, f.T) / alpha
+    return numerics.solve_lower(numerics.cholesky(m), s[:, None] * y)
