@@ -226,16 +226,16 @@ def test_values_beyond_a_float32_state_are_refused_or_skipped():
 
 def test_float32_forgetting_runs_with_the_square_root_core():
     """Float32 RTRL with forgetting: the square-root core runs the whole stream, finite, and
-    forecasts at the noise level at its end (the covariance-form core lost positive
-    definiteness to rounding after ~1 400 steps at λ = 0.995 on this series, docs/reliability.md;
-    a fact about it, not a requirement, so it is not run here).
+    forecasts at the noise level (the covariance-form core lost positive definiteness to
+    rounding after ~1 400 steps at λ = 0.995 on this series, docs/reliability.md; a fact about
+    it, not a requirement, so it is not run here).
 
-    The network's sensitivities burst on this series (float64 too), and a float32 run can
-    leave a burst with worse weights for some 2 000 steps, depending on rounding: with this
-    suite's XLA compile settings (tests/conftest.py) steps 2 000–3 000 had an RMSE of 0.22, back
-    at 0.11 from step 4 000 (0.10–0.11 after the first 1 000 steps with XLA's defaults;
-    benchmarks/rtrl_float32.py). So the forecasts are judged over the last 1 000 of 6 000
-    steps."""
+    The network's sensitivities burst on this series (float64 too), and a float32 run can leave
+    a burst with worse weights for 1 000–2 000 steps, at a place rounding decides: with this
+    suite's XLA compile settings steps 2 000–3 000 had an RMSE of 0.22 and later 0.10–0.12; after
+    a change of fusion alone (the same arithmetic) steps 5 000–6 000 had 0.18 and the others
+    0.10–0.11 (benchmarks/rtrl_float32.py). So the forecasts are judged by the median RMSE of the
+    five windows of 1 000 steps after the first."""
     cell = recurrent.elman(n_inputs=1, n_state=4)
     rng = np.random.default_rng(0)
     series = np.sin(0.3 * np.arange(6001)) + 0.1 * rng.normal(size=6001)
@@ -248,4 +248,5 @@ def test_float32_forgetting_runs_with_the_square_root_core():
         res = recurrent.fit_sequence(lrn, lrn.init(params), x, y, chunk_size=1000)
         out[core] = np.asarray(res.predictions.mean, np.float64).ravel()
     assert np.all(np.isfinite(out["sqrt_ekf"]))
-    assert np.sqrt(np.mean((out["sqrt_ekf"][-1000:] - y[-1000:]) ** 2)) < 0.15
+    windows = [np.sqrt(np.mean((out["sqrt_ekf"][i:i + 1000] - y[i:i + 1000]) ** 2)) for i in range(1000, 6000, 1000)]
+    assert np.median(windows) < 0.12, windows

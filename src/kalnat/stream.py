@@ -82,7 +82,9 @@ def scan_rows(learner, hyper, state, xs, ys, ms, keep: bool = True):
         xb, yb, mb = inp
 
         def learn(s):
-            s, pred, ll = learner.step(hyper, s, xb, yb, mb)
+            # a single row is learned only when it is not masked: a constant mask then, which
+            # removes the masking's pass over H from the step (and every select it feeds)
+            s, pred, ll = learner.step(hyper, s, xb, yb, jnp.ones_like(mb) if mb.shape[0] == 1 else mb)
             return s, (pred, ll)
 
         state, out = step_or_skip(jnp.any(mb), learn, state)
