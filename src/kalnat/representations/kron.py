@@ -25,11 +25,12 @@ the approximation of K-FAC (Martens & Grosse 2015) is the sum of them.
   pass finds it exactly and the filter is the exact one on the layer.
 
 **Outer-product rows.** A dense layer's Jacobian for one example is ``δ āᵀ`` in each output
-row, whatever the network around it: its bias column is ``δ`` and ``ā = Mᵀδ / δᵀδ``. When every
-row of ``H`` is of that form (checked each step, to a few units of rounding), everything above
-is written with ``GΔ``, ``AĀ`` (``Δ``, ``Ā`` the rows' factors) and ``k × k`` matrices, at
-O((n_out² + n_in²) k) instead of O(n_out n_in (n_out + n_in) k): the gain's rows are
-``vec(Gδ (Aā)ᵀ)``, ``H P⁻ Hᵀ = ΔᵀGΔ ∘ ĀᵀAĀ``, and in the whitened coordinates every alternating
+row, whatever the network around it: its bias column is ``δ`` and ``ā`` its weight row of the
+largest ``|δ_i|`` over ``δ_i``. When every row of ``H`` is of that form (checked each step, to a
+few units of rounding), everything above is written with ``GΔ``, ``AĀ`` (``Δ``, ``Ā`` the rows'
+factors) and ``k × k`` matrices, at O((n_out² + n_in²) k) instead of O(n_out n_in (n_out + n_in) k):
+``δθ = vec(Σ_j s_j Gδ_j (Aā_j)ᵀ)`` (``s = S⁻¹e``), ``H P⁻ Hᵀ = ΔᵀGΔ ∘ ĀᵀAĀ``, the posterior reuses
+the gain's factors, and in the whitened coordinates every alternating
 pass stays ``U = αI + D W Dᵀ``, ``V = βI + Â Z Âᵀ`` (``D = L_GᵀΔ``; on the rows whitened
 by ``L_R⁻¹``, which are outer products where ``R`` couples only rows of one ``ā``, as one
 example's outputs, ``W = diag(ÂᵀVÂ)``, ``Z = diag(DᵀUD)``), whose factors follow by Woodbury
