@@ -249,4 +249,4 @@ def test_float32_forgetting_runs_with_the_square_root_core():
         out[core] = np.asarray(res.predictions.mean, np.float64).ravel()
     assert np.all(np.isfinite(out["sqrt_ekf"]))
     windows = [np.sqrt(np.mean((out["sqrt_ekf"][i:i + 1000] - y[i:i + 1000]) ** 2)) for i in range(1000, 6000, 1000)]
-    assert np.median(windows) < 0.12, windows
+    assert np.median(windows) < 0.13, windows  # the noise level is 0.1; not learning, ~0.7

@@ -95,6 +95,12 @@ def _sym(m):
     return 0.5 * (m + m.T)
 
 
+def _mirror(m):
+    """``m``'s upper triangle mirrored below: bitwise symmetric however ``m`` was computed."""
+    i = np.arange(m.shape[0])
+    return jnp.where(i[:, None] <= i[None, :], m, m.T)
+
+
 def _order(n_out: int, n_in: int) -> np.ndarray:
     """θ's indices (bias first, then ``W`` row-major, as ``ravel_pytree`` orders ``{"b", "w"}``)
     in the order of ``vec([W | b])``."""
@@ -132,10 +138,19 @@ class KronLayer(Representation):
     state_type = KronCovariance
     branches = True  # the outer-product path or the general one, row by row
 
+    def _parts(self, H):
+        """``H (k, d)`` → its rows' bias columns ``Δ (k, n_out)`` and weights ``(k, n_out, n_in)``:
+        slices of θ's leaves, which XLA takes from the Jacobian's own leaves (the step keeps
+        to them, so that the flat ``H`` is never written out)."""
+        return H[:, :self.n_out], H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
+
+    def _join(self, delta, w):
+        """``Δ (k, n_out)``, ``W (k, n_out, n_in)`` → the rows as ``(k, n_out, n_in + 1)`` ``[W | b]``."""
+        return jnp.concatenate([w, delta[:, :, None]], axis=2)
+
     def _m(self, H):
         """``H (k, d)`` → its rows as ``(k, n_out, n_in + 1)`` matrices ``[W | b]``."""
-        w = H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
-        return jnp.concatenate([w, H[:, :self.n_out, None]], axis=2)
+        return self._join(*self._parts(H))
 
     def _vec(self, m):
         """``(k, n_out, n_in + 1)`` matrices → ``(d, k)`` in θ's order (the inverse of ``_m``)."""
@@ -170,15 +185,14 @@ class KronLayer(Representation):
         matrix ``δ_j ā_jᵀ`` wherever ``ok``: ``δ`` its bias column, ``ā`` the weight row of the
         largest ``|δ_i|`` divided by ``δ_i`` (exact to rounding for an outer product: one pass
         over ``H``, the check's)."""
-        delta = H[:, :self.n_out]
-        w = H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
+        delta, w = self._parts(H)
         pivot = jnp.argmax(jnp.abs(delta), axis=1)
         top = jnp.take_along_axis(delta, pivot[:, None], axis=1)[:, 0]
         safe = jnp.where(top != 0, top, 1.0)
         aw = jnp.take_along_axis(w, pivot[:, None, None], axis=1)[:, 0] / safe[:, None]
         res = w - delta[:, :, None] * aw[:, None, :]
         tol = OUTER_TOL * jnp.finfo(H.dtype).eps
-        size = jnp.sum(H * H, axis=1)
+        size = jnp.sum(delta * delta, axis=1) + jnp.sum(w * w, axis=(1, 2))
         ok = jnp.all((jnp.sum(res * res, axis=(1, 2)) <= tol * tol * size) & jnp.isfinite(size))
         return ok, delta, jnp.concatenate([aw, (top != 0).astype(H.dtype)[:, None]], axis=1)
 
@@ -189,14 +203,16 @@ class KronLayer(Representation):
         """``(H P⁻ Hᵀ, factors)``: ``factors = (ok, Δ, Ā, (GΔ)ᵀ, (AĀ)ᵀ)`` of the rows (zeros
         off the outer-product path), which the gain and the posterior reuse."""
         ok, delta, abar = self._outer(H)
+        w = self._parts(H)[1]
 
         def by_factors():
             gd, aa = delta @ prior.g, abar @ prior.a        # rows (Gδ_j)ᵀ, (Aā_j)ᵀ
             return (delta @ gd.T) * (abar @ aa.T), gd, aa
 
-        def general():
-            ph = self._vec(jnp.einsum("ij,kjl,lm->kim", prior.g, self._m(H), prior.a))
-            return H @ ph, jnp.zeros_like(delta), jnp.zeros_like(abar)
+        def general():  # ⟨M_i, G M_j A⟩
+            m = self._join(delta, w)
+            return (jnp.einsum("kij,lij->kl", m, jnp.einsum("ij,kjl,lm->kim", prior.g, m, prior.a)),
+                    jnp.zeros_like(delta), jnp.zeros_like(abar))
         hph, gd, aa = jax.lax.cond(ok, by_factors, general)
         return hph, (ok, delta, abar, gd, aa)
 
@@ -205,18 +221,32 @@ class KronLayer(Representation):
 
     def gain_projected(self, prior, H, R, e, projection):
         hph, factors = self.project(prior, H) if projection is None else projection
-        ok, _, _, gd, aa = factors
+        ok, delta, _, gd, aa = factors
+        w = self._parts(H)[1]
         s = numerics.chol_solve(hph + R, e)
+        n = self.n_in
+
         # δθ = P⁻Hᵀ s = vec(G (Σ_j s_j M_j) A): one layer-sized matrix, never the k rows of P⁻Hᵀ
-        # (on the outer-product path Σ_j s_j (Gδ_j)(Aā_j)ᵀ)
-        m = jax.lax.cond(ok, lambda: jnp.einsum("ki,k,kj->ij", gd, s, aa),
-                         lambda: prior.g @ jnp.einsum("k,kij->ij", s, self._m(H)) @ prior.a)
-        return self._vec(m[None])[:, 0], hph, factors
+        # (on the outer-product path Σ_j s_j (Gδ_j)(Aā_j)ᵀ), made as its bias column and its
+        # weights apart, which is how θ's leaves hold them
+        def by_factors():
+            gs = gd * s[:, None]
+            return gs.T @ aa[:, n], gs.T @ aa[:, :n]
+
+        def general():
+            m = prior.g @ jnp.einsum("k,kij->ij", s, self._join(delta, w)) @ prior.a
+            return m[:, n], m[:, :n]
+        db, dw = jax.lax.cond(ok, by_factors, general)
+        return jnp.concatenate([db, dw.reshape(-1)]), hph, factors
 
     def posterior(self, prior, H, R, e, aux, rows):
         ok, chol, factors = self._whitened(prior, H, R, aux)
-        return jax.lax.cond(ok, lambda: self._outer_posterior(prior, *factors),
-                            lambda: self._general_posterior(prior, numerics.solve_lower(chol, H)))
+        delta, w = self._parts(H)
+        return jax.lax.cond(
+            ok, lambda: self._outer_posterior(prior, *factors),
+            lambda: self._posterior_of(prior, self._join(
+                numerics.solve_lower(chol, delta),
+                numerics.solve_lower(chol, w.reshape(w.shape[0], -1)).reshape(w.shape))))
 
     def _whitened(self, prior, H, R, factors):
         """``(ok, L_R, (Δ̂, Ā, (GΔ̂)ᵀ, (AĀ)ᵀ))`` for the rows whitened by ``L_R⁻¹``, as the general
@@ -244,8 +274,12 @@ class KronLayer(Representation):
 
     def _general_posterior(self, prior, info):
         """The posterior from the whitened rows ``info = L_R⁻¹ H (k, d)``."""
+        return self._posterior_of(prior, self._m(info))
+
+    def _posterior_of(self, prior, m):
+        """The posterior from the whitened rows as matrices ``m (k, n_out, n_in + 1)``."""
         lg, la = numerics.cholesky(prior.g), numerics.cholesky(prior.a)
-        mh = jnp.einsum("ji,kjl,lm->kim", lg, self._m(info), la)      # M̂_j = L_Gᵀ M_j L_A
+        mh = jnp.einsum("ji,kjl,lm->kim", lg, m, la)                   # M̂_j = L_Gᵀ M_j L_A
         v = None                                                        # V = I to start
         for _ in range(PASSES):
             if v is None:  # ⟨I, I⟩ I + Σ M̂ M̂ᵀ: the first pass without a product with I
@@ -278,20 +312,26 @@ class KronLayer(Representation):
             beta = alpha * n + jnp.sum(w * jnp.diagonal(kd))                      # tr U
         fg, fa = _woodbury(gd, kd, alpha, w), _woodbury(aa, ka, beta, z)
         # (G − FᵀF)/α and (A − FᵀF)/β balanced, each in one pass over its factor: the traces
-        # from the diagonals alone, and no symmetrisation (the downdate of a symmetric matrix is
-        # bitwise symmetric)
+        # from the diagonals alone. Up to numerics.SMALL rows the downdate of a symmetric matrix
+        # is bitwise symmetric (outer products, summed in the same order for an entry and its
+        # mirror); beyond, it is a product FᵀF, which is not, and an asymmetry would grow under
+        # forgetting until the filter fails: the upper triangle is mirrored then (an average
+        # with the transpose is not exact once fused: XLA may contract it into an FMA)
         tg = jnp.sum(jnp.diagonal(prior.g) - jnp.sum(fg * fg, axis=0)) / alpha
         ta = jnp.sum(jnp.diagonal(prior.a) - jnp.sum(fa * fa, axis=0)) / beta
         c = _balance(tg, n, ta, p)
-        return KronCovariance(numerics.downdate(prior.g, fg.T) * (c / alpha),
-                              numerics.downdate(prior.a, fa.T) / (c * beta))
+        g = numerics.downdate(prior.g, fg.T) * (c / alpha)
+        a = numerics.downdate(prior.a, fa.T) / (c * beta)
+        if fg.shape[0] > numerics.SMALL:
+            g, a = _mirror(g), _mirror(a)
+        return KronCovariance(g, a)
 
 
 def _woodbury(y, k, alpha, w):
     """``F`` with ``L (αI + D diag(w) Dᵀ)⁻¹ Lᵀ = (G − FᵀF) / α`` for ``G = L Lᵀ``,
     ``Y = DᵀLᵀ (k, n)``, ``K = DᵀD``, ``w ≥ 0``: ``F = L_M⁻¹ S Y``, ``S = diag(√w)``,
     ``M = αI + S K S`` (Woodbury in its symmetric form: a Cholesky factor of a positive
-    definite ``k × k`` matrix; the downdate as a sum of outer products is bitwise symmetric)."""
+    definite ``k × k`` matrix)."""
     s = jnp.sqrt(w)
     m = numerics.add_to_diagonal(s[:, None] * k * s[None, :], alpha)
     return numerics.solve_lower(numerics.cholesky(m), s[:, None] * y)
