@@ -264,26 +264,28 @@ def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(n
     np.testing.assert_allclose(np.kron(post.g, post.a), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("k", [3, 20])
-def test_kronecker_factors_stay_bitwise_symmetric(k):
+@pytest.mark.parametrize("n_out, k", [(3, 3), (20, 20), (1, 20)])
+def test_kronecker_factors_stay_bitwise_symmetric(n_out, k):
     """The factored posterior's G and A are exactly symmetric after a step of ``k`` rows (one
-    example's outputs): up to numerics.SMALL rows the downdate is a sum of outer products in
-    the same order for an entry and its mirror; beyond, a product FᵀF, which is not symmetric
-    to the bit and is symmetrised. Unsymmetrised, float64 A grew 10 × more asymmetric every
-    ~250 steps under forgetting 0.99 and the filter returned NaN after ~2 800 rows (20 outputs)."""
-    rng = np.random.default_rng(k)
+    example's outputs, or with one output, ``k`` examples'): up to numerics.SMALL rows the
+    downdate is a sum of outer products in the same order for an entry and its mirror; beyond,
+    a product FᵀF, which is not symmetric to the bit and is mirrored (numerics.downdate).
+    Unsymmetrised, float64 A grew 10 × more asymmetric every ~250 steps under forgetting 0.99
+    and the filter returned NaN after ~2 800 rows (20 outputs)."""
+    rng = np.random.default_rng(k + n_out)
     n_in = 6
-    rep = KronLayer(k, n_in)
+    rep = KronLayer(n_out, n_in)
 
     def spd(n):
         a = rng.normal(size=(n, n))
         a = a @ a.T / n + 0.5 * np.eye(n)
         return 0.5 * (a + a.T)
 
-    prior = kalnat.representations.KronCovariance(jnp.asarray(spd(k)), jnp.asarray(spd(n_in + 1)))
+    prior = kalnat.representations.KronCovariance(jnp.asarray(spd(n_out)), jnp.asarray(spd(n_in + 1)))
     abar = np.r_[rng.normal(size=n_in), 1.0]
-    H = np.stack([np.r_[m[:, n_in], m[:, :n_in].ravel()]
-                  for m in (np.outer(rng.normal(size=k), abar) for _ in range(k))])
+    H = np.stack([np.r_[m[:, n_in], m[:, :n_in].ravel()] for m in (
+        np.outer(rng.normal(size=n_out), abar if n_out > 1 else np.r_[rng.normal(size=n_in), 1.0])
+        for _ in range(k))])
     R = np.diag(rng.uniform(0.5, 2.0, k))
     post, factored = jax.jit(lambda p, H, R: (rep.posterior(p, H, R, jnp.zeros(k), None, jnp.ones(k, bool)),
                                               rep._whitened(p, H, R, None)[0]))(prior, jnp.asarray(H), jnp.asarray(R))

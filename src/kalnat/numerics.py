@@ -17,7 +17,7 @@ import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 __all__ = [
-    "symmetrize", "add_to_diagonal", "downdate", "cholesky", "chol_solve", "whiten", "block_diag", "diagonal_blocks",
+    "symmetrize", "mirror_upper", "add_to_diagonal", "downdate", "cholesky", "chol_solve", "whiten", "block_diag", "diagonal_blocks",
     "joseph_update", "spd_inverse", "variance_bound", "precision_bound", "check_covariance",
     "prior_matrix", "all_within",
 ]
@@ -60,6 +60,15 @@ def symmetrize(a):
     return 0.5 * (a + a.T)
 
 
+def mirror_upper(a):
+    """``A``'s upper triangle (with the diagonal) mirrored below: bitwise symmetric however ``A``
+    was computed. (Averaging with ``Aᵀ`` is not, once XLA fuses it into a product that made
+    ``A``: ``(x s + y s)`` may become a fused multiply-add, rounded differently for an entry and
+    its mirror.)"""
+    i = jnp.arange(a.shape[0])
+    return jnp.where(i[:, None] <= i[None, :], a, a.T)
+
+
 def add_to_diagonal(a, v):
     """``A + v I`` (``v`` scalar or ``(d,)``) without forming ``I``."""
     idx = jnp.arange(a.shape[0])
@@ -90,11 +99,14 @@ def downdate(p, w):
     For ``m ≤ SMALL`` it is written as ``m`` outer products in one expression, which XLA fuses
     into a single pass over ``P`` (``W Wᵀ`` as a product is a ``d × d`` temporary: one more
     pass); each entry then subtracts the same products in the same order as its mirror, so a
-    symmetric ``P`` stays bitwise symmetric.
+    symmetric ``P`` stays bitwise symmetric. Beyond, the product ``W Wᵀ`` is not bitwise
+    symmetric (compiled on a CPU, float64), and an asymmetry left in ``P`` grows as ``λ^−t``
+    under forgetting until the filter fails: the upper triangle is mirrored
+    (:func:`mirror_upper`), so a symmetric ``P`` stays bitwise symmetric at any ``m``.
     """
     m = w.shape[1]
     if m > SMALL:
-        return p - w @ w.T
+        return mirror_upper(p - w @ w.T)
     out = p
     for k in range(m):
         out = out - w[:, k, None] * w[None, :, k]

@@ -95,12 +95,6 @@ def _sym(m):
     return 0.5 * (m + m.T)
 
 
-def _mirror(m):
-    """``m``'s upper triangle mirrored below: bitwise symmetric however ``m`` was computed."""
-    i = np.arange(m.shape[0])
-    return jnp.where(i[:, None] <= i[None, :], m, m.T)
-
-
 def _order(n_out: int, n_in: int) -> np.ndarray:
     """θ's indices (bias first, then ``W`` row-major, as ``ravel_pytree`` orders ``{"b", "w"}``)
     in the order of ``vec([W | b])``."""
@@ -312,19 +306,13 @@ class KronLayer(Representation):
             beta = alpha * n + jnp.sum(w * jnp.diagonal(kd))                      # tr U
         fg, fa = _woodbury(gd, kd, alpha, w), _woodbury(aa, ka, beta, z)
         # (G − FᵀF)/α and (A − FᵀF)/β balanced, each in one pass over its factor: the traces
-        # from the diagonals alone. Up to numerics.SMALL rows the downdate of a symmetric matrix
-        # is bitwise symmetric (outer products, summed in the same order for an entry and its
-        # mirror); beyond, it is a product FᵀF, which is not, and an asymmetry would grow under
-        # forgetting until the filter fails: the upper triangle is mirrored then (an average
-        # with the transpose is not exact once fused: XLA may contract it into an FMA)
+        # from the diagonals alone, and no symmetrisation (numerics.downdate of a symmetric
+        # matrix is bitwise symmetric, and so is its product with a number)
         tg = jnp.sum(jnp.diagonal(prior.g) - jnp.sum(fg * fg, axis=0)) / alpha
         ta = jnp.sum(jnp.diagonal(prior.a) - jnp.sum(fa * fa, axis=0)) / beta
         c = _balance(tg, n, ta, p)
-        g = numerics.downdate(prior.g, fg.T) * (c / alpha)
-        a = numerics.downdate(prior.a, fa.T) / (c * beta)
-        if fg.shape[0] > numerics.SMALL:
-            g, a = _mirror(g), _mirror(a)
-        return KronCovariance(g, a)
+        return KronCovariance(numerics.downdate(prior.g, fg.T) * (c / alpha),
+                              numerics.downdate(prior.a, fa.T) / (c * beta))
 
 
 def _woodbury(y, k, alpha, w):
