@@ -133,9 +133,9 @@ class KronLayer(Representation):
     branches = True  # the outer-product path or the general one, row by row
 
     def _parts(self, H):
-        """``H (k, d)`` → its rows' bias columns ``Δ (k, n_out)`` and weights ``(k, n_out, n_in)``:
-        slices of θ's leaves, which XLA takes from the Jacobian's own leaves (the step keeps
-        to them, so that the flat ``H`` is never written out)."""
+        """``H (k, d)`` → its rows' bias columns ``Δ (k, n_out)`` and weights ``(k, n_out, n_in)``,
+        as θ's leaves hold them. (XLA still writes the flat ``H`` out and slices it: it does not
+        take a slice of the Jacobian's concatenated leaves back to the leaf.)"""
         return H[:, :self.n_out], H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
 
     def _join(self, delta, w):
