@@ -237,10 +237,10 @@ def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(n
     # one compiled program per example (op by op, each shape's ~170 operations compiled apiece)
     @jax.jit
     def run(prior, H, whitened, R, e):
-        post = rep.posterior(prior, H, R, e, None, jnp.ones(k, bool))
-        gain, hph, _ = rep.gain(prior, H, R, e)
-        factored = rep._whitened(prior, H, R, None)[0]  # the path the posterior took
-        return rep._outer(H)[0], rep._outer(whitened)[0], factored, (hph, gain), post, prior.dense()
+        gain, hph, aux = rep.gain(prior, H, R, e)  # the posterior takes the gain's aux, as in a step
+        post = rep.posterior(prior, H, R, e, aux, jnp.ones(k, bool))
+        factored = rep._whitened(prior, H, R, aux)[0]  # the path the posterior took
+        return aux[0], rep._outer(whitened)[0], factored, (hph, gain), post, prior.dense()
 
     e = rng.normal(size=k)
     is_outer, whitened_outer, factored, (hph, gain), post, P = run(prior, jnp.asarray(H), jnp.asarray(whitened),
