@@ -207,7 +207,8 @@ class Learner(Boundary):
     def step(self, hyper, state, xs, ys, mask=None):
         """Predict, then condition on a minibatch: one linearisation at θ for all ``b`` rows
         (docs/method.md §2d). Returns ``(State, Predictive, log_likelihood (b,))``."""
-        return _filter.step(self, hyper, state, self.linearize_at(state, xs, ys, mask), mask)
+        # (the filter masks the rows of every linearisation itself: not here as well)
+        return _filter.step(self, hyper, state, self.linearize_at(state, xs, ys), mask)
 
     def predict_batch(self, hyper, state, xs) -> Predictive:
         """The one-step predictive of the rows ``xs (b, …)``, from the prior."""

@@ -88,11 +88,7 @@ class KronCovariance(NamedTuple):
         g = (u[:, 0] * jnp.sqrt(s[0])).reshape(n_out, n_out)
         a = (vt[0] * jnp.sqrt(s[0])).reshape(n_in1, n_in1)
         sign = jnp.sign(_trace(g))
-        return KronCovariance(_sym(g * sign), _sym(a * sign))
-
-
-def _sym(m):
-    return 0.5 * (m + m.T)
+        return KronCovariance(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign))
 
 
 def _order(n_out: int, n_in: int) -> np.ndarray:
@@ -141,14 +137,6 @@ class KronLayer(Representation):
     def _join(self, delta, w):
         """``Δ (k, n_out)``, ``W (k, n_out, n_in)`` → the rows as ``(k, n_out, n_in + 1)`` ``[W | b]``."""
         return jnp.concatenate([w, delta[:, :, None]], axis=2)
-
-    def _m(self, H):
-        """``H (k, d)`` → its rows as ``(k, n_out, n_in + 1)`` matrices ``[W | b]``."""
-        return self._join(*self._parts(H))
-
-    def _vec(self, m):
-        """``(k, n_out, n_in + 1)`` matrices → ``(d, k)`` in θ's order (the inverse of ``_m``)."""
-        return jnp.concatenate([m[:, :, self.n_in], m[:, :, :self.n_in].reshape(m.shape[0], -1)], axis=1).T
 
     def init(self, hyper, d, dtype):
         if d != self.n_out * (self.n_in + 1):
@@ -238,7 +226,7 @@ class KronLayer(Representation):
         delta, w = self._parts(H)
         return jax.lax.cond(
             ok, lambda: self._outer_posterior(prior, *factors),
-            lambda: self._posterior_of(prior, self._join(
+            lambda: self._general_posterior(prior, self._join(
                 numerics.solve_lower(chol, delta),
                 numerics.solve_lower(chol, w.reshape(w.shape[0], -1)).reshape(w.shape))))
 
@@ -247,10 +235,10 @@ class KronLayer(Representation):
         path takes them (``R⁻¹`` itself would square ``R``'s condition number: a saturated
         softmax's ``R`` reaches 10⁶ in float32); ``ok``: they are outer products.
 
-        Whitened row ``j`` is ``Σ_i W_ji δ_i ā_iᵀ`` (``W = L_R⁻¹``): the outer product
-        ``(Σ_i W_ji δ_i) ā_jᵀ`` where every row it mixes in has ``ā_j``'s ``ā`` or is zero (one
+        Whitened row ``j`` is ``Σ_i L_ji δ_i ā_iᵀ`` (``L = L_R⁻¹``): the outer product
+        ``(Σ_i L_ji δ_i) ā_jᵀ`` where every row it mixes in has ``ā_j``'s ``ā`` or is zero (one
         example's outputs). Its factors then follow from the gain's (``factors``, from
-        :meth:`project`) in ``k × k`` terms, ``G Σ_i W_ji δ_i = Σ_i W_ji (Gδ_i)``, with no
+        :meth:`project`) in ``k × k`` terms, ``G Σ_i L_ji δ_i = Σ_i L_ji (Gδ_i)``, with no
         second pass over ``H``. A layer with one output has outer-product rows whatever ``R``
         mixes, and only ``n_in + 1`` parameters: its rows are whitened outright."""
         chol = numerics.cholesky(R)
@@ -258,20 +246,16 @@ class KronLayer(Representation):
             ok, delta, abar = self._outer(numerics.solve_lower(chol, H))
             return ok, chol, (delta, abar, delta @ prior.g, abar @ prior.a)
         ok, delta, abar, gd, aa = self.project(prior, H)[1] if factors is None else factors
-        w = numerics.solve_lower(chol, jnp.eye(R.shape[0], dtype=R.dtype))
+        white = numerics.solve_lower(chol, jnp.eye(R.shape[0], dtype=R.dtype))  # L_R⁻¹
         tol = OUTER_TOL * jnp.finfo(abar.dtype).eps
         apart = jnp.sum((abar[:, None, :] - abar[None, :, :]) ** 2, axis=2)      # (j, i)
         same = apart <= tol * tol * jnp.sum(abar * abar, axis=1)[:, None]
         zero = jnp.all(delta == 0, axis=1)[None, :]                             # row i is zero
-        ok = ok & jnp.all((w == 0) | same | zero)
-        return ok, chol, (w @ delta, abar, w @ gd, aa)
+        ok = ok & jnp.all((white == 0) | same | zero)
+        return ok, chol, (white @ delta, abar, white @ gd, aa)
 
-    def _general_posterior(self, prior, info):
-        """The posterior from the whitened rows ``info = L_R⁻¹ H (k, d)``."""
-        return self._posterior_of(prior, self._m(info))
-
-    def _posterior_of(self, prior, m):
-        """The posterior from the whitened rows as matrices ``m (k, n_out, n_in + 1)``."""
+    def _general_posterior(self, prior, m):
+        """The posterior from the whitened rows ``L_R⁻¹ H`` as matrices ``m (k, n_out, n_in + 1)``."""
         lg, la = numerics.cholesky(prior.g), numerics.cholesky(prior.a)
         mh = jnp.einsum("ji,kjl,lm->kim", lg, m, la)                   # M̂_j = L_Gᵀ M_j L_A
         v = None                                                        # V = I to start
@@ -284,17 +268,17 @@ class KronLayer(Representation):
             v = _trace(u) * jnp.eye(self.n_in + 1, dtype=u.dtype) + jnp.einsum("kji,jl,klm->im", mh, u, mh)
         # Λ ≈ (L_G⁻ᵀ U L_G⁻¹) ⊗ (L_A⁻ᵀ V L_A⁻¹), so P = (L_G U⁻¹ L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ), each
         # formed as XᵀX with X = L_U⁻¹ L_Gᵀ (one triangular solve; symmetric by construction)
-        xg = numerics.solve_lower(numerics.cholesky(_sym(u)), lg.T)
-        xa = numerics.solve_lower(numerics.cholesky(_sym(v)), la.T)
+        xg = numerics.solve_lower(numerics.cholesky(numerics.symmetrize(u)), lg.T)
+        xa = numerics.solve_lower(numerics.cholesky(numerics.symmetrize(v)), la.T)
         g, a = xg.T @ xg, xa.T @ xa
-        return KronCovariance(*_balanced(_sym(g), _sym(a)))
+        return KronCovariance(*_balanced(numerics.symmetrize(g), numerics.symmetrize(a)))
 
     def _outer_posterior(self, prior, delta, abar, gd, aa):
         """The passes of :meth:`_general_posterior` for whitened rows ``δ_j ā_jᵀ`` (``R = I``),
         given ``(GΔ)ᵀ``, ``(AĀ)ᵀ``, in ``k × k`` terms: ``U = αI + D diag(w) Dᵀ``,
         ``V = βI + Â diag(z) Âᵀ`` (the module's docstring, with ``R⁻¹ = I``)."""
         n, p = self.n_out, self.n_in + 1
-        kd, ka = _sym(delta @ gd.T), _sym(abar @ aa.T)           # DᵀD = ΔᵀGΔ, ÂᵀÂ = ĀᵀAĀ
+        kd, ka = numerics.symmetrize(delta @ gd.T), numerics.symmetrize(abar @ aa.T)           # DᵀD = ΔᵀGΔ, ÂᵀÂ = ĀᵀAĀ
         beta, z = jnp.asarray(1.0, kd.dtype), jnp.zeros(ka.shape[0], ka.dtype)  # V = I to start
         for _ in range(PASSES):
             w = beta * jnp.diagonal(ka) + jnp.sum(ka * ka * z[None, :], axis=1)   # diag ÂᵀVÂ
