@@ -6,7 +6,8 @@ row at a time through ``learner.update`` next to river, side by side on this mac
                     read from scikit-learn, every program compiled)
   learn cold        the same with no compiled or saved program, the data set already kept
   learn warm        the same again, the cache now filled (JAX's persistent compilation cache
-                    and the chunk program saved by ``kalnat.saved``)
+                    and the chunk program saved by ``kalnat.saved``), and the same through
+                    ``kalnat.cli.main`` ending with Python's exit, not the executable's quick one
   update / river    seconds per row of ``learner.update(state, x, y)`` (EKF, Gaussian, a
                     linear model of d parameters, NumPy rows) and of river's
                     ``BayesianLinearRegression.learn_one`` (the same posterior mean) at d
@@ -307,7 +308,10 @@ def main():
     try:
         t_help = wall(kalnat_cmd + ["--help"], env, args.repeat)
         learn = kalnat_cmd + ["learn", "breast_cancer", "--quiet", "--out", out]
-        firsts, colds, warms = [], [], []
+        # the same warm run through kalnat.cli.main, ending with Python's own exit (its teardown)
+        learn_python_exit = [sys.executable, "-c", "import sys; from kalnat.cli import main; main(sys.argv[1:])",
+                             *learn[3:]]
+        firsts, colds, warms, pythons_exit = [], [], [], []
         for _ in range(args.repeat):
             shutil.rmtree(cache, ignore_errors=True)
             firsts.append(wall(learn, env))
@@ -317,16 +321,18 @@ def main():
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             colds.append(wall(learn, env))
             warms.append(wall(learn, env))
+            pythons_exit.append(wall(learn_python_exit, env))
         with open(os.path.join(out, "metrics.json")) as f:
             log_loss = json.load(f)["final"]["log_loss"]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
-    t_first, t_cold, t_warm = (float(np.median(t)) for t in (firsts, colds, warms))
+    t_first, t_cold, t_warm, t_exit = (float(np.median(t)) for t in (firsts, colds, warms, pythons_exit))
     print(f"kalnat --help                 {t_help:6.2f} s   (target 0.3)")
     print(f"kalnat learn, first run       {t_first:6.2f} s                 (empty cache folder)")
     print(f"kalnat learn, cold cache      {t_cold:6.2f} s   (target 3)    log-loss {log_loss:.4f}")
     print(f"kalnat learn, warm cache      {t_warm:6.2f} s   (target 1.5)  warm/cold {t_warm / t_cold:.2f}")
+    print(f"  the same, Python's exit     {t_exit:6.2f} s                 quick exit/Python's {t_warm / t_exit:.2f}")
     if not args.no_per_row:
         per_row_table(args.dims, args.repeat)
 

@@ -38,6 +38,39 @@ def test_help_listing_and_argument_errors_do_not_import_jax(argv):
     assert out.stderr.strip().splitlines()[-1] == "NO_JAX", out.stderr
 
 
+QUICK_EXIT = """
+import atexit, sys, threading, time
+import jax  # the quick exit is for a process that imported JAX
+class Teardown:
+    def __del__(self):
+        print("torn down", flush=True)
+kept = Teardown()  # its __del__ runs in Python's teardown of __main__
+atexit.register(print, "exit handler ran")
+if sys.argv[1] == "thread":  # a thread the command left running
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+print("unflushed", end="")  # stdout is a pipe here: block-buffered
+from kalnat.cli import run
+run(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("thread", ["thread", "none"])
+@pytest.mark.parametrize("argv", [["datasets"], ["learn", "no_such_file.csv"]], ids=" ".join)
+def test_the_executable_exits_with_the_commands_status_after_its_exit_handlers_and_flushed_outputs(argv, thread):
+    env = _env()
+    env.pop("PYTHONUNBUFFERED", None)  # buffered outputs, as a user's are
+    out = subprocess.run([sys.executable, "-c", QUICK_EXIT, thread, *argv], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == (0 if argv == ["datasets"] else 1), out.stderr
+    assert out.stdout.startswith("unflushed") and "exit handler ran" in out.stdout, out.stdout
+    if argv == ["datasets"]:
+        assert "breast_cancer" in out.stdout
+    else:
+        assert "no such file" in out.stderr
+    # Python's teardown is skipped, unless a thread still runs: the thread then finishes
+    assert ("thread finished" in out.stdout) == ("torn down" in out.stdout) == (thread == "thread"), out.stdout
+
+
 def test_method_names_for_help_are_the_methods():
     assert tuple(cli_learn.METHODS) == cli_choices.METHOD_NAMES
 

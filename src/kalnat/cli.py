@@ -86,9 +86,47 @@ def cli():
 
 
 def main(argv=None):
-    """Console entry point (``kalnat = kalnat.cli:main``). JAX is imported by the commands that
-    compute, not for ``--help``, ``datasets`` or an argument error."""
+    """The command, for a caller in Python (it ends with ``SystemExit``, as click's commands do).
+    JAX is imported by the commands that compute, not for ``--help``, ``datasets`` or an argument
+    error."""
     return cli.main(args=argv, prog_name="kalnat")
+
+
+def run(argv=None):
+    """The ``kalnat`` executable (and ``python -m kalnat.cli``): :func:`main`, then a quick exit.
+
+    Python's teardown of a process that imported JAX (its CPU client and compiled programs, then
+    every module's objects) took about 0.2 s of a 1.6 s warm ``kalnat learn`` (benchmarks/
+    startup.py --phases). When the command has finished, nothing of it needs that teardown: its
+    files are closed, and here the exit handlers run (JAX's, logging's) and the outputs are
+    flushed before the process ends with the command's status. Python's own exit is kept where
+    the command did not import JAX, a thread other than a daemon one still runs, an output cannot
+    be flushed, or the status is not a number; an exception other than ``SystemExit`` passes.
+    """
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = 0 if stop.code is None else stop.code
+    import threading
+
+    if ("jax" not in sys.modules or not isinstance(code, int)
+            or any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread())):
+        raise SystemExit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: Python's exit reports it
+        raise SystemExit(code) from None
+    import atexit
+
+    atexit._run_exitfuncs()  # what Python's exit runs before its teardown (and then forgets)
+    for out in (sys.stdout, sys.stderr):
+        try:
+            out.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 # ---- the learner the options describe ------------------------------------------------------
@@ -518,4 +556,4 @@ def compare(data, out_dir, lr_grid, kalnat_grid, **kw):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()
