@@ -46,9 +46,15 @@ def test_diagonal_state_and_step_never_hold_a_d_by_d_array():
     d = 301
     model = kalnat.models.linear(d - 1)
     learner = kalnat.ekf(model, kalnat.families.Bernoulli(), representation=DIAG, forgetting=0.99,
-                         max_variance=10.0)
+                         max_variance=10.0, process_noise=0.01)
     state = learner.init(model.init(None))
-    assert state.cov.p.shape == (d,)
+    # the variances, then zeros to a multiple of LANES entries (a vectorised pass over them),
+    # kept at zero through the forgetting, the noise and the bound
+    assert state.cov.d == d and state.cov.p.shape == (304,) and np.all(np.asarray(state.cov.p[d:]) == 0)
+    rng = np.random.default_rng(0)
+    learned = kalnat.fit(learner, learner.init(model.init(None)), rng.normal(size=(3, d - 1)), np.ones(3)).state
+    assert np.all(np.asarray(learned.cov.p[d:]) == 0) and np.all(np.asarray(learned.cov.p[:d]) > 0)
+    assert kalnat.covariance(learned).shape == (d, d)
     x, y = jnp.ones((1, d - 1)), jnp.ones((1,))
     jaxpr = jax.make_jaxpr(lambda s: learner.step(learner.hyper, s, x, y))(state)
     shapes = [v.aval.shape for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars]
@@ -69,8 +75,9 @@ def test_diagonal_stays_positive_in_float32_and_runs_everywhere():
     learner = kalnat.ekf(model, kalnat.families.Bernoulli(), representation=DIAG, forgetting=0.95,
                          max_variance=5.0)
     s = kalnat.fit(learner, learner.init(params), X, y, return_predictions=False, chunk_size=4096).state
-    p = np.asarray(s.cov.p)
+    p, padding = np.asarray(s.cov.p)[:7], np.asarray(s.cov.p)[7:]
     assert p.dtype == np.float32 and np.all(p > 0) and np.all(np.isfinite(p)) and p.max() <= 5.0 * (1 + 1e-6)
+    assert padding.shape == (1,) and np.all(padding == 0)  # kept at zero through forgetting and the bound
     # a bank of it, the iterated and normal–inverse-gamma compositions, and RTRL
     b = kalnat.bank.bank(learner, [dict(prior_var=0.1), dict(prior_var=1.0)])
     kalnat.fit(b, b.init(params), X[:200], y[:200])
@@ -90,3 +97,27 @@ def test_diagonal_stays_positive_in_float32_and_runs_everywhere():
                        X[:1], y[:1]).state
     one_f = kalnat.fit(full, full.init(params), X[:1], y[:1]).state
     np.testing.assert_allclose(one_d.params["w"], one_f.params["w"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("q,cap", [(None, None), (0.01, 1.0)])
+def test_gradient_of_the_evidence_through_the_diagonal_form_matches_finite_differences(q, cap):
+    # d = 5: three entries of padding, through the forgetting (and the noise and the bound)
+    rng = np.random.default_rng(4)
+    X = jnp.asarray(rng.normal(size=(40, 4)))
+    y = jnp.asarray(X @ rng.normal(size=4) + 0.3 * rng.normal(size=40))
+    model = kalnat.models.linear(4)
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.5), representation=DIAG, forgetting=0.95,
+                         prior_var=0.8, process_noise=q, max_variance=cap)
+    params = model.init(None)
+
+    def evidence(*at):
+        names = ("forgetting", "prior_var", "process_noise")[:len(at)]
+        return kalnat.log_evidence(learner, learner.hyper._replace(**dict(zip(names, at))), params, X, y)
+
+    at = (0.95, 0.8) if q is None else (0.95, 0.8, q)
+    grads = jax.grad(evidence, argnums=tuple(range(len(at))))(*at)
+    h = 1e-6
+    fd = [(evidence(*(a + h * (i == j) for j, a in enumerate(at)))
+           - evidence(*(a - h * (i == j) for j, a in enumerate(at)))) / (2 * h) for i in range(len(at))]
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_allclose(grads, fd, rtol=1e-6)

@@ -19,13 +19,32 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 __all__ = [
     "symmetrize", "mirror_upper", "add_to_diagonal", "downdate", "cholesky", "chol_solve", "whiten", "block_diag", "diagonal_blocks",
     "joseph_update", "spd_inverse", "variance_bound", "precision_bound", "check_covariance",
-    "prior_matrix", "all_within",
+    "prior_matrix", "all_within", "LANES", "lanes", "pad_lanes",
 ]
 
 # Below this size the m × m factorisations of S = H P Hᵀ + R are unrolled into plain array
 # operations: LAPACK calls on tiny matrices cost more in dispatch than the whole O(d²) update.
 SMALL = 16
 UNROLL = 4
+
+# XLA's CPU fusion emitters vectorise a loop over a one-dimensional array only when a vector's
+# width divides its length: over an odd number of parameters (d = 120 901) a pass over θ's
+# variances or over H's row ran one element at a time. Arrays along θ's axis that a step makes
+# or keeps are padded with zeros to a multiple of LANES entries (8 float32 values: one AVX
+# vector): the diagonal form's step took 0.24–0.30 ms against 0.32–0.43 ms, the Kronecker
+# form's 0.39–0.42 against 0.44–0.48 (benchmarks/networks.py's MLP; docs/structured.md).
+LANES = 8
+
+
+def lanes(d: int) -> int:
+    """``d`` rounded up to a multiple of :data:`LANES`."""
+    return -(-d // LANES) * LANES
+
+
+def pad_lanes(a, d: Optional[int] = None):
+    """``a (…, d)`` with zeros appended along its last axis to :func:`lanes` ``(d)`` entries."""
+    d = a.shape[-1] if d is None else d
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, lanes(d) - d)])
 
 
 def cholesky(a):

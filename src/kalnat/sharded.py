@@ -76,15 +76,15 @@ def _rows(shape, n: int, even: bool = False) -> Spec:
 
 
 def _cov_specs(cov, n: int, top: bool = True):
-    """The covariance's ``PartitionSpec`` s, a pytree like ``cov`` (its shapes decide; a type
-    of :data:`_WHOLE` alone gives the evenly split form, as one of them at the ``top`` does:
-    not splitting evenly is then an error when it is placed)."""
+    """The covariance's ``PartitionSpec`` s, a pytree like ``cov`` (its shapes decide), or for a
+    type of :data:`_WHOLE` alone one spec, a prefix splitting each of its leaves along the first
+    axis: the evenly split form, as one of them at the ``top`` gives (not splitting evenly is
+    then an error when it is placed)."""
     if isinstance(cov, type):
         if cov not in _WHOLE:
             raise ValueError(f"kalnat.sharded: a {cov.__name__} is split by its shapes: pass the covariance "
                              "(state.cov), not its type")
-        shapes = {Covariance: [(n, n)], DiagonalCovariance: [(n,)], LowRankPrecision: [(n,), (n, 1)]}[cov]
-        return cov(*(_rows(sh, n, even=True) for sh in shapes))
+        return Spec(AXIS)  # a prefix of the form's leaves: each split along its first axis
     if isinstance(cov, BlockCovariance):
         if not all(hasattr(b, "shape") for b in cov.blocks):
             raise ValueError("kalnat.sharded: a predicted state's blocks (PriorCovariance) are not placed; "
@@ -95,7 +95,7 @@ def _cov_specs(cov, n: int, top: bool = True):
     if isinstance(cov, KronCovariance):  # whole on every device: the step factors and whitens them
         return KronCovariance(Spec(), Spec())
     if isinstance(cov, _WHOLE):
-        return type(cov)(*(_rows(a.shape, n, even=top) for a in cov))
+        return jax.tree_util.tree_map(lambda a: _rows(a.shape, n, even=top), cov)
     raise ValueError(f"kalnat.sharded: no sharding for a {type(cov).__name__} (the full, diagonal, low-rank, "
                      "block, group and Kronecker forms)")
 
@@ -113,11 +113,11 @@ def _check(learner, state, mesh_):
         raise ValueError("kalnat.sharded runs kalnat.ekf (and its variants) with the full covariance or "
                          "representations.Diagonal, LowRank, Blocks, Groups (last_layer_full, kronecker); got "
                          f"{getattr(learner, 'name', type(learner).__name__)} with {type(cov).__name__}")
-    d = jax.tree_util.tree_leaves(cov)[0].shape[0]
+    rows = jax.tree_util.tree_leaves(cov)[0].shape[0]  # d (a diagonal's: d padded to a multiple of 8)
     n = mesh_.shape[AXIS]
-    if isinstance(cov, _WHOLE) and d % n:
-        raise ValueError(f"kalnat.sharded: d = {d} parameters do not split evenly over {n} devices; "
-                         f"use a device count that divides {d}")
+    if isinstance(cov, _WHOLE) and rows % n:
+        raise ValueError(f"kalnat.sharded: the covariance's {rows} rows do not split evenly over {n} devices; "
+                         f"use a device count that divides {rows}")
 
 
 def state_sharding(mesh_: Mesh, cov=Covariance, *, cov_type=None):

@@ -12,7 +12,8 @@ representation says how ``P`` is stored and how each operation is computed in th
 - ``posterior(prior, H, R, e, aux, rows (k,)) -> cov``: the rank-k condition step,
   ``P = P⁻ − P⁻ Hᵀ S⁻¹ H P⁻`` in the representation's own form.
 
-``cov`` (the state's) is a ``NamedTuple`` pytree with ``dense() -> P (d, d)`` and
+``cov`` (the state's) is a pytree (a ``NamedTuple``, or a registered dataclass where a size is
+static, as the diagonal form's ``d``) with ``dense() -> P (d, d)``, ``_replace`` and
 ``with_dense(P) -> cov`` (the same posterior in this form: for re-expression in new coordinates
 and :func:`kalnat.covariance`); ``prior`` is one too, with ``dense() -> P⁻``. ``gain`` and
 ``posterior`` are separate so that the iterated update (several linearisations from one prior)
@@ -31,7 +32,7 @@ class Representation(abc.ABC):
     """Base of the static (hashable) representation objects held by a learner."""
 
     name = "representation"
-    #: the NamedTuple type of the state's ``cov`` (set by every representation)
+    #: the pytree type of the state's ``cov`` (set by every representation)
     state_type: type = tuple
     #: whether additive process noise ``q I`` has a form in this representation
     process_noise = True

@@ -13,12 +13,17 @@ the variational diagonal Gaussian closest to the updated one (Chang, Jones & Mur
 construction in any precision, and it is the exact filter whenever P stays diagonal: when each
 observation's Fisher information ``Hᵀ R⁻¹ H`` is diagonal (every row of H touches one
 parameter), the exact covariance update is this one.
+
+The variances are stored padded with zeros to a multiple of :data:`kalnat.numerics.LANES`
+entries (``H``'s columns there are zero, so they neither move θ nor are moved): XLA vectorises
+the step's passes over them only then (:mod:`kalnat.numerics`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +34,25 @@ from kalnat.representations.base import Representation
 __all__ = ["DiagonalCovariance", "Diagonal"]
 
 
-class DiagonalCovariance(NamedTuple):
-    """``p (d,)``: the variances of θ, ``P = diag(p)`` (also the prior's ``p⁻``)."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["p"], meta_fields=["d"])
+@dataclass(frozen=True)
+class DiagonalCovariance:
+    """``P = diag(p[:d])`` (also the prior's ``p⁻``): ``p`` the variances of θ's ``d``
+    coordinates, then zeros to a multiple of :data:`kalnat.numerics.LANES` entries (``d`` is
+    static)."""
 
     p: jax.Array
+    d: int
 
     def dense(self):
-        return jnp.diag(self.p)
+        return jnp.diag(self.p[:self.d])
 
     def with_dense(self, P):
-        return DiagonalCovariance(jnp.asarray(jnp.diagonal(jnp.asarray(P)), self.p.dtype))
+        p = jnp.asarray(jnp.diagonal(jnp.asarray(P)), self.p.dtype)
+        return DiagonalCovariance(numerics.pad_lanes(p, self.d), self.d)
+
+    def _replace(self, **changes):
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -50,31 +64,40 @@ class Diagonal(Representation):
 
     def init(self, hyper, d, dtype):
         v = jnp.asarray(hyper.prior_var, dtype)
-        return DiagonalCovariance(jnp.diagonal(v) if v.ndim == 2 else jnp.broadcast_to(v, (d,)))
+        p = jnp.diagonal(v) if v.ndim == 2 else jnp.broadcast_to(v, (d,))
+        return DiagonalCovariance(numerics.pad_lanes(p, d), d)
 
     def inflate(self, cov, t, lam, q, bound):
+        d = cov.d
         p = cov.p * (1.0 / jnp.asarray(lam, cov.p.dtype))   # 1/λ once, then a product a coordinate
         if q is not None:
-            p = p + jnp.asarray(q, p.dtype)
+            q = jnp.asarray(q, p.dtype)
+            p = p + (numerics.pad_lanes(q, d) if q.ndim else q)
         if bound is not None:  # the congruence D P⁻ D on a diagonal
-            p = p * numerics.variance_bound(p, jnp.asarray(bound, p.dtype)) ** 2
-        return DiagonalCovariance(p)
+            bound = jnp.asarray(bound, p.dtype)
+            p = p * numerics.variance_bound(p, numerics.pad_lanes(bound, d) if bound.ndim else bound) ** 2
+        return DiagonalCovariance(p, d)
 
     def quad(self, prior, h):
-        return (h * prior.p) @ h.T
+        return (h * prior.p[:prior.d]) @ h.T
 
     def gain(self, prior, H, R, e):
-        ph = prior.p[:, None] * H.T                      # P⁻ Hᵀ (d, k)
+        H = numerics.pad_lanes(H, prior.d)
+        ph = prior.p[:, None] * H.T                      # P⁻ Hᵀ (d, k), padded
         hph = H @ ph
         # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
-        return ph @ numerics.chol_solve(hph + R, e), hph, None
+        return (ph @ numerics.chol_solve(hph + R, e))[:prior.d], hph, None
 
     def posterior(self, prior, H, R, e, aux, rows):
         # diag(Hᵀ R⁻¹ H) (d,) as the column sums of squares of L_R⁻¹ H, L_R⁻¹ formed (m × m)
         # so that H is read once
         inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype))
-        white = inv @ H
+        white = inv @ numerics.pad_lanes(H, prior.d)
         fisher_diag = jnp.sum(white * white, axis=0)
         # (1/p⁻ + f)⁻¹ as written: p⁻/(1 + p⁻ f) saves a division but overflows to 0 where
-        # p⁻ f passes the float range (a huge p⁻ in float32), which would stop that parameter
-        return DiagonalCovariance(1.0 / (1.0 / prior.p + fisher_diag))
+        # p⁻ f passes the float range (a huge p⁻ in float32), which would stop that parameter.
+        # The padding's entries are zero again (the noise q entered them), through no 1/0
+        # (whose gradient would be NaN).
+        real = jnp.arange(prior.p.shape[-1]) < prior.d
+        p = jnp.where(real, prior.p, 1)
+        return DiagonalCovariance(jnp.where(real, 1.0 / (1.0 / p + fisher_diag), 0), prior.d)
