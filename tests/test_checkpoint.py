@@ -328,3 +328,22 @@ def test_the_folder_is_synced_after_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", record)
     checkpoint.save(tmp_path / "s.npz", LEARNERS["ekf"][0].init(MODEL.init(None)))
     assert synced == [False, True]  # the file, then its folder
+
+
+def test_a_diagonal_checkpoint_of_unpadded_variances_loads_padded(tmp_path):
+    """Before the diagonal form padded its variances to numerics.LANES entries, a checkpoint held
+    d of them: it loads into the padded state (zeros after them), a lone learner's and a bank's."""
+    model = kalnat.models.linear(4)
+    learner = kalnat.ekf(model, F.Gaussian(0.5), representation=kalnat.representations.Diagonal())
+    bank = kalnat.bank.bank(learner, [dict(prior_var=0.5), dict(prior_var=2.0)])
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, 4)), rng.normal(size=20)
+    for who in (learner, bank):
+        state = kalnat.fit(who, who.init(model.init(None)), X, y).state
+        cov = state.cov if who is learner else state.members.cov
+        old = cov._replace(p=cov.p[..., :cov.d])  # as the earlier version wrote it
+        saved = state._replace(cov=old) if who is learner else state._replace(members=state.members._replace(cov=old))
+        path = checkpoint.save(tmp_path / "old.npz", saved)
+        loaded = checkpoint.load(path, who.init(model.init(None)))
+        for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(state)):
+            np.testing.assert_array_equal(a, b)

@@ -87,6 +87,20 @@ def test_a_new_feature_gets_a_fresh_prior(method, covariance):
         np.testing.assert_array_equal(P[np.ix_(c, others)], 0.0)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "blocks"])
+def test_features_past_the_first_capacities_keep_learning(covariance):
+    """New features double the model's capacity (4, 8, 16 columns): each growth re-expresses
+    the structured covariance at the new size (a diagonal's variances are padded to 8 lanes)."""
+    reg = KalmanRegressor(covariance=covariance, method="ekf", prior_var=1.0)
+    rng = np.random.default_rng(5)
+    for i in range(12):
+        x = {f"f{j}": rng.normal() for j in range(i + 1)}
+        reg.learn_one(x, sum(x.values()))
+    d, _, _ = reg._layout(reg._key[1])
+    assert kalnat.covariance(reg._state).shape == (d, d)
+    assert np.isfinite(reg.predict_one(x))
+
+
 def test_grow_moves_theta_and_covariance():
     """grow: kept coordinates carry θ and P over (permuted), fresh ones get the template's."""
     model = kalnat.models.linear(3)

@@ -71,6 +71,13 @@ def test_the_executable_exits_with_the_commands_status_after_its_exit_handlers_a
     assert ("thread finished" in out.stdout) == ("torn down" in out.stdout) == (thread == "thread"), out.stdout
 
 
+def test_the_executable_exits_with_the_commands_status_when_standard_output_was_closed():
+    # Python starts with sys.stdout None when its descriptor 1 is closed
+    out = subprocess.run([sys.executable, "-c", "import jax; from kalnat.cli import run; run(['datasets'])"],
+                         stderr=subprocess.PIPE, text=True, env=_env(), timeout=60, preexec_fn=lambda: os.close(1))
+    assert out.returncode == 0, out.stderr
+
+
 def test_method_names_for_help_are_the_methods():
     assert tuple(cli_learn.METHODS) == cli_choices.METHOD_NAMES
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kalnat import numerics
 from kalnat.filter import check_live
 
 __all__ = ["save", "load", "read_header", "FORMAT_VERSION"]
@@ -169,6 +170,20 @@ def _selection(path, header, expected, like):
     return list(range(found))
 
 
+def _unpadded_variances(like, specs, expected):
+    """The leaves (by position) that are a diagonal covariance's variances saved unpadded: a
+    checkpoint written before they were padded to ``numerics.LANES`` entries holds ``d`` of them."""
+    from kalnat.representations.diagonal import DiagonalCovariance
+
+    nodes = jax.tree_util.tree_leaves(like, is_leaf=lambda x: isinstance(x, DiagonalCovariance))
+    out = set()
+    for j, (node, spec, want) in enumerate(zip(nodes, specs, expected)):
+        if (isinstance(node, DiagonalCovariance) and spec != want and spec[1] == want[1]
+                and spec[0][:-1] == want[0][:-1] and spec[0][-1:] == [node.d]):
+            out.add(j)
+    return out
+
+
 def load(path, like):
     """Restores a state saved by :func:`save`, with the structure of the template ``like``.
 
@@ -179,6 +194,8 @@ def load(path, like):
     expected = _header(like)
     keep = _selection(path, header, expected, like)
     specs = [header["leaves"][i] for i in keep]
+    unpadded = _unpadded_variances(like, specs, expected["leaves"])
+    specs = [expected["leaves"][j] if j in unpadded else spec for j, spec in enumerate(specs)]
     if specs != expected["leaves"]:
         diff = [(i, a, b) for i, (a, b) in enumerate(zip(specs, expected["leaves"])) if a != b]
         first = f"leaf {diff[0][0]}: {diff[0][1]} in the file, {diff[0][2]} expected" if diff else \
@@ -193,6 +210,8 @@ def load(path, like):
                 if dtype.startswith("key:"):
                     leaves.append(jax.random.wrap_key_data(jnp.asarray(a), impl=dtype[4:]))
                     continue
+                if len(leaves) in unpadded:  # zeros after the d variances, as the state holds them
+                    a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, numerics.lanes(a.shape[-1]) - a.shape[-1])])
                 if list(a.shape) != shape or str(a.dtype) != dtype:
                     raise ValueError(f"leaf {i} is {a.shape} {a.dtype}, its header says {shape} {dtype}")
                 leaves.append(jnp.asarray(a))

@@ -94,14 +94,16 @@ def main(argv=None):
 
 def run(argv=None):
     """The ``kalnat`` executable (and ``python -m kalnat.cli``): :func:`main`, then a quick exit.
+    It ends the process: from Python, call :func:`main`.
 
     Python's teardown of a process that imported JAX (its CPU client and compiled programs, then
     every module's objects) took about 0.2 s of a 1.6 s warm ``kalnat learn`` (benchmarks/
-    startup.py --phases). When the command has finished, nothing of it needs that teardown: its
-    files are closed, and here the exit handlers run (JAX's, logging's) and the outputs are
-    flushed before the process ends with the command's status. Python's own exit is kept where
-    the command did not import JAX, a thread other than a daemon one still runs, an output cannot
-    be flushed, or the status is not a number; an exception other than ``SystemExit`` passes.
+    startup.py). When the command has finished, nothing of it needs that teardown: its files are
+    closed, and here the exit handlers run (JAX's, logging's) and the outputs are flushed before
+    the process ends with the command's status. Python's own exit is kept where the command did
+    not import JAX, a thread other than a daemon one still runs, an output cannot be flushed
+    (Python then reports it), or the status is not a number; an exception other than
+    ``SystemExit`` passes.
     """
     try:
         main(argv)
@@ -111,22 +113,27 @@ def run(argv=None):
     import threading
 
     if ("jax" not in sys.modules or not isinstance(code, int)
-            or any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread())):
+            or any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread())
+            or not _flushed()):
         raise SystemExit(code)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: Python's exit reports it
-        raise SystemExit(code) from None
     import atexit
 
     atexit._run_exitfuncs()  # what Python's exit runs before its teardown (and then forgets)
-    for out in (sys.stdout, sys.stderr):
-        try:
-            out.flush()
-        except (OSError, ValueError):
-            pass
+    if not _flushed():
+        raise SystemExit(code)
     os._exit(code)
+
+
+def _flushed() -> bool:
+    """Whether standard output and error (either may be ``None``: closed when Python started)
+    were flushed without an error."""
+    try:
+        for out in (sys.stdout, sys.stderr):
+            if out is not None:
+                out.flush()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 # ---- the learner the options describe ------------------------------------------------------

@@ -31,8 +31,8 @@ UNROLL = 4
 # width divides its length: over an odd number of parameters (d = 120 901) a pass over θ's
 # variances or over H's row ran one element at a time. Arrays along θ's axis that a step makes
 # or keeps are padded with zeros to a multiple of LANES entries (8 float32 values: one AVX
-# vector): the diagonal form's step took 0.24–0.30 ms against 0.32–0.43 ms, the Kronecker
-# form's 0.39–0.42 against 0.44–0.48 (benchmarks/networks.py's MLP; docs/structured.md).
+# vector): the diagonal form's step took 0.23–0.29 ms against 0.32–0.43 ms, the Kronecker
+# form's 0.39–0.43 against 0.44–0.48 (benchmarks/networks.py's MLP; docs/structured.md).
 LANES = 8
 
 
@@ -41,10 +41,11 @@ def lanes(d: int) -> int:
     return -(-d // LANES) * LANES
 
 
-def pad_lanes(a, d: Optional[int] = None):
-    """``a (…, d)`` with zeros appended along its last axis to :func:`lanes` ``(d)`` entries."""
+def pad_lanes(a, d: Optional[int] = None, value=0):
+    """``a (…, d)`` with ``value`` (zeros) appended along its last axis to :func:`lanes` ``(d)``
+    entries."""
     d = a.shape[-1] if d is None else d
-    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, lanes(d) - d)])
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, lanes(d) - d)], constant_values=value)
 
 
 def cholesky(a):

@@ -10,7 +10,8 @@ all-gather. Per step the devices exchange ``O(d m + m²)`` numbers, never a ``d 
 (tests/test_sharded.py checks the compiled program's collectives). ``P`` is donated, so each
 device updates its rows in place; it is never gathered.
 
-The structured forms shard by parameter too: a diagonal's variances ``p (d,)``, a low-rank
+The structured forms shard by parameter too: a diagonal's variances ``p`` (d padded to a
+multiple of 8, ``numerics.LANES``), a low-rank
 precision's ``υ (d,)`` and ``W (d, k)`` by rows (the low-rank step's sums over parameters are
 ``k × k``, ``k × m`` and ``m × m`` all-reduces; ``W`` is never gathered, nothing larger than
 ``d × m`` or ``k × k`` moves). Blocks and groups split each part whose size divides by the
@@ -35,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
+from kalnat import numerics
 from kalnat.filter import State
 from kalnat.learners.base import Learner, device_hyper
 from kalnat.programs import once
@@ -113,11 +115,13 @@ def _check(learner, state, mesh_):
         raise ValueError("kalnat.sharded runs kalnat.ekf (and its variants) with the full covariance or "
                          "representations.Diagonal, LowRank, Blocks, Groups (last_layer_full, kronecker); got "
                          f"{getattr(learner, 'name', type(learner).__name__)} with {type(cov).__name__}")
-    rows = jax.tree_util.tree_leaves(cov)[0].shape[0]  # d (a diagonal's: d padded to a multiple of 8)
+    rows = jax.tree_util.tree_leaves(cov)[0].shape[0]
     n = mesh_.shape[AXIS]
     if isinstance(cov, _WHOLE) and rows % n:
-        raise ValueError(f"kalnat.sharded: the covariance's {rows} rows do not split evenly over {n} devices; "
-                         f"use a device count that divides {rows}")
+        held = (f"a diagonal covariance of d = {cov.d} parameters holds {rows} variances (padded to a "
+                f"multiple of {numerics.LANES})" if isinstance(cov, DiagonalCovariance) else f"d = {rows} parameters")
+        raise ValueError(f"kalnat.sharded: {held}, which do not split evenly over {n} devices; use a "
+                         f"device count that divides {rows}")
 
 
 def state_sharding(mesh_: Mesh, cov=Covariance, *, cov_type=None):

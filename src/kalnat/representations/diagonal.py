@@ -48,8 +48,9 @@ class DiagonalCovariance:
         return jnp.diag(self.p[:self.d])
 
     def with_dense(self, P):
+        """``P``'s diagonal, of any size (a model grown by new features has a larger one)."""
         p = jnp.asarray(jnp.diagonal(jnp.asarray(P)), self.p.dtype)
-        return DiagonalCovariance(numerics.pad_lanes(p, self.d), self.d)
+        return DiagonalCovariance(numerics.pad_lanes(p), p.shape[-1])
 
     def _replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -75,7 +76,9 @@ class Diagonal(Representation):
             p = p + (numerics.pad_lanes(q, d) if q.ndim else q)
         if bound is not None:  # the congruence D P⁻ D on a diagonal
             bound = jnp.asarray(bound, p.dtype)
-            p = p * numerics.variance_bound(p, numerics.pad_lanes(bound, d) if bound.ndim else bound) ** 2
+            # a cap of +inf never binds: the padding's entries (q entered them) keep s = 1, and a
+            # zero gradient (a cap of 0 there would bind, and sqrt's derivative at 0 is infinite)
+            p = p * numerics.variance_bound(p, numerics.pad_lanes(bound, d, jnp.inf) if bound.ndim else bound) ** 2
         return DiagonalCovariance(p, d)
 
     def quad(self, prior, h):

@@ -56,6 +56,8 @@ def _size(part) -> int:
         return int(part.g.shape[0] * part.a.shape[0])
     if hasattr(part, "blocks"):         # BlockCovariance
         return sum(int(b.shape[0]) for b in part.blocks)
+    if hasattr(part, "d"):              # DiagonalCovariance: its variances are padded
+        return int(part.d)
     return int(jax.tree_util.tree_leaves(part)[0].shape[0])
 
 
