@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kalnat import numerics
 from kalnat.representations.base import Representation
 from kalnat.representations.blocks import leaf_sizes
 from kalnat.representations.full import Full
@@ -120,7 +119,7 @@ class Groups(Representation):
         return sum(rep.quad(p, hg) for rep, p, hg in zip(self.parts, prior.parts, self._split(h, axis=1)))
 
     def gain(self, prior, H, R, e):
-        hs = self._split(numerics.pad_lanes(H), axis=1)  # the Jacobian's leaves joined in a vectorised pass
+        hs = self._split(H, axis=1)  # the Jacobian's leaves joined in a vectorised pass
         projections = [rep.project(p, hg) for rep, p, hg in zip(self.parts, prior.parts, hs)]
         quads = [hph for hph, _ in projections]
         total = sum(quads)
@@ -139,7 +138,7 @@ class Groups(Representation):
         auxes, noises = aux
         return GroupCovariance(tuple(
             rep.posterior(p, hg, rg, e, a, rows) for rep, p, hg, rg, a in
-            zip(self.parts, prior.parts, self._split(numerics.pad_lanes(H), axis=1), noises, auxes)))
+            zip(self.parts, prior.parts, self._split(H, axis=1), noises, auxes)))
 
 
 def last_layer_full(params, rest: Representation) -> Groups:
