@@ -347,3 +347,19 @@ def test_a_diagonal_checkpoint_of_unpadded_variances_loads_padded(tmp_path):
         loaded = checkpoint.load(path, who.init(model.init(None)))
         for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(state)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_diagonal_checkpoint_of_another_group_layout_is_refused(tmp_path):
+    """Groups of 5 and 7 diagonal parameters and groups of 7 and 5 hold arrays of the same
+    shapes (each padded to 8): the file's variances in this learner's padding tell them apart."""
+    from kalnat.representations import Diagonal, Groups
+
+    model = kalnat.models.linear(11)
+    rng = np.random.default_rng(0)
+    a, b = (kalnat.ekf(model, F.Gaussian(0.5), representation=Groups(sizes, (Diagonal(), Diagonal())))
+            for sizes in ((5, 7), (7, 5)))
+    path = checkpoint.save(tmp_path / "groups.npz", kalnat.fit(a, a.init(model.init(None)), rng.normal(size=(30, 11)),
+                                                               rng.normal(size=30)).state)
+    checkpoint.load(path, a.init(model.init(None)))
+    with pytest.raises(ValueError, match="diagonal covariance of another size"):
+        checkpoint.load(path, b.init(model.init(None)))

@@ -89,8 +89,9 @@ def test_a_new_feature_gets_a_fresh_prior(method, covariance):
 
 @pytest.mark.parametrize("covariance", ["diag", "blocks"])
 def test_features_past_the_first_capacities_keep_learning(covariance):
-    """New features double the model's capacity (4, 8, 16 columns): each growth re-expresses
-    the structured covariance at the new size (a diagonal's variances are padded to 8 lanes)."""
+    """New features double the model's capacity (8, then 16 columns at the 9th feature): the
+    growth re-expresses the structured covariance at the new size (a diagonal's variances are
+    padded to 8 lanes)."""
     reg = KalmanRegressor(covariance=covariance, method="ekf", prior_var=1.0)
     rng = np.random.default_rng(5)
     for i in range(12):

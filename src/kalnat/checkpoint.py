@@ -11,7 +11,8 @@ Files written by kalnat 0.1 (format 1: ``EKFState``, ``SqrtEKFState``, ``Informa
 ``NaturalGradientState``, ``NIGState``, a bank's state with its hyperparameters inside) load
 into the equivalent 0.2 state, whose leaves are the same arrays in the same order (a bank's
 hyperparameters now live in the bank, not its state); anything else from format 1 fails with a
-message naming the version. Restoring needs a
+message naming the version. A diagonal covariance's variances saved before they were padded to
+``numerics.LANES`` entries load padded with zeros. Restoring needs a
 template state of the same learner and shapes (e.g. ``learner.init(params)``): a mismatch is
 a ``ValueError``. The values are restored bit for bit, so a stream resumed from a checkpoint
 continues exactly as if it had never stopped.
@@ -170,18 +171,20 @@ def _selection(path, header, expected, like):
     return list(range(found))
 
 
-def _unpadded_variances(like, specs, expected):
-    """The leaves (by position) that are a diagonal covariance's variances saved unpadded: a
-    checkpoint written before they were padded to ``numerics.LANES`` entries holds ``d`` of them."""
+def _diagonal_sizes(like) -> dict:
+    """``{leaf position: d}`` for each diagonal covariance's variances in ``like``."""
     from kalnat.representations.diagonal import DiagonalCovariance
 
     nodes = jax.tree_util.tree_leaves(like, is_leaf=lambda x: isinstance(x, DiagonalCovariance))
-    out = set()
-    for j, (node, spec, want) in enumerate(zip(nodes, specs, expected)):
-        if (isinstance(node, DiagonalCovariance) and spec != want and spec[1] == want[1]
-                and spec[0][:-1] == want[0][:-1] and spec[0][-1:] == [node.d]):
-            out.add(j)
-    return out
+    return {j: node.d for j, node in enumerate(nodes) if isinstance(node, DiagonalCovariance)}
+
+
+def _unpadded_variances(sizes, specs, expected):
+    """The leaves (by position) that are a diagonal covariance's variances saved unpadded: a
+    checkpoint written before they were padded to ``numerics.LANES`` entries holds ``d`` of them."""
+    return {j for j, d in sizes.items()
+            if specs[j] != expected[j] and specs[j][1] == expected[j][1]
+            and specs[j][0][:-1] == expected[j][0][:-1] and specs[j][0][-1:] == [d]}
 
 
 def load(path, like):
@@ -194,7 +197,9 @@ def load(path, like):
     expected = _header(like)
     keep = _selection(path, header, expected, like)
     specs = [header["leaves"][i] for i in keep]
-    unpadded = _unpadded_variances(like, specs, expected["leaves"])
+    sizes = _diagonal_sizes(like)
+    unpadded = _unpadded_variances(sizes, specs, expected["leaves"])
+    file_specs = specs
     specs = [expected["leaves"][j] if j in unpadded else spec for j, spec in enumerate(specs)]
     if specs != expected["leaves"]:
         diff = [(i, a, b) for i, (a, b) in enumerate(zip(specs, expected["leaves"])) if a != b]
@@ -202,19 +207,27 @@ def load(path, like):
             f"{len(specs)} leaves in the file, {len(expected['leaves'])} expected"
         raise ValueError(f"{path}: shapes or dtypes differ from this learner's ({first})")
     treedef = jax.tree_util.tree_structure(like)
-    leaves = []
+    leaves, other_size = [], None
     try:
         with np.load(os.fspath(path)) as z:
-            for i, (shape, dtype) in zip(keep, specs):
+            for i, (shape, dtype) in zip(keep, file_specs):
                 a = z[f"leaf_{i}"]
                 if dtype.startswith("key:"):
                     leaves.append(jax.random.wrap_key_data(jnp.asarray(a), impl=dtype[4:]))
                     continue
-                if len(leaves) in unpadded:  # zeros after the d variances, as the state holds them
-                    a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, numerics.lanes(a.shape[-1]) - a.shape[-1])])
                 if list(a.shape) != shape or str(a.dtype) != dtype:
                     raise ValueError(f"leaf {i} is {a.shape} {a.dtype}, its header says {shape} {dtype}")
+                j = len(leaves)
+                if j in unpadded:  # zeros after the d variances, as the state holds them
+                    a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, numerics.lanes(a.shape[-1]) - a.shape[-1])])
+                if j in sizes and np.any(a[..., sizes[j]:] != 0) and other_size is None:
+                    other_size = j
                 leaves.append(jnp.asarray(a))
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: damaged checkpoint ({err})") from None
+    if other_size is not None:
+        # variances where this learner's padding is: saved for other sizes (the groups of
+        # another layout, whose padded lengths can be the same)
+        raise ValueError(f"{path}: leaf {other_size} holds the variances of a diagonal covariance of another size "
+                         f"than this learner's ({sizes[other_size]} parameters)")
     return jax.tree_util.tree_unflatten(treedef, leaves)
