@@ -119,7 +119,7 @@ class Groups(Representation):
         return sum(rep.quad(p, hg) for rep, p, hg in zip(self.parts, prior.parts, self._split(h, axis=1)))
 
     def gain(self, prior, H, R, e):
-        hs = self._split(H, axis=1)  # the Jacobian's leaves joined in a vectorised pass
+        hs = self._split(H, axis=1)
         projections = [rep.project(p, hg) for rep, p, hg in zip(self.parts, prior.parts, hs)]
         quads = [hph for hph, _ in projections]
         total = sum(quads)
