@@ -524,3 +524,15 @@ def test_kronecker_factored_posterior_holds_for_a_saturated_softmax():
     # many units of rounding in the update (they differ by ~6e-9)
     np.testing.assert_allclose(np.kron(post.g, post.a), np.kron(ref.g, ref.a), rtol=1e-7,
                                atol=1e-7 * np.abs(np.kron(ref.g, ref.a)).max())
+
+
+def test_kronecker_process_noise_is_split_by_the_factors_mean_variances():
+    """q I becomes (G + αI) ⊗ (A + βI) with αβ = q and α/β the ratio of G's and A's mean
+    variances (K-FAC's split of its damping): never less uncertain than P + q I."""
+    rep = KronLayer(2, 3)
+    g, a, q = 4.0, 0.25, 0.09
+    prior = rep.inflate(kalnat.representations.KronCovariance(g * jnp.eye(2), a * jnp.eye(4)), 1, 1.0, q, None)
+    alpha, beta = float(prior.g[0, 0]) - g, float(prior.a[0, 0]) - a
+    np.testing.assert_allclose([alpha * beta, alpha / beta], [q, g / a], rtol=1e-12)
+    P = np.asarray(prior.dense())
+    assert np.all(np.linalg.eigvalsh(P - (g * a + q) * np.eye(8)) >= -1e-12)

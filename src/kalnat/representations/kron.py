@@ -153,7 +153,7 @@ class KronLayer(Representation):
         a = cov.a
         if q is not None:
             q = jnp.max(jnp.asarray(q, g.dtype))  # a vector q: its largest on the layer (never less)
-            pi = jnp.sqrt((_trace(g) / self.n_out) / (_trace(a) / (self.n_in + 1)))
+            pi = 1.0 / _balance(_trace(g), self.n_out, _trace(a), self.n_in + 1)
             g = numerics.add_to_diagonal(g, jnp.sqrt(q) * pi)
             a = numerics.add_to_diagonal(a, jnp.sqrt(q) / pi)
         if bound is not None:
@@ -278,7 +278,7 @@ class KronLayer(Representation):
         given ``(GΔ)ᵀ``, ``(AĀ)ᵀ``, in ``k × k`` terms: ``U = αI + D diag(w) Dᵀ``,
         ``V = βI + Â diag(z) Âᵀ`` (the module's docstring, with ``R⁻¹ = I``)."""
         n, p = self.n_out, self.n_in + 1
-        kd, ka = numerics.symmetrize(delta @ gd.T), numerics.symmetrize(abar @ aa.T)           # DᵀD = ΔᵀGΔ, ÂᵀÂ = ĀᵀAĀ
+        kd, ka = numerics.symmetrize(delta @ gd.T), numerics.symmetrize(abar @ aa.T)  # DᵀD = ΔᵀGΔ, ÂᵀÂ = ĀᵀAĀ
         beta, z = jnp.asarray(1.0, kd.dtype), jnp.zeros(ka.shape[0], ka.dtype)  # V = I to start
         for _ in range(PASSES):
             w = beta * jnp.diagonal(ka) + jnp.sum(ka * ka * z[None, :], axis=1)   # diag ÂᵀVÂ
