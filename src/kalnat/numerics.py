@@ -27,13 +27,13 @@ __all__ = [
 SMALL = 16
 UNROLL = 4
 
-# XLA's CPU fusion emitters vectorise a loop over a one-dimensional array only when a vector's
-# width divides its length: over an odd number of parameters (d = 120 901) a pass over θ's
-# variances or over H's row ran one element at a time. The diagonal form keeps its variances,
-# and pads its copy of H's row, with zeros to a multiple of LANES entries (8 float32 values: one
-# AVX vector): its step took 0.23–0.29 ms against 0.32–0.43 ms (benchmarks/
-# networks.py's MLP; docs/structured.md). (Padding H's row before the groups form slices it
-# into layers changed nothing: XLA takes the slices from the unpadded row.)
+# XLA's CPU fusion emitters ran a pass over 120 901 float32 numbers (an odd d) that broadcasts a
+# scalar, as the diagonal step's 1/λ and whitening factors, 2.9 × as long as the same pass over
+# 120 904 (benchmarks/lanes.py). The diagonal form keeps its variances, and pads its copy of H's
+# row, with zeros to a multiple of LANES entries (8 float32 values: one AVX vector): its step
+# took 0.23–0.29 ms against 0.32–0.43 ms (benchmarks/networks.py's MLP; docs/structured.md).
+# (Padding H's row before the groups form slices it into layers changed nothing: XLA takes the
+# slices from the unpadded row.)
 LANES = 8
 
 

@@ -15,8 +15,8 @@ observation's Fisher information ``Hᵀ R⁻¹ H`` is diagonal (every row of H t
 parameter), the exact covariance update is this one.
 
 The variances are stored padded with zeros to a multiple of :data:`kalnat.numerics.LANES`
-entries (``H``'s columns there are zero, so they neither move θ nor are moved): XLA vectorises
-the step's passes over them only then (:mod:`kalnat.numerics`).
+entries (``H``'s columns there are zero, so they neither move θ nor are moved): over an odd d,
+XLA's CPU code ran the step's passes over them up to three times as long (:mod:`kalnat.numerics`).
 """
 
 from __future__ import annotations
