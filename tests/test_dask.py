@@ -9,6 +9,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,16 +111,34 @@ class _Done:
             raise self.error
         return self.value
 
+    @property
+    def status(self):  # the future that made an actor errs when the actor's worker is lost
+        return "error" if getattr(self.value, "dead", False) else "finished"
+
+
+class _Hung:
+    """A call sent to a worker that died before the client knew: Dask retries the connection
+    until its connect timeout (30 s); waiting on it for more than a moment fails the test."""
+
+    def result(self, timeout=None):
+        if timeout is None or timeout > 1:
+            pytest.fail(f"waited for a lost worker's call with a timeout of {timeout} s")
+        time.sleep(timeout)
+        raise TimeoutError
+
 
 class _Actor:
     """An actor's handle in this process: each method call runs at once; a killed actor's
-    calls raise OSError, as Dask's do when the worker is gone."""
+    calls raise OSError, as Dask's do when the worker is gone (or hang, where ``hung``: sent
+    before the client knew)."""
 
     def __init__(self, obj, failing=()):
-        self.obj, self.dead, self.failing = obj, False, failing
+        self.obj, self.dead, self.hung, self.failing = obj, False, False, failing
 
     def __getattr__(self, name):
         def call(*args):
+            if self.dead and self.hung:
+                return _Hung()
             if self.dead or name in self.failing:
                 raise OSError("Unable to contact Actor's worker")
             return _Done(getattr(self.obj, name), *args)
@@ -236,6 +255,32 @@ def test_a_shard_lost_for_good_keeps_its_rows_and_the_others_learn_theirs():
     for key in alone.keys:
         assert all(np.array_equal(b, np.asarray(a)) for a, b in zip(jax.tree_util.tree_leaves(alone.state(key)),
                                                                     states[key])), key
+
+
+def test_a_call_to_a_worker_lost_unbeknown_ends_when_the_scheduler_knows():
+    """A call sent to a worker that died before the client knew would wait, in Dask, for the
+    connect timeout (30 s): the driver stops waiting once the future that made the shard's actor
+    errs (the scheduler's word that its worker left), rebuilds the shard and learns the batch."""
+    import numpy as np
+
+    sys.path.insert(0, HERE)
+    try:
+        import keyed_factory
+        from dask_scenarios import batches
+    finally:
+        sys.path.remove(HERE)
+    from kalnat.dask_keyed import DaskKeyed
+    from kalnat.keyed import Keyed
+
+    alone = Keyed(*keyed_factory.make())
+    dk = DaskKeyed(_Cluster(), keyed_factory.make, n_shards=2, timeout=3600)
+    for b, (keys, X, y) in enumerate(batches(n_batches=3)):
+        if b == 1:
+            dk.actors[0].dead = dk.actors[0].hung = True
+        pred, ll = dk.learn(keys, X, y)
+        ref = alone.learn(keys, X, y)
+        assert np.array_equal(pred.mean, ref.predictions.mean) and np.array_equal(ll, ref.log_likelihood), b
+    assert dk.recoveries == 1
 
 
 def test_a_shards_own_errors_are_told_from_a_lost_worker():

@@ -11,7 +11,8 @@ Fault tolerance: every ``checkpoint_every`` batches each shard's state is checkp
 and written to ``checkpoint_dir`` when one is given). The driver keeps each shard's batches
 since its last checkpoint. When a shard's worker is lost, its actor is rebuilt on another
 worker from the last checkpoint and the batches since then are replayed, then the failed
-batch is retried: every row is learned exactly once by the final states, and the
+batch is retried (a lost worker's call is given up as soon as the scheduler reports the loss,
+not at Dask's connect timeout): every row is learned exactly once by the final states, and the
 predictions returned are those of the retried batch (tests/test_dask.py kills a worker
 mid-stream and compares the final states with an uninterrupted one-process run). A shard
 that cannot be rebuilt (``retries`` tries) raises :class:`ShardLost` once the other shards
@@ -24,8 +25,10 @@ any shard learns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 import warnings
 import zlib
 from typing import Callable, Optional, Sequence
@@ -38,6 +41,12 @@ from kalnat.dask_shard import ShardLearner, _Raised
 from kalnat.keyed import saveable_key
 
 __all__ = ["shard_of", "ShardLearner", "DaskKeyed", "ShardError", "ShardLost"]
+
+# Seconds between looks at whether a shard's worker is lost while its call is awaited: a call
+# sent to a worker that has died before the client knew it retries the connection until Dask's
+# connect timeout (``distributed.comm.timeouts.connect``, 30 s by default), whereas the scheduler
+# tells the client at once (the future that made the actor errs).
+_POLL = 0.1
 
 
 class ShardError(RuntimeError):
@@ -158,7 +167,9 @@ class DaskKeyed:
             if not ok:
                 raise ValueError(f"DaskKeyed: {name} must be positive, got {value}")
         self.recoveries = 0  # shards rebuilt (attempts, the failed ones too)
-        self.actors = [self._new_actor(i) for i in range(self.n_shards)]
+        made = [self._new_actor(i) for i in range(self.n_shards)]
+        self.actors = [actor for actor, _ in made]
+        self._made = [future for _, future in made]  # the futures that made them (_result)
         self.saved = [(-1, None)] * self.n_shards      # (batch, bytes) of each shard's last checkpoint
         self.log = [[] for _ in range(self.n_shards)]  # each shard's batches since then
         self.batch = -1
@@ -168,13 +179,30 @@ class DaskKeyed:
         self._dtype = self._ask(0, "dtype")  # the shards' (the driver checks rows in it)
 
     def _new_actor(self, i):
+        """``(actor, the future that made it)`` of a new :class:`ShardLearner` for shard ``i``."""
         workers = sorted(self.client.scheduler_info()["workers"])
         if not workers:  # (an OSError: a lost worker's, so the rebuild is tried again)
             raise OSError("the cluster has no workers")
         # each rebuild on the next worker: a worker whose call timed out may still be running it
         future = self.client.submit(ShardLearner, self.factory, self.x64, self.batch_size, actor=True, pure=False,
                                     workers=[workers[(i + self.recoveries) % len(workers)]], allow_other_workers=True)
-        return future.result(timeout=self.timeout)
+        return future.result(timeout=self.timeout), future
+
+    def _result(self, call, made):
+        """``call.result()`` of an actor's method, waited for at most ``timeout`` seconds; an
+        ``OSError`` as soon as ``made`` (the future that made the actor) is no longer finished:
+        Dask errs an actor's task when its worker leaves, while a call sent to the worker
+        before the client knew would only fail at the connect timeout (30 s)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return call.result(timeout=max(0.0, min(_POLL, left)))
+            except (TimeoutError, asyncio.TimeoutError):
+                if left <= _POLL:
+                    raise
+            if made.status != "finished":
+                raise OSError(f"the worker holding the actor is lost (the actor's task: {made.status})")
 
     def _checker(self):
         """A keyed learner in the driver, built by ``factory`` once in the shards' dtype (asked
@@ -327,7 +355,7 @@ class DaskKeyed:
                     raise call
                 if call is None:
                     raise OSError("the shard was lost before")
-                return "ok", call.result(timeout=self.timeout)
+                return "ok", self._result(call, self._made[i])
             except _Raised as err:
                 return "raised", err
             except Exception as err:  # a lost worker (or a timeout)
@@ -352,13 +380,13 @@ class DaskKeyed:
         self.actors[i] = None
         while True:
             self.recoveries += 1
-            actor = self._new_actor(i)
+            actor, made = self._new_actor(i)
             entry = None
             try:
                 if self.saved[i][1] is not None:
-                    actor.restore(self.saved[i][1]).result(timeout=self.timeout)
+                    self._result(actor.restore(self.saved[i][1]), made)
                 for entry in self.log[i]:
-                    _send(actor, entry).result(timeout=self.timeout)
+                    self._result(_send(actor, entry), made)
             except _Raised as err:
                 key = (i, None if entry is None else entry[0])  # (a shard's batch numbers are its own)
                 self._replay_failures[key] = self._replay_failures.get(key, 0) + 1
@@ -367,7 +395,7 @@ class DaskKeyed:
                 self.log[i] = [e for e in self.log[i] if e is not entry]
                 self._dropped.append((i, entry[0], err))
                 continue
-            self.actors[i] = actor
+            self.actors[i], self._made[i] = actor, made
             return
 
     def _raise(self, failed: dict, done: str = "", batch: int = 0, write: Optional[OSError] = None):
