@@ -111,37 +111,73 @@ class _Done:
             raise self.error
         return self.value
 
+    def done(self):
+        return True
+
     @property
-    def status(self):  # the future that made an actor errs when the actor's worker is lost
-        return "error" if getattr(self.value, "dead", False) else "finished"
+    def status(self):  # the future that made an actor errs once the actor's worker is gone
+        actor = self.value
+        return "error" if isinstance(actor, _Actor) and actor.gone() else "finished"
+
+
+class _Slow(_Done):
+    """A call that answers after ``seconds``."""
+
+    def __init__(self, seconds, fn, *args):
+        super().__init__(fn, *args)
+        self.ready = time.monotonic() + seconds
+
+    def result(self, timeout=None):
+        if not self.done():
+            time.sleep(max(0.0, min(self.ready - time.monotonic(), 1e9 if timeout is None else timeout)))
+        if not self.done():
+            raise TimeoutError
+        return super().result()
+
+    def done(self):
+        return time.monotonic() >= self.ready
 
 
 class _Hung:
     """A call sent to a worker that died before the client knew: Dask retries the connection
-    until its connect timeout (30 s); waiting on it for more than a moment fails the test."""
+    until its connect timeout (30 s). Waiting on it for more than a moment at a time, or for
+    more than 5 s in all, fails the test."""
+
+    def __init__(self):
+        self.waited = 0.0
 
     def result(self, timeout=None):
-        if timeout is None or timeout > 1:
-            pytest.fail(f"waited for a lost worker's call with a timeout of {timeout} s")
+        if timeout is None or timeout > 1 or self.waited > 5:
+            pytest.fail(f"waited on a lost worker's call for {self.waited:.1f} s, now with a timeout of {timeout} s")
         time.sleep(timeout)
+        self.waited += timeout
         raise TimeoutError
+
+    def done(self):
+        return False
 
 
 class _Actor:
-    """An actor's handle in this process: each method call runs at once; a killed actor's
-    calls raise OSError, as Dask's do when the worker is gone (or hang, where ``hung``: sent
-    before the client knew)."""
+    """An actor's handle in this process: each method call runs at once (or after ``slow``
+    seconds); a killed actor's calls raise OSError, as Dask's do when the worker is gone. A
+    ``hung`` one's calls never answer (sent before the client knew the worker was gone, which
+    it learns at ``dies_at``: the future that made the actor errs then)."""
 
     def __init__(self, obj, failing=()):
         self.obj, self.dead, self.hung, self.failing = obj, False, False, failing
+        self.slow, self.dies_at = 0.0, None
+
+    def gone(self):
+        return self.dead or (self.dies_at is not None and time.monotonic() >= self.dies_at)
 
     def __getattr__(self, name):
         def call(*args):
-            if self.dead and self.hung:
+            if self.hung:
                 return _Hung()
             if self.dead or name in self.failing:
                 raise OSError("Unable to contact Actor's worker")
-            return _Done(getattr(self.obj, name), *args)
+            return _Slow(self.slow, getattr(self.obj, name), *args) if self.slow else _Done(
+                getattr(self.obj, name), *args)
         return call
 
 
@@ -214,7 +250,8 @@ def test_a_shard_lost_for_good_keeps_its_rows_and_the_others_learn_theirs():
             dk.actors[1].dead = cluster.full = True
             with pytest.raises(ShardLost, match=r"shard 1 lost and not rebuilt in 2 tries \(shard 1: OSError"):
                 dk.learn(keys, X, y)
-            assert dk.actors[1] is None and [len(log) for log in dk.log] == [1, 1, 1]
+            # (and the future that made its last actor is let go: Dask frees the actor)
+            assert dk.actors[1] is None and dk._made[1] is None and [len(log) for log in dk.log] == [1, 1, 1]
             alone.learn(keys, X, y)
             dk.actors[2].dead, cluster.full = True, False  # shard 2 lost too: it replays batch 3
             continue
@@ -232,7 +269,8 @@ def test_a_shard_lost_for_good_keeps_its_rows_and_the_others_learn_theirs():
                                                  r"other shard learned batch 6\. A shard that raised .* Do not pass "
                                                  r"the batch again\.") as err:
                 dk.learn(keys, X, y)
-            assert not isinstance(err.value, ShardLost) and dk.actors[0] is None and dk.recoveries == 4
+            assert not isinstance(err.value, ShardLost) and dk.actors[0] is None and dk._made[0] is None
+            assert dk.recoveries == 4
             assert [len(log) for log in dk.log] == [logs[0], logs[1] + 1, logs[2] + 1]
             kept = np.flatnonzero([shard[k] != 0 for k in keys])
             alone.learn([keys[i] for i in kept], X[kept], y[kept])
@@ -260,7 +298,10 @@ def test_a_shard_lost_for_good_keeps_its_rows_and_the_others_learn_theirs():
 def test_a_call_to_a_worker_lost_unbeknown_ends_when_the_scheduler_knows():
     """A call sent to a worker that died before the client knew would wait, in Dask, for the
     connect timeout (30 s): the driver stops waiting once the future that made the shard's actor
-    errs (the scheduler's word that its worker left), rebuilds the shard and learns the batch."""
+    errs (the scheduler's word that its worker left, here 0.3 s into the wait), rebuilds the
+    shard and learns the batch. A live worker's call that takes longer than the driver's look
+    at the scheduler (0.1 s) is waited for; one that takes longer than ``timeout`` is a lost
+    worker's, and the error says how long was waited."""
     import numpy as np
 
     sys.path.insert(0, HERE)
@@ -269,18 +310,25 @@ def test_a_call_to_a_worker_lost_unbeknown_ends_when_the_scheduler_knows():
         from dask_scenarios import batches
     finally:
         sys.path.remove(HERE)
-    from kalnat.dask_keyed import DaskKeyed
+    from kalnat.dask_keyed import DaskKeyed, ShardLost
     from kalnat.keyed import Keyed
 
     alone = Keyed(*keyed_factory.make())
-    dk = DaskKeyed(_Cluster(), keyed_factory.make, n_shards=2, timeout=3600)
-    for b, (keys, X, y) in enumerate(batches(n_batches=3)):
-        if b == 1:
-            dk.actors[0].dead = dk.actors[0].hung = True
+    cluster = _Cluster()
+    dk = DaskKeyed(cluster, keyed_factory.make, n_shards=2, timeout=3600)
+    for b, (keys, X, y) in enumerate(batches(n_batches=4)):
+        if b == 1:  # slow answers from a live worker
+            dk.actors[1].slow = 0.35
+        if b == 2:
+            dk.actors[0].hung, dk.actors[0].dies_at = True, time.monotonic() + 0.3
         pred, ll = dk.learn(keys, X, y)
         ref = alone.learn(keys, X, y)
         assert np.array_equal(pred.mean, ref.predictions.mean) and np.array_equal(ll, ref.log_likelihood), b
-    assert dk.recoveries == 1
+        assert dk.recoveries == (b >= 2), b
+    dk.timeout = 0.2  # a call that takes longer than this is taken for a lost worker's
+    cluster.on_make = [lambda actor: setattr(actor, "slow", 0.35)] * dk.retries  # so are its rebuilds
+    with pytest.raises(ShardLost, match=r"shard 1 lost .*TimeoutError: no answer from the shard's worker in 0.2 s"):
+        dk.n_keys()
 
 
 def test_a_shards_own_errors_are_told_from_a_lost_worker():

@@ -199,8 +199,10 @@ class DaskKeyed:
             try:
                 return call.result(timeout=max(0.0, min(_POLL, left)))
             except (TimeoutError, asyncio.TimeoutError):
-                if left <= _POLL:
+                if call.done():  # the call's own error, not the wait's
                     raise
+                if left <= _POLL:
+                    raise TimeoutError(f"no answer from the shard's worker in {self.timeout:g} s") from None
             if made.status != "finished":
                 raise OSError(f"the worker holding the actor is lost (the actor's task: {made.status})")
 
@@ -330,7 +332,7 @@ class DaskKeyed:
             else:
                 failed[i] = (status, value)
             if status == "raised":  # its state is in doubt: rebuilt at its next call, without this entry
-                self.actors[i] = None
+                self._forget(i)
             else:
                 self.log[i].append(entries[i])
         self._raise(failed, _done(failed, len(entries), f"{what} batch {self.batch}"), batch=len(entries))
@@ -367,8 +369,13 @@ class DaskKeyed:
                 call = again(self.actors[i])
             except Exception as err:
                 call = err
-        self.actors[i] = None
+        self._forget(i)
         return "lost", lost
+
+    def _forget(self, i):
+        """Shard ``i`` without an actor until it is rebuilt; the handles to the old one are let go
+        (Dask frees an actor when no future holds its key)."""
+        self.actors[i] = self._made[i] = None
 
     def _rebuild(self, i):
         """Shard ``i`` on a new actor, from its last checkpoint with its logged batches replayed
@@ -377,7 +384,7 @@ class DaskKeyed:
         a worker without the memory for the model fails every batch), except for a logged batch
         that has now failed on two workers: dropped from the log, the shard rebuilt without it
         (:meth:`_raise` reports it)."""
-        self.actors[i] = None
+        self._forget(i)
         while True:
             self.recoveries += 1
             actor, made = self._new_actor(i)
