@@ -1,0 +1,99 @@
+"""Where a step of the Kronecker form goes at d = 120 901 (benchmarks/networks.py's teacher MLP
+100 → 300 → 300 → 1, float32), by elimination, side by side in one process:
+
+  as is       ``kalnat.representations.kronecker``'s step
+  cond only   the same step with the outer-product check replaced by a test of one number
+              (``δ_0`` finite): the step keeps its ``lax.cond`` s, without the check's pass
+              over each layer's rows of ``H``
+  no check    the outer-product path taken unconditionally (no check, no cond). Valid on this
+              stream only because a dense network's rows are outer products; not a filter
+              for any model
+  Adam        optax's step on the same stream
+
+Each variant is a subclass of ``KronLayer`` (programs of its own); the variants and Adam run
+in turns, ``--rounds`` times over ``--rows`` rows, and the fastest round of each is printed
+with its ratio to Adam's. "as is − cond only" is what the check costs, "cond only − no check"
+what the conds cost (the copies and the fusions they prevent) beyond it.
+
+    python benchmarks/kron_step.py [--rows 1064] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import kalnat  # noqa: E402
+from kalnat.representations.kron import KronLayer  # noqa: E402
+from networks import run_optax, teacher  # noqa: E402
+
+
+def _factors(rep, H):
+    """``(Δ, Ā)`` of ``KronLayer._outer`` without its check."""
+    delta, w = rep._parts(H)
+    pivot = jnp.argmax(jnp.abs(delta), axis=1)
+    top = jnp.take_along_axis(delta, pivot[:, None], axis=1)[:, 0]
+    safe = jnp.where(top != 0, top, 1.0)
+    aw = jnp.take_along_axis(w, pivot[:, None, None], axis=1)[:, 0] / safe[:, None]
+    return delta, jnp.concatenate([aw, (top != 0).astype(H.dtype)[:, None]], axis=1)
+
+
+class CondOnly(KronLayer):
+    def _outer(self, H):
+        delta, abar = _factors(self, H)
+        return jnp.isfinite(delta[0, 0]), delta, abar
+
+
+class NoCheck(KronLayer):
+    def _outer(self, H):
+        delta, abar = _factors(self, H)
+        return jnp.bool_(True), delta, abar
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1064)
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    model, X, Y = teacher(args.rows, np.float32)
+    params = model.init(jax.random.PRNGKey(5))
+    fam = kalnat.families.Gaussian(0.01)
+    warm = 64
+    learners = {}
+    for name, cls in (("as is", KronLayer), ("cond only", CondOnly), ("no check", NoCheck)):
+        rep = kalnat.representations.kronecker(params)
+        rep = dataclasses.replace(rep, parts=tuple(cls(p.n_out, p.n_in) if isinstance(p, KronLayer) else p
+                                                   for p in rep.parts))
+        learner = kalnat.ekf(model, fam, prior_var=0.1, representation=rep)
+        state = kalnat.fit(learner, learner.init(params), X[:warm], Y[:warm], chunk_size=64).state  # compiles
+        learners[name] = [learner, jax.block_until_ready(state)]
+    mse = lambda z, t: jnp.mean((z - t) ** 2)  # noqa: E731
+    Xa, Ya = jnp.asarray(X[warm:]), jnp.asarray(Y[warm:])[:, None]
+    times = {name: [] for name in list(learners) + ["Adam"]}
+    for _ in range(args.rounds):
+        for name, held in learners.items():
+            t = time.perf_counter()
+            held[1] = jax.block_until_ready(kalnat.fit(held[0], held[1], X[warm:], Y[warm:], chunk_size=64).state)
+            times[name].append((time.perf_counter() - t) / (args.rows - warm))
+        times["Adam"].append(run_optax(model.apply, mse, params, Xa, Ya, optax.adam(1e-4))[2][0])
+    best = {name: min(t) * 1e3 for name, t in times.items()}
+    print(f"Kronecker form's step, d = 120 901, {args.rows - warm} rows, fastest of {args.rounds} rounds")
+    print(f"{'':<12}{'ms/step':>10}{'÷ Adam':>10}")
+    for name, ms in best.items():
+        print(f"{name:<12}{ms:>10.3f}{ms / best['Adam']:>10.2f}")
+    print(f"the check: {best['as is'] - best['cond only']:.3f} ms; the conds beyond it: "
+          f"{best['cond only'] - best['no check']:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
