@@ -536,3 +536,47 @@ def test_kronecker_process_noise_is_split_by_the_factors_mean_variances():
     np.testing.assert_allclose([alpha * beta, alpha / beta], [q, g / a], rtol=1e-12)
     P = np.asarray(prior.dense())
     assert np.all(np.linalg.eigvalsh(P - (g * a + q) * np.eye(8)) >= -1e-12)
+
+
+
+def _evidence_derivative(rep, names, at, direction):
+    """The derivative of the log evidence of an MLP from ``kalnat.models.mlp``'s init (its
+    output layer zero, so the hidden layer's rows are zero at the first step) in the
+    hyperparameters ``names`` at ``at`` along ``direction``, by forward mode (``jax.jvp``: the
+    same derivative as ``jax.grad``'s, in a program that compiles in a fifth of the time) and
+    by central differences (float64)."""
+    rng = np.random.default_rng(6)
+    X = jnp.asarray(rng.normal(size=(30, 3)))
+    y = jnp.asarray(np.tanh(X @ rng.normal(size=3)) + 0.2 * rng.normal(size=30))
+    model = kalnat.models.mlp(3, (4,))
+    params = model.init(jax.random.PRNGKey(0))
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.1), representation=rep(params))
+    at, direction = jnp.asarray(at, jnp.float64), jnp.asarray(direction, jnp.float64)
+
+    @jax.jit
+    def along(t):
+        values = at + t * direction
+        return kalnat.log_evidence(learner, learner.hyper._replace(**{n: values[i] for i, n in enumerate(names)}),
+                                   params, X, y)
+
+    derivative = jax.jit(lambda: jax.jvp(along, (0.0,), (1.0,))[1])()
+    h = 1e-6
+    return float(derivative), float((along(h) - along(-h)) / (2 * h))
+
+
+def test_derivative_of_the_evidence_through_the_kronecker_form_matches_finite_differences():
+    """Through forgetting, the prior and the process noise at once; the first step's
+    hidden-layer rows are zero (√0 in the factored posterior's Woodbury form had an infinite
+    derivative: jax.grad of the evidence was NaN)."""
+    derivative, fd = _evidence_derivative(kronecker, ("forgetting", "prior_var", "process_noise"),
+                                          (0.95, 0.5, 0.01), (0.01, 0.1, 0.001))
+    assert np.isfinite(derivative)
+    np.testing.assert_allclose(derivative, fd, rtol=1e-6)
+
+
+def test_the_low_rank_form_refuses_a_derivative_rather_than_give_nan():
+    """Its step's eigendecomposition has no derivative where eigenvalues repeat (all zero at
+    the prior): a derivative through it is an error that says so, alone or as last-layer's rest."""
+    for rep in (lambda params: LowRank(2), lambda params: last_layer_full(params, LowRank(2))):
+        with pytest.raises(ValueError, match="the low-rank form .* has no derivative"):
+            _evidence_derivative(rep, ("forgetting",), (0.95,), (1.0,))

@@ -303,7 +303,11 @@ def _woodbury(y, k, alpha, w):
     """``F`` with ``L (αI + D diag(w) Dᵀ)⁻¹ Lᵀ = (G − FᵀF) / α`` for ``G = L Lᵀ``,
     ``Y = DᵀLᵀ (k, n)``, ``K = DᵀD``, ``w ≥ 0``: ``F = L_M⁻¹ S Y``, ``S = diag(√w)``,
     ``M = αI + S K S`` (Woodbury in its symmetric form: a Cholesky factor of a positive
-    definite ``k × k`` matrix)."""
-    s = jnp.sqrt(w)
+    definite ``k × k`` matrix). A zero ``w_j`` (a zero row: a layer whose outputs the network
+    ignores, as behind an output layer initialised to zero) gives ``√w_j = 0`` with a zero
+    derivative, not ``√``'s infinite one, which made ``jax.grad`` of the evidence NaN (the
+    double ``where`` keeps the unused branch finite too)."""
+    live = w > 0
+    s = jnp.where(live, jnp.sqrt(jnp.where(live, w, 1.0)), 0.0)
     m = numerics.add_to_diagonal(s[:, None] * k * s[None, :], alpha)
     return numerics.solve_lower(numerics.cholesky(m), s[:, None] * y)

@@ -41,8 +41,9 @@ while ``H P⁻ Hᵀ``, a sum of squares, stays accurate to ~``ε``. Sums over
 a step all-reduces ``k × k`` and ``k × m`` pieces and never gathers ``W``.
 
 Not differentiable in the hyperparameters: the eigendecomposition's derivative divides by
-differences of eigenvalues, which repeat (all zero at the prior); :func:`kalnat.log_evidence`'s
-gradient needs another representation.
+differences of eigenvalues, which repeat (all zero at the prior), and came out NaN; a derivative
+through the step (``jax.grad`` of :func:`kalnat.log_evidence`) is a ``ValueError`` saying so.
+The evidence's gradient needs another representation.
 
 With ``k ≥ d`` nothing is ever dropped (``Ã`` has rank at most ``d``) and it is the exact EKF
 (up to a floor on υ, ``√ε Λ_ii``, which keeps it from underflowing under forgetting and never
@@ -61,6 +62,20 @@ from kalnat import numerics
 from kalnat.representations.base import Representation
 
 __all__ = ["LowRank", "LowRankPrecision", "LowRankPrior"]
+
+
+@jax.custom_jvp
+def _eigh(a):
+    """``jnp.linalg.eigh(a)``, whose derivative is an error: see the module's docstring."""
+    return jnp.linalg.eigh(a)
+
+
+@_eigh.defjvp
+def _eigh_jvp(primals, tangents):
+    raise ValueError("the low-rank form (LowRank, and last-layer's rest) has no derivative: its step's "
+                     "eigendecomposition divides by differences of eigenvalues, which repeat (all zero at the "
+                     "prior), so the derivative would be NaN; differentiate log_evidence through the full, "
+                     "diagonal or Kronecker form")
 
 
 def _gram(ups, w):
@@ -203,7 +218,7 @@ class LowRank(Representation):
         if q is None:  # P/λ: Λ⁻ = λ Λ, and A = υ^{-1/2} W, so G, is unchanged
             ups, root = lam * ups, jnp.sqrt(lam)
         else:
-            s2, v = jnp.linalg.eigh(0.5 * (gram + gram.T))
+            s2, v = _eigh(0.5 * (gram + gram.T))
             s2 = jnp.maximum(s2, 0.0)
             z = v / jnp.sqrt(1.0 + s2)[None, :]                                  # V (I + S²)^{-1/2}
             lq = lam * jnp.asarray(q, ups.dtype) * ups
@@ -249,7 +264,7 @@ class LowRank(Representation):
         m = b.shape[1]
         gram = jnp.concatenate([jnp.concatenate([prior.gram, b], axis=1),
                                 jnp.concatenate([b.T, gg], axis=1)], axis=0)
-        _, v = jnp.linalg.eigh(0.5 * (gram + gram.T))
+        _, v = _eigh(0.5 * (gram + gram.T))
         k, hh = self.rank, H.T @ inv
         if m > 1:
             moved = prior.base @ (prior.root * v[:k]) + hh @ v[k:]    # υ⁻^{1/2} Ã V (d, k + m)
