@@ -538,13 +538,12 @@ def test_kronecker_process_noise_is_split_by_the_factors_mean_variances():
     assert np.all(np.linalg.eigvalsh(P - (g * a + q) * np.eye(8)) >= -1e-12)
 
 
-
 def _evidence_derivative(rep, names, at, direction):
     """The derivative of the log evidence of an MLP from ``kalnat.models.mlp``'s init (its
     output layer zero, so the hidden layer's rows are zero at the first step) in the
     hyperparameters ``names`` at ``at`` along ``direction``, by forward mode (``jax.jvp``: the
-    same derivative as ``jax.grad``'s, in a program that compiles in a fifth of the time) and
-    by central differences (float64)."""
+    derivative ``jax.grad`` gives, in a program that compiles in a fifth of the time; the
+    reverse mode's own hazard is tested apart) and by central differences (float64)."""
     rng = np.random.default_rng(6)
     X = jnp.asarray(rng.normal(size=(30, 3)))
     y = jnp.asarray(np.tanh(X @ rng.normal(size=3)) + 0.2 * rng.normal(size=30))
@@ -574,9 +573,24 @@ def test_derivative_of_the_evidence_through_the_kronecker_form_matches_finite_di
     np.testing.assert_allclose(derivative, fd, rtol=1e-6)
 
 
+def test_the_kronecker_posteriors_weights_have_a_finite_gradient_at_zero():
+    """jax.grad through the factored posterior's Woodbury form at a zero weight (a zero row) is
+    finite: the reverse mode multiplies by the root's derivative even where the root is unused,
+    which a single where leaves infinite (NaN)."""
+    from kalnat.representations.kron import _woodbury
+
+    rng = np.random.default_rng(7)
+    d = rng.normal(size=(3, 2))
+    y, k = jnp.asarray(rng.normal(size=(2, 4))), jnp.asarray(d.T @ d)
+    grad = jax.grad(lambda w: jnp.sum(_woodbury(y, k, 0.7, w) ** 2))(jnp.asarray([0.0, 0.5]))
+    assert np.all(np.isfinite(grad))
+
+
 def test_the_low_rank_form_refuses_a_derivative_rather_than_give_nan():
-    """Its step's eigendecomposition has no derivative where eigenvalues repeat (all zero at
-    the prior): a derivative through it is an error that says so, alone or as last-layer's rest."""
+    """JAX's derivative of its step's eigendecomposition is NaN where eigenvalues repeat (all
+    zero at the prior): a derivative through it is an error that says so, from the noise step's
+    and from the update's, alone or as last-layer's rest."""
     for rep in (lambda params: LowRank(2), lambda params: last_layer_full(params, LowRank(2))):
-        with pytest.raises(ValueError, match="the low-rank form .* has no derivative"):
-            _evidence_derivative(rep, ("forgetting",), (0.95,), (1.0,))
+        for names, at in ((("forgetting",), (0.95,)), (("forgetting", "process_noise"), (0.95, 0.01))):
+            with pytest.raises(ValueError, match="the low-rank form .* refuses a derivative"):
+                _evidence_derivative(rep, names, at, (1.0,) + (0.0,) * (len(at) - 1))

@@ -306,7 +306,9 @@ def _woodbury(y, k, alpha, w):
     definite ``k × k`` matrix). A zero ``w_j`` (a zero row: a layer whose outputs the network
     ignores, as behind an output layer initialised to zero) gives ``√w_j = 0`` with a zero
     derivative, not ``√``'s infinite one, which made ``jax.grad`` of the evidence NaN (the
-    double ``where`` keeps the unused branch finite too)."""
+    double ``where`` keeps the unused branch's derivative finite too). That is the derivative
+    only where ``w_j``'s own is zero, as it is for the step's weights: ``w_j = 0`` only where
+    ``ā_j = 0`` exactly, and then its tangent is 0 too. A weight below 0 by rounding counts as 0."""
     live = w > 0
     s = jnp.where(live, jnp.sqrt(jnp.where(live, w, 1.0)), 0.0)
     m = numerics.add_to_diagonal(s[:, None] * k * s[None, :], alpha)

@@ -40,10 +40,11 @@ while ``H P⁻ Hᵀ``, a sum of squares, stays accurate to ~``ε``. Sums over
 ``d`` are all the step needs between the rows of ``W``: sharded by parameter (:mod:`kalnat.sharded`),
 a step all-reduces ``k × k`` and ``k × m`` pieces and never gathers ``W``.
 
-Not differentiable in the hyperparameters: the eigendecomposition's derivative divides by
-differences of eigenvalues, which repeat (all zero at the prior), and came out NaN; a derivative
-through the step (``jax.grad`` of :func:`kalnat.log_evidence`) is a ``ValueError`` saying so.
-The evidence's gradient needs another representation.
+No derivative in the hyperparameters: JAX's derivative of the eigendecomposition divides by
+differences of eigenvalues, which repeat (all zero at the prior: the step depends only on the
+eigenspaces, so a derivative exists, but JAX's is NaN there). A derivative through the step
+(``jax.grad`` of :func:`kalnat.log_evidence`) is refused, a ``ValueError`` saying so, not a NaN;
+the evidence's gradient needs another representation.
 
 With ``k ≥ d`` nothing is ever dropped (``Ã`` has rank at most ``d``) and it is the exact EKF
 (up to a floor on υ, ``√ε Λ_ii``, which keeps it from underflowing under forgetting and never
@@ -72,10 +73,10 @@ def _eigh(a):
 
 @_eigh.defjvp
 def _eigh_jvp(primals, tangents):
-    raise ValueError("the low-rank form (LowRank, and last-layer's rest) has no derivative: its step's "
-                     "eigendecomposition divides by differences of eigenvalues, which repeat (all zero at the "
-                     "prior), so the derivative would be NaN; differentiate log_evidence through the full, "
-                     "diagonal or Kronecker form")
+    raise ValueError("the low-rank form (LowRank, wherever it is used) refuses a derivative: JAX's derivative "
+                     "of its step's eigendecomposition divides by differences of eigenvalues, which repeat (all "
+                     "zero at the prior), and would be NaN; differentiate log_evidence through another "
+                     "representation (full, diagonal, Kronecker, …)")
 
 
 def _gram(ups, w):
