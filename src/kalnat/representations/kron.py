@@ -162,21 +162,28 @@ class KronLayer(Representation):
             g = g * (f[:, None] * f[None, :])
         return KronCovariance(g, a)
 
-    def _outer(self, H):
-        """``H (k, d)`` → ``(ok, Δ (k, n_out), Ā (k, n_in + 1))`` with row ``j`` of ``H`` the
-        matrix ``δ_j ā_jᵀ`` wherever ``ok``: ``δ`` its bias column, ``ā`` the weight row of the
-        largest ``|δ_i|`` divided by ``δ_i`` (exact to rounding for an outer product: one pass
-        over ``H``, the check's)."""
+    def _factors(self, H):
+        """``H (k, d)`` → ``(Δ (k, n_out), Ā (k, n_in + 1))``, row ``j`` of ``H`` being the matrix
+        ``δ_j ā_jᵀ`` if it is an outer product: ``δ`` its bias column, ``ā`` the weight row of the
+        largest ``|δ_i|`` divided by ``δ_i`` (exact to rounding for an outer product; a zero row
+        has ``ā = 0``)."""
         delta, w = self._parts(H)
         pivot = jnp.argmax(jnp.abs(delta), axis=1)
         top = jnp.take_along_axis(delta, pivot[:, None], axis=1)[:, 0]
         safe = jnp.where(top != 0, top, 1.0)
         aw = jnp.take_along_axis(w, pivot[:, None, None], axis=1)[:, 0] / safe[:, None]
-        res = w - delta[:, :, None] * aw[:, None, :]
+        return delta, jnp.concatenate([aw, (top != 0).astype(H.dtype)[:, None]], axis=1)
+
+    def _outer(self, H):
+        """``(ok, Δ, Ā)``: :meth:`_factors`, and whether every row of ``H`` is ``δ_j ā_jᵀ`` (one
+        pass over ``H``, the check's)."""
+        delta, abar = self._factors(H)
+        w = self._parts(H)[1]
+        res = w - delta[:, :, None] * abar[:, None, :-1]
         tol = OUTER_TOL * jnp.finfo(H.dtype).eps
         size = jnp.sum(delta * delta, axis=1) + jnp.sum(w * w, axis=(1, 2))
         ok = jnp.all((jnp.sum(res * res, axis=(1, 2)) <= tol * tol * size) & jnp.isfinite(size))
-        return ok, delta, jnp.concatenate([aw, (top != 0).astype(H.dtype)[:, None]], axis=1)
+        return ok, delta, abar
 
     def quad(self, prior, h):
         return self.project(prior, h)[0]
