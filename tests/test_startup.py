@@ -289,7 +289,14 @@ def test_learners_that_differ_in_what_a_program_holds_do_not_share_it():
     assert Scaled(**given, scale=1.0).program_key() != Scaled(**given, scale=5.0).program_key()
     assert Learner.NOT_IN_PROGRAMS == {"hyper", "config", "_shapes"}
     assert {f.name for f in fields(Learner)} == {"name", "apply", "family", "representation", "max_iterations",
-                                                 "moderated", "schedule", "input_shape"} | Learner.NOT_IN_PROGRAMS
+                                                 "moderated", "schedule", "input_shape",
+                                                 "apply_tapped"} | Learner.NOT_IN_PROGRAMS
+    # the same model and Kronecker form, H given as its layers' factors or as a matrix
+    kron = kalnat.representations.kronecker(params)
+    untapped = kalnat.models.Model(model.init, model.apply, model.input_shape, model.n_outputs)
+    tapped, plain = kalnat.ekf(model, F.Bernoulli(), representation=kron), kalnat.ekf(untapped, F.Bernoulli(), representation=kron)
+    assert tapped.apply_tapped is not None and plain.apply_tapped is None
+    assert tapped.program_key() != plain.program_key()
 
 
 def test_shared_programs_go_with_the_last_learner_holding_them():

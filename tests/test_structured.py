@@ -473,10 +473,13 @@ def test_a_bank_of_kronecker_members_keeps_their_branches(monkeypatch):
     """The Kronecker step chooses its path with a cond, which vmap turns into a select of both
     (a select, not a cond, in the program): a bank advances such members one at a time, so its
     chunk's program keeps those conds, as many as with the members one at a time by force, and
-    so do its single update (``bank.update``) and its prediction."""
+    so do its single update (``bank.update``) and its prediction. (The model as a plain
+    function: ``H`` as a matrix, whose rows the form checks; an MLP of ``kalnat.models`` gives
+    its rows' factors, and its prediction does not branch at all.)"""
     from kalnat import bank as bank_module
-    model = kalnat.models.mlp(4, (3,), 2)  # H depends on θ, so each member's predicate is its own
-    params = model.init(jax.random.PRNGKey(0))
+    mlp = kalnat.models.mlp(4, (3,), 2)  # H depends on θ, so each member's predicate is its own
+    params = mlp.init(jax.random.PRNGKey(0))
+    model = kalnat.models.Model(mlp.init, mlp.apply, mlp.input_shape, mlp.n_outputs)
     fam = kalnat.families.Gaussian(0.5, dim=2)
     X, y, ms = jnp.ones((3, 1, 4)), jnp.ones((3, 1, 2)), jnp.ones((3, 1), bool)  # 3 minibatches of a row
 
@@ -594,3 +597,86 @@ def test_the_low_rank_form_refuses_a_derivative_rather_than_give_nan():
         for names, at in ((("forgetting",), (0.95,)), (("forgetting", "process_noise"), (0.95, 0.01))):
             with pytest.raises(ValueError, match="the low-rank form .* refuses a derivative"):
                 _evidence_derivative(rep, names, at, (1.0,) + (0.0,) * (len(at) - 1))
+
+
+_LAYERED = {}
+
+
+def _layered(family, hidden, batch):
+    """The same MLP and Kronecker form, ``H`` as the layers' factors and as a matrix: built once
+    per structure (a hypothesis example changes data and hyperparameters, not programs)."""
+    key = (family, hidden, batch)
+    if key not in _LAYERED:
+        fam = FAMILIES[family]
+        model = kalnat.models.mlp(4, hidden, fam.n_outputs)
+        rep = kronecker(model.init(jax.random.PRNGKey(0)))
+        opts = dict(prior_var=0.5, representation=rep, forgetting=0.9, process_noise=0.02, max_variance=0.8)
+        _LAYERED[key] = (model, kalnat.ekf(model, fam, **opts),
+                         kalnat.ekf(model.apply, fam, input_shape=(4,), **opts))
+    return _LAYERED[key]
+
+
+@pytest.mark.parametrize("family,hidden,batch", [("gaussian", (4, 2), 1), ("categorical", (3,), 2),
+                                                 ("bernoulli", (), 3)])
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), lam=st.floats(0.8, 1.0), q=st.floats(1e-4, 0.1),
+       bound=st.floats(0.3, 5.0))
+def test_layer_rows_taken_from_the_model_are_the_flat_rows_of_h(family, hidden, batch, seed, lam, q, bound):
+    """A ``kalnat.models`` MLP gives the Kronecker form each layer's rows of ``H`` as their
+    factors ``δ āᵀ`` (``Model.apply_tapped``); the same model as a plain function gives ``H``
+    as a matrix, whose rows the form checks and factors itself. Both are one filter: the same
+    θ, covariance and log-likelihoods, one row or a minibatch at a time (13 rows: a partly
+    masked last minibatch; the output layer alone, with no hidden layer, too); and the same
+    predictive (``predict``, the form's ``quad``)."""
+    model, rows, flat = _layered(family, hidden, batch)
+    assert rows.apply_tapped is not None and flat.apply_tapped is None
+    X, y = _stream(family, seed, n=13)
+    params = jax.tree_util.tree_map(  # no zero layer: every row of H depends on every layer
+        lambda a: a + 0.3 * jnp.asarray(np.random.default_rng(seed).normal(size=a.shape)), model.init(jax.random.PRNGKey(seed)))
+    hyper = rows.hyper._replace(forgetting=lam, process_noise=q, max_variance=bound)
+    a = kalnat.fit(flat, flat.init(params), X, y, batch_size=batch, hyper=hyper)
+    b = kalnat.fit(rows, rows.init(params), X, y, batch_size=batch, hyper=hyper)
+    _agree(a, b, 1e-9)
+    pa, pb = flat.predict(a.state, X[:3], hyper=hyper), rows.predict(b.state, X[:3], hyper=hyper)
+    for u, v in zip(pa, pb):
+        if u is not None:
+            np.testing.assert_allclose(v, u, rtol=1e-9, atol=1e-12)
+
+
+def test_layer_rows_spare_the_step_the_flat_h_its_check_and_its_conds(monkeypatch):
+    """What the factors from the model save (benchmarks/kron_step.py times it): with one row a
+    step the program forms no row of ``H`` as large as a layer and the Kronecker form branches
+    nowhere; given as a plain function, the same model's step forms ``H`` and branches on its
+    check in the gain, the projection and the posterior of each layer."""
+    model = kalnat.models.mlp(40, (8,))
+    params = model.init(jax.random.PRNGKey(0))
+    fam = kalnat.families.Bernoulli()
+    x, y = jnp.ones((1, 40)), jnp.ones((1,))
+    cond, branched = jax.lax.cond, []
+    monkeypatch.setattr(jax.lax, "cond", lambda *a, **k: branched.append(1) or cond(*a, **k))
+
+    def step(given):
+        learner = kalnat.ekf(given, fam, representation=kronecker(params), input_shape=(40,))
+        branched.clear()
+        jaxpr = jax.make_jaxpr(lambda s: learner.step(learner.hyper, s, x, y))(learner.init(params)).jaxpr
+        return jaxpr, len(branched)
+
+    def rows_of_h(jp):  # arrays of one row at least a hidden layer's weights in size
+        for eqn in jp.eqns:
+            yield from (v.aval.shape for v in eqn.outvars
+                        if v.aval.shape[:1] == (1,) and np.prod(v.aval.shape) >= 8 * 40)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from rows_of_h(sub)
+    (by_rows, n_rows), (by_matrix, n_matrix) = step(model), step(model.apply)
+    assert list(rows_of_h(by_rows)) == [] and n_rows == 0
+    assert list(rows_of_h(by_matrix)) and n_matrix == 6  # the check can see them
+
+
+def test_a_models_layers_that_are_not_the_representations_are_refused():
+    model = kalnat.models.mlp(4, (3,), 1)
+    params = model.init(jax.random.PRNGKey(0))
+    one_layer = kalnat.models.Model(model.init, model.apply, (4,), 1,
+                                    lambda p, x, taps: (model.apply(p, x) + taps[-1], [x]))
+    learner = kalnat.ekf(one_layer, kalnat.families.Gaussian(0.5), representation=kronecker(params))
+    with pytest.raises(ValueError, match=r"1 layer inputs of shapes \[\(4,\)\] for 2 dense layers"):
+        learner.update(learner.init(params), np.ones(4), 0.5)

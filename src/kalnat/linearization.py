@@ -12,7 +12,40 @@ import jax.numpy as jnp
 
 from kalnat import numerics
 
-__all__ = ["Linearization", "linearize", "masked", "stack"]
+__all__ = ["Linearization", "LayerRows", "linearize", "linearize_layers", "masked", "stack"]
+
+
+class LayerRows(NamedTuple):
+    """Rows of ``H`` for a model of dense layers, each layer's part of a row held as its
+    factors: the part is the matrix ``δ āᵀ`` (``δ`` the output's sensitivity to the layer's
+    pre-activation, ``ā = [a; 1]`` its input with the bias input last), which in θ's order is
+    ``δ`` (the bias) followed by ``δ āᵀ`` without its last column (the weights, row by row).
+
+    Attributes:
+      deltas: per layer, ``(…, n_out)``.
+      inputs: per layer, ``(…, n_in + 1)``, the ``ā`` of each row.
+
+    The leading axes are those of ``H`` without its last: ``(b, m)`` in a
+    :class:`Linearization`, ``(k,)`` once stacked.
+    """
+
+    deltas: tuple
+    inputs: tuple
+
+    def layer(self, i: int) -> "LayerRows":
+        """The rows of layer ``i`` alone."""
+        return LayerRows((self.deltas[i],), (self.inputs[i],))
+
+    def flat(self):
+        """``H (…, d)`` in θ's order: what a path that needs the rows themselves takes."""
+        parts = []
+        for delta, abar in zip(self.deltas, self.inputs):
+            w = delta[..., :, None] * abar[..., None, :-1]
+            parts += [delta, w.reshape(w.shape[:-2] + (-1,))]
+        return jnp.concatenate(parts, axis=-1)
+
+    def _map(self, fn):
+        return LayerRows(tuple(fn(a) for a in self.deltas), tuple(fn(a) for a in self.inputs))
 
 
 class Linearization(NamedTuple):
@@ -20,7 +53,8 @@ class Linearization(NamedTuple):
 
     Attributes:
       yhat: ``(b, m)`` predicted mean parameters.
-      H: ``(b, m, d)`` Jacobians ∂ŷ/∂θ.
+      H: ``(b, m, d)`` Jacobians ∂ŷ/∂θ, or the same rows as :class:`LayerRows` (from
+        :func:`linearize_layers`: only representations with ``layer_rows`` take them).
       R: ``(b, m, m)`` covariances of T(y) at ŷ.
       e: ``(b, m)`` innovations T(y) − ŷ (zero when no y is given).
       y: ``(b, …)`` the observations themselves (``None`` when none is given): what the
@@ -54,6 +88,42 @@ def linearize(apply_flat, family, theta, xs, ys=None, mask=None) -> Linearizatio
         e = jnp.zeros_like(yhat)
     else:
         e = jax.vmap(family.innovation)(yhat, ys)
+    return _finish(family, yhat, H, ys, mask)
+
+
+def linearize_layers(apply_tapped, layers, family, params, xs, ys=None, mask=None) -> Linearization:
+    """:func:`linearize` for a model of dense layers (:attr:`kalnat.models.Model.apply_tapped`),
+    with ``H`` as :class:`LayerRows`: each layer's ``δ`` is the derivative of ŷ with respect to
+    a zero added to its pre-activation, its ``ā`` the layer's input, so no ``δ āᵀ`` is formed
+    (nor the flat ``H`` concatenated from them). ``layers``: ``((n_out, n_in), …)`` in θ's
+    order, which the model's layers must be."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    taps = tuple(jnp.zeros(n_out, dtype) for n_out, _ in layers)
+    jac = jax.jacrev if family.m < sum(n_out for n_out, _ in layers) else jax.jacfwd
+
+    def mean_and_aux(taps, x):
+        z, inputs = apply_tapped(params, x, list(taps))
+        yhat = jnp.reshape(family.mean(z), (family.m,))
+        return yhat, (yhat, tuple(inputs))
+
+    deltas, (yhat, inputs) = jax.vmap(jac(mean_and_aux, has_aux=True), in_axes=(None, 0))(taps, xs)
+    widths = [a.shape[1:] for a in inputs]
+    if widths != [(n_in,) for _, n_in in layers]:
+        raise ValueError(f"the model's apply_tapped gives {len(inputs)} layer inputs of shapes {widths} "
+                         f"for {len(layers)} dense layers of the representation, of inputs "
+                         f"{[(n_in,) for _, n_in in layers]}")
+    b, m = yhat.shape
+    abar = tuple(jnp.broadcast_to(jnp.concatenate([a, jnp.ones((b, 1), a.dtype)], axis=1)[:, None, :],
+                                  (b, m, a.shape[1] + 1)) for a in inputs)
+    return _finish(family, yhat, LayerRows(tuple(deltas), abar), ys, mask)
+
+
+def _finish(family, yhat, H, ys, mask):
+    R = jax.vmap(family.cov)(yhat)
+    if ys is None:
+        e = jnp.zeros_like(yhat)
+    else:
+        e = jax.vmap(family.innovation)(yhat, ys)
     lin = Linearization(yhat, H, R, e, ys)
     return lin if mask is None else masked(lin, mask)
 
@@ -61,7 +131,11 @@ def linearize(apply_flat, family, theta, xs, ys=None, mask=None) -> Linearizatio
 def masked(lin: Linearization, mask) -> Linearization:
     """Rows where ``mask`` (``(b,)`` booleans) is false get ``H = 0`` and ``e = 0``: removed
     from the update exactly."""
-    return lin._replace(H=jnp.where(mask[:, None, None], lin.H, 0.0), e=jnp.where(mask[:, None], lin.e, 0.0))
+    if isinstance(lin.H, LayerRows):
+        H = lin.H._map(lambda a: jnp.where(mask[:, None, None], a, 0.0))
+    else:
+        H = jnp.where(mask[:, None, None], lin.H, 0.0)
+    return lin._replace(H=H, e=jnp.where(mask[:, None], lin.e, 0.0))
 
 
 def stack(lin: Linearization):
@@ -69,6 +143,10 @@ def stack(lin: Linearization):
 
     A minibatch is one update at one linearisation point with block-diagonal R (docs/method.md §2d).
     """
-    b, m, d = lin.H.shape
+    b, m = lin.yhat.shape
     R = lin.R[0] if b == 1 else numerics.block_diag(lin.R)
-    return lin.H.reshape(b * m, d), R, lin.e.reshape(b * m)
+    if isinstance(lin.H, LayerRows):
+        H = lin.H._map(lambda a: a.reshape((b * m,) + a.shape[2:]))
+    else:
+        H = lin.H.reshape(b * m, lin.H.shape[2])
+    return H, R, lin.e.reshape(b * m)

@@ -12,7 +12,7 @@ minibatches, so ``apply`` never sees a batch axis.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +30,20 @@ class Model(NamedTuple):
       apply: the pure prediction function on one observation.
       input_shape: shape of one ``x``.
       n_outputs: length of ``z``.
+      apply_tapped: optional, for a model made of dense layers ``z_l = W_l a_l + b_l``
+        (``W_l (n_out, n_in)``, its bias leaf before its weight leaf in ``ravel_pytree``'s
+        order): ``apply_tapped(params, x, taps) -> (z, inputs)``, the same function with
+        ``taps[l] (n_out,)`` added to layer ``l``'s ``z_l``, also returning the layers' inputs
+        ``a_l (n_in,)``. Each layer's row of ``H`` is then ``δ_l āᵀ_l`` (``δ_l = ∂ŷ/∂taps_l``,
+        ``ā_l = [a_l; 1]``), which the Kronecker form takes as it is, without forming ``H``
+        (:func:`kalnat.linearization.linearize_layers`).
     """
 
     init: Callable[[jax.Array], Params]
     apply: Callable[[Params, jax.Array], jax.Array]
     input_shape: tuple
     n_outputs: int
+    apply_tapped: Optional[Callable] = None
 
 
 def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None) -> Model:
@@ -62,7 +70,10 @@ def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None
         z = params["w"] @ x
         return z + params["b"] if bias else z
 
-    return Model(init, apply, (n_features,), n_outputs)
+    def apply_tapped(params, x, taps):
+        return apply(params, x) + taps[0], [x]
+
+    return Model(init, apply, (n_features,), n_outputs, apply_tapped if bias else None)
 
 
 def mlp(
@@ -106,7 +117,15 @@ def mlp(
             h = activation(layer["w"] @ h + layer["b"])
         return params[-1]["w"] @ h + params[-1]["b"]
 
-    return Model(init, apply, (n_features,), n_outputs)
+    def apply_tapped(params, x, taps):
+        h, inputs = x, []
+        for i, (layer, tap) in enumerate(zip(params, taps)):
+            inputs.append(h)
+            z = layer["w"] @ h + layer["b"] + tap
+            h = z if i == len(params) - 1 else activation(z)
+        return h, inputs
+
+    return Model(init, apply, (n_features,), n_outputs, apply_tapped)
 
 
 def _check_positive(**sizes):

@@ -148,6 +148,9 @@ class Learner(Boundary):
         ``hyper.forgetting`` is not used).
       input_shape: shape of one ``x``.
       config: the settings it was built with.
+      apply_tapped: the model's :attr:`~kalnat.models.Model.apply_tapped` where the
+        representation takes ``H`` as its dense layers' factors (``layer_rows``: the Kronecker
+        form) and the update linearises once; else ``None`` (``H`` as a matrix).
     """
 
     name: str
@@ -160,6 +163,7 @@ class Learner(Boundary):
     schedule: Optional[Callable] = None
     input_shape: Optional[tuple] = None
     config: dict = field(default_factory=dict)
+    apply_tapped: Optional[Callable] = None
     _shapes: dict = field(default_factory=dict, repr=False)
 
     #: the fields a compiled program does not depend on (:meth:`program_key`): ``hyper`` is an
@@ -201,6 +205,10 @@ class Learner(Boundary):
     def linearize_at(self, state, xs, ys=None, mask=None):
         """``θ -> Linearization`` of the minibatch ``xs (b, …)`` (and ``ys``), at any θ."""
         _, unravel = ravel_pytree(state.params)
+        if self.apply_tapped is not None:
+            layers = layer_shapes(self.representation)
+            return lambda theta: _lin.linearize_layers(self.apply_tapped, layers, self.family, unravel(theta),
+                                                       xs, ys, mask)
         apply_flat = lambda th, x: self.apply(unravel(th), x)
         return lambda theta: _lin.linearize(apply_flat, self.family, theta, xs, ys, mask)
 
@@ -278,8 +286,17 @@ def build(name, model, family, representation, *, input_shape=None, iterations=1
     hyper = make_hyper(iterations=iterations, **hyper)
     if hyper.process_noise is not None and not representation.process_noise:
         raise ValueError(f"{name}: additive process noise q·I has no form here; use forgetting instead")
+    tapped = getattr(model, "apply_tapped", None) if isinstance(model, Model) else None
+    if not (representation.layer_rows and int(iterations) == 1):
+        tapped = None  # an iterated update needs H δθ, which the factors alone do not give
     return Learner(name, apply, family, representation, hyper, int(iterations), bool(moderated),
-                   forgetting if callable(forgetting) else None, input_shape, dict(config or {}))
+                   forgetting if callable(forgetting) else None, input_shape, dict(config or {}), tapped)
+
+
+def layer_shapes(representation) -> tuple:
+    """``((n_out, n_in), …)``: a representation's dense layers, in θ's order."""
+    parts = getattr(representation, "parts", (representation,))
+    return tuple((int(p.n_out), int(p.n_in)) for p in parts)
 
 
 def make_hyper(*, prior_var=1.0, forgetting=1.0, process_noise=None, max_variance=None,

@@ -43,6 +43,9 @@ class Representation(abc.ABC):
     #: whether its step branches on the data (``lax.cond``): under ``vmap`` every branch would
     #: run, so a bank advances such members one at a time
     branches = False
+    #: whether its steps take ``H`` as :class:`~kalnat.linearization.LayerRows` (a dense layer's
+    #: factors) as well as a matrix
+    layer_rows = False
 
     @abc.abstractmethod
     def init(self, hyper, d, dtype):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kalnat.linearization import LayerRows
 from kalnat.representations.base import Representation
 from kalnat.representations.blocks import leaf_sizes
 from kalnat.representations.full import Full
@@ -85,10 +86,16 @@ class Groups(Representation):
     def process_noise(self):
         return all(rep.process_noise for rep in self.parts)
 
+    @property
+    def layer_rows(self):
+        return all(rep.layer_rows for rep in self.parts)
+
     def _cuts(self):
         return np.cumsum((0,) + tuple(self.sizes))
 
     def _split(self, v, axis=0):
+        if isinstance(v, LayerRows):  # one dense layer per group
+            return [v.layer(i) for i in range(len(self.parts))]
         c = self._cuts()
         return [jax.lax.slice_in_dim(v, int(a), int(b), axis=axis) for a, b in zip(c[:-1], c[1:])]
 

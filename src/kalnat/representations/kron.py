@@ -35,7 +35,11 @@ pass stays ``U = αI + D W Dᵀ``, ``V = βI + Â Z Âᵀ`` (``D = L_GᵀΔ``; o
 by ``L_R⁻¹``, which are outer products where ``R`` couples only rows of one ``ā``, as one
 example's outputs, ``W = diag(ÂᵀVÂ)``, ``Z = diag(DᵀUD)``), whose factors follow by Woodbury
 without a Cholesky factor of ``G`` or ``A``: ``L_G U⁻¹ L_Gᵀ = (G − FᵀF) / α`` with
-``F = L_M⁻¹ W^{1/2} ΔᵀG``, ``M = αI + W^{1/2} ΔᵀGΔ W^{1/2}``. Rows that are
+``F = L_M⁻¹ W^{1/2} ΔᵀG``, ``M = αI + W^{1/2} ΔᵀGΔ W^{1/2}``. A model that says where its
+dense layers are (:attr:`kalnat.models.Model.apply_tapped`, as :func:`kalnat.models.mlp`
+does) gives the rows as ``Δ`` and ``Ā`` themselves (:class:`~kalnat.linearization.LayerRows`):
+then ``H`` is never formed, there is nothing to check, and the step has no ``lax.cond`` but
+the posterior's for rows that ``R`` mixes. Rows that are
 not outer products (a weight shared across time steps in RTRL, a layer used twice) take the
 general path (so do a minibatch's rows in a group of :class:`Groups`, whose ``R`` couples
 examples). Under ``vmap`` the cond becomes a select and both paths run: a bank's ``fit`` and
@@ -52,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kalnat import numerics
+from kalnat.linearization import LayerRows
 from kalnat.representations.base import Representation
 
 __all__ = ["KronLayer", "KronCovariance"]
@@ -127,6 +132,7 @@ class KronLayer(Representation):
     name = "kron"
     state_type = KronCovariance
     branches = True  # the outer-product path or the general one, row by row
+    layer_rows = True
 
     def _parts(self, H):
         """``H (k, d)`` → its rows' bias columns ``Δ (k, n_out)`` and weights ``(k, n_out, n_in)``,
@@ -174,9 +180,19 @@ class KronLayer(Representation):
         aw = jnp.take_along_axis(w, pivot[:, None, None], axis=1)[:, 0] / safe[:, None]
         return delta, jnp.concatenate([aw, (top != 0).astype(H.dtype)[:, None]], axis=1)
 
+    def _weights(self, H, delta, abar):
+        """The rows' weights ``(k, n_out, n_in)``: ``H``'s, or formed from its factors."""
+        if isinstance(H, LayerRows):
+            return delta[:, :, None] * abar[:, None, :-1]
+        return self._parts(H)[1]
+
     def _outer(self, H):
         """``(ok, Δ, Ā)``: :meth:`_factors`, and whether every row of ``H`` is ``δ_j ā_jᵀ`` (one
-        pass over ``H``, the check's)."""
+        pass over ``H``, the check's). Rows given as the layer's factors (:class:`LayerRows`)
+        are outer products by construction: ``ok`` is then ``True`` itself, and the steps
+        take the outer-product path without a ``lax.cond``."""
+        if isinstance(H, LayerRows):
+            return True, H.deltas[0], H.inputs[0]
         delta, abar = self._factors(H)
         w = self._parts(H)[1]
         res = w - delta[:, :, None] * abar[:, None, :-1]
@@ -192,17 +208,16 @@ class KronLayer(Representation):
         """``(H P⁻ Hᵀ, factors)``: ``factors = (ok, Δ, Ā, (GΔ)ᵀ, (AĀ)ᵀ)`` of the rows (zeros
         off the outer-product path), which the gain and the posterior reuse."""
         ok, delta, abar = self._outer(H)
-        w = self._parts(H)[1]
 
         def by_factors():
             gd, aa = delta @ prior.g, abar @ prior.a        # rows (Gδ_j)ᵀ, (Aā_j)ᵀ
             return (delta @ gd.T) * (abar @ aa.T), gd, aa
 
         def general():  # ⟨M_i, G M_j A⟩
-            m = self._join(delta, w)
+            m = self._join(delta, self._weights(H, delta, abar))
             return (jnp.einsum("kij,lij->kl", m, jnp.einsum("ij,kjl,lm->kim", prior.g, m, prior.a)),
                     jnp.zeros_like(delta), jnp.zeros_like(abar))
-        hph, gd, aa = jax.lax.cond(ok, by_factors, general)
+        hph, gd, aa = _branch(ok, by_factors, general)
         return hph, (ok, delta, abar, gd, aa)
 
     def gain(self, prior, H, R, e):
@@ -210,8 +225,7 @@ class KronLayer(Representation):
 
     def gain_projected(self, prior, H, R, e, projection):
         hph, factors = self.project(prior, H) if projection is None else projection
-        ok, delta, _, gd, aa = factors
-        w = self._parts(H)[1]
+        ok, delta, abar, gd, aa = factors
         s = numerics.chol_solve(hph + R, e)
         n = self.n_in
 
@@ -223,19 +237,21 @@ class KronLayer(Representation):
             return gs.T @ aa[:, n], gs.T @ aa[:, :n]
 
         def general():
-            m = prior.g @ jnp.einsum("k,kij->ij", s, self._join(delta, w)) @ prior.a
+            m = prior.g @ jnp.einsum("k,kij->ij", s, self._join(delta, self._weights(H, delta, abar))) @ prior.a
             return m[:, n], m[:, :n]
-        db, dw = jax.lax.cond(ok, by_factors, general)
+        db, dw = _branch(ok, by_factors, general)
         return jnp.concatenate([db, dw.reshape(-1)]), hph, factors
 
     def posterior(self, prior, H, R, e, aux, rows):
         ok, chol, factors = self._whitened(prior, H, R, aux)
-        delta, w = self._parts(H)
-        return jax.lax.cond(
-            ok, lambda: self._outer_posterior(prior, *factors),
-            lambda: self._general_posterior(prior, self._join(
+
+        def general():
+            delta = H.deltas[0] if isinstance(H, LayerRows) else self._parts(H)[0]
+            w = self._weights(H, delta, H.inputs[0] if isinstance(H, LayerRows) else None)
+            return self._general_posterior(prior, self._join(
                 numerics.solve_lower(chol, delta),
-                numerics.solve_lower(chol, w.reshape(w.shape[0], -1)).reshape(w.shape))))
+                numerics.solve_lower(chol, w.reshape(w.shape[0], -1)).reshape(w.shape)))
+        return _branch(ok, lambda: self._outer_posterior(prior, *factors), general)
 
     def _whitened(self, prior, H, R, factors):
         """``(ok, L_R, (Δ̂, Ā, (GΔ̂)ᵀ, (AĀ)ᵀ))`` for the rows whitened by ``L_R⁻¹``, as the general
@@ -247,18 +263,22 @@ class KronLayer(Representation):
         example's outputs). Its factors then follow from the gain's (``factors``, from
         :meth:`project`) in ``k × k`` terms, ``G Σ_i L_ji δ_i = Σ_i L_ji (Gδ_i)``, with no
         second pass over ``H``. A layer with one output has outer-product rows whatever ``R``
-        mixes, and only ``n_in + 1`` parameters: its rows are whitened outright."""
+        mixes, and only ``n_in + 1`` parameters: its rows are whitened outright. One row given
+        as the layer's factors is scaled by whitening, an outer product still: no check."""
         chol = numerics.cholesky(R)
-        if self.n_out == 1:
-            ok, delta, abar = self._outer(numerics.solve_lower(chol, H))
+        rows = isinstance(H, LayerRows)
+        one = rows and R.shape[0] == 1
+        if self.n_out == 1 and not one:
+            ok, delta, abar = self._outer(numerics.solve_lower(chol, H.flat() if rows else H))
             return ok, chol, (delta, abar, delta @ prior.g, abar @ prior.a)
         ok, delta, abar, gd, aa = self.project(prior, H)[1] if factors is None else factors
         white = numerics.solve_lower(chol, jnp.eye(R.shape[0], dtype=R.dtype))  # L_R⁻¹
-        tol = OUTER_TOL * jnp.finfo(abar.dtype).eps
-        apart = jnp.sum((abar[:, None, :] - abar[None, :, :]) ** 2, axis=2)      # (j, i)
-        same = apart <= tol * tol * jnp.sum(abar * abar, axis=1)[:, None]
-        zero = jnp.all(delta == 0, axis=1)[None, :]                             # row i is zero
-        ok = ok & jnp.all((white == 0) | same | zero)
+        if not one:
+            tol = OUTER_TOL * jnp.finfo(abar.dtype).eps
+            apart = jnp.sum((abar[:, None, :] - abar[None, :, :]) ** 2, axis=2)      # (j, i)
+            same = apart <= tol * tol * jnp.sum(abar * abar, axis=1)[:, None]
+            zero = jnp.all(delta == 0, axis=1)[None, :]                             # row i is zero
+            ok = ok & jnp.all((white == 0) | same | zero)
         return ok, chol, (white @ delta, abar, white @ gd, aa)
 
     def _general_posterior(self, prior, m):
@@ -304,6 +324,12 @@ class KronLayer(Representation):
         c = _balance(tg, n, ta, p)
         return KronCovariance(numerics.downdate(prior.g, fg.T) * (c / alpha),
                               numerics.downdate(prior.a, fa.T) / (c * beta))
+
+
+def _branch(ok, by_factors, general):
+    """``by_factors()`` where ``ok`` is ``True`` itself (rows known to be outer products), else
+    a ``lax.cond`` on ``ok``."""
+    return by_factors() if ok is True else jax.lax.cond(ok, by_factors, general)
 
 
 def _woodbury(y, k, alpha, w):
