@@ -680,3 +680,34 @@ def test_a_models_layers_that_are_not_the_representations_are_refused():
     learner = kalnat.ekf(one_layer, kalnat.families.Gaussian(0.5), representation=kronecker(params))
     with pytest.raises(ValueError, match=r"1 layer inputs of shapes \[\(4,\)\] for 2 dense layers"):
         learner.update(learner.init(params), np.ones(4), 0.5)
+
+
+def test_a_bank_runs_kronecker_members_together_on_one_examples_layer_rows(monkeypatch):
+    """One example's rows given as its layers' factors leave the Kronecker step nothing to
+    branch on (a layer of ``m`` rows too: they share the example's ``ā``): a bank advances such
+    members in vmapped groups, not one at a time, and learns what the bank of the same model
+    given as a plain function learns (its members one at a time, each checking its rows)."""
+    from kalnat import bank as bank_module
+    from kalnat.representations import kron
+    mlp = kalnat.models.mlp(4, (3,), 2)
+    params = mlp.init(jax.random.PRNGKey(0))
+    plain = kalnat.models.Model(mlp.init, mlp.apply, mlp.input_shape, mlp.n_outputs)
+    fam = kalnat.families.Gaussian(0.5, dim=2)
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(7, 4)), rng.normal(size=(7, 2))
+    paths = []
+    branch = kron._branch
+    monkeypatch.setattr(kron, "_branch", lambda ok, *a: paths.append(ok is True) or branch(ok, *a))
+    res = {}
+    for name, model in (("rows", mlp), ("flat", plain)):
+        bank = kalnat.ekf_bank(model, fam, representation=kronecker(params))
+        state = bank.init(params)
+        group = bank_module.members_per_group(state.members, bank.size, bank.learner, 1)
+        assert (group > 1) == (name == "rows"), (name, group)
+        assert bank_module.members_per_group(state.members, bank.size, bank.learner, 2) == 1
+        paths.clear()
+        res[name] = kalnat.fit(bank, state, X, y)
+        assert paths and all(paths) == (name == "rows"), (name, paths)  # traced: no cond on rows
+    np.testing.assert_allclose(res["rows"].log_likelihood, res["flat"].log_likelihood, rtol=1e-9)
+    for a, b in zip(jax.tree_util.tree_leaves(res["rows"].state), jax.tree_util.tree_leaves(res["flat"].state)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -224,7 +224,7 @@ class Bank(Boundary):
         """All members predict then learn the minibatch; the weights move by its likelihood.
         Returns ``(BankState, BankPredictive, log_prob (b,))``."""
         members, preds, ll = self._over_members(lambda h, s: self.learner.step(h, s, xs, ys, mask), hyper,
-                                                state.members)
+                                                state.members, xs.shape[0])
         return self._advance(state, members, preds, ll, jax.vmap(_all_finite)(preds, ll))
 
     def scan_chunk(self, hyper, state: BankState, xs, ys, ms, keep: bool = True):
@@ -239,7 +239,7 @@ class Bank(Boundary):
             s, (pred, ll) = scan_rows(self.learner, h, s, xs, ys, ms)
             return s, ((pred if keep else None), ll, jax.vmap(_all_finite)(pred, ll))
 
-        group = members_per_group(state.members, self.size, self.learner)
+        group = members_per_group(state.members, self.size, self.learner, xs.shape[1])
         # One member at a time: a plain loop (lax.map's batches of one are still vmapped, which
         # turns each member's own conds, such as its count of linearisations, into selects).
         members, (preds, lls, fins) = jax.lax.map(member, (hyper, state.members),
@@ -270,13 +270,14 @@ class Bank(Boundary):
 
     def members_predict_batch(self, hyper, state: BankState, xs) -> Predictive:
         """Each member's own prediction, stacked ``(K, b, …)``."""
-        return self._over_members(lambda h, s: self.learner.predict_batch(h, s, xs), hyper, state.members)
+        return self._over_members(lambda h, s: self.learner.predict_batch(h, s, xs), hyper, state.members,
+                                  xs.shape[0])
 
-    def _over_members(self, f, hyper, members):
+    def _over_members(self, f, hyper, members, examples):
         """``f(h, s)`` of every member, stacked: vectorised, or one member at a time when the
-        representation branches on the data (a ``lax.cond`` under ``vmap`` runs both branches;
-        alone, only the one taken)."""
-        if _branches(self.learner):
+        learner's step on ``examples`` rows branches on the data (a ``lax.cond`` under ``vmap``
+        runs both branches; alone, only the one taken)."""
+        if _branches(self.learner, examples):
             return jax.lax.map(lambda hs: f(*hs), (hyper, members))
         return jax.vmap(f)(hyper, members)
 
@@ -319,16 +320,20 @@ def _all_finite(pred, ll):
 GROUP_BYTES = 2**21
 
 
-def _branches(learner) -> bool:
-    """Whether ``learner``'s representation branches on the data (``Representation.branches``)."""
+def _branches(learner, examples) -> bool:
+    """Whether ``learner``'s step on ``examples`` rows branches on the data
+    (:meth:`~kalnat.learners.base.Learner.branches_on`; ``Representation.branches`` for a
+    learner without it)."""
+    if hasattr(learner, "branches_on"):
+        return learner.branches_on(examples)
     return bool(getattr(getattr(learner, "representation", None), "branches", False))
 
 
-def members_per_group(members, K: int, learner=None) -> int:
+def members_per_group(members, K: int, learner=None, examples: int = 0) -> int:
     """How many members :meth:`Bank.scan_chunk` advances together: from their states' sizes,
-    and one at a time when ``learner``'s representation branches on the data (a ``lax.cond``
-    under ``vmap`` runs both branches; alone, only the one taken)."""
-    if _branches(learner):
+    and one at a time when ``learner``'s step on minibatches of ``examples`` rows branches on
+    the data (a ``lax.cond`` under ``vmap`` runs both branches; alone, only the one taken)."""
+    if _branches(learner, examples):
         return 1
     per = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(members)) // max(K, 1)
     return int(max(1, min(K, GROUP_BYTES // max(per, 1))))

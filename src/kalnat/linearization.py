@@ -20,13 +20,13 @@ class LayerRows(NamedTuple):
     factors: the part is the matrix ``δ āᵀ`` (``δ`` the output's sensitivity to the layer's
     pre-activation, ``ā = [a; 1]`` its input with the bias input last), which in θ's order is
     ``δ`` (the bias) followed by ``δ āᵀ`` without its last column (the weights, row by row).
+    An example's ``m`` rows share its ``ā``, held once.
 
     Attributes:
-      deltas: per layer, ``(…, n_out)``.
-      inputs: per layer, ``(…, n_in + 1)``, the ``ā`` of each row.
-
-    The leading axes are those of ``H`` without its last: ``(b, m)`` in a
-    :class:`Linearization`, ``(k,)`` once stacked.
+      deltas: per layer, the rows' ``δ``: ``(b, m, n_out)`` in a :class:`Linearization`,
+        ``(m, n_out)`` for one example, ``(b·m, n_out)`` once stacked.
+      inputs: per layer, the examples' ``ā``: ``(b, n_in + 1)``, ``(n_in + 1,)`` for one
+        example, still ``(b, n_in + 1)`` once stacked.
     """
 
     deltas: tuple
@@ -36,16 +36,25 @@ class LayerRows(NamedTuple):
         """The rows of layer ``i`` alone."""
         return LayerRows((self.deltas[i],), (self.inputs[i],))
 
+    def examples(self, i: int = 0) -> int:
+        """How many examples the rows come from (static)."""
+        a = self.inputs[i]
+        return 1 if a.ndim == 1 else a.shape[0]
+
+    def row_inputs(self, i: int = 0):
+        """Layer ``i``'s ``ā`` of every row, the shape of its ``δ`` but the last axis."""
+        delta, a = self.deltas[i], self.inputs[i]
+        if a.ndim < delta.ndim:  # one per example, rows along the axis before δ's last
+            return jnp.broadcast_to(a[..., None, :], delta.shape[:-1] + a.shape[-1:])
+        return jnp.repeat(a, delta.shape[0] // a.shape[0], axis=0)  # stacked: m rows an example
+
     def flat(self):
         """``H (…, d)`` in θ's order: what a path that needs the rows themselves takes."""
         parts = []
-        for delta, abar in zip(self.deltas, self.inputs):
-            w = delta[..., :, None] * abar[..., None, :-1]
+        for i, delta in enumerate(self.deltas):
+            w = delta[..., :, None] * self.row_inputs(i)[..., None, :-1]
             parts += [delta, w.reshape(w.shape[:-2] + (-1,))]
         return jnp.concatenate(parts, axis=-1)
-
-    def _map(self, fn):
-        return LayerRows(tuple(fn(a) for a in self.deltas), tuple(fn(a) for a in self.inputs))
 
 
 class Linearization(NamedTuple):
@@ -112,9 +121,7 @@ def linearize_layers(apply_tapped, layers, family, params, xs, ys=None, mask=Non
         raise ValueError(f"the model's apply_tapped gives {len(inputs)} layer inputs of shapes {widths} "
                          f"for {len(layers)} dense layers of the representation, of inputs "
                          f"{[(n_in,) for _, n_in in layers]}")
-    b, m = yhat.shape
-    abar = tuple(jnp.broadcast_to(jnp.concatenate([a, jnp.ones((b, 1), a.dtype)], axis=1)[:, None, :],
-                                  (b, m, a.shape[1] + 1)) for a in inputs)
+    abar = tuple(jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1) for a in inputs)
     return _finish(family, yhat, LayerRows(tuple(deltas), abar), ys, mask)
 
 
@@ -132,7 +139,8 @@ def masked(lin: Linearization, mask) -> Linearization:
     """Rows where ``mask`` (``(b,)`` booleans) is false get ``H = 0`` and ``e = 0``: removed
     from the update exactly."""
     if isinstance(lin.H, LayerRows):
-        H = lin.H._map(lambda a: jnp.where(mask[:, None, None], a, 0.0))
+        H = LayerRows(tuple(jnp.where(mask[:, None, None], a, 0.0) for a in lin.H.deltas),
+                      tuple(jnp.where(mask[:, None], a, 0.0) for a in lin.H.inputs))
     else:
         H = jnp.where(mask[:, None, None], lin.H, 0.0)
     return lin._replace(H=H, e=jnp.where(mask[:, None], lin.e, 0.0))
@@ -145,8 +153,8 @@ def stack(lin: Linearization):
     """
     b, m = lin.yhat.shape
     R = lin.R[0] if b == 1 else numerics.block_diag(lin.R)
-    if isinstance(lin.H, LayerRows):
-        H = lin.H._map(lambda a: a.reshape((b * m,) + a.shape[2:]))
+    if isinstance(lin.H, LayerRows):  # (the examples' ā as they are)
+        H = lin.H._replace(deltas=tuple(a.reshape(b * m, a.shape[2]) for a in lin.H.deltas))
     else:
         H = lin.H.reshape(b * m, lin.H.shape[2])
     return H, R, lin.e.reshape(b * m)

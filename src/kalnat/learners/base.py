@@ -212,6 +212,13 @@ class Learner(Boundary):
         apply_flat = lambda th, x: self.apply(unravel(th), x)
         return lambda theta: _lin.linearize(apply_flat, self.family, theta, xs, ys, mask)
 
+    def branches_on(self, examples: int) -> bool:
+        """Whether a step on minibatches of ``examples`` rows branches on the data (a
+        ``lax.cond``, which ``vmap`` would turn into running every branch): where the
+        representation does (``Representation.branches``), except on one example whose rows
+        come as its layers' factors, where the Kronecker form has nothing to check."""
+        return bool(self.representation.branches) and not (self.apply_tapped is not None and examples == 1)
+
     def step(self, hyper, state, xs, ys, mask=None):
         """Predict, then condition on a minibatch: one linearisation at θ for all ``b`` rows
         (docs/method.md §2d). Returns ``(State, Predictive, log_likelihood (b,))``."""

@@ -192,7 +192,7 @@ class KronLayer(Representation):
         are outer products by construction: ``ok`` is then ``True`` itself, and the steps
         take the outer-product path without a ``lax.cond``."""
         if isinstance(H, LayerRows):
-            return True, H.deltas[0], H.inputs[0]
+            return True, H.deltas[0], H.row_inputs()
         delta, abar = self._factors(H)
         w = self._parts(H)[1]
         res = w - delta[:, :, None] * abar[:, None, :-1]
@@ -247,7 +247,7 @@ class KronLayer(Representation):
 
         def general():
             delta = H.deltas[0] if isinstance(H, LayerRows) else self._parts(H)[0]
-            w = self._weights(H, delta, H.inputs[0] if isinstance(H, LayerRows) else None)
+            w = self._weights(H, delta, H.row_inputs() if isinstance(H, LayerRows) else None)
             return self._general_posterior(prior, self._join(
                 numerics.solve_lower(chol, delta),
                 numerics.solve_lower(chol, w.reshape(w.shape[0], -1)).reshape(w.shape)))
@@ -263,11 +263,12 @@ class KronLayer(Representation):
         example's outputs). Its factors then follow from the gain's (``factors``, from
         :meth:`project`) in ``k × k`` terms, ``G Σ_i L_ji δ_i = Σ_i L_ji (Gδ_i)``, with no
         second pass over ``H``. A layer with one output has outer-product rows whatever ``R``
-        mixes, and only ``n_in + 1`` parameters: its rows are whitened outright. One row given
-        as the layer's factors is scaled by whitening, an outer product still: no check."""
+        mixes, and only ``n_in + 1`` parameters: its rows are whitened outright. The rows of one
+        example given as the layer's factors share its ``ā``: whitened, they are outer
+        products whatever ``R`` mixes, with no check."""
         chol = numerics.cholesky(R)
         rows = isinstance(H, LayerRows)
-        one = rows and R.shape[0] == 1
+        one = rows and H.examples() == 1
         if self.n_out == 1 and not one:
             ok, delta, abar = self._outer(numerics.solve_lower(chol, H.flat() if rows else H))
             return ok, chol, (delta, abar, delta @ prior.g, abar @ prior.a)
