@@ -43,7 +43,8 @@ the posterior's for rows that ``R`` mixes. Rows that are
 not outer products (a weight shared across time steps in RTRL, a layer used twice) take the
 general path (so do a minibatch's rows in a group of :class:`Groups`, whose ``R`` couples
 examples). Under ``vmap`` the cond becomes a select and both paths run: a bank's ``fit`` and
-the predictive therefore map over members and rows (``branches``).
+the predictive therefore map over members and rows (``branches``), but where one example's
+rows come as factors, which branch nowhere (``Learner.branches_on``).
 """
 
 from __future__ import annotations
