@@ -602,38 +602,47 @@ def test_the_low_rank_form_refuses_a_derivative_rather_than_give_nan():
 _LAYERED = {}
 
 
-def _layered(family, hidden, batch):
-    """The same MLP and Kronecker form, ``H`` as the layers' factors and as a matrix: built once
-    per structure (a hypothesis example changes data and hyperparameters, not programs)."""
-    key = (family, hidden, batch)
+def _layered(family, hidden, batch, kind):
+    """The same network (``kalnat.models.linear`` with no hidden layer) and Kronecker form, ``H``
+    as the layers' factors and as a matrix: built once per case (a hypothesis example changes
+    data and hyperparameters, not programs). ``kind``: the EKF, the iterated EKF (``H δθ`` from
+    the factors) or the normal–inverse-gamma filter over the form."""
+    key = (family, hidden, batch, kind)
     if key not in _LAYERED:
         fam = FAMILIES[family]
-        model = kalnat.models.mlp(4, hidden, fam.n_outputs)
+        model = (kalnat.models.mlp(4, hidden, fam.n_outputs) if hidden else kalnat.models.linear(4, fam.n_outputs))
         rep = kronecker(model.init(jax.random.PRNGKey(0)))
-        opts = dict(prior_var=0.5, representation=rep, forgetting=0.9, process_noise=0.02, max_variance=0.8)
-        _LAYERED[key] = (model, kalnat.ekf(model, fam, **opts),
-                         kalnat.ekf(model.apply, fam, input_shape=(4,), **opts))
+        plain = kalnat.models.Model(model.init, model.apply, model.input_shape, model.n_outputs)
+        make = {"ekf": lambda m: kalnat.ekf(m, fam, process_noise=0.02, **opts),
+                "iterated": lambda m: kalnat.iterated_ekf(m, fam, iterations=3, process_noise=0.02, **opts),
+                "nig": lambda m: kalnat.nig_filter(m, fam, **opts)}[kind]
+        opts = dict(prior_var=0.5, representation=rep, forgetting=0.9, max_variance=0.8)
+        _LAYERED[key] = (model, make(model), make(plain))
     return _LAYERED[key]
 
 
-@pytest.mark.parametrize("family,hidden,batch", [("gaussian", (4, 2), 1), ("categorical", (3,), 2),
-                                                 ("bernoulli", (), 3)])
+@pytest.mark.parametrize("family,hidden,batch,kind", [
+    ("gaussian", (4, 2), 1, "ekf"),        # one row a step: no check, no cond
+    ("categorical", (3,), 2, "ekf"),       # groups, whose R couples a minibatch's examples
+    ("categorical", (), 3, "ekf"),         # one layer of two outputs, minibatches: the check
+    ("bernoulli", (3,), 2, "iterated"),    # H δθ from the factors; a one-output layer's rows
+    ("gaussian", (3,), 1, "nig")])
 @settings(max_examples=3, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), lam=st.floats(0.8, 1.0), q=st.floats(1e-4, 0.1),
        bound=st.floats(0.3, 5.0))
-def test_layer_rows_taken_from_the_model_are_the_flat_rows_of_h(family, hidden, batch, seed, lam, q, bound):
-    """A ``kalnat.models`` MLP gives the Kronecker form each layer's rows of ``H`` as their
+def test_layer_rows_taken_from_the_model_are_the_flat_rows_of_h(family, hidden, batch, kind, seed, lam, q, bound):
+    """A ``kalnat.models`` network gives the Kronecker form each layer's rows of ``H`` as their
     factors ``δ āᵀ`` (``Model.apply_tapped``); the same model as a plain function gives ``H``
     as a matrix, whose rows the form checks and factors itself. Both are one filter: the same
     θ, covariance and log-likelihoods, one row or a minibatch at a time (13 rows: a partly
-    masked last minibatch; the output layer alone, with no hidden layer, too); and the same
-    predictive (``predict``, the form's ``quad``)."""
-    model, rows, flat = _layered(family, hidden, batch)
+    masked last minibatch), under the EKF, the iterated EKF and the normal–inverse-gamma
+    filter; and the same predictive (``predict``, the form's ``quad``)."""
+    model, rows, flat = _layered(family, hidden, batch, kind)
     assert rows.apply_tapped is not None and flat.apply_tapped is None
     X, y = _stream(family, seed, n=13)
     params = jax.tree_util.tree_map(  # no zero layer: every row of H depends on every layer
         lambda a: a + 0.3 * jnp.asarray(np.random.default_rng(seed).normal(size=a.shape)), model.init(jax.random.PRNGKey(seed)))
-    hyper = rows.hyper._replace(forgetting=lam, process_noise=q, max_variance=bound)
+    hyper = rows.hyper._replace(forgetting=lam, max_variance=bound, process_noise=None if kind == "nig" else q)
     a = kalnat.fit(flat, flat.init(params), X, y, batch_size=batch, hyper=hyper)
     b = kalnat.fit(rows, rows.init(params), X, y, batch_size=batch, hyper=hyper)
     _agree(a, b, 1e-9)

@@ -33,7 +33,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
-from kalnat.linearization import LayerRows, Linearization, masked, stack
+from kalnat.linearization import LayerRows, Linearization, masked, stack, times
 from kalnat.predictive import log_predictive, moderated_probs, student_t_log_prob
 from kalnat.programs import once
 
@@ -276,7 +276,7 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
         def again(carry):
             delta = carry[0]
             H_i, R_i, e_i = stack(masked(relinearize(theta0 + delta), mask))
-            e_i = e_i + H_i @ delta  # the innovation of the linear model about θ_i, from θ_{t−1}
+            e_i = e_i + times(H_i, delta)  # the innovation of the linear model about θ_i, from θ_{t−1}
             d_i, _, aux_i = rep.gain(prior.cov, H_i, R_i, e_i)
             return d_i, H_i, R_i, e_i, aux_i
 

@@ -48,6 +48,18 @@ class LayerRows(NamedTuple):
             return jnp.broadcast_to(a[..., None, :], delta.shape[:-1] + a.shape[-1:])
         return jnp.repeat(a, delta.shape[0] // a.shape[0], axis=0)  # stacked: m rows an example
 
+    def times(self, v):
+        """``H v (k,)`` for stacked rows and ``v (d,)`` in θ's order: row ``j``'s
+        ``Σ_l δ_jᵀ M_l ā_j``, ``M_l = [W_l | b_l]`` being layer ``l``'s part of ``v``."""
+        out, at = 0.0, 0
+        for i, delta in enumerate(self.deltas):
+            n_out, p = delta.shape[-1], self.inputs[i].shape[-1]
+            part = v[at:at + n_out * p]
+            m = jnp.concatenate([part[n_out:].reshape(n_out, p - 1), part[:n_out, None]], axis=1)
+            out = out + jnp.sum(delta * (self.row_inputs(i) @ m.T), axis=-1)
+            at += n_out * p
+        return out
+
     def flat(self):
         """``H (…, d)`` in θ's order: what a path that needs the rows themselves takes."""
         parts = []
@@ -63,7 +75,8 @@ class Linearization(NamedTuple):
     Attributes:
       yhat: ``(b, m)`` predicted mean parameters.
       H: ``(b, m, d)`` Jacobians ∂ŷ/∂θ, or the same rows as :class:`LayerRows` (from
-        :func:`linearize_layers`: only representations with ``layer_rows`` take them).
+        :func:`linearize_layers`: only representations with ``layer_rows`` take them;
+        :func:`times` multiplies either).
       R: ``(b, m, m)`` covariances of T(y) at ŷ.
       e: ``(b, m)`` innovations T(y) − ŷ (zero when no y is given).
       y: ``(b, …)`` the observations themselves (``None`` when none is given): what the
@@ -92,11 +105,6 @@ def linearize(apply_flat, family, theta, xs, ys=None, mask=None) -> Linearizatio
         return yhat, yhat
 
     H, yhat = jax.vmap(jac(mean_and_aux, has_aux=True), in_axes=(None, 0))(theta, xs)
-    R = jax.vmap(family.cov)(yhat)
-    if ys is None:
-        e = jnp.zeros_like(yhat)
-    else:
-        e = jax.vmap(family.innovation)(yhat, ys)
     return _finish(family, yhat, H, ys, mask)
 
 
@@ -144,6 +152,11 @@ def masked(lin: Linearization, mask) -> Linearization:
     else:
         H = jnp.where(mask[:, None, None], lin.H, 0.0)
     return lin._replace(H=H, e=jnp.where(mask[:, None], lin.e, 0.0))
+
+
+def times(H, v):
+    """``H v`` for stacked rows ``H`` (a matrix or :class:`LayerRows`) and ``v (d,)``."""
+    return H.times(v) if isinstance(H, LayerRows) else H @ v
 
 
 def stack(lin: Linearization):

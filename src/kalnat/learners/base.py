@@ -150,7 +150,7 @@ class Learner(Boundary):
       config: the settings it was built with.
       apply_tapped: the model's :attr:`~kalnat.models.Model.apply_tapped` where the
         representation takes ``H`` as its dense layers' factors (``layer_rows``: the Kronecker
-        form) and the update linearises once; else ``None`` (``H`` as a matrix).
+        form, alone or under the normal–inverse-gamma filter); else ``None`` (``H`` as a matrix).
     """
 
     name: str
@@ -294,14 +294,15 @@ def build(name, model, family, representation, *, input_shape=None, iterations=1
     if hyper.process_noise is not None and not representation.process_noise:
         raise ValueError(f"{name}: additive process noise q·I has no form here; use forgetting instead")
     tapped = getattr(model, "apply_tapped", None) if isinstance(model, Model) else None
-    if not (representation.layer_rows and int(iterations) == 1):
-        tapped = None  # an iterated update needs H δθ, which the factors alone do not give
+    if not representation.layer_rows:
+        tapped = None
     return Learner(name, apply, family, representation, hyper, int(iterations), bool(moderated),
                    forgetting if callable(forgetting) else None, input_shape, dict(config or {}), tapped)
 
 
 def layer_shapes(representation) -> tuple:
     """``((n_out, n_in), …)``: a representation's dense layers, in θ's order."""
+    representation = getattr(representation, "inner", representation)  # under NIG
     parts = getattr(representation, "parts", (representation,))
     return tuple((int(p.n_out), int(p.n_in)) for p in parts)
 

@@ -38,8 +38,9 @@ without a Cholesky factor of ``G`` or ``A``: ``L_G U⁻¹ L_Gᵀ = (G − FᵀF)
 ``F = L_M⁻¹ W^{1/2} ΔᵀG``, ``M = αI + W^{1/2} ΔᵀGΔ W^{1/2}``. A model that says where its
 dense layers are (:attr:`kalnat.models.Model.apply_tapped`, as :func:`kalnat.models.mlp`
 does) gives the rows as ``Δ`` and ``Ā`` themselves (:class:`~kalnat.linearization.LayerRows`):
-then ``H`` is never formed, there is nothing to check, and the step has no ``lax.cond`` but
-the posterior's for rows that ``R`` mixes. Rows that are
+then there is nothing to check, and on one example a step ``H`` is never formed and the step
+has no ``lax.cond`` (a minibatch's whitened rows are still checked, and a layer of one output
+whitens its rows formed as a matrix). Rows that are
 not outer products (a weight shared across time steps in RTRL, a layer used twice) take the
 general path (so do a minibatch's rows in a group of :class:`Groups`, whose ``R`` couples
 examples). Under ``vmap`` the cond becomes a select and both paths run: a bank's ``fit`` and

@@ -59,6 +59,10 @@ class NIG(Representation):
         return self.inner.branches
 
     @property
+    def layer_rows(self):  # H only passes through to the inner form
+        return self.inner.layer_rows
+
+    @property
     def process_noise(self):
         return self.inner.process_noise
 
