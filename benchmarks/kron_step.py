@@ -13,10 +13,11 @@ The variants run in turns, ``--rounds`` times over ``--rows`` rows, and the fast
 each is printed with its ratio to Adam's; "flat H − layer rows" is what forming, slicing and
 checking ``H`` costs.
 
-``--bank`` times instead a pass of :func:`kalnat.ekf_bank` (40 members) with the Kronecker
-form over scikit-learn's digits with a linear softmax (d = 585, nine outputs a row), the two
-ways: on layer rows its members run in vmapped groups (one example's rows branch nowhere), on
-``H`` as a matrix one at a time.
+``--bank`` times instead a pass of :func:`kalnat.ekf_bank` (40 members) and of
+:func:`kalnat.auto` (40 members, one or two linearisations each) with the Kronecker form over
+scikit-learn's digits with a linear softmax (d = 585, nine outputs a row), the two ways: on
+layer rows the members run in vmapped groups (one example's rows branch nowhere), on ``H`` as
+a matrix one at a time.
 
     python benchmarks/kron_step.py [--rows 1064] [--rounds 6] [--bank]
 """
@@ -47,7 +48,9 @@ def bank(rounds):
     model = kalnat.models.linear(64, fam.n_outputs, dtype=np.float32)
     params = model.init(None)
     plain = kalnat.models.Model(model.init, model.apply, model.input_shape, model.n_outputs)
-    banks = {name: kalnat.ekf_bank(given, fam, representation=kalnat.representations.kronecker(params))
+    kron = kalnat.representations.kronecker(params)
+    banks = {f"{kind} {name}": make(given, fam, representation=kron)
+             for kind, make in (("ekf_bank", kalnat.ekf_bank), ("auto", kalnat.auto))
              for name, given in (("layer rows", model), ("flat H", plain))}
     times, losses = {name: [] for name in banks}, {}
     for name, b in banks.items():
@@ -58,12 +61,14 @@ def bank(rounds):
             res = kalnat.fit(b, b.init(params), X, y)
             times[name].append(time.perf_counter() - t)
             losses[name] = -float(np.mean(res.log_likelihood))
-    print(f"ekf_bank (40 members), Kronecker form, digits, linear softmax: a pass of {len(y)} rows, "
+    print(f"banks of 40 members, Kronecker form, digits, linear softmax: a pass of {len(y)} rows, "
           f"fastest of {rounds}")
-    print(f"{'':<12}{'seconds':>10}{'log-loss':>10}")
+    print(f"{'':<20}{'seconds':>10}{'log-loss':>10}")
     for name in banks:
-        print(f"{name:<12}{min(times[name]):>10.3f}{losses[name]:>10.4f}")
-    print(f"layer rows ÷ flat H: {min(times['layer rows']) / min(times['flat H']):.2f}")
+        print(f"{name:<20}{min(times[name]):>10.3f}{losses[name]:>10.4f}")
+    for kind in ("ekf_bank", "auto"):
+        print(f"{kind}: layer rows ÷ flat H: "
+              f"{min(times[f'{kind} layer rows']) / min(times[f'{kind} flat H']):.2f}")
 
 
 def main():
