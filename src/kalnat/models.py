@@ -111,19 +111,17 @@ def mlp(
             layers.append({"w": w, "b": jnp.zeros((fan_out,), dt)})
         return layers
 
-    def apply(params, x):
-        h = x
-        for layer in params[:-1]:
-            h = activation(layer["w"] @ h + layer["b"])
-        return params[-1]["w"] @ h + params[-1]["b"]
-
-    def apply_tapped(params, x, taps):
+    def apply_tapped(params, x, taps=None):
         h, inputs = x, []
-        for i, (layer, tap) in enumerate(zip(params, taps)):
+        for i, layer in enumerate(params):
             inputs.append(h)
-            z = layer["w"] @ h + layer["b"] + tap
+            z = layer["w"] @ h + layer["b"]
+            z = z if taps is None else z + taps[i]
             h = z if i == len(params) - 1 else activation(z)
         return h, inputs
+
+    def apply(params, x):
+        return apply_tapped(params, x)[0]
 
     return Model(init, apply, (n_features,), n_outputs, apply_tapped)
 
