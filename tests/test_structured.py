@@ -622,9 +622,9 @@ def _layered(family, hidden, batch, kind):
 
 
 @pytest.mark.parametrize("family,hidden,batch,kind", [
-    ("gaussian", (4, 2), 1, "ekf"),        # one row a step: no check, no cond
+    ("categorical", (4, 2), 1, "ekf"),     # one example a step (a softmax's R mixes its rows): no check
     ("categorical", (3,), 2, "ekf"),       # groups, whose R couples a minibatch's examples
-    ("categorical", (), 3, "ekf"),         # one layer of two outputs, minibatches: the check
+    ("categorical", (), 3, "ekf"),         # one layer of two outputs, minibatches: checked at run time
     ("bernoulli", (3,), 2, "iterated"),    # H δθ from the factors; a one-output layer's rows
     ("gaussian", (3,), 1, "nig")])
 @settings(max_examples=3, deadline=None, derandomize=True)

@@ -284,7 +284,8 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
         for i in range(learner.max_iterations - 1):  # a small static count: unrolled
             # A cond, not a select: a member of a bank that uses fewer linearisations than the
             # bank is built for skips the work when its step runs on its own (Bank.scan_chunk's
-            # members one at a time); under vmap JAX turns it into a select of both.
+            # members one at a time, as a representation that branches runs them); under vmap
+            # (members in groups) JAX turns it into a select of both.
             carry = jax.lax.cond(i + 2 <= hyper.iterations, again, lambda c: c, carry)
         delta, H, R, e, aux = carry
     cov = rep.posterior(prior.cov, H, R, e, aux, jnp.repeat(mask, m))
