@@ -60,11 +60,16 @@ class LayerRows(NamedTuple):
             at += n_out * p
         return out
 
+    def weights(self, i: int = 0):
+        """Layer ``i``'s part of the rows for its weights, ``δ āᵀ`` without the bias column:
+        ``(…, n_out, n_in)``."""
+        return self.deltas[i][..., :, None] * self.row_inputs(i)[..., None, :-1]
+
     def flat(self):
         """``H (…, d)`` in θ's order: what a path that needs the rows themselves takes."""
         parts = []
         for i, delta in enumerate(self.deltas):
-            w = delta[..., :, None] * self.row_inputs(i)[..., None, :-1]
+            w = self.weights(i)
             parts += [delta, w.reshape(w.shape[:-2] + (-1,))]
         return jnp.concatenate(parts, axis=-1)
 

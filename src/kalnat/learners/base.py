@@ -206,7 +206,7 @@ class Learner(Boundary):
         """``θ -> Linearization`` of the minibatch ``xs (b, …)`` (and ``ys``), at any θ."""
         _, unravel = ravel_pytree(state.params)
         if self.apply_tapped is not None:
-            layers = layer_shapes(self.representation)
+            layers = self.representation.dense_layers
             return lambda theta: _lin.linearize_layers(self.apply_tapped, layers, self.family, unravel(theta),
                                                        xs, ys, mask)
         apply_flat = lambda th, x: self.apply(unravel(th), x)
@@ -298,13 +298,6 @@ def build(name, model, family, representation, *, input_shape=None, iterations=1
         tapped = None
     return Learner(name, apply, family, representation, hyper, int(iterations), bool(moderated),
                    forgetting if callable(forgetting) else None, input_shape, dict(config or {}), tapped)
-
-
-def layer_shapes(representation) -> tuple:
-    """``((n_out, n_in), …)``: a representation's dense layers, in θ's order."""
-    representation = getattr(representation, "inner", representation)  # under NIG
-    parts = getattr(representation, "parts", (representation,))
-    return tuple((int(p.n_out), int(p.n_in)) for p in parts)
 
 
 def make_hyper(*, prior_var=1.0, forgetting=1.0, process_noise=None, max_variance=None,

@@ -46,6 +46,8 @@ class Representation(abc.ABC):
     #: whether its steps take ``H`` as :class:`~kalnat.linearization.LayerRows` (a dense layer's
     #: factors) as well as a matrix
     layer_rows = False
+    #: ``((n_out, n_in), …)``: the dense layers it holds, in θ's order (what the rows are taken for)
+    dense_layers = ()
 
     @abc.abstractmethod
     def init(self, hyper, d, dtype):

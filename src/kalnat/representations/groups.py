@@ -90,6 +90,10 @@ class Groups(Representation):
     def layer_rows(self):
         return all(rep.layer_rows for rep in self.parts)
 
+    @property
+    def dense_layers(self):
+        return tuple(layer for rep in self.parts for layer in rep.dense_layers)
+
     def _cuts(self):
         return np.cumsum((0,) + tuple(self.sizes))
 

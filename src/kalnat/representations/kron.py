@@ -182,11 +182,13 @@ class KronLayer(Representation):
         aw = jnp.take_along_axis(w, pivot[:, None, None], axis=1)[:, 0] / safe[:, None]
         return delta, jnp.concatenate([aw, (top != 0).astype(H.dtype)[:, None]], axis=1)
 
-    def _weights(self, H, delta, abar):
+    @property
+    def dense_layers(self):
+        return ((self.n_out, self.n_in),)
+
+    def _weights(self, H):
         """The rows' weights ``(k, n_out, n_in)``: ``H``'s, or formed from its factors."""
-        if isinstance(H, LayerRows):
-            return delta[:, :, None] * abar[:, None, :-1]
-        return self._parts(H)[1]
+        return H.weights() if isinstance(H, LayerRows) else self._parts(H)[1]
 
     def _outer(self, H):
         """``(ok, Δ, Ā)``: :meth:`_factors`, and whether every row of ``H`` is ``δ_j ā_jᵀ`` (one
@@ -216,7 +218,7 @@ class KronLayer(Representation):
             return (delta @ gd.T) * (abar @ aa.T), gd, aa
 
         def general():  # ⟨M_i, G M_j A⟩
-            m = self._join(delta, self._weights(H, delta, abar))
+            m = self._join(delta, self._weights(H))
             return (jnp.einsum("kij,lij->kl", m, jnp.einsum("ij,kjl,lm->kim", prior.g, m, prior.a)),
                     jnp.zeros_like(delta), jnp.zeros_like(abar))
         hph, gd, aa = _branch(ok, by_factors, general)
@@ -227,7 +229,7 @@ class KronLayer(Representation):
 
     def gain_projected(self, prior, H, R, e, projection):
         hph, factors = self.project(prior, H) if projection is None else projection
-        ok, delta, abar, gd, aa = factors
+        ok, delta, _, gd, aa = factors
         s = numerics.chol_solve(hph + R, e)
         n = self.n_in
 
@@ -239,7 +241,7 @@ class KronLayer(Representation):
             return gs.T @ aa[:, n], gs.T @ aa[:, :n]
 
         def general():
-            m = prior.g @ jnp.einsum("k,kij->ij", s, self._join(delta, self._weights(H, delta, abar))) @ prior.a
+            m = prior.g @ jnp.einsum("k,kij->ij", s, self._join(delta, self._weights(H))) @ prior.a
             return m[:, n], m[:, :n]
         db, dw = _branch(ok, by_factors, general)
         return jnp.concatenate([db, dw.reshape(-1)]), hph, factors
@@ -249,7 +251,7 @@ class KronLayer(Representation):
 
         def general():
             delta = H.deltas[0] if isinstance(H, LayerRows) else self._parts(H)[0]
-            w = self._weights(H, delta, H.row_inputs() if isinstance(H, LayerRows) else None)
+            w = self._weights(H)
             return self._general_posterior(prior, self._join(
                 numerics.solve_lower(chol, delta),
                 numerics.solve_lower(chol, w.reshape(w.shape[0], -1)).reshape(w.shape)))

@@ -63,6 +63,10 @@ class NIG(Representation):
         return self.inner.layer_rows
 
     @property
+    def dense_layers(self):
+        return self.inner.dense_layers
+
+    @property
     def process_noise(self):
         return self.inner.process_noise
 
