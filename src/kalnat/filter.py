@@ -33,7 +33,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
-from kalnat.linearization import LayerRows, Linearization, masked, stack, times
+from kalnat.linearization import Linearization, masked, stack, times
 from kalnat.predictive import log_predictive, moderated_probs, student_t_log_prob
 from kalnat.programs import once
 
@@ -227,11 +227,10 @@ def minibatch_log_likelihood(family, moderated, pred: Predictive, ys, hph, R, e,
 def predictive(learner, hyper: Hyper, prior: State, lin: Linearization) -> Predictive:
     """The one-step predictive of the rows of ``lin`` (linearised at the prior's θ)."""
     rep = learner.representation
-    # a representation that branches on the data keeps its conds under a map (vmap: selects);
-    # one example's rows given as its layers' factors leave nothing to branch on
+    # a step that branches on the data keeps its conds under a map (vmap: selects); each row's
+    # quad is one example's
     quad = lambda h: rep.quad(prior.cov, h)  # noqa: E731
-    branches = rep.branches and not isinstance(lin.H, LayerRows)
-    hph = jax.lax.map(quad, lin.H) if branches else jax.vmap(quad)(lin.H)
+    hph = jax.lax.map(quad, lin.H) if learner.branches_on(1) else jax.vmap(quad)(lin.H)
     return assemble_predictive(learner.family, learner.moderated, lin.yhat, hph, lin.R, rep.noise(prior.cov))
 
 
