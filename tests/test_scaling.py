@@ -140,3 +140,131 @@ def test_frozen_statistics_stop_after_the_warm_up():
     np.testing.assert_allclose(Z2, (X[:3] - X[:10].mean(0)) / X[:10].std(0), rtol=1e-12)
     with pytest.raises(ValueError, match="warmup"):
         scaling.init_frozen(2, warmup=1)
+
+
+# ---- each covariance form moved in its own storage ----------------------------------------
+
+R = kalnat.representations
+_FORMS = {
+    "full": lambda params: R.Full(),
+    "diag": lambda params: R.Diagonal(),
+    "blocks": lambda params: R.Blocks.per_leaf(params),   # a bias and its weights in two blocks
+    "kron": R.kronecker,
+    "lowrank": lambda params: R.LowRank(3),
+    "nig-kron": R.kronecker,     # the inner form of a normal–inverse-gamma filter
+}
+_MOVED = {}
+
+
+def _moved_case(kind, form, bank):
+    """A fitted state of ``form`` on a small ``kind`` model (a bank of 2 members or one
+    learner), cached: the programs are shared by the tests below."""
+    key = (kind, form, bank)
+    if key not in _MOVED:
+        family = FAMILIES["gaussian" if form.startswith("nig") else "categorical"]
+        model = (kalnat.models.linear(P_FEAT, family.n_outputs) if kind == "linear"
+                 else kalnat.models.mlp(P_FEAT, (4,), family.n_outputs))
+        params = model.init(jax.random.PRNGKey(2))
+        rep = _FORMS[form](params)
+        if bank:
+            learner = kalnat.ekf_bank(model, family, prior_vars=(0.3, 1.0), forgettings=(1.0,),
+                                      representation=rep, learner="nig" if form.startswith("nig") else None)
+        elif form.startswith("nig"):
+            learner = kalnat.nig_filter(model, family, prior_var=0.5, representation=rep)
+        else:
+            learner = kalnat.ekf(model, family, prior_var=0.5, representation=rep)
+        X, y = _stream(family)
+        state = kalnat.fit(learner, learner.init(params), _coords(X[:25], OLD), y[:25]).state
+        _MOVED[key] = (learner, state, X[25:], y[25:])
+    learner, state, X, y = _MOVED[key]
+    return learner, jax.tree_util.tree_map(jnp.copy, state), X, y
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("form", ["full", "diag", "blocks", "kron", "nig-kron"])
+def test_a_form_moves_in_its_storage_as_its_dense_matrix_would(kind, form):
+    """θ' = Aθ, and the moved covariance is ``with_dense(A P Aᵀ)``, to rounding: exactly
+    ``A P Aᵀ`` for the full and Kronecker forms (the layer's rows all move by one ``Tᵀ``), its
+    diagonal and blocks for the others (blocks: a bias and its weights, coupled by the move,
+    are moved together)."""
+    _, state, _, _ = _moved_case(kind, form, bank=False)
+    A = scaling.reexpression_matrix(state.params, OLD, NEW)
+    P = np.asarray(state.cov.dense())
+    expected = np.asarray(state.cov.with_dense(A @ P @ A.T).dense())
+    got = scaling.reexpress_members(state, OLD, NEW, bank=False)
+    np.testing.assert_allclose(_theta(got), A @ _theta(state), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(got.cov.dense()), expected, rtol=1e-10, atol=1e-13 * np.abs(expected).max())
+    if form in ("full", "kron", "nig-kron"):
+        np.testing.assert_allclose(np.asarray(got.cov.dense()), A @ P @ A.T, rtol=1e-10,
+                                   atol=1e-13 * np.abs(P).max())
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_a_kronecker_state_moved_predicts_and_learns_as_before(kind):
+    """The Kronecker form is moved exactly: in the new coordinates the predictions (means and
+    their variances) and everything learned afterwards are those of the old ones."""
+    learner, state, X, y = _moved_case(kind, "kron", bank=False)
+    s_old = jax.tree_util.tree_map(jnp.copy, state)
+    s_new = scaling.reexpress_members(state, OLD, NEW, bank=False)
+    Zo, Zn = _coords(X, OLD), _coords(X, NEW)
+    ro, rn = kalnat.fit(learner, s_old, Zo, y), kalnat.fit(learner, s_new, Zn, y)
+    for a, b in ((ro.predictions.mean, rn.predictions.mean), (ro.predictions.mean_cov, rn.predictions.mean_cov),
+                 (ro.log_likelihood, rn.log_likelihood)):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * float(np.max(np.abs(a))))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_a_low_rank_precision_moved_keeps_its_rank_part_and_its_diagonal(kind):
+    """``Λ' = A⁻ᵀ Λ A⁻¹`` with ``Λ = diag(υ) + W Wᵀ``: ``W' = A⁻ᵀ W`` exactly and ``υ'`` the
+    diagonal of ``A⁻ᵀ diag(υ) A⁻¹``, so the diagonal of the precision is that of the exact
+    ``Λ'`` (the coupling of a row's bias and weights is what is dropped)."""
+    _, state, _, _ = _moved_case(kind, "lowrank", bank=False)
+    Binv_t = np.linalg.inv(scaling.reexpression_matrix(state.params, OLD, NEW)).T     # A⁻ᵀ
+    ups, w = (np.asarray(a) for a in state.cov)
+    got = scaling.reexpress_members(state, OLD, NEW, bank=False)
+    np.testing.assert_allclose(np.asarray(got.cov.w), Binv_t @ w, rtol=1e-12, atol=1e-14 * np.abs(w).max())
+    exact = Binv_t @ (np.diag(ups) + w @ w.T) @ Binv_t.T
+    lam = np.asarray(got.cov.ups) + np.sum(np.asarray(got.cov.w) ** 2, axis=1)
+    np.testing.assert_allclose(lam, np.diagonal(exact), rtol=1e-12)
+
+
+def test_a_bank_moves_every_member_in_its_form_and_leaves_a_diverged_one():
+    """A bank's members move together (one vmap), each as it would alone; a member that is not
+    finite is left as it was."""
+    _, state, _, _ = _moved_case("mlp", "kron", bank=True)
+    members = state.members
+    broken = jax.tree_util.tree_map(lambda a: a.at[1].set(jnp.nan) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                                    members.cov)
+    state = state._replace(members=members._replace(cov=broken))
+    got = scaling.reexpress_members(state, OLD, NEW, bank=True)
+    A = scaling.reexpression_matrix(jax.tree_util.tree_map(lambda a: a[0], members.params), OLD, NEW)
+    first = jax.tree_util.tree_map(lambda a: a[0], members)
+    np.testing.assert_allclose(np.asarray(jax.tree_util.tree_map(lambda a: a[0], got.members.cov).dense()),
+                               A @ np.asarray(first.cov.dense()) @ A.T, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(_theta(jax.tree_util.tree_map(lambda a: a[0], got.members)), A @ _theta(first),
+                               rtol=1e-12, atol=1e-14)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a[1], got.members)),
+                    jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a[1], state.members))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("form", ["diag", "kron", "lowrank"])
+def test_a_structured_form_moves_without_a_d_by_d_array(form):
+    """The move of a structured state forms no array as large as ``d × d`` (its program's
+    shapes), where the dense route forms several."""
+    family = FAMILIES["categorical"]
+    model = kalnat.models.mlp(P_FEAT, (40,), family.n_outputs)
+    params = model.init(jax.random.PRNGKey(0))
+    d = int(jax.flatten_util.ravel_pytree(params)[0].size)
+    learner = kalnat.ekf(model, family, prior_var=0.5, representation=_FORMS[form](params))
+    state = learner.init(params)
+    move = scaling.layer_move(params, OLD, NEW)
+    from kalnat.representations.moves import moved
+
+    def largest(f):
+        jaxpr = jax.make_jaxpr(f)(state.cov)
+        sizes = [int(np.prod(v.aval.shape)) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars]
+        return max(sizes)
+
+    assert largest(lambda c: moved(c, move)) < d * d // 10
+    assert largest(lambda c: c.with_dense(move.congruence(c.dense()))) >= d * d

@@ -17,7 +17,7 @@ import scipy.sparse
 
 __all__ = [
     "RunningStats", "init", "transform_and_update", "FrozenStats", "init_frozen", "transform_frozen",
-    "standardizer", "reexpression_matrix", "Reexpression", "reexpression", "reexpress", "reexpress_state",
+    "standardizer", "layer_move", "reexpression_matrix", "Reexpression", "reexpression", "reexpress", "reexpress_state",
     "reexpress_with_prior", "reexpress_members",
 ]
 
@@ -127,30 +127,56 @@ def reexpression_matrix(params, old, new) -> np.ndarray:
     return _sparse_reexpression(params, old, new).toarray()
 
 
-def _sparse_reexpression(params, old, new) -> scipy.sparse.csr_matrix:
-    """:func:`reexpression_matrix` as a sparse matrix, built on the host from where each of the
-    first layer's entries sits in the flat θ (``ravel_pytree``'s order: the leaves in
-    ``tree_flatten``'s order, each in C order). A is the identity but for ``W' = W diag(s'/s)``
-    on the first layer's weights and ``b' = b + W (c' − c)/s`` on its biases."""
+def _first_layer_positions(params):
+    """``(w (o, p), b (o,) or None, d)``: where the first layer's weights and biases sit in the
+    flat θ (``ravel_pytree``'s order: the leaves in ``tree_flatten``'s order, each in C order)."""
     import jax
 
-    c0, s0 = (np.asarray(a, np.float64) for a in old)
-    c1, s1 = (np.asarray(a, np.float64) for a in new)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     sizes = [int(np.size(leaf)) for leaf in leaves]
     starts = np.cumsum([0] + sizes[:-1])
     where = jax.tree_util.tree_unflatten(treedef, [
         start + np.arange(n).reshape(np.shape(leaf)) for start, n, leaf in zip(starts, sizes, leaves)])
     layer, _ = _first_layer(where)
-    if "b" not in layer and np.any(c0 != c1):
+    return np.asarray(layer["w"]), (np.asarray(layer["b"]) if "b" in layer else None), sum(sizes)
+
+
+def layer_move(params, old, new):
+    """The change of coordinates of :func:`reexpress` as a
+    :class:`~kalnat.representations.moves.LayerMove`: each first-layer output row
+    ``[W_j, b_j]`` moves by ``Tᵀ`` with ``T = [[diag(s'/s), (c' − c)/s], [0, 1]]``, what every
+    covariance form applies in its own storage."""
+    from kalnat.representations.moves import LayerMove
+
+    c0, s0 = (np.asarray(a, np.float64) for a in old)
+    c1, s1 = (np.asarray(a, np.float64) for a in new)
+    w, b, _ = _first_layer_positions(params)
+    if b is None:
+        if np.any(c0 != c1):
+            raise ValueError("reexpress: a change of centre needs a bias in the first layer")
+        return LayerMove(w, np.diag(s1 / s0))
+    p = w.shape[1]
+    t = np.eye(p + 1)
+    t[:p, :p] = np.diag(s1 / s0)
+    t[:p, p] = (c1 - c0) / s0
+    return LayerMove(np.concatenate([w, b[:, None]], axis=1), t)
+
+
+def _sparse_reexpression(params, old, new) -> scipy.sparse.csr_matrix:
+    """:func:`reexpression_matrix` as a sparse matrix, built on the host from where each of the
+    first layer's entries sits in the flat θ (``ravel_pytree``'s order: the leaves in
+    ``tree_flatten``'s order, each in C order). A is the identity but for ``W' = W diag(s'/s)``
+    on the first layer's weights and ``b' = b + W (c' − c)/s`` on its biases."""
+    c0, s0 = (np.asarray(a, np.float64) for a in old)
+    c1, s1 = (np.asarray(a, np.float64) for a in new)
+    w, b, d = _first_layer_positions(params)                                          # w (o, p)
+    if b is None and np.any(c0 != c1):
         raise ValueError("reexpress: a change of centre needs a bias in the first layer")
-    d = sum(sizes)
-    w = np.asarray(layer["w"])                                                        # (o, p)
     diag = np.ones(d)
     diag[w] = np.broadcast_to(s1 / s0, w.shape)
     rows, cols, vals = [np.arange(d)], [np.arange(d)], [diag]
-    if "b" in layer:  # b'_j = b_j + Σ_k W_jk (c'_k − c_k)/s_k
-        rows.append(np.broadcast_to(np.asarray(layer["b"])[:, None], w.shape).ravel())
+    if b is not None:  # b'_j = b_j + Σ_k W_jk (c'_k − c_k)/s_k
+        rows.append(np.broadcast_to(b[:, None], w.shape).ravel())
         cols.append(w.ravel())
         vals.append(np.broadcast_to((c1 - c0) / s0, w.shape).ravel())
     return scipy.sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
@@ -321,33 +347,34 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     coordinates (:func:`reexpress_with_prior`) when ``priors = (prior_vars (K,),
     prior_weights (K,))`` gives each member's ``v`` and ``ρ``.
 
-    The arithmetic is on the host in float64; a bank's members move between host and device
-    once, all together (one ``vmap`` of their representation's ``dense`` and ``with_dense``),
-    and share one :class:`Reexpression`. A member whose state is not finite (it diverged, and
-    is out of the bank's mixture already) is left as it is."""
+    The exact move is made in each member's own covariance form
+    (:func:`~kalnat.representations.moves.moved`: a diagonal, low-rank or Kronecker state
+    without a ``d × d`` array), all members in one ``vmap``. Setting the prior afresh needs the
+    information matrix: it is computed on the host in float64, the members moving between
+    host and device once, all together (one ``vmap`` of their representation's ``dense`` and
+    ``with_dense``), sharing one :class:`Reexpression`. A member whose state is not finite (it
+    diverged, and is out of the bank's mixture already) is left as it is."""
     import jax
     import jax.numpy as jnp
     from kalnat.filter import with_covariance
 
     members = state.members if bank else state
+    leaves, treedef = jax.tree_util.tree_flatten(members.params)
+    first = jax.tree_util.tree_unflatten(treedef, [a[0] if bank else a for a in leaves])
+    if priors is None:
+        return _moved_members(state, members, layer_move(first, old, new), bank)
     covs = np.asarray(jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None],
                       np.float64)                                                      # (K, d, d)
     # the members' flat θ (K, d) on the host, in ravel_pytree's order (the leaves in
     # tree_flatten's order, each in C order): no device work per member
-    leaves, treedef = jax.tree_util.tree_flatten(members.params)
     leaves = [np.asarray(a, np.float64) if bank else np.asarray(a, np.float64)[None] for a in leaves]
     K = covs.shape[0]
     thetas = np.concatenate([a.reshape(K, -1) for a in leaves], axis=1)
-    first = jax.tree_util.tree_unflatten(treedef, [a[0] for a in leaves])
-    maps = reexpression(first, old, new) if priors is not None else None
-    A = maps.A if maps is not None else _sparse_reexpression(first, old, new)
+    maps = reexpression(first, old, new)
     moved_thetas, moved_covs = thetas.copy(), covs.copy()
     for k in range(K):
         if np.all(np.isfinite(covs[k])) and np.all(np.isfinite(thetas[k])):
-            if priors is None:
-                moved_thetas[k], moved_covs[k] = _moved(thetas[k], covs[k], A)
-            else:
-                moved_thetas[k], moved_covs[k] = _moved_with_prior(thetas[k], covs[k], maps, priors[0][k], priors[1][k])
+            moved_thetas[k], moved_covs[k] = _moved_with_prior(thetas[k], covs[k], maps, priors[0][k], priors[1][k])
     dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
     ends = np.cumsum([a[0].size for a in leaves])
     new_params = jax.tree_util.tree_unflatten(treedef, [
@@ -357,3 +384,23 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
         return with_covariance(state, jax.tree_util.tree_map(lambda a: a[0], new_params), new_covs[0])
     cov = jax.vmap(lambda c, p: c.with_dense(p))(members.cov, new_covs)
     return state._replace(members=members._replace(params=new_params, cov=cov))
+
+
+def _moved_members(state, members, move, bank: bool):
+    """:func:`reexpress_members` without a new prior: θ and each member's covariance moved by
+    ``move`` in its own form; a member that is not finite kept as it was."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+    from kalnat.representations.moves import moved
+
+    def one(params, cov):
+        theta, unravel = ravel_pytree(params)
+        finite = jnp.all(jnp.isfinite(theta)) & jnp.all(jnp.array(
+            [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(cov)]))
+        new = (unravel(move.apply(theta)), moved(cov, move))
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, (params, cov))
+
+    params, cov = (jax.vmap(one) if bank else one)(members.params, members.cov)
+    members = members._replace(params=params, cov=cov)
+    return state._replace(members=members) if bank else members

@@ -21,6 +21,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
+from kalnat.representations import moves
 from kalnat.representations.base import Representation
 from kalnat.representations.full import PriorCovariance, inflate_dense
 
@@ -44,6 +45,13 @@ class BlockCovariance(NamedTuple):
             out.append(jnp.asarray(P[i:i + n, i:i + n], b.dtype))
             i += n
         return BlockCovariance(tuple(out))
+
+    def moved(self, move):
+        """After a :class:`~kalnat.representations.moves.LayerMove`: each block ``A_g P_g A_gᵀ``;
+        blocks the rows couple (a bias and its weights) moved together, each keeping its own
+        block (:func:`~kalnat.representations.moves.moved_groups`)."""
+        return BlockCovariance(moves.moved_groups(
+            self.blocks, [b.shape[0] for b in self.blocks], move, lambda b, block: jnp.asarray(block, b.dtype)))
 
 
 def leaf_sizes(params) -> Tuple[int, ...]:

@@ -52,6 +52,12 @@ class DiagonalCovariance:
         p = jnp.asarray(jnp.diagonal(jnp.asarray(P)), self.p.dtype)
         return DiagonalCovariance(numerics.pad_lanes(p), p.shape[-1])
 
+    def moved(self, move):
+        """``diag(A P Aᵀ)`` for a :class:`~kalnat.representations.moves.LayerMove`: each moved
+        row's variances ``(T ∘ T)ᵀ p``, in O(d) (what :meth:`with_dense` keeps of ``A P Aᵀ``)."""
+        t = jnp.asarray(move.t, self.p.dtype)
+        return self._replace(p=self.p.at[move.rows].set(self.p[move.rows] @ (t * t)))
+
     def _replace(self, **changes):
         return dataclasses.replace(self, **changes)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kalnat.linearization import LayerRows
+from kalnat.representations import moves
 from kalnat.representations.base import Representation
 from kalnat.representations.blocks import leaf_sizes
 from kalnat.representations.full import Full
@@ -46,6 +47,12 @@ class GroupCovariance(NamedTuple):
             out.append(part.with_dense(P[i:i + n, i:i + n]))
             i += n
         return GroupCovariance(tuple(out))
+
+    def moved(self, move):
+        """After a :class:`~kalnat.representations.moves.LayerMove`: each group in its own form
+        (:func:`~kalnat.representations.moves.moved_groups`)."""
+        return GroupCovariance(moves.moved_groups(self.parts, [_size(p) for p in self.parts], move,
+                                                  lambda part, block: part.with_dense(block)))
 
 
 def _size(part) -> int:

@@ -97,6 +97,16 @@ class KronCovariance(NamedTuple):
         sign = jnp.sign(_trace(g))
         return KronCovariance(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign))
 
+    def moved(self, move):
+        """After a :class:`~kalnat.representations.moves.LayerMove` of this layer's inputs:
+        every output row ``[W_j, b_j]`` moves by the same ``Tᵀ``, so ``P' = G ⊗ Tᵀ A T``,
+        exactly; a move of other rows goes through :meth:`with_dense`."""
+        n_out, n_in1 = self.g.shape[0], self.a.shape[0]
+        if move.rows.shape != (n_out, n_in1) or not np.array_equal(move.rows, _order(n_out, n_in1 - 1).reshape(n_out, n_in1)):
+            return self.with_dense(move.congruence(self.dense()))
+        t = jnp.asarray(move.t, self.a.dtype)
+        return self._replace(a=numerics.symmetrize(t.T @ self.a @ t))
+
 
 def _order(n_out: int, n_in: int) -> np.ndarray:
     """θ's indices (bias first, then ``W`` row-major, as ``ravel_pytree`` orders ``{"b", "w"}``)

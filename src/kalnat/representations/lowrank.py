@@ -150,6 +150,16 @@ class LowRankPrecision(NamedTuple):
         # assumes it (with υ near ε Λ_ii that matrix is singular to the dtype's precision)
         return _floored(jnp.diagonal(lam) - jnp.sum(w * w, axis=1), _pad(w, k))
 
+    def moved(self, move):
+        """After a :class:`~kalnat.representations.moves.LayerMove` (``θ' = A θ``, so
+        ``Λ' = A⁻ᵀ Λ A⁻¹``): the low-rank part ``A⁻ᵀ W`` exactly, and the diagonal of
+        ``A⁻ᵀ diag(υ) A⁻¹`` (each moved row's ``T⁻¹ diag(υ_j) T⁻ᵀ`` less the coupling of its
+        bias and weights, dropped as the update drops what leaves the rank), in O(d k)."""
+        inv = jnp.asarray(move.inverse_t(), self.ups.dtype)
+        w = move.apply(self.w, inv.T)                              # rows T⁻¹ W_j
+        ups = self.ups.at[move.rows].set(self.ups[move.rows] @ (inv * inv).T)
+        return _floored(ups, w)
+
 
 class LowRankPrior(NamedTuple):
     """The prior ``Λ⁻ = diag(ups) + w wᵀ``, ``w = root · base`` (forgetting scales ``W`` by

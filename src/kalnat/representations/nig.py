@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kalnat import numerics
+from kalnat.representations import moves
 from kalnat.representations.base import Representation
 from kalnat.representations.full import Full
 
@@ -43,6 +44,11 @@ class NIGCovariance(NamedTuple):
 
     def with_dense(self, P):
         return self._replace(inner=self.inner.with_dense(P))
+
+    def moved(self, move):
+        """V moved in the inner form (:func:`~kalnat.representations.moves.moved`); the
+        inverse-gamma is in the target's units and stays."""
+        return self._replace(inner=moves.moved(self.inner, move))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""A change of coordinates of one dense layer's inputs, applied to a covariance in its own form.
+
+When a model's inputs are re-standardised (:mod:`kalnat.scaling`), its first layer's weight
+matrix ``M = [W | b]`` becomes ``M' = M T``: every output row ``m̄_j = [W_j, b_j]`` moves by the
+same ``Tᵀ`` (``(p + 1) × (p + 1)``, or ``p × p`` without a bias), and θ elsewhere stays. So
+``θ' = A θ`` with ``A`` the identity but for these blocks, and the filter's covariance becomes
+``P' = A P Aᵀ``. :class:`LayerMove` carries ``T`` and where the rows sit in θ; each covariance
+form applies it in its own storage (its ``moved`` method), so a structured form is moved
+without a ``d × d`` array:
+
+- the full covariance: ``A P Aᵀ`` by blocks, O(d (p + 1)²) per output row block;
+- the diagonal: ``diag(A P Aᵀ)``, what its ``with_dense`` keeps of the moved matrix;
+- Kronecker factors of the layer: ``G ⊗ Tᵀ A T``, exactly (the layer's rows all move by ``Tᵀ``);
+- diagonal plus low-rank precision ``Λ = diag(υ) + W Wᵀ``: ``Λ' = A⁻ᵀ Λ A⁻¹``, whose low-rank
+  part ``A⁻ᵀ W`` is kept exactly and whose diagonal part keeps the diagonal of
+  ``A⁻ᵀ diag(υ) A⁻¹`` (the coupling of a row's bias and weights it gains is dropped, as the
+  update drops what leaves the rank);
+- groups and blocks: each group moved in its own form; groups that the rows couple (a bias and
+  its weights in separate blocks) are moved together as one dense matrix of their own size and
+  each keeps its block, as ``with_dense`` would.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import jax.scipy.linalg
+import numpy as np
+
+__all__ = ["LayerMove", "moved"]
+
+
+class LayerMove(NamedTuple):
+    """``θ'[rows[j]] = Tᵀ θ[rows[j]]`` for every output row ``j``; θ elsewhere unchanged.
+
+    Attributes:
+      rows: ``(n_out, q)`` integer positions in θ of each output's weights, then its bias
+        (``q = p + 1``; ``p`` without a bias).
+      t: ``(q, q)`` float64, ``T``.
+    """
+
+    rows: np.ndarray
+    t: np.ndarray
+
+    def within(self, start: int, size: int):
+        """This move in the coordinates of θ's slice ``[start, start + size)``: itself shifted
+        when every row lies there, ``None`` when none does; ``ValueError`` when the rows
+        straddle the slice's edge (the caller then moves the coupled slices together)."""
+        inside = (self.rows >= start) & (self.rows < start + size)
+        if not inside.any():
+            return None
+        if not inside.all():
+            raise ValueError("straddles")
+        return LayerMove(self.rows - start, self.t)
+
+    def apply(self, x, t=None):
+        """``A x`` for ``x (d, …)`` (θ or a matrix's rows), or with ``t`` in place of ``T``."""
+        t = self.t if t is None else t
+        x = jnp.asarray(x)
+        block = x[self.rows]                                            # (n_out, q, …)
+        return x.at[self.rows].set(jnp.einsum("kq,jk...->jq...", jnp.asarray(t, x.dtype), block))
+
+    def congruence(self, P):
+        """``A P Aᵀ`` for a dense ``P (d, d)``."""
+        return self.apply(self.apply(P).T).T
+
+    def inverse_t(self):
+        """``T⁻¹`` (float64)."""
+        return np.linalg.inv(self.t)
+
+
+def moved(cov, move: LayerMove):
+    """``cov`` (a covariance state, one member's) after ``move``: its own ``moved`` where the
+    form has one, else its ``with_dense`` of the moved dense matrix."""
+    own = getattr(cov, "moved", None)
+    if own is not None:
+        return own(move)
+    return cov.with_dense(move.congruence(cov.dense()))
+
+
+def moved_groups(parts, sizes, move: LayerMove, rebuild):
+    """Each of ``parts`` (covering θ's consecutive slices of ``sizes``) after ``move``: a part
+    the rows lie in is moved in its form; the parts the rows straddle are formed densely
+    together, moved, and each rebuilt from its diagonal block by ``rebuild(part, block)``."""
+    out, coupled, start = list(parts), [], 0
+    for g, (part, n) in enumerate(zip(parts, sizes)):
+        try:
+            local = move.within(start, n)
+        except ValueError:
+            coupled.append((g, start, n))
+        else:
+            if local is not None:
+                out[g] = moved(part, local)
+        start += n
+    if coupled:
+        index = np.concatenate([np.arange(s, s + n) for _, s, n in coupled])
+        where = np.full(start, -1)
+        where[index] = np.arange(index.size)
+        if (where[move.rows] < 0).any():
+            raise ValueError("a layer move's rows lie in groups that are not consecutive")
+        dense = jax.scipy.linalg.block_diag(*[_dense(parts[g]) for g, _, _ in coupled])
+        dense = LayerMove(where[move.rows], move.t).congruence(dense)
+        i = 0
+        for g, _, n in coupled:
+            out[g] = rebuild(parts[g], dense[i:i + n, i:i + n])
+            i += n
+    return tuple(out)
+
+
+def _dense(part):
+    return part.dense() if hasattr(part, "dense") else part
+
