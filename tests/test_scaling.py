@@ -268,3 +268,57 @@ def test_a_structured_form_moves_without_a_d_by_d_array(form):
 
     assert largest(lambda c: moved(c, move)) < d * d // 10
     assert largest(lambda c: c.with_dense(move.congruence(c.dense()))) >= d * d
+
+
+def _dense_route_with_prior(state, prior_var, weight, old=OLD, new=NEW):
+    """:func:`scaling.reexpress_with_prior` on the dense matrix, back in the state's form."""
+    params, cov = scaling.reexpress_with_prior(state.params, np.asarray(state.cov.dense()), old, new, prior_var, weight)
+    return _theta(state._replace(params=params)), np.asarray(state.cov.with_dense(cov).dense())
+
+
+@pytest.mark.parametrize("form", ["diag", "kron", "nig-kron"])
+@pytest.mark.parametrize("prior_var", [0.5, 1e-7])
+def test_a_form_sets_the_prior_afresh_in_its_storage_as_the_dense_route_does(form, prior_var):
+    """With the prior reset (``reprior``), a diagonal or Kronecker state of a linear model
+    moves in its own storage to what the dense route (``reexpress_with_prior``, then the form's
+    ``with_dense``) gives, to rounding. A tiny prior variance makes the new information
+    indefinite, and both fall back to the exact move."""
+    _, state, _, _ = _moved_case("linear", form, bank=False)
+    weight = 0.8
+    theta, dense = _dense_route_with_prior(state, prior_var, weight)
+    got = scaling.reexpress_members(state, OLD, NEW, bank=False, priors=([prior_var], [weight]))
+    np.testing.assert_allclose(_theta(got), theta, rtol=1e-10, atol=1e-12 * np.abs(theta).max())
+    np.testing.assert_allclose(np.asarray(got.cov.dense()), dense, rtol=1e-9, atol=1e-12 * np.abs(dense).max())
+
+
+def test_a_low_rank_precision_sets_the_prior_afresh_on_its_data_part():
+    """``reprior`` for the low-rank precision: its data part ``Λ − cI`` moved as
+    :func:`test_a_low_rank_precision_moved_keeps_its_rank_part_and_its_diagonal` says, the
+    prior ``cI`` added afresh (``c = ρ/v``), and θ' the new precision's solve of the exactly
+    moved information vector ``A⁻ᵀ Λ θ``."""
+    _, state, _, _ = _moved_case("linear", "lowrank", bank=False)
+    v, rho = 0.5, 0.8
+    c = rho / v
+    Binv_t = np.linalg.inv(scaling.reexpression_matrix(state.params, OLD, NEW)).T     # A⁻ᵀ
+    ups, w = (np.asarray(a) for a in state.cov)
+    got = scaling.reexpress_members(state, OLD, NEW, bank=False, priors=([v], [rho]))
+    np.testing.assert_allclose(np.asarray(got.cov.w), Binv_t @ w, rtol=1e-12, atol=1e-14 * np.abs(w).max())
+    np.testing.assert_allclose(np.asarray(got.cov.ups), np.diagonal(Binv_t @ np.diag(ups - c) @ Binv_t.T) + c,
+                               rtol=1e-12)
+    lam = np.diag(np.asarray(got.cov.ups)) + np.asarray(got.cov.w) @ np.asarray(got.cov.w).T
+    eta = Binv_t @ (np.diag(ups) + w @ w.T) @ _theta(state)
+    np.testing.assert_allclose(_theta(got), np.linalg.solve(lam, eta), rtol=1e-9, atol=1e-12)
+
+
+def test_a_bank_sets_each_members_prior_afresh_in_its_storage():
+    """A bank's members (their own ``v`` and ``ρ``) move together, each as the dense route
+    moves it alone."""
+    _, state, _, _ = _moved_case("linear", "kron", bank=True)
+    priors = (np.array([0.3, 1.0]), np.array([0.9, 0.6]))
+    one = lambda s, k: jax.tree_util.tree_map(lambda a: a[k], s)  # noqa: E731
+    expected = [_dense_route_with_prior(one(state.members, k), priors[0][k], priors[1][k]) for k in range(2)]
+    got = scaling.reexpress_members(state, OLD, NEW, bank=True, priors=priors)
+    for k, (theta, dense) in enumerate(expected):
+        member = one(got.members, k)
+        np.testing.assert_allclose(_theta(member), theta, rtol=1e-10, atol=1e-12 * np.abs(theta).max())
+        np.testing.assert_allclose(np.asarray(member.cov.dense()), dense, rtol=1e-9, atol=1e-12 * np.abs(dense).max())

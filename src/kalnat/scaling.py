@@ -363,6 +363,12 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     first = jax.tree_util.tree_unflatten(treedef, [a[0] if bank else a for a in leaves])
     if priors is None:
         return _moved_members(state, members, layer_move(first, old, new), bank)
+    if hasattr(members.cov, "moved_with_prior"):
+        try:
+            return _moved_members(state, members, layer_move(first, old, new), bank,
+                                  np.asarray(priors[1], np.float64) / np.asarray(priors[0], np.float64))
+        except NotImplementedError:  # this form's move of the prior: the dense route below
+            pass
     covs = np.asarray(jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None],
                       np.float64)                                                      # (K, d, d)
     # the members' flat θ (K, d) on the host, in ravel_pytree's order (the leaves in
@@ -386,21 +392,31 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     return state._replace(members=members._replace(params=new_params, cov=cov))
 
 
-def _moved_members(state, members, move, bank: bool):
-    """:func:`reexpress_members` without a new prior: θ and each member's covariance moved by
-    ``move`` in its own form; a member that is not finite kept as it was."""
+def _moved_members(state, members, move, bank: bool, prior=None):
+    """:func:`reexpress_members` in each member's own form: θ and the covariance moved by
+    ``move``, or with the prior set afresh where ``prior`` gives each member's ``c = ρ/v``
+    (``(K,)``; the form's ``moved_with_prior``); a member that is not finite kept as it was."""
     import jax
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
     from kalnat.representations.moves import moved
 
-    def one(params, cov):
+    def one(params, cov, c):
         theta, unravel = ravel_pytree(params)
         finite = jnp.all(jnp.isfinite(theta)) & jnp.all(jnp.array(
             [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(cov)]))
-        new = (unravel(move.apply(theta)), moved(cov, move))
+        if c is None:
+            new = (unravel(move.apply(theta)), moved(cov, move))
+        else:
+            theta, cov_new = cov.moved_with_prior(move, theta, c)
+            new = (unravel(theta), cov_new)
         return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, (params, cov))
 
-    params, cov = (jax.vmap(one) if bank else one)(members.params, members.cov)
+    args = (members.params, members.cov)
+    if prior is None:
+        f = lambda p, v: one(p, v, None)  # noqa: E731
+    else:
+        f, args = one, args + (jnp.asarray(prior if bank else prior[0], jax.tree_util.tree_leaves(members.params)[0].dtype),)
+    params, cov = (jax.vmap(f) if bank else f)(*args)
     members = members._replace(params=params, cov=cov)
     return state._replace(members=members) if bank else members

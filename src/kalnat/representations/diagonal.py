@@ -58,6 +58,29 @@ class DiagonalCovariance:
         t = jnp.asarray(move.t, self.p.dtype)
         return self._replace(p=self.p.at[move.rows].set(self.p[move.rows] @ (t * t)))
 
+    def moved_with_prior(self, move, theta, c):
+        """``(θ', P')`` of :func:`kalnat.scaling.reexpress_with_prior` (``c = ρ/v``) in O(d q²):
+        the information ``A⁻ᵀ P⁻¹ A⁻¹ + c (I − A⁻ᵀ A⁻¹)`` is block-diagonal, one
+        ``T⁻¹ diag(1/p_j) T⁻ᵀ + c (I − T⁻¹ T⁻ᵀ)`` per moved row, so its inverse, θ' (that inverse
+        times the moved information vector) and P' (its diagonal) come from ``q × q`` solves.
+        Where a block is not positive definite, the exact move (:meth:`moved`)."""
+        dt = self.p.dtype
+        tinv = jnp.asarray(move.inverse_t(), dt)
+        q = tinv.shape[0]
+        p = self.p[:self.d]
+        pj = p[move.rows]                                                          # (n_out, q)
+        info = (jnp.einsum("qk,jk,rk->jqr", tinv, 1.0 / pj, tinv)
+                + jnp.asarray(c, dt) * (jnp.eye(q, dtype=dt) - tinv @ tinv.T)[None])
+        lower = jnp.linalg.cholesky(0.5 * (info + jnp.swapaxes(info, 1, 2)))
+        ok = jnp.all(jnp.isfinite(lower))
+        eta = (theta[move.rows] / pj) @ tinv.T                                     # rows T⁻¹ (θ_j / p_j)
+        eye = jnp.broadcast_to(jnp.eye(q, dtype=dt), info.shape)
+        cov = jax.scipy.linalg.cho_solve((lower, True), eye)
+        new = (theta.at[move.rows].set(jnp.einsum("jqr,jr->jq", cov, eta)),
+               self._replace(p=self.p.at[move.rows].set(jnp.diagonal(cov, axis1=1, axis2=2))))
+        exact = (move.apply(theta), self.moved(move))
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, exact)
+
     def _replace(self, **changes):
         return dataclasses.replace(self, **changes)
 

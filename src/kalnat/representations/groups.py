@@ -54,6 +54,25 @@ class GroupCovariance(NamedTuple):
         return GroupCovariance(moves.moved_groups(self.parts, [_size(p) for p in self.parts], move,
                                                   lambda part, block: part.with_dense(block)))
 
+    def moved_with_prior(self, move, theta, c):
+        """The group the move lies in, by its own form (the prior's change ``I − A⁻ᵀA⁻¹`` is
+        zero elsewhere, and so is the move); ``NotImplementedError`` where the move straddles
+        groups or that group's form has no such method."""
+        parts, start = list(self.parts), 0
+        for g, part in enumerate(self.parts):
+            n = _size(part)
+            try:
+                local = move.within(start, n)
+            except ValueError:
+                raise NotImplementedError("a move straddling groups") from None
+            if local is not None:
+                if not hasattr(part, "moved_with_prior"):
+                    raise NotImplementedError(type(part).__name__)
+                piece, parts[g] = part.moved_with_prior(local, theta[start:start + n], c)
+                theta = theta.at[start:start + n].set(piece)
+            start += n
+        return theta, GroupCovariance(tuple(parts))
+
 
 def _size(part) -> int:
     """How many parameters a group's covariance covers, read from its shapes."""

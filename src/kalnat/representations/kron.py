@@ -107,6 +107,43 @@ class KronCovariance(NamedTuple):
         t = jnp.asarray(move.t, self.a.dtype)
         return self._replace(a=numerics.symmetrize(t.T @ self.a @ t))
 
+    def moved_with_prior(self, move, theta, c):
+        """``(θ', P')`` of :func:`kalnat.scaling.reexpress_with_prior` for this layer (``θ`` its
+        ``d`` parameters, ``c = ρ/v``), without a ``d × d`` matrix: the information
+        ``A⁻ᵀ P⁻¹ A⁻¹ + c (I − A⁻ᵀ A⁻¹)`` is ``G⁻¹ ⊗ X + I ⊗ Y`` (``X = T⁻¹ A⁻¹ T⁻ᵀ``,
+        ``Y = c (I − T⁻¹ T⁻ᵀ)``), whose inverse, with ``G = U diag(γ) Uᵀ``, is
+        ``Σ_j u_j u_jᵀ ⊗ B_j``, ``B_j = (X/γ_j + Y)⁻¹``. θ' is that inverse times the moved
+        information vector, and P' its nearest Kronecker product (as :meth:`with_dense`): the
+        ``u_j u_jᵀ`` are orthonormal, so it comes from the top eigenvector ``v`` of the ``n_out × n_out``
+        matrix ``⟨B_i, B_j⟩``: ``√σ U diag(v) Uᵀ ⊗ Σ_j v_j B_j / √σ``. Where that information is
+        not positive definite, the exact move (:meth:`moved`)."""
+        n_out, n_in1 = self.g.shape[0], self.a.shape[0]
+        if move.rows.shape != (n_out, n_in1) or not np.array_equal(move.rows, _order(n_out, n_in1 - 1).reshape(n_out, n_in1)):
+            raise NotImplementedError("a move of other rows than this layer's")
+        dt = self.a.dtype
+        tinv = jnp.asarray(move.inverse_t(), dt)
+        gam, u = jnp.linalg.eigh(numerics.symmetrize(self.g))
+        a_inv = numerics.spd_inverse(self.a)
+        x = numerics.symmetrize(tinv @ a_inv @ tinv.T)
+        y = jnp.asarray(c, dt) * numerics.symmetrize(jnp.eye(n_in1, dtype=dt) - tinv @ tinv.T)
+        info = x[None] / gam[:, None, None] + y[None]                        # (n_out, q, q)
+        lower = jnp.linalg.cholesky(info)
+        ok = jnp.all(jnp.isfinite(lower)) & jnp.all(gam > 0)
+        eye = jnp.broadcast_to(jnp.eye(n_in1, dtype=dt), info.shape)
+        b = jax.scipy.linalg.cho_solve((lower, True), eye)                  # B_j
+        m = theta[move.rows]                                                  # [W | b]
+        eta = ((u / gam) @ (u.T @ m) @ a_inv) @ tinv.T                        # A⁻ᵀ P⁻¹ θ as a matrix
+        m_new = u @ jnp.einsum("jq,jqr->jr", u.T @ eta, b)                    # Σ_j u_j u_jᵀ N B_j
+        gram = jnp.einsum("iqr,jqr->ij", b, b)
+        lam, vecs = jnp.linalg.eigh(numerics.symmetrize(gram))
+        v, root = vecs[:, -1], jnp.sqrt(jnp.sqrt(jnp.maximum(lam[-1], 0.0)))  # σ^{1/2}
+        g = root * (u * v) @ u.T
+        a = jnp.einsum("j,jqr->qr", v, b) / root
+        sign = jnp.sign(_trace(g))
+        new = (theta.at[move.rows].set(m_new), KronCovariance(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign)))
+        exact = (move.apply(theta), self.moved(move))
+        return jax.tree_util.tree_map(lambda p, q: jnp.where(ok, p, q), new, exact)
+
 
 def _order(n_out: int, n_in: int) -> np.ndarray:
     """θ's indices (bias first, then ``W`` row-major, as ``ravel_pytree`` orders ``{"b", "w"}``)

@@ -160,6 +160,21 @@ class LowRankPrecision(NamedTuple):
         ups = self.ups.at[move.rows].set(self.ups[move.rows] @ (inv * inv).T)
         return _floored(ups, w)
 
+    def moved_with_prior(self, move, theta, c):
+        """``(θ', Λ')`` of :func:`kalnat.scaling.reexpress_with_prior` (``c = ρ/v``) in this form:
+        the data's information ``Λ − c I`` moved as :meth:`moved` moves ``Λ`` (the rank-k part
+        exactly, the diagonal part's diagonal) and the prior ``c I`` added afresh, so
+        ``υ' = diag(A⁻ᵀ (υ − c) A⁻¹) + c``; the information vector ``Λ θ`` is moved exactly and
+        θ' is ``Λ'⁻¹`` times it (Woodbury, O(d k))."""
+        dt = self.ups.dtype
+        c = jnp.asarray(c, dt)
+        inv = jnp.asarray(move.inverse_t(), dt)
+        eta = move.apply(self.ups * theta + self.w @ (self.w.T @ theta), inv.T)   # A⁻ᵀ Λ θ
+        data = jnp.maximum(self.ups - c, 0.0)
+        ups = self.ups.at[move.rows].set(data[move.rows] @ (inv * inv).T + c)
+        new = _floored(ups, move.apply(self.w, inv.T))
+        return _prior(new.ups, new.w).times(eta[:, None])[:, 0], new
+
 
 class LowRankPrior(NamedTuple):
     """The prior ``Λ⁻ = diag(ups) + w wᵀ``, ``w = root · base`` (forgetting scales ``W`` by

@@ -50,6 +50,13 @@ class NIGCovariance(NamedTuple):
         inverse-gamma is in the target's units and stays."""
         return self._replace(inner=moves.moved(self.inner, move))
 
+    def moved_with_prior(self, move, theta, c):
+        """The inner form's (``NotImplementedError`` where it has none)."""
+        if not hasattr(self.inner, "moved_with_prior"):
+            raise NotImplementedError(type(self.inner).__name__)
+        theta, inner = self.inner.moved_with_prior(move, theta, c)
+        return theta, self._replace(inner=inner)
+
 
 @dataclass(frozen=True)
 class NIG(Representation):
