@@ -163,24 +163,20 @@ def layer_move(params, old, new):
 
 
 def _sparse_reexpression(params, old, new) -> scipy.sparse.csr_matrix:
-    """:func:`reexpression_matrix` as a sparse matrix, built on the host from where each of the
-    first layer's entries sits in the flat θ (``ravel_pytree``'s order: the leaves in
-    ``tree_flatten``'s order, each in C order). A is the identity but for ``W' = W diag(s'/s)``
-    on the first layer's weights and ``b' = b + W (c' − c)/s`` on its biases."""
-    c0, s0 = (np.asarray(a, np.float64) for a in old)
-    c1, s1 = (np.asarray(a, np.float64) for a in new)
-    w, b, d = _first_layer_positions(params)                                          # w (o, p)
-    if b is None and np.any(c0 != c1):
-        raise ValueError("reexpress: a change of centre needs a bias in the first layer")
-    diag = np.ones(d)
-    diag[w] = np.broadcast_to(s1 / s0, w.shape)
-    rows, cols, vals = [np.arange(d)], [np.arange(d)], [diag]
-    if b is not None:  # b'_j = b_j + Σ_k W_jk (c'_k − c_k)/s_k
-        rows.append(np.broadcast_to(b[:, None], w.shape).ravel())
-        cols.append(w.ravel())
-        vals.append(np.broadcast_to((c1 - c0) / s0, w.shape).ravel())
-    return scipy.sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                                   shape=(d, d))
+    """:func:`reexpression_matrix` as a sparse matrix, built on the host from :func:`layer_move`:
+    A is the identity but for the first layer's rows, ``W' = W diag(s'/s)`` and
+    ``b' = b + W (c' − c)/s``, each row's block ``Tᵀ``."""
+    move = layer_move(params, old, new)
+    d = _first_layer_positions(params)[2]
+    tt = move.t.T
+    a, b = np.nonzero(tt)
+    moved = np.zeros(d, bool)
+    moved[move.rows] = True
+    rest = np.flatnonzero(~moved)
+    return scipy.sparse.csr_matrix(
+        (np.concatenate([np.tile(tt[a, b], move.rows.shape[0]), np.ones(rest.size)]),
+         (np.concatenate([move.rows[:, a].ravel(), rest]), np.concatenate([move.rows[:, b].ravel(), rest]))),
+        shape=(d, d))
 
 
 def reexpress(params, cov, old, new, A=None):
@@ -347,13 +343,15 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     coordinates (:func:`reexpress_with_prior`) when ``priors = (prior_vars (K,),
     prior_weights (K,))`` gives each member's ``v`` and ``ρ``.
 
-    The exact move is made in each member's own covariance form
-    (:func:`~kalnat.representations.moves.moved`: a diagonal, low-rank or Kronecker state
-    without a ``d × d`` array), all members in one ``vmap``. Setting the prior afresh needs the
-    information matrix: it is computed on the host in float64, the members moving between
-    host and device once, all together (one ``vmap`` of their representation's ``dense`` and
-    ``with_dense``), sharing one :class:`Reexpression`. A member whose state is not finite (it
-    diverged, and is out of the bank's mixture already) is left as it is."""
+    Each member moves in its own covariance form, all members in one ``vmap``: exactly by
+    :func:`~kalnat.representations.moves.moved` (a diagonal, low-rank or Kronecker state
+    without a ``d × d`` array), and with the prior set afresh by the form's
+    ``moved_with_prior`` (diagonal, Kronecker, low-rank, and groups and normal–inverse-gamma
+    filters of them). Other forms (the full covariance, blocks) set the prior afresh through
+    the information matrix, on the host in float64, the members moving between host and device
+    once, all together (one ``vmap`` of their representation's ``dense`` and ``with_dense``),
+    sharing one :class:`Reexpression`. A member whose state is not finite (it diverged, and is
+    out of the bank's mixture already) is left as it is."""
     import jax
     import jax.numpy as jnp
     from kalnat.filter import with_covariance
