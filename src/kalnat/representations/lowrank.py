@@ -154,7 +154,11 @@ class LowRankPrecision(NamedTuple):
         """After a :class:`~kalnat.representations.moves.LayerMove` (``θ' = A θ``, so
         ``Λ' = A⁻ᵀ Λ A⁻¹``): the low-rank part ``A⁻ᵀ W`` exactly, and the diagonal of
         ``A⁻ᵀ diag(υ) A⁻¹`` (each moved row's ``T⁻¹ diag(υ_j) T⁻ᵀ`` less the coupling of its
-        bias and weights, dropped as the update drops what leaves the rank), in O(d k)."""
+        bias and weights, dropped as the update drops what leaves the rank), in O(d k). With
+        ``k ≥ d`` the form holds any precision, and the move is exact, through :meth:`with_dense`
+        (``d ≤ k``: a small matrix)."""
+        if self.w.shape[1] >= self.w.shape[0]:
+            return self.with_dense(move.congruence(self.dense()))
         inv = jnp.asarray(move.inverse_t(), self.ups.dtype)
         w = move.apply(self.w, inv.T)                              # rows T⁻¹ W_j
         ups = self.ups.at[move.rows].set(self.ups[move.rows] @ (inv * inv).T)
@@ -165,7 +169,10 @@ class LowRankPrecision(NamedTuple):
         the data's information ``Λ − c I`` moved as :meth:`moved` moves ``Λ`` (the rank-k part
         exactly, the diagonal part's diagonal) and the prior ``c I`` added afresh, so
         ``υ' = diag(A⁻ᵀ (υ − c) A⁻¹) + c``; the information vector ``Λ θ`` is moved exactly and
-        θ' is ``Λ'⁻¹`` times it (Woodbury, O(d k))."""
+        θ' is ``Λ'⁻¹`` times it (Woodbury, O(d k)). With ``k ≥ d``: ``NotImplementedError``, so
+        that the dense computation, exact in this form then, is used."""
+        if self.w.shape[1] >= self.w.shape[0]:
+            raise NotImplementedError("k ≥ d: the dense computation is exact and small")
         dt = self.ups.dtype
         c = jnp.asarray(c, dt)
         inv = jnp.asarray(move.inverse_t(), dt)

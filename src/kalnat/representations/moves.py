@@ -8,13 +8,15 @@ same ``Tᵀ`` (``(p + 1) × (p + 1)``, or ``p × p`` without a bias), and θ els
 form applies it in its own storage (its ``moved`` method), so a structured form is moved
 without a ``d × d`` array:
 
-- the full covariance: ``A P Aᵀ`` by blocks, O(d (p + 1)²) per output row block;
+- the full covariance (and the other dense forms): ``A P Aᵀ`` on its own ``d × d`` matrix,
+  touching the moved rows and columns only;
 - the diagonal: ``diag(A P Aᵀ)``, what its ``with_dense`` keeps of the moved matrix;
 - Kronecker factors of the layer: ``G ⊗ Tᵀ A T``, exactly (the layer's rows all move by ``Tᵀ``);
 - diagonal plus low-rank precision ``Λ = diag(υ) + W Wᵀ``: ``Λ' = A⁻ᵀ Λ A⁻¹``, whose low-rank
   part ``A⁻ᵀ W`` is kept exactly and whose diagonal part keeps the diagonal of
   ``A⁻ᵀ diag(υ) A⁻¹`` (the coupling of a row's bias and weights it gains is dropped, as the
-  update drops what leaves the rank);
+  update drops what leaves the rank); with ``k ≥ d``, where the form is the exact filter,
+  through its dense matrix (``d`` is then at most ``k``);
 - groups and blocks: each group moved in its own form; groups that the rows couple (a bias and
   its weights in separate blocks) are moved together as one dense matrix of their own size and
   each keeps its block, as ``with_dense`` would.
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
-__all__ = ["LayerMove", "moved"]
+__all__ = ["LayerMove", "moved", "moved_groups"]
 
 
 class LayerMove(NamedTuple):
@@ -71,12 +73,15 @@ class LayerMove(NamedTuple):
 
 
 def moved(cov, move: LayerMove):
-    """``cov`` (a covariance state, one member's) after ``move``: its own ``moved`` where the
-    form has one, else its ``with_dense`` of the moved dense matrix."""
+    """``cov`` (a covariance state, one member's, or a block's ``(n, n)`` array) after ``move``:
+    its own ``moved`` where the form has one, else its ``with_dense`` of the moved dense matrix
+    (the full covariance, the Cholesky and precision forms: their own ``d × d`` arrays)."""
     own = getattr(cov, "moved", None)
     if own is not None:
         return own(move)
-    return cov.with_dense(move.congruence(cov.dense()))
+    if hasattr(cov, "with_dense"):
+        return cov.with_dense(move.congruence(cov.dense()))
+    return move.congruence(cov)  # a block of :class:`~kalnat.representations.BlockCovariance`: (n, n)
 
 
 def moved_groups(parts, sizes, move: LayerMove, rebuild):
