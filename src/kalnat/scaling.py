@@ -355,18 +355,17 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     import jax
     import jax.numpy as jnp
     from kalnat.filter import with_covariance
+    from kalnat.representations.moves import prior_movable
 
     members = state.members if bank else state
     leaves, treedef = jax.tree_util.tree_flatten(members.params)
     first = jax.tree_util.tree_unflatten(treedef, [a[0] if bank else a for a in leaves])
     if priors is None:
         return _moved_members(state, members, layer_move(first, old, new), bank)
-    if hasattr(members.cov, "moved_with_prior"):
-        try:
-            return _moved_members(state, members, layer_move(first, old, new), bank,
-                                  np.asarray(priors[1], np.float64) / np.asarray(priors[0], np.float64))
-        except NotImplementedError:  # this form's move of the prior: the dense route below
-            pass
+    move = layer_move(first, old, new)
+    if prior_movable(jax.tree_util.tree_map(lambda a: a[0], members.cov) if bank else members.cov, move):
+        return _moved_members(state, members, move, bank,
+                              np.asarray(priors[1], np.float64) / np.asarray(priors[0], np.float64))
     covs = np.asarray(jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None],
                       np.float64)                                                      # (K, d, d)
     # the members' flat θ (K, d) on the host, in ravel_pytree's order (the leaves in

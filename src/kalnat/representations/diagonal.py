@@ -58,6 +58,10 @@ class DiagonalCovariance:
         t = jnp.asarray(move.t, self.p.dtype)
         return self._replace(p=self.p.at[move.rows].set(self.p[move.rows] @ (t * t)))
 
+    def prior_movable(self, move):
+        """:meth:`moved_with_prior` applies to every move."""
+        return True
+
     def moved_with_prior(self, move, theta, c):
         """``(θ', P')`` of :func:`kalnat.scaling.reexpress_with_prior` (``c = ρ/v``) in O(d q²):
         the information ``A⁻ᵀ P⁻¹ A⁻¹ + c (I − A⁻ᵀ A⁻¹)`` is block-diagonal, one

@@ -54,23 +54,34 @@ class GroupCovariance(NamedTuple):
         return GroupCovariance(moves.moved_groups(self.parts, [_size(p) for p in self.parts], move,
                                                   lambda part, block: part.with_dense(block)))
 
-    def moved_with_prior(self, move, theta, c):
-        """The group the move lies in, by its own form (the prior's change ``I − A⁻ᵀA⁻¹`` is
-        zero elsewhere, and so is the move); ``NotImplementedError`` where the move straddles
-        groups or that group's form has no such method."""
-        parts, start = list(self.parts), 0
+    def _containing(self, move):
+        """``(group, start, local move)`` of the group ``move``'s rows lie in; ``None`` where
+        they straddle groups."""
+        start = 0
         for g, part in enumerate(self.parts):
             n = _size(part)
             try:
                 local = move.within(start, n)
             except ValueError:
-                raise NotImplementedError("a move straddling groups") from None
+                return None
             if local is not None:
-                if not hasattr(part, "moved_with_prior"):
-                    raise NotImplementedError(type(part).__name__)
-                piece, parts[g] = part.moved_with_prior(local, theta[start:start + n], c)
-                theta = theta.at[start:start + n].set(piece)
+                return g, start, local
             start += n
+        return None
+
+    def prior_movable(self, move):
+        """Whether :meth:`moved_with_prior` applies: the rows lie in one group, whose form has it."""
+        where = self._containing(move)
+        return where is not None and moves.prior_movable(self.parts[where[0]], where[2])
+
+    def moved_with_prior(self, move, theta, c):
+        """The group the move lies in, by its own form (the prior's change ``I − A⁻ᵀA⁻¹`` is
+        zero elsewhere, and so is the move), where :meth:`prior_movable`."""
+        g, start, local = self._containing(move)
+        n = _size(self.parts[g])
+        parts = list(self.parts)
+        piece, parts[g] = parts[g].moved_with_prior(local, theta[start:start + n], c)
+        theta = theta.at[start:start + n].set(piece)
         return theta, GroupCovariance(tuple(parts))
 
 

@@ -97,8 +97,9 @@ class KronCovariance(NamedTuple):
         sign = jnp.sign(_trace(g))
         return KronCovariance(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign))
 
-    def _is_layer(self, move):
-        """Whether ``move`` moves this layer's rows ``[W_j | b_j]``, each in ``vec([W | b])``'s order."""
+    def prior_movable(self, move):
+        """Whether ``move`` moves this layer's rows ``[W_j | b_j]``, each in ``vec([W | b])``'s
+        order (what :meth:`moved` moves exactly and :meth:`moved_with_prior` takes)."""
         n_out, n_in1 = self.g.shape[0], self.a.shape[0]
         return move.rows.shape == (n_out, n_in1) and np.array_equal(
             move.rows, _order(n_out, n_in1 - 1).reshape(n_out, n_in1))
@@ -107,7 +108,7 @@ class KronCovariance(NamedTuple):
         """After a :class:`~kalnat.representations.moves.LayerMove` of this layer's inputs:
         every output row ``[W_j, b_j]`` moves by the same ``Tᵀ``, so ``P' = G ⊗ Tᵀ A T``,
         exactly; a move of other rows goes through :meth:`with_dense`."""
-        if not self._is_layer(move):
+        if not self.prior_movable(move):
             return self.with_dense(move.congruence(self.dense()))
         t = jnp.asarray(move.t, self.a.dtype)
         return self._replace(a=numerics.symmetrize(t.T @ self.a @ t))
@@ -121,9 +122,8 @@ class KronCovariance(NamedTuple):
         information vector, and P' its nearest Kronecker product (as :meth:`with_dense`): the
         ``u_j u_jᵀ`` are orthonormal, so it comes from the top eigenvector ``v`` of the ``n_out × n_out``
         matrix ``⟨B_i, B_j⟩``: ``√σ U diag(v) Uᵀ ⊗ Σ_j v_j B_j / √σ``. Where that information is
-        not positive definite, the exact move (:meth:`moved`)."""
-        if not self._is_layer(move):
-            raise NotImplementedError("a move of other rows than this layer's")
+        not positive definite, the exact move (:meth:`moved`). For a move of this layer's rows
+        (:meth:`prior_movable`)."""
         n_out, n_in1 = self.g.shape[0], self.a.shape[0]
         dt = self.a.dtype
         tinv = jnp.asarray(move.inverse_t(), dt)

@@ -164,15 +164,17 @@ class LowRankPrecision(NamedTuple):
         ups = self.ups.at[move.rows].set(self.ups[move.rows] @ (inv * inv).T)
         return _floored(ups, w)
 
+    def prior_movable(self, move):
+        """Whether :meth:`moved_with_prior` applies: ``k < d``. With ``k ≥ d`` the dense
+        computation, exact in this form then and small, is used."""
+        return self.w.shape[1] < self.w.shape[0]
+
     def moved_with_prior(self, move, theta, c):
         """``(θ', Λ')`` of :func:`kalnat.scaling.reexpress_with_prior` (``c = ρ/v``) in this form:
         the data's information ``Λ − c I`` moved as :meth:`moved` moves ``Λ`` (the rank-k part
         exactly, the diagonal part's diagonal) and the prior ``c I`` added afresh, so
         ``υ' = diag(A⁻ᵀ (υ − c) A⁻¹) + c``; the information vector ``Λ θ`` is moved exactly and
-        θ' is ``Λ'⁻¹`` times it (Woodbury, O(d k)). With ``k ≥ d``: ``NotImplementedError``, so
-        that the dense computation, exact in this form then, is used."""
-        if self.w.shape[1] >= self.w.shape[0]:
-            raise NotImplementedError("k ≥ d: the dense computation is exact and small")
+        θ' is ``Λ'⁻¹`` times it (Woodbury, O(d k)). For ``k < d`` (:meth:`prior_movable`)."""
         dt = self.ups.dtype
         c = jnp.asarray(c, dt)
         inv = jnp.asarray(move.inverse_t(), dt)

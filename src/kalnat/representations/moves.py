@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
-__all__ = ["LayerMove", "moved", "moved_groups"]
+__all__ = ["LayerMove", "moved", "prior_movable", "moved_groups"]
 
 
 class LayerMove(NamedTuple):
@@ -82,6 +82,13 @@ def moved(cov, move: LayerMove):
     if hasattr(cov, "with_dense"):
         return cov.with_dense(move.congruence(cov.dense()))
     return move.congruence(cov)  # a block of :class:`~kalnat.representations.BlockCovariance`: (n, n)
+
+
+def prior_movable(cov, move: LayerMove) -> bool:
+    """Whether ``cov`` (one member's) sets the prior afresh in its own storage for ``move``
+    (its ``moved_with_prior``), decided from shapes alone."""
+    check = getattr(cov, "prior_movable", None)
+    return check is not None and bool(check(move))
 
 
 def moved_groups(parts, sizes, move: LayerMove, rebuild):

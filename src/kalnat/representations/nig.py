@@ -50,10 +50,12 @@ class NIGCovariance(NamedTuple):
         inverse-gamma is in the target's units and stays."""
         return self._replace(inner=moves.moved(self.inner, move))
 
+    def prior_movable(self, move):
+        """Whether :meth:`moved_with_prior` applies: where the inner form's does."""
+        return moves.prior_movable(self.inner, move)
+
     def moved_with_prior(self, move, theta, c):
-        """The inner form's (``NotImplementedError`` where it has none)."""
-        if not hasattr(self.inner, "moved_with_prior"):
-            raise NotImplementedError(type(self.inner).__name__)
+        """The inner form's."""
         theta, inner = self.inner.moved_with_prior(move, theta, c)
         return theta, self._replace(inner=inner)
 
