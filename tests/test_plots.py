@@ -129,6 +129,45 @@ def test_figures_whose_workers_died_are_drawn_by_the_command(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "d.png").stat().st_size > 0
 
 
+KILLED_COMMAND_PROBE = """
+import os, signal
+from kalnat.figure_workers import FigureWorkers
+
+figures = FigureWorkers()
+assert figures.forked
+figures._pool.submit(int).result()  # the workers ready and waiting for figures
+print(" ".join(str(p) for p in figures._pool._processes), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the command ended from outside: nothing is shut down
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_figure_workers_end_when_the_command_is_killed(tmp_path):
+    import os
+    import time
+
+    # output to a file: a worker left behind would hold a pipe open, and the run would wait on it
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        subprocess.run([sys.executable, "-c", KILLED_COMMAND_PROBE], stdout=out, stderr=err, timeout=120)
+    pids = [int(p) for p in (tmp_path / "out").read_text().split()]
+    assert len(pids) == 2, (tmp_path / "err").read_text()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    for p in left:
+        os.kill(p, 9)
+    assert not left, f"workers {left} outlived their command"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
 def test_figure_workers_draw_in_forked_processes_and_pass_their_errors_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", WORKERS_PROBE, str(tmp_path)], capture_output=True, text=True,

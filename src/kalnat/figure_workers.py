@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import sys
 from concurrent.futures.process import BrokenProcessPool
 from typing import Optional
@@ -22,12 +23,23 @@ __all__ = ["FigureWorkers", "WORKERS"]
 WORKERS = 2  # a report has up to four figures; two workers draw them in about half the time
 
 
-def _ready():
+def _ready(parent: int):
+    import ctypes
     import os
     import signal
 
     # Ctrl-C is the command's to handle (it shuts the workers down), not each worker's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A command ended from outside (SIGTERM from `timeout` or a scheduler, SIGKILL, a crash in
+    # native code) shuts nothing down, and its workers, each holding the others' end of the
+    # pool's pipe, would wait for work forever: Linux ends a worker when its parent does
+    # (prctl PR_SET_PDEATHSIG), and one whose parent is already gone ends now.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the worker ends with the pool, as before
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
     # behind the command's own work: on a machine with fewer free cores than processes, the
     # workers take what the command leaves (the figures are wanted only at its end)
     os.nice(5)
@@ -71,7 +83,8 @@ class FigureWorkers:
         if workers > 0 and sys.platform.startswith("linux") and "jax" not in sys.modules:
             try:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    workers, mp_context=multiprocessing.get_context("fork"), initializer=_ready)
+                    workers, mp_context=multiprocessing.get_context("fork"), initializer=_ready,
+                    initargs=(os.getpid(),))
                 self._pool.submit(int)  # with fork, the first submit starts every worker: now, before JAX
             except OSError:  # no process to spare (a limit on processes, memory): drawn here
                 self._abandon()
