@@ -308,8 +308,8 @@ def test_a_form_sets_the_prior_afresh_in_its_storage_as_the_dense_route_does(for
 def test_a_low_rank_precision_sets_the_prior_afresh_on_its_data_part():
     """``reprior`` for the low-rank precision: its data part ``Λ − cI`` moved as
     :func:`test_a_low_rank_precision_moved_keeps_its_rank_part_and_its_diagonal` says, the
-    prior ``cI`` added afresh (``c = ρ/v``), and θ' the new precision's solve of the exactly
-    moved information vector ``A⁻ᵀ Λ θ``."""
+    prior ``cI`` added afresh (``c = ρ/v``), and θ' exactly the dense computation's (the exact
+    new information's solve of the moved information vector ``A⁻ᵀ Λ θ``)."""
     _, state, _, _ = _moved_case("linear", "lowrank", bank=False)
     v, rho = 0.5, 0.8
     c = rho / v
@@ -319,9 +319,12 @@ def test_a_low_rank_precision_sets_the_prior_afresh_on_its_data_part():
     np.testing.assert_allclose(np.asarray(got.cov.w), Binv_t @ w, rtol=1e-12, atol=1e-14 * np.abs(w).max())
     np.testing.assert_allclose(np.asarray(got.cov.ups), np.diagonal(Binv_t @ np.diag(ups - c) @ Binv_t.T) + c,
                                rtol=1e-12)
-    lam = np.diag(np.asarray(got.cov.ups)) + np.asarray(got.cov.w) @ np.asarray(got.cov.w).T
-    eta = Binv_t @ (np.diag(ups) + w @ w.T) @ _theta(state)
-    np.testing.assert_allclose(_theta(got), np.linalg.solve(lam, eta), rtol=1e-9, atol=1e-12)
+    theta, _ = _dense_route_with_prior(state, v, rho)
+    np.testing.assert_allclose(_theta(got), theta, rtol=1e-10, atol=1e-12 * np.abs(theta).max())
+    # a tiny prior variance: the new information is indefinite, and both take the exact move
+    theta, _ = _dense_route_with_prior(state, 1e-7, rho)
+    got = scaling.reexpress_members(state, OLD, NEW, bank=False, priors=([1e-7], [rho]))
+    np.testing.assert_allclose(_theta(got), theta, rtol=1e-10, atol=1e-12 * np.abs(theta).max())
 
 
 def test_a_bank_sets_each_members_prior_afresh_in_its_storage():

@@ -170,19 +170,38 @@ class LowRankPrecision(NamedTuple):
         return self.w.shape[1] < self.w.shape[0]
 
     def moved_with_prior(self, move, theta, c):
-        """``(θ', Λ')`` of :func:`kalnat.scaling.reexpress_with_prior` (``c = ρ/v``) in this form:
-        the data's information ``Λ − c I`` moved as :meth:`moved` moves ``Λ`` (the rank-k part
-        exactly, the diagonal part's diagonal) and the prior ``c I`` added afresh, so
-        ``υ' = diag(A⁻ᵀ (υ − c) A⁻¹) + c``; the information vector ``Λ θ`` is moved exactly and
-        θ' is ``Λ'⁻¹`` times it (Woodbury, O(d k)). For ``k < d`` (:meth:`prior_movable`)."""
+        """``(θ', Λ')`` of :func:`kalnat.scaling.reexpress_with_prior` (``c = ρ/v``) in this form,
+        for ``k < d`` (:meth:`prior_movable`), in O(d (k² + q²)).
+
+        The new information is ``Λ' = B + W'W'ᵀ`` with ``W' = A⁻ᵀ W`` and ``B`` block-diagonal:
+        ``T⁻¹ diag(υ_j) T⁻ᵀ + c (I − T⁻¹ T⁻ᵀ)`` for each moved row, ``υ`` elsewhere. θ' is
+        ``Λ'⁻¹`` times the moved information vector ``A⁻ᵀ Λ θ``, exactly (Woodbury through the
+        ``q × q`` blocks' Cholesky factors), as the dense computation gives it. The form keeps
+        ``W'`` and the diagonal of ``B`` (the data's ``diag(A⁻ᵀ (υ − c) A⁻¹)`` plus the prior
+        ``c`` afresh; the blocks' coupling of a bias and its weights dropped, as :meth:`moved`
+        drops it). Where a block is not positive definite, the exact move (:meth:`moved`)."""
         dt = self.ups.dtype
         c = jnp.asarray(c, dt)
         inv = jnp.asarray(move.inverse_t(), dt)
+        q = inv.shape[0]
         eta = move.apply(self.ups * theta + self.w @ (self.w.T @ theta), inv.T)   # A⁻ᵀ Λ θ
+        w = move.apply(self.w, inv.T)                                               # W' = A⁻ᵀ W
+        blocks = (jnp.einsum("qk,jk,rk->jqr", inv, self.ups[move.rows], inv)
+                  + c * (jnp.eye(q, dtype=dt) - inv @ inv.T)[None])                # (n_out, q, q)
+        lower = jnp.linalg.cholesky(0.5 * (blocks + jnp.swapaxes(blocks, 1, 2)))
+        ok = jnp.all(jnp.isfinite(lower))
+
+        def solve_b(x):  # B⁻¹ x for x (d, r)
+            out = x / self.ups[:, None]
+            return out.at[move.rows].set(jax.scipy.linalg.cho_solve((lower, True), x[move.rows]))
+
+        bw, be = solve_b(w), solve_b(eta[:, None])[:, 0]
+        small = jnp.eye(w.shape[1], dtype=dt) + w.T @ bw
+        theta_new = be - bw @ numerics.chol_solve(0.5 * (small + small.T), w.T @ be)
         data = jnp.maximum(self.ups - c, 0.0)
-        ups = self.ups.at[move.rows].set(data[move.rows] @ (inv * inv).T + c)
-        new = _floored(ups, move.apply(self.w, inv.T))
-        return _prior(new.ups, new.w).times(eta[:, None])[:, 0], new
+        new = (theta_new, _floored(self.ups.at[move.rows].set(data[move.rows] @ (inv * inv).T + c), w))
+        exact = (move.apply(theta), self.moved(move))
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, exact)
 
 
 class LowRankPrior(NamedTuple):
