@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from kalnat import numerics
+from kalnat.representations import moves
 from kalnat.representations.base import Representation
 
 __all__ = ["DiagonalCovariance", "Diagonal"]
@@ -68,22 +69,16 @@ class DiagonalCovariance:
         ``T⁻¹ diag(1/p_j) T⁻ᵀ + c (I − T⁻¹ T⁻ᵀ)`` per moved row, so its inverse, θ' (that inverse
         times the moved information vector) and P' (its diagonal) come from ``q × q`` solves.
         Where a block is not positive definite, the exact move (:meth:`moved`)."""
-        dt = self.p.dtype
-        tinv = jnp.asarray(move.inverse_t(), dt)
-        q = tinv.shape[0]
         p = self.p[:self.d]
         pj = p[move.rows]                                                          # (n_out, q)
-        info = (jnp.einsum("qk,jk,rk->jqr", tinv, 1.0 / pj, tinv)
-                + jnp.asarray(c, dt) * (jnp.eye(q, dtype=dt) - tinv @ tinv.T)[None])
-        lower = jnp.linalg.cholesky(0.5 * (info + jnp.swapaxes(info, 1, 2)))
-        ok = jnp.all(jnp.isfinite(lower))
+        info, lower, ok = move.information_blocks(1.0 / pj, c)
+        tinv = jnp.asarray(move.inverse_t(), self.p.dtype)
         eta = (theta[move.rows] / pj) @ tinv.T                                     # rows T⁻¹ (θ_j / p_j)
-        eye = jnp.broadcast_to(jnp.eye(q, dtype=dt), info.shape)
+        eye = jnp.broadcast_to(jnp.eye(info.shape[1], dtype=info.dtype), info.shape)
         cov = jax.scipy.linalg.cho_solve((lower, True), eye)
         new = (theta.at[move.rows].set(jnp.einsum("jqr,jr->jq", cov, eta)),
                self._replace(p=self.p.at[move.rows].set(jnp.diagonal(cov, axis1=1, axis2=2))))
-        exact = (move.apply(theta), self.moved(move))
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, exact)
+        return moves.or_exact(ok, new, self, move, theta)
 
     def _replace(self, **changes):
         return dataclasses.replace(self, **changes)

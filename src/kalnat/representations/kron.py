@@ -59,6 +59,7 @@ import numpy as np
 
 from kalnat import numerics
 from kalnat.linearization import LayerRows
+from kalnat.representations import moves
 from kalnat.representations.base import Representation
 
 __all__ = ["KronLayer", "KronCovariance"]
@@ -130,7 +131,7 @@ class KronCovariance(NamedTuple):
         gam, u = jnp.linalg.eigh(numerics.symmetrize(self.g))
         a_inv = numerics.spd_inverse(self.a)
         x = numerics.symmetrize(tinv @ a_inv @ tinv.T)
-        y = jnp.asarray(c, dt) * numerics.symmetrize(jnp.eye(n_in1, dtype=dt) - tinv @ tinv.T)
+        y = move.prior_change(c, dt)
         info = x[None] / gam[:, None, None] + y[None]                        # (n_out, q, q)
         lower = jnp.linalg.cholesky(info)
         ok = jnp.all(jnp.isfinite(lower)) & jnp.all(gam > 0)
@@ -146,8 +147,7 @@ class KronCovariance(NamedTuple):
         a = jnp.einsum("j,jqr->qr", v, b) / root
         sign = jnp.sign(_trace(g))
         new = (theta.at[move.rows].set(m_new), KronCovariance(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign)))
-        exact = (move.apply(theta), self.moved(move))
-        return jax.tree_util.tree_map(lambda p, q: jnp.where(ok, p, q), new, exact)
+        return moves.or_exact(ok, new, self, move, theta)
 
 
 def _order(n_out: int, n_in: int) -> np.ndarray:

@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from kalnat import numerics
+from kalnat.representations import moves
 from kalnat.representations.base import Representation
 
 __all__ = ["LowRank", "LowRankPrecision", "LowRankPrior"]
@@ -183,13 +184,9 @@ class LowRankPrecision(NamedTuple):
         dt = self.ups.dtype
         c = jnp.asarray(c, dt)
         inv = jnp.asarray(move.inverse_t(), dt)
-        q = inv.shape[0]
         eta = move.apply(self.ups * theta + self.w @ (self.w.T @ theta), inv.T)   # A⁻ᵀ Λ θ
         w = move.apply(self.w, inv.T)                                               # W' = A⁻ᵀ W
-        blocks = (jnp.einsum("qk,jk,rk->jqr", inv, self.ups[move.rows], inv)
-                  + c * (jnp.eye(q, dtype=dt) - inv @ inv.T)[None])                # (n_out, q, q)
-        lower = jnp.linalg.cholesky(0.5 * (blocks + jnp.swapaxes(blocks, 1, 2)))
-        ok = jnp.all(jnp.isfinite(lower))
+        _, lower, ok = move.information_blocks(self.ups[move.rows], c)              # B's blocks
 
         def solve_b(x):  # B⁻¹ x for x (d, r)
             out = x / self.ups[:, None]
@@ -200,8 +197,7 @@ class LowRankPrecision(NamedTuple):
         theta_new = be - bw @ numerics.chol_solve(0.5 * (small + small.T), w.T @ be)
         data = jnp.maximum(self.ups - c, 0.0)
         new = (theta_new, _floored(self.ups.at[move.rows].set(data[move.rows] @ (inv * inv).T + c), w))
-        exact = (move.apply(theta), self.moved(move))
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, exact)
+        return moves.or_exact(ok, new, self, move, theta)
 
 
 class LowRankPrior(NamedTuple):

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
-__all__ = ["LayerMove", "moved", "prior_movable", "moved_groups"]
+__all__ = ["LayerMove", "moved", "or_exact", "prior_movable", "moved_groups"]
 
 
 class LayerMove(NamedTuple):
@@ -71,6 +72,24 @@ class LayerMove(NamedTuple):
         """``T⁻¹`` (float64)."""
         return np.linalg.inv(self.t)
 
+    def prior_change(self, c, dtype):
+        """``c (I − T⁻¹ T⁻ᵀ)`` (``q × q``): a moved row's block of ``c (I − A⁻ᵀ A⁻¹)``, what
+        setting a prior ``c I`` afresh in the new coordinates adds to the moved information."""
+        inv = jnp.asarray(self.inverse_t(), dtype)
+        change = jnp.eye(inv.shape[0], dtype=dtype) - inv @ inv.T
+        return jnp.asarray(c, dtype) * 0.5 * (change + change.T)
+
+    def information_blocks(self, diag_rows, c):
+        """``(blocks (n_out, q, q), lower, ok)``: each moved row's block
+        ``T⁻¹ diag(x_j) T⁻ᵀ + c (I − T⁻¹ T⁻ᵀ)`` of the new information, for a diagonal
+        information ``x`` (``diag_rows = x[rows]``), with the blocks' lower Cholesky factors and
+        whether every block is positive definite."""
+        dt = diag_rows.dtype
+        inv = jnp.asarray(self.inverse_t(), dt)
+        blocks = jnp.einsum("qk,jk,rk->jqr", inv, diag_rows, inv) + self.prior_change(c, dt)[None]
+        lower = jnp.linalg.cholesky(0.5 * (blocks + jnp.swapaxes(blocks, 1, 2)))
+        return blocks, lower, jnp.all(jnp.isfinite(lower))
+
 
 def moved(cov, move: LayerMove):
     """``cov`` (a covariance state, one member's, or a block's ``(n, n)`` array) after ``move``:
@@ -82,6 +101,14 @@ def moved(cov, move: LayerMove):
     if hasattr(cov, "with_dense"):
         return cov.with_dense(move.congruence(cov.dense()))
     return move.congruence(cov)  # a block of :class:`~kalnat.representations.BlockCovariance`: (n, n)
+
+
+def or_exact(ok, new, cov, move: LayerMove, theta):
+    """``new = (θ', cov')`` where ``ok``, else the exact move of ``(θ, cov)``: what setting the
+    prior afresh falls back to where the new information is not positive definite (as
+    :func:`kalnat.scaling.reexpress_with_prior` does)."""
+    exact = (move.apply(theta), moved(cov, move))
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, exact)
 
 
 def prior_movable(cov, move: LayerMove) -> bool:
