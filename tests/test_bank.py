@@ -2,6 +2,7 @@
 
 import numpy as np
 import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -162,3 +163,39 @@ def test_row_by_row_update_equals_the_chunked_fit():
     np.testing.assert_allclose(np.array(probs), res.predictions.probs, rtol=1e-12, atol=1e-15)
     for a_leaf, b_leaf in zip(jax.tree_util.tree_leaves(s), jax.tree_util.tree_leaves(res.state)):
         np.testing.assert_allclose(a_leaf, b_leaf, rtol=1e-12, atol=1e-15)
+
+
+def test_members_of_each_count_of_linearisations_run_apart():
+    """A bank of EKFs with one and with two linearisations (kalnat.auto's grid): each member
+    equals its own filter alone, and a chunk's program runs each member's linearisations only
+    (as many logistic functions as a bank of the one-linearisation members and one of the
+    two-linearisation members together, not two linearisations for every member: a vectorised
+    step built for two would run the second for all, as a select). Given hyperparameters of
+    other counts are an error, not a silent regrouping."""
+    X, y = _stream(3)
+    mixed = kalnat.ekf_bank(MODEL, BERN, prior_vars=PRIORS, forgettings=FORGETS, iterations=(1, 2))
+    res = _run(mixed, X, y)
+    for k, cfg in enumerate(mixed.configs):
+        alone = kalnat.iterated_ekf(MODEL, BERN, iterations=cfg["iterations"], prior_var=cfg["prior_var"],
+                                    forgetting=cfg["forgetting"], max_variance=cfg["max_variance"])
+        single = _run(alone, X, y)
+        mem = mixed.member_state(res.state, k)
+        assert _rel(mem.params["w"], single.state.params["w"]) < 1e-12
+        assert _rel(kalnat.covariance(mem), kalnat.covariance(single.state)) < 1e-12
+
+    def logistics(jaxpr):
+        return sum((eqn.primitive.name == "logistic")
+                   + sum(logistics(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+                   for eqn in jaxpr.eqns)
+
+    def count(bank):
+        state = bank.init(MODEL.init(None))
+        xs, ys, ms = X[:4, None], y[:4, None], np.ones((4, 1), bool)
+        return logistics(jax.make_jaxpr(lambda h, s: bank.scan_chunk(h, s, xs, ys, ms))(bank.hyper, state).jaxpr)
+
+    one, two = (kalnat.ekf_bank(MODEL, BERN, prior_vars=PRIORS, forgettings=FORGETS, iterations=i) for i in (1, 2))
+    assert count(one) < count(two)
+    assert count(mixed) == count(one) + count(two)
+    other = mixed.hyper._replace(iterations=np.full(mixed.size, 2))
+    with pytest.raises(ValueError, match="the members' iterations are the bank's own"):
+        kalnat.fit(mixed, mixed.init(MODEL.init(None)), X, y, hyper=other)

@@ -164,6 +164,37 @@ class Bank(Boundary):
             d = ravel_pytree(self.member_state(state, 0).params)[0].shape[0]
             for k in range(self.size):
                 check_hyper(self.learner, self.member_hyper(k, hyper), d)
+            given, own = getattr(hyper, "iterations", None), self.hyper.iterations
+            if self.by_iterations() is not None and not np.array_equal(np.asarray(given), np.asarray(own)):
+                raise ValueError(f"{self.name}: the members' iterations are the bank's own ({np.asarray(own).tolist()}); "
+                                 f"given hyperparameters have {np.asarray(given).tolist()} (a bank of other counts "
+                                 "is another bank: kalnat.bank.bank)")
+
+    def by_iterations(self):
+        """``((members (n,), count), …)``: the members by how many linearisations each is
+        configured for, when they differ (else ``None``). Their steps run apart, each built
+        for its own count: in one vectorised step a member of fewer would run every one the
+        step is built for (``vmap`` turns the filter's ``lax.cond`` into a select of both)."""
+        counts = getattr(self.hyper, "iterations", None)
+        if counts is None or getattr(self.learner, "max_iterations", 1) == 1:
+            return None
+        counts = np.asarray(counts).reshape(-1)
+        if counts.size != self.size or len(set(counts.tolist())) < 2:
+            return None
+        return tuple((np.flatnonzero(counts == c), int(c)) for c in sorted(set(counts.tolist())))
+
+    def _over_counts(self, run, hyper, members, vectorised):
+        """``run(learner, hyper, members)`` of every member, stacked in the bank's order: over
+        the members of each count (:meth:`by_iterations`) apart with the learner built for that
+        count, where members run ``vectorised``; else at once."""
+        groups = self.by_iterations() if vectorised else None
+        if groups is None:
+            return run(self.learner, hyper, members)
+        outs = [run(dataclasses.replace(self.learner, max_iterations=count),
+                    *jax.tree_util.tree_map(lambda a: a[idx], (hyper, members)))
+                for idx, count in groups]
+        order = np.argsort(np.concatenate([idx for idx, _ in groups]), kind="stable")
+        return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a)[order], *outs)
 
     def init(self, params, hyper: Optional[Hyper] = None) -> BankState:
         """Every member's initial state around ``params``, uniform weights."""
@@ -223,8 +254,10 @@ class Bank(Boundary):
     def step(self, hyper, state: BankState, xs, ys, mask=None):
         """All members predict then learn the minibatch; the weights move by its likelihood.
         Returns ``(BankState, BankPredictive, log_prob (b,))``."""
-        members, preds, ll = self._over_members(lambda h, s: self.learner.step(h, s, xs, ys, mask), hyper,
-                                                state.members, xs.shape[0])
+        members, preds, ll = self._over_counts(
+            lambda learner, hyper, members: self._over_members(
+                lambda h, s: learner.step(h, s, xs, ys, mask), hyper, members, xs.shape[0]),
+            hyper, state.members, not _branches(self.learner, xs.shape[0]))
         return self._advance(state, members, preds, ll, jax.vmap(_all_finite)(preds, ll))
 
     def scan_chunk(self, hyper, state: BankState, xs, ys, ms, keep: bool = True):
@@ -234,16 +267,20 @@ class Bank(Boundary):
         groups of :func:`members_per_group`; then the weights move row by row."""
         from kalnat.stream import scan_rows, step_or_skip
 
-        def member(args):
-            h, s = args
-            s, (pred, ll) = scan_rows(self.learner, h, s, xs, ys, ms)
-            return s, ((pred if keep else None), ll, jax.vmap(_all_finite)(pred, ll))
+        def members_of(learner, hyper, members):
+            def member(args):
+                h, s = args
+                s, (pred, ll) = scan_rows(learner, h, s, xs, ys, ms)
+                return s, ((pred if keep else None), ll, jax.vmap(_all_finite)(pred, ll))
+
+            # One member at a time: a plain loop (lax.map's batches of one are still vmapped,
+            # which turns each member's own conds, such as its count of linearisations, into
+            # selects).
+            n = jax.tree_util.tree_leaves(members)[0].shape[0]
+            return jax.lax.map(member, (hyper, members), batch_size=None if group == 1 else min(group, n))
 
         group = members_per_group(state.members, self.size, self.learner, xs.shape[1])
-        # One member at a time: a plain loop (lax.map's batches of one are still vmapped, which
-        # turns each member's own conds, such as its count of linearisations, into selects).
-        members, (preds, lls, fins) = jax.lax.map(member, (hyper, state.members),
-                                                  batch_size=None if group == 1 else group)
+        members, (preds, lls, fins) = self._over_counts(members_of, hyper, state.members, group > 1)
         swap = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)  # noqa: E731  (K, c, …) -> (c, K, …)
 
         def mix(weights, inp):
