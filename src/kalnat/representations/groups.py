@@ -57,17 +57,11 @@ class GroupCovariance(NamedTuple):
     def _containing(self, move):
         """``(group, start, local move)`` of the group ``move``'s rows lie in; ``None`` where
         they straddle groups."""
-        start = 0
-        for g, part in enumerate(self.parts):
-            n = _size(part)
-            try:
-                local = move.within(start, n)
-            except ValueError:
-                return None
-            if local is not None:
-                return g, start, local
-            start += n
-        return None
+        touched = move.located([_size(part) for part in self.parts])
+        if len(touched) != 1 or touched[0][3] is None:
+            return None
+        g, start, _, local = touched[0]
+        return g, start, local
 
     def prior_movable(self, move):
         """Whether :meth:`moved_with_prior` applies: the rows lie in one group, whose form has it."""

@@ -46,16 +46,18 @@ class LayerMove(NamedTuple):
     rows: np.ndarray
     t: np.ndarray
 
-    def within(self, start: int, size: int):
-        """This move in the coordinates of θ's slice ``[start, start + size)``: itself shifted
-        when every row lies there, ``None`` when none does; ``ValueError`` when the rows
-        straddle the slice's edge (the caller then moves the coupled slices together)."""
-        inside = (self.rows >= start) & (self.rows < start + size)
-        if not inside.any():
-            return None
-        if not inside.all():
-            raise ValueError("straddles")
-        return LayerMove(self.rows - start, self.t)
+    def located(self, sizes):
+        """``[(g, start, n, local)]`` for each of θ's consecutive slices of ``sizes`` that holds
+        some of the rows: ``local`` this move in the slice's coordinates when every row lies
+        there, ``None`` when the rows straddle the slice's edge (the slices are then moved
+        together)."""
+        out, start = [], 0
+        for g, n in enumerate(sizes):
+            inside = (self.rows >= start) & (self.rows < start + n)
+            if inside.any():
+                out.append((g, start, n, LayerMove(self.rows - start, self.t) if inside.all() else None))
+            start += n
+        return out
 
     def apply(self, x, t=None):
         """``A x`` for ``x (d, …)`` (θ or a matrix's rows), or with ``t`` in place of ``T``."""
@@ -122,19 +124,15 @@ def moved_groups(parts, sizes, move: LayerMove, rebuild):
     """Each of ``parts`` (covering θ's consecutive slices of ``sizes``) after ``move``: a part
     the rows lie in is moved in its form; the parts the rows straddle are formed densely
     together, moved, and each rebuilt from its diagonal block by ``rebuild(part, block)``."""
-    out, coupled, start = list(parts), [], 0
-    for g, (part, n) in enumerate(zip(parts, sizes)):
-        try:
-            local = move.within(start, n)
-        except ValueError:
+    out, coupled = list(parts), []
+    for g, start, n, local in move.located(sizes):
+        if local is None:
             coupled.append((g, start, n))
         else:
-            if local is not None:
-                out[g] = moved(part, local)
-        start += n
+            out[g] = moved(parts[g], local)
     if coupled:
         index = np.concatenate([np.arange(s, s + n) for _, s, n in coupled])
-        where = np.full(start, -1)
+        where = np.full(sum(sizes), -1)
         where[index] = np.arange(index.size)
         if (where[move.rows] < 0).any():
             raise ValueError("a layer move's rows lie in groups that are not consecutive")
