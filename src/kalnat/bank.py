@@ -254,17 +254,21 @@ class Bank(Boundary):
     def step(self, hyper, state: BankState, xs, ys, mask=None):
         """All members predict then learn the minibatch; the weights move by its likelihood.
         Returns ``(BankState, BankPredictive, log_prob (b,))``."""
-        members, preds, ll = self._over_counts(
-            lambda learner, hyper, members: self._over_members(
-                lambda h, s: learner.step(h, s, xs, ys, mask), hyper, members, xs.shape[0]),
-            hyper, state.members, not _branches(self.learner, xs.shape[0]))
+        # (all members in one vmap, whatever their counts of linearisations: run apart, as a
+        # chunk's are, the copies out and back cost a row more than the linearisations saved,
+        # and the donated members could not be updated in place)
+        members, preds, ll = self._over_members(lambda h, s: self.learner.step(h, s, xs, ys, mask), hyper,
+                                                state.members, xs.shape[0])
         return self._advance(state, members, preds, ll, jax.vmap(_all_finite)(preds, ll))
 
     def scan_chunk(self, hyper, state: BankState, xs, ys, ms, keep: bool = True):
         """:func:`kalnat.fit`'s chunk, member by member: the members do not depend on the
         weights, so each runs through the whole chunk while its covariance stays in the cache
         (row by row, all K covariances would be read from memory at every row), in vmapped
-        groups of :func:`members_per_group`; then the weights move row by row."""
+        groups of :func:`members_per_group` (the members of each count of linearisations
+        apart: :meth:`by_iterations`); then the weights move row by row. ``hyper.iterations``
+        must be the bank's own (the groups are built from them; :func:`kalnat.fit` checks a
+        given ``hyper``)."""
         from kalnat.stream import scan_rows, step_or_skip
 
         def members_of(learner, hyper, members):
@@ -444,8 +448,9 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
     filters for a Gaussian family with unknown noise when ``learner="nig"``) as one bank.
 
     ``iterations``: linearisations per update (:func:`kalnat.iterated_ekf`), or a sequence of
-    such counts, a third axis of the grid (``hyper.iterations``: every member's step is built
-    for the largest count and uses its own).
+    such counts, a third axis of the grid (``hyper.iterations``: the step is built for the
+    largest count and each member uses its own; :func:`kalnat.fit` runs the members of each
+    count apart, :meth:`Bank.by_iterations`).
 
     ``max_variance``: the members' bound on every variance of ``P⁻``, as :func:`kalnat.ekf`'s
     (a variance): one value for all, or a function of a member's prior variance (default

@@ -12,7 +12,9 @@ family identity of docs/method.md §1), the stationarity condition of the one-st
 ``½ (θ − θ_{t−1})ᵀ P⁻⁻¹ (θ − θ_{t−1}) + ℓ_t(θ)``. The covariance is the condition step at the
 last linearisation. It is a composition over the representation interface (the loop is in
 :func:`kalnat.filter.condition`), so it runs on any representation, under RTRL and in a bank,
-where ``hyper.iterations`` (data) chooses how many of the learner's ``iterations`` are used.
+where ``hyper.iterations`` (data) chooses how many of the learner's ``iterations`` are used
+(a bank's ``fit`` runs the members of each count apart, each with the step built for its
+count: :meth:`kalnat.bank.Bank.by_iterations`).
 """
 
 from __future__ import annotations
