@@ -339,3 +339,28 @@ def test_a_bank_sets_each_members_prior_afresh_in_its_storage():
         member = one(got.members, k)
         np.testing.assert_allclose(_theta(member), theta, rtol=1e-10, atol=1e-12 * np.abs(theta).max())
         np.testing.assert_allclose(np.asarray(member.cov.dense()), dense, rtol=1e-9, atol=1e-12 * np.abs(dense).max())
+
+
+def test_the_hosts_re_expression_runs_its_blas_on_one_thread(monkeypatch):
+    """The full covariance's prior set afresh on the host (inverses of d × d matrices) runs
+    NumPy's and SciPy's BLAS on one thread: with the machine's cores busy, OpenBLAS's threads
+    stall each other (kalnat.scaling._one_blas_thread). The test's own limit is two threads."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    _, state, _, _ = _moved_case("linear", "full", bank=True)
+    seen, inverse = [], scaling._spd_inverse
+    blas = lambda: {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}  # noqa: E731
+
+    def recording(M):
+        seen.append(blas())
+        return inverse(M)
+
+    monkeypatch.setattr(scaling, "_spd_inverse", recording)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        if blas() == {1}:
+            pytest.skip("NumPy's BLAS runs on one thread here whatever the limit")
+        scaling.reexpress_members(state, OLD, NEW, bank=True, priors=(np.array([0.3, 1.0]), np.array([0.9, 0.6])))
+        params, cov = state.members.params, np.asarray(state.members.cov.dense())
+        scaling.reexpress_with_prior(jax.tree_util.tree_map(lambda a: a[0], params), cov[0], OLD, NEW, 0.3, 0.9)
+        outside = blas()
+    assert len(seen) == 6 and all(s == {1} for s in seen), seen
+    assert outside != {1}  # the limit is the re-expression's own, and ends with it
