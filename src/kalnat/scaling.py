@@ -225,7 +225,8 @@ def _one_blas_thread():
     step of a factorisation, and one descheduled stalls the rest. On a 2-core machine, the
     inverse of a 585 × 585 matrix (:func:`_spd_inverse`) took 0.017 s with OpenBLAS's two
     threads and 0.022 s with one when idle, and 0.7–1.9 s against 0.07 s with both cores busy
-    (a profiled `kalnat learn digits`, beside other work, spent 318 of its 559 s in its 720)."""
+    (a profiled `kalnat learn digits`, beside other work, spent 318 of its 559 s in its 720
+    inverses)."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
