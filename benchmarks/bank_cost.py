@@ -11,7 +11,9 @@ mislead), for a logistic model with d parameters:
   /ekf         the bank ÷ one plain EKF step (how many EKF steps a row of the bank costs)
 
 Banks: ``ekf_bank`` with one linearisation (K = 20, members: EKFs), and ``kalnat.auto``
-(K = 40, one and two linearisations, members: iterated EKFs with two).
+(K = 40, one and two linearisations, members: iterated EKFs with two); ``auto, one vmap`` is
+``kalnat.auto`` with its members of both counts in one ``vmap`` (``Bank.by_iterations`` off:
+every member then runs two linearisations), what ``fit`` did before it ran them apart.
 
     python benchmarks/bank_cost.py [--dims 32 128 512] [--rows 512]
 """
@@ -19,6 +21,7 @@ Banks: ``ekf_bank`` with one linearisation (K = 20, members: EKFs), and ``kalnat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -47,6 +50,17 @@ def per_row(learner, X, y, reps=5):
 MODELS = {}
 
 
+class OneVmap(kalnat.bank.Bank):
+    """A bank whose members of every count of linearisations run in one ``vmap``."""
+
+    def by_iterations(self):
+        return None
+
+
+def one_vmap(bank):
+    return OneVmap(**{f.name: getattr(bank, f.name) for f in dataclasses.fields(bank)})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[32, 128, 512])
@@ -54,7 +68,7 @@ def main():
     args = ap.parse_args()
     fam = kalnat.families.Bernoulli()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float64; per row inside fit, medians")
-    print(f"{'bank':10} {'K':>3} {'d':>5} {'single ms':>10} {'bank ms':>9} {'bank/(K·1)':>11} {'/ekf':>7}")
+    print(f"{'bank':14} {'K':>3} {'d':>5} {'single ms':>10} {'bank ms':>9} {'bank/(K·1)':>11} {'/ekf':>7}")
     for d in args.dims:
         p = d - 1
         model = MODELS.setdefault(p, kalnat.models.linear(p))
@@ -66,11 +80,13 @@ def main():
         ekf = kalnat.ekf(model, fam, prior_var=1.0, forgetting=0.99, max_variance=bound)
         t_ekf = per_row(ekf, X, y)
         it2 = kalnat.iterated_ekf(model, fam, iterations=2, prior_var=1.0, forgetting=0.99, max_variance=bound)
+        t_it2 = per_row(it2, X, y)
         cases = [("ekf_bank", kalnat.ekf_bank(model, fam), t_ekf),
-                 ("auto", kalnat.auto(model, fam), per_row(it2, X, y))]
+                 ("auto", kalnat.auto(model, fam), t_it2),
+                 ("auto, one vmap", one_vmap(kalnat.auto(model, fam)), t_it2)]
         for name, bank, t_one in cases:
             t_bank = per_row(bank, X, y)
-            print(f"{name:10} {bank.size:3d} {d:5d} {t_one * 1e3:10.4f} {t_bank * 1e3:9.4f} "
+            print(f"{name:14} {bank.size:3d} {d:5d} {t_one * 1e3:10.4f} {t_bank * 1e3:9.4f} "
                   f"{t_bank / (bank.size * t_one):11.2f} {t_bank / t_ekf:7.1f}", flush=True)
 
 
