@@ -222,11 +222,9 @@ def _one_blas_thread():
     """A context in which NumPy's and SciPy's BLAS and LAPACK run on one thread: for the host's
     float64 re-expression, whose matrices (d in the hundreds) gain little from a second thread
     and lose much when the machine is busy: OpenBLAS's threads wait for each other at every
-    step of a factorisation, and one descheduled stalls the rest. On a 2-core machine, the
-    inverse of a 585 × 585 matrix (:func:`_spd_inverse`) took 0.017 s with OpenBLAS's two
-    threads and 0.022 s with one when idle, and 0.7–1.9 s against 0.07 s with both cores busy
-    (a profiled `kalnat learn digits`, beside other work, spent 318 of its 559 s in its 720
-    inverses)."""
+    step of a factorisation, and one descheduled stalls the rest. On a 2-core machine with two
+    spinning processes, one boundary of ``kalnat learn digits``'s bank took 4.7 s on one thread
+    against 11.6 s on two; idle, 2.8 s against 2.3 s (``benchmarks/blas_threads.py``)."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
