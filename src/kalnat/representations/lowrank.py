@@ -80,13 +80,25 @@ def _eigh_jvp(primals, tangents):
                      "representation (full, diagonal, Kronecker, …)")
 
 
+def _row_squares(w):
+    """``Σ_j w_ij² (d,)`` for ``w (d, k)``, as a sum of ``k`` columns: one fused elementwise pass,
+    where XLA's CPU reduction along a short last axis is slower."""
+    return sum(w[:, j] * w[:, j] for j in range(w.shape[1]))
+
+
 def _gram(ups, w):
     """``G = Wᵀ diag(1/υ) W (k, k)``: ``AᵀA`` for ``A = υ^{-1/2} W``."""
     return (w / ups[:, None]).T @ w
 
 
+def _rows(root, x):
+    """``diag(root) x`` for ``x (d, …)``: ``root`` a scalar or ``(d,)``."""
+    return root * x if root.ndim == 0 else root.reshape(root.shape + (1,) * (x.ndim - 1)) * x
+
+
 def _prior(ups, w, gram=None, root=None):
-    """The prior ``diag(ups) + root² w wᵀ`` (``root`` a scalar, default 1)."""
+    """The prior ``diag(ups) + R w wᵀ R``, ``R = diag(root)`` (``root`` a scalar or ``(d,)``,
+    default 1)."""
     gram = _gram(ups, w) if gram is None else gram
     eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
     root = jnp.ones((), ups.dtype) if root is None else root
@@ -103,11 +115,11 @@ def _floored(ups, w):
     ``υ`` and ``Λ_ii`` alike, so the floor is kept where the ratio changes: after each update
     and additive noise, and on a state made by ``with_dense``."""
     floor = jnp.sqrt(jnp.finfo(ups.dtype).eps)
-    return LowRankPrecision(jnp.maximum(ups, floor * (ups + jnp.sum(w * w, axis=1))), w)
+    return LowRankPrecision(jnp.maximum(ups, floor * (ups + _row_squares(w))), w)
 
 
 def _without(base, h, v, root=1.0):
-    """``(W', dropped)``: ``[W, h] (d, k + 1)``, ``W = root · base``, less its direction
+    """``(W', dropped)``: ``[W, h] (d, k + 1)``, ``W = diag(root) base``, less its direction
     ``v (k + 1,)`` (unit), as ``d × k``.
 
     What is kept is ``[W, h] (I − v vᵀ) [W, h]ᵀ``, and ``I − v vᵀ = B Bᵀ`` for ``B`` the
@@ -115,13 +127,18 @@ def _without(base, h, v, root=1.0):
     ``W' = [W, h] B`` is ``W`` less a rank-one term: O(d k), where a rotation by the ``k`` kept
     directions is O(d k²). ``u = v + sign(v_{k+1}) e_{k+1}`` keeps the reflection accurate
     whatever ``v_{k+1}`` (``v = −e_{k+1}``, the row's own direction dropped, would make
-    ``v + e_{k+1}`` zero). ``dropped = ([W, h] v)²`` is the diagonal of what leaves."""
+    ``v + e_{k+1}`` zero). ``dropped = z²``, ``z = [W, h] v``, is the diagonal of what leaves.
+
+    One product over the ``d`` rows: ``[W, h] u = z + sign · h``, so the reflection's ``y`` comes
+    from ``z``, not from a second product (nor from one with a ``(k, 2)`` matrix, which XLA's CPU
+    dot takes by its slower general path)."""
     k = base.shape[1]
-    u = v.at[k].add(jnp.where(v[k] < 0, -1.0, 1.0))
-    # two products with a k-vector (XLA's CPU matrix-vector path; one with a (k, 2) matrix
-    # takes the general path, ~3 × slower)
-    y = (base @ (root * u[:k]) + h * u[k]) * (2.0 / (u @ u))
-    return root * base - y[:, None] * u[None, :k], (base @ (root * v[:k]) + h * v[k]) ** 2
+    root = jnp.asarray(root, base.dtype)
+    sign = jnp.where(v[k] < 0, -1.0, 1.0)
+    u = v.at[k].add(sign)
+    z = _rows(root, base @ v[:k]) + h * v[k]
+    y = (z + sign * h) * (2.0 / (u @ u))
+    return _rows(root, base) - y[:, None] * u[None, :k], z * z
 
 
 def _pad(w, k):
@@ -149,7 +166,7 @@ class LowRankPrecision(NamedTuple):
         w = vecs[:, -r:] * jnp.sqrt(jnp.maximum(vals[-r:], 0.0))
         # υ at least √ε Λ_ii, as after every update: a step's Woodbury solve through I + WᵀΥ⁻¹W
         # assumes it (with υ near ε Λ_ii that matrix is singular to the dtype's precision)
-        return _floored(jnp.diagonal(lam) - jnp.sum(w * w, axis=1), _pad(w, k))
+        return _floored(jnp.diagonal(lam) - _row_squares(w), _pad(w, k))
 
     def moved(self, move):
         """After a :class:`~kalnat.representations.moves.LayerMove` (``θ' = A θ``, so
@@ -201,8 +218,9 @@ class LowRankPrecision(NamedTuple):
 
 
 class LowRankPrior(NamedTuple):
-    """The prior ``Λ⁻ = diag(ups) + w wᵀ``, ``w = root · base`` (forgetting scales ``W`` by
-    ``√λ``: a scalar here, not a pass over ``d × k`` numbers), with what applying
+    """The prior ``Λ⁻ = diag(ups) + w wᵀ``, ``w = diag(root) base`` (forgetting scales ``W`` by
+    ``√λ``, a scalar ``root``, and the variance bound's congruence by a ``(d,)`` one: each a
+    factor applied where ``W`` is read, not a pass writing ``d × k`` numbers), with what applying
     ``P⁻ = Λ⁻⁻¹`` needs: ``gram = wᵀ diag(1/ups) w (k, k)`` (``AᵀA``, ``A = υ^{-1/2} w``) and
     ``lower``, the lower Cholesky factor of ``I + gram``, so that
     ``P⁻ = υ^{-1/2} (I − A (I + AᵀA)⁻¹ Aᵀ) υ^{-1/2}``."""
@@ -216,15 +234,15 @@ class LowRankPrior(NamedTuple):
     @property
     def w(self):
         """``W⁻ (d, k)``, formed."""
-        return self.root * self.base
+        return _rows(self.root, self.base)
 
     def projections(self, ht):
         """For ``Hᵀ (d, m)``: ``(P⁻ Hᵀ, H P⁻ Hᵀ, b, gg)`` with ``b = Aᵀ g (k, m)`` and
         ``gg = gᵀ g (m, m)``, ``g = υ^{-1/2} Hᵀ`` (what the re-projection's Gram matrix needs)."""
         x = ht / self.ups[:, None]
-        b = self.root * (x.T @ self.base).T                       # Aᵀ g (xᵀW: XLA's CPU dot of Wᵀ x is ~4 × slower)
+        b = (_rows(self.root, x).T @ self.base).T                 # Aᵀ g (xᵀW: XLA's CPU dot of Wᵀ x is ~4 × slower)
         c = numerics.solve_lower(self.lower.T[::-1, ::-1], numerics.solve_lower(self.lower, b)[::-1])[::-1]
-        ph = x - (self.base @ (self.root * c)) / self.ups[:, None]  # υ^{-1/2} r, r = g − A c
+        ph = x - _rows(self.root, self.base @ c) / self.ups[:, None]  # υ^{-1/2} r, r = g − A c
         return ph, (ph * self.ups[:, None]).T @ ph + c.T @ c, b, ht.T @ x
 
     def times(self, ht):
@@ -233,8 +251,11 @@ class LowRankPrior(NamedTuple):
 
     def variances(self):
         """``diag(P⁻) (d,)``: ``(1 − ‖(A L⁻ᵀ)_i‖²) / υ_i``."""
-        y = self.root * numerics.solve_lower(self.lower, self.base.T).T   # W L⁻ᵀ (d, k)
-        return jnp.maximum(1.0 - jnp.sum(y * y, axis=1) / self.ups, 0.0) / self.ups
+        # W L⁻ᵀ through the small L⁻¹ (k, k): one product over the d rows, where the triangular
+        # solve with d right-hand sides (numerics.solve_lower's loop) makes k passes over them
+        inv = numerics.solve_lower(self.lower, jnp.eye(self.lower.shape[0], dtype=self.ups.dtype))
+        y = _rows(self.root, self.base @ inv.T)
+        return jnp.maximum(1.0 - _row_squares(y) / self.ups, 0.0) / self.ups
 
     def dense(self):
         d = self.ups.shape[0]
@@ -285,7 +306,7 @@ class LowRank(Representation):
         prior = _prior(ups, w, gram, root)
         if bound is not None:  # S P⁻ S: υ/s², W/s; A = υ^{-1/2} W, and so G, is unchanged
             f = numerics.variance_bound(prior.variances(), jnp.asarray(bound, ups.dtype))
-            prior = prior._replace(ups=ups / (f * f), base=prior.w / f[:, None], root=jnp.ones_like(prior.root))
+            prior = prior._replace(ups=ups / (f * f), root=_rows(prior.root, 1.0 / f))
         return prior
 
     def quad(self, prior, h):
@@ -317,8 +338,8 @@ class LowRank(Representation):
         _, v = _eigh(0.5 * (gram + gram.T))
         k, hh = self.rank, H.T @ inv
         if m > 1:
-            moved = prior.base @ (prior.root * v[:k]) + hh @ v[k:]    # υ⁻^{1/2} Ã V (d, k + m)
-            dropped = jnp.sum(moved[:, :m] ** 2, axis=1)              # diag of what leaves W
+            moved = _rows(prior.root, prior.base @ v[:k]) + hh @ v[k:]   # υ⁻^{1/2} Ã V (d, k + m)
+            dropped = _row_squares(moved[:, :m])                    # diag of what leaves W
             return _floored(prior.ups + dropped, moved[:, m:])
         w, dropped = _without(prior.base, hh[:, 0], v[:, 0], prior.root)
         return _floored(prior.ups + dropped, w)
