@@ -18,7 +18,11 @@ in LAPACK (OpenBLAS, through JAX's CPU kernels), whose own threads contend with 
 loaded 2-core machine a 300 × 300 factorisation ran 10–100 × slower with OpenBLAS's default
 threads than with one. ``--blas-threads`` sets them (default 1; 0 leaves the library's default).
 
-    python benchmarks/networks.py [--part 1 2] [--rows 2000] [--structures diag …] [--float64] [--blas-threads 1]
+``--max-variance V`` gives every filter the variance bound (each variance of ``P⁻`` at most
+``V``), as the members of :func:`kalnat.auto` have it (100 × their prior variance: 10 here);
+the bound's cost per step is the structure's, so this measures what ``auto`` pays.
+
+    python benchmarks/networks.py [--part 1 2] [--rows 2000] [--structures diag …] [--float64] [--blas-threads 1] [--max-variance 10]
 """
 
 from __future__ import annotations
@@ -50,8 +54,13 @@ def memory(learner, state, x, y):
     return held, int(getattr(analysis, "temp_size_in_bytes", 0))
 
 
+#: settings every filter shares beyond the prior variance (``--max-variance``)
+FILTER_OPTIONS = {}
+
+
 def run_filter(model, family, rep, params, X, Y, warm=64):
-    learner = kalnat.ekf(model, family, prior_var=0.1, **({} if rep is None else dict(representation=rep)))
+    learner = kalnat.ekf(model, family, prior_var=0.1, **FILTER_OPTIONS,
+                         **({} if rep is None else dict(representation=rep)))
     state = learner.init(params)
     held, temp = memory(learner, state, X[0], Y[0])
     first = kalnat.fit(learner, state, X[:warm], Y[:warm], chunk_size=warm)  # compiles
@@ -183,11 +192,15 @@ def main():
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--blas-threads", type=int, default=1,
                     help="threads of the LAPACK/BLAS library JAX's CPU factorisations call (0: its default)")
+    ap.add_argument("--max-variance", type=float, default=None,
+                    help="every filter's bound on each variance of P⁻ (kalnat.auto's members: 100 × the prior variance)")
     args = ap.parse_args()
+    if args.max_variance is not None:
+        FILTER_OPTIONS["max_variance"] = args.max_variance
     if args.blas_threads:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn
         threadpool_limits(args.blas_threads, user_api="blas")
-    print(f"BLAS threads: {args.blas_threads or 'default'}")
+    print(f"BLAS threads: {args.blas_threads or 'default'}; variance bound: {args.max_variance}")
     if args.float64:
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.float64 else jnp.float32
