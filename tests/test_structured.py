@@ -71,6 +71,26 @@ def test_low_rank_prediction_step_is_exact_on_random_problems(seed, lam, q):
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_low_rank_prediction_step_with_noise_keeps_float32_accuracy_over_a_wide_spectrum(seed):
+    """In float32, with W's directions spread over 3.5 decades and half the parameters at υ's
+    floor, the prediction step with additive noise gives diag(P⁻) to float32's accuracy (the
+    data term of N formed as Zᵀ (Wᵀ diag(ε/υ) W) Z, the product after the Gram matrix, was
+    off by ~3e-4)."""
+    eps = np.finfo(np.float32).eps
+    rng = np.random.default_rng(seed)
+    d, k, lam, q = 200, 10, 0.999, 1e-3
+    w = rng.normal(size=(d, k)) @ np.diag(np.logspace(0, 3.5, k)) @ np.linalg.qr(rng.normal(size=(k, k)))[0]
+    rows = np.sum(w * w, axis=1)
+    ups = np.where(rng.random(d) < 0.5, np.sqrt(eps) * rows, rng.uniform(0.5, 2.0, d) * rows.mean())
+    cov = kalnat.representations.LowRankPrecision(jnp.asarray(ups, jnp.float32), jnp.asarray(w, jnp.float32))
+    dense = lambda c: np.linalg.inv(np.diag(np.asarray(c.ups, np.float64))  # noqa: E731
+                                    + np.asarray(c.w, np.float64) @ np.asarray(c.w, np.float64).T)
+    expected = np.diag(dense(cov)) / lam + q
+    prior = LowRank(k).inflate(cov, 1, np.float32(lam), np.float32(q), None)
+    assert np.max(np.abs(np.diag(dense(prior)) - expected) / expected) < 1e-5
+
+
 def test_low_rank_truncation_keeps_the_precision_diagonal_and_the_top_directions():
     """Re-projection to rank k: diag(Λ⁻ + Hᵀ R⁻¹ H) kept exactly; in the prior's diagonal
     metric, the dropped part is the smallest singular directions."""

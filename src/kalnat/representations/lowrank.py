@@ -296,13 +296,15 @@ class LowRank(Representation):
             dinv = lam / (1.0 + lq)                                              # D⁻¹ (d,)
             # U σ^{1/2} = A Z; N = diag(1 − σ) + Zᵀ Aᵀ diag(ε) A Z with ε = 1 − D⁻¹/λ = lq/(1+lq):
             # a sum of positive terms, where I − (…) cancels in float32 once s is large (a
-            # well-determined direction) and q υ small. Aᵀ diag(ε) A is a Gram matrix of W, and
-            # W Z L⁻ᵀ one product of W with a k × k matrix (a solve against W's d rows would be
-            # k passes over them).
-            eps_gram = (w * (lq / ((1.0 + lq) * ups))[:, None]).T @ w
-            lower = numerics.cholesky(jnp.diag(1.0 / (1.0 + s2)) + z.T @ (0.5 * (eps_gram + eps_gram.T)) @ z)
-            inv = numerics.solve_lower(lower, jnp.eye(lower.shape[0], dtype=ups.dtype))   # L⁻¹
-            w = dinv[:, None] * (w @ (z @ inv.T)) / jnp.sqrt(lam)
+            # well-determined direction) and q υ small. The Gram matrix is of W Z, whose columns
+            # Z scales to comparable size: Zᵀ (Wᵀ diag(ε/υ) W) Z, the congruence after the
+            # product, lost ~10⁴ × the accuracy in float32 where the s spread widely.
+            wz = w @ z
+            ue = wz * jnp.sqrt(lq / ((1.0 + lq) * ups))[:, None]
+            lower = numerics.cholesky(jnp.diag(1.0 / (1.0 + s2)) + ue.T @ ue)
+            # W Z L⁻ᵀ through the small L⁻¹: one product over the d rows, not a solve against them
+            inv = numerics.solve_lower(lower, jnp.eye(lower.shape[0], dtype=ups.dtype))
+            w = dinv[:, None] * (wz @ inv.T) / jnp.sqrt(lam)
             ups, w = _floored(ups * dinv, w)
             gram = None
         prior = _prior(ups, w, gram, root)
