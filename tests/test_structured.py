@@ -195,6 +195,56 @@ def test_low_rank_one_row_deflation_keeps_the_complement_of_the_dropped_directio
     np.testing.assert_allclose(dropped, (full @ v) ** 2, rtol=1e-12)
 
 
+@pytest.mark.parametrize("d,k,m", [(9, 3, 1), (9, 3, 3), (6, 8, 1), (6, 8, 3)])
+@pytest.mark.parametrize("lam,q", [(0.9, None), (0.95, 0.05)])
+def test_low_rank_bounded_prior_and_its_update_are_the_dense_ones(d, k, m, lam, q):
+    """The variance bound's congruence held as a (d,) factor on W's rows (with forgetting's √λ,
+    or after additive noise): the prior is S (P/λ + qI) S exactly, with k < d and k ≥ d, and the
+    update from it (one row: the reflection; several: the product) is the SVD re-projection of
+    that prior (k < d) or the exact information (k ≥ d)."""
+    rng = np.random.default_rng(10 * d + k + m)
+    ups = rng.uniform(0.2, 3.0, d)
+    w = rng.normal(size=(d, k)) * rng.uniform(0.1, 3.0, k)
+    w[:, d:] = 0.0
+    cov = kalnat.representations.LowRankPrecision(jnp.asarray(ups), jnp.asarray(w))
+    P = np.linalg.inv(np.diag(ups) + w @ w.T) / lam + (0.0 if q is None else q) * np.eye(d)
+    bound = float(np.median(np.diag(P)))                          # binds on about half the rows
+    s = np.where(np.diag(P) > bound, np.sqrt(bound / np.diag(P)), 1.0)
+    expected = s[:, None] * P * s[None, :]
+    rep = LowRank(k)
+    prior = rep.inflate(cov, 1, lam, q, bound)
+    np.testing.assert_allclose(prior.dense(), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.inv(np.diag(prior.ups) + prior.w @ prior.w.T), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(prior.variances(), np.diag(expected), rtol=1e-10)
+    H = jnp.asarray(rng.normal(size=(m, d)))
+    a = rng.normal(size=(m, m))
+    R = jnp.asarray(a @ a.T + m * np.eye(m))
+    post = rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool))
+    if k >= d:
+        info = np.linalg.inv(expected) + np.asarray(H).T @ np.linalg.solve(R, H)
+        np.testing.assert_allclose(np.diag(post.ups) + post.w @ post.w.T, info, rtol=1e-10, atol=1e-10 * np.abs(info).max())
+    else:
+        ups_svd, wwt = _reprojected_by_svd(prior, H, R, k)
+        np.testing.assert_allclose(post.ups, ups_svd, rtol=1e-10)
+        np.testing.assert_allclose(post.w @ post.w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
+
+
+def test_low_rank_one_row_deflation_with_a_per_row_factor():
+    """The reflection with W = diag(root) base, root (d,) (the variance bound's factor): the
+    same kept complement and dropped diagonal as with W formed."""
+    from kalnat.representations.lowrank import _without
+    rng = np.random.default_rng(12)
+    d, k = 8, 3
+    w, h = rng.normal(size=(d, k)), rng.normal(size=d)
+    root = rng.uniform(0.3, 1.5, d)
+    full = np.concatenate([w, h[:, None]], axis=1)
+    for v in (rng.normal(size=k + 1), np.eye(k + 1)[k], -np.eye(k + 1)[k]):
+        v = v / np.linalg.norm(v)
+        kept, dropped = _without(jnp.asarray(w / root[:, None]), jnp.asarray(h), jnp.asarray(v), jnp.asarray(root))
+        np.testing.assert_allclose(kept @ kept.T, full @ (np.eye(k + 1) - np.outer(v, v)) @ full.T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dropped, (full @ v) ** 2, rtol=1e-12)
+
+
 @pytest.mark.parametrize("case", ["one-output", "isotropic-outputs"])
 def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
     """One output (G is 1 × 1), or several outputs with isotropic gaussian noise (information

@@ -82,7 +82,10 @@ def _eigh_jvp(primals, tangents):
 
 def _row_squares(w):
     """``Σ_j w_ij² (d,)`` for ``w (d, k)``, as a sum of ``k`` columns: one fused elementwise pass,
-    where XLA's CPU reduction along a short last axis is slower."""
+    where XLA's CPU reduction along a short last axis is slower (beyond 32 columns, the reduction:
+    the unrolled sum's program grows with ``k``)."""
+    if w.shape[1] > 32:
+        return jnp.sum(w * w, axis=1)
     return sum(w[:, j] * w[:, j] for j in range(w.shape[1]))
 
 
@@ -93,7 +96,7 @@ def _gram(ups, w):
 
 def _rows(root, x):
     """``diag(root) x`` for ``x (d, …)``: ``root`` a scalar or ``(d,)``."""
-    return root * x if root.ndim == 0 else root.reshape(root.shape + (1,) * (x.ndim - 1)) * x
+    return root * x if jnp.ndim(root) == 0 else root.reshape(root.shape + (1,) * (x.ndim - 1)) * x
 
 
 def _prior(ups, w, gram=None, root=None):
