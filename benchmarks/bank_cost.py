@@ -13,9 +13,14 @@ mislead), for a logistic model with d parameters:
 Banks: ``ekf_bank`` with one linearisation (K = 20, members: EKFs), and ``kalnat.auto``
 (K = 40, one and two linearisations, members: iterated EKFs with two); ``auto, one vmap`` is
 ``kalnat.auto`` with its members of both counts in one ``vmap`` (``Bank.by_iterations`` off:
-every member then runs two linearisations), what ``fit`` did before it ran them apart.
+every member then runs two linearisations), what ``fit`` did before it ran them apart;
+``auto, H a matrix`` is ``kalnat.auto`` on the same model given as a plain function, so its
+full covariances take ``H`` as a matrix: each linearisation of an iterated member then makes
+its own product with ``P`` (``kalnat.auto`` shares one between them, docs/method.md §6).
+``--classes C`` uses a linear softmax model of ``C`` classes (``kalnat learn digits``: 10 classes,
+d = 585) instead of a logistic one.
 
-    python benchmarks/bank_cost.py [--dims 32 128 512] [--rows 512]
+    python benchmarks/bank_cost.py [--dims 32 128 512] [--rows 512] [--classes 10]
 """
 
 from __future__ import annotations
@@ -65,17 +70,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[32, 128, 512])
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--classes", type=int, default=2)
     args = ap.parse_args()
-    fam = kalnat.families.Bernoulli()
+    m = args.classes - 1
+    fam = kalnat.families.Bernoulli() if m == 1 else kalnat.families.Categorical(args.classes)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float64; per row inside fit, medians")
-    print(f"{'bank':14} {'K':>3} {'d':>5} {'single ms':>10} {'bank ms':>9} {'bank/(K·1)':>11} {'/ekf':>7}")
+    print(f"{'bank':16} {'K':>3} {'d':>5} {'single ms':>10} {'bank ms':>9} {'bank/(K·1)':>11} {'/ekf':>7}")
     for d in args.dims:
-        p = d - 1
-        model = MODELS.setdefault(p, kalnat.models.linear(p))
+        p = max(1, d // m - 1)
+        d = m * (p + 1)
+        model = MODELS.setdefault(p, kalnat.models.linear(p, m))
         rng = np.random.default_rng(0)
         rows = args.rows if d <= 128 else max(64, args.rows // 4)
         X = rng.normal(size=(rows, p)) / np.sqrt(p)
-        y = (rng.random(rows) < 1 / (1 + np.exp(-X @ rng.normal(size=p) * 2))).astype(np.int64)
+        z = X @ rng.normal(size=(p, m)) * 2
+        y = ((rng.random(rows) < 1 / (1 + np.exp(-z[:, 0]))) if m == 1
+             else np.argmax(np.c_[z, np.zeros(rows)] + rng.gumbel(size=(rows, m + 1)), axis=1)).astype(np.int64)
         bound = kalnat.bank.default_max_variance(1.0)
         ekf = kalnat.ekf(model, fam, prior_var=1.0, forgetting=0.99, max_variance=bound)
         t_ekf = per_row(ekf, X, y)
@@ -83,10 +93,11 @@ def main():
         t_it2 = per_row(it2, X, y)
         cases = [("ekf_bank", kalnat.ekf_bank(model, fam), t_ekf),
                  ("auto", kalnat.auto(model, fam), t_it2),
-                 ("auto, one vmap", one_vmap(kalnat.auto(model, fam)), t_it2)]
+                 ("auto, one vmap", one_vmap(kalnat.auto(model, fam)), t_it2),
+                 ("auto, H a matrix", kalnat.auto(model.apply, fam, input_shape=(p,)), t_it2)]
         for name, bank, t_one in cases:
             t_bank = per_row(bank, X, y)
-            print(f"{name:14} {bank.size:3d} {d:5d} {t_one * 1e3:10.4f} {t_bank * 1e3:9.4f} "
+            print(f"{name:16} {bank.size:3d} {d:5d} {t_one * 1e3:10.4f} {t_bank * 1e3:9.4f} "
                   f"{t_bank / (bank.size * t_one):11.2f} {t_bank / t_ekf:7.1f}", flush=True)
 
 

@@ -1,5 +1,7 @@
 """Iterated EKF: one iteration is the EKF; many reach the one-step MAP."""
 
+import re
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -82,3 +84,50 @@ def test_bank_over_iteration_counts_equals_its_members():
         np.testing.assert_allclose(kalnat.covariance(mem), kalnat.covariance(s), rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="iterations"):
         kalnat.ekf_bank(MODEL, BERN, iterations=(1, 0))
+
+
+def _products_with(txt, d, n):
+    """How many instructions of a compiled module (outside fused computations: a fusion counts
+    once) take a ``(d, d)`` operand and give a ``(d, n)`` result: the products ``P⁻ J``."""
+    comps, cur = {}, None
+    for line in txt.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if head:
+            cur = comps.setdefault(head.group(1), [])
+        elif cur is not None and line.strip().startswith(("%", "ROOT")):
+            cur.append(line.strip())
+    fused = set(re.findall(r"calls=%([\w.\-]+)", txt))
+    count = 0
+    for name, lines in comps.items():
+        if name in fused:
+            continue
+        shapes = dict(re.findall(r"^(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])", "\n".join(lines), re.M))
+        for ln in lines:
+            m = re.match(r"(?:ROOT )?%\S+ = \w+\[(\d+),(\d+)\]\S* [\w\-]+\((.*?)\)", ln)
+            if m and (int(m.group(1)), int(m.group(2))) == (d, n):
+                if any(re.fullmatch(rf"\w+\[{d},{d}\]", shapes.get(o, ""))
+                       for o in re.findall(r"%([\w.\-]+)", m.group(3))):
+                    count += 1
+    return count
+
+
+def test_a_banks_iterated_members_share_the_product_with_a_linear_models_inputs():
+    """A linear model's rows are ``H = Δ Jᵀ`` with ``J`` its inputs, the same at every iterate, so
+    the full covariance's ``P⁻ H_iᵀ = (P⁻ J) Δ_iᵀ`` needs one product with ``P`` for all the
+    linearisations of a step. A bank runs the members of each count apart, with the count
+    known when tracing (the filter's ``lax.cond`` over a linearisation has a constant
+    predicate), and XLA computes that product once: the compiled chunk has one for the member
+    with one linearisation and one for the member with two (with the count as data, two)."""
+    model, fam = kalnat.models.linear(4, 3), kalnat.families.Categorical(4)  # d = 15, J (15, 3)
+    b = kalnat.ekf_bank(model, fam, prior_vars=(1.0,), forgettings=(0.9,), iterations=(1, 2))
+    assert b.learner.representation.dense_layers == ((3, 4),)
+    state = b.init(model.init(None))
+    xs, ys, ms = np.ones((2, 1, 4)), np.zeros((2, 1), np.int64), np.ones((2, 1), bool)
+    txt = jax.jit(lambda h, s: b.scan_chunk(h, s, xs, ys, ms)).lower(b.hyper, state).compile().as_text()
+    assert _products_with(txt, 15, 3) == 2
+    two = kalnat.iterated_ekf(model, fam, iterations=2, forgetting=0.9, max_variance=100.0)
+    one_state = two.init(model.init(None))
+    traced = jax.jit(lambda h, s: two.step(h, s, xs[0], ys[0])).lower(two.hyper, one_state).compile().as_text()
+    assert _products_with(traced, 15, 3) == 2  # the count as data: a lax.cond each
+    # one linearisation shares nothing: the EKF takes H as a matrix, its programs as they were
+    assert kalnat.ekf(model, fam).representation.dense_layers == ()

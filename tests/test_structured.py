@@ -672,43 +672,56 @@ def test_the_low_rank_form_refuses_a_derivative_rather_than_give_nan():
 _LAYERED = {}
 
 
-def _layered(family, hidden, batch, kind):
-    """The same network (``kalnat.models.linear`` with no hidden layer) and Kronecker form, ``H``
-    as the layers' factors and as a matrix: built once per case (a hypothesis example changes
-    data and hyperparameters, not programs). ``kind``: the EKF, the iterated EKF (``H δθ`` from
-    the factors) or the normal–inverse-gamma filter over the form."""
-    key = (family, hidden, batch, kind)
+def _layered(family, hidden, batch, kind, form="kron"):
+    """The same network (``kalnat.models.linear`` with no hidden layer) and form (``"kron"``, or
+    ``"full"``: the full covariance, which takes the layers from the model), ``H`` as the
+    layers' factors and as a matrix: built once per case (a hypothesis example changes data and
+    hyperparameters, not programs). ``kind``: the EKF, the iterated EKF (``H δθ`` from the
+    factors) or the normal–inverse-gamma filter over the form."""
+    key = (family, hidden, batch, kind, form)
     if key not in _LAYERED:
         fam = FAMILIES[family]
         model = (kalnat.models.mlp(4, hidden, fam.n_outputs) if hidden else kalnat.models.linear(4, fam.n_outputs))
-        rep = kronecker(model.init(jax.random.PRNGKey(0)))
+        rep = kronecker(model.init(jax.random.PRNGKey(0))) if form == "kron" else None
         plain = kalnat.models.Model(model.init, model.apply, model.input_shape, model.n_outputs)
         make = {"ekf": lambda m: kalnat.ekf(m, fam, process_noise=0.02, **opts),
                 "iterated": lambda m: kalnat.iterated_ekf(m, fam, iterations=3, process_noise=0.02, **opts),
-                "nig": lambda m: kalnat.nig_filter(m, fam, **opts)}[kind]
+                "nig": lambda m: kalnat.nig_filter(m, fam, iterations=1 if form == "kron" else 2, **opts)}[kind]
         opts = dict(prior_var=0.5, representation=rep, forgetting=0.9, max_variance=0.8)
         _LAYERED[key] = (model, make(model), make(plain))
     return _LAYERED[key]
 
 
-@pytest.mark.parametrize("family,hidden,batch,kind", [
-    ("categorical", (4, 2), 1, "ekf"),     # one example a step (a softmax's R mixes its rows): no check
-    ("categorical", (3,), 2, "ekf"),       # groups, whose R couples a minibatch's examples
-    ("categorical", (), 3, "ekf"),         # one layer of two outputs, minibatches: checked at run time
-    ("bernoulli", (3,), 2, "iterated"),    # H δθ from the factors; a one-output layer's rows
-    ("gaussian", (3,), 1, "nig")])
+@pytest.mark.parametrize("family,hidden,batch,kind,form", [
+    ("categorical", (4, 2), 1, "ekf", "kron"),    # one example a step (a softmax's R mixes its rows): no check
+    ("categorical", (3,), 2, "ekf", "kron"),      # groups, whose R couples a minibatch's examples
+    ("categorical", (), 3, "ekf", "kron"),        # one layer of two outputs, minibatches: checked at run time
+    ("bernoulli", (3,), 2, "iterated", "kron"),   # H δθ from the factors; a one-output layer's rows
+    ("gaussian", (3,), 1, "nig", "kron"),
+    # the full covariance of an iterated filter: P⁻ J from a linear model's inputs; through the
+    # matrix for a network (more widths than rows) and for several examples
+    ("categorical", (), 1, "iterated", "full"),
+    ("bernoulli", (), 1, "iterated", "full"),
+    ("gaussian", (), 1, "nig", "full"),
+    ("categorical", (3,), 1, "iterated", "full"),
+    ("categorical", (), 3, "iterated", "full")])
 @settings(max_examples=3, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), lam=st.floats(0.8, 1.0), q=st.floats(1e-4, 0.1),
        bound=st.floats(0.3, 5.0))
-def test_layer_rows_taken_from_the_model_are_the_flat_rows_of_h(family, hidden, batch, kind, seed, lam, q, bound):
-    """A ``kalnat.models`` network gives the Kronecker form each layer's rows of ``H`` as their
-    factors ``δ āᵀ`` (``Model.apply_tapped``); the same model as a plain function gives ``H``
-    as a matrix, whose rows the form checks and factors itself. Both are one filter: the same
-    θ, covariance and log-likelihoods, one row or a minibatch at a time (13 rows: a partly
-    masked last minibatch), under the EKF, the iterated EKF and the normal–inverse-gamma
-    filter; and the same predictive (``predict``, the form's ``quad``)."""
-    model, rows, flat = _layered(family, hidden, batch, kind)
+def test_layer_rows_taken_from_the_model_are_the_flat_rows_of_h(family, hidden, batch, kind, form, seed, lam, q,
+                                                                bound):
+    """A ``kalnat.models`` network gives the Kronecker form (and the full covariance) each
+    layer's rows of ``H`` as their factors ``δ āᵀ`` (``Model.apply_tapped``); the same model as
+    a plain function gives ``H`` as a matrix, whose rows the Kronecker form checks and factors
+    itself. Both are one filter: the same θ, covariance and log-likelihoods, one row or a
+    minibatch at a time (13 rows: a partly masked last minibatch), under the EKF, the iterated
+    EKF and the normal–inverse-gamma filter; and the same predictive (``predict``, the form's
+    ``quad``)."""
+    model, rows, flat = _layered(family, hidden, batch, kind, form)
     assert rows.apply_tapped is not None and flat.apply_tapped is None
+    if form == "full":
+        widths = hidden + (FAMILIES[family].n_outputs,)
+        assert rows.representation.dense_layers == tuple(zip(widths, (4,) + hidden))
     X, y = _stream(family, seed, n=13)
     params = jax.tree_util.tree_map(  # no zero layer: every row of H depends on every layer
         lambda a: a + 0.3 * jnp.asarray(np.random.default_rng(seed).normal(size=a.shape)), model.init(jax.random.PRNGKey(seed)))

@@ -183,15 +183,20 @@ class Bank(Boundary):
             return None
         return tuple((np.flatnonzero(counts == c), int(c)) for c in sorted(set(counts.tolist())))
 
-    def _over_counts(self, run, hyper, members, vectorised):
-        """``run(learner, hyper, members)`` of every member, stacked in the bank's order: over
-        the members of each count (:meth:`by_iterations`) apart with the learner built for that
-        count, where members run ``vectorised``; else at once."""
-        groups = self.by_iterations() if vectorised else None
+    def _over_counts(self, run, hyper, members):
+        """``run(learner, hyper, members, count)`` of every member, stacked in the bank's order:
+        over the members of each count (:meth:`by_iterations`) apart, with the learner built
+        for that count and the count itself (a Python int, which the members' steps may use
+        as their ``hyper.iterations``: the filter's ``lax.cond`` over each linearisation then has
+        a constant predicate, XLA drops it, and the linearisations' shared work is computed once:
+        the full covariance's product of ``P⁻`` with a linear model's inputs,
+        :meth:`~kalnat.representations.full.PriorCovariance.times_rows`); else all at once, with
+        ``count`` ``None``."""
+        groups = self.by_iterations()
         if groups is None:
-            return run(self.learner, hyper, members)
+            return run(self.learner, hyper, members, None)
         outs = [run(dataclasses.replace(self.learner, max_iterations=count),
-                    *jax.tree_util.tree_map(lambda a: a[idx], (hyper, members)))
+                    *jax.tree_util.tree_map(lambda a: a[idx], (hyper, members)), count)
                 for idx, count in groups]
         order = np.argsort(np.concatenate([idx for idx, _ in groups]), kind="stable")
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a)[order], *outs)
@@ -271,9 +276,10 @@ class Bank(Boundary):
         given ``hyper``)."""
         from kalnat.stream import scan_rows, step_or_skip
 
-        def members_of(learner, hyper, members):
+        def members_of(learner, hyper, members, count):
             def member(args):
                 h, s = args
+                h = h if count is None else h._replace(iterations=count)  # (_over_counts says why)
                 s, (pred, ll) = scan_rows(learner, h, s, xs, ys, ms)
                 return s, ((pred if keep else None), ll, jax.vmap(_all_finite)(pred, ll))
 
@@ -284,7 +290,7 @@ class Bank(Boundary):
             return jax.lax.map(member, (hyper, members), batch_size=None if group == 1 else min(group, n))
 
         group = members_per_group(state.members, self.size, self.learner, xs.shape[1])
-        members, (preds, lls, fins) = self._over_counts(members_of, hyper, state.members, group > 1)
+        members, (preds, lls, fins) = self._over_counts(members_of, hyper, state.members)
         swap = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)  # noqa: E731  (K, c, …) -> (c, K, …)
 
         def mix(weights, inp):

@@ -49,14 +49,17 @@ class LayerRows(NamedTuple):
         return jnp.repeat(a, delta.shape[0] // a.shape[0], axis=0)  # stacked: m rows an example
 
     def times(self, v):
-        """``H v (k,)`` for stacked rows and ``v (d,)`` in θ's order: row ``j``'s
-        ``Σ_l δ_jᵀ M_l ā_j``, ``M_l = [W_l | b_l]`` being layer ``l``'s part of ``v``."""
+        """``H v`` for stacked rows (or one example's) and ``v`` in θ's order, ``(d,)`` or
+        ``(d, n)``: ``(k,)`` or ``(k, n)``, row ``j``'s ``Σ_l δ_jᵀ M_l ā_j``, ``M_l = [W_l | b_l]``
+        being layer ``l``'s part of ``v`` (of each column of ``v``)."""
         out, at = 0.0, 0
         for i, delta in enumerate(self.deltas):
             n_out, p = delta.shape[-1], self.inputs[i].shape[-1]
             part = v[at:at + n_out * p]
-            m = jnp.concatenate([part[n_out:].reshape(n_out, p - 1), part[:n_out, None]], axis=1)
-            out = out + jnp.sum(delta * (self.row_inputs(i) @ m.T), axis=-1)
+            rest = part.shape[1:]
+            m = jnp.concatenate([part[n_out:].reshape((n_out, p - 1) + rest), part[:n_out, None]], axis=1)
+            t = jnp.tensordot(self.row_inputs(i), m, axes=[[-1], [1]])  # (…, n_out) + rest
+            out = out + jnp.sum(delta.reshape(delta.shape + (1,) * len(rest)) * t, axis=delta.ndim - 1)
             at += n_out * p
         return out
 
@@ -64,6 +67,18 @@ class LayerRows(NamedTuple):
         """Layer ``i``'s part of the rows for its weights, ``δ āᵀ`` without the bias column:
         ``(…, n_out, n_in)``."""
         return self.deltas[i][..., :, None] * self.row_inputs(i)[..., None, :-1]
+
+    def inputs_matrix(self):
+        """One example's ``J (d, Σ n_out)``: column ``o`` of layer ``l``'s block holds ``ā_l``
+        at the rows of ``b_l[o]`` (its last entry) and ``W_l[o, :]``, so that the example's rows
+        are ``H = Δ Jᵀ`` with ``Δ`` the layers' ``δ`` side by side."""
+        blocks = []
+        for delta, a in zip(self.deltas, self.inputs):
+            a = a.reshape(-1)
+            n_out = delta.shape[-1]
+            eye = jnp.eye(n_out, dtype=a.dtype)
+            blocks.append(jnp.concatenate([a[-1] * eye, jnp.kron(eye, a[:-1, None])], axis=0))
+        return blocks[0] if len(blocks) == 1 else jax.scipy.linalg.block_diag(*blocks)
 
     def flat(self):
         """``H (…, d)`` in θ's order: what a path that needs the rows themselves takes."""

@@ -69,6 +69,12 @@ class Representation(abc.ABC):
     def posterior(self, prior, H, R, e, aux, rows):
         ...
 
+    def for_layers(self, layers) -> "Representation":
+        """This representation taking ``H`` as the factors of the dense layers ``((n_out, n_in),
+        …)`` that make up all of θ, where it has a use for them (:class:`~kalnat.representations.
+        Full`); else itself. The filter is the same either way."""
+        return self
+
     def project(self, prior, H):
         """``(H P⁻ Hᵀ (k, k), projection)`` for ``H (k, d)``: what :meth:`gain_projected` reuses.
         A representation whose gain recomputes its quad's products (``P⁻ Hᵀ``) overrides both,

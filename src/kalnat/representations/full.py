@@ -12,6 +12,7 @@ once for ``P⁻ Hᵀ`` and once for the downdate, which writes it back in place.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from kalnat import numerics
+from kalnat.linearization import LayerRows, times
 from kalnat.representations.base import Representation
 
 __all__ = ["Covariance", "PriorCovariance", "Full"]
@@ -51,6 +53,25 @@ class PriorCovariance(NamedTuple):
             return (self.p @ ht) * self.c
         return (self.p @ (ht * self.s[:, None])) * (self.c * self.s[:, None])
 
+    def times_rows(self, H):
+        """``P⁻ Hᵀ (d, k)`` for the rows ``H``: a matrix ``(k, d)``, or :class:`LayerRows`.
+
+        One example's rows given as its dense layers' factors are ``H = Δ Jᵀ``, ``J (d, Σ n_out)``
+        the layers' inputs (:meth:`LayerRows.inputs_matrix`), ``Δ`` their ``δ`` side by side:
+        ``P⁻ Hᵀ = (P⁻ J) Δᵀ``, where the product with ``P`` no longer depends on the rows' ``δ``.
+        A linear model's ``J`` is the same at every θ, so the iterated update's linearisations
+        share that product (XLA computes it once where their count is known when the step is
+        traced: :meth:`kalnat.bank.Bank.scan_chunk`). Taken where it is no more work than
+        ``P⁻ Hᵀ`` itself (``Σ n_out ≤ k``: a linear model); else, and for several examples,
+        through the matrix."""
+        if isinstance(H, LayerRows):
+            widths = sum(delta.shape[-1] for delta in H.deltas)
+            k = H.deltas[0].shape[-2]
+            if H.examples() == 1 and widths <= k:
+                return self.times(H.inputs_matrix()) @ jnp.concatenate(H.deltas, axis=-1).T
+            H = H.flat()
+        return self.times(H.T)
+
     def matrix(self):
         """``P⁻`` as an expression (XLA fuses it into the update that consumes it)."""
         if self.s is None:
@@ -76,9 +97,16 @@ def inflate_dense(p, lam, q, bound) -> PriorCovariance:
 
 @dataclass(frozen=True)
 class Full(Representation):
-    """The covariance form; ``joseph=True`` updates ``P`` in Joseph form."""
+    """The covariance form; ``joseph=True`` updates ``P`` in Joseph form.
+
+    ``layers``: ``((n_out, n_in), …)``, θ's dense layers in its order, when the model gives its
+    rows as their factors (:func:`kalnat.linearization.linearize_layers`; a learner of more than
+    one linearisation built on a :class:`kalnat.models.Model` with ``apply_tapped`` sets them,
+    :meth:`for_layers`): then ``P⁻ Hᵀ = (P⁻ J) Δᵀ``, whose product with ``P`` a linear model's
+    linearisations share (:meth:`PriorCovariance.times_rows`). The filter is the same."""
 
     joseph: bool = False
+    layers: tuple = ()
     name = "full"
     state_type = Covariance
 
@@ -88,12 +116,23 @@ class Full(Representation):
     def inflate(self, cov, t, lam, q, bound):
         return inflate_dense(cov.p, lam, q, bound)
 
+    @property
+    def layer_rows(self):
+        return bool(self.layers)
+
+    @property
+    def dense_layers(self):
+        return self.layers
+
+    def for_layers(self, layers):
+        return self if self.layers else dataclasses.replace(self, layers=tuple(layers))
+
     def quad(self, prior, h):
-        return h @ prior.times(h.T)
+        return times(h, prior.times_rows(h))
 
     def gain(self, prior, H, R, e):
-        ph = prior.times(H.T)
-        hph = H @ ph
+        ph = prior.times_rows(H)
+        hph = times(H, ph)
         s = hph + R
         if self.joseph:
             gain = numerics.chol_solve(s, ph.T).T

@@ -28,7 +28,7 @@ from kalnat.representations.blocks import leaf_sizes
 from kalnat.representations.full import Full
 from kalnat.representations.kron import KronLayer
 
-__all__ = ["Groups", "GroupCovariance", "last_layer_full", "kronecker"]
+__all__ = ["Groups", "GroupCovariance", "last_layer_full", "kronecker", "dense_layers"]
 
 
 class GroupCovariance(NamedTuple):
@@ -201,16 +201,33 @@ def kronecker(params) -> Representation:
     with ``W (n_out, n_in)``) is one layer; any other leaf keeps a full covariance of its own.
     A weight stored ``(n_in, n_out)`` (flax's kernels) would put the factors on the wrong axes:
     still a valid covariance, but not K-FAC's form."""
+    pieces = _layer_pieces(params)
+    sizes = tuple(size for _, size in pieces)
+    parts = tuple(Full() if layer is None else KronLayer(*layer) for layer, _ in pieces)
+    return parts[0] if len(parts) == 1 else Groups(sizes, parts)
+
+
+def dense_layers(params):
+    """``((n_out, n_in), …)`` when every leaf of ``params`` is part of a dense layer, a bias
+    ``(n,)`` followed by its weights ``(n, m)`` in ``ravel_pytree``'s order (as
+    :func:`kalnat.models.linear` and :func:`kalnat.models.mlp` lay them out); else ``None``."""
+    pieces = _layer_pieces(params)
+    layers = tuple(layer for layer, _ in pieces)
+    return None if not layers or None in layers else layers
+
+
+def _layer_pieces(params):
+    """θ in consecutive pieces ``(layer, size)``: a bias leaf ``(n,)`` followed by a weight leaf
+    ``(n, m)`` is the dense layer ``(n, m)`` of ``n (m + 1)`` parameters; any other leaf is a
+    piece of its own, ``(None, its size)``."""
     leaves = [tuple(np.shape(a)) for a in jax.tree_util.tree_leaves(params)]
-    sizes, parts, i = [], [], 0
+    pieces, i = [], 0
     while i < len(leaves):
         b, w = leaves[i], leaves[i + 1] if i + 1 < len(leaves) else None
         if len(b) == 1 and w is not None and len(w) == 2 and w[0] == b[0]:
-            sizes.append(b[0] * (w[1] + 1))
-            parts.append(KronLayer(int(w[0]), int(w[1])))
+            pieces.append(((int(w[0]), int(w[1])), int(b[0] * (w[1] + 1))))
             i += 2
         else:
-            sizes.append(int(np.prod(b)))
-            parts.append(Full())
+            pieces.append((None, int(np.prod(b))))
             i += 1
-    return parts[0] if len(parts) == 1 else Groups(tuple(sizes), tuple(parts))
+    return pieces
