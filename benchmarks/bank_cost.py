@@ -18,9 +18,11 @@ every member then runs two linearisations), what ``fit`` did before it ran them 
 full covariances take ``H`` as a matrix: each linearisation of an iterated member then makes
 its own product with ``P`` (``kalnat.auto`` shares one between them, docs/method.md §6).
 ``--classes C`` uses a linear softmax model of ``C`` classes (``kalnat learn digits``: 10 classes,
-d = 585) instead of a logistic one.
+d = 585) instead of a logistic one. ``--pairs N`` times only ``auto`` against ``auto, H a matrix``,
+alternately N times each (a machine whose speed drifts favours neither), and prints the median
+of the N ratios.
 
-    python benchmarks/bank_cost.py [--dims 32 128 512] [--rows 512] [--classes 10]
+    python benchmarks/bank_cost.py [--dims 32 128 512] [--rows 512] [--classes 10] [--pairs 8]
 """
 
 from __future__ import annotations
@@ -39,17 +41,30 @@ import kalnat  # noqa: E402
 
 def per_row(learner, X, y, reps=5):
     """Median seconds per row of ``fit`` over ``X, y`` (compiled first; predictions kept)."""
-    init = lambda: learner.init(MODELS[X.shape[1]].init(None))  # noqa: E731
-    kalnat.fit(learner, init(), X, y, chunk_size=len(y))  # compile
-    times = []
-    for _ in range(reps):
-        state = init()
-        jax.block_until_ready(state)
-        t = time.perf_counter()
-        res = kalnat.fit(learner, state, X, y, chunk_size=len(y))
-        jax.block_until_ready(res.state)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / len(y)
+    kalnat.fit(learner, _init(learner, X), X, y, chunk_size=len(y))  # compile
+    return float(np.median([_once(learner, X, y) for _ in range(reps)]))
+
+
+def _init(learner, X):
+    return learner.init(MODELS[X.shape[1]].init(None))
+
+
+def _once(learner, X, y):
+    """Seconds per row of one ``fit`` over ``X, y`` from a fresh state."""
+    state = _init(learner, X)
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    res = kalnat.fit(learner, state, X, y, chunk_size=len(y))
+    jax.block_until_ready(res.state)
+    return (time.perf_counter() - t) / len(y)
+
+
+def pairs(a, b, X, y, n):
+    """``a``'s and ``b``'s seconds per row, timed alternately ``n`` times each (compiled first)."""
+    for learner in (a, b):
+        kalnat.fit(learner, _init(learner, X), X, y, chunk_size=len(y))
+    times = np.array([(_once(a, X, y), _once(b, X, y)) for _ in range(n)])
+    return times[:, 0], times[:, 1]
 
 
 MODELS = {}
@@ -71,11 +86,13 @@ def main():
     ap.add_argument("--dims", type=int, nargs="+", default=[32, 128, 512])
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--classes", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=0)
     args = ap.parse_args()
     m = args.classes - 1
     fam = kalnat.families.Bernoulli() if m == 1 else kalnat.families.Categorical(args.classes)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; float64; per row inside fit, medians")
-    print(f"{'bank':16} {'K':>3} {'d':>5} {'single ms':>10} {'bank ms':>9} {'bank/(K·1)':>11} {'/ekf':>7}")
+    if not args.pairs:
+        print(f"{'bank':16} {'K':>3} {'d':>5} {'single ms':>10} {'bank ms':>9} {'bank/(K·1)':>11} {'/ekf':>7}")
     for d in args.dims:
         p = max(1, d // m - 1)
         d = m * (p + 1)
@@ -86,6 +103,13 @@ def main():
         z = X @ rng.normal(size=(p, m)) * 2
         y = ((rng.random(rows) < 1 / (1 + np.exp(-z[:, 0]))) if m == 1
              else np.argmax(np.c_[z, np.zeros(rows)] + rng.gumbel(size=(rows, m + 1)), axis=1)).astype(np.int64)
+        if args.pairs:
+            shared, matrix = pairs(kalnat.auto(model, fam), kalnat.auto(model.apply, fam, input_shape=(p,)), X, y,
+                                   args.pairs)
+            print(f"d = {d}: auto {np.min(shared) * 1e3:.1f}–{np.max(shared) * 1e3:.1f} ms a row, "
+                  f"auto, H a matrix {np.min(matrix) * 1e3:.1f}–{np.max(matrix) * 1e3:.1f} ms; "
+                  f"median of the {args.pairs} ratios {np.median(shared / matrix):.3f}", flush=True)
+            continue
         bound = kalnat.bank.default_max_variance(1.0)
         ekf = kalnat.ekf(model, fam, prior_var=1.0, forgetting=0.99, max_variance=bound)
         t_ekf = per_row(ekf, X, y)

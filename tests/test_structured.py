@@ -687,6 +687,8 @@ def _layered(family, hidden, batch, kind, form="kron"):
         make = {"ekf": lambda m: kalnat.ekf(m, fam, process_noise=0.02, **opts),
                 "iterated": lambda m: kalnat.iterated_ekf(m, fam, iterations=3, process_noise=0.02, **opts),
                 "nig": lambda m: kalnat.nig_filter(m, fam, iterations=1 if form == "kron" else 2, **opts)}[kind]
+        if form == "full":  # the layers a bank gives its iterated members of a linear model
+            rep = Full().for_layers(kalnat.representations.groups.dense_layers(model.init(jax.random.PRNGKey(0))))
         opts = dict(prior_var=0.5, representation=rep, forgetting=0.9, max_variance=0.8)
         _LAYERED[key] = (model, make(model), make(plain))
     return _LAYERED[key]

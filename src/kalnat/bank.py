@@ -172,29 +172,35 @@ class Bank(Boundary):
 
     def by_iterations(self):
         """``((members (n,), count), …)``: the members by how many linearisations each is
-        configured for, when they differ (else ``None``). Their steps run apart, each built
-        for its own count: in one vectorised step a member of fewer would run every one the
-        step is built for (``vmap`` turns the filter's ``lax.cond`` into a select of both)."""
+        configured for, when the learner has more than one (else ``None``); one group when
+        they all have the same count. Their steps run apart, each built for its own count:
+        in one vectorised step a member of fewer would run every one the step is built for
+        (``vmap`` turns the filter's ``lax.cond`` into a select of both)."""
         counts = getattr(self.hyper, "iterations", None)
         if counts is None or getattr(self.learner, "max_iterations", 1) == 1:
             return None
         counts = np.asarray(counts).reshape(-1)
-        if counts.size != self.size or len(set(counts.tolist())) < 2:
+        if counts.size != self.size:
             return None
         return tuple((np.flatnonzero(counts == c), int(c)) for c in sorted(set(counts.tolist())))
 
-    def _over_counts(self, run, hyper, members):
+    def _over_counts(self, run, hyper, members, vectorised):
         """``run(learner, hyper, members, count)`` of every member, stacked in the bank's order:
         over the members of each count (:meth:`by_iterations`) apart, with the learner built
-        for that count and the count itself (a Python int, which the members' steps may use
-        as their ``hyper.iterations``: the filter's ``lax.cond`` over each linearisation then has
-        a constant predicate, XLA drops it, and the linearisations' shared work is computed once:
-        the full covariance's product of ``P⁻`` with a linear model's inputs,
-        :meth:`~kalnat.representations.full.PriorCovariance.times_rows`); else all at once, with
-        ``count`` ``None``."""
-        groups = self.by_iterations()
+        for that count and the count itself, where members run ``vectorised`` or the
+        linearisations share work (a full covariance given a linear model's layer, whose
+        product of ``P⁻`` with the inputs serves every linearisation:
+        :meth:`~kalnat.representations.full.PriorCovariance.times_rows`); else all at once,
+        with ``count`` ``None``. ``count`` is a Python int, which the members' steps take as
+        their ``hyper.iterations``: the filter's ``lax.cond`` over each linearisation then has
+        a constant predicate, XLA drops it, and computes the shared product once."""
+        rep = self.learner.representation
+        shares = rep.layer_rows and not rep.branches  # (the Kronecker form has its own factors)
+        groups = self.by_iterations() if vectorised or shares else None
         if groups is None:
             return run(self.learner, hyper, members, None)
+        if len(groups) == 1:
+            return run(dataclasses.replace(self.learner, max_iterations=groups[0][1]), hyper, members, groups[0][1])
         outs = [run(dataclasses.replace(self.learner, max_iterations=count),
                     *jax.tree_util.tree_map(lambda a: a[idx], (hyper, members)), count)
                 for idx, count in groups]
@@ -290,7 +296,7 @@ class Bank(Boundary):
             return jax.lax.map(member, (hyper, members), batch_size=None if group == 1 else min(group, n))
 
         group = members_per_group(state.members, self.size, self.learner, xs.shape[1])
-        members, (preds, lls, fins) = self._over_counts(members_of, hyper, state.members)
+        members, (preds, lls, fins) = self._over_counts(members_of, hyper, state.members, group > 1)
         swap = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)  # noqa: E731  (K, c, …) -> (c, K, …)
 
         def mix(weights, inp):
@@ -490,6 +496,8 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
             raise ValueError(f"max_variance must be positive or None, got {b} (prior_var {v})")
 
     top = max(counts)
+    if top > 1:
+        representation = _shared_inputs(model, family, representation)
     rep = dict(representation=representation)
     if kind == "nig":
         base = nig_filter(model, family, iterations=top, input_shape=input_shape, **rep)
@@ -515,6 +523,24 @@ def ekf_bank(model, family, *, prior_vars: Sequence[float] = DEFAULT_PRIOR_VARS,
                              f"grid, got {forgetting_mass} over forgettings {tuple(forgettings)}")
         prior = np.where(fast, float(forgetting_mass) / fast.sum(), (1.0 - float(forgetting_mass)) / (~fast).sum())
     return bank(base, configs, share=share, name=f"{kind}_bank", prior=prior)
+
+
+def _shared_inputs(model, family, representation):
+    """``representation`` (default the full covariance) given a linear model's one dense layer
+    (:meth:`~kalnat.representations.base.Representation.for_layers`): the linearisations of an
+    iterated member then share the product of ``P⁻`` with the model's inputs
+    (:meth:`~kalnat.representations.full.PriorCovariance.times_rows`, :meth:`Bank._over_counts`);
+    else ``representation`` as it was (a network's rows gain nothing from their factors there)."""
+    from kalnat.models import Model
+    from kalnat.representations import Full
+    from kalnat.representations.groups import dense_layers
+
+    if not isinstance(model, Model) or model.apply_tapped is None:
+        return representation
+    layers = dense_layers(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0))))
+    if layers is None or len(layers) != 1 or layers[0][0] > family.m:
+        return representation
+    return (representation or Full()).for_layers(layers)
 
 
 def auto(model, family, *, input_shape=None, representation=None) -> Bank:

@@ -284,7 +284,9 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
             # A cond, not a select: a member of a bank that uses fewer linearisations than the
             # bank is built for skips the work when its step runs on its own (Bank.scan_chunk's
             # members one at a time, as a representation that branches runs them); under vmap
-            # (members in groups) JAX turns it into a select of both.
+            # (members in groups) JAX turns it into a select of both. A bank's chunk gives the
+            # members of each count their count as a Python int (Bank._over_counts): the
+            # predicate is then a constant, and XLA drops the cond.
             carry = jax.lax.cond(i + 2 <= hyper.iterations, again, lambda c: c, carry)
         delta, H, R, e, aux = carry
     cov = rep.posterior(prior.cov, H, R, e, aux, jnp.repeat(mask, m))

@@ -175,7 +175,7 @@ def masked(lin: Linearization, mask) -> Linearization:
 
 
 def times(H, v):
-    """``H v`` for stacked rows ``H`` (a matrix or :class:`LayerRows`) and ``v (d,)``."""
+    """``H v`` for stacked rows ``H`` (a matrix or :class:`LayerRows`) and ``v (d,)`` or ``(d, n)``."""
     return H.times(v) if isinstance(H, LayerRows) else H @ v
 
 

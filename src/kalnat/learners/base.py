@@ -150,7 +150,9 @@ class Learner(Boundary):
       config: the settings it was built with.
       apply_tapped: the model's :attr:`~kalnat.models.Model.apply_tapped` where the
         representation takes ``H`` as its dense layers' factors (``layer_rows``: the Kronecker
-        form, alone or under the normal–inverse-gamma filter); else ``None`` (``H`` as a matrix).
+        form, alone or under the normal–inverse-gamma filter, and the full covariance given the
+        layers, as :func:`kalnat.ekf_bank` gives a linear model's iterated members); else
+        ``None`` (``H`` as a matrix).
     """
 
     name: str
@@ -294,24 +296,10 @@ def build(name, model, family, representation, *, input_shape=None, iterations=1
     if hyper.process_noise is not None and not representation.process_noise:
         raise ValueError(f"{name}: additive process noise q·I has no form here; use forgetting instead")
     tapped = getattr(model, "apply_tapped", None) if isinstance(model, Model) else None
-    if tapped is not None and not representation.layer_rows and int(iterations) > 1:
-        # the layers' factors let the linearisations of an iterated step share their products
-        # with P (Full.for_layers); one linearisation has nothing to share
-        layers = _model_layers(model)
-        if layers is not None:
-            representation = representation.for_layers(layers)
     if not representation.layer_rows:
         tapped = None
     return Learner(name, apply, family, representation, hyper, int(iterations), bool(moderated),
                    forgetting if callable(forgetting) else None, input_shape, dict(config or {}), tapped)
-
-
-def _model_layers(model: Model):
-    """The dense layers of ``model``'s parameters (:func:`kalnat.representations.groups.
-    dense_layers`), from their shapes alone; ``None`` where they are not all dense layers."""
-    from kalnat.representations.groups import dense_layers
-
-    return dense_layers(jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), jnp.uint32)))
 
 
 def make_hyper(*, prior_var=1.0, forgetting=1.0, process_noise=None, max_variance=None,

@@ -100,10 +100,10 @@ class Full(Representation):
     """The covariance form; ``joseph=True`` updates ``P`` in Joseph form.
 
     ``layers``: ``((n_out, n_in), …)``, θ's dense layers in its order, when the model gives its
-    rows as their factors (:func:`kalnat.linearization.linearize_layers`; a learner of more than
-    one linearisation built on a :class:`kalnat.models.Model` with ``apply_tapped`` sets them,
-    :meth:`for_layers`): then ``P⁻ Hᵀ = (P⁻ J) Δᵀ``, whose product with ``P`` a linear model's
-    linearisations share (:meth:`PriorCovariance.times_rows`). The filter is the same."""
+    rows as their factors (:func:`kalnat.linearization.linearize_layers`; :func:`kalnat.ekf_bank`
+    gives a linear model's layer to its iterated members, :meth:`for_layers`): then
+    ``P⁻ Hᵀ = (P⁻ J) Δᵀ``, whose product with ``P`` a linear model's linearisations share
+    (:meth:`PriorCovariance.times_rows`). The filter is the same."""
 
     joseph: bool = False
     layers: tuple = ()
