@@ -199,8 +199,9 @@ class Bank(Boundary):
         groups = self.by_iterations() if vectorised or shares else None
         if groups is None:
             return run(self.learner, hyper, members, None)
-        if len(groups) == 1:
-            return run(dataclasses.replace(self.learner, max_iterations=groups[0][1]), hyper, members, groups[0][1])
+        if len(groups) == 1:  # (no copies of the states in and out)
+            count = groups[0][1]
+            return run(dataclasses.replace(self.learner, max_iterations=count), hyper, members, count)
         outs = [run(dataclasses.replace(self.learner, max_iterations=count),
                     *jax.tree_util.tree_map(lambda a: a[idx], (hyper, members)), count)
                 for idx, count in groups]

@@ -16,7 +16,6 @@ exact conjugate posterior, and its predictive the exact one-step marginal.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -81,10 +80,6 @@ class NIG(Representation):
     @property
     def dense_layers(self):
         return self.inner.dense_layers
-
-    def for_layers(self, layers):
-        inner = self.inner.for_layers(layers)
-        return self if inner is self.inner else dataclasses.replace(self, inner=inner)
 
     @property
     def process_noise(self):
