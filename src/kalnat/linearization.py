@@ -69,16 +69,11 @@ class LayerRows(NamedTuple):
         return self.deltas[i][..., :, None] * self.row_inputs(i)[..., None, :-1]
 
     def inputs_matrix(self):
-        """One example's ``J (d, Σ n_out)``: column ``o`` of layer ``l``'s block holds ``ā_l``
-        at the rows of ``b_l[o]`` (its last entry) and ``W_l[o, :]``, so that the example's rows
-        are ``H = Δ Jᵀ`` with ``Δ`` the layers' ``δ`` side by side."""
-        blocks = []
-        for delta, a in zip(self.deltas, self.inputs):
-            a = a.reshape(-1)
-            n_out = delta.shape[-1]
-            eye = jnp.eye(n_out, dtype=a.dtype)
-            blocks.append(jnp.concatenate([a[-1] * eye, jnp.kron(eye, a[:-1, None])], axis=0))
-        return blocks[0] if len(blocks) == 1 else jax.scipy.linalg.block_diag(*blocks)
+        """One example's rows of one layer as ``H = δ Jᵀ``: ``J (d, n_out)``, column ``o`` holding
+        ``ā`` at the rows of ``b[o]`` (its last entry) and ``W[o, :]``."""
+        a = self.inputs[0].reshape(-1)
+        eye = jnp.eye(self.deltas[0].shape[-1], dtype=a.dtype)
+        return jnp.concatenate([a[-1] * eye, jnp.kron(eye, a[:-1, None])], axis=0)
 
     def flat(self):
         """``H (…, d)`` in θ's order: what a path that needs the rows themselves takes."""

@@ -56,19 +56,17 @@ class PriorCovariance(NamedTuple):
     def times_rows(self, H):
         """``P⁻ Hᵀ (d, k)`` for the rows ``H``: a matrix ``(k, d)``, or :class:`LayerRows`.
 
-        One example's rows given as its dense layers' factors are ``H = Δ Jᵀ``, ``J (d, Σ n_out)``
-        the layers' inputs (:meth:`LayerRows.inputs_matrix`), ``Δ`` their ``δ`` side by side:
-        ``P⁻ Hᵀ = (P⁻ J) Δᵀ``, where the product with ``P`` no longer depends on the rows' ``δ``.
-        A linear model's ``J`` is the same at every θ, so the iterated update's linearisations
-        share that product (XLA computes it once where their count is known when the step is
-        traced: :meth:`kalnat.bank.Bank.scan_chunk`). Taken where it is no more work than
-        ``P⁻ Hᵀ`` itself (``Σ n_out ≤ k``: a linear model); else, and for several examples,
-        through the matrix."""
+        One example's rows of one dense layer (a linear model) are ``H = Δ Jᵀ``, ``J (d, n_out)``
+        its inputs (:meth:`LayerRows.inputs_matrix`), ``Δ`` the rows' ``δ``:
+        ``P⁻ Hᵀ = (P⁻ J) Δᵀ``, where the product with ``P`` no longer depends on ``δ``. ``J`` is
+        the same at every θ, so the iterated update's linearisations share that product (XLA
+        computes it once where their count is known when the step is traced:
+        :meth:`kalnat.bank.Bank.scan_chunk`). Taken where it is no more work than ``P⁻ Hᵀ``
+        itself (``n_out ≤ k``); else, for several layers or examples, through the matrix."""
         if isinstance(H, LayerRows):
-            widths = sum(delta.shape[-1] for delta in H.deltas)
-            k = H.deltas[0].shape[-2]
-            if H.examples() == 1 and widths <= k:
-                return self.times(H.inputs_matrix()) @ jnp.concatenate(H.deltas, axis=-1).T
+            delta = H.deltas[0]
+            if len(H.deltas) == 1 and H.examples() == 1 and delta.shape[-1] <= delta.shape[-2]:
+                return self.times(H.inputs_matrix()) @ delta.T
             H = H.flat()
         return self.times(H.T)
 
