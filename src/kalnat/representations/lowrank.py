@@ -40,11 +40,17 @@ while ``H P⁻ Hᵀ``, a sum of squares, stays accurate to ~``ε``. Sums over
 ``d`` are all the step needs between the rows of ``W``: sharded by parameter (:mod:`kalnat.sharded`),
 a step all-reduces ``k × k`` and ``k × m`` pieces and never gathers ``W``.
 
-No derivative in the hyperparameters: JAX's derivative of the eigendecomposition divides by
-differences of eigenvalues, which repeat (all zero at the prior: the step depends only on the
-eigenspaces, so a derivative exists, but JAX's is NaN there). A derivative through the step
-(``jax.grad`` of :func:`kalnat.log_evidence`) is refused, a ``ValueError`` saying so, not a NaN;
-the evidence's gradient needs another representation.
+**A derivative in the hyperparameters** (``jax.grad`` or ``jax.jvp`` of
+:func:`kalnat.log_evidence` in forgetting, the prior variance, the variance bound) goes through
+the re-projection's eigendecomposition, whose eigenvalues repeat (all zero at the prior), where
+JAX's own derivative divides by their differences and is NaN. The step depends on it only
+through two eigenspaces, the ``m`` directions dropped and the ``k`` kept (``W Wᵀ`` and the
+dropped diagonal are functions of their projectors), so the derivative rotates no eigenvector
+within its own group: only pairs across the two groups, whose eigenvalues differ wherever the
+truncation is differentiable, enter it (:func:`_eigenspaces`). The prediction step with
+additive process noise uses every eigenvector and its eigenvalue, and there a repeated
+eigenvalue leaves JAX's derivative NaN: a derivative through it is refused, a ``ValueError``
+saying so.
 
 With ``k ≥ d`` nothing is ever dropped (``Ã`` has rank at most ``d``) and it is the exact EKF
 (up to a floor on υ, ``√ε Λ_ii``, which keeps it from underflowing under forgetting and never
@@ -53,6 +59,7 @@ binds in a short stream).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -74,10 +81,41 @@ def _eigh(a):
 
 @_eigh.defjvp
 def _eigh_jvp(primals, tangents):
-    raise ValueError("the low-rank form (LowRank, wherever it is used) refuses a derivative: JAX's derivative "
-                     "of its step's eigendecomposition divides by differences of eigenvalues, which repeat (all "
-                     "zero at the prior), and would be NaN; differentiate log_evidence through another "
-                     "representation (full, diagonal, Kronecker, …)")
+    raise ValueError("the low-rank form's prediction step with additive process noise (LowRank, wherever it is "
+                     "used) refuses a derivative: JAX's derivative of its eigendecomposition divides by "
+                     "differences of eigenvalues, which repeat (all zero at the prior), and would be NaN; "
+                     "differentiate log_evidence without process_noise, or through another representation "
+                     "(full, diagonal, Kronecker, …)")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _eigenspaces(a, m):
+    """``jnp.linalg.eigh(a)`` (eigenvalues ascending) for a use that depends only on the span of
+    the first ``m`` eigenvectors and on the span of the rest.
+
+    Its derivative is the eigenvectors' (``dV = V (F ∘ Vᵀ dA V)``, ``F_ij = 1/(λ_j − λ_i)``) with
+    ``F`` zero for every pair within one group: a rotation within a group changes neither
+    projector, and leaving it out avoids the division by a repeated eigenvalue that makes JAX's
+    derivative NaN. Pairs across the groups whose eigenvalues agree to rounding are left out as
+    well: where those are zero (directions the step's ``Ã`` does not excite, as at the prior),
+    ``Ã`` takes both eigenvectors to zero and the rotation changes nothing; elsewhere the
+    truncation itself has no derivative."""
+    return jnp.linalg.eigh(a)
+
+
+@_eigenspaces.defjvp
+def _eigenspaces_jvp(m, primals, tangents):
+    (a,), (da,) = primals, tangents
+    out = jnp.linalg.eigh(a)
+    w, v = out
+    n = a.shape[0]
+    e = v.T @ da @ v
+    kept = jnp.arange(n) >= m
+    gap = w[None, :] - w[:, None]                                     # λ_j − λ_i
+    tol = 10 * n * jnp.finfo(a.dtype).eps * jnp.max(jnp.abs(w))
+    across = (kept[:, None] != kept[None, :]) & (jnp.abs(gap) > tol)
+    f = jnp.where(across, 1.0 / jnp.where(across, gap, 1.0), 0.0)
+    return out, type(out)(jnp.diagonal(e), v @ (f * e))
 
 
 def _row_squares(w):
@@ -343,7 +381,7 @@ class LowRank(Representation):
         m = b.shape[1]
         gram = jnp.concatenate([jnp.concatenate([prior.gram, b], axis=1),
                                 jnp.concatenate([b.T, gg], axis=1)], axis=0)
-        _, v = _eigh(0.5 * (gram + gram.T))
+        _, v = _eigenspaces(0.5 * (gram + gram.T), m)
         k, hh = self.rank, H.T @ inv
         if m > 1:
             moved = _rows(prior.root, prior.base @ v[:k]) + hh @ v[k:]   # υ⁻^{1/2} Ã V (d, k + m)
