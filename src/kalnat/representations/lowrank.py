@@ -50,7 +50,8 @@ within its own group: only pairs across the two groups, whose eigenvalues differ
 truncation is differentiable, enter it (:func:`_eigenspaces`). The prediction step with
 additive process noise uses every eigenvector and its eigenvalue, and there a repeated
 eigenvalue leaves JAX's derivative NaN: a derivative through it is refused, a ``ValueError``
-saying so.
+saying so. First derivatives only: a second derivative with reverse mode through the stream's
+``lax.scan`` (``jax.hessian`` of the evidence) does not take this rule and is NaN.
 
 With ``k ≥ d`` nothing is ever dropped (``Ã`` has rank at most ``d``) and it is the exact EKF
 (up to a floor on υ, ``√ε Λ_ii``, which keeps it from underflowing under forgetting and never
@@ -106,7 +107,7 @@ def _eigenspaces(a, m):
 @_eigenspaces.defjvp
 def _eigenspaces_jvp(m, primals, tangents):
     (a,), (da,) = primals, tangents
-    out = jnp.linalg.eigh(a)
+    out = _eigenspaces(a, m)  # itself, so that forward over forward also takes this rule
     w, v = out
     n = a.shape[0]
     e = v.T @ da @ v
