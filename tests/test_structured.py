@@ -627,11 +627,12 @@ def _evidence_problem(rep, family):
     return kalnat.ekf(model, fam, representation=rep(params)), params, X, y
 
 
-def _evidence_derivative(rep, names, at, direction, family="gaussian"):
+def _evidence_derivative(rep, names, at, direction, family="gaussian", reverse=False):
     """The derivative of the log evidence of :func:`_evidence_problem` in the hyperparameters
     ``names`` at ``at`` along ``direction``, by forward mode (``jax.jvp``: the derivative
-    ``jax.grad`` gives, in a program that compiles in a fifth of the time; the reverse mode's own
-    hazard is tested apart) and by central differences (float64)."""
+    ``jax.grad`` gives, in a program that compiles in a fifth of the time), or with ``reverse``
+    by ``jax.grad`` (its own hazards: a root's derivative where it is unused), and by central
+    differences (float64)."""
     learner, params, X, y = _evidence_problem(rep, family)
     at, direction = jnp.asarray(at, jnp.float64), jnp.asarray(direction, jnp.float64)
 
@@ -641,7 +642,10 @@ def _evidence_derivative(rep, names, at, direction, family="gaussian"):
         return kalnat.log_evidence(learner, learner.hyper._replace(**{n: values[i] for i, n in enumerate(names)}),
                                    params, X, y)
 
-    derivative = jax.jit(lambda: jax.jvp(along, (0.0,), (1.0,))[1])()
+    if reverse:
+        derivative = jax.jit(jax.grad(along))(0.0)
+    else:
+        derivative = jax.jit(lambda: jax.jvp(along, (0.0,), (1.0,))[1])()
     h = 1e-6
     return float(derivative), float((along(h) - along(-h)) / (2 * h))
 
@@ -673,16 +677,17 @@ def test_the_kronecker_posteriors_weights_have_a_finite_gradient_at_zero():
 _LOW_RANK_DERIVATIVE = (("forgetting", "prior_var", "max_variance"), (0.95, 0.5, 1.0), (0.01, 0.1, 0.05))
 
 
-@pytest.mark.parametrize("family,rep", [
-    ("gaussian", lambda params: LowRank(2)),                             # one output: the one-row deflation
-    ("categorical", lambda params: last_layer_full(params, LowRank(2))),  # two: the (k + m)² Gram's eigenvectors
+@pytest.mark.parametrize("family,rep,reverse", [
+    ("gaussian", lambda params: LowRank(2), False),                             # one output: the one-row deflation
+    ("categorical", lambda params: last_layer_full(params, LowRank(2)), False),  # two: the (k + m)² Gram's eigenvectors
+    ("categorical", lambda params: LowRank(2), True),                           # the same by jax.grad, k < d
 ])
-def test_derivative_of_the_evidence_through_the_low_rank_form_matches_finite_differences(family, rep):
-    """Through forgetting, the prior and the variance bound at once. The re-projection's
-    eigenvalues repeat (all zero at the prior), where JAX's own derivative of the
-    eigendecomposition divides by zero and is NaN; the step depends only on the dropped and the
-    kept eigenspaces, whose derivative is finite."""
-    derivative, fd = _evidence_derivative(rep, *_LOW_RANK_DERIVATIVE, family)
+def test_derivative_of_the_evidence_through_the_low_rank_form_matches_finite_differences(family, rep, reverse):
+    """Through forgetting, the prior and the variance bound at once, by forward and by reverse
+    mode. The re-projection's eigenvalues repeat (all zero at the prior), where JAX's own
+    derivative of the eigendecomposition divides by zero and is NaN; the step depends only on
+    the dropped and the kept eigenspaces, whose derivative is finite."""
+    derivative, fd = _evidence_derivative(rep, *_LOW_RANK_DERIVATIVE, family, reverse)
     assert np.isfinite(derivative)
     np.testing.assert_allclose(derivative, fd, rtol=1e-6)
 
@@ -691,8 +696,9 @@ def test_derivative_of_the_evidence_through_the_low_rank_form_matches_finite_dif
 def test_the_low_rank_forms_gradient_at_rank_at_least_d_is_the_exact_ekfs(family):
     """With k ≥ d (21 and 26 parameters, k = 30) nothing is dropped and the filter is the exact
     EKF: so is the evidence's gradient (``jax.grad``, reverse mode) in the three hyperparameters,
-    to rounding (the eigenvectors of the directions the data do not excite, whose eigenvalues are
-    zero, are left unrotated)."""
+    to rounding. The dropped directions are ones the data do not excite, so this checks that the
+    reverse mode is finite and exact where nothing is truncated, not the eigenspaces' derivative
+    itself (the finite-difference test above does)."""
     names, at, _ = _LOW_RANK_DERIVATIVE
 
     def gradient(rep):

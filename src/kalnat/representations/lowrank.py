@@ -97,8 +97,8 @@ def _eigenspaces(a, m):
     Its derivative is the eigenvectors' (``dV = V (F ∘ Vᵀ dA V)``, ``F_ij = 1/(λ_j − λ_i)``) with
     ``F`` zero for every pair within one group: a rotation within a group changes neither
     projector, and leaving it out avoids the division by a repeated eigenvalue that makes JAX's
-    derivative NaN. Pairs across the groups whose eigenvalues agree to rounding are left out as
-    well: where those are zero (directions the step's ``Ã`` does not excite, as at the prior),
+    derivative NaN. Pairs across the groups whose gap is below ``10 n ε`` of the largest
+    eigenvalue are left out as well: where those are zero (directions the step's ``Ã`` does not excite, as at the prior),
     ``Ã`` takes both eigenvectors to zero and the rotation changes nothing; elsewhere the
     truncation itself has no derivative."""
     return jnp.linalg.eigh(a)
