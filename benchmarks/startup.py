@@ -31,10 +31,13 @@ With ``--phases`` it prints where the seconds of a first and of a warm ``kalnat 
 timed inside the command's process: imports, learning, the figures' wait.
 
 With ``--digits full diag …`` it times ``kalnat learn digits --covariance X`` instead, each with
-an empty compilation cache (what docs/cli.md quotes), and prints its log-loss and accuracy.
+an empty compilation cache (what docs/cli.md quotes), and prints its log-loss and accuracy;
+``--dtypes auto float64`` runs each with each ``--dtype`` (``auto``: float32 for digits' full
+covariance).
 
     python benchmarks/startup.py [--dims 8 32 128 512] [--repeat 3] [--per-row | --no-per-row] [--inline]
     python benchmarks/startup.py --digits full diag blocks kron
+    python benchmarks/startup.py --digits full --dtypes auto float64 auto float64
     python benchmarks/startup.py --phases
 """
 
@@ -256,16 +259,21 @@ def _per_row_table(dims, repeat, passes):
               f"{g * 1e6:7.1f} {g / b:10.2f}", flush=True)
 
 
-def digits_table(kalnat_cmd, covariances, env, cache, out):
-    """``kalnat learn digits --covariance X``: wall seconds (empty cache), log-loss, accuracy."""
-    print(f"{'kalnat learn digits':<32}{'seconds':>8}{'log-loss':>10}{'accuracy':>10}")
+def digits_table(kalnat_cmd, covariances, dtypes, env, cache, out):
+    """``kalnat learn digits --covariance X --dtype T``: wall seconds (empty cache), log-loss,
+    accuracy, and the dtype ``auto`` chose; for each X the dtypes in turn."""
+    print(f"{'kalnat learn digits':<42}{'seconds':>8}{'log-loss':>10}{'accuracy':>10}  dtype")
     try:
         for cov in covariances:
-            shutil.rmtree(cache, ignore_errors=True)
-            t = wall(kalnat_cmd + ["learn", "digits", "--covariance", cov, "--quiet", "--out", out], env)
-            with open(os.path.join(out, "metrics.json")) as f:
-                final = json.load(f)["final"]
-            print(f"{'--covariance ' + cov:<32}{t:>8.1f}{final['log_loss']:>10.4f}{final['accuracy']:>10.3f}")
+            for dtype in dtypes:
+                shutil.rmtree(cache, ignore_errors=True)
+                t = wall(kalnat_cmd + ["learn", "digits", "--covariance", cov, "--dtype", dtype, "--quiet",
+                                       "--out", out], env)
+                with open(os.path.join(out, "metrics.json")) as f:
+                    metrics = json.load(f)
+                final = metrics["final"]
+                print(f"{'--covariance ' + cov + ' --dtype ' + dtype:<42}{t:>8.1f}{final['log_loss']:>10.4f}"
+                      f"{final['accuracy']:>10.3f}  {metrics['dtype']}", flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -283,6 +291,8 @@ def main():
                     help="only where the seconds of a first and a warm `kalnat learn` go")
     ap.add_argument("--digits", nargs="+", metavar="COVARIANCE",
                     help="only `kalnat learn digits --covariance X` for each X, cold cache")
+    ap.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "float64"],
+                    help="with --digits: each X with each --dtype, in this order (repeat them to alternate)")
     args = ap.parse_args()
     if args.inline:  # read when JAX creates its CPU client: before the first import here
         os.environ["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "0"
@@ -294,7 +304,7 @@ def main():
     env = dict(os.environ, KALNAT_CACHE_DIR=cache)
     env.pop("KALNAT_NO_CACHE", None)
     if args.digits:
-        return digits_table(kalnat_cmd, args.digits, env, cache, out)
+        return digits_table(kalnat_cmd, args.digits, args.dtypes, env, cache, out)
     if args.phases:
         try:
             learn = ["learn", "breast_cancer", "--quiet", "--out", out]

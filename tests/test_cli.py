@@ -4,6 +4,7 @@ import csv
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -312,6 +313,55 @@ def test_default_covariance_is_chosen_by_size_and_recorded(tmp_path, logistic_cs
     header = checkpoint.read_header(out / "model.npz")
     assert header["state_type"] == "State[LowRankPrecision]" and header["extra"]["covariance"] == "lowrank:10"
     assert "lowrank:K" in _user_error(["learn", logistic_csv, "--covariance", "lowrank:0"])
+
+
+def test_dtype_is_float32_where_a_filters_covariance_is_large_and_is_recorded(tmp_path, logistic_csv):
+    """--dtype auto: float64 up to AUTO_FLOAT32_ABOVE numbers in one filter's covariance,
+    float32 beyond (an MLP of 321 parameters: 103 041). --dtype float32 runs the filter in
+    float32 (its state, the report saying so) and the checkpoint records it, predicting what the
+    float64 run predicts to float32's precision (a linear model: an MLP's path through 120 rows
+    moves with rounding); a float64 checkpoint written before --dtype (no such field) still loads
+    as float64, not as what auto now picks; a bad --dtype is a one-line error."""
+    from kalnat import cli_learn
+    from kalnat.cli_choices import AUTO_FLOAT32_ABOVE, resolve_dtype
+    assert resolve_dtype("auto", AUTO_FLOAT32_ABOVE) == "float64"
+    assert resolve_dtype(None, AUTO_FLOAT32_ABOVE + 1) == "float32"
+    assert resolve_dtype("float64", 10**9) == "float64" and resolve_dtype("Float32", 1) == "float32"
+    with pytest.raises(ValueError, match="--dtype"):
+        resolve_dtype("float16", 1)
+    family = cli_learn.make_family("bernoulli")
+    for model, dtype in (("linear", "float64"), ("mlp:64", "float32")):
+        cfg = {"model_spec": model, "method": "ekf", "prior_var": 0.1, "forgetting": None, "covariance": "auto"}
+        state = cli_learn.build_learner(cfg, family, 3)[2]
+        assert {a.dtype.name for a in jax.tree_util.tree_leaves(state) if a.dtype.kind == "f"} == {dtype}
+
+    def learned(name, options):
+        out = tmp_path / name
+        _ok(["learn", logistic_csv, "--out", str(out), "--quiet", "--prior-var", "1"] + options)
+        rows = list(csv.DictReader(io.StringIO(_ok(["predict", "--model-dir", str(out), logistic_csv]).output)))
+        return out, json.loads((out / "metrics.json").read_text()), np.array([float(r["prob_1"]) for r in rows])
+
+    probs = {}
+    for dtype, option in (("float32", ["--dtype", "float32"]), ("float64", [])):
+        out, metrics, probs[dtype] = learned(dtype, option)
+        assert metrics["dtype"] == dtype and metrics["learner_text"] == ("ekf, float32" if dtype == "float32" else "ekf")
+        assert metrics["final"]["log_loss"] < 0.6
+        header = checkpoint.read_header(out / "model.npz")
+        assert header["extra"]["dtype"] == dtype
+        assert {spec[1] for spec in header["leaves"] if spec[1].startswith("float")} == {dtype}
+    np.testing.assert_allclose(probs["float32"], probs["float64"], atol=1e-5)
+    # a float64 checkpoint as an earlier version wrote it, no dtype in its header, of a model
+    # that auto now runs in float32
+    out, _, before = learned("old", ["--model", "mlp:64", "--dtype", "float64"])
+    with np.load(out / "model.npz") as f:
+        arrays = {k: f[k] for k in f}
+    header = json.loads(bytes(arrays["__header__"]).decode())
+    del header["extra"]["dtype"]
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(out / "model.npz", **arrays)
+    rows = list(csv.DictReader(io.StringIO(_ok(["predict", "--model-dir", str(out), logistic_csv]).output)))
+    np.testing.assert_array_equal([float(r["prob_1"]) for r in rows], before)
+    assert "--dtype" in _user_error(["learn", logistic_csv, "--dtype", "float16"])
 
 
 def test_delimiter_by_name_and_a_hint_for_a_tsv(tmp_path):

@@ -23,8 +23,8 @@ import click
 import numpy as np
 
 from kalnat.cli_choices import (
-    AUTO_FULL_MAX, COVARIANCES, DEFAULT_RANK, DEFAULT_SCALING, FAMILIES, METHOD_NAMES, SCALINGS, parse_covariance,
-    parse_delimiter, parse_model,
+    AUTO_FLOAT32_ABOVE, AUTO_FULL_MAX, COVARIANCES, DEFAULT_RANK, DEFAULT_SCALING, DTYPES, FAMILIES, METHOD_NAMES,
+    SCALINGS, parse_covariance, parse_delimiter, parse_model, resolve_dtype,
 )
 from kalnat.datasets import DataError
 
@@ -48,8 +48,8 @@ def cache_dir():
 
 
 def _jax():
-    """Imports jax for a command that computes: float64 (the filter's covariance benefits from
-    the precision) and the persistent compilation cache (safe to delete: it holds compiled
+    """Imports jax for a command that computes: float64 enabled (the filters run in it unless
+    ``--dtype`` or its ``auto`` says float32) and the persistent compilation cache (safe to delete: it holds compiled
     programs, keyed by the program, JAX's version and the machine, and copies of bundled data
     sets)."""
     import jax
@@ -162,6 +162,11 @@ def _settings_options(f):
                      "(K-FAC's form). auto: full up to "
                      f"{AUTO_FULL_MAX} parameters, lowrank:{DEFAULT_RANK} beyond. For --method ekf, "
                      "iterated and nig, and the bank."),
+        click.option("--dtype", default="auto", show_default=True, metavar="|".join(DTYPES),
+                     help="The filters' numbers: auto is float32 where a filter's covariance holds "
+                     f"more than {AUTO_FLOAT32_ABOVE} numbers (a full covariance beyond 256 "
+                     "parameters: its update's time is the memory's, which float32 halves), "
+                     "float64 below."),
         click.option("--forget", "forgetting", default=None, type=float,
                      metavar="λ", help="Forgetting factor in (0, 1]; < 1 follows drift "
                      "(natural gradient with learning rate → 1 − λ). Default, with no "
@@ -200,11 +205,12 @@ def _settings_options(f):
 def _config(kw) -> dict:
     cfg = {k: kw[k] for k in ("target", "family", "classes", "model_spec", "method", "forgetting",
                               "prior_var", "batch_size", "clip", "scaling", "seed", "skip_bad_rows",
-                              "covariance")}
+                              "covariance", "dtype")}
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
     parse_model(cfg["model_spec"])  # early, clear error for a bad --model
     parse_covariance(cfg["covariance"])  # early, clear error for a bad --covariance
+    resolve_dtype(cfg["dtype"], 0)  # and for a bad --dtype
     if cfg["forgetting"] is not None and not 0 < cfg["forgetting"] <= 1:
         raise click.BadParameter("must lie in (0, 1]", param_hint="--forget")
     if cfg["prior_var"] is not None and not cfg["prior_var"] > 0:

@@ -17,6 +17,29 @@ DEFAULT_RANK = 10
 AUTO_FULL_MAX = 1024
 
 
+# The numbers the filters compute in (--dtype). auto: float32 where one filter's covariance
+# holds more than AUTO_FLOAT32_ABOVE numbers (a full covariance beyond 256 parameters), float64
+# below. A row's update reads and writes the whole state, so beyond the caches its time is the
+# memory's, and float32 halves it: `kalnat learn digits` (d = 585, 40 members, a cold cache)
+# took 53.8 and 57.6 s against 79.9 and 77.1 s in float64, with log-loss 0.2276 against 0.2286
+# (benchmarks/startup.py --digits full --dtypes auto float64 auto float64; docs/cli.md). Small
+# problems keep float64, whose cost there is the dispatch's, not the arithmetic's. The full covariance's update stays positive definite in float32 over 10⁶ rows
+# of ill-scaled features (docs/benchmarks.md), and the structured forms are built for it.
+DTYPES = ("auto", "float32", "float64")
+AUTO_FLOAT32_ABOVE = 2**16
+
+
+def resolve_dtype(spec, stored: int) -> str:
+    """``--dtype`` for filters that each keep ``stored`` numbers, ``auto`` resolved (what a
+    checkpoint records)."""
+    name = (spec or "auto").strip().lower()
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {spec!r}: expected one of {', '.join(DTYPES)}")
+    if name == "auto":
+        return "float32" if stored > AUTO_FLOAT32_ABOVE else "float64"
+    return name
+
+
 def parse_covariance(spec: str):
     """``--covariance``: ``(kind, rank)``; ``rank`` is ``None`` but for ``lowrank[:K]`` and
     ``last-layer[:K]`` (default rank 10)."""

@@ -311,7 +311,8 @@ class LoadedKeyedModel(LoadedModel):
         classes = extra["classes"]
         cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
                "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"],
-               "covariance": extra.get("covariance", "full")}
+               "covariance": extra.get("covariance", "full"),
+               "dtype": extra.get("dtype", "float64")}  # (written before --dtype: float64)
         learner, params = shard_factory(cfg, extra["family"], classes, len(extra["feature_names"]))
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
         files = [os.path.join(path, f"shard_{i}.npz") for i in range(int(extra["n_shards"]))] if folder else [path]

@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 import kalnat
 from kalnat import baselines, checkpoint, datasets, families, models, representations, saved, scaling, schedules
 from kalnat.cli_choices import (  # noqa: F401
-    COVARIANCES, DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_covariance, parse_model, resolve_covariance)
+    COVARIANCES, DEFAULT_SCALING, METHOD_NAMES, SCALINGS, parse_covariance, parse_model, resolve_covariance,
+    resolve_dtype)
 
 __all__ = ["METHODS", "parse_model", "build_learner", "resolve_task", "OnlineRunner",
            "learn_stream", "LearnResult", "LoadedModel", "PredictionWriter"]
@@ -149,7 +150,8 @@ def single_settings(cfg: dict) -> tuple[float, float]:
 
 
 def build_learner(cfg: dict, family: families.Family, n_features: int):
-    """``(model, learner, initial state)`` from the command's settings.
+    """``(model, learner, initial state)`` from the command's settings, in ``cfg["dtype"]``
+    (:func:`~kalnat.cli_choices.resolve_dtype`).
 
     With :func:`uses_bank` the learner is :func:`kalnat.auto` (or, when ``cfg["bank"]`` holds
     keyword arguments of :func:`kalnat.ekf_bank`, that bank); otherwise ``cfg["method"]`` at
@@ -174,7 +176,9 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
     else:
         learner = METHODS[cfg["method"]](model, family, *single_settings(cfg), **extra)
     filters = learner.size if isinstance(learner, kalnat.bank.Bank) else 1
-    needed = 8 * filters * representations.stored_floats(rep, d)
+    stored = representations.stored_floats(rep, d)
+    dtype = np.dtype(resolve_dtype(cfg.get("dtype"), stored))
+    needed = dtype.itemsize * filters * stored
     if needed > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
         kind = "covariance" if rep is None else f"--covariance {resolve_covariance(cfg.get('covariance'), d)}"
         raise ValueError(f"--model {cfg['model_spec']} on {n_features} features has {d} parameters: "
@@ -182,6 +186,8 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
                          f"{needed / 2**30:.0f} GiB; use a smaller model, --covariance diag, a "
                          "smaller rank or one filter (--prior-var)")
     params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))  # as kalnat.models' own, bit for bit
+    # the filter computes in its parameters' dtype (kalnat.fit casts the rows to it)
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     return model, learner, learner.init(params)
 
 
@@ -333,6 +339,7 @@ class OnlineRunner:
         self.n_parameters = size // self.bank.size if self.bank else size
         own_form = self.cfg["method"] not in ("ekf", "iterated", "nig")
         self.covariance = "full" if own_form else resolve_covariance(self.cfg.get("covariance"), self.n_parameters)
+        self.dtype = np.dtype(jax.tree_util.tree_leaves(self.state.params)[0].dtype).name
         self.weights = None  # (n, K) the bank's weights when each row of the last block was predicted
         self.scaler = scaling.init(n_features)
         self.gaussian = self.family.name == "gaussian"
@@ -518,6 +525,7 @@ class OnlineRunner:
             "model": self.cfg["model_spec"],
             "method": self.cfg["method"],
             "covariance": self.covariance,
+            "dtype": self.dtype,
             "prior_var": self.cfg.get("prior_var"),
             "forgetting": self.cfg.get("forgetting"),
             "bank": self.cfg.get("bank"),
@@ -707,7 +715,8 @@ def run_metrics(source, runner, cfg: dict, protocol: str, skipped, acc, t_learn,
                                                "batch_size", "clip", "seed")},
         "scaling": runner.scheme,
         "learner": runner.learner.name,
-        "learner_text": learner_text(runner.learner, cfg),
+        "learner_text": learner_text(runner.learner, cfg, runner.dtype),
+        "dtype": runner.dtype,
         "protocol": protocol,
         "rows_seen": rows,
         "rows_skipped": len(skipped),
@@ -814,13 +823,15 @@ def bank_report(bank, state, acc: Accumulator) -> dict:
     }
 
 
-def learner_text(learner, cfg: dict) -> str:
-    """What runs, in words: ``"ekf"`` or ``"bank of 40 EKFs (1 or 2 linearisations)"``."""
+def learner_text(learner, cfg: dict, dtype: str = "float64") -> str:
+    """What runs, in words: ``"ekf"`` or ``"bank of 40 EKFs (1 or 2 linearisations)"``, with
+    ``", float32"`` when it computes in float32."""
+    more = ", float32" if dtype == "float32" else ""
     if not isinstance(learner, kalnat.bank.Bank):
-        return cfg["method"]
+        return cfg["method"] + more
     kind = "normal–inverse-gamma filters" if learner.name == "nig_bank" else "EKFs"
     counts = sorted({int(c["iterations"]) for c in learner.configs if "iterations" in c})
-    more = f" ({' or '.join(map(str, counts))} linearisations)" if len(counts) > 1 else ""
+    more = (f" ({' or '.join(map(str, counts))} linearisations)" if len(counts) > 1 else "") + more
     return f"bank of {learner.size} {kind}{more}"
 
 
@@ -855,7 +866,8 @@ class LoadedModel:
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
         cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
                "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"],
-               "covariance": extra.get("covariance", "full")}
+               "covariance": extra.get("covariance", "full"),
+               "dtype": extra.get("dtype", "float64")}  # (written before --dtype: float64)
         _, learner, template = build_learner(cfg, family, len(extra["feature_names"]))
         state = checkpoint.load(path, like=template)
         return cls(extra, state, learner, family)
