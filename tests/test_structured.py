@@ -721,6 +721,41 @@ def test_the_low_rank_form_refuses_a_derivative_through_additive_noise_rather_th
             _evidence_derivative(rep, ("forgetting", "process_noise"), (0.95, 0.01), (1.0, 0.0))
 
 
+def test_the_eigenspaces_derivative_is_the_projectors_and_leaves_out_gaps_below_rounding():
+    """``_eigenspaces``' derivative moves the projector onto the first ``m`` eigenvectors as
+    JAX's own ``eigh`` derivative moves it where the eigenvalues are apart (a rotation within
+    either group changes no projector), and where a pair across the split is closer than
+    ``10 n ε`` of the largest eigenvalue (here a gap of 1e-320, a denormal) it leaves that pair
+    out and stays finite, where dividing by the gap gives infinities and JAX's own derivative is
+    not finite."""
+    from kalnat.representations.lowrank import _eigenspaces
+
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    da = rng.normal(size=(4, 4))
+    da = jnp.asarray(da + da.T)
+
+    def projector(eig, m):
+        return lambda a: (lambda v: v[:, :m] @ v[:, :m].T)(eig(a)[1])
+
+    apart = jnp.asarray(q @ np.diag([0.0, 0.3, 1.0, 2.0]) @ q.T)
+    for m in (1, 2):
+        ours = jax.jvp(projector(lambda a: _eigenspaces(a, m), m), (apart,), (da,))[1]
+        theirs = jax.jvp(projector(jnp.linalg.eigh, m), (apart,), (da,))[1]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+    close = jnp.diag(jnp.array([0.0, 1e-320, 1.0, 2.0]))  # the pair (0, 1) across the split at m = 1
+    ours = jax.jvp(projector(lambda a: _eigenspaces(a, 1), 1), (close,), (da,))[1]
+    assert np.all(np.isfinite(ours))
+    theirs = jax.jvp(projector(jnp.linalg.eigh, 1), (close,), (da,))[1]
+    assert not np.all(np.isfinite(theirs))
+    # the pairs it keeps, (0, 2) and (0, 3), as the eigenvectors' formula gives them
+    e = np.asarray(da)
+    expected = np.zeros((4, 4))
+    for j, lam in ((2, 1.0), (3, 2.0)):
+        expected[0, j] = expected[j, 0] = e[j, 0] / (0.0 - lam)
+    np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-300)
+
+
 _LAYERED = {}
 
 
