@@ -315,13 +315,14 @@ def test_default_covariance_is_chosen_by_size_and_recorded(tmp_path, logistic_cs
     assert "lowrank:K" in _user_error(["learn", logistic_csv, "--covariance", "lowrank:0"])
 
 
-def test_dtype_is_float32_where_a_filters_covariance_is_large_and_is_recorded(tmp_path, logistic_csv):
-    """--dtype auto: float64 up to AUTO_FLOAT32_ABOVE numbers in one filter's covariance,
-    float32 beyond (an MLP of 321 parameters: 103 041). --dtype float32 runs the filter in
-    float32 (its state, the report saying so) and the checkpoint records it, predicting what the
-    float64 run predicts to float32's precision (a linear model: an MLP's path through 120 rows
-    moves with rounding); a float64 checkpoint written before --dtype (no such field) still loads
-    as float64, not as what auto now picks; a bad --dtype is a one-line error."""
+def test_dtype_is_float32_where_the_covariances_together_are_large_and_is_recorded(tmp_path, logistic_csv):
+    """--dtype auto: float64 up to AUTO_FLOAT32_ABOVE numbers in the learner's covariances
+    together, float32 beyond (one filter of 321 parameters: 103 041 numbers, float64; the bank
+    of 40 of them: float32). --dtype float32 runs the filter in float32 (its state, the report
+    saying so) and the checkpoint records it, predicting what the float64 run predicts to
+    float32's precision (a linear model: an MLP's path through 120 rows moves with rounding); a
+    float64 checkpoint written before --dtype (no such field) still loads as float64, not as what
+    auto now picks; a bad --dtype is a one-line error."""
     from kalnat import cli_learn
     from kalnat.cli_choices import AUTO_FLOAT32_ABOVE, resolve_dtype
     assert resolve_dtype("auto", AUTO_FLOAT32_ABOVE) == "float64"
@@ -330,8 +331,10 @@ def test_dtype_is_float32_where_a_filters_covariance_is_large_and_is_recorded(tm
     with pytest.raises(ValueError, match="--dtype"):
         resolve_dtype("float16", 1)
     family = cli_learn.make_family("bernoulli")
-    for model, dtype in (("linear", "float64"), ("mlp:64", "float32")):
-        cfg = {"model_spec": model, "method": "ekf", "prior_var": 0.1, "forgetting": None, "covariance": "auto"}
+    for model, prior_var, dtype in (("mlp:64", 0.1, "float64"), ("mlp:64", None, "float32"),
+                                    ("linear", None, "float64")):
+        cfg = {"model_spec": model, "method": "ekf", "prior_var": prior_var, "forgetting": None,
+               "covariance": "auto"}
         state = cli_learn.build_learner(cfg, family, 3)[2]
         assert {a.dtype.name for a in jax.tree_util.tree_leaves(state) if a.dtype.kind == "f"} == {dtype}
 
@@ -350,9 +353,10 @@ def test_dtype_is_float32_where_a_filters_covariance_is_large_and_is_recorded(tm
         assert header["extra"]["dtype"] == dtype
         assert {spec[1] for spec in header["leaves"] if spec[1].startswith("float")} == {dtype}
     np.testing.assert_allclose(probs["float32"], probs["float64"], atol=1e-5)
-    # a float64 checkpoint as an earlier version wrote it, no dtype in its header, of a model
-    # that auto now runs in float32
-    out, _, before = learned("old", ["--model", "mlp:64", "--dtype", "float64"])
+    # a float64 checkpoint as an earlier version wrote it, no dtype in its header, of a learner
+    # that auto now runs in float32 (one filter of 1 026 parameters: 1 052 676 numbers)
+    out, metrics, before = learned("old", ["--model", "mlp:205", "--covariance", "full", "--dtype", "float64"])
+    assert metrics["n_parameters"] == 1026
     with np.load(out / "model.npz") as f:
         arrays = {k: f[k] for k in f}
     header = json.loads(bytes(arrays["__header__"]).decode())

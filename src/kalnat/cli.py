@@ -163,10 +163,10 @@ def _settings_options(f):
                      f"{AUTO_FULL_MAX} parameters, lowrank:{DEFAULT_RANK} beyond. For --method ekf, "
                      "iterated and nig, and the bank."),
         click.option("--dtype", default="auto", show_default=True, metavar="|".join(DTYPES),
-                     help="The filters' numbers: auto is float32 where a filter's covariance holds "
-                     f"more than {AUTO_FLOAT32_ABOVE} numbers (a full covariance beyond 256 "
-                     "parameters: its update's time is the memory's, which float32 halves), "
-                     "float64 below."),
+                     help="The filters' numbers: auto is float32 where the covariances together (a "
+                     f"bank's members all) hold more than {AUTO_FLOAT32_ABOVE} numbers (digits' "
+                     "default bank: each row's update then waits on the memory, and float32 "
+                     "takes 0.7 × the time), float64 below (one filter to 1 024 parameters)."),
         click.option("--forget", "forgetting", default=None, type=float,
                      metavar="λ", help="Forgetting factor in (0, 1]; < 1 follows drift "
                      "(natural gradient with learning rate → 1 − λ). Default, with no "

@@ -17,21 +17,25 @@ DEFAULT_RANK = 10
 AUTO_FULL_MAX = 1024
 
 
-# The numbers the filters compute in (--dtype). auto: float32 where one filter's covariance
-# holds more than AUTO_FLOAT32_ABOVE numbers (a full covariance beyond 256 parameters), float64
-# below. A row's update reads and writes the whole state, so beyond the caches its time is the
-# memory's, and float32 halves it: `kalnat learn digits` (d = 585, 40 members, a cold cache)
-# took 53.8 and 57.6 s against 79.9 and 77.1 s in float64, with log-loss 0.2276 against 0.2286
-# (benchmarks/startup.py --digits full --dtypes auto float64 auto float64; docs/cli.md). Small
-# problems keep float64, whose cost there is the dispatch's, not the arithmetic's. The full covariance's update stays positive definite in float32 over 10⁶ rows
-# of ill-scaled features (docs/benchmarks.md), and the structured forms are built for it.
+# The numbers the filters compute in (--dtype). auto: float32 where the learner's covariances
+# together (a bank's members all) hold more than AUTO_FLOAT32_ABOVE numbers, 8 MB in float64,
+# float64 below. A bank runs each member through a chunk in turn, and a row's update reads and
+# writes the member's whole state: beyond the caches its time is the memory's. `kalnat learn
+# digits` (d = 585, 40 members, 13.7 million numbers; a cold cache) took 53.8 and 57.6 s in
+# float32 against 79.9 and 77.1 s in float64, log-loss 0.2276 against 0.2286
+# (benchmarks/startup.py --digits full --dtypes auto float64 auto float64; docs/cli.md). One
+# filter of that size gained little (1.20 against 1.25 ms a row on digits), and results move
+# with the dtype (an MLP's path through the rows follows rounding): small learners, and a single
+# filter to 1 024 parameters, keep float64. The full covariance's update stays positive definite
+# in float32 over 10⁶ rows of ill-scaled features (d = 8, docs/benchmarks.md), and the command
+# standardises its features.
 DTYPES = ("auto", "float32", "float64")
-AUTO_FLOAT32_ABOVE = 2**16
+AUTO_FLOAT32_ABOVE = 2**20
 
 
 def resolve_dtype(spec, stored: int) -> str:
-    """``--dtype`` for filters that each keep ``stored`` numbers, ``auto`` resolved (what a
-    checkpoint records)."""
+    """``--dtype`` for a learner whose covariances together keep ``stored`` numbers (a bank's
+    members all), ``auto`` resolved (what a checkpoint records)."""
     name = (spec or "auto").strip().lower()
     if name not in DTYPES:
         raise ValueError(f"--dtype {spec!r}: expected one of {', '.join(DTYPES)}")

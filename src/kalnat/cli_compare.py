@@ -79,7 +79,8 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         name, setting = "kalnat", "no settings: " + cli_learn.learner_text(runner.learner, cfg, runner.dtype)
     else:
         pv, lam = cli_learn.single_settings(cfg)
-        name, setting = f"kalnat {cfg['method']}", f"prior_var={pv:g}, λ={lam:g}"
+        name, setting = f"kalnat {cfg['method']}", f"prior_var={pv:g}, λ={lam:g}" + (
+            ", float32" if runner.dtype == "float32" else "")
     log(f"  {name} ({setting}) …")
     pred, secs = _timed(lambda: runner.step(X, y))
     add(name, setting, pred, secs)
@@ -146,7 +147,7 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
 
     return {"data": source.name, "rows": n, "rows_skipped": n_skipped, "n_features": int(X.shape[1]),
             "family": family, "classes": classes, "metric": "accuracy" if fam.is_classifier else "rmse",
-            "first_scored_row": start + 1,
+            "first_scored_row": start + 1, "dtype": runner.dtype,
             "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
                                                    "batch_size", "clip", "seed")},
             "protocol": ("progressive validation, one pass, given order; features standardised "

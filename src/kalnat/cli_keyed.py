@@ -23,7 +23,7 @@ import kalnat
 from kalnat import baselines, datasets
 from kalnat.cli_learn import (
     GAUSSIAN_FIRST_SCORED_ROW, Accumulator, LoadedModel, OnlineRunner,
-    inference_note, make_family, resolve_task, run_metrics,
+    checkpoint_settings, inference_note, make_family, resolve_task, run_metrics,
 )
 from kalnat.keyed import Keyed
 
@@ -309,11 +309,8 @@ class LoadedKeyedModel(LoadedModel):
         if not isinstance(extra, dict) or extra.get("kalnat_cli") != 1 or "key_column" not in extra:
             raise ValueError(f"{path}: not a keyed model written by `kalnat learn --key`")
         classes = extra["classes"]
-        cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
-               "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"],
-               "covariance": extra.get("covariance", "full"),
-               "dtype": extra.get("dtype", "float64")}  # (written before --dtype: float64)
-        learner, params = shard_factory(cfg, extra["family"], classes, len(extra["feature_names"]))
+        learner, params = shard_factory(checkpoint_settings(extra), extra["family"], classes,
+                                        len(extra["feature_names"]))
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
         files = [os.path.join(path, f"shard_{i}.npz") for i in range(int(extra["n_shards"]))] if folder else [path]
         for f in files:

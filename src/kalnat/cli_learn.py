@@ -151,7 +151,8 @@ def single_settings(cfg: dict) -> tuple[float, float]:
 
 def build_learner(cfg: dict, family: families.Family, n_features: int):
     """``(model, learner, initial state)`` from the command's settings, in ``cfg["dtype"]``
-    (:func:`~kalnat.cli_choices.resolve_dtype`).
+    (:func:`~kalnat.cli_choices.resolve_dtype`; settings without it: ``auto``, while a checkpoint
+    without it loads as float64, :func:`checkpoint_settings`).
 
     With :func:`uses_bank` the learner is :func:`kalnat.auto` (or, when ``cfg["bank"]`` holds
     keyword arguments of :func:`kalnat.ekf_bank`, that bank); otherwise ``cfg["method"]`` at
@@ -176,15 +177,16 @@ def build_learner(cfg: dict, family: families.Family, n_features: int):
     else:
         learner = METHODS[cfg["method"]](model, family, *single_settings(cfg), **extra)
     filters = learner.size if isinstance(learner, kalnat.bank.Bank) else 1
-    stored = representations.stored_floats(rep, d)
+    stored = filters * representations.stored_floats(rep, d)
     dtype = np.dtype(resolve_dtype(cfg.get("dtype"), stored))
-    needed = dtype.itemsize * filters * stored
+    needed = dtype.itemsize * stored
     if needed > MAX_COVARIANCE_BYTES:  # before allocating, not as an out-of-memory crash
         kind = "covariance" if rep is None else f"--covariance {resolve_covariance(cfg.get('covariance'), d)}"
         raise ValueError(f"--model {cfg['model_spec']} on {n_features} features has {d} parameters: "
                          f"the {kind} of {filters} filter{'s' * (filters > 1)} would need "
-                         f"{needed / 2**30:.0f} GiB; use a smaller model, --covariance diag, a "
-                         "smaller rank or one filter (--prior-var)")
+                         f"{needed / 2**30:.0f} GiB in {dtype.name}; use a smaller model, --covariance "
+                         "diag, a smaller rank, one filter (--prior-var)"
+                         + (" or --dtype float32" if dtype.name == "float64" else ""))
     params = model.init(jax.random.PRNGKey(int(cfg.get("seed", 0))))  # as kalnat.models' own, bit for bit
     # the filter computes in its parameters' dtype (kalnat.fit casts the rows to it)
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
@@ -387,7 +389,7 @@ class OnlineRunner:
     def _diverged(row):
         """The command's error for a learner that diverged at ``row`` (from 0) of the stream."""
         return ValueError(f"the learner diverged (non-finite prediction at row {row + 1}); "
-                          "try a smaller --prior-var, --batch-size 1 or a linear --model")
+                          "try a smaller --prior-var, --batch-size 1, a linear --model or --dtype float64")
 
     def step(self, X, y, callback=None) -> baselines.Predictions:
         """Predicts the rows ``X (n, p)`` with targets ``y (n,)`` (class indices, counts or
@@ -844,6 +846,15 @@ def member_label(config: dict) -> str:
 
 # ---- prediction from a checkpoint ------------------------------------------------------------
 
+def checkpoint_settings(extra: dict) -> dict:
+    """The settings :func:`build_learner` takes, from a checkpoint's ``extra`` (a model's or a
+    keyed model's): as they were learned, ``auto`` resolved; a checkpoint written before a
+    setting existed has what the command did then (the full covariance, float64)."""
+    return {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
+            "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"],
+            "covariance": extra.get("covariance", "full"), "dtype": extra.get("dtype", "float64")}
+
+
 class LoadedModel:
     """A learner restored from ``kalnat learn``'s ``model.npz`` (it predicts, it does not learn)."""
 
@@ -864,11 +875,7 @@ class LoadedModel:
             raise ValueError(f"{path}: not written by `kalnat learn`")
         classes = extra["classes"]
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
-        cfg = {"model_spec": extra["model"], "method": extra["method"], "prior_var": extra["prior_var"],
-               "forgetting": extra["forgetting"], "bank": extra.get("bank"), "seed": extra["seed"],
-               "covariance": extra.get("covariance", "full"),
-               "dtype": extra.get("dtype", "float64")}  # (written before --dtype: float64)
-        _, learner, template = build_learner(cfg, family, len(extra["feature_names"]))
+        _, learner, template = build_learner(checkpoint_settings(extra), family, len(extra["feature_names"]))
         state = checkpoint.load(path, like=template)
         return cls(extra, state, learner, family)
 
