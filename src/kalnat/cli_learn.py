@@ -827,8 +827,8 @@ def bank_report(bank, state, acc: Accumulator) -> dict:
 
 def learner_text(learner, cfg: dict, dtype: str = "float64") -> str:
     """What runs, in words: ``"ekf"`` or ``"bank of 40 EKFs (1 or 2 linearisations)"``, with
-    ``", float32"`` when it computes in float32."""
-    more = ", float32" if dtype == "float32" else ""
+    ``" in float32"`` when it computes in float32."""
+    more = " in float32" if dtype == "float32" else ""
     if not isinstance(learner, kalnat.bank.Bank):
         return cfg["method"] + more
     kind = "normal–inverse-gamma filters" if learner.name == "nig_bank" else "EKFs"
