@@ -299,6 +299,38 @@ def test_learners_that_differ_in_what_a_program_holds_do_not_share_it():
     assert tapped.program_key() != plain.program_key()
 
 
+def test_threads_asking_for_a_program_at_once_get_one():
+    """``programs.once`` is atomic: threads that ask for an owner's program at the same time get
+    one object, made once (two would each be traced and compiled)."""
+    import threading
+    import time
+
+    from kalnat import programs
+
+    class Owner:
+        pass
+
+    owner, calls, got = Owner(), [], []
+
+    def make():
+        calls.append(1)
+        time.sleep(0.05)  # (long enough for every thread to ask while it runs)
+        return object()
+
+    start = threading.Barrier(4)
+
+    def ask():
+        start.wait()
+        got.append(programs.once(owner, "step", make))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 4 and all(g is got[0] for g in got)
+
+
 def test_shared_programs_go_with_the_last_learner_holding_them():
     """The table of shared programs holds them weakly: learners that shared programs are all
     freed, and their programs with them."""

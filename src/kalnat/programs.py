@@ -15,6 +15,7 @@ learner holding it goes (it keeps the learner that made it alive until then).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Callable, Hashable
 
@@ -23,6 +24,9 @@ __all__ = ["once"]
 
 # (program_key, what the program is for) -> the program, held weakly
 _SHARED: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+# one program per (owner, key) however many threads ask at once: two would each be compiled
+# (``make`` itself only wraps a function, so holding the lock while it runs costs nothing)
+_LOCK = threading.RLock()
 
 
 def once(owner, key: Hashable, make: Callable):
@@ -30,15 +34,19 @@ def once(owner, key: Hashable, make: Callable):
     object every time after. Kept in ``owner``'s own ``__dict__`` (a learner's, as its jitted
     ``update`` is): the programs, which close over ``owner``, go when it goes. An owner with a
     ``program_key()`` that is not ``None`` takes the program of a live owner of an equal key,
-    if there is one, instead of making its own."""
-    made = owner.__dict__.setdefault("_programs", {})
-    if key not in made:
-        program_key = getattr(owner, "program_key", None)
-        shared = None if program_key is None else program_key()
-        program = None if shared is None else _SHARED.get((shared, key))
-        if program is None:
-            program = make()
-            if shared is not None:
-                _SHARED[(shared, key)] = program
-        made[key] = program
-    return made[key]
+    if there is one, instead of making its own. Threads asking at once get one program."""
+    made = owner.__dict__.get("_programs")
+    if made is not None and key in made:  # (no lock once made: a dict's read is atomic)
+        return made[key]
+    with _LOCK:
+        made = owner.__dict__.setdefault("_programs", {})
+        if key not in made:
+            program_key = getattr(owner, "program_key", None)
+            shared = None if program_key is None else program_key()
+            program = None if shared is None else _SHARED.get((shared, key))
+            if program is None:
+                program = make()
+                if shared is not None:
+                    _SHARED[(shared, key)] = program
+            made[key] = program
+        return made[key]
