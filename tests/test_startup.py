@@ -54,6 +54,18 @@ run(sys.argv[2:])
 """
 
 
+def test_the_commands_modules_and_a_fit_without_a_bar_do_not_import_asyncio():
+    """tqdm.auto imports asyncio (40 ms of a warm `kalnat learn`): the command's modules take
+    the terminal's tqdm, and ``kalnat.fit`` imports tqdm.auto only for a bar it shows."""
+    probe = ("import sys, numpy as np, kalnat, kalnat.cli_learn, kalnat.cli_keyed\n"
+             "m = kalnat.models.linear(2)\n"
+             "learner = kalnat.ekf(m, kalnat.families.Bernoulli())\n"
+             "kalnat.fit(learner, learner.init(m.init(None)), np.zeros((3, 2)), np.zeros(3))\n"
+             "print('ASYNCIO' if 'asyncio' in sys.modules else 'NO_ASYNCIO', file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.stderr.strip().splitlines()[-1] == "NO_ASYNCIO", out.stderr
+
+
 @pytest.mark.parametrize("thread", ["thread", "none"])
 @pytest.mark.parametrize("argv", [["datasets"], ["learn", "no_such_file.csv"]], ids=" ".join)
 def test_the_executable_exits_with_the_commands_status_after_its_exit_handlers_and_flushed_outputs(argv, thread):

@@ -17,7 +17,7 @@ import time
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # a terminal's bar (tqdm.auto would import asyncio: stream._bar)
 
 import kalnat
 from kalnat import baselines, datasets

@@ -42,7 +42,7 @@ from typing import Optional
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # a terminal's bar (tqdm.auto would import asyncio: stream._bar)
 
 import kalnat
 from kalnat import baselines, checkpoint, datasets, families, models, representations, saved, scaling, schedules

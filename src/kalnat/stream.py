@@ -17,7 +17,6 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from kalnat import filter as _filter
 from kalnat import saved
@@ -233,6 +232,17 @@ def pad_chunk(x, y, mask, rows):
     return x, y, mask
 
 
+def _bar(n: int, progress: bool, unit: str):
+    """A progress bar over ``n`` rows: tqdm.auto's (a widget in a notebook) when it is shown,
+    else a disabled plain one. tqdm.auto imports asyncio, 40 ms of a warm ``kalnat learn``
+    (``python -X importtime``), which a bar nobody sees need not pay."""
+    if progress:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(total=n, disable=not progress, unit=unit)
+
+
 def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, callback, unit):
     """Runs the jitted chunk function ``run`` over ``n`` rows (or time steps), ``step`` at a time.
 
@@ -243,7 +253,7 @@ def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, c
     log-likelihoods)])`` (an empty list unless ``keep``).
     """
     preds = []
-    with tqdm(total=n, disable=not progress, unit=unit) as bar:
+    with _bar(n, progress, unit) as bar:
         for start in range(0, n, step):
             stop = min(start + step, n)
             state, pc = run(state, *inputs(start, stop))
