@@ -347,7 +347,8 @@ def test_dtype_is_float32_where_the_covariances_together_are_large_and_is_record
     probs = {}
     for dtype, option in (("float32", ["--dtype", "float32"]), ("float64", [])):
         out, metrics, probs[dtype] = learned(dtype, option)
-        assert metrics["dtype"] == dtype and metrics["learner_text"] == ("ekf in float32" if dtype == "float32" else "ekf")
+        assert metrics["dtype"] == dtype
+        assert metrics["learner_text"] == ("ekf in float32" if dtype == "float32" else "ekf")
         assert metrics["final"]["log_loss"] < 0.6
         header = checkpoint.read_header(out / "model.npz")
         assert header["extra"]["dtype"] == dtype

@@ -49,9 +49,9 @@ def cache_dir():
 
 def _jax():
     """Imports jax for a command that computes: float64 enabled (the filters run in it unless
-    ``--dtype`` or its ``auto`` says float32) and the persistent compilation cache (safe to delete: it holds compiled
-    programs, keyed by the program, JAX's version and the machine, and copies of bundled data
-    sets)."""
+    ``--dtype``, or its ``auto``, says float32) and the persistent compilation cache (safe to
+    delete: it holds compiled programs, keyed by the program, JAX's version and the machine, and
+    copies of bundled data sets)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
