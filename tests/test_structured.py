@@ -863,6 +863,55 @@ def test_a_models_layers_that_are_not_the_representations_are_refused():
         learner.update(learner.init(params), np.ones(4), 0.5)
 
 
+def _encoder_decoder(theta_order: bool):
+    """A model 3 → 3 → 3 whose two dense layers have the same shapes, with its own
+    ``apply_tapped``: θ's order is ``"dec"`` then ``"enc"`` (a dict's keys sorted), the forward
+    order the other way round. With ``theta_order`` the taps and inputs are listed in θ's order,
+    else in the forward one."""
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {"enc": {"w": jax.random.normal(k1, (3, 3)) / 2, "b": jnp.zeros(3)},
+                "dec": {"w": jax.random.normal(k2, (3, 3)) / 2, "b": jnp.zeros(3)}}
+
+    def apply_tapped(p, x, taps=None):
+        enc, dec = (1, 0) if theta_order else (0, 1)
+        tap = (lambda i: 0.0) if taps is None else (lambda i: taps[i])
+        h = jnp.tanh(p["enc"]["w"] @ x + p["enc"]["b"] + tap(enc))
+        z = p["dec"]["w"] @ h + p["dec"]["b"] + tap(dec)
+        return z, ([h, x] if theta_order else [x, h])
+
+    return kalnat.models.Model(init, lambda p, x: apply_tapped(p, x)[0], (3,), 3, apply_tapped)
+
+
+def test_a_models_own_layer_rows_in_another_order_than_thetas_are_refused(monkeypatch):
+    """Two layers of the same shapes listed by ``apply_tapped`` in the forward order, not θ's,
+    pass the widths check but would give each layer the other's factors: ``init`` (a learner's,
+    a bank's) refuses them, naming θ's layer 0; listed in θ's order, the model learns what it
+    learns without ``apply_tapped`` (H as a matrix), to 1e-9. kalnat's own models are not
+    checked."""
+    fam = kalnat.families.Gaussian(0.5, dim=3)
+    wrong, right = _encoder_decoder(False), _encoder_decoder(True)
+    params = wrong.init(jax.random.PRNGKey(0))
+    rep = kronecker(params)
+    learner = kalnat.ekf(wrong, fam, representation=rep)
+    assert learner.apply_tapped is not None
+    with pytest.raises(ValueError, match=r"apply_tapped does not give the Jacobian its apply gives: dense layer 0 "
+                                         r"of θ \(W 3 × 3 and its bias, θ\[0:12\]\)"):
+        learner.init(params)
+    with pytest.raises(ValueError, match="apply_tapped does not give the Jacobian"):
+        kalnat.ekf_bank(wrong, fam, representation=rep).init(params)
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    plain = kalnat.models.Model(right.init, right.apply, (3,), 3)
+    fits = [kalnat.fit(lr, lr.init(params), X, y) for lr in
+            (kalnat.ekf(m, fam, representation=rep, prior_var=0.5) for m in (right, plain))]
+    np.testing.assert_allclose(fits[0].log_likelihood, fits[1].log_likelihood, rtol=1e-9)
+    from kalnat import linearization
+    monkeypatch.setattr(linearization, "check_layer_rows", lambda *a: pytest.fail("kalnat's own model checked"))
+    mlp = kalnat.models.mlp(3, (3,), 3)
+    kalnat.ekf(mlp, fam, representation=kronecker(mlp.init(jax.random.PRNGKey(0)))).init(mlp.init(jax.random.PRNGKey(0)))
+
+
 def test_a_bank_runs_kronecker_members_together_on_one_examples_layer_rows(monkeypatch):
     """One example's rows given as its layers' factors leave the Kronecker step nothing to
     branch on (a layer of ``m`` rows too: they share the example's ``ā``): a bank advances such

@@ -214,6 +214,7 @@ class Bank(Boundary):
         hyper = self.hyper if hyper is None else hyper
         for k in range(self.size):
             check_hyper(self.learner, self.member_hyper(k, hyper), d)
+        self.learner.check_layer_rows(params)
         members = _filter.fresh(self.learner, hyper, params, stacked=True)
         K = self.size
         lw = np.full((K,), -np.log(K)) if self.log_prior is None else np.asarray(self.log_prior)

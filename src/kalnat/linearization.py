@@ -9,10 +9,12 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kalnat import numerics
 
-__all__ = ["Linearization", "LayerRows", "linearize", "linearize_layers", "masked", "stack"]
+__all__ = ["Linearization", "LayerRows", "linearize", "linearize_layers", "masked", "stack",
+           "check_layer_rows"]
 
 
 class LayerRows(NamedTuple):
@@ -146,6 +148,52 @@ def linearize_layers(apply_tapped, layers, family, params, xs, ys=None, mask=Non
                          f"{[(n_in,) for _, n_in in layers]}")
     abar = tuple(jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1) for a in inputs)
     return _finish(family, yhat, LayerRows(tuple(deltas), abar), ys, mask)
+
+
+#: how far a layer's rows from ``apply_tapped`` may be from the Jacobian's, relative to its
+#: largest entry: float32 rounding of two ways of computing the same derivative is ~1e-6 of it;
+#: a layer taken in another's place (the same shapes, other values) differs by order one
+LAYER_ROWS_TOLERANCE = 1e-4
+
+
+def check_layer_rows(apply, apply_tapped, layers, family, params, input_shape):
+    """Raises ``ValueError`` unless ``apply_tapped`` gives the rows of ``H`` that ``apply``'s
+    Jacobian does, layer by layer, at a random point: θ moved off ``params`` by ~0.3 in each
+    coordinate (at an MLP's init its output layer is zero and every hidden layer's rows with
+    it) and a standard normal ``x``.
+
+    The widths :func:`linearize_layers` checks cannot tell two layers of the same shapes apart:
+    an ``apply_tapped`` that lists the layers in another order than θ's (the order
+    ``ravel_pytree`` gives a dict's keys is sorted: ``"layer10"`` before ``"layer2"``) would
+    give each layer another's factors and the filter a wrong update. One compiled program, run
+    once; its cost is the model's Jacobian on one example."""
+    from jax.flatten_util import ravel_pytree
+
+    theta, unravel = ravel_pytree(params)
+    key_theta, key_x = jax.random.split(jax.random.PRNGKey(0))
+    theta = theta + 0.3 * jax.random.normal(key_theta, theta.shape, theta.dtype)
+    x = jax.random.normal(key_x, (1,) + tuple(input_shape), theta.dtype)
+
+    @jax.jit
+    def both(theta, x):
+        flat = linearize(lambda th, xx: apply(unravel(th), xx), family, theta, x).H
+        return flat, linearize_layers(apply_tapped, layers, family, unravel(theta), x).H.flat()
+
+    flat, tapped = (np.asarray(h, np.float64) for h in both(theta, x))
+    scale = max(float(np.max(np.abs(flat))), float(np.finfo(flat.dtype).tiny))
+    at = 0
+    for i, (n_out, n_in) in enumerate(layers):
+        part = slice(at, at + n_out * (n_in + 1))
+        gap = float(np.max(np.abs(flat[..., part] - tapped[..., part]))) / scale
+        if not gap <= LAYER_ROWS_TOLERANCE:
+            raise ValueError(
+                f"the model's apply_tapped does not give the Jacobian its apply gives: dense layer {i} of θ "
+                f"(W {n_out} × {n_in} and its bias, θ[{at}:{part.stop}]) differs by {gap:.2g} of the largest "
+                f"entry at a random point. apply_tapped(params, x, taps) must add taps[l] to the pre-activation "
+                f"of θ's l-th layer and return the layers' inputs in θ's order (ravel_pytree's: a dict's keys "
+                f"sorted, each layer's bias leaf before its weight leaf); or build the Model without "
+                f"apply_tapped (H is then formed as a matrix)")
+        at = part.stop
 
 
 def _finish(family, yhat, H, ys, mask):

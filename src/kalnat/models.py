@@ -12,6 +12,7 @@ minibatches, so ``apply`` never sees a batch axis.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -20,6 +21,15 @@ import jax.numpy as jnp
 __all__ = ["Model", "linear", "mlp"]
 
 Params = Any
+
+#: the ``apply_tapped`` functions this module builds: their layers are θ's, in θ's order (tested
+#: once, in tests/test_structured.py), so a learner does not check them as it checks a model's own
+_OWN_LAYER_ROWS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def own_layer_rows(apply_tapped) -> bool:
+    """Whether ``apply_tapped`` is one of :func:`linear`'s or :func:`mlp`'s."""
+    return apply_tapped in _OWN_LAYER_ROWS
 
 
 class Model(NamedTuple):
@@ -36,7 +46,10 @@ class Model(NamedTuple):
         ``taps[l] (n_out,)`` added to layer ``l``'s ``z_l``, also returning the layers' inputs
         ``a_l (n_in,)``. Each layer's row of ``H`` is then ``δ_l āᵀ_l`` (``δ_l = ∂ŷ/∂taps_l``,
         ``ā_l = [a_l; 1]``), which the Kronecker form takes as it is, without forming ``H``
-        (:func:`kalnat.linearization.linearize_layers`).
+        (:func:`kalnat.linearization.linearize_layers`). A learner checks a model's own
+        ``apply_tapped`` once against ``apply``'s Jacobian
+        (:func:`kalnat.linearization.check_layer_rows`); :func:`linear`'s and :func:`mlp`'s
+        are not checked.
     """
 
     init: Callable[[jax.Array], Params]
@@ -73,6 +86,7 @@ def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None
     def apply_tapped(params, x, taps):
         return apply(params, x) + taps[0], [x]
 
+    _OWN_LAYER_ROWS.add(apply_tapped)
     return Model(init, apply, (n_features,), n_outputs, apply_tapped if bias else None)
 
 
@@ -123,6 +137,7 @@ def mlp(
     def apply(params, x):
         return apply_tapped(params, x)[0]
 
+    _OWN_LAYER_ROWS.add(apply_tapped)
     return Model(init, apply, (n_features,), n_outputs, apply_tapped)
 
 

@@ -30,7 +30,7 @@ from jax.flatten_util import ravel_pytree
 
 from kalnat import filter as _filter
 from kalnat import linearization as _lin
-from kalnat import numerics, saved
+from kalnat import models, numerics, saved
 from kalnat.families import Family
 from kalnat.filter import Hyper, Predictive, State, check_live
 from kalnat.models import Model
@@ -202,7 +202,25 @@ class Learner(Boundary):
         d, _ = check_params(params)
         hyper = self.hyper if hyper is None else hyper
         check_hyper(self, hyper, d)
+        self.check_layer_rows(params)
         return _filter.fresh(self, hyper, params)
+
+    def check_layer_rows(self, params):
+        """Where the step takes ``H`` as the dense layers' factors from a model's own
+        ``apply_tapped`` (not :func:`kalnat.models.linear`'s or ``mlp``'s), that they are the
+        rows of ``apply``'s Jacobian (:func:`kalnat.linearization.check_layer_rows`): once per
+        shape of ``params``, on the host."""
+        if self.apply_tapped is None or models.own_layer_rows(self.apply_tapped):
+            return
+        leaves = jax.tree_util.tree_leaves(params)
+        if any(isinstance(a, jax.core.Tracer) for a in leaves):
+            return
+        key = ("layer rows", jax.tree_util.tree_structure(params),
+               tuple((np.shape(a), np.result_type(a)) for a in leaves))
+        if key not in self._shapes:
+            _lin.check_layer_rows(self.apply, self.apply_tapped, self.representation.dense_layers, self.family,
+                                  params, self.input_shape)
+            self._shapes[key] = True
 
     def linearize_at(self, state, xs, ys=None, mask=None):
         """``θ -> Linearization`` of the minibatch ``xs (b, …)`` (and ``ys``), at any θ."""
