@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -122,9 +123,21 @@ def test_the_compilation_cache_is_written_reused_relocatable_and_can_be_turned_o
     assert entries  # compiled programs were written there
     programs = sorted(os.listdir(cache / "programs"))
     assert len(programs) == 1  # the traced chunk program, kept for the next run (kalnat.saved)
+    # the folder was last added up (kalnat.cache) two days ago: this run adds it up again, and
+    # under the limit removes nothing
+    stamp, old = cache / ".pruned", time.time() - 2 * 86400
+    os.utime(stamp, (old, old))
+    os.utime(cache / "programs" / programs[0], (old, old))
     again = _learn(data, tmp_path / "r2", _env(KALNAT_CACHE_DIR=str(cache)))
     assert again == first and sorted(os.listdir(cache)) == entries  # reused: nothing new to compile
     assert sorted(os.listdir(cache / "programs")) == programs
+    assert stamp.stat().st_mtime > old + 86400
+    assert (cache / "programs" / programs[0]).stat().st_mtime > old + 86400  # read: marked as used
+    bad = subprocess.run([sys.executable, "-m", "kalnat.cli", "learn", data, "--quiet", "--out", str(tmp_path / "r4")],
+                         capture_output=True, text=True, env=_env(KALNAT_CACHE_DIR=str(cache), KALNAT_CACHE_MAX_MB="lots"),
+                         timeout=300)
+    assert bad.returncode == 1 and "Error: KALNAT_CACHE_MAX_MB='lots': the compilation cache's limit" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "r4").exists()
     off = tmp_path / "off"
     assert _learn(data, tmp_path / "r3", _env(KALNAT_CACHE_DIR=str(off), KALNAT_NO_CACHE="1")) == first
     assert not off.exists()

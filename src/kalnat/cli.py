@@ -34,6 +34,7 @@ CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 # Its folder also keeps the bundled data sets once read (a subfolder ``datasets``).
 CACHE_ENV = "KALNAT_CACHE_DIR"      # where (default: the user's cache folder, kalnat/jax)
 NO_CACHE_ENV = "KALNAT_NO_CACHE"    # set to 1 to turn it off
+# its size: KALNAT_CACHE_MAX_MB (kalnat.cache)
 
 
 def cache_dir():
@@ -61,6 +62,10 @@ def _jax():
         # every program, however quick to compile: the command's are many and small
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        # held within KALNAT_CACHE_MAX_MB, least recently used first (added up once a day)
+        from kalnat import cache
+
+        cache.maintain(path)
     return jax
 
 

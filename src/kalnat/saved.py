@@ -152,9 +152,14 @@ class _Saved:
         try:
             with open(path, "rb") as f:
                 blob, out_tree = pickle.load(f)
-            return export.deserialize(bytearray(blob)), out_tree
+            program = export.deserialize(bytearray(blob)), out_tree
         except Exception:  # none yet, or unreadable (another version wrote it): export again
             return None, None
+        try:  # its last use, which kalnat.cache's pruning keeps the most recent of
+            os.utime(path)
+        except OSError:  # a read-only folder
+            pass
+        return program
 
     @staticmethod
     def _write(path, exported, out_tree):
