@@ -289,3 +289,38 @@ def test_fit_reports_a_diverged_filter_instead_of_returning_nans():
     bounded = kalnat.ekf(model, F.Bernoulli(), forgetting=0.9, max_variance=10.0)
     res = kalnat.fit(bounded, bounded.init(params), X, y, chunk_size=64)
     assert np.all(np.isfinite(res.log_likelihood))
+
+
+def _confident_softmax_s(m, seed, dtype):
+    """``S = H P⁻ Hᵀ + R`` of a softmax over ``m + 1`` classes whose reference class (the one
+    left out of the ``m`` outputs) and one other have probability ~1e-7: ``H = R J`` (the
+    logits' Jacobian ``J`` through the softmax), ``P⁻`` diagonal, 400 parameters."""
+    rng = np.random.default_rng(seed)
+    p = np.geomspace(1e-5, 0.5, m)
+    p[m // 2] = 1.6e-7
+    p = p / p.sum() * (1 - 3e-7)
+    R = jnp.asarray(np.diag(p) - np.outer(p, p), dtype)
+    H = R @ jnp.asarray(rng.normal(size=(m, 400)), dtype)
+    return (H * jnp.asarray(rng.uniform(0.03, 0.6, 400), dtype)) @ H.T + R
+
+
+def test_a_confident_classifiers_innovation_covariance_has_a_float32_factor():
+    """R = diag(p) − p pᵀ has an eigenvalue as small as the reference class's probability, along
+    a dense direction, below the rounding of H P⁻ Hᵀ's entries: in float32 LAPACK's factor of
+    S is NaN for many such S (a pivot rounds negative; the float32 diagonal filter on digits'
+    MLP diverged on one). numerics.cholesky's is finite, within n ε max S_ii of S; in float64
+    (no pivot below the floor) L Lᵀ is S to 1e-14 of its largest entry."""
+    from kalnat import numerics
+
+    m, failed = 9, 0  # ten classes: the unrolled factor (up to numerics.SMALL outputs)
+    for seed in range(12):
+        S = _confident_softmax_s(m, seed, jnp.float32)
+        failed += int(not np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(S)))))
+        L = np.asarray(numerics.cholesky(S), np.float64)
+        assert np.all(np.isfinite(L)), seed
+        tol = m * np.finfo(np.float32).eps * float(np.max(np.diag(S)))
+        assert np.max(np.abs(L @ L.T - np.asarray(S, np.float64))) <= 2 * tol, seed
+        S64 = _confident_softmax_s(m, seed, jnp.float64)
+        L64 = np.asarray(numerics.cholesky(S64))
+        np.testing.assert_allclose(L64 @ L64.T, S64, rtol=0, atol=1e-14 * float(np.max(S64)))
+    assert failed >= 3  # the premise: the plain factor fails on these
