@@ -39,6 +39,7 @@ import optax
 from sklearn.datasets import load_digits
 
 import kalnat
+from kalnat.stream import Diverged
 from kalnat.representations import Blocks, Diagonal, LowRank, kronecker, last_layer_full
 
 
@@ -115,15 +116,21 @@ def digits(order, dtype, only=None):
         if only is not None and name not in only:
             continue
         for lam in FORGETTING:
-            ll, preds, per_row, held, temp = run_filter(model, fam, rep, params, X, y, forgetting=lam)
+            label = name if len(FORGETTING) == 1 else f"{name} λ={lam:g}"
+            try:
+                ll, preds, per_row, held, temp = run_filter(model, fam, rep, params, X, y, forgetting=lam)
+            except Diverged as err:  # scored as infinite, the other settings still run
+                print(f"{label:<22}{'diverged':>10}   ({str(err).split(':')[1].strip()[:60]}…)")
+                rows.setdefault(name if len(FORGETTING) == 1 else name + "*", (np.inf, np.nan, (np.nan, np.nan), lam))
+                continue
             probs = np.concatenate([np.asarray(p.probs) for p in preds])
             row = (-ll.mean(), (probs.argmax(1) == y).mean(), per_row, lam)
-            label = name if len(FORGETTING) == 1 else f"{name} λ={lam:g}"
+            score = row[0] if np.isfinite(row[0]) else np.inf  # a NaN is never the best
             print(f"{label:<22}{row[0]:>10.4f}{row[1]:>10.3f}{per_row[0] * 1e6:>10.0f}{per_row[1] * 1e6:>10.0f}"
                   f"{held / 2**20:>10.2f}{temp / 2**20:>10.2f}")
             key = name if len(FORGETTING) == 1 else name + "*"
-            if key not in rows or row[0] < rows[key][0]:
-                rows[key] = row
+            if key not in rows or score < rows[key][0]:
+                rows[key] = (score,) + row[1:]
     logits = lambda p, x: model.apply(p, x)
     xent = lambda z, t: optax.softmax_cross_entropy_with_integer_labels(z, t)
     yi = jnp.asarray(y)

@@ -1,5 +1,6 @@
 """The command's cache folder held within KALNAT_CACHE_MAX_MB (kalnat.cache): least recently used
-entries go first, once a day, the bundled data sets never; a bad limit is refused."""
+entries go first, once a day, the bundled data sets and files that are not the cache's never; a
+bad limit is refused."""
 
 import os
 
@@ -13,7 +14,7 @@ DAY = 86400.0
 def _folder(tmp_path, now):
     """Six JAX entries and three saved programs of 100 bytes, last used 1 … 9 hours before
     ``now`` in an order that mixes the two kinds (by access time for some, modification time
-    for others), and a data set copy older than all of them."""
+    for others), and a data set copy and two files of the user's, older than all of them."""
     folder = tmp_path / "jax"
     (folder / "programs").mkdir(parents=True)
     (folder / "datasets").mkdir()
@@ -27,9 +28,11 @@ def _folder(tmp_path, now):
         # half of them read since written (atime later), the others written last (mtime later)
         os.utime(path, (last, last - 600) if age % 2 else (last - 600, last))
         used[name] = last
-    data = folder / "datasets" / "breast_cancer.npz"
-    data.write_bytes(b"x" * 5000)
-    os.utime(data, (now - 30 * DAY, now - 30 * DAY))
+    # a data set copy, and files that are not the cache's (KALNAT_CACHE_DIR may name a folder
+    # that holds others): older than all, never removed
+    for name in ("datasets/breast_cancer.npz", "notes.txt", "programs/readme.md"):
+        (folder / name).write_bytes(b"x" * 5000)
+        os.utime(folder / name, (now - 30 * DAY, now - 30 * DAY))
     return folder, used
 
 
@@ -41,7 +44,7 @@ def test_the_least_recently_used_go_until_the_folder_holds_its_share_of_the_limi
     oldest_first = sorted(used, key=used.get)
     assert [os.path.relpath(p, folder) for p in removed] == oldest_first[:5]
     left = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
-    assert left == sorted(oldest_first[5:] + ["datasets/breast_cancer.npz"])
+    assert left == sorted(oldest_first[5:] + ["datasets/breast_cancer.npz", "notes.txt", "programs/readme.md"])
     assert cache.prune(str(folder), 500) == []  # 400 bytes: under the limit, nothing more
 
 

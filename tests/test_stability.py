@@ -306,16 +306,17 @@ def _confident_softmax_s(m, seed, dtype):
 
 def test_a_confident_classifiers_innovation_covariance_has_a_float32_factor():
     """R = diag(p) − p pᵀ has an eigenvalue as small as the reference class's probability, along
-    a dense direction, below the rounding of H P⁻ Hᵀ's entries: in float32 LAPACK's factor of
-    S is NaN for many such S (a pivot rounds negative; the float32 diagonal filter on digits'
-    MLP diverged on one). numerics.cholesky's is finite, within n ε max S_ii of S; in float64
-    (no pivot below the floor) L Lᵀ is S to 1e-14 of its largest entry."""
+    a dense direction, below the rounding of H P⁻ Hᵀ's entries: in float32 many such S have a
+    negative eigenvalue (no Cholesky factor exists; the plain one is NaN, and the float32
+    diagonal filter on digits' MLP diverged on one). numerics.cholesky's is finite, within
+    2 n ε max S_ii of S; in float64 (no pivot below the floor) L Lᵀ is S to 1e-14 of its
+    largest entry."""
     from kalnat import numerics
 
-    m, failed = 9, 0  # ten classes: the unrolled factor (up to numerics.SMALL outputs)
+    m, indefinite = 9, 0  # ten classes: the factor written out (up to numerics.SMALL outputs)
     for seed in range(12):
         S = _confident_softmax_s(m, seed, jnp.float32)
-        failed += int(not np.all(np.isfinite(np.asarray(jnp.linalg.cholesky(S)))))
+        indefinite += int(np.linalg.eigvalsh(np.asarray(S, np.float64)).min() < 0)
         L = np.asarray(numerics.cholesky(S), np.float64)
         assert np.all(np.isfinite(L)), seed
         tol = m * np.finfo(np.float32).eps * float(np.max(np.diag(S)))
@@ -323,4 +324,4 @@ def test_a_confident_classifiers_innovation_covariance_has_a_float32_factor():
         S64 = _confident_softmax_s(m, seed, jnp.float64)
         L64 = np.asarray(numerics.cholesky(S64))
         np.testing.assert_allclose(L64 @ L64.T, S64, rtol=0, atol=1e-14 * float(np.max(S64)))
-    assert failed >= 3  # the premise: the plain factor fails on these
+    assert indefinite >= 3  # the premise: as computed in float32, these S have no factor

@@ -888,7 +888,7 @@ def test_a_models_own_layer_rows_in_another_order_than_thetas_are_refused(monkey
     pass the widths check but would give each layer the other's factors: ``init`` (a learner's,
     a bank's) refuses them, naming θ's layer 0; listed in θ's order, the model learns what it
     learns without ``apply_tapped`` (H as a matrix), to 1e-9. kalnat's own models are not
-    checked."""
+    checked, unless their ``apply`` was replaced."""
     fam = kalnat.families.Gaussian(0.5, dim=3)
     wrong, right = _encoder_decoder(False), _encoder_decoder(True)
     params = wrong.init(jax.random.PRNGKey(0))
@@ -906,10 +906,15 @@ def test_a_models_own_layer_rows_in_another_order_than_thetas_are_refused(monkey
     fits = [kalnat.fit(lr, lr.init(params), X, y) for lr in
             (kalnat.ekf(m, fam, representation=rep, prior_var=0.5) for m in (right, plain))]
     np.testing.assert_allclose(fits[0].log_likelihood, fits[1].log_likelihood, rtol=1e-9)
+    mlp = kalnat.models.mlp(3, (3,), 3)
+    mlp_params = mlp.init(jax.random.PRNGKey(0))
+    # mlp's apply_tapped with another apply (inputs scaled): a model's own pair, checked
+    scaled = mlp._replace(apply=lambda p, x: mlp.apply(p, x / 255.0))
+    with pytest.raises(ValueError, match="apply_tapped does not give the Jacobian its apply gives: dense layer 0"):
+        kalnat.ekf(scaled, fam, representation=kronecker(mlp_params)).init(mlp_params)
     from kalnat import linearization
     monkeypatch.setattr(linearization, "check_layer_rows", lambda *a: pytest.fail("kalnat's own model checked"))
-    mlp = kalnat.models.mlp(3, (3,), 3)
-    kalnat.ekf(mlp, fam, representation=kronecker(mlp.init(jax.random.PRNGKey(0)))).init(mlp.init(jax.random.PRNGKey(0)))
+    kalnat.ekf(mlp, fam, representation=kronecker(mlp_params)).init(mlp_params)
 
 
 def test_a_bank_runs_kronecker_members_together_on_one_examples_layer_rows(monkeypatch):

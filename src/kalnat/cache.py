@@ -5,12 +5,14 @@ subfolder ``programs``) only grow: each new shape, setting, kalnat or JAX versio
 and nothing removes them. JAX can bound its own entries (``jax_compilation_cache_max_size``),
 but only with the ``filelock`` package and a lock and a second file per entry, and not the
 saved programs beside them. So once a day (the time of a stamp file in the folder) the command
-adds up both and, when they hold more than ``KALNAT_CACHE_MAX_MB`` megabytes (default
-:data:`DEFAULT_MAX_MB`), removes the least recently used until they hold :data:`KEEP` of it.
+adds up both (those files alone, known by their names) and, when they hold more than
+``KALNAT_CACHE_MAX_MB`` megabytes (default :data:`DEFAULT_MAX_MB`), removes the least
+recently used until they hold :data:`KEEP` of it.
 
 An entry's last use is its access time or, when later, its modification time: kalnat.saved
 marks a program when it reads one, and reading a file moves its access time at least once a
-day on Linux's default mounts (``relatime``); under ``noatime`` JAX's entries go oldest first.
+day on Linux's default mounts (``relatime``); where access times are not kept (``noatime``,
+often on Windows) JAX's entries go by the time they were written, oldest first.
 A removed entry costs a later run its compilation, never a result (JAX reads a vanished entry
 as a miss). The bundled data sets (``datasets``) are left alone: a few small files.
 """
@@ -28,7 +30,10 @@ DEFAULT_MAX_MB = 1024     # some 100 000 entries (a used folder here: 1 472 entr
 KEEP = 0.8                # pruned to this share of the limit: not again at the next new program
 EVERY_S = 24 * 3600       # added up at most once a day (that folder: 4–11 ms)
 STAMP = ".pruned"
-_PRUNED = ("", "programs")  # the folder's own files (JAX's entries) and the saved programs
+# what may be removed, by folder and name: JAX's entries (and the access-time files its own
+# bound writes) and the saved programs; nothing else, so a folder given by KALNAT_CACHE_DIR that
+# holds other files (the home folder, a data folder) keeps them
+_PRUNED = (("", ("-cache", "-atime")), ("programs", (".program",)))
 
 
 def max_bytes(environ=None) -> int:
@@ -49,16 +54,16 @@ def max_bytes(environ=None) -> int:
 
 
 def _entries(folder):
-    """``(last use, bytes, path)`` of every file the pruning may remove."""
+    """``(last use, bytes, path)`` of every file the pruning may remove (:data:`_PRUNED`)."""
     out = []
-    for sub in _PRUNED:
+    for sub, endings in _PRUNED:
         try:
             listing = os.scandir(os.path.join(folder, sub))
         except OSError:
             continue
         with listing:
             for entry in listing:
-                if entry.name == STAMP:
+                if not entry.name.endswith(endings):
                     continue
                 try:
                     if not entry.is_file(follow_symlinks=False):
@@ -71,7 +76,7 @@ def _entries(folder):
 
 
 def prune(folder: str, limit: int, keep: float = KEEP) -> list:
-    """Where the entries of ``folder`` (its own files and those of ``programs``) hold more than
+    """Where the entries of ``folder`` (JAX's and the saved programs) hold more than
     ``limit`` bytes, removes the least recently used until they hold at most ``keep · limit``.
     Returns the paths removed; a file that cannot be removed is left."""
     entries = _entries(folder)
@@ -84,6 +89,9 @@ def prune(folder: str, limit: int, keep: float = KEEP) -> list:
             break
         try:
             os.remove(path)
+        except FileNotFoundError:  # another process pruning at once removed it: gone all the same
+            total -= size
+            continue
         except OSError:
             continue
         total -= size

@@ -22,14 +22,17 @@ __all__ = ["Model", "linear", "mlp"]
 
 Params = Any
 
-#: the ``apply_tapped`` functions this module builds: their layers are θ's, in θ's order (tested
-#: once, in tests/test_structured.py), so a learner does not check them as it checks a model's own
-_OWN_LAYER_ROWS: "weakref.WeakSet" = weakref.WeakSet()
+#: the ``apply_tapped`` functions this module builds, each with (a weak reference to) the
+#: ``apply`` it goes with: their layers are θ's, in θ's order (tested once, in
+#: tests/test_structured.py), so a learner does not check them as it checks a model's own
+_OWN_LAYER_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def own_layer_rows(apply_tapped) -> bool:
-    """Whether ``apply_tapped`` is one of :func:`linear`'s or :func:`mlp`'s."""
-    return apply_tapped in _OWN_LAYER_ROWS
+def own_layer_rows(apply_tapped, apply) -> bool:
+    """Whether ``apply_tapped`` is one of :func:`linear`'s or :func:`mlp`'s, paired with its
+    own ``apply`` (a model whose ``apply`` was replaced, ``Model._replace(apply=…)``, is not)."""
+    ref = _OWN_LAYER_ROWS.get(apply_tapped)
+    return ref is not None and ref() is apply
 
 
 class Model(NamedTuple):
@@ -86,7 +89,7 @@ def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None
     def apply_tapped(params, x, taps):
         return apply(params, x) + taps[0], [x]
 
-    _OWN_LAYER_ROWS.add(apply_tapped)
+    _OWN_LAYER_ROWS[apply_tapped] = weakref.ref(apply)
     return Model(init, apply, (n_features,), n_outputs, apply_tapped if bias else None)
 
 
@@ -137,7 +140,7 @@ def mlp(
     def apply(params, x):
         return apply_tapped(params, x)[0]
 
-    _OWN_LAYER_ROWS.add(apply_tapped)
+    _OWN_LAYER_ROWS[apply_tapped] = weakref.ref(apply)
     return Model(init, apply, (n_features,), n_outputs, apply_tapped)
 
 

@@ -52,25 +52,30 @@ def pad_lanes(a, d: Optional[int] = None, value=0):
 def cholesky(a):
     """Lower Cholesky factor of a symmetric positive definite ``(n, n)`` matrix.
 
-    Up to :data:`SMALL` (the unrolled factor), a matrix positive definite but singular to the
-    dtype's precision gets the factor of a nearby one: each pivot is at least
-    ``n ε max_i a_ii``, the size of the rounding in a pivot. ``S = H P⁻ Hᵀ + R`` is such a
-    matrix in float32 when a classifier is confident: ``R = diag(p) − p pᵀ`` has eigenvalues as
-    small as its least class probability (1e-7 on digits' MLP), below the rounding of
-    ``H P⁻ Hᵀ``'s entries (4 × 6e-8), and a pivot came out negative (−4e-8): the square root
-    was NaN and the learner diverged. Pivots above the floor are the plain factor's, to the
-    bit, a NaN stays NaN, and a ``1 × 1`` matrix is its own pivot. Beyond :data:`SMALL`
-    (LAPACK's factor: ``S`` of more than 16 outputs a step) a failed factor is NaN."""
+    Up to :data:`SMALL` (the factor written out here; LAPACK's beyond), each pivot is at least
+    ``n ε a_jj``, its own rounding: a matrix positive definite by construction but singular to
+    the dtype's precision gets the factor of one within that rounding. ``S = H P⁻ Hᵀ + R`` is
+    such a matrix in float32 when a classifier is confident: ``R = diag(p) − p pᵀ`` has
+    eigenvalues as small as its least class probability (1e-7 on digits' MLP), below the
+    rounding of ``H P⁻ Hᵀ``'s entries (4 × 6e-8); cancellation in earlier columns left the
+    last pivot at −8e-8 (its ``n ε a_jj``: 5e-9), the square root was NaN and the learner
+    diverged. Pivots at or above the floor are the plain factor's, to the bit; a matrix's own
+    small scale (a confident row's entries in a minibatch's ``S``) is no reason to floor, as
+    the floor scales with ``a_jj``; a NaN stays NaN; a ``1 × 1`` matrix is its own pivot. A
+    matrix that is not positive semidefinite (the filters' are, by construction) would get a
+    finite factor all the same. Beyond :data:`SMALL` (``S`` of more than 16 outputs a step) a
+    failed factor is NaN."""
     n = a.shape[0]
     if n > SMALL:
         return jnp.linalg.cholesky(a)
     rows = jnp.arange(n)
-    floor = n * jnp.finfo(a.dtype).eps * jnp.max(jnp.diagonal(a)) if n > 1 else None
+    # each pivot's rounding (Σ_k L_jk² ≤ a_jj); none for a 1 × 1 matrix, whose program stays as it was
+    rounding = n * jnp.finfo(a.dtype).eps * jnp.diagonal(a) if n > 1 else None
 
     def column(j, chol):  # columns not yet written are zero: L @ L[j] sums the finished ones
         c = a[:, j] - chol @ chol[j]
         if n > 1:
-            c = c.at[j].set(jnp.maximum(c[j], floor))
+            c = c.at[j].set(jnp.maximum(c[j], rounding[j]))
         return chol.at[:, j].set(jnp.where(rows >= j, c / jnp.sqrt(c[j]), 0.0))
 
     return lax.fori_loop(0, n, column, jnp.zeros_like(a), unroll=n <= UNROLL)

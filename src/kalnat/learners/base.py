@@ -207,10 +207,11 @@ class Learner(Boundary):
 
     def check_layer_rows(self, params):
         """Where the step takes ``H`` as the dense layers' factors from a model's own
-        ``apply_tapped`` (not :func:`kalnat.models.linear`'s or ``mlp``'s), that they are the
-        rows of ``apply``'s Jacobian (:func:`kalnat.linearization.check_layer_rows`): once per
-        shape of ``params``, on the host."""
-        if self.apply_tapped is None or models.own_layer_rows(self.apply_tapped):
+        ``apply_tapped`` (not :func:`kalnat.models.linear`'s or ``mlp``'s with their own
+        ``apply``), that they are the rows of ``apply``'s Jacobian
+        (:func:`kalnat.linearization.check_layer_rows`): once per shape of ``params``, on the
+        host (not where ``init`` is traced)."""
+        if self.apply_tapped is None or models.own_layer_rows(self.apply_tapped, self.apply):
             return
         leaves = jax.tree_util.tree_leaves(params)
         if any(isinstance(a, jax.core.Tracer) for a in leaves):
