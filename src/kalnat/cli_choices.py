@@ -24,9 +24,9 @@ AUTO_FULL_MAX = 1024
 # digits` (d = 585, 40 members, 13.7 million numbers; a cold cache) took 53.8 and 57.6 s in
 # float32 against 79.9 and 77.1 s in float64 (benchmarks/startup.py --digits full --dtypes auto
 # float64 auto float64; docs/cli.md); log-loss 0.2285 against 0.2286 since numerics.cholesky
-# floors S's pivots (0.2276 in float32 before). One filter of that size gained little (its state fits the caches), and results move with the
-# dtype (an MLP's path through the rows follows rounding): small learners, and a single filter
-# to 1 024 parameters, keep float64. The full covariance's update stays positive definite
+# floors S's pivots (0.2276 in float32 before). One filter of that size gained little (its
+# state fits the caches), and results move with the dtype (an MLP's path through the rows
+# follows rounding): small learners, and a single filter to 1 024 parameters, keep float64. The full covariance's update stays positive definite
 # in float32 over 10⁶ rows of ill-scaled features (d = 8, docs/benchmarks.md), and the command
 # standardises its features.
 DTYPES = ("auto", "float32", "float64")
