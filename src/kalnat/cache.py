@@ -89,13 +89,12 @@ def prune(folder: str, limit: int, keep: float = KEEP) -> list:
             break
         try:
             os.remove(path)
+            removed.append(path)
         except FileNotFoundError:  # another process pruning at once removed it: gone all the same
-            total -= size
-            continue
-        except OSError:
+            pass
+        except OSError:  # not ours to remove: left, and still counted
             continue
         total -= size
-        removed.append(path)
     return removed
 
 

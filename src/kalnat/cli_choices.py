@@ -26,9 +26,9 @@ AUTO_FULL_MAX = 1024
 # float64 auto float64; docs/cli.md); log-loss 0.2285 against 0.2286 since numerics.cholesky
 # floors S's pivots (0.2276 in float32 before). One filter of that size gained little (its
 # state fits the caches), and results move with the dtype (an MLP's path through the rows
-# follows rounding): small learners, and a single filter to 1 024 parameters, keep float64. The full covariance's update stays positive definite
-# in float32 over 10⁶ rows of ill-scaled features (d = 8, docs/benchmarks.md), and the command
-# standardises its features.
+# follows rounding): small learners, and a single filter to 1 024 parameters, keep float64. The
+# full covariance's update stays positive definite in float32 over 10⁶ rows of ill-scaled
+# features (d = 8, docs/benchmarks.md), and the command standardises its features.
 DTYPES = ("auto", "float32", "float64")
 AUTO_FLOAT32_ABOVE = 2**20
 

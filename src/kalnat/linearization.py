@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
 
@@ -167,8 +168,6 @@ def check_layer_rows(apply, apply_tapped, layers, family, params, input_shape):
     ``ravel_pytree`` gives a dict's keys is sorted: ``"layer10"`` before ``"layer2"``) would
     give each layer another's factors and the filter a wrong update. One compiled program, run
     once; its cost is the model's Jacobian on one example."""
-    from jax.flatten_util import ravel_pytree
-
     theta, unravel = ravel_pytree(params)
     key_theta, key_x = jax.random.split(jax.random.PRNGKey(0))
     theta = theta + 0.3 * jax.random.normal(key_theta, theta.shape, theta.dtype)
