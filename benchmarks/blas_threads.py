@@ -3,8 +3,8 @@
 
 One boundary of ``kalnat learn digits``'s default bank (40 full 585 × 585 covariances, the
 prior set afresh: two inverses a member, ``scaling.reexpress_members``), timed with the
-BLAS limit of ``scaling._one_blas_thread`` replaced by a limit of 1 and of 2 threads, and one
-inverse (``scaling._spd_inverse``) the same way. ``--busy N`` starts N processes that spin
+BLAS limit of :mod:`kalnat.blas` (``THREADS``) at 1 and at 2 threads, and one inverse
+(``scaling._spd_inverse``) the same way. ``--busy N`` starts N processes that spin
 while the timings run (another job on a shared machine).
 
     python benchmarks/blas_threads.py [--busy 2] [--repeat 3]
@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 jax.config.update("jax_enable_x64", True)
 
 import kalnat  # noqa: E402
-from kalnat import scaling  # noqa: E402
+from kalnat import blas, scaling  # noqa: E402
 
 
 def _spin():
@@ -47,7 +47,7 @@ def main():
     a = rng.normal(size=(585, 585))
     spd = a @ a.T / 585 + np.eye(585)
     scaling.reexpress_members(state, old, new, bank=True, priors=priors)  # compile the device parts
-    own = scaling._one_blas_thread
+    own = blas.THREADS
     busy = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
     for p in busy:
         p.start()
@@ -55,7 +55,7 @@ def main():
         print(f"{args.busy} busy processes; fastest of {args.repeat}")
         res = {}
         for threads in (1, 2):
-            scaling._one_blas_thread = lambda t=threads: threadpool_limits(limits=t, user_api="blas")
+            blas.THREADS = threads
             boundary, inverse = [], []
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
@@ -70,7 +70,7 @@ def main():
                   f"one 585² inverse {res[threads][1]:.3f} s", flush=True)
         print(f"one thread / two: boundary {res[1][0] / res[2][0]:.2f}, inverse {res[1][1] / res[2][1]:.2f}")
     finally:
-        scaling._one_blas_thread = own
+        blas.THREADS = own
         for p in busy:
             p.terminate()
 

@@ -18,7 +18,8 @@ Times are wall-clock and CPU (the process's, all its threads: on a machine share
 work the CPU time is the steadier of the two). The factorisations of the structured forms run
 in LAPACK (OpenBLAS, through JAX's CPU kernels), whose own threads contend with XLA's: on a
 loaded 2-core machine a 300 × 300 factorisation ran 10–100 × slower with OpenBLAS's default
-threads than with one. ``--blas-threads`` sets them (default 1; 0 leaves the library's default).
+threads than with one. ``--blas-threads`` sets them (default 1, as :func:`kalnat.fit` does, through
+``kalnat.blas.THREADS``; 0 leaves the library's default).
 
 ``--max-variance V`` gives every filter the variance bound (each variance of ``P⁻`` at most
 ``V``), as the members of :func:`kalnat.auto` have it (100 × their prior variance: 10 here);
@@ -39,6 +40,7 @@ import optax
 from sklearn.datasets import load_digits
 
 import kalnat
+from kalnat import blas
 from kalnat.stream import Diverged
 from kalnat.representations import Blocks, Diagonal, LowRank, kronecker, last_layer_full
 
@@ -217,6 +219,8 @@ def main():
     FORGETTING[:] = args.forgetting
     if args.max_variance is not None:
         FILTER_OPTIONS["max_variance"] = args.max_variance
+    # kalnat.fit runs them on kalnat.blas.THREADS (one) whatever the process's setting
+    blas.THREADS = args.blas_threads or None
     if args.blas_threads:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn
         threadpool_limits(args.blas_threads, user_api="blas")

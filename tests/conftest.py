@@ -37,6 +37,13 @@ if "KALNAT_TEST_XLA_FLAGS_TRIED" not in os.environ and not os.environ.get("KALNA
                 print(f"tests/conftest.py: running without XLA option {_flag} ({_why[0]})", file=sys.stderr)
     os.environ["XLA_FLAGS"] = _flags
 
+# The BLAS and LAPACK libraries on one thread, set before they load: the tests call jitted
+# factorisations outside kalnat.fit too (whose own limit is kalnat.blas), and two test workers
+# on two cores gain nothing from OpenBLAS's threads but their contention with XLA's
+# (tests/test_structured.py: 1 min 46 s against 2 min 12 s). tests/test_blas.py sets two to
+# check the library's limit.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # The command's persistent compilation cache stays off in the tests that run it in-process
 # (tests/test_startup.py turns it on in a folder of its own).
 os.environ.setdefault("KALNAT_NO_CACHE", "1")

@@ -344,7 +344,7 @@ def test_a_bank_sets_each_members_prior_afresh_in_its_storage():
 def test_the_hosts_re_expression_runs_its_blas_on_one_thread(monkeypatch):
     """The full covariance's prior set afresh on the host (inverses of d × d matrices) runs
     NumPy's and SciPy's BLAS on one thread: with the machine's cores busy, OpenBLAS's threads
-    stall each other (kalnat.scaling._one_blas_thread). The test's own limit is two threads."""
+    stall each other (kalnat.blas). The test's own limit is two threads."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     _, state, _, _ = _moved_case("linear", "full", bank=True)
     seen, inverse = [], scaling._spd_inverse

@@ -20,7 +20,7 @@ import importlib
 __version__ = "0.2.0"
 
 _SUBMODULES = (
-    "bank", "checkpoint", "families", "filter", "models", "numerics", "predictive", "recurrent",
+    "bank", "blas", "checkpoint", "families", "filter", "models", "numerics", "predictive", "recurrent",
     "representations", "scaling", "schedules",
 )
 _NAMES = {

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kalnat import checkpoint
+from kalnat import blas, checkpoint
 from kalnat.learners.base import check_range, device_hyper
 from kalnat.programs import once
 
@@ -463,11 +463,13 @@ class Keyed:
         slots, _ = self._slots(keys, n, add=True)
         outputs = _Outputs(n)
         learn_chunk = self._learn_chunk if self.batch_size == 1 else self._learn_minibatches
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            for rows, index, seg in learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop],
-                                                return_predictions):
-                outputs.add(rows + start, index, seg)
+        with blas.one_thread():
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                for rows, index, seg in learn_chunk(slots[start:stop], xs[start:stop], ys[start:stop],
+                                                    return_predictions):
+                    outputs.add(rows + start, index, seg)
+            jax.block_until_ready(self.stack)  # the last call's factorisations within the limit too
         if not return_predictions:
             return None
         out = outputs.result()
@@ -597,13 +599,14 @@ class Keyed:
         slots, known = self._slots(keys, n, add=False)
         fn = _predict_fn(self.learner)
         outs = []
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            b = _pow2(stop - start)
-            pad = lambda a: np.concatenate([a, np.repeat(a[:1], b - a.shape[0], axis=0)])  # noqa: E731
-            out = fn(self._hyper, self.stack, self.fresh, pad(slots[start:stop]), pad(known[start:stop]),
-                     pad(xs[start:stop].astype(self._dtype, copy=False)))
-            outs.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:stop - start], out))
+        with blas.one_thread():
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                b = _pow2(stop - start)
+                pad = lambda a: np.concatenate([a, np.repeat(a[:1], b - a.shape[0], axis=0)])  # noqa: E731
+                out = fn(self._hyper, self.stack, self.fresh, pad(slots[start:stop]), pad(known[start:stop]),
+                         pad(xs[start:stop].astype(self._dtype, copy=False)))
+                outs.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:stop - start], out))
         return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
 
     def state(self, key):

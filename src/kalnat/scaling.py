@@ -15,6 +15,8 @@ import scipy.linalg
 import scipy.linalg.lapack
 import scipy.sparse
 
+from kalnat import blas
+
 __all__ = [
     "RunningStats", "init", "transform_and_update", "FrozenStats", "init_frozen", "transform_frozen",
     "standardizer", "layer_move", "reexpression_matrix", "Reexpression", "reexpression", "reexpress", "reexpress_state",
@@ -218,18 +220,6 @@ def _sandwich(A, M):
     return np.asarray(A @ np.asarray(A @ np.asarray(M, np.float64)).T)
 
 
-def _one_blas_thread():
-    """A context in which NumPy's and SciPy's BLAS and LAPACK run on one thread: for the host's
-    float64 re-expression, whose matrices (d in the hundreds) gain little from a second thread
-    and lose much when the machine is busy: OpenBLAS's threads wait for each other at every
-    step of a factorisation, and one descheduled stalls the rest. On a 2-core machine with two
-    spinning processes, one boundary of ``kalnat learn digits``'s bank took 4.7 s on one thread
-    against 11.6 s on two; idle, 2.8 s against 2.3 s (``benchmarks/blas_threads.py``)."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def _spd_inverse(M):
     """Inverse of a symmetric positive-definite matrix (Cholesky, then its inverse: d³ in
     all); ``LinAlgError`` when M is not positive definite."""
@@ -328,7 +318,7 @@ def reexpress_with_prior(params, cov, old, new, prior_var: float, prior_weight: 
     elif not isinstance(maps, Reexpression):  # the pair (A, A⁻¹) of reexpression_matrix
         maps = _from_pair(*maps)
     theta, unravel = ravel_pytree(params)
-    with _one_blas_thread():
+    with blas.one_thread():
         t, P = _moved_with_prior(np.asarray(theta, np.float64), cov, maps, prior_var, prior_weight)
     return unravel(np.asarray(t, theta.dtype)), np.asarray(P, theta.dtype)
 
@@ -388,7 +378,7 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     thetas = np.concatenate([a.reshape(K, -1) for a in leaves], axis=1)
     maps = reexpression(first, old, new)
     moved_thetas, moved_covs = thetas.copy(), covs.copy()
-    with _one_blas_thread():
+    with blas.one_thread():
         for k in range(K):
             if np.all(np.isfinite(covs[k])) and np.all(np.isfinite(thetas[k])):
                 moved_thetas[k], moved_covs[k] = _moved_with_prior(thetas[k], covs[k], maps, priors[0][k],

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
-from kalnat import numerics
+from kalnat import blas, numerics
 from kalnat.filter import State
 from kalnat.learners.base import Learner, device_hyper
 from kalnat.programs import once
@@ -189,15 +189,16 @@ def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: i
     state = shard(state, mesh_)
     preds = []
     per_chunk = batch_size * chunk_size
-    for start in range(0, n, per_chunk):
-        stop = min(start + per_chunk, n)
-        c = (stop - start) // batch_size
-        xc = np.asarray(xs[start:stop], dtype).reshape((c, batch_size) + xs.shape[1:])
-        yc = ys[start:stop].reshape((c, batch_size) + ys.shape[1:])
-        state, out = run(hyper, state, xc, yc, np.ones((c, batch_size), bool))
-        out = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((stop - start,) + a.shape[2:]), out)
-        check_diverged(out[1], np.zeros(stop - start, bool), start, "row")
-        preds.append(out)
+    with blas.one_thread():
+        for start in range(0, n, per_chunk):
+            stop = min(start + per_chunk, n)
+            c = (stop - start) // batch_size
+            xc = np.asarray(xs[start:stop], dtype).reshape((c, batch_size) + xs.shape[1:])
+            yc = ys[start:stop].reshape((c, batch_size) + ys.shape[1:])
+            state, out = run(hyper, state, xc, yc, np.ones((c, batch_size), bool))
+            out = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((stop - start,) + a.shape[2:]), out)
+            check_diverged(out[1], np.zeros(stop - start, bool), start, "row")
+            preds.append(out)
     pred, ll = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
     return FitResult(state, pred, np.zeros(n, bool), ll)
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kalnat import blas
 from kalnat import filter as _filter
 from kalnat import saved
 from kalnat.filter import Predictive
@@ -136,6 +137,9 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
         with masked rows (skipped, no step): one compiled program for streams of any length,
         where the default compiles one per shorter length (cheaper to run, more to compile).
 
+    The process's BLAS and LAPACK run on one thread during the call (:mod:`kalnat.blas`: JAX's
+    CPU factorisations call them, and their threads contend with XLA's).
+
     Raises :class:`Diverged` (a ``ValueError``) where a learned row's one-step log-likelihood
     is NaN (the filter diverged), naming the row, when predictions are kept.
     """
@@ -250,10 +254,11 @@ def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, c
     ``k`` rows of a chunk's output array on the host (its predictions and log-likelihoods);
     rows flagged in ``skipped`` get NaN. Shows the progress bar and calls
     ``callback(stop, state, predictions)``. Returns ``(state, [chunk (predictions,
-    log-likelihoods)])`` (an empty list unless ``keep``).
+    log-likelihoods)])`` (an empty list unless ``keep``). The BLAS libraries run on one thread
+    meanwhile, the callback's work included (:mod:`kalnat.blas`).
     """
     preds = []
-    with _bar(n, progress, unit) as bar:
+    with blas.one_thread(), _bar(n, progress, unit) as bar:
         for start in range(0, n, step):
             stop = min(start + step, n)
             state, pc = run(state, *inputs(start, stop))
@@ -266,6 +271,7 @@ def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, c
             bar.update(stop - start)
             if callback is not None:
                 callback(stop, state, pc[0] if keep else None)
+        jax.block_until_ready(state)  # the last chunk's factorisations within the limit too
     return state, preds
 
 
