@@ -26,6 +26,10 @@ __all__ = [
 # operations: LAPACK calls on tiny matrices cost more in dispatch than the whole O(d²) update.
 SMALL = 16
 UNROLL = 4
+# Up to this many outputs a step, downdate's one pass of outer products over P beats the
+# product W Wᵀ and the mirror's transposed pass (a minibatch of 2 or 4 of digits' 10-class rows,
+# d = 650: 0.55 against 0.8–1.0 ms a row; benchmarks/minibatch_cost.py); beyond, the product.
+FUSED_DOWNDATE = 48
 
 # XLA's CPU fusion emitters ran a pass over 120 901 float32 numbers (an odd d) that broadcasts a
 # scalar, as the diagonal step's 1/λ and whitening factors, 2.9 × as long as the same pass over
@@ -135,16 +139,16 @@ def whiten(s, b, e):
 def downdate(p, w):
     """``P − W Wᵀ`` for ``P (d, d)``, ``W (d, m)``: the covariance update of every EKF form.
 
-    For ``m ≤ SMALL`` it is written as ``m`` outer products in one expression, which XLA fuses
-    into a single pass over ``P`` (``W Wᵀ`` as a product is a ``d × d`` temporary: one more
-    pass); each entry then subtracts the same products in the same order as its mirror, so a
-    symmetric ``P`` stays bitwise symmetric. Beyond, the product ``W Wᵀ`` is not bitwise
+    For ``m ≤ FUSED_DOWNDATE`` it is written as ``m`` outer products in one expression, which
+    XLA fuses into a single pass over ``P`` (``W Wᵀ`` as a product is a ``d × d`` temporary: one
+    more pass); each entry then subtracts the same products in the same order as its mirror, so
+    a symmetric ``P`` stays bitwise symmetric. Beyond, the product ``W Wᵀ`` is not bitwise
     symmetric (compiled on a CPU, float64), and an asymmetry left in ``P`` grows as ``λ^−t``
     under forgetting until the filter fails: the upper triangle is mirrored
     (:func:`mirror_upper`), so a symmetric ``P`` stays bitwise symmetric at any ``m``.
     """
     m = w.shape[1]
-    if m > SMALL:
+    if m > FUSED_DOWNDATE:
         return mirror_upper(p - w @ w.T)
     out = p
     for k in range(m):
