@@ -117,24 +117,28 @@ def test_a_banks_iterated_members_share_the_product_with_a_linear_models_inputs(
     linearisations of a step. A bank gives its members the model's layer and runs the members
     of each count apart, with the count known when tracing (the filter's ``lax.cond`` over a
     linearisation has a constant predicate), and XLA computes that product once: the compiled
-    chunk has one for each member, of one linearisation or two, mixed or not; with ``H`` as a
-    matrix (the model as a plain function) a member of two makes two."""
+    chunk has one for each member, of one linearisation or two, mixed or not, a row or a
+    minibatch of two at a time (``J (15, 2 × 3)``); with ``H`` as a matrix (the model as a plain
+    function) a member of two makes two."""
     if jax.default_backend() != "cpu":
         pytest.skip("reads the CPU compiler's module")
     model, fam = kalnat.models.linear(4, 3), kalnat.families.Categorical(4)  # d = 15, J (15, 3)
-    xs, ys, ms = np.ones((2, 1, 4)), np.zeros((2, 1), np.int64), np.ones((2, 1), bool)
 
-    def products(bank):
+    def products(bank, batch=1):
+        xs, ys, ms = np.ones((2, batch, 4)), np.zeros((2, batch), np.int64), np.ones((2, batch), bool)
         state = bank.init(model.init(None))
         txt = jax.jit(lambda h, s: bank.scan_chunk(h, s, xs, ys, ms)).lower(bank.hyper, state).compile().as_text()
-        return _products_with(txt, 15, 3)
+        return _products_with(txt, 15, 3 * batch)
 
     mixed = kalnat.ekf_bank(model, fam, prior_vars=(1.0,), forgettings=(0.9,), iterations=(1, 2))
     assert mixed.learner.representation.dense_layers == ((3, 4),)
     assert products(mixed) == 2
-    assert products(kalnat.ekf_bank(model, fam, prior_vars=(1.0,), forgettings=(0.9,), iterations=2)) == 1
+    iterated = kalnat.ekf_bank(model, fam, prior_vars=(1.0,), forgettings=(0.9,), iterations=2)
+    assert products(iterated) == 1
+    assert products(iterated, batch=2) == 1
     plain = kalnat.ekf_bank(model.apply, fam, prior_vars=(1.0,), forgettings=(0.9,), iterations=2, input_shape=(4,))
     assert products(plain) == 2
+    assert products(plain, batch=2) == 2
     # alone, a filter's count is data (a lax.cond each: nothing shared): H as a matrix, its
     # programs as they were, as the EKF's
     assert kalnat.iterated_ekf(model, fam, iterations=2).representation.dense_layers == ()

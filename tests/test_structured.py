@@ -787,8 +787,8 @@ def _layered(family, hidden, batch, kind, form="kron"):
     ("categorical", (), 3, "ekf", "kron"),        # one layer of two outputs, minibatches: checked at run time
     ("bernoulli", (3,), 2, "iterated", "kron"),   # H δθ from the factors; a one-output layer's rows
     ("gaussian", (3,), 1, "nig", "kron"),
-    # the full covariance of an iterated filter: P⁻ J from a linear model's inputs; through the
-    # matrix for a network (more widths than rows) and for several examples
+    # the full covariance of an iterated filter: P⁻ J from a linear model's inputs, for one
+    # example or several; through the matrix for a network (more widths than rows)
     ("categorical", (), 1, "iterated", "full"),
     ("bernoulli", (), 1, "iterated", "full"),
     ("gaussian", (), 1, "nig", "full"),

@@ -72,11 +72,15 @@ class LayerRows(NamedTuple):
         return self.deltas[i][..., :, None] * self.row_inputs(i)[..., None, :-1]
 
     def inputs_matrix(self):
-        """One example's rows of one layer as ``H = δ Jᵀ``: ``J (d, n_out)``, column ``o`` holding
-        ``ā`` at the rows of ``b[o]`` (its last entry) and ``W[o, :]``."""
-        a = self.inputs[0].reshape(-1)
-        eye = jnp.eye(self.deltas[0].shape[-1], dtype=a.dtype)
-        return jnp.concatenate([a[-1] * eye, jnp.kron(eye, a[:-1, None])], axis=0)
+        """The rows of one layer as ``H = δ Jᵀ``, example by example: ``J (d, e·n_out)`` for
+        ``e`` examples, example ``i``'s column ``o`` holding its ``ā`` at the rows of ``b[o]``
+        (its last entry) and ``W[o, :]``."""
+        a = self.inputs[0].reshape(-1, self.inputs[0].shape[-1])          # (e, n_in + 1)
+        e, n_out = a.shape[0], self.deltas[0].shape[-1]
+        eye = jnp.eye(n_out, dtype=a.dtype)
+        bias = a[:, -1, None, None] * eye                                  # (e, n_out, n_out)
+        weights = (eye[:, None, :] * a[:, None, :-1, None]).reshape(e, -1, n_out)
+        return jnp.moveaxis(jnp.concatenate([bias, weights], axis=1), 0, 1).reshape(-1, e * n_out)
 
     def flat(self):
         """``H (…, d)`` in θ's order: what a path that needs the rows themselves takes."""

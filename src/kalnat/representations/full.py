@@ -56,17 +56,23 @@ class PriorCovariance(NamedTuple):
     def times_rows(self, H):
         """``P⁻ Hᵀ (d, k)`` for the rows ``H``: a matrix ``(k, d)``, or :class:`LayerRows`.
 
-        One example's rows of one dense layer (a linear model) are ``H = Δ Jᵀ``, ``J (d, n_out)``
-        its inputs (:meth:`LayerRows.inputs_matrix`), ``Δ`` the rows' ``δ``:
-        ``P⁻ Hᵀ = (P⁻ J) Δᵀ``, where the product with ``P`` no longer depends on ``δ``. ``J`` is
-        the same at every θ, so the iterated update's linearisations share that product (XLA
-        computes it once where their count is known when the step is traced:
-        :meth:`kalnat.bank.Bank.scan_chunk`). Taken where it is no more work than ``P⁻ Hᵀ``
-        itself (``n_out ≤ k``); else, for several layers or examples, through the matrix."""
+        The rows of one dense layer (a linear model) are, example by example, ``H_i = Δ_i J_iᵀ``,
+        ``J_i (d, n_out)`` example ``i``'s inputs (:meth:`LayerRows.inputs_matrix`), ``Δ_i`` its
+        rows' ``δ``: ``P⁻ H_iᵀ = (P⁻ J_i) Δ_iᵀ``, where the product with ``P`` no longer depends
+        on ``δ``. ``J`` is the same at every θ, so the iterated update's linearisations share
+        that product (XLA computes it once where their count is known when the step is traced:
+        :meth:`kalnat.bank.Bank.scan_chunk`), for a minibatch as for one row. Taken where it is
+        no more work than ``P⁻ Hᵀ`` itself (``n_out ≤ m``, an example's rows); else, and for
+        several layers, through the matrix."""
         if isinstance(H, LayerRows):
             delta = H.deltas[0]
-            if len(H.deltas) == 1 and H.examples() == 1 and delta.shape[-1] <= delta.shape[-2]:
-                return self.times(H.inputs_matrix()) @ delta.T
+            e, n_out = H.examples(), delta.shape[-1]
+            m = delta.size // (e * n_out)  # an example's rows
+            if len(H.deltas) == 1 and n_out <= m:
+                if e == 1:
+                    return self.times(H.inputs_matrix()) @ delta.reshape(m, n_out).T
+                pj = self.times(H.inputs_matrix()).reshape(-1, e, n_out)              # (d, e, n_out)
+                return jnp.einsum("dio,imo->dim", pj, delta.reshape(e, m, -1)).reshape(pj.shape[0], e * m)
             H = H.flat()
         return self.times(H.T)
 
