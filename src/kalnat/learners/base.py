@@ -217,7 +217,7 @@ class Learner(Boundary):
         if any(isinstance(a, jax.core.Tracer) for a in leaves):
             return
         key = ("layer rows", jax.tree_util.tree_structure(params),
-               tuple((np.shape(a), np.result_type(a)) for a in leaves))
+               tuple((np.shape(a), np.dtype(a.dtype) if hasattr(a, "dtype") else np.result_type(a)) for a in leaves))
         if key not in self._shapes:
             _lin.check_layer_rows(self.apply, self.apply_tapped, self.representation.dense_layers, self.family,
                                   params, self.input_shape)
