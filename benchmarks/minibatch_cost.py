@@ -21,7 +21,7 @@ warm-up run that compiles:
 for one full-covariance EKF in float64 and (``--bank``) ``kalnat learn``'s default bank of 40
 in float32. Each setting runs ``--repeat`` times, alternating; the fastest is kept.
 
-    python benchmarks/minibatch_cost.py [--batches 1 2 4 8] [--rows 512] [--bank] [--repeat 2]
+    python benchmarks/minibatch_cost.py [--batches 1 2 4] [--rows 256] [--bank] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -68,15 +68,15 @@ def run(setting, bank, X, y, batch):
         return best / n * 1e3
     finally:
         blas.THREADS, numerics.FUSED_DOWNDATE = threads, fused
-        del learner
+        learner = None  # its programs go with it: the next setting traces its own
         gc.collect()
         jax.clear_caches()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--bank", action="store_true", help="the command's default bank (float32) too")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()

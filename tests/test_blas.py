@@ -2,6 +2,8 @@
 factorisations call them, and their threads contend with XLA's), and gives the libraries
 their own settings back."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -47,10 +49,12 @@ def test_fit_learns_on_one_blas_thread_and_gives_the_libraries_their_threads_bac
     assert threads() == {2}
 
 
-def test_a_keyed_learners_calls_run_on_one_blas_thread(two_threads, monkeypatch):
-    seen, make = [], keyed_module._segment_fn
+def recording(monkeypatch, seen, factory):
+    """Every call of the jitted function that ``kalnat.keyed.<factory>`` makes records the
+    libraries' thread counts."""
+    make = getattr(keyed_module, factory)
 
-    def recording(learner):
+    def recorded(learner):
         fn = make(learner)
 
         def call(*args):
@@ -58,10 +62,57 @@ def test_a_keyed_learners_calls_run_on_one_blas_thread(two_threads, monkeypatch)
             return fn(*args)
         return call
 
-    monkeypatch.setattr(keyed_module, "_segment_fn", recording)
+    monkeypatch.setattr(keyed_module, factory, recorded)
+
+
+def test_a_keyed_learners_calls_run_on_one_blas_thread(two_threads, monkeypatch):
+    """``learn``, ``predict`` and ``flush`` (a minibatch's held rows: the calls whose ``S``
+    LAPACK factors)."""
+    seen = {"learn": [], "predict": [], "minibatches": []}
+    recording(monkeypatch, seen["learn"], "_segment_fn")
+    recording(monkeypatch, seen["predict"], "_predict_fn")
+    recording(monkeypatch, seen["minibatches"], "_minibatch_segment_fn")
     X, Y = rows()
-    keyed_module.Keyed(LEARNER, MODEL.init(None)).learn(["a", "b"] * 20, X, Y)
-    assert seen and all(s == {1} for s in seen), seen
+    keys = ["a", "b"] * 20
+    one = keyed_module.Keyed(LEARNER, MODEL.init(None))
+    one.learn(keys, X, Y)
+    one.predict(keys[:4], X[:4])
+    batched = keyed_module.Keyed(LEARNER, MODEL.init(None), batch_size=3)
+    batched.learn(keys[:10], X[:10], Y[:10])
+    n = len(seen["minibatches"])
+    batched.flush()
+    assert len(seen["minibatches"]) > n
+    for name, counts in seen.items():
+        assert counts and all(c == {1} for c in counts), (name, counts)
+    assert threads() == {2}
+
+
+def test_overlapping_calls_in_two_threads_share_one_limit(two_threads):
+    """A enters, B enters, A leaves while B still learns, B leaves: B keeps one thread to its
+    end, and the libraries have their two again after it (a limit per call, each restoring
+    what it found, gave B two threads halfway, or left the process at one)."""
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def a():
+        with blas.one_thread():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with blas.one_thread():
+            b_in.set()
+            a_out.wait(10)
+            seen.append(threads())
+
+    workers = [threading.Thread(target=a), threading.Thread(target=b)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    assert seen == [{1}]
     assert threads() == {2}
 
 

@@ -525,8 +525,10 @@ class Keyed:
         Their predictions were returned by :meth:`learn`; a key's next row starts a new
         minibatch."""
         if self.pending:  # a generator: nothing is learned until it is run through
-            for _ in self._learn_minibatches(np.zeros(0, np.int64), None, None, False, final=True):
-                pass
+            with blas.one_thread():
+                for _ in self._learn_minibatches(np.zeros(0, np.int64), None, None, False, final=True):
+                    pass
+                jax.block_until_ready(self.stack)
 
     def _learn_minibatches(self, slots, xs, ys, keep, final=False):
         """``batch_size > 1``: the chunk's rows after each key's held ones, grouped per key into

@@ -199,6 +199,7 @@ def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: i
             out = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((stop - start,) + a.shape[2:]), out)
             check_diverged(out[1], np.zeros(stop - start, bool), start, "row")
             preds.append(out)
+        jax.block_until_ready(state)
     pred, ll = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
     return FitResult(state, pred, np.zeros(n, bool), ll)
 
