@@ -27,8 +27,8 @@ __all__ = [
 SMALL = 16
 UNROLL = 4
 # Up to this many outputs a step, downdate's one pass of outer products over P beats the
-# product W Wᵀ and the mirror's transposed pass (a minibatch of 2 or 4 of digits' 10-class rows,
-# d = 650: 1.2–2.5 × faster; benchmarks/minibatch_cost.py); beyond, the product.
+# product W Wᵀ and the mirror's transposed pass (a minibatch of 2 or 4 of digits' rows, 9 outputs
+# each, d = 585: 1.2–2.5 × faster; benchmarks/minibatch_cost.py); beyond, the product.
 FUSED_DOWNDATE = 48
 
 # XLA's CPU fusion emitters ran a pass over 120 901 float32 numbers (an odd d) that broadcasts a
