@@ -7,12 +7,12 @@ re-projection) waits on OpenBLAS's spinning threads at every step. With its defa
 a row of digits in minibatches of 2 and 4 took 1.6–1.8 × as long through one full-covariance
 EKF and 1.3–1.6 × through the command's default bank (``benchmarks/minibatch_cost.py``), and
 the structured forms' steps on an MLP 3–5 × as long (``benchmarks/networks.py --blas-threads
-0``; docs/structured.md). The host's float64 work
-(:mod:`kalnat.scaling`'s re-expression: d in the hundreds) gains little from a second thread
-and loses much on a busy machine: OpenBLAS's threads wait for each other at every step of a
-factorisation, and one descheduled stalls the rest (with two spinning processes on a 2-core
-machine, one boundary of ``kalnat learn digits``'s bank took 4.7 s on one thread against 11.6
-s on two; idle, 2.8 s against 2.3 s: ``benchmarks/blas_threads.py``).
+0``; docs/structured.md). The host's float64 work (:mod:`kalnat.scaling`'s re-expression: d in
+the hundreds) gains little from a second thread and loses much on a busy machine: OpenBLAS's
+threads wait for each other at every step of a factorisation, and one descheduled stalls the
+rest (with two spinning processes on a 2-core machine, one boundary of ``kalnat learn
+digits``'s bank took 4.7 s on one thread against 11.6 s on two; idle, 2.8 s against 2.3 s:
+``benchmarks/blas_threads.py``).
 
 :func:`one_thread` is that limit for the duration of a call: :func:`kalnat.fit` (and so the
 command, and a ``fit``'s callback), a keyed learner's ``learn``, ``predict`` and ``flush``,
