@@ -33,11 +33,13 @@ timed inside the command's process: imports, learning, the figures' wait.
 With ``--digits full diag …`` it times ``kalnat learn digits --covariance X`` instead, each with
 an empty compilation cache (what docs/cli.md quotes), and prints its log-loss and accuracy;
 ``--dtypes auto float64`` runs each with each ``--dtype`` (``auto``: float32 for digits' full
-covariance).
+covariance), and ``--batch-sizes 1 2 4`` each with each ``--batch-size`` (docs/benchmarks.md,
+Minibatches).
 
     python benchmarks/startup.py [--dims 8 32 128 512] [--repeat 3] [--per-row | --no-per-row] [--inline]
     python benchmarks/startup.py --digits full diag blocks kron
     python benchmarks/startup.py --digits full --dtypes auto float64 auto float64
+    python benchmarks/startup.py --digits auto --batch-sizes 1 2 4
     python benchmarks/startup.py --phases
 """
 
@@ -259,21 +261,23 @@ def _per_row_table(dims, repeat, passes):
               f"{g * 1e6:7.1f} {g / b:10.2f}", flush=True)
 
 
-def digits_table(kalnat_cmd, covariances, dtypes, env, cache, out):
-    """``kalnat learn digits --covariance X --dtype T``: wall seconds (empty cache), log-loss,
-    accuracy, and the dtype ``auto`` chose; for each X the dtypes in turn."""
-    print(f"{'kalnat learn digits':<42}{'seconds':>8}{'log-loss':>10}{'accuracy':>10}  dtype")
+def digits_table(kalnat_cmd, covariances, dtypes, batch_sizes, env, cache, out):
+    """``kalnat learn digits --covariance X --dtype T --batch-size B``: wall seconds (empty
+    cache), log-loss, accuracy, and the dtype ``auto`` chose; for each X the dtypes in turn,
+    for each the batch sizes."""
+    print(f"{'kalnat learn digits':<56}{'seconds':>8}{'log-loss':>10}{'accuracy':>10}  dtype")
     try:
         for cov in covariances:
             for dtype in dtypes:
-                shutil.rmtree(cache, ignore_errors=True)
-                t = wall(kalnat_cmd + ["learn", "digits", "--covariance", cov, "--dtype", dtype, "--quiet",
-                                       "--out", out], env)
-                with open(os.path.join(out, "metrics.json")) as f:
-                    metrics = json.load(f)
-                final = metrics["final"]
-                print(f"{'--covariance ' + cov + ' --dtype ' + dtype:<42}{t:>8.1f}{final['log_loss']:>10.4f}"
-                      f"{final['accuracy']:>10.3f}  {metrics['dtype']}", flush=True)
+                for batch in batch_sizes:
+                    shutil.rmtree(cache, ignore_errors=True)
+                    options = ["--covariance", cov, "--dtype", dtype, "--batch-size", str(batch)]
+                    t = wall(kalnat_cmd + ["learn", "digits", *options, "--quiet", "--out", out], env)
+                    with open(os.path.join(out, "metrics.json")) as f:
+                        metrics = json.load(f)
+                    final = metrics["final"]
+                    print(f"{' '.join(options):<56}{t:>8.1f}{final['log_loss']:>10.4f}"
+                          f"{final['accuracy']:>10.3f}  {metrics['dtype']}", flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -293,6 +297,8 @@ def main():
                     help="only `kalnat learn digits --covariance X` for each X, cold cache")
     ap.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "float64"],
                     help="with --digits: each X with each --dtype, in this order (repeat them to alternate)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                    help="with --digits: each X and dtype with each --batch-size")
     args = ap.parse_args()
     if args.inline:  # read when JAX creates its CPU client: before the first import here
         os.environ["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "0"
@@ -304,7 +310,7 @@ def main():
     env = dict(os.environ, KALNAT_CACHE_DIR=cache)
     env.pop("KALNAT_NO_CACHE", None)
     if args.digits:
-        return digits_table(kalnat_cmd, args.digits, args.dtypes, env, cache, out)
+        return digits_table(kalnat_cmd, args.digits, args.dtypes, args.batch_sizes, env, cache, out)
     if args.phases:
         try:
             learn = ["learn", "breast_cancer", "--quiet", "--out", out]

@@ -40,7 +40,8 @@ if "KALNAT_TEST_XLA_FLAGS_TRIED" not in os.environ and not os.environ.get("KALNA
 # The BLAS and LAPACK libraries on one thread, set before they load: the tests call jitted
 # factorisations outside kalnat.fit too (whose own limit is kalnat.blas), and two test workers
 # on two cores gain nothing from OpenBLAS's threads but their contention with XLA's
-# (tests/test_structured.py: 1 min 46 s against 2 min 12 s). tests/test_blas.py sets two to
+# (tests/test_structured.py on 2 workers: 1 min 46 s against 2 min 12 s with
+# OPENBLAS_NUM_THREADS=2 in the environment, one run each). tests/test_blas.py sets two to
 # check the library's limit.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

@@ -69,6 +69,8 @@ class PriorCovariance(NamedTuple):
             e, n_out = H.examples(), delta.shape[-1]
             m = delta.size // (e * n_out)  # an example's rows
             if len(H.deltas) == 1 and n_out <= m:
+                if e == 1:  # the product the command was measured with (the einsum rounds otherwise in float32)
+                    return self.times(H.inputs_matrix()) @ delta.reshape(m, n_out).T
                 pj = self.times(H.inputs_matrix()).reshape(-1, e, n_out)              # (d, e, n_out)
                 return jnp.einsum("dio,imo->dim", pj, delta.reshape(e, m, n_out)).reshape(pj.shape[0], e * m)
             H = H.flat()
