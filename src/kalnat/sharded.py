@@ -196,10 +196,10 @@ def fit(learner, state, X, Y, mesh_: Mesh, *, batch_size: int = 1, chunk_size: i
             xc = np.asarray(xs[start:stop], dtype).reshape((c, batch_size) + xs.shape[1:])
             yc = ys[start:stop].reshape((c, batch_size) + ys.shape[1:])
             state, out = run(hyper, state, xc, yc, np.ones((c, batch_size), bool))
+            # read back here: the chunk's program, the state's update with it, ends within the limit
             out = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((stop - start,) + a.shape[2:]), out)
             check_diverged(out[1], np.zeros(stop - start, bool), start, "row")
             preds.append(out)
-        jax.block_until_ready(state)
     pred, ll = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
     return FitResult(state, pred, np.zeros(n, bool), ll)
 
