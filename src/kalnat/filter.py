@@ -15,7 +15,9 @@ predictive is computed from the *prior*, so ``log_lik`` is the exact one-step ma
 stream's sum is its exact log marginal likelihood.
 
 With a minibatch, each row's log-likelihood is conditioned on the rows before it in the
-minibatch as well (:func:`minibatch_log_likelihood`), so the sum stays the exact evidence.
+minibatch as well (:func:`minibatch_log_likelihood`), so the sum stays the exact evidence. A
+minibatch whose ``S`` is beyond the written-out factor's size is conditioned in noise units
+(:func:`~kalnat.linearization.in_noise_units`; docs/method.md §2d).
 
 The iterated update (``learner.max_iterations > 1``) relinearises from the same prior: pass
 ``relinearize(θ) -> Linearization`` to :func:`condition`; ``hyper.iterations`` of them are used.
@@ -33,7 +35,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
-from kalnat.linearization import Linearization, masked, stack, times
+from kalnat.linearization import Linearization, in_noise_units, masked, stack, times
 from kalnat.predictive import log_predictive, moderated_probs, student_t_log_prob
 from kalnat.programs import once
 
@@ -193,7 +195,8 @@ def row_log_likelihood(family, moderated, pred: Predictive, ys, noise=None):
         pred.mean, pred.mean_cov, pred.obs_cov, ys)
 
 
-def minibatch_log_likelihood(family, moderated, pred: Predictive, ys, hph, R, e, mask, noise=None):
+def minibatch_log_likelihood(family, moderated, pred: Predictive, ys, hph, R, e, mask, noise=None,
+                             log_scale=None):
     """``(b,)`` the rows' log-likelihoods, summing to the minibatch's joint one-step log-likelihood.
 
     Rows of one minibatch share θ's uncertainty, so they are not independent given the past.
@@ -203,6 +206,11 @@ def minibatch_log_likelihood(family, moderated, pred: Predictive, ys, hph, R, e,
     exact (for a linear-Gaussian model, the same numbers as learning the rows one by one). For
     classifiers and counts each row is scored on its own (plug-in or moderated). Masked rows
     score 0 and do not count.
+
+    ``log_scale (b·m,)``: ``log diag L`` when ``hph``, ``R`` and ``e`` are in noise units
+    (:func:`~kalnat.linearization.in_noise_units`): the factor of ``S = L S' Lᵀ`` is ``L L_S'``,
+    lower-triangular with the diagonal ``diag L · diag L_S'``, so each scalar's term is the one of
+    ``S'`` less its ``log L_jj``.
     """
     b, m = pred.mean.shape
     if family.name != "gaussian":
@@ -212,6 +220,8 @@ def minibatch_log_likelihood(family, moderated, pred: Predictive, ys, hph, R, e,
     chol = numerics.cholesky(S)
     v = jnp.where(rows, numerics.solve_lower(chol, e), 0.0)
     log_diag = jnp.log(jnp.diagonal(chol))
+    if log_scale is not None:
+        log_diag = log_diag + log_scale
     if noise is None:
         terms = -0.5 * v * v - log_diag - 0.5 * jnp.log(2.0 * jnp.pi)
     else:  # the chain rule of a multivariate t: dof ν + j − 1 for the j-th counted scalar
@@ -253,28 +263,55 @@ def step(learner, hyper: Hyper, state: State, linearize_at: Callable, mask=None)
     return _condition(learner, hyper, prior, linearize_at(theta), mask, linearize_at)
 
 
+def _noise_units(b: int, m: int) -> bool:
+    """Whether a minibatch of ``b`` rows of ``m`` outputs is conditioned in noise units
+    (:func:`~kalnat.linearization.in_noise_units`): where its ``S`` has more than
+    :data:`numerics.SMALL` outputs, so LAPACK, without the written-out factor's pivot floor,
+    would factor it. Up to that size ``S`` is factored as it is, with the floor (a single row of
+    a classifier of up to 17 classes: the same numbers as before noise units were taken)."""
+    return b * m > numerics.SMALL
+
+
+def _stacked(lin: Linearization, mask, unit: bool):
+    """``(stack(masked(lin, mask)), L)``: with ``unit``, in noise units
+    (:func:`~kalnat.linearization.in_noise_units`; ``L (b, m, m)``, a masked row's the identity),
+    else as they are (``L = None``)."""
+    lin = masked(lin, mask)
+    if not unit:
+        return stack(lin), None
+    eye = jnp.eye(lin.R.shape[-1], dtype=lin.R.dtype)
+    lin, chol = in_noise_units(lin._replace(R=jnp.where(mask[:, None, None], lin.R, eye)))
+    return stack(lin), chol
+
+
 def _condition(learner, hyper, prior, lin, mask, relinearize):
     rep = learner.representation
     b, m = lin.yhat.shape
     if mask is None:
         mask = jnp.ones(b, bool)
     theta0, unravel = ravel_pytree(prior.params)
-    H, R, e = stack(masked(lin, mask))
+    unit = _noise_units(b, m)
+    (H, R, e), chol = _stacked(lin, mask, unit)
     delta, hph, aux = rep.gain(prior.cov, H, R, e)
-    # The predictive of each row is the diagonal block of the H P⁻ Hᵀ the gain computed.
+    # The predictive of each row is the diagonal block of the H P⁻ Hᵀ the gain computed (in the
+    # data's coordinates: L_i (H' P⁻ H'ᵀ)_ii L_iᵀ).
+    blocks = numerics.diagonal_blocks(hph, b, m)
+    if unit:
+        blocks = jnp.einsum("bij,bjk,blk->bil", chol, blocks, chol)
     noise = rep.noise(prior.cov)
-    pred = assemble_predictive(learner.family, learner.moderated, lin.yhat,
-                               numerics.diagonal_blocks(hph, b, m), lin.R, noise)
+    pred = assemble_predictive(learner.family, learner.moderated, lin.yhat, blocks, lin.R, noise)
     if lin.y is None:
         ll = jnp.zeros(b, lin.yhat.dtype)
     else:
-        ll = minibatch_log_likelihood(learner.family, learner.moderated, pred, lin.y, hph, R, e, mask, noise)
+        log_scale = None if chol is None else jnp.log(jnp.diagonal(chol, axis1=1, axis2=2)).reshape(b * m)
+        ll = minibatch_log_likelihood(learner.family, learner.moderated, pred, lin.y, hph, R, e, mask, noise,
+                                      log_scale)
     if learner.max_iterations > 1:
         if relinearize is None:
             raise ValueError(f"{learner.name}: an iterated update needs relinearize(θ)")
         def again(carry):
             delta = carry[0]
-            H_i, R_i, e_i = stack(masked(relinearize(theta0 + delta), mask))
+            (H_i, R_i, e_i), _ = _stacked(relinearize(theta0 + delta), mask, unit)
             e_i = e_i + times(H_i, delta)  # the innovation of the linear model about θ_i, from θ_{t−1}
             d_i, _, aux_i = rep.gain(prior.cov, H_i, R_i, e_i)
             return d_i, H_i, R_i, e_i, aux_i

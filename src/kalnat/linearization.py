@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 from kalnat import numerics
 
 __all__ = ["Linearization", "LayerRows", "linearize", "linearize_layers", "masked", "stack",
-           "check_layer_rows"]
+           "in_noise_units", "check_layer_rows"]
 
 
 class LayerRows(NamedTuple):
@@ -237,3 +237,25 @@ def stack(lin: Linearization):
     else:
         H = lin.H.reshape(b * m, lin.H.shape[2])
     return H, R, lin.e.reshape(b * m)
+
+
+def in_noise_units(lin: Linearization):
+    """The same observations with unit noise: ``(lin', L)``, ``R_i = L_i L_iᵀ`` (``L (b, m, m)``)
+    and ``lin'`` holding ``L_i⁻¹ H_i``, ``R' = I``, ``L_i⁻¹ e_i``.
+
+    An exact change of coordinates of each ``T(y_i)``: every filter gives the same θ and ``P``
+    from ``lin'``, and ``S' = L⁻¹ S L⁻ᵀ = H' P⁻ H'ᵀ + I`` has no eigenvalue below 1. A
+    confident classifier's ``R`` is singular to float32's precision (a class of probability
+    1e-7: docs/method.md §2d); each example's ``m × m`` factor takes :func:`numerics.cholesky`'s
+    pivot floor, which a minibatch's ``S`` of more than :data:`numerics.SMALL` outputs, factored
+    by LAPACK, does not. ``H S⁻¹ Hᵀ``'s blocks, ``ŷ`` and ``y`` are untouched; ``L`` takes them
+    (and the log-likelihood's determinant) back to the data's coordinates."""
+    chol = jax.vmap(numerics.cholesky)(lin.R)
+    solve = jax.vmap(numerics.solve_lower)  # L_i⁻¹ of each example's (m, …) rows
+    if isinstance(lin.H, LayerRows):
+        H = lin.H._replace(deltas=tuple(solve(chol, a) for a in lin.H.deltas))
+    else:
+        H = solve(chol, lin.H)
+    eye = jnp.broadcast_to(jnp.eye(lin.R.shape[-1], dtype=lin.R.dtype), lin.R.shape)
+    return lin._replace(H=H, R=eye, e=solve(chol, lin.e[..., None])[..., 0]), chol
+
