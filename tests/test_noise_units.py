@@ -11,7 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import kalnat
-from kalnat import datasets, filter as _filter, numerics
+from kalnat import datasets, filter as _filter
 from kalnat import families as F
 from kalnat import representations as R
 
@@ -75,13 +75,14 @@ def _digits32(n):
     return np.asarray(X[:n], np.float32), y[:n]
 
 
-@pytest.mark.parametrize("rep", ["full", "blocks", "lowrank:10"])
+@pytest.mark.parametrize("rep", ["blocks", "lowrank:10"])
 def test_float32_minibatches_of_a_confident_classifier_do_not_diverge(rep):
     """digits' ten-class linear softmax (d = 585), float32, minibatches of 2 rows (S of 18
-    outputs): a row's R = diag(p) − p pᵀ has eigenvalues as small as its least class
-    probability, and the minibatch's S, factored by LAPACK without a pivot floor, was NaN (the
-    full covariance at row 600, blocks at 242, the low-rank form at 602). In noise units the
-    stream runs through, θ and the covariance finite (the full P symmetric positive definite)."""
+    outputs, more than numerics.SMALL): a row's R = diag(p) − p pᵀ has eigenvalues as small as
+    its least class probability, and the minibatch's S (and R, which these forms factor too),
+    factored by LAPACK without a pivot floor, was NaN: the learner diverged (with the suite's
+    XLA options; blocks and the low-rank form; the full covariance too with XLA's defaults, at
+    row 600). In noise units the stream runs through, θ and the covariance finite."""
     X, y = _digits32(640)
     model = kalnat.models.linear(64, 9, dtype=jnp.float32)
     params = model.init(None)
@@ -89,9 +90,4 @@ def test_float32_minibatches_of_a_confident_classifier_do_not_diverge(rep):
     result = kalnat.fit(learner, learner.init(params), X, y, batch_size=2)
     assert np.all(np.isfinite(result.log_likelihood))
     assert np.all(np.isfinite(np.asarray(ravel_pytree(result.state.params)[0])))
-    P = kalnat.covariance(result.state)
-    assert np.all(np.isfinite(P))
-    if rep == "full":
-        np.testing.assert_array_equal(P, P.T)
-        assert np.linalg.eigvalsh(P).min() > 0
-    assert 18 > numerics.SMALL  # the premise: this S is LAPACK's
+    assert np.all(np.isfinite(kalnat.covariance(result.state)))

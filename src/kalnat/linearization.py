@@ -243,13 +243,16 @@ def in_noise_units(lin: Linearization):
     """The same observations with unit noise: ``(lin', L)``, ``R_i = L_i L_iᵀ`` (``L (b, m, m)``)
     and ``lin'`` holding ``L_i⁻¹ H_i``, ``R' = I``, ``L_i⁻¹ e_i``.
 
-    An exact change of coordinates of each ``T(y_i)``: every filter gives the same θ and ``P``
-    from ``lin'``, and ``S' = L⁻¹ S L⁻ᵀ = H' P⁻ H'ᵀ + I`` has no eigenvalue below 1. A
-    confident classifier's ``R`` is singular to float32's precision (a class of probability
-    1e-7: docs/method.md §2d); each example's ``m × m`` factor takes :func:`numerics.cholesky`'s
-    pivot floor, which a minibatch's ``S`` of more than :data:`numerics.SMALL` outputs, factored
-    by LAPACK, does not. ``H S⁻¹ Hᵀ``'s blocks, ``ŷ`` and ``y`` are untouched; ``L`` takes them
-    (and the log-likelihood's determinant) back to the data's coordinates."""
+    A change of coordinates of each ``T(y_i)``, exact where no pivot floor binds: every filter
+    gives the same θ and ``P`` from ``lin'``, and ``S' = L⁻¹ S L⁻ᵀ = H' P⁻ H'ᵀ + I`` has no
+    eigenvalue below 1. A confident classifier's ``R`` is singular to float32's precision (a
+    class of probability 1e-7: docs/method.md §2d); an example's ``m × m`` factor, up to
+    :data:`numerics.SMALL` outputs, is :func:`numerics.cholesky`'s with its pivot floor, which
+    a minibatch's ``S`` of more than that many outputs, factored by LAPACK, does not have
+    (beyond, ``R_i``'s own factor is LAPACK's too; :meth:`kalnat.families.Categorical.cov`
+    raises its diagonal by a few units of rounding). ``ŷ`` and ``y`` are untouched; ``L`` takes
+    ``H P⁻ Hᵀ``'s blocks (and the log-likelihood's determinant) back to the data's
+    coordinates."""
     chol = jax.vmap(numerics.cholesky)(lin.R)
     solve = jax.vmap(numerics.solve_lower)  # L_i⁻¹ of each example's (m, …) rows
     if isinstance(lin.H, LayerRows):
