@@ -22,10 +22,6 @@ FAMILIES = {  # b rows of m outputs, b·m = 18 > numerics.SMALL
 }
 
 
-def _rep(name, params):
-    return None if name == "full" else R.from_name(name, params)
-
-
 def _step_both_ways(learner, params, X, Y):
     """One minibatch step from a state that has seen a few rows, with and without noise units,
     each its own trace (the choice is read when the step is traced)."""
@@ -57,7 +53,7 @@ def test_a_minibatch_in_noise_units_is_the_same_update(fam, rep):
     elif rep == "nig":
         learner = kalnat.nig_filter(model, family)
     else:
-        learner = kalnat.ekf(model, family, representation=_rep(rep, params), forgetting=0.9)
+        learner = kalnat.ekf(model, family, representation=R.from_name(rep, params), forgetting=0.9)
     rng = np.random.default_rng(len(fam) + len(rep))
     X = rng.normal(size=(4 + b, P_IN))
     Y = (rng.integers(0, family.num_classes, 4 + b) if fam == "categorical"
@@ -86,7 +82,7 @@ def test_float32_minibatches_of_a_confident_classifier_do_not_diverge(rep):
     X, y = _digits32(640)
     model = kalnat.models.linear(64, 9, dtype=jnp.float32)
     params = model.init(None)
-    learner = kalnat.ekf(model, F.Categorical(10), representation=_rep(rep, params))
+    learner = kalnat.ekf(model, F.Categorical(10), representation=R.from_name(rep, params))
     result = kalnat.fit(learner, learner.init(params), X, y, batch_size=2)
     assert np.all(np.isfinite(result.log_likelihood))
     assert np.all(np.isfinite(np.asarray(ravel_pytree(result.state.params)[0])))
