@@ -38,9 +38,10 @@ def _step_both_ways(learner, params, X, Y):
 
 
 # (the unknown noise scale, nig, is a Gaussian's)
-@pytest.mark.parametrize("fam,rep", [(f, r) for f in FAMILIES for r in
-                                     ("full", "diag", "lowrank:2", "kron", "iterated", "nig")
-                                     if r != "nig" or f == "gaussian2"])
+FORMS = ("full", "full-layer-rows", "diag", "lowrank:2", "kron", "iterated", "nig")
+
+
+@pytest.mark.parametrize("fam,rep", [(f, r) for f in FAMILIES for r in FORMS if r != "nig" or f == "gaussian2"])
 def test_a_minibatch_in_noise_units_is_the_same_update(fam, rep):
     """θ, P, each row's H P⁻ Hᵀ and H P⁻ Hᵀ + R, and each row's one-step log-likelihood (for
     the Gaussian the chain rule of the joint density, whose factor changes with the units) are
@@ -52,6 +53,9 @@ def test_a_minibatch_in_noise_units_is_the_same_update(fam, rep):
         learner = kalnat.iterated_ekf(model, family, iterations=3)
     elif rep == "nig":
         learner = kalnat.nig_filter(model, family)
+    elif rep == "full-layer-rows":  # H as the layer's factors, as a bank's members take it: L⁻¹ on δ
+        full = R.Full(layers=((family.m, P_IN),))
+        learner = kalnat.ekf(model, family, representation=full, forgetting=0.9)
     else:
         learner = kalnat.ekf(model, family, representation=R.from_name(rep, params), forgetting=0.9)
     rng = np.random.default_rng(len(fam) + len(rep))
