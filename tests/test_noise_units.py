@@ -41,7 +41,8 @@ def _step_both_ways(learner, params, X, Y):
 FORMS = ("full", "full-layer-rows", "diag", "lowrank:2", "kron", "iterated", "nig")
 
 
-@pytest.mark.parametrize("fam,rep", [(f, r) for f in FAMILIES for r in FORMS if r != "nig" or f == "gaussian2"])
+@pytest.mark.parametrize("fam,rep", [(f, r) for f in FAMILIES for r in FORMS
+                                     if r != "nig" or f == "gaussian2"])
 def test_a_minibatch_in_noise_units_is_the_same_update(fam, rep):
     """θ, P, each row's H P⁻ Hᵀ and H P⁻ Hᵀ + R, and each row's one-step log-likelihood (for
     the Gaussian the chain rule of the joint density, whose factor changes with the units) are
