@@ -22,7 +22,10 @@ the approximation of K-FAC (Martens & Grosse 2015) is the sum of them.
   ``U ∝ ⟨V, I⟩ I + Σ M̂ V M̂ᵀ``, ``V ∝ ⟨U, I⟩ I + Σ M̂ᵀ U M̂`` (positive definite at every
   step). Where the updated precision *is* a Kronecker product, e.g. a layer with one output,
   or several outputs whose information is ``I ⊗ Σ āāᵀ`` (isotropic gaussian noise), the first
-  pass finds it exactly and the filter is the exact one on the layer.
+  pass finds it exactly and the filter is the exact one on the layer. Elsewhere the nearest
+  product can lose part of the prior (its least eigenvalue below 1 in these coordinates, a
+  ``P`` above ``P⁻`` in the directions the rows do not inform), so the two factors are then
+  damped just enough to keep ``Λ⁺ ⪰ Λ⁻`` (:func:`_at_least_prior`).
 
 **Outer-product rows.** A dense layer's Jacobian for one example is ``δ āᵀ`` in each output
 row, whatever the network around it: its bias column is ``δ`` and ``ā`` its weight row of the
@@ -350,6 +353,7 @@ class KronLayer(Representation):
                 u = _trace(v) * jnp.eye(self.n_out, dtype=v.dtype) + jnp.einsum("kij,jl,kml->im", mh, v, mh)
             u = u / jnp.sqrt(jnp.sum(u * u))
             v = _trace(u) * jnp.eye(self.n_in + 1, dtype=u.dtype) + jnp.einsum("kji,jl,klm->im", mh, u, mh)
+        u, v = _at_least_prior(u, v, jnp.linalg.eigvalsh(u)[0], jnp.linalg.eigvalsh(v)[0])
         # Λ ≈ (L_G⁻ᵀ U L_G⁻¹) ⊗ (L_A⁻ᵀ V L_A⁻¹), so P = (L_G U⁻¹ L_Gᵀ) ⊗ (L_A V⁻¹ L_Aᵀ), each
         # formed as XᵀX with X = L_U⁻¹ L_Gᵀ (one triangular solve; symmetric by construction)
         xg = numerics.solve_lower(numerics.cholesky(numerics.symmetrize(u)), lg.T)
@@ -372,6 +376,8 @@ class KronLayer(Representation):
             alpha, w = alpha / f, w / f
             z = alpha * jnp.diagonal(kd) + jnp.sum(kd * kd * w[None, :], axis=1)  # diag DᵀUD
             beta = alpha * n + jnp.sum(w * jnp.diagonal(kd))                      # tr U
+        (alpha, w), (beta, z) = _at_least_prior(
+            (alpha, w), (beta, z), alpha + _least(kd, w, n), beta + _least(ka, z, p))
         fg, fa = _woodbury(gd, kd, alpha, w), _woodbury(aa, ka, beta, z)
         # (G − FᵀF)/α and (A − FᵀF)/β balanced, each in one pass over its factor: the traces
         # from the diagonals alone, and no symmetrisation (numerics.downdate of a symmetric
@@ -389,6 +395,46 @@ def _branch(ok, by_factors, general):
     return by_factors() if ok is True else jax.lax.cond(ok, by_factors, general)
 
 
+def _at_least_prior(u, v, u_least, v_least):
+    """The factors ``U ⊗ V`` of a whitened posterior precision, raised where needed so that
+    ``U ⊗ V ⪰ I ⊗ I``, the prior's (``u_least``, ``v_least``: their least eigenvalues).
+
+    The nearest Kronecker product of ``I ⊗ I + Σ_j vec(M̂_j) vec(M̂_j)ᵀ`` drops part of the prior
+    when the rows' information dominates it: of ``I ⊗ I + D ⊗ ââᵀ`` (one example's rows) it
+    keeps little more than ``D ⊗ ââᵀ``, whose precision in the directions the example does not
+    inform is then far below the prior's. Such a step makes ``P`` larger than ``P⁻``, which no
+    observation can (on a standardised 10-class softmax, ``tr P`` grew 3.5-fold in 50 rows
+    and θ reached 10¹²). Here the factors are balanced to the same least eigenvalue ``r`` and,
+    where ``r < 1``, both are raised by ``(1 − r) I``: the least isotropic damping of the two
+    factors that restores ``Λ⁺ ⪰ Λ⁻`` (K-FAC damps its factors the same way). Where the product
+    already holds the prior, as where the information is a Kronecker product, nothing changes.
+    ``u``, ``v``: matrices, or ``(α, w)`` pairs standing for ``αI + (…)`` (only ``α`` is raised)."""
+    both = (u_least > 0) & (v_least > 0)  # else r = 0: raising both by I is enough
+    r = jnp.sqrt(jnp.where(both, u_least * v_least, 0.0))
+    lift = r < 1
+    c = jnp.where(lift & both, jnp.sqrt(jnp.where(both, v_least, 1.0) / jnp.where(both, u_least, 1.0)), 1.0)
+    raise_by = jnp.where(lift, 1.0 - r, 0.0)
+    if isinstance(u, tuple):
+        return (u[0] * c + raise_by, u[1] * c), (v[0] / c + raise_by, v[1] / c)
+    return (numerics.add_to_diagonal(u * c, raise_by), numerics.add_to_diagonal(v / c, raise_by))
+
+
+def _least(k, w, n):
+    """The least eigenvalue of ``D diag(w) Dᵀ`` (``n × n``) from ``K = DᵀD`` (``k × k``) and
+    ``w ≥ 0``: ``0`` when ``k < n``, else the ``(k − n)``-th of ``diag(√w) K diag(√w)``'s (whose
+    other ``k − n`` are its null space's zeros)."""
+    if k.shape[0] < n:
+        return jnp.zeros((), k.dtype)
+    s = _root(w)
+    return jnp.maximum(jnp.linalg.eigvalsh(s[:, None] * k * s[None, :])[k.shape[0] - n], 0.0)
+
+
+def _root(w):
+    """``√w``, with ``0`` and a zero derivative where ``w ≤ 0`` (:func:`_woodbury`)."""
+    live = w > 0
+    return jnp.where(live, jnp.sqrt(jnp.where(live, w, 1.0)), 0.0)
+
+
 def _woodbury(y, k, alpha, w):
     """``F`` with ``L (αI + D diag(w) Dᵀ)⁻¹ Lᵀ = (G − FᵀF) / α`` for ``G = L Lᵀ``,
     ``Y = DᵀLᵀ (k, n)``, ``K = DᵀD``, ``w ≥ 0``: ``F = L_M⁻¹ S Y``, ``S = diag(√w)``,
@@ -399,7 +445,6 @@ def _woodbury(y, k, alpha, w):
     double ``where`` keeps the unused branch's derivative finite too). That is the derivative
     only where ``w_j``'s own is zero, as it is for the step's weights: ``w_j = 0`` only where
     ``ā_j = 0`` exactly, and then its tangent is 0 too. A weight below 0 by rounding counts as 0."""
-    live = w > 0
-    s = jnp.where(live, jnp.sqrt(jnp.where(live, w, 1.0)), 0.0)
+    s = _root(w)
     m = numerics.add_to_diagonal(s[:, None] * k * s[None, :], alpha)
     return numerics.solve_lower(numerics.cholesky(m), s[:, None] * y)
