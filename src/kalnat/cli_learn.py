@@ -103,27 +103,14 @@ CHUNK = 64
 R_FLOOR = 1e-6
 
 
-def _floored(base):
-    @dataclass(frozen=True)
-    class Floored(base):
-        def cov(self, yhat):
-            r = super().cov(yhat)
-            return r + R_FLOOR * jax.numpy.eye(r.shape[0], dtype=r.dtype)
-
-    Floored.__name__ = Floored.__qualname__ = base.__name__
-    return Floored
-
-
-_STABLE = {"bernoulli": _floored(families.Bernoulli), "categorical": _floored(families.Categorical),
-           "poisson": _floored(families.Poisson)}
-
-
 def make_family(name: str, n_classes: Optional[int] = None) -> families.Family:
     """The family the command learns with: gaussian as is, the others with :data:`R_FLOOR`."""
     if name == "categorical":
-        return _STABLE[name](int(n_classes))
-    if name in _STABLE:
-        return _STABLE[name]()
+        return families.Categorical(int(n_classes), r_floor=R_FLOOR)
+    if name == "bernoulli":
+        return families.Bernoulli(r_floor=R_FLOOR)
+    if name == "poisson":
+        return families.Poisson(r_floor=R_FLOOR)
     return families.from_name(name, n_classes)
 
 
