@@ -146,10 +146,21 @@ def test_gaussian_covariance_must_be_spd(cov, message):
 
 @pytest.mark.parametrize("make", [lambda v: F.Bernoulli(r_floor=v), lambda v: F.Categorical(3, r_floor=v),
                                   lambda v: F.Poisson(r_floor=v)])
-@pytest.mark.parametrize("bad", [-1e-6, np.nan, np.inf, "1e-6", None])
+@pytest.mark.parametrize("bad", [-1e-6, np.nan, np.inf, "1e-6", None, True, 10**400])
 def test_a_floor_on_r_must_be_a_finite_number_at_least_zero(make, bad):
-    with pytest.raises(ValueError, match="r_floor must be a finite number at least 0"):
+    with pytest.raises(ValueError, match=r"^(bernoulli|categorical|poisson): r_floor must be a finite number at least 0"):
         make(bad)
+
+
+def test_a_floor_on_r_is_a_keyword_stored_as_a_python_float():
+    """Keyword only (``Bernoulli(0.5)`` must not set it by position), and stored as a Python
+    float: a NumPy scalar compares and hashes equal to it, so the two families' learners share
+    compiled programs, yet it would carry its own dtype into R."""
+    with pytest.raises(TypeError):
+        F.Bernoulli(0.5)
+    fam = F.Categorical(3, r_floor=np.float64(1e-6))
+    assert type(fam.r_floor) is float and fam == F.Categorical(3, r_floor=1e-6)
+    assert fam.cov(jnp.asarray([0.2, 0.3], jnp.float32)).dtype == jnp.float32
 
 
 def test_a_floor_on_r_is_added_to_its_diagonal():
@@ -160,19 +171,23 @@ def test_a_floor_on_r_is_added_to_its_diagonal():
 
 
 def test_a_floor_on_r_keeps_a_float32_softmax_accurate():
-    """digits' linear softmax on standardised inputs, float32, the exact EKF, 640 rows: a
-    confident softmax's R has an eigenvalue below float32's resolution (the least class
-    probability), where the innovation's rounding is no longer small against it. With no floor
-    over 100 rows were predicted with a probability below e⁻⁵⁰ (a mean log-likelihood of −15,
-    float64's −1.1); with r_floor = 10⁻⁶, as the command adds, none."""
+    """digits' linear softmax on standardised inputs, the exact EKF, 640 rows, r_floor = 10⁻⁶
+    (as the command adds): float32 predicts as float64 does. A confident softmax's R has an
+    eigenvalue below float32's resolution (the least class probability), where the
+    innovation's rounding is no longer small against it: with no floor over 100 float32 rows
+    were predicted with a probability below e⁻⁵⁰ (a mean log-likelihood of −15, float64's
+    −1.1)."""
     from kalnat import datasets
     X, y, _, _ = datasets.load("digits")
-    X = np.asarray((X - X.mean(0)) / (X.std(0) + 1e-9), np.float32)[:640]
-    model = kalnat.models.linear(64, 9, dtype=jnp.float32)
-    params = model.init(None)
-    learner = kalnat.ekf(model, F.Categorical(10, r_floor=1e-6))
-    ll = kalnat.fit(learner, learner.init(params), X, y[:640]).log_likelihood
-    assert np.all(ll > -50) and np.mean(ll) > -1.0, (np.sum(ll < -50), np.mean(ll))
+    X = (X - X.mean(0)) / (X.std(0) + 1e-9)
+    means = {}
+    for dt in (jnp.float32, jnp.float64):
+        model = kalnat.models.linear(64, 9, dtype=dt)
+        learner = kalnat.ekf(model, F.Categorical(10, r_floor=1e-6))
+        ll = kalnat.fit(learner, learner.init(model.init(None)), np.asarray(X[:640], dt), y[:640]).log_likelihood
+        assert np.all(ll > -50), (dt, np.sum(ll < -50))
+        means[dt] = float(np.mean(ll))
+    assert abs(means[jnp.float32] - means[jnp.float64]) < 0.1, means
 
 
 def test_from_name():

@@ -94,23 +94,15 @@ SKIP_ROWS = 10
 CHUNK = 64
 
 
-# A floor on the covariance R of T(y). When a prediction saturates (a probability rounds to
-# 0 or 1, a Poisson rate to 0), R = diag(p) − ppᵀ, p(1 − p) or λ becomes singular in floating
-# point, and so does S = H P Hᵀ + R because H = R ∂z/∂θ shrinks with it: the Cholesky factor
-# of S turns NaN and the filter dies (digits does this within 40 rows). Adding ε·I to R bounds
-# the information one observation can carry; for an unsaturated prediction (R ≈ 0.01–0.25)
-# it changes the update by a relative 1e-5 or less.
-R_FLOOR = 1e-6
-
-
 def make_family(name: str, n_classes: Optional[int] = None) -> families.Family:
-    """The family the command learns with: gaussian as is, the others with :data:`R_FLOOR`."""
+    """The family the command learns with: gaussian as is, the others with
+    :data:`kalnat.families.R_FLOOR`."""
     if name == "categorical":
-        return families.Categorical(int(n_classes), r_floor=R_FLOOR)
+        return families.Categorical(int(n_classes), r_floor=families.R_FLOOR)
     if name == "bernoulli":
-        return families.Bernoulli(r_floor=R_FLOOR)
+        return families.Bernoulli(r_floor=families.R_FLOOR)
     if name == "poisson":
-        return families.Poisson(r_floor=R_FLOOR)
+        return families.Poisson(r_floor=families.R_FLOOR)
     return families.from_name(name, n_classes)
 
 

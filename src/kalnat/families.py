@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -127,11 +127,30 @@ class Family(abc.ABC):
         return None
 
 
-def _check_floor(r_floor):
-    ok = (isinstance(r_floor, numbers.Real) and not isinstance(r_floor, bool)
-          and math.isfinite(r_floor) and r_floor >= 0)
+#: The floor on R the command gives the bernoulli, categorical and poisson families, and the
+#: adapters the categorical one (``r_floor``). When a prediction saturates (a probability
+#: rounds to 0 or 1, a Poisson rate to 0), R becomes singular in floating point, and so does
+#: S = H P Hᵀ + R because H = R ∂z/∂θ shrinks with it; in float32 a confident softmax's R is
+#: below the rounding of its innovation. Adding 10⁻⁶·I bounds the information one observation
+#: can carry; for an unsaturated prediction (R ≈ 0.01–0.25) it changes the update by a
+#: relative 1e-5 or less.
+R_FLOOR = 1e-6
+
+
+def _set_floor(family):
+    """Checks ``family.r_floor`` and stores it as a Python float (a NumPy scalar would compare
+    and hash equal to it yet carry its own dtype into R, and two learners that share a
+    compiled program would then differ)."""
+    given = family.r_floor
+    try:
+        value = float(given)
+        ok = (isinstance(given, numbers.Real) and not isinstance(given, (bool, np.bool_))
+              and math.isfinite(value) and value >= 0)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
     if not ok:
-        raise ValueError(f"r_floor must be a finite number at least 0, got {r_floor!r}")
+        raise ValueError(f"{family.name}: r_floor must be a finite number at least 0, got {family.r_floor!r}")
+    object.__setattr__(family, "r_floor", value)
 
 
 def _tiny(dtype):
@@ -215,18 +234,19 @@ class Gaussian(Family):
 class Bernoulli(Family):
     """Bernoulli: ``y ∈ {0, 1}``, ``ŷ = p = sigmoid(z)``, ``R = p(1 − p)``; one raw output.
 
-    ``r_floor``: a number added to ``R`` (default 0; the command adds 10⁻⁶, which bounds what
-    one row can teach). With one output ``S`` is a number and no other output's rounding
-    swamps it: float32 filters on breast_cancer and phishing gave the same log-loss to four
-    digits with floors of 0, 10⁻⁸ and 10⁻⁶ (unlike :class:`Categorical`'s).
+    ``r_floor`` (keyword only): a number added to ``R`` (default 0; the command adds
+    :data:`R_FLOOR`, 10⁻⁶, which bounds what one row can teach). With one output ``S`` is a
+    number and no other output's rounding swamps it: float32 filters on breast_cancer and
+    phishing gave the same log-loss to four digits with floors of 0, 10⁻⁸ and 10⁻⁶ (unlike
+    :class:`Categorical`'s).
     """
 
-    r_floor: float = 0.0
+    r_floor: float = field(default=0.0, kw_only=True)
     name = "bernoulli"
     is_classifier = True
 
     def __post_init__(self):
-        _check_floor(self.r_floor)
+        _set_floor(self)
 
     def mean(self, z):
         return jax.nn.sigmoid(z)
@@ -265,24 +285,26 @@ class Categorical(Family):
     ``K − 1`` logits (the last class has logit 0; the minimal parameterisation) or ``K``
     logits; ``n_outputs`` is the minimal ``K − 1``.
 
-    ``r_floor``: a number added to ``R``'s diagonal (default 0; the command adds 10⁻⁶). R's
-    least eigenvalue is about the least class probability, and a confident softmax takes it
-    below float32's resolution, where the innovation's rounding (``ε``, absolute) is no longer
-    small against its standard deviation along it: a float32 filter on digits' standardised
-    linear softmax predicted over 100 of 640 rows with a probability below e⁻⁵⁰ (mean predictive
-    log-likelihood −15, float64's −1.1); with ``r_floor=1e-6`` (about 8 ε of float32), −0.83
-    and none (``test_a_floor_on_r_keeps_a_float32_softmax_accurate``). In float32, pass it.
+    ``r_floor`` (keyword only): a number added to ``R``'s diagonal (default 0; the command and
+    the adapters add :data:`R_FLOOR`, 10⁻⁶). R's least eigenvalue is about the least class
+    probability, and a confident softmax takes it below float32's resolution, where the
+    innovation's rounding (``ε``, absolute) is no longer small against its standard deviation
+    along it: a float32 filter on digits' standardised linear softmax predicted over 100 of 640
+    rows with a probability below e⁻⁵⁰ (mean predictive log-likelihood −15, float64's −1.1).
+    With ``r_floor=1e-8`` it gave float64's −1.1 and none, with ``1e-6`` −0.83 (a floor also
+    bounds what one row teaches; ``test_a_floor_on_r_keeps_a_float32_softmax_accurate``). In
+    float32, pass one.
     """
 
     num_classes: int = 2
-    r_floor: float = 0.0
+    r_floor: float = field(default=0.0, kw_only=True)
     name = "categorical"
     is_classifier = True
 
     def __post_init__(self):
         if int(self.num_classes) < 2:
             raise ValueError(f"categorical: num_classes must be at least 2, got {self.num_classes}")
-        _check_floor(self.r_floor)
+        _set_floor(self)
 
     @property
     def m(self) -> int:
@@ -344,14 +366,14 @@ class Categorical(Family):
 class Poisson(Family):
     """Poisson counts: ``y ∈ {0, 1, 2, …}``, ``ŷ = λ = exp(z)``, ``R = λ``; one raw output.
 
-    ``r_floor``: a number added to ``R`` (default 0, as :class:`Bernoulli`'s).
+    ``r_floor`` (keyword only): a number added to ``R`` (default 0, as :class:`Bernoulli`'s).
     """
 
-    r_floor: float = 0.0
+    r_floor: float = field(default=0.0, kw_only=True)
     name = "poisson"
 
     def __post_init__(self):
-        _check_floor(self.r_floor)
+        _set_floor(self)
 
     def mean(self, z):
         # λ = exp(z) with z capped at 0.4·log(max float) (≈ 35 in float32, 283 in float64): a
