@@ -146,9 +146,9 @@ def test_gaussian_covariance_must_be_spd(cov, message):
 
 @pytest.mark.parametrize("make", [lambda v: F.Bernoulli(r_floor=v), lambda v: F.Categorical(3, r_floor=v),
                                   lambda v: F.Poisson(r_floor=v)])
-@pytest.mark.parametrize("bad", [-1e-6, np.nan, np.inf, "1e-6", None, True, 10**400])
+@pytest.mark.parametrize("bad", [-1e-6, np.nan, np.inf, "1e-6", True, 10**400])
 def test_a_floor_on_r_must_be_a_finite_number_at_least_zero(make, bad):
-    with pytest.raises(ValueError, match=r"^(bernoulli|categorical|poisson): r_floor must be a finite number at least 0"):
+    with pytest.raises(ValueError, match=r"^(bernoulli|categorical|poisson): r_floor must be None or a finite number at least 0"):
         make(bad)
 
 
@@ -165,28 +165,43 @@ def test_a_floor_on_r_is_a_keyword_stored_as_a_python_float():
 
 def test_a_floor_on_r_is_added_to_its_diagonal():
     p = jnp.asarray([0.2, 0.3])
-    np.testing.assert_array_equal(F.Categorical(3, r_floor=0.25).cov(p), F.Categorical(3).cov(p) + 0.25 * np.eye(2))
+    np.testing.assert_array_equal(F.Categorical(3, r_floor=0.25).cov(p), F.Categorical(3, r_floor=0).cov(p) + 0.25 * np.eye(2))
     for fam in (F.Bernoulli, F.Poisson):
-        np.testing.assert_array_equal(fam(r_floor=0.25).cov(jnp.asarray([0.5])), fam().cov(jnp.asarray([0.5])) + 0.25)
+        np.testing.assert_array_equal(fam(r_floor=0.25).cov(jnp.asarray([0.5])), fam(r_floor=0).cov(jnp.asarray([0.5])) + 0.25)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_the_default_floor_on_r_is_a_few_units_of_rounding_of_its_dtype(dtype):
+    floor = 8 * np.finfo(dtype).eps  # F.FLOOR_ULPS
+    p = jnp.asarray([0.2, 0.3], dtype)
+    np.testing.assert_array_equal(F.Categorical(3).cov(p), F.Categorical(3, r_floor=0).cov(p) + floor * np.eye(2, dtype=dtype))
+    for fam in (F.Bernoulli, F.Poisson):
+        half = jnp.asarray([0.5], dtype)
+        np.testing.assert_array_equal(fam().cov(half), fam(r_floor=0).cov(half) + floor)
+    assert F.Categorical(3).cov(p).dtype == dtype
 
 
 def test_a_floor_on_r_keeps_a_float32_softmax_accurate():
-    """digits' linear softmax on standardised inputs, the exact EKF, 640 rows, r_floor = 10⁻⁶
-    (as the command adds): float32 predicts as float64 does. A confident softmax's R has an
-    eigenvalue below float32's resolution (the least class probability), where the
-    innovation's rounding is no longer small against it: with no floor over 100 float32 rows
-    were predicted with a probability below e⁻⁵⁰ (a mean log-likelihood of −15, float64's
-    −1.1)."""
+    """digits' linear softmax on standardised inputs, the exact EKF, 640 rows, each dtype at the
+    family's default floor on R: float32 predicts as float64 does. A confident softmax's R has
+    an eigenvalue below float32's resolution (the least class probability), where the
+    innovation's rounding is no longer small against it: with ``r_floor=0`` over 100 float32
+    rows were predicted with a probability below e⁻⁵⁰ (a mean log-likelihood of −15, float64's
+    −1.1; float64 predicts one)."""
     from kalnat import datasets
     X, y, _, _ = datasets.load("digits")
     X = (X - X.mean(0)) / (X.std(0) + 1e-9)
-    means = {}
+    means, wild = {}, {}
     for dt in (jnp.float32, jnp.float64):
         model = kalnat.models.linear(64, 9, dtype=dt)
-        learner = kalnat.ekf(model, F.Categorical(10, r_floor=1e-6))
+        learner = kalnat.ekf(model, F.Categorical(10))
         ll = kalnat.fit(learner, learner.init(model.init(None)), np.asarray(X[:640], dt), y[:640]).log_likelihood
-        assert np.all(ll > -50), (dt, np.sum(ll < -50))
-        means[dt] = float(np.mean(ll))
+        # the mean of the log-likelihoods capped at −10: a few saturated rows move the plain
+        # mean by tenths from one rounding to the next in either dtype (r_floor=0: −2.4 and
+        # −3.6 in float32 under the two XLA settings the suite sees, float64 −0.90)
+        means[dt], wild[dt] = float(np.mean(np.maximum(ll, -10))), int(np.sum(ll < -50))
+    # float64 itself predicts one row that far off (a confident model, not rounding)
+    assert wild[jnp.float32] <= wild[jnp.float64] <= 1, wild
     assert abs(means[jnp.float32] - means[jnp.float64]) < 0.1, means
 
 

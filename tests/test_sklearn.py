@@ -189,8 +189,9 @@ print(jnp.zeros(()).dtype, clf.score(X[640:1280], y[640:1280]))  # JAX's default
 def test_a_float32_softmax_classifier_learns_digits():
     """``KalmanClassifier(method="ekf")`` in JAX's default float32 (a process of its own: this
     suite runs in float64) on digits' ten classes, 640 rows learned, the next 640 scored. Its
-    family takes the command's floor on R (``kalnat.families.R_FLOOR``); without it a confident
-    softmax's R fell below float32's resolution and the accuracy was 0.12 (0.78 with it)."""
+    family takes the command's floor on R (``kalnat.families.R_FLOOR``); with ``r_floor=0`` a
+    confident softmax's R fell below float32's resolution and the accuracy was 0.12 (0.78 with
+    the floor)."""
     import subprocess
     import sys
 

@@ -128,20 +128,28 @@ class Family(abc.ABC):
 
 
 #: The floor on R the command gives the bernoulli, categorical and poisson families, and the
-#: adapters the categorical one (``r_floor``). When a prediction saturates (a probability
-#: rounds to 0 or 1, a Poisson rate to 0), R becomes singular in floating point, and so does
-#: S = H P Hᵀ + R because H = R ∂z/∂θ shrinks with it; in float32 a confident softmax's R is
-#: below the rounding of its innovation. Adding 10⁻⁶·I bounds the information one observation
-#: can carry; for an unsaturated prediction (R ≈ 0.01–0.25) it changes the update by a
-#: relative 1e-5 or less.
+#: adapters the categorical one (``r_floor``), in float32 and float64 alike. When a prediction
+#: saturates (a probability rounds to 0 or 1, a Poisson rate to 0), R becomes singular in
+#: floating point, and so does S = H P Hᵀ + R because H = R ∂z/∂θ shrinks with it; in float32
+#: a confident softmax's R is below the rounding of its innovation. Adding 10⁻⁶·I bounds the
+#: information one observation can carry; for an unsaturated prediction (R ≈ 0.01–0.25) it
+#: changes the update by a relative 1e-5 or less.
 R_FLOOR = 1e-6
+
+#: The default floor on R, in units of rounding of R's dtype: ``r_floor=None`` adds
+#: ``FLOOR_ULPS · ε`` (9.5·10⁻⁷ in float32, 1.8·10⁻¹⁵ in float64). In float32 that is about
+#: :data:`R_FLOOR`, which a confident softmax needs (docs/reliability.md); in float64 it only
+#: touches a prediction saturated to within 10⁻¹⁴.
+FLOOR_ULPS = 8
 
 
 def _set_floor(family):
-    """Checks ``family.r_floor`` and stores it as a Python float (a NumPy scalar would compare
-    and hash equal to it yet carry its own dtype into R, and two learners that share a
-    compiled program would then differ)."""
+    """Checks ``family.r_floor`` (``None``, the default, or a number) and stores a number as a
+    Python float (a NumPy scalar would compare and hash equal to it yet carry its own dtype into
+    R, and two learners that share a compiled program would then differ)."""
     given = family.r_floor
+    if given is None:
+        return
     try:
         value = float(given)
         ok = (isinstance(given, numbers.Real) and not isinstance(given, (bool, np.bool_))
@@ -149,8 +157,16 @@ def _set_floor(family):
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        raise ValueError(f"{family.name}: r_floor must be a finite number at least 0, got {family.r_floor!r}")
+        raise ValueError(f"{family.name}: r_floor must be None or a finite number at least 0, "
+                         f"got {family.r_floor!r}")
     object.__setattr__(family, "r_floor", value)
+
+
+def _floor(family, dtype) -> float:
+    """The number ``family.cov`` adds to R's diagonal in ``dtype``."""
+    if family.r_floor is None:
+        return FLOOR_ULPS * float(jnp.finfo(dtype).eps)
+    return family.r_floor
 
 
 def _tiny(dtype):
@@ -234,14 +250,14 @@ class Gaussian(Family):
 class Bernoulli(Family):
     """Bernoulli: ``y ∈ {0, 1}``, ``ŷ = p = sigmoid(z)``, ``R = p(1 − p)``; one raw output.
 
-    ``r_floor`` (keyword only): a number added to ``R`` (default 0; the command adds
-    :data:`R_FLOOR`, 10⁻⁶, which bounds what one row can teach). With one output ``S`` is a
-    number and no other output's rounding swamps it: float32 filters on breast_cancer and
-    phishing gave the same log-loss to four digits with floors of 0, 10⁻⁸ and 10⁻⁶ (unlike
-    :class:`Categorical`'s).
+    ``r_floor`` (keyword only): a number added to ``R``; by default (``None``)
+    :data:`FLOOR_ULPS` units of rounding of its dtype, and the command adds :data:`R_FLOOR`,
+    10⁻⁶, which bounds what one row can teach. With one output ``S`` is a number and no other
+    output's rounding swamps it: float32 filters on breast_cancer and phishing gave the same
+    log-loss to four digits with floors of 0, 10⁻⁸ and 10⁻⁶ (unlike :class:`Categorical`'s).
     """
 
-    r_floor: float = field(default=0.0, kw_only=True)
+    r_floor: float | None = field(default=None, kw_only=True)
     name = "bernoulli"
     is_classifier = True
 
@@ -258,7 +274,7 @@ class Bernoulli(Family):
         # Floored at the smallest normal number: a saturated sigmoid (p rounds to 0 or 1, in
         # float32 from |z| ≈ 17) gives p(1 − p) = 0 and H = 0, and S = H P Hᵀ + R would be 0.
         # Any representable p(1 − p) > 0 is kept as is.
-        return (jnp.maximum(yhat * (1.0 - yhat), _tiny(yhat.dtype)) + self.r_floor).reshape(1, 1)
+        return (jnp.maximum(yhat * (1.0 - yhat), _tiny(yhat.dtype)) + _floor(self, yhat.dtype)).reshape(1, 1)
 
     def log_prob(self, z, y):
         y = jnp.reshape(y, (1,)).astype(z.dtype)
@@ -285,19 +301,21 @@ class Categorical(Family):
     ``K − 1`` logits (the last class has logit 0; the minimal parameterisation) or ``K``
     logits; ``n_outputs`` is the minimal ``K − 1``.
 
-    ``r_floor`` (keyword only): a number added to ``R``'s diagonal (default 0; the command and
-    the adapters add :data:`R_FLOOR`, 10⁻⁶). R's least eigenvalue is about the least class
+    ``r_floor`` (keyword only): a number added to ``R``'s diagonal; by default (``None``)
+    :data:`FLOOR_ULPS` units of rounding of its dtype (9.5·10⁻⁷ in float32), and the command and
+    the adapters add :data:`R_FLOOR`, 10⁻⁶. R's least eigenvalue is about the least class
     probability, and a confident softmax takes it below float32's resolution, where the
     innovation's rounding (``ε``, absolute) is no longer small against its standard deviation
-    along it: a float32 filter on digits' standardised linear softmax predicted over 100 of 640
-    rows with a probability below e⁻⁵⁰ (mean predictive log-likelihood −15, float64's −1.1).
-    With ``r_floor=1e-8`` it gave −1.09 and none, with ``1e-6`` −0.82 against float64's −0.86
-    at the same floor (a floor also bounds what one row teaches; ``benchmarks/float32_softmax.py``,
-    ``test_a_floor_on_r_keeps_a_float32_softmax_accurate``). In float32, pass one.
+    along it: with ``r_floor=0`` a float32 filter on digits' standardised linear softmax
+    predicted over 100 of 640 rows with a probability below e⁻⁵⁰ (mean predictive
+    log-likelihood −15, float64's −1.1); at the default floor none, and float32's mean is
+    float64's within a few hundredths (``benchmarks/float32_softmax.py``,
+    ``test_a_floor_on_r_keeps_a_float32_softmax_accurate``). A floor also bounds what one row
+    teaches: a larger one (``R_FLOOR``) is a modelling choice, not a numerical one.
     """
 
     num_classes: int = 2
-    r_floor: float = field(default=0.0, kw_only=True)
+    r_floor: float | None = field(default=None, kw_only=True)
     name = "categorical"
     is_classifier = True
 
@@ -342,7 +360,7 @@ class Categorical(Family):
         # − p pᵀ off the diagonal only, by a mask: ``outer − diag(p²)`` leaves a saturated
         # class's diagonal a rounding error of p² (~ε) once XLA contracts it into a fused
         # multiply-add, against a true p(1 − p) of ~1e-14, and R is then indefinite
-        return jnp.diag(diag + floor + self.r_floor) - jnp.outer(yhat, yhat) * others
+        return jnp.diag(diag + floor + _floor(self, yhat.dtype)) - jnp.outer(yhat, yhat) * others
 
     def log_prob(self, z, y):
         return jax.nn.log_softmax(self._logits(z))[jnp.asarray(y).astype(jnp.int32)]
@@ -366,10 +384,11 @@ class Categorical(Family):
 class Poisson(Family):
     """Poisson counts: ``y ∈ {0, 1, 2, …}``, ``ŷ = λ = exp(z)``, ``R = λ``; one raw output.
 
-    ``r_floor`` (keyword only): a number added to ``R`` (default 0, as :class:`Bernoulli`'s).
+    ``r_floor`` (keyword only): a number added to ``R`` (by default a few units of rounding, as
+    :class:`Bernoulli`'s).
     """
 
-    r_floor: float = field(default=0.0, kw_only=True)
+    r_floor: float | None = field(default=None, kw_only=True)
     name = "poisson"
 
     def __post_init__(self):
@@ -401,7 +420,7 @@ class Poisson(Family):
 
     def cov(self, yhat):
         # Floored at the smallest normal number (λ = exp(z) underflows to 0 for very negative z).
-        return (jnp.maximum(yhat, _tiny(yhat.dtype)) + self.r_floor).reshape(1, 1)
+        return (jnp.maximum(yhat, _tiny(yhat.dtype)) + _floor(self, yhat.dtype)).reshape(1, 1)
 
     def log_prob(self, z, y):
         y = jnp.reshape(y, (1,)).astype(z.dtype)
