@@ -218,7 +218,7 @@ _SATURATED = """
 import jax, numpy as np, jax.numpy as jnp
 jax.config.update("jax_enable_x64", True)
 from kalnat import families as F
-fam = F.Categorical(10)
+fam = F.Categorical(10, r_floor=0)  # the default floor (1.8e-15) would hide the rounding
 cov = jax.jit(fam.cov)
 rng = np.random.default_rng(0)
 bad = 0

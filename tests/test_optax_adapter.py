@@ -104,3 +104,20 @@ def test_missing_extra_arguments_are_reported():
         tx.update(params, state, params, jacobian={"w": jnp.ones((1, 2))})
     with pytest.raises(ValueError, match="3 parameters per output"):
         tx.update(params, state, params, jacobian={"w": jnp.ones((1, 3))}, obs_cov=jnp.eye(1))
+
+
+def test_r_from_a_prediction_takes_the_updates_dtype():
+    """R built from ``prediction`` is in the updates' dtype before the family's default floor
+    on R (a few units of rounding of R's dtype) is added: a float64 prediction for float32
+    parameters gets float32's floor (9.5e-7), not float64's (1.8e-15), which float32 loses."""
+    family = kalnat.families.Bernoulli()
+    tx = kx.natural_gradient(1.0, family=family)
+    params = {"w": jnp.zeros(2, jnp.float32)}
+    state = tx.init(params)
+    grads = {"w": jnp.asarray([1e-3, -2e-3], jnp.float32)}
+    jac = {"w": jnp.asarray([[1.0, 0.5]], jnp.float32)}
+    p = 1e-9  # a saturated prediction: R = p(1 − p) is below float32's floor
+    got, _ = tx.update(grads, state, params, jacobian=jac, prediction=jnp.asarray([p], jnp.float64))
+    want, _ = tx.update(grads, state, params, jacobian=jac, obs_cov=family.cov(jnp.asarray([p], jnp.float32)))
+    np.testing.assert_array_equal(got["w"], want["w"])
+    assert got["w"].dtype == jnp.float32

@@ -94,11 +94,13 @@ def test_features_scaled_by_1e6(form, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("form", FORMS)
 def test_perfectly_separable_logistic(form, dtype):
-    """θ grows without bound and p → 0 or 1: R = p(1 − p) underflows unless floored."""
+    """θ grows without bound and p → 0 or 1: R = p(1 − p) underflows unless floored (at the
+    smallest normal number; ``r_floor=0``, since the default floor of a few units of rounding
+    would also keep float32 finite without it)."""
     rng = np.random.default_rng(1)
     X = rng.normal(size=(2000, P_IN))
     y = (X @ np.array([3.0, -2.0, 1.0, 0.5]) > 0).astype(float)
-    model, lrn = learner(form, F.Bernoulli())
+    model, lrn = learner(form, F.Bernoulli(r_floor=0))
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
     res = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=512)
     assert_healthy(res.state)
@@ -110,13 +112,17 @@ def test_perfectly_separable_logistic(form, dtype):
 @pytest.mark.parametrize("form", FORMS)
 def test_perfectly_separable_three_classes(form, dtype):
     """A saturated softmax (one p_j rounds to 1) must leave R = diag(p) − p pᵀ positive
-    definite; computed as p_j(1 − p_j) it was singular and every form turned to NaN."""
+    definite; computed as p_j(1 − p_j) it was singular and every form turned to NaN (with
+    ``r_floor=0``: the default floor would hide it). The filters' later guards now carry this
+    stream through even with R computed that way and no floor at all (checked when the default
+    floor came in), so this test checks the forms' health and accuracy on it;
+    ``test_saturated_softmax_noise_is_positive_definite`` checks R itself."""
     rng = np.random.default_rng(4)
     X = rng.normal(size=(600, P_IN)) * 30  # logits of hundreds: p_j rounds to 1
     y = np.argmax(X[:, :3], axis=1).astype(float)
     model = kalnat.models.linear(P_IN, 2)
     lrn = {"ekf": kalnat.ekf, "joseph": lambda *a: kalnat.ekf(*a, joseph=True),
-           "sqrt": kalnat.sqrt_ekf, "information": kalnat.information_filter}[form](model, F.Categorical(3))
+           "sqrt": kalnat.sqrt_ekf, "information": kalnat.information_filter}[form](model, F.Categorical(3, r_floor=0))
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.init(None))
     res = kalnat.fit(lrn, lrn.init(params), X, y, chunk_size=600)
     assert_healthy(res.state)

@@ -117,13 +117,14 @@ def natural_gradient(learning_rate: Union[None, float, Callable, Any] = None, *,
         if jacobian is None:
             raise ValueError("natural_gradient needs the extra argument jacobian (jax.jacrev of the prediction "
                              "with respect to the params)")
+        g, unravel = ravel_pytree(updates)
+        dtype = g.dtype
         if obs_cov is None:
             if prediction is None or family is None:
                 raise ValueError("natural_gradient needs obs_cov (R), or prediction with the family given "
                                  "at construction")
-            obs_cov = family.cov(jnp.reshape(prediction, (family.m,)))
-        g, unravel = ravel_pytree(updates)
-        dtype = g.dtype
+            # in the updates' dtype: the family's default floor on R is a few units of its rounding
+            obs_cov = family.cov(jnp.reshape(jnp.asarray(prediction, dtype), (family.m,)))
         t = state.count + 1
         eta = jnp.asarray(lr(t, state.lr), dtype)
         gamma = eta if fr is None else jnp.asarray(fr(t, state.fisher_lr), dtype)
