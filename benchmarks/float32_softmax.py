@@ -13,7 +13,11 @@ probability below e⁻⁵⁰.
 - ``kron``: the Kronecker form (``r_floor=0``) over all 1 797 rows, ``b`` rows a step for each ``b``
   of ``--batch-sizes``.
 
-    python benchmarks/float32_softmax.py [--rows 640] [--floors 0 default 1e-8 1e-6] [--batch-sizes 1 4 8]
+- ``--wide-prior``: one member of ``kron_step.py --bank``'s banks, prior variance 10 on
+  digits' inputs / 16, all 1 797 rows: the exact EKF and the Kronecker form with the layer's
+  rows and with ``H`` as a matrix, with ``r_floor=0`` and the default floor.
+
+    python benchmarks/float32_softmax.py [--rows 640] [--floors 0 default 1e-8 1e-6] [--batch-sizes 1 4 8] [--wide-prior]
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from kalnat import datasets  # noqa: E402
 from kalnat.representations import kronecker  # noqa: E402
 
 
-def run(X, y, dtype, family, kron=False, batch=1):
+def run(X, y, dtype, family, kron=False, batch=1, prior_var=1.0, flat=False):
     model = kalnat.models.linear(64, 9, dtype=dtype)
     params = model.init(None)
     opts = dict(representation=kronecker(params)) if kron else {}
-    learner = kalnat.ekf(model, family, **opts)
+    if flat:  # the same model as a plain function: the step gets H as a matrix, not layer rows
+        model = kalnat.models.Model(model.init, model.apply, model.input_shape, model.n_outputs)
+    learner = kalnat.ekf(model, family, prior_var=prior_var, **opts)
     ll = np.asarray(kalnat.fit(learner, learner.init(params), np.asarray(X, dtype), y,
                                batch_size=batch).log_likelihood, np.float64)
     return ll.mean(), int(np.sum(ll < -50))
@@ -54,6 +60,8 @@ def main():
     ap.add_argument("--floors", type=lambda f: None if f == "default" else float(f), nargs="+",
                     default=[0.0, None, 1e-8, 1e-6])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--wide-prior", action="store_true",
+                    help="also the members of prior variance 10 of kron_step.py --bank's banks")
     args = ap.parse_args()
     X, y, _, _ = datasets.load("digits")
     X = (X - X.mean(0)) / (X.std(0) + 1e-9)
@@ -64,6 +72,15 @@ def main():
              family=kalnat.families.Categorical(10, r_floor=f))
     for b in args.batch_sizes:
         line(f"kron, {b} row(s) a step", X, y, family=kalnat.families.Categorical(10, r_floor=0), kron=True, batch=b)
+    if args.wide_prior:
+        raw, _, _, _ = datasets.load("digits")
+        X = raw / 16.0
+        for f in (0.0, None):
+            name = "default" if f is None else f"{f:g}"
+            fam = kalnat.families.Categorical(10, r_floor=f)
+            line(f"v=10 full, r_floor {name}", X, y, family=fam, prior_var=10.0)
+            line(f"v=10 kron rows, {name}", X, y, family=fam, prior_var=10.0, kron=True)
+            line(f"v=10 kron flat H, {name}", X, y, family=fam, prior_var=10.0, kron=True, flat=True)
 
 
 if __name__ == "__main__":
