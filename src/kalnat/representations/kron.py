@@ -128,7 +128,7 @@ class KronCovariance(NamedTuple):
         matrix ``⟨B_i, B_j⟩``: ``√σ U diag(v) Uᵀ ⊗ Σ_j v_j B_j / √σ``. Where that information is
         not positive definite, the exact move (:meth:`moved`). For a move of this layer's rows
         (:meth:`prior_movable`)."""
-        n_out, n_in1 = self.g.shape[0], self.a.shape[0]
+        n_in1 = self.a.shape[0]
         dt = self.a.dtype
         tinv = jnp.asarray(move.inverse_t(), dt)
         gam, u = jnp.linalg.eigh(numerics.symmetrize(self.g))
