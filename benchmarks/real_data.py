@@ -7,7 +7,7 @@ regression's log-loss from row 3, before which its target has no scale; its RMSE
 and after the first 10. Learners, on the same online-standardised features (earlier rows only):
 
   kalnat, no settings   what ``kalnat learn DATA`` does with no options (the command's own
-                        option defaults, through ``cli_learn.OnlineRunner``)
+                        option defaults, through ``cli_runner.OnlineRunner``)
   kalnat variants       one change each, through the same runner: EKF at prior_var 0.1, 1, 10;
                         iterated EKF; moderated predictive (classifiers); normal–inverse-gamma
                         filter (regression); banks mixed by evidence (EKFs with one
@@ -55,7 +55,7 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 
-from kalnat import baselines, cli, cli_compare, cli_learn  # noqa: E402
+from kalnat import baselines, cli, cli_choices, cli_compare, cli_report, cli_runner  # noqa: E402
 
 SETS = ("breast_cancer", "phishing", "image_segments", "trump_approval", "diabetes")
 REGRESSION_SETS = ("diabetes", "trump_approval", "chick_weights", "sunspots")
@@ -121,11 +121,11 @@ def command_config(name: str, shuffle: bool):
 def kalnat_run(cfg, family, classes, X, y):
     """Progressive predictions of kalnat at ``cfg`` through the command's runner, and the
     seconds of a warm pass and of compilation."""
-    first = cli_learn.OnlineRunner(cfg, family, classes, X.shape[1])
+    first = cli_runner.OnlineRunner(cfg, family, classes, X.shape[1])
     t0 = time.perf_counter()
     pred = first.step(X, y)
     cold = time.perf_counter() - t0
-    again = cli_learn.OnlineRunner(cfg, family, classes, X.shape[1])
+    again = cli_runner.OnlineRunner(cfg, family, classes, X.shape[1])
     again.learner = first.learner  # the same learner object: its compiled step is reused
     t0 = time.perf_counter()
     again.step(X, y)
@@ -156,7 +156,7 @@ def variants(cfg, classifier: bool, gaussian: bool):
         out.append(("bank of NIG filters, λ down to 0.9", bank(
             learner="nig", forgettings=(1.0, 0.998, 0.99, 0.97, 0.95, 0.9))))
     out += [(f"no settings but --scaling {sc}", dict(cfg, scaling=sc))
-            for sc in cli_learn.SCALINGS if sc != cfg.get("scaling")]
+            for sc in cli_choices.SCALINGS if sc != cfg.get("scaling")]
     return out
 
 
@@ -171,8 +171,8 @@ def run_stream(name: str, shuffle: bool, quick: bool, log, regression: bool = Fa
     cfg, source = command_config(name, shuffle)
     X, y, family, classes, _ = cli_compare._read_all(source, cfg)
     n = len(y)
-    first = cli_learn.GAUSSIAN_FIRST_SCORED_ROW - 1 if family == "gaussian" else 0
-    base = cli_learn.OnlineRunner(cfg, family, classes, X.shape[1])
+    first = cli_report.GAUSSIAN_FIRST_SCORED_ROW - 1 if family == "gaussian" else 0
+    base = cli_runner.OnlineRunner(cfg, family, classes, X.shape[1])
     fam, classifier, gaussian = base.family, base.family.is_classifier, family == "gaussian"
     metric = "accuracy" if classifier else "rmse"
     rows = []
@@ -204,7 +204,7 @@ def run_stream(name: str, shuffle: bool, quick: bool, log, regression: bool = Fa
     # Baselines see the runner's features; a gaussian target standardised online the same way.
     Z = base.scale_features(X)
     if gaussian:
-        yt, center, scale, _ = cli_learn._target_affine(base.target_scaler, y)
+        yt, center, scale, _ = cli_runner.target_affine(base.target_scaler, y)
         yt[:2] = 0.0
         yt = np.clip(yt, -cfg["clip"], cfg["clip"]) if cfg.get("clip") else yt
     else:

@@ -323,19 +323,19 @@ def test_dtype_is_float32_where_the_covariances_together_are_large_and_is_record
     float32's precision (a linear model: an MLP's path through 120 rows moves with rounding); a
     float64 checkpoint written before --dtype (no such field) still loads as float64, not as what
     auto now picks; a bad --dtype is a one-line error."""
-    from kalnat import cli_learn
+    from kalnat import cli_setup
     from kalnat.cli_choices import AUTO_FLOAT32_ABOVE, resolve_dtype
     assert resolve_dtype("auto", AUTO_FLOAT32_ABOVE) == "float64"
     assert resolve_dtype(None, AUTO_FLOAT32_ABOVE + 1) == "float32"
     assert resolve_dtype("float64", 10**9) == "float64" and resolve_dtype("Float32", 1) == "float32"
     with pytest.raises(ValueError, match="--dtype"):
         resolve_dtype("float16", 1)
-    family = cli_learn.make_family("bernoulli")
+    family = cli_setup.make_family("bernoulli")
     for model, prior_var, dtype in (("mlp:64", 0.1, "float64"), ("mlp:64", None, "float32"),
                                     ("linear", None, "float64")):
         cfg = {"model_spec": model, "method": "ekf", "prior_var": prior_var, "forgetting": None,
                "covariance": "auto"}
-        state = cli_learn.build_learner(cfg, family, 3)[2]
+        state = cli_setup.build_learner(cfg, family, 3)[2]
         assert {a.dtype.name for a in jax.tree_util.tree_leaves(state) if a.dtype.kind == "f"} == {dtype}
 
     def learned(name, options):

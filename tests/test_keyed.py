@@ -414,7 +414,7 @@ def test_predict_with_a_keyed_model(reports):
     the learner's own predict gives from that state; a key never learned: from the prior), and
     with one key exactly the one-stream model's predictions."""
     from kalnat.cli_keyed import LoadedKeyedModel
-    from kalnat.cli_learn import LoadedModel
+    from kalnat.cli_predict import LoadedModel
 
     tmp, new_keys, new_X = reports
     model = LoadedKeyedModel.load(str(tmp / "r" / "keyed_model.npz"))
@@ -456,7 +456,7 @@ def test_cli_key_with_batch_size(reports):
     import json
 
     from kalnat.cli_keyed import LoadedKeyedModel
-    from kalnat.cli_learn import LoadedModel
+    from kalnat.cli_predict import LoadedModel
 
     tmp = reports[0]
     B = ["--batch-size", "3"]

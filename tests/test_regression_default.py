@@ -1,12 +1,12 @@
 """`kalnat learn FILE --target y` with no settings on a gaussian target (issue 15): trending
 series, the weight on forgetting members on a stream with no drift, and after an abrupt change.
-Each runs the command's own runner (cli_learn.OnlineRunner) with the command's defaults."""
+Each runs the command's own runner (cli_runner.OnlineRunner) with the command's defaults."""
 
 import numpy as np
 import pytest
 
 import kalnat
-from kalnat import cli, cli_learn
+from kalnat import cli, cli_runner
 
 
 def _default_cfg(**over):
@@ -17,7 +17,7 @@ def _default_cfg(**over):
 
 
 def _learn(X, y, **over):
-    runner = cli_learn.OnlineRunner(_default_cfg(**over), "gaussian", None, X.shape[1])
+    runner = cli_runner.OnlineRunner(_default_cfg(**over), "gaussian", None, X.shape[1])
     return runner, runner.step(X, y)
 
 
@@ -32,7 +32,7 @@ def test_a_trending_series_is_forecast_after_its_lags_leave_the_early_range():
     of the first 256 rows, the statistics the features and the target are expressed in until
     row 512. Clipped at ±5, a filter fitted to the clipped lags was re-expressed at row 512
     as if it had seen them whole: row 513 missed by 10, and later ones by up to 27 (noise sd
-    1). Bounded by √(n − 1) (cli_learn.clip_bound: 16 here) and re-expressed exactly, every
+    1). Bounded by √(n − 1) (cli_runner.clip_bound: 16 here) and re-expressed exactly, every
     forecast from row 301 on stays within 5."""
     rng = np.random.default_rng(0)
     n = 1040
@@ -89,13 +89,13 @@ def test_target_reexpression_keeps_every_prediction(covariance):
     X, y = _linear_stream(rng, 40, W_TRUE)
     y = 50.0 + 10.0 * y
     for cfg in (dict(), dict(method="nig", prior_var=1.0, forgetting=0.99)):
-        runner = cli_learn.OnlineRunner(_default_cfg(covariance=covariance, **cfg), "gaussian", None, 3)
+        runner = cli_runner.OnlineRunner(_default_cfg(covariance=covariance, **cfg), "gaussian", None, 3)
         runner.step(X[:20], y[:20])
         Z = (X[20:] - runner.coords[0]) / runner.coords[1]
         old = runner.target_coords
         new = (old[0] + 7.0, old[1] * 1.7)
         before = runner.learner.predict(runner.state, Z)
-        moved = cli_learn._target_moved(runner, runner.state, old, new)
+        moved = cli_runner._target_moved(runner, runner.state, old, new)
         after = runner.learner.predict(moved, Z)
         a = old[1] / new[1]
         m0 = old[0] + old[1] * np.asarray(before.mean)[:, 0]

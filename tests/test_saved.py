@@ -125,16 +125,16 @@ def test_a_saved_call_is_one_compiled_program_for_host_and_device_arguments(tmp_
 def test_the_command_saves_only_a_learner_its_settings_name_exactly(tmp_path):
     """A setting that is not JSON (an array given from Python) would be named by its repr,
     which rounds: two different banks would share one program. Such a learner is not saved."""
-    from kalnat import cli, cli_learn
+    from kalnat import cli, cli_runner
 
     ctx = cli.learn.make_context("learn", ["data.csv"])
     kw = dict(ctx.params)
     kw.pop("data")
     cfg = cli._config(kw)
-    named = cli_learn.OnlineRunner(cfg, "bernoulli", ["0", "1"], 3, programs=str(tmp_path))
+    named = cli_runner.OnlineRunner(cfg, "bernoulli", ["0", "1"], 3, programs=str(tmp_path))
     assert named.learner in saved._RECIPES
     bank = dict(prior_vars=[1.0], forgettings=np.array([0.9999999999, 0.99, 1.0]), forgetting_mass=0.01)
-    unnamed = cli_learn.OnlineRunner(dict(cfg, bank=bank), "bernoulli", ["0", "1"], 3, programs=str(tmp_path))
+    unnamed = cli_runner.OnlineRunner(dict(cfg, bank=bank), "bernoulli", ["0", "1"], 3, programs=str(tmp_path))
     assert unnamed.learner not in saved._RECIPES
 
 
@@ -158,11 +158,11 @@ def test_a_saved_program_is_readable_by_everyone_who_shares_the_folder(tmp_path)
 
 
 def test_the_command_s_initial_parameters_are_the_model_s_own_bit_for_bit():
-    from kalnat import cli_learn
+    from kalnat import cli_setup
 
     family = kalnat.families.Bernoulli()
     cfg = dict(model_spec="mlp:16,8", method="ekf", prior_var=1.0, forgetting=None, covariance="diag", seed=5)
-    model, _, state = cli_learn.build_learner(cfg, family, 7)
+    model, _, state = cli_setup.build_learner(cfg, family, 7)
     _same(state.params, model.init(jax.random.PRNGKey(5)))
 
 

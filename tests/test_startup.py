@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from kalnat import cli_choices, cli_learn, datasets
+from kalnat import cli_choices, cli_setup, datasets
 
 PROBE = """
 import sys
@@ -58,7 +58,7 @@ run(sys.argv[2:])
 def test_the_commands_modules_and_a_fit_without_a_bar_do_not_import_asyncio():
     """tqdm.auto imports asyncio (40 ms of a warm `kalnat learn`): the command's modules take
     the terminal's tqdm, and ``kalnat.fit`` imports tqdm.auto only for a bar it shows."""
-    probe = ("import sys, numpy as np, kalnat, kalnat.cli_learn, kalnat.cli_keyed\n"
+    probe = ("import sys, numpy as np, kalnat, kalnat.cli_learn, kalnat.cli_predict, kalnat.cli_keyed\n"
              "m = kalnat.models.linear(2)\n"
              "learner = kalnat.ekf(m, kalnat.families.Bernoulli())\n"
              "kalnat.fit(learner, learner.init(m.init(None)), np.zeros((3, 2)), np.zeros(3))\n"
@@ -93,7 +93,7 @@ def test_the_executable_exits_with_the_commands_status_when_standard_output_was_
 
 
 def test_method_names_for_help_are_the_methods():
-    assert tuple(cli_learn.METHODS) == cli_choices.METHOD_NAMES
+    assert tuple(cli_setup.METHODS) == cli_choices.METHOD_NAMES
 
 
 def _csv(path):

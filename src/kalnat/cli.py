@@ -283,7 +283,7 @@ def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, 
 
 def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
     _jax()
-    from kalnat import cli_learn as run
+    from kalnat import cli_learn, cli_report
 
     pred_file = None
     if predictions_path is not None:
@@ -294,7 +294,7 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
                                      param_hint="--predictions") from None
     try:
         folder = cache_dir()
-        result = run.learn_stream(source, cfg, progress=not quiet,
+        result = cli_learn.learn_stream(source, cfg, progress=not quiet,
                                   log=None if quiet else (lambda m: click.echo(m, err=True)),
                                   predictions=pred_file,
                                   programs=None if folder is None else os.path.join(folder, "programs"))
@@ -310,7 +310,7 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
     if "bank" in metrics:
         b = metrics["bank"]
         drawn.append(figures.draw("bank_weights", b["curve"]["row"], b["curve"]["weights"],
-                                  [run.member_label(c) for c in b["members"]],
+                                  [cli_report.member_label(c) for c in b["members"]],
                                   os.path.join(out_dir, "bank_weights.png"),
                                   title=f"{source.name}: weights of the bank's members"))
     if "confusion" in metrics:
@@ -329,7 +329,7 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
         final = metrics["final"]
         main_metric = (f"accuracy {final['accuracy']:.4f}" if result.is_classifier
                        else f"RMSE {final['rmse_all_rows']:.4g} over all rows, "
-                       f"{final[f'rmse_after_row_{run.SKIP_ROWS}']:.4g} after row {run.SKIP_ROWS}")
+                       f"{final[f'rmse_after_row_{cli_report.SKIP_ROWS}']:.4g} after row {cli_report.SKIP_ROWS}")
         skipped = f", {metrics['rows_skipped']} skipped" if metrics["rows_skipped"] else ""
         click.echo(f"{source.name}: {metrics['rows_seen']} rows{skipped}, {result.family_name}, "
                    f"{what} on {cfg['model_spec']} ({metrics['n_parameters']} parameters)")
@@ -339,7 +339,7 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
         if "bank" in metrics:
             b = metrics["bank"]
             top = sorted(zip(b["final_weights"], b["members"]), key=lambda t: -t[0])[:3]
-            click.echo("  bank weights: " + ", ".join(f"{run.member_label(c)}: {w:.2f}" for w, c in top))
+            click.echo("  bank weights: " + ", ".join(f"{cli_report.member_label(c)}: {w:.2f}" for w, c in top))
         click.echo(f"  report: {out_dir}/ (metrics.json, {', '.join(metrics['files']['plots'])}, "
                    "model.npz)")
 
@@ -431,16 +431,16 @@ def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
     and standard deviation (noise included) and the part due to the parameters. The feature
     columns are found by name; other columns are ignored. The model does not learn here.
     """
-    from kalnat import cli_learn as run
-
     _jax()
+    from kalnat.cli_predict import LoadedModel
+
     keyed = _keyed_model_file(model_dir)
     if keyed:
         from kalnat.cli_keyed import LoadedKeyedModel
 
         model = LoadedKeyedModel.load(keyed)
     else:
-        model = run.LoadedModel.load(os.path.join(model_dir, "model.npz"))
+        model = LoadedModel.load(os.path.join(model_dir, "model.npz"))
     kw = dict(chunk_rows=chunk_rows, skip_bad_rows=skip_bad_rows, delimiter=delimiter)
     source = _open(data, kw, require_target=False, feature_names=model.feature_names,
                    **({"key": model.key_name} if keyed else {}))

@@ -1,6 +1,6 @@
 """The command's option choices, importable without JAX (``kalnat --help`` reads them)."""
 
-# What --method names; kalnat.cli_learn.METHODS builds each (tests check the two agree).
+# What --method names; kalnat.cli_setup.METHODS builds each (tests check the two agree).
 METHOD_NAMES = ("ekf", "ekf-joseph", "information", "natgrad", "sqrt-ekf", "iterated", "nig")
 FAMILIES = ("gaussian", "bernoulli", "categorical", "poisson")
 # How θ's uncertainty is stored (kalnat.representations): the full covariance, its diagonal

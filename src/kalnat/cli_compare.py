@@ -1,7 +1,7 @@
 """``kalnat compare``: one stream through kalnat and the baselines, scored identically.
 
 Every one-pass learner sees the same rows in the same order, standardised online the same
-way (:mod:`kalnat.cli_learn`'s conventions), and predicts each row before learning it. The
+way (:mod:`kalnat.cli_runner`'s conventions), and predicts each row before learning it. The
 scores are progressive log-loss and accuracy (classifiers) or RMSE, in the target's own
 units. Best-of-grid settings are chosen on the stream they are scored on, which flatters
 them; kalnat's default settings are reported on their own line for that reason.
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from kalnat import baselines, cli_learn, datasets, plots
+from kalnat import baselines, cli_choices, cli_report, cli_runner, cli_setup, datasets, plots
 
 __all__ = ["KALNAT_GRID", "run", "format_table", "plot"]
 
@@ -32,7 +32,7 @@ def _read_all(source: datasets.Source, cfg: dict):
     if not Xs or not sum(len(y) for y in ys):
         raise datasets.DataError(source.name, "no data rows")
     X, y_raw, lines = np.concatenate(Xs), np.concatenate(ys), np.concatenate(lines)
-    family, classes = cli_learn.resolve_task(cfg, source, y_raw[:10_000])
+    family, classes = cli_setup.resolve_task(cfg, source, y_raw[:10_000])
     coder = datasets.TargetCoder(family, classes)
     y, good = coder.encode(source.name, y_raw, lines, source.target_name,
                            bool(cfg.get("skip_bad_rows")), skipped)
@@ -50,11 +50,11 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
     """Scores of kalnat and every available baseline on ``source`` (held in memory)."""
     log = log or (lambda m: None)
     X, y, family, classes, n_skipped = _read_all(source, cfg)
-    note = cli_learn.inference_note(cfg, source, family, classes)
+    note = cli_setup.inference_note(cfg, source, family, classes)
     if note:
         log(note)
     n = len(y)
-    start = cli_learn.GAUSSIAN_FIRST_SCORED_ROW - 1 if family == "gaussian" else 0
+    start = cli_report.GAUSSIAN_FIRST_SCORED_ROW - 1 if family == "gaussian" else 0
     log(f"{source.name}: {n} rows, {X.shape[1]} features, {family}"
         + (f", {len(classes)} classes" if classes else ""))
 
@@ -71,14 +71,14 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
 
     # kalnat, as configured, then over a small grid of priors and forgetting factors.
     def kalnat_run(c):
-        runner = cli_learn.OnlineRunner(c, family, classes, X.shape[1])
+        runner = cli_runner.OnlineRunner(c, family, classes, X.shape[1])
         return _timed(lambda: runner.step(X, y))
 
-    runner = cli_learn.OnlineRunner(cfg, family, classes, X.shape[1])
+    runner = cli_runner.OnlineRunner(cfg, family, classes, X.shape[1])
     if runner.bank:
-        name, setting = "kalnat", "no settings: " + cli_learn.learner_text(runner.learner, cfg, runner.dtype)
+        name, setting = "kalnat", "no settings: " + cli_report.learner_text(runner.learner, cfg, runner.dtype)
     else:
-        pv, lam = cli_learn.single_settings(cfg)
+        pv, lam = cli_setup.single_settings(cfg)
         name, setting = f"kalnat {cfg['method']}", f"prior_var={pv:g}, λ={lam:g}" + (
             ", float32" if runner.dtype == "float32" else "")
     log(f"  {name} ({setting}) …")
@@ -100,10 +100,10 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
             add(f"kalnat {cfg['method']}, best of grid", f"prior_var={pv:g}, λ={lam:g}", p, s)
 
     # The same features (and, for a gaussian, the same standardised target) for every baseline.
-    runner = cli_learn.OnlineRunner(cfg, family, classes, X.shape[1])
+    runner = cli_runner.OnlineRunner(cfg, family, classes, X.shape[1])
     Z = runner.scale_features(X)
     if family == "gaussian":
-        yt, center, scale, _ = cli_learn._target_affine(runner.target_scaler, y)
+        yt, center, scale, _ = cli_runner.target_affine(runner.target_scaler, y)
         yt[:2] = 0.0
         clip = float(cfg.get("clip") or 0.0)
         yt = np.clip(yt, -clip, clip) if clip > 0 else yt
@@ -126,7 +126,7 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         k = int(np.nanargmin([s["log_loss"] if np.isfinite(s["log_loss"]) else np.inf for s in sc]))
         add(f"{opt} (optax), best of grid", f"lr={lrs[k]:g}", to_units(preds[k]), secs / len(lrs))
 
-    linear_only = cli_learn.parse_model(cfg["model_spec"])[0] == "linear"
+    linear_only = cli_choices.parse_model(cfg["model_spec"])[0] == "linear"
     for name, label in (("sklearn_sgd", "scikit-learn SGD partial_fit"), ("river", "river linear model")):
         if name not in baselines.available_baselines():
             continue

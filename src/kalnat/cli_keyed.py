@@ -1,6 +1,6 @@
 """What ``kalnat learn --key COLUMN`` does: one model per key (:class:`kalnat.keyed.Keyed`).
 
-The conventions are ``kalnat learn``'s (:mod:`kalnat.cli_learn`) with one learner definition
+The conventions are ``kalnat learn``'s (:mod:`kalnat.cli_runner`) with one learner definition
 per key: every row is predicted by its key's model before that model learns it. Features are
 standardised with the statistics of all earlier rows, pooled over keys (the ``running``
 scheme: per-key coordinates would need a re-expression per key); a gaussian target is
@@ -21,17 +21,17 @@ from tqdm import tqdm  # a terminal's bar (tqdm.auto would import asyncio: strea
 
 import kalnat
 from kalnat import baselines, datasets
-from kalnat.cli_learn import (
-    GAUSSIAN_FIRST_SCORED_ROW, Accumulator, LoadedModel, OnlineRunner,
-    checkpoint_settings, inference_note, make_family, resolve_task, run_metrics,
-)
+from kalnat.cli_predict import LoadedModel
+from kalnat.cli_report import GAUSSIAN_FIRST_SCORED_ROW, Accumulator, run_metrics
+from kalnat.cli_runner import OnlineRunner
+from kalnat.cli_setup import build_learner, checkpoint_settings, inference_note, make_family, resolve_task
 from kalnat.keyed import Keyed
 
 __all__ = ["KeyedRunner", "learn_keyed", "KeyedScores", "save_keyed", "write_shards", "LoadedKeyedModel"]
 
 
 class KeyedRunner(OnlineRunner):
-    """:class:`~kalnat.cli_learn.OnlineRunner`'s scalers and noise estimate, pooled, with one
+    """:class:`~kalnat.cli_runner.OnlineRunner`'s scalers and noise estimate, pooled, with one
     learner state per key."""
 
     def __init__(self, cfg: dict, family_name: str, classes, n_features: int, client=None):
@@ -79,10 +79,8 @@ class KeyedRunner(OnlineRunner):
 
 def shard_factory(cfg, family_name, classes, n_features):
     """``(learner, params)`` of the command's settings (run in each Dask worker too)."""
-    import kalnat.cli_learn as run
-
-    family = run.make_family(family_name, len(classes) if family_name == "categorical" else None)
-    _, learner, state = run.build_learner(dict(cfg, scaling="running"), family, n_features)
+    family = make_family(family_name, len(classes) if family_name == "categorical" else None)
+    _, learner, state = build_learner(dict(cfg, scaling="running"), family, n_features)
     bank = isinstance(learner, kalnat.bank.Bank)
     return learner, (jax.tree_util.tree_map(lambda a: a[0], state.members.params) if bank else state.params)
 
@@ -280,7 +278,7 @@ class LoadedKeyedModel(LoadedModel):
 
     A row is predicted by its key's state (:meth:`Keyed.predict`; on the shard
     :func:`kalnat.dask_keyed.shard_of` names), in the output columns of
-    :class:`~kalnat.cli_learn.LoadedModel` with the key after the line and ``key_seen`` last
+    :class:`~kalnat.cli_predict.LoadedModel` with the key after the line and ``key_seen`` last
     (0: a key not seen in learning, predicted from the prior every key starts from)."""
 
     def __init__(self, extra: dict, shards: list, family):

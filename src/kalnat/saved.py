@@ -9,7 +9,7 @@ persistent cache.
 
 A saved program is found by a *recipe*: text that determines the learner completely, which the
 caller vouches for (the command's settings and the data's shape:
-:func:`kalnat.cli_learn.build_learner` builds the same learner from them every time), together
+:func:`kalnat.cli_setup.build_learner` builds the same learner from them every time), together
 with a digest of kalnat's own source, JAX's version and configuration, the platform, and the
 arguments' structure, shapes and dtypes. Only a learner given a recipe (:func:`describe`) is
 saved: one built in Python may close over anything, so it is traced every time.
