@@ -46,7 +46,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
     """Learns every chunk of ``source`` in order; returns the runner and the report.
 
     ``log(message)`` receives a note when the task was inferred from the data;
-    ``predictions``: a text file to which :class:`PredictionWriter` writes every row's
+    ``predictions``: a text file to which :class:`~kalnat.cli_report.PredictionWriter` writes every row's
     progressive prediction; ``programs``: a folder where the learner's compiled programs are
     kept for the next run (:mod:`kalnat.saved`)."""
     chunks = iter(source.chunks)
