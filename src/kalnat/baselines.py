@@ -56,11 +56,16 @@ class Predictions(NamedTuple):
       probs: ``(n, K)`` class probabilities (classifiers), else ``None``.
       mean: ``(n,)`` predictive mean (regression and counts), else ``None``.
       var: ``(n,)`` predictive variance of y (gaussian), else ``None``.
+      log_loss: ``(n,)`` each row's −log predictive probability, for a predictor whose
+        predictive is not the family's at ``mean`` (a bank's mixture of Poisson members, whose
+        mean one member far off can dominate while the mixture's probability of y stays
+        close to its good members'); ``None``: scored at ``mean`` (``var``).
     """
 
     probs: Optional[np.ndarray] = None
     mean: Optional[np.ndarray] = None
     var: Optional[np.ndarray] = None
+    log_loss: Optional[np.ndarray] = None
 
 
 def _family(family, n_classes=None):
@@ -116,6 +121,9 @@ def row_losses(family, y, pred: Predictions) -> dict:
     """Per-row progressive scores: ``log_loss`` and ``correct`` (classifiers) or ``sq_err``."""
     fam = _family(family, None if pred.probs is None else np.shape(pred.probs)[1])
     y = np.asarray(y)
+    if fam.name == "poisson" and pred.log_loss is not None:
+        return {"log_loss": np.asarray(pred.log_loss, np.float64),
+                "sq_err": (y.astype(np.float64) - np.asarray(pred.mean, np.float64)) ** 2}
     if fam.is_classifier:
         p = np.clip(np.asarray(pred.probs, np.float64), 1e-15, 1.0)
         idx = y.astype(np.int64)
