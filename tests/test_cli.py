@@ -549,3 +549,16 @@ def test_a_poisson_banks_log_loss_is_its_mixtures_evidence():
     assert log_loss < 2.0
     at_mean = baselines.row_losses("poisson", y, pred._replace(log_loss=None))["log_loss"].mean()
     assert at_mean > 1e6  # what this stream would score at the mixture's mean
+
+
+@pytest.mark.parametrize("family", [[], ["--family", "categorical"]], ids=["inferred", "categorical"])
+def test_a_first_chunk_of_one_class_asks_for_every_label(tmp_path, family):
+    """A stream sorted by its label: the first chunk holds one class. The message asks for
+    --classes (the bernoulli one used to say "use --family categorical", whose own message then
+    asked for --classes)."""
+    path = tmp_path / "sorted.csv"
+    path.write_text("a,label\n" + "".join(f"{i},{'no' if i < 10 else 'yes'}\n" for i in range(20)))
+    res = CliRunner().invoke(cli, ["learn", str(path), "--out", str(tmp_path / "o"), "--quiet", "--chunk-rows", "5",
+                                   *family])
+    assert res.exit_code != 0 and "only one class" in res.output and "--classes" in res.output, res.output
+    assert "--family categorical" not in res.output

@@ -43,7 +43,7 @@ def test_the_readmes_links_to_the_docs_exist():
 
 
 @pytest.mark.parametrize("path", [p for p in FILES if blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
-def test_python_blocks_run(path, tmp_path, monkeypatch):
+def test_python_blocks_run(path, tmp_path, monkeypatch, capsys):
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}
@@ -57,6 +57,11 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
             exec(compile(code, f"{path.name}, python block {i + 1}", "exec"), namespace)
         except Exception as err:  # name the block that failed
             raise AssertionError(f"{path.name}, python block {i + 1} failed: {type(err).__name__}: {err}\n{code}") from err
+        # a result a reader would copy is never NaN (the river regressor's example once printed
+        # "nan nan"), unless the block itself works with NaN (a bad row refused, in reliability.md)
+        printed = capsys.readouterr().out
+        assert re.search(r"\bnan\b", code, re.I) or not re.search(r"\bnan\b", printed, re.I), \
+            f"{path.name}, python block {i + 1} printed NaN:\n{printed}"
 
 
 def test_every_command_and_option_is_in_the_commands_page():

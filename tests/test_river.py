@@ -157,3 +157,22 @@ def test_feature_order_does_not_matter_to_the_bank():
     from river.checks.common import check_shuffle_features_no_impact
 
     check_shuffle_features_no_impact(KalmanRegressor(), datasets.TrumpApproval().take(200))
+
+
+@pytest.mark.parametrize("corrupt", ["negative variance", "nan"])
+def test_a_diverged_filter_is_told_at_the_next_prediction_not_returned_as_nan(corrupt):
+    """A full covariance that lost positive definiteness (the EKF in float32 on unscaled
+    features: TrumpApproval's raw rows did it at the first row) predicted a negative variance,
+    then NaN; river's Gaussian took the square root of the negative variance as a complex σ."""
+    import pandas as pd
+
+    reg = KalmanRegressor(method="ekf")
+    for i in range(5):
+        reg.learn_one({"a": float(i), "b": 1.0}, 0.5 * i)
+    assert np.isfinite(reg.predict_one({"a": 1.0, "b": 1.0}))
+    p = reg._state.cov.p
+    reg._state = reg._state._replace(cov=reg._state.cov._replace(p=-10 * np.eye(len(p)) if corrupt == "negative variance" else p * np.nan))
+    for predict in (lambda: reg.predict_one({"a": 1.0, "b": 1.0}, with_dist=True),
+                    lambda: reg.predict_many(pd.DataFrame({"a": [1.0], "b": [1.0]}))):
+        with pytest.raises(ValueError, match="diverged"):
+            predict()

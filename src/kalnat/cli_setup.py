@@ -153,6 +153,9 @@ def resolve_task(cfg: dict, source: datasets.Source, first_y) -> tuple[str, Opti
         raise ValueError(f"{source.name}: {len(classes)} distinct values in the target "
                          f"{source.target_name!r} is too many classes; is it a regression "
                          "(--family gaussian) or a count (--family poisson)?")
+    if family == "bernoulli" and classes is not None and len(classes) < 2:
+        raise ValueError(f"{source.name}: only one class ({', '.join(classes)}) in the first chunk; pass "
+                         "--classes with every label of the target (comma-separated)")
     if family == "bernoulli" and classes is not None and len(classes) != 2:
         raise ValueError(f"{source.name}: bernoulli needs two classes, the target has "
                          f"{len(classes)} ({', '.join(classes[:10])}); use --family categorical")

@@ -255,7 +255,7 @@ class _Features:
         xs = self._row(x, cap)[None]
         check_range(xs, dtype, "x")
         pred = learner._predict_jit(learner._hyper(None, dtype), state, xs.astype(dtype), True)
-        return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), pred)
+        return _checked(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), pred))
 
     def _predictive_many(self, X):
         n = len(X)
@@ -267,7 +267,20 @@ class _Features:
         M = np.zeros((rows, cap))
         M[:n] = self._matrix(X, cap)
         pred = learner.predict(state, M)
-        return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64)[:n], pred)
+        return _checked(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64)[:n], pred))
+
+
+def _checked(pred):
+    """``pred`` (on the host), or a ``ValueError`` where it is not finite or its predictive
+    variance is negative: the filter has diverged (``learn_one`` does not wait for each row's
+    result, so the divergence is told at the next prediction rather than returned as NaN)."""
+    variances = np.diagonal(pred.obs_cov, axis1=-2, axis2=-1)
+    if all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(pred)) and np.all(variances >= 0):
+        return pred
+    raise ValueError("kalnat.river: the filter has diverged (a prediction that is not finite, or a negative "
+                     "predictive variance: its covariance lost positive definiteness, as a full covariance in "
+                     "float32 does on features of large scale); learn a new model behind "
+                     "preprocessing.StandardScaler(), or with method='sqrt_ekf' or the default 'auto'")
 
 
 class KalmanClassifier(_Features, base.MiniBatchClassifier):
