@@ -232,7 +232,9 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
 
     Args: as :class:`KalmanClassifier`, and
       noise_var: the Gaussian noise variance of the core methods, in units of the target's
-        variance (``method="auto"`` learns the noise scale: normal–inverse-gamma filters).
+        variance (default 1: the target's whole variance, so ``return_std`` is about the
+        target's own deviation however well the model fits; ``method="auto"`` learns the noise
+        scale: normal–inverse-gamma filters).
 
     ``predict(X, return_std=True)`` also gives the predictive standard deviation of a new
     target, ``sqrt(h P⁻ hᵀ + R)`` in the target's units (for the normal–inverse-gamma filter
