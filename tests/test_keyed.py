@@ -487,3 +487,7 @@ def test_cli_key_errors(tmp_path):
                           (["--key", "y"], "also the target")):
         res = _cli(["learn", path, "--out", str(tmp_path / "r"), *SINGLE, *args])
         assert res.exit_code != 0 and message in res.output, (args, res.output)
+    # an empty key is a missing value, located (it was learned as a key named "")
+    blank = _keyed_csv(tmp_path / "blank.csv", [str(k) if i != 3 else "" for i, k in enumerate(keys)], X, Y)
+    res = _cli(["learn", blank, "--out", str(tmp_path / "r"), *SINGLE, "--key", "user"])
+    assert res.exit_code != 0 and "line 5, column 'user': empty key" in res.output, res.output

@@ -465,7 +465,14 @@ def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped, k_idx=None) 
             _bad(label, lines[k], header[f_idx[j]], f"non-finite value {cells[k, j]!r}", skip, skipped)
     y = np.array([r[t_idx].strip() for r in rows], dtype=object) if t_idx is not None else \
         np.full(len(rows), None, dtype=object)
-    keys = None if k_idx is None else np.array([r[k_idx].strip() for r in rows], dtype=str)[good]
+    keys = None
+    if k_idx is not None:
+        # an empty key is a missing value, as an empty feature is, not a key named ""
+        keys = np.array([r[k_idx].strip() for r in rows], dtype=str)
+        for k in np.flatnonzero(good & (keys == "")):
+            _bad(label, lines[k], header[k_idx], "empty key", skip, skipped)
+            good[k] = False
+        keys = keys[good]
     return Chunk(X[good], y[good], lines[good], sorted(skipped, key=lambda s: s[0]), keys)
 
 
