@@ -188,6 +188,39 @@ def test_poisson_innovation_is_exact_for_plausible_counts():
     assert e == 3.0 + 6.0  # a count of 2000 at λ = 1 is learned as 10
 
 
+class _UnboundedPoisson(F.Poisson):
+    log_step_slack = None
+
+
+@pytest.mark.parametrize("form", ["ekf", "sqrt", "information", "natgrad", "diag", "lowrank"])
+def test_a_poisson_step_never_raises_its_log_rate_an_e_fold_past_the_count(form):
+    """A count of 4 at a rate of e⁻¹⁰ with prior variance 10 (q = x P xᵀ = 250): the EKF's step
+    would raise the row's log-rate by ~1 000 (to the cap: the bank's members reached rates of
+    10⁴² so); it is shortened to log 4 + 1, the covariance as before. A step that does not
+    overshoot is the plain EKF's, bit for bit."""
+    model = kalnat.models.linear(P_IN)
+    rep = {"diag": kalnat.representations.Diagonal(), "lowrank": kalnat.representations.LowRank(2)}.get(form)
+    make = {"sqrt": kalnat.sqrt_ekf, "information": kalnat.information_filter,
+            "natgrad": lambda m, f, **kw: kalnat.natural_gradient(m, f, **kalnat.schedules.kalman_to_natural(
+                prior_var=kw["prior_var"])._asdict())}.get(form, kalnat.ekf)
+    extra = {} if rep is None else dict(representation=rep)
+    x = np.array([2.0, -2.0, 2.0, -2.0])
+    params = dict(model.init(None), b=jnp.array([-10.0]))
+    for y, bound in ((4.0, True), (1.0, False)):
+        start = params if bound else model.init(None)
+        out = {}
+        for fam in (F.Poisson(), _UnboundedPoisson()):
+            lrn = make(model, fam, prior_var=10.0, **extra) if form != "natgrad" else make(model, fam, prior_var=10.0)
+            state, _ = lrn.update(lrn.init(start), x, y)
+            out[fam.log_step_slack] = (float(flat(state.params) @ np.append(1.0, x)), covariance(state))
+        (z, P), (z_free, P_free) = out[1.0], out[None]
+        np.testing.assert_allclose(P, P_free, rtol=1e-12, atol=1e-300)
+        if bound:
+            assert z_free > 100 and abs(z - (np.log(4.0) + 1.0)) < 1e-9, (z, z_free)
+        else:
+            assert z == z_free
+
+
 @pytest.mark.parametrize("forgetting,noise,batch", [(1.0, 0.0, 1), (0.97, 1e-3, 3)])
 def test_sqrt_ekf_equals_ekf_in_float64(forgetting, noise, batch):
     """Same θ_t and P_t = L Lᵀ as the covariance form, to rounding (docs/method.md §2a)."""

@@ -36,6 +36,8 @@ class Family(abc.ABC):
       n_outputs: number of raw outputs the model must produce.
       event_shape: shape of one observation y.
       is_classifier: whether ``probs`` (class probabilities) are meaningful.
+      log_step_slack: ``None``, or how far above ``log max(y, 1)`` a step may raise a row's
+        log-mean (:func:`kalnat.filter._bounded_step`; the Poisson's, 1).
     """
 
     m = 1
@@ -43,6 +45,7 @@ class Family(abc.ABC):
     event_shape = ()
     is_classifier = False
     name = "family"
+    log_step_slack = None
 
     @abc.abstractmethod
     def mean(self, z):
@@ -390,6 +393,7 @@ class Poisson(Family):
 
     r_floor: float | None = field(default=None, kw_only=True)
     name = "poisson"
+    log_step_slack = 1.0
 
     def __post_init__(self):
         _set_floor(self)
