@@ -447,6 +447,10 @@ def test_predict_with_a_keyed_model(reports):
     # a new CSV without the key column: a located error
     res = _cli(["predict", "--model-dir", str(tmp / "r"), str(tmp / "plain.csv")])
     assert res.exit_code != 0 and "no key column 'user'" in res.output
+    # an empty key, which learning refuses, is predicted as a key never seen: from the prior
+    blank = _keyed_csv(tmp / "blank.csv", ["a", ""], new_X[:2], np.zeros(2))
+    res = _cli(["predict", "--model-dir", str(tmp / "r"), blank])
+    assert res.exit_code == 0 and [r.split(",")[-1] for r in res.stdout.splitlines()[1:]] == ["1", "0"], res.output
 
 
 def test_cli_key_with_batch_size(reports):

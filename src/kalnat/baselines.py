@@ -56,10 +56,11 @@ class Predictions(NamedTuple):
       probs: ``(n, K)`` class probabilities (classifiers), else ``None``.
       mean: ``(n,)`` predictive mean (regression and counts), else ``None``.
       var: ``(n,)`` predictive variance of y (gaussian), else ``None``.
-      log_loss: ``(n,)`` each row's −log predictive probability, for a predictor whose
-        predictive is not the family's at ``mean`` (a bank's mixture of Poisson members, whose
-        mean one member far off can dominate while the mixture's probability of y stays
-        close to its good members'); ``None``: scored at ``mean`` (``var``).
+      log_loss: ``(n,)`` counts only: each row's −log predictive probability, for a predictor
+        whose predictive is not the Poisson at ``mean`` (a bank's mixture of Poisson members,
+        whose mean one member far off can dominate while the mixture's probability of y stays
+        close to its good members'); ``None``: scored at ``mean``. Other families are scored
+        from ``probs``, or ``mean`` and ``var``.
     """
 
     probs: Optional[np.ndarray] = None

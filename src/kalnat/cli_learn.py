@@ -19,6 +19,21 @@ from kalnat.cli_setup import inference_note, resolve_task
 
 __all__ = ["learn_stream", "LearnResult"]
 
+# What this module held before the command's modules were split by job, and where it is now
+_MOVED = {"METHODS": "kalnat.cli_setup", "build_learner": "kalnat.cli_setup", "resolve_task": "kalnat.cli_setup",
+          "parse_model": "kalnat.cli_choices", "LoadedModel": "kalnat.cli_predict"}
+
+
+def __getattr__(name):
+    """A name this module held before the split, from its module now, with a DeprecationWarning."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"kalnat.cli_learn.{name} is now {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)
+
 
 @dataclass
 class LearnResult:

@@ -268,8 +268,8 @@ class OnlineRunner:
             return baselines.Predictions(mean=center + scale * mean[:, 0], var=scale**2 * var)
         # a count's predictive variance: Poisson noise plus the parameters' part (as `predict`);
         # a bank is scored by its mixture's probability of each count (its log_prob), which the
-        # Poisson at the mixture's mean is not: one member far off (a rate of 10⁴² where the
-        # counts are a few) moved that mean, and its log-loss, by 40 orders of magnitude
+        # Poisson at the mixture's mean is not: members far off move that mean by orders of
+        # magnitude (tests/test_cli.py::test_a_poisson_banks_log_loss_is_its_mixtures_evidence)
         log_prob = getattr(p, "log_prob", None)
         return baselines.Predictions(mean=mean[:, 0],
                                      var=mean[:, 0] + np.asarray(p.mean_cov, np.float64)[:, 0, 0],

@@ -140,22 +140,24 @@ def resolve_task(cfg: dict, source: datasets.Source, first_y) -> tuple[str, Opti
         if classes is None and source.n_classes_hint:
             classes = source.class_names or [str(i) for i in range(source.n_classes_hint)]
     guess_family, guess_classes = datasets.infer_task(first_y)
+    guessed = False  # whether the classes are the first chunk's
     if family is None:
         family = guess_family
     if family in ("bernoulli", "categorical") and classes is None:
         if guess_classes is None:
             raise ValueError(f"{source.name}: the target {source.target_name!r} is not a class "
                              f"label (it looks {guess_family}); pass --classes or another --family")
-        classes = guess_classes
-        if family == "categorical" and len(classes) < 2:
-            raise ValueError(f"{source.name}: only one class in the first chunk; pass --classes")
+        classes, guessed = guess_classes, True
     if family == "categorical" and len(classes) > MAX_CLASSES:
         raise ValueError(f"{source.name}: {len(classes)} distinct values in the target "
                          f"{source.target_name!r} is too many classes; is it a regression "
                          "(--family gaussian) or a count (--family poisson)?")
-    if family == "bernoulli" and classes is not None and len(classes) < 2:
-        raise ValueError(f"{source.name}: only one class ({', '.join(classes)}) in the first chunk; pass "
-                         "--classes with every label of the target (comma-separated)")
+    if family in ("bernoulli", "categorical") and classes is not None and len(classes) < 2:
+        if guessed:
+            raise ValueError(f"{source.name}: only one class ({', '.join(classes)}) in the first chunk; pass "
+                             "--classes with every label of the target (comma-separated)")
+        raise ValueError(f"{source.name}: --classes names one class ({', '.join(classes)}); a {family} "
+                         "target needs every label (comma-separated), two or more")
     if family == "bernoulli" and classes is not None and len(classes) != 2:
         raise ValueError(f"{source.name}: bernoulli needs two classes, the target has "
                          f"{len(classes)} ({', '.join(classes[:10])}); use --family categorical")

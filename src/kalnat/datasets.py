@@ -467,9 +467,10 @@ def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped, k_idx=None) 
         np.full(len(rows), None, dtype=object)
     keys = None
     if k_idx is not None:
-        # an empty key is a missing value, as an empty feature is, not a key named ""
+        # learning, an empty key is a missing value, as an empty feature is, not a key named "";
+        # predicting, it is a key never seen, predicted from the prior (key_seen = 0)
         keys = np.array([r[k_idx].strip() for r in rows], dtype=str)
-        for k in np.flatnonzero(good & (keys == "")):
+        for k in np.flatnonzero(good & (keys == "") & (t_idx is not None)):
             _bad(label, lines[k], header[k_idx], "empty key", skip, skipped)
             good[k] = False
         keys = keys[good]
