@@ -66,14 +66,10 @@ class KeyedRunner(OnlineRunner):
             p, _ = self.dask.learn(keys, Z, ytrain)
         else:
             p = self.keyed.learn(keys, Z, ytrain).predictions
-        self.rows += len(y)
-        if self.bank:
-            self.weights = np.asarray(p.weights, np.float64)
-        mean = np.asarray(p.mean, np.float64)
-        bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
-        if bad.size:
-            raise ValueError(f"the learner of key {keys[bad[0]]!r} diverged (non-finite prediction at row "
-                             f"{self.rows - len(y) + bad[0] + 1}); try a smaller --prior-var or a linear --model")
+        bad = self.took(p, len(y))
+        if bad is not None:
+            raise ValueError(f"the learner of key {keys[bad]!r} diverged (non-finite prediction at row "
+                             f"{self.rows - len(y) + bad + 1}); try a smaller --prior-var or a linear --model")
         return self.in_target_units(p, ytrain, affine)
 
 

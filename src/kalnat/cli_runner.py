@@ -231,16 +231,21 @@ class OnlineRunner:
             p = self._learn_in_blocks(X, ytrain, batch, callback)
             if self.frozen_target:
                 p, y_mean, y_var = p
-        self.rows += len(y)
-        if self.bank:
-            self.weights = np.asarray(p.weights, np.float64)
-        mean = np.asarray(p.mean, np.float64)
-        bad = np.flatnonzero(~np.all(np.isfinite(mean), axis=1))
-        if bad.size:
-            raise self._diverged(self.rows - len(y) + bad[0])
+        bad = self.took(p, len(y))
+        if bad is not None:
+            raise self._diverged(self.rows - len(y) + bad)
         if self.frozen_target:  # a gaussian target, predicted in its units block by block
             return baselines.Predictions(mean=y_mean, var=y_var)
         return self.in_target_units(p, ytrain, affine)
+
+    def took(self, p, n: int):
+        """Counts ``n`` rows learned with the predictions ``p`` (a bank's weights kept); returns
+        the index of the first row whose prediction is not finite, or None."""
+        self.rows += n
+        if self.bank:
+            self.weights = np.asarray(p.weights, np.float64)
+        bad = np.flatnonzero(~np.all(np.isfinite(np.asarray(p.mean, np.float64)), axis=1))
+        return int(bad[0]) if bad.size else None
 
     def train_targets(self, y):
         """``(targets as learned, affine)``: a gaussian target standardised online, each by the
