@@ -293,7 +293,7 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
     unit = _noise_units(b, m)
     (H, R, e), chol = _stacked(lin, mask, unit)
     delta, hph, aux = rep.gain(prior.cov, H, R, e)
-    delta = _bounded_step(learner.family, lin, mask, delta)
+    delta = _bounded_step(learner.family, lin, H, mask, delta)
     # The predictive of each row is the diagonal block of the H P⁻ Hᵀ the gain computed (in the
     # data's coordinates: L_i (H' P⁻ H'ᵀ)_ii L_iᵀ).
     blocks = numerics.diagonal_blocks(hph, b, m)
@@ -317,7 +317,7 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
             d_i, _, aux_i = rep.gain(prior.cov, H_i, R_i, e_i)
             # bounded before the next linearisation too: relinearised where an overshooting
             # step left the rate (10³⁴ × the counts), P collapsed along the row for good
-            return _bounded_step(learner.family, lin, mask, d_i), H_i, R_i, e_i, aux_i
+            return _bounded_step(learner.family, lin, H, mask, d_i), H_i, R_i, e_i, aux_i
 
         carry = (delta, H, R, e, aux)
         for i in range(learner.max_iterations - 1):  # a small static count: unrolled
@@ -336,34 +336,33 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
     return State(params, cov, prior.count + 1), pred, ll
 
 
-def _bounded_step(family, lin: Linearization, mask, delta):
-    """``δθ``, shortened where the family bounds a step (``family.log_step_slack``: the
-    Poisson's) so that no row's own log-rate rises more than that slack above ``log max(y, 1)``.
+def _bounded_step(family, lin: Linearization, H, mask, delta):
+    """``δθ`` of one row, shortened where the family bounds a step (``family.log_step_slack``:
+    the Poisson's) so that the row's log-rate rises at most that slack above ``log max(y, 1)``;
+    ``H`` is the row's stacked Jacobian at ``θ⁻`` (the one the first gain used).
 
-    The EKF moves a Poisson row's log-rate by ``q e / (1 + λ q)`` for a count ``e`` above the
-    rate ``λ`` (``q = x P⁻ xᵀ``): for a small rate and a wide ``P⁻`` nearly ``q y``, far above the
-    count (a count of 4 at a rate near 0 and ``q = 40`` throws it up by 160; members of the
-    default bank reached rates of 10⁴² on counts of a few). The exact posterior's mode never
-    rises past ``log y`` (it solves ``z − z⁻ = q (y − e^z)``, so ``e^z < y`` where ``z > z⁻``), so
-    the bound leaves it, and every step that does not pass the count by a factor ``e^slack``,
-    as it is; the EKF's covariance update does not depend on ``e`` and is unchanged (an iterated
-    update relinearises at the bounded iterates; an MLP's rise is to first order, ``H δθ / λ``
-    at ``θ⁻``). Every form of the
-    filter computes the same ``δθ`` and so takes the same bound (the EKF and natural gradient stay
-    one filter). One row at a time only: in a minibatch the other rows move a row's log-rate
-    too, and the joint posterior's mode may pass its count (a teacher's stream in minibatches of
-    8 did), so there the step is the EKF's."""
+    The EKF moves a Poisson row's log-rate by ``q e / (1 + λ q)`` for the rate ``λ``, the
+    innovation ``e = y − λ`` and ``q = x P⁻ xᵀ``: for a small rate and a wide ``P⁻`` nearly
+    ``q y``, far above the count (a count of 4 at a rate near 0 and ``q = 40`` throws it up by
+    160; members of the default bank reached rates of 10⁴² on counts of a few). The exact
+    posterior's mode never rises past ``log y`` (it solves ``z − z⁻ = q (y − e^z)``, so
+    ``e^z < y`` where ``z > z⁻``), so the bound leaves it, and every step that does not pass the
+    count by a factor ``e^slack``, as it is. The EKF's covariance update does not depend on ``e``
+    and is unchanged (an iterated update relinearises at the bounded iterates; an MLP's rise is
+    to first order, ``H δθ / λ`` at ``θ⁻``). Every form of the filter computes the same ``δθ``
+    and so takes the same bound (the EKF and natural gradient stay one filter). One row at a
+    time only: in a minibatch the other rows move a row's log-rate too, and the joint
+    posterior's mode may pass its count (a teacher's stream in minibatches of 8 did), so there
+    the step is the EKF's."""
     slack = family.log_step_slack
-    b, m = lin.yhat.shape
-    if slack is None or lin.y is None or b * m != 1:
+    if slack is None or lin.y is None or lin.yhat.size != 1:
         return delta
-    tiny = jnp.finfo(lin.yhat.dtype).tiny
-    lam = jnp.maximum(lin.yhat.reshape(b * m), tiny)
-    y = jax.vmap(family.stat)(lin.y).astype(lam.dtype).reshape(b * m)
-    rise = times(stack(masked(lin, mask))[0], delta) / lam       # H δθ / λ = Δ log λ per row
+    lam = jnp.maximum(lin.yhat.reshape(()), jnp.finfo(lin.yhat.dtype).tiny)
+    y = family.stat(lin.y[0]).astype(lam.dtype).reshape(())
+    rise = times(H, delta)[0] / lam                                   # H δθ / λ: Δ log λ
     top = jnp.log(jnp.maximum(y, 1.0) / lam) + slack
-    over = jnp.repeat(mask, m) & (y > lam) & (rise > top)
-    return delta * jnp.min(jnp.where(over, top / jnp.where(over, rise, 1.0), 1.0))
+    over = mask[0] & (y > lam) & (rise > top)
+    return delta * jnp.where(over, top / jnp.where(over, rise, 1.0), 1.0)
 
 
 def check_live(state, name):
