@@ -149,6 +149,28 @@ def test_a_diverged_member_leaves_the_bank():
     assert np.all(np.isfinite(np.asarray(b.predict(res.state, X[:3]).probs)))
 
 
+def test_a_member_predicting_a_negative_variance_is_left_out_of_the_prediction():
+    """A member whose covariance lost positive definiteness (as the EKF's can in float32 on
+    unscaled inputs) predicts a finite, negative variance: the bank predicts from the others,
+    as the members it keeps would alone, not a mixture whose variance is negative."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(N_ROWS, P_FEAT))
+    y = X @ np.array([1.0, -0.5, 0.3]) + 0.5 * rng.normal(size=N_ROWS)
+    s = kalnat.fit(BANK_G, BANK_G.init(MODEL.init(None)), X, y, chunk_size=N_ROWS).state
+    whole = BANK_G.predict(s, X[0])
+    cov = s.members.cov
+    broken = s._replace(members=s.members._replace(cov=cov._replace(p=cov.p.at[3].set(-10 * jnp.eye(cov.p.shape[-1])))))
+    pred = BANK_G.predict(broken, X[0])
+    kept = np.exp(np.asarray(s.log_weights[:3]) - np.logaddexp.reduce(np.asarray(s.log_weights[:3])))
+    members = BANK_G.members_predict_batch(BANK_G.hyper, s, X[:1])
+    mean = kept @ np.asarray(members.mean[:3, 0, 0])
+    spread = kept @ (np.asarray(members.mean[:3, 0, 0]) - mean) ** 2
+    assert float(pred.obs_cov[0, 0]) > 0 and float(whole.obs_cov[0, 0]) > 0
+    assert _rel(pred.mean[0], mean) < 1e-12
+    assert _rel(pred.obs_cov[0, 0], kept @ np.asarray(members.obs_cov[:3, 0, 0, 0]) + spread) < 1e-12
+    assert float(pred.weights[3]) == 0
+
+
 def test_row_by_row_update_equals_the_chunked_fit():
     """The bank's two paths, Bank.step (update, one row) and Bank.scan_chunk (fit, member by
     member through a chunk): the same members, weights, evidence and predictions."""

@@ -318,7 +318,11 @@ class Bank(Boundary):
 
     def predict_batch(self, hyper, state: BankState, xs):
         preds = self.members_predict_batch(hyper, state, xs)
-        ok = jnp.isfinite(state.log_weights) & _finite(preds.mean) & _finite(preds.mean_cov)
+        # A member whose covariance lost positive definiteness (in float32, on unscaled inputs)
+        # can predict a finite but negative variance: it is left out of this prediction, so that
+        # one such member does not make the whole bank's prediction unusable.
+        ok = (jnp.isfinite(state.log_weights) & _finite(preds.mean) & _finite(preds.mean_cov)
+              & _finite(preds.obs_cov) & _positive_variances(preds.obs_cov))
         lw = jnp.where(ok, state.log_weights, -jnp.inf)
         lw = lw - jax.scipy.special.logsumexp(lw)
         return self._mix(lw, preds, jnp.zeros(preds.mean.shape[1], preds.mean.dtype), ok)
@@ -361,6 +365,11 @@ class Bank(Boundary):
 def _finite(a):
     """``(K,)``: whether each member's slice of ``a (K, …)`` is finite."""
     return jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
+
+
+def _positive_variances(cov):
+    """``(K,)``: whether each member's ``(K, b, m, m)`` covariances have a positive diagonal."""
+    return jnp.all(jnp.diagonal(cov, axis1=-2, axis2=-1) > 0, axis=(1, 2))
 
 
 def _all_finite(pred, ll):
