@@ -126,6 +126,30 @@ def test_joint_ekf_equals_natural_gradient_rtrl(cell_name, fam_name, forgetting)
     assert _rel(np.swapaxes(g_joint, 1, 2), jac[:, 0]) < RTOL
 
 
+class _Unbounded(families.Poisson):
+    log_step_slack = None  # the EKF's own step, never shortened
+
+
+def test_joint_ekf_equals_natural_gradient_rtrl_where_a_count_bounds_the_step():
+    """Counts at a wide prior (variance 10): the Poisson step is shortened on many rows
+    (kalnat.filter.bounded_step; without the bound the trajectory differs from the first such
+    row on), in RTRL's δθ and in the joint filter's step on (s, θ) alike, and the two stay one
+    filter."""
+    cell = CELLS["elman"]
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(T, 2))
+    y = rng.poisson(np.exp(1.5 * np.sin(np.cumsum(x[:, 0]) * 0.3))).astype(np.float64)
+    params = _params(cell, seed=10)
+    opts = dict(prior_var=10.0, forgetting=1.0)  # (at 0.99 rounding alone parts them by 1e-8, bound or not)
+    ng = recurrent.rtrl(cell, families.Poisson(), **opts)
+    th_a, s_a, _ = _trajectory(ng, params, x, y)
+    th_b, s_b, _ = _trajectory(recurrent.joint_ekf(cell, families.Poisson(), **opts), params, x, y)
+    th_c, _, _ = _trajectory(recurrent.rtrl(cell, _Unbounded(), **opts), params, x, y)
+    assert _rel(th_c, th_a) > 1e-2  # the bound changed the steps
+    assert _rel(th_a, th_b) < RTOL
+    assert _rel(s_a, s_b) < RTOL
+
+
 @pytest.mark.parametrize("learner", ["information", "natural_gradient"])
 def test_any_core_learner_gives_the_same_trajectory(learner):
     cell, fam, ng, joint = _pair("elman", "gaussian", 0.99, learner)

@@ -37,7 +37,7 @@ class Family(abc.ABC):
       event_shape: shape of one observation y.
       is_classifier: whether ``probs`` (class probabilities) are meaningful.
       log_step_slack: ``None``, or how far above ``log max(y, 1)`` a step may raise a row's
-        log-mean (:func:`kalnat.filter._bounded_step`; the Poisson's, 1).
+        log-mean (:func:`kalnat.filter.bounded_step`; the Poisson's, 1).
     """
 
     m = 1

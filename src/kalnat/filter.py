@@ -293,7 +293,7 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
     unit = _noise_units(b, m)
     (H, R, e), chol = _stacked(lin, mask, unit)
     delta, hph, aux = rep.gain(prior.cov, H, R, e)
-    delta = _bounded_step(learner.family, lin, H, mask, delta)
+    delta = bounded_step(learner.family, lin.yhat, lin.y, H, mask, delta)
     # The predictive of each row is the diagonal block of the H P⁻ Hᵀ the gain computed (in the
     # data's coordinates: L_i (H' P⁻ H'ᵀ)_ii L_iᵀ).
     blocks = numerics.diagonal_blocks(hph, b, m)
@@ -317,7 +317,7 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
             d_i, _, aux_i = rep.gain(prior.cov, H_i, R_i, e_i)
             # bounded before the next linearisation too: relinearised where an overshooting
             # step left the rate (10³⁴ × the counts), P collapsed along the row for good
-            return _bounded_step(learner.family, lin, H, mask, d_i), H_i, R_i, e_i, aux_i
+            return bounded_step(learner.family, lin.yhat, lin.y, H, mask, d_i), H_i, R_i, e_i, aux_i
 
         carry = (delta, H, R, e, aux)
         for i in range(learner.max_iterations - 1):  # a small static count: unrolled
@@ -336,10 +336,12 @@ def _condition(learner, hyper, prior, lin, mask, relinearize):
     return State(params, cov, prior.count + 1), pred, ll
 
 
-def _bounded_step(family, lin: Linearization, H, mask, delta):
+def bounded_step(family, yhat, y, H, mask, delta):
     """``δθ`` of one row, shortened where the family bounds a step (``family.log_step_slack``:
     the Poisson's) so that the row's log-rate rises at most that slack above ``log max(y, 1)``;
-    ``H`` is the row's stacked Jacobian at ``θ⁻`` (the one the first gain used).
+    ``yhat (b, m)`` and ``y (b, …)`` (``None``: no step to bound) as in :class:`Linearization`,
+    ``H`` the row's stacked Jacobian at ``θ⁻`` (the one the first gain used), ``mask (b,)``.
+    The joint filter of a recurrent model bounds its step on ``(s, θ)`` here too.
 
     The EKF moves a Poisson row's log-rate by ``q e / (1 + λ q)`` for the rate ``λ``, the
     innovation ``e = y − λ`` and ``q = x P⁻ xᵀ``: for a small rate and a wide ``P⁻`` nearly
@@ -355,10 +357,10 @@ def _bounded_step(family, lin: Linearization, H, mask, delta):
     posterior's mode may pass its count (a teacher's stream in minibatches of 8 did), so there
     the step is the EKF's."""
     slack = family.log_step_slack
-    if slack is None or lin.y is None or lin.yhat.size != 1:
+    if slack is None or y is None or yhat.size != 1:
         return delta
-    lam = jnp.maximum(lin.yhat.reshape(()), jnp.finfo(lin.yhat.dtype).tiny)
-    y = family.stat(lin.y[0]).astype(lam.dtype).reshape(())
+    lam = jnp.maximum(yhat.reshape(()), jnp.finfo(yhat.dtype).tiny)
+    y = family.stat(y[0]).astype(lam.dtype).reshape(())
     rise = times(H, delta)[0] / lam                                   # H δθ / λ: Δ log λ
     top = jnp.log(jnp.maximum(y, 1.0) / lam) + slack
     over = mask[0] & (y > lam) & (rise > top)

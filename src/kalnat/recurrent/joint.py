@@ -35,7 +35,7 @@ from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
 from kalnat.families import Family
-from kalnat.filter import assemble_predictive, minibatch_log_likelihood
+from kalnat.filter import assemble_predictive, bounded_step, minibatch_log_likelihood
 from kalnat.learners.base import check_params, make_hyper
 from kalnat.recurrent import base
 from kalnat.representations.full import Full, inflate_dense
@@ -210,6 +210,10 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         # core EKF's (kalnat.representations.Full), from P⁻ = F P Fᵀ/λ + diag(q).
         prior = prior_of(hyper, state, p_dyn, d)
         dz, hph, aux = rep.gain(prior, hz, R, e)
+        # a Poisson count's step bounded as the core filter bounds RTRL's δθ: the rise of the
+        # log-rate, hz dz = H δθ, is the same in both (dz's state part is G δθ), and so is the
+        # step, shortened by the same factor
+        dz = bounded_step(family, yhat, ys, hz, mask, dz)
         pred = assemble_predictive(family, False, yhat, numerics.diagonal_blocks(hph, nb, m), r)
         ll = minibatch_log_likelihood(family, False, pred, ys, hph, R, e, mask)
         p = rep.posterior(prior, hz, R, e, aux, rows).p
