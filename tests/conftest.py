@@ -2,8 +2,9 @@ import os
 import subprocess
 import sys
 
-# The suite compiles about 4 000 small XLA programs (and reads 1 000 more from the cache below)
-# and runs most of them for a few hundred steps: compilation dominates its time. Two XLA CPU
+# The suite compiles about 7 500 small XLA programs (and reads 1 800 more from the cache below)
+# and runs most of them for a few hundred steps: tracing, lowering and compiling dominate its
+# time (KALNAT_TEST_COMPILE_TIMES=1, at the end of this file, sums them). Two XLA CPU
 # options make compiling cheaper; what they compute is the same to rounding, not bit for bit
 # (exp, log1p, tanh, sigmoid and cumsum round differently):
 # - skipping LLVM's optimisation passes took CI here from 8m08 to ~6m15;
@@ -93,3 +94,43 @@ def _release_compiled_programs():
     if os.path.exists(_MAPS) and _maps() > _clear_above[0]:
         jax.clear_caches()
         _clear_above[0] = max(MAPS_BEFORE_CLEARING, _maps() + MAPS_BEFORE_CLEARING // 2)
+
+
+# KALNAT_TEST_COMPILE_TIMES=1: where the suite's seconds go in JAX (the README quotes a run).
+# Each process adds up JAX's own timings of tracing, lowering and compiling (jax.monitoring)
+# and leaves them in a folder the controller made; the controller prints their sums.
+if os.environ.get("KALNAT_TEST_COMPILE_TIMES") == "1":
+    import collections
+    import json
+    import shutil
+    import tempfile
+
+    import jax.monitoring
+
+    if "KALNAT_TEST_COMPILE_TIMES_DIR" not in os.environ:  # the controller (or a run without workers)
+        os.environ["KALNAT_TEST_COMPILE_TIMES_DIR"] = tempfile.mkdtemp(prefix="kalnat-tests-times-")
+    _times = collections.defaultdict(lambda: [0.0, 0])
+
+    def _timed(event, seconds, **_):
+        _times[event][0] += seconds
+        _times[event][1] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(_timed)
+
+    def pytest_sessionfinish(session):  # a worker's, before it tells the controller it is done
+        with open(os.path.join(os.environ["KALNAT_TEST_COMPILE_TIMES_DIR"], f"{os.getpid()}.json"), "w") as f:
+            json.dump(_times, f)
+
+    def pytest_terminal_summary(terminalreporter):
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            return
+        folder, sums = os.environ["KALNAT_TEST_COMPILE_TIMES_DIR"], collections.defaultdict(lambda: [0.0, 0])
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name)) as f:
+                for event, (seconds, count) in json.load(f).items():
+                    sums[event][0] += seconds
+                    sums[event][1] += count
+        shutil.rmtree(folder, ignore_errors=True)
+        terminalreporter.section("JAX's time in the test processes (KALNAT_TEST_COMPILE_TIMES)")
+        for event, (seconds, count) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
+            terminalreporter.write_line(f"{seconds:8.1f} s {count:7d}  {event}")
