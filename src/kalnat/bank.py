@@ -224,18 +224,27 @@ class Bank(Boundary):
 
     def _mix(self, lw, preds, log_prob, ok):
         """Mixture of the members' ``(K, b, …)`` predictions under normalised log weights
-        ``lw (K,)`` (``−∞`` for the members not ``ok``, whose predictions are left out)."""
+        ``lw (K,)`` (``−∞`` for the members not ``ok``, whose predictions are left out).
+
+        A member whose predictive variance of a row is not positive (a covariance that lost
+        positive definiteness, as the EKF's can in float32 on unscaled inputs) is left out of
+        that row's mixture too, the others' weights renormalised for the row, so that one such
+        member does not make the bank's prediction unusable; where no member's is positive the
+        row is mixed as it is (its variance then tells). The weights themselves and the evidence
+        are not changed by it."""
         keep = lambda a: None if a is None else jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)  # noqa: E731
         preds = jax.tree_util.tree_map(keep, preds)
-        w = jnp.exp(lw)
-        mean = jnp.einsum("k,kbm->bm", w, preds.mean)
+        sound = ok[:, None] & jnp.all(jnp.diagonal(preds.obs_cov, axis1=-2, axis2=-1) > 0, axis=-1)   # (K, b)
+        sound = jnp.where(jnp.any(sound, axis=0), sound, ok[:, None])
+        lwr = jnp.where(sound, lw[:, None], -jnp.inf)
+        w = jnp.exp(lwr - jax.scipy.special.logsumexp(lwr, axis=0))                            # (K, b)
+        mean = jnp.einsum("kb,kbm->bm", w, preds.mean)
         d = preds.mean - mean[None]
-        spread = jnp.einsum("k,kbi,kbj->bij", w, d, d)
-        mean_cov = jnp.einsum("k,kbij->bij", w, preds.mean_cov) + spread
-        obs_cov = jnp.einsum("k,kbij->bij", w, preds.obs_cov) + spread
-        mixed = None if preds.probs is None else jnp.einsum("k,kbc->bc", w, preds.probs)
-        b = mean.shape[0]
-        return BankPredictive(mean, mean_cov, obs_cov, mixed, jnp.broadcast_to(w, (b, w.shape[0])), log_prob)
+        spread = jnp.einsum("kb,kbi,kbj->bij", w, d, d)
+        mean_cov = jnp.einsum("kb,kbij->bij", w, preds.mean_cov) + spread
+        obs_cov = jnp.einsum("kb,kbij->bij", w, preds.obs_cov) + spread
+        mixed = None if preds.probs is None else jnp.einsum("kb,kbc->bc", w, preds.probs)
+        return BankPredictive(mean, mean_cov, obs_cov, mixed, w.T, log_prob)
 
     def _advance(self, state: BankState, members, preds, ll, finite):
         """The weights moved by one minibatch: ``ll (K, b)`` the members' log-likelihoods,
@@ -318,11 +327,8 @@ class Bank(Boundary):
 
     def predict_batch(self, hyper, state: BankState, xs):
         preds = self.members_predict_batch(hyper, state, xs)
-        # A member whose covariance lost positive definiteness (in float32, on unscaled inputs)
-        # can predict a finite but negative variance: it is left out of this prediction, so that
-        # one such member does not make the whole bank's prediction unusable.
         ok = (jnp.isfinite(state.log_weights) & _finite(preds.mean) & _finite(preds.mean_cov)
-              & _finite(preds.obs_cov) & _positive_variances(preds.obs_cov))
+              & _finite(preds.obs_cov))
         lw = jnp.where(ok, state.log_weights, -jnp.inf)
         lw = lw - jax.scipy.special.logsumexp(lw)
         return self._mix(lw, preds, jnp.zeros(preds.mean.shape[1], preds.mean.dtype), ok)
@@ -365,11 +371,6 @@ class Bank(Boundary):
 def _finite(a):
     """``(K,)``: whether each member's slice of ``a (K, …)`` is finite."""
     return jnp.all(jnp.isfinite(a).reshape(a.shape[0], -1), axis=1)
-
-
-def _positive_variances(cov):
-    """``(K,)``: whether each member's ``(K, b, m, m)`` covariances have a positive diagonal."""
-    return jnp.all(jnp.diagonal(cov, axis1=-2, axis2=-1) > 0, axis=(1, 2))
 
 
 def _all_finite(pred, ll):
