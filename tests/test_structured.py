@@ -130,18 +130,27 @@ def test_low_rank_reprojection_from_the_gram_matrix_is_the_svd_of_the_tall_matri
     w = rng.normal(size=(d, k)) * rng.uniform(0.1, 10.0, k)
     w[:, k - zero:] = 0.0
     cov = kalnat.representations.LowRankPrecision(jnp.asarray(rng.uniform(0.5, 2.0, d)), jnp.asarray(w))
-    prior = rep.inflate(cov, 1, 0.95, None, None)
     H = jnp.asarray(rng.normal(size=(m, d)))
     a = rng.normal(size=(m, m))
     R = jnp.asarray(a @ a.T + m * np.eye(m))
-    _, _, aux = rep.gain(prior, H, R, jnp.zeros(m))
+
+    @jax.jit  # one program (op by op, each operation of each shape compiled apiece)
+    def steps(cov, H, R):
+        prior = rep.inflate(cov, 1, 0.95, None, None)
+        _, _, aux = rep.gain(prior, H, R, jnp.zeros(m))
+        posts = (rep.posterior(prior, H, R, jnp.zeros(m), aux, jnp.ones(m, bool)),
+                 rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool)))
+        return prior, prior.w, posts, prior.projections(H.T)
+
+    prior, prior_w, posts, (ph, hph, _, _) = steps(cov, H, R)
     ups, wwt = _reprojected_by_svd(prior, H, R, k)
-    for post in (rep.posterior(prior, H, R, jnp.zeros(m), aux, jnp.ones(m, bool)),
-                 rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool))):
+    for post in posts:
+        w = np.asarray(post.w)
         np.testing.assert_allclose(post.ups, ups, rtol=1e-10)
-        np.testing.assert_allclose(post.w @ post.w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
-    P = np.linalg.inv(np.diag(prior.ups) + prior.w @ prior.w.T)
-    ph, hph, _, _ = prior.projections(H.T)              # Woodbury through I + AᵀA's factor
+        np.testing.assert_allclose(w @ w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
+    prior_w = np.asarray(prior_w)
+    P = np.linalg.inv(np.diag(prior.ups) + prior_w @ prior_w.T)
+    # (ph, hph: Woodbury through I + AᵀA's factor)
     np.testing.assert_allclose(ph, P @ H.T, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hph, H @ P @ H.T, rtol=1e-10, atol=1e-12)
 
@@ -438,11 +447,15 @@ def test_a_dense_layers_rows_are_outer_products_and_a_shared_layers_are_not():
         model = kalnat.models.mlp(4, (5, 6), 3, dtype=dtype)
         params = model.init(jax.random.PRNGKey(0))
         theta, unravel = ravel_pytree(params)
-        x = jax.random.normal(jax.random.PRNGKey(1), (2, 4), dtype)
-        H = jnp.concatenate([jax.jacobian(lambda t, xi=xi: model.apply(unravel(t), xi))(theta) for xi in x])
+        x = np.random.default_rng(1).normal(size=(2, 4)).astype(dtype)
         rep = kronecker(params)
         cuts = np.cumsum((0,) + rep.sizes)
-        assert [bool(layer._outer(H[:, a:b])[0]) for layer, a, b in zip(rep.parts, cuts[:-1], cuts[1:])] == [True] * 3
+
+        @jax.jit  # one program (op by op, each of the Jacobian's and the checks' operations compiled apiece)
+        def outer(theta, x):
+            H = jnp.concatenate([jax.jacobian(lambda t, xi=xi: model.apply(unravel(t), xi))(theta) for xi in x])
+            return [layer._outer(H[:, a:b])[0] for layer, a, b in zip(rep.parts, cuts[:-1], cuts[1:])]
+        assert [bool(o) for o in outer(theta, x)] == [True] * 3
     # one layer applied twice, z = W tanh(W x + b) + b: each row is a sum of two outer products
     shared = {"b": jnp.ones(3), "w": jax.random.normal(jax.random.PRNGKey(2), (3, 3))}
     theta, unravel = ravel_pytree(shared)
@@ -450,8 +463,8 @@ def test_a_dense_layers_rows_are_outer_products_and_a_shared_layers_are_not():
     def twice(t, xi):
         p = unravel(t)
         return p["w"] @ jnp.tanh(p["w"] @ xi + p["b"]) + p["b"]
-    H = jax.jacobian(twice)(theta, jnp.arange(1.0, 4.0))
-    assert kronecker(shared) == KronLayer(3, 3) and not bool(KronLayer(3, 3)._outer(H)[0])
+    is_outer = jax.jit(lambda t, xi: KronLayer(3, 3)._outer(jax.jacobian(twice)(t, xi))[0])
+    assert kronecker(shared) == KronLayer(3, 3) and not bool(is_outer(theta, jnp.arange(1.0, 4.0)))
 
 
 def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():
@@ -551,9 +564,11 @@ def test_structures_stay_positive_definite_over_a_long_float32_stream(structure)
     res = kalnat.fit(learner, learner.init(params), X, y, chunk_size=8192)
     leaves = jax.tree_util.tree_leaves(res.state.cov)
     assert all(a.dtype == np.float32 and np.all(np.isfinite(a)) for a in leaves), [(a.dtype, np.isfinite(a).all()) for a in leaves]
-    P = kalnat.covariance(res.state)
-    # the bound caps the prior P⁻ a step uses (a truncated low-rank posterior may exceed it)
-    prior = np.asarray(rep.inflate(res.state.cov, n + 1, np.float32(0.98), np.float32(1e-6), np.float32(5.0)).dense())
+    # the bound caps the prior P⁻ a step uses (a truncated low-rank posterior may exceed it);
+    # both matrices formed in one program (op by op, each operation would be compiled apiece)
+    P, prior = jax.jit(lambda c: (c.dense(), rep.inflate(
+        c, n + 1, np.float32(0.98), np.float32(1e-6), np.float32(5.0)).dense()))(res.state.cov)
+    P, prior = np.asarray(P, np.float64), np.asarray(prior)   # (as kalnat.covariance gives P)
     assert np.linalg.eigvalsh(P).min() > 0 and np.linalg.eigvalsh(prior).min() > 0
     assert np.diag(prior).max() <= 5.0 * (1 + 1e-3)
     assert np.all(np.isfinite(res.log_likelihood)) and -np.mean(res.log_likelihood[-1000:]) < 0.6
