@@ -67,16 +67,17 @@ def test_gradient_and_fisher_identities(name, arch):
     def loss(th, y):
         return -family.log_prob(model.apply(unravel(th), x), y)
 
-    ys, ws = support(family, family.mean(model.apply(unravel(theta), x)))
-    lin = kalnat.linearize(lambda th, xx: model.apply(unravel(th), xx), family, theta,
-                           x[None], jnp.asarray(np.stack(ys)[:1]))
+    # each computation one compiled program (op by op, each operation would be compiled apiece)
+    ys, ws = support(family, jax.jit(lambda th: family.mean(model.apply(unravel(th), x)))(theta))
+    lin = jax.jit(lambda th, y: kalnat.linearize(lambda t, xx: model.apply(unravel(t), xx), family, th,
+                                                 x[None], y))(theta, jnp.asarray(np.stack(ys)[:1]))
     H, R = np.asarray(lin.H[0]), np.asarray(lin.R[0])
     Rinv = np.linalg.inv(R)
-    grad_fn = jax.jit(jax.grad(loss))
+    grad_fn, stat = jax.jit(jax.grad(loss)), jax.jit(family.stat)
     fisher = np.zeros((theta.size, theta.size))
     for y, w in zip(ys, ws):
         g = np.asarray(grad_fn(theta, jnp.asarray(y)))
-        e = np.asarray(family.stat(jnp.asarray(y))) - np.asarray(lin.yhat[0])
+        e = np.asarray(stat(jnp.asarray(y))) - np.asarray(lin.yhat[0])
         np.testing.assert_allclose(-H.T @ Rinv @ e, g, rtol=1e-9, atol=1e-12)  # ∂ℓ/∂θ = −HᵀR⁻¹e
         fisher += w * np.outer(g, g)
     np.testing.assert_allclose(H.T @ Rinv @ H, fisher, rtol=1e-9, atol=1e-12)  # F = HᵀR⁻¹H
