@@ -179,9 +179,10 @@ def test_low_rank_update_keeps_the_diagonal_part_above_its_floor(m):
     w = rng.normal(size=(d, k))
     cov = kalnat.representations.LowRankPrecision(jnp.asarray(ups), jnp.asarray(w, jnp.float32))
     rep = LowRank(k)
-    prior = rep.inflate(cov, 1, np.float32(1.0), None, None)
     H = jnp.asarray((w @ rng.normal(size=(k, m))).T, jnp.float32)   # within W's span: nothing dropped
-    post = rep.posterior(prior, H, jnp.eye(m, dtype=jnp.float32), jnp.zeros(m, jnp.float32), None, jnp.ones(m, bool))
+    post = jax.jit(lambda cov, H: rep.posterior(  # (one program, not op by op)
+        rep.inflate(cov, 1, np.float32(1.0), None, None), H, jnp.eye(m, dtype=jnp.float32),
+        jnp.zeros(m, jnp.float32), None, jnp.ones(m, bool)))(cov, H)
     diag = np.asarray(post.ups) + np.sum(np.asarray(post.w) ** 2, axis=1)
     assert np.all(np.asarray(post.ups) >= 0.999 * np.sqrt(np.finfo(np.float32).eps) * diag)
 
@@ -221,21 +222,28 @@ def test_low_rank_bounded_prior_and_its_update_are_the_dense_ones(d, k, m, lam, 
     s = np.where(np.diag(P) > bound, np.sqrt(bound / np.diag(P)), 1.0)
     expected = s[:, None] * P * s[None, :]
     rep = LowRank(k)
-    prior = rep.inflate(cov, 1, lam, q, bound)
-    np.testing.assert_allclose(prior.dense(), expected, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(np.linalg.inv(np.diag(prior.ups) + prior.w @ prior.w.T), expected, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(prior.variances(), np.diag(expected), rtol=1e-10)
     H = jnp.asarray(rng.normal(size=(m, d)))
     a = rng.normal(size=(m, m))
     R = jnp.asarray(a @ a.T + m * np.eye(m))
-    post = rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool))
+
+    @jax.jit  # one program (op by op, each operation of each shape compiled apiece)
+    def steps(cov, H, R):
+        prior = rep.inflate(cov, 1, lam, q, bound)
+        post = rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool))
+        return prior, (prior.dense(), prior.w, prior.variances()), (post.ups, post.w)
+
+    prior, (dense, prior_w, variances), (post_ups, post_w) = steps(cov, H, R)
+    prior_w, post_w = np.asarray(prior_w), np.asarray(post_w)
+    np.testing.assert_allclose(dense, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.inv(np.diag(prior.ups) + prior_w @ prior_w.T), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(variances, np.diag(expected), rtol=1e-10)
     if k >= d:
         info = np.linalg.inv(expected) + np.asarray(H).T @ np.linalg.solve(R, H)
-        np.testing.assert_allclose(np.diag(post.ups) + post.w @ post.w.T, info, rtol=1e-10, atol=1e-10 * np.abs(info).max())
+        np.testing.assert_allclose(np.diag(post_ups) + post_w @ post_w.T, info, rtol=1e-10, atol=1e-10 * np.abs(info).max())
     else:
         ups_svd, wwt = _reprojected_by_svd(prior, H, R, k)
-        np.testing.assert_allclose(post.ups, ups_svd, rtol=1e-10)
-        np.testing.assert_allclose(post.w @ post.w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
+        np.testing.assert_allclose(post_ups, ups_svd, rtol=1e-10)
+        np.testing.assert_allclose(post_w @ post_w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
 
 
 def test_low_rank_one_row_deflation_with_a_per_row_factor():
