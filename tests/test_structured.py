@@ -677,10 +677,16 @@ def test_kronecker_factored_posterior_holds_for_a_saturated_softmax():
     prior = kalnat.representations.KronCovariance(jnp.asarray(g @ g.T / n_out + 0.1 * np.eye(n_out)),
                                                   jnp.asarray(a @ a.T / n_in + 0.1 * np.eye(n_in + 1)))
     whitened = jnp.asarray(np.linalg.solve(np.linalg.cholesky(R), H))
-    assert bool(rep._outer(whitened)[0])
-    assert bool(rep._whitened(prior, jnp.asarray(H), jnp.asarray(R), None)[0])  # the factored path
-    post = rep.posterior(prior, jnp.asarray(H), jnp.asarray(R), jnp.zeros(n_out), None, jnp.ones(n_out, bool))
-    ref = rep._general_posterior(prior, rep._join(*rep._parts(whitened)))
+
+    @jax.jit  # one program (op by op, each operation compiled apiece)
+    def paths(prior, H, R, whitened):
+        post = rep.posterior(prior, H, R, jnp.zeros(n_out), None, jnp.ones(n_out, bool))
+        ref = rep._general_posterior(prior, rep._join(*rep._parts(whitened)))
+        return rep._outer(whitened)[0], rep._whitened(prior, H, R, None)[0], post, ref
+
+    outer, factored, post, ref = paths(prior, jnp.asarray(H), jnp.asarray(R), whitened)
+    assert bool(outer)
+    assert bool(factored)  # the factored path
     # 1e-7: the observation is ~10⁶ × the prior's information here, and both paths lose that
     # many units of rounding in the update (they differ by ~6e-9)
     np.testing.assert_allclose(np.kron(post.g, post.a), np.kron(ref.g, ref.a), rtol=1e-7,
