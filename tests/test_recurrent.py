@@ -131,10 +131,10 @@ class _Unbounded(families.Poisson):
 
 
 def test_joint_ekf_equals_natural_gradient_rtrl_where_a_count_bounds_the_step():
-    """Counts at a wide prior (variance 10): the Poisson step is shortened on many rows
-    (kalnat.filter.bounded_step; without the bound the trajectory differs from the first such
-    row on), in RTRL's δθ and in the joint filter's step on (s, θ) alike, and the two stay one
-    filter."""
+    """Counts at a wide prior (variance 10): the Poisson step is shortened where it would pass
+    the count (kalnat.filter.bounded_step; without the bound the trajectory differs by more
+    than 1e-2), in RTRL's δθ and in the joint filter's step on (s, θ) alike, and the two stay
+    one filter."""
     cell = CELLS["elman"]
     rng = np.random.default_rng(9)
     x = rng.normal(size=(T, 2))
