@@ -211,8 +211,9 @@ def test_a_member_predicting_a_negative_variance_is_left_out_of_that_rows_predic
     broken = _indefinite_along(BANK, s, heaviest, Xb[1], by=50.0)
     alone = BANK.predict(broken, Xb[1])
     assert float(alone.weights[heaviest]) == 0 and float(alone.obs_cov[0, 0]) > 0
-    learned = BANK.update(broken, Xb[1], yb[1])[1]
+    new, learned = BANK.update(broken, Xb[1], yb[1])
     assert _rel(learned.probs, alone.probs) < 1e-12 and _rel(learned.obs_cov, alone.obs_cov) < 1e-12
+    assert np.isfinite(float(new.log_evidence[heaviest])) and np.isfinite(float(new.log_weights[heaviest]))  # still in
 
 
 def test_row_by_row_update_equals_the_chunked_fit():
