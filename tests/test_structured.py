@@ -110,14 +110,16 @@ def test_low_rank_truncation_keeps_the_precision_diagonal_and_the_top_directions
     np.testing.assert_allclose(np.sort(kept)[::-1], top, rtol=1e-10)
 
 
-def _reprojected_by_svd(prior, H, R, k):
-    """The re-projection from an SVD of the tall Ã = υ⁻^{-1/2} [W⁻, Hᵀ L_R⁻ᵀ] itself."""
+def _reprojected_by_svd(ups, w, H, R, k):
+    """The re-projection from an SVD of the tall Ã = υ⁻^{-1/2} [W⁻, Hᵀ L_R⁻ᵀ] itself, for the
+    prior ``diag(ups) + w wᵀ``."""
+    ups = np.asarray(ups)
     info = np.linalg.solve(np.linalg.cholesky(R), H).T
-    root = np.sqrt(np.asarray(prior.ups))[:, None]
-    u, s, _ = np.linalg.svd(np.concatenate([prior.w, info], axis=1) / root, full_matrices=False)
+    root = np.sqrt(ups)[:, None]
+    u, s, _ = np.linalg.svd(np.concatenate([np.asarray(w), info], axis=1) / root, full_matrices=False)
     us = u * s
-    w = root * us[:, :k]
-    return np.asarray(prior.ups) * (1.0 + np.sum(us[:, k:] ** 2, axis=1)), w @ w.T
+    kept = root * us[:, :k]
+    return ups * (1.0 + np.sum(us[:, k:] ** 2, axis=1)), kept @ kept.T
 
 
 @pytest.mark.parametrize("d,k,m,zero", [(9, 3, 1, 0), (9, 3, 3, 0), (9, 4, 2, 2), (5, 7, 2, 0), (6, 3, 1, 3)])
@@ -143,12 +145,12 @@ def test_low_rank_reprojection_from_the_gram_matrix_is_the_svd_of_the_tall_matri
         return prior, prior.w, posts, prior.projections(H.T)
 
     prior, prior_w, posts, (ph, hph, _, _) = steps(cov, H, R)
-    ups, wwt = _reprojected_by_svd(prior, H, R, k)
+    prior_w = np.asarray(prior_w)
+    ups, wwt = _reprojected_by_svd(prior.ups, prior_w, H, R, k)
     for post in posts:
         w = np.asarray(post.w)
         np.testing.assert_allclose(post.ups, ups, rtol=1e-10)
         np.testing.assert_allclose(w @ w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
-    prior_w = np.asarray(prior_w)
     P = np.linalg.inv(np.diag(prior.ups) + prior_w @ prior_w.T)
     # (ph, hph: Woodbury through I + AᵀA's factor)
     np.testing.assert_allclose(ph, P @ H.T, rtol=1e-10, atol=1e-12)
@@ -241,7 +243,7 @@ def test_low_rank_bounded_prior_and_its_update_are_the_dense_ones(d, k, m, lam, 
         info = np.linalg.inv(expected) + np.asarray(H).T @ np.linalg.solve(R, H)
         np.testing.assert_allclose(np.diag(post_ups) + post_w @ post_w.T, info, rtol=1e-10, atol=1e-10 * np.abs(info).max())
     else:
-        ups_svd, wwt = _reprojected_by_svd(prior, H, R, k)
+        ups_svd, wwt = _reprojected_by_svd(prior.ups, prior_w, H, R, k)
         np.testing.assert_allclose(post_ups, ups_svd, rtol=1e-10)
         np.testing.assert_allclose(post_w @ post_w.T, wwt, rtol=1e-10, atol=1e-10 * np.abs(wwt).max())
 
