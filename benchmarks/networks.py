@@ -13,6 +13,9 @@ printed and the ratios to Adam* take each structure's best in hindsight (marked 
 Part 2, a synthetic stream from a teacher MLP 100 → 300 → 300 → 1 (120 901 parameters, tanh,
 gaussian noise 0.1): time per step, memory and the progressive squared error of each structure
 and of Adam (a grid of 3 rates, best in hindsight), and the ratio of time per step to Adam's.
+With ``lowrank:10`` it also times the one product every low-rank step forms anew, the
+weighted Gram matrix ``Wᵀ Υ⁻¹ W`` of a ``d × 10`` ``W`` (the step's O(d k²) floor,
+docs/structured.md), alone in a scan as a step is, and prints it as a ratio to Adam's step.
 
 Times are wall-clock and CPU (the process's, all its threads: on a machine shared with other
 work the CPU time is the steadier of the two). The factorisations of the structured forms run
@@ -43,6 +46,7 @@ import kalnat
 from kalnat import blas
 from kalnat.stream import Diverged
 from kalnat.representations import Blocks, Diagonal, LowRank, kronecker, last_layer_full
+from kalnat.representations.lowrank import _gram
 
 
 def structures(params, exact: bool):
@@ -151,6 +155,22 @@ def digits(order, dtype, only=None):
                                              for k, v in rows.items()))
 
 
+def gram_floor(d, k, rows, dtype):
+    """Seconds per step (wall, CPU) of the low-rank step's ``Wᵀ Υ⁻¹ W (k, k)`` alone, for
+    ``W (d, k)``, over ``rows`` steps of a scan. Each step's ``υ`` is new (as a step's is: the
+    dropped diagonal and the floor change every coordinate), so nothing can be hoisted out of
+    the loop; the sum of the products is what the scan returns."""
+    w = jax.random.normal(jax.random.PRNGKey(6), (d, k), dtype)
+    ups = 1.0 + jax.random.uniform(jax.random.PRNGKey(7), (d,), dtype)
+    shifts = jnp.linspace(0.0, 1.0, rows, dtype=dtype)
+    run = jax.jit(lambda w, ups, shifts: jax.lax.scan(
+        lambda acc, c: (acc + _gram(ups + c, w), None), jnp.zeros((k, k), dtype), shifts)[0])
+    jax.block_until_ready(run(w, ups, shifts))  # compiles; the second call is timed
+    t, c = time.perf_counter(), time.process_time()
+    jax.block_until_ready(run(w, ups, shifts))
+    return (time.perf_counter() - t) / rows, (time.process_time() - c) / rows
+
+
 def teacher(rows, dtype):
     model = kalnat.models.mlp(100, (300, 300), 1, dtype=dtype)
     key = jax.random.PRNGKey(1)
@@ -194,6 +214,10 @@ def synthetic(rows, dtype, only=None):
     out["adam"], curves["adam*"] = best[2], best[4]
     print(f"{'adam*':<16}{best[0]:>10.4f}{best[1]:>12.4f}{best[2][0] * 1e3:>10.2f}{best[2][1] * 1e3:>10.2f}"
           f"   (lr {best[3]:g}, best of 3)")
+    if "lowrank:10" in out:
+        floor = gram_floor(d, 10, rows, dtype)
+        print(f"{'Wᵀ Υ⁻¹ W alone':<16}{'':>10}{'':>12}{floor[0] * 1e3:>10.2f}{floor[1] * 1e3:>10.2f}"
+              f"   (lowrank:10's floor: {floor[0] / best[2][0]:.1f} × Adam's step, CPU {floor[1] / best[2][1]:.1f} ×)")
     print("time per step ÷ Adam's: " + ", ".join(f"{k} {v[0] / best[2][0]:.1f}" for k, v in out.items()))
     print("CPU time per step ÷ Adam's: " + ", ".join(f"{k} {v[1] / best[2][1]:.1f}" for k, v in out.items()))
     print("squared error by tenth of the stream (the loss curve):")

@@ -207,13 +207,14 @@ def test_low_rank_one_row_deflation_keeps_the_complement_of_the_dropped_directio
     np.testing.assert_allclose(dropped, (full @ v) ** 2, rtol=1e-12)
 
 
-@pytest.mark.parametrize("d,k,m", [(9, 3, 1), (9, 3, 3), (6, 8, 1), (6, 8, 3)])
+@pytest.mark.parametrize("d,k,m", [(9, 3, 1), (9, 3, 3), (6, 8, 1), (6, 8, 3), (24, 18, 1)])
 @pytest.mark.parametrize("lam,q", [(0.9, None), (0.95, 0.05)])
 def test_low_rank_bounded_prior_and_its_update_are_the_dense_ones(d, k, m, lam, q):
     """The variance bound's congruence held as a (d,) factor on W's rows (with forgetting's √λ,
     or after additive noise): the prior is S (P/λ + qI) S exactly, with k < d and k ≥ d, and the
     update from it (one row: the reflection; several: the product) is the SVD re-projection of
-    that prior (k < d) or the exact information (k ≥ d)."""
+    that prior (k < d) or the exact information (k ≥ d). The bound's ``diag(P⁻)`` is summed
+    column by column up to k = 16 and through the product beyond (k = 18)."""
     rng = np.random.default_rng(10 * d + k + m)
     ups = rng.uniform(0.2, 3.0, d)
     w = rng.normal(size=(d, k)) * rng.uniform(0.1, 3.0, k)

@@ -128,6 +128,21 @@ def _row_squares(w):
     return sum(w[:, j] * w[:, j] for j in range(w.shape[1]))
 
 
+def _row_squares_lower(w, lower):
+    """``‖(W Mᵀ)_i‖² (d,)`` for ``w (d, k)`` and a lower-triangular ``M (k, k)``.
+
+    Up to 16 columns, ``(W Mᵀ)_il = Σ_{j ≤ l} W_ij M_lj`` is summed column by column in one
+    fused elementwise pass over W, the product never formed: XLA's CPU product of a ``(d, k)``
+    by a ``(k, k)`` matrix wrote all ``d k`` numbers, and with the pass reading them again took
+    0.91 ms a step against the fused pass's 0.56 (d = 120 901, k = 10, float32; a profile of
+    benchmarks/networks.py's low-rank step with ``--max-variance``). Beyond 16 columns, the
+    product: the fused pass's program grows as k²."""
+    k = w.shape[1]
+    if k > 16:
+        return _row_squares(w @ lower.T)
+    return sum(jnp.square(sum(w[:, j] * lower[l, j] for j in range(l + 1))) for l in range(k))
+
+
 def _gram(ups, w):
     """``G = Wᵀ diag(1/υ) W (k, k)``: ``AᵀA`` for ``A = υ^{-1/2} W``."""
     return (w / ups[:, None]).T @ w
@@ -285,7 +300,11 @@ class LowRankPrior(NamedTuple):
         b = (_rows(self.root, x).T @ self.base).T                 # Aᵀ g (xᵀW: XLA's CPU dot of Wᵀ x is ~4 × slower)
         c = numerics.solve_lower(self.lower.T[::-1, ::-1], numerics.solve_lower(self.lower, b)[::-1])[::-1]
         ph = x - _rows(self.root, self.base @ c) / self.ups[:, None]  # υ^{-1/2} r, r = g − A c
-        return ph, (ph * self.ups[:, None]).T @ ph + c.T @ c, b, ht.T @ x
+        # ph's rows (m, d), so that the product contracts their contiguous axis: XLA's CPU
+        # reduction of the (d, 1) product over its leading axis took 0.49 ms a step against 0.07
+        # (d = 120 901, float32; a profile of benchmarks/networks.py's low-rank step)
+        pt = ph.T
+        return ph, (pt * self.ups) @ pt.T + c.T @ c, b, ht.T @ x
 
     def times(self, ht):
         """``P⁻ Hᵀ`` for ``Hᵀ (d, m)``."""
@@ -293,11 +312,11 @@ class LowRankPrior(NamedTuple):
 
     def variances(self):
         """``diag(P⁻) (d,)``: ``(1 − ‖(A L⁻ᵀ)_i‖²) / υ_i``."""
-        # W L⁻ᵀ through the small L⁻¹ (k, k): one product over the d rows, where the triangular
-        # solve with d right-hand sides (numerics.solve_lower's loop) makes k passes over them
+        # through the small L⁻¹ (k, k): one pass over the d rows, where the triangular solve with
+        # d right-hand sides (numerics.solve_lower's loop) makes k passes over them
         inv = numerics.solve_lower(self.lower, jnp.eye(self.lower.shape[0], dtype=self.ups.dtype))
-        y = _rows(self.root, self.base @ inv.T)
-        return jnp.maximum(1.0 - _row_squares(y) / self.ups, 0.0) / self.ups
+        squares = _rows(self.root * self.root, _row_squares_lower(self.base, inv))
+        return jnp.maximum(1.0 - squares / self.ups, 0.0) / self.ups
 
     def dense(self):
         d = self.ups.shape[0]
