@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import kalnat
 from kalnat import families as F
-from kalnat.keyed import Keyed, _rounds, _stable_argsort
+from kalnat.keyed import Keyed
+from kalnat.keyed_rounds import group_rows, stable_argsort
 
 P_IN = 3
 MODEL = kalnat.models.linear(P_IN)
@@ -61,7 +62,7 @@ def one_pending_call(monkeypatch, factory: str) -> dict:
     monkeypatch.setattr(kalnat.keyed, "PENDING_CALLS", 1)
     # a key's rows of one chunk split over several calls (a state gathered and written back
     # between them); the tests check that no call's grid is larger
-    monkeypatch.setattr(kalnat.keyed, "CALL_STEPS", 8)
+    monkeypatch.setattr(kalnat.keyed_rounds, "CALL_STEPS", 8)
     count = {"made": 0, "read": 0, "on": True, "grid": 0}
     make, read = getattr(kalnat.keyed, factory), kalnat.keyed._Outputs._read
 
@@ -146,7 +147,7 @@ def test_numpy_keys_and_rounds():
     rb = b.learn([int(k) for k in ints], X, Y)
     assert a.keys == b.keys and np.array_equal(ra.predictions.mean, rb.predictions.mean)
     # rounds: each row's rank among its key's rows, keys ordered by their number of rows
-    _, _, counts, kslots, pos, rank = _rounds(np.array([5, 3, 5, 5, 3, 9]))
+    _, _, counts, kslots, pos, rank = group_rows(np.array([5, 3, 5, 5, 3, 9]))
     assert kslots.tolist() == [5, 3, 9] and counts.tolist() == [3, 2, 1]
     assert rank.tolist() == [0, 0, 1, 2, 1, 0] and pos.tolist() == [0, 1, 0, 0, 1, 2]
 
@@ -169,15 +170,15 @@ def test_radix_argsort_is_numpys_stable_argsort(data):
     # each value on its own (no fill value), the range's ends and a few values around 0 among them
     values = st.one_of(st.integers(lo, hi), st.sampled_from([lo, hi] + [v for v in (-1, 0, 1) if lo <= v <= hi]))
     a = np.array(data.draw(st.lists(values, max_size=300)), dtype)
-    assert np.array_equal(_stable_argsort(a), np.argsort(a, kind="stable"))
+    assert np.array_equal(stable_argsort(a), np.argsort(a, kind="stable"))
 
 
 def test_rounds_by_a_plain_loop():
-    """_rounds against its definition, row by row: keys ordered by rows (descending, ties by
+    """group_rows against its definition, row by row: keys ordered by rows (descending, ties by
     slot), each row's rank among its key's rows, each key's rows in stream order."""
     rng = np.random.default_rng(2)
     for slots in (rng.integers(0, 9, 200), rng.integers(0, 70_000, 300), np.array([4])):
-        g = _rounds(slots)
+        g = group_rows(slots)
         counts = {s: int(np.sum(slots == s)) for s in set(slots.tolist())}
         keys = sorted(counts, key=lambda s: (-counts[s], s))
         assert g.kslots.tolist() == keys and g.counts.tolist() == [counts[s] for s in keys]
@@ -224,7 +225,7 @@ def test_integer_key_arrays_are_the_keys_given_one_by_one(monkeypatch):
 def test_a_call_takes_at_most_call_steps_rows(monkeypatch):
     """Small states (many keys fit LANE_BYTES): a call still takes at most CALL_STEPS (round,
     key) steps, and each key's filter is still its own."""
-    monkeypatch.setattr(kalnat.keyed, "CALL_STEPS", 4)
+    monkeypatch.setattr(kalnat.keyed_rounds, "CALL_STEPS", 4)
     learner, family = LEARNERS["ekf"]
     sizes, make = [], kalnat.keyed._segment_fn
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kalnat import blas, checkpoint
+from kalnat import blas, checkpoint, keyed_rounds
 from kalnat.learners.base import check_range, device_hyper
 from kalnat.programs import once
 
@@ -44,10 +44,6 @@ PENDING_CALLS = 8
 # (W/2, W] for a power of two W: padding costs at most 2× in keys and 2× in rounds. A call takes
 # the states of at most LANE_BYTES worth of keys (two at least), so that its rounds run in cache.
 LANE_BYTES = 2**23
-
-# At most this many (round, lane) steps per call: a call's rows, copied into its grid, stay
-# within this many rows however many rows a chunk gives one key (a chunk can be a whole call).
-CALL_STEPS = 2**16
 
 # NumPy integer keys are found in a large sorted array and a small one that the keys added since
 # join first (copying the large one each call that adds keys costs O(all keys)); the small one
@@ -68,22 +64,6 @@ class KeyedResult(NamedTuple):
     predictions: Any
     log_likelihood: np.ndarray
     slots: np.ndarray
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _rounds_per_call(width: int, batch: int = 1) -> int:
-    """The most rounds of ``width`` lanes of ``batch`` rows a call takes: a power of two, so a
-    call's padded grid stays within ``CALL_STEPS`` rows (``width`` from :func:`_keys_per_call`)."""
-    return 1 << (max(1, CALL_STEPS // (width * batch)).bit_length() - 1)
-
-
-def _keys_per_call(lanes: int, batch: int = 1) -> int:
-    """The most keys a call takes: ``lanes`` (``LANE_BYTES`` of states), and no more than
-    ``CALL_STEPS`` rows in one round (small states: 10⁵ keys of a few parameters)."""
-    return max(2, min(lanes, 1 << (max(1, CALL_STEPS // batch).bit_length() - 1)))
 
 
 def _where(mask, new, old):
@@ -179,92 +159,6 @@ class _Outputs:
         jax.tree_util.tree_map(lambda o, a: o.__setitem__(rows, a[index]), self.out, seg)
 
 
-def _stable_argsort(a: np.ndarray) -> np.ndarray:
-    """``np.argsort(a, kind="stable")`` of integers ``a (n,)``, as a least-significant-digit
-    radix sort on 16-bit digits: NumPy sorts 16-bit integers stably by counting, in O(n),
-    while its stable sort of 64-bit ones is a merge sort (1.6 × 10⁵ rows of 10⁴ keys: 10 ms
-    against 0.7 ms for one pass). As many passes as the span ``max − min`` needs: one up to
-    65 536 slots, two up to 2³²; NumPy's own sort beyond."""
-    if a.size == 0:
-        return np.zeros(0, np.intp)
-    u = (a.astype(np.int64, copy=False).view(np.uint64) ^ np.uint64(1 << 63) if a.dtype.kind == "i"
-         else a.astype(np.uint64, copy=False))  # signed order as unsigned order
-    u = u - u.min()
-    bits = int(u.max()).bit_length()
-    if bits > 32:  # hashed 64-bit ids: four passes measured slower than NumPy's merge sort
-        return np.argsort(a, kind="stable")
-    order = None
-    for shift in range(0, max(1, bits), 16):
-        digit = ((u if order is None else u[order]) >> np.uint64(shift)).astype(np.uint16)  # mod 2¹⁶
-        step = np.argsort(digit, kind="stable")
-        order = step if order is None else order[step]
-    return order
-
-
-def _groups(a: np.ndarray):
-    """``(order, head)`` of integers ``a (n,)``: ``order`` its stable argsort, ``head (n,)``
-    whether ``a[order[i]]`` starts a new value (so ``order[head]`` holds each value's first
-    row, in increasing order of value)."""
-    order = _stable_argsort(a)
-    s = a[order]
-    head = np.empty(a.size, bool)
-    head[:1] = True
-    np.not_equal(s[1:], s[:-1], out=head[1:])
-    return order, head
-
-
-class _Rounds(NamedTuple):
-    """A chunk's rows grouped by key (:func:`_rounds`). ``K`` keys, ordered by their number of
-    rows, descending (ties by slot), so that round ``r``'s active keys are a prefix.
-
-    Attributes:
-      order: ``(n,)`` the rows grouped by slot, each key's rows in the stream's order.
-      start: ``(K,)`` where each key's rows begin in ``order``.
-      counts: ``(K,)`` each key's number of rows (descending).
-      kslots: ``(K,)`` each key's slot.
-      pos: ``(n,)`` each row's key's place in that order.
-      rank: ``(n,)`` each row's round: its index among its key's rows.
-    """
-
-    order: np.ndarray
-    start: np.ndarray
-    counts: np.ndarray
-    kslots: np.ndarray
-    pos: np.ndarray
-    rank: np.ndarray
-
-
-def _grid(g: _Rounds, r0: int, r1: int, k0: int, k1: int, width: int, batch: int = 1):
-    """``(grid, mask)``, each ``(depth, width, batch)``: the rows of rounds ``r0 … r1 − 1``
-    (``batch`` rows a round) of the keys at positions ``k0 … k1 − 1``, read off each key's
-    place in ``g.order`` (O(the call), not a pass over the chunk per call). ``depth`` is
-    ``r1 − r0`` rounded up to a power of two; a padded place reads a real row (the block's
-    first key's first) and is masked."""
-    depth = _pow2(r1 - r0)
-    rank = np.arange(r0, r0 + depth)[:, None, None] * batch + np.arange(batch)  # a key's row index
-    mask = np.zeros((depth, width, batch), bool)
-    mask[:, :k1 - k0] = (rank < r1 * batch) & (rank < g.counts[k0:k1, None])
-    at = np.zeros((depth, width, batch), np.int64)
-    at[:, :k1 - k0] = g.start[k0:k1, None] + rank
-    return g.order[np.where(mask, at, g.start[k0])], mask
-
-
-def _rounds(slots: np.ndarray) -> _Rounds:
-    """Groups a chunk's rows by key (slot), keeping each key's rows in order (:class:`_Rounds`)."""
-    order, head = _groups(slots)
-    n = slots.size
-    starts = np.flatnonzero(head)
-    counts = np.diff(np.append(starts, n))
-    by_count = np.argsort(-counts, kind="stable")
-    pos_of = np.empty_like(by_count)
-    pos_of[by_count] = np.arange(by_count.size)
-    group = np.cumsum(head) - 1  # the group of the row order[i]
-    pos, rank = np.empty(n, np.int64), np.empty(n, np.int64)
-    pos[order] = pos_of[group]
-    rank[order] = np.arange(n) - starts[group]
-    return _Rounds(order, starts[by_count], counts[by_count], slots[order[starts]][by_count], pos, rank)
-
-
 class Keyed:
     """One ``learner`` per key, every key starting from ``learner.init(params, hyper)``.
 
@@ -301,7 +195,7 @@ class Keyed:
         if hyper is not None:
             learner.check_given_hyper(hyper, self.fresh)
         self._set_keys([])
-        self.capacity = _pow2(capacity)
+        self.capacity = keyed_rounds.pow2(capacity)
         per_key = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(self.fresh))
         self._lanes = max(2, 1 << max(1, LANE_BYTES // max(per_key, 1)).bit_length() - 1)
         self.stack = _grow_fn(learner)(
@@ -336,8 +230,8 @@ class Keyed:
         if arr is not None:
             if arr.shape[0] != n:
                 raise ValueError(f"keys has {arr.shape[0]} entries but X has {n} rows")
-            if arr.dtype.kind in "iu":  # np.unique's merge sort, by radix (_stable_argsort)
-                order, head = _groups(arr)
+            if arr.dtype.kind in "iu":  # np.unique's merge sort, by radix (keyed_rounds.stable_argsort)
+                order, head = keyed_rounds.groups(arr)
                 first = order[head]  # each key's first row: the sort is stable
                 ukeys = arr[first]
                 inv = np.empty(n, np.int64)
@@ -407,7 +301,7 @@ class Keyed:
 
     def _reserve(self, n: int):
         if n > self.capacity:
-            capacity = _pow2(n)
+            capacity = keyed_rounds.pow2(n)
             self.stack = _grow_fn(self.learner)(self.stack, self.fresh, capacity - self.capacity)
             self.capacity = capacity
 
@@ -451,7 +345,7 @@ class Keyed:
         ``chunk_size`` rows (default: all ``n``) are grouped by key into rounds at a time. A
         key's state is gathered and written back once per device call that holds its rows; a
         call holds a run of rounds over which the number of keys with rows stays within a
-        power of two (and at most ``CALL_STEPS`` steps), so a chunk holding more rows of each
+        power of two (and at most ``keyed_rounds.CALL_STEPS`` steps), so a chunk holding more rows of each
         key costs less per row (docs/keyed.md). ``chunk_size`` bounds the memory of that
         grouping (~50 bytes a row); the keys' lookup and the outputs cover all ``n`` rows."""
         xs, ys = self._check(X, Y)
@@ -481,14 +375,14 @@ class Keyed:
         """A generator of the chunk's calls' ``(rows, index, outputs)`` (:class:`_Outputs`;
         none unless ``keep``): a call is made when it is asked for, so that the calls waiting
         to be read back stay within ``PENDING_CALLS``."""
-        g = _rounds(slots)
+        g = keyed_rounds.group_rows(slots)
         fn = _segment_fn(self.learner)
-        lanes = _keys_per_call(self._lanes)
+        lanes = keyed_rounds.keys_per_call(self._lanes)
         r0 = 0
         n_rounds = int(g.counts[0])
         while r0 < n_rounds:
             active = int(np.count_nonzero(g.counts > r0))  # keys with a row in round r0
-            width = _pow2(active)
+            width = keyed_rounds.pow2(active)
             # the rounds whose active keys still number more than width/2
             r1 = int(g.counts[width // 2]) if width // 2 < g.counts.size else n_rounds
             r1 = max(r1, r0 + 1)
@@ -497,19 +391,19 @@ class Keyed:
             # At most `lanes` keys per call: a call's states then stay within LANE_BYTES (a
             # larger gathered block makes every round stream it from memory: 5× slower).
             width = min(max(2, width), lanes)
-            r1 = min(r1, r0 + _rounds_per_call(width))
+            r1 = min(r1, r0 + keyed_rounds.rounds_per_call(width))
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
                 # the last block of many keys: as wide as its own keys need
-                yield from self._learn_block(fn, g, r0, r1, k0, k1, min(width, max(2, _pow2(k1 - k0))),
+                yield from self._learn_block(fn, g, r0, r1, k0, k1, min(width, max(2, keyed_rounds.pow2(k1 - k0))),
                                              xs, ys, keep)
             r0 = r1
 
-    def _learn_block(self, fn, g: _Rounds, r0, r1, k0, k1, width, xs, ys, keep):
+    def _learn_block(self, fn, g: keyed_rounds.Rounds, r0, r1, k0, k1, width, xs, ys, keep):
         """Rounds ``r0 … r1 − 1`` of the keys at positions ``k0 … k1 − 1`` of the chunk, one
         call. Returns ``[(rows, index, outputs)]`` (:class:`_Outputs`; empty unless ``keep``)."""
         r1 = min(r1, int(g.counts[k0]))  # the block's first key has the most rows
-        grid, mb = (a[..., 0] for a in _grid(g, r0, r1, k0, k1, width))
+        grid, mb = (a[..., 0] for a in keyed_rounds.grid(g, r0, r1, k0, k1, width))
         seg_slots = np.full(width, self.capacity, np.int64)  # padding: past the end
         seg_slots[:k1 - k0] = g.kslots[k0:k1]
         self.stack, seg = fn(self._hyper, self.stack, seg_slots, xs[grid], ys[grid], mb)
@@ -546,7 +440,7 @@ class Keyed:
         ext_x = np.concatenate([self.pending[s][0] for s in held] + [xs])
         ext_y = np.concatenate([self.pending[s][1] for s in held] + [ys])
         first_new = ext_slots.size - n  # the held rows come first: each key's rows stay in order
-        g = _rounds(ext_slots)
+        g = keyed_rounds.group_rows(ext_slots)
         counts, kslots, pos, rank = g.counts, g.kslots, g.pos, g.rank  # counts: each key's rows, descending
         mbi = rank // B  # each row's minibatch among its key's
         n_mb = -(-counts // B)  # each key's minibatches (its last one possibly partial)
@@ -567,17 +461,17 @@ class Keyed:
         r0, n_rounds = 0, int(n_mb[0]) if n_mb.size else 0
         while r0 < n_rounds:
             active = int(np.count_nonzero(n_mb > r0))
-            width = _pow2(active)
+            width = keyed_rounds.pow2(active)
             r1 = int(n_mb[width // 2]) if width // 2 < n_mb.size else n_rounds
             r1 = max(r1, r0 + 1)
             width = max(2, width)  # two lanes at least (see _learn_chunk)
-            lanes = _keys_per_call(self._lanes, B)  # as for B = 1
-            r1 = min(r1, r0 + _rounds_per_call(min(width, lanes), B))  # as _learn_chunk
+            lanes = keyed_rounds.keys_per_call(self._lanes, B)  # as for B = 1
+            r1 = min(r1, r0 + keyed_rounds.rounds_per_call(min(width, lanes), B))  # as _learn_chunk
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
                 rr1 = min(r1, int(n_mb[k0]))
-                w = min(width, lanes, max(2, _pow2(k1 - k0)))  # as _learn_chunk
-                grid, mb = _grid(g, r0, rr1, k0, k1, w, B)
+                w = min(width, lanes, max(2, keyed_rounds.pow2(k1 - k0)))  # as _learn_chunk
+                grid, mb = keyed_rounds.grid(g, r0, rr1, k0, k1, w, B)
                 depth = mb.shape[0]
                 seg_slots = np.full(w, self.capacity, np.int64)  # padding: past the end
                 seg_slots[:k1 - k0] = kslots[k0:k1]
@@ -604,7 +498,7 @@ class Keyed:
         with blas.one_thread():
             for start in range(0, n, chunk_size):
                 stop = min(start + chunk_size, n)
-                b = _pow2(stop - start)
+                b = keyed_rounds.pow2(stop - start)
                 pad = lambda a: np.concatenate([a, np.repeat(a[:1], b - a.shape[0], axis=0)])  # noqa: E731
                 out = fn(self._hyper, self.stack, self.fresh, pad(slots[start:stop]), pad(known[start:stop]),
                          pad(xs[start:stop].astype(self._dtype, copy=False)))
