@@ -35,11 +35,12 @@ def main():
     ap.add_argument("--structure", default="lowrank:10",
                     choices=["diag", "lowrank:10", "last-layer:10", "kron"])
     ap.add_argument("--max-variance", type=float, default=None)
-    ap.add_argument("--rows", type=int, default=128, help="rows traced (after 128 that compile and warm)")
+    ap.add_argument("--rows", type=int, default=128,
+                    help="rows traced, after as many that compile and warm the same program")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
 
-    warm = 128
+    warm = args.rows   # the same chunk shape as the traced run's: nothing compiles inside the trace
     model, X, Y = teacher(warm + args.rows, jnp.float32)
     params = model.init(jax.random.PRNGKey(5))
     rep = structures(params, exact=False)[args.structure]
@@ -59,7 +60,11 @@ def main():
         if e.get("ph") == "X" and not e["name"].startswith("$"):   # "$…": Python frames
             total[e["name"]] += e.get("dur", 0.0)
             calls[e["name"]] += 1
-    whole = total.pop("ThunkExecutor::Execute (wait for completion)", 0.0)
+    whole = total.pop("ThunkExecutor::Execute (wait for completion)", None)
+    if whole is None:
+        sys.exit("no 'ThunkExecutor::Execute (wait for completion)' span in the trace: this JAX "
+                 "names the program's execution otherwise; see the spans below\n"
+                 + "\n".join(sorted(total, key=total.get, reverse=True)[:args.top]))
     for name in [n for n in total if n.startswith(("ThunkExecutor", "SlinkyThreadPool"))]:
         del total[name]   # the executor's own spans, which hold the operations below
     print(f"{args.structure}, variance bound {args.max_variance}: {whole / args.rows / 1e3:.3f} ms a step "
@@ -67,6 +72,7 @@ def main():
           f"branch is not listed apart):")
     for name in sorted(total, key=total.get, reverse=True)[:args.top]:
         print(f"{total[name] / args.rows / 1e3:8.3f} ms  {calls[name]:6d} calls  {name[:90]}")
+
 
 if __name__ == "__main__":
     main()

@@ -2,10 +2,12 @@
 NumPy only).
 
 The rows are grouped by key (slot), each key's rows kept in the stream's order
-(:func:`group_rows`); round ``r`` holds each key's ``r``-th row, and the keys are ordered by
-their number of rows, so that a round's active keys are a prefix. :func:`grid` reads the rows
-of a block of rounds and keys off that grouping, padded to powers of two (compiled shapes stay
-few) and masked. :func:`keys_per_call` and :func:`rounds_per_call` bound a call's size.
+(:func:`group_rows`); round ``r`` holds each key's ``r``-th row (its ``r``-th minibatch, with
+``batch_size = B``), and the keys are ordered by their number of rows, so that a round's
+active keys are a prefix. :func:`grid` reads the rows of a block of rounds and keys off that
+grouping, padded to powers of two (compiled shapes stay few) and masked.
+:func:`keys_per_call` and :func:`rounds_per_call` bound a call's size. :func:`groups` (and its
+:func:`stable_argsort`) also serve ``Keyed``'s lookup of NumPy integer keys.
 """
 
 from __future__ import annotations

@@ -128,19 +128,19 @@ def _row_squares(w):
     return sum(w[:, j] * w[:, j] for j in range(w.shape[1]))
 
 
-def _row_squares_lower(w, lower):
-    """``‖(W Mᵀ)_i‖² (d,)`` for ``w (d, k)`` and a lower-triangular ``M (k, k)``.
+def _row_squares_lower(w, m):
+    """``‖(W Mᵀ)_i‖² (d,)`` for ``w (d, k)`` and a lower-triangular ``m (k, k)``.
 
     Up to 16 columns, ``(W Mᵀ)_il = Σ_{j ≤ l} W_ij M_lj`` is summed column by column in one
     fused elementwise pass over W, the product never formed: XLA's CPU product of a ``(d, k)``
     by a ``(k, k)`` matrix wrote all ``d k`` numbers, and with the pass reading them again took
-    0.91 ms a step against the fused pass's 0.56 (d = 120 901, k = 10, float32; a profile of
-    benchmarks/networks.py's low-rank step with ``--max-variance``). Beyond 16 columns, the
+    0.91 ms a step against the fused pass's 0.56 (d = 120 901, k = 10, float32;
+    ``benchmarks/profile_step.py --max-variance 10``). Beyond 16 columns, the
     product: the fused pass's program grows as k²."""
     k = w.shape[1]
     if k > 16:
-        return _row_squares(w @ lower.T)
-    return sum(jnp.square(sum(w[:, j] * lower[l, j] for j in range(l + 1))) for l in range(k))
+        return _row_squares(w @ m.T)
+    return sum(jnp.square(sum(w[:, j] * m[l, j] for j in range(l + 1))) for l in range(k))
 
 
 def _gram(ups, w):
@@ -302,7 +302,7 @@ class LowRankPrior(NamedTuple):
         ph = x - _rows(self.root, self.base @ c) / self.ups[:, None]  # υ^{-1/2} r, r = g − A c
         # ph's rows (m, d), so that the product contracts their contiguous axis: XLA's CPU
         # reduction of the (d, 1) product over its leading axis took 0.49 ms a step against 0.07
-        # (d = 120 901, float32; a profile of benchmarks/networks.py's low-rank step)
+        # (d = 120 901, float32; benchmarks/profile_step.py)
         pt = ph.T
         return ph, (pt * self.ups) @ pt.T + c.T @ c, b, ht.T @ x
 
@@ -312,8 +312,9 @@ class LowRankPrior(NamedTuple):
 
     def variances(self):
         """``diag(P⁻) (d,)``: ``(1 − ‖(A L⁻ᵀ)_i‖²) / υ_i``."""
-        # through the small L⁻¹ (k, k): one pass over the d rows, where the triangular solve with
-        # d right-hand sides (numerics.solve_lower's loop) makes k passes over them
+        # through the small L⁻¹ (k, k): one pass over the d rows up to k = 16 (_row_squares_lower),
+        # where the triangular solve with d right-hand sides (numerics.solve_lower's loop) makes
+        # k passes over them
         inv = numerics.solve_lower(self.lower, jnp.eye(self.lower.shape[0], dtype=self.ups.dtype))
         squares = _rows(self.root * self.root, _row_squares_lower(self.base, inv))
         return jnp.maximum(1.0 - squares / self.ups, 0.0) / self.ups
