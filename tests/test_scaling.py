@@ -192,9 +192,14 @@ def test_a_form_moves_in_its_storage_as_its_dense_matrix_would(kind, form):
     (blocks: a bias and its weights, coupled by the move, are moved together)."""
     _, state, _, _ = _moved_case(kind, form, bank=False)
     A = scaling.reexpression_matrix(state.params, OLD, NEW)
-    P = np.asarray(state.cov.dense())
-    expected = np.asarray(state.cov.with_dense(A @ P @ A.T).dense())
-    got = scaling.reexpress_members(state, OLD, NEW, bank=False)
+
+    @jax.jit  # one program (op by op, each operation of each shape compiled apiece)
+    def moved(state):
+        P = state.cov.dense()
+        return P, state.cov.with_dense(A @ P @ A.T).dense(), scaling.reexpress_members(state, OLD, NEW, bank=False)
+
+    P, expected, got = moved(state)
+    P, expected = np.asarray(P), np.asarray(expected)
     np.testing.assert_allclose(_theta(got), A @ _theta(state), rtol=1e-12, atol=1e-14)
     # the low-rank form of rank ≥ d goes through P⁻¹, whose floor on υ (√ε Λ_ii,
     # kalnat.representations.lowrank) leaves it ill-conditioned: agreement to ~1e-7
