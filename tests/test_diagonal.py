@@ -99,10 +99,11 @@ def test_diagonal_stays_positive_in_float32_and_runs_everywhere():
     np.testing.assert_allclose(one_d.params["w"], one_f.params["w"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("q,cap", [(None, None), (0.01, 1.0), (0.01, np.full(5, 1.0))])
+@pytest.mark.parametrize("q,cap", [(None, None), (0.01, 0.5), (0.01, np.linspace(0.5, 1.2, 5))])
 def test_gradient_of_the_evidence_through_the_diagonal_form_matches_finite_differences(q, cap):
-    # d = 5: three entries of padding, through the forgetting (and the noise and the bound, one
-    # cap for all or one a parameter)
+    # d = 5: three entries of padding, through the forgetting (and the noise and the bound: one
+    # cap for all, below the first prior's variances 0.8/λ + q, so that it binds on every one,
+    # or one a parameter, binding on some)
     rng = np.random.default_rng(4)
     X = jnp.asarray(rng.normal(size=(40, 4)))
     y = jnp.asarray(X @ rng.normal(size=4) + 0.3 * rng.normal(size=40))
@@ -116,9 +117,12 @@ def test_gradient_of_the_evidence_through_the_diagonal_form_matches_finite_diffe
         return kalnat.log_evidence(learner, learner.hyper._replace(**dict(zip(names, at))), params, X, y)
 
     at = (0.95, 0.8) if q is None else (0.95, 0.8, q)
-    grads = jax.grad(evidence, argnums=tuple(range(len(at))))(*at)
-    h = 1e-6
+    # compiled, the evidence once for every difference (op by op, each operation compiled apiece)
+    grads = jax.jit(jax.grad(evidence, argnums=tuple(range(len(at)))))(*at)
+    h, evidence = 1e-6, jax.jit(evidence)
     fd = [(evidence(*(a + h * (i == j) for j, a in enumerate(at)))
            - evidence(*(a - h * (i == j) for j, a in enumerate(at)))) / (2 * h) for i in range(len(at))]
     assert np.all(np.isfinite(grads))
-    np.testing.assert_allclose(grads, fd, rtol=1e-6)
+    # atol: where the bound binds on every variance the prior variance has no effect, and the
+    # differences are rounding (~4e-9)
+    np.testing.assert_allclose(grads, fd, rtol=1e-6, atol=1e-7)
