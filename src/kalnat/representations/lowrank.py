@@ -297,7 +297,7 @@ class LowRankPrior(NamedTuple):
         """For ``Hᵀ (d, m)``: ``(P⁻ Hᵀ, H P⁻ Hᵀ, b, gg)`` with ``b = Aᵀ g (k, m)`` and
         ``gg = gᵀ g (m, m)``, ``g = υ^{-1/2} Hᵀ`` (what the re-projection's Gram matrix needs)."""
         x = ht / self.ups[:, None]
-        b = (_rows(self.root, x).T @ self.base).T                 # Aᵀ g (xᵀW: XLA's CPU dot of Wᵀ x is ~4 × slower)
+        b = (_rows(self.root, x).T @ self.base).T  # Aᵀ g as xᵀW: for Wᵀ x XLA's CPU copies W transposed
         c = numerics.solve_lower(self.lower.T[::-1, ::-1], numerics.solve_lower(self.lower, b)[::-1])[::-1]
         ph = x - _rows(self.root, self.base @ c) / self.ups[:, None]  # υ^{-1/2} r, r = g − A c
         # ph's rows (m, d), so that the product contracts their contiguous axis: XLA's CPU
