@@ -4,6 +4,8 @@ Kronecker factors per dense layer (K-FAC's form) and groups in representations o
 where nothing is approximated, keeps what it promises where something is, never holds a d × d
 array, stays positive definite in float32 and runs everywhere a representation runs."""
 
+import re
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -265,24 +267,34 @@ def test_low_rank_one_row_deflation_with_a_per_row_factor():
         np.testing.assert_allclose(dropped, (full @ v) ** 2, rtol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["one-output", "isotropic-outputs"])
+@pytest.mark.parametrize("case", ["one-output", "one-output-bounded", "isotropic-outputs"])
 def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
     """One output (G is 1 × 1), or several outputs with isotropic gaussian noise (information
-    I ⊗ Σ āāᵀ): the updated precision is a Kronecker product and the layer's filter exact."""
-    if case == "one-output":
+    I ⊗ Σ āāᵀ): the updated precision is a Kronecker product and the layer's filter exact.
+    With one output, the variance bound too: an input that is always 0 keeps its prior
+    variance in ``A`` while forgetting inflates ``G``, and the bound shrinks its variances
+    alone, as the full covariance's does (through ``G`` it would shrink the whole layer's)."""
+    opts = dict(prior_var=0.7, forgetting=0.9)
+    if case.startswith("one-output"):
         X, y = _stream("bernoulli", 6)
         fam, model, batch = FAMILIES["bernoulli"], kalnat.models.linear(4), 2
+        if case == "one-output-bounded":
+            X = X.copy()
+            X[:, 2] = 0.0
+            opts["max_variance"] = 1.5
     else:
         X, _ = _stream("gaussian", 6)
         y = X @ np.random.default_rng(7).normal(size=(4, 3)) + np.random.default_rng(8).normal(size=(40, 3))
         fam, model, batch = kalnat.families.Gaussian(0.5, dim=3), kalnat.models.linear(4, 3), 3
     rep = kronecker(model.init(None))
     assert isinstance(rep, KronLayer)
-    opts = dict(prior_var=0.7, forgetting=0.9)
     exact = kalnat.ekf(model, fam, **opts)
     kron = kalnat.ekf(model, fam, representation=rep, **opts)
-    _agree(kalnat.fit(exact, exact.init(model.init(None)), X, y, batch_size=batch),
-           kalnat.fit(kron, kron.init(model.init(None)), X, y, batch_size=batch), 1e-9)
+    a = kalnat.fit(exact, exact.init(model.init(None)), X, y, batch_size=batch)
+    _agree(a, kalnat.fit(kron, kron.init(model.init(None)), X, y, batch_size=batch), 1e-9)
+    if case == "one-output-bounded":  # the bound binds on the zero input's weight, and only there
+        variances = np.diag(np.asarray(kalnat.covariance(a.state)))
+        assert variances[3] == pytest.approx(1.5) and np.all(np.delete(variances, 3) < 1.0)  # θ: b, then w
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate])
@@ -618,6 +630,26 @@ def test_bad_structures_say_what_is_wrong():
         last_layer_full(model.init(None), LowRank(2))
     with pytest.raises(ValueError, match="2 sizes for 1 representations"):
         Groups((2, 2), (Full(),))
+    for sizes, bad in (((2.5, 1.5), "group size 0 must be a positive integer, got 2.5"),
+                       ((4, -1), "group size 1 must be a positive integer, got -1"), ((), "no group sizes")):
+        with pytest.raises(ValueError, match=re.escape(bad)):
+            Blocks(sizes)
+        with pytest.raises(ValueError, match=re.escape(bad)):
+            Groups(sizes, (Full(),) * len(sizes))
+    assert LowRank(np.int64(3)).rank == 3 and Blocks((np.int64(2), 2)).sizes == (2, 2)
+
+
+def test_a_rank_above_d_is_held_as_d():
+    """LowRank(k > d) stores d columns (any precision fits them) and is the same filter as
+    LowRank(d), to rounding."""
+    model = kalnat.models.linear(3)
+    X, y = _stream("bernoulli", 2, n=20, p=3)
+    fits = []
+    for k in (4, 9):
+        learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.95, representation=LowRank(k))
+        fits.append(kalnat.fit(learner, learner.init(model.init(None)), X, y))
+        assert fits[-1].state.cov.w.shape == (4, 4)
+    _agree(fits[0], fits[1], 1e-12)
 
 
 def _conds(jaxpr):
@@ -1043,3 +1075,24 @@ def test_a_bank_runs_kronecker_members_together_on_one_examples_layer_rows(monke
     np.testing.assert_allclose(res["rows"].log_likelihood, res["flat"].log_likelihood, rtol=1e-9)
     for a, b in zip(jax.tree_util.tree_leaves(res["rows"].state), jax.tree_util.tree_leaves(res["flat"].state)):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_kronecker_bounds_split_shrinks_the_layer_least():
+    """:func:`kalnat.representations.kron._split_cap`: every ``G_ii A_jj`` within the cap after
+    the split ``τ``, ``cap/τ``, and no split on a fine grid keeps more of the layer's log-variances;
+    nothing over the cap, nothing changes."""
+    from kalnat.representations.kron import _split_cap
+    rng = np.random.default_rng(3)
+    for n_out, n_in, cap in ((1, 4, 1.0), (3, 5, 0.5), (6, 2, 2.0), (4, 4, 0.1)):
+        gd, ad = np.exp(rng.normal(size=n_out)), np.exp(rng.normal(size=n_in))
+        tau = float(_split_cap(jnp.asarray(gd), jnp.asarray(ad), cap))
+        g2, a2 = np.minimum(gd, tau), np.minimum(ad, cap / tau)
+        assert np.all(np.outer(g2, a2) <= cap * (1 + 1e-12))
+
+        def kept(t):
+            return np.sum(np.log(np.outer(np.minimum(gd, t), np.minimum(ad, cap / t))))
+        grid = np.exp(np.linspace(-8, 8, 20_001))
+        assert kept(tau) >= max(kept(t) for t in grid) - 1e-9
+    gd, ad = np.array([0.5, 0.2]), np.array([1.0, 1.9])
+    tau = float(_split_cap(jnp.asarray(gd), jnp.asarray(ad), 1.0))
+    assert np.all(np.minimum(gd, tau) == gd) and np.all(np.minimum(ad, 1.0 / tau) == ad)

@@ -53,7 +53,7 @@ def parse_covariance(spec: str):
     if kind in ("lowrank", "last-layer"):
         if not sep:
             return kind, DEFAULT_RANK
-        if rest.isdigit() and int(rest) > 0:
+        if rest.isascii() and rest.isdigit() and int(rest) > 0:   # isdigit alone takes "²"
             return kind, int(rest)
     raise ValueError(f"--covariance {spec!r}: expected auto, full, diag, blocks, lowrank:K, "
                      "last-layer:K or kron (K a positive rank, e.g. lowrank:10)")

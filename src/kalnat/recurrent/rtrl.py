@@ -127,7 +127,8 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
       **options: the core learner's own settings (``prior_var``, ``forgetting``,
         ``process_noise``, ``joseph`` for the EKF; ``learning_rate``, ``init_fisher``, … for
         natural gradient, ``kalnat.schedules.kalman_to_natural(...)._asdict()`` translates;
-        ``max_variance`` for every one of them).
+        ``max_variance`` for every one of them; ``representation``, a structured covariance of
+        :mod:`kalnat.representations`, for the EKF).
 
     Returns:
       A :class:`~kalnat.recurrent.base.RecurrentLearner` whose state is :class:`RTRLState`.

@@ -22,7 +22,7 @@ from jax.flatten_util import ravel_pytree
 
 from kalnat import numerics
 from kalnat.representations import moves
-from kalnat.representations.base import Representation
+from kalnat.representations.base import Representation, group_sizes
 from kalnat.representations.full import PriorCovariance, inflate_dense
 
 __all__ = ["BlockCovariance", "Blocks", "leaf_sizes"]
@@ -66,6 +66,9 @@ class Blocks(Representation):
     sizes: Tuple[int, ...]
     name = "blocks"
     state_type = BlockCovariance
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", group_sizes(self.sizes, "Blocks"))
 
     @classmethod
     def per_leaf(cls, params) -> "Blocks":

@@ -23,7 +23,7 @@ import numpy as np
 
 from kalnat.linearization import LayerRows
 from kalnat.representations import moves
-from kalnat.representations.base import Representation
+from kalnat.representations.base import Representation, group_sizes
 from kalnat.representations.blocks import leaf_sizes
 from kalnat.representations.full import Full
 from kalnat.representations.kron import KronLayer
@@ -102,7 +102,9 @@ class Groups(Representation):
     state_type = GroupCovariance
 
     def __post_init__(self):
-        if len(self.sizes) != len(self.parts) or not self.sizes:
+        object.__setattr__(self, "sizes", group_sizes(self.sizes, "Groups"))
+        object.__setattr__(self, "parts", tuple(self.parts))
+        if len(self.sizes) != len(self.parts):
             raise ValueError(f"Groups: {len(self.sizes)} sizes for {len(self.parts)} representations")
         for rep in self.parts:
             if rep.noise_prior or not rep.uses_forgetting:

@@ -11,9 +11,11 @@ the approximation of K-FAC (Martens & Grosse 2015) is the sum of them.
 - **Prediction.** ``P/λ`` scales ``G`` (exact). Additive noise ``q I`` becomes
   ``(G + α I) ⊗ (A + β I)`` with ``αβ = q`` split by the factors' mean variances as K-FAC splits
   its damping: ``≥ P + q I``, never less uncertain than asked (a vector ``q`` acts by its
-  largest entry on the layer). The variance bound scales ``G`` by the congruence that caps
-  ``max_j A_jj · G_ii``: every variance within the bound, some below it, so the bound is
-  conservative, not tight (a vector bound acts by its smallest entry on the layer).
+  largest entry on the layer). The variance bound is a congruence of each factor, capping
+  ``G_ii`` at ``τ`` and ``A_jj`` at ``cap/τ``, ``τ`` chosen to shrink the layer's variances least
+  (:func:`_split_cap`): every variance within the bound, some below it where several rows of
+  both factors are over, so the bound is conservative, not tight; with one output it is the
+  full covariance's bound (a vector bound acts by its smallest entry on the layer).
 - **Gain.** ``δθ = P⁻ Hᵀ S⁻¹ e`` with ``P⁻ vec(M) = vec(G M A)``: the exact gain of this prior.
 - **Posterior.** The precision ``Λ⁻ + Hᵀ R⁻¹ H`` is replaced by its nearest Kronecker product
   (Van Loan & Pitsianis 1993) in the prior's whitened coordinates, where it is
@@ -173,6 +175,37 @@ def _balance(tg, n, ta, p):
     return jnp.sqrt((ta / p) / (tg / n))
 
 
+def _split_cap(gd, ad, cap):
+    """``τ``: the variance bound on ``G ⊗ A`` as the caps ``τ`` on ``G_ii`` and ``cap/τ`` on
+    ``A_jj``, so that every ``G_ii A_jj`` is at most ``cap``.
+
+    Of those splits, one that shrinks the layer's variances least: the largest
+    ``Σ_ij log(min(G_ii, τ) min(A_jj, cap/τ))``, a concave function of ``x = log τ``, piecewise
+    linear with its corners at ``τ = G_ii`` and ``τ = cap/A_jj`` (those are the candidates). So
+    where one input is uninformed (a constant column: its ``A_jj`` keeps the prior's size while
+    forgetting inflates ``G``), only its row of ``A`` is shrunk, as the full covariance's bound
+    shrinks that input's variances alone; capping ``max_j A_jj · G_ii`` through ``G`` would shrink
+    every weight of the layer with it and stop its learning. With one output it is the full
+    covariance's bound exactly.
+
+    Where the maximum is a flat stretch (its slope, a count of rows over their cap, is 0 there),
+    ``x`` is its midpoint: a choice that moves continuously with ``G`` and ``A`` (picking one
+    of its ends by rounding would not: two runs equal to rounding took different ends, P 10⁻³
+    apart). Nothing over the cap is such a stretch, from ``max G_ii`` to ``cap / max A_jj``, and
+    its midpoint changes neither factor."""
+    n_g, n_a = gd.shape[0], ad.shape[0]
+    log_g, log_a, log_c = jnp.log(gd), jnp.log(ad), jnp.log(cap)
+    x = jnp.concatenate([log_g, log_c - log_a])
+    kept = jax.lax.stop_gradient(n_a * jnp.sum(jnp.minimum(log_g[None, :], x[:, None]), axis=1)
+                                 + n_g * jnp.sum(jnp.minimum(log_a[None, :], log_c - x[:, None]), axis=1))
+    # candidates within rounding of the maximum are on its flat stretch (elsewhere the slope is
+    # at least 1, so a candidate that close is that close to the stretch)
+    scale = n_g * n_a * (jnp.max(jnp.abs(x)) + jnp.max(jnp.abs(log_g)) + jnp.max(jnp.abs(log_a)))
+    top = kept >= jnp.max(kept) - 64 * jnp.finfo(gd.dtype).eps * jax.lax.stop_gradient(scale)
+    lo, hi = jnp.min(jnp.where(top, x, jnp.inf)), jnp.max(jnp.where(top, x, -jnp.inf))
+    return jnp.exp(0.5 * (lo + hi))
+
+
 def _balanced(g, a):
     """The same ``g ⊗ a`` with both factors at the same mean variance."""
     c = _balance(_trace(g), g.shape[0], _trace(a), a.shape[0])
@@ -220,9 +253,12 @@ class KronLayer(Representation):
             g = numerics.add_to_diagonal(g, jnp.sqrt(q) * pi)
             a = numerics.add_to_diagonal(a, jnp.sqrt(q) / pi)
         if bound is not None:
-            f = numerics.variance_bound(jnp.diagonal(g) * jnp.max(jnp.diagonal(a)),
-                                        jnp.min(jnp.asarray(bound, g.dtype)))
+            cap = jnp.min(jnp.asarray(bound, g.dtype))
+            tau = _split_cap(jnp.diagonal(g), jnp.diagonal(a), cap)
+            f = numerics.variance_bound(jnp.diagonal(g), tau)
+            h = numerics.variance_bound(jnp.diagonal(a), cap / tau)
             g = g * (f[:, None] * f[None, :])
+            a = a * (h[:, None] * h[None, :])
         return KronCovariance(g, a)
 
     def _factors(self, H):

@@ -53,9 +53,13 @@ eigenvalue leaves JAX's derivative NaN: a derivative through it is refused, a ``
 saying so. First derivatives only: a second derivative with reverse mode through the stream's
 ``lax.scan`` (``jax.hessian`` of the evidence) does not take this rule and is NaN.
 
-With ``k ≥ d`` nothing is ever dropped (``Ã`` has rank at most ``d``) and it is the exact EKF
-(up to a floor on υ, ``√ε Λ_ii``, which keeps it from underflowing under forgetting and never
-binds in a short stream).
+With ``k ≥ d`` nothing is ever dropped (``Ã`` has rank at most ``d``) and it is the exact EKF,
+to rounding while υ stays well above its floor ``√ε Λ_ii`` (which keeps it from underflowing).
+Under forgetting υ, which no observation renews once W holds the information, decays as ``λ^t``
+while ``Λ_ii`` does not: the floor then binds (after some 900 rows at λ = 0.99 on a linear
+model of 13 parameters) and the ``ε s²`` accuracy of the Woodbury solve above, ``s²`` growing
+as ``Λ_ii / υ_i``, sets the error: θ within ~10⁻⁵ of the exact EKF's after 2 000 such rows in
+float64, the filter only roughly the exact one in float32.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ import jax.numpy as jnp
 
 from kalnat import numerics
 from kalnat.representations import moves
-from kalnat.representations.base import Representation
+from kalnat.representations.base import Representation, positive_int
 
 __all__ = ["LowRank", "LowRankPrecision", "LowRankPrior"]
 
@@ -327,22 +331,24 @@ class LowRankPrior(NamedTuple):
 @dataclass(frozen=True)
 class LowRank(Representation):
     """Diagonal plus rank-``rank`` precision (docs/method.md §6): LoFi's form, with the exact
-    prediction step and the diagonal-whitened re-projection described in the module."""
+    prediction step and the diagonal-whitened re-projection described in the module. A rank
+    above ``d`` is held as ``d`` (which already holds any precision)."""
 
     rank: int = 10
     name = "lowrank"
     state_type = LowRankPrecision
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"LowRank: rank must be a positive integer, got {self.rank!r}")
+        object.__setattr__(self, "rank", positive_int(self.rank, "LowRank: rank"))
 
     def init(self, hyper, d, dtype):
         v = jnp.asarray(hyper.prior_var, dtype)
         if v.ndim == 2:
             raise ValueError("LowRank: the prior variance must be a scalar or a (d,) diagonal, "
                              "not a (d, d) matrix")
-        return LowRankPrecision(1.0 / jnp.broadcast_to(v, (d,)), jnp.zeros((d, self.rank), dtype))
+        # at most d columns: rank d already holds any precision (the exact filter), more would
+        # only add zero columns at O(k³) a step
+        return LowRankPrecision(1.0 / jnp.broadcast_to(v, (d,)), jnp.zeros((d, min(self.rank, d)), dtype))
 
     def inflate(self, cov, t, lam, q, bound):
         ups, w = cov.ups, cov.w
@@ -403,7 +409,7 @@ class LowRank(Representation):
         gram = jnp.concatenate([jnp.concatenate([prior.gram, b], axis=1),
                                 jnp.concatenate([b.T, gg], axis=1)], axis=0)
         _, v = _eigenspaces(0.5 * (gram + gram.T), m)
-        k, hh = self.rank, H.T @ inv
+        k, hh = prior.base.shape[1], H.T @ inv   # the state's columns: min(rank, d)
         if m > 1:
             moved = _rows(prior.root, prior.base @ v[:k]) + hh @ v[k:]   # υ⁻^{1/2} Ã V (d, k + m)
             dropped = _row_squares(moved[:, :m])                    # diag of what leaves W
