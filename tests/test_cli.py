@@ -110,10 +110,40 @@ def test_predict_reads_checkpoint_and_gives_probabilities(tmp_path, logistic_csv
     assert len(rows) == 120 and rows[0]["line"] == "2"
     p0, p1 = np.array([[float(r["prob_0"]), float(r["prob_1"])] for r in rows]).T
     np.testing.assert_allclose(p0 + p1, 1.0, atol=1e-5)
-    assert all(float(r["prob_std_1"]) >= 0 for r in rows)
+    std = np.array([float(r["prob_std_1"]) for r in rows])
+    assert np.all(std >= 0) and np.all(std <= np.sqrt(p1 * (1 - p1)) * (1 + 1e-5))
     y = np.loadtxt(logistic_csv, delimiter=",", skiprows=1)[:, -1]
     assert np.mean((p1 > 0.5) == y) > 0.8       # the final model fits the data it learned
     assert {r["predicted"] for r in rows} <= {"0", "1"}
+
+
+def test_outputs_it_cannot_write_are_usage_errors_and_a_stopped_run_writes_no_file(tmp_path, logistic_csv):
+    """A report folder under a file, or an output file in a folder that does not exist: a usage
+    error naming the option, before any work. A run stopped by a bad row leaves neither a partial
+    file nor a clobbered one: ``predict --out`` and ``learn --predictions`` write under a
+    temporary name and rename once complete."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    for args in (["learn", logistic_csv, "--out", str(a_file / "rep")],
+                 ["learn", logistic_csv, "--out", str(a_file)],
+                 ["compare", logistic_csv, "--out", str(a_file / "rep")]):
+        res = _run(args + ["--quiet"] if args[0] == "learn" else args)
+        assert res.exit_code == 2 and "Invalid value for" in res.output and "--out" in res.output, res.output
+    rep = tmp_path / "rep"
+    _ok(["learn", logistic_csv, "--out", str(rep), "--quiet"])
+    for out in (a_file / "p.csv", tmp_path / "missing" / "p.csv", tmp_path):
+        res = _run(["predict", "--model-dir", str(rep), logistic_csv, "--out", str(out)])
+        assert res.exit_code == 2 and "Invalid value for --out" in res.output, res.output
+    lines = open(logistic_csv).read().splitlines()
+    lines[60] = "abc," + lines[60].split(",", 1)[1]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "Error: " in _run(["predict", "--model-dir", str(rep), str(bad), "--out", str(a_file)]).output
+    assert _run(["learn", str(bad), "--out", str(tmp_path / "rep2"), "--quiet",
+                 "--predictions", str(tmp_path / "pred.csv")]).exit_code == 1
+    assert a_file.read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize("method", ["ekf-joseph", "information", "sqrt-ekf", "iterated", "nig"])
@@ -288,6 +318,7 @@ def test_covariance_option_learns_and_its_checkpoint_predicts(tmp_path, logistic
         out = tmp_path / f"{covariance}-{name}"
         _ok(["learn", logistic_csv, "--out", str(out), "--quiet", "--covariance", covariance] + model + extra)
         metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["settings"]["covariance"] == covariance and f"{covariance} covariance" in metrics["learner_text"]
         # learns (the data's base rate is ~0.69; the small MLP at prior 1 is slower in 120 rows)
         assert metrics["final"]["log_loss"] < (0.68 if model else 0.6)
         if name == "one":
@@ -312,6 +343,7 @@ def test_default_covariance_is_chosen_by_size_and_recorded(tmp_path, logistic_cs
     _ok(["learn", logistic_csv, "--out", str(out), "--quiet", "--model", f"mlp:{width}", "--prior-var", "0.1"])
     header = checkpoint.read_header(out / "model.npz")
     assert header["state_type"] == "State[LowRankPrecision]" and header["extra"]["covariance"] == "lowrank:10"
+    assert json.loads((out / "metrics.json").read_text())["settings"]["covariance"] == "lowrank:10"   # auto, resolved
     assert "lowrank:K" in _user_error(["learn", logistic_csv, "--covariance", "lowrank:0"])
 
 

@@ -428,6 +428,11 @@ def test_predict_with_a_keyed_model(reports):
     ref = model.table(jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(v) for v in a]), *ref))
     assert table.shape == (8, 5) and np.array_equal(table, ref)
     assert not np.array_equal(table[0], table[3])  # keys a and b: states of their own
+    assert np.all(table[:, 3:5] <= np.sqrt(table[:, 1:3] * (1 - table[:, 1:3])))
+    # a probability's deviation is capped at √(p (1 − p)), where the linearised one is far above
+    vague = learner.predict(prior, Z[:2])
+    capped = model.table(vague._replace(mean_cov=np.asarray(vague.mean_cov) * 1e6))
+    np.testing.assert_allclose(capped[:, 3:5], np.sqrt(capped[:, 1:3] * (1 - capped[:, 1:3])), rtol=1e-12)
     # the command: the key after the line, key_seen last, the unseen rows counted
     res = _cli(["predict", "--model-dir", str(tmp / "r"), str(tmp / "new.csv")])
     assert res.exit_code == 0, res.output

@@ -26,6 +26,7 @@ from kalnat.cli_choices import (
     AUTO_FLOAT32_ABOVE, AUTO_FULL_MAX, COVARIANCES, DEFAULT_RANK, DEFAULT_SCALING, DTYPES, FAMILIES, METHOD_NAMES,
     SCALINGS, parse_covariance, parse_delimiter, parse_model, resolve_dtype,
 )
+from kalnat.cli_files import check_folder, make_folder, output_file
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -262,6 +263,7 @@ def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, 
     from kalnat import datasets
 
     cfg = _config(kw)
+    check_folder(out_dir, "--out")
     if (workers or scheduler) and key is None:
         raise click.UsageError("--workers and --scheduler distribute the keys of --key COLUMN; pass --key")
     if workers and scheduler:
@@ -285,23 +287,13 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
     _jax()
     from kalnat import cli_learn, cli_report
 
-    pred_file = None
-    if predictions_path is not None:
-        try:
-            pred_file = open(predictions_path, "w", newline="")
-        except OSError as err:
-            raise click.BadParameter(f"cannot write {predictions_path} ({err.strerror})",
-                                     param_hint="--predictions") from None
-    try:
+    with output_file(predictions_path, "--predictions") as pred_file:   # complete, or not written
         folder = cache_dir()
         result = cli_learn.learn_stream(source, cfg, progress=not quiet,
                                   log=None if quiet else (lambda m: click.echo(m, err=True)),
                                   predictions=pred_file,
                                   programs=None if folder is None else os.path.join(folder, "programs"))
-    finally:
-        if pred_file is not None:
-            pred_file.close()
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir, "--out")
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"
     what = metrics["learner_text"]
@@ -381,7 +373,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
             client.close()
         if cluster is not None:
             cluster.close()
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir, "--out")
     metric = scores.metric
     keyed = metrics["keyed"]
     what = f"{metrics['learner_text']} per {keyed['key_column']}"
@@ -427,7 +419,8 @@ def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
     """Predictions with uncertainty for the rows of DATA (CSV, - or a bundled set).
 
     Classifiers: the predicted class and each class's probability with its standard
-    deviation from the parameters' uncertainty. Regression and counts: the predictive mean
+    deviation from the parameters' uncertainty (the delta method's, at most √(p (1 − p)),
+    the most a probability of mean p can vary). Regression and counts: the predictive mean
     and standard deviation (noise included) and the part due to the parameters. The feature
     columns are found by name; other columns are ignored. The model does not learn here.
     """
@@ -444,12 +437,8 @@ def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
     kw = dict(chunk_rows=chunk_rows, skip_bad_rows=skip_bad_rows, delimiter=delimiter)
     source = _open(data, kw, require_target=False, feature_names=model.feature_names,
                    **({"key": model.key_name} if keyed else {}))
-    out = sys.stdout if out_file == "-" else open(out_file, "w", newline="")
-    try:
+    with output_file(out_file, "--out") as out:   # complete, or not written
         n, skipped = model.predict_csv(source, out)
-    finally:
-        if out is not sys.stdout:
-            out.close()
     if keyed and model.unseen_rows:
         click.echo(f"{model.unseen_rows} rows of {model.unseen_keys} keys not seen in learning: predicted "
                    "from the prior (key_seen = 0)", err=True)
@@ -558,6 +547,7 @@ def compare(data, out_dir, lr_grid, kalnat_grid, **kw):
     _jax()
     data = data or datasets.DEFAULT_DATASET
     cfg = _config(kw)
+    check_folder(out_dir, "--out")
     try:
         lrs = tuple(float(v) for v in lr_grid.split(","))
     except ValueError:
@@ -565,7 +555,7 @@ def compare(data, out_dir, lr_grid, kalnat_grid, **kw):
     source = _open(data, kw)
     report = _compare.run(source, cfg, lrs=lrs, kalnat_grid=kalnat_grid,
                           log=lambda m: click.echo(m, err=True))
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir, "--out")
     report["plot"] = _compare.plot(report, os.path.join(out_dir, "compare.png"))
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -76,7 +76,7 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
 
     runner = cli_runner.OnlineRunner(cfg, family, classes, X.shape[1])
     if runner.bank:
-        name, setting = "kalnat", "no settings: " + cli_report.learner_text(runner.learner, cfg, runner.dtype)
+        name, setting = "kalnat", "no settings: " + cli_report.learner_text(runner.learner, cfg, runner.dtype, runner.covariance)
     else:
         pv, lam = cli_setup.single_settings(cfg)
         name, setting = f"kalnat {cfg['method']}", f"prior_var={pv:g}, λ={lam:g}" + (

@@ -75,7 +75,9 @@ class LoadedModel:
             else:  # the last class's probability is 1 − Σ the others: its variance is 1ᵀΣ1
                 var = np.concatenate([np.diagonal(mc, axis1=1, axis2=2),
                                       mc.sum(axis=(1, 2))[:, None]], axis=1)
-            return np.column_stack([np.argmax(probs, 1), probs, np.sqrt(np.maximum(var, 0))])
+            # the delta method's variance, linear in θ's covariance, is not bounded where θ is
+            # uncertain; no probability of mean p varies by more than p (1 − p)
+            return np.column_stack([np.argmax(probs, 1), probs, np.sqrt(np.clip(var, 0, probs * (1 - probs)))])
         param_var = mc[:, 0, 0]
         if self.family.name == "gaussian":
             if self.extra.get("target_coords") is not None:  # frozen target coordinates

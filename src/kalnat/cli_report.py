@@ -156,11 +156,12 @@ def run_metrics(source, runner, cfg: dict, protocol: str, skipped, acc, t_learn,
         "target": source.target_name,
         "n_features": len(source.feature_names),
         "n_parameters": runner.n_parameters,
-        "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
-                                               "batch_size", "clip", "seed")},
+        "settings": {**{k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
+                                                  "batch_size", "clip", "seed")},
+                     "covariance": runner.covariance},   # auto resolved
         "scaling": runner.scheme,
         "learner": runner.learner.name,
-        "learner_text": learner_text(runner.learner, cfg, runner.dtype),
+        "learner_text": learner_text(runner.learner, cfg, runner.dtype, runner.covariance),
         "dtype": runner.dtype,
         "protocol": protocol,
         "rows_seen": rows,
@@ -190,10 +191,11 @@ def bank_report(bank, state, acc: Accumulator) -> dict:
     }
 
 
-def learner_text(learner, cfg: dict, dtype: str = "float64") -> str:
+def learner_text(learner, cfg: dict, dtype: str = "float64", covariance: str = "full") -> str:
     """What runs, in words: ``"ekf"`` or ``"bank of 40 EKFs (1 or 2 linearisations)"``, with
-    ``" in float32"`` when it computes in float32."""
-    more = " in float32" if dtype == "float32" else ""
+    ``", lowrank:10 covariance"`` when the covariance is structured and ``" in float32"`` when
+    it computes in float32."""
+    more = ("" if covariance == "full" else f", {covariance} covariance") + (" in float32" if dtype == "float32" else "")
     if not isinstance(learner, kalnat.bank.Bank):
         return cfg["method"] + more
     kind = "normal–inverse-gamma filters" if learner.name == "nig_bank" else "EKFs"

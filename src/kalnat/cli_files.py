@@ -1,0 +1,67 @@
+"""The files and folders the commands write: checked before any work, written whole or not at all.
+
+A path the command cannot write is a usage error naming its option, before a row is read (not
+a traceback after the stream was learned); an output file appears under its name only once it
+is complete, so a run stopped by a bad row leaves neither a truncated file nor a file of the same
+name that was there before it overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import click
+
+
+def check_folder(path: str, option: str) -> None:
+    """A usage error for ``option`` unless the folder ``path`` exists or can be made: its
+    nearest existing ancestor a folder this process can write in."""
+    if os.path.isdir(path):
+        if not os.access(path, os.W_OK):
+            raise click.BadParameter(f"cannot write in the folder {path} (permission denied)", param_hint=option)
+        return
+    if os.path.exists(path):
+        raise click.BadParameter(f"{path} is a file, not a folder", param_hint=option)
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"cannot make the folder {path}: {parent} is a file", param_hint=option)
+    if not os.access(parent, os.W_OK):
+        raise click.BadParameter(f"cannot make the folder {path} in {parent} (permission denied)", param_hint=option)
+
+
+def make_folder(path: str, option: str) -> None:
+    """``os.makedirs(path)``, its failure a usage error for ``option``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise click.BadParameter(f"cannot make the folder {path} ({err.strerror})", param_hint=option) from None
+
+
+@contextlib.contextmanager
+def output_file(path, option: str):
+    """The CSV file ``path`` open for writing (``None`` for no path, ``"-"`` for standard output),
+    written under a temporary name in its folder and renamed to ``path`` when the block ends
+    without an exception; on an exception the temporary file is removed. A path that cannot be
+    written is a usage error for ``option``, raised on entering."""
+    if path is None or path == "-":
+        yield None if path is None else sys.stdout
+        return
+    if os.path.isdir(path):
+        raise click.BadParameter(f"{path} is a folder", param_hint=option)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.part")
+    try:
+        file = open(tmp, "w", newline="")
+    except OSError as err:
+        raise click.BadParameter(f"cannot write {path} ({err.strerror})", param_hint=option) from None
+    try:
+        with file:
+            yield file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
