@@ -211,6 +211,42 @@ def test_bad_settings_and_states(logistic):
         kalnat.fit(learner, learner.init(model.init(None)), X, y[:-1])
 
 
+def test_a_model_that_does_not_fit_its_family_or_params_is_refused_at_init(logistic):
+    """Raw outputs the family does not take, or another model's params: a ValueError naming
+    both at ``init``, where the step would fail deep in JAX (a reshape of the wrong size, a
+    product of mismatched shapes)."""
+    model, learner, _, _ = logistic
+    cases = [(kalnat.models.linear(5), F.Categorical(3), None,
+              r"raw outputs of shape \(1,\) for one x of shape \(5,\); the categorical family takes \(2,\) or \(3,\)"),
+             (kalnat.models.linear(5, 2), F.Bernoulli(), None, r"the bernoulli family takes \(\) or \(1,\)"),
+             (model, F.Bernoulli(), kalnat.models.linear(P_IN + 1).init(None), "are they this model's params"),
+             (kalnat.models.linear(5, 3), F.Categorical(3), None, None),
+             (kalnat.models.linear(5, 2), F.Categorical(3), None, None)]
+    for m, fam, params, message in cases:
+        make = lambda: kalnat.ekf(m, fam).init(m.init(None) if params is None else params)  # noqa: E731
+        if message is None:
+            make()
+        else:
+            with pytest.raises(ValueError, match=message):
+                make()
+    with pytest.raises(ValueError, match=r"init needs a random key"):
+        kalnat.models.mlp(3, (4,)).init(None)
+
+
+def test_fit_names_the_first_bad_row(logistic):
+    model, learner, X, y = logistic
+    state = learner.init(model.init(None))
+    x_bad, y_bad = X.copy(), y.copy()
+    x_bad[17, 1] = np.nan
+    y_bad[23] = 2.0
+    with pytest.raises(ValueError, match=r"row 17 \(0-based\): x contains NaN or inf \(skip_bad_rows=True"):
+        kalnat.fit(learner, state, x_bad, y_bad)
+    with pytest.raises(ValueError, match=r"row 23 \(0-based\): bernoulli: labels must be 0 or 1"):
+        kalnat.fit(learner, state, X, y_bad)
+    # the rows it names are the rows skip_bad_rows skips
+    assert np.flatnonzero(kalnat.fit(learner, state, x_bad, y_bad, skip_bad_rows=True).skipped).tolist() == [17, 23]
+
+
 def test_damping_regularises_the_natural_gradient_step(logistic):
     model, _, X, y = logistic
     plain = kalnat.natural_gradient(model, F.Gaussian(1.0), init_fisher=1.0)

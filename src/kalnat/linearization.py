@@ -151,7 +151,8 @@ def linearize_layers(apply_tapped, layers, family, params, xs, ys=None, mask=Non
         raise ValueError(f"the model's apply_tapped gives {len(inputs)} layer inputs of shapes {widths} "
                          f"for {len(layers)} dense layers of the representation, of inputs "
                          f"{[(n_in,) for _, n_in in layers]}")
-    abar = tuple(jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1) for a in inputs)
+    # ones_like: a's dtype as JAX holds it (a NumPy float64 input without x64 is float32 here)
+    abar = tuple(jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1) for a in inputs)
     return _finish(family, yhat, LayerRows(tuple(deltas), abar), ys, mask)
 
 

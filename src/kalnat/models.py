@@ -117,6 +117,9 @@ def mlp(
     sizes = [n_features, *hidden, n_outputs]
 
     def init(key):
+        if key is None:  # linear's init takes None (its params are zeros); a network's hidden layers are random
+            raise ValueError("mlp: init needs a random key for the hidden layers' weights, "
+                             "e.g. model.init(jax.random.PRNGKey(0))")
         dt = dtype or jax.dtypes.canonicalize_dtype(float)
         keys = jax.random.split(key, len(sizes) - 1)
         layers = []

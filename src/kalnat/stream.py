@@ -151,15 +151,13 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     if skip_bad_rows:
         xs, ys, bad = _bad_rows(learner, state, X, Y)
     else:
-        xs, single = learner.check_x(state, X)
-        if single:
-            raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
-        ys = learner.family.check(Y)
-        check_range(ys, learner._dtype(state), "y")
-        if ys.ndim == len(learner.family.event_shape):
-            raise ValueError(f"Y must have a leading row axis, got shape {ys.shape}")
-        if ys.shape[0] != xs.shape[0]:
-            raise ValueError(f"X has {xs.shape[0]} rows but Y has {ys.shape[0]}")
+        try:
+            xs, ys = _checked(learner, state, X, Y)
+        except ValueError as err:
+            row = _first_bad_row(learner, state, X, Y)
+            if row is None:
+                raise
+            raise ValueError(f"row {row} (0-based): {err} (skip_bad_rows=True skips such rows)") from None
         bad = np.zeros(xs.shape[0], bool)
     n = xs.shape[0]
     if n == 0:
@@ -186,6 +184,30 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
         return FitResult(state, None, bad)
     predictions, ll = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *preds)
     return FitResult(state, predictions, bad, ll)
+
+
+def _checked(learner, state, X, Y):
+    """``(xs, ys)`` validated on the host, or a ``ValueError``."""
+    xs, single = learner.check_x(state, X)
+    if single:
+        raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
+    ys = learner.family.check(Y)
+    check_range(ys, learner._dtype(state), "y")
+    if ys.ndim == len(learner.family.event_shape):
+        raise ValueError(f"Y must have a leading row axis, got shape {ys.shape}")
+    if ys.shape[0] != xs.shape[0]:
+        raise ValueError(f"X has {xs.shape[0]} rows but Y has {ys.shape[0]}")
+    return xs, ys
+
+
+def _first_bad_row(learner, state, X, Y):
+    """The index of the first row :func:`_bad_rows` flags (a value that is not finite, out of the
+    family's domain or of the state's range), or ``None`` where the problem is not one row's."""
+    try:
+        bad = _bad_rows(learner, state, X, Y)[2]
+    except ValueError:
+        return None
+    return int(np.argmax(bad)) if bad.any() else None
 
 
 def _bad_rows(learner, state, X, Y):

@@ -202,8 +202,34 @@ class Learner(Boundary):
         d, _ = check_params(params)
         hyper = self.hyper if hyper is None else hyper
         check_hyper(self, hyper, d)
+        self.check_outputs(params)
         self.check_layer_rows(params)
         return _filter.fresh(self, hyper, params)
+
+    def check_outputs(self, params):
+        """That the model, given ``params`` and one ``x`` of its input shape, gives the raw
+        outputs the family takes (a ``ValueError`` naming both, where the step would fail deep in
+        JAX, or a categorical family would read the wrong number of classes): once per shape of
+        ``params``, on the host, where the input shape is known."""
+        leaves = jax.tree_util.tree_leaves(params)
+        if self.input_shape is None or any(isinstance(a, jax.core.Tracer) for a in leaves):
+            return
+        key = ("outputs", jax.tree_util.tree_structure(params), tuple(np.shape(a) for a in leaves))
+        if key in self._shapes:
+            return
+        dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        try:
+            out = jax.eval_shape(self.apply, params, jax.ShapeDtypeStruct(tuple(self.input_shape), dtype))
+        except Exception as err:  # the params are another model's, or the model is broken
+            raise ValueError(f"{self.name}: the model cannot be applied to these params and one x of shape "
+                             f"{tuple(self.input_shape)} ({type(err).__name__}: {err}); are they this "
+                             "model's params?") from None
+        shape = getattr(out, "shape", None)
+        if shape not in _raw_shapes(self.family):
+            expected = " or ".join(str(s) for s in sorted(_raw_shapes(self.family), key=len))
+            raise ValueError(f"{self.name}: the model gives raw outputs of shape {shape} for one x of shape "
+                             f"{tuple(self.input_shape)}; the {self.family.name} family takes {expected}")
+        self._shapes[key] = True
 
     def check_layer_rows(self, params):
         """Where the step takes ``H`` as the dense layers' factors from a model's own
