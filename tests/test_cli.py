@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 
 import jax
 import numpy as np
@@ -145,6 +146,11 @@ def test_outputs_it_cannot_write_are_usage_errors_and_a_stopped_run_writes_no_fi
                  "--predictions", str(tmp_path / "pred.csv")]).exit_code == 1
     assert a_file.read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # through a link the file it names is written (the link stays); a device is written in place
+    (tmp_path / "link.csv").symlink_to(a_file)
+    _ok(["predict", "--model-dir", str(rep), logistic_csv, "--out", str(tmp_path / "link.csv")])
+    assert (tmp_path / "link.csv").is_symlink() and a_file.read_text().startswith("line,")
+    _ok(["predict", "--model-dir", str(rep), logistic_csv, "--out", os.devnull])
 
 
 @pytest.mark.parametrize("method", ["ekf-joseph", "information", "sqrt-ekf", "iterated", "nig"])

@@ -243,6 +243,11 @@ def test_fit_names_the_first_bad_row(logistic):
         kalnat.fit(learner, state, x_bad, y_bad)
     with pytest.raises(ValueError, match=r"row 23 \(0-based\): bernoulli: labels must be 0 or 1"):
         kalnat.fit(learner, state, X, y_bad)
+    # the row of the values the message is about, not the first bad row of x or y
+    x_late = X.copy()
+    x_late[30, 0] = np.inf
+    with pytest.raises(ValueError, match=r"row 30 \(0-based\): x contains NaN or inf"):
+        kalnat.fit(learner, state, x_late, y_bad)
     # the rows it names are the rows skip_bad_rows skips
     assert np.flatnonzero(kalnat.fit(learner, state, x_bad, y_bad, skip_bad_rows=True).skipped).tolist() == [17, 23]
 

@@ -639,19 +639,6 @@ def test_bad_structures_say_what_is_wrong():
     assert LowRank(np.int64(3)).rank == 3 and Blocks((np.int64(2), 2)).sizes == (2, 2)
 
 
-def test_a_rank_above_d_is_held_as_d():
-    """LowRank(k > d) stores d columns (any precision fits them) and is the same filter as
-    LowRank(d), to rounding."""
-    model = kalnat.models.linear(3)
-    X, y = _stream("bernoulli", 2, n=20, p=3)
-    fits = []
-    for k in (4, 9):
-        learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.95, representation=LowRank(k))
-        fits.append(kalnat.fit(learner, learner.init(model.init(None)), X, y))
-        assert fits[-1].state.cov.w.shape == (4, 4)
-    _agree(fits[0], fits[1], 1e-12)
-
-
 def _conds(jaxpr):
     """How many ``cond`` equations a jaxpr holds, at any depth."""
     n = 0

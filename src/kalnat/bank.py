@@ -214,6 +214,8 @@ class Bank(Boundary):
         hyper = self.hyper if hyper is None else hyper
         for k in range(self.size):
             check_hyper(self.learner, self.member_hyper(k, hyper), d)
+        if hasattr(self.learner, "check_outputs"):
+            self.learner.check_outputs(params)
         self.learner.check_layer_rows(params)
         members = _filter.fresh(self.learner, hyper, params, stacked=True)
         K = self.size

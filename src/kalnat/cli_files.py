@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 
 import click
@@ -18,6 +19,8 @@ import click
 def check_folder(path: str, option: str) -> None:
     """A usage error for ``option`` unless the folder ``path`` exists or can be made: its
     nearest existing ancestor a folder this process can write in."""
+    if not path:
+        raise click.BadParameter("an empty path", param_hint=option)
     if os.path.isdir(path):
         if not os.access(path, os.W_OK):
             raise click.BadParameter(f"cannot write in the folder {path} (permission denied)", param_hint=option)
@@ -52,9 +55,24 @@ def output_file(path, option: str):
         return
     if os.path.isdir(path):
         raise click.BadParameter(f"{path} is a folder", param_hint=option)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.part")
+    real = os.path.realpath(path)   # through a link: the file it names is replaced, not the link
+    folder = os.path.dirname(real)
+    regular = not os.path.exists(real) or os.path.isfile(real)
+    if not regular or not os.access(folder, os.W_OK):
+        # a device, a pipe (/dev/null, /dev/stdout, a process substitution), or a file in a
+        # folder this process cannot write in: written in place, as given
+        try:
+            file = open(path, "w", newline="")
+        except OSError as err:
+            raise click.BadParameter(f"cannot write {path} ({err.strerror})", param_hint=option) from None
+        with file:
+            yield file
+        return
+    tmp = os.path.join(folder, f".{os.path.basename(real)}.{os.getpid()}.part")
     try:
         file = open(tmp, "w", newline="")
+        if os.path.exists(real):
+            shutil.copymode(real, tmp)   # the replaced file's permissions, not the umask's
     except OSError as err:
         raise click.BadParameter(f"cannot write {path} ({err.strerror})", param_hint=option) from None
     try:
@@ -64,4 +82,4 @@ def output_file(path, option: str):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    os.replace(tmp, path)
+    os.replace(tmp, real)

@@ -151,13 +151,7 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     if skip_bad_rows:
         xs, ys, bad = _bad_rows(learner, state, X, Y)
     else:
-        try:
-            xs, ys = _checked(learner, state, X, Y)
-        except ValueError as err:
-            row = _first_bad_row(learner, state, X, Y)
-            if row is None:
-                raise
-            raise ValueError(f"row {row} (0-based): {err} (skip_bad_rows=True skips such rows)") from None
+        xs, ys = _checked(learner, state, X, Y)
         bad = np.zeros(xs.shape[0], bool)
     n = xs.shape[0]
     if n == 0:
@@ -187,12 +181,20 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
 
 
 def _checked(learner, state, X, Y):
-    """``(xs, ys)`` validated on the host, or a ``ValueError``."""
-    xs, single = learner.check_x(state, X)
+    """``(xs, ys)`` validated on the host, or a ``ValueError`` that names the first row whose
+    values fail (``x`` or ``y``, the one the message is about)."""
+    try:
+        xs, single = learner.check_x(state, X)
+    except ValueError as err:
+        raise _at_row(err, lambda: ~np.all(representable(np.asarray(X), learner._dtype(state)),
+                                            axis=tuple(range(1, np.ndim(X))))) from None
     if single:
         raise ValueError(f"X must have a leading row axis, got shape {np.shape(X)}")
-    ys = learner.family.check(Y)
-    check_range(ys, learner._dtype(state), "y")
+    try:
+        ys = learner.family.check(Y)
+        check_range(ys, learner._dtype(state), "y")
+    except ValueError as err:
+        raise _at_row(err, lambda: bad_rows_of(learner.family, Y, learner._dtype(state))[1]) from None
     if ys.ndim == len(learner.family.event_shape):
         raise ValueError(f"Y must have a leading row axis, got shape {ys.shape}")
     if ys.shape[0] != xs.shape[0]:
@@ -200,14 +202,15 @@ def _checked(learner, state, X, Y):
     return xs, ys
 
 
-def _first_bad_row(learner, state, X, Y):
-    """The index of the first row :func:`_bad_rows` flags (a value that is not finite, out of the
-    family's domain or of the state's range), or ``None`` where the problem is not one row's."""
+def _at_row(err, bad_rows):
+    """``err`` with the first row that ``bad_rows()`` flags named, where it is one row's."""
     try:
-        bad = _bad_rows(learner, state, X, Y)[2]
-    except ValueError:
-        return None
-    return int(np.argmax(bad)) if bad.any() else None
+        bad = np.asarray(bad_rows())
+    except (ValueError, TypeError):  # not a row's values (a shape, a dtype)
+        return err
+    if bad.ndim != 1 or not bad.any():
+        return err
+    return ValueError(f"row {int(np.argmax(bad))} (0-based): {err} (skip_bad_rows=True skips such rows)")
 
 
 def _bad_rows(learner, state, X, Y):

@@ -225,7 +225,8 @@ class Learner(Boundary):
                              f"{tuple(self.input_shape)} ({type(err).__name__}: {err}); are they this "
                              "model's params?") from None
         shape = getattr(out, "shape", None)
-        if shape not in _raw_shapes(self.family):
+        # any shape of as many numbers (a (1, 1) for one output): the linearisation reshapes it
+        if shape is None or math.prod(shape) not in {math.prod(s) for s in _raw_shapes(self.family)}:
             expected = " or ".join(str(s) for s in sorted(_raw_shapes(self.family), key=len))
             raise ValueError(f"{self.name}: the model gives raw outputs of shape {shape} for one x of shape "
                              f"{tuple(self.input_shape)}; the {self.family.name} family takes {expected}")

@@ -188,21 +188,26 @@ def _split_cap(gd, ad, cap):
     every weight of the layer with it and stop its learning. With one output it is the full
     covariance's bound exactly.
 
-    Where the maximum is a flat stretch (its slope, a count of rows over their cap, is 0 there),
-    ``x`` is its midpoint: a choice that moves continuously with ``G`` and ``A`` (picking one
-    of its ends by rounding would not: two runs equal to rounding took different ends, P 10⁻³
-    apart). Nothing over the cap is such a stretch, from ``max G_ii`` to ``cap / max A_jj``, and
-    its midpoint changes neither factor."""
+    Where the maximum is a flat stretch, ``x`` is its midpoint: a choice that moves continuously
+    with ``G`` and ``A`` (picking one of its ends by rounding would not: two runs equal to
+    rounding took different ends, P 10⁻³ apart). Nothing over the cap is such a stretch, from
+    ``max G_ii`` to ``cap / max A_jj``, and its midpoint changes neither factor. The maximum is
+    found from the slopes on either side of each corner, ``n_a #{G_ii > τ} − n_g #{A_jj > cap/τ}``
+    (``n_g × n_a`` the layer's shape): counts of the sorted diagonals, exact, where comparing the
+    sums' values would need a tolerance for their rounding."""
     n_g, n_a = gd.shape[0], ad.shape[0]
     log_g, log_a, log_c = jnp.log(gd), jnp.log(ad), jnp.log(cap)
-    x = jnp.concatenate([log_g, log_c - log_a])
-    kept = jax.lax.stop_gradient(n_a * jnp.sum(jnp.minimum(log_g[None, :], x[:, None]), axis=1)
-                                 + n_g * jnp.sum(jnp.minimum(log_a[None, :], log_c - x[:, None]), axis=1))
-    # candidates within rounding of the maximum are on its flat stretch (elsewhere the slope is
-    # at least 1, so a candidate that close is that close to the stretch)
-    scale = n_g * n_a * (jnp.max(jnp.abs(x)) + jnp.max(jnp.abs(log_g)) + jnp.max(jnp.abs(log_a)))
-    top = kept >= jnp.max(kept) - 64 * jnp.finfo(gd.dtype).eps * jax.lax.stop_gradient(scale)
-    lo, hi = jnp.min(jnp.where(top, x, jnp.inf)), jnp.max(jnp.where(top, x, -jnp.inf))
+    # each corner's two thresholds, its own the exact value (so a corner compares equal to itself)
+    tg = jnp.concatenate([log_g, log_c - log_a])      # on log G_ii: x
+    ta = jnp.concatenate([log_c - log_g, log_a])      # on log A_jj: log cap − x
+    sg, sa = jax.lax.stop_gradient(jnp.sort(log_g)), jax.lax.stop_gradient(jnp.sort(log_a))
+    tg0, ta0 = jax.lax.stop_gradient(tg), jax.lax.stop_gradient(ta)
+    above = lambda s, t: s.shape[0] - jnp.searchsorted(s, t, side="right")   # noqa: E731  #{s > t}
+    at_least = lambda s, t: s.shape[0] - jnp.searchsorted(s, t, side="left")  # noqa: E731  #{s ≥ t}
+    right = n_a * above(sg, tg0) - n_g * at_least(sa, ta0)   # the slope just above x
+    left = n_a * at_least(sg, tg0) - n_g * above(sa, ta0)    # and just below
+    top = (left >= 0) & (right <= 0)
+    lo, hi = jnp.min(jnp.where(top, tg, jnp.inf)), jnp.max(jnp.where(top, tg, -jnp.inf))
     return jnp.exp(0.5 * (lo + hi))
 
 

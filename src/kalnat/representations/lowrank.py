@@ -331,8 +331,7 @@ class LowRankPrior(NamedTuple):
 @dataclass(frozen=True)
 class LowRank(Representation):
     """Diagonal plus rank-``rank`` precision (docs/method.md §6): LoFi's form, with the exact
-    prediction step and the diagonal-whitened re-projection described in the module. A rank
-    above ``d`` is held as ``d`` (which already holds any precision)."""
+    prediction step and the diagonal-whitened re-projection described in the module."""
 
     rank: int = 10
     name = "lowrank"
@@ -346,9 +345,7 @@ class LowRank(Representation):
         if v.ndim == 2:
             raise ValueError("LowRank: the prior variance must be a scalar or a (d,) diagonal, "
                              "not a (d, d) matrix")
-        # at most d columns: rank d already holds any precision (the exact filter), more would
-        # only add zero columns at O(k³) a step
-        return LowRankPrecision(1.0 / jnp.broadcast_to(v, (d,)), jnp.zeros((d, min(self.rank, d)), dtype))
+        return LowRankPrecision(1.0 / jnp.broadcast_to(v, (d,)), jnp.zeros((d, self.rank), dtype))
 
     def inflate(self, cov, t, lam, q, bound):
         ups, w = cov.ups, cov.w
@@ -409,7 +406,7 @@ class LowRank(Representation):
         gram = jnp.concatenate([jnp.concatenate([prior.gram, b], axis=1),
                                 jnp.concatenate([b.T, gg], axis=1)], axis=0)
         _, v = _eigenspaces(0.5 * (gram + gram.T), m)
-        k, hh = prior.base.shape[1], H.T @ inv   # the state's columns: min(rank, d)
+        k, hh = self.rank, H.T @ inv
         if m > 1:
             moved = _rows(prior.root, prior.base @ v[:k]) + hh @ v[k:]   # υ⁻^{1/2} Ã V (d, k + m)
             dropped = _row_squares(moved[:, :m])                    # diag of what leaves W

@@ -48,7 +48,7 @@ def stored_floats(rep: Optional[Representation], d: int) -> int:
     if isinstance(rep, Blocks):
         return sum(n * n for n in rep.sizes)
     if isinstance(rep, LowRank):
-        return d * (min(rep.rank, d) + 1)
+        return d * (rep.rank + 1)
     if isinstance(rep, KronLayer):
         return rep.n_out ** 2 + (rep.n_in + 1) ** 2
     if isinstance(rep, Groups):
