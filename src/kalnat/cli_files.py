@@ -3,7 +3,8 @@
 A path the command cannot write is a usage error naming its option, before a row is read (not
 a traceback after the stream was learned); an output file appears under its name only once it
 is complete, so a run stopped by a bad row leaves neither a truncated file nor a file of the same
-name that was there before it overwritten.
+name that was there before it overwritten (a device or a pipe, such as ``/dev/null``, is written
+in place).
 """
 
 from __future__ import annotations

@@ -56,10 +56,9 @@ saying so. First derivatives only: a second derivative with reverse mode through
 With ``k ≥ d`` nothing is ever dropped (``Ã`` has rank at most ``d``) and it is the exact EKF,
 to rounding while υ stays well above its floor ``√ε Λ_ii`` (which keeps it from underflowing).
 Under forgetting υ, which no observation renews once W holds the information, decays as ``λ^t``
-while ``Λ_ii`` does not: the floor then binds (after some 900 rows at λ = 0.99 on a linear
-model of 13 parameters) and the ``ε s²`` accuracy of the Woodbury solve above, ``s²`` growing
-as ``Λ_ii / υ_i``, sets the error: θ within ~10⁻⁵ of the exact EKF's after 2 000 such rows in
-float64, the filter only roughly the exact one in float32.
+while ``Λ_ii`` does not: on a long stream the floor binds, and the ``ε s²`` accuracy of the
+Woodbury solve above, ``s²`` growing as ``Λ_ii / υ_i``, sets the error, which grows with the
+stream (in float64 small; in float32 the filter is then only roughly the exact one).
 """
 
 from __future__ import annotations
