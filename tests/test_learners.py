@@ -229,6 +229,8 @@ def test_a_model_that_does_not_fit_its_family_or_params_is_refused_at_init(logis
         else:
             with pytest.raises(ValueError, match=message):
                 make()
+    with pytest.raises(ValueError, match=r"the categorical family takes"):  # a bank's init too
+        kalnat.ekf_bank(kalnat.models.linear(5), F.Categorical(3)).init(kalnat.models.linear(5).init(None))
     with pytest.raises(ValueError, match=r"init needs a random key"):
         kalnat.models.mlp(3, (4,)).init(None)
 
