@@ -5,6 +5,7 @@ where nothing is approximated, keeps what it promises where something is, never 
 array, stays positive definite in float32 and runs everywhere a representation runs."""
 
 import re
+import warnings
 
 import jax
 import jax.extend
@@ -493,8 +494,13 @@ def test_a_dense_layers_rows_are_outer_products_and_a_shared_layers_are_not():
 def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():
     model = kalnat.models.mlp(4, (5,), 3)
     params = model.init(jax.random.PRNGKey(0))
-    rep = kronecker(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every leaf read as a layer: nothing to warn of
+        rep = kronecker(params)
     assert rep == Groups((25, 18), (KronLayer(5, 4), KronLayer(3, 5)))
+    # flax's layout, kernel (n_in, n_out) after its bias: a full block of the kernel's size, named
+    with pytest.warns(UserWarning, match=r"\['kernel'\] \(4, 5\) \(400 numbers\)"):
+        assert kronecker({"bias": jnp.zeros(5), "kernel": jnp.zeros((4, 5))}) == Groups((5, 20), (Full(), Full()))
     rng = np.random.default_rng(9)
     g, a = rng.normal(size=(3, 3)), rng.normal(size=(6, 6))
     cov = kalnat.representations.KronCovariance(jnp.asarray(g @ g.T + np.eye(3)), jnp.asarray(a @ a.T + np.eye(6)))

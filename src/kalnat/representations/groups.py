@@ -14,6 +14,7 @@ block-diagonal filter's, in its own representation. With one group it is that re
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Tuple
 
@@ -201,12 +202,34 @@ def kronecker(params) -> Representation:
     each bias leaf ``(n,)`` followed by a weight leaf ``(n, m)`` in ``ravel_pytree``'s order (as
     :func:`kalnat.models.linear` and :func:`kalnat.models.mlp` lay out a layer: ``z = W a + b``
     with ``W (n_out, n_in)``) is one layer; any other leaf keeps a full covariance of its own.
-    A weight stored ``(n_in, n_out)`` (flax's kernels) would put the factors on the wrong axes:
-    still a valid covariance, but not K-FAC's form."""
+    A weight stored ``(n_in, n_out)`` after its bias (flax's kernels), or before it, is not read
+    as a layer: such a leaf of two or more axes keeps a full covariance, of its size squared,
+    and a ``UserWarning`` names it."""
     pieces = _layer_pieces(params)
+    _warn_unread_matrices(params, pieces)
     sizes = tuple(size for _, size in pieces)
     parts = tuple(Full() if layer is None else KronLayer(*layer) for layer, _ in pieces)
     return parts[0] if len(parts) == 1 else Groups(sizes, parts)
+
+
+def _warn_unread_matrices(params, pieces):
+    """Warn of the leaves of two or more axes that :func:`kronecker` keeps in full covariances:
+    a layout it does not read as a layer, whose full block may be far larger than meant."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    names, i = [], 0
+    for layer, _ in pieces:
+        leaves = flat[i:i + (2 if layer is not None else 1)]
+        i += len(leaves)
+        if layer is None and np.ndim(leaves[0][1]) >= 2:
+            path, leaf = leaves[0]
+            names.append(f"{jax.tree_util.keystr(path) or 'params'} {tuple(np.shape(leaf))} "
+                         f"({int(np.size(leaf)) ** 2} numbers)")
+    if names:
+        warnings.warn("kronecker: not read as a dense layer, so kept in a full covariance each: "
+                      + ", ".join(names) + ". A layer is read as its bias (n_out,) followed, in "
+                      "ravel_pytree's order, by its weights (n_out, n_in), z = W a + b; a weight "
+                      "(n_in, n_out) (flax's kernel) or one before its bias is not", UserWarning,
+                      stacklevel=3)
 
 
 def dense_layers(params):
