@@ -4,6 +4,10 @@ import csv
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -151,6 +155,35 @@ def test_outputs_it_cannot_write_are_usage_errors_and_a_stopped_run_writes_no_fi
     _ok(["predict", "--model-dir", str(rep), logistic_csv, "--out", str(tmp_path / "link.csv")])
     assert (tmp_path / "link.csv").is_symlink() and a_file.read_text().startswith("line,")
     _ok(["predict", "--model-dir", str(rep), logistic_csv, "--out", os.devnull])
+
+
+def test_a_terminated_command_leaves_no_partial_output(tmp_path, logistic_csv):
+    """SIGTERM (a job's time limit) while ``kalnat predict`` writes: status 143 and neither the
+    output nor its temporary file left behind (Python's default ends the process at once). The
+    command waits on its standard input for rows when the signal comes."""
+    rep = tmp_path / "rep"
+    _ok(["learn", logistic_csv, "--out", str(rep), "--quiet"])
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    out = tmp_path / "out" / "p.csv"
+    out.parent.mkdir()
+    lines = open(logistic_csv).read().splitlines()
+    proc = subprocess.Popen([sys.executable, "-m", "kalnat.cli", "predict", "--model-dir", str(rep), "-",
+                             "--out", str(out)], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(env, JAX_PLATFORMS="cpu"))
+    try:
+        proc.stdin.write("\n".join(lines[:4]) + "\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not os.listdir(out.parent) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p.endswith(".part") for p in os.listdir(out.parent)] == [True], proc.poll()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.stderr.close()
+    assert os.listdir(out.parent) == []
 
 
 @pytest.mark.parametrize("method", ["ekf-joseph", "information", "sqrt-ekf", "iterated", "nig"])

@@ -15,6 +15,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -110,7 +111,19 @@ def run(argv=None):
     not import JAX, a thread other than a daemon one still runs, an output cannot be flushed
     (Python then reports it), or the status is not a number; an exception other than
     ``SystemExit`` passes.
+
+    SIGTERM (a job's time limit, ``kill``) ends the command as an exception would, with status
+    143 (128 + 15, the shell's for it): an output being written under a temporary name is then
+    removed (:func:`kalnat.cli_files.output_file`), where Python's default ends the process
+    at once and leaves it.
     """
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    with contextlib.suppress(ValueError):   # (only the main thread may set a handler)
+        signal.signal(signal.SIGTERM, stop)
     try:
         main(argv)
         code = 0
