@@ -497,6 +497,13 @@ def test_cli_key_errors(tmp_path):
                           (["--key", "y"], "also the target")):
         res = _cli(["learn", path, "--out", str(tmp_path / "r"), *SINGLE, *args])
         assert res.exit_code != 0 and message in res.output, (args, res.output)
+    # a measurement as the key (a key a row): learned, and a warning says each key saw one row
+    measured = _keyed_csv(tmp_path / "measured.csv", [f"{v:.4f}" for v in 20 + X[:, 0]], X, Y)
+    res = _cli(["learn", measured, "--out", str(tmp_path / "r"), *SINGLE, "--key", "user"])
+    assert res.exit_code == 0 and "Warning: --key user: 10 keys in 10 rows (1.00 rows a key)" in res.output, res.output
+    few = _keyed_csv(tmp_path / "few.csv", ["u", "v"] * 5, X, Y)
+    res = _cli(["learn", few, "--out", str(tmp_path / "r"), *SINGLE, "--key", "user"])
+    assert res.exit_code == 0 and "Warning" not in res.output, res.output
     # an empty key is a missing value, located (it was learned as a key named "")
     blank = _keyed_csv(tmp_path / "blank.csv", [str(k) if i != 3 else "" for i, k in enumerate(keys)], X, Y)
     res = _cli(["learn", blank, "--out", str(tmp_path / "r"), *SINGLE, "--key", "user"])

@@ -1,5 +1,7 @@
 """The learner interface: update/predict/fit semantics, minibatches, input validation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 import kalnat
 from kalnat import families as F
 from kalnat import schedules as S
+from kalnat.keyed import Keyed
 
 P_IN = 3
 
@@ -209,6 +212,26 @@ def test_bad_settings_and_states(logistic):
         kalnat.fit(learner, learner.init(model.init(None)), X[0], y[0])
     with pytest.raises(ValueError, match="37 rows but Y has 36"):
         kalnat.fit(learner, learner.init(model.init(None)), X, y[:-1])
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, 3.0, None, True, "3"], ids=repr)
+def test_sizes_and_counts_must_be_positive_integers_named_at_every_entry(logistic, bad):
+    """One check (kalnat.validation.positive_int) for every size or count a caller gives: a
+    ValueError naming the argument, where a float reached a shape and raised from JAX, and a
+    string raised int()'s own message. A NumPy integer is taken."""
+    model, learner, X, y = logistic
+    state = learner.init(model.init(None))
+    calls = {"n_features": lambda v: kalnat.models.linear(v),
+             "hidden[1]": lambda v: kalnat.models.mlp(2, (3, v), 1),
+             "n_state": lambda v: kalnat.recurrent.elman(2, v),
+             "iterations": lambda v: kalnat.iterated_ekf(model, F.Bernoulli(), iterations=v),
+             "batch_size": lambda v: kalnat.fit(learner, state, X, y, batch_size=v),
+             "chunk_size": lambda v: kalnat.fit(learner, state, X, y, chunk_size=v),
+             "capacity": lambda v: Keyed(learner, model.init(None), capacity=v)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be a positive integer, got {bad!r}")):
+            call(bad)
+    assert kalnat.models.mlp(np.int64(2), (np.int64(3),), 1).input_shape == (2,)
 
 
 def test_a_model_that_does_not_fit_its_family_or_params_is_refused_at_init(logistic):

@@ -619,7 +619,9 @@ def test_structures_run_in_a_bank_rtrl_and_the_iterated_and_nig_filters():
     cell = recurrent.elman(1, 3)
     cell_params = cell.init(jax.random.PRNGKey(0))
     z = np.sin(0.3 * np.arange(41))
-    for rep in (LowRank(3), kronecker(cell_params)):
+    with pytest.warns(UserWarning, match="not read as a dense layer"):  # a cell's matrices: full blocks
+        cell_kron = kronecker(cell_params)
+    for rep in (LowRank(3), cell_kron):
         rt = recurrent.rtrl(cell, kalnat.families.Gaussian(0.3), representation=rep, prior_var=0.5)
         res = recurrent.fit_sequence(rt, rt.init(cell_params), z[:-1, None], z[1:])
         assert np.all(np.isfinite(res.log_likelihood))

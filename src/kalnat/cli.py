@@ -401,6 +401,14 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
                         "plots": [os.path.basename(p) for p in pngs]}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    learned = metrics["rows_seen"] - metrics["rows_skipped"]
+    if keyed["n_keys"] > 1 and 2 * keyed["n_keys"] > learned:
+        # a measurement or a row number as the key: each key's learner sees about one row and
+        # predicts from its prior, with no error to say so
+        click.echo(f"Warning: --key {keyed['key_column']}: {keyed['n_keys']} keys in {learned} rows "
+                   f"({learned / keyed['n_keys']:.2f} rows a key), so each key's model learned from about "
+                   "one row and predicted from the prior; --key takes a column that names an entity seen "
+                   "again and again (a user, a sensor, a store)", err=True)
     if not quiet:
         final, per = metrics["final"], keyed["per_key_mean"]
         fmt = (lambda v: f"{v:.4f}") if metric == "accuracy" else (lambda v: f"{v:.4g}")

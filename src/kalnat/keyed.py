@@ -32,6 +32,7 @@ import numpy as np
 from kalnat import blas, checkpoint, keyed_rounds
 from kalnat.learners.base import check_range, device_hyper
 from kalnat.programs import once
+from kalnat.validation import positive_int
 
 __all__ = ["Keyed", "KeyedResult"]
 
@@ -178,11 +179,8 @@ class Keyed:
     """
 
     def __init__(self, learner, params, *, hyper=None, capacity: int = 16, batch_size: int = 1):
-        if int(capacity) != capacity or capacity < 1:
-            raise ValueError(f"capacity must be a positive integer, got {capacity}")
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        self.batch_size = int(batch_size)
+        capacity = positive_int(capacity, "capacity")
+        self.batch_size = positive_int(batch_size, "batch_size")
         # batch_size > 1: each key's rows of a partial minibatch, predicted and not yet learned
         # (slot -> (xs (r, …), ys (r, …)), r < batch_size); learned once the key's next rows
         # complete the minibatch, or by flush()
@@ -352,8 +350,7 @@ class Keyed:
         n = xs.shape[0]
         if chunk_size is None:
             chunk_size = max(n, 1)
-        if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        chunk_size = positive_int(chunk_size, "chunk_size")
         slots, _ = self._slots(keys, n, add=True)
         outputs = _Outputs(n)
         learn_chunk = self._learn_chunk if self.batch_size == 1 else self._learn_minibatches

@@ -18,6 +18,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from kalnat.validation import positive_int
+
 __all__ = ["Model", "linear", "mlp"]
 
 Params = Any
@@ -73,7 +75,7 @@ def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None
       n_outputs: the family's ``n_outputs``.
       bias: include the intercept b.
     """
-    _check_positive(n_features=n_features, n_outputs=n_outputs)
+    n_features, n_outputs = positive_int(n_features, "n_features"), positive_int(n_outputs, "n_outputs")
 
     def init(key=None):
         dt = dtype or jax.dtypes.canonicalize_dtype(float)
@@ -113,7 +115,8 @@ def mlp(
       n_outputs: the family's ``n_outputs``.
       activation: hidden-layer nonlinearity (smooth: the filter linearises through it).
     """
-    _check_positive(n_features=n_features, n_outputs=n_outputs, **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
+    n_features, n_outputs = positive_int(n_features, "n_features"), positive_int(n_outputs, "n_outputs")
+    hidden = tuple(positive_int(h, f"hidden[{i}]") for i, h in enumerate(hidden))
     sizes = [n_features, *hidden, n_outputs]
 
     def init(key):
@@ -145,9 +148,3 @@ def mlp(
 
     _OWN_LAYER_ROWS[apply_tapped] = weakref.ref(apply)
     return Model(init, apply, (n_features,), n_outputs, apply_tapped)
-
-
-def _check_positive(**sizes):
-    for name, v in sizes.items():
-        if int(v) != v or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")

@@ -24,6 +24,7 @@ from kalnat import saved
 from kalnat.filter import Predictive
 from kalnat.learners.base import Learner, check_range, device_hyper, representable
 from kalnat.programs import once
+from kalnat.validation import positive_int
 
 __all__ = ["FitResult", "fit", "log_evidence"]
 
@@ -144,10 +145,8 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     is NaN (the filter diverged), naming the row, when predictions are kept.
     """
     learner._check_state(state)
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    batch_size = positive_int(batch_size, "batch_size")
+    chunk_size = positive_int(chunk_size, "chunk_size")
     if skip_bad_rows:
         xs, ys, bad = _bad_rows(learner, state, X, Y)
     else:

@@ -36,6 +36,7 @@ from kalnat.filter import Hyper, Predictive, State, check_live
 from kalnat.models import Model
 from kalnat.programs import once
 from kalnat.representations import Representation
+from kalnat.validation import positive_int
 
 __all__ = ["Learner", "Predictive", "Boundary", "check_hyper", "make_hyper"]
 
@@ -364,8 +365,7 @@ def make_hyper(*, prior_var=1.0, forgetting=1.0, process_noise=None, max_varianc
         if cap.ndim > 1 or not np.all(np.isfinite(cap)) or np.any(cap <= 0):
             raise ValueError(f"max_variance must be None or a positive scalar or (d,) vector, got {max_variance}")
         max_variance = float(cap) if cap.ndim == 0 else cap
-    if int(iterations) != iterations or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations}")
+    iterations = positive_int(iterations, "iterations")
     return Hyper(prior_var, 1.0 if callable(forgetting) else float(forgetting), process_noise, max_variance,
                  int(iterations), noise_shape, noise_scale)
 

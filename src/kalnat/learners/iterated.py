@@ -25,6 +25,7 @@ from kalnat.families import Family
 from kalnat.learners.base import Learner, build
 from kalnat.representations import Full, Representation
 from kalnat.schedules import Forgetting
+from kalnat.validation import positive_int
 
 __all__ = ["iterated_ekf"]
 
@@ -48,8 +49,7 @@ def iterated_ekf(model, family: Family, *, iterations: int = 2, prior_var=1.0,
       representation: θ's uncertainty (:mod:`kalnat.representations`; default the full
         covariance).
     """
-    if int(iterations) != iterations or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations}")
+    iterations = positive_int(iterations, "iterations")
     return build("iterated_ekf", model, family, representation or Full(), input_shape=input_shape,
                  iterations=int(iterations), moderated=moderated, prior_var=prior_var, forgetting=forgetting,
                  process_noise=process_noise, max_variance=max_variance,

@@ -35,6 +35,7 @@ from kalnat.families import Family
 from kalnat.filter import Hyper
 from kalnat.learners.base import check_live, check_range, check_targets, device_hyper, unbatch
 from kalnat.recurrent.cells import RecurrentModel
+from kalnat.validation import positive_int
 
 __all__ = ["RecurrentLearner", "transition_jacobians", "readout_jacobians"]
 
@@ -88,8 +89,7 @@ def check_cell(cell, family):
 
 def initial_states(cell, params, batch, s0, dtype):
     """``s_0`` as ``(B, n)``: the cell's initial state, or ``s0`` given as ``(n,)`` / ``(B, n)``."""
-    if int(batch) != batch or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch}")
+    batch = positive_int(batch, "batch")
     n = cell.n_state
     if s0 is None:
         s0 = jnp.broadcast_to(cell.init_state(params), (batch, n))

@@ -18,6 +18,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from kalnat.validation import positive_int
+
 __all__ = ["RecurrentModel", "recurrent_model", "elman", "gru"]
 
 Params = Any
@@ -68,7 +70,7 @@ def recurrent_model(transition, readout, *, n_state: int, input_shape, n_outputs
       init: optional ``key -> params``; without it pass params to the learner's ``init``.
       init_state: optional ``params -> s_0``; zeros by default.
     """
-    _check_positive(n_state=n_state, n_outputs=n_outputs)
+    n_state, n_outputs = positive_int(n_state, "n_state"), positive_int(n_outputs, "n_outputs")
     if not callable(transition) or not callable(readout):
         raise ValueError("transition and readout must be functions")
     if init is None:
@@ -97,7 +99,8 @@ def elman(n_inputs: int, n_state: int, n_outputs: int = 1, *, recurrent_scale: f
     prediction is the family's neutral value (as :func:`kalnat.models.mlp` does).
     d = n² + n p + n + k n + k parameters for n states, p inputs and k outputs.
     """
-    _check_positive(n_inputs=n_inputs, n_state=n_state, n_outputs=n_outputs)
+    n_inputs, n_state, n_outputs = (positive_int(n_inputs, "n_inputs"), positive_int(n_state, "n_state"),
+                                    positive_int(n_outputs, "n_outputs"))
 
     def init(key):
         dt = dtype or jax.dtypes.canonicalize_dtype(float)
@@ -127,7 +130,8 @@ def gru(n_inputs: int, n_state: int, n_outputs: int = 1, *, dtype=None) -> Recur
     ``h = tanh(W_h x + U_h (r ⊙ s) + b_h)``, ``s' = (1 − u) ⊙ s + u ⊙ h``.
     d = 3(n p + n² + n) + k n + k parameters.
     """
-    _check_positive(n_inputs=n_inputs, n_state=n_state, n_outputs=n_outputs)
+    n_inputs, n_state, n_outputs = (positive_int(n_inputs, "n_inputs"), positive_int(n_state, "n_state"),
+                                    positive_int(n_outputs, "n_outputs"))
 
     def init(key):
         dt = dtype or jax.dtypes.canonicalize_dtype(float)
@@ -152,9 +156,3 @@ def gru(n_inputs: int, n_state: int, n_outputs: int = 1, *, dtype=None) -> Recur
 
     return RecurrentModel(init, transition, readout, n_state, (n_inputs,), n_outputs,
                           _zeros_state(n_state))
-
-
-def _check_positive(**sizes):
-    for name, v in sizes.items():
-        if int(v) != v or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")

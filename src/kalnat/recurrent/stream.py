@@ -26,6 +26,7 @@ import numpy as np
 from kalnat.learners.base import check_range, device_hyper, representable
 from kalnat.recurrent.base import RecurrentLearner, _check_numeric
 from kalnat.stream import FitResult, bad_rows_of, chunk_fn, drive_chunks, pad_chunk
+from kalnat.validation import positive_int
 
 __all__ = ["fit_sequence"]
 
@@ -73,8 +74,7 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
       ``n_skipped`` is their total).
     """
     learner.check_state(state)
-    if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = positive_int(chunk_size, "chunk_size")
     nb = state.s.shape[0]
     in_shape = tuple(learner.cell.input_shape)
     ev_shape = tuple(learner.family.event_shape)

@@ -24,7 +24,8 @@ computes the gain at each and the covariance once. ``project`` and ``gain_projec
 from __future__ import annotations
 
 import abc
-import numbers
+
+from kalnat.validation import positive_int
 
 __all__ = ["Representation"]
 
@@ -91,14 +92,6 @@ class Representation(abc.ABC):
         """``(scale, dof)`` when the observation noise scale is itself uncertain (a Student-t
         predictive with ``dof`` degrees of freedom and scale ``scale · S``), else ``None``."""
         return None
-
-
-def positive_int(value, what: str) -> int:
-    """``value`` as an ``int`` if it is a positive integer (a NumPy one too), else a
-    ``ValueError`` naming ``what``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def group_sizes(sizes, owner: str) -> tuple:

@@ -72,7 +72,8 @@ import jax.numpy as jnp
 
 from kalnat import numerics
 from kalnat.representations import moves
-from kalnat.representations.base import Representation, positive_int
+from kalnat.representations.base import Representation
+from kalnat.validation import positive_int
 
 __all__ = ["LowRank", "LowRankPrecision", "LowRankPrior"]
 
