@@ -26,6 +26,19 @@ def test_long_titles_wrap():
     assert wrapped.replace("\n", " ") == title
 
 
+def test_a_one_row_report_draws_without_a_warning(tmp_path):
+    """A stream of one row: one point on every figure, drawn without matplotlib's warning of
+    equal axis limits (the bank's weights set their own)."""
+    import warnings
+
+    curve = {"row": [1], "log_loss": [0.69], "accuracy": [0.0], "window_log_loss": [0.69]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.learning_curves(curve, "accuracy", str(tmp_path / "c"))
+        plots.bank_weights([1], [[0.5, 0.5]], ["a", "b"], str(tmp_path / "w.png"))
+        plots.confusion([[0, 1], [0, 0]], ["0", "1"], str(tmp_path / "m.png"))
+
+
 def _figure_texts(monkeypatch):
     """Every tick label, legend entry and title of each figure saved, by file name."""
     import os

@@ -98,7 +98,10 @@ def bank_weights(rows, weights, labels, path: str, title: str = "") -> str:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     if bands:
         ax.stackplot(rows, *bands, labels=names, colors=colors)
-    ax.set_xlim(rows[0] if len(rows) else 0, rows[-1] if len(rows) else 1)
+    lo, hi = (rows[0], rows[-1]) if len(rows) else (0, 1)
+    if hi <= lo:  # one row: a span to draw it in (equal limits are singular, matplotlib warns)
+        lo, hi = lo - 0.5, hi + 0.5
+    ax.set_xlim(lo, hi)
     ax.set_ylim(0, 1)
     ax.set_xlabel("rows seen")
     ax.set_ylabel("weight when the row was predicted")
