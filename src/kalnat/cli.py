@@ -227,9 +227,10 @@ def _config(kw) -> dict:
                               "covariance", "dtype")}
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
-    parse_model(cfg["model_spec"])  # early, clear error for a bad --model
-    parse_covariance(cfg["covariance"])  # early, clear error for a bad --covariance
-    resolve_dtype(cfg["dtype"], 0)  # and for a bad --dtype
+    # early, clear usage errors (status 2, as click's own) for a bad --model, --covariance, --dtype
+    _option_value(parse_model, cfg["model_spec"], "--model")
+    _option_value(parse_covariance, cfg["covariance"], "--covariance")
+    _option_value(lambda spec: resolve_dtype(spec, 0), cfg["dtype"], "--dtype")
     if cfg["forgetting"] is not None and not 0 < cfg["forgetting"] <= 1:
         raise click.BadParameter("must lie in (0, 1]", param_hint="--forget")
     if cfg["prior_var"] is not None and not cfg["prior_var"] > 0:
@@ -237,12 +238,24 @@ def _config(kw) -> dict:
     return cfg
 
 
+def _option_value(parse, value, hint: str):
+    """``parse(value)``, its ``ValueError`` (worded ``"--option 'value': …"`` by
+    :mod:`kalnat.cli_choices`) a usage error of ``hint``."""
+    try:
+        return parse(value)
+    except ValueError as err:
+        text = str(err)
+        raise click.BadParameter(text[len(hint) + 1:] if text.startswith(hint + " ") else text,
+                                 param_hint=hint) from None
+
+
 def _open(data, kw, **more):
     from kalnat import datasets
 
     folder = cache_dir()
+    delimiter = _option_value(parse_delimiter, kw["delimiter"], "--delimiter")
     return datasets.open_source(data, target=kw.get("target"), chunk_rows=kw["chunk_rows"],
-                                skip_bad_rows=kw["skip_bad_rows"], delimiter=parse_delimiter(kw["delimiter"]),
+                                skip_bad_rows=kw["skip_bad_rows"], delimiter=delimiter,
                                 shuffle_seed=kw.get("shuffle"),
                                 cache_dir=None if folder is None else os.path.join(folder, "datasets"), **more)
 
