@@ -62,33 +62,49 @@ def test_reexpression_keeps_every_prediction(method):
     reg = KalmanRegressor(method=method).fit(X[:30], y[:30])
     before = reg.predict(X[30:], return_std=True)
     new = type(reg.coords_)(reg.coords_.center + np.array([0.7, -0.2]), reg.coords_.scale * np.array([3.0, 0.5]))
-    reg.state_ = _reexpress(reg.learner_, reg.state_, reg.coords_, new)
+    reg.state_ = _reexpress(reg.learner_, reg.state_, reg.coords_, new, linear=False)   # exactly
     reg.coords_ = new
     after = reg.predict(X[30:], return_std=True)
     np.testing.assert_allclose(after[0], before[0], rtol=1e-9)
     np.testing.assert_allclose(after[1], before[1], rtol=1e-9)
 
 
-def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinates():
+@pytest.mark.parametrize("first", [20, 1])
+def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinates(first):
     """Two partial_fit calls, the statistics moving between them, equal kalnat.ekf run on all
-    rows in the last call's coordinates from the first prior carried there, A P₀ Aᵀ (a linear
-    model: w' = w·s₂/s₁, b' = b + w·(c₂ − c₁)/s₁; θ₀ = 0)."""
+    rows in the last call's coordinates from the prior 0.8·I stated there: the first rows'
+    information moved exactly (a linear-Gaussian model's does not depend on θ), the prior set
+    afresh. Moved exactly, the prior would be the first one carried there, A P₀ Aᵀ (w' =
+    w·s₂/s₁, b' = b + w·(c₂ − c₁)/s₁): after a first call of one row (s₁ = 1, no deviation
+    yet), a prior in the features' raw units."""
     X, y, _ = _data(p=3)
+    X = X * np.array([30.0, 1.0, 0.01])
     reg = KalmanRegressor(method="ekf", prior_var=0.8, noise_var=0.5)
-    reg.partial_fit(X[:20], y[:20]).partial_fit(X[20:], y[20:])
-    c1, s1, c2, s2 = X[:20].mean(0), X[:20].std(0), X.mean(0), X.std(0)
-    cy, sy = y[:20].mean(), y[:20].std()
-    A = np.zeros((4, 4))                       # θ = (b, w) in ravel order
-    A[0, 0] = 1.0
-    A[0, 1:] = (c2 - c1) / s1
-    A[1:, 1:] = np.diag(s2 / s1)
+    reg.partial_fit(X[:first], y[:first]).partial_fit(X[first:], y[first:])
+    c2, s2 = X.mean(0), X.std(0)
+    cy, sy = reg.target_coords_
     model = kalnat.models.linear(3)
-    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.5), prior_var=0.8 * A @ A.T)
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.5), prior_var=0.8)
     state = kalnat.fit(learner, learner.init(model.init(None)), (X - c2) / s2, (y - cy) / sy).state
     pred = learner.predict(state, (X - c2) / s2)
     mean, sd = reg.predict(X, return_std=True)
     np.testing.assert_allclose(mean, cy + sy * np.asarray(pred.mean)[:, 0], rtol=1e-9)
     np.testing.assert_allclose(sd, sy * np.sqrt(np.asarray(pred.obs_cov)[:, 0, 0]), rtol=1e-9)
+
+
+def test_a_first_call_without_a_target_deviation_warns_a_core_regressor():
+    """One row gives the target no scale: a core method's noise_var is then in the target's own
+    units, and a warning says so; the bank learns its noise scale, and several rows give one."""
+    import warnings
+
+    X, y, _ = _data()
+    with pytest.warns(UserWarning, match="noise_var is in the target's own units"):
+        KalmanRegressor(method="ekf").partial_fit(X[:1], y[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KalmanRegressor(method="ekf").partial_fit(X[:2], y[:2])
+        KalmanRegressor(method="auto").partial_fit(X[:1], y[:1])
+        KalmanRegressor(method="ekf", standardize=False).partial_fit(X[:1], y[:1])
 
 
 def test_standardised_features_make_units_irrelevant():

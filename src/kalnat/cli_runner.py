@@ -42,7 +42,7 @@ import numpy as np
 import kalnat
 from kalnat import baselines, representations, saved, scaling
 from kalnat.cli_choices import DEFAULT_SCALING, SCALINGS, parse_model, resolve_covariance
-from kalnat.cli_setup import build_learner, make_family, single_settings
+from kalnat.cli_setup import build_learner, make_family
 
 __all__ = ["OnlineRunner", "CHUNK", "clip_bound", "clipped", "target_affine", "block_end",
            "stats_to_json", "stats_from_json"]
@@ -106,16 +106,9 @@ def _reexpressed(runner, state, old, new):
     """A learner's or a bank's state moved from coordinates ``old`` to ``new``
     (:func:`kalnat.scaling.reexpress_members`; the prior set afresh there under ``reprior``)."""
     with_prior = runner.scheme == "reprior" and parse_model(runner.cfg["model_spec"])[0] == "linear"
-    bank = runner.bank
-    priors = None
-    if with_prior and bank is None:
-        v, lam = single_settings(runner.cfg)
-        priors = [v], [float(lam) ** int(state.count)]
-    elif with_prior:
-        counts = np.asarray(state.members.count)
-        priors = (np.asarray(bank.hyper.prior_var),
-                  np.asarray(bank.hyper.forgetting, np.float64) ** counts)  # ρ = λ^t: what forgetting left
-    return scaling.reexpress_members(state, old, new, bank=bank is not None, priors=priors)
+    bank = runner.bank is not None
+    priors = scaling.fresh_priors(runner.learner.hyper, state, bank=bank) if with_prior else None
+    return scaling.reexpress_members(state, old, new, bank=bank, priors=priors)
 
 
 def _target_moved(runner, state, old, new):

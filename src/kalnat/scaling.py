@@ -340,6 +340,19 @@ def _moved_with_prior(theta, cov, maps: Reexpression, prior_var, prior_weight):
     return _moved(theta, P, maps.A)
 
 
+def fresh_priors(hyper, state, *, bank: bool):
+    """The ``priors`` of :func:`reexpress_members` for a learner's state (a bank's, ``bank``):
+    each member's prior variance ``v`` and the weight forgetting has left of its prior,
+    ``ρ = λ^t`` after ``t`` updates; ``None`` (move exactly) where a prior variance is not one
+    number (a per-parameter prior is not restated)."""
+    counts = np.atleast_1d(np.asarray((state.members if bank else state).count, np.float64))
+    v = np.asarray(hyper.prior_var, np.float64)
+    if v.ndim > (1 if bank else 0):
+        return None
+    return (np.broadcast_to(v, counts.shape).copy(),
+            np.broadcast_to(np.asarray(hyper.forgetting, np.float64), counts.shape) ** counts)
+
+
 def reexpress_members(state, old, new, *, bank: bool, priors=None):
     """A core learner's state, or a bank's (every member), moved from feature coordinates
     ``old`` to ``new``: exactly (:func:`reexpress`), or with the prior set afresh in the new

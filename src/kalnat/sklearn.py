@@ -17,16 +17,26 @@ with scales 10⁻³ and 10³ the same prior is far too tight for one and far too
 other, and the filter is poorly conditioned). The centre and scale are the mean and deviation
 of every row given so far: each ``fit`` / ``partial_fit`` call first adds its rows to the
 running statistics (:mod:`kalnat.scaling`), then re-expresses the filter in the new
-coordinates (:func:`kalnat.scaling.reexpress`: ``θ' = Aθ``, ``P' = A P Aᵀ``, every prediction
-unchanged, the filter exactly the one that had always seen those coordinates), then learns
-the rows. The regressor's target is centred and scaled by the statistics of the first call
-(``fit``: all its rows), fixed from then on: the Gaussian noise variance ``noise_var`` and the
-predictive are in those units, mapped back for ``predict``.
+coordinates, then learns the rows. A linear model's filter moves with its prior set afresh
+there (:func:`kalnat.scaling.reexpress_with_prior`: the information the rows gave moved
+exactly, ``θ' = Aθ`` in its mean, and the prior ``v·I`` stated in the new coordinates, as
+the command's default ``reprior`` scaling does). Moved exactly (``P' = A P Aᵀ``), the prior
+would stay where the first calls stated it: after a first call of one row, whose features have
+no deviation yet, in the features' raw units, far too broad once they are rescaled, and
+``partial_fit`` one row at a time would learn far worse than ``fit``. A network's filter moves
+exactly (its weights are not zero at first, which restating the prior assumes).
+
+The regressor's target is centred and scaled by the statistics of the first call (``fit``: all
+its rows), fixed from then on: the Gaussian noise variance ``noise_var`` and the predictive are
+in those units, mapped back for ``predict``. A first call whose targets have no deviation (one
+row) leaves the target unscaled, and ``noise_var`` of a core method then in the target's own
+units: a ``UserWarning`` says so (``method="auto"`` learns the noise scale).
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -49,10 +59,14 @@ CHUNK = 32
 MIN_PREDICT_ROWS = 8
 
 
-def _reexpress(learner, state, old, new):
+def _reexpress(learner, state, old, new, linear: bool):
     """A core learner's or a bank's state moved from feature coordinates ``old`` to ``new``
-    (``(center, scale)`` pairs), every prediction unchanged (:func:`kalnat.scaling.reexpress`)."""
-    return scaling.reexpress_members(state, old, new, bank=isinstance(learner, kalnat.bank.Bank))
+    (``(center, scale)`` pairs): a linear model's with its prior ``N(0, v·I)`` set afresh in
+    the new coordinates (:func:`kalnat.scaling.reexpress_with_prior`), a network's exactly
+    (:func:`kalnat.scaling.reexpress`, every prediction unchanged)."""
+    bank = isinstance(learner, kalnat.bank.Bank)
+    priors = scaling.fresh_priors(learner.hyper, state, bank=bank) if linear else None
+    return scaling.reexpress_members(state, old, new, bank=bank, priors=priors)
 
 
 def _alive(learner, state) -> bool:
@@ -118,7 +132,7 @@ class _KalmanEstimator(BaseEstimator):
             old = self.coords_
             if old is not None and not (np.array_equal(old.center, new.center)
                                         and np.array_equal(old.scale, new.scale)):
-                self.state_ = _reexpress(learner, self.state_, old, new)
+                self.state_ = _reexpress(learner, self.state_, old, new, linear=self.hidden is None)
             self.coords_ = new
         res = kalnat.fit(learner, self.state_, self._features(X), t, chunk_size=CHUNK, fixed_chunk=True,
                          return_predictions=False)
@@ -268,7 +282,15 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
             raise ValueError(f"noise_var must be a positive number, got {self.noise_var!r}")
         self._start(("gaussian", float(self.noise_var)), n_features)
         center, scale = (float(np.mean(y)), float(np.std(y))) if self.standardize else (0.0, 1.0)
-        self.target_coords_ = _Coords(center, scale if scale > 1e-8 * max(1.0, abs(center)) else 1.0)
+        spread = scale > 1e-8 * max(1.0, abs(center))
+        self.target_coords_ = _Coords(center, scale if spread else 1.0)
+        if self.standardize and not spread and self.method != "auto":
+            # the noise variance is fixed in the target's units from here on (the bank learns
+            # its noise scale and needs none)
+            warnings.warn(f"{type(self).__name__}: the first call's {len(y)} target value(s) have no "
+                          "deviation to scale the target by, so noise_var is in the target's own units "
+                          "from now on; give the first partial_fit several rows, or method='auto' "
+                          "(which learns the noise scale)", UserWarning, stacklevel=3)
 
     def _target(self, y):
         return (np.asarray(y, np.float64) - self.target_coords_.center) / self.target_coords_.scale
