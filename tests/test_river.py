@@ -49,6 +49,23 @@ def test_growing_is_the_filter_that_always_had_the_features():
         np.testing.assert_allclose(got.sigma, np.sqrt(float(ref.obs_cov[0, 0])), rtol=1e-10)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "lowrank:2"])
+def test_a_feature_arriving_late_is_the_feature_there_as_0_from_the_start(covariance):
+    """A structured form grows as the full covariance does: a feature arriving at row 10 gives
+    the filter that had it from the start, as 0 until then (a low-rank precision re-laid in its
+    own storage; through the dense P its with_dense kept only its top directions)."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(30, 3))
+    y = X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=30)
+    late, there = (KalmanRegressor(method="ekf", covariance=covariance) for _ in range(2))
+    for i in range(30):
+        late.learn_one({"a": X[i, 0], "b": X[i, 1], **({"c": X[i, 2]} if i >= 10 else {})}, y[i])
+        there.learn_one({"a": X[i, 0], "b": X[i, 1], "c": X[i, 2] if i >= 10 else 0.0}, y[i])
+    q = {"a": 1.0, "b": 1.0, "c": 1.0}
+    a, b = late.predict_one(q, with_dist=True), there.predict_one(q, with_dist=True)
+    np.testing.assert_allclose([a.mu, a.sigma], [b.mu, b.sigma], rtol=1e-10)
+
+
 def test_learn_many_is_learn_one():
     pd = pytest.importorskip("pandas")
     X, y, rows = _stream(n=24, p=10)
@@ -87,12 +104,13 @@ def test_a_new_feature_gets_a_fresh_prior(method, covariance):
         np.testing.assert_array_equal(P[np.ix_(c, others)], 0.0)
 
 
-@pytest.mark.parametrize("covariance", ["diag", "blocks"])
-def test_features_past_the_first_capacities_keep_learning(covariance):
+@pytest.mark.parametrize("covariance,hidden", [("diag", None), ("blocks", None), ("kron", None),
+                                               ("last-layer:2", (3,))])
+def test_features_past_the_first_capacities_keep_learning(covariance, hidden):
     """New features double the model's capacity (8, then 16 columns at the 9th feature): the
     growth re-expresses the structured covariance at the new size (a diagonal's variances are
-    padded to 8 lanes)."""
-    reg = KalmanRegressor(covariance=covariance, method="ekf", prior_var=1.0)
+    padded to 8 lanes; the Kronecker factors and a network's groups take the new sizes)."""
+    reg = KalmanRegressor(covariance=covariance, method="ekf", prior_var=1.0, hidden=hidden)
     rng = np.random.default_rng(5)
     for i in range(12):
         x = {f"f{j}": rng.normal() for j in range(i + 1)}

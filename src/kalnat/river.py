@@ -38,7 +38,8 @@ import kalnat
 from kalnat import estimators
 from kalnat.filter import State
 from kalnat.learners.base import check_range, check_targets
-from kalnat.representations import BlockCovariance, NIGCovariance
+from kalnat.representations import (BlockCovariance, GroupCovariance, KronCovariance, LowRankPrecision,
+                                    NIGCovariance)
 
 __all__ = ["KalmanClassifier", "KalmanRegressor", "grow"]
 
@@ -48,15 +49,28 @@ CHUNK = 32  # rows per jitted scan of learn_many (one compiled program for every
 MIN_PREDICT_ROWS = 8  # predict_many pads its rows to a power of two, at least this
 
 
-def _with_dense(cov, template, P):
-    """``cov``'s representation holding ``P`` at the template's size (what ``cov`` carries besides
-    P, e.g. the noise scale of the normal–inverse-gamma filter or the Fisher form's rate, is
-    kept; a block layout is the template's)."""
+def _grown_cov(cov, template, keep, i):
+    """``cov`` re-laid as :func:`grow` describes, in its representation at the template's size
+    (what ``cov`` carries besides P, e.g. the noise scale of the normal–inverse-gamma filter or
+    the Fisher form's rate, is kept).
+
+    A low-rank plus diagonal precision is re-laid exactly in its own storage: the grown P is
+    block-diagonal between the kept coordinates and the fresh ones, so its precision is the
+    kept rows of ``υ`` and ``W`` with the template's ``υ`` and zero rows of ``W`` for the fresh
+    ones (a coordinate dropped is one no row has informed: ``W``'s row there is 0, and leaving
+    it out of ``Λ`` is its marginal), where through the dense P the form's ``with_dense`` keeps
+    only its top directions. Other forms go through the dense P; a form whose layout depends on
+    the size (blocks, groups, Kronecker factors) takes the template's."""
     if isinstance(cov, NIGCovariance):
-        return cov._replace(inner=_with_dense(cov.inner, template.inner, P))
-    if isinstance(cov, BlockCovariance):
-        return template.with_dense(P)
-    return cov.with_dense(P)
+        return cov._replace(inner=_grown_cov(cov.inner, template.inner, keep, i))
+    if isinstance(cov, LowRankPrecision):
+        return LowRankPrecision(jnp.where(keep, cov.ups[i], template.ups), jnp.where(keep[:, None], cov.w[i], 0.0))
+    P, P0 = cov.dense(), template.dense()
+    P_new = jnp.where(keep[:, None] & keep[None, :], P[i][:, i],
+                      jnp.where(keep[:, None] | keep[None, :], 0.0, P0))
+    if isinstance(cov, (BlockCovariance, GroupCovariance, KronCovariance)):
+        return template.with_dense(P_new)
+    return cov.with_dense(P_new)
 
 
 def grow(state: State, template: State, index) -> State:
@@ -76,11 +90,7 @@ def grow(state: State, template: State, index) -> State:
     theta0, unravel = ravel_pytree(template.params)
     keep = index >= 0
     i = jnp.where(keep, index, 0)
-    P, P0 = state.cov.dense(), template.cov.dense()
-    moved = P[i][:, i]
-    P_new = jnp.where(keep[:, None] & keep[None, :], moved,
-                      jnp.where(keep[:, None] | keep[None, :], 0.0, P0))
-    return State(unravel(jnp.where(keep, theta[i], theta0)), _with_dense(state.cov, template.cov, P_new),
+    return State(unravel(jnp.where(keep, theta[i], theta0)), _grown_cov(state.cov, template.cov, keep, i),
                  state.count)
 
 
