@@ -154,6 +154,15 @@ def test_multiclass_and_bad_input():
         clf.learn_one({"a": "red"}, "x")
     with pytest.raises(ValueError, match="method must be one of"):
         KalmanRegressor(method="adam")
+    # binary without classes=: True/False or 1/0 (None as False, as river's own); a string or −1
+    # was read by its truth (every label True), now refused before anything is learned
+    binary = KalmanClassifier(method="ekf")
+    for y in (True, False, 1, 0, np.int64(1), np.bool_(False), 1.0, None):
+        binary.learn_one({"a": 1.0}, y)
+    for y in ("spam", -1, 2, 0.5):
+        with pytest.raises(ValueError, match=r"give classes=\[…\]"):
+            binary.learn_one({"a": 1.0}, y)
+    assert binary._state.count == 8
 
 
 def test_bad_rows_are_refused_before_anything_changes():

@@ -296,9 +296,10 @@ def _checked(pred):
 class KalmanClassifier(_Features, base.MiniBatchClassifier):
     """A classifier learned by a Kalman filter on its parameters (one pass, row by row).
 
-    Binary by default: ``y`` is read as a boolean and the probabilities are keyed ``False`` and
-    ``True``, as river's ``LogisticRegression`` does; give ``classes`` (every label of the
-    stream) for more classes.
+    Binary by default: ``y`` is ``True``/``False`` (or 1/0) and the probabilities are keyed
+    ``False`` and ``True``, as river's ``LogisticRegression`` does; give ``classes`` (every
+    label of the stream) for other labels or more classes: without it another label (a string,
+    −1) is a ``ValueError``, not read by its truth.
 
     Parameters
     ----------
@@ -343,7 +344,12 @@ class KalmanClassifier(_Features, base.MiniBatchClassifier):
 
     def _target(self, y):
         if self.classes is None:
-            return 1 if y else 0
+            # a boolean, 0 or 1 (or None: False, as river's LogisticRegression reads it); any
+            # other label would be read by its truth, every string and ±1 as True, with no error
+            if y is None or isinstance(y, (bool, np.bool_)) or (isinstance(y, numbers.Real) and y in (0, 1)):
+                return 1 if y else 0
+            raise ValueError(f"label {y!r}: without classes= the classifier is binary and takes True/False "
+                             "(or 1/0) labels; give classes=[…], every label of the stream, for others")
         try:
             return list(self.classes).index(y)
         except ValueError:
