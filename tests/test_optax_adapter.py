@@ -94,6 +94,41 @@ def test_chains_with_clipping_and_schedules():
         np.testing.assert_allclose(got[t], theta, rtol=1e-10)
 
 
+@pytest.mark.parametrize("settings", [dict(forgetting=0.97, init_fisher=2.0, damping=0.01),
+                                      dict(learning_rate=0.1, eta0=0.5)])
+def test_inject_hyperparams_jits_and_is_the_transformation(settings):
+    """optax.inject_hyperparams calls the factory again inside the jitted update, its numbers
+    traced: the same steps as the transformation itself (its checks, on the host, ran at init)."""
+    X, Y, family = _problem(3, "bernoulli", n=6, p=2)
+    model = kalnat.models.linear(2)
+    plain, _ = _run_optax(kx.natural_gradient(family=family, **settings), model, family, model.init(None), X, Y)
+    injected = optax.inject_hyperparams(kx.natural_gradient, static_args=("family",))(family=family, **settings)
+    got, state = _run_optax(injected, model, family, model.init(None), X, Y)
+    np.testing.assert_allclose(got, plain, rtol=1e-12, atol=1e-15)
+    assert float(state.hyperparams["damping" if "damping" in settings else "learning_rate"]) > 0
+    with pytest.raises(ValueError, match="forgetting must lie in"):
+        optax.inject_hyperparams(kx.natural_gradient, static_args=("family",))(family=family, forgetting=1.5).init(
+            model.init(None))
+
+
+def test_a_minibatchs_prediction_gives_r_row_by_row():
+    """prediction of B rows (B,): R = diag of each row's variance, as obs_cov given by hand."""
+    X, Y, family = _problem(4, "bernoulli", n=4, p=2)
+    model = kalnat.models.linear(2)
+    params = model.init(None)
+    mean = lambda p: family.mean(jax.vmap(lambda x: model.apply(p, x))(X)).reshape(-1)  # noqa: E731
+    nll = lambda p: -jnp.sum(jax.vmap(lambda x, y: family.log_prob(model.apply(p, x), y))(X, Y))  # noqa: E731
+    tx = kx.natural_gradient(0.3, family=family)
+    grads, jac, mu = jax.grad(nll)(params), jax.jacrev(mean)(params), mean(params)
+    a, _ = tx.update(grads, tx.init(params), params, jacobian=jac, prediction=mu)
+    b, _ = tx.update(grads, tx.init(params), params, jacobian=jac, obs_cov=jnp.diag(mu * (1 - mu)))
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(u, v, rtol=1e-12)
+    with pytest.raises(ValueError, match="not rows of the family's 3"):
+        kx.natural_gradient(family=kalnat.families.Categorical(4)).update(
+            grads, tx.init(params), params, jacobian=jac, prediction=jnp.ones(4))
+
+
 def test_missing_extra_arguments_are_reported():
     tx = kx.natural_gradient()
     params = {"w": jnp.zeros(2)}

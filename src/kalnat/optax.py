@@ -70,9 +70,18 @@ def _rate(rate, name):
         return rate
     if callable(rate):
         return schedules.Function(lambda t: rate(t - 1))  # optax schedules count from 0
+    if _traced(rate):
+        return schedules.Constant(rate)
     if not float(rate) > 0:
         raise ValueError(f"{name} must be positive, got {rate}")
     return schedules.constant(rate)
+
+
+def _traced(value) -> bool:
+    """Whether a setting is a JAX tracer: ``optax.inject_hyperparams`` calls the factory again
+    inside a jitted update with its numbers traced. Such a value is checked where it was given
+    (``init``, outside ``jit``), not on each call, where it has no value to check."""
+    return isinstance(value, jax.core.Tracer)
 
 
 def natural_gradient(learning_rate: Union[None, float, Callable, Any] = None, *, fisher_rate=None,
@@ -94,21 +103,27 @@ def natural_gradient(learning_rate: Union[None, float, Callable, Any] = None, *,
         ``obs_cov``).
 
     The update's extra arguments: ``jacobian`` (required) and ``prediction`` or ``obs_cov``.
+    A minibatch's ``prediction`` (``(B,)`` or ``(B, m)``, with ``jacobian`` of it) gives ``R``
+    block-diagonal, one block a row.
     """
-    if not float(eta0) > 0:
+    if not _traced(eta0) and not float(eta0) > 0:
         raise ValueError(f"eta0 must be positive, got {eta0}")
-    if not float(damping) >= 0:
+    if not _traced(damping) and not float(damping) >= 0:
         raise ValueError(f"damping must be non-negative, got {damping}")
-    if not 0 < float(forgetting) <= 1:
+    if not _traced(forgetting) and not 0 < float(forgetting) <= 1:
         raise ValueError(f"forgetting must lie in (0, 1], got {forgetting}")
-    lr = schedules.kalman(float(forgetting)) if learning_rate is None else _rate(learning_rate, "learning_rate")
+    if learning_rate is None:
+        lr = schedules.kalman(forgetting if _traced(forgetting) else float(forgetting))
+    else:
+        lr = _rate(learning_rate, "learning_rate")
     fr = None if fisher_rate is None else _rate(fisher_rate, "fisher_rate")
-    j0 = numerics.check_covariance(init_fisher, "init_fisher", None)
+    j0 = init_fisher if _traced(init_fisher) else numerics.check_covariance(init_fisher, "init_fisher", None)
 
     def init_fn(params):
         theta, _ = ravel_pytree(params)
         d, dtype = theta.shape[0], theta.dtype
-        numerics.check_covariance(j0, "init_fisher", d)
+        if not _traced(j0):
+            numerics.check_covariance(j0, "init_fisher", d)
         eta = jnp.asarray(eta0, dtype)
         return NaturalGradientState(jnp.zeros((), jnp.int32), numerics.prior_matrix(j0, d, dtype), eta, eta)
 
@@ -123,14 +138,19 @@ def natural_gradient(learning_rate: Union[None, float, Callable, Any] = None, *,
             if prediction is None or family is None:
                 raise ValueError("natural_gradient needs obs_cov (R), or prediction with the family given "
                                  "at construction")
-            # in the updates' dtype: the family's default floor on R is a few units of its rounding
-            obs_cov = family.cov(jnp.reshape(jnp.asarray(prediction, dtype), (family.m,)))
+            # in the updates' dtype: the family's default floor on R is a few units of its rounding;
+            # a minibatch's predictions (rows of the family's m values) give R block by block
+            pred = jnp.reshape(jnp.asarray(prediction, dtype), (-1,))
+            if pred.shape[0] % family.m:
+                raise ValueError(f"prediction: {pred.shape[0]} values, not rows of the family's {family.m} "
+                                 "(one row's, or a minibatch's)")
+            obs_cov = numerics.block_diag(jax.vmap(family.cov)(pred.reshape(-1, family.m)))
         t = state.count + 1
         eta = jnp.asarray(lr(t, state.lr), dtype)
         gamma = eta if fr is None else jnp.asarray(fr(t, state.fisher_lr), dtype)
         F = fisher_matrix(jacobian, jnp.asarray(obs_cov, dtype), g.shape[0])
         J = numerics.symmetrize((1.0 - gamma) * state.fisher + gamma * F)
-        A = numerics.add_to_diagonal(J, damping) if damping else J
+        A = numerics.add_to_diagonal(J, damping) if _traced(damping) or damping else J
         step = -eta * numerics.chol_solve(A, g)
         return unravel(step), NaturalGradientState(t, J, eta, gamma)
 
