@@ -159,6 +159,18 @@ def test_bad_settings_and_input_are_reported():
     clf = KalmanClassifier(method="ekf").partial_fit(X, c, classes=[0, 1])
     with pytest.raises(ValueError, match="not one of the classes"):
         clf.partial_fit(X, c + 5)
+    # scikit-learn's conventions: hidden=4 is (4,); random_state a RandomState or a Generator,
+    # a seed drawn from a copy (the same network each time); a float or a string is refused
+    mlp = KalmanClassifier(hidden=4, method="ekf").fit(X, c)
+    assert mlp.learner_key_[2] == (4,)
+    for rng in (np.random.RandomState(0), np.random.default_rng(0)):
+        keys = {KalmanClassifier(hidden=(3,), method="ekf", random_state=rng).fit(X, c).learner_key_ for _ in range(2)}
+        assert len(keys) == 1
+    for bad, message in ((1.5, "random_state must be an int"), ("0", "random_state must be an int")):
+        with pytest.raises(ValueError, match=message):
+            KalmanClassifier(method="ekf", random_state=bad).fit(X, c)
+    with pytest.raises(ValueError, match=r"hidden\[1\] must be a positive integer, got 2.5"):
+        KalmanClassifier(hidden=(3, 2.5), method="ekf").fit(X, c)
 
 
 def test_a_bank_goes_on_without_a_diverged_member():

@@ -12,13 +12,16 @@ a closure, which does not pickle).
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 import jax
+import numpy as np
 
 import kalnat
 from kalnat import families, models, representations, schedules
 from kalnat.cli_choices import parse_covariance
+from kalnat.validation import positive_int
 
 __all__ = ["METHODS", "COVARIANCES", "learner", "family", "settings_key"]
 
@@ -61,10 +64,25 @@ def settings_key(est, family_spec, n_features):
         raise ValueError(f"prior_var must be a positive number, got {est.prior_var!r}")
     if est.forgetting is not None and not (isinstance(est.forgetting, numbers.Real) and 0 < est.forgetting <= 1):
         raise ValueError(f"forgetting must be a number in (0, 1], got {est.forgetting!r}")
-    hidden = tuple(int(h) for h in (est.hidden or ()))
-    seed = 0 if est.random_state is None else int(est.random_state)
+    hidden = (est.hidden,) if isinstance(est.hidden, numbers.Integral) else (est.hidden or ())   # 16: (16,)
+    hidden = tuple(positive_int(h, f"hidden[{i}]") for i, h in enumerate(hidden))
     return (tuple(family_spec), int(n_features), hidden, est.method, est.covariance,
-            est.prior_var, est.forgetting, seed)
+            est.prior_var, est.forgetting, _seed(est.random_state))
+
+
+def _seed(random_state) -> int:
+    """The MLP's initial weights' seed: an int as it is, ``None`` 0, and from a NumPy
+    ``RandomState`` or ``Generator`` (scikit-learn's conventions) a number drawn from a copy,
+    so that the settings' key, computed more than once, is the same each time."""
+    if random_state is None:
+        return 0
+    if isinstance(random_state, (np.random.RandomState, np.random.Generator)):
+        rng = copy.deepcopy(random_state)
+        draw = rng.randint if isinstance(rng, np.random.RandomState) else rng.integers
+        return int(draw(2**31 - 1))
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        return int(random_state)
+    raise ValueError(f"random_state must be an int, a NumPy RandomState or Generator, or None; got {random_state!r}")
 
 
 def learner(key):

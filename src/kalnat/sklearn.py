@@ -166,7 +166,7 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
     Two classes use a Bernoulli output, more a categorical one (K − 1 logits).
 
     Args:
-      hidden: widths of the hidden layers, e.g. ``(16,)``; ``None`` (default) a linear model
+      hidden: widths of the hidden layers, e.g. ``(16,)`` (or ``16``); ``None`` (default) a linear model
         (logistic regression).
       method: ``"auto"`` (the evidence-weighted bank :func:`kalnat.auto`), or one core learner:
         ``"ekf"``, ``"sqrt_ekf"``, ``"information_filter"``, ``"natural_gradient"``,
@@ -178,7 +178,8 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
       prior_var: the prior variance of every parameter (core methods; default 1).
       forgetting: λ in (0, 1] (core methods; default 1, no forgetting).
       standardize: learn on standardised features (see the module).
-      random_state: seed of an MLP's initial weights.
+      random_state: seed of an MLP's initial weights: an int, a NumPy ``RandomState`` or
+        ``Generator`` (a seed drawn from a copy of it), or ``None`` (0).
 
     Attributes:
       classes_: the class labels; ``state_``: the filter's state; ``learner_``: its learner.
