@@ -1,5 +1,6 @@
 """kalnat.sklearn: scikit-learn's own estimator checks, and the estimators against the filters."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -80,7 +81,9 @@ def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinate
     X, y, _ = _data(p=3)
     X = X * np.array([30.0, 1.0, 0.01])
     reg = KalmanRegressor(method="ekf", prior_var=0.8, noise_var=0.5)
-    reg.partial_fit(X[:first], y[:first]).partial_fit(X[first:], y[first:])
+    with pytest.warns(UserWarning, match="no deviation") if first == 1 else contextlib.nullcontext():
+        reg.partial_fit(X[:first], y[:first])
+    reg.partial_fit(X[first:], y[first:])
     c2, s2 = X.mean(0), X.std(0)
     cy, sy = reg.target_coords_
     model = kalnat.models.linear(3)
@@ -157,8 +160,9 @@ def test_bad_settings_and_input_are_reported():
     with pytest.raises(ValueError, match="covariance must be one of"):
         KalmanClassifier(covariance="lowrank:0").fit(X, c)
     clf = KalmanClassifier(method="ekf").partial_fit(X, c, classes=[0, 1])
-    with pytest.raises(ValueError, match="not one of the classes"):
+    with pytest.raises(ValueError, match=r"label [56] is not one of the classes \[0, 1\]"):   # not np.int64(5)
         clf.partial_fit(X, c + 5)
+    np.testing.assert_allclose(clf.predict_log_proba(X), np.log(clf.predict_proba(X)), rtol=1e-12)
     # scikit-learn's conventions: hidden=4 is (4,); random_state a RandomState or a Generator,
     # a seed drawn from a copy (the same network each time); a float or a string is refused
     mlp = KalmanClassifier(hidden=4, method="ekf").fit(X, c)
@@ -171,6 +175,25 @@ def test_bad_settings_and_input_are_reported():
             KalmanClassifier(method="ekf", random_state=bad).fit(X, c)
     with pytest.raises(ValueError, match=r"hidden\[1\] must be a positive integer, got 2.5"):
         KalmanClassifier(hidden=(3, 2.5), method="ekf").fit(X, c)
+
+
+def test_settings_changed_between_partial_fits_are_taken_or_refused():
+    """set_params between partial_fit calls: a core method's forgetting (or prior_var,
+    noise_var) applies from the next row, the filter that had it from there; a method, model or
+    covariance the state cannot hold is a ValueError (it was ignored)."""
+    X, y, _ = _data()
+    a = KalmanRegressor(method="ekf", standardize=False).partial_fit(X[:30], y[:30])
+    a.set_params(forgetting=0.9, noise_var=0.5).partial_fit(X[30:], y[30:])
+    model = kalnat.models.linear(3)
+    first = kalnat.ekf(model, kalnat.families.Gaussian(1.0))
+    state = kalnat.fit(first, first.init(model.init(None)), X[:30], y[:30]).state
+    then = kalnat.ekf(model, kalnat.families.Gaussian(0.5), forgetting=0.9)
+    state = kalnat.fit(then, state, X[30:], y[30:]).state
+    np.testing.assert_allclose(a.predict(X), np.asarray(then.predict(state, X).mean)[:, 0], rtol=1e-10)
+    for change in (dict(method="auto", forgetting=None), dict(hidden=(3,)), dict(covariance="diag")):
+        b = KalmanRegressor(method="ekf").partial_fit(X[:30], y[:30])
+        with pytest.raises(ValueError, match=f"{next(iter(change))} changed"):
+            b.set_params(**change).partial_fit(X[30:], y[30:])
 
 
 def test_a_bank_goes_on_without_a_diverged_member():

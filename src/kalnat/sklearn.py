@@ -123,8 +123,32 @@ class _KalmanEstimator(BaseEstimator):
             return X
         return (X - self.coords_.center) / self.coords_.scale
 
+    def _family_now(self):
+        """The family's spec from the settings as they are now (as ``_begin`` made it)."""
+        return self.learner_key_[0]
+
+    def _settings_now(self):
+        """Takes settings changed by ``set_params`` since the stream began: a core method's
+        ``prior_var``, ``forgetting`` (and the regressor's ``noise_var``) from the next row on, as
+        scikit-learn's incremental estimators take a changed rate; a change the state learned so
+        far cannot hold (the method, the model, the covariance) is a ``ValueError``, where it was
+        ignored."""
+        key = estimators.settings_key(self, self._family_now(), self.learner_key_[1])
+        if key == self.learner_key_:
+            return
+        names = ("noise_var", "n_features", "hidden", "method", "covariance", "prior_var", "forgetting",
+                 "random_state")
+        changed = [name for name, a, b in zip(names, self.learner_key_, key) if a != b]
+        if set(changed) <= {"noise_var", "prior_var", "forgetting"}:
+            self.learner_key_ = key   # the same state, learned on with the new settings
+            return
+        raise ValueError(f"{type(self).__name__}: {', '.join(changed)} changed (set_params) since the stream "
+                         "began, and the state learned so far holds the old ones; fit() starts afresh with "
+                         "the new settings")
+
     def _learn(self, X, t):
         """Adds the rows to the statistics, re-expresses the filter, learns the rows."""
+        self._settings_now()
         learner = self.learner_
         if self.standardize:
             self.scaler_ = scaling.transform_and_update(self.scaler_, X)[1]
@@ -205,8 +229,8 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
                                  "stream), e.g. partial_fit(X, y, classes=[0, 1])")
             self._begin(np.unique(np.asarray(classes)), X.shape[1])
         elif classes is not None and not np.array_equal(np.unique(np.asarray(classes)), self.classes_):
-            raise ValueError(f"classes {list(np.unique(classes))} differ from those of the first call "
-                             f"{list(self.classes_)}")
+            raise ValueError(f"classes {np.unique(classes).tolist()} differ from those of the first call "
+                             f"{self.classes_.tolist()}")
         return self._learn_labels(X, y)
 
     def _begin(self, classes, n_features):
@@ -221,7 +245,8 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
         index = np.searchsorted(self.classes_, y)
         unknown = (index >= len(self.classes_)) | (self.classes_[np.minimum(index, len(self.classes_) - 1)] != y)
         if np.any(unknown):
-            raise ValueError(f"label {y[np.argmax(unknown)]!r} is not one of the classes {list(self.classes_)} "
+            bad = y[np.argmax(unknown):][:1].tolist()[0]   # a Python value: 7, not np.int64(7)
+            raise ValueError(f"label {bad!r} is not one of the classes {self.classes_.tolist()} "
                              "given to the first partial_fit")
         self._learn(X, index.astype(np.int64))
         return self
@@ -230,6 +255,11 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
         """``(n, n_classes)`` predictive class probabilities, columns in ``classes_`` order."""
         probs = self._predictive(X).probs
         return probs / probs.sum(axis=1, keepdims=True)
+
+    def predict_log_proba(self, X):
+        """``(n, n_classes)`` the logarithms of :meth:`predict_proba`."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
 
     def predict(self, X):
         """``(n,)`` the most probable class of each row."""
@@ -279,9 +309,7 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
         return self
 
     def _begin(self, n_features, y):
-        if not (isinstance(self.noise_var, numbers.Real) and self.noise_var > 0):
-            raise ValueError(f"noise_var must be a positive number, got {self.noise_var!r}")
-        self._start(("gaussian", float(self.noise_var)), n_features)
+        self._start(self._family_now(), n_features)
         center, scale = (float(np.mean(y)), float(np.std(y))) if self.standardize else (0.0, 1.0)
         spread = scale > 1e-8 * max(1.0, abs(center))
         self.target_coords_ = _Coords(center, scale if spread else 1.0)
@@ -295,6 +323,11 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
 
     def _target(self, y):
         return (np.asarray(y, np.float64) - self.target_coords_.center) / self.target_coords_.scale
+
+    def _family_now(self):
+        if not (isinstance(self.noise_var, numbers.Real) and self.noise_var > 0):
+            raise ValueError(f"noise_var must be a positive number, got {self.noise_var!r}")
+        return ("gaussian", float(self.noise_var))
 
     def predict(self, X, return_std=False):
         """Predictive means ``(n,)`` (and standard deviations ``(n,)`` with ``return_std``)."""
