@@ -19,8 +19,9 @@ features, doubled when it is full (so a new feature recompiles the step only ``l
 columns not yet in use are 0 in every row, so their Jacobian columns are 0 and they take no
 part in any update. When a feature arrives its coordinates get a fresh prior
 (:func:`grow`): θ the model's initial values (0 for a linear model), and the prior covariance
-block, uncorrelated with the rest: the filter then is exactly the one that had always had the
-feature, as 0 until now, under a fresh prior for it.
+block, uncorrelated with the rest: a linear model's filter then is exactly the one that had
+always had the feature, as 0 until now, under a fresh prior for it (a network's first layer is
+drawn at its capacity: another draw of the network that had the feature from the start).
 """
 
 from __future__ import annotations
