@@ -298,6 +298,33 @@ def test_kronecker_is_the_exact_ekf_where_the_information_is_kronecker(case):
         assert variances[3] == pytest.approx(1.5) and np.all(np.delete(variances, 3) < 1.0)  # θ: b, then w
 
 
+@pytest.mark.parametrize("layout", ["flax", "weights-first", "kernel-first"])
+def test_kronecker_reads_the_layouts_networks_use_and_is_exact_there(layout):
+    """A dense layer held as flax's {"bias", "kernel" (n_in, n_out)}, as equinox's weights
+    (n_out, n_in) then bias, or as a kernel then bias: kronecker(params) reads it as the layer
+    (no warning), and where the information is a Kronecker product (three outputs, isotropic
+    gaussian noise) the filter is the exact EKF on those params, θ and P in their order."""
+    rng = np.random.default_rng(4)
+    w, b = rng.normal(size=(3, 4)), rng.normal(size=3)
+    params, apply = {
+        "flax": ({"bias": b, "kernel": w.T}, lambda p, x: x @ p["kernel"] + p["bias"]),
+        "weights-first": ((w, b), lambda p, x: p[0] @ x + p[1]),
+        "kernel-first": ((w.T, b), lambda p, x: x @ p[0] + p[1]),
+    }[layout]
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = kronecker(params)
+    assert (rep.bias_first, rep.transposed) == {"flax": (True, True), "weights-first": (False, False),
+                                                "kernel-first": (False, True)}[layout]
+    X, _ = _stream("gaussian", 6)
+    y = X @ rng.normal(size=(4, 3)) + rng.normal(size=(40, 3))
+    fam, opts = kalnat.families.Gaussian(0.5, dim=3), dict(prior_var=0.7, forgetting=0.9, input_shape=(4,))
+    exact, kron = kalnat.ekf(apply, fam, **opts), kalnat.ekf(apply, fam, representation=rep, **opts)
+    _agree(kalnat.fit(exact, exact.init(params), X, y, batch_size=3),
+           kalnat.fit(kron, kron.init(params), X, y, batch_size=3), 1e-9)
+
+
 @settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate])
 @given(n_out=st.integers(1, 4), n_in=st.integers(1, 4), k=st.integers(1, 3), outer=st.booleans(),
        seed=st.integers(0, 2**16))
@@ -498,9 +525,10 @@ def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():
         warnings.simplefilter("error")  # every leaf read as a layer: nothing to warn of
         rep = kronecker(params)
     assert rep == Groups((25, 18), (KronLayer(5, 4), KronLayer(3, 5)))
-    # flax's layout, kernel (n_in, n_out) after its bias: a full block of the kernel's size, named
-    with pytest.warns(UserWarning, match=r"\['kernel'\] \(4, 5\) \(400 numbers\)"):
-        assert kronecker({"bias": jnp.zeros(5), "kernel": jnp.zeros((4, 5))}) == Groups((5, 20), (Full(), Full()))
+    # a leaf of two or more axes not next to a bias (a convolution's kernel): a full block of
+    # its size, named
+    with pytest.warns(UserWarning, match=r"\['conv'\] \(2, 2, 3\) \(144 numbers\)"):
+        assert kronecker({"conv": jnp.zeros((2, 2, 3))}) == Full()
     rng = np.random.default_rng(9)
     g, a = rng.normal(size=(3, 3)), rng.normal(size=(6, 6))
     cov = kalnat.representations.KronCovariance(jnp.asarray(g @ g.T + np.eye(3)), jnp.asarray(a @ a.T + np.eye(6)))

@@ -95,7 +95,7 @@ def _cov_specs(cov, n: int, top: bool = True):
     if isinstance(cov, GroupCovariance):
         return GroupCovariance(tuple(_cov_specs(part, n, top=False) for part in cov.parts))
     if isinstance(cov, KronCovariance):  # whole on every device: the step factors and whitens them
-        return KronCovariance(Spec(), Spec())
+        return type(cov)(Spec(), Spec())   # the layer's layout is its type
     if isinstance(cov, _WHOLE):
         return jax.tree_util.tree_map(lambda a: _rows(a.shape, n, even=top), cov)
     raise ValueError(f"kalnat.sharded: no sharding for a {type(cov).__name__} (the full, diagonal, low-rank, "

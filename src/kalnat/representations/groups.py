@@ -199,12 +199,14 @@ def last_layer_full(params, rest: Representation) -> Groups:
 
 def kronecker(params) -> Representation:
     """Kronecker factors for every dense layer (:class:`~kalnat.representations.kron.KronLayer`):
-    each bias leaf ``(n,)`` followed by a weight leaf ``(n, m)`` in ``ravel_pytree``'s order (as
-    :func:`kalnat.models.linear` and :func:`kalnat.models.mlp` lay out a layer: ``z = W a + b``
-    with ``W (n_out, n_in)``) is one layer; any other leaf keeps a full covariance of its own.
-    A weight stored ``(n_in, n_out)`` after its bias (flax's kernels), or before it, is not read
-    as a layer: such a leaf of two or more axes keeps a full covariance, of its size squared,
-    and a ``UserWarning`` names it."""
+    a bias leaf ``(n,)`` next to a weight leaf in ``ravel_pytree``'s order is one layer of
+    ``n`` outputs, in any of the layouts networks use: the bias first and the weights
+    ``(n_out, n_in)`` (:func:`kalnat.models.linear` and :func:`kalnat.models.mlp`), or stored
+    ``(n_in, n_out)`` (flax's ``{"bias", "kernel"}``, haiku's ``{"b", "w"}``), or the weights
+    first (equinox's ``Linear``). A square weight reads as ``(n_out, n_in)`` unless its leaf is
+    named ``kernel`` (flax's). Any other leaf keeps a full covariance of its own, and one of two
+    or more axes among them (a recurrent cell's matrices, a convolution's kernel) is named in a
+    ``UserWarning`` with its block's size."""
     pieces = _layer_pieces(params)
     _warn_unread_matrices(params, pieces)
     sizes = tuple(size for _, size in pieces)
@@ -226,10 +228,8 @@ def _warn_unread_matrices(params, pieces):
                          f"({int(np.size(leaf)) ** 2} numbers)")
     if names:
         warnings.warn("kronecker: not read as a dense layer, so kept in a full covariance each: "
-                      + ", ".join(names) + ". A layer is read as its bias (n_out,) followed, in "
-                      "ravel_pytree's order, by its weights (n_out, n_in), z = W a + b; a weight "
-                      "(n_in, n_out) (flax's kernel) or one before its bias is not", UserWarning,
-                      stacklevel=3)
+                      + ", ".join(names) + ". A dense layer is read as a bias (n,) next to its "
+                      "weights (n, m) or (m, n) in ravel_pytree's order", UserWarning, stacklevel=3)
 
 
 def dense_layers(params):
@@ -238,21 +238,34 @@ def dense_layers(params):
     :func:`kalnat.models.linear` and :func:`kalnat.models.mlp` lay them out); else ``None``."""
     pieces = _layer_pieces(params)
     layers = tuple(layer for layer, _ in pieces)
-    return None if not layers or None in layers else layers
+    if not layers or None in layers or any(layer[2:] != (True, False) for layer in layers):
+        return None
+    return tuple(layer[:2] for layer in layers)
 
 
 def _layer_pieces(params):
-    """θ in consecutive pieces ``(layer, size)``: a bias leaf ``(n,)`` followed by a weight leaf
-    ``(n, m)`` is the dense layer ``(n, m)`` of ``n (m + 1)`` parameters; any other leaf is a
-    piece of its own, ``(None, its size)``."""
-    leaves = [tuple(np.shape(a)) for a in jax.tree_util.tree_leaves(params)]
+    """θ in consecutive pieces ``(layer, size)``: a bias leaf ``(n,)`` next to a weight leaf
+    ``(n, m)`` or ``(m, n)`` is the dense layer ``(n_out, n_in, bias_first, transposed)`` of
+    ``n (m + 1)`` parameters (:func:`kronecker`); any other leaf is a piece of its own,
+    ``(None, its size)``."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = [tuple(np.shape(a)) for _, a in flat]
+    kernel = [bool(path) and getattr(path[-1], "key", getattr(path[-1], "name", None)) == "kernel"
+              for path, _ in flat]
     pieces, i = [], 0
     while i < len(leaves):
-        b, w = leaves[i], leaves[i + 1] if i + 1 < len(leaves) else None
-        if len(b) == 1 and w is not None and len(w) == 2 and w[0] == b[0]:
-            pieces.append(((int(w[0]), int(w[1])), int(b[0] * (w[1] + 1))))
+        a, b = leaves[i], leaves[i + 1] if i + 1 < len(leaves) else None
+        layer = None
+        for bias, w, bias_first, named in ((a, b, True, i + 1 < len(kernel) and kernel[i + 1]),
+                                           (b, a, False, kernel[i])):
+            if layer is None and None not in (bias, w) and len(bias) == 1 and len(w) == 2 and bias[0] in w:
+                n = bias[0]
+                transposed = w[0] != n or (w[1] == n and named)   # (m, n), or a square flax kernel
+                layer = (int(n), int(w[0] if transposed else w[1]), bias_first, bool(transposed))
+        if layer is not None:
+            pieces.append((layer, layer[0] * (layer[1] + 1)))
             i += 2
         else:
-            pieces.append((None, int(np.prod(b))))
+            pieces.append((None, int(np.prod(a))))
             i += 1
     return pieces

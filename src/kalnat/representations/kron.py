@@ -67,7 +67,8 @@ from kalnat.linearization import LayerRows
 from kalnat.representations import moves
 from kalnat.representations.base import Representation
 
-__all__ = ["KronLayer", "KronCovariance"]
+__all__ = ["KronLayer", "KronCovariance", "KronCovarianceKernel", "KronCovarianceWeightsFirst",
+           "KronCovarianceKernelFirst"]
 
 # Alternating passes of the nearest Kronecker product: exact after one where it is exact; the
 # second refines the factors where the information is not of that form.
@@ -78,15 +79,24 @@ OUTER_TOL = 64
 
 
 class KronCovariance(NamedTuple):
-    """``P = g ⊗ a`` on the layer's ``vec([W | b])``: ``g (n_out, n_out)``, ``a (n_in + 1, n_in + 1)``."""
+    """``P = g ⊗ a`` on the layer's ``vec([W | b])``: ``g (n_out, n_out)``, ``a (n_in + 1, n_in + 1)``.
+
+    θ holds the layer as its bias, then ``W (n_out, n_in)`` row by row (:func:`kalnat.models`'
+    layout). The subclasses below are the same form for the layer's other layouts in θ, which
+    their type records (the layout is static, as the state's shapes are)."""
 
     g: jax.Array
     a: jax.Array
 
+    bias_first = True    # the bias before the weights in θ
+    transposed = False   # the weights stored (n_in, n_out), as flax's and haiku's kernels
+
+    def _order(self):
+        return _order(self.g.shape[0], self.a.shape[0] - 1, self.bias_first, self.transposed)
+
     def dense(self):
-        """``P`` in θ's order (the layer's bias, then ``W`` row by row)."""
-        n_out, n_in1 = self.g.shape[0], self.a.shape[0]
-        order = _order(n_out, n_in1 - 1)
+        """``P`` in θ's order (the layer's bias, then ``W`` row by row; or the subclass's layout)."""
+        order = self._order()
         full = jnp.kron(self.g, self.a)
         inverse = np.argsort(order)
         return full[inverse][:, inverse]
@@ -94,21 +104,20 @@ class KronCovariance(NamedTuple):
     def with_dense(self, P):
         """The nearest Kronecker product of ``P`` (Van Loan & Pitsianis), in this form."""
         n_out, n_in1 = self.g.shape[0], self.a.shape[0]
-        order = _order(n_out, n_in1 - 1)
+        order = self._order()
         p = jnp.asarray(P, self.g.dtype)[order][:, order]
         r = p.reshape(n_out, n_in1, n_out, n_in1).transpose(0, 2, 1, 3).reshape(n_out * n_out, n_in1 * n_in1)
         u, s, vt = jnp.linalg.svd(r, full_matrices=False)
         g = (u[:, 0] * jnp.sqrt(s[0])).reshape(n_out, n_out)
         a = (vt[0] * jnp.sqrt(s[0])).reshape(n_in1, n_in1)
         sign = jnp.sign(_trace(g))
-        return KronCovariance(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign))
+        return type(self)(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign))
 
     def prior_movable(self, move):
         """Whether ``move`` moves this layer's rows ``[W_j | b_j]``, each in ``vec([W | b])``'s
         order (what :meth:`moved` moves exactly and :meth:`moved_with_prior` takes)."""
         n_out, n_in1 = self.g.shape[0], self.a.shape[0]
-        return move.rows.shape == (n_out, n_in1) and np.array_equal(
-            move.rows, _order(n_out, n_in1 - 1).reshape(n_out, n_in1))
+        return move.rows.shape == (n_out, n_in1) and np.array_equal(move.rows, self._order().reshape(n_out, n_in1))
 
     def moved(self, move):
         """After a :class:`~kalnat.representations.moves.LayerMove` of this layer's inputs:
@@ -151,16 +160,48 @@ class KronCovariance(NamedTuple):
         g = root * (u * v) @ u.T
         a = jnp.einsum("j,jqr->qr", v, b) / root
         sign = jnp.sign(_trace(g))
-        new = (theta.at[move.rows].set(m_new), KronCovariance(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign)))
+        new = (theta.at[move.rows].set(m_new), type(self)(numerics.symmetrize(g * sign), numerics.symmetrize(a * sign)))
         return moves.or_exact(ok, new, self, move, theta)
 
 
-def _order(n_out: int, n_in: int) -> np.ndarray:
-    """θ's indices (bias first, then ``W`` row-major, as ``ravel_pytree`` orders ``{"b", "w"}``)
-    in the order of ``vec([W | b])``."""
+class KronCovarianceKernel(KronCovariance):
+    """:class:`KronCovariance` of a layer held in θ as its bias, then its weights stored
+    ``(n_in, n_out)`` (flax's ``{"bias", "kernel"}``, haiku's ``{"b", "w"}``)."""
+
+    __slots__ = ()
+    transposed = True
+
+
+class KronCovarianceWeightsFirst(KronCovariance):
+    """:class:`KronCovariance` of a layer held in θ as ``W (n_out, n_in)``, then its bias
+    (equinox's ``Linear``)."""
+
+    __slots__ = ()
+    bias_first = False
+
+
+class KronCovarianceKernelFirst(KronCovariance):
+    """:class:`KronCovariance` of a layer held in θ as its weights stored ``(n_in, n_out)``, then
+    its bias."""
+
+    __slots__ = ()
+    bias_first = False
+    transposed = True
+
+
+_COVARIANCE_TYPES = {(c.bias_first, c.transposed): c for c in
+                     (KronCovariance, KronCovarianceKernel, KronCovarianceWeightsFirst, KronCovarianceKernelFirst)}
+
+
+def _order(n_out: int, n_in: int, bias_first: bool = True, transposed: bool = False) -> np.ndarray:
+    """θ's indices of the layer's parameters in the order of ``vec([W | b])``: θ holding the bias
+    first (``bias_first``, as ``ravel_pytree`` orders ``{"b", "w"}``) or last, and ``W``
+    row-major, or stored ``(n_in, n_out)`` (``transposed``)."""
+    weights, bias = (n_out, 0) if bias_first else (0, n_out * n_in)
+    index = np.arange(n_out * n_in)
     m = np.empty((n_out, n_in + 1), np.int64)
-    m[:, :n_in] = n_out + np.arange(n_out * n_in).reshape(n_out, n_in)
-    m[:, n_in] = np.arange(n_out)
+    m[:, :n_in] = weights + (index.reshape(n_in, n_out).T if transposed else index.reshape(n_out, n_in))
+    m[:, n_in] = bias + np.arange(n_out)
     return m.reshape(-1)
 
 
@@ -220,20 +261,42 @@ def _balanced(g, a):
 @dataclass(frozen=True)
 class KronLayer(Representation):
     """``P = G ⊗ A`` for one dense layer of ``n_out`` outputs and ``n_in`` inputs with a bias,
-    its parameters in θ's order ``b (n_out,)``, then ``W (n_out, n_in)`` row by row."""
+    its parameters in θ's order ``b (n_out,)``, then ``W (n_out, n_in)`` row by row; with
+    ``bias_first=False`` the weights come first, and with ``transposed=True`` they are stored
+    ``(n_in, n_out)`` (flax's and haiku's kernels; :func:`~kalnat.representations.kronecker`
+    reads the layout from the params). Layers given as their factors by a model
+    (:class:`~kalnat.linearization.LayerRows`) are in the first layout."""
 
     n_out: int
     n_in: int
+    bias_first: bool = True
+    transposed: bool = False
     name = "kron"
-    state_type = KronCovariance
     branches = True  # the outer-product path or the general one, row by row
-    layer_rows = True
+
+    @property
+    def state_type(self):
+        return _COVARIANCE_TYPES[(bool(self.bias_first), bool(self.transposed))]
+
+    @property
+    def layer_rows(self):
+        # kalnat.models' layers give their rows as factors in the first layout
+        return bool(self.bias_first) and not self.transposed
 
     def _parts(self, H):
         """``H (k, d)`` → its rows' bias columns ``Δ (k, n_out)`` and weights ``(k, n_out, n_in)``,
-        as θ's leaves hold them. (XLA still writes the flat ``H`` out and slices it: it does not
-        take a slice of the Jacobian's concatenated leaves back to the leaf.)"""
-        return H[:, :self.n_out], H[:, self.n_out:].reshape(-1, self.n_out, self.n_in)
+        from θ's leaves in this layout. (XLA still writes the flat ``H`` out and slices it: it
+        does not take a slice of the Jacobian's concatenated leaves back to the leaf.)"""
+        n = self.n_out * self.n_in
+        delta, w = (H[:, :self.n_out], H[:, self.n_out:]) if self.bias_first else (H[:, n:], H[:, :n])
+        if self.transposed:
+            return delta, jnp.swapaxes(w.reshape(-1, self.n_in, self.n_out), 1, 2)
+        return delta, w.reshape(-1, self.n_out, self.n_in)
+
+    def _flat(self, db, dw):
+        """A change of the layer, bias ``(n_out,)`` and weights ``(n_out, n_in)``, as θ holds it."""
+        dw = (dw.T if self.transposed else dw).reshape(-1)
+        return jnp.concatenate([db, dw] if self.bias_first else [dw, db])
 
     def _join(self, delta, w):
         """``Δ (k, n_out)``, ``W (k, n_out, n_in)`` → the rows as ``(k, n_out, n_in + 1)`` ``[W | b]``."""
@@ -247,7 +310,7 @@ class KronLayer(Representation):
         if v.ndim != 0:
             raise ValueError("KronLayer: the prior variance must be a scalar (v·I is G ⊗ A)")
         r = jnp.sqrt(v)
-        return KronCovariance(r * jnp.eye(self.n_out, dtype=dtype), r * jnp.eye(self.n_in + 1, dtype=dtype))
+        return self.state_type(r * jnp.eye(self.n_out, dtype=dtype), r * jnp.eye(self.n_in + 1, dtype=dtype))
 
     def inflate(self, cov, t, lam, q, bound):
         g = cov.g / jnp.asarray(lam, cov.g.dtype)
@@ -264,7 +327,7 @@ class KronLayer(Representation):
             h = numerics.variance_bound(jnp.diagonal(a), cap / tau)
             g = g * (f[:, None] * f[None, :])
             a = a * (h[:, None] * h[None, :])
-        return KronCovariance(g, a)
+        return type(cov)(g, a)
 
     def _factors(self, H):
         """``H (k, d)`` → ``(Δ (k, n_out), Ā (k, n_in + 1))``, row ``j`` of ``H`` being the matrix
@@ -340,7 +403,7 @@ class KronLayer(Representation):
             m = prior.g @ jnp.einsum("k,kij->ij", s, self._join(delta, self._weights(H))) @ prior.a
             return m[:, n], m[:, :n]
         db, dw = _branch(ok, by_factors, general)
-        return jnp.concatenate([db, dw.reshape(-1)]), hph, factors
+        return self._flat(db, dw), hph, factors
 
     def posterior(self, prior, H, R, e, aux, rows):
         ok, chol, factors = self._whitened(prior, H, R, aux)
@@ -400,7 +463,7 @@ class KronLayer(Representation):
         xg = numerics.solve_lower(numerics.cholesky(numerics.symmetrize(u)), lg.T)
         xa = numerics.solve_lower(numerics.cholesky(numerics.symmetrize(v)), la.T)
         g, a = xg.T @ xg, xa.T @ xa
-        return KronCovariance(*_balanced(numerics.symmetrize(g), numerics.symmetrize(a)))
+        return self.state_type(*_balanced(numerics.symmetrize(g), numerics.symmetrize(a)))
 
     def _outer_posterior(self, prior, delta, abar, gd, aa):
         """The passes of :meth:`_general_posterior` for whitened rows ``δ_j ā_jᵀ`` (``R = I``),
@@ -426,7 +489,7 @@ class KronLayer(Representation):
         tg = jnp.sum(jnp.diagonal(prior.g) - jnp.sum(fg * fg, axis=0)) / alpha
         ta = jnp.sum(jnp.diagonal(prior.a) - jnp.sum(fa * fa, axis=0)) / beta
         c = _balance(tg, n, ta, p)
-        return KronCovariance(numerics.downdate(prior.g, fg.T) * (c / alpha),
+        return self.state_type(numerics.downdate(prior.g, fg.T) * (c / alpha),
                               numerics.downdate(prior.a, fa.T) / (c * beta))
 
 
