@@ -480,6 +480,27 @@ def test_bad_input_raises_before_touching_the_state():
         ng.init(jax.tree_util.tree_map(lambda a: a * np.nan, params))
 
 
+def test_joint_ekf_refuses_a_forgetting_its_schedule_would_ignore():
+    cell, fam = CELLS["elman"], FAMILIES["gaussian"]
+    params = _params(cell, seed=31)
+    x, y = _data(fam, 2, 4, seed=32)
+    for build in (recurrent.rtrl, recurrent.joint_ekf):
+        learner = build(cell, fam, prior_var=0.5, forgetting=lambda t: 0.99)
+        with pytest.raises(ValueError, match="fixed schedule of t; hyper.forgetting = 0.9 would be ignored"):
+            recurrent.fit_sequence(learner, learner.init(params), x, y, hyper=learner.hyper._replace(forgetting=0.9))
+
+
+def test_joint_ekf_checks_process_noise_against_d_at_init():
+    cell = CELLS["elman"]
+    params = _params(cell, seed=33)
+    d = ravel_pytree(params)[0].shape[0]
+    learner = recurrent.joint_ekf(cell, FAMILIES["gaussian"], process_noise=np.ones(5))
+    with pytest.raises(ValueError, match=rf"process_noise must be a scalar or \({d},\), got shape \(5,\)"):
+        learner.init(params)
+    ok = recurrent.joint_ekf(cell, FAMILIES["gaussian"], process_noise=np.full(d, 1e-3))
+    assert ok.init(params).cov.shape == (cell.n_state + d,) * 2
+
+
 def test_float32_long_stream_is_stable():
     cell = recurrent.elman(n_inputs=1, n_state=3, dtype=jnp.float32)
     fam = families.Gaussian(0.1)

@@ -392,9 +392,7 @@ def check_hyper(learner, hyper: Hyper, d: int):
     if hyper.process_noise is not None and not learner.representation.process_noise:
         raise ValueError(f"{learner.name}: additive process noise has no form in this representation "
                          "(use forgetting, noise proportional to P)")
-    if float(lam) != 1.0 and not forgetting_is_data(learner):
-        raise ValueError(f"{learner.name}: its forgetting (or learning rate) is a fixed schedule of t; "
-                         f"hyper.forgetting = {float(lam)} would be ignored")
+    check_forgetting_used(learner.name, lam, not forgetting_is_data(learner))
     if learner.representation.noise_prior:
         for name in ("noise_shape", "noise_scale"):
             v = getattr(hyper, name)
@@ -404,6 +402,14 @@ def check_hyper(learner, hyper: Hyper, d: int):
     if it.shape != () or it.dtype.kind not in "iu" or not 1 <= int(it) <= learner.max_iterations:
         raise ValueError(f"iterations must be an integer in 1..{learner.max_iterations} for this learner, "
                          f"got {hyper.iterations}")
+
+
+def check_forgetting_used(name: str, lam, fixed_schedule: bool):
+    """A ``hyper.forgetting`` other than 1 given to a learner that forgets on a fixed schedule
+    of t (or does not read λ) would be silently ignored: a ``ValueError`` instead."""
+    if float(lam) != 1.0 and fixed_schedule:
+        raise ValueError(f"{name}: its forgetting (or learning rate) is a fixed schedule of t; "
+                         f"hyper.forgetting = {float(lam)} would be ignored")
 
 
 def forgetting_is_data(learner) -> bool:

@@ -36,7 +36,7 @@ from jax.flatten_util import ravel_pytree
 from kalnat import numerics
 from kalnat.families import Family
 from kalnat.filter import assemble_predictive, bounded_step, minibatch_log_likelihood
-from kalnat.learners.base import check_params, make_hyper
+from kalnat.learners.base import check_forgetting_used, check_params, make_hyper
 from kalnat.recurrent import base
 from kalnat.representations.full import Full, inflate_dense
 from kalnat.recurrent.cells import RecurrentModel
@@ -141,6 +141,8 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         prior_var = (own if hyper is None else hyper).prior_var
         theta, unravel = ravel_pytree(params)
         d, dtype = theta.shape[0], theta.dtype
+        # the configured (or given) q_θ against this d: a wrong length would first fail in the step
+        check(own if hyper is None else hyper, d)
         s = base.initial_states(cell, params, batch, s0, dtype)
         size = batch * n + d
         if cov is None:
@@ -243,9 +245,13 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
                              "break the factored covariance; use recurrent.rtrl)")
         if not 0 < float(hyper.forgetting) <= 1:
             raise ValueError(f"forgetting must lie in (0, 1], got {hyper.forgetting}")
+        # a schedule t -> λ_t is what prior_of reads: a λ given in hyper would be dropped
+        check_forgetting_used("joint_ekf", hyper.forgetting, schedule is not None)
         if hyper.process_noise is not None:
             q = np.asarray(hyper.process_noise, np.float64)
-            if q.shape not in ((), (d,)) or not np.all(np.isfinite(q)) or np.any(q < 0):
-                raise ValueError(f"process_noise must be a non-negative scalar or ({d},)")
+            if q.shape not in ((), (d,)):
+                raise ValueError(f"process_noise must be a scalar or ({d},), got shape {q.shape}")
+            if not np.all(np.isfinite(q)) or np.any(q < 0):
+                raise ValueError("process_noise must be finite and non-negative")
 
     return base.RecurrentLearner("joint_ekf", cell, family, init, step, propagate, JointState, hyper, check, config)
