@@ -438,6 +438,39 @@ def test_advance_moves_the_state_without_learning():
         np.testing.assert_allclose(state.s[0], s_ref, rtol=1e-12)
 
 
+def test_advance_leaves_theta_and_its_covariance_alone_in_both_learners():
+    """advance is a time step without an observation: with process noise on θ, rtrl's core
+    state does not move, and neither does the joint EKF's θ block (it gained q_θ per advance)."""
+    cell, fam = CELLS["elman"], FAMILIES["gaussian"]
+    params = _params(cell, seed=35)
+    x, _ = _data(fam, 2, 3, seed=36)
+    ng = recurrent.rtrl(cell, fam, prior_var=0.5, process_noise=0.1)
+    joint = recurrent.joint_ekf(cell, fam, prior_var=0.5, process_noise=0.1)
+    a, b = ng.init(params), joint.init(params)
+    for t in range(3):
+        a, _ = ng.advance(a, x[t])
+        b, _ = joint.advance(b, x[t])
+    n, p = cell.n_state, np.asarray(a.core.cov.dense())
+    np.testing.assert_allclose(b.cov[n:, n:], p, rtol=1e-12)
+    np.testing.assert_allclose(b.cov[n:, n:], 0.5 * np.eye(p.shape[0]), rtol=1e-12)
+    np.testing.assert_allclose(b.cov, np.asarray(recurrent.factored_covariance(a.jac, p)), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b.s, a.s, rtol=1e-12)
+    assert int(a.count) == int(b.count) == 0
+
+
+def test_state_noise_skips_frozen_sequences():
+    """A frozen sequence has no transition, hence no state noise: with G_0 = 0 and length 0 its
+    rows of the joint covariance stay zero (they grew by q_s at every step)."""
+    cell, fam = CELLS["elman"], FAMILIES["gaussian"]
+    params = _params(cell, seed=37)
+    x, y = _data(fam, 2, 6, seed=38, batch=2)
+    joint = recurrent.joint_ekf(cell, fam, prior_var=0.5, state_noise=0.01)
+    out = recurrent.fit_sequence(joint, joint.init(params, batch=2), x, y, lengths=np.array([6, 0]))
+    n = cell.n_state
+    np.testing.assert_array_equal(np.asarray(out.state.cov)[n:2 * n], 0.0)
+    assert np.abs(np.asarray(out.state.cov)[:n, :n]).max() > 1e-3  # sequence 0 did gain its noise
+
+
 # ---- validation --------------------------------------------------------------------------
 
 

@@ -199,9 +199,13 @@ class RecurrentLearner:
     def advance(self, state, x, hyper=None):
         """Runs one time step *without* learning (``y_t`` unknown, e.g. forecasting ahead).
 
-        Returns ``(state', Predictive)``: the hidden state (and RTRL Jacobian, or joint
-        covariance) moves through the transition; θ and its covariance do not. Donates the
-        state like :meth:`update`.
+        Returns ``(state', Predictive)``: the hidden state (and RTRL Jacobian, or the joint
+        covariance's state rows, with the joint EKF's ``state_noise``) moves through the
+        transition; θ and its covariance do not (no forgetting, no ``process_noise``: both
+        belong to learned steps, which ``count`` counts and an advance does not add to), so
+        :func:`~kalnat.recurrent.rtrl` and :func:`~kalnat.recurrent.joint_ekf` stay equal. The
+        prediction is the one :meth:`update` would make at this step. Donates the state like
+        :meth:`update`.
         """
         self.check_state(state)
         self.check_given_hyper(hyper, state)

@@ -109,10 +109,12 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
       prior_var: the parameters' prior covariance ``P^θ_0``: scalar, ``(d,)`` or ``(d, d)``.
       forgetting: λ in (0, 1] or ``t -> λ_t``, applied to the whole joint covariance (keeps the
         theorem's form; fading memory).
-      process_noise: additive noise ``q_θ`` on the parameters (scalar or ``(d,)``); a random
-        walk on θ, no longer equal to natural-gradient RTRL.
-      state_noise: additive noise ``q_s`` on each hidden state (scalar or ``(n,)``); a
-        different, still useful filter that trusts the recurrence less.
+      process_noise: additive noise ``q_θ`` on the parameters (scalar or ``(d,)``) at each
+        learned step (an ``advance`` adds none: θ does not move there); a random walk on θ, no
+        longer equal to natural-gradient RTRL.
+      state_noise: additive noise ``q_s`` on each hidden state (scalar or ``(n,)``) at each of
+        its transitions (an ``advance`` too; none while a sequence is frozen, past its end or
+        at a skipped step); a different, still useful filter that trusts the recurrence less.
       state_var: prior variance of ``s_0`` (scalar or ``(n,)``) added to the factored
         ``P_0``; ``None`` keeps the theorem's form. ``init(..., cov=)`` sets any ``P_0``.
       joseph: Joseph-form covariance update.
@@ -170,13 +172,16 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         params = unravel(jnp.array(theta, copy=True))
         return JointState(params, s, jnp.array(p, copy=True), jnp.zeros((), jnp.int32))
 
-    def noise_vector(hyper, nb, d, dtype):
-        """``diag(q_s, …, q_s, q_θ)``, or ``None`` without noise."""
-        if hyper.process_noise is None and not state_noise_on:
+    def noise_vector(hyper, mask, d, dtype, on_theta=True):
+        """``diag(q_s, …, q_s, q_θ)``, or ``None`` without noise. The state noise is the
+        transition's: a frozen sequence (``mask`` false: past its end, a skipped step) has no
+        transition, so none. ``on_theta=False`` leaves θ's part out."""
+        theta_noise = on_theta and hyper.process_noise is not None
+        if not theta_noise and not state_noise_on:
             return None
-        qt = jnp.zeros(d, dtype) if hyper.process_noise is None else jnp.broadcast_to(
-            jnp.asarray(hyper.process_noise, dtype), (d,))
-        return jnp.concatenate([jnp.tile(jnp.broadcast_to(jnp.asarray(q_state, dtype), (n,)), nb), qt])
+        qt = jnp.broadcast_to(jnp.asarray(hyper.process_noise, dtype), (d,)) if theta_noise else jnp.zeros(d, dtype)
+        qs = jnp.where(mask[:, None], jnp.broadcast_to(jnp.asarray(q_state, dtype), (n,)), 0.0)
+        return jnp.concatenate([qs.reshape(-1).astype(dtype), qt])
 
     def transition(state: JointState, xs, mask):
         theta, unravel = ravel_pytree(state.params)
@@ -195,10 +200,10 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         hz = jnp.concatenate([_block_rows(hs), ht.reshape(s.shape[0] * family.m, -1)], axis=1)
         return yhat, hz, jax.vmap(family.cov)(yhat)
 
-    def prior_of(hyper, state, p_dyn, d):
+    def prior_of(hyper, state, p_dyn, d, mask):
         t = state.count + 1
         lam = hyper.forgetting if schedule is None else schedule(t)
-        return inflate_dense(p_dyn, lam, noise_vector(hyper, state.s.shape[0], d, p_dyn.dtype), None)
+        return inflate_dense(p_dyn, lam, noise_vector(hyper, mask, d, p_dyn.dtype), None)
 
     def step(hyper, state: JointState, xs, ys, mask):
         theta, unravel, s, p_dyn = transition(state, xs, mask)
@@ -210,7 +215,7 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         R = numerics.block_diag(r)
         # The condition step of the covariance form, on z = (s, θ): the same operations as the
         # core EKF's (kalnat.representations.Full), from P⁻ = F P Fᵀ/λ + diag(q).
-        prior = prior_of(hyper, state, p_dyn, d)
+        prior = prior_of(hyper, state, p_dyn, d, mask)
         dz, hph, aux = rep.gain(prior, hz, R, e)
         # a Poisson count's step bounded as the core filter bounds RTRL's δθ: the rise of the
         # log-rate, hz dz = H δθ, is the same in both (dz's state part is G δθ), and so is the
@@ -228,11 +233,15 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
         theta, unravel, s, p_dyn = transition(state, xs, mask)
         yhat, hz, r = readout(theta, unravel, s)
         d = theta.shape[0]
-        prior = prior_of(hyper, state, p_dyn, d)
+        # the prediction is the one a step would make here: from the prior of step t (λ_t, q_θ)
+        prior = prior_of(hyper, state, p_dyn, d, mask)
         hph = jax.vmap(lambda h: prior.times(h.T).T @ h.T)(hz.reshape(s.shape[0], family.m, -1))
         pred = assemble_predictive(family, False, yhat, hph, r)
-        q = noise_vector(hyper, s.shape[0], d, p_dyn.dtype)
-        if q is not None:  # the time update without an observation still adds the noise
+        # The state keeps only what the transition did: the states moved (F P Fᵀ) and gain the
+        # transition's noise q_s; θ did not move, so its covariance takes neither λ nor q_θ (t
+        # counts learned steps), as in rtrl, whose core state an advance leaves alone.
+        q = noise_vector(hyper, mask, d, p_dyn.dtype, on_theta=False)
+        if q is not None:
             p_dyn = numerics.add_to_diagonal(p_dyn, q)
         return JointState(state.params, s, p_dyn, state.count), pred
 
