@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
+import kalnat
 from kalnat import checkpoint, families, recurrent, schedules
 
 T = 120
@@ -406,6 +407,46 @@ def test_batch_with_lengths_freezes_finished_sequences():
         assert _rel(getattr(j.predictions, field)[:, :20], getattr(d.predictions, field)[:, :20]) < RTOL
 
 
+def test_predictions_past_a_sequence_end_are_nan_and_its_padding_is_not_validated():
+    cell, fam, ng, joint = _pair("elman", "categorical", 0.99)
+    params = _params(cell, seed=39)
+    x, y = _data(fam, 2, 8, seed=40, batch=2)
+    lengths = np.array([8, 5])
+    x2, y2 = x.copy(), y.copy()
+    x2[1, 5:] = np.nan  # padding: neither data nor an error
+    y2[1, 5:] = -1
+    for learner in (ng, joint):
+        a = recurrent.fit_sequence(learner, learner.init(params, batch=2), x, y, lengths=lengths, chunk_size=4)
+        b = recurrent.fit_sequence(learner, learner.init(params, batch=2), x2, y2, lengths=lengths, chunk_size=4)
+        for field in ("mean", "mean_cov", "obs_cov", "probs"):
+            got = getattr(a.predictions, field)
+            assert np.isnan(got[1, 5:]).all() and np.isfinite(got[:, :5]).all() and np.isfinite(got[0]).all()
+            np.testing.assert_array_equal(got, getattr(b.predictions, field))
+        np.testing.assert_array_equal(a.log_likelihood[1, 5:], 0.0)
+        assert not a.skipped.any()
+        assert _rel(ravel_pytree(a.state.params)[0], ravel_pytree(b.state.params)[0]) == 0
+    with pytest.raises(ValueError, match="X contains NaN"):  # within its length it is data
+        recurrent.fit_sequence(ng, ng.init(params, batch=2), x2, y, lengths=np.array([8, 6]))
+    with pytest.raises(ValueError, match="labels"):
+        recurrent.fit_sequence(ng, ng.init(params, batch=2), x, y2, lengths=np.array([8, 6]))
+
+
+def test_divergence_raises_with_or_without_predictions():
+    """Fading memory on an input that is always 0, in float32: the dead weights' variance grows
+    as λ^{-t} until it overflows. Without predictions it returned a NaN state silently."""
+    cell, fam = CELLS["elman"], FAMILIES["gaussian"]
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), _params(cell, seed=41))
+    x, y = _data(fam, 2, 200, seed=42)
+    x[:, 1] = 0.0
+    for build in (recurrent.rtrl, recurrent.joint_ekf):
+        learner = build(cell, fam, forgetting=0.5)
+        with pytest.raises(kalnat.Diverged) as kept:
+            recurrent.fit_sequence(learner, learner.init(params), x, y, chunk_size=64)
+        with pytest.raises(kalnat.Diverged) as quiet:
+            recurrent.fit_sequence(learner, learner.init(params), x, y, chunk_size=64, return_predictions=False)
+        assert 0 < quiet.value.row == kept.value.row < 200
+
+
 def test_independent_learners_by_vmap():
     """One θ per sequence: the pure step vmapped over stacked states equals separate runs."""
     cell, fam, ng, _ = _pair("elman", "gaussian", 1.0)
@@ -492,6 +533,9 @@ def test_bad_input_raises_before_touching_the_state():
             recurrent.fit_sequence(learner, state, x, y[:9])
         with pytest.raises(ValueError, match="lengths"):
             recurrent.fit_sequence(learner, state, x, y, lengths=[11])
+        with pytest.raises(ValueError, match=r"^X must have shape \(2, T\) \+ \(2,\) for this state of 2 "
+                                             r"sequences, got \(10, 2\)$"):
+            recurrent.fit_sequence(learner, learner.init(params, batch=2), x, y)
         with pytest.raises(ValueError, match="NaN"):
             learner.update(state, np.array([np.inf, 0.0]), 1)
         with pytest.raises(ValueError, match="shape"):

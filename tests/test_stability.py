@@ -340,6 +340,10 @@ def test_fit_reports_a_diverged_filter_instead_of_returning_nans():
     with pytest.raises(kalnat.Diverged, match=r"diverged: the one-step log-likelihood of row \d+ .*max_variance") as err:
         kalnat.fit(learner, learner.init(params), X, y, chunk_size=64)
     assert 64 < err.value.row < n            # not at the start: the variance grows as 0.9^{-t}
+    # without the predictions too, at the same row (it returned a NaN state)
+    with pytest.raises(kalnat.Diverged) as quiet:
+        kalnat.fit(learner, learner.init(params), X, y, chunk_size=64, return_predictions=False)
+    assert quiet.value.row == err.value.row
     # with the bound the same stream is learned to the end
     bounded = kalnat.ekf(model, F.Bernoulli(), forgetting=0.9, max_variance=10.0)
     res = kalnat.fit(bounded, bounded.init(params), X, y, chunk_size=64)

@@ -35,7 +35,8 @@ class FitResult(NamedTuple):
     Attributes:
       state: the learner's state after the last row.
       predictions: one per row, made before learning it, from the prior (``None`` if not
-        kept); rows that were skipped have NaN predictions.
+        kept); rows that were skipped, and a sequence's steps past its ``lengths`` in
+        :func:`kalnat.recurrent.fit_sequence`, have NaN predictions.
       skipped: ``(n,)`` booleans (``(T,)`` or ``(B, T)`` from
         :func:`kalnat.recurrent.fit_sequence`), the rows skipped as bad by ``skip_bad_rows``
         (all false without it); ``n_skipped`` is their count.
@@ -77,7 +78,10 @@ def step_or_skip(any_row, learn, carry):
 
 def scan_rows(learner, hyper, state, xs, ys, ms, keep: bool = True):
     """``lax.scan`` of ``learner.step`` over the minibatches of a chunk: ``(state, (preds,
-    log_liks) or None)``; a minibatch whose rows are all masked is no step at all."""
+    log_liks))``; a minibatch whose rows are all masked is no step at all. Without ``keep``,
+    ``(state, first)`` instead: ``first`` the index, in the chunk's ``(c, b)`` rows flattened,
+    of the first learned row whose log-likelihood is NaN, or -1 (what :func:`drive_chunks`
+    needs to raise :class:`Diverged` at one number per chunk)."""
 
     def body(state, inp):
         xb, yb, mb = inp
@@ -89,9 +93,13 @@ def scan_rows(learner, hyper, state, xs, ys, ms, keep: bool = True):
             return s, (pred, ll)
 
         state, out = step_or_skip(jnp.any(mb), learn, state)
-        return state, (out if keep else None)
+        return state, (out if keep else jnp.isnan(out[1]) & mb)
 
-    return jax.lax.scan(body, state, (xs, ys, ms))
+    state, out = jax.lax.scan(body, state, (xs, ys, ms))
+    if keep:
+        return state, out
+    nan = out.reshape(-1)
+    return state, jnp.where(nan.any(), jnp.argmax(nan), -1)
 
 
 def chunk_fn(learner, keep: bool):
@@ -142,7 +150,7 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
     CPU factorisations call them, and their threads contend with XLA's).
 
     Raises :class:`Diverged` (a ``ValueError``) where a learned row's one-step log-likelihood
-    is NaN (the filter diverged), naming the row, when predictions are kept.
+    is NaN (the filter diverged), naming the row, whether or not predictions are kept.
     """
     learner._check_state(state)
     batch_size = positive_int(batch_size, "batch_size")
@@ -271,31 +279,46 @@ def _bar(n: int, progress: bool, unit: str):
     return tqdm(total=n, disable=not progress, unit=unit)
 
 
-def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, callback, unit):
+def drive_chunks(run, state, n, step, inputs, unpack, skipped, keep, progress, callback, unit, padding=None):
     """Runs the jitted chunk function ``run`` over ``n`` rows (or time steps), ``step`` at a time.
 
-    ``inputs(start, stop)`` gives one padded chunk's arguments, ``unpack(a, k)`` the first
-    ``k`` rows of a chunk's output array on the host (its predictions and log-likelihoods);
-    rows flagged in ``skipped`` get NaN. Shows the progress bar and calls
+    ``inputs(start, stop)`` gives one padded chunk's arguments (the mask last), ``unpack(a,
+    k)`` the first ``k`` rows of a chunk's output array on the host (its predictions and
+    log-likelihoods); rows flagged in ``skipped`` get NaN, and so do the predictions (not the
+    log-likelihoods, 0: no observation) flagged in ``padding`` (a sequence past its end).
+    Raises :class:`Diverged` where a learned row's log-likelihood is NaN, with or without
+    ``keep`` (without, from the chunk's index of the first such row, read once all chunks
+    have run: no wait on the device per chunk). Shows the progress bar and calls
     ``callback(stop, state, predictions)``. Returns ``(state, [chunk (predictions,
     log-likelihoods)])`` (an empty list unless ``keep``). The BLAS libraries run on one thread
     meanwhile, the callback's work included (:mod:`kalnat.blas`).
     """
-    preds = []
+    preds, firsts = [], []
     with blas.one_thread(), _bar(n, progress, unit) as bar:
         for start in range(0, n, step):
             stop = min(start + step, n)
-            state, pc = run(state, *inputs(start, stop))
+            args = inputs(start, stop)
+            state, pc = run(state, *args)
             if keep:
                 pc = jax.tree_util.tree_map(lambda a: unpack(np.asarray(a), stop - start), pc)
                 check_diverged(pc[1], skipped[start:stop], start, unit)
                 if skipped[start:stop].any():
                     pc = jax.tree_util.tree_map(lambda a: _blank(a, skipped[start:stop]), pc)
+                if padding is not None and padding[start:stop].any():
+                    pc = (jax.tree_util.tree_map(lambda a: _blank(a, padding[start:stop]), pc[0]), pc[1])
                 preds.append(pc)
+            elif pc is not None:  # the index of the chunk's first NaN log-likelihood (scan_rows)
+                firsts.append((start, stop, np.shape(args[-1]), pc))
             bar.update(stop - start)
             if callback is not None:
                 callback(stop, state, pc[0] if keep else None)
         jax.block_until_ready(state)  # the last chunk's factorisations within the limit too
+    for (start, stop, shape, _), first in zip(firsts, jax.device_get([f[-1] for f in firsts])):
+        if first >= 0:
+            nan = np.zeros(int(np.prod(shape)), bool)
+            nan[int(first)] = True
+            rows = unpack(nan.reshape(shape), stop - start)
+            raise_diverged(start + int(np.flatnonzero(rows.reshape(rows.shape[0], -1).any(axis=1))[0]), unit)
     return state, preds
 
 
@@ -318,14 +341,18 @@ def check_diverged(log_lik, skipped, start, unit):
     learned = ~np.asarray(skipped).reshape(ll.shape[0], -1)     # (k, 1), or (k, B) sequences
     bad = np.flatnonzero((np.isnan(ll.reshape(ll.shape[0], -1)) & learned).any(axis=1))
     if bad.size:
-        row = start + int(bad[0])
-        raise Diverged(
-            f"the learner diverged: the one-step log-likelihood of {unit} {row} (from 0) is NaN, a "
-            "variance or a prediction having left the float range. Common causes: forgetting < 1 "
-            "without max_variance (the variance of a parameter the rows do not inform grows without "
-            "end), a prior variance too large for the model (a network's or a log link's outputs "
-            "overflow), float32 where float64 has the range. The state given to fit was consumed: "
-            "start again from learner.init", row)
+        raise_diverged(start + int(bad[0]), unit)
+
+
+def raise_diverged(row, unit):
+    """Raises :class:`Diverged` for ``row`` (from 0), a ``unit`` (row, step) of the call."""
+    raise Diverged(
+        f"the learner diverged: the one-step log-likelihood of {unit} {row} (from 0) is NaN, a "
+        "variance or a prediction having left the float range. Common causes: forgetting < 1 "
+        "without max_variance (the variance of a parameter the rows do not inform grows without "
+        "end), a prior variance too large for the model (a network's or a log link's outputs "
+        "overflow), float32 where float64 has the range. The state given to fit was consumed: "
+        "start again from learner.init", row)
 
 
 def _blank(a, bad):

@@ -9,7 +9,8 @@ the same sequence exactly where it stopped.
 
 A batch of ``B`` independent sequences (``X (B, T, …)``) is advanced in parallel (``vmap``
 over sequences inside each step), sharing θ; sequences of different lengths are padded and
-given ``lengths``: past its end a sequence is frozen (no transition, no observation).
+given ``lengths``: past its end a sequence is frozen (no transition, no observation), its
+padding is not validated and its predictions there are NaN.
 
 With ``skip_bad_rows``, a time step whose ``x_t`` or ``y_t`` is bad (NaN/inf, beyond the
 state's float range, ``y`` outside the family's domain) is dropped through the same mask as
@@ -43,11 +44,17 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
       X: ``(T,) + input_shape`` for one stream (``B = 1``) or ``(B, T) + input_shape``.
       Y: ``(T,) + event_shape`` or ``(B, T) + event_shape``, aligned with ``X``: ``y_t`` is
         predicted from ``x_1 … x_t`` (for one-step-ahead forecasting put ``x_t = y_{t−1}``).
-        Validated up front: ``ValueError`` on NaN/inf, a value beyond the range of the
-        state's dtype (1e39 for float32), a ``y`` outside the family's domain, wrong shapes.
-      lengths: ``(B,)`` true lengths of padded sequences (default: all ``T``).
+        Validated up front (the steps within ``lengths``): ``ValueError`` on NaN/inf, a value
+        beyond the range of the state's dtype (1e39 for float32), a ``y`` outside the
+        family's domain, wrong shapes.
+      lengths: ``(B,)`` true lengths of padded sequences (default: all ``T``). Past its end
+        a sequence is frozen (no transition, no observation); its padding is not validated
+        and may hold anything (NaN, a label that is no class), its predictions there are NaN
+        and its log-likelihoods 0 (no observation: a row's sum is that sequence's log
+        evidence).
       chunk_size: time steps per jitted ``scan``.
-      return_predictions: keep the progressive predictions.
+      return_predictions: keep the progressive predictions. Either way a divergence raises
+        :class:`kalnat.Diverged` (below).
       progress: show a progress bar.
       callback: ``callback(steps_done, state, chunk_predictions)`` after each chunk.
       skip_bad_rows: instead of raising, skip the time steps whose ``x_t`` or ``y_t`` has
@@ -72,6 +79,13 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
       (:class:`~kalnat.Predictive` with leading axes ``(T,)`` or ``(B, T)``) and ``skipped``,
       booleans of shape ``(T,)`` or ``(B, T)`` (all false without ``skip_bad_rows``;
       ``n_skipped`` is their total).
+
+    Raises:
+      kalnat.Diverged: (a ``ValueError``) where a learned step's one-step log-likelihood is
+        NaN, the filter having diverged; ``row`` is that step (from 0). With predictions kept
+        it is raised at the chunk where it happens, without them once every chunk has run.
+        The state given was consumed either way: start again from ``learner.init``.
+      ValueError: bad input (above), before the state is touched.
     """
     learner.check_state(state)
     chunk_size = positive_int(chunk_size, "chunk_size")
@@ -79,25 +93,23 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     in_shape = tuple(learner.cell.input_shape)
     ev_shape = tuple(learner.family.event_shape)
     dtype = np.dtype(learner.dtype(state))
-    if skip_bad_rows:
-        x = np.asarray(X)
-        if x.dtype.kind not in "biuf":
-            raise ValueError(f"X must be numeric, got dtype {x.dtype}")
-    else:
-        x = _check_numeric(X, "X")
-        check_range(x, dtype, "X")
+    x = np.asarray(X)
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"X must be numeric, got dtype {x.dtype}")
     if nb == 1 and x.ndim == len(in_shape) + 1 and x.shape[1:] == in_shape:
         single, x = True, x[None]
     elif x.ndim == len(in_shape) + 2 and x.shape[0] == nb and x.shape[2:] == in_shape:
         single = False
     else:
-        raise ValueError(f"X must have shape (T,) + {in_shape}" + (" or" if nb == 1 else "")
-                         + f" ({nb}, T) + {in_shape} for this state of {nb} sequence(s), got {x.shape}")
+        want = f"(T,) + {in_shape} or (1, T) + {in_shape}" if nb == 1 else f"({nb}, T) + {in_shape}"
+        raise ValueError(f"X must have shape {want} for this state of {nb} sequence{'s' * (nb > 1)}, "
+                         f"got {x.shape}")
     y = np.asarray(Y)
     want = ((x.shape[1],) if single else (nb, x.shape[1])) + ev_shape
     if y.shape != want:
         raise ValueError(f"Y must have shape {want} to match X, got {y.shape}")
     t_len = x.shape[1]
+    y = y.reshape((nb, t_len) + ev_shape)
     if lengths is None:
         lens = np.full(nb, t_len)
     else:
@@ -105,14 +117,21 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
         if lens.shape != (nb,) or lens.dtype.kind not in "iu" or np.any(lens < 0) or np.any(lens > t_len):
             raise ValueError(f"lengths must be {nb} integers in 0..{t_len}, got {lengths!r}")
     live = np.arange(t_len)[None, :] < lens[:, None]  # (B, T): within each sequence's length
-    if skip_bad_rows:
-        x, y, bad = _bad_steps(learner, x, y.reshape((nb, t_len) + ev_shape), dtype)
-        skipped = bad & live
+    padded = not live.all()
+    if not skip_bad_rows:
+        # only the live steps are data: padding past a sequence's end may hold anything
+        xl, yl = (x[live], y[live]) if padded else (x, y.reshape((-1,) + ev_shape))
+        _check_numeric(xl, "X")
+        check_range(xl, dtype, "X")
+        yl = learner.family.check(yl)
+        check_range(yl, dtype, "Y")
+    # A frozen sequence still runs through a step's arithmetic in a batch, so its padding (and
+    # a bad step, with skip_bad_rows) is replaced by finite, in-domain values (_bad_steps).
+    if skip_bad_rows or padded:
+        x, y, bad = _bad_steps(learner, x, y, dtype)
     else:
-        y = learner.family.check(y.reshape((-1,) + ev_shape))
-        check_range(y, dtype, "Y")
-        y = y.reshape((nb, t_len) + ev_shape)
-        skipped = np.zeros((nb, t_len), bool)
+        y = yl.reshape((nb, t_len) + ev_shape)
+    skipped = bad & live if skip_bad_rows else np.zeros((nb, t_len), bool)
     skipped_out = skipped[0] if single else skipped
     if t_len == 0:
         return FitResult(state, None, skipped_out)
@@ -128,7 +147,7 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     state, preds = drive_chunks(
         run, state, t_len, per_chunk,
         lambda start, stop: pad_chunk(xt[start:stop], yt[start:stop], mt[start:stop], per_chunk),
-        lambda a, k: a[:k], st, bool(return_predictions), progress, callback, "step")
+        lambda a, k: a[:k], st, bool(return_predictions), progress, callback, "step", ~live.T if padded else None)
     if not return_predictions:
         return FitResult(state, None, skipped_out)
     predictions, ll = jax.tree_util.tree_map(lambda *a: _batch_major(np.concatenate(a), single), *preds)
