@@ -578,6 +578,39 @@ def test_joint_ekf_checks_process_noise_against_d_at_init():
     assert ok.init(params).cov.shape == (cell.n_state + d,) * 2
 
 
+def test_params_and_cells_that_do_not_fit_are_refused_at_init():
+    cell, fam = CELLS["elman"], FAMILIES["gaussian"]
+    params = _params(cell, seed=43)
+    ng, joint = _pair("elman", "gaussian", 1.0)[2:]
+    no_b = {k: v for k, v in params.items() if k != "b"}
+    wide_u = dict(params, U=jnp.zeros((3, 5)))
+    for learner in (ng, joint):
+        with pytest.raises(ValueError, match="the cell's transition cannot run on these params.*KeyError"):
+            learner.init(no_b)
+        with pytest.raises(ValueError, match="the cell's transition cannot run on these params"):
+            learner.init(wide_u)
+        with pytest.raises(ValueError, match="transition cannot run"):
+            learner.init(CELLS["gru"].init(jax.random.PRNGKey(0)))
+
+    def grows(p, s, x):
+        return jnp.concatenate([cell.transition(p, s, x), s[:1]])
+
+    def read(p, s):
+        return cell.readout(p, s)
+
+    for bad, what in ((recurrent.recurrent_model(grows, read, n_state=3, input_shape=(2,), n_outputs=1),
+                       r"transition gives a state of shape \(4,\)"),
+                      (recurrent.recurrent_model(cell.transition, read, n_state=3, input_shape=(2,), n_outputs=1,
+                                                 init_state=lambda p: jnp.zeros(2)),
+                       r"init_state gives shape \(2,\), not \(3,\)")):
+        for build in (recurrent.rtrl, recurrent.joint_ekf):
+            with pytest.raises(ValueError, match=what):
+                build(bad, fam).init(params)
+    for shape in (2, (-1,), (2.0,), "2"):
+        with pytest.raises(ValueError, match="input_shape must be a tuple of non-negative integers"):
+            recurrent.recurrent_model(cell.transition, read, n_state=3, input_shape=shape, n_outputs=1)
+
+
 def test_float32_long_stream_is_stable():
     cell = recurrent.elman(n_inputs=1, n_state=3, dtype=jnp.float32)
     fam = families.Gaussian(0.1)

@@ -87,6 +87,50 @@ def check_cell(cell, family):
         )
 
 
+def fit_checker(cell: RecurrentModel):
+    """``check(params, *, with_init_state)``: that ``params`` fit ``cell`` (its ``transition``
+    takes ``s (n,)`` and one ``x`` of ``input_shape`` and gives ``(n,)``, its ``readout`` gives
+    ``n_outputs`` numbers, and, where used, its ``init_state`` gives ``(n,)``), or a
+    ``ValueError`` naming what does not fit, before a step would fail deep in JAX (a missing
+    key, a mismatched product). Traced abstractly (``jax.eval_shape``: nothing runs), once per
+    shape of ``params``."""
+    seen = set()
+    n, in_shape = cell.n_state, tuple(cell.input_shape)
+
+    def call(what, fn, *args):
+        try:
+            return jax.eval_shape(fn, *args)
+        except Exception as err:  # another cell's params, or a broken cell
+            raise ValueError(f"the cell's {what} cannot run on these params, a state of shape ({n},) and one "
+                             f"x of shape {in_shape} ({type(err).__name__}: {err}); are they this cell's "
+                             "params?") from None
+
+    def check(params, *, with_init_state=True):
+        leaves = jax.tree_util.tree_leaves(params)
+        key = (jax.tree_util.tree_structure(params), tuple((np.shape(a), jnp.result_type(a)) for a in leaves),
+               bool(with_init_state))
+        if key in seen:
+            return
+        dtype = jnp.result_type(*leaves)
+        s = jax.ShapeDtypeStruct((n,), dtype)
+        if with_init_state:
+            s0 = call("init_state", cell.init_state, params)
+            if getattr(s0, "shape", None) != (n,):
+                raise ValueError(f"the cell's init_state gives shape {getattr(s0, 'shape', None)}, not "
+                                 f"({n},) (n_state = {n})")
+        s1 = call("transition", cell.transition, params, s, jax.ShapeDtypeStruct(in_shape, dtype))
+        if getattr(s1, "shape", None) != (n,):
+            raise ValueError(f"the cell's transition gives a state of shape {getattr(s1, 'shape', None)} from "
+                             f"one of shape ({n},); it must keep ({n},) (n_state = {n})")
+        z = call("readout", cell.readout, params, s)
+        if int(np.prod(getattr(z, "shape", (-1,)))) != cell.n_outputs:
+            raise ValueError(f"the cell's readout gives shape {getattr(z, 'shape', None)}; it must give "
+                             f"({cell.n_outputs},) (n_outputs = {cell.n_outputs})")
+        seen.add(key)
+
+    return check
+
+
 def initial_states(cell, params, batch, s0, dtype):
     """``s_0`` as ``(B, n)``: the cell's initial state, or ``s0`` given as ``(n,)`` / ``(B, n)``."""
     batch = positive_int(batch, "batch")
@@ -127,7 +171,9 @@ class RecurrentLearner:
       name: ``"rtrl"`` or ``"joint_ekf"``.
       cell: the :class:`~kalnat.recurrent.cells.RecurrentModel`.
       family: the output family.
-      init: ``(params, *, batch=1, s0=None, …) -> state`` (validated on the host).
+      init: ``(params, *, batch=1, s0=None, …) -> state`` (validated on the host: params
+        that do not fit the cell's transition, readout or init_state are a ``ValueError``
+        naming which, :func:`fit_checker`).
       step: pure ``(hyper, state, xs (B, …), ys (B, …), mask (B,)) -> (state', Predictive,
         log_likelihood (B,))``.
       propagate: pure ``(hyper, state, xs (B, …)) -> (state', Predictive)``, no learning.

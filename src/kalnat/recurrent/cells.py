@@ -13,6 +13,7 @@ never sees a batch axis.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -65,19 +66,33 @@ def recurrent_model(transition, readout, *, n_state: int, input_shape, n_outputs
       transition: ``f(params, s, x) -> s'``, a pure JAX function on one sequence (no batch axis).
       readout: ``g(params, s) -> z``, likewise.
       n_state: n.
-      input_shape: shape of one ``x`` (a tuple; ``(p,)`` for a vector input).
+      input_shape: shape of one ``x``, a tuple of non-negative integers (``(p,)`` for a vector
+        input; a bare ``p`` is refused).
       n_outputs: length of ``z`` (the family's ``n_outputs``).
       init: optional ``key -> params``; without it pass params to the learner's ``init``.
       init_state: optional ``params -> s_0``; zeros by default.
     """
     n_state, n_outputs = positive_int(n_state, "n_state"), positive_int(n_outputs, "n_outputs")
+    input_shape = _shape(input_shape, "input_shape")
     if not callable(transition) or not callable(readout):
         raise ValueError("transition and readout must be functions")
     if init is None:
         def init(key=None):
             raise ValueError("this recurrent model has no init: pass params to the learner's init")
-    return RecurrentModel(init, transition, readout, int(n_state), tuple(input_shape),
+    return RecurrentModel(init, transition, readout, int(n_state), input_shape,
                           int(n_outputs), init_state or _zeros_state(int(n_state)))
+
+
+def _shape(shape, what):
+    """``shape`` as a tuple of non-negative ints, or a ``ValueError`` naming ``what`` (an int,
+    a float or a negative entry would only fail later, inside JAX)."""
+    if not isinstance(shape, (tuple, list)):
+        raise ValueError(f"{what} must be a tuple of non-negative integers ((p,) for a vector of p), "
+                         f"got {shape!r}")
+    for a in shape:
+        if not isinstance(a, numbers.Integral) or isinstance(a, bool) or a < 0:
+            raise ValueError(f"{what} must be a tuple of non-negative integers, got {tuple(shape)!r}")
+    return tuple(int(a) for a in shape)
 
 
 def _dense(key, fan_out, fan_in, dtype):

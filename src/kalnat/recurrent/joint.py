@@ -136,10 +136,13 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
             raise ValueError(f"state_var must be a non-negative scalar or ({n},) vector")
     state_noise_on = bool(np.any(q_state != 0))
 
+    fits = base.fit_checker(cell)
+
     def init(params, hyper=None, *, batch: int = 1, s0=None, jac0=None, cov=None) -> JointState:
         """State around ``params``; ``P_0 = [G_0; I] P^θ_0 [G_0; I]ᵀ`` (+ ``state_var``) or ``cov``,
         with ``P^θ_0`` from ``hyper.prior_var`` (default the learner's)."""
         check_params(params)
+        fits(params, with_init_state=s0 is None)
         prior_var = (own if hyper is None else hyper).prior_var
         theta, unravel = ravel_pytree(params)
         d, dtype = theta.shape[0], theta.dtype

@@ -148,10 +148,13 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
     if not isinstance(core, Learner):
         raise ValueError("learner must build a kalnat Learner (kalnat.ekf, kalnat.natural_gradient, …)")
 
+    fits = base.fit_checker(cell)
+
     def init(params, hyper=None, *, batch: int = 1, s0=None, jac0=None) -> RTRLState:
         """State around ``params`` (the core's prior from ``hyper``, default its own) for
         ``batch`` sequences, ``s_0`` and ``G_0`` (zeros)."""
         check_params(params)
+        fits(params, with_init_state=s0 is None)
         core_state = core.init(params, hyper)
         theta, _ = ravel_pytree(core_state.params)
         s = base.initial_states(cell, core_state.params, batch, s0, theta.dtype)
