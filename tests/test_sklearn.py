@@ -210,6 +210,20 @@ def test_a_bank_goes_on_without_a_diverged_member():
     assert _alive(learner, state)
 
 
+def test_a_divergence_is_told_in_the_estimators_terms(monkeypatch):
+    """kalnat.fit's Diverged (raised with or without predictions) reaches the user as the
+    estimator's error, the row counted over the whole stream, with what to try."""
+    X, y, _ = _data()
+    reg = KalmanRegressor(method="ekf").partial_fit(X[:20], y[:20])
+
+    def diverging(*args, **kwargs):
+        raise kalnat.Diverged("the learner diverged", 3)
+    monkeypatch.setattr(kalnat, "fit", diverging)
+    with pytest.raises(ValueError, match=r"KalmanRegressor: the filter diverged \(a NaN prediction at row 23 "
+                                         r"of the stream, from 0\); try a smaller prior_var"):
+        reg.partial_fit(X[20:], y[20:])
+
+
 def test_a_search_over_hyperparameters_compiles_once():
     """Estimators that differ only in prior_var or forgetting run one learner's compiled
     programs (kalnat.estimators keeps one model per architecture; kalnat.programs shares the

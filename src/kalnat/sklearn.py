@@ -158,13 +158,18 @@ class _KalmanEstimator(BaseEstimator):
                                         and np.array_equal(old.scale, new.scale)):
                 self.state_ = _reexpress(learner, self.state_, old, new, linear=self.hidden is None)
             self.coords_ = new
-        res = kalnat.fit(learner, self.state_, self._features(X), t, chunk_size=CHUNK, fixed_chunk=True,
-                         return_predictions=False)
+        advice = "try a smaller prior_var or a linear model (hidden=None)"
+        try:
+            res = kalnat.fit(learner, self.state_, self._features(X), t, chunk_size=CHUNK, fixed_chunk=True,
+                             return_predictions=False)
+        except kalnat.Diverged as err:  # the state given was consumed: fit() starts afresh
+            raise ValueError(f"{type(self).__name__}: the filter diverged (a NaN prediction at row "
+                             f"{self.n_rows_seen_ + err.row} of the stream, from 0); {advice}") from err
         self.state_ = res.state
         self.n_rows_seen_ += X.shape[0]
         if not _alive(learner, self.state_):
             raise ValueError(f"{type(self).__name__}: the filter diverged (non-finite parameters after "
-                             f"{self.n_rows_seen_} rows); try a smaller prior_var or a linear model (hidden=None)")
+                             f"{self.n_rows_seen_} rows); {advice}")
 
     def _predictive(self, X):
         """The one-step predictive of the rows ``X``, padded to a power of two rows."""
