@@ -344,6 +344,14 @@ def test_fit_reports_a_diverged_filter_instead_of_returning_nans():
     with pytest.raises(kalnat.Diverged) as quiet:
         kalnat.fit(learner, learner.init(params), X, y, chunk_size=64, return_predictions=False)
     assert quiet.value.row == err.value.row
+    # a bank whose every member diverges: its mixture's log-likelihood, with predictions or not
+    bank = kalnat.ekf_bank(model, F.Bernoulli(), prior_vars=[1.0, 2.0], forgettings=[0.9], max_variance=None)
+    rows = []
+    for keep in (True, False):
+        with pytest.raises(kalnat.Diverged) as both:
+            kalnat.fit(bank, bank.init(params), X, y, chunk_size=64, return_predictions=keep)
+        rows.append(both.value.row)
+    assert rows[0] == rows[1] > 64
     # with the bound the same stream is learned to the end
     bounded = kalnat.ekf(model, F.Bernoulli(), forgetting=0.9, max_variance=10.0)
     res = kalnat.fit(bounded, bounded.init(params), X, y, chunk_size=64)

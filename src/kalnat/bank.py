@@ -293,7 +293,7 @@ class Bank(Boundary):
         apart: :meth:`by_iterations`); then the weights move row by row. ``hyper.iterations``
         must be the bank's own (the groups are built from them; :func:`kalnat.fit` checks a
         given ``hyper``)."""
-        from kalnat.stream import scan_rows, step_or_skip
+        from kalnat.stream import first_nan, scan_rows, step_or_skip
 
         def members_of(learner, hyper, members, count):
             def member(args):
@@ -321,11 +321,13 @@ class Bank(Boundary):
 
             # a minibatch that is all padding: no step for the members either
             w, out = step_or_skip(jnp.any(mb), learn, weights)
-            return w, (out if keep else None)
+            return w, (out if keep else jnp.isnan(out[1]) & mb)
 
         weights, out = jax.lax.scan(mix, state._replace(members=None),
                                     (jax.tree_util.tree_map(swap, preds), swap(lls), swap(fins), ms))
-        return weights._replace(members=members), out
+        # without predictions, the chunk's first row whose mixture log-likelihood is NaN (every
+        # member out), as scan_rows gives it: kalnat.fit raises Diverged from it
+        return weights._replace(members=members), (out if keep else first_nan(out))
 
     def predict_batch(self, hyper, state: BankState, xs):
         preds = self.members_predict_batch(hyper, state, xs)

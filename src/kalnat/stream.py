@@ -96,10 +96,14 @@ def scan_rows(learner, hyper, state, xs, ys, ms, keep: bool = True):
         return state, (out if keep else jnp.isnan(out[1]) & mb)
 
     state, out = jax.lax.scan(body, state, (xs, ys, ms))
-    if keep:
-        return state, out
-    nan = out.reshape(-1)
-    return state, jnp.where(nan.any(), jnp.argmax(nan), -1)
+    return state, (out if keep else first_nan(out))
+
+
+def first_nan(nan):
+    """The index of the first true entry of ``nan (c, b)`` (a chunk's learned rows whose
+    log-likelihood is NaN), flattened, or -1."""
+    nan = nan.reshape(-1)
+    return jnp.where(nan.any(), jnp.argmax(nan), -1)
 
 
 def chunk_fn(learner, keep: bool):
@@ -108,7 +112,8 @@ def chunk_fn(learner, keep: bool):
     Works for any learner with ``step(hyper, state, xs, ys, mask) -> (state, pred, log_lik)``
     (the core learners, the recurrent ones), or with its own ``scan_chunk`` (a bank, which runs
     its members member by member). ``(hyper, state, xs (c, b, …), ys, mask (c, b)) -> (state,
-    (preds, log_liks) or None)``.
+    (preds, log_liks))``, or without ``keep`` ``(state, index)``: the chunk's first learned row
+    whose log-likelihood is NaN (:func:`first_nan`).
     """
     scan = getattr(learner, "scan_chunk", None) or functools.partial(scan_rows, learner)
     return once(learner, ("chunk", keep), lambda: saved.jit(
