@@ -352,6 +352,17 @@ def test_fit_sequence_chunks_and_pieces_are_one_stream(tmp_path):
     assert whole.predictions.mean.shape == (100, 1)
     assert _rel(chunked.predictions.mean, whole.predictions.mean) < 1e-12
     assert _rel(means, whole.predictions.mean) < 1e-12
+    # Pieces of any length with fixed_chunk: one compiled program, the same stream (padded
+    # steps are frozen: no transition, no observation)
+    from kalnat.stream import chunk_fn
+    state, pieces, programs = ng.init(params), [], chunk_fn(ng, True)._cache_size()
+    for a, b in ((0, 7), (7, 20), (20, 23), (23, 100)):
+        res = recurrent.fit_sequence(ng, state, x[a:b], y[a:b], chunk_size=16, fixed_chunk=True)
+        state = res.state
+        pieces.append(res.predictions.mean)
+    assert _rel(ravel_pytree(state.params)[0], th) < 1e-12 and int(state.count) == 100
+    assert _rel(np.concatenate(pieces), whole.predictions.mean) < 1e-12
+    assert chunk_fn(ng, True)._cache_size() <= programs + 1   # one for chunk_size 16, not one a length
     # Predict-then-update: the first prediction uses θ_0 and s_1 = f(θ_0, s_0, x_1).
     s1 = cell.transition(params, cell.init_state(params), x[0])
     np.testing.assert_allclose(whole.predictions.mean[0], cell.readout(params, s1), rtol=1e-12)

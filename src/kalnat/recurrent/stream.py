@@ -34,7 +34,7 @@ __all__ = ["fit_sequence"]
 
 def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_size: int = 256,
                  return_predictions: bool = True, progress: bool = False, callback=None,
-                 skip_bad_rows: bool = False, hyper=None) -> FitResult:
+                 skip_bad_rows: bool = False, hyper=None, fixed_chunk: bool = False) -> FitResult:
     """Learns a sequence (or ``B`` sequences) step by step, predicting each ``y_t`` first.
 
     Args:
@@ -53,6 +53,10 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
         and its log-likelihoods 0 (no observation: a row's sum is that sequence's log
         evidence).
       chunk_size: time steps per jitted ``scan``.
+      fixed_chunk: always scan ``chunk_size`` steps per call, padding a shorter piece with
+        masked steps (no transition, no observation): one compiled program for pieces of any
+        length, as a stream fed in pieces needs, where the default compiles one per shorter
+        length (:func:`kalnat.fit`'s ``fixed_chunk``).
       return_predictions: keep the progressive predictions. Either way a divergence raises
         :class:`kalnat.Diverged` (below).
       progress: show a progress bar.
@@ -141,7 +145,7 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
     yt = np.swapaxes(y, 0, 1)
     mt = (live & ~skipped).T
     st = skipped.T
-    per_chunk = min(int(chunk_size), t_len)
+    per_chunk = int(chunk_size) if fixed_chunk else min(int(chunk_size), t_len)
     learner.check_given_hyper(hyper, state)
     run = functools.partial(chunk_fn(learner, bool(return_predictions)), device_hyper(learner, hyper, dtype))
     state, preds = drive_chunks(
