@@ -384,19 +384,31 @@ def test_fit_sequence_matches_update_and_joint_predictive():
 
 
 def test_batch_with_lengths_freezes_finished_sequences():
+    """Past its length a sequence is frozen: its padding is neither data nor an error (NaN, a
+    label that is no class), its predictions there are NaN and its log-likelihoods 0."""
     cell, fam, ng, joint = _pair("elman", "categorical", 0.99)
     params = _params(cell, seed=21)
     x, y = _data(fam, 2, 50, seed=22, batch=2)
     lengths = np.array([50, 20])
     x2, y2 = x.copy(), y.copy()
-    x2[1, 20:] = 123.0  # padding: must not matter
-    y2[1, 20:] = 2
+    x2[1, 20:] = np.nan  # padding: must not matter
+    y2[1, 20:] = -1
     for learner in (ng, joint):
         a = recurrent.fit_sequence(learner, learner.init(params, batch=2), x, y, lengths=lengths, chunk_size=8)
         b = recurrent.fit_sequence(learner, learner.init(params, batch=2), x2, y2, lengths=lengths, chunk_size=8)
         assert a.predictions.mean.shape == (2, 50, 2)
         assert _rel(ravel_pytree(a.state.params)[0], ravel_pytree(b.state.params)[0]) < 1e-14
         assert _rel(a.state.s, b.state.s) < 1e-14
+        for field in ("mean", "mean_cov", "obs_cov", "probs"):
+            got = getattr(a.predictions, field)
+            assert np.isnan(got[1, 20:]).all() and np.isfinite(got[:, :20]).all() and np.isfinite(got[0]).all()
+            np.testing.assert_array_equal(got, getattr(b.predictions, field))
+        np.testing.assert_array_equal(a.log_likelihood[1, 20:], 0.0)
+        assert not a.skipped.any()
+    with pytest.raises(ValueError, match="X contains NaN"):  # within its length it is data
+        recurrent.fit_sequence(ng, ng.init(params, batch=2), x2, y, lengths=np.array([50, 21]))
+    with pytest.raises(ValueError, match="labels"):
+        recurrent.fit_sequence(ng, ng.init(params, batch=2), x, y2, lengths=np.array([50, 21]))
     # Past its end, sequence 2 does not advance: its G stays where its 20th step left it and
     # its state moves only by the correction for θ's change, G (θ_50 − θ_20).
     c = recurrent.fit_sequence(ng, ng.init(params, batch=2), x[:, :20], y[:, :20], chunk_size=10)
@@ -416,30 +428,6 @@ def test_batch_with_lengths_freezes_finished_sequences():
     assert _rel(j.state.s, d.state.s) < RTOL
     for field in ("mean", "mean_cov", "obs_cov"):
         assert _rel(getattr(j.predictions, field)[:, :20], getattr(d.predictions, field)[:, :20]) < RTOL
-
-
-def test_predictions_past_a_sequence_end_are_nan_and_its_padding_is_not_validated():
-    cell, fam, ng, joint = _pair("elman", "categorical", 0.99)
-    params = _params(cell, seed=39)
-    x, y = _data(fam, 2, 8, seed=40, batch=2)
-    lengths = np.array([8, 5])
-    x2, y2 = x.copy(), y.copy()
-    x2[1, 5:] = np.nan  # padding: neither data nor an error
-    y2[1, 5:] = -1
-    for learner in (ng, joint):
-        a = recurrent.fit_sequence(learner, learner.init(params, batch=2), x, y, lengths=lengths, chunk_size=4)
-        b = recurrent.fit_sequence(learner, learner.init(params, batch=2), x2, y2, lengths=lengths, chunk_size=4)
-        for field in ("mean", "mean_cov", "obs_cov", "probs"):
-            got = getattr(a.predictions, field)
-            assert np.isnan(got[1, 5:]).all() and np.isfinite(got[:, :5]).all() and np.isfinite(got[0]).all()
-            np.testing.assert_array_equal(got, getattr(b.predictions, field))
-        np.testing.assert_array_equal(a.log_likelihood[1, 5:], 0.0)
-        assert not a.skipped.any()
-        assert _rel(ravel_pytree(a.state.params)[0], ravel_pytree(b.state.params)[0]) == 0
-    with pytest.raises(ValueError, match="X contains NaN"):  # within its length it is data
-        recurrent.fit_sequence(ng, ng.init(params, batch=2), x2, y, lengths=np.array([8, 6]))
-    with pytest.raises(ValueError, match="labels"):
-        recurrent.fit_sequence(ng, ng.init(params, batch=2), x, y2, lengths=np.array([8, 6]))
 
 
 def test_divergence_raises_with_or_without_predictions():
