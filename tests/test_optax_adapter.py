@@ -119,9 +119,14 @@ def test_a_minibatchs_prediction_gives_r_row_by_row():
     mean = lambda p: family.mean(jax.vmap(lambda x: model.apply(p, x))(X)).reshape(-1)  # noqa: E731
     nll = lambda p: -jnp.sum(jax.vmap(lambda x, y: family.log_prob(model.apply(p, x), y))(X, Y))  # noqa: E731
     tx = kx.natural_gradient(0.3, family=family)
-    grads, jac, mu = jax.grad(nll)(params), jax.jacrev(mean)(params), mean(params)
-    a, _ = tx.update(grads, tx.init(params), params, jacobian=jac, prediction=mu)
-    b, _ = tx.update(grads, tx.init(params), params, jacobian=jac, obs_cov=jnp.diag(mu * (1 - mu)))
+
+    @jax.jit  # one program (op by op, each of the step's small operations compiled apiece)
+    def both(params):
+        grads, jac, mu = jax.grad(nll)(params), jax.jacrev(mean)(params), mean(params)
+        a, _ = tx.update(grads, tx.init(params), params, jacobian=jac, prediction=mu)
+        b, _ = tx.update(grads, tx.init(params), params, jacobian=jac, obs_cov=jnp.diag(mu * (1 - mu)))
+        return a, b, grads, jac
+    a, b, grads, jac = both(params)
     for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(u, v, rtol=1e-12)
     with pytest.raises(ValueError, match="not rows of the family's 3"):
