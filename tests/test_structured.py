@@ -529,6 +529,9 @@ def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():
     # its size, named
     with pytest.warns(UserWarning, match=r"\['conv'\] \(2, 2, 3\) \(144 numbers\)"):
         assert kronecker({"conv": jnp.zeros((2, 2, 3))}) == Full()
+    # weights and a bias of two containers (two layers') are not one layer
+    with pytest.warns(UserWarning, match=r"\[0\]\['w'\] \(3, 4\)"):
+        assert kronecker([{"w": jnp.zeros((3, 4))}, {"b": jnp.zeros(3)}]) == Groups((12, 3), (Full(), Full()))
     rng = np.random.default_rng(9)
     g, a = rng.normal(size=(3, 3)), rng.normal(size=(6, 6))
     cov = kalnat.representations.KronCovariance(jnp.asarray(g @ g.T + np.eye(3)), jnp.asarray(a @ a.T + np.eye(6)))

@@ -245,7 +245,7 @@ def dense_layers(params):
 
 def _layer_pieces(params):
     """θ in consecutive pieces ``(layer, size)``: a bias leaf ``(n,)`` next to a weight leaf
-    ``(n, m)`` or ``(m, n)`` is the dense layer ``(n_out, n_in, bias_first, transposed)`` of
+    ``(n, m)`` or ``(m, n)`` in the same container is the dense layer ``(n_out, n_in, bias_first, transposed)`` of
     ``n (m + 1)`` parameters (:func:`kronecker`); any other leaf is a piece of its own,
     ``(None, its size)``."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -254,7 +254,10 @@ def _layer_pieces(params):
               for path, _ in flat]
     pieces, i = [], 0
     while i < len(leaves):
-        a, b = leaves[i], leaves[i + 1] if i + 1 < len(leaves) else None
+        # a layer's bias and weights are siblings (one dict, module or tuple): leaves of two
+        # containers are never paired
+        siblings = i + 1 < len(leaves) and flat[i][0][:-1] == flat[i + 1][0][:-1]
+        a, b = leaves[i], leaves[i + 1] if siblings else None
         layer = None
         for bias, w, bias_first, named in ((a, b, True, i + 1 < len(kernel) and kernel[i + 1]),
                                            (b, a, False, kernel[i])):
