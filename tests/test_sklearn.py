@@ -127,13 +127,23 @@ def test_standardised_features_make_units_irrelevant():
     assert loss(a) < loss(raw)  # 0.259 against 0.294
 
 
+def _in_chunks(clf, X, c, size=7):
+    for i in range(0, len(c), size):
+        clf.partial_fit(X[i:i + size], c[i:i + size], classes=[0, 1])
+    return clf
+
+
 def test_equivalent_methods_agree():
-    """ekf, sqrt_ekf, information_filter and natural_gradient are one filter (docs/method.md §3)."""
-    X, _, c = _data(n=40)
+    """ekf, sqrt_ekf, information_filter and natural_gradient are one filter (docs/method.md §3),
+    also learned in chunks, each re-expression restating the prior in its own form."""
+    X, _, c = _data(n=40, scale=np.array([1.0, 10.0, 0.1]))
     ref = KalmanClassifier(method="ekf", prior_var=2.0, forgetting=0.99).fit(X, c).predict_proba(X)
+    chunked = _in_chunks(KalmanClassifier(method="ekf", prior_var=2.0, forgetting=0.99), X, c).predict_proba(X)
     for method in ("sqrt_ekf", "information_filter", "natural_gradient"):
         got = KalmanClassifier(method=method, prior_var=2.0, forgetting=0.99).fit(X, c).predict_proba(X)
         np.testing.assert_allclose(got, ref, rtol=1e-8, err_msg=method)
+        got = _in_chunks(KalmanClassifier(method=method, prior_var=2.0, forgetting=0.99), X, c).predict_proba(X)
+        np.testing.assert_allclose(got, chunked, rtol=1e-8, err_msg=method)
 
 
 def test_multiclass_mlp_structured_covariances():
