@@ -529,6 +529,14 @@ def test_kronecker_factors_round_trip_and_cover_a_network_layer_by_layer():
     # its size, named
     with pytest.warns(UserWarning, match=r"\['conv'\] \(2, 2, 3\) \(144 numbers\)"):
         assert kronecker({"conv": jnp.zeros((2, 2, 3))}) == Full()
+    # in a dict of several matrices and biases (a recurrent cell's) a matrix takes no bias that
+    # is not its own: kalnat's layout (the bias, then W) alone is read there
+    rows = {"U": jnp.zeros((4, 3)), "b": jnp.zeros(4), "w": jnp.zeros((4, 5))}
+    with pytest.warns(UserWarning, match=r"\['U'\] \(4, 3\)"):
+        assert kronecker(rows) == Groups((12, 24), (Full(), KronLayer(4, 5)))
+    with pytest.warns(UserWarning, match="not read as a dense layer"):
+        gru = kronecker(recurrent.gru(1, 3).init(jax.random.PRNGKey(0)))
+    assert all(part == Full() for part in gru.parts)
     # weights and a bias of two containers (two layers') are not one layer
     with pytest.warns(UserWarning, match=r"\[0\]\['w'\] \(3, 4\)"):
         assert kronecker([{"w": jnp.zeros((3, 4))}, {"b": jnp.zeros(3)}]) == Groups((12, 3), (Full(), Full()))

@@ -203,10 +203,13 @@ def kronecker(params) -> Representation:
     ``n`` outputs, in any of the layouts networks use: the bias first and the weights
     ``(n_out, n_in)`` (:func:`kalnat.models.linear` and :func:`kalnat.models.mlp`), or stored
     ``(n_in, n_out)`` (flax's ``{"bias", "kernel"}``, haiku's ``{"b", "w"}``), or the weights
-    first (equinox's ``Linear``). A square weight reads as ``(n_out, n_in)`` unless its leaf is
-    named ``kernel`` (flax's). Any other leaf keeps a full covariance of its own, and one of two
-    or more axes among them (a recurrent cell's matrices, a convolution's kernel) is named in a
-    ``UserWarning`` with its block's size."""
+    first (equinox's ``Linear``); the layouts other than kalnat's are read in a container of
+    the two leaves alone (a layer's dict, module or tuple). A square weight reads as
+    ``(n_out, n_in)`` unless its leaf is named ``kernel`` (flax's): a haiku layer of as many
+    inputs as outputs is read on the wrong axes (still a covariance, not K-FAC's form; give it
+    ``KronLayer(n, n, transposed=True)`` in :class:`Groups` yourself). Any other leaf keeps a
+    full covariance of its own, and one of two or more axes among them (a recurrent cell's
+    matrices, a convolution's kernel) is named in a ``UserWarning`` with its block's size."""
     pieces = _layer_pieces(params)
     _warn_unread_matrices(params, pieces)
     sizes = tuple(size for _, size in pieces)
@@ -252,11 +255,19 @@ def _layer_pieces(params):
     leaves = [tuple(np.shape(a)) for _, a in flat]
     kernel = [bool(path) and getattr(path[-1], "key", getattr(path[-1], "name", None)) == "kernel"
               for path, _ in flat]
+    parents = [path[:-1] for path, _ in flat]
+    counts = {}
+    for parent in parents:
+        counts[parent] = counts.get(parent, 0) + 1
     pieces, i = [], 0
     while i < len(leaves):
         # a layer's bias and weights are siblings (one dict, module or tuple): leaves of two
-        # containers are never paired
-        siblings = i + 1 < len(leaves) and flat[i][0][:-1] == flat[i + 1][0][:-1]
+        # containers are never paired. kalnat's layout (the bias, then W (n_out, n_in)) is read
+        # in any container; the others only in a container of those two leaves alone (a flax or
+        # haiku layer's dict, an equinox Linear, a tuple), so that in a dict of several matrices
+        # and biases (a recurrent cell's) a matrix never takes a bias that is not its own
+        siblings = i + 1 < len(leaves) and parents[i] == parents[i + 1]
+        alone = siblings and counts[parents[i]] == 2
         a, b = leaves[i], leaves[i + 1] if siblings else None
         layer = None
         for bias, w, bias_first, named in ((a, b, True, i + 1 < len(kernel) and kernel[i + 1]),
@@ -264,7 +275,8 @@ def _layer_pieces(params):
             if layer is None and None not in (bias, w) and len(bias) == 1 and len(w) == 2 and bias[0] in w:
                 n = bias[0]
                 transposed = w[0] != n or (w[1] == n and named)   # (m, n), or a square flax kernel
-                layer = (int(n), int(w[0] if transposed else w[1]), bias_first, bool(transposed))
+                if alone or (bias_first and not transposed):
+                    layer = (int(n), int(w[0] if transposed else w[1]), bias_first, bool(transposed))
         if layer is not None:
             pieces.append((layer, layer[0] * (layer[1] + 1)))
             i += 2
