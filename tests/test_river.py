@@ -66,6 +66,22 @@ def test_a_feature_arriving_late_is_the_feature_there_as_0_from_the_start(covari
     np.testing.assert_allclose([a.mu, a.sigma], [b.mu, b.sigma], rtol=1e-10)
 
 
+def test_a_divergence_in_learn_many_resets_the_model(monkeypatch):
+    """kalnat.fit's Diverged (raised without predictions too) consumed the state: river's
+    message, and the model back at its prior, rather than a consumed state's error later."""
+    pd = pytest.importorskip("pandas")
+    reg = KalmanRegressor(method="ekf")
+    reg.learn_one({"a": 1.0}, 1.0)
+
+    def diverging(*args, **kwargs):
+        raise kalnat.Diverged("the learner diverged", 2)
+    monkeypatch.setattr(kalnat, "fit", diverging)
+    with pytest.raises(ValueError, match=r"diverged at row 2 \(from 0\) of this learn_many, and the model is reset"):
+        reg.learn_many(pd.DataFrame({"a": [1.0, 2.0, 3.0]}), pd.Series([1.0, 2.0, 3.0]))
+    monkeypatch.undo()
+    assert reg._state is None and np.isfinite(reg.predict_one({"a": 1.0}))
+
+
 def test_learn_many_is_learn_one():
     pd = pytest.importorskip("pandas")
     X, y, rows = _stream(n=24, p=10)

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import kalnat
@@ -70,8 +71,8 @@ def test_reexpression_keeps_every_prediction(method):
     np.testing.assert_allclose(after[1], before[1], rtol=1e-9)
 
 
-@pytest.mark.parametrize("first", [20, 1])
-def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinates(first):
+@pytest.mark.parametrize("first,hidden", [(20, None), (1, None), (1, ())])   # (): no hidden layer either
+def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinates(first, hidden):
     """Two partial_fit calls, the statistics moving between them, equal kalnat.ekf run on all
     rows in the last call's coordinates from the prior 0.8·I stated there: the first rows'
     information moved exactly (a linear-Gaussian model's does not depend on θ), the prior set
@@ -80,7 +81,7 @@ def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinate
     yet), a prior in the features' raw units."""
     X, y, _ = _data(p=3)
     X = X * np.array([30.0, 1.0, 0.01])
-    reg = KalmanRegressor(method="ekf", prior_var=0.8, noise_var=0.5)
+    reg = KalmanRegressor(method="ekf", prior_var=0.8, noise_var=0.5, hidden=hidden)
     with pytest.warns(UserWarning, match="no deviation") if first == 1 else contextlib.nullcontext():
         reg.partial_fit(X[:first], y[:first])
     reg.partial_fit(X[first:], y[first:])
@@ -188,22 +189,28 @@ def test_bad_settings_and_input_are_reported():
 
 
 def test_settings_changed_between_partial_fits_are_taken_or_refused():
-    """set_params between partial_fit calls: a core method's forgetting (or prior_var,
-    noise_var) applies from the next row, the filter that had it from there; a method, model or
-    covariance the state cannot hold is a ValueError (it was ignored)."""
+    """set_params between partial_fit calls: the regressor's noise_var applies from the next row,
+    the filter that had it from there; a change the state learned so far holds (method, model,
+    covariance, its prior and forgetting, which each re-expression restates) is a ValueError
+    (it was ignored). A RandomState that moved between the calls is no change."""
     X, y, _ = _data()
-    a = KalmanRegressor(method="ekf", standardize=False).partial_fit(X[:30], y[:30])
-    a.set_params(forgetting=0.9, noise_var=0.5).partial_fit(X[30:], y[30:])
+    a = KalmanRegressor(method="ekf", standardize=False, forgetting=0.9).partial_fit(X[:30], y[:30])
+    a.set_params(noise_var=0.5).partial_fit(X[30:], y[30:])
     model = kalnat.models.linear(3)
-    first = kalnat.ekf(model, kalnat.families.Gaussian(1.0))
+    first = kalnat.ekf(model, kalnat.families.Gaussian(1.0), forgetting=0.9)
     state = kalnat.fit(first, first.init(model.init(None)), X[:30], y[:30]).state
     then = kalnat.ekf(model, kalnat.families.Gaussian(0.5), forgetting=0.9)
     state = kalnat.fit(then, state, X[30:], y[30:]).state
     np.testing.assert_allclose(a.predict(X), np.asarray(then.predict(state, X).mean)[:, 0], rtol=1e-10)
-    for change in (dict(method="auto", forgetting=None), dict(hidden=(3,)), dict(covariance="diag")):
+    for change in (dict(method="auto", forgetting=None), dict(hidden=(3,)), dict(covariance="diag"),
+                   dict(forgetting=0.9), dict(prior_var=0.5)):
         b = KalmanRegressor(method="ekf").partial_fit(X[:30], y[:30])
         with pytest.raises(ValueError, match=f"{next(iter(change))} changed"):
             b.set_params(**change).partial_fit(X[30:], y[30:])
+    rng = np.random.RandomState(0)
+    c = KalmanRegressor(method="ekf", hidden=(2,), random_state=rng).partial_fit(X[:30], y[:30])
+    rng.rand()
+    c.partial_fit(X[30:], y[30:])
 
 
 def test_a_bank_goes_on_without_a_diverged_member():
@@ -230,8 +237,12 @@ def test_a_divergence_is_told_in_the_estimators_terms(monkeypatch):
         raise kalnat.Diverged("the learner diverged", 3)
     monkeypatch.setattr(kalnat, "fit", diverging)
     with pytest.raises(ValueError, match=r"KalmanRegressor: the filter diverged \(a NaN prediction at row 23 "
-                                         r"of the stream, from 0\); try a smaller prior_var"):
+                                         r"of the stream, from 0\), and the estimator is unfitted again; "
+                                         r"try a smaller prior_var$"):
         reg.partial_fit(X[20:], y[20:])
+    # its state was consumed: unfitted, as scikit-learn says it (not a consumed state's error)
+    with pytest.raises(NotFittedError):
+        reg.predict(X)
 
 
 def test_a_search_over_hyperparameters_compiles_once():

@@ -82,6 +82,11 @@ def grow(state: State, template: State, index) -> State:
     template's prior there, uncorrelated with every other coordinate. For the full covariance
     that is the block-diagonal extension ``P' = blockdiag(P, P₀)`` up to a permutation.
 
+    A low-rank plus diagonal precision is re-laid in its own storage, exactly where every
+    coordinate left out (``index`` naming none of them) is one no row has informed, as for the
+    estimators' unused columns (its row of ``W`` is 0); for an informed one that drops its
+    coupling to the rest rather than marginalising it.
+
     Args:
       state: the filter's state, θ of size ``d``.
       template: the prior state at the new size ``d'`` (``learner.init(params)``).
@@ -253,8 +258,15 @@ class _Features:
     def _learn_many(self, X, y):
         present = [c for c in X.columns if np.any(np.isfinite(np.asarray(X[c], np.float64)))]
         self._add_features(present)
-        res = kalnat.fit(self._learner, self._state, self._matrix(X, self._key[1]), y, chunk_size=CHUNK,
-                         fixed_chunk=True, return_predictions=False)
+        try:
+            res = kalnat.fit(self._learner, self._state, self._matrix(X, self._key[1]), y, chunk_size=CHUNK,
+                             fixed_chunk=True, return_predictions=False)
+        except kalnat.Diverged as err:
+            # the state given was consumed (donated to the step): the model starts afresh
+            self._columns, self._key, self._state = {}, None, None
+            raise ValueError(f"kalnat.river: the filter diverged at row {err.row} (from 0) of this learn_many, "
+                             "and the model is reset to its prior; learn it behind "
+                             "preprocessing.StandardScaler(), or with method='sqrt_ekf' or the default 'auto'") from err
         self._state = res.state
 
     def _predictive_one(self, x):

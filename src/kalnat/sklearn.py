@@ -128,19 +128,21 @@ class _KalmanEstimator(BaseEstimator):
         return self.learner_key_[0]
 
     def _settings_now(self):
-        """Takes settings changed by ``set_params`` since the stream began: a core method's
-        ``prior_var``, ``forgetting`` (and the regressor's ``noise_var``) from the next row on, as
-        scikit-learn's incremental estimators take a changed rate; a change the state learned so
-        far cannot hold (the method, the model, the covariance) is a ``ValueError``, where it was
-        ignored."""
+        """Takes settings changed by ``set_params`` since the stream began: the regressor's
+        ``noise_var`` from the next row on (the family's ``R``, nothing the state holds). Any
+        other change is a ``ValueError``, where it was ignored: the method, the model and the
+        covariance are the state's form, and ``prior_var`` and ``forgetting`` are its prior and
+        the weight forgetting has left of it, which each re-expression restates. A
+        ``random_state`` that is a ``RandomState`` moving between calls is no change (the seed
+        was drawn at the start)."""
         key = estimators.settings_key(self, self._family_now(), self.learner_key_[1])
-        if key == self.learner_key_:
-            return
         names = ("noise_var", "n_features", "hidden", "method", "covariance", "prior_var", "forgetting",
                  "random_state")
-        changed = [name for name, a, b in zip(names, self.learner_key_, key) if a != b]
-        if set(changed) <= {"noise_var", "prior_var", "forgetting"}:
-            self.learner_key_ = key   # the same state, learned on with the new settings
+        changed = [name for name, a, b in zip(names, self.learner_key_, key) if a != b and name != "random_state"]
+        if not changed:
+            return
+        if changed == ["noise_var"]:
+            self.learner_key_ = key[:-1] + self.learner_key_[-1:]   # the same state, learned on with the new R
             return
         raise ValueError(f"{type(self).__name__}: {', '.join(changed)} changed (set_params) since the stream "
                          "began, and the state learned so far holds the old ones; fit() starts afresh with "
@@ -156,15 +158,20 @@ class _KalmanEstimator(BaseEstimator):
             old = self.coords_
             if old is not None and not (np.array_equal(old.center, new.center)
                                         and np.array_equal(old.scale, new.scale)):
-                self.state_ = _reexpress(learner, self.state_, old, new, linear=self.hidden is None)
+                self.state_ = _reexpress(learner, self.state_, old, new, linear=not self.learner_key_[2])
             self.coords_ = new
-        advice = "try a smaller prior_var or a linear model (hidden=None)"
+        advice = "try a smaller prior_var" + (" or a linear model (hidden=None)" if self.learner_key_[2] else "")
         try:
             res = kalnat.fit(learner, self.state_, self._features(X), t, chunk_size=CHUNK, fixed_chunk=True,
                              return_predictions=False)
-        except kalnat.Diverged as err:  # the state given was consumed: fit() starts afresh
-            raise ValueError(f"{type(self).__name__}: the filter diverged (a NaN prediction at row "
-                             f"{self.n_rows_seen_ + err.row} of the stream, from 0); {advice}") from err
+        except kalnat.Diverged as err:
+            row = self.n_rows_seen_ + err.row
+            # the state given was consumed (donated to the step): the estimator is unfitted again,
+            # and predict or partial_fit say so rather than name a consumed state
+            for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+                delattr(self, name)
+            raise ValueError(f"{type(self).__name__}: the filter diverged (a NaN prediction at row {row} of the "
+                             f"stream, from 0), and the estimator is unfitted again; {advice}") from err
         self.state_ = res.state
         self.n_rows_seen_ += X.shape[0]
         if not _alive(learner, self.state_):
