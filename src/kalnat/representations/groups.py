@@ -211,24 +211,18 @@ def kronecker(params) -> Representation:
     full covariance of its own, and one of two or more axes among them (a recurrent cell's
     matrices, a convolution's kernel) is named in a ``UserWarning`` with its block's size."""
     pieces = _layer_pieces(params)
-    _warn_unread_matrices(params, pieces)
-    sizes = tuple(size for _, size in pieces)
-    parts = tuple(Full() if layer is None else KronLayer(*layer) for layer, _ in pieces)
+    _warn_unread_matrices(pieces)
+    sizes = tuple(size for _, size, _ in pieces)
+    parts = tuple(Full() if layer is None else KronLayer(*layer) for layer, _, _ in pieces)
     return parts[0] if len(parts) == 1 else Groups(sizes, parts)
 
 
-def _warn_unread_matrices(params, pieces):
-    """Warn of the leaves of two or more axes that :func:`kronecker` keeps in full covariances:
-    a layout it does not read as a layer, whose full block may be far larger than meant."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    names, i = [], 0
-    for layer, _ in pieces:
-        leaves = flat[i:i + (2 if layer is not None else 1)]
-        i += len(leaves)
-        if layer is None and np.ndim(leaves[0][1]) >= 2:
-            path, leaf = leaves[0]
-            names.append(f"{jax.tree_util.keystr(path) or 'params'} {tuple(np.shape(leaf))} "
-                         f"({int(np.size(leaf)) ** 2} numbers)")
+def _warn_unread_matrices(pieces):
+    """Warn of the leaves of two or more axes that :func:`kronecker` keeps in full covariances
+    (``pieces`` of :func:`_layer_pieces`): a layout it does not read as a layer, whose full
+    block may be far larger than meant."""
+    names = [f"{jax.tree_util.keystr(path) or 'params'} {shape} ({int(np.prod(shape)) ** 2} numbers)"
+             for layer, _, (path, shape) in pieces if layer is None and len(shape) >= 2]
     if names:
         warnings.warn("kronecker: not read as a dense layer, so kept in a full covariance each: "
                       + ", ".join(names) + ". A dense layer is read as a bias (n,) next to its "
@@ -240,17 +234,18 @@ def dense_layers(params):
     ``(n,)`` followed by its weights ``(n, m)`` in ``ravel_pytree``'s order (as
     :func:`kalnat.models.linear` and :func:`kalnat.models.mlp` lay them out); else ``None``."""
     pieces = _layer_pieces(params)
-    layers = tuple(layer for layer, _ in pieces)
+    layers = tuple(layer for layer, _, _ in pieces)
     if not layers or None in layers or any(layer[2:] != (True, False) for layer in layers):
         return None
     return tuple(layer[:2] for layer in layers)
 
 
 def _layer_pieces(params):
-    """θ in consecutive pieces ``(layer, size)``: a bias leaf ``(n,)`` next to a weight leaf
-    ``(n, m)`` or ``(m, n)`` in the same container is the dense layer ``(n_out, n_in, bias_first, transposed)`` of
-    ``n (m + 1)`` parameters (:func:`kronecker`); any other leaf is a piece of its own,
-    ``(None, its size)``."""
+    """θ in consecutive pieces ``(layer, size, (path, shape))``, the last of the piece's first
+    leaf: a bias leaf ``(n,)`` next to a weight leaf ``(n, m)`` or ``(m, n)`` in the same
+    container is the dense layer ``(n_out, n_in, bias_first, transposed)`` of ``n (m + 1)``
+    parameters (:func:`kronecker`); any other leaf is a piece of its own, ``(None, its size,
+    …)``."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     leaves = [tuple(np.shape(a)) for _, a in flat]
     kernel = [bool(path) and getattr(path[-1], "key", getattr(path[-1], "name", None)) == "kernel"
@@ -277,10 +272,11 @@ def _layer_pieces(params):
                 transposed = w[0] != n or (w[1] == n and named)   # (m, n), or a square flax kernel
                 if alone or (bias_first and not transposed):
                     layer = (int(n), int(w[0] if transposed else w[1]), bias_first, bool(transposed))
+        first = (flat[i][0], a)
         if layer is not None:
-            pieces.append((layer, layer[0] * (layer[1] + 1)))
+            pieces.append((layer, layer[0] * (layer[1] + 1), first))
             i += 2
         else:
-            pieces.append((None, int(np.prod(a))))
+            pieces.append((None, int(np.prod(a)), first))
             i += 1
     return pieces
