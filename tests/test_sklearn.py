@@ -71,24 +71,26 @@ def test_reexpression_keeps_every_prediction(method):
     np.testing.assert_allclose(after[1], before[1], rtol=1e-9)
 
 
-@pytest.mark.parametrize("first,hidden", [(20, None), (1, None), (1, ())])   # (): no hidden layer either
-def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinates(first, hidden):
+@pytest.mark.parametrize("first,hidden,lam", [(20, None, 1.0), (1, None, 1.0), (1, (), 1.0),  # (): no hidden layer
+                                               (20, None, 0.97)])
+def test_partial_fit_with_moving_statistics_is_the_filter_in_the_last_coordinates(first, hidden, lam):
     """Two partial_fit calls, the statistics moving between them, equal kalnat.ekf run on all
     rows in the last call's coordinates from the prior 0.8·I stated there: the first rows'
     information moved exactly (a linear-Gaussian model's does not depend on θ), the prior set
     afresh. Moved exactly, the prior would be the first one carried there, A P₀ Aᵀ (w' =
     w·s₂/s₁, b' = b + w·(c₂ − c₁)/s₁): after a first call of one row (s₁ = 1, no deviation
-    yet), a prior in the features' raw units."""
+    yet), a prior in the features' raw units. Under forgetting the prior restated carries the
+    weight forgetting has left of it, λ^t."""
     X, y, _ = _data(p=3)
     X = X * np.array([30.0, 1.0, 0.01])
-    reg = KalmanRegressor(method="ekf", prior_var=0.8, noise_var=0.5, hidden=hidden)
+    reg = KalmanRegressor(method="ekf", prior_var=0.8, noise_var=0.5, hidden=hidden, forgetting=lam)
     with pytest.warns(UserWarning, match="no deviation") if first == 1 else contextlib.nullcontext():
         reg.partial_fit(X[:first], y[:first])
     reg.partial_fit(X[first:], y[first:])
     c2, s2 = X.mean(0), X.std(0)
     cy, sy = reg.target_coords_
     model = kalnat.models.linear(3)
-    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.5), prior_var=0.8)
+    learner = kalnat.ekf(model, kalnat.families.Gaussian(0.5), prior_var=0.8, forgetting=lam)
     state = kalnat.fit(learner, learner.init(model.init(None)), (X - c2) / s2, (y - cy) / sy).state
     pred = learner.predict(state, (X - c2) / s2)
     mean, sd = reg.predict(X, return_std=True)
