@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -23,7 +24,7 @@ from kalnat import families, models, representations, schedules
 from kalnat.cli_choices import parse_covariance
 from kalnat.validation import positive_int
 
-__all__ = ["METHODS", "COVARIANCES", "learner", "family", "settings_key"]
+__all__ = ["METHODS", "COVARIANCES", "Settings", "learner", "family", "settings_key"]
 
 METHODS = ("auto", "ekf", "sqrt_ekf", "information_filter", "natural_gradient", "iterated_ekf")
 # the command's --covariance names (kalnat.representations.from_name)
@@ -44,7 +45,20 @@ def family(spec):
     return {"bernoulli": families.Bernoulli, "gaussian": families.Gaussian}[spec[0]](*spec[1:])
 
 
-def settings_key(est, family_spec, n_features):
+class Settings(NamedTuple):
+    """An estimator's learner's settings: the cache key of :func:`learner` (a tuple)."""
+
+    family: tuple
+    n_features: int
+    hidden: tuple
+    method: str
+    covariance: str
+    prior_var: object
+    forgetting: object
+    seed: int
+
+
+def settings_key(est, family_spec, n_features) -> Settings:
     """The cache key of an estimator's learner, its settings checked (``ValueError`` naming the
     setting). ``est`` has ``hidden``, ``method``, ``covariance``, ``prior_var``, ``forgetting``,
     ``random_state``."""
@@ -66,8 +80,8 @@ def settings_key(est, family_spec, n_features):
         raise ValueError(f"forgetting must be a number in (0, 1], got {est.forgetting!r}")
     hidden = (est.hidden,) if isinstance(est.hidden, numbers.Integral) else (est.hidden or ())   # 16: (16,)
     hidden = tuple(positive_int(h, f"hidden[{i}]") for i, h in enumerate(hidden))
-    return (tuple(family_spec), int(n_features), hidden, est.method, est.covariance,
-            est.prior_var, est.forgetting, _seed(est.random_state))
+    return Settings(tuple(family_spec), int(n_features), hidden, est.method, est.covariance,
+                    est.prior_var, est.forgetting, _seed(est.random_state))
 
 
 def _seed(random_state) -> int:

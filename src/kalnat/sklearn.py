@@ -136,14 +136,13 @@ class _KalmanEstimator(BaseEstimator):
         ``random_state`` that is a ``RandomState`` moving between calls is no change (the seed
         was drawn at the start)."""
         key = estimators.settings_key(self, self._family_now(), self.learner_key_[1])
-        names = ("noise_var", "n_features", "hidden", "method", "covariance", "prior_var", "forgetting",
-                 "random_state")
-        changed = [name for name, a, b in zip(names, self.learner_key_, key) if a != b and name != "random_state"]
+        changed = [name for name, a, b in zip(key._fields, self.learner_key_, key) if a != b and name != "seed"]
         if not changed:
             return
-        if changed == ["noise_var"]:
-            self.learner_key_ = key[:-1] + self.learner_key_[-1:]   # the same state, learned on with the new R
+        if changed == ["family"]:   # the regressor's noise_var
+            self.learner_key_ = key._replace(seed=self.learner_key_[-1])   # the same state, learned on with the new R
             return
+        changed = ["noise_var" if name == "family" else name for name in changed]
         raise ValueError(f"{type(self).__name__}: {', '.join(changed)} changed (set_params) since the stream "
                          "began, and the state learned so far holds the old ones; fit() starts afresh with "
                          "the new settings")
