@@ -30,6 +30,11 @@ row's checks with the step on an idle machine and costs a thread switch per row 
 With ``--phases`` it prints where the seconds of a first and of a warm ``kalnat learn`` go,
 timed inside the command's process: imports, learning, the figures' wait.
 
+With ``--quick-compile`` it times the first, cold and warm runs with the chunk program compiled
+quickly (``KALNAT_QUICK_COMPILE=1``, what breast_cancer's size chooses) and with XLA's defaults
+(``=0``), alternating, and prints their ratios. What quick compilation costs a long run:
+``KALNAT_QUICK_COMPILE=1 python benchmarks/startup.py --digits auto`` against the same with ``=0``.
+
 With ``--digits full diag …`` it times ``kalnat learn digits --covariance X`` instead, each with
 an empty compilation cache (what docs/cli.md quotes), and prints its log-loss and accuracy;
 ``--dtypes auto float64`` runs each with each ``--dtype`` (``auto``: float32 for digits' full
@@ -41,6 +46,7 @@ Minibatches).
     python benchmarks/startup.py --digits full --dtypes auto float64 auto float64
     python benchmarks/startup.py --digits auto --batch-sizes 1 2 4
     python benchmarks/startup.py --phases
+    python benchmarks/startup.py --quick-compile
 """
 
 from __future__ import annotations
@@ -172,16 +178,25 @@ def per_row_update(d, passes):
     return per_row(one, passes, lambda: jax.block_until_ready(box[0]))
 
 
-def per_row_fit(d, passes, rows=4096):
+def per_row_fit(d, passes, rows=4096, quick=False, first=None):
     """Seconds per row inside ``kalnat.fit`` (one row per update, the rows scanned in chunks), after
-    a first fit of the same shape has compiled it: what the same rows cost learned together."""
+    a first fit of the same shape has compiled it: what the same rows cost learned together.
+    ``quick``: the learner compiled quickly (:func:`kalnat.programs.compile_quickly`);
+    ``first``: a list that takes the first fit's seconds (its compilation, mostly)."""
     import jax
     import kalnat
 
     learner, state = _learner(d)
+    if quick:
+        from kalnat import programs
+
+        programs.compile_quickly(learner)
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(rows, d - 1)), rng.normal(size=rows)
+    t = time.perf_counter()
     state = jax.block_until_ready(kalnat.fit(learner, state, X, y, return_predictions=False).state)
+    if first is not None:
+        first.append(time.perf_counter() - t)
     best = float("inf")
     for _ in range(max(1, passes // 10)):
         t = time.perf_counter()
@@ -261,6 +276,48 @@ def _per_row_table(dims, repeat, passes):
               f"{g * 1e6:7.1f} {g / b:10.2f}", flush=True)
 
 
+def first_cold_warm(learn, env, cache):
+    """Wall seconds of ``learn`` with an empty cache folder, then with the data set kept and no
+    compiled or saved program, then warm."""
+    shutil.rmtree(cache, ignore_errors=True)
+    first = wall(learn, env)
+    for entry in os.listdir(cache):  # compiled and saved programs gone, the data set kept
+        path = os.path.join(cache, entry)
+        if entry != "datasets":
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return first, wall(learn, env), wall(learn, env)
+
+
+def _log_loss(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)["final"]["log_loss"]
+
+
+def quick_compile_table(learn, env, cache, out, repeat):
+    """The first, cold and warm runs of ``learn`` with the chunk program compiled quickly
+    (``KALNAT_QUICK_COMPILE=1``, what breast_cancer's size chooses) and with XLA's defaults
+    (``=0``), alternating, and their ratios."""
+    times = {"1": [], "0": []}
+    losses = {}
+    for _ in range(repeat):
+        for setting in times:
+            times[setting].append(first_cold_warm(learn, dict(env, KALNAT_QUICK_COMPILE=setting), cache))
+            losses[setting] = _log_loss(out)
+    print("kalnat learn breast_cancer     quick compile   XLA's defaults   quick/defaults")
+    for i, label in enumerate(("first run", "cold cache", "warm cache")):
+        q, d = (float(np.median([t[i] for t in times[s]])) for s in ("1", "0"))
+        print(f"  {label:<27} {q:9.2f} s {d:13.2f} s {q / d:13.2f}")
+    print(f"  log-loss                    {losses['1']:11.4f} {losses['0']:15.4f}")
+    print("kalnat.fit, one EKF of d parameters: the first fit (compiling) and µs per row after it")
+    print("  d     first: quick  defaults   per row: quick  defaults  quick/defaults")
+    for d in (4, 32):
+        firsts = {True: [], False: []}
+        rows = {q: min(per_row_fit(d, PASSES, quick=q, first=firsts[q]) for _ in range(repeat))
+                for q in (True, False)}
+        print(f"  {d:<4} {min(firsts[True]):11.2f} s {min(firsts[False]):7.2f} s {rows[True] * 1e6:12.2f}"
+              f" {rows[False] * 1e6:9.2f} {rows[True] / rows[False]:12.2f}")
+
+
 def digits_table(kalnat_cmd, covariances, dtypes, batch_sizes, env, cache, out):
     """``kalnat learn digits --covariance X --dtype T --batch-size B``: wall seconds (empty
     cache), log-loss, accuracy, and the dtype ``auto`` chose; for each X the dtypes in turn,
@@ -297,6 +354,8 @@ def main():
                     help="only `kalnat learn digits --covariance X` for each X, cold cache")
     ap.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "float64"],
                     help="with --digits: each X with each --dtype, in this order (repeat them to alternate)")
+    ap.add_argument("--quick-compile", action="store_true",
+                    help="breast_cancer's first, cold and warm runs with KALNAT_QUICK_COMPILE=1 and =0")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
                     help="with --digits: each X and dtype with each --batch-size")
     args = ap.parse_args()
@@ -321,25 +380,26 @@ def main():
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
         return
+    learn = kalnat_cmd + ["learn", "breast_cancer", "--quiet", "--out", out]
+    if args.quick_compile:
+        try:
+            return quick_compile_table(learn, env, cache, out, args.repeat)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
     try:
         t_help = wall(kalnat_cmd + ["--help"], env, args.repeat)
-        learn = kalnat_cmd + ["learn", "breast_cancer", "--quiet", "--out", out]
         # the same warm run through kalnat.cli.main, ending with Python's own exit (its teardown)
         learn_python_exit = [sys.executable, "-c", "import sys; from kalnat.cli import main; main(sys.argv[1:])",
                              *learn[3:]]
         firsts, colds, warms, pythons_exit = [], [], [], []
         for _ in range(args.repeat):
-            shutil.rmtree(cache, ignore_errors=True)
-            firsts.append(wall(learn, env))
-            for entry in os.listdir(cache):  # compiled and saved programs gone, the data set kept
-                path = os.path.join(cache, entry)
-                if entry != "datasets":
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            colds.append(wall(learn, env))
-            warms.append(wall(learn, env))
+            first, cold, warm = first_cold_warm(learn, env, cache)
+            firsts.append(first)
+            colds.append(cold)
+            warms.append(warm)
             pythons_exit.append(wall(learn_python_exit, env))
-        with open(os.path.join(out, "metrics.json")) as f:
-            log_loss = json.load(f)["final"]["log_loss"]
+        log_loss = _log_loss(out)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)

@@ -2,6 +2,7 @@
 programs in a persistent cache (relocatable, safe to delete, off by an environment variable)."""
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -163,6 +164,66 @@ def test_fixed_chunk_compiles_one_program_and_learns_the_same():
     np.testing.assert_array_equal(np.concatenate(preds), plain.predictions.probs)
     for a_leaf, b_leaf in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(plain.state)):
         np.testing.assert_array_equal(a_leaf, b_leaf)
+
+
+def test_a_short_job_is_compiled_quickly_to_the_same_results(monkeypatch, tmp_path):
+    """The command compiles a stream of known length quickly (kalnat.programs.QUICK_COMPILE)
+    when its rows × members × (d² + 40) is small (cli_runner.QUICK_WORK), or as KALNAT_QUICK_COMPILE
+    says; a learner so marked has its chunk program compiled with those options, saved or not,
+    and learns what it learns with XLA's defaults; an XLA that does not take them is given none."""
+    import jax
+    import kalnat
+    from kalnat import cli, cli_learn, cli_runner, programs, saved
+
+    quick = cli_runner.quick_job
+    assert quick(569, 40, 31) and not quick(1797, 40, 585) and not quick(None, 1, 3)
+    monkeypatch.setenv("KALNAT_QUICK_COMPILE", "0")
+    assert not quick(569, 40, 31)
+    monkeypatch.setenv("KALNAT_QUICK_COMPILE", "1")
+    assert quick(None, 1, 3) and quick(1797, 40, 585)
+    monkeypatch.setenv("KALNAT_QUICK_COMPILE", "fast")
+    with pytest.raises(ValueError, match="KALNAT_QUICK_COMPILE='fast': expected 0 .XLA's defaults., 1"):
+        quick(569, 40, 31)
+    monkeypatch.delenv("KALNAT_QUICK_COMPILE")
+    ctx = cli.learn.make_context("learn", ["data.csv"])
+    kw = dict(ctx.params)
+    kw.pop("data")
+    cfg = dict(cli._config(kw), method="ekf", prior_var=1.0, forgetting=0.99)
+    for rows, marked in [(569, True), (None, False), (10**7, False)]:  # d = 4: 10⁷ × 56
+        runner = cli_runner.OnlineRunner(cfg, "bernoulli", ["0", "1"], 3, rows=rows)
+        assert (programs.compiler_options(runner.learner) is not None) == marked, rows
+    # the command knows a small file's rows (its lines), not standard input's
+    data = _csv(tmp_path / "d.csv")
+    text = open(data).read()
+    for source, marked in [(datasets.open_source(data), True), (datasets.open_source("-", stdin=io.StringIO(text)), False)]:
+        assert source.rows_at_most == (len(text.splitlines()) - 1 if marked else None)
+        runner = cli_learn.learn_stream(source, cfg, progress=False).runner
+        assert (programs.compiler_options(runner.learner) is not None) == marked
+
+    given = []
+    real = saved._jit
+    monkeypatch.setattr(saved, "_jit", lambda fn, options, **kw: given.append(options) or real(fn, options, **kw))
+    model = kalnat.models.linear(3)
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(40, 3))
+    y = (X @ [1.0, -0.5, 0.2] + rng.normal(size=40) > 0).astype(int)
+    results, learners = [], []  # all alive: equal learners share programs (kalnat.programs.once)
+    for mark, recipe in [(True, None), (False, None), (True, "quick, saved")]:
+        learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.99)
+        if mark:
+            programs.compile_quickly(learner)
+        if recipe:
+            saved.describe(learner, recipe, str(tmp_path))
+        learners.append(learner)
+        results.append(kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=16))
+    # the unmarked learner does not take the marked one's program, nor the reverse
+    assert given == [programs.QUICK_COMPILE, None, programs.QUICK_COMPILE]
+    for other in results[1:]:
+        for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(other)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
+    monkeypatch.setattr(programs, "QUICK_COMPILE", {"xla_no_such_option": 0})
+    monkeypatch.setattr(programs, "_TAKEN", {})
+    assert programs.compiler_options(learner) is None
 
 
 def test_a_learner_and_its_compiled_programs_are_freed_with_it():

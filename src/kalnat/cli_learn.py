@@ -83,7 +83,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                 if note and log:
                     log(note)
                 coder = datasets.TargetCoder(family, classes)
-                runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1], programs)
+                runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1], programs, source.rows_at_most)
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
                 acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)
                 bar = tqdm(total=source.n_rows, unit="row", disable=not progress,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Optional
 
 import jax
@@ -43,6 +44,7 @@ import kalnat
 from kalnat import baselines, representations, saved, scaling
 from kalnat.cli_choices import DEFAULT_SCALING, SCALINGS, parse_model, resolve_covariance
 from kalnat.cli_setup import build_learner, make_family
+from kalnat.programs import compile_quickly
 
 __all__ = ["OnlineRunner", "CHUNK", "clip_bound", "clipped", "target_affine", "block_end",
            "stats_to_json", "stats_from_json"]
@@ -131,11 +133,36 @@ def _target_moved(runner, state, old, new):
     return members if runner.bank is None else state._replace(members=members)
 
 
+# A stream of known length is compiled quickly (kalnat.programs.QUICK_COMPILE) when its rows ×
+# members × (d² + 40) is at most this. Quick compilation saved 0.06–0.1 s of a single EKF's
+# compilation and ~0.65 s of the default bank's, and cost its run ~0.3 ns per row, member and
+# unit of d² + 40 at d = 32 (an EKF: 1.46 against 1.14 µs a row; at d = 4 nothing) and ~1.2 ns
+# at d = 585 (digits' bank forced quick: 60.5 against 30.6 s; benchmarks/startup.py
+# --quick-compile): at this size at most ~0.06 s. breast_cancer's default bank:
+# 569 × 40 × 1 001 = 2.3·10⁷. A stream of unknown length (stdin) keeps XLA's defaults.
+QUICK_WORK = 5e7
+# KALNAT_QUICK_COMPILE=0: XLA's defaults for every job; =1: quick for every job; unset or
+# "auto": by QUICK_WORK
+QUICK_ENV = "KALNAT_QUICK_COMPILE"
+
+
+def quick_job(rows: Optional[int], members: int, d: int) -> bool:
+    """Whether a stream of ``rows`` rows (``None``: unknown) for ``members`` learners of ``d``
+    parameters is compiled quickly: by :data:`QUICK_WORK`, unless :data:`QUICK_ENV` says."""
+    setting = os.environ.get(QUICK_ENV, "").strip().lower()
+    if setting not in ("", "auto", "0", "1"):
+        raise ValueError(f"{QUICK_ENV}={os.environ[QUICK_ENV]!r}: expected 0 (XLA's defaults), 1 (quick "
+                         f"compilation) or auto (by the job's size)")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return rows is not None and float(rows) * members * (d * d + 40) <= QUICK_WORK
+
+
 class OnlineRunner:
     """One stream's learner, scalers and noise estimate (see the module's conventions)."""
 
     def __init__(self, cfg: dict, family_name: str, classes: Optional[list], n_features: int,
-                 programs: Optional[str] = None):
+                 programs: Optional[str] = None, rows: Optional[int] = None):
         self.cfg = dict(cfg)
         self.classes = classes
         self.family = make_family(family_name, len(classes) if family_name == "categorical" else None)
@@ -152,6 +179,8 @@ class OnlineRunner:
         self.bank = self.learner if isinstance(self.learner, kalnat.bank.Bank) else None
         size = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
         self.n_parameters = size // self.bank.size if self.bank else size
+        if quick_job(rows, self.bank.size if self.bank else 1, self.n_parameters):
+            compile_quickly(self.learner)
         own_form = self.cfg["method"] not in ("ekf", "iterated", "nig")
         self.covariance = "full" if own_form else resolve_covariance(self.cfg.get("covariance"), self.n_parameters)
         self.dtype = np.dtype(jax.tree_util.tree_leaves(self.state.params)[0].dtype).name

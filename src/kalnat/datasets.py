@@ -197,6 +197,9 @@ class Source:
     n_rows: Optional[int] = None
     class_names: Optional[list] = None  # a bundled set's classes, in the order of its indices
     key_name: Optional[str] = None
+    # at most this many data rows, where cheaply known (a bundled set's rows, a small file's
+    # lines past its header): the command compiles a short job quickly (kalnat.cli_runner)
+    rows_at_most: Optional[int] = None
 
 
 def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10_000,
@@ -296,7 +299,25 @@ def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed, cache
             e = min(s + chunk_rows, len(y))
             yield Chunk(X[s:e], y[s:e], order[s:e] + 1, [])
 
-    return Source(name, names, target_name, chunks(), info.task, info.n_classes, len(y), classes)
+    return Source(name, names, target_name, chunks(), info.task, info.n_classes, len(y), classes,
+                  rows_at_most=len(y))
+
+
+SMALL_FILE_BYTES = 16 * 2**20  # lines counted in at most ~10 ms
+
+
+def _lines_after(path, line) -> Optional[int]:
+    """How many lines of the file at ``path`` follow line ``line`` (its header), if it is a
+    regular file of at most :data:`SMALL_FILE_BYTES`; else ``None``. A bound on its data rows (a quoted
+    field's line breaks and blank lines count too)."""
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > SMALL_FILE_BYTES:
+            return None  # a pipe (read twice it would lose its rows), or a large file
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.count(b"\n") + (not data.endswith(b"\n")) - line
 
 
 def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature_names,
@@ -386,7 +407,8 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
                 stream.close()
 
     tname = header[t_idx] if t_idx is not None else None
-    return Source(label, names, tname, chunks(), key_name=key)
+    return Source(label, names, tname, chunks(), key_name=key,
+                  rows_at_most=None if path == "-" else _lines_after(path, header_line))
 
 
 def _separator_hint(header) -> str:

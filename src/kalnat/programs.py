@@ -11,15 +11,31 @@ every program, never a constant in one) run the same programs. A learner built a
 another prior or forgetting, as a search over hyperparameters does, is then neither traced nor
 compiled again. The table of shared programs holds them weakly: a program goes when the last
 learner holding it goes (it keeps the learner that made it alive until then).
+
+An owner marked by :func:`compile_quickly` has its programs compiled with
+:data:`QUICK_COMPILE`, for a job short enough that XLA's optimisation would cost more time
+than it saves (:func:`compiler_options`).
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Optional
 
-__all__ = ["once"]
+__all__ = ["once", "QUICK_COMPILE", "compile_quickly", "compiler_options"]
+
+# XLA's CPU compiler with its older elemental emitters in place of its MLIR fusion emitters:
+# the default bank's chunk program on breast_cancer took ~0.65 s less of a cold `kalnat learn`
+# (2.56 against 3.21 s), and a d = 32 EKF's scan ran 1.3 × longer a row, a d = 4 one's no
+# longer, digits' bank (d = 585) 2 × longer (benchmarks/startup.py --quick-compile): for short
+# jobs (kalnat.cli_runner.QUICK_WORK). LLVM's optimisation passes left out as well
+# (xla_backend_optimization_level=0) saved little more and ran 3 × longer. Options of the
+# compilation, not of the process (XLA_FLAGS), so that one learner's programs take them and an
+# XLA that does not know one is a Python error, found once (:func:`compiler_options`), not an
+# abort of the process.
+QUICK_COMPILE = {"xla_cpu_use_fusion_emitters": False}
+_TAKEN: dict = {}  # platform -> whether its compiler takes QUICK_COMPILE
 
 
 # (program_key, what the program is for) -> the program, held weakly
@@ -50,3 +66,30 @@ def once(owner, key: Hashable, make: Callable):
                     _SHARED[(shared, key)] = program
             made[key] = program
         return made[key]
+
+
+def compile_quickly(owner) -> None:
+    """Marks ``owner`` (a learner) so that its programs made from now on are compiled with
+    :data:`QUICK_COMPILE` where the compiler takes it (:func:`compiler_options`): for a short
+    job, whose compilation takes longer than its run. The results are the same to rounding."""
+    owner.__dict__["_compile_quickly"] = True  # the object's own: equal learners are not marked
+
+
+def compiler_options(owner) -> Optional[dict]:
+    """The compiler options of ``owner``'s programs: :data:`QUICK_COMPILE` for an owner marked
+    by :func:`compile_quickly` on a CPU whose XLA takes them (tried once per process, on a
+    one-operation program), else ``None`` (XLA's defaults)."""
+    if not owner.__dict__.get("_compile_quickly"):
+        return None
+    import jax
+
+    platform = jax.default_backend()
+    if platform not in _TAKEN:
+        taken = platform == "cpu"
+        if taken:
+            try:
+                jax.jit(lambda x: x + 1, compiler_options=QUICK_COMPILE).lower(1.0).compile()
+            except Exception:  # an XLA (or a jax.jit) without these options: its defaults
+                taken = False
+        _TAKEN[platform] = taken
+    return dict(QUICK_COMPILE) if _TAKEN[platform] else None

@@ -50,14 +50,21 @@ def described(learner) -> bool:
     return learner in _RECIPES
 
 
-def jit(learner, name: str, fn: Callable, donate_argnums: Sequence[int] = ()):
-    """``jax.jit(fn, donate_argnums=…)``, or, for a learner given a recipe, a function that
-    returns the same values from a program saved by an earlier process when there is one.
+def jit(learner, name: str, fn: Callable, donate_argnums: Sequence[int] = (), compiler_options=None):
+    """``jax.jit(fn, donate_argnums=…, compiler_options=…)``, or, for a learner given a recipe,
+    a function that returns the same values from a program saved by an earlier process when
+    there is one (the options apply to its compilation, not to the saved program).
     ``name`` tells ``fn`` apart from the learner's other programs."""
     if learner not in _RECIPES:
-        return jax.jit(fn, donate_argnums=tuple(donate_argnums))
+        return _jit(fn, compiler_options, donate_argnums=tuple(donate_argnums))
     recipe, folder = _RECIPES[learner]
-    return _Saved(fn, f"{name}\n{recipe}", folder, tuple(donate_argnums))
+    return _Saved(fn, f"{name}\n{recipe}", folder, tuple(donate_argnums), compiler_options)
+
+
+def _jit(fn, options, **kwargs):
+    """``jax.jit``, given ``compiler_options`` only when there are some (a JAX before them
+    takes no such argument; :func:`kalnat.programs.compiler_options` gives none there)."""
+    return jax.jit(fn, **kwargs) if options is None else jax.jit(fn, compiler_options=options, **kwargs)
 
 
 def _source_digest() -> str:
@@ -103,8 +110,8 @@ def _device(leaves):
 class _Saved:
     """``fn`` called through programs exported once per argument signature."""
 
-    def __init__(self, fn, recipe, folder, donate):
-        self.fn, self.recipe, self.folder, self.donate = fn, recipe, folder, donate
+    def __init__(self, fn, recipe, folder, donate, options=None):
+        self.fn, self.recipe, self.folder, self.donate, self.options = fn, recipe, folder, donate, options
         self.programs: dict = {}
 
     def __call__(self, *args):
@@ -125,7 +132,7 @@ class _Saved:
             try:
                 exported, out_tree = self._export(tree, [jax.ShapeDtypeStruct(*s) for s in shapes])
             except Exception:  # a program jax.export does not take (a host callback): traced each run
-                jitted = jax.jit(self.fn, donate_argnums=self.donate)
+                jitted = _jit(self.fn, self.options, donate_argnums=self.donate)
                 return lambda args, leaves: jitted(*args)
             self._write(path, exported, out_tree)
         # the donated arguments' leaves, by their place among all leaves
@@ -133,7 +140,7 @@ class _Saved:
         donated = tuple(i for n in self.donate for i in range(starts[n], starts[n + 1]))
         # every argument placed on the default device: arrays from the host, from jnp and from
         # an earlier call differ in placement, and would otherwise each be a program of its own
-        call = jax.jit(exported.call, donate_argnums=donated, in_shardings=SingleDeviceSharding(device))
+        call = _jit(exported.call, self.options, donate_argnums=donated, in_shardings=SingleDeviceSharding(device))
         return lambda args, leaves: jax.tree_util.tree_unflatten(out_tree, call(*leaves))
 
     def _export(self, tree, avals):
