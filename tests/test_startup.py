@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from kalnat import cli_choices, cli_setup, datasets
 
@@ -166,15 +167,15 @@ def test_fixed_chunk_compiles_one_program_and_learns_the_same():
         np.testing.assert_array_equal(a_leaf, b_leaf)
 
 
-def test_a_short_job_is_compiled_quickly_to_the_same_results(monkeypatch, tmp_path):
+def test_the_command_compiles_a_short_stream_quickly_and_says_so(monkeypatch, tmp_path):
     """The command compiles a stream of known length quickly (kalnat.programs.QUICK_COMPILE)
-    when its rows × members × (d² + 40) is small (cli_runner.QUICK_WORK), or as KALNAT_QUICK_COMPILE
-    says; a learner so marked has its chunk program compiled with those options, saved or not,
-    and learns what it learns with XLA's defaults; an XLA that does not take them is given none."""
-    import jax
-    import kalnat
-    from kalnat import cli, cli_learn, cli_runner, programs, saved
+    when its rows × members × (d² + 40) is small (cli_runner.QUICK_WORK), or as
+    KALNAT_QUICK_COMPILE says, and metrics.json says which: the rows are a bundled set's, or a
+    regular file's lines past its header (whatever its line ends, or as standard input), never a
+    pipe's or an in-memory stream's."""
+    from kalnat import cli, cli_learn, cli_runner, programs
 
+    monkeypatch.delenv("KALNAT_QUICK_COMPILE", raising=False)
     quick = cli_runner.quick_job
     assert quick(569, 40, 31) and not quick(1797, 40, 585) and not quick(None, 1, 3)
     monkeypatch.setenv("KALNAT_QUICK_COMPILE", "0")
@@ -184,7 +185,13 @@ def test_a_short_job_is_compiled_quickly_to_the_same_results(monkeypatch, tmp_pa
     monkeypatch.setenv("KALNAT_QUICK_COMPILE", "fast")
     with pytest.raises(ValueError, match="KALNAT_QUICK_COMPILE='fast': expected 0 .XLA's defaults., 1"):
         quick(569, 40, 31)
-    monkeypatch.delenv("KALNAT_QUICK_COMPILE")
+    # the command checks it as it starts, before it reads a row
+    monkeypatch.setattr(cli_learn, "learn_stream", lambda *a, **k: pytest.fail("rows read"))
+    bad = CliRunner().invoke(cli.cli, ["learn", "-", "--quiet", "--out", str(tmp_path / "r")], input="a,y\n1,0\n")
+    assert bad.exit_code == 1 and "Error: KALNAT_QUICK_COMPILE='fast': expected 0" in bad.output
+    assert not (tmp_path / "r").exists()
+    monkeypatch.undo()
+    monkeypatch.delenv("KALNAT_QUICK_COMPILE", raising=False)
     ctx = cli.learn.make_context("learn", ["data.csv"])
     kw = dict(ctx.params)
     kw.pop("data")
@@ -192,38 +199,88 @@ def test_a_short_job_is_compiled_quickly_to_the_same_results(monkeypatch, tmp_pa
     for rows, marked in [(569, True), (None, False), (10**7, False)]:  # d = 4: 10⁷ × 56
         runner = cli_runner.OnlineRunner(cfg, "bernoulli", ["0", "1"], 3, rows=rows)
         assert (programs.compiler_options(runner.learner) is not None) == marked, rows
-    # the command knows a small file's rows (its lines), not standard input's
+    assert datasets.open_source("breast_cancer").rows_at_most == 569
     data = _csv(tmp_path / "d.csv")
     text = open(data).read()
+    n = len(text.splitlines()) - 1
+    for end in ("\r", "\r\n"):  # the csv module's other line ends, counted as it counts them
+        other = tmp_path / f"d{len(end)}.csv"
+        other.write_bytes(text.replace("\n", end).encode())
+        assert datasets.open_source(str(other)).rows_at_most == n
+    with open(data) as f:  # standard input redirected from a file: counted, and read in full
+        as_stdin = datasets.open_source("-", stdin=f)
+        assert as_stdin.rows_at_most == n and sum(len(c.y) for c in as_stdin.chunks) == n
     for source, marked in [(datasets.open_source(data), True), (datasets.open_source("-", stdin=io.StringIO(text)), False)]:
-        assert source.rows_at_most == (len(text.splitlines()) - 1 if marked else None)
-        runner = cli_learn.learn_stream(source, cfg, progress=False).runner
-        assert (programs.compiler_options(runner.learner) is not None) == marked
+        assert source.rows_at_most == (n if marked else None)
+        result = cli_learn.learn_stream(source, cfg, progress=False)
+        assert (programs.compiler_options(result.runner.learner) is not None) == marked
+        assert result.metrics["quick_compile"] == marked and result.metrics["rows_seen"] == n
+    if hasattr(os, "mkfifo"):  # a pipe: its rows are not read to count them
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        writer = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'w').write({text!r})"])
+        piped = datasets.open_source(str(fifo))
+        assert piped.rows_at_most is None and sum(len(c.y) for c in piped.chunks) == n
+        writer.wait(timeout=60)
 
-    given = []
-    real = saved._jit
-    monkeypatch.setattr(saved, "_jit", lambda fn, options, **kw: given.append(options) or real(fn, options, **kw))
+
+QUICK_AND_DEFAULT = """
+import json, jax, numpy as np, kalnat
+from kalnat import programs
+jax.config.update("jax_enable_x64", True)
+model = kalnat.models.linear(3)
+rng = np.random.default_rng(2)
+X = rng.normal(size=(40, 3))
+y = (X @ [1.0, -0.5, 0.2] + rng.normal(size=40) > 0).astype(int)
+out = []
+for mark in (True, False):
+    learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.99)
+    if mark:
+        programs.compile_quickly(learner)
+    assert (programs.compiler_options(learner) is not None) == mark
+    r = kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=16)
+    out.append(np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves((r.state, r.predictions))]))
+print(json.dumps(float(np.max(np.abs(out[0] - out[1]) / np.maximum(np.abs(out[1]), 1e-300)))))
+"""
+
+
+def test_a_quickly_compiled_learner_takes_the_options_alone_and_learns_what_the_defaults_learn(monkeypatch, tmp_path):
+    """A learner marked by kalnat.programs.compile_quickly has its chunk program compiled with
+    QUICK_COMPILE, saved (kalnat.saved) or not, and an equal learner without the mark does not
+    share that program (nor the reverse): with an option XLA does not know in its place, the
+    marked learners' fits fail and the others' do not. With XLA's defaults otherwise (the
+    suite's own XLA_FLAGS use the same emitters), the two learn the same to rounding. An XLA
+    that does not take the options is given none."""
+    import jax
+    import kalnat
+    from kalnat import programs, saved
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("quick compilation is for XLA's CPU compiler")
+    out = subprocess.run([sys.executable, "-c", QUICK_AND_DEFAULT], capture_output=True, text=True,
+                         env=_env(XLA_FLAGS=""), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) <= 1e-12
+
+    monkeypatch.setattr(programs, "QUICK_COMPILE", {"xla_no_such_option": 0})
+    monkeypatch.setattr(programs, "_TAKEN", {"cpu": True})  # taken as if the probe had passed
     model = kalnat.models.linear(3)
-    rng = np.random.default_rng(2)
-    X = rng.normal(size=(40, 3))
-    y = (X @ [1.0, -0.5, 0.2] + rng.normal(size=40) > 0).astype(int)
-    results, learners = [], []  # all alive: equal learners share programs (kalnat.programs.once)
-    for mark, recipe in [(True, None), (False, None), (True, "quick, saved")]:
+    X, y = np.ones((8, 3)), np.ones(8, int)
+    learners = []  # all alive: equal learners share programs (kalnat.programs.once)
+    for mark, recipe in [(False, None), (True, None), (False, None), (True, "quick, saved")]:
         learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.99)
+        learners.append(learner)
         if mark:
             programs.compile_quickly(learner)
         if recipe:
             saved.describe(learner, recipe, str(tmp_path))
-        learners.append(learner)
-        results.append(kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=16))
-    # the unmarked learner does not take the marked one's program, nor the reverse
-    assert given == [programs.QUICK_COMPILE, None, programs.QUICK_COMPILE]
-    for other in results[1:]:
-        for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(other)):
-            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
-    monkeypatch.setattr(programs, "QUICK_COMPILE", {"xla_no_such_option": 0})
-    monkeypatch.setattr(programs, "_TAKEN", {})
-    assert programs.compiler_options(learner) is None
+        if mark:
+            with pytest.raises(Exception, match="No such compile option"):
+                kalnat.fit(learner, learner.init(model.init(None)), X, y)
+        else:
+            kalnat.fit(learner, learner.init(model.init(None)), X, y)
+    monkeypatch.setattr(programs, "_TAKEN", {})  # the probe itself finds the option unknown
+    assert programs.compiler_options(learners[1]) is None
 
 
 def test_a_learner_and_its_compiled_programs_are_freed_with_it():

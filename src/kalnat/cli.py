@@ -57,6 +57,9 @@ def _jax():
     copies of bundled data sets)."""
     import jax
 
+    from kalnat.cli_runner import quick_setting
+
+    quick_setting()  # a bad KALNAT_QUICK_COMPILE is told before any row is read
     jax.config.update("jax_enable_x64", True)
     path = cache_dir()
     if path is not None:

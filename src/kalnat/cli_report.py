@@ -163,6 +163,8 @@ def run_metrics(source, runner, cfg: dict, protocol: str, skipped, acc, t_learn,
         "learner": runner.learner.name,
         "learner_text": learner_text(runner.learner, cfg, runner.dtype, runner.covariance),
         "dtype": runner.dtype,
+        # the chunk program compiled quickly (a short stream: kalnat.cli_runner.QUICK_WORK)
+        "quick_compile": bool(getattr(runner, "quick", False)),
         "protocol": protocol,
         "rows_seen": rows,
         "rows_skipped": len(skipped),

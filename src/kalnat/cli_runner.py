@@ -141,19 +141,26 @@ def _target_moved(runner, state, old, new):
 # --quick-compile): at this size at most ~0.06 s. breast_cancer's default bank:
 # 569 × 40 × 1 001 = 2.3·10⁷. A stream of unknown length (stdin) keeps XLA's defaults.
 QUICK_WORK = 5e7
-# KALNAT_QUICK_COMPILE=0: XLA's defaults for every job; =1: quick for every job; unset or
-# "auto": by QUICK_WORK
+# KALNAT_QUICK_COMPILE=0: XLA's defaults for every stream; =1: quick for every stream; unset
+# or "auto": by QUICK_WORK (the one-stream runs of `kalnat learn`: OnlineRunner)
 QUICK_ENV = "KALNAT_QUICK_COMPILE"
+
+
+def quick_setting() -> str:
+    """:data:`QUICK_ENV`'s value: ``"0"``, ``"1"`` or ``"auto"`` (unset), or a ``ValueError``
+    (the command checks it when it starts, before reading any row)."""
+    setting = os.environ.get(QUICK_ENV, "").strip().lower() or "auto"
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{QUICK_ENV}={os.environ[QUICK_ENV]!r}: expected 0 (XLA's defaults), 1 (quick "
+                         f"compilation) or auto (by the job's size)")
+    return setting
 
 
 def quick_job(rows: Optional[int], members: int, d: int) -> bool:
     """Whether a stream of ``rows`` rows (``None``: unknown) for ``members`` learners of ``d``
     parameters is compiled quickly: by :data:`QUICK_WORK`, unless :data:`QUICK_ENV` says."""
-    setting = os.environ.get(QUICK_ENV, "").strip().lower()
-    if setting not in ("", "auto", "0", "1"):
-        raise ValueError(f"{QUICK_ENV}={os.environ[QUICK_ENV]!r}: expected 0 (XLA's defaults), 1 (quick "
-                         f"compilation) or auto (by the job's size)")
-    if setting in ("0", "1"):
+    setting = quick_setting()
+    if setting != "auto":
         return setting == "1"
     return rows is not None and float(rows) * members * (d * d + 40) <= QUICK_WORK
 
@@ -179,7 +186,8 @@ class OnlineRunner:
         self.bank = self.learner if isinstance(self.learner, kalnat.bank.Bank) else None
         size = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
         self.n_parameters = size // self.bank.size if self.bank else size
-        if quick_job(rows, self.bank.size if self.bank else 1, self.n_parameters):
+        self.quick = quick_job(rows, self.bank.size if self.bank else 1, self.n_parameters)
+        if self.quick:
             compile_quickly(self.learner)
         own_form = self.cfg["method"] not in ("ekf", "iterated", "nig")
         self.covariance = "full" if own_form else resolve_covariance(self.cfg.get("covariance"), self.n_parameters)

@@ -17,6 +17,7 @@ import csv
 import importlib.util
 import io
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -306,18 +307,27 @@ def _dataset_source(name, target, chunk_rows, feature_names, shuffle_seed, cache
 SMALL_FILE_BYTES = 16 * 2**20  # lines counted in at most ~10 ms
 
 
-def _lines_after(path, line) -> Optional[int]:
-    """How many lines of the file at ``path`` follow line ``line`` (its header), if it is a
-    regular file of at most :data:`SMALL_FILE_BYTES`; else ``None``. A bound on its data rows (a quoted
-    field's line breaks and blank lines count too)."""
+def _lines_after(stream, line) -> Optional[int]:
+    """How many lines follow line ``line`` (the header) of the open ``stream``, if it is a
+    regular file of at most :data:`SMALL_FILE_BYTES`; else ``None``. A bound on its data rows
+    (a quoted field's line breaks and blank lines count too). Read from the file's descriptor at
+    its start, where the platform allows (``os.pread``): the stream's own position is left as it
+    is (a path such as /dev/stdin, opened again, shares the position on some systems). Lines
+    end as the csv module ends them: ``\\n``, ``\\r\\n`` or ``\\r``."""
     try:
-        if not os.path.isfile(path) or os.path.getsize(path) > SMALL_FILE_BYTES:
-            return None  # a pipe (read twice it would lose its rows), or a large file
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data.count(b"\n") + (not data.endswith(b"\n")) - line
+        fd = stream.fileno()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > SMALL_FILE_BYTES:
+            return None  # a pipe or a terminal (read, its rows would be lost), or a large file
+        if hasattr(os, "pread"):
+            data = os.pread(fd, info.st_size, 0)
+        else:  # Windows: the file's name opened again (no /dev/stdin there)
+            with open(stream.name, "rb") as f:
+                data = f.read()
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return None  # no descriptor (an in-memory stream) or unreadable: unknown
+    ends = data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+    return ends + (not data.endswith((b"\n", b"\r"))) - line
 
 
 def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature_names,
@@ -408,7 +418,7 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
 
     tname = header[t_idx] if t_idx is not None else None
     return Source(label, names, tname, chunks(), key_name=key,
-                  rows_at_most=None if path == "-" else _lines_after(path, header_line))
+                  rows_at_most=_lines_after(stream, header_line))
 
 
 def _separator_hint(header) -> str:

@@ -12,9 +12,9 @@ another prior or forgetting, as a search over hyperparameters does, is then neit
 compiled again. The table of shared programs holds them weakly: a program goes when the last
 learner holding it goes (it keeps the learner that made it alive until then).
 
-An owner marked by :func:`compile_quickly` has its programs compiled with
-:data:`QUICK_COMPILE`, for a job short enough that XLA's optimisation would cost more time
-than it saves (:func:`compiler_options`).
+An owner marked by :func:`compile_quickly` has its chunk program (``kalnat.fit``'s scan,
+:func:`kalnat.stream.chunk_fn`) compiled with :data:`QUICK_COMPILE` on a CPU, for a job short
+enough that XLA's optimisation would cost more time than it saves (:func:`compiler_options`).
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ def once(owner, key: Hashable, make: Callable):
 
 
 def compile_quickly(owner) -> None:
-    """Marks ``owner`` (a learner) so that its programs made from now on are compiled with
-    :data:`QUICK_COMPILE` where the compiler takes it (:func:`compiler_options`): for a short
-    job, whose compilation takes longer than its run. The results are the same to rounding."""
+    """Marks ``owner`` (a learner) so that its chunk program (``kalnat.fit``'s scan), made from
+    now on, is compiled with :data:`QUICK_COMPILE` where the compiler takes it (a CPU:
+    :func:`compiler_options`): for a short job, whose compilation takes longer than its run. The
+    results are the same to rounding."""
     owner.__dict__["_compile_quickly"] = True  # the object's own: equal learners are not marked
 
 

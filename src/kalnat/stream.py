@@ -117,7 +117,8 @@ def chunk_fn(learner, keep: bool):
     """
     scan = getattr(learner, "scan_chunk", None) or functools.partial(scan_rows, learner)
     options = compiler_options(learner)
-    key = ("chunk", keep) if options is None else ("chunk", keep, "quick")  # not a default learner's
+    # a quickly compiled program is not a default learner's (nor one of other options)
+    key = ("chunk", keep) if options is None else ("chunk", keep, tuple(sorted(options.items())))
     return once(learner, key, lambda: saved.jit(
         learner, f"chunk keep={keep}", lambda hyper, state, xs, ys, ms: scan(hyper, state, xs, ys, ms, keep),
         donate_argnums=(1,), compiler_options=options))
