@@ -66,6 +66,45 @@ def test_a_feature_arriving_late_is_the_feature_there_as_0_from_the_start(covari
     np.testing.assert_allclose([a.mu, a.sigma], [b.mu, b.sigma], rtol=1e-10)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "blocks", "lowrank:2", "last-layer:2", "kron"])
+def test_growth_relays_each_form_in_its_own_storage_without_a_d_by_d_array(covariance, monkeypatch):
+    """A network's structured covariance grows past its first capacity (8 features) block by
+    block in its own form: the grow program holds no d' × d' array (d' the parameters at the new
+    capacity), and, but for Kronecker factors (which take a layer's nearest product), the grown
+    covariance is the rule's exactly: the kept coordinates' P, the template's prior on the
+    fresh ones, nothing between them."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+    from kalnat import river as kriver
+
+    seen = []
+    real = kriver._grow_core
+
+    def spied(state, template, index):
+        jaxpr = jax.make_jaxpr(kriver.grow)(state, template, index)
+        shapes = {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars}
+        d = ravel_pytree(template.params)[0].shape[0]
+        out = real(state, template, index)
+        # the dense forms now: the states are donated to the next update
+        seen.append((d, np.asarray(index), shapes, *(np.asarray(s.cov.dense()) for s in (state, template, out))))
+        return out
+
+    monkeypatch.setattr(kriver, "_grow_core", spied)
+    reg = KalmanRegressor(hidden=(3,), method="ekf", covariance=covariance)
+    rng = np.random.default_rng(3)
+    for i in range(12):  # 8 features, then 10
+        reg.learn_one({f"x{j}": rng.normal() for j in range(8 if i < 6 else 10)}, rng.normal())
+    assert len(seen) == 2  # the capacity doubled, then the new columns' prior set afresh
+    for d, index, shapes, P, P0, grown in seen:
+        assert (d, d) not in shapes, covariance
+        if covariance == "kron":
+            continue
+        keep, i = index >= 0, np.where(index >= 0, index, 0)
+        expected = np.where(keep[:, None] & keep[None, :], P[i][:, i],
+                            np.where(keep[:, None] | keep[None, :], 0.0, P0))
+        np.testing.assert_allclose(grown, expected, rtol=1e-10, atol=1e-14)
+
+
 def test_a_divergence_in_learn_many_resets_the_model(monkeypatch):
     """kalnat.fit's Diverged (raised without predictions too) consumed the state: river's
     message, and the model back at its prior, rather than a consumed state's error later."""

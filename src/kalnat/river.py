@@ -39,8 +39,9 @@ import kalnat
 from kalnat import estimators
 from kalnat.filter import State
 from kalnat.learners.base import check_range, check_targets
-from kalnat.representations import (BlockCovariance, GroupCovariance, KronCovariance, LowRankPrecision,
-                                    NIGCovariance)
+from kalnat.representations import (BlockCovariance, DiagonalCovariance, GroupCovariance, KronCovariance,
+                                    LowRankPrecision, NIGCovariance)
+from kalnat.representations.groups import part_size
 
 __all__ = ["KalmanClassifier", "KalmanRegressor", "grow"]
 
@@ -50,27 +51,52 @@ CHUNK = 32  # rows per jitted scan of learn_many (one compiled program for every
 MIN_PREDICT_ROWS = 8  # predict_many pads its rows to a power of two, at least this
 
 
-def _grown_cov(cov, template, keep, i):
-    """``cov`` re-laid as :func:`grow` describes, in its representation at the template's size
-    (what ``cov`` carries besides P, e.g. the noise scale of the normal–inverse-gamma filter or
-    the Fisher form's rate, is kept).
+def _grown_cov(cov, template, index):
+    """``cov`` re-laid as :func:`grow` describes (``index (d',)``, ``-1`` for a fresh
+    coordinate), in its representation at the template's size (what ``cov`` carries besides P,
+    e.g. the noise scale of the normal–inverse-gamma filter or the Fisher form's rate, is kept).
 
-    A low-rank plus diagonal precision is re-laid exactly in its own storage: the grown P is
-    block-diagonal between the kept coordinates and the fresh ones, so its precision is the
-    kept rows of ``υ`` and ``W`` with the template's ``υ`` and zero rows of ``W`` for the fresh
-    ones (a coordinate dropped is one no row has informed: ``W``'s row there is 0, and leaving
-    it out of ``Λ`` is its marginal), where through the dense P the form's ``with_dense`` keeps
-    only its top directions. Other forms go through the dense P; a form whose layout depends on
-    the size (blocks, groups, Kronecker factors) takes the template's."""
+    The grown P is block-diagonal between the kept coordinates and the fresh ones, so each form
+    is re-laid exactly in its own storage, never through a d' × d' matrix:
+    - a diagonal, its kept variances and the template's fresh ones;
+    - a low-rank plus diagonal precision, the kept rows of ``υ`` and ``W`` with the template's
+      ``υ`` and zero rows of ``W`` for the fresh ones (a coordinate dropped is one no row has
+      informed: ``W``'s row there is 0, and leaving it out of ``Λ`` is its marginal), where
+      through the dense P the form's ``with_dense`` would keep only its top directions;
+    - blocks and groups (consecutive ranges of θ, one per params leaf or group), each block in
+      its own form, from the coordinates of the same block (a coordinate moved to another block
+      would lose its variance: river's growth inserts within a leaf, and no cross-covariance
+      between blocks is held to move with it);
+    - a full covariance, its kept rows and columns.
+    Kronecker factors, whose layout is a layer's shape, go through the dense P of their layer
+    and take the template's layout."""
     if isinstance(cov, NIGCovariance):
-        return cov._replace(inner=_grown_cov(cov.inner, template.inner, keep, i))
+        return cov._replace(inner=_grown_cov(cov.inner, template.inner, index))
+    keep = index >= 0
+    i = jnp.where(keep, index, 0)
     if isinstance(cov, LowRankPrecision):
         return LowRankPrecision(jnp.where(keep, cov.ups[i], template.ups), jnp.where(keep[:, None], cov.w[i], 0.0))
-    P, P0 = cov.dense(), template.dense()
+    if isinstance(cov, DiagonalCovariance):
+        fresh = template.p[:template.d]
+        return template._replace(p=template.p.at[:template.d].set(jnp.where(keep, cov.p[i], fresh)))
+    pieces = {BlockCovariance: "blocks", GroupCovariance: "parts"}.get(type(cov))
+    if pieces is not None and len(getattr(cov, pieces)) == len(getattr(template, pieces)):
+        olds, news = getattr(cov, pieces), getattr(template, pieces)
+        old_at = np.cumsum([0] + [part_size(p) for p in olds])
+        new_at = np.cumsum([0] + [part_size(p) for p in news])
+        grown = []
+        for g, (old, new) in enumerate(zip(olds, news)):
+            local = index[new_at[g]:new_at[g + 1]] - old_at[g]
+            inside = (index[new_at[g]:new_at[g + 1]] >= 0) & (local >= 0) & (local < old_at[g + 1] - old_at[g])
+            grown.append(_grown_cov(old, new, jnp.where(inside, local, -1)))
+        return type(cov)(tuple(grown))
+    P, P0 = (c.dense() if hasattr(c, "dense") else c for c in (cov, template))
     P_new = jnp.where(keep[:, None] & keep[None, :], P[i][:, i],
                       jnp.where(keep[:, None] | keep[None, :], 0.0, P0))
     if isinstance(cov, (BlockCovariance, GroupCovariance, KronCovariance)):
         return template.with_dense(P_new)
+    if not hasattr(cov, "with_dense"):  # a block of BlockCovariance: a plain (n, n) array
+        return jnp.asarray(P_new, cov.dtype)
     return cov.with_dense(P_new)
 
 
@@ -80,9 +106,11 @@ def grow(state: State, template: State, index) -> State:
     Coordinate ``j`` of the result is coordinate ``index[j]`` of ``state``; where ``index[j] < 0``
     it is fresh: θ_j is the template's (the model's initial value) and the covariance gets the
     template's prior there, uncorrelated with every other coordinate. For the full covariance
-    that is the block-diagonal extension ``P' = blockdiag(P, P₀)`` up to a permutation.
+    that is the block-diagonal extension ``P' = blockdiag(P, P₀)`` up to a permutation; every
+    structured form is re-laid in its own storage, block by block (``_grown_cov``), with no
+    d' × d' array.
 
-    A low-rank plus diagonal precision is re-laid in its own storage, exactly where every
+    A low-rank plus diagonal precision is re-laid exactly where every
     coordinate left out (``index`` naming none of them) is one no row has informed, as for the
     estimators' unused columns (its row of ``W`` is 0); for an informed one that drops its
     coupling to the rest rather than marginalising it.
@@ -96,7 +124,7 @@ def grow(state: State, template: State, index) -> State:
     theta0, unravel = ravel_pytree(template.params)
     keep = index >= 0
     i = jnp.where(keep, index, 0)
-    return State(unravel(jnp.where(keep, theta[i], theta0)), _grown_cov(state.cov, template.cov, keep, i),
+    return State(unravel(jnp.where(keep, theta[i], theta0)), _grown_cov(state.cov, template.cov, index),
                  state.count)
 
 

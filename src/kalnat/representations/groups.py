@@ -29,7 +29,7 @@ from kalnat.representations.blocks import leaf_sizes
 from kalnat.representations.full import Full
 from kalnat.representations.kron import KronLayer
 
-__all__ = ["Groups", "GroupCovariance", "last_layer_full", "kronecker", "dense_layers"]
+__all__ = ["Groups", "GroupCovariance", "last_layer_full", "kronecker", "dense_layers", "part_size"]
 
 
 class GroupCovariance(NamedTuple):
@@ -44,7 +44,7 @@ class GroupCovariance(NamedTuple):
         P = jnp.asarray(P)
         out, i = [], 0
         for part in self.parts:
-            n = _size(part)
+            n = part_size(part)
             out.append(part.with_dense(P[i:i + n, i:i + n]))
             i += n
         return GroupCovariance(tuple(out))
@@ -52,13 +52,13 @@ class GroupCovariance(NamedTuple):
     def moved(self, move):
         """After a :class:`~kalnat.representations.moves.LayerMove`: each group in its own form
         (:func:`~kalnat.representations.moves.moved_groups`)."""
-        return GroupCovariance(moves.moved_groups(self.parts, [_size(p) for p in self.parts], move,
+        return GroupCovariance(moves.moved_groups(self.parts, [part_size(p) for p in self.parts], move,
                                                   lambda part, block: part.with_dense(block)))
 
     def _containing(self, move):
         """``(group, start, local move)`` of the group ``move``'s rows lie in; ``None`` where
         they straddle groups."""
-        touched = move.located([_size(part) for part in self.parts])
+        touched = move.located([part_size(part) for part in self.parts])
         if len(touched) != 1 or touched[0][3] is None:
             return None
         g, start, _, local = touched[0]
@@ -73,14 +73,14 @@ class GroupCovariance(NamedTuple):
         """The group the move lies in, by its own form (the prior's change ``I − A⁻ᵀA⁻¹`` is
         zero elsewhere, and so is the move), where :meth:`prior_movable`."""
         g, start, local = self._containing(move)
-        n = _size(self.parts[g])
+        n = part_size(self.parts[g])
         parts = list(self.parts)
         piece, parts[g] = parts[g].moved_with_prior(local, theta[start:start + n], c)
         theta = theta.at[start:start + n].set(piece)
         return theta, GroupCovariance(tuple(parts))
 
 
-def _size(part) -> int:
+def part_size(part) -> int:
     """How many parameters a group's covariance covers, read from its shapes."""
     if hasattr(part, "ups"):            # LowRankPrecision
         return int(part.ups.shape[0])
