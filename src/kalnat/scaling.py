@@ -135,7 +135,7 @@ def _first_layer_positions(params):
     import jax
 
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    sizes = [int(np.size(leaf)) for leaf in leaves]
+    sizes = [int(np.prod(np.shape(leaf))) for leaf in leaves]  # (arrays or their shapes)
     starts = np.cumsum([0] + sizes[:-1])
     where = jax.tree_util.tree_unflatten(treedef, [
         start + np.arange(n).reshape(np.shape(leaf)) for start, n, leaf in zip(starts, sizes, leaves)])
@@ -375,11 +375,15 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
 
     members = state.members if bank else state
     leaves, treedef = jax.tree_util.tree_flatten(members.params)
-    first = jax.tree_util.tree_unflatten(treedef, [a[0] if bank else a for a in leaves])
+
+    def one(tree):  # one member's shapes: the move and the form's choice read nothing else (an
+        # index a[0] of each leaf would be an eager slice, a program compiled per shape)
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree) if bank else tree
+    first = one(jax.tree_util.tree_unflatten(treedef, leaves))
     if priors is None:
         return _moved_members(state, members, layer_move(first, old, new), bank)
     move = layer_move(first, old, new)
-    if prior_movable(jax.tree_util.tree_map(lambda a: a[0], members.cov) if bank else members.cov, move):
+    if prior_movable(one(members.cov), move):
         return _moved_members(state, members, move, bank,
                               np.asarray(priors[1], np.float64) / np.asarray(priors[0], np.float64))
     covs = np.asarray(jax.vmap(lambda c: c.dense())(members.cov) if bank else members.cov.dense()[None],
