@@ -66,31 +66,47 @@ def test_a_feature_arriving_late_is_the_feature_there_as_0_from_the_start(covari
     np.testing.assert_allclose([a.mu, a.sigma], [b.mu, b.sigma], rtol=1e-10)
 
 
+def _shapes(jaxpr):
+    """The shapes of every value a jaxpr computes, at any depth."""
+    import jax.extend
+
+    out = {tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars}
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out |= _shapes(sub)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ekf", "auto"])  # auto: a bank (grown by a vmap) of NIG filters
 @pytest.mark.parametrize("covariance", ["diag", "blocks", "lowrank:2", "last-layer:2", "kron"])
-def test_growth_relays_each_form_in_its_own_storage_without_a_d_by_d_array(covariance, monkeypatch):
+def test_growth_relays_each_form_in_its_own_storage_without_a_d_by_d_array(covariance, method, monkeypatch):
     """A network's structured covariance grows past its first capacity (8 features) block by
     block in its own form: the grow program holds no d' × d' array (d' the parameters at the new
     capacity), and, but for Kronecker factors (which take a layer's nearest product), the grown
     covariance is the rule's exactly: the kept coordinates' P, the template's prior on the
     fresh ones, nothing between them."""
     import jax
-    from jax.flatten_util import ravel_pytree
     from kalnat import river as kriver
 
     seen = []
-    real = kriver._grow_core
+    name = "_grow_bank" if method == "auto" else "_grow_core"
+    real = getattr(kriver, name)
 
     def spied(state, template, index):
-        jaxpr = jax.make_jaxpr(kriver.grow)(state, template, index)
-        shapes = {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars}
-        d = ravel_pytree(template.params)[0].shape[0]
+        shapes = _shapes(jax.make_jaxpr(real)(state, template, index).jaxpr)
+        members = (lambda s: s.members) if method == "auto" else (lambda s: s)
+        lead = 1 if method == "auto" else 0  # a bank's leaves carry the members' axis
+        d = sum(int(np.prod(a.shape[lead:])) for a in jax.tree_util.tree_leaves(members(template).params))
         out = real(state, template, index)
-        # the dense forms now: the states are donated to the next update
-        seen.append((d, np.asarray(index), shapes, *(np.asarray(s.cov.dense()) for s in (state, template, out))))
+        # the dense forms now (a bank's first member): the states are donated to the next update
+        dense = [members(s).cov for s in (state, template, out)]
+        if method == "auto":
+            dense = [jax.tree_util.tree_map(lambda a: a[0], c) for c in dense]
+        seen.append((d, np.asarray(index), shapes, *(np.asarray(c.dense()) for c in dense)))
         return out
 
-    monkeypatch.setattr(kriver, "_grow_core", spied)
-    reg = KalmanRegressor(hidden=(3,), method="ekf", covariance=covariance)
+    monkeypatch.setattr(kriver, name, spied)
+    reg = KalmanRegressor(hidden=(3,), method=method, covariance=covariance)
     rng = np.random.default_rng(3)
     for i in range(12):  # 8 features, then 10
         reg.learn_one({f"x{j}": rng.normal() for j in range(8 if i < 6 else 10)}, rng.normal())
@@ -103,6 +119,18 @@ def test_growth_relays_each_form_in_its_own_storage_without_a_d_by_d_array(covar
         expected = np.where(keep[:, None] & keep[None, :], P[i][:, i],
                             np.where(keep[:, None] | keep[None, :], 0.0, P0))
         np.testing.assert_allclose(grown, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_auto_covariance_growing_past_its_full_size_takes_the_low_rank_form():
+    """covariance="auto" is full up to 1 024 parameters and low rank beyond: growth across that
+    size lays the grown P in the new form (it kept the full form, which the next update, built
+    for the low-rank one, could not read)."""
+    rng = np.random.default_rng(0)
+    reg = KalmanRegressor(method="ekf", covariance="auto")
+    for n in (300, 300, 600, 600):
+        reg.learn_one({f"x{j}": rng.normal() for j in range(n)}, rng.normal())
+    assert type(reg._state.cov).__name__ == "LowRankPrecision"
+    assert np.isfinite(reg.predict_one({f"x{j}": 0.1 for j in range(600)}))
 
 
 def test_a_divergence_in_learn_many_resets_the_model(monkeypatch):

@@ -51,6 +51,14 @@ CHUNK = 32  # rows per jitted scan of learn_many (one compiled program for every
 MIN_PREDICT_ROWS = 8  # predict_many pads its rows to a power of two, at least this
 
 
+def _grown_dense(P, P0, index):
+    """The grown covariance as a matrix: ``P`` on the kept coordinates, the template's ``P0`` on
+    the fresh ones (``index < 0``), nothing between them."""
+    keep = index >= 0
+    i = jnp.where(keep, index, 0)
+    return jnp.where(keep[:, None] & keep[None, :], P[i][:, i], jnp.where(keep[:, None] | keep[None, :], 0.0, P0))
+
+
 def _grown_cov(cov, template, index):
     """``cov`` re-laid as :func:`grow` describes (``index (d',)``, ``-1`` for a fresh
     coordinate), in its representation at the template's size (what ``cov`` carries besides P,
@@ -69,7 +77,11 @@ def _grown_cov(cov, template, index):
       between blocks is held to move with it);
     - a full covariance, its kept rows and columns.
     Kronecker factors, whose layout is a layer's shape, go through the dense P of their layer
-    and take the template's layout."""
+    (for a linear model, all of θ) and take the template's layout. A form unlike the template's
+    (``covariance="auto"``, full up to its size and low rank beyond) goes through the dense P
+    into the template's form."""
+    if type(cov) is not type(template) and hasattr(template, "with_dense"):
+        return template.with_dense(_grown_dense(cov.dense(), template.dense(), index))
     if isinstance(cov, NIGCovariance):
         return cov._replace(inner=_grown_cov(cov.inner, template.inner, index))
     keep = index >= 0
@@ -91,8 +103,7 @@ def _grown_cov(cov, template, index):
             grown.append(_grown_cov(old, new, jnp.where(inside, local, -1)))
         return type(cov)(tuple(grown))
     P, P0 = (c.dense() if hasattr(c, "dense") else c for c in (cov, template))
-    P_new = jnp.where(keep[:, None] & keep[None, :], P[i][:, i],
-                      jnp.where(keep[:, None] | keep[None, :], 0.0, P0))
+    P_new = _grown_dense(P, P0, index)
     if isinstance(cov, (BlockCovariance, GroupCovariance, KronCovariance)):
         return template.with_dense(P_new)
     if not hasattr(cov, "with_dense"):  # a block of BlockCovariance: a plain (n, n) array
@@ -110,6 +121,9 @@ def grow(state: State, template: State, index) -> State:
     structured form is re-laid in its own storage, block by block (``_grown_cov``), with no
     d' × d' array.
 
+    A coordinate ``index`` moves into another block or group of a structured form than its own
+    takes the template's prior there (no cross-covariance between blocks is held to carry its
+    variance), θ_j its old value; river's growth inserts columns within a leaf and never does.
     A low-rank plus diagonal precision is re-laid exactly where every
     coordinate left out (``index`` naming none of them) is one no row has informed, as for the
     estimators' unused columns (its row of ``W`` is 0); for an informed one that drops its
