@@ -135,7 +135,7 @@ def _target_moved(runner, state, old, new):
 
 # A stream of known length is compiled quickly (kalnat.programs.QUICK_COMPILE) when its rows ×
 # members × (d² + 40) is at most this. Quick compilation saved 0.06–0.1 s of a single EKF's
-# compilation and ~0.65 s of the default bank's, and cost its run ~0.3 ns per row, member and
+# compilation and 0.55–0.65 s of the default bank's, and cost its run ~0.3 ns per row, member and
 # unit of d² + 40 at d = 32 (an EKF: 1.46 against 1.14 µs a row; at d = 4 nothing) and ~1.2 ns
 # at d = 585 (digits' bank forced quick: 60.5 against 30.6 s; benchmarks/startup.py
 # --quick-compile): at this size at most ~0.06 s. breast_cancer's default bank:

@@ -324,7 +324,7 @@ def _lines_after(stream, line) -> Optional[int]:
         else:  # Windows: the file's name opened again (no /dev/stdin there)
             with open(stream.name, "rb") as f:
                 data = f.read()
-    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+    except (OSError, AttributeError, ValueError):  # (io.UnsupportedOperation is both)
         return None  # no descriptor (an in-memory stream) or unreadable: unknown
     ends = data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
     return ends + (not data.endswith((b"\n", b"\r"))) - line

@@ -121,8 +121,8 @@ def grow(state: State, template: State, index) -> State:
     structured form is re-laid in its own storage, block by block (``_grown_cov``), with no
     d' × d' array.
 
-    A coordinate ``index`` moves into another block or group of a structured form than its own
-    takes the template's prior there (no cross-covariance between blocks is held to carry its
+    A coordinate that ``index`` moves into another block or group of a structured form than its
+    own takes the template's prior there (no cross-covariance between blocks is held to carry its
     variance), θ_j its old value; river's growth inserts columns within a leaf and never does.
     A low-rank plus diagonal precision is re-laid exactly where every
     coordinate left out (``index`` naming none of them) is one no row has informed, as for the

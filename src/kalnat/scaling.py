@@ -379,7 +379,7 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     def one(tree):  # one member's shapes: the move and the form's choice read nothing else (an
         # index a[0] of each leaf would be an eager slice, a program compiled per shape)
         return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree) if bank else tree
-    first = one(jax.tree_util.tree_unflatten(treedef, leaves))
+    first = one(members.params)
     if priors is None:
         return _moved_members(state, members, layer_move(first, old, new), bank)
     move = layer_move(first, old, new)
