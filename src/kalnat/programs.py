@@ -30,7 +30,8 @@ __all__ = ["once", "QUICK_COMPILE", "compile_quickly", "compiler_options"]
 # (2.56 against 3.21 s), and a d = 32 EKF's scan ran 1.3 × longer a row, a d = 4 one's no
 # longer, digits' bank (d = 585) 2 × longer (benchmarks/startup.py --quick-compile): for short
 # jobs (kalnat.cli_runner.QUICK_WORK). LLVM's optimisation passes left out as well
-# (xla_backend_optimization_level=0) saved little more and ran 3 × longer. Options of the
+# (xla_backend_optimization_level=0; the same benchmark with that XLA_FLAGS) saved another
+# 0.4–0.55 s of that cold run but ran 3 × longer a row. Options of the
 # compilation, not of the process (XLA_FLAGS), so that one learner's programs take them and an
 # XLA that does not know one is a Python error, found once (:func:`compiler_options`), not an
 # abort of the process.
