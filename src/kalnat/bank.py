@@ -368,8 +368,14 @@ class Bank(Boundary):
     def check_x(self, state, x):
         # The member's parameters as shapes: all the check reads (slicing the device arrays
         # would cost more than the update of a small model).
-        params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.members.params)
-        return self.learner.check_x(state.members._replace(params=params), x)
+        return self.learner.check_x(state.members._replace(params=member_shapes(state.members.params)), x)
+
+
+def member_shapes(tree):
+    """One member's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) of a tree whose leaves
+    stack the members on their first axis: for what reads shapes alone, where ``a[0]`` of each
+    leaf would be an eager slice on the device (a program compiled per shape)."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree)
 
 
 def _finite(a):

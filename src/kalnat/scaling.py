@@ -370,15 +370,15 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     out of the bank's mixture already) is left as it is."""
     import jax
     import jax.numpy as jnp
+    from kalnat.bank import member_shapes
     from kalnat.filter import with_covariance
     from kalnat.representations.moves import prior_movable
 
     members = state.members if bank else state
     leaves, treedef = jax.tree_util.tree_flatten(members.params)
 
-    def one(tree):  # one member's shapes: the move and the form's choice read nothing else (an
-        # index a[0] of each leaf would be an eager slice, a program compiled per shape)
-        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree) if bank else tree
+    def one(tree):  # one member's shapes: the move and the form's choice read nothing else
+        return member_shapes(tree) if bank else tree
     first = one(members.params)
     if priors is None:
         return _moved_members(state, members, layer_move(first, old, new), bank)
