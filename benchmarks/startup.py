@@ -3,7 +3,7 @@ row at a time through ``learner.update`` next to river, side by side on this mac
 
   --help            ``kalnat --help`` (a fresh process: what typing it costs)
   learn first       ``kalnat learn`` on breast_cancer with an empty cache folder (the data set
-                    read from scikit-learn, every program compiled)
+                    read from its file, every program compiled)
   learn cold        the same with no compiled or saved program, the data set already kept
   learn warm        the same again, the cache now filled (JAX's persistent compilation cache
                     and the chunk program saved by ``kalnat.saved``), and the same through

@@ -1,6 +1,8 @@
 """Bundled data sets, chunked CSV reading, located errors, target inference and coding."""
 
+import gzip
 import io
+import os
 
 import numpy as np
 import pytest
@@ -30,6 +32,55 @@ def test_bundled_sklearn_sets_are_listed_and_load():
     assert X.shape == (150, 4) and y.shape == (150,) and len(feats) == 4
     info = ds.describe("digits")
     assert (info.n_rows, info.n_features, info.task, info.n_classes) == (1797, 64, "categorical", 10)
+
+
+@pytest.mark.parametrize("loader", sorted(ds._TABLES))
+def test_a_set_read_from_its_file_is_exactly_what_scikit_learns_loader_gives(loader, tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+    import types
+
+    import sklearn.datasets as skd
+
+    bunch = getattr(skd, loader)()
+    X, y, names, target, classes = ds._sklearn_table(*ds._TABLES[loader])
+    assert X.dtype == np.float64 and X.tobytes() == np.ascontiguousarray(bunch.data).tobytes()
+    assert y.dtype == bunch.target.dtype and np.array_equal(y, bunch.target)
+    assert names == [str(n) for n in bunch.feature_names] and target == "target"
+    assert classes == [str(c) for c in bunch.target_names]
+    # a file not of the expected form (a damaged or changed copy, or none) is not read:
+    # the loader takes the set from scikit-learn instead
+    file = ds._TABLES[loader][0]
+    data = tmp_path / "sklearn" / "datasets" / "data"
+    data.mkdir(parents=True)
+    original = os.path.join(os.path.dirname(skd.__file__), "data", file)
+    fake = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "sklearn")])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake if name == "sklearn" else None)
+    if file.endswith(".gz"):
+        with gzip.open(original, "rt") as f:
+            text = f.read()
+    else:
+        with open(original, encoding="utf-8") as f:
+            text = f.read()
+    last = text.rstrip("\n").rsplit(",", 1)[0]
+    damaged = [None, "", last + "," + str(len(classes)) + "\n", last + ",0.5\n", text + "1,2\n",
+               text.replace(",", ";", 40)]
+    if not file.endswith(".gz"):  # its header: the counts of rows and features
+        damaged += [text.replace(text.split(",", 1)[0], str(len(y) + 1), 1),
+                    text[: text.rindex("\n", 0, len(text) // 2) + 1]]
+    for bad in damaged:
+        if bad is None:
+            (data / file).unlink(missing_ok=True)
+        elif file.endswith(".gz"):
+            with gzip.open(data / file, "wt") as f:
+                f.write(bad)
+        else:
+            (data / file).write_text(bad, encoding="utf-8")
+        assert ds._sklearn_table(*ds._TABLES[loader]) is None, repr(bad)[:80]
+        again = ds._sklearn(loader)()   # from scikit-learn
+        assert np.array_equal(again[0], bunch.data) and again[2] == names and again[4] == classes
+    shutil.copy(original, data / file)
+    assert ds._sklearn_table(*ds._TABLES[loader])[0].tobytes() == X.tobytes()
 
 
 def test_unknown_name_lists_the_bundled_sets():

@@ -20,6 +20,7 @@ import os
 import stat
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
@@ -74,6 +75,10 @@ class DatasetInfo:
 
 def _sklearn(loader_name):
     def load_fn():
+        if loader_name in _TABLES:
+            read = _sklearn_table(*_TABLES[loader_name])
+            if read is not None:
+                return read
         import sklearn.datasets as skd
 
         bunch = getattr(skd, loader_name)()
@@ -83,6 +88,55 @@ def _sklearn(loader_name):
         classes = [str(c) for c in labels] if labels is not None else None
         return np.asarray(bunch.data, np.float64), np.asarray(bunch.target), names, "target", classes
     return load_fn
+
+
+def _sklearn_table(file, names, classes):
+    """A scikit-learn set whose file in ``sklearn/datasets/data`` holds its rows as they are
+    (each row's features, then its class index), read without importing scikit-learn, whose
+    import (~0.9 s, SciPy's submodules with it) is most of a first ``kalnat learn``'s wait past
+    JAX's. ``names`` and ``classes`` are what the package's loader gives; ``classes=None``: the
+    file's header names them. ``None`` where the file is not there or not of that form (its
+    header's counts, its columns, its class indices): the caller then reads the set through
+    scikit-learn's loader, which tests/test_datasets.py checks this agrees with exactly."""
+    spec = importlib.util.find_spec("sklearn")   # finds the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", file)
+    try:
+        if file.endswith(".gz"):  # no header
+            with warnings.catch_warnings():   # an empty file's warning: it is refused below
+                warnings.simplefilter("ignore")
+                table, header = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2), None
+        else:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+            header, table = rows[0], np.asarray(rows[1:], dtype=np.float64)
+        y = table[:, -1].astype(np.int64)
+        if header is not None:
+            classes = header[2:]
+            if (int(header[0]), int(header[1])) != (table.shape[0], len(names)):
+                return None
+    except (OSError, ValueError, IndexError, csv.Error):
+        return None
+    if (table.shape[1] != len(names) + 1 or np.any(y != table[:, -1]) or np.any(y < 0)
+            or np.any(y >= len(classes))):
+        return None
+    return np.ascontiguousarray(table[:, :-1]), y, list(names), "target", [str(c) for c in classes]
+
+
+# What scikit-learn's loaders name these sets' features (tests/test_datasets.py compares them).
+_CANCER_BASE = ("radius", "texture", "perimeter", "area", "smoothness", "compactness", "concavity",
+                "concave points", "symmetry", "fractal dimension")
+_CANCER = ([f"mean {n}" for n in _CANCER_BASE] + [f"{n} error" for n in _CANCER_BASE]
+           + [f"worst {n}" for n in _CANCER_BASE])
+_IRIS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+_WINE = ["alcohol", "malic_acid", "ash", "alcalinity_of_ash", "magnesium", "total_phenols", "flavanoids",
+         "nonflavanoid_phenols", "proanthocyanins", "color_intensity", "hue", "od280/od315_of_diluted_wines",
+         "proline"]
+_DIGITS = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+# loader → (its file, its features' names, its classes' names where the file has no header)
+_TABLES = {"load_breast_cancer": ("breast_cancer.csv", _CANCER, None), "load_iris": ("iris.csv", _IRIS, None),
+           "load_wine": ("wine_data.csv", _WINE, None), "load_digits": ("digits.csv.gz", _DIGITS, range(10))}
 
 
 def _river(cls_name, label_map=None):
@@ -241,8 +295,9 @@ _CACHE_FORMAT = 1
 
 def _load_cached(info: DatasetInfo, folder: Optional[str]):
     """``info.loader()``, kept as a ``.npz`` in ``folder`` after the first call (``None``: not
-    kept). Importing scikit-learn to read a bundled set costs ~2 s, several times the rest of
-    a warm ``kalnat learn`` on it. The file's name holds the package's version, so an upgrade
+    kept). Parsing a set's text costs ~0.01–0.1 s, and importing scikit-learn, for a set
+    :func:`_sklearn_table` does not read (diabetes, which its loader scales) or river, ~1 s, as
+    long as the rest of a warm ``kalnat learn`` on it. The file's name holds the package's version, so an upgrade
     reads the set afresh; a copy that cannot be read is replaced."""
     if folder is None:
         return info.loader()
