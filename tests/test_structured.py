@@ -147,7 +147,7 @@ def test_low_rank_reprojection_from_the_gram_matrix_is_the_svd_of_the_tall_matri
                  rep.posterior(prior, H, R, jnp.zeros(m), None, jnp.ones(m, bool)))
         return prior, prior.w, posts, prior.projections(H.T)
 
-    prior, prior_w, posts, (ph, hph, _, _) = steps(cov, H, R)
+    prior, prior_w, posts, (ph, hph, _, _, _) = steps(cov, H, R)
     prior_w = np.asarray(prior_w)
     ups, wwt = _reprojected_by_svd(prior.ups, prior_w, H, R, k)
     for post in posts:
@@ -158,6 +158,47 @@ def test_low_rank_reprojection_from_the_gram_matrix_is_the_svd_of_the_tall_matri
     # (ph, hph: Woodbury through I + AᵀA's factor)
     np.testing.assert_allclose(ph, P @ H.T, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hph, H @ P @ H.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("q,bound", [(None, None), (0.01, None), (None, 2.0)])
+def test_a_low_rank_step_reads_the_gram_matrix_and_the_rows_projections_in_one_product(q, bound):
+    """Without a variance bound, the prior's ``G = W⁻ᵀΥ⁻⁻¹W⁻`` comes with the rows' ``Aᵀg``
+    from one product over the d rows (the slow ``xᵀW (1, k)`` product gone; with process noise
+    the prediction step forms the last state's G apart, for its own use); with the bound, which
+    reads P⁻, G is formed before the rows come: each way, the same step."""
+    d, k, m = 9, 3, 2
+    rng = np.random.default_rng(3)
+    cov = kalnat.representations.LowRankPrecision(jnp.asarray(rng.uniform(0.5, 2.0, d)),
+                                                  jnp.asarray(rng.normal(size=(d, k))))
+    H, R, e = jnp.asarray(rng.normal(size=(m, d))), jnp.eye(m), jnp.asarray(rng.normal(size=m))
+    rep = LowRank(k)
+
+    def step(cov, H):
+        prior = rep.inflate(cov, 1, 0.95, q, bound)
+        gain, _, aux = rep.gain(prior, H, R, e)
+        return gain, rep.posterior(prior, H, R, e, aux, jnp.ones(m, bool))
+
+    def over_rows(jaxpr):  # the output shapes of the products that sum over the d rows
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lc, _), _ = eqn.params["dimension_numbers"]
+                if [eqn.invars[0].aval.shape[i] for i in lc] == [d]:
+                    yield eqn.outvars[0].aval.shape
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from over_rows(sub)
+
+    shapes = sorted(over_rows(jax.make_jaxpr(step)(cov, H).jaxpr))
+    if bound is None:
+        assert (k + m, k) in shapes and (m, k) not in shapes and (k, m) not in shapes, shapes
+        assert ((k, k) in shapes) == (q is not None), shapes
+    else:
+        assert (k, k) in shapes and (k + m, k) not in shapes, shapes
+    # the same step as the prior with G formed first (LowRankPrior.filled)
+    prior = rep.inflate(cov, 1, 0.95, q, bound)
+    filled = prior.filled()
+    assert filled.gram is not None and (prior.gram is None) == (bound is None)
+    for a, b in zip(prior.projections(H.T), filled.projections(H.T)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_low_rank_state_from_a_dense_covariance_steps_exactly():

@@ -26,7 +26,8 @@ data"). It is positive definite by construction in any precision. Its choices, m
   rescaling a parameter, unlike a plain SVD of ``[W⁻, Hᵀ L_R⁻ᵀ]``).
 
 **Cost: no factorisation of a tall matrix.** Every ``d``-long operation is a product: the
-prior's Gram matrix ``G`` (``d k²``), the gain's ``Aᵀ g`` and ``A c`` (``d k m``), and the
+prior's Gram matrix ``G`` (``d k²``) with the gain's ``Aᵀ g`` (``d k m``), one product where no
+variance bound needs ``G`` before the rows come (:class:`LowRankPrior`), the gain's ``A c``, and the
 re-projection's ``[W⁻, Hᵀ L_R⁻ᵀ] V`` (``d (k + m)²``), where ``V``, the right singular vectors
 of ``Ã``, are the eigenvectors of its ``(k + m) × (k + m)`` Gram matrix
 ``[[G, Aᵀĝ], [ĝᵀA, ĝᵀĝ]]``, built from ``G`` and the gain's projections. The factorisations
@@ -284,7 +285,11 @@ class LowRankPrior(NamedTuple):
     factor applied where ``W`` is read, not a pass writing ``d × k`` numbers), with what applying
     ``P⁻ = Λ⁻⁻¹`` needs: ``gram = wᵀ diag(1/ups) w (k, k)`` (``AᵀA``, ``A = υ^{-1/2} w``) and
     ``lower``, the lower Cholesky factor of ``I + gram``, so that
-    ``P⁻ = υ^{-1/2} (I − A (I + AᵀA)⁻¹ Aᵀ) υ^{-1/2}``."""
+    ``P⁻ = υ^{-1/2} (I − A (I + AᵀA)⁻¹ Aᵀ) υ^{-1/2}``. ``gram`` and ``lower`` are ``None``
+    until the rows ``H`` come (:meth:`projections`), where the prior's step needs ``gram`` for
+    nothing else (no process noise, no variance bound): then one product over the ``d`` rows
+    gives both ``gram`` and ``Aᵀ g``, where two took 0.86 ms a step against 0.49 (d = 120 901,
+    k = 10, float32; XLA's CPU product ``xᵀ W (1, k)`` alone took as long as ``gram``)."""
 
     ups: jax.Array
     base: jax.Array
@@ -297,18 +302,35 @@ class LowRankPrior(NamedTuple):
         """``W⁻ (d, k)``, formed."""
         return _rows(self.root, self.base)
 
+    def filled(self):
+        """This prior with ``gram`` and ``lower`` computed."""
+        if self.gram is not None:
+            return self
+        return _prior(self.ups, self.base, _gram(self._metric(), self.base), self.root)
+
+    def _metric(self):
+        """``ups / root² (d,)``: ``gram = baseᵀ diag(root² / ups) base``."""
+        return self.ups / jnp.broadcast_to(self.root * self.root, self.ups.shape)
+
     def projections(self, ht):
-        """For ``Hᵀ (d, m)``: ``(P⁻ Hᵀ, H P⁻ Hᵀ, b, gg)`` with ``b = Aᵀ g (k, m)`` and
-        ``gg = gᵀ g (m, m)``, ``g = υ^{-1/2} Hᵀ`` (what the re-projection's Gram matrix needs)."""
+        """For ``Hᵀ (d, m)``: ``(P⁻ Hᵀ, H P⁻ Hᵀ, b, gg, gram)`` with ``b = Aᵀ g (k, m)``,
+        ``gg = gᵀ g (m, m)``, ``g = υ^{-1/2} Hᵀ``, and ``gram = AᵀA`` (what the re-projection's
+        Gram matrix needs)."""
         x = ht / self.ups[:, None]
-        b = (_rows(self.root, x).T @ self.base).T  # Aᵀ g as xᵀW: for Wᵀ x XLA's CPU copies W transposed
-        c = numerics.solve_lower(self.lower.T[::-1, ::-1], numerics.solve_lower(self.lower, b)[::-1])[::-1]
+        if self.gram is None:  # [baseᵀ diag(root²/υ), (root x)ᵀ] base: gram's k rows, bᵀ's m
+            k = self.base.shape[1]
+            both = jnp.concatenate([self.base / self._metric()[:, None], _rows(self.root, x)], axis=1).T @ self.base
+            prior, b = _prior(self.ups, self.base, both[:k], self.root), both[k:].T
+        else:
+            prior = self
+            b = (_rows(self.root, x).T @ self.base).T  # Aᵀ g as xᵀW: for Wᵀ x XLA's CPU copies W transposed
+        c = numerics.solve_lower(prior.lower.T[::-1, ::-1], numerics.solve_lower(prior.lower, b)[::-1])[::-1]
         ph = x - _rows(self.root, self.base @ c) / self.ups[:, None]  # υ^{-1/2} r, r = g − A c
         # ph's rows (m, d), so that the product contracts their contiguous axis: XLA's CPU
         # reduction of the (d, 1) product over its leading axis took 0.49 ms a step against 0.07
         # (d = 120 901, float32; benchmarks/profile_step.py)
         pt = ph.T
-        return ph, (pt * self.ups) @ pt.T + c.T @ c, b, ht.T @ x
+        return ph, (pt * self.ups) @ pt.T + c.T @ c, b, ht.T @ x, prior.gram
 
     def times(self, ht):
         """``P⁻ Hᵀ`` for ``Hᵀ (d, m)``."""
@@ -319,7 +341,8 @@ class LowRankPrior(NamedTuple):
         # through the small L⁻¹ (k, k): one pass over the d rows up to k = 16 (_row_squares_lower),
         # where the triangular solve with d right-hand sides (numerics.solve_lower's loop) makes
         # k passes over them
-        inv = numerics.solve_lower(self.lower, jnp.eye(self.lower.shape[0], dtype=self.ups.dtype))
+        lower = self.filled().lower
+        inv = numerics.solve_lower(lower, jnp.eye(lower.shape[0], dtype=self.ups.dtype))
         squares = _rows(self.root * self.root, _row_squares_lower(self.base, inv))
         return jnp.maximum(1.0 - squares / self.ups, 0.0) / self.ups
 
@@ -350,11 +373,14 @@ class LowRank(Representation):
     def inflate(self, cov, t, lam, q, bound):
         ups, w = cov.ups, cov.w
         lam = jnp.asarray(lam, ups.dtype)
-        gram, root = _gram(ups, w), None
+        gram, root = None, jnp.ones((), ups.dtype)
         if q is None:  # P/λ: Λ⁻ = λ Λ, and A = υ^{-1/2} W, so G, is unchanged
+            if bound is not None:
+                gram = _gram(ups, w)
             ups, root = lam * ups, jnp.sqrt(lam)
         else:
-            s2, v = _eigh(0.5 * (gram + gram.T))
+            g = _gram(ups, w)
+            s2, v = _eigh(0.5 * (g + g.T))
             s2 = jnp.maximum(s2, 0.0)
             z = v / jnp.sqrt(1.0 + s2)[None, :]                                  # V (I + S²)^{-1/2}
             lq = lam * jnp.asarray(q, ups.dtype) * ups
@@ -372,8 +398,8 @@ class LowRank(Representation):
             inv = numerics.solve_lower(lower, jnp.eye(lower.shape[0], dtype=ups.dtype))
             w = dinv[:, None] * (wz @ inv.T) / jnp.sqrt(lam)
             ups, w = _floored(ups * dinv, w)
-            gram = None
-        prior = _prior(ups, w, gram, root)
+        # gram and lower with the rows' projections (LowRankPrior), unless the bound reads P⁻
+        prior = LowRankPrior(ups, w, root, None, None) if bound is None else _prior(ups, w, gram, root)
         if bound is not None:  # S P⁻ S: υ/s², W/s; A = υ^{-1/2} W, and so G, is unchanged
             f = numerics.variance_bound(prior.variances(), jnp.asarray(bound, ups.dtype))
             prior = prior._replace(ups=ups / (f * f), root=_rows(prior.root, 1.0 / f))
@@ -383,27 +409,27 @@ class LowRank(Representation):
         return prior.projections(h.T)[1]
 
     def project(self, prior, H):
-        ph, hph, b, gg = prior.projections(H.T)
-        return hph, (ph, b, gg)
+        ph, hph, b, gg, gram = prior.projections(H.T)
+        return hph, (ph, b, gg, gram)
 
     def gain(self, prior, H, R, e):
         return self.gain_projected(prior, H, R, e, None)
 
     def gain_projected(self, prior, H, R, e, projection):
-        hph, (ph, b, gg) = self.project(prior, H) if projection is None else projection
+        hph, aux = self.project(prior, H) if projection is None else projection
         # δθ = P⁻Hᵀ S⁻¹ e: the small solve first, then one pass over the d rows
-        return ph @ numerics.chol_solve(hph + R, e), hph, (ph, b, gg)
+        return aux[0] @ numerics.chol_solve(hph + R, e), hph, aux
 
     def posterior(self, prior, H, R, e, aux, rows):
         # Ã = υ⁻^{-1/2} [W⁻, Ĥ] with Ĥ = Hᵀ L_R⁻ᵀ (d × (k + m)). Its right singular vectors V
         # are the eigenvectors of ÃᵀÃ = [[G, b̂], [b̂ᵀ, ĝᵀĝ]] (b̂ = Aᵀĝ, ĝ = υ⁻^{-1/2} Ĥ: the gain's
         # projections through L_R⁻ᵀ), and υ⁻^{1/2} Ã V = [W⁻, Ĥ] V is one product. eigh sorts
         # the eigenvalues up: the first m columns are the least informative directions.
-        _, b, gg = self.project(prior, H)[1] if aux is None else aux
+        _, b, gg, gram = self.project(prior, H)[1] if aux is None else aux
         inv = numerics.solve_lower(numerics.cholesky(R), jnp.eye(R.shape[0], dtype=R.dtype)).T   # L_R⁻ᵀ
         b, gg = b @ inv, inv.T @ gg @ inv
         m = b.shape[1]
-        gram = jnp.concatenate([jnp.concatenate([prior.gram, b], axis=1),
+        gram = jnp.concatenate([jnp.concatenate([gram, b], axis=1),
                                 jnp.concatenate([b.T, gg], axis=1)], axis=0)
         _, v = _eigenspaces(0.5 * (gram + gram.T), m)
         k, hh = self.rank, H.T @ inv
