@@ -193,8 +193,19 @@ def test_a_low_rank_step_reads_the_gram_matrix_and_the_rows_projections_in_one_p
         assert ((k, k) in shapes) == (q is not None), shapes
     else:
         assert (k, k) in shapes and (k + m, k) not in shapes, shapes
-    # the same step as the prior with G formed first (LowRankPrior.filled)
+    # a predictive of several rows (quad under vmap) forms G once, not with each row
+    rows = sorted(over_rows(jax.make_jaxpr(lambda c, H: jax.vmap(lambda h: rep.quad(
+        rep.inflate(c, 1, 0.95, q, bound), h[None]))(H))(cov, H).jaxpr))
+    assert (k, k) in rows and not any(r[-2:] == (k + 1, k) for r in rows), rows
+    # the same step as the prior with G formed first (LowRankPrior.filled), and, without the
+    # bound, P⁻Hᵀ and H P⁻ Hᵀ as NumPy has them: P⁻ = (diag(υ) + W Wᵀ)⁻¹ / λ + q I
     prior = rep.inflate(cov, 1, 0.95, q, bound)
+    if bound is None:
+        w = np.asarray(cov.w)
+        dense = np.linalg.inv(np.diag(np.asarray(cov.ups)) + w @ w.T) / 0.95 + (q or 0.0) * np.eye(d)
+        ph, hph = prior.projections(H.T)[:2]
+        np.testing.assert_allclose(ph, dense @ np.asarray(H).T, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(hph, np.asarray(H) @ dense @ np.asarray(H).T, rtol=1e-12)
     filled = prior.filled()
     assert filled.gram is not None and (prior.gram is None) == (bound is None)
     for a, b in zip(prior.projections(H.T), filled.projections(H.T)):

@@ -98,28 +98,28 @@ def _sklearn_table(file, names, classes):
     file's header names them. ``None`` where the file is not there or not of that form (its
     header's counts, its columns, its class indices): the caller then reads the set through
     scikit-learn's loader, which tests/test_datasets.py checks this agrees with exactly."""
-    spec = importlib.util.find_spec("sklearn")   # finds the package without running it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", file)
     try:
-        if file.endswith(".gz"):  # no header
-            with warnings.catch_warnings():   # an empty file's warning: it is refused below
-                warnings.simplefilter("ignore")
-                table, header = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2), None
-        else:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.reader(f))
-            header, table = rows[0], np.asarray(rows[1:], dtype=np.float64)
-        y = table[:, -1].astype(np.int64)
-        if header is not None:
-            classes = header[2:]
-            if (int(header[0]), int(header[1])) != (table.shape[0], len(names)):
+        with warnings.catch_warnings():   # a damaged file's warnings (an empty one, a NaN label): refused below
+            warnings.simplefilter("ignore")
+            spec = importlib.util.find_spec("sklearn")   # finds the package without running it
+            if spec is None or not spec.submodule_search_locations:
                 return None
-    except (OSError, ValueError, IndexError, csv.Error):
+            path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", file)
+            if file.endswith(".gz"):  # no header
+                table, header = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2), None
+            else:
+                with open(path, newline="", encoding="utf-8") as f:
+                    rows = list(csv.reader(f))
+                header, table = rows[0], np.asarray(rows[1:], dtype=np.float64)
+                classes = header[2:]
+                if (int(header[0]), int(header[1])) != (table.shape[0], len(names)):
+                    return None
+            if table.ndim != 2 or table.shape[1] != len(names) + 1 or not np.all(np.isfinite(table[:, -1])):
+                return None
+            y = table[:, -1].astype(int)   # the loaders' dtype (NumPy's default integer)
+    except Exception:  # noqa: BLE001  (any file not of that form, or not there: the loader reads the set)
         return None
-    if (table.shape[1] != len(names) + 1 or np.any(y != table[:, -1]) or np.any(y < 0)
-            or np.any(y >= len(classes))):
+    if np.any(y != table[:, -1]) or np.any(y < 0) or np.any(y >= len(classes)):
         return None
     return np.ascontiguousarray(table[:, :-1]), y, list(names), "target", [str(c) for c in classes]
 
@@ -295,7 +295,7 @@ _CACHE_FORMAT = 1
 
 def _load_cached(info: DatasetInfo, folder: Optional[str]):
     """``info.loader()``, kept as a ``.npz`` in ``folder`` after the first call (``None``: not
-    kept). Parsing a set's text costs ~0.01–0.1 s, and importing scikit-learn, for a set
+    kept). Parsing a set's text costs milliseconds, and importing scikit-learn, for a set
     :func:`_sklearn_table` does not read (diabetes, which its loader scales) or river, ~1 s, as
     long as the rest of a warm ``kalnat learn`` on it. The file's name holds the package's version, so an upgrade
     reads the set afresh; a copy that cannot be read is replaced."""

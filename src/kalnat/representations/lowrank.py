@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -286,16 +286,16 @@ class LowRankPrior(NamedTuple):
     ``P⁻ = Λ⁻⁻¹`` needs: ``gram = wᵀ diag(1/ups) w (k, k)`` (``AᵀA``, ``A = υ^{-1/2} w``) and
     ``lower``, the lower Cholesky factor of ``I + gram``, so that
     ``P⁻ = υ^{-1/2} (I − A (I + AᵀA)⁻¹ Aᵀ) υ^{-1/2}``. ``gram`` and ``lower`` are ``None``
-    until the rows ``H`` come (:meth:`projections`), where the prior's step needs ``gram`` for
-    nothing else (no process noise, no variance bound): then one product over the ``d`` rows
+    (:meth:`filled` computes them) until the rows ``H`` come (:meth:`projections`), where no
+    variance bound reads ``P⁻`` before them: then one product over the ``d`` rows
     gives both ``gram`` and ``Aᵀ g``, where two took 0.86 ms a step against 0.49 (d = 120 901,
     k = 10, float32; XLA's CPU product ``xᵀ W (1, k)`` alone took as long as ``gram``)."""
 
     ups: jax.Array
     base: jax.Array
     root: jax.Array
-    gram: jax.Array
-    lower: jax.Array
+    gram: Optional[jax.Array]
+    lower: Optional[jax.Array]
 
     @property
     def w(self):
@@ -406,7 +406,9 @@ class LowRank(Representation):
         return prior
 
     def quad(self, prior, h):
-        return prior.projections(h.T)[1]
+        # G formed first: under vmap over rows (a predictive's) it is then formed once, not with
+        # each row's projections
+        return prior.filled().projections(h.T)[1]
 
     def project(self, prior, H):
         ph, hph, b, gg, gram = prior.projections(H.T)
