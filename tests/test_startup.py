@@ -215,6 +215,23 @@ def test_the_command_compiles_a_short_stream_quickly_and_says_so(monkeypatch, tm
         result = cli_learn.learn_stream(source, cfg, progress=False)
         assert (programs.compiler_options(result.runner.learner) is not None) == marked
         assert result.metrics["quick_compile"] == marked and result.metrics["rows_seen"] == n
+    # kalnat predict: a short file's rows predicted by a quickly compiled program, a pipe's not
+    from kalnat import cli_predict
+
+    assert CliRunner().invoke(cli.cli, ["learn", data, "--method", "ekf", "--quiet", "--out",
+                                        str(tmp_path / "m")]).exit_code == 0
+    marked = []
+    monkeypatch.setattr(cli_predict, "compile_quickly", lambda learner: marked.append(learner) or
+                        programs.compile_quickly(learner))
+    for given, quick in [([data], True), (["-"], False)]:
+        del marked[:]
+        done = CliRunner().invoke(cli.cli, ["predict", *given, "--model-dir", str(tmp_path / "m"),
+                                            "--out", str(tmp_path / "p.csv")], input=text)
+        assert done.exit_code == 0, done.output
+        assert len(marked) == quick and len(open(tmp_path / "p.csv").read().splitlines()) == n + 1
+        if quick:
+            keys = marked[0].__dict__["_programs"]
+            assert ("predict one", tuple(sorted(programs.QUICK_COMPILE.items()))) in keys, keys
     if hasattr(os, "mkfifo"):  # a pipe: its rows are not read to count them
         fifo = tmp_path / "pipe"
         os.mkfifo(fifo)

@@ -9,7 +9,8 @@ import csv
 import numpy as np
 
 from kalnat import checkpoint, datasets, scaling
-from kalnat.cli_runner import clipped, stats_from_json
+from kalnat.programs import compile_quickly
+from kalnat.cli_runner import clipped, quick_job, stats_from_json
 from kalnat.cli_setup import build_learner, checkpoint_settings, make_family
 
 __all__ = ["LoadedModel"]
@@ -96,7 +97,18 @@ class LoadedModel:
         return np.column_stack([lam, np.sqrt(lam + param_var), np.sqrt(param_var)])
 
     def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
-        """Writes a CSV of predictions for every row of ``source``; returns (rows, skipped)."""
+        """Writes a CSV of predictions for every row of ``source``; returns (rows, skipped).
+        A stream of known, short length is predicted by a quickly compiled program, as ``kalnat
+        learn`` learns one (:func:`kalnat.cli_runner.quick_job`)."""
+        import jax
+
+        from kalnat.bank import Bank
+
+        members = self.learner.size if isinstance(self.learner, Bank) else 1
+        d = sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)) // members
+        self.quick = quick_job(source.rows_at_most, members, d)
+        if self.quick:
+            compile_quickly(self.learner)
         w = csv.writer(out, lineterminator="\n")
         w.writerow(self.header())
         n = skipped = 0

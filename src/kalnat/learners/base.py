@@ -34,7 +34,7 @@ from kalnat import models, numerics, saved
 from kalnat.families import Family
 from kalnat.filter import Hyper, Predictive, State, check_live
 from kalnat.models import Model
-from kalnat.programs import once
+from kalnat.programs import compiler_options, once
 from kalnat.representations import Representation
 from kalnat.validation import positive_int
 
@@ -58,9 +58,11 @@ class Boundary:
 
     @functools.cached_property
     def _predict_jit(self):
-        return once(self, "predict one", lambda: jax.jit(
+        options = compiler_options(self)   # kalnat predict on a short stream (cli_predict)
+        key = "predict one" if options is None else ("predict one", tuple(sorted(options.items())))
+        return once(self, key, lambda: jax.jit(
             lambda hyper, state, xs, single: unbatch(self.predict_batch(hyper, state, xs), single),
-            static_argnums=3))
+            static_argnums=3, **({} if options is None else {"compiler_options": options})))
 
     def _hyper(self, hyper, dtype):
         return device_hyper(self, hyper, dtype)
