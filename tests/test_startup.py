@@ -215,6 +215,18 @@ def test_the_command_compiles_a_short_stream_quickly_and_says_so(monkeypatch, tm
         result = cli_learn.learn_stream(source, cfg, progress=False)
         assert (programs.compiler_options(result.runner.learner) is not None) == marked
         assert result.metrics["quick_compile"] == marked and result.metrics["rows_seen"] == n
+    # kalnat learn --key: the keyed programs of a short file compiled quickly, a pipe's not
+    from kalnat import cli_keyed
+
+    keyed_text = "\n".join(["k," + text.splitlines()[0]] + [f"u{i % 3}," + line for i, line in
+                                                           enumerate(text.splitlines()[1:])]) + "\n"
+    (tmp_path / "k.csv").write_text(keyed_text)
+    for source, marked in [(datasets.open_source(str(tmp_path / "k.csv"), key="k"), True),
+                           (datasets.open_source("-", stdin=io.StringIO(keyed_text), key="k"), False)]:
+        runner, metrics, _ = cli_keyed.learn_keyed(source, dict(cfg, scaling="running"), progress=False)
+        assert metrics["quick_compile"] == marked and metrics["rows_seen"] == n
+        keys = runner.keyed.learner.__dict__["_programs"]
+        assert (("segment", tuple(sorted(programs.QUICK_COMPILE.items()))) in keys) == marked, keys
     # kalnat predict: a short file's rows predicted by a quickly compiled program, a pipe's not
     from kalnat import cli_predict
 

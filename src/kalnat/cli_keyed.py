@@ -14,6 +14,7 @@ import csv
 import functools
 import os
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -34,11 +35,15 @@ class KeyedRunner(OnlineRunner):
     """:class:`~kalnat.cli_runner.OnlineRunner`'s scalers and noise estimate, pooled, with one
     learner state per key."""
 
-    def __init__(self, cfg: dict, family_name: str, classes, n_features: int, client=None):
+    def __init__(self, cfg: dict, family_name: str, classes, n_features: int, client=None,
+                 rows: Optional[int] = None):
         if cfg.get("scaling") not in (None, "running"):
             raise ValueError(f"--key standardises features with statistics pooled over keys (--scaling running); "
                              f"--scaling {cfg['scaling']} re-expresses one model's coordinates")
-        super().__init__(dict(cfg, scaling="running"), family_name, classes, n_features)
+        # a short stream's programs compiled quickly, as one model's (OnlineRunner; not on Dask's
+        # workers, whose learners are their own)
+        super().__init__(dict(cfg, scaling="running"), family_name, classes, n_features,
+                         rows=None if client is not None else rows)
         self.keyed = self.dask = None
         if client is None:
             self.keyed = Keyed(self.learner, self.state.params if self.bank is None else
@@ -140,7 +145,7 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
                 if note and log:
                     log(note)
                 coder = datasets.TargetCoder(family, classes)
-                runner = KeyedRunner(cfg, family, classes, chunk.X.shape[1], client)
+                runner = KeyedRunner(cfg, family, classes, chunk.X.shape[1], client, source.rows_at_most)
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
                 acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)
                 scores = KeyedScores(runner.family, first)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kalnat import blas, checkpoint, keyed_rounds
+from kalnat import blas, checkpoint, keyed_rounds, programs
 from kalnat.learners.base import check_range, device_hyper
 from kalnat.programs import once
 from kalnat.validation import positive_int
@@ -89,7 +89,7 @@ def _segment_fn(learner):
         stack = jax.tree_util.tree_map(lambda a, s: a.at[slots].set(s, mode="drop"), stack, states)
         return stack, out
 
-    return once(learner, "segment", lambda: jax.jit(fn, donate_argnums=1))
+    return programs.jit(learner, "segment", fn, donate_argnums=1)
 
 
 def _minibatch_segment_fn(learner):
@@ -111,7 +111,7 @@ def _minibatch_segment_fn(learner):
         stack = jax.tree_util.tree_map(lambda a, s: a.at[slots].set(s, mode="drop"), stack, states)
         return stack, out
 
-    return once(learner, "minibatch", lambda: jax.jit(fn, donate_argnums=1))
+    return programs.jit(learner, "minibatch", fn, donate_argnums=1)
 
 
 def _predict_fn(learner):
@@ -123,7 +123,7 @@ def _predict_fn(learner):
         pred = jax.vmap(lambda s, x: learner.predict_batch(hyper, s, x[None]))(states, xs)
         return jax.tree_util.tree_map(lambda a: a[:, 0], pred)
 
-    return once(learner, "predict", lambda: jax.jit(fn))
+    return programs.jit(learner, "predict", fn)
 
 
 def _grow_fn(learner):

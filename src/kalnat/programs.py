@@ -13,8 +13,9 @@ compiled again. The table of shared programs holds them weakly: a program goes w
 learner holding it goes (it keeps the learner that made it alive until then).
 
 An owner marked by :func:`compile_quickly` has its chunk program (``kalnat.fit``'s scan,
-:func:`kalnat.stream.chunk_fn`) compiled with :data:`QUICK_COMPILE` on a CPU, for a job short
-enough that XLA's optimisation would cost more time than it saves (:func:`compiler_options`).
+:func:`kalnat.stream.chunk_fn`), its predictive and its keyed programs (:mod:`kalnat.keyed`)
+compiled with :data:`QUICK_COMPILE` on a CPU, for a job short enough that XLA's optimisation
+would cost more time than it saves (:func:`compiler_options`, :func:`jit`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import weakref
 from typing import Callable, Hashable, Optional
 
-__all__ = ["once", "QUICK_COMPILE", "compile_quickly", "compiler_options"]
+__all__ = ["once", "jit", "with_options", "QUICK_COMPILE", "compile_quickly", "compiler_options"]
 
 # XLA's CPU compiler with its older elemental emitters in place of its MLIR fusion emitters:
 # the default bank's chunk program on breast_cancer took ~0.65 s less of a cold `kalnat learn`
@@ -75,6 +76,24 @@ def compile_quickly(owner) -> None:
     :func:`compiler_options`): for a short job, whose compilation takes longer than its run. The
     results are the same to rounding."""
     owner.__dict__["_compile_quickly"] = True  # the object's own: equal learners are not marked
+
+
+def with_options(owner, key):
+    """``(key, options)``: the program key of ``owner``'s program ``key`` and its compiler options
+    (:func:`compiler_options`). A quickly compiled program's key holds its options, so it is
+    never an equal default learner's (nor one of other options)."""
+    options = compiler_options(owner)
+    return (key, None) if options is None else ((key, tuple(sorted(options.items()))), options)
+
+
+def jit(owner, key, fn, **kwargs):
+    """``jax.jit(fn, **kwargs)`` made once per ``(owner, key)`` (:func:`once`), compiled with
+    ``owner``'s compiler options where it has them (:func:`compile_quickly`)."""
+    import jax
+
+    key, options = with_options(owner, key)
+    extra = {} if options is None else {"compiler_options": options}
+    return once(owner, key, lambda: jax.jit(fn, **kwargs, **extra))
 
 
 def compiler_options(owner) -> Optional[dict]:

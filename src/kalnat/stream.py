@@ -23,7 +23,7 @@ from kalnat import filter as _filter
 from kalnat import saved
 from kalnat.filter import Predictive
 from kalnat.learners.base import Learner, check_range, device_hyper, representable
-from kalnat.programs import compiler_options, once
+from kalnat.programs import once, with_options
 from kalnat.validation import positive_int
 
 __all__ = ["FitResult", "fit", "log_evidence"]
@@ -116,9 +116,7 @@ def chunk_fn(learner, keep: bool):
     whose log-likelihood is NaN (:func:`first_nan`).
     """
     scan = getattr(learner, "scan_chunk", None) or functools.partial(scan_rows, learner)
-    options = compiler_options(learner)
-    # a quickly compiled program is not a default learner's (nor one of other options)
-    key = ("chunk", keep) if options is None else ("chunk", keep, tuple(sorted(options.items())))
+    key, options = with_options(learner, ("chunk", keep))
     return once(learner, key, lambda: saved.jit(
         learner, f"chunk keep={keep}", lambda hyper, state, xs, ys, ms: scan(hyper, state, xs, ys, ms, keep),
         donate_argnums=(1,), compiler_options=options))

@@ -34,7 +34,8 @@ from kalnat import models, numerics, saved
 from kalnat.families import Family
 from kalnat.filter import Hyper, Predictive, State, check_live
 from kalnat.models import Model
-from kalnat.programs import compiler_options, once
+from kalnat import programs
+from kalnat.programs import once
 from kalnat.representations import Representation
 from kalnat.validation import positive_int
 
@@ -58,11 +59,9 @@ class Boundary:
 
     @functools.cached_property
     def _predict_jit(self):
-        options = compiler_options(self)   # kalnat predict on a short stream (cli_predict)
-        key = "predict one" if options is None else ("predict one", tuple(sorted(options.items())))
-        return once(self, key, lambda: jax.jit(
-            lambda hyper, state, xs, single: unbatch(self.predict_batch(hyper, state, xs), single),
-            static_argnums=3, **({} if options is None else {"compiler_options": options})))
+        # (compiled quickly for kalnat predict on a short stream: cli_predict)
+        return programs.jit(self, "predict one", lambda hyper, state, xs, single: unbatch(
+            self.predict_batch(hyper, state, xs), single), static_argnums=3)
 
     def _hyper(self, hyper, dtype):
         return device_hyper(self, hyper, dtype)
