@@ -227,6 +227,13 @@ def test_the_command_compiles_a_short_stream_quickly_and_says_so(monkeypatch, tm
         assert metrics["quick_compile"] == marked and metrics["rows_seen"] == n
         keys = runner.keyed.learner.__dict__["_programs"]
         assert (("segment", tuple(sorted(programs.QUICK_COMPILE.items()))) in keys) == marked, keys
+        if marked:  # and its predictions
+            cli_keyed.save_keyed(str(tmp_path / "keyed.npz"), runner, source)
+            model = cli_keyed.LoadedKeyedModel.load(str(tmp_path / "keyed.npz"))
+            model.predict_csv(datasets.open_source(str(tmp_path / "k.csv"), key="k", require_target=False,
+                                                   feature_names=model.feature_names), io.StringIO())
+            keys = model.learner.__dict__["_programs"]
+            assert model.quick and ("predict", tuple(sorted(programs.QUICK_COMPILE.items()))) in keys, keys
     # kalnat predict: a short file's rows predicted by a quickly compiled program, a pipe's not
     from kalnat import cli_predict
 

@@ -353,6 +353,8 @@ class LoadedKeyedModel(LoadedModel):
         """Writes a CSV of predictions for every row of ``source`` (opened with ``key=``
         :attr:`key_name`); returns ``(rows, skipped)``; :attr:`unseen_rows` and
         :attr:`unseen_keys` count the rows and keys predicted from the prior."""
+        # a member's parameters (shard_factory's)
+        self.compile_for(source, sum(np.size(a) for a in jax.tree_util.tree_leaves(self.shards[0].params)))
         w = csv.writer(out, lineterminator="\n")
         w.writerow(self.header())
         n = skipped = 0

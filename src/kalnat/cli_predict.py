@@ -40,6 +40,15 @@ class LoadedModel:
         state = checkpoint.load(path, like=template)
         return cls(extra, state, learner, family)
 
+    def compile_for(self, source: datasets.Source, d: int):
+        """A stream of known, short length is predicted by quickly compiled programs, as ``kalnat
+        learn`` learns one (:func:`kalnat.cli_runner.quick_job`; ``d``: one member's parameters)."""
+        from kalnat.bank import Bank
+
+        self.quick = quick_job(source.rows_at_most, self.learner.size if isinstance(self.learner, Bank) else 1, d)
+        if self.quick:
+            compile_quickly(self.learner)
+
     def _scale(self, X):
         X = np.asarray(X, np.float64)
         coords = self.extra.get("coords")
@@ -97,18 +106,13 @@ class LoadedModel:
         return np.column_stack([lam, np.sqrt(lam + param_var), np.sqrt(param_var)])
 
     def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
-        """Writes a CSV of predictions for every row of ``source``; returns (rows, skipped).
-        A stream of known, short length is predicted by a quickly compiled program, as ``kalnat
-        learn`` learns one (:func:`kalnat.cli_runner.quick_job`)."""
+        """Writes a CSV of predictions for every row of ``source``; returns (rows, skipped)."""
         import jax
 
         from kalnat.bank import Bank
 
-        members = self.learner.size if isinstance(self.learner, Bank) else 1
-        d = sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)) // members
-        self.quick = quick_job(source.rows_at_most, members, d)
-        if self.quick:
-            compile_quickly(self.learner)
+        total = sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params))   # a bank's stacked
+        self.compile_for(source, total // (self.learner.size if isinstance(self.learner, Bank) else 1))
         w = csv.writer(out, lineterminator="\n")
         w.writerow(self.header())
         n = skipped = 0
