@@ -306,6 +306,7 @@ def test_compare_on_a_small_set(tmp_path):
     rep = json.loads((out / "compare.json").read_text())
     names = [r["name"] for r in rep["results"]]
     assert names[0] == "kalnat" and rep["results"][0]["setting"].startswith("no settings")
+    assert rep["quick_compile"] is True   # a short set's programs compiled quickly, as kalnat learn's
     assert "offline GLM, 10-fold CV" in names
     assert "sgd (optax), best of grid" in names and "scikit-learn SGD partial_fit" in names
     assert set(rep["grids"]["adam"]) == {"lr=0.01", "lr=0.1"}

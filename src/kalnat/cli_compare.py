@@ -70,11 +70,13 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         return s
 
     # kalnat, as configured, then over a small grid of priors and forgetting factors.
+    # (rows=n: a short set's programs compiled quickly, as kalnat learn compiles them)
     def kalnat_run(c):
-        runner = cli_runner.OnlineRunner(c, family, classes, X.shape[1])
+        runner = cli_runner.OnlineRunner(c, family, classes, X.shape[1], rows=n)
         return _timed(lambda: runner.step(X, y))
 
-    runner = cli_runner.OnlineRunner(cfg, family, classes, X.shape[1])
+    runner = cli_runner.OnlineRunner(cfg, family, classes, X.shape[1], rows=n)
+    quick = runner.quick
     if runner.bank:
         name, setting = "kalnat", "no settings: " + cli_report.learner_text(runner.learner, cfg, runner.dtype, runner.covariance)
     else:
@@ -147,7 +149,7 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
 
     return {"data": source.name, "rows": n, "rows_skipped": n_skipped, "n_features": int(X.shape[1]),
             "family": family, "classes": classes, "metric": "accuracy" if fam.is_classifier else "rmse",
-            "first_scored_row": start + 1, "dtype": runner.dtype,
+            "first_scored_row": start + 1, "dtype": runner.dtype, "quick_compile": quick,
             "settings": {k: cfg.get(k) for k in ("model_spec", "method", "prior_var", "forgetting",
                                                    "batch_size", "clip", "seed")},
             "protocol": ("progressive validation, one pass, given order; features standardised "
