@@ -46,6 +46,10 @@ if "KALNAT_TEST_XLA_FLAGS_TRIED" not in os.environ and not os.environ.get("KALNA
 # check the library's limit.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# A developer's KALNAT_QUICK_COMPILE would change which programs the tests of the command see
+# compiled quickly (tests/test_startup.py sets it where it tests it).
+os.environ.pop("KALNAT_QUICK_COMPILE", None)
+
 # The command's persistent compilation cache stays off in the tests that run it in-process
 # (tests/test_startup.py turns it on in a folder of its own).
 os.environ.setdefault("KALNAT_NO_CACHE", "1")

@@ -300,7 +300,8 @@ def test_verify_quick_table():
     assert len(devs) == 16 and max(devs) < 1e-10
 
 
-def test_compare_on_a_small_set(tmp_path):
+def test_compare_on_a_small_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("KALNAT_QUICK_COMPILE", raising=False)
     out = tmp_path / "cmp"
     res = _ok(["compare", "iris", "--out", str(out), "--no-kalnat-grid", "--lr-grid", "0.01,0.1"])
     rep = json.loads((out / "compare.json").read_text())

@@ -226,31 +226,40 @@ def test_the_command_compiles_a_short_stream_quickly_and_says_so(monkeypatch, tm
         runner, metrics, _ = cli_keyed.learn_keyed(source, dict(cfg, scaling="running"), progress=False)
         assert metrics["quick_compile"] == marked and metrics["rows_seen"] == n
         keys = runner.keyed.learner.__dict__["_programs"]
-        assert (("segment", tuple(sorted(programs.QUICK_COMPILE.items()))) in keys) == marked, keys
+        assert programs.with_options(runner.learner, "segment")[0] in keys and runner.quick == marked, keys
+        assert ("segment" in keys) != marked
         if marked:  # and its predictions
             cli_keyed.save_keyed(str(tmp_path / "keyed.npz"), runner, source)
             model = cli_keyed.LoadedKeyedModel.load(str(tmp_path / "keyed.npz"))
             model.predict_csv(datasets.open_source(str(tmp_path / "k.csv"), key="k", require_target=False,
                                                    feature_names=model.feature_names), io.StringIO())
             keys = model.learner.__dict__["_programs"]
-            assert model.quick and ("predict", tuple(sorted(programs.QUICK_COMPILE.items()))) in keys, keys
-    # kalnat predict: a short file's rows predicted by a quickly compiled program, a pipe's not
-    from kalnat import cli_predict
+            assert model.quick and programs.with_options(model.learner, "predict")[0] in keys, keys
+    # on Dask's workers (their own learners), never: the driver's learner is left unmarked and
+    # the report says so, also where KALNAT_QUICK_COMPILE=1 would mark every job
+    import kalnat.dask_keyed
 
+    monkeypatch.setattr(kalnat.dask_keyed, "DaskKeyed", lambda client, factory, batch_size: None)
+    monkeypatch.setenv("KALNAT_QUICK_COMPILE", "1")
+    on_dask = cli_keyed.KeyedRunner(dict(cfg, scaling="running"), "bernoulli", ["0", "1"], 3, client=object(),
+                                    rows=n)
+    assert not on_dask.quick and programs.compiler_options(on_dask.learner) is None
+    monkeypatch.delenv("KALNAT_QUICK_COMPILE")
+    # kalnat predict: a short file's rows predicted by a quickly compiled program, a pipe's not
     assert CliRunner().invoke(cli.cli, ["learn", data, "--method", "ekf", "--quiet", "--out",
                                         str(tmp_path / "m")]).exit_code == 0
-    marked = []
-    monkeypatch.setattr(cli_predict, "compile_quickly", lambda learner: marked.append(learner) or
-                        programs.compile_quickly(learner))
+    seen = []
+    monkeypatch.setattr(cli_runner, "compile_quickly", lambda learner, quick: seen.append((learner, quick)) or
+                        programs.compile_quickly(learner, quick))
     for given, quick in [([data], True), (["-"], False)]:
-        del marked[:]
+        del seen[:]
         done = CliRunner().invoke(cli.cli, ["predict", *given, "--model-dir", str(tmp_path / "m"),
                                             "--out", str(tmp_path / "p.csv")], input=text)
         assert done.exit_code == 0, done.output
-        assert len(marked) == quick and len(open(tmp_path / "p.csv").read().splitlines()) == n + 1
-        if quick:
-            keys = marked[0].__dict__["_programs"]
-            assert ("predict one", tuple(sorted(programs.QUICK_COMPILE.items()))) in keys, keys
+        (learner, marked), = seen
+        assert marked == quick and len(open(tmp_path / "p.csv").read().splitlines()) == n + 1
+        keys = learner.__dict__["_programs"]
+        assert (programs.with_options(learner, "predict one")[0] in keys) and (("predict one" in keys) != quick), keys
     if hasattr(os, "mkfifo"):  # a pipe: its rows are not read to count them
         fifo = tmp_path / "pipe"
         os.mkfifo(fifo)
@@ -290,6 +299,7 @@ def test_a_quickly_compiled_learner_takes_the_options_alone_and_learns_what_the_
     import jax
     import kalnat
     from kalnat import programs, saved
+    from kalnat.keyed import Keyed
 
     if jax.default_backend() != "cpu":
         pytest.skip("quick compilation is for XLA's CPU compiler")
@@ -315,6 +325,23 @@ def test_a_quickly_compiled_learner_takes_the_options_alone_and_learns_what_the_
                 kalnat.fit(learner, learner.init(model.init(None)), X, y)
         else:
             kalnat.fit(learner, learner.init(model.init(None)), X, y)
+    # its predictive (a learner that predicted before its mark too: the cached program is
+    # asked for again) and its keyed programs take them as well, and a mark taken off is gone
+    state = learners[0].init(model.init(None))
+    learners[0].predict(state, X)
+    for quick in (True, False):
+        programs.compile_quickly(learners[0], quick)
+        if quick:
+            with pytest.raises(Exception, match="No such compile option"):
+                learners[0].predict(state, X)
+        else:
+            learners[0].predict(state, X)
+        keyed = Keyed(learners[0], model.init(None))
+        if quick:
+            with pytest.raises(Exception, match="No such compile option"):
+                keyed.learn(["a"] * 8, X, y)
+        else:
+            keyed.learn(["a"] * 8, X, y)
     monkeypatch.setattr(programs, "_TAKEN", {})  # the probe itself finds the option unknown
     assert programs.compiler_options(learners[1]) is None
 

@@ -27,6 +27,7 @@ from kalnat.cli_report import GAUSSIAN_FIRST_SCORED_ROW, Accumulator, run_metric
 from kalnat.cli_runner import OnlineRunner
 from kalnat.cli_setup import build_learner, checkpoint_settings, inference_note, make_family, resolve_task
 from kalnat.keyed import Keyed
+from kalnat.programs import compile_quickly
 
 __all__ = ["KeyedRunner", "learn_keyed", "KeyedScores", "save_keyed", "write_shards", "LoadedKeyedModel"]
 
@@ -40,10 +41,13 @@ class KeyedRunner(OnlineRunner):
         if cfg.get("scaling") not in (None, "running"):
             raise ValueError(f"--key standardises features with statistics pooled over keys (--scaling running); "
                              f"--scaling {cfg['scaling']} re-expresses one model's coordinates")
-        # a short stream's programs compiled quickly, as one model's (OnlineRunner; not on Dask's
-        # workers, whose learners are their own)
-        super().__init__(dict(cfg, scaling="running"), family_name, classes, n_features,
-                         rows=None if client is not None else rows)
+        # a short stream's programs compiled quickly, as one model's (OnlineRunner), but not on
+        # Dask's workers, whose learners are their own (shard_factory): there the driver's
+        # learner, which learns nothing, is left unmarked, and the report says so
+        super().__init__(dict(cfg, scaling="running"), family_name, classes, n_features, rows=rows)
+        if client is not None:
+            compile_quickly(self.learner, False)
+            self.quick = False
         self.keyed = self.dask = None
         if client is None:
             self.keyed = Keyed(self.learner, self.state.params if self.bank is None else
@@ -353,8 +357,7 @@ class LoadedKeyedModel(LoadedModel):
         """Writes a CSV of predictions for every row of ``source`` (opened with ``key=``
         :attr:`key_name`); returns ``(rows, skipped)``; :attr:`unseen_rows` and
         :attr:`unseen_keys` count the rows and keys predicted from the prior."""
-        # a member's parameters (shard_factory's)
-        self.compile_for(source, sum(np.size(a) for a in jax.tree_util.tree_leaves(self.shards[0].params)))
+        self.compile_for(source, int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.shards[0].params))))
         w = csv.writer(out, lineterminator="\n")
         w.writerow(self.header())
         n = skipped = 0

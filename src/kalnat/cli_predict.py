@@ -9,8 +9,7 @@ import csv
 import numpy as np
 
 from kalnat import checkpoint, datasets, scaling
-from kalnat.programs import compile_quickly
-from kalnat.cli_runner import clipped, quick_job, stats_from_json
+from kalnat.cli_runner import clipped, mark_quick, member_parameters, stats_from_json
 from kalnat.cli_setup import build_learner, checkpoint_settings, make_family
 
 __all__ = ["LoadedModel"]
@@ -40,14 +39,11 @@ class LoadedModel:
         state = checkpoint.load(path, like=template)
         return cls(extra, state, learner, family)
 
-    def compile_for(self, source: datasets.Source, d: int):
+    def compile_for(self, source: datasets.Source, n_parameters: int):
         """A stream of known, short length is predicted by quickly compiled programs, as ``kalnat
-        learn`` learns one (:func:`kalnat.cli_runner.quick_job`; ``d``: one member's parameters)."""
-        from kalnat.bank import Bank
-
-        self.quick = quick_job(source.rows_at_most, self.learner.size if isinstance(self.learner, Bank) else 1, d)
-        if self.quick:
-            compile_quickly(self.learner)
+        learn`` learns one (:func:`kalnat.cli_runner.mark_quick`; ``n_parameters``: one
+        member's); ``quick`` says whether they are."""
+        self.quick = mark_quick(self.learner, source.rows_at_most, n_parameters)
 
     def _scale(self, X):
         X = np.asarray(X, np.float64)
@@ -107,12 +103,7 @@ class LoadedModel:
 
     def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
         """Writes a CSV of predictions for every row of ``source``; returns (rows, skipped)."""
-        import jax
-
-        from kalnat.bank import Bank
-
-        total = sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params))   # a bank's stacked
-        self.compile_for(source, total // (self.learner.size if isinstance(self.learner, Bank) else 1))
+        self.compile_for(source, member_parameters(self.learner, self.state.params))
         w = csv.writer(out, lineterminator="\n")
         w.writerow(self.header())
         n = skipped = 0

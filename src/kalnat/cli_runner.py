@@ -44,7 +44,7 @@ import kalnat
 from kalnat import baselines, representations, saved, scaling
 from kalnat.cli_choices import DEFAULT_SCALING, SCALINGS, parse_model, resolve_covariance
 from kalnat.cli_setup import build_learner, make_family
-from kalnat.programs import compile_quickly
+from kalnat.programs import compile_quickly, compiler_options
 
 __all__ = ["OnlineRunner", "CHUNK", "clip_bound", "clipped", "target_affine", "block_end",
            "stats_to_json", "stats_from_json"]
@@ -165,6 +165,22 @@ def quick_job(rows: Optional[int], members: int, d: int) -> bool:
     return rows is not None and float(rows) * members * (d * d + 40) <= QUICK_WORK
 
 
+def mark_quick(learner, rows: Optional[int], n_parameters: int) -> bool:
+    """Marks ``learner`` for quick compilation, or removes the mark, by :func:`quick_job` (``rows``,
+    its members, ``n_parameters`` of one member); returns whether its programs take the options
+    (not where the compiler does not: :func:`kalnat.programs.compiler_options`)."""
+    members = learner.size if isinstance(learner, kalnat.bank.Bank) else 1
+    compile_quickly(learner, quick_job(rows, members, n_parameters))
+    return compiler_options(learner) is not None
+
+
+def member_parameters(learner, params) -> int:
+    """One member's number of parameters, from a learner's state's ``params`` (a bank's members
+    stacked along their first axis)."""
+    total = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params)))
+    return total // learner.size if isinstance(learner, kalnat.bank.Bank) else total
+
+
 class OnlineRunner:
     """One stream's learner, scalers and noise estimate (see the module's conventions)."""
 
@@ -184,11 +200,8 @@ class OnlineRunner:
             if recipe is not None:
                 saved.describe(self.learner, recipe, programs)
         self.bank = self.learner if isinstance(self.learner, kalnat.bank.Bank) else None
-        size = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.state.params)))
-        self.n_parameters = size // self.bank.size if self.bank else size
-        self.quick = quick_job(rows, self.bank.size if self.bank else 1, self.n_parameters)
-        if self.quick:
-            compile_quickly(self.learner)
+        self.n_parameters = member_parameters(self.learner, self.state.params)
+        self.quick = mark_quick(self.learner, rows, self.n_parameters)
         own_form = self.cfg["method"] not in ("ekf", "iterated", "nig")
         self.covariance = "full" if own_form else resolve_covariance(self.cfg.get("covariance"), self.n_parameters)
         self.dtype = np.dtype(jax.tree_util.tree_leaves(self.state.params)[0].dtype).name

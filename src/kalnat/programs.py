@@ -13,7 +13,8 @@ compiled again. The table of shared programs holds them weakly: a program goes w
 learner holding it goes (it keeps the learner that made it alive until then).
 
 An owner marked by :func:`compile_quickly` has its chunk program (``kalnat.fit``'s scan,
-:func:`kalnat.stream.chunk_fn`), its predictive and its keyed programs (:mod:`kalnat.keyed`)
+:func:`kalnat.stream.chunk_fn`), its predictive (a core learner's or a bank's; a recurrent
+learner's keeps XLA's defaults) and its keyed programs (:mod:`kalnat.keyed`)
 compiled with :data:`QUICK_COMPILE` on a CPU, for a job short enough that XLA's optimisation
 would cost more time than it saves (:func:`compiler_options`, :func:`jit`).
 """
@@ -70,12 +71,15 @@ def once(owner, key: Hashable, make: Callable):
         return made[key]
 
 
-def compile_quickly(owner) -> None:
-    """Marks ``owner`` (a learner) so that its chunk program (``kalnat.fit``'s scan), made from
-    now on, is compiled with :data:`QUICK_COMPILE` where the compiler takes it (a CPU:
-    :func:`compiler_options`): for a short job, whose compilation takes longer than its run. The
-    results are the same to rounding."""
-    owner.__dict__["_compile_quickly"] = True  # the object's own: equal learners are not marked
+def compile_quickly(owner, quick: bool = True) -> None:
+    """Marks ``owner`` (a learner) so that its programs asked for from now on (``kalnat.fit``'s
+    scan, its predictive, its keyed programs) are compiled with :data:`QUICK_COMPILE` where the
+    compiler takes it (a CPU: :func:`compiler_options`): for a short job, whose compilation
+    takes longer than its run. The results are the same to rounding. ``quick=False`` removes
+    the mark."""
+    owner.__dict__["_compile_quickly"] = bool(quick)  # the object's own: equal learners are not marked
+    # a core learner's or a bank's predictive, cached by the learner: asked for again with the mark's key
+    owner.__dict__.pop("_predict_jit", None)
 
 
 def with_options(owner, key):
@@ -89,11 +93,16 @@ def with_options(owner, key):
 def jit(owner, key, fn, **kwargs):
     """``jax.jit(fn, **kwargs)`` made once per ``(owner, key)`` (:func:`once`), compiled with
     ``owner``'s compiler options where it has them (:func:`compile_quickly`)."""
+    key, options = with_options(owner, key)
+    return once(owner, key, lambda: jax_jit(fn, options, **kwargs))
+
+
+def jax_jit(fn, options: Optional[dict], **kwargs):
+    """``jax.jit``, given ``compiler_options`` only when there are some (a JAX before them
+    takes no such argument; :func:`compiler_options` gives none there)."""
     import jax
 
-    key, options = with_options(owner, key)
-    extra = {} if options is None else {"compiler_options": options}
-    return once(owner, key, lambda: jax.jit(fn, **kwargs, **extra))
+    return jax.jit(fn, **kwargs) if options is None else jax.jit(fn, compiler_options=options, **kwargs)
 
 
 def compiler_options(owner) -> Optional[dict]:

@@ -33,6 +33,8 @@ import numpy as np
 from jax import export
 from jax.sharding import SingleDeviceSharding
 
+from kalnat.programs import jax_jit
+
 __all__ = ["describe", "jit"]
 
 _RECIPES: "weakref.WeakKeyDictionary[object, tuple[str, str]]" = weakref.WeakKeyDictionary()
@@ -56,15 +58,9 @@ def jit(learner, name: str, fn: Callable, donate_argnums: Sequence[int] = (), co
     there is one (the options apply to its compilation, not to the saved program).
     ``name`` tells ``fn`` apart from the learner's other programs."""
     if learner not in _RECIPES:
-        return _jit(fn, compiler_options, donate_argnums=tuple(donate_argnums))
+        return jax_jit(fn, compiler_options, donate_argnums=tuple(donate_argnums))
     recipe, folder = _RECIPES[learner]
     return _Saved(fn, f"{name}\n{recipe}", folder, tuple(donate_argnums), compiler_options)
-
-
-def _jit(fn, options, **kwargs):
-    """``jax.jit``, given ``compiler_options`` only when there are some (a JAX before them
-    takes no such argument; :func:`kalnat.programs.compiler_options` gives none there)."""
-    return jax.jit(fn, **kwargs) if options is None else jax.jit(fn, compiler_options=options, **kwargs)
 
 
 def _source_digest() -> str:
@@ -132,7 +128,7 @@ class _Saved:
             try:
                 exported, out_tree = self._export(tree, [jax.ShapeDtypeStruct(*s) for s in shapes])
             except Exception:  # a program jax.export does not take (a host callback): traced each run
-                jitted = _jit(self.fn, self.options, donate_argnums=self.donate)
+                jitted = jax_jit(self.fn, self.options, donate_argnums=self.donate)
                 return lambda args, leaves: jitted(*args)
             self._write(path, exported, out_tree)
         # the donated arguments' leaves, by their place among all leaves
@@ -140,7 +136,7 @@ class _Saved:
         donated = tuple(i for n in self.donate for i in range(starts[n], starts[n + 1]))
         # every argument placed on the default device: arrays from the host, from jnp and from
         # an earlier call differ in placement, and would otherwise each be a program of its own
-        call = _jit(exported.call, self.options, donate_argnums=donated, in_shardings=SingleDeviceSharding(device))
+        call = jax_jit(exported.call, self.options, donate_argnums=donated, in_shardings=SingleDeviceSharding(device))
         return lambda args, leaves: jax.tree_util.tree_unflatten(out_tree, call(*leaves))
 
     def _export(self, tree, avals):

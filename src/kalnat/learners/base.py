@@ -30,11 +30,10 @@ from jax.flatten_util import ravel_pytree
 
 from kalnat import filter as _filter
 from kalnat import linearization as _lin
-from kalnat import models, numerics, saved
+from kalnat import models, numerics, programs, saved
 from kalnat.families import Family
 from kalnat.filter import Hyper, Predictive, State, check_live
 from kalnat.models import Model
-from kalnat import programs
 from kalnat.programs import once
 from kalnat.representations import Representation
 from kalnat.validation import positive_int
