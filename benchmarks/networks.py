@@ -13,7 +13,8 @@ printed and the ratios to Adam* take each structure's best in hindsight (marked 
 Part 2, a synthetic stream from a teacher MLP 100 → 300 → 300 → 1 (120 901 parameters, tanh,
 gaussian noise 0.1): time per step, memory and the progressive squared error of each structure
 and of Adam (a grid of 3 rates, best in hindsight), and the ratio of time per step to Adam's.
-With ``lowrank:10`` it also times the one product every low-rank step forms anew, the
+With ``lowrank:10`` it also times ``G`` formed with the gain's ``Aᵀg`` in one product and as
+two (``LowRankPrior.projections`` forms the one), and the one product every low-rank step forms anew, the
 weighted Gram matrix ``Wᵀ Υ⁻¹ W`` of a ``d × 10`` ``W`` (the step's O(d k²) floor,
 docs/structured.md), alone in a scan as a step is, and prints it as a ratio to Adam's step.
 
@@ -171,6 +172,34 @@ def gram_floor(d, k, rows, dtype):
     return (time.perf_counter() - t) / rows, (time.process_time() - c) / rows
 
 
+def gram_with_projection(d, k, rows, dtype):
+    """Seconds per step (wall) of the low-rank step's ``G = Wᵀ Υ⁻¹ W`` and the gain's ``Aᵀg``
+    (one row's ``xᵀ Υ⁻¹ W``), formed as one product ``[Υ⁻¹ W, Υ⁻¹ x]ᵀ W`` (as
+    ``LowRankPrior.projections`` forms them) and as two, each over ``rows`` steps of a scan with
+    a new ``υ`` and ``x`` a step: ``(one, two)``."""
+    w = jax.random.normal(jax.random.PRNGKey(6), (d, k), dtype)
+    ups = 1.0 + jax.random.uniform(jax.random.PRNGKey(7), (d,), dtype)
+    xs = jax.random.normal(jax.random.PRNGKey(8), (rows, d), dtype)
+
+    def one(u, x):
+        both = (jnp.concatenate([w, x[:, None]], axis=1) / u[:, None]).T @ w
+        return both[:k], both[k:]
+
+    def two(u, x):
+        return _gram(u, w), ((x / u)[:, None].T @ w)
+
+    out = []
+    for form in (one, two):
+        run = jax.jit(lambda xs, form=form: jax.lax.scan(
+            lambda acc, x: (jax.tree_util.tree_map(jnp.add, acc, form(ups + x[0] ** 2, x)), None),
+            (jnp.zeros((k, k), dtype), jnp.zeros((1, k), dtype)), xs)[0])
+        jax.block_until_ready(run(xs))  # compiles; the second call is timed
+        t = time.perf_counter()
+        jax.block_until_ready(run(xs))
+        out.append((time.perf_counter() - t) / rows)
+    return tuple(out)
+
+
 def teacher(rows, dtype):
     model = kalnat.models.mlp(100, (300, 300), 1, dtype=dtype)
     key = jax.random.PRNGKey(1)
@@ -218,6 +247,9 @@ def synthetic(rows, dtype, only=None):
         floor = gram_floor(d, 10, rows, dtype)
         print(f"{'Wᵀ Υ⁻¹ W alone':<16}{'':>10}{'':>12}{floor[0] * 1e3:>10.2f}{floor[1] * 1e3:>10.2f}"
               f"   (lowrank:10's floor: {floor[0] / best[2][0]:.1f} × Adam's step, CPU {floor[1] / best[2][1]:.1f} ×)")
+        one, two = gram_with_projection(d, 10, rows, dtype)
+        print(f"{'G with Aᵀg':<16}{'':>10}{'':>12}{one * 1e3:>10.2f}{'':>10}"
+              f"   (one product; as two: {two * 1e3:.2f} ms, {one / two:.2f} × their time)")
     print("time per step ÷ Adam's: " + ", ".join(f"{k} {v[0] / best[2][0]:.1f}" for k, v in out.items()))
     print("CPU time per step ÷ Adam's: " + ", ".join(f"{k} {v[1] / best[2][1]:.1f}" for k, v in out.items()))
     print("squared error by tenth of the stream (the loss curve):")

@@ -32,7 +32,9 @@ timed inside the command's process: imports, learning, the figures' wait.
 
 With ``--quick-compile`` it times the first, cold and warm runs with the chunk program compiled
 quickly (``KALNAT_QUICK_COMPILE=1``, what breast_cancer's size chooses) and with XLA's defaults
-(``=0``), alternating, and prints their ratios. What quick compilation costs a long run:
+(``=0``), alternating, and prints their ratios; then, with nothing cached, ``kalnat predict``,
+``kalnat learn --key`` on a generated file of 2 000 rows and 50 keys, its keyed model's
+``predict`` and ``kalnat compare``, each with both settings. What quick compilation costs a long run:
 ``KALNAT_QUICK_COMPILE=1 python benchmarks/startup.py --digits auto`` against the same with ``=0``.
 
 With ``--digits full diag …`` it times ``kalnat learn digits --covariance X`` instead, each with
@@ -318,6 +320,49 @@ def quick_compile_table(learn, env, cache, out, repeat):
               f" {rows[False] * 1e6:9.2f} {rows[True] / rows[False]:12.2f}")
 
 
+def keyed_csv(path, rows=2000, keys=50):
+    """A logistic stream of ``rows`` rows for ``keys`` users (column ``user``), 3 features."""
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        f.write("user,a,b,c,y\n")
+        for _ in range(rows):
+            u, x = rng.integers(0, keys), rng.normal(size=3)
+            y = int(x @ [1.0, -1.0, 0.5] + 0.3 * u / keys + rng.normal() > 0)
+            f.write(f"u{u},{x[0]:.4f},{x[1]:.4f},{x[2]:.4f},{y}\n")
+
+
+def other_commands_table(kalnat_cmd, env, repeat):
+    """``kalnat predict``, ``kalnat learn --key``, a keyed model's ``predict`` and ``kalnat
+    compare`` with nothing cached (``KALNAT_NO_CACHE=1``: each compiles everything), with
+    ``KALNAT_QUICK_COMPILE=1`` and ``=0`` alternately: wall seconds (median) and their ratios."""
+    folder = tempfile.mkdtemp(prefix="kalnat-commands-")
+    try:
+        keyed = os.path.join(folder, "keyed.csv")
+        keyed_csv(keyed)
+        env = dict(env, KALNAT_NO_CACHE="1")
+        model, keyed_model, out = (os.path.join(folder, n) for n in ("model", "keyed_model", "out"))
+        wall(kalnat_cmd + ["learn", "breast_cancer", "--quiet", "--out", model], env)
+        wall(kalnat_cmd + ["learn", keyed, "--key", "user", "--quiet", "--out", keyed_model], env)
+        predictions = os.path.join(folder, "p.csv")
+        commands = {
+            "kalnat predict breast_cancer": ["predict", "breast_cancer", "--model-dir", model, "--out", predictions],
+            "kalnat learn --key (2 000 rows, 50 keys)": ["learn", keyed, "--key", "user", "--quiet", "--out", out],
+            "kalnat predict, the keyed model": ["predict", keyed, "--model-dir", keyed_model, "--out", predictions],
+            "kalnat compare breast_cancer": ["compare", "breast_cancer", "--out", out],
+        }
+        times = {name: {"1": [], "0": []} for name in commands}
+        for _ in range(repeat):
+            for name, cmd in commands.items():
+                for setting in ("1", "0"):
+                    times[name][setting].append(wall(kalnat_cmd + cmd, dict(env, KALNAT_QUICK_COMPILE=setting)))
+        print(f"{'nothing cached':<42}{'quick':>9}{'defaults':>11}{'quick/defaults':>16}")
+        for name, t in times.items():
+            q, d = float(np.median(t["1"])), float(np.median(t["0"]))
+            print(f"  {name:<40}{q:7.2f} s{d:9.2f} s{q / d:14.2f}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def digits_table(kalnat_cmd, covariances, dtypes, batch_sizes, env, cache, out):
     """``kalnat learn digits --covariance X --dtype T --batch-size B``: wall seconds (empty
     cache), log-loss, accuracy, and the dtype ``auto`` chose; for each X the dtypes in turn,
@@ -383,7 +428,8 @@ def main():
     learn = kalnat_cmd + ["learn", "breast_cancer", "--quiet", "--out", out]
     if args.quick_compile:
         try:
-            return quick_compile_table(learn, env, cache, out, args.repeat)
+            quick_compile_table(learn, env, cache, out, args.repeat)
+            return other_commands_table(kalnat_cmd, env, args.repeat)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)

@@ -25,7 +25,7 @@ import threading
 import weakref
 from typing import Callable, Hashable, Optional
 
-__all__ = ["once", "jit", "with_options", "QUICK_COMPILE", "compile_quickly", "compiler_options"]
+__all__ = ["once", "jit", "jax_jit", "with_options", "QUICK_COMPILE", "compile_quickly", "compiler_options"]
 
 # XLA's CPU compiler with its older elemental emitters in place of its MLIR fusion emitters:
 # the default bank's chunk program on breast_cancer took ~0.65 s less of a cold `kalnat learn`

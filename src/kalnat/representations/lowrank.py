@@ -288,8 +288,9 @@ class LowRankPrior(NamedTuple):
     ``P⁻ = υ^{-1/2} (I − A (I + AᵀA)⁻¹ Aᵀ) υ^{-1/2}``. ``gram`` and ``lower`` are ``None``
     (:meth:`filled` computes them) until the rows ``H`` come (:meth:`projections`), where no
     variance bound reads ``P⁻`` before them: then one product over the ``d`` rows
-    gives both ``gram`` and ``Aᵀ g``, where two took 0.86 ms a step against 0.49 (d = 120 901,
-    k = 10, float32; XLA's CPU product ``xᵀ W (1, k)`` alone took as long as ``gram``)."""
+    gives both ``gram`` and ``Aᵀ g``, where two took 0.86–0.94 ms a step against 0.49–0.52
+    (d = 120 901, k = 10, float32; ``benchmarks/networks.py --part 2 --structures lowrank:10``,
+    its ``G with Aᵀg`` line; XLA's CPU product ``xᵀ W (1, k)`` alone took as long as ``gram``)."""
 
     ups: jax.Array
     base: jax.Array
