@@ -28,7 +28,8 @@ flops (the update from d ≈ 16) to a worker thread and returns at once, which o
 row's checks with the step on an idle machine and costs a thread switch per row on a busy one.
 
 With ``--phases`` it prints where the seconds of a first and of a warm ``kalnat learn`` go,
-timed inside the command's process: imports, learning, the figures' wait.
+timed inside the command's process: imports, learning, the figures' wait; and what importing
+scikit-learn's data sets would add to a first run (the bundled files are read without it).
 
 With ``--quick-compile`` it times the first, cold and warm runs with the chunk program compiled
 quickly (``KALNAT_QUICK_COMPILE=1``, what breast_cancer's size chooses) and with XLA's defaults
@@ -421,6 +422,12 @@ def main():
             for label in ("first run (empty cache folder)", "warm"):
                 print(f"kalnat learn, {label}:")
                 phases(learn, env)
+            # what a first run would add were breast_cancer read through scikit-learn's loader
+            # (kalnat.datasets reads its file without importing the package)
+            bare = wall([sys.executable, "-c", "import numpy, scipy.linalg"], env, 3)
+            with_sklearn = wall([sys.executable, "-c", "import numpy, scipy.linalg, sklearn.datasets"], env, 3)
+            print(f"importing sklearn.datasets (past NumPy and SciPy, which a run imports anyway): "
+                  f"{with_sklearn - bare:.2f} s")
         finally:
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)

@@ -380,9 +380,9 @@ def reexpress_members(state, old, new, *, bank: bool, priors=None):
     def one(tree):  # one member's shapes: the move and the form's choice read nothing else
         return member_shapes(tree) if bank else tree
     first = one(members.params)
-    if priors is None:
-        return _moved_members(state, members, layer_move(first, old, new), bank)
     move = layer_move(first, old, new)
+    if priors is None:
+        return _moved_members(state, members, move, bank)
     if prior_movable(one(members.cov), move):
         return _moved_members(state, members, move, bank,
                               np.asarray(priors[1], np.float64) / np.asarray(priors[0], np.float64))
