@@ -4,8 +4,10 @@
               information filter on an MLP 3 → 4 → 3, categorical, minibatches of 8) under
               XLA's default CPU options, LLVM's optimisation passes skipped
               (``--xla_backend_optimization_level=0``), and those skipped with XLA's older
-              elemental emitters (``--xla_cpu_use_fusion_emitters=false``): the test suite's
-              options (``tests/conftest.py``). Each setting runs in a fresh process (XLA reads
+              elemental emitters (``--xla_cpu_use_fusion_emitters=false``), and those with
+              one LLVM module a program (``--xla_cpu_parallel_codegen_split_count=1``, not split
+              to be compiled on several threads): the test suite's options
+              (``tests/conftest.py``). Each setting runs in a fresh process (XLA reads
               its options once), ``--repeat`` rounds alternating.
   sharing     seconds of a learner's first ``fit`` (100 rows, linear model, Bernoulli) when an
               equal learner with other hyperparameters is alive: with the programs it shares
@@ -28,6 +30,8 @@ OPTIONS = {
     "XLA defaults": "",
     "level 0": "--xla_backend_optimization_level=0",
     "level 0 + older emitters": "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
+    "… + one LLVM module": "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                           "--xla_cpu_parallel_codegen_split_count=1",
 }
 
 ONE_PROGRAM = """

@@ -4,38 +4,52 @@ import sys
 
 # The suite compiles about 7 500 small XLA programs (and reads 1 800 more from the cache below)
 # and runs most of them for a few hundred steps: tracing, lowering and compiling dominate its
-# time (KALNAT_TEST_COMPILE_TIMES=1, at the end of this file, sums them). Two XLA CPU
-# options make compiling cheaper; what they compute is the same to rounding, not bit for bit
-# (exp, log1p, tanh, sigmoid and cumsum round differently):
+# time (KALNAT_TEST_COMPILE_TIMES=1, at the end of this file, sums them). Three XLA CPU
+# options make compiling cheaper; what the first two compile is the same to rounding, not bit
+# for bit (exp, log1p, tanh, sigmoid and cumsum round differently):
 # - skipping LLVM's optimisation passes took CI here from 8m08 to ~6m15;
 # - at that level, XLA's older elemental emitters in place of its MLIR fusion emitters compile
 #   a fit's scan in 0.20–0.22 s against 0.51–0.54 s (benchmarks/compile_time.py; 0.73–0.86 s
-#   with XLA's defaults); test_equivalence.py took 75 s on one core against 122 s.
+#   with XLA's defaults); test_equivalence.py took 75 s on one core against 122 s;
+# - at that level, one LLVM module a program, where XLA splits it into up to 32 to compile them
+#   on several threads (which two busy test workers on two cores do not have): the chunk
+#   program above compiles in 0.19 s against 0.25 s, and XLA's compiler took 39 s of
+#   test_equivalence.py against 50 s, 83 s of test_structured.py against 99 s (one process
+#   each, KALNAT_TEST_COMPILE_TIMES=1). The command keeps the split: with its own options and a
+#   core to spare, its cold `kalnat learn` took as long either way.
 # Tests whose claim depends on the default rounding run it in a subprocess with XLA_FLAGS=""
 # (test_families.py); KALNAT_TEST_DEFAULT_XLA=1 runs the whole suite with XLA's defaults.
-# An option this XLA does not know would abort every process that imports JAX, so each is
-# tried once, in a subprocess of the first pytest process; its workers and the subprocesses
-# the tests start inherit the result.
-_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# An option this XLA does not know would abort every process that imports JAX, so they are
+# tried once, in a subprocess of the first pytest process (all together, then one by one if that
+# fails); its workers and the subprocesses the tests start inherit the result.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                 "--xla_cpu_parallel_codegen_split_count=1")
+
+
+def _xla_takes(flags):
+    """``(whether a process with XLA_FLAGS=flags runs a jitted program, why not)``."""
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"],
+                               env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
+                               capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False, "no answer in 120 s"
+    return probe.returncode == 0, (probe.stderr.strip().splitlines()[-1:] or [f"exit status {probe.returncode}"])[0]
+
+
 if "KALNAT_TEST_XLA_FLAGS_TRIED" not in os.environ and not os.environ.get("KALNAT_TEST_DEFAULT_XLA"):
     os.environ["KALNAT_TEST_XLA_FLAGS_TRIED"] = "1"
     _flags = os.environ.get("XLA_FLAGS", "")
-    for _flag in _FAST_COMPILE:
-        if _flag.split("=")[0] not in _flags:
-            _tried = (_flags + " " + _flag).strip()
-            try:
-                _probe = subprocess.run(
-                    [sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"],
-                    env={**os.environ, "XLA_FLAGS": _tried, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                    text=True, timeout=120)
-                _taken = _probe.returncode == 0
-                _why = _probe.stderr.strip().splitlines()[-1:] or [f"exit status {_probe.returncode}"]
-            except subprocess.TimeoutExpired:
-                _taken, _why = False, ["no answer in 120 s"]
+    _new = [f for f in _FAST_COMPILE if f.split("=")[0] not in _flags]
+    if _new and _xla_takes(" ".join([_flags] + _new).strip())[0]:
+        _flags = " ".join([_flags] + _new).strip()
+    else:
+        for _flag in _new:
+            _taken, _why = _xla_takes((_flags + " " + _flag).strip())
             if _taken:
-                _flags = _tried
+                _flags = (_flags + " " + _flag).strip()
             else:
-                print(f"tests/conftest.py: running without XLA option {_flag} ({_why[0]})", file=sys.stderr)
+                print(f"tests/conftest.py: running without XLA option {_flag} ({_why})", file=sys.stderr)
     os.environ["XLA_FLAGS"] = _flags
 
 # The BLAS and LAPACK libraries on one thread, set before they load: the tests call jitted
