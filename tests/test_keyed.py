@@ -245,6 +245,37 @@ def test_a_call_takes_at_most_call_steps_rows(monkeypatch):
         assert np.array_equal(res.predictions.mean[[k == key for k in keys]], means)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_call_fills_the_rounds_of_its_grid_with_the_next_rounds_rows(batch, monkeypatch):
+    """A call's grid is a power of two of rounds deep: rounds past its own segment (the rounds
+    over which its number of keys stays within a power of two) would be steps of masked rows,
+    so the next rounds' rows (of its keys with more rows) take them. Ten keys of 9 9 8 8 7 6 5
+    4 3 2 rounds: three calls of (rounds, lanes) (4, 16), (4, 8) and (1, 2), each of whose
+    rounds holds a row, where segments alone made four, the first with a round of none (a
+    short stream then compiles fewer shapes: `kalnat learn --key`). Each key's filter is still
+    its own."""
+    learner, family = LEARNERS["ekf"]
+    name = "_segment_fn" if batch == 1 else "_minibatch_segment_fn"
+    grids, make = [], getattr(kalnat.keyed, name)
+
+    def recording(learner):
+        fn = make(learner)
+        return lambda *args: grids.append(args[5].reshape(args[5].shape[:2] + (-1,)).any(axis=2)) or fn(*args)
+    monkeypatch.setattr(kalnat.keyed, name, recording)
+    rounds = [9, 9, 8, 8, 7, 6, 5, 4, 3, 2]
+    keys = [k for r in range(max(rounds)) for k in range(10) if r < rounds[k] for _ in range(batch)]
+    _, X, Y = stream(family, n=len(keys))
+    keyed = Keyed(learner, MODEL.init(None), batch_size=batch)
+    res = keyed.learn(keys, X, Y)
+    assert [g.shape for g in grids] == [(4, 16), (4, 8), (1, 2)]
+    assert all(g.any(axis=1).all() for g in grids)  # no round of masked rows alone
+    for key in (0, 9):
+        sel = np.array([k == key for k in keys])
+        ref = kalnat.fit(learner, learner.init(MODEL.init(None)), X[sel], Y[sel], batch_size=batch)
+        assert all(np.array_equal(p, q) for p, q in zip(leaves(ref.state), leaves(keyed.state(key))))
+        assert np.array_equal(res.predictions.mean[sel], ref.predictions.mean)
+
+
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     learner, family = LEARNERS["ekf"]
     keys, X, Y = stream(family, seed=3)

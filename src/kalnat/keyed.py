@@ -388,7 +388,7 @@ class Keyed:
             # At most `lanes` keys per call: a call's states then stay within LANE_BYTES (a
             # larger gathered block makes every round stream it from memory: 5× slower).
             width = min(max(2, width), lanes)
-            r1 = min(r1, r0 + keyed_rounds.rounds_per_call(width))
+            r1 = keyed_rounds.filled(r0, min(r1, r0 + keyed_rounds.rounds_per_call(width)), n_rounds)
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
                 # the last block of many keys: as wide as its own keys need
@@ -463,7 +463,8 @@ class Keyed:
             r1 = max(r1, r0 + 1)
             width = max(2, width)  # two lanes at least (see _learn_chunk)
             lanes = keyed_rounds.keys_per_call(self._lanes, B)  # as for B = 1
-            r1 = min(r1, r0 + keyed_rounds.rounds_per_call(min(width, lanes), B))  # as _learn_chunk
+            r1 = keyed_rounds.filled(  # as _learn_chunk
+                r0, min(r1, r0 + keyed_rounds.rounds_per_call(min(width, lanes), B)), n_rounds)
             for k0 in range(0, active, lanes):
                 k1 = min(active, k0 + lanes)
                 rr1 = min(r1, int(n_mb[k0]))

@@ -6,7 +6,8 @@ The rows are grouped by key (slot), each key's rows kept in the stream's order
 ``batch_size = B``), and the keys are ordered by their number of rows, so that a round's
 active keys are a prefix. :func:`grid` reads the rows of a block of rounds and keys off that
 grouping, padded to powers of two (compiled shapes stay few) and masked.
-:func:`keys_per_call` and :func:`rounds_per_call` bound a call's size. :func:`groups` (and its
+:func:`keys_per_call` and :func:`rounds_per_call` bound a call's size, and :func:`filled` fills
+its depth. :func:`groups` (and its
 :func:`stable_argsort`) also serve ``Keyed``'s lookup of NumPy integer keys.
 """
 
@@ -30,6 +31,16 @@ def rounds_per_call(width: int, batch: int = 1) -> int:
     """The most rounds of ``width`` lanes of ``batch`` rows a call takes: a power of two, so a
     call's padded grid stays within ``CALL_STEPS`` rows (``width`` from :func:`keys_per_call`)."""
     return 1 << (max(1, CALL_STEPS // (width * batch)).bit_length() - 1)
+
+
+def filled(r0: int, r1: int, n_rounds: int) -> int:
+    """The end of a call of rounds ``r0 … r1 − 1`` extended to every round its grid holds: the
+    grid's depth is ``pow2(r1 − r0)`` rounds, whose steps the call takes whether they hold rows or
+    are masked, so the next rounds' rows (of the same keys or fewer: the keys with more rows come
+    first) fill them for nothing, and the calls (and compiled shapes) they would have needed are
+    not made. ``r1 − r0`` within :func:`rounds_per_call`, a power of two, keeps the depth within
+    it."""
+    return min(n_rounds, r0 + pow2(r1 - r0))
 
 
 def keys_per_call(lanes: int, batch: int = 1) -> int:
