@@ -13,10 +13,12 @@ import sys
 #   with XLA's defaults); test_equivalence.py took 75 s on one core against 122 s;
 # - at that level, one LLVM module a program, where XLA splits it into up to 32 to compile them
 #   on several threads (which two busy test workers on two cores do not have): the chunk
-#   program above compiles in 0.19 s against 0.25 s, and XLA's compiler took 39 s of
-#   test_equivalence.py against 50 s, 83 s of test_structured.py against 99 s (one process
-#   each, KALNAT_TEST_COMPILE_TIMES=1). The command keeps the split: with its own options and a
-#   core to spare, its cold `kalnat learn` took as long either way.
+#   program above compiles in 0.18–0.20 s against 0.19–0.25 s, and XLA's compiler took 38–39 s
+#   of test_equivalence.py against 50 s, 83 s of test_structured.py against 99 s (one process
+#   each, KALNAT_TEST_COMPILE_TIMES=1). On two workers the difference was within the machine's
+#   noise (three test files: 176 and 181 s against 184 and 167 s, alternately). The command
+#   keeps the split: with its own options and a core to spare, its cold `kalnat learn` took
+#   as long either way.
 # Tests whose claim depends on the default rounding run it in a subprocess with XLA_FLAGS=""
 # (test_families.py); KALNAT_TEST_DEFAULT_XLA=1 runs the whole suite with XLA's defaults.
 # An option this XLA does not know would abort every process that imports JAX, so they are
