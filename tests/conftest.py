@@ -4,9 +4,10 @@ import sys
 
 # The suite compiles about 7 500 small XLA programs (and reads 1 800 more from the cache below)
 # and runs most of them for a few hundred steps: tracing, lowering and compiling dominate its
-# time (KALNAT_TEST_COMPILE_TIMES=1, at the end of this file, sums them). Three XLA CPU
-# options make compiling cheaper; what the first two compile is the same to rounding, not bit
-# for bit (exp, log1p, tanh, sigmoid and cumsum round differently):
+# time (KALNAT_TEST_COMPILE_TIMES=1, at the end of this file, sums them). Two XLA CPU
+# options make compiling cheaper, and a third does in one process; what the first two compile
+# is the same to rounding, not bit for bit (exp, log1p, tanh, sigmoid and cumsum round
+# differently):
 # - skipping LLVM's optimisation passes took CI here from 8m08 to ~6m15;
 # - at that level, XLA's older elemental emitters in place of its MLIR fusion emitters compile
 #   a fit's scan in 0.20–0.22 s against 0.51–0.54 s (benchmarks/compile_time.py; 0.73–0.86 s

@@ -269,7 +269,7 @@ def test_a_call_fills_the_rounds_of_its_grid_with_the_next_rounds_rows(batch, mo
     res = keyed.learn(keys, X, Y)
     assert [g.shape for g in grids] == [(4, 16), (4, 8), (1, 2)]
     assert all(g.any(axis=1).all() for g in grids)  # no round of masked rows alone
-    for key in (0, 9):
+    for key in range(10):
         sel = np.array([k == key for k in keys])
         ref = kalnat.fit(learner, learner.init(MODEL.init(None)), X[sel], Y[sel], batch_size=batch)
         assert all(np.array_equal(p, q) for p, q in zip(leaves(ref.state), leaves(keyed.state(key))))

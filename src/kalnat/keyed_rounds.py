@@ -37,8 +37,9 @@ def filled(r0: int, r1: int, n_rounds: int) -> int:
     """The end of a call of rounds ``r0 … r1 − 1`` extended to every round its grid holds: the
     grid's depth is ``pow2(r1 − r0)`` rounds, whose steps the call takes whether they hold rows or
     are masked, so the next rounds' rows (of the same keys or fewer: the keys with more rows come
-    first) fill them for nothing, and the calls (and compiled shapes) they would have needed are
-    not made. ``r1 − r0`` within :func:`rounds_per_call`, a power of two, keeps the depth within
+    first) fill them for nothing, and the calls they would have needed are not made: the same
+    steps or fewer, and usually fewer compiled shapes (not always: the rounds left after a
+    filled call can need a shallower call, of a shape not compiled yet). ``r1 − r0`` within :func:`rounds_per_call`, a power of two, keeps the depth within
     it."""
     return min(n_rounds, r0 + pow2(r1 - r0))
 
