@@ -345,8 +345,9 @@ class Keyed:
         call holds a run of rounds over which the number of keys with rows stays within a
         power of two (and at most ``keyed_rounds.CALL_STEPS`` steps), filled up to its
         power-of-two depth with the next rounds' rows (``keyed_rounds.filled``), so a chunk
-        holding more rows of each key costs less per row (docs/keyed.md). ``chunk_size`` bounds the memory of that
-        grouping (~50 bytes a row); the keys' lookup and the outputs cover all ``n`` rows."""
+        holding more rows of each key costs less per row (docs/keyed.md). ``chunk_size``
+        bounds the memory of that grouping (~50 bytes a row); the keys' lookup and the outputs
+        cover all ``n`` rows."""
         xs, ys = self._check(X, Y)
         n = xs.shape[0]
         if chunk_size is None:

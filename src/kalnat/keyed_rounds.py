@@ -7,8 +7,8 @@ The rows are grouped by key (slot), each key's rows kept in the stream's order
 active keys are a prefix. :func:`grid` reads the rows of a block of rounds and keys off that
 grouping, padded to powers of two (compiled shapes stay few) and masked.
 :func:`keys_per_call` and :func:`rounds_per_call` bound a call's size, and :func:`filled` fills
-its depth. :func:`groups` (and its
-:func:`stable_argsort`) also serve ``Keyed``'s lookup of NumPy integer keys.
+its depth. :func:`groups` (and its :func:`stable_argsort`) also serve ``Keyed``'s lookup of
+NumPy integer keys.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def filled(r0: int, r1: int, n_rounds: int) -> int:
     are masked, so the next rounds' rows (of the same keys or fewer: the keys with more rows come
     first) fill them for nothing, and the calls they would have needed are not made: the same
     steps or fewer, and usually fewer compiled shapes (not always: the rounds left after a
-    filled call can need a shallower call, of a shape not compiled yet). ``r1 − r0`` within :func:`rounds_per_call`, a power of two, keeps the depth within
-    it."""
+    filled call can need a shallower call, of a shape not compiled yet). ``r1 − r0`` within
+    :func:`rounds_per_call`, a power of two, keeps the depth within it."""
     return min(n_rounds, r0 + pow2(r1 - r0))
 
 
