@@ -17,7 +17,8 @@ import sys
 #   program above compiles in 0.18–0.20 s against 0.19–0.25 s, and XLA's compiler took 38–39 s
 #   of test_equivalence.py against 50 s, 83 s of test_structured.py against 99 s (one process
 #   each, KALNAT_TEST_COMPILE_TIMES=1). On two workers the difference was within the machine's
-#   noise (three test files: 176 and 181 s against 184 and 167 s, alternately). The command
+#   noise (test_equivalence, test_structured and test_iterated: 176 and 181 s against 184 and
+#   167 s, alternately). The command
 #   keeps the split: with its own options and a core to spare, its cold `kalnat learn` took
 #   as long either way.
 # Tests whose claim depends on the default rounding run it in a subprocess with XLA_FLAGS=""

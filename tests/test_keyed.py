@@ -251,9 +251,10 @@ def test_a_call_fills_the_rounds_of_its_grid_with_the_next_rounds_rows(batch, mo
     over which its number of keys stays within a power of two) would be steps of masked rows,
     so the next rounds' rows (of its keys with more rows) take them. Ten keys of 9 9 8 8 7 6 5
     4 3 2 rounds: three calls of (rounds, lanes) (4, 16), (4, 8) and (1, 2), each of whose
-    rounds holds a row, where segments alone made four, the first with a round of none (a
-    short stream then compiles fewer shapes: `kalnat learn --key`). Each key's filter is still
-    its own."""
+    rounds holds a row, where segments alone made four, the first with a round of none. Each
+    key's filter is still its own. 2 000 rows of 50 keys drawn uniformly (as `kalnat learn
+    --key` in benchmarks/startup.py) take one call, where segments alone made seven calls of
+    seven shapes."""
     learner, family = LEARNERS["ekf"]
     name = "_segment_fn" if batch == 1 else "_minibatch_segment_fn"
     grids, make = [], getattr(kalnat.keyed, name)
@@ -274,6 +275,12 @@ def test_a_call_fills_the_rounds_of_its_grid_with_the_next_rounds_rows(batch, mo
         ref = kalnat.fit(learner, learner.init(MODEL.init(None)), X[sel], Y[sel], batch_size=batch)
         assert all(np.array_equal(p, q) for p, q in zip(leaves(ref.state), leaves(keyed.state(key))))
         assert np.array_equal(res.predictions.mean[sel], ref.predictions.mean)
+    if batch == 1:  # as benchmarks/startup.py's keyed file
+        grids.clear()
+        keys = np.random.default_rng(0).integers(0, 50, 2000).tolist()
+        Keyed(learner, MODEL.init(None)).learn(keys, np.zeros((2000, P_IN)), np.zeros(2000),
+                                              return_predictions=False)
+        assert [g.shape for g in grids] == [(64, 64)]
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
