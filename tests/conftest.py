@@ -14,7 +14,8 @@ import sys
 #   with XLA's defaults); test_equivalence.py took 75 s on one core against 122 s;
 # - at that level, one LLVM module a program, where XLA splits it into up to 32 to compile them
 #   on several threads (which two busy test workers on two cores do not have): the chunk
-#   program above compiles in 0.18–0.20 s against 0.19–0.25 s, and XLA's compiler took 38–39 s
+#   program above compiles in 0.18 s against 0.19 s for an EKF, the information filter's in 0.20 s against
+#   0.27 s (benchmarks/compile_time.py --part options, medians of 5), and XLA's compiler took 38–39 s
 #   of test_equivalence.py against 50 s, 83 s of test_structured.py against 99 s (one process
 #   each, KALNAT_TEST_COMPILE_TIMES=1). On two workers the difference was within the machine's
 #   noise (test_equivalence, test_structured and test_iterated: 176 and 181 s against 184 and

@@ -357,6 +357,8 @@ class LoadedKeyedModel(LoadedModel):
         """Writes a CSV of predictions for every row of ``source`` (opened with ``key=``
         :attr:`key_name`); returns ``(rows, skipped)``; :attr:`unseen_rows` and
         :attr:`unseen_keys` count the rows and keys predicted from the prior."""
+        # Keyed.params: one member's, a keyed bank given its first member's (KeyedRunner), so
+        # not cli_runner.member_parameters, which divides a bank's stacked params
         self.compile_for(source, int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.shards[0].params))))
         w = csv.writer(out, lineterminator="\n")
         w.writerow(self.header())
