@@ -300,6 +300,22 @@ def test_verify_quick_table():
     assert len(devs) == 16 and max(devs) < 1e-10
 
 
+def test_the_command_says_what_it_guessed_the_target_to_be(tmp_path, logistic_csv):
+    """With no --family and a file that names no task, `learn` (one stream or one per key) and
+    `compare` read the task from the first rows and say so; with --family they guess nothing."""
+    keyed = tmp_path / "keyed.csv"
+    with open(logistic_csv) as src, open(keyed, "w") as dst:  # a key column in front: two users
+        dst.writelines(("user," if i == 0 else f"u{i % 2},") + line for i, line in enumerate(src))
+    one = ["--prior-var", "1", "--forget", "1"]   # one EKF: quick to compile
+    said = "target 'target' looks bernoulli over 2 classes (0, 1) from its first rows; pass --family"
+    runs = {"learn": ["learn", logistic_csv, *one], "learn --key": ["learn", str(keyed), "--key", "user", *one],
+            "compare": ["compare", logistic_csv, "--no-kalnat-grid", "--lr-grid", "0.1"]}
+    for name, args in runs.items():
+        assert said in _ok([*args, "--out", str(tmp_path / name)]).output, name
+    told = _ok([*runs["learn"], "--out", str(tmp_path / "told"), "--family", "bernoulli"]).output
+    assert "looks" not in told and "--classes" not in told
+
+
 def test_compare_on_a_small_set(tmp_path, monkeypatch):
     monkeypatch.delenv("KALNAT_QUICK_COMPILE", raising=False)
     out = tmp_path / "cmp"

@@ -22,7 +22,7 @@ __all__ = ["KALNAT_GRID", "run", "format_table", "plot"]
 KALNAT_GRID = tuple((pv, lam) for pv in (0.1, 0.3, 1.0) for lam in (1.0, 0.99))
 
 
-def _read_all(source: datasets.Source, cfg: dict):
+def _read_all(source: datasets.Source, cfg: dict, log):
     Xs, ys, lines, skipped = [], [], [], []
     for chunk in source.chunks:
         skipped.extend(chunk.skipped)
@@ -32,8 +32,7 @@ def _read_all(source: datasets.Source, cfg: dict):
     if not Xs or not sum(len(y) for y in ys):
         raise datasets.DataError(source.name, "no data rows")
     X, y_raw, lines = np.concatenate(Xs), np.concatenate(ys), np.concatenate(lines)
-    family, classes = cli_setup.resolve_task(cfg, source, y_raw[:10_000])
-    coder = datasets.TargetCoder(family, classes)
+    family, classes, coder = cli_setup.first_chunk_task(cfg, source, y_raw[:10_000], log)
     y, good = coder.encode(source.name, y_raw, lines, source.target_name,
                            bool(cfg.get("skip_bad_rows")), skipped)
     return X[good], y[good], family, classes, len(skipped)
@@ -49,10 +48,7 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         log: Optional[Callable[[str], None]] = None) -> dict:
     """Scores of kalnat and every available baseline on ``source`` (held in memory)."""
     log = log or (lambda m: None)
-    X, y, family, classes, n_skipped = _read_all(source, cfg)
-    note = cli_setup.inference_note(cfg, source, family, classes)
-    if note:
-        log(note)
+    X, y, family, classes, n_skipped = _read_all(source, cfg, log)
     n = len(y)
     start = cli_report.GAUSSIAN_FIRST_SCORED_ROW - 1 if family == "gaussian" else 0
     log(f"{source.name}: {n} rows, {X.shape[1]} features, {family}"

@@ -25,7 +25,7 @@ from kalnat import baselines, datasets
 from kalnat.cli_predict import LoadedModel
 from kalnat.cli_report import GAUSSIAN_FIRST_SCORED_ROW, Accumulator, run_metrics
 from kalnat.cli_runner import OnlineRunner
-from kalnat.cli_setup import build_learner, checkpoint_settings, inference_note, make_family, resolve_task
+from kalnat.cli_setup import build_learner, checkpoint_settings, first_chunk_task, make_family
 from kalnat.keyed import Keyed
 from kalnat.programs import compile_quickly
 
@@ -144,11 +144,7 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
             if not len(chunk.y):
                 continue
             if runner is None:
-                family, classes = resolve_task(cfg, source, chunk.y)
-                note = inference_note(cfg, source, family, classes)
-                if note and log:
-                    log(note)
-                coder = datasets.TargetCoder(family, classes)
+                family, classes, coder = first_chunk_task(cfg, source, chunk.y, log)
                 runner = KeyedRunner(cfg, family, classes, chunk.X.shape[1], client, source.rows_at_most)
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
                 acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)

@@ -15,7 +15,7 @@ from kalnat import checkpoint, datasets
 from kalnat.cli_report import GAUSSIAN_FIRST_SCORED_ROW, Accumulator, PredictionWriter, bank_report, \
     prediction_table, run_metrics
 from kalnat.cli_runner import OnlineRunner
-from kalnat.cli_setup import inference_note, resolve_task
+from kalnat.cli_setup import first_chunk_task
 
 __all__ = ["learn_stream", "LearnResult"]
 
@@ -78,11 +78,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                     writer.write([], [], [s[0] for s in skipped[before:]])
                 continue
             if runner is None:
-                family, classes = resolve_task(cfg, source, chunk.y)
-                note = inference_note(cfg, source, family, classes)
-                if note and log:
-                    log(note)
-                coder = datasets.TargetCoder(family, classes)
+                family, classes, coder = first_chunk_task(cfg, source, chunk.y, log)
                 runner = OnlineRunner(cfg, family, classes, chunk.X.shape[1], programs, source.rows_at_most)
                 first = GAUSSIAN_FIRST_SCORED_ROW if family == "gaussian" else 1
                 acc = Accumulator(runner.family, first, runner.bank.size if runner.bank else 0)

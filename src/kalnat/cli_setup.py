@@ -176,6 +176,18 @@ def inference_note(cfg: dict, source: datasets.Source, family: str, classes) -> 
             "pass --family (and --classes) to say otherwise")
 
 
+def first_chunk_task(cfg: dict, source: datasets.Source, first_y, log=None):
+    """``(family, classes, coder)`` from the options, the data set or the first chunk's targets
+    (:func:`resolve_task`), with ``log`` told what was guessed (:func:`inference_note`), and the
+    :class:`~kalnat.datasets.TargetCoder` of the stream's targets: what ``kalnat learn`` (one
+    stream or one per key) and ``kalnat compare`` read before they learn a row."""
+    family, classes = resolve_task(cfg, source, first_y)
+    note = inference_note(cfg, source, family, classes)
+    if note and log:
+        log(note)
+    return family, classes, datasets.TargetCoder(family, classes)
+
+
 def checkpoint_settings(extra: dict) -> dict:
     """The settings :func:`build_learner` takes, from a checkpoint's ``extra`` (a model's or a
     keyed model's): as they were learned, ``auto`` resolved; a checkpoint written before a
