@@ -214,6 +214,33 @@ def test_bad_settings_and_states(logistic):
         kalnat.fit(learner, learner.init(model.init(None)), X, y[:-1])
 
 
+def test_wrong_arguments_are_named_at_every_entry(logistic):
+    """What the constructors, init, update, fit (with and without skip_bad_rows) and
+    log_evidence refuse, each with what it expected and what it got."""
+    model, learner, X, y = logistic
+    state = learner.init(model.init(None))
+    with pytest.raises(ValueError, match="family must be a kalnat family, got str"):
+        kalnat.ekf(model, "bernoulli")
+    with pytest.raises(ValueError, match=r"model must be a kalnat Model or a function apply\(params, x\), got int"):
+        kalnat.ekf(3, F.Bernoulli())
+    with pytest.raises(ValueError, match="params: the pytree has no arrays"):
+        learner.init({})
+    with pytest.raises(ValueError, match="ekf: hyper must be a kalnat Hyper, got tuple"):
+        learner.update(state, X[0], y[0], hyper=(1.0, 1.0))
+    with pytest.raises(ValueError, match=r"Y must have a leading row axis, got shape \(\)"):
+        kalnat.fit(learner, state, X[:1], y[0])
+    for skip in (False, True):
+        with pytest.raises(ValueError, match="x must be numeric, got dtype <U1"):
+            kalnat.fit(learner, state, np.full((37, P_IN), "a"), y, skip_bad_rows=skip)
+        with pytest.raises(ValueError, match=r"X must have a leading row axis, got shape \(3,\)"):
+            kalnat.fit(learner, state, X[0], y[:1], skip_bad_rows=skip)
+        with pytest.raises(ValueError, match="X has 37 rows but Y has 36"):
+            kalnat.fit(learner, state, X, y[:-1], skip_bad_rows=skip)
+    with pytest.raises(ValueError, match="log_evidence: 37 rows is not a multiple of batch_size 2"):
+        kalnat.log_evidence(learner, learner.hyper, model.init(None), X, y, batch_size=2)
+    kalnat.fit(learner, state, X[:2], y[:2])  # the state refused everywhere above is still whole
+
+
 @pytest.mark.parametrize("bad", [0, 2.5, 3.0, None, True, "3"], ids=repr)
 def test_sizes_and_counts_must_be_positive_integers_named_at_every_entry(logistic, bad):
     """One check (kalnat.validation.positive_int) for every size or count a caller gives: a
