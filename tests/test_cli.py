@@ -300,6 +300,42 @@ def test_verify_quick_table():
     assert len(devs) == 16 and max(devs) < 1e-10
 
 
+def test_a_missing_model_a_bad_out_folder_and_a_file_of_no_rows_are_located_errors(tmp_path, logistic_csv):
+    """`predict` from a folder with no model, or with a checkpoint `kalnat learn` did not write
+    (keyed or not); `--out` an empty path or under a file; a file of no rows, or only bad ones
+    (one stream or one per key), to `learn` and `compare`: each an error that names the file or
+    the option, a non-zero exit, no traceback."""
+    empty, foreign, keyed = (tmp_path / name for name in ("empty", "foreign", "keyed"))
+    for folder in (empty, foreign, keyed):
+        folder.mkdir()
+    checkpoint.save(foreign / "model.npz", {"w": np.zeros(2)})
+    checkpoint.save(keyed / "keyed_model.npz", {"w": np.zeros(2)})
+    for folder, said in ((empty, "model.npz: no model here (run `kalnat learn --out DIR` first)"),
+                         (foreign, "model.npz: not written by `kalnat learn`"),
+                         (keyed, "keyed_model.npz: not a keyed model written by `kalnat learn --key`")):
+        assert said in _user_error(["predict", "--model-dir", str(folder), logistic_csv])
+    (empty / "metrics.json").write_text('{"files": {"model": "keyed_model.npz"}}')  # named, not there
+    assert "keyed_model.npz: no keyed model here (run `kalnat learn --key COL --out DIR` first)" in _user_error(
+        ["predict", "--model-dir", str(empty), logistic_csv])
+    header = tmp_path / "header.csv"
+    header.write_text("k,a,target\n")
+    out = ["--out", str(tmp_path / "o"), "--quiet"]
+    for folder, said in (("", "Invalid value for --out: an empty path"),
+                         (f"{header}/a/b", f"Invalid value for --out: cannot make the folder {header}/a/b: {header} "
+                                           "is a file")):
+        res = _run(["learn", logistic_csv, "--out", folder])   # a usage error: click's exit status 2
+        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+    assert "header.csv: no data rows" in _user_error(["learn", str(header), *out])
+    assert "header.csv: no data rows" in _user_error(["compare", str(header), "--out", str(tmp_path / "c")])
+    # a feature that is not a number (skipped as the file is read), then a label that is not a
+    # class (skipped once the learner is built): a learner, and not one row learned
+    bad = tmp_path / "bad.csv"
+    bad.write_text("k,a,target\n1,x,0\n2,2,3\n")
+    for key in ([], ["--key", "k"]):
+        assert "bad.csv: no data rows (2 bad rows skipped)" in _user_error(
+            ["learn", str(bad), *out, "--skip-bad-rows", "--classes", "0,1", *key])
+
+
 def test_the_command_says_what_it_guessed_the_target_to_be(tmp_path, logistic_csv):
     """With no --family and a file that names no task, `learn` (one stream or one per key) and
     `compare` read the task from the first rows and say so; with --family they guess nothing."""

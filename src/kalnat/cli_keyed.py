@@ -63,7 +63,8 @@ class KeyedRunner(OnlineRunner):
     def finish(self):
         """The end of the stream: each key's rows held in a partial minibatch (``--batch-size``
         > 1) learned, as :func:`kalnat.fit` learns a stream's last one."""
-        (self.keyed or self.dask).flush()
+        # (not `keyed or dask`: a Keyed of no keys yet has length 0, so it is false)
+        (self.keyed if self.keyed is not None else self.dask).flush()
 
     def step_keyed(self, keys, X, y) -> baselines.Predictions:
         """Predicts then learns the rows ``X (n, p)``, ``y (n,)``, row ``i`` by ``keys[i]``'s
@@ -168,7 +169,7 @@ def learn_keyed(source: datasets.Source, cfg: dict, progress: bool = True, log=N
     finally:
         if bar is not None:
             bar.close()
-    if runner is None:
+    if t_first is None:  # no row learned: none read, or every one bad (after the task was read)
         raise datasets.DataError(source.name, "no data rows" + (f" ({len(skipped)} bad rows skipped)"
                                                                 if skipped else ""))
     t0 = time.perf_counter()
@@ -297,16 +298,21 @@ class LoadedKeyedModel(LoadedModel):
         from kalnat import checkpoint
 
         folder = os.path.isdir(path)
+        not_keyed = ValueError(f"{path}: not a keyed model written by `kalnat learn --key`")
         try:
             if folder:
                 with open(os.path.join(path, SHARDS_HEADER)) as f:
                     extra = json.load(f)
+            elif not os.path.exists(path):  # (read_header takes it for a file that is not a checkpoint)
+                raise FileNotFoundError(path)
             else:
                 extra = checkpoint.read_header(path)["extra"]
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             raise ValueError(f"{path}: no keyed model here (run `kalnat learn --key COL --out DIR` first)") from None
+        except ValueError:  # a file, but not a checkpoint, or a folder whose model.json is not JSON
+            raise not_keyed from None
         if not isinstance(extra, dict) or extra.get("kalnat_cli") != 1 or "key_column" not in extra:
-            raise ValueError(f"{path}: not a keyed model written by `kalnat learn --key`")
+            raise not_keyed
         classes = extra["classes"]
         learner, params = shard_factory(checkpoint_settings(extra), extra["family"], classes,
                                         len(extra["feature_names"]))

@@ -116,7 +116,7 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
     finally:
         if bar is not None:
             bar.close()
-    if runner is None:
+    if t_first is None:  # no row learned: none read, or every one bad (after the task was read)
         raise datasets.DataError(source.name, "no data rows" + (f" ({len(skipped)} bad rows skipped)"
                                                                 if skipped else ""))
     metrics = run_metrics(source, runner, cfg,

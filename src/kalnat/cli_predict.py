@@ -5,6 +5,7 @@ with their uncertainty."""
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 
@@ -27,10 +28,10 @@ class LoadedModel:
 
     @classmethod
     def load(cls, path) -> "LoadedModel":
-        try:
-            extra = checkpoint.read_header(path)["extra"]
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no model here (run `kalnat learn --out DIR` first)") from None
+        # (read_header takes a missing file for a file that is not a checkpoint)
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: no model here (run `kalnat learn --out DIR` first)")
+        extra = checkpoint.read_header(path)["extra"]
         if extra.get("kalnat_cli") != 1:
             raise ValueError(f"{path}: not written by `kalnat learn`")
         classes = extra["classes"]
