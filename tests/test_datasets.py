@@ -163,6 +163,38 @@ def test_skip_bad_rows_counts_and_keeps_good_rows(tmp_path):
     assert sorted(s[0] for s in skipped) == [3, 4, 6]
 
 
+def test_what_the_reader_refuses_is_named_with_its_file_and_line(tmp_path):
+    """A key or a shuffle where they do not apply, a folder, repeated or too few columns, no
+    feature besides the target and the key, a bundled set's other target or columns, and a row
+    the CSV module cannot read (skipped with skip_bad_rows)."""
+    cases = [
+        (lambda: ds.open_source("iris", key="user"),
+         "iris: --key applies to CSV files; the bundled data set 'iris' has no key column"),
+        (lambda: ds.open_source(_write(tmp_path, "a,y\n1,0\n"), shuffle_seed=0),
+         "d.csv: --shuffle applies to bundled data sets only; a CSV stream is read in order"),
+        (lambda: ds.open_source(str(tmp_path)), f"{tmp_path}: cannot open (Is a directory)"),
+        (lambda: ds.open_source(_write(tmp_path, "a,a,y\n1,2,0\n", "dup.csv")),
+         "dup.csv, line 1: duplicate column names ['a']"),
+        (lambda: ds.open_source(_write(tmp_path, "a\n1\n", "one.csv")),
+         "one.csv, line 1: need at least two columns (features and a target)"),
+        (lambda: ds.open_source(_write(tmp_path, "k,y\nu,0\n", "key.csv"), key="k"),
+         "key.csv, line 1: no feature columns besides the target"),
+        (lambda: ds.open_source("iris", target="species"),
+         "iris: this data set's target column is 'target', not 'species'"),
+        (lambda: ds.open_source("iris", feature_names=["a"]), "iris: its columns differ from the model's features"),
+    ]
+    for make, said in cases:
+        with pytest.raises(ds.DataError) as err:
+            _all(make())
+        assert said in str(err.value)
+    big = tmp_path / "big.csv"  # a field beyond the csv module's limit (131 072 characters)
+    big.write_text('a,y\n1,0\n"' + "x" * 140_000 + '",1\n2,1\n')
+    with pytest.raises(ds.DataError, match=r"big\.csv, line 3: unreadable CSV \(field larger than field limit"):
+        _all(ds.open_source(str(big)))
+    X, _, lines, skipped, _ = _all(ds.open_source(str(big), skip_bad_rows=True))
+    assert lines.tolist() == [2, 4] and [s[0] for s in skipped] == [3]
+
+
 def test_standard_input(tmp_path):
     src = ds.open_source("-", stdin=io.StringIO("x,y\n1.5,0\n2.5,1\n"))
     X, y, lines, _, _ = _all(src)
