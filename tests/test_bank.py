@@ -134,6 +134,31 @@ def test_bank_public_update_and_predict_and_errors():
         kalnat.ekf_bank(MODEL, BERN, forgettings=(1.5,))
 
 
+def test_the_banks_wrong_settings_are_named():
+    """What kalnat.bank.bank and ekf_bank refuse, each message checked."""
+    base = MEMBERS[(1.0, 1.0)]
+    refused = [
+        (lambda: kalnat.bank.bank(BANK, [{}]), "bank: learner must be a kalnat core learner, got Bank"),
+        (lambda: kalnat.bank.bank(base, []), "bank: at least one configuration is needed"),
+        (lambda: kalnat.bank.bank(base, [{"prior_var": 1.0}, {"forgetting": 0.9}]),
+         "bank: every configuration must have the same hyperparameter names"),
+        (lambda: kalnat.bank.bank(base, [{"prior_variance": 1.0}]),
+         "bank: unknown hyperparameters ['prior_variance']"),
+        (lambda: kalnat.bank.bank(base, [{"forgetting": 0.0}]), "forgetting must lie in (0, 1], got 0.0"),
+        (lambda: kalnat.bank.bank(base, [{"iterations": 2}]),
+         "iterations must be positive integers up to the learner's 1, got 2"),
+        (lambda: kalnat.ekf_bank(MODEL, BERN, prior_vars=(1.0, -1.0)), "prior_var must be positive, got -1.0"),
+        (lambda: kalnat.ekf_bank(MODEL, BERN, learner="ukf"),
+         "unknown learner 'ukf'; expected 'ekf', 'iterated' or 'nig'"),
+        (lambda: kalnat.ekf_bank(MODEL, BERN, forgettings=(1.0,), forgetting_mass=0.5),
+         "forgetting_mass must lie in (0, 1) with λ = 1 and λ < 1 members in the grid, got 0.5"),
+    ]
+    for make, said in refused:
+        with pytest.raises(ValueError) as err:
+            make()
+        assert said in str(err.value)
+
+
 def test_a_diverged_member_leaves_the_bank():
     X, y = _stream(7)
     b = kalnat.ekf_bank(MODEL, BERN, prior_vars=(1.0,), forgettings=(1.0, 0.95), share=0.05)

@@ -1,6 +1,7 @@
 """Checkpoints: every learner's state saved and restored bit for bit, exact resume of a stream
 (also after the process is killed), clear errors for a wrong file, atomic writes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -163,9 +164,26 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path, ekf_file):
     np.savez(tmp_path / "plain.npz", a=np.zeros(3))
     data = ekf_file.read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])  # a write that never finished
-    for name in ("text.npz", "plain.npz", "cut.npz", "missing.npz"):
+    header = json.dumps({"format": "another program's"}).encode()
+    np.savez(tmp_path / "other.npz", __header__=np.frombuffer(header, np.uint8), a=np.zeros(3))
+    for name in ("text.npz", "plain.npz", "cut.npz", "missing.npz", "other.npz"):
         with pytest.raises(ValueError, match="not a kalnat checkpoint"):
             checkpoint.load(tmp_path / name, like)
+
+
+def test_a_checkpoint_whose_arrays_do_not_match_its_header_is_damaged(tmp_path, ekf_file):
+    """A leaf the header lists but the file lacks, or one of another shape than its header
+    says: the file is named damaged, with the leaf, not taken for another learner's."""
+    like = LEARNERS["ekf"][0].init(MODEL.init(None))
+    with np.load(ekf_file) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "lost.npz", **{k: v for k, v in arrays.items() if k != "leaf_1"})
+    np.savez(tmp_path / "reshaped.npz", **dict(arrays, leaf_1=arrays["leaf_1"].ravel()))   # w (1, 3)
+    with pytest.raises(ValueError, match=r"lost\.npz: damaged checkpoint \(.*leaf_1"):
+        checkpoint.load(tmp_path / "lost.npz", like)
+    with pytest.raises(ValueError, match=r"reshaped\.npz: damaged checkpoint \(leaf 1 is \(3,\) float64, its "
+                                         r"header says \[1, 3\] float64\)"):
+        checkpoint.load(tmp_path / "reshaped.npz", like)
 
 
 def test_other_format_version_is_refused(tmp_path, monkeypatch):
