@@ -26,6 +26,35 @@ def test_long_titles_wrap():
     assert wrapped.replace("\n", " ") == title
 
 
+def test_a_long_streams_learning_curve_is_thinned_and_each_point_still_says_what_it_did(monkeypatch):
+    """Past MAX_POINTS the report's curve keeps every other point (and the bank's weights with
+    them): each kept point's running log-loss and accuracy are still those of every scored row up
+    to it, and its "recent rows" log-loss is the mean since the point kept before it."""
+    from kalnat import baselines, cli_report
+    from kalnat import families as F
+
+    monkeypatch.setattr(cli_report.Accumulator, "MAX_POINTS", 40)
+    rng = np.random.default_rng(0)
+    acc = cli_report.Accumulator(F.Bernoulli(), first_scored_row=3, bank_size=2)
+    lls, hits = [], []
+    for n in rng.integers(1, 90, size=30):  # blocks of 1 to 89 rows
+        p1 = rng.uniform(0.05, 0.95, n)
+        y = (rng.uniform(size=n) < 0.5).astype(np.int64)
+        acc.add(y, baselines.Predictions(probs=np.stack([1 - p1, p1], axis=1)), rng.dirichlet([1, 1], n))
+        lls += list(-np.log(np.where(y == 1, p1, 1 - p1)))
+        hits += list((p1 > 0.5) == (y == 1))
+    lls, hits = np.array(lls[2:]), np.array(hits[2:], float)   # scored from the third row
+    c = acc.curve
+    rows = np.array(c["row"])
+    assert len(rows) <= 40 and np.all(np.diff(rows) > 0) and rows[-1] == len(lls) + 2
+    assert len(acc.weights) == len(rows)
+    upto = rows - 2                                             # scored rows up to each point
+    np.testing.assert_allclose(c["log_loss"], [lls[:k].mean() for k in upto], rtol=1e-12)
+    np.testing.assert_allclose(c["accuracy"], [hits[:k].mean() for k in upto], rtol=1e-12)
+    since = np.concatenate([[0], upto[:-1]])
+    np.testing.assert_allclose(c["window_log_loss"], [lls[a:b].mean() for a, b in zip(since, upto)], rtol=1e-12)
+
+
 def test_a_one_row_report_draws_without_a_warning(tmp_path):
     """A stream of one row: one point on every figure, drawn without matplotlib's warning of
     equal axis limits (the bank's weights set their own)."""

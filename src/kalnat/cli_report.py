@@ -36,6 +36,7 @@ class Accumulator:
         self.sum_m = 0.0
         self.last_point_ll, self.last_point_n = 0.0, 0
         self.curve = {"row": [], "log_loss": [], self.key: [], "window_log_loss": []}
+        self._sums = []     # (rows scored, their summed log-loss) at each point of the curve
         # rows scored by (true class, predicted class): the report's confusion figure
         k = int(getattr(family, "num_classes", 2))
         self.confusion = np.zeros((k, k), np.int64) if family.is_classifier else None
@@ -85,11 +86,18 @@ class Accumulator:
         w = count - self.last_point_n
         c["window_log_loss"].append(float((cum_ll - self.last_point_ll) / w) if w else math.nan)
         self.last_point_ll, self.last_point_n = float(cum_ll), count
+        self._sums.append((count, float(cum_ll)))
         if len(c["row"]) > self.MAX_POINTS:  # thin to every other point (the last one stays)
             for k in c:
                 c[k] = c[k][-1::-2][::-1]
             if self.weights is not None:
                 self.weights = self.weights[-1::-2][::-1]
+            self._sums = self._sums[-1::-2][::-1]
+            # a kept point's recent rows are now those since the point kept before it: two
+            # windows joined, from the sums at the points
+            before = [(0, 0.0)] + self._sums[:-1]
+            c["window_log_loss"] = [(ll - ll0) / (n - n0) if n > n0 else math.nan
+                                    for (n0, ll0), (n, ll) in zip(before, self._sums)]
 
     def final(self) -> dict:
         out = {"log_loss": self.sum_ll / self.n if self.n else math.nan, "rows_scored": self.n}
