@@ -368,6 +368,27 @@ def test_compare_on_a_small_set(tmp_path, monkeypatch):
     assert "no settings: bank of 40 EKFs (1 or 2 linearisations)" in res.output and "log-loss" in res.output
 
 
+def test_compare_runs_one_filter_as_set_and_over_kalnats_grid(tmp_path, logistic_csv):
+    """With --prior-var and --forget, `compare` runs that one filter, then (its default) the
+    same filter over kalnat's grid of priors and forgetting factors, every setting's log-loss
+    reported and the best in hindsight beside the rest."""
+    from kalnat.cli_compare import KALNAT_GRID
+
+    out = tmp_path / "cmp"
+    _ok(["compare", logistic_csv, "--out", str(out), "--prior-var", "1", "--forget", "1", "--lr-grid", "0.1",
+         "--family", "bernoulli"])
+    rep = json.loads((out / "compare.json").read_text())
+    assert (rep["results"][0]["name"], rep["results"][0]["setting"]) == ("kalnat ekf", "prior_var=1, λ=1")
+    grid = rep["grids"]["kalnat"]
+    assert set(grid) == {f"prior_var={pv:g}, λ={lam:g}" for pv, lam in KALNAT_GRID}
+    assert all(np.isfinite(v) for v in grid.values())
+    best = [r for r in rep["results"] if r["name"] == "kalnat ekf, best of grid"]
+    assert len(best) == 1 and best[0]["log_loss"] == min(grid.values())
+    assert grid[best[0]["setting"]] == best[0]["log_loss"]
+    # the grid's setting (1, 1) is the filter run first: the same rows, the same log-loss
+    assert grid["prior_var=1, λ=1"] == rep["results"][0]["log_loss"]
+
+
 def test_a_diverging_learner_is_a_located_error_in_the_command_s_terms(tmp_path):
     """A Poisson MLP with a prior variance of 10⁶ overflows its log link within a few dozen
     rows: the command stops with the stream's row and its own flags (not the Python API's
