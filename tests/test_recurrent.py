@@ -556,6 +556,39 @@ def test_bad_input_raises_before_touching_the_state():
         ng.init(jax.tree_util.tree_map(lambda a: a * np.nan, params))
 
 
+def test_what_the_recurrent_learners_refuse_is_named():
+    """The constructors', init's and update's refusals that the test above leaves out, each
+    message checked: a cell or family of the wrong kind, a bad state_var, s0 or G_0, a joint
+    covariance given with G_0, not finite or not symmetric, another learner's state, x that is
+    not numbers, and a joint EKF's forgetting and process noise given at init."""
+    cell, fam, ng, joint = _pair("elman", "categorical", 0.99)
+    params = _params(cell, seed=25)
+    n, d = cell.n_state, ravel_pytree(params)[0].shape[0]
+    size = n + d
+    refused = [
+        (lambda: recurrent.rtrl(object(), fam), "cell must be a kalnat.recurrent.RecurrentModel, got object"),
+        (lambda: recurrent.joint_ekf(cell, "categorical"), "family must be a kalnat family, got str"),
+        (lambda: recurrent.joint_ekf(cell, fam, state_var=-1.0),
+         f"state_var must be a non-negative scalar or ({n},) vector"),
+        (lambda: ng.init(params, s0=np.full(n, np.nan)), "s0 contains NaN or inf"),
+        (lambda: ng.init(params, jac0=np.zeros((n, d + 1))),
+         f"jac0 must have shape ({n}, {d}) or (1, {n}, {d}), got ({n}, {d + 1})"),
+        (lambda: ng.init(params, jac0=np.full((n, d), np.inf)), "jac0 contains NaN or inf"),
+        (lambda: joint.init(params, cov=np.eye(size), jac0=np.zeros((n, d))), "give either cov or jac0, not both"),
+        (lambda: joint.init(params, cov=np.full((size, size), np.nan)), "cov contains NaN or inf"),
+        (lambda: joint.init(params, cov=np.eye(size) + np.triu(np.ones((size, size)), 1)), "cov must be symmetric"),
+        (lambda: ng.update(joint.init(params), np.zeros(2), 1), "expected a RTRLState, got JointState"),
+        (lambda: ng.update(ng.init(params), np.array(["a", "b"]), 1), "x must be numeric, got dtype <U1"),
+        (lambda: joint.init(params, joint.hyper._replace(forgetting=0.0)), "forgetting must lie in (0, 1], got 0.0"),
+        (lambda: joint.init(params, joint.hyper._replace(process_noise=-1.0)),
+         "process_noise must be finite and non-negative"),
+    ]
+    for make, said in refused:
+        with pytest.raises(ValueError) as err:
+            make()
+        assert said in str(err.value)
+
+
 def test_joint_ekf_refuses_a_forgetting_its_schedule_would_ignore():
     cell, fam = CELLS["elman"], FAMILIES["gaussian"]
     params = _params(cell, seed=31)
