@@ -237,6 +237,13 @@ def test_multiclass_and_bad_input():
         clf.learn_one({"a": "red"}, "x")
     with pytest.raises(ValueError, match="method must be one of"):
         KalmanRegressor(method="adam")
+    with pytest.raises(ValueError, match=r"classes must be at least 2 distinct labels, got \('x', 'x'\)"):
+        KalmanClassifier(classes=("x", "x"))
+    with pytest.raises(ValueError, match="noise_var must be a positive number, got -1"):
+        KalmanRegressor(noise_var=-1)
+    pd = pytest.importorskip("pandas")   # learn_many's frame: a column with an infinite value
+    with pytest.raises(ValueError, match="feature 'a' has an infinite value"):
+        clf.learn_many(pd.DataFrame({"a": [1.0, np.inf]}), pd.Series(["x", "y"]))
     # binary without classes=: True/False or 1/0 (None as False, as river's own); a string or −1
     # was read by its truth (every label True), now refused before anything is learned
     binary = KalmanClassifier(method="ekf")

@@ -172,9 +172,17 @@ def test_bad_settings_and_input_are_reported():
         KalmanClassifier(method="sqrt_ekf", covariance="diag").fit(X, c)
     with pytest.raises(ValueError, match="covariance must be one of"):
         KalmanClassifier(covariance="lowrank:0").fit(X, c)
+    with pytest.raises(ValueError, match=r"prior_var must be a positive number, got -1"):
+        KalmanClassifier(method="ekf", prior_var=-1).fit(X, c)
+    with pytest.raises(ValueError, match=r"forgetting must be a number in \(0, 1\], got 2"):
+        KalmanClassifier(method="ekf", forgetting=2).fit(X, c)
+    with pytest.raises(ValueError, match="noise_var must be a positive number, got 0"):
+        KalmanRegressor(method="ekf", noise_var=0).fit(X, X[:, 0])
     clf = KalmanClassifier(method="ekf").partial_fit(X, c, classes=[0, 1])
     with pytest.raises(ValueError, match=r"label [56] is not one of the classes \[0, 1\]"):   # not np.int64(5)
         clf.partial_fit(X, c + 5)
+    with pytest.raises(ValueError, match=r"classes \[0, 2\] differ from those of the first call \[0, 1\]"):
+        clf.partial_fit(X, c, classes=[0, 2])
     np.testing.assert_allclose(clf.predict_log_proba(X), np.log(clf.predict_proba(X)), rtol=1e-12)
     # scikit-learn's conventions: hidden=4 is (4,); random_state a RandomState or a Generator,
     # a seed drawn from a copy (the same network each time); a float or a string is refused
