@@ -214,6 +214,12 @@ def test_from_name():
         F.from_name("gamma")
     with pytest.raises(ValueError, match="num_classes"):
         F.from_name("categorical")
+    with pytest.raises(ValueError, match="categorical: num_classes must be at least 2, got 1"):
+        F.Categorical(1)
+    with pytest.raises(ValueError, match=r"gaussian: cov must be a scalar, vector or square matrix, got shape \(2, 3\)"):
+        F.Gaussian(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="gaussian: cov has dimension 2 but dim=3"):
+        F.Gaussian([1.0, 1.0], dim=3)
 
 
 _SATURATED = """

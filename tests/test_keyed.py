@@ -305,8 +305,13 @@ def test_errors(tmp_path):
     learner, family = LEARNERS["ekf"]
     _, X, Y = stream(family, n=4)
     keyed = Keyed(learner, MODEL.init(None))
-    with pytest.raises(ValueError, match="keys has 3 entries but X has 4 rows"):
-        keyed.learn(["a", "b", "c"], X, Y)
+    for keys in (["a", "b", "c"], np.array(["a", "b", "c"]), np.arange(3)):   # key by key, or grouped
+        with pytest.raises(ValueError, match="keys has 3 entries but X has 4 rows"):
+            keyed.learn(keys, X, Y)
+    with pytest.raises(ValueError, match=r"Y must have a leading row axis, got shape \(\)"):
+        keyed.learn(["a"], X[:1], Y[0])
+    with pytest.raises(ValueError, match="X has 4 rows but Y has 3"):
+        keyed.learn(["a"] * 4, X, Y[:3])
     with pytest.raises(ValueError, match=r"keys\[1\].*not hashable"):
         keyed.learn(["a", ["b"], "c", "d"], X, Y)
     with pytest.raises(ValueError, match="NaN"):
@@ -319,6 +324,10 @@ def test_errors(tmp_path):
     kalnat.checkpoint.save(tmp_path / "plain.npz", learner.init(MODEL.init(None)))
     with pytest.raises(ValueError, match="not a keyed learner's checkpoint"):
         Keyed.load(tmp_path / "plain.npz", learner, MODEL.init(None))
+    kalnat.checkpoint.save(tmp_path / "twice.npz", {"w": np.zeros(1)}, extra={"keyed": {"keys": ["a", "a"],
+                                                                                        "capacity": 4}})
+    with pytest.raises(ValueError, match=r"twice\.npz: damaged key set \(2 keys, 1 distinct, capacity 4\)"):
+        Keyed.load(tmp_path / "twice.npz", learner, MODEL.init(None))
 
 
 def test_a_plain_functions_one_row_is_a_row():

@@ -238,6 +238,15 @@ def test_wrong_arguments_are_named_at_every_entry(logistic):
             kalnat.fit(learner, state, X, y[:-1], skip_bad_rows=skip)
     with pytest.raises(ValueError, match="log_evidence: 37 rows is not a multiple of batch_size 2"):
         kalnat.log_evidence(learner, learner.hyper, model.init(None), X, y, batch_size=2)
+    with pytest.raises(ValueError, match="object holds no covariance of θ"):
+        kalnat.covariance(object())
+    with pytest.raises(ValueError, match="with_covariance takes a core learner's State, got dict"):
+        kalnat.with_covariance({}, model.init(None), np.eye(4))
+    with pytest.raises(ValueError, match=r"Groups: a group cannot be in the nig representation \(it needs the whole"):
+        kalnat.representations.Groups((2, 2), (kalnat.representations.NIG(), kalnat.representations.Full()))
+    two = kalnat.representations.Groups((2,), (kalnat.representations.Full(),))
+    with pytest.raises(ValueError, match=r"groups of sizes \(2,\) cover 2 parameters, the model has 4"):
+        kalnat.ekf(model, F.Bernoulli(), representation=two).init(model.init(None))
     kalnat.fit(learner, state, X[:2], y[:2])  # the state refused everywhere above is still whole
 
 
