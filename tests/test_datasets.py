@@ -35,6 +35,25 @@ def test_bundled_sklearn_sets_are_listed_and_load():
     assert (info.n_rows, info.n_features, info.task, info.n_classes) == (1797, 64, "categorical", 10)
 
 
+@pytest.mark.parametrize("info", ds._RIVER, ids=lambda info: info.name)
+def test_bundled_river_sets_load_as_described(info):
+    """Each of river's sets loads with the rows, features and task its listing gives: labels 0
+    and 1, or class indices with their names, or real targets; every value finite."""
+    pytest.importorskip("river")
+    X, y, feats, target = ds.load(info.name)
+    assert X.shape == (info.n_rows, info.n_features) and y.shape == (info.n_rows,)
+    assert len(feats) == info.n_features
+    assert X.dtype == np.float64 and np.all(np.isfinite(X)) and np.all(np.isfinite(np.asarray(y, np.float64)))
+    names = ds.class_names(info.name)
+    if info.task == "bernoulli":
+        assert set(np.unique(y)) == {0, 1}
+    elif info.task == "categorical":
+        assert np.array_equal(np.unique(y), np.arange(info.n_classes)) and len(names) == info.n_classes
+        assert names == sorted(names)
+    else:
+        assert names is None and len(np.unique(y)) > 10
+
+
 @pytest.mark.parametrize("loader", sorted(ds._TABLES))
 def test_a_set_read_from_its_file_is_exactly_what_scikit_learns_loader_gives(loader, tmp_path, monkeypatch):
     import importlib.util
