@@ -336,6 +336,24 @@ def test_a_missing_model_a_bad_out_folder_and_a_file_of_no_rows_are_located_erro
             ["learn", str(bad), *out, "--skip-bad-rows", "--classes", "0,1", *key])
 
 
+def test_options_that_do_not_go_together_or_out_of_range_are_usage_errors(tmp_path, logistic_csv):
+    """Each a usage error (click's exit status 2, the option named), before any data is read."""
+    out = ["--out", str(tmp_path / "o")]
+    for args, said in (
+            (["learn", logistic_csv, "--forget", "1.5"], "Invalid value for --forget: must lie in (0, 1]"),
+            (["learn", logistic_csv, "--prior-var", "0"], "Invalid value for --prior-var: must be positive"),
+            (["learn", logistic_csv, "--workers", "2"],
+             "--workers and --scheduler distribute the keys of --key COLUMN; pass --key"),
+            (["learn", logistic_csv, "--key", "x0", "--workers", "2", "--scheduler", "tcp://nowhere:1"],
+             "--workers starts a local cluster, --scheduler joins one: pass one of them"),
+            (["learn", logistic_csv, "--key", "x0", "--predictions", str(tmp_path / "p.csv")],
+             "--predictions writes one stream's predictions; with --key the report folder's per_key.csv"),
+            (["compare", logistic_csv, "--lr-grid", "0.1,fast"], "Invalid value for --lr-grid: not a list of numbers")):
+        res = _run([*args, *out])
+        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p.csv").exists()
+
+
 def test_the_command_says_what_it_guessed_the_target_to_be(tmp_path, logistic_csv):
     """With no --family and a file that names no task, `learn` (one stream or one per key) and
     `compare` read the task from the first rows and say so; with --family they guess nothing."""
