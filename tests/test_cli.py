@@ -53,6 +53,13 @@ def _user_error(args, input=None):
     return res.output
 
 
+def _usage_error(args):
+    """The output of a usage error: click's exit status 2, no traceback."""
+    res = _run(args)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    return res.output
+
+
 def test_learn_csv_writes_report_and_checkpoint(tmp_path, logistic_csv):
     out = tmp_path / "rep"
     res = _ok(["learn", logistic_csv, "--out", str(out), "--quiet"])
@@ -317,14 +324,20 @@ def test_a_missing_model_a_bad_out_folder_and_a_file_of_no_rows_are_located_erro
     (empty / "metrics.json").write_text('{"files": {"model": "keyed_model.npz"}}')  # named, not there
     assert "keyed_model.npz: no keyed model here (run `kalnat learn --key COL --out DIR` first)" in _user_error(
         ["predict", "--model-dir", str(empty), logistic_csv])
+    (empty / "keyed_model.npz").write_text("not an archive")   # named, there, not a checkpoint
+    assert "keyed_model.npz: not a kalnat checkpoint" in _user_error(["predict", "--model-dir", str(empty), logistic_csv])
+    (empty / "metrics.json").write_text('{"files": {"model": "shards/"}}')   # learned on Dask
+    (empty / "shards").mkdir()
+    (empty / "shards" / "model.json").write_text("{not JSON")
+    assert "shards: not a keyed model written by `kalnat learn --key`" in _user_error(
+        ["predict", "--model-dir", str(empty), logistic_csv])
     header = tmp_path / "header.csv"
     header.write_text("k,a,target\n")
     out = ["--out", str(tmp_path / "o"), "--quiet"]
     for folder, said in (("", "Invalid value for --out: an empty path"),
                          (f"{header}/a/b", f"Invalid value for --out: cannot make the folder {header}/a/b: {header} "
                                            "is a file")):
-        res = _run(["learn", logistic_csv, "--out", folder])   # a usage error: click's exit status 2
-        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+        assert said in _usage_error(["learn", logistic_csv, "--out", folder])
     assert "header.csv: no data rows" in _user_error(["learn", str(header), *out])
     assert "header.csv: no data rows" in _user_error(["compare", str(header), "--out", str(tmp_path / "c")])
     # a feature that is not a number (skipped as the file is read), then a label that is not a
@@ -349,8 +362,7 @@ def test_options_that_do_not_go_together_or_out_of_range_are_usage_errors(tmp_pa
             (["learn", logistic_csv, "--key", "x0", "--predictions", str(tmp_path / "p.csv")],
              "--predictions writes one stream's predictions; with --key the report folder's per_key.csv"),
             (["compare", logistic_csv, "--lr-grid", "0.1,fast"], "Invalid value for --lr-grid: not a list of numbers")):
-        res = _run([*args, *out])
-        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+        assert said in _usage_error([*args, *out])
     assert not (tmp_path / "o").exists() and not (tmp_path / "p.csv").exists()
 
 
@@ -363,7 +375,7 @@ def test_the_command_says_what_it_guessed_the_target_to_be(tmp_path, logistic_cs
     one = ["--prior-var", "1", "--forget", "1"]   # one EKF: quick to compile
     said = "target 'target' looks bernoulli over 2 classes (0, 1) from its first rows; pass --family"
     runs = {"learn": ["learn", logistic_csv, *one], "learn --key": ["learn", str(keyed), "--key", "user", *one],
-            "compare": ["compare", logistic_csv, "--no-kalnat-grid", "--lr-grid", "0.1"]}
+            "compare": ["compare", logistic_csv, *one, "--no-kalnat-grid", "--lr-grid", "0.1"]}
     for name, args in runs.items():
         assert said in _ok([*args, "--out", str(tmp_path / name)]).output, name
     told = _ok([*runs["learn"], "--out", str(tmp_path / "told"), "--family", "bernoulli"]).output

@@ -1,5 +1,5 @@
 """The report's figures: no two bank members share a colour, titles wrap instead of running
-off the figure."""
+off the figure; the learning curve they draw, thinned on a long stream."""
 
 import os
 import subprocess
@@ -36,18 +36,19 @@ def test_a_long_streams_learning_curve_is_thinned_and_each_point_still_says_what
     monkeypatch.setattr(cli_report.Accumulator, "MAX_POINTS", 40)
     rng = np.random.default_rng(0)
     acc = cli_report.Accumulator(F.Bernoulli(), first_scored_row=3, bank_size=2)
-    lls, hits = [], []
+    lls, hits, weights = [], [], []
     for n in rng.integers(1, 90, size=30):  # blocks of 1 to 89 rows
         p1 = rng.uniform(0.05, 0.95, n)
         y = (rng.uniform(size=n) < 0.5).astype(np.int64)
-        acc.add(y, baselines.Predictions(probs=np.stack([1 - p1, p1], axis=1)), rng.dirichlet([1, 1], n))
+        weights.append(rng.dirichlet([1, 1], n))
+        acc.add(y, baselines.Predictions(probs=np.stack([1 - p1, p1], axis=1)), weights[-1])
         lls += list(-np.log(np.where(y == 1, p1, 1 - p1)))
         hits += list((p1 > 0.5) == (y == 1))
     lls, hits = np.array(lls[2:]), np.array(hits[2:], float)   # scored from the third row
     c = acc.curve
     rows = np.array(c["row"])
     assert len(rows) <= 40 and np.all(np.diff(rows) > 0) and rows[-1] == len(lls) + 2
-    assert len(acc.weights) == len(rows)
+    np.testing.assert_array_equal(acc.weights, np.concatenate(weights)[rows - 1])   # each point's own
     upto = rows - 2                                             # scored rows up to each point
     np.testing.assert_allclose(c["log_loss"], [lls[:k].mean() for k in upto], rtol=1e-12)
     np.testing.assert_allclose(c["accuracy"], [hits[:k].mean() for k in upto], rtol=1e-12)

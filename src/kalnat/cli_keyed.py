@@ -63,7 +63,8 @@ class KeyedRunner(OnlineRunner):
     def finish(self):
         """The end of the stream: each key's rows held in a partial minibatch (``--batch-size``
         > 1) learned, as :func:`kalnat.fit` learns a stream's last one."""
-        # (not `keyed or dask`: a Keyed of no keys yet has length 0, so it is false)
+        # (not `keyed or dask`: a Keyed of no keys has length 0, so it is false; learn_keyed
+        # calls this only once a row is learned, so the `or` failed only before that check)
         (self.keyed if self.keyed is not None else self.dask).flush()
 
     def step_keyed(self, keys, X, y) -> baselines.Predictions:
@@ -299,18 +300,17 @@ class LoadedKeyedModel(LoadedModel):
 
         folder = os.path.isdir(path)
         not_keyed = ValueError(f"{path}: not a keyed model written by `kalnat learn --key`")
-        try:
-            if folder:
-                with open(os.path.join(path, SHARDS_HEADER)) as f:
+        # (read_header would take a missing file for a file that is not a checkpoint)
+        if not os.path.exists(os.path.join(path, SHARDS_HEADER) if folder else path):
+            raise ValueError(f"{path}: no keyed model here (run `kalnat learn --key COL --out DIR` first)")
+        if folder:
+            try:
+                with open(os.path.join(path, SHARDS_HEADER), encoding="utf-8") as f:
                     extra = json.load(f)
-            elif not os.path.exists(path):  # (read_header takes it for a file that is not a checkpoint)
-                raise FileNotFoundError(path)
-            else:
-                extra = checkpoint.read_header(path)["extra"]
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no keyed model here (run `kalnat learn --key COL --out DIR` first)") from None
-        except ValueError:  # a file, but not a checkpoint, or a folder whose model.json is not JSON
-            raise not_keyed from None
+            except (OSError, ValueError):  # unreadable, or not JSON
+                raise not_keyed from None
+        else:
+            extra = checkpoint.read_header(path)["extra"]   # (its error says what the file is not)
         if not isinstance(extra, dict) or extra.get("kalnat_cli") != 1 or "key_column" not in extra:
             raise not_keyed
         classes = extra["classes"]

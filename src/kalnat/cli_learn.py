@@ -21,7 +21,8 @@ __all__ = ["learn_stream", "LearnResult"]
 
 # What this module held before the command's modules were split by job, and where it is now
 _MOVED = {"METHODS": "kalnat.cli_setup", "build_learner": "kalnat.cli_setup", "resolve_task": "kalnat.cli_setup",
-          "parse_model": "kalnat.cli_choices", "LoadedModel": "kalnat.cli_predict"}
+          "inference_note": "kalnat.cli_setup", "parse_model": "kalnat.cli_choices",
+          "LoadedModel": "kalnat.cli_predict"}
 
 
 def __getattr__(name):

@@ -21,6 +21,14 @@ GAUSSIAN_FIRST_SCORED_ROW = 3
 SKIP_ROWS = 10
 
 
+def _window(sums, i):
+    """The mean log-loss of the rows scored between point ``i`` of the curve and the one before
+    it (the first: since the start), from ``sums``: (rows scored, their summed log-loss) at each."""
+    n, ll = sums[i]
+    n0, ll0 = sums[i - 1] if i % len(sums) else (0, 0.0)
+    return float((ll - ll0) / (n - n0)) if n > n0 else math.nan
+
+
 class Accumulator:
     """Running progressive scores and a thinned learning curve, in bounded memory."""
 
@@ -34,7 +42,6 @@ class Accumulator:
         self.seen = 0       # rows predicted (scored or not)
         self.sum_ll = 0.0
         self.sum_m = 0.0
-        self.last_point_ll, self.last_point_n = 0.0, 0
         self.curve = {"row": [], "log_loss": [], self.key: [], "window_log_loss": []}
         self._sums = []     # (rows scored, their summed log-loss) at each point of the curve
         # rows scored by (true class, predicted class): the report's confusion figure
@@ -83,21 +90,16 @@ class Accumulator:
         c["log_loss"].append(float(cum_ll / count))
         metric = cum_m / count
         c[self.key].append(float(metric if self.family.is_classifier else math.sqrt(metric)))
-        w = count - self.last_point_n
-        c["window_log_loss"].append(float((cum_ll - self.last_point_ll) / w) if w else math.nan)
-        self.last_point_ll, self.last_point_n = float(cum_ll), count
         self._sums.append((count, float(cum_ll)))
+        c["window_log_loss"].append(_window(self._sums, -1))
         if len(c["row"]) > self.MAX_POINTS:  # thin to every other point (the last one stays)
             for k in c:
                 c[k] = c[k][-1::-2][::-1]
             if self.weights is not None:
                 self.weights = self.weights[-1::-2][::-1]
             self._sums = self._sums[-1::-2][::-1]
-            # a kept point's recent rows are now those since the point kept before it: two
-            # windows joined, from the sums at the points
-            before = [(0, 0.0)] + self._sums[:-1]
-            c["window_log_loss"] = [(ll - ll0) / (n - n0) if n > n0 else math.nan
-                                    for (n0, ll0), (n, ll) in zip(before, self._sums)]
+            # a kept point's recent rows are now those since the point kept before it
+            c["window_log_loss"] = [_window(self._sums, i) for i in range(len(self._sums))]
 
     def final(self) -> dict:
         out = {"log_loss": self.sum_ll / self.n if self.n else math.nan, "rows_scored": self.n}

@@ -19,7 +19,7 @@ from kalnat import datasets, families, models, representations, schedules
 from kalnat.cli_choices import parse_model, resolve_covariance, resolve_dtype
 
 __all__ = ["METHODS", "make_family", "build_model", "uses_bank", "single_settings", "build_learner",
-           "resolve_task", "inference_note", "checkpoint_settings"]
+           "resolve_task", "inference_note", "first_chunk_task", "checkpoint_settings"]
 
 
 def _filter(make, **options):
