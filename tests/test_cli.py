@@ -366,6 +366,30 @@ def test_options_that_do_not_go_together_or_out_of_range_are_usage_errors(tmp_pa
     assert not (tmp_path / "o").exists() and not (tmp_path / "p.csv").exists()
 
 
+def test_a_target_that_does_not_fit_the_task_asked_for_is_a_located_error(tmp_path):
+    """--family bernoulli on real targets or on three labels, --family categorical on 300
+    distinct names, --method nig on labels: each says what the target is and what to pass,
+    before anything is learned."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 2))
+    reals = _csv(tmp_path / "reals.csv", X, np.round(rng.normal(size=300), 4))
+    three = _csv(tmp_path / "three.csv", X, rng.integers(0, 3, 300))
+    labels = _csv(tmp_path / "labels.csv", X, rng.integers(0, 2, 300))
+    ids = _csv(tmp_path / "ids.csv", X, [f"user{i}" for i in range(300)])
+    out = ["--out", str(tmp_path / "o"), "--quiet"]
+    for args, said in (
+            ([reals, "--family", "bernoulli"], "reals.csv: the target 'target' is not a class label (it looks "
+                                                "gaussian); pass --classes or another --family"),
+            ([ids, "--family", "categorical"], "ids.csv: 300 distinct values in the target 'target' is too many "
+                                                "classes; is it a regression (--family gaussian)"),
+            ([three, "--family", "bernoulli"], "three.csv: bernoulli needs two classes, the target has 3 (0, 1, 2); "
+                                                "use --family categorical"),
+            ([labels, "--method", "nig"], "--method nig learns the noise scale of a gaussian target; this target is "
+                                           "bernoulli")):
+        assert said in _user_error(["learn", *args, *out])
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_command_says_what_it_guessed_the_target_to_be(tmp_path, logistic_csv):
     """With no --family and a file that names no task, `learn` (one stream or one per key) and
     `compare` read the task from the first rows and say so; with --family they guess nothing."""
@@ -417,6 +441,24 @@ def test_compare_runs_one_filter_as_set_and_over_kalnats_grid(tmp_path, logistic
     assert grid[best[0]["setting"]] == best[0]["log_loss"]
     # the grid's setting (1, 1) is the filter run first: the same rows, the same log-loss
     assert grid["prior_var=1, λ=1"] == rep["results"][0]["log_loss"]
+
+
+def test_compare_on_counts_skips_the_libraries_without_a_poisson_learner(tmp_path):
+    """On a count target `compare` says which libraries have no online Poisson learner and goes
+    on, the offline GLM a Poisson regression."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 2))
+    data = _csv(tmp_path / "counts.csv", X, rng.poisson(np.exp(0.5 * X[:, 0])))
+    out = tmp_path / "cmp"
+    res = _ok(["compare", data, "--family", "poisson", "--prior-var", "1", "--forget", "1", "--no-kalnat-grid",
+               "--lr-grid", "0.1", "--out", str(out)])
+    assert "skipped: scikit-learn has no online Poisson learner" in res.output
+    assert "skipped: river has no Poisson linear model" in res.output
+    rep = {r["name"]: r for r in json.loads((out / "compare.json").read_text())["results"]}
+    assert {"kalnat ekf", "offline GLM, in-sample", "offline GLM, 10-fold CV"} <= set(rep)
+    assert all(np.isfinite(r["log_loss"]) for r in rep.values())
+    # in-sample, the maximum-likelihood fit scores at least as well as its held-out folds
+    assert rep["offline GLM, in-sample"]["log_loss"] <= rep["offline GLM, 10-fold CV"]["log_loss"]
 
 
 def test_a_diverging_learner_is_a_located_error_in_the_command_s_terms(tmp_path):

@@ -183,6 +183,12 @@ def test_bad_input_raises_and_leaves_state_intact(logistic, bad, message):
     (np.ones((3, 3)), "expected a scalar", "init_fisher must be positive definite"),
     (np.eye(3), "expected a scalar", r"init_fisher: expected a scalar, \(4,\) or \(4, 4\)"),
     (np.nan, "NaN", "init_fisher contains NaN"),
+    # (the natural gradient's J_0 when it is built, before it knows d: any square matrix)
+    (np.ones((2, 3)), r"prior_var: expected a scalar, \(4,\) or \(4, 4\), got shape \(2, 3\)",
+     r"init_fisher: expected a scalar, a vector or a square matrix, got shape \(2, 3\)"),
+    (np.ones(3), r"prior_var: expected a scalar, \(4,\) or \(4, 4\), got shape \(3,\)",
+     r"init_fisher: expected a scalar, \(4,\) or \(4, 4\), got shape \(3,\)"),
+    (np.eye(4) + np.triu(np.full((4, 4), 0.1), 1), "prior_var must be symmetric", "init_fisher must be symmetric"),
 ])
 def test_bad_prior(logistic, prior, message, ng_message):
     model, _, _, _ = logistic

@@ -582,11 +582,27 @@ def test_what_the_recurrent_learners_refuse_is_named():
         (lambda: joint.init(params, joint.hyper._replace(forgetting=0.0)), "forgetting must lie in (0, 1], got 0.0"),
         (lambda: joint.init(params, joint.hyper._replace(process_noise=-1.0)),
          "process_noise must be finite and non-negative"),
+        (lambda: recurrent.rtrl(cell, fam, learner=3), "learner must be a name or a learner constructor, got int"),
+        (lambda: recurrent.rtrl(cell, fam, learner=lambda *a, **k: None),
+         "learner must build a kalnat Learner (kalnat.ekf, kalnat.natural_gradient, …)"),
     ]
     for make, said in refused:
         with pytest.raises(ValueError) as err:
             make()
         assert said in str(err.value)
+
+
+def test_rtrl_takes_a_learner_constructor_as_well_as_its_name():
+    """``learner=kalnat.ekf`` (any constructor of a core learner) is the core ``learner="ekf"``
+    names: the same step."""
+    cell, fam = CELLS["elman"], FAMILIES["gaussian"]
+    params = _params(cell, seed=41)
+    x, y = _data(fam, 2, 3, seed=42)
+    by_name, given = (recurrent.rtrl(cell, fam, learner=core, prior_var=0.5, forgetting=0.99)
+                      for core in ("ekf", kalnat.ekf))
+    a, b = (recurrent.fit_sequence(lrn, lrn.init(params), x, y).state for lrn in (by_name, given))
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(u, v)
 
 
 def test_joint_ekf_refuses_a_forgetting_its_schedule_would_ignore():
