@@ -325,7 +325,8 @@ def test_a_missing_model_a_bad_out_folder_and_a_file_of_no_rows_are_located_erro
     assert "keyed_model.npz: no keyed model here (run `kalnat learn --key COL --out DIR` first)" in _user_error(
         ["predict", "--model-dir", str(empty), logistic_csv])
     (empty / "keyed_model.npz").write_text("not an archive")   # named, there, not a checkpoint
-    assert "keyed_model.npz: not a kalnat checkpoint" in _user_error(["predict", "--model-dir", str(empty), logistic_csv])
+    assert "keyed_model.npz: not a kalnat checkpoint" in _user_error(
+        ["predict", "--model-dir", str(empty), logistic_csv])
     (empty / "metrics.json").write_text('{"files": {"model": "shards/"}}')   # learned on Dask
     (empty / "shards").mkdir()
     (empty / "shards" / "model.json").write_text("{not JSON")
