@@ -1,5 +1,7 @@
 """The bank of filters: equal to its members, a log K regret bound, exact Bayesian weights."""
 
+import re
+
 import numpy as np
 import jax
 import jax.extend
@@ -154,9 +156,8 @@ def test_the_banks_wrong_settings_are_named():
          "forgetting_mass must lie in (0, 1) with λ = 1 and λ < 1 members in the grid, got 0.5"),
     ]
     for make, said in refused:
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(ValueError, match=re.escape(said)):
             make()
-        assert said in str(err.value)
 
 
 def test_a_diverged_member_leaves_the_bank():

@@ -6,6 +6,7 @@ covariance stays [G; I] P [G; I]ᵀ. Checked step by step, in float64, at 1e-9 r
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -587,9 +588,8 @@ def test_what_the_recurrent_learners_refuse_is_named():
          "learner must build a kalnat Learner (kalnat.ekf, kalnat.natural_gradient, …)"),
     ]
     for make, said in refused:
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(ValueError, match=re.escape(said)):
             make()
-        assert said in str(err.value)
 
 
 def test_rtrl_takes_a_learner_constructor_as_well_as_its_name():
