@@ -115,7 +115,8 @@ def command_scenario(tmp_path, monkeypatch):
 
 def dataframe_scenario(tmp_path, monkeypatch):
     """A Dask dataframe of 3 partitions learned on 2 workers (DaskKeyed.learn_dataframe): each
-    key's rows in the dataframe's order, equal to one process learning the rows in order."""
+    key's rows in the dataframe's order, equal to one process learning the rows in order; what
+    the driver refuses (columns, values, rows, settings) named, before any shard learns it."""
     import dask.dataframe as dd
     import pandas as pd
 
@@ -152,6 +153,29 @@ def dataframe_scenario(tmp_path, monkeypatch):
             raise AssertionError("no error for a missing value")
         except ValueError as err:
             assert "row 40, column 'b'" in str(err), err
+        # what else the driver refuses, each before a shard learns anything
+        batch, held = dk.batch, sorted(dk.leaves())
+        text = dd.from_pandas(df.assign(c=df["c"].astype(str) + "cm"), npartitions=3, sort=False)
+        for call, said in (
+                (lambda: dk.learn_dataframe(ddf, key="user", target="user"),
+                 "the key column 'user' is also the target"),
+                (lambda: dk.learn_dataframe(ddf, key="user", target="y", features=["a", "z"]),
+                 "feature columns missing: ['z']"),
+                (lambda: dk.learn_dataframe(ddf, key="user", target="y", features=[]),
+                 "no feature columns besides the key and the target"),
+                (lambda: dk.learn_dataframe(text, key="user", target="y"), "partition 0, column 'c': not numeric"),
+                (lambda: dk.learn_dataframe(dd.from_pandas(df.iloc[:0], npartitions=1), key="user", target="y"),
+                 "learn_dataframe: the dataframe has no rows"),
+                (lambda: dk.learn(["u"], X[:2], y[:2]),
+                 "keys, X and Y must have the same number of rows (1, (2,), (2,))"),
+                (lambda: DaskKeyed(client, keyed_factory.make, retries=0),
+                 "DaskKeyed: retries must be positive, got 0")):
+            try:
+                call()
+                raise AssertionError(f"no error: {said}")
+            except ValueError as err:
+                assert said in str(err), err
+        assert dk.batch == batch and sorted(dk.leaves()) == held
     assert sorted(states) == sorted(alone.keys)
     for key in alone.keys:
         for a, b in zip(jax.tree_util.tree_leaves(alone.state(key)), states[key]):
