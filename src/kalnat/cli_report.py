@@ -23,10 +23,11 @@ SKIP_ROWS = 10
 
 def _window(sums, i):
     """The mean log-loss of the rows scored between point ``i`` of the curve and the one before
-    it (the first: since the start), from ``sums``: (rows scored, their summed log-loss) at each."""
+    it (the first: since the start), from ``sums``: (rows scored, their summed log-loss) at each,
+    the rows scored growing from point to point (``add`` makes a point only after a row)."""
     n, ll = sums[i]
     n0, ll0 = sums[i - 1] if i % len(sums) else (0, 0.0)
-    return float((ll - ll0) / (n - n0)) if n > n0 else math.nan
+    return float((ll - ll0) / (n - n0))
 
 
 class Accumulator:
