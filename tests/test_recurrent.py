@@ -598,8 +598,15 @@ def test_rtrl_takes_a_learner_constructor_as_well_as_its_name():
     cell, fam = CELLS["elman"], FAMILIES["gaussian"]
     params = _params(cell, seed=41)
     x, y = _data(fam, 2, 3, seed=42)
+    built = []
+
+    def ekf(model, family, **options):   # kalnat.ekf, seen being called
+        built.append((model, options["input_shape"]))
+        return kalnat.ekf(model, family, **options)
+
     by_name, given = (recurrent.rtrl(cell, fam, learner=core, prior_var=0.5, forgetting=0.99)
-                      for core in ("ekf", kalnat.ekf))
+                      for core in ("ekf", ekf))
+    assert built == [(cell.readout, (cell.n_state,))]   # the constructor given built the core, on the readout
     a, b = (recurrent.fit_sequence(lrn, lrn.init(params), x, y).state for lrn in (by_name, given))
     for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(u, v)
