@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -474,6 +475,38 @@ def test_a_diverging_learner_is_a_located_error_in_the_command_s_terms(tmp_path)
                        "--quiet", "--out", str(tmp_path / "r")])
     assert "diverged (non-finite prediction at row " in out and "--prior-var" in out
     assert "learner.init" not in out
+
+
+@pytest.mark.parametrize("how", ["running", "key"])
+def test_a_learner_diverging_under_running_scaling_or_per_key_names_its_row(tmp_path, how):
+    """The Poisson MLP above in float32 diverges under --scaling running (kalnat.fit's check,
+    raised underneath) and with a model per key (the command's check of the predictions): the
+    error names the first row whose prediction is not finite, counted over the chunks before it
+    (--chunk-rows 20), and the key of that row as the file spells it ('u2', not NumPy's
+    np.str_('u2')). The file cut just before that row learns; nothing is written for the one
+    that failed."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2))
+    y = rng.poisson(np.exp(0.5 * X[:, 0]))
+    keys = [f"u{k}" for k in rng.integers(0, 3, 200)]
+    flags = ["--family", "poisson", "--model", "mlp:8", "--prior-var", "1e6", "--dtype", "float32",
+             "--chunk-rows", "20", "--quiet"]
+    flags += ["--key", "user"] if how == "key" else ["--scaling", "running"]
+
+    def write(name, n):  # the first n rows, with the key column (text) where there is one
+        with open(tmp_path / name, "w") as f:
+            f.write("user,a,b,target\n" if how == "key" else "a,b,target\n")
+            for k, (a, b), t in zip(keys[:n], X[:n], y[:n]):
+                f.write((f"{k}," if how == "key" else "") + f"{a:.6g},{b:.6g},{t}\n")
+        return str(tmp_path / name)
+
+    out = _user_error(["learn", write("all.csv", 200), "--out", str(tmp_path / "all")] + flags)
+    row = int(re.search(r"non-finite prediction at row (\d+)\)", out).group(1))
+    assert row > 20, out  # in a later chunk than the first
+    if how == "key":
+        assert f"the learner of key '{keys[row - 1]}' diverged" in out, out
+    assert not (tmp_path / "all").exists()
+    _ok(["learn", write("before.csv", row - 1), "--out", str(tmp_path / "before")] + flags)
 
 
 def test_forgetting_with_a_constant_column_does_not_wind_up(tmp_path):

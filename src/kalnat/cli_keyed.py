@@ -79,7 +79,8 @@ class KeyedRunner(OnlineRunner):
             p = self.keyed.learn(keys, Z, ytrain).predictions
         bad = self.took(p, len(y))
         if bad is not None:
-            raise ValueError(f"the learner of key {keys[bad]!r} diverged (non-finite prediction at row "
+            key = keys[bad].item() if isinstance(keys[bad], np.generic) else keys[bad]  # 'u2', not np.str_('u2')
+            raise ValueError(f"the learner of key {key!r} diverged (non-finite prediction at row "
                              f"{self.rows - len(y) + bad + 1}); try a smaller --prior-var or a linear --model")
         return self.in_target_units(p, ytrain, affine)
 
