@@ -7,6 +7,7 @@ threads and processes never share the test runner's process."""
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,6 +96,22 @@ def test_a_dataframes_key_column_keeps_its_keys():
     for bad in (pd.array([1, None, 1], dtype="Int64"), pd.to_datetime(["2020-01-01"] * 3)):
         with pytest.raises(ValueError, match="keys on Dask must be str or int"):
             keys_of(bad)
+
+
+def test_a_dataframes_missing_value_is_named_by_its_row_label_and_value_as_pandas_shows_them():
+    """A partition's missing or infinite value is named by its row's index label and the value
+    itself as Python writes them ('row 11', 'nan'), not as NumPy's scalars (np.int64(11),
+    np.float64(nan)): a partition of a filtered frame has an int64 index, not a range."""
+    import numpy as np
+    import pandas as pd
+
+    from kalnat.dask_keyed import _partition_rows
+
+    frame = pd.DataFrame({"k": ["a", "b", "c"], "a": [0.5, np.nan, 2.5], "y": [0.0, 1.0, -np.inf]}, index=[10, 11, 12])
+    with pytest.raises(ValueError, match=re.escape("partition 0, row 11, column 'a': missing or non-finite value nan")):
+        _partition_rows(frame, "k", "y", ["a"], 0)
+    with pytest.raises(ValueError, match=re.escape("partition 2, row 'r12', column 'y': missing or non-finite value -inf")):
+        _partition_rows(frame.assign(a=1.0).set_axis(["r10", "r11", "r12"]), "k", "y", ["a"], 2)
 
 
 class _Done:

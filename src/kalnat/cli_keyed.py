@@ -28,6 +28,7 @@ from kalnat.cli_runner import OnlineRunner
 from kalnat.cli_setup import build_learner, checkpoint_settings, first_chunk_task, make_family
 from kalnat.keyed import Keyed
 from kalnat.programs import compile_quickly
+from kalnat.validation import plain
 
 __all__ = ["KeyedRunner", "learn_keyed", "KeyedScores", "save_keyed", "write_shards", "LoadedKeyedModel"]
 
@@ -79,8 +80,7 @@ class KeyedRunner(OnlineRunner):
             p = self.keyed.learn(keys, Z, ytrain).predictions
         bad = self.took(p, len(y))
         if bad is not None:
-            key = keys[bad].item() if isinstance(keys[bad], np.generic) else keys[bad]  # 'u2', not np.str_('u2')
-            raise ValueError(f"the learner of key {key!r} diverged (non-finite prediction at row "
+            raise ValueError(f"the learner of key {plain(keys[bad])!r} diverged (non-finite prediction at row "
                              f"{self.rows - len(y) + bad + 1}); try a smaller --prior-var or a linear --model")
         return self.in_target_units(p, ytrain, affine)
 

@@ -39,6 +39,7 @@ import numpy as np
 from kalnat import checkpoint
 from kalnat.dask_shard import ShardLearner, _Raised
 from kalnat.keyed import saveable_key
+from kalnat.validation import plain
 
 __all__ = ["shard_of", "ShardLearner", "DaskKeyed", "ShardError", "ShardLost"]
 
@@ -85,8 +86,7 @@ def _key_array(keys) -> np.ndarray:
     1.5 ms), and :class:`kalnat.keyed.Keyed` groups int and str arrays by sorting."""
     if isinstance(keys, np.ndarray) and keys.ndim == 1 and keys.dtype.kind in "iuU":
         return keys
-    items = [k.item() if isinstance(k, np.generic) else k
-             for k in (keys.tolist() if isinstance(keys, np.ndarray) else keys)]
+    items = [plain(k) for k in (keys.tolist() if isinstance(keys, np.ndarray) else keys)]
     if items and all(type(k) is int for k in items) and -2**63 <= min(items) and max(items) < 2**63:
         return np.array(items, np.int64)
     # (NumPy drops a str's trailing NULs, and pads every str to the longest)
@@ -127,8 +127,8 @@ def _partition_rows(part, key, target, features, i):
                              f"(dtype {part[c].dtype})") from None
         bad = np.flatnonzero(~np.isfinite(v))
         if bad.size:
-            raise ValueError(f"learn_dataframe: partition {i}, row {part.index[bad[0]]!r}, column {c!r}: "
-                             f"missing or non-finite value {v[bad[0]]!r}")
+            raise ValueError(f"learn_dataframe: partition {i}, row {plain(part.index[bad[0]])!r}, column {c!r}: "
+                             f"missing or non-finite value {plain(v[bad[0]])!r}")
         cols[c] = v
     X = np.stack([cols[c] for c in features], axis=1) if len(keys) else np.zeros((0, len(features)))
     return keys, X, cols[target]

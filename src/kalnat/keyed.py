@@ -32,7 +32,7 @@ import numpy as np
 from kalnat import blas, checkpoint, keyed_rounds, programs
 from kalnat.learners.base import check_range, device_hyper
 from kalnat.programs import once
-from kalnat.validation import positive_int
+from kalnat.validation import plain, positive_int
 
 __all__ = ["Keyed", "KeyedResult"]
 
@@ -210,7 +210,7 @@ class Keyed:
         return len(self.keys)
 
     def __contains__(self, key) -> bool:
-        return _plain(key) in self.slot
+        return plain(key) in self.slot
 
     def known(self, keys: Sequence[Hashable]) -> np.ndarray:
         """``(n,)`` booleans: whether each of ``keys`` has a state (``key in self`` for each, by
@@ -244,7 +244,7 @@ class Keyed:
                 raise ValueError(f"keys has {len(keys)} entries but X has {n} rows")
             index, ukeys, first, inv = {}, [], [], np.empty(n, np.int64)
             for i, k in enumerate(keys):
-                k = _plain(k)
+                k = plain(k)
                 try:
                     j = index.setdefault(k, len(ukeys))
                 except TypeError:
@@ -508,7 +508,7 @@ class Keyed:
     def state(self, key):
         """``key``'s current state (a copy; ``KeyError`` for a key not seen): its rows learned
         so far (not those held in a partial minibatch, ``batch_size > 1``)."""
-        k = _plain(key)
+        k = plain(key)
         if k not in self.slot:
             raise KeyError(f"no state for key {key!r}: it has not appeared in the rows learned")
         i = self.slot[k]
@@ -591,7 +591,3 @@ def _take(keys, index: np.ndarray) -> list:
         return keys[index].tolist()
     return [keys[i] for i in index.tolist()]
 
-
-def _plain(key):
-    """NumPy scalars as Python ones, so ``np.int64(3)`` and ``3`` are one key."""
-    return key.item() if isinstance(key, np.generic) else key

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["positive_int"]
+__all__ = ["plain", "positive_int"]
 
 
 def positive_int(value, what: str) -> int:
@@ -15,3 +15,10 @@ def positive_int(value, what: str) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def plain(value):
+    """NumPy scalars as Python ones (``np.int64(3)`` as ``3``, ``np.str_('u')`` as ``'u'``):
+    one key for both, and a message that shows a value as the user wrote it."""
+    numpy_scalar = type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0  # (NumPy not imported)
+    return value.item() if numpy_scalar else value
