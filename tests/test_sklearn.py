@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -178,6 +179,9 @@ def test_bad_settings_and_input_are_reported():
         KalmanClassifier(method="ekf", forgetting=2).fit(X, c)
     with pytest.raises(ValueError, match="noise_var must be a positive number, got 0"):
         KalmanRegressor(method="ekf", noise_var=0).fit(X, X[:, 0])
+    for one, shown in ((np.full(len(c), 3), "(3)"), (np.full(len(c), "a"), "('a')")):   # not (np.int64(3))
+        with pytest.raises(ValueError, match=re.escape(f"needs samples of at least 2 classes; got 1 class {shown}")):
+            KalmanClassifier(method="ekf").fit(X, one)
     clf = KalmanClassifier(method="ekf").partial_fit(X, c, classes=[0, 1])
     with pytest.raises(ValueError, match=r"label [56] is not one of the classes \[0, 1\]"):   # not np.int64(5)
         clf.partial_fit(X, c + 5)

@@ -48,6 +48,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 import kalnat
 from kalnat import estimators, scaling
 from kalnat.estimators import COVARIANCES, METHODS
+from kalnat.validation import plain
 
 __all__ = ["KalmanClassifier", "KalmanRegressor", "METHODS", "COVARIANCES"]
 
@@ -247,7 +248,7 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
     def _begin(self, classes, n_features):
         if len(classes) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got 1 class "
-                             f"({classes[0]!r})")
+                             f"({plain(classes[0])!r})")
         family = ("bernoulli",) if len(classes) == 2 else ("categorical", len(classes))
         self._start(family, n_features)
         self.classes_ = classes
