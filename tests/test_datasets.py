@@ -268,6 +268,24 @@ def test_non_utf8_file_is_a_clear_error(tmp_path):
         _all(ds.open_source(str(p), skip_bad_rows=True))
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    """A file saved as Excel's "CSV UTF-8" begins with a byte-order mark: the first column is
+    still 'y' (the default target, found by its name), from a file, a binary stream and a text
+    stream alike, and a model learned from one file reads the other by its columns' names."""
+    text = '"y",a,b\n1,2.5,3\n0,4,5\n'  # (a quoted name: the mark is not read as the field's start)
+    p = tmp_path / "bom.csv"
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    sources = [ds.open_source(str(p)), ds.open_source("-", stdin=io.BytesIO(p.read_bytes())),
+               ds.open_source("-", stdin=io.StringIO("\ufeff" + text))]
+    for src in sources:
+        X, y, *_ = _all(src)
+        assert (src.target_name, src.feature_names) == ("y", ["a", "b"])
+        np.testing.assert_array_equal(X, [[2.5, 3], [4, 5]])
+        assert list(y) == ["1", "0"]
+    src = ds.open_source(str(p), require_target=False, feature_names=["a", "b"])
+    np.testing.assert_array_equal(_all(src)[0], [[2.5, 3], [4, 5]])
+
+
 def test_prediction_needs_the_trained_features(tmp_path):
     path = _write(tmp_path, "b,extra\n1,2\n")
     with pytest.raises(ds.DataError, match="missing feature column.*: a$"):

@@ -385,6 +385,15 @@ def _lines_after(stream, line) -> Optional[int]:
     return ends + (not data.endswith((b"\n", b"\r"))) - line
 
 
+def _without_mark(lines):
+    """The text lines of ``lines`` less a byte-order mark at its start (Excel's "CSV UTF-8"
+    writes one), which would otherwise be part of the first column's name: the column 'y' read
+    as '\ufeffy', not the target, and not a feature a model learned from the same data unmarked."""
+    first = next(lines, "")
+    yield first[1:] if first.startswith("\ufeff") else first
+    yield from lines
+
+
 def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature_names,
                 delimiter, stdin, key=None):
     label = "<stdin>" if path == "-" else path
@@ -399,7 +408,7 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
         except OSError as err:
             raise DataError(label, f"cannot open ({err.strerror})") from None
         close = True
-    reader = csv.reader(stream, delimiter=delimiter)
+    reader = csv.reader(_without_mark(stream), delimiter=delimiter)
     try:
         header = next(r for r in reader if r)
     except StopIteration:
