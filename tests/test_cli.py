@@ -752,6 +752,36 @@ def test_learn_predictions_csv_for_a_classifier_with_a_skipped_row(tmp_path):
     assert m["final"]["log_loss"] == pytest.approx(ll.mean(), rel=1e-6)
 
 
+def test_an_output_file_that_is_the_data_or_a_report_file_is_refused(tmp_path, logistic_csv):
+    """learn --predictions and predict --out refuse, before any row is read, a path that is the
+    data file (the data would be replaced by its predictions) or one of the report folder's own
+    files (metrics.json, the model, a figure); both files stay as they were. Predictions into a
+    report folder that does not exist yet are written there (the folder made first), and a run
+    that fails leaves no folder behind."""
+    data = tmp_path / "d.csv"
+    data.write_text(open(logistic_csv).read())
+    before = data.read_text()
+    rep = tmp_path / "rep"
+    for path, said in ((data, "d.csv is the data file: the data would be replaced"),
+                       (rep / "metrics.json", "rep/metrics.json is the report folder's metrics.json"),
+                       (tmp_path / "." / "rep" / "curve.png", "is the report folder's curve.png")):
+        out = _usage_error(["learn", str(data), "--out", str(rep), "--quiet", "--predictions", str(path)])
+        assert "Invalid value for --predictions" in out and said in out, out
+        assert not rep.exists()
+    _ok(["learn", str(data), "--out", str(rep), "--quiet", "--prior-var", "1", "--predictions", str(rep / "p.csv")])
+    assert len(_pred_rows(rep / "p.csv")) == 121 and (rep / "metrics.json").exists()
+    model = (rep / "model.npz").read_bytes()
+    for path, said in ((data, "d.csv is the data file"), (rep / "model.npz", "rep/model.npz is the report folder's model.npz")):
+        out = _usage_error(["predict", "--model-dir", str(rep), str(data), "--out", str(path)])
+        assert "Invalid value for --out" in out and said in out, out
+    assert data.read_text() == before and (rep / "model.npz").read_bytes() == model
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,y\n1,2,0\n1,x,1\n")
+    _user_error(["learn", str(bad), "--out", str(tmp_path / "failed"), "--quiet", "--predictions",
+                 str(tmp_path / "failed" / "p.csv")])
+    assert not (tmp_path / "failed").exists()
+
+
 def test_learn_predictions_csv_for_counts(tmp_path):
     rng = np.random.default_rng(7)
     X = rng.normal(size=(50, 2))

@@ -27,7 +27,7 @@ from kalnat.cli_choices import (
     AUTO_FLOAT32_ABOVE, AUTO_FULL_MAX, COVARIANCES, DEFAULT_RANK, DEFAULT_SCALING, DTYPES, FAMILIES, METHOD_NAMES,
     SCALINGS, parse_covariance, parse_delimiter, parse_model, resolve_dtype,
 )
-from kalnat.cli_files import check_folder, make_folder, output_file
+from kalnat.cli_files import check_folder, check_output, make_folder, output_file
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -300,6 +300,7 @@ def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, 
     if key is not None and predictions_path is not None:
         raise click.UsageError("--predictions writes one stream's predictions; with --key the report "
                                "folder's per_key.csv has each key's scores")
+    check_output(predictions_path, "--predictions", data=data, report=out_dir)
     source = _open(data or datasets.DEFAULT_DATASET, kw, key=key)  # a missing file fails here, before JAX
     from kalnat.figure_workers import FigureWorkers
 
@@ -316,12 +317,24 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
     _jax()
     from kalnat import cli_learn, cli_report
 
-    with output_file(predictions_path, "--predictions") as pred_file:   # complete, or not written
-        folder = cache_dir()
-        result = cli_learn.learn_stream(source, cfg, progress=not quiet,
-                                  log=None if quiet else (lambda m: click.echo(m, err=True)),
-                                  predictions=pred_file,
-                                  programs=None if folder is None else os.path.join(folder, "programs"))
+    # predictions written into the report folder (--out R --predictions R/p.csv): the folder is
+    # made first, and removed again if the run fails before writing anything else in it
+    made = (predictions_path not in (None, "-") and not os.path.isdir(out_dir)
+            and os.path.dirname(os.path.realpath(predictions_path)) == os.path.realpath(out_dir))
+    if made:
+        make_folder(out_dir, "--out")
+    try:
+        with output_file(predictions_path, "--predictions") as pred_file:   # complete, or not written
+            folder = cache_dir()
+            result = cli_learn.learn_stream(source, cfg, progress=not quiet,
+                                            log=None if quiet else (lambda m: click.echo(m, err=True)),
+                                            predictions=pred_file,
+                                            programs=None if folder is None else os.path.join(folder, "programs"))
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
     make_folder(out_dir, "--out")
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"
@@ -461,6 +474,7 @@ def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
     and standard deviation (noise included) and the part due to the parameters. The feature
     columns are found by name; other columns are ignored. The model does not learn here.
     """
+    check_output(out_file, "--out", data=data, report=model_dir)
     _jax()
     from kalnat.cli_predict import LoadedModel
 

@@ -37,6 +37,27 @@ def check_folder(path: str, option: str) -> None:
         raise click.BadParameter(f"cannot make the folder {path} in {parent} (permission denied)", param_hint=option)
 
 
+# What `kalnat learn` writes in its report folder (and `kalnat predict` reads from it), besides
+# its figures (*.png)
+REPORT_FILES = ("metrics.json", "model.npz", "keyed_model.npz", "per_key.csv")
+
+
+def check_output(path, option: str, data=None, report=None) -> None:
+    """A usage error for ``option`` where the output file ``path`` is the input file ``data``
+    (which it would replace: the data would be lost), or a file of the report folder ``report``
+    (one would overwrite the other, or the model the command reads)."""
+    if path is None or path == "-":
+        return
+    if data is not None and data != "-" and os.path.isfile(data) and os.path.exists(path) \
+            and os.path.samefile(path, data):
+        raise click.BadParameter(f"{path} is the data file: the data would be replaced", param_hint=option)
+    if report is not None:
+        real = os.path.realpath(path)
+        if os.path.dirname(real) == os.path.realpath(report) and (
+                os.path.basename(real) in REPORT_FILES or real.endswith(".png")):
+            raise click.BadParameter(f"{path} is the report folder's {os.path.basename(real)}", param_hint=option)
+
+
 def make_folder(path: str, option: str) -> None:
     """``os.makedirs(path)``, its failure a usage error for ``option``."""
     try:
