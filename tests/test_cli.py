@@ -356,7 +356,16 @@ def test_options_that_do_not_go_together_or_out_of_range_are_usage_errors(tmp_pa
     out = ["--out", str(tmp_path / "o")]
     for args, said in (
             (["learn", logistic_csv, "--forget", "1.5"], "Invalid value for --forget: must lie in (0, 1]"),
-            (["learn", logistic_csv, "--prior-var", "0"], "Invalid value for --prior-var: must be positive"),
+            (["learn", logistic_csv, "--prior-var", "0"], "Invalid value for --prior-var: must be a positive number"),
+            (["learn", logistic_csv, "--prior-var", "inf"], "Invalid value for --prior-var: must be a positive number"),
+            *((["learn", logistic_csv, "--clip", v], "Invalid value for --clip: must be 0 (no clipping) or a positive number")
+              for v in ("nan", "-1", "inf")),   # (NaN was written to metrics.json, -1 taken as 0)
+            (["learn", logistic_csv, "--classes", "0,1,0"], "Invalid value for --classes: the label '0' is given twice"),
+            (["learn", logistic_csv, "--family", "poisson", "--classes", "0,1"],
+             "Invalid value for --classes: labels of classes, for a bernoulli or categorical target, not a poisson one"),
+            (["learn", logistic_csv, "--shuffle", "-1"], "Invalid value for '--shuffle': -1 is not in the range x>=0"),
+            *((["compare", logistic_csv, "--lr-grid", f"0.1,{v}"], f"Invalid value for --lr-grid: learning rates are "
+               f"positive numbers, not {v}") for v in ("nan", "0.0", "-1.0", "inf")),
             (["learn", logistic_csv, "--workers", "2"],
              "--workers and --scheduler distribute the keys of --key COLUMN; pass --key"),
             (["learn", logistic_csv, "--key", "x0", "--workers", "2", "--scheduler", "tcp://nowhere:1"],

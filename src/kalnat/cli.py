@@ -210,7 +210,7 @@ def _settings_options(f):
                      "reprior with its prior reset there."),
         click.option("--seed", default=0, show_default=True, type=int,
                      help="Seed of the MLP's initial weights."),
-        click.option("--shuffle", type=int, default=None, metavar="SEED",
+        click.option("--shuffle", type=click.IntRange(0), default=None, metavar="SEED",
                      help="Shuffle a bundled data set's rows with this seed (CSV: read in order)."),
         click.option("--chunk-rows", default=10_000, show_default=True, type=click.IntRange(1),
                      help="Rows read and learned per chunk (memory is bounded by this)."),
@@ -230,14 +230,22 @@ def _config(kw) -> dict:
                               "covariance", "dtype")}
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
+        dupes = sorted({c for c in cfg["classes"] if cfg["classes"].count(c) > 1})
+        if dupes:  # (the second '0' took label 0's index, and the first was never predicted)
+            raise click.BadParameter(f"the label {dupes[0]!r} is given twice", param_hint="--classes")
+        if cfg["family"] in ("gaussian", "poisson"):
+            raise click.BadParameter(f"labels of classes, for a bernoulli or categorical target, not a "
+                                     f"{cfg['family']} one", param_hint="--classes")
     # early, clear usage errors (status 2, as click's own) for a bad --model, --covariance, --dtype
     _option_value(parse_model, cfg["model_spec"], "--model")
     _option_value(parse_covariance, cfg["covariance"], "--covariance")
     _option_value(lambda spec: resolve_dtype(spec, 0), cfg["dtype"], "--dtype")
     if cfg["forgetting"] is not None and not 0 < cfg["forgetting"] <= 1:
         raise click.BadParameter("must lie in (0, 1]", param_hint="--forget")
-    if cfg["prior_var"] is not None and not cfg["prior_var"] > 0:
-        raise click.BadParameter("must be positive", param_hint="--prior-var")
+    if cfg["prior_var"] is not None and not 0 < cfg["prior_var"] < float("inf"):
+        raise click.BadParameter("must be a positive number", param_hint="--prior-var")
+    if not 0 <= cfg["clip"] < float("inf"):
+        raise click.BadParameter("must be 0 (no clipping) or a positive number", param_hint="--clip")
     return cfg
 
 
@@ -603,6 +611,9 @@ def compare(data, out_dir, lr_grid, kalnat_grid, **kw):
         lrs = tuple(float(v) for v in lr_grid.split(","))
     except ValueError:
         raise click.BadParameter(f"not a list of numbers: {lr_grid!r}", param_hint="--lr-grid") from None
+    bad = [v for v in lrs if not 0 < v < float("inf")]
+    if bad:
+        raise click.BadParameter(f"learning rates are positive numbers, not {bad[0]}", param_hint="--lr-grid")
     source = _open(data, kw)
     report = _compare.run(source, cfg, lrs=lrs, kalnat_grid=kalnat_grid,
                           log=lambda m: click.echo(m, err=True))
