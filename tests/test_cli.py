@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -689,9 +690,18 @@ def test_an_empty_target_cell_in_a_numeric_target_is_named(tmp_path):
     assert metrics["family"] == "gaussian" and metrics["rows_skipped"] == 1
 
 
+def _strict_json(path):
+    """The file's JSON, read as a strict parser reads it (NaN and Infinity are not JSON)."""
+    def refuse(name):
+        raise AssertionError(f"{path}: {name} is not JSON")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
 def test_no_numpy_warnings_on_the_terminal(tmp_path):
     """compare with a learning rate that makes the baselines diverge: reported as diverged,
-    and no RuntimeWarning reaches the output."""
+    and no RuntimeWarning reaches the output. A grid whose every rate diverged (SGD at 1 here)
+    has no best of grid in the table (it was tabled with a NaN log-loss and an infinite RMSE),
+    and compare.json is strict JSON: the diverged rate's score is null."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -699,6 +709,26 @@ def test_no_numpy_warnings_on_the_terminal(tmp_path):
         res = _ok(["compare", "diabetes", "--out", str(tmp_path / "c"), "--no-kalnat-grid", "--lr-grid", "1"])
     assert "diverged" in res.output and "Warning" not in res.output
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert "sgd grid (log-loss): lr=1 diverged" in res.output and "every learning rate diverged" in res.output
+    report = _strict_json(tmp_path / "c" / "compare.json")
+    assert report["grids"]["sgd"] == {"lr=1": None}
+    names = [r["name"] for r in report["results"]]
+    assert "sgd (optax), best of grid" not in names and "adam (optax), best of grid" in names
+    assert all(np.isfinite(r["log_loss"]) for r in report["results"])
+
+
+def test_a_stream_too_short_to_score_says_so_and_its_report_is_strict_json(tmp_path):
+    """A gaussian target's first two rows are not scored (nor, for the second RMSE, its first
+    ten): on two rows the command says "not scored" where it printed nan, and metrics.json has
+    null where it had NaN (which strict JSON parsers refuse)."""
+    data = tmp_path / "two.csv"
+    data.write_text("a,b,y\n0.1,0.2,1.5\n0.3,0.1,2.5\n")
+    res = _ok(["learn", str(data), "--out", str(tmp_path / "o"), "--prior-var", "1"])
+    assert ("progressive log-loss (from row 3) not scored  RMSE 1.275 over all rows, not scored after row 10"
+            in res.output), res.output
+    final = _strict_json(tmp_path / "o" / "metrics.json")["final"]
+    assert final["log_loss"] is None and final["rmse"] is None and final["rmse_after_row_10"] is None
+    assert final["rows_scored"] == 0 and final["rmse_all_rows"] == pytest.approx(1.2747548783981961, rel=1e-6)
 
 
 # ---- --predictions and the named RMSEs (issue 15) ---------------------------------------------

@@ -16,6 +16,7 @@ never a traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ from kalnat.cli_choices import (
     AUTO_FLOAT32_ABOVE, AUTO_FULL_MAX, COVARIANCES, DEFAULT_RANK, DEFAULT_SCALING, DTYPES, FAMILIES, METHOD_NAMES,
     SCALINGS, parse_covariance, parse_delimiter, parse_model, resolve_dtype,
 )
-from kalnat.cli_files import check_folder, check_output, make_folder, output_file
+from kalnat.cli_files import check_folder, check_output, make_folder, output_file, write_json
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -365,18 +366,18 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
         made = job.result()
         pngs.extend(made if isinstance(made, list) else [made])
     metrics["files"] = {"model": "model.npz", "plots": [os.path.basename(p) for p in pngs]}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
     if not quiet:
         final = metrics["final"]
-        main_metric = (f"accuracy {final['accuracy']:.4f}" if result.is_classifier
-                       else f"RMSE {final['rmse_all_rows']:.4g} over all rows, "
-                       f"{final[f'rmse_after_row_{cli_report.SKIP_ROWS}']:.4g} after row {cli_report.SKIP_ROWS}")
+        shown = cli_report.shown
+        main_metric = (f"accuracy {shown(final['accuracy'], '.4f')}" if result.is_classifier
+                       else f"RMSE {shown(final['rmse_all_rows'], '.4g')} over all rows, "
+                       f"{shown(final[f'rmse_after_row_{cli_report.SKIP_ROWS}'], '.4g')} after row {cli_report.SKIP_ROWS}")
         skipped = f", {metrics['rows_skipped']} skipped" if metrics["rows_skipped"] else ""
         click.echo(f"{source.name}: {metrics['rows_seen']} rows{skipped}, {result.family_name}, "
                    f"{what} on {cfg['model_spec']} ({metrics['n_parameters']} parameters)")
         from_row = f" (from row {metrics['first_scored_row']})" if metrics["first_scored_row"] > 1 else ""
-        click.echo(f"  progressive log-loss{from_row} {final['log_loss']:.4f}  {main_metric}  "
+        click.echo(f"  progressive log-loss{from_row} {shown(final['log_loss'], '.4f')}  {main_metric}  "
                    f"({1e3 * metrics['seconds_per_row']:.3f} ms/row)")
         if "bank" in metrics:
             b = metrics["bank"]
@@ -403,7 +404,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
     --scheduler; ``figures``: the :class:`kalnat.figure_workers.FigureWorkers` that draw the
     report's figures."""
     _jax()
-    from kalnat import cli_keyed
+    from kalnat import cli_keyed, cli_report
 
     client, cluster = _dask_client(workers, scheduler) if (workers or scheduler) else (None, None)
     try:
@@ -436,8 +437,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
     pngs = curves.result()
     metrics["files"] = {"model": model_file, "per_key": "per_key.csv",
                         "plots": [os.path.basename(p) for p in pngs]}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
     learned = metrics["rows_seen"] - metrics["rows_skipped"]
     if keyed["n_keys"] > 1 and 2 * keyed["n_keys"] > learned:
         # a measurement or a row number as the key: each key's learner sees about one row and
@@ -448,12 +448,13 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
                    "again and again (a user, a sensor, a store)", err=True)
     if not quiet:
         final, per = metrics["final"], keyed["per_key_mean"]
-        fmt = (lambda v: f"{v:.4f}") if metric == "accuracy" else (lambda v: f"{v:.4g}")
+        fmt = functools.partial(cli_report.shown, spec=".4f" if metric == "accuracy" else ".4g")
         skipped = f", {metrics['rows_skipped']} skipped" if metrics["rows_skipped"] else ""
         click.echo(f"{source.name}: {metrics['rows_seen']} rows{skipped}, {keyed['n_keys']} keys "
                    f"({keyed['key_column']}), {runner.family.name}, {what} on {cfg['model_spec']} "
                    f"({metrics['n_parameters']} parameters each)")
-        click.echo(f"  pooled:      progressive log-loss {final['log_loss']:.4f}  {metric} {fmt(final[metric])}")
+        click.echo(f"  pooled:      progressive log-loss {fmt(final['log_loss'], spec='.4f')}  {metric} "
+                   f"{fmt(final[metric])}")
         if per["log_loss"] is not None:
             click.echo(f"  key average: progressive log-loss {per['log_loss']:.4f}  {metric} {fmt(per[metric])}")
         where = f" on {keyed['dask_shards']} Dask shards" if keyed["dask_shards"] else ""
@@ -619,8 +620,7 @@ def compare(data, out_dir, lr_grid, kalnat_grid, **kw):
                           log=lambda m: click.echo(m, err=True))
     make_folder(out_dir, "--out")
     report["plot"] = _compare.plot(report, os.path.join(out_dir, "compare.png"))
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(out_dir, "compare.json"), report)
     click.echo(_compare.format_table(report))
     click.echo(f"\n(written: {out_dir}/compare.json, {out_dir}/compare.png)")
 

@@ -21,6 +21,14 @@ __all__ = ["KALNAT_GRID", "run", "format_table", "plot"]
 
 KALNAT_GRID = tuple((pv, lam) for pv in (0.1, 0.3, 1.0) for lam in (1.0, 0.99))
 
+# A grid's run whose progressive log-loss is not finite, or this large, diverged: it is not a
+# grid's best, and its table line says "diverged" rather than a number
+DIVERGED_LOG_LOSS = 1e6
+
+
+def diverged(log_loss) -> bool:
+    return log_loss is None or not (math.isfinite(log_loss) and log_loss < DIVERGED_LOG_LOSS)
+
 
 def _read_all(source: datasets.Source, cfg: dict, log):
     Xs, ys, lines, skipped = [], [], [], []
@@ -93,8 +101,8 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
             except ValueError as err:  # a diverging setting is reported, not fatal
                 grid[(pv, lam)] = ({"log_loss": math.inf, "error": str(err)}, None, 0.0)
         grids["kalnat"] = {f"prior_var={pv:g}, λ={lam:g}": g[0]["log_loss"] for (pv, lam), g in grid.items()}
-        (pv, lam), (_, p, s) = min(grid.items(), key=lambda kv: kv[1][0]["log_loss"])
-        if p is not None:
+        (pv, lam), (best, p, s) = min(grid.items(), key=lambda kv: kv[1][0]["log_loss"])
+        if not diverged(best["log_loss"]):
             add(f"kalnat {cfg['method']}, best of grid", f"prior_var={pv:g}, λ={lam:g}", p, s)
 
     # The same features (and, for a gaussian, the same standardised target) for every baseline.
@@ -121,7 +129,11 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         preds, secs = _timed(lambda: baselines.optax_grid(opt, Z, yt, fam, model=runner.model, lrs=lrs))
         sc = [score(to_units(p)) for p in preds]
         grids[opt] = {f"lr={lr:g}": s["log_loss"] for lr, s in zip(lrs, sc)}
-        k = int(np.nanargmin([s["log_loss"] if np.isfinite(s["log_loss"]) else np.inf for s in sc]))
+        kept = [i for i, s in enumerate(sc) if not diverged(s["log_loss"])]
+        if not kept:  # no best of grid to table (each learning rate's line says "diverged")
+            log("    every learning rate diverged")
+            continue
+        k = min(kept, key=lambda i: sc[i]["log_loss"])
         add(f"{opt} (optax), best of grid", f"lr={lrs[k]:g}", to_units(preds[k]), secs / len(lrs))
 
     linear_only = cli_choices.parse_model(cfg["model_spec"])[0] == "linear"
@@ -173,7 +185,7 @@ def format_table(report: dict) -> str:
     lines += [fmt.format(*r) for r in rows]
     for name, grid in report["grids"].items():
         lines.append(f"  {name} grid (log-loss): " + ", ".join(
-            f"{k} {v:.4f}" if np.isfinite(v) and v < 1e6 else f"{k} diverged" for k, v in grid.items()))
+            f"{k} diverged" if diverged(v) else f"{k} {v:.4f}" for k, v in grid.items()))
     return "\n".join(lines)
 
 

@@ -10,6 +10,8 @@ in place).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import sys
@@ -56,6 +58,22 @@ def check_output(path, option: str, data=None, report=None) -> None:
         if os.path.dirname(real) == os.path.realpath(report) and (
                 os.path.basename(real) in REPORT_FILES or real.endswith(".png")):
             raise click.BadParameter(f"{path} is the report folder's {os.path.basename(real)}", param_hint=option)
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as strict JSON (what any parser reads): a float that is not finite (a diverged
+    run's score) as ``null``, where Python's json would write NaN or Infinity."""
+    def strict(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    with open(path, "w") as f:
+        json.dump(strict(obj), f, indent=2, allow_nan=False)
 
 
 def make_folder(path: str, option: str) -> None:

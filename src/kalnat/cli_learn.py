@@ -13,7 +13,7 @@ from tqdm import tqdm  # a terminal's bar (tqdm.auto would import asyncio: strea
 
 from kalnat import checkpoint, datasets
 from kalnat.cli_report import GAUSSIAN_FIRST_SCORED_ROW, Accumulator, PredictionWriter, bank_report, \
-    prediction_table, run_metrics
+    prediction_table, run_metrics, shown
 from kalnat.cli_runner import OnlineRunner
 from kalnat.cli_setup import first_chunk_task
 
@@ -112,8 +112,8 @@ def learn_stream(source: datasets.Source, cfg: dict, progress: bool = True,
                 writer.write(np.asarray(chunk.lines)[good], prediction_table(pred),
                              [s[0] for s in skipped[before:]])
             f = acc.final()
-            bar.set_postfix({"log-loss": f"{f['log_loss']:.4f}",
-                             acc.key: f"{f[acc.key]:.4f}"}, refresh=True)
+            bar.set_postfix({"log-loss": shown(f["log_loss"], ".4f"), acc.key: shown(f[acc.key], ".4f")},
+                            refresh=True)
     finally:
         if bar is not None:
             bar.close()

@@ -21,6 +21,12 @@ GAUSSIAN_FIRST_SCORED_ROW = 3
 SKIP_ROWS = 10
 
 
+def shown(value, spec: str) -> str:
+    """A score as the command prints it: ``format(value, spec)``, or "not scored" for ``None``
+    (too few rows, or none after the first SKIP_ROWS: :meth:`Accumulator.final`)."""
+    return "not scored" if value is None else format(value, spec)
+
+
 def _window(sums, i):
     """The mean log-loss of the rows scored between point ``i`` of the curve and the one before
     it (the first: since the start), from ``sums``: (rows scored, their summed log-loss) at each,
@@ -103,13 +109,16 @@ class Accumulator:
             c["window_log_loss"] = [_window(self._sums, i) for i in range(len(self._sums))]
 
     def final(self) -> dict:
-        out = {"log_loss": self.sum_ll / self.n if self.n else math.nan, "rows_scored": self.n}
-        metric = self.sum_m / self.n if self.n else math.nan
-        out[self.key] = metric if self.family.is_classifier else math.sqrt(metric)
+        """The scores over the rows scored so far; ``None`` (JSON's null) where no row was
+        scored (a gaussian target's first two rows are not, nor its first SKIP_ROWS for the
+        second RMSE): a number that is not one, not NaN."""
+        out = {"log_loss": self.sum_ll / self.n if self.n else None, "rows_scored": self.n}
+        metric = self.sum_m / self.n if self.n else None
+        out[self.key] = metric if self.family.is_classifier or metric is None else math.sqrt(metric)
         if not self.family.is_classifier:
-            out["rmse_all_rows"] = math.sqrt(self.sq_all / self.seen) if self.seen else math.nan
+            out["rmse_all_rows"] = math.sqrt(self.sq_all / self.seen) if self.seen else None
             out[f"rmse_after_row_{SKIP_ROWS}"] = (math.sqrt(self.sq_after / self.n_after)
-                                                  if self.n_after else math.nan)
+                                                  if self.n_after else None)
         return out
 
 
