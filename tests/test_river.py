@@ -1,5 +1,7 @@
 """kalnat.river: river's own estimator checks, growing features, the predictive distribution."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -233,6 +235,12 @@ def test_multiclass_and_bad_input():
     assert set(p) == {"x", "y", "z"} and max(p, key=p.get) == "z"
     with pytest.raises(ValueError, match="not one of the classes"):
         clf.learn_one({"a": 1.0}, "w")
+    with pytest.raises(ValueError, match=re.escape("label 'w' is not one of the classes ['x', 'y', 'z']")):
+        clf.learn_one({"a": 1.0}, np.str_("w"))   # (not np.str_('w'))
+    with pytest.raises(ValueError, match=re.escape("label 2: without classes=")):
+        KalmanClassifier(method="ekf").learn_one({"a": 1.0}, np.int64(2))
+    with pytest.raises(ValueError, match=re.escape("classes must be a list of labels, got the string 'xy'")):
+        KalmanClassifier(classes="xy")   # (read as ['x', 'y'])
     with pytest.raises(ValueError, match="take numbers"):
         clf.learn_one({"a": "red"}, "x")
     with pytest.raises(ValueError, match="method must be one of"):

@@ -42,6 +42,7 @@ from kalnat.learners.base import check_range, check_targets
 from kalnat.representations import (BlockCovariance, DiagonalCovariance, GroupCovariance, KronCovariance,
                                     LowRankPrecision, NIGCovariance)
 from kalnat.representations.groups import part_size
+from kalnat.validation import plain
 
 __all__ = ["KalmanClassifier", "KalmanRegressor", "grow"]
 
@@ -378,6 +379,8 @@ class KalmanClassifier(_Features, base.MiniBatchClassifier):
     def __init__(self, hidden=None, method="auto", covariance="full", prior_var=None, forgetting=None,
                  random_state=0, classes=None):
         self.classes = classes
+        if isinstance(classes, (str, bytes)):  # (read as its characters: 'ab' as ['a', 'b'])
+            raise ValueError(f"classes must be a list of labels, got the string {classes!r}")
         if classes is not None and len(set(classes)) != len(classes) or (classes is not None and len(classes) < 2):
             raise ValueError(f"classes must be at least 2 distinct labels, got {classes!r}")
         super().__init__(hidden=hidden, method=method, covariance=covariance, prior_var=prior_var,
@@ -403,12 +406,12 @@ class KalmanClassifier(_Features, base.MiniBatchClassifier):
             # other label would be read by its truth, every string and ±1 as True, with no error
             if y is None or isinstance(y, (bool, np.bool_)) or (isinstance(y, numbers.Real) and y in (0, 1)):
                 return 1 if y else 0
-            raise ValueError(f"label {y!r}: without classes= the classifier is binary and takes True/False "
+            raise ValueError(f"label {plain(y)!r}: without classes= the classifier is binary and takes True/False "
                              "(or 1/0) labels; give classes=[…], every label of the stream, for others")
         try:
             return list(self.classes).index(y)
         except ValueError:
-            raise ValueError(f"label {y!r} is not one of the classes {list(self.classes)}") from None
+            raise ValueError(f"label {plain(y)!r} is not one of the classes {list(self.classes)}") from None
 
     def learn_one(self, x, y):
         self._learn_one(x, self._target(y))
