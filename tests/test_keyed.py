@@ -2,6 +2,8 @@
 alone, with keys appearing mid-stream, interleaved rows and capacity growth; exact resume from
 a checkpoint; clear errors for keys that cannot be saved."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -316,7 +318,14 @@ def test_errors(tmp_path):
         keyed.learn(["a", ["b"], "c", "d"], X, Y)
     with pytest.raises(ValueError, match="NaN"):
         keyed.learn(["a"] * 4, np.where(X > 1, np.nan, X), Y)
+    # a missing key (a float column's NaN, as pandas gives it): each NaN row became a key of its
+    # own, unequal to every other and never found again
+    for keys in ([1.0, np.nan, 2.0, np.nan], np.array([1.0, np.nan, 2.0, np.nan]), ["a", float("nan"), "b", "c"]):
+        with pytest.raises(ValueError, match=re.escape("keys[1] = nan: a missing value is not a key")):
+            keyed.learn(keys, X, Y)
     assert len(keyed) == 0  # bad input: nothing learned, no key added
+    with pytest.raises(KeyError, match=re.escape("no state for key 'zz': it has not appeared")):
+        keyed.state(np.str_("zz"))   # (not np.str_('zz'))
     keyed.learn([("a", 1), "b", "b", 2], X, Y)
     with pytest.raises(ValueError, match=r"key \('a', 1\).*tuple.*str and int"):
         keyed.save(tmp_path / "k.npz")

@@ -245,6 +245,9 @@ class Keyed:
             index, ukeys, first, inv = {}, [], [], np.empty(n, np.int64)
             for i, k in enumerate(keys):
                 k = plain(k)
+                if isinstance(k, float) and math.isnan(k):  # unequal to itself: each a key of its own, never found again
+                    raise ValueError(f"keys[{i}] = {k!r}: a missing value is not a key (drop those rows "
+                                     "or give them a key)")
                 try:
                     j = index.setdefault(k, len(ukeys))
                 except TypeError:
@@ -510,7 +513,7 @@ class Keyed:
         so far (not those held in a partial minibatch, ``batch_size > 1``)."""
         k = plain(key)
         if k not in self.slot:
-            raise KeyError(f"no state for key {key!r}: it has not appeared in the rows learned")
+            raise KeyError(f"no state for key {k!r}: it has not appeared in the rows learned")
         i = self.slot[k]
         return jax.tree_util.tree_map(lambda a: jnp.array(a[i], copy=True), self.stack)
 
