@@ -791,6 +791,23 @@ def test_learn_predictions_csv_for_a_classifier_with_a_skipped_row(tmp_path):
     assert m["final"]["log_loss"] == pytest.approx(ll.mean(), rel=1e-6)
 
 
+def test_a_scheduler_that_cannot_be_reached_is_named_without_a_traceback(tmp_path):
+    """--scheduler with no scheduler there (a refused port, after Dask's connect timeout, set to
+    1 s here) or not an address: a usage error naming the option and why (it was a 72-line
+    traceback), and nothing written."""
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("distributed")
+    data = tmp_path / "k.csv"
+    data.write_text("user,a,y\nu,1,0\nv,2,1\n")
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        for address, said in (("tcp://127.0.0.1:1", "cannot connect to tcp://127.0.0.1:1 (Timed out trying to connect"),
+                              ("bogus", "cannot connect to bogus (missing port number in address 'bogus')")):
+            out = _usage_error(["learn", str(data), "--out", str(tmp_path / "o"), "--quiet", "--key", "user",
+                                "--scheduler", address])
+            assert "Invalid value for --scheduler: " + said in out, out
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_output_file_that_is_the_data_or_a_report_file_is_refused(tmp_path, logistic_csv):
     """learn --predictions and predict --out refuse, before any row is read, a path that is the
     data file (the data would be replaced by its predictions) or one of the report folder's own

@@ -393,7 +393,10 @@ def _dask_client(workers, scheduler):
     except ImportError:
         raise click.ClickException("--workers and --scheduler need Dask: pip install 'kalnat[dask]'") from None
     if scheduler:
-        return distributed.Client(scheduler), None
+        try:
+            return distributed.Client(scheduler), None
+        except (OSError, ValueError) as err:  # refused, timed out (an OSError), or not an address
+            raise click.BadParameter(f"cannot connect to {scheduler} ({err})", param_hint="--scheduler") from None
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=40)
     return distributed.Client(cluster), cluster
