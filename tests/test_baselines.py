@@ -63,6 +63,19 @@ def test_offline_in_sample_beats_held_out(logistic):
     assert ins < cv
 
 
+def test_an_offline_fit_that_cannot_be_had_says_why_in_its_own_words(logistic):
+    """One class among the rows it learns from, or fewer rows than folds: a ValueError saying
+    so (scikit-learn's said "... only one class: np.int64(1)" and "n_splits=10 greater than the
+    number of samples"), which kalnat compare turns into a skipped reference line."""
+    X, y = logistic
+    with pytest.raises(ValueError, match="^every row it learns from has the same class: a classifier needs two$"):
+        B.offline_fit(X, np.ones_like(y), "bernoulli")
+    with pytest.raises(ValueError, match=r"^every row it learns from \(a fold's other rows\) has the same class"):
+        B.offline_fit(X[:20], np.r_[0, np.ones(19, int)], "bernoulli", folds=10)   # the fold holding row 0
+    with pytest.raises(ValueError, match="^5 rows, fewer than the 10 folds of its cross-validation$"):
+        B.offline_fit(X[:5], y[:5], "bernoulli", folds=10)
+
+
 def test_gaussian_baselines_get_an_online_variance():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(150, 2))

@@ -690,6 +690,20 @@ def test_an_empty_target_cell_in_a_numeric_target_is_named(tmp_path):
     assert metrics["family"] == "gaussian" and metrics["rows_skipped"] == 1
 
 
+def test_compare_skips_the_offline_lines_it_cannot_have_and_says_why(tmp_path):
+    """compare on a target of one class (learn takes it, as 0..1): the offline fits are skipped
+    with a note in the command's words (scikit-learn's error ended the command after every
+    online run), and the online learners are tabled."""
+    rng = np.random.default_rng(0)
+    data = _csv(tmp_path / "one.csv", rng.normal(size=(30, 2)), np.ones(30, int))
+    res = _ok(["compare", data, "--out", str(tmp_path / "c"), "--no-kalnat-grid", "--lr-grid", "0.1"])
+    for line in ("offline GLM, in-sample skipped: every row it learns from has the same class",
+                 "offline GLM, 10-fold CV skipped: every row it learns from (a fold's other rows) has the same class"):
+        assert line in res.output, res.output
+    names = [r["name"] for r in _strict_json(tmp_path / "c" / "compare.json")["results"]]
+    assert "kalnat" in names and not [n for n in names if n.startswith("offline")]
+
+
 def _strict_json(path):
     """The file's JSON, read as a strict parser reads it (NaN and Infinity are not JSON)."""
     def refuse(name):

@@ -353,7 +353,13 @@ def offline_fit(X, y, family, *, folds: int = 0, C: float = 1.0, n_classes: Opti
     y = np.asarray(y)
     n = len(X)
 
+    if folds and folds > n:  # (scikit-learn's KFold says it with its own names)
+        raise ValueError(f"{n} row{'s' if n != 1 else ''}, fewer than the {folds} folds of its cross-validation")
+
     def fit_predict(tr, te):
+        if fam.is_classifier and np.unique(y[tr]).size < 2:
+            raise ValueError("every row it learns from" + (" (a fold's other rows)" if folds else "")
+                             + " has the same class: a classifier needs two")
         mu, sd = X[tr].mean(0), X[tr].std(0)
         sd = np.where(sd > 1e-12, sd, 1.0)
         m = _glm(fam, C).fit((X[tr] - mu) / sd, y[tr])
