@@ -179,6 +179,14 @@ def test_bad_settings_and_input_are_reported():
         KalmanClassifier(method="ekf", forgetting=2).fit(X, c)
     with pytest.raises(ValueError, match="noise_var must be a positive number, got 0"):
         KalmanRegressor(method="ekf", noise_var=0).fit(X, X[:, 0])
+    # beyond ±1e150 a running variance overflows: at 1e160 the classifier learned nothing (a
+    # score of 0.525) and the regressor predicted NaN, with no error
+    for fit, at in ((lambda: KalmanClassifier(method="ekf").fit(X * 1e160, c), "X[0, 0]"),
+                    (lambda: KalmanRegressor(method="ekf").fit(X, X[:, 0] * 1e160), "y[0]"),
+                    (lambda: KalmanRegressor(method="ekf").partial_fit(X * 1e160, X[:, 0]), "X[0, 0]"),
+                    (lambda: KalmanClassifier(method="ekf").fit(X, c).predict(X * 1e160), "X[0, 0]")):
+        with pytest.raises(ValueError, match=re.escape(at) + r" = \S+ is too large \(beyond ±1e\+150"):
+            fit()
     for one, shown in ((np.full(len(c), 3), "(3)"), (np.full(len(c), "a"), "('a')")):   # not (np.int64(3))
         with pytest.raises(ValueError, match=re.escape(f"needs samples of at least 2 classes; got 1 class {shown}")):
             KalmanClassifier(method="ekf").fit(X, one)

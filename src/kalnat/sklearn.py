@@ -47,6 +47,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 import kalnat
 from kalnat import estimators, scaling
+from kalnat.datasets import MAX_MAGNITUDE
 from kalnat.estimators import COVARIANCES, METHODS
 from kalnat.validation import plain
 
@@ -68,6 +69,19 @@ def _reexpress(learner, state, old, new, linear: bool):
     bank = isinstance(learner, kalnat.bank.Bank)
     priors = scaling.fresh_priors(learner.hyper, state, bank=bank) if linear else None
     return scaling.reexpress_members(state, old, new, bank=bank, priors=priors)
+
+
+def _in_range(a, what: str):
+    """``a``, or a ``ValueError`` naming its first value beyond ±MAX_MAGNITUDE: features and a
+    regression target are standardised by running means and variances, whose squares overflow
+    float64 beyond it (the filter then learned nothing from them, or went NaN, with no error);
+    the command refuses such values in its data too."""
+    big = np.abs(a) > MAX_MAGNITUDE
+    if big.any():
+        at = np.unravel_index(int(np.flatnonzero(big)[0]), a.shape)
+        raise ValueError(f"{what}[{', '.join(map(str, at))}] = {float(a[at]):g} is too large (beyond "
+                         f"±{MAX_MAGNITUDE:g}, where standardising it overflows); rescale it")
+    return a
 
 
 def _alive(learner, state) -> bool:
@@ -181,7 +195,7 @@ class _KalmanEstimator(BaseEstimator):
     def _predictive(self, X):
         """The one-step predictive of the rows ``X``, padded to a power of two rows."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = _in_range(validate_data(self, X, reset=False, dtype=np.float64), "X")
         n = X.shape[0]
         rows = max(MIN_PREDICT_ROWS, 1 << max(0, n - 1).bit_length())
         Z = np.zeros((rows, X.shape[1]))
@@ -224,6 +238,7 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
     def fit(self, X, y):
         """Learns the rows of ``X (n, p)``, ``y (n,)`` in order, from a fresh state."""
         X, y = validate_data(self, X, y, dtype=np.float64)
+        _in_range(X, "X")
         check_classification_targets(y)
         classes = np.unique(y)
         self._begin(classes, X.shape[1])
@@ -234,6 +249,7 @@ class KalmanClassifier(ClassifierMixin, _KalmanEstimator):
         ``classes``, every label the stream will have."""
         first = not hasattr(self, "classes_")
         X, y = validate_data(self, X, y, dtype=np.float64, reset=first)
+        _in_range(X, "X")
         check_classification_targets(y)
         if first:
             if classes is None:
@@ -307,6 +323,7 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
     def fit(self, X, y):
         """Learns the rows of ``X (n, p)``, ``y (n,)`` in order, from a fresh state."""
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        _in_range(X, "X"), _in_range(y, "y")
         self._begin(X.shape[1], y)
         self._learn(X, self._target(y))
         return self
@@ -315,6 +332,7 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
         """Learns the rows of ``X``, ``y`` from the current state."""
         first = not hasattr(self, "state_")
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, reset=first)
+        _in_range(X, "X"), _in_range(y, "y")
         if first:
             self._begin(X.shape[1], y)
         self._learn(X, self._target(y))
