@@ -254,6 +254,11 @@ def test_categorical_text_labels_and_mlp(tmp_path):
     assert m["family"] == "categorical" and m["classes"] == ["hi", "lo", "mid"]
     res = _ok(["predict", "--model-dir", str(out), path])
     assert res.output.splitlines()[0] == "line,predicted,prob_hi,prob_lo,prob_mid,prob_std_hi,prob_std_lo,prob_std_mid"
+    # classes x and std_x: P(std_x) and the deviation of P(x) were both prob_std_x
+    named = _csv(tmp_path / "s.csv", X, np.where(np.asarray(y) == "hi", "std_x", "x"), target="level")
+    _ok(["learn", named, "--out", str(tmp_path / "s"), "--quiet", "--prior-var", "1"])
+    head = _ok(["predict", "--model-dir", str(tmp_path / "s"), named]).output.splitlines()[0].split(",")
+    assert head == ["line", "predicted", "prob_std_x", "prob_x", "prob_std__std_x", "prob_std__x"]
 
 
 def test_bad_rows_give_located_errors(tmp_path):

@@ -60,8 +60,11 @@ class LoadedModel:
 
     def header(self):
         if self.family.is_classifier:
-            return (["line", "predicted"] + [f"prob_{c}" for c in self.classes]
-                    + [f"prob_std_{c}" for c in self.classes])
+            probs = [f"prob_{c}" for c in self.classes]
+            std = "prob_std_"
+            while any(f"{std}{c}" in probs for c in self.classes):  # a class named std_…: prob_std__…
+                std += "_"
+            return ["line", "predicted"] + probs + [f"{std}{c}" for c in self.classes]
         return ["line", "mean", "std", "param_std"]
 
     def predict(self, X) -> np.ndarray:
