@@ -827,6 +827,34 @@ def test_a_scheduler_that_cannot_be_reached_is_named_without_a_traceback(tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_a_report_written_over_another_leaves_none_of_the_others_files(tmp_path):
+    """A report folder written again holds the new report's files only: a single filter's
+    model and confusion figure go when a keyed run writes there, the keyed model and per-key
+    scores when a single filter's run does (they were left beside it, passing for this run's).
+    What the folder holds besides (a file of the user's, a name the old metrics.json lists
+    outside the folder) stays."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 2))
+    keyed, plain = tmp_path / "k.csv", tmp_path / "p.csv"
+    keyed.write_text("user,a,b,y\n" + "".join(f"u{i % 3},{a:.4f},{b:.4f},{int(a > 0)}\n" for i, (a, b) in enumerate(X)))
+    plain.write_text("a,b,y\n" + "".join(f"{a:.4f},{b:.4f},{int(a > 0)}\n" for a, b in X))
+    rep, single = tmp_path / "rep", ["--quiet", "--prior-var", "1"]
+    _ok(["learn", str(keyed), "--out", str(rep), "--key", "user"] + single)
+    assert {"keyed_model.npz", "per_key.csv"} <= {p.name for p in rep.iterdir()}
+    (rep / "notes.txt").write_text("mine")
+    (tmp_path / "outside.txt").write_text("mine too")
+    metrics = json.loads((rep / "metrics.json").read_text())
+    metrics["files"]["plots"].append("../outside.txt")
+    (rep / "metrics.json").write_text(json.dumps(metrics))
+    _ok(["learn", str(plain), "--out", str(rep)] + single)
+    files = json.loads((rep / "metrics.json").read_text())["files"]
+    assert {p.name for p in rep.iterdir()} == {"metrics.json", "notes.txt", files["model"], *files["plots"]}
+    assert "confusion.png" in files["plots"] and (tmp_path / "outside.txt").exists()
+    _ok(["learn", str(keyed), "--out", str(rep), "--key", "user"] + single)
+    assert not (rep / "model.npz").exists() and not (rep / "confusion.png").exists()
+    assert (rep / "notes.txt").read_text() == "mine"
+
+
 def test_an_output_file_that_is_the_data_or_a_report_file_is_refused(tmp_path, logistic_csv):
     """learn --predictions and predict --out refuse, before any row is read, a path that is the
     data file (the data would be replaced by its predictions) or one of the report folder's own

@@ -28,7 +28,7 @@ from kalnat.cli_choices import (
     AUTO_FLOAT32_ABOVE, AUTO_FULL_MAX, COVARIANCES, DEFAULT_RANK, DEFAULT_SCALING, DTYPES, FAMILIES, METHOD_NAMES,
     SCALINGS, parse_covariance, parse_delimiter, parse_model, resolve_dtype,
 )
-from kalnat.cli_files import check_folder, check_output, make_folder, output_file, write_json
+from kalnat.cli_files import check_folder, check_output, make_folder, output_file, remove_stale, write_json
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -366,6 +366,7 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
         made = job.result()
         pngs.extend(made if isinstance(made, list) else [made])
     metrics["files"] = {"model": "model.npz", "plots": [os.path.basename(p) for p in pngs]}
+    remove_stale(out_dir, metrics["files"])
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     if not quiet:
         final = metrics["final"]
@@ -440,6 +441,7 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
     pngs = curves.result()
     metrics["files"] = {"model": model_file, "per_key": "per_key.csv",
                         "plots": [os.path.basename(p) for p in pngs]}
+    remove_stale(out_dir, metrics["files"])
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     learned = metrics["rows_seen"] - metrics["rows_skipped"]
     if keyed["n_keys"] > 1 and 2 * keyed["n_keys"] > learned:

@@ -60,6 +60,33 @@ def check_output(path, option: str, data=None, report=None) -> None:
             raise click.BadParameter(f"{path} is the report folder's {os.path.basename(real)}", param_hint=option)
 
 
+def _listed(files: dict) -> set:
+    """The names a report's metrics.json lists as its files (``"files"``: the model, the
+    per-key scores, the figures), those that name a file or folder in the report folder only."""
+    names = set(files.get("plots") or []) | {files.get(k) for k in ("model", "per_key")}
+    return {n for n in names if isinstance(n, str) and n.rstrip("/") not in ("", ".", "..")
+            and os.path.basename(n.rstrip("/")) == n.rstrip("/")}
+
+
+def remove_stale(folder: str, files: dict) -> None:
+    """Removes from the report folder what the report there before listed as its files and this
+    one (``files``, its metrics.json's) does not write: a bank's figure, a keyed model and its
+    per-key scores left beside a single filter's report would pass for this run's."""
+    try:
+        with open(os.path.join(folder, "metrics.json")) as f:
+            before = json.load(f).get("files") or {}
+        stale = _listed(before) - _listed(files)
+    except (OSError, ValueError, AttributeError, TypeError):  # no report there, or not one of ours
+        return
+    for name in stale:
+        path = os.path.join(folder, name.rstrip("/"))
+        with contextlib.suppress(OSError):
+            if name.endswith("/") and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.isfile(path) or os.path.islink(path):
+                os.remove(path)
+
+
 def write_json(path: str, obj) -> None:
     """``obj`` as strict JSON (what any parser reads): a float that is not finite (a diverged
     run's score) as ``null``, where Python's json would write NaN or Infinity."""
