@@ -280,8 +280,8 @@ def test_bad_rows_give_located_errors(tmp_path):
     assert "no target column 'price'" in out and "line 1" in out
     assert "no such file or bundled data set" in _user_error(["learn", "nope.csv"])
     # a malformed option value is a usage error, status 2, as click's own are
-    for option, value in (("--model", "mlp:x"), ("--covariance", "lowrank:0"), ("--dtype", "f16"),
-                          ("--delimiter", "ab")):
+    for option, value in (("--model", "mlp:x"), ("--model", "mlp:3,,2"), ("--covariance", "lowrank:0"),
+                          ("--dtype", "f16"), ("--delimiter", "ab")):   # (mlp:3,,2 was read as mlp:3,2)
         res = _run(["learn", "iris", option, value])
         assert res.exit_code == 2 and f"Invalid value for {option}: {value!r}: expected" in res.output, res.output
     assert "filters would need" in _user_error(["learn", "iris", "--model", "mlp:3000,3000"])

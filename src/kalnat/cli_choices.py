@@ -87,8 +87,8 @@ def parse_model(spec: str):
     if kind == "linear" and not rest:
         return "linear", ()
     if kind == "mlp":
-        try:
-            hidden = tuple(int(h) for h in rest.split(",") if h.strip())
+        try:  # every width given: mlp:3,,2 is a typo, not mlp:3,2
+            hidden = tuple(int(h) for h in rest.split(","))
         except ValueError:
             hidden = ()
         if hidden and all(h > 0 for h in hidden):
