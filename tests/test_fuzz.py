@@ -384,3 +384,21 @@ def test_an_update_with_no_rows_changes_nothing():
         before = snapshot(state)
         new, _ = learner.update(state, np.zeros((0, P_IN)), np.zeros(0))
         assert_unchanged(new, before)
+
+
+def test_a_fit_of_no_rows_changes_nothing_and_returns_no_rows_of_each_kind():
+    """fit of 0 rows: the state as it was, and predictions and log-likelihoods of 0 rows with
+    the shapes and dtypes of those of 1 (they were None, and ``result.log_likelihood.sum()``, the
+    stream's evidence, an AttributeError)."""
+    for case in (("ekf", "bernoulli"), ("sqrt_ekf", "categorical")):
+        model, learner = LEARNERS[case]
+        state = learner.init(model.init(None))
+        one = kalnat.fit(learner, learner.init(model.init(None)), np.full((1, P_IN), 0.5), np.zeros(1))
+        none = kalnat.fit(learner, state, np.zeros((0, P_IN)), np.zeros(0))
+        assert none.log_likelihood.shape == (0,) and none.log_likelihood.sum() == 0.0
+        for a, b in zip(none.predictions, one.predictions):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.shape == (0,) + b.shape[1:] and a.dtype == b.dtype
+        assert int(none.state.count) == 0 and none.skipped.shape == (0,)
+        assert kalnat.fit(learner, none.state, np.zeros((0, P_IN)), np.zeros(0), return_predictions=False).predictions is None

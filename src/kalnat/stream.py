@@ -167,10 +167,17 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
         xs, ys = _checked(learner, state, X, Y)
         bad = np.zeros(xs.shape[0], bool)
     n = xs.shape[0]
-    if n == 0:
-        return FitResult(state, None, bad)
-
     dtype = np.dtype(learner._dtype(state))
+    if n == 0:  # no step; kept predictions are n = 0 rows of their shapes, traced, not compiled
+        if not return_predictions:
+            return FitResult(state, None, bad)
+        learner.check_given_hyper(hyper, state)
+        one = (np.zeros((1, 1) + xs.shape[1:], dtype), np.zeros((1, 1) + ys.shape[1:], ys.dtype), np.ones((1, 1), bool))
+        _, out = jax.eval_shape(functools.partial(chunk_fn(learner, True), device_hyper(learner, hyper, dtype)),
+                                state, *one)
+        predictions, ll = jax.tree_util.tree_map(lambda a: np.zeros((0,) + a.shape[2:], a.dtype), out)
+        return FitResult(state, predictions, bad, ll)
+
     n_batches = math.ceil(n / batch_size)
     per_chunk = chunk_size if fixed_chunk else min(chunk_size, n_batches)
     rows_per_chunk = per_chunk * batch_size
