@@ -207,6 +207,16 @@ def test_bad_settings_and_states(logistic):
         kalnat.ekf(model, F.Bernoulli(), process_noise=-1.0)
     with pytest.raises(ValueError, match="damping"):
         kalnat.natural_gradient(model, F.Bernoulli(), damping=-1.0)
+    # a number as text, a flag or None, when the learner is built (prior_var='1' was a JAX
+    # tracing error at init; forgetting='0.9' and max_variance='2' were taken)
+    for name, value, what in (("prior_var", "1", "a number or an array of numbers, got '1'"),
+                              ("prior_var", None, "a number or an array of numbers, got None"),
+                              ("prior_var", True, "a number or an array of numbers, got True"),
+                              ("forgetting", "0.9", "a number in (0, 1] or a schedule (a function of t), got '0.9'"),
+                              ("max_variance", "2", "a number or an array of numbers, got '2'"),
+                              ("process_noise", ["x"], "a number or an array of numbers, got ['x']")):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be {what}")):
+            kalnat.ekf(model, F.Bernoulli(), **{name: value})
     with pytest.raises(ValueError, match="params contain NaN"):
         learner.init({"w": jnp.full((1, P_IN), jnp.nan), "b": jnp.zeros(1)})
     other = kalnat.information_filter(model, F.Bernoulli())

@@ -353,6 +353,17 @@ def make_hyper(*, prior_var=1.0, forgetting=1.0, process_noise=None, max_varianc
                iterations=1, noise_shape=None, noise_scale=None):
     """A :class:`~kalnat.filter.Hyper` from a constructor's arguments, checked where they do not
     depend on the model's size (a callable forgetting is the learner's schedule, not data)."""
+    for name, value in (("prior_var", prior_var), ("forgetting", forgetting), ("process_noise", process_noise),
+                        ("max_variance", max_variance)):
+        if value is None and name in ("process_noise", "max_variance") or callable(value) and name == "forgetting":
+            continue
+        # numbers, or arrays of them: a string ('1', read by float() here and refused by JAX's
+        # tracing elsewhere), a bool or None is a mistake upstream
+        if isinstance(value, (str, bytes, bool, np.bool_)) or value is None \
+                or np.asarray(value).dtype.kind not in "iuf":
+            what = "a number in (0, 1] or a schedule (a function of t)" if name == "forgetting" else \
+                "a number or an array of numbers"
+            raise ValueError(f"{name} must be {what}, got {value!r}")
     if not callable(forgetting) and not 0 < float(forgetting) <= 1:
         raise ValueError(f"forgetting must lie in (0, 1], got {forgetting}")
     if process_noise is not None:
