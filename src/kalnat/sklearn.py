@@ -84,6 +84,14 @@ def _in_range(a, what: str):
     return a
 
 
+def _numeric(y):
+    """A regression target ``y`` of numbers, or a ``ValueError`` (scikit-learn's ``y_numeric``
+    converts only an object array; an array of text reached NumPy's arithmetic)."""
+    if y.dtype.kind not in "biuf":
+        raise ValueError(f"y must be numbers (a regression target), got values such as {plain(y.flat[0])!r}")
+    return y
+
+
 def _alive(learner, state) -> bool:
     """Whether the filter's parameters are finite (a bank's: those of a member still in the
     mixture; a member that diverged is out of it, and the bank goes on without it)."""
@@ -323,7 +331,7 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
     def fit(self, X, y):
         """Learns the rows of ``X (n, p)``, ``y (n,)`` in order, from a fresh state."""
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
-        _in_range(X, "X"), _in_range(y, "y")
+        _in_range(X, "X"), _in_range(_numeric(y), "y")
         self._begin(X.shape[1], y)
         self._learn(X, self._target(y))
         return self
@@ -332,7 +340,7 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
         """Learns the rows of ``X``, ``y`` from the current state."""
         first = not hasattr(self, "state_")
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, reset=first)
-        _in_range(X, "X"), _in_range(y, "y")
+        _in_range(X, "X"), _in_range(_numeric(y), "y")
         if first:
             self._begin(X.shape[1], y)
         self._learn(X, self._target(y))
