@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -277,6 +278,11 @@ def test_failed_write_leaves_previous_checkpoint_and_no_partial_file(tmp_path, m
     with pytest.raises(ValueError, match="JSON"):
         checkpoint.save(path, new, extra={"rows": object()})
     assert sorted(os.listdir(tmp_path)) == ["state.npz"] and path.read_bytes() == before
+    # a folder as the path: named (os.replace's error named the temporary file), nothing written
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path / 'dir'} is a folder: give the file")):
+        checkpoint.save(tmp_path / "dir", new)
+    assert sorted(os.listdir(tmp_path)) == ["dir", "state.npz"] and not os.listdir(tmp_path / "dir")
 
 
 # ---- a killed stream -----------------------------------------------------------------

@@ -99,6 +99,8 @@ def write_atomically(path, write) -> str:
     (and the folder synced): on any failure the temporary file is removed and an existing file
     at ``path`` is left as it was. Returns ``path``."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # (os.replace's error named the temporary file, not this path)
+        raise IsADirectoryError(f"{path} is a folder: give the file to write, e.g. {os.path.join(path, 'model.npz')}")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
