@@ -855,6 +855,23 @@ def test_a_report_written_over_another_leaves_none_of_the_others_files(tmp_path)
     assert (rep / "notes.txt").read_text() == "mine"
 
 
+def test_a_prediction_that_is_not_a_number_is_a_located_error(tmp_path, logistic_csv):
+    """predict with a model whose state is not finite (a damaged file, edited here): an error at
+    the first line, exit 1, and no output file, where every row was written as nan with exit 0."""
+    keyed = tmp_path / "k.csv"
+    keyed.write_text("user,a,y\n" + "".join(f"u{i % 2},{i / 10},{i % 3 == 0:d}\n" for i in range(12)))
+    for data, flags, model in ((logistic_csv, [], "model.npz"), (str(keyed), ["--key", "user"], "keyed_model.npz")):
+        rep = tmp_path / model
+        _ok(["learn", data, "--out", str(rep), "--quiet", "--prior-var", "1"] + flags)
+        with np.load(rep / model) as z:
+            arrays = {k: (np.full_like(z[k], np.nan) if k.startswith("leaf_") and z[k].dtype.kind == "f" else z[k])
+                      for k in z.files}
+        np.savez(rep / model, **arrays)
+        out = _user_error(["predict", "--model-dir", str(rep), data, "--out", str(tmp_path / "p.csv")])
+        assert out.startswith(f"Error: {data}, line 2: the model's prediction is not a finite number"), out
+        assert not (tmp_path / "p.csv").exists()
+
+
 def test_an_output_file_that_is_the_data_or_a_report_file_is_refused(tmp_path, logistic_csv):
     """learn --predictions and predict --out refuse, before any row is read, a path that is the
     data file (the data would be replaced by its predictions) or one of the report folder's own

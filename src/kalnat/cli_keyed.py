@@ -22,7 +22,7 @@ from tqdm import tqdm  # a terminal's bar (tqdm.auto would import asyncio: strea
 
 import kalnat
 from kalnat import baselines, datasets
-from kalnat.cli_predict import LoadedModel
+from kalnat.cli_predict import LoadedModel, check_finite
 from kalnat.cli_report import GAUSSIAN_FIRST_SCORED_ROW, Accumulator, run_metrics
 from kalnat.cli_runner import OnlineRunner
 from kalnat.cli_setup import build_learner, checkpoint_settings, first_chunk_task, make_family
@@ -370,6 +370,7 @@ class LoadedKeyedModel(LoadedModel):
         for chunk in source.chunks:
             skipped += len(chunk.skipped)
             table, seen = self.predict_keyed(chunk.keys, chunk.X)
+            check_finite(source, chunk.lines, table)
             self.unseen_rows += int(np.count_nonzero(~seen))
             unseen.update(chunk.keys[~seen].tolist())
             for line, key, row, s in zip(chunk.lines, chunk.keys, table, seen):

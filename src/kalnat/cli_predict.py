@@ -16,6 +16,16 @@ from kalnat.cli_setup import build_learner, checkpoint_settings, make_family
 __all__ = ["LoadedModel"]
 
 
+def check_finite(source: datasets.Source, lines, table) -> None:
+    """A ``DataError`` at the first line whose prediction is not a finite number (written, it
+    would be a NaN reported as a result)."""
+    bad = ~np.all(np.isfinite(table), axis=1)
+    if bad.any():
+        raise datasets.DataError(source.name, "the model's prediction is not a finite number (a feature far "
+                                 "outside the range it learned from, or a damaged model file)",
+                                 line=int(np.asarray(lines)[np.argmax(bad)]))
+
+
 class LoadedModel:
     """A learner restored from ``kalnat learn``'s ``model.npz`` (it predicts, it does not learn)."""
 
@@ -114,6 +124,7 @@ class LoadedModel:
         for chunk in source.chunks:
             skipped += len(chunk.skipped)
             table = self.predict(chunk.X)
+            check_finite(source, chunk.lines, table)
             for line, row in zip(chunk.lines, table):
                 if self.family.is_classifier:
                     w.writerow([int(line), self.classes[int(row[0])], *(f"{v:.6g}" for v in row[1:])])
