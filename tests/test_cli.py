@@ -857,7 +857,8 @@ def test_a_report_written_over_another_leaves_none_of_the_others_files(tmp_path)
 
 def test_a_prediction_that_is_not_a_number_is_a_located_error(tmp_path, logistic_csv):
     """predict with a model whose state is not finite (a damaged file, edited here): an error at
-    the first line, exit 1, and no output file, where every row was written as nan with exit 0."""
+    the first line, exit 1, and no output file, where every row was written as nan with exit 0;
+    a model whose classes do not fit its family is named as damaged."""
     keyed = tmp_path / "k.csv"
     keyed.write_text("user,a,y\n" + "".join(f"u{i % 2},{i / 10},{i % 3 == 0:d}\n" for i in range(12)))
     for data, flags, model in ((logistic_csv, [], "model.npz"), (str(keyed), ["--key", "user"], "keyed_model.npz")):
@@ -870,6 +871,16 @@ def test_a_prediction_that_is_not_a_number_is_a_located_error(tmp_path, logistic
         out = _user_error(["predict", "--model-dir", str(rep), data, "--out", str(tmp_path / "p.csv")])
         assert out.startswith(f"Error: {data}, line 2: the model's prediction is not a finite number"), out
         assert not (tmp_path / "p.csv").exists()
+    # a bernoulli model's header naming one class (an IndexError after the CSV's header was written)
+    rep = tmp_path / "model.npz"
+    with np.load(rep / "model.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(bytes(arrays["__header__"]).decode())
+    header["extra"]["classes"] = header["extra"]["classes"][:1]
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(rep / "model.npz", **arrays)
+    out = _user_error(["predict", "--model-dir", str(rep), logistic_csv])
+    assert "model.npz: damaged: 1 class names for a bernoulli model" in out, out
 
 
 def test_an_output_file_that_is_the_data_or_a_report_file_is_refused(tmp_path, logistic_csv):

@@ -46,6 +46,8 @@ class LoadedModel:
             raise ValueError(f"{path}: not written by `kalnat learn`")
         classes = extra["classes"]
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
+        if extra["family"] == "bernoulli" and len(classes) != 2:  # (an IndexError mid-output, else)
+            raise ValueError(f"{path}: damaged: {len(classes)} class names for a bernoulli model")
         _, learner, template = build_learner(checkpoint_settings(extra), family, len(extra["feature_names"]))
         state = checkpoint.load(path, like=template)
         return cls(extra, state, learner, family)
