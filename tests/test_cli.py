@@ -420,7 +420,14 @@ def test_the_command_says_what_it_guessed_the_target_to_be(tmp_path, logistic_cs
     for name, args in runs.items():
         assert said in _ok([*args, "--out", str(tmp_path / name)]).output, name
     told = _ok([*runs["learn"], "--out", str(tmp_path / "told"), "--family", "bernoulli"]).output
-    assert "looks" not in told and "--classes" not in told
+    assert "looks" not in told and "--classes" not in told and "no header row" not in told
+    # a file with no header row: its first row is read as the names (and not learned), as said
+    headless = tmp_path / "headless.csv"
+    headless.write_text("".join(open(logistic_csv).readlines()[1:]))
+    out = _ok(["learn", str(headless), *one, "--out", str(tmp_path / "headless"), "--family", "bernoulli"]).output
+    first = open(logistic_csv).readlines()[1].strip().split(",")
+    assert (f"headless.csv: every column name ({first[-1]}, {', '.join(first[:3])}) is a number: a file with no "
+            "header row? Its first line was read as the names, not learned") in out, out
 
 
 def test_compare_on_a_small_set(tmp_path, monkeypatch):

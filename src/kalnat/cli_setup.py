@@ -185,7 +185,19 @@ def first_chunk_task(cfg: dict, source: datasets.Source, first_y, log=None):
     note = inference_note(cfg, source, family, classes)
     if note and log:
         log(note)
+    names = [source.target_name, *(source.feature_names or [])]
+    if log and source.target_name is not None and all(_number(n) for n in names):
+        log(f"{source.name}: every column name ({', '.join(names[:4])}{', …' if len(names) > 4 else ''}) is a "
+            "number: a file with no header row? Its first line was read as the names, not learned")
     return family, classes, datasets.TargetCoder(family, classes)
+
+
+def _number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def checkpoint_settings(extra: dict) -> dict:
