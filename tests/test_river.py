@@ -272,6 +272,13 @@ def test_bad_rows_are_refused_before_anything_changes():
         reg.learn_one({"b": 1.0}, float("inf"))
     assert reg._columns == {}
     assert reg.predict_one({"a": 3.0}) == pytest.approx(0.5)   # the posterior mean of the intercept
+    pd = pytest.importorskip("pandas")   # learn_many: a column of text, a NaN target, each named
+    with pytest.raises(ValueError, match=re.escape("feature 'a' is not numeric (dtype ")):
+        reg.learn_many(pd.DataFrame({"a": ["x", "y"]}), pd.Series([1.0, 2.0]))   # (NumPy's "could not convert")
+    with pytest.raises(ValueError, match=re.escape("the target must be finite numbers, got nan at row 1 (from 0) "
+                                                   "of this learn_many")):   # (it offered skip_bad_rows=True)
+        reg.learn_many(pd.DataFrame({"a": [1.0, 2.0]}), pd.Series([1.0, np.nan]))
+    assert reg._columns == {} and reg.predict_one({"a": 3.0}) == pytest.approx(0.5)
 
 
 def test_feature_order_does_not_matter_to_the_bank():

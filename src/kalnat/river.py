@@ -271,6 +271,16 @@ class _Features:
                 v[c] = float(value)
         return v
 
+    @staticmethod
+    def _column(X, name):
+        """A DataFrame's column as float64, or a ``ValueError`` naming it (NumPy's own named
+        neither the column nor what to do)."""
+        try:
+            return np.asarray(X[name], np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"feature {name!r} is not numeric (dtype {X[name].dtype}): kalnat's estimators take "
+                             "numbers (encode categories first, e.g. with river.preprocessing.OneHotEncoder)") from None
+
     def _matrix(self, X, capacity):
         """A pandas DataFrame as ``(n, capacity)`` rows (NaN: the feature is absent from the row)."""
         M = np.zeros((len(X), capacity))
@@ -278,7 +288,7 @@ class _Features:
             c = self._columns.get(name)
             if c is None:
                 continue
-            col = np.asarray(X[name], np.float64)
+            col = self._column(X, name)
             if np.any(np.isinf(col)):
                 raise ValueError(f"feature {name!r} has an infinite value")
             M[:, c] = np.nan_to_num(col, nan=0.0)
@@ -299,7 +309,7 @@ class _Features:
         self._state, _ = learner._update_jit(learner._hyper(None, dtype), self._state, xs.astype(dtype), ys, True)
 
     def _learn_many(self, X, y):
-        present = [c for c in X.columns if np.any(np.isfinite(np.asarray(X[c], np.float64)))]
+        present = [c for c in X.columns if np.any(np.isfinite(self._column(X, c)))]
         self._add_features(present)
         try:
             res = kalnat.fit(self._learner, self._state, self._matrix(X, self._key[1]), y, chunk_size=CHUNK,
@@ -487,7 +497,12 @@ class KalmanRegressor(_Features, base.MiniBatchRegressor):
         return proba.Gaussian._from_state(n=1, m=mean, var=float(pred.obs_cov[0, 0]), ddof=0)
 
     def learn_many(self, X, y):
-        self._learn_many(X, np.asarray(y, np.float64))
+        y = np.asarray(y, np.float64)
+        bad = np.flatnonzero(~np.isfinite(y))
+        if bad.size:  # (kalnat.fit's message offers skip_bad_rows, which learn_many has not)
+            raise ValueError(f"the target must be finite numbers, got {float(y[bad[0]])!r} at row {bad[0]} (from 0) of "
+                             "this learn_many")
+        self._learn_many(X, y)
 
     def predict_many(self, X):
         import pandas as pd
