@@ -238,7 +238,7 @@ def _config(kw) -> dict:
             raise click.BadParameter(f"labels of classes, for a bernoulli or categorical target, not a "
                                      f"{cfg['family']} one", param_hint="--classes")
     # early, clear usage errors (status 2, as click's own) for a bad --model, --covariance, --dtype
-    _option_value(parse_model, cfg["model_spec"], "--model")
+    _option_value(functools.partial(parse_model, strict=True), cfg["model_spec"], "--model")
     _option_value(parse_covariance, cfg["covariance"], "--covariance")
     _option_value(lambda spec: resolve_dtype(spec, 0), cfg["dtype"], "--dtype")
     if cfg["forgetting"] is not None and not 0 < cfg["forgetting"] <= 1:

@@ -81,14 +81,16 @@ SCALINGS = ("running", "follow", "reprior")
 DEFAULT_SCALING = "reprior"
 
 
-def parse_model(spec: str):
-    """``"linear"`` → ``("linear", ())``; ``"mlp:64,32"`` → ``("mlp", (64, 32))``."""
+def parse_model(spec: str, strict: bool = False):
+    """``"linear"`` → ``("linear", ())``; ``"mlp:64,32"`` → ``("mlp", (64, 32))``. ``strict``
+    (the option as typed): every width given, mlp:3,,2 a typo and not mlp:3,2; a checkpoint's
+    spec, stored as typed before the option was checked so, is read leniently."""
     kind, _, rest = spec.strip().partition(":")
     if kind == "linear" and not rest:
         return "linear", ()
     if kind == "mlp":
-        try:  # every width given: mlp:3,,2 is a typo, not mlp:3,2
-            hidden = tuple(int(h) for h in rest.split(","))
+        try:
+            hidden = tuple(int(h) for h in rest.split(",") if strict or h.strip())
         except ValueError:
             hidden = ()
         if hidden and all(h > 0 for h in hidden):

@@ -22,7 +22,7 @@ from tqdm import tqdm  # a terminal's bar (tqdm.auto would import asyncio: strea
 
 import kalnat
 from kalnat import baselines, datasets
-from kalnat.cli_predict import LoadedModel, check_finite
+from kalnat.cli_predict import LoadedModel, check_finite, read_extra
 from kalnat.cli_report import GAUSSIAN_FIRST_SCORED_ROW, Accumulator, run_metrics
 from kalnat.cli_runner import OnlineRunner
 from kalnat.cli_setup import build_learner, checkpoint_settings, first_chunk_task, make_family
@@ -314,6 +314,7 @@ class LoadedKeyedModel(LoadedModel):
             extra = checkpoint.read_header(path)["extra"]   # (its error says what the file is not)
         if not isinstance(extra, dict) or extra.get("kalnat_cli") != 1 or "key_column" not in extra:
             raise not_keyed
+        extra = read_extra(path, extra)
         classes = extra["classes"]
         learner, params = shard_factory(checkpoint_settings(extra), extra["family"], classes,
                                         len(extra["feature_names"]))

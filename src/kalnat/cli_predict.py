@@ -16,6 +16,23 @@ from kalnat.cli_setup import build_learner, checkpoint_settings, make_family
 __all__ = ["LoadedModel"]
 
 
+def read_extra(path, extra: dict) -> dict:
+    """A model's settings (its checkpoint's ``extra``) as predict reads them: classes that fit
+    its family, else a ``ValueError`` naming the file as damaged (an ``IndexError`` came after
+    the output's header); names read without a byte-order mark, which a model learned from an
+    Excel "CSV UTF-8" file before the reader dropped it kept in its first column's name (so
+    that the same file's columns are found by name)."""
+    family, classes = extra.get("family"), extra.get("classes")
+    if family in ("bernoulli", "categorical") and not (
+            isinstance(classes, list) and len(classes) >= 2 and (family == "categorical" or len(classes) == 2)):
+        raise ValueError(f"{path}: damaged: its classes ({classes!r}) do not fit a {family} model")
+    names = [n[1:] if isinstance(n, str) and n.startswith("\ufeff") else n for n in extra.get("feature_names") or []]
+    extra = dict(extra, feature_names=names)
+    if isinstance(extra.get("key_column"), str):
+        extra["key_column"] = extra["key_column"].lstrip("\ufeff")
+    return extra
+
+
 def check_finite(source: datasets.Source, lines, table) -> None:
     """A ``DataError`` at the first line whose prediction is not a finite number (written, it
     would be a NaN reported as a result)."""
@@ -44,10 +61,9 @@ class LoadedModel:
         extra = checkpoint.read_header(path)["extra"]
         if extra.get("kalnat_cli") != 1:
             raise ValueError(f"{path}: not written by `kalnat learn`")
+        extra = read_extra(path, extra)
         classes = extra["classes"]
         family = make_family(extra["family"], len(classes) if extra["family"] == "categorical" else None)
-        if extra["family"] == "bernoulli" and len(classes) != 2:  # (an IndexError mid-output, else)
-            raise ValueError(f"{path}: damaged: {len(classes)} class names for a bernoulli model")
         _, learner, template = build_learner(checkpoint_settings(extra), family, len(extra["feature_names"]))
         state = checkpoint.load(path, like=template)
         return cls(extra, state, learner, family)
