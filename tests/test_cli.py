@@ -867,7 +867,8 @@ def test_a_report_written_over_another_leaves_none_of_the_others_files(tmp_path)
 
 def test_a_prediction_that_is_not_a_number_is_a_located_error(tmp_path, logistic_csv):
     """predict with a model whose state is not finite (a damaged file, edited here): an error at
-    the first line, exit 1, and no output file, where every row was written as nan with exit 0."""
+    the first line, exit 1, and no output file, where every row was written as nan with exit 0;
+    with --skip-bad-rows, such rows are left out and counted."""
     keyed = tmp_path / "k.csv"
     keyed.write_text("user,a,y\n" + "".join(f"u{i % 2},{i / 10},{i % 3 == 0:d}\n" for i in range(12)))
     for data, flags, model in ((logistic_csv, [], "model.npz"), (str(keyed), ["--key", "user"], "keyed_model.npz")):
@@ -877,9 +878,15 @@ def test_a_prediction_that_is_not_a_number_is_a_located_error(tmp_path, logistic
             arrays = {k: (np.full_like(z[k], np.nan) if k.startswith("leaf_") and z[k].dtype.kind == "f" else z[k])
                       for k in z.files}
         np.savez(rep / model, **arrays)
-        out = _user_error(["predict", "--model-dir", str(rep), data, "--out", str(tmp_path / "p.csv")])
+        written = tmp_path / f"{model}.csv"
+        out = _user_error(["predict", "--model-dir", str(rep), data, "--out", str(written)])
         assert out.startswith(f"Error: {data}, line 2: the model's prediction is not a finite number"), out
-        assert not (tmp_path / "p.csv").exists()
+        assert not written.exists()
+        # --skip-bad-rows leaves such rows out, and counts them
+        res = _ok(["predict", "--model-dir", str(rep), data, "--out", str(written), "--skip-bad-rows"])
+        rows = len(open(data).readlines()) - 1
+        assert f"0 predictions written to {written} ({rows} rows skipped)" in res.output, res.output
+        assert len(written.read_text().splitlines()) == 1   # the header
 
 
 def _edit_header(path, edit):

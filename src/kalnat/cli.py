@@ -503,7 +503,7 @@ def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
     source = _open(data, kw, require_target=False, feature_names=model.feature_names,
                    **({"key": model.key_name} if keyed else {}))
     with output_file(out_file, "--out") as out:   # complete, or not written
-        n, skipped = model.predict_csv(source, out)
+        n, skipped = model.predict_csv(source, out, skip_bad_rows)
     if keyed and model.unseen_rows:
         click.echo(f"{model.unseen_rows} rows of {model.unseen_keys} keys not seen in learning: predicted "
                    "from the prior (key_seen = 0)", err=True)

@@ -22,7 +22,7 @@ from tqdm import tqdm  # a terminal's bar (tqdm.auto would import asyncio: strea
 
 import kalnat
 from kalnat import baselines, datasets
-from kalnat.cli_predict import LoadedModel, check_finite, read_extra
+from kalnat.cli_predict import LoadedModel, finite_rows, read_extra
 from kalnat.cli_report import GAUSSIAN_FIRST_SCORED_ROW, Accumulator, run_metrics
 from kalnat.cli_runner import OnlineRunner
 from kalnat.cli_setup import build_learner, checkpoint_settings, first_chunk_task, make_family
@@ -357,10 +357,11 @@ class LoadedKeyedModel(LoadedModel):
                 table[rows] = part
         return table, seen
 
-    def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
+    def predict_csv(self, source: datasets.Source, out, skip_bad_rows: bool = False) -> tuple[int, int]:
         """Writes a CSV of predictions for every row of ``source`` (opened with ``key=``
         :attr:`key_name`); returns ``(rows, skipped)``; :attr:`unseen_rows` and
-        :attr:`unseen_keys` count the rows and keys predicted from the prior."""
+        :attr:`unseen_keys` count the rows and keys predicted from the prior (a row predicted
+        as no finite number: :func:`~kalnat.cli_predict.finite_rows`)."""
         # Keyed.params: one member's, a keyed bank given its first member's (KeyedRunner), so
         # not cli_runner.member_parameters, which divides a bank's stacked params
         self.compile_for(source, int(sum(np.size(a) for a in jax.tree_util.tree_leaves(self.shards[0].params))))
@@ -371,14 +372,16 @@ class LoadedKeyedModel(LoadedModel):
         for chunk in source.chunks:
             skipped += len(chunk.skipped)
             table, seen = self.predict_keyed(chunk.keys, chunk.X)
-            check_finite(source, chunk.lines, table)
+            ok = finite_rows(source, chunk.lines, table, skip_bad_rows)
+            skipped += int(np.count_nonzero(~ok))
+            lines, keys, table, seen = np.asarray(chunk.lines)[ok], np.asarray(chunk.keys)[ok], table[ok], seen[ok]
             self.unseen_rows += int(np.count_nonzero(~seen))
-            unseen.update(chunk.keys[~seen].tolist())
-            for line, key, row, s in zip(chunk.lines, chunk.keys, table, seen):
+            unseen.update(keys[~seen].tolist())
+            for line, key, row, s in zip(lines, keys, table, seen):
                 if self.family.is_classifier:
                     w.writerow([int(line), key, self.classes[int(row[0])], *(f"{v:.6g}" for v in row[1:]), int(s)])
                 else:
                     w.writerow([int(line), key, *(f"{v:.6g}" for v in row), int(s)])
-            n += len(table)
+            n += len(table)  # (the rows written)
         self.unseen_keys = len(unseen)
         return n, skipped

@@ -33,14 +33,16 @@ def read_extra(path, extra: dict) -> dict:
     return extra
 
 
-def check_finite(source: datasets.Source, lines, table) -> None:
-    """A ``DataError`` at the first line whose prediction is not a finite number (written, it
-    would be a NaN reported as a result)."""
-    bad = ~np.all(np.isfinite(table), axis=1)
-    if bad.any():
+def finite_rows(source: datasets.Source, lines, table, skip: bool = False) -> np.ndarray:
+    """``(n,)`` whether each row's prediction in ``table`` is a finite number; with ``skip``
+    (--skip-bad-rows) the others are left out, else the first is a ``DataError`` at its line
+    (written, it would be a NaN reported as a result)."""
+    ok = np.all(np.isfinite(table), axis=1)
+    if not skip and not ok.all():
         raise datasets.DataError(source.name, "the model's prediction is not a finite number (a feature far "
-                                 "outside the range it learned from, or a damaged model file)",
-                                 line=int(np.asarray(lines)[np.argmax(bad)]))
+                                 "outside the range it learned from, or a damaged model file; "
+                                 "--skip-bad-rows leaves such rows out)", line=int(np.asarray(lines)[np.argmin(ok)]))
+    return ok
 
 
 class LoadedModel:
@@ -133,8 +135,10 @@ class LoadedModel:
         lam = mean[:, 0]
         return np.column_stack([lam, np.sqrt(lam + param_var), np.sqrt(param_var)])
 
-    def predict_csv(self, source: datasets.Source, out) -> tuple[int, int]:
-        """Writes a CSV of predictions for every row of ``source``; returns (rows, skipped)."""
+    def predict_csv(self, source: datasets.Source, out, skip_bad_rows: bool = False) -> tuple[int, int]:
+        """Writes a CSV of predictions for every row of ``source``; returns (rows, skipped)
+        (:func:`finite_rows`: with ``skip_bad_rows``, a row predicted as no finite number is
+        skipped)."""
         self.compile_for(source, member_parameters(self.learner, self.state.params))
         w = csv.writer(out, lineterminator="\n")
         w.writerow(self.header())
@@ -142,11 +146,12 @@ class LoadedModel:
         for chunk in source.chunks:
             skipped += len(chunk.skipped)
             table = self.predict(chunk.X)
-            check_finite(source, chunk.lines, table)
-            for line, row in zip(chunk.lines, table):
+            ok = finite_rows(source, chunk.lines, table, skip_bad_rows)
+            skipped += int(np.count_nonzero(~ok))
+            for line, row in zip(np.asarray(chunk.lines)[ok], table[ok]):
                 if self.family.is_classifier:
                     w.writerow([int(line), self.classes[int(row[0])], *(f"{v:.6g}" for v in row[1:])])
                 else:
                     w.writerow([int(line), *(f"{v:.6g}" for v in row)])
-            n += len(table)
+            n += int(np.count_nonzero(ok))
         return n, skipped
