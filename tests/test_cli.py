@@ -738,7 +738,7 @@ def test_no_numpy_warnings_on_the_terminal(tmp_path):
         res = _ok(["compare", "diabetes", "--out", str(tmp_path / "c"), "--no-kalnat-grid", "--lr-grid", "1"])
     assert "diverged" in res.output and "Warning" not in res.output
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert "sgd grid (log-loss): lr=1 diverged" in res.output and "every learning rate diverged" in res.output
+    assert "sgd grid (log-loss): lr=1 diverged" in res.output and "no best of the sgd grid: every setting diverged" in res.output
     report = _strict_json(tmp_path / "c" / "compare.json")
     assert report["grids"]["sgd"] == {"lr=1": None}
     names = [r["name"] for r in report["results"]]
@@ -749,7 +749,8 @@ def test_no_numpy_warnings_on_the_terminal(tmp_path):
 def test_a_stream_too_short_to_score_says_so_and_its_report_is_strict_json(tmp_path):
     """A gaussian target's first two rows are not scored (nor, for the second RMSE, its first
     ten): on two rows the command says "not scored" where it printed nan, and metrics.json has
-    null where it had NaN (which strict JSON parsers refuse)."""
+    null where it had NaN (which strict JSON parsers refuse); compare tables "not scored", and
+    neither calls it a divergence."""
     data = tmp_path / "two.csv"
     data.write_text("a,b,y\n0.1,0.2,1.5\n0.3,0.1,2.5\n")
     res = _ok(["learn", str(data), "--out", str(tmp_path / "o"), "--prior-var", "1"])
@@ -758,6 +759,12 @@ def test_a_stream_too_short_to_score_says_so_and_its_report_is_strict_json(tmp_p
     final = _strict_json(tmp_path / "o" / "metrics.json")["final"]
     assert final["log_loss"] is None and final["rmse"] is None and final["rmse_after_row_10"] is None
     assert final["rows_scored"] == 0 and final["rmse_all_rows"] == pytest.approx(1.2747548783981961, rel=1e-6)
+    # compare: no row scored is not a divergence (it said every learning rate diverged)
+    res = _ok(["compare", str(data), "--out", str(tmp_path / "c"), "--no-kalnat-grid", "--lr-grid", "0.1"])
+    assert "no best of the sgd grid: no row scored" in res.output and "lr=0.1 not scored" in res.output, res.output
+    assert "diverged" not in res.output and "nan" not in res.output
+    report = _strict_json(tmp_path / "c" / "compare.json")
+    assert all(r["log_loss"] is None for r in report["results"]) and report["grids"]["sgd"] == {"lr=0.1": None}
 
 
 # ---- --predictions and the named RMSEs (issue 15) ---------------------------------------------

@@ -145,18 +145,19 @@ def row_losses(family, y, pred: Predictions) -> dict:
 
 def scores(family, y, pred: Predictions, start: int = 0, n_points: int = 200) -> dict:
     """Progressive log-loss and accuracy (classifiers) or RMSE over rows ``start..n``, and
-    a learning curve of the running means (at most ``n_points`` points)."""
+    a learning curve of the running means (at most ``n_points`` points); ``None`` for a score
+    of no rows (``start ≥ n``)."""
     fam = _family(family, None if pred.probs is None else np.shape(pred.probs)[1])
     losses = {k: v[start:] for k, v in row_losses(fam, y, pred).items()}
     n = len(losses["log_loss"])
-    out = {"rows": n, "log_loss": float(np.mean(losses["log_loss"])) if n else math.nan}
+    out = {"rows": n, "log_loss": float(np.mean(losses["log_loss"])) if n else None}
     key = "correct" if fam.is_classifier else "sq_err"
     cum = np.cumsum(losses["log_loss"]) / np.arange(1, n + 1)
     cum2 = np.cumsum(losses[key]) / np.arange(1, n + 1)
     if fam.is_classifier:
-        out["accuracy"] = float(cum2[-1]) if n else math.nan
+        out["accuracy"] = float(cum2[-1]) if n else None
     else:
-        out["rmse"] = float(np.sqrt(cum2[-1])) if n else math.nan
+        out["rmse"] = float(np.sqrt(cum2[-1])) if n else None
         cum2 = np.sqrt(cum2)
     at = np.unique(np.linspace(0, n - 1, min(n, n_points)).astype(int)) if n else np.array([], int)
     out["curve"] = {"row": (at + start + 1).tolist(), "log_loss": cum[at].tolist(),

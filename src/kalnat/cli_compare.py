@@ -27,7 +27,26 @@ DIVERGED_LOG_LOSS = 1e6
 
 
 def diverged(log_loss) -> bool:
-    return log_loss is None or not (math.isfinite(log_loss) and log_loss < DIVERGED_LOG_LOSS)
+    """Whether a scored run diverged (``None``: no row was scored, which is not divergence)."""
+    return log_loss is not None and not (math.isfinite(log_loss) and log_loss < DIVERGED_LOG_LOSS)
+
+
+def _best(losses: list) -> Optional[int]:
+    """The index of the least of a grid's log-losses that were scored and did not diverge."""
+    kept = [i for i, v in enumerate(losses) if v is not None and not diverged(v)]
+    return min(kept, key=lambda i: losses[i]) if kept else None
+
+
+def _why_none(losses: list) -> str:
+    return "every setting diverged" if any(diverged(v) for v in losses) else "no row scored"
+
+
+def _cell(value, spec: str, log_loss: bool = True) -> str:
+    """A score in the table: "not scored" (``None``), "diverged" (not finite, or a log-loss
+    past DIVERGED_LOG_LOSS; an RMSE in the target's units may be any size), else the number."""
+    if value is None:
+        return "not scored"
+    return "diverged" if (diverged(value) if log_loss else not math.isfinite(value)) else format(value, spec)
 
 
 def _read_all(source: datasets.Source, cfg: dict, log):
@@ -101,8 +120,12 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
             except ValueError as err:  # a diverging setting is reported, not fatal
                 grid[(pv, lam)] = ({"log_loss": math.inf, "error": str(err)}, None, 0.0)
         grids["kalnat"] = {f"prior_var={pv:g}, λ={lam:g}": g[0]["log_loss"] for (pv, lam), g in grid.items()}
-        (pv, lam), (best, p, s) = min(grid.items(), key=lambda kv: kv[1][0]["log_loss"])
-        if not diverged(best["log_loss"]):
+        settings = list(grid)
+        k = _best([grid[c][0]["log_loss"] for c in settings])
+        if k is None:
+            log(f"    no best of the kalnat grid: {_why_none([g[0]['log_loss'] for g in grid.values()])}")
+        else:
+            (pv, lam), (_, p, s) = settings[k], grid[settings[k]]
             add(f"kalnat {cfg['method']}, best of grid", f"prior_var={pv:g}, λ={lam:g}", p, s)
 
     # The same features (and, for a gaussian, the same standardised target) for every baseline.
@@ -129,11 +152,10 @@ def run(source: datasets.Source, cfg: dict, *, lrs=baselines.LR_GRID, kalnat_gri
         preds, secs = _timed(lambda: baselines.optax_grid(opt, Z, yt, fam, model=runner.model, lrs=lrs))
         sc = [score(to_units(p)) for p in preds]
         grids[opt] = {f"lr={lr:g}": s["log_loss"] for lr, s in zip(lrs, sc)}
-        kept = [i for i, s in enumerate(sc) if not diverged(s["log_loss"])]
-        if not kept:  # no best of grid to table (each learning rate's line says "diverged")
-            log("    every learning rate diverged")
+        k = _best([s["log_loss"] for s in sc])
+        if k is None:  # no best of grid to table (each learning rate's line says why)
+            log(f"    no best of the {opt} grid: {_why_none([s['log_loss'] for s in sc])}")
             continue
-        k = min(kept, key=lambda i: sc[i]["log_loss"])
         add(f"{opt} (optax), best of grid", f"lr={lrs[k]:g}", to_units(preds[k]), secs / len(lrs))
 
     linear_only = cli_choices.parse_model(cfg["model_spec"])[0] == "linear"
@@ -177,8 +199,8 @@ def format_table(report: dict) -> str:
     rows = []
     for r in report["results"]:
         m = r.get(metric, math.nan)
-        rows.append((r["name"], r["setting"], f"{r['log_loss']:.4f}",
-                     f"{m:.4f}" if metric == "accuracy" else f"{m:.4g}",
+        rows.append((r["name"], r["setting"], _cell(r["log_loss"], ".4f"),
+                     _cell(m, ".4f" if metric == "accuracy" else ".4g", log_loss=False),
                      f"{1e3 * r['seconds_per_row']:.3f}"))
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -189,13 +211,14 @@ def format_table(report: dict) -> str:
     lines += [fmt.format(*r) for r in rows]
     for name, grid in report["grids"].items():
         lines.append(f"  {name} grid (log-loss): " + ", ".join(
-            f"{k} diverged" if diverged(v) else f"{k} {v:.4f}" for k, v in grid.items()))
+            f"{k} {_cell(v, '.4f')}" for k, v in grid.items()))
     return "\n".join(lines)
 
 
 def plot(report: dict, path: str) -> str:
     curves = {r["name"]: (r["curve"]["row"], r["curve"]["log_loss"])
               for r in report["results"] if r["kind"] == "one-pass"}
-    refs = {r["name"]: r["log_loss"] for r in report["results"] if r["kind"] == "offline"}
+    refs = {r["name"]: r["log_loss"] for r in report["results"]
+            if r["kind"] == "offline" and r["log_loss"] is not None and math.isfinite(r["log_loss"])}
     plots.comparison(curves, refs, path, title=f"{report['data']} ({report['family']})")
     return path
