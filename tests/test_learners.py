@@ -217,6 +217,13 @@ def test_bad_settings_and_states(logistic):
                               ("process_noise", ["x"], "a number or an array of numbers, got ['x']")):
         with pytest.raises(ValueError, match=re.escape(f"{name} must be {what}")):
             kalnat.ekf(model, F.Bernoulli(), **{name: value})
+    # numbers of any kind, arrays of them, and a traced one (a derivative in the prior) pass
+    from fractions import Fraction
+
+    from kalnat.learners.base import make_hyper
+    for value in (np.float32(2), jnp.bfloat16(2), Fraction(1, 2), [1.0, 2.0, 3.0, 4.0], jnp.ones(4), np.eye(4)):
+        kalnat.ekf(model, F.Bernoulli(), prior_var=value)
+    assert float(jax.grad(lambda v: 3.0 * make_hyper(prior_var=v).prior_var)(1.0)) == 3.0
     with pytest.raises(ValueError, match="params contain NaN"):
         learner.init({"w": jnp.full((1, P_IN), jnp.nan), "b": jnp.zeros(1)})
     other = kalnat.information_filter(model, F.Bernoulli())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
@@ -357,10 +358,12 @@ def make_hyper(*, prior_var=1.0, forgetting=1.0, process_noise=None, max_varianc
                         ("max_variance", max_variance)):
         if value is None and name in ("process_noise", "max_variance") or callable(value) and name == "forgetting":
             continue
-        # numbers, or arrays of them: a string ('1', read by float() here and refused by JAX's
-        # tracing elsewhere), a bool or None is a mistake upstream
+        # numbers, or arrays of them (a traced one too: a derivative in it): a string ('1', read
+        # by float() here and refused by JAX's tracing elsewhere), a bool or None is a mistake
+        if isinstance(value, jax.core.Tracer) or isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            continue
         if isinstance(value, (str, bytes, bool, np.bool_)) or value is None \
-                or np.asarray(value).dtype.kind not in "iuf":
+                or not jnp.issubdtype(np.asarray(value).dtype, jnp.number):
             what = "a number in (0, 1] or a schedule (a function of t)" if name == "forgetting" else \
                 "a number or an array of numbers"
             raise ValueError(f"{name} must be {what}, got {value!r}")
