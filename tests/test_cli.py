@@ -935,16 +935,19 @@ def test_an_output_file_that_is_the_data_or_a_report_file_is_refused(tmp_path, l
     data.write_text(open(logistic_csv).read())
     before = data.read_text()
     rep = tmp_path / "rep"
+    (tmp_path / "link.csv").symlink_to(data)
     for path, said in ((data, "d.csv is the data file: the data would be replaced"),
+                       (tmp_path / "link.csv", "link.csv is the data file"),     # the same file by a link
                        (rep / "metrics.json", "rep/metrics.json is the report folder's metrics.json"),
-                       (tmp_path / "." / "rep" / "curve.png", "is the report folder's curve.png")):
+                       (f"{tmp_path}/elsewhere/../rep/curve.png", "is the report folder's curve.png")):
         out = _usage_error(["learn", str(data), "--out", str(rep), "--quiet", "--predictions", str(path)])
         assert "Invalid value for --predictions" in out and said in out, out
         assert not rep.exists()
     _ok(["learn", str(data), "--out", str(rep), "--quiet", "--prior-var", "1", "--predictions", str(rep / "p.csv")])
     assert len(_pred_rows(rep / "p.csv")) == 121 and (rep / "metrics.json").exists()
     model = (rep / "model.npz").read_bytes()
-    for path, said in ((data, "d.csv is the data file"), (rep / "model.npz", "rep/model.npz is the report folder's model.npz")):
+    for path, said in ((data, "d.csv is the data file"), (rep / "model.npz", "rep/model.npz is the report folder's model.npz"),
+                       (rep / "shards" / "model.json", "is the report folder's shards/model.json")):
         out = _usage_error(["predict", "--model-dir", str(rep), str(data), "--out", str(path)])
         assert "Invalid value for --out" in out and said in out, out
     assert data.read_text() == before and (rep / "model.npz").read_bytes() == model

@@ -54,10 +54,10 @@ def check_output(path, option: str, data=None, report=None) -> None:
             and os.path.samefile(path, data):
         raise click.BadParameter(f"{path} is the data file: the data would be replaced", param_hint=option)
     if report is not None:
-        real = os.path.realpath(path)
-        if os.path.dirname(real) == os.path.realpath(report) and (
-                os.path.basename(real) in REPORT_FILES or real.endswith(".png")):
-            raise click.BadParameter(f"{path} is the report folder's {os.path.basename(real)}", param_hint=option)
+        real, folder = os.path.realpath(path), os.path.realpath(report)
+        if os.path.dirname(real) == os.path.join(folder, "shards") or os.path.dirname(real) == folder and (
+                os.path.basename(real) in REPORT_FILES or real.endswith(".png")):   # (shards/: a Dask run's model)
+            raise click.BadParameter(f"{path} is the report folder's {os.path.relpath(real, folder)}", param_hint=option)
 
 
 def _listed(files: dict) -> set:
