@@ -324,6 +324,7 @@ def test_errors(tmp_path):
         with pytest.raises(ValueError, match=re.escape("keys[1] = nan: a missing value is not a key")):
             keyed.learn(keys, X, Y)
     assert len(keyed) == 0  # bad input: nothing learned, no key added
+    assert not keyed.known([float("nan")])[0]   # (asked, not learned: a NaN is simply no key of it)
     with pytest.raises(KeyError, match=re.escape("no state for key 'zz': it has not appeared")):
         keyed.state(np.str_("zz"))   # (not np.str_('zz'))
     keyed.learn([("a", 1), "b", "b", 2], X, Y)

@@ -278,6 +278,8 @@ def test_bad_rows_are_refused_before_anything_changes():
     with pytest.raises(ValueError, match=re.escape("the target must be finite numbers, got nan at row 1 (from 0) "
                                                    "of this learn_many")):   # (it offered skip_bad_rows=True)
         reg.learn_many(pd.DataFrame({"a": [1.0, 2.0]}), pd.Series([1.0, np.nan]))
+    with pytest.raises(ValueError, match=re.escape("the target must be finite numbers, got 'high' in this learn_many")):
+        reg.learn_many(pd.DataFrame({"a": [1.0, 2.0]}), pd.Series([1.0, "high"]))
     assert reg._columns == {} and reg.predict_one({"a": 3.0}) == pytest.approx(0.5)
 
 

@@ -187,7 +187,8 @@ def test_bad_settings_and_input_are_reported():
                     (lambda: KalmanClassifier(method="ekf").fit(X, c).predict(X * 1e160), "X[0, 0]")):
         with pytest.raises(ValueError, match=re.escape(at) + r" = \S+ is too large \(beyond ±1e\+150"):
             fit()
-    for y in (np.full(len(c), "a"), ["a"] * len(c)):   # (NumPy's "ufunc 'absolute' did not contain a loop")
+    # (NumPy's "ufunc 'absolute' did not contain a loop", or "could not convert string to float")
+    for y in (np.full(len(c), "a"), ["a"] * len(c), np.array([1.0] * (len(c) - 1) + ["a"], object)):
         with pytest.raises(ValueError, match=re.escape("y must be numbers (a regression target), got values such as 'a'")):
             KalmanRegressor(method="ekf").fit(X, y)
     for one, shown in ((np.full(len(c), 3), "(3)"), (np.full(len(c), "a"), "('a')")):   # not (np.int64(3))

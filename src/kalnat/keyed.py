@@ -245,7 +245,7 @@ class Keyed:
             index, ukeys, first, inv = {}, [], [], np.empty(n, np.int64)
             for i, k in enumerate(keys):
                 k = plain(k)
-                if isinstance(k, float) and math.isnan(k):  # unequal to itself: each a key of its own, never found again
+                if add and isinstance(k, float) and math.isnan(k):  # unequal to itself: each a key of its own, never found again
                     raise ValueError(f"keys[{i}] = {k!r}: a missing value is not a key (drop those rows "
                                      "or give them a key)")
                 try:

@@ -497,7 +497,11 @@ class KalmanRegressor(_Features, base.MiniBatchRegressor):
         return proba.Gaussian._from_state(n=1, m=mean, var=float(pred.obs_cov[0, 0]), ddof=0)
 
     def learn_many(self, X, y):
-        y = np.asarray(y, np.float64)
+        try:
+            y = np.asarray(y, np.float64)
+        except (TypeError, ValueError):  # (NumPy's "could not convert string to float")
+            raise ValueError(f"the target must be finite numbers, got {next(v for v in y if not isinstance(v, numbers.Real))!r} "
+                             "in this learn_many") from None
         bad = np.flatnonzero(~np.isfinite(y))
         if bad.size:  # (kalnat.fit's message offers skip_bad_rows, which learn_many has not)
             raise ValueError(f"the target must be finite numbers, got {float(y[bad[0]])!r} at row {bad[0]} (from 0) of "

@@ -85,10 +85,17 @@ def _in_range(a, what: str):
 
 
 def _numeric(y):
-    """A regression target ``y`` of numbers, or a ``ValueError`` (scikit-learn's ``y_numeric``
-    converts only an object array; an array of text reached NumPy's arithmetic)."""
-    if y.dtype.kind not in "biuf":
-        raise ValueError(f"y must be numbers (a regression target), got values such as {plain(y.flat[0])!r}")
+    """A regression target as given, or a ``ValueError`` where it holds text (scikit-learn's
+    ``y_numeric`` converts an object array, with NumPy's "could not convert string to float",
+    and passes an array of str to NumPy's arithmetic, "ufunc 'absolute' did not contain a loop")."""
+    if y is None:  # (scikit-learn's own message for it)
+        return y
+    a = np.asarray(y)
+    text = a.ravel()[:1] if a.dtype.kind in "US" else []
+    if a.dtype.kind == "O":
+        text = [v for v in a.ravel() if not isinstance(v, numbers.Real)][:1]
+    if len(text):
+        raise ValueError(f"y must be numbers (a regression target), got values such as {plain(text[0])!r}")
     return y
 
 
@@ -330,8 +337,9 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
 
     def fit(self, X, y):
         """Learns the rows of ``X (n, p)``, ``y (n,)`` in order, from a fresh state."""
-        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
-        _in_range(X, "X"), _in_range(_numeric(y), "y")
+        X, y = validate_data(self, X, _numeric(y), dtype=np.float64, y_numeric=True)
+        _in_range(X, "X")
+        _in_range(y, "y")
         self._begin(X.shape[1], y)
         self._learn(X, self._target(y))
         return self
@@ -339,8 +347,9 @@ class KalmanRegressor(RegressorMixin, _KalmanEstimator):
     def partial_fit(self, X, y):
         """Learns the rows of ``X``, ``y`` from the current state."""
         first = not hasattr(self, "state_")
-        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, reset=first)
-        _in_range(X, "X"), _in_range(_numeric(y), "y")
+        X, y = validate_data(self, X, _numeric(y), dtype=np.float64, y_numeric=True, reset=first)
+        _in_range(X, "X")
+        _in_range(y, "y")
         if first:
             self._begin(X.shape[1], y)
         self._learn(X, self._target(y))
