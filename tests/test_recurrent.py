@@ -344,6 +344,12 @@ def test_fit_sequence_chunks_and_pieces_are_one_stream(tmp_path):
     checkpoint.save(tmp_path / "mid.npz", first.state)
     restored = checkpoint.load(tmp_path / "mid.npz", ng.init(params))
     second = recurrent.fit_sequence(ng, restored, x[37:], y[37:], chunk_size=10)
+    # no steps: the state as it was, and predictions and log-likelihoods of no steps, shaped as
+    # those of one (they were None)
+    none = recurrent.fit_sequence(ng, first.state, x[:0], y[:0])
+    assert none.state is first.state and none.log_likelihood.shape == (0,)
+    for a, b in zip(none.predictions, first.predictions):
+        assert (a is None) == (b is None) and (a is None or a.shape == (0,) + b.shape[1:])
     th = ravel_pytree(whole.state.params)[0]
     for other in (chunked.state, second.state):
         assert _rel(ravel_pytree(other.params)[0], th) < 1e-12

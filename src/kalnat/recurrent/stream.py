@@ -137,8 +137,16 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
         y = yl.reshape((nb, t_len) + ev_shape)
     skipped = bad & live if skip_bad_rows else np.zeros((nb, t_len), bool)
     skipped_out = skipped[0] if single else skipped
-    if t_len == 0:
-        return FitResult(state, None, skipped_out)
+    if t_len == 0:  # no step; kept predictions are of no steps, their shapes traced, not compiled
+        if not return_predictions:
+            return FitResult(state, None, skipped_out)
+        learner.check_given_hyper(hyper, state)
+        one = (np.zeros((1, nb) + x.shape[2:], dtype), np.zeros((1, nb) + y.shape[2:], y.dtype), np.ones((1, nb), bool))
+        _, out = jax.eval_shape(functools.partial(chunk_fn(learner, True), device_hyper(learner, hyper, dtype)),
+                                state, *one)
+        predictions, ll = jax.tree_util.tree_map(
+            lambda a: _batch_major(np.zeros((0,) + a.shape[1:], a.dtype), single), out)
+        return FitResult(state, predictions, skipped_out, ll)
 
     # Time-major: the scan runs over time, each step over the B sequences.
     xt = np.swapaxes(x, 0, 1).astype(dtype, copy=False)
