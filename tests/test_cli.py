@@ -953,9 +953,9 @@ def test_an_output_file_that_is_the_data_or_a_report_file_is_refused(tmp_path, l
     assert data.read_text() == before and (rep / "model.npz").read_bytes() == model
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b,y\n1,2,0\n1,x,1\n")
-    _user_error(["learn", str(bad), "--out", str(tmp_path / "failed"), "--quiet", "--predictions",
-                 str(tmp_path / "failed" / "p.csv")])
-    assert not (tmp_path / "failed").exists()
+    _user_error(["learn", str(bad), "--out", str(tmp_path / "failed" / "a" / "b"), "--quiet", "--predictions",
+                 str(tmp_path / "failed" / "a" / "b" / "p.csv")])
+    assert not (tmp_path / "failed").exists()   # nor the folders above it that the run made
 
 
 def test_learn_predictions_csv_for_counts(tmp_path):

@@ -328,9 +328,12 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
 
     # predictions written into the report folder (--out R --predictions R/p.csv): the folder is
     # made first, and removed again if the run fails before writing anything else in it
-    made = (predictions_path not in (None, "-") and not os.path.isdir(out_dir)
-            and os.path.dirname(os.path.realpath(predictions_path)) == os.path.realpath(out_dir))
-    if made:
+    made = None  # the outermost of the folders made for it (--out a/b/R: a, where a was not there)
+    if (predictions_path not in (None, "-") and not os.path.isdir(out_dir)
+            and os.path.dirname(os.path.realpath(predictions_path)) == os.path.realpath(out_dir)):
+        made = os.path.abspath(out_dir)
+        while not os.path.exists(os.path.dirname(made)):
+            made = os.path.dirname(made)
         make_folder(out_dir, "--out")
     try:
         with output_file(predictions_path, "--predictions") as pred_file:   # complete, or not written
@@ -340,9 +343,13 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
                                             predictions=pred_file,
                                             programs=None if folder is None else os.path.join(folder, "programs"))
     except BaseException:
-        if made:
+        folder = os.path.abspath(out_dir)
+        while made is not None:  # each folder made, innermost first, while empty
             with contextlib.suppress(OSError):
-                os.rmdir(out_dir)
+                os.rmdir(folder)
+            if folder == made:
+                break
+            folder = os.path.dirname(folder)
         raise
     make_folder(out_dir, "--out")
     metrics = result.metrics
