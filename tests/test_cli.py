@@ -829,13 +829,13 @@ def test_learn_predictions_csv_for_a_classifier_with_a_skipped_row(tmp_path):
 
 def test_a_scheduler_that_cannot_be_reached_is_named_without_a_traceback(tmp_path):
     """--scheduler with no scheduler there (a refused port, after Dask's connect timeout, set to
-    1 s here) or not an address: a usage error naming the option and why (it was a 72-line
+    0.2 s here) or not an address: a usage error naming the option and why (it was a 72-line
     traceback), and nothing written."""
     dask = pytest.importorskip("dask")
     pytest.importorskip("distributed")
     data = tmp_path / "k.csv"
     data.write_text("user,a,y\nu,1,0\nv,2,1\n")
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+    with dask.config.set({"distributed.comm.timeouts.connect": "200ms"}):
         for address, said in (("tcp://127.0.0.1:1", "cannot connect to tcp://127.0.0.1:1 (Timed out trying to connect"),
                               ("bogus", "cannot connect to bogus (missing port number in address 'bogus')")):
             out = _usage_error(["learn", str(data), "--out", str(tmp_path / "o"), "--quiet", "--key", "user",
