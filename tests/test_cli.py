@@ -373,6 +373,9 @@ def test_options_that_do_not_go_together_or_out_of_range_are_usage_errors(tmp_pa
             (["learn", logistic_csv, "--family", "poisson", "--classes", "0,1"],
              "Invalid value for --classes: labels of classes, for a bernoulli or categorical target, not a poisson one"),
             (["learn", logistic_csv, "--shuffle", "-1"], "Invalid value for '--shuffle': -1 is not in the range x>=0"),
+            *((["learn", logistic_csv, "--delimiter", d], f"Invalid value for --delimiter: {d!r}: a separator cannot be "
+               "a character of numbers, a quote or a line break") for d in ('"', "1", ".", "e")),
+            (["compare", logistic_csv, "--lr-grid", "0.1,0.01,0.1"], "Invalid value for --lr-grid: the rate 0.1 is given twice"),
             *((["compare", logistic_csv, "--lr-grid", f"0.1,{v}"], f"Invalid value for --lr-grid: learning rates are "
                f"positive numbers, not {v}") for v in ("nan", "0.0", "-1.0", "inf")),
             (["learn", logistic_csv, "--workers", "2"],

@@ -286,6 +286,13 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
     np.testing.assert_array_equal(_all(src)[0], [[2.5, 3], [4, 5]])
 
 
+def test_a_delimiter_at_the_end_of_each_line_is_named_as_the_likely_cause(tmp_path):
+    path = _write(tmp_path, "a,b,y,\n1,2,0,\n3,4,1,\n")
+    with pytest.raises(ds.DataError, match=re.escape("d.csv, line 2, column '': empty value (a column the header gives "
+                                                     "no name: a delimiter at the end of each line?)")):
+        _all(ds.open_source(path, target="y"))
+
+
 def test_prediction_needs_the_trained_features(tmp_path):
     path = _write(tmp_path, "b,extra\n1,2\n")
     with pytest.raises(ds.DataError, match="missing feature column.*: a$"):

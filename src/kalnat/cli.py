@@ -627,6 +627,9 @@ def compare(data, out_dir, lr_grid, kalnat_grid, **kw):
     bad = [v for v in lrs if not 0 < v < float("inf")]
     if bad:
         raise click.BadParameter(f"learning rates are positive numbers, not {bad[0]}", param_hint="--lr-grid")
+    twice = [v for i, v in enumerate(lrs) if v in lrs[:i]]
+    if twice:  # (run twice, and one line of the grid's table)
+        raise click.BadParameter(f"the rate {twice[0]:g} is given twice", param_hint="--lr-grid")
     source = _open(data, kw)
     report = _compare.run(source, cfg, lrs=lrs, kalnat_grid=kalnat_grid,
                           log=lambda m: click.echo(m, err=True))

@@ -109,4 +109,6 @@ def parse_delimiter(text: str) -> str:
     if len(value) != 1:
         names = ", ".join(sorted(k for k in DELIMITER_NAMES if k.isalpha()))
         raise ValueError(f"--delimiter {text!r}: expected one character or one of {names} (or \\t)")
+    if value.isalnum() or value in "\".+-\r\n":  # part of a number, CSV's quote, or a line's end
+        raise ValueError(f"--delimiter {text!r}: a separator cannot be a character of numbers, a quote or a line break")
     return value

@@ -547,6 +547,8 @@ def _parse(label, header, rows, lines, f_idx, t_idx, skip, skipped, k_idx=None) 
                 except ValueError:
                     good[k] = False
                     what = "empty value" if not str(v).strip() else f"non-numeric value {str(v)!r}"
+                    if not header[f_idx[j]] and not str(v).strip():  # a column with no name and no value
+                        what += " (a column the header gives no name: a delimiter at the end of each line?)"
                     _bad(label, lines[k], header[f_idx[j]], what, skip, skipped)
                     break
         good &= np.isfinite(np.where(good[:, None], X, 0.0)).all(axis=1)
