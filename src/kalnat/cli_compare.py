@@ -44,9 +44,9 @@ def _why_none(losses: list) -> str:
 def _cell(value, spec: str, log_loss: bool = True) -> str:
     """A score in the table: "not scored" (``None``), "diverged" (not finite, or a log-loss
     past DIVERGED_LOG_LOSS; an RMSE in the target's units may be any size), else the number."""
-    if value is None:
-        return "not scored"
-    return "diverged" if (diverged(value) if log_loss else not math.isfinite(value)) else format(value, spec)
+    if value is not None and (diverged(value) if log_loss else not math.isfinite(value)):
+        return "diverged"
+    return cli_report.shown(value, spec)
 
 
 def _read_all(source: datasets.Source, cfg: dict, log):

@@ -47,7 +47,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 import kalnat
 from kalnat import estimators, scaling
-from kalnat.datasets import MAX_MAGNITUDE
+from kalnat.datasets import MAX_MAGNITUDE, _too_large
 from kalnat.estimators import COVARIANCES, METHODS
 from kalnat.validation import plain
 
@@ -79,8 +79,7 @@ def _in_range(a, what: str):
     big = np.abs(a) > MAX_MAGNITUDE
     if big.any():
         at = np.unravel_index(int(np.flatnonzero(big)[0]), a.shape)
-        raise ValueError(f"{what}[{', '.join(map(str, at))}] = {float(a[at]):g} is too large (beyond "
-                         f"±{MAX_MAGNITUDE:g}, where standardising it overflows); rescale it")
+        raise ValueError(f"{what}[{', '.join(map(str, at))}]: {_too_large(f'{float(a[at]):g}')}")
     return a
 
 
