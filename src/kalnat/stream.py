@@ -122,6 +122,19 @@ def chunk_fn(learner, keep: bool):
         donate_argnums=(1,), compiler_options=options))
 
 
+def no_steps(learner, hyper, state, dtype, x_shape, y_shape, y_dtype, width: int = 1):
+    """``(predictions, log_lik)`` of no steps, leaves ``(0, width, …)``: what :func:`chunk_fn`'s
+    program returns for steps of ``width`` rows (each ``x_shape``, and ``y_shape`` of ``y_dtype``),
+    its shapes traced (``jax.eval_shape``), nothing compiled: :func:`fit` of no rows (and
+    ``fit_sequence`` of no steps) keeps the arrays its docstring names, of length 0."""
+    learner.check_given_hyper(hyper, state)
+    one = (np.zeros((1, width) + tuple(x_shape), dtype), np.zeros((1, width) + tuple(y_shape), y_dtype),
+           np.ones((1, width), bool))
+    _, out = jax.eval_shape(functools.partial(chunk_fn(learner, True), device_hyper(learner, hyper, dtype)),
+                            state, *one)
+    return jax.tree_util.tree_map(lambda a: np.zeros((0,) + a.shape[1:], a.dtype), out)
+
+
 def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int = 256,
         return_predictions: bool = True, progress: bool = False,
         callback: Optional[Callable] = None, skip_bad_rows: bool = False, hyper=None,
@@ -168,14 +181,11 @@ def fit(learner: Learner, state, X, Y, *, batch_size: int = 1, chunk_size: int =
         bad = np.zeros(xs.shape[0], bool)
     n = xs.shape[0]
     dtype = np.dtype(learner._dtype(state))
-    if n == 0:  # no step; kept predictions are n = 0 rows of their shapes, traced, not compiled
+    if n == 0:
         if not return_predictions:
             return FitResult(state, None, bad)
-        learner.check_given_hyper(hyper, state)
-        one = (np.zeros((1, 1) + xs.shape[1:], dtype), np.zeros((1, 1) + ys.shape[1:], ys.dtype), np.ones((1, 1), bool))
-        _, out = jax.eval_shape(functools.partial(chunk_fn(learner, True), device_hyper(learner, hyper, dtype)),
-                                state, *one)
-        predictions, ll = jax.tree_util.tree_map(lambda a: np.zeros((0,) + a.shape[2:], a.dtype), out)
+        empty = no_steps(learner, hyper, state, dtype, xs.shape[1:], ys.shape[1:], ys.dtype)
+        predictions, ll = jax.tree_util.tree_map(lambda a: a[:, 0], empty)
         return FitResult(state, predictions, bad, ll)
 
     n_batches = math.ceil(n / batch_size)

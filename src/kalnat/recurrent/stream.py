@@ -26,7 +26,7 @@ import numpy as np
 
 from kalnat.learners.base import check_range, device_hyper, representable
 from kalnat.recurrent.base import RecurrentLearner, _check_numeric
-from kalnat.stream import FitResult, bad_rows_of, chunk_fn, drive_chunks, pad_chunk
+from kalnat.stream import FitResult, bad_rows_of, chunk_fn, drive_chunks, no_steps, pad_chunk
 from kalnat.validation import positive_int
 
 __all__ = ["fit_sequence"]
@@ -137,15 +137,11 @@ def fit_sequence(learner: RecurrentLearner, state, X, Y, *, lengths=None, chunk_
         y = yl.reshape((nb, t_len) + ev_shape)
     skipped = bad & live if skip_bad_rows else np.zeros((nb, t_len), bool)
     skipped_out = skipped[0] if single else skipped
-    if t_len == 0:  # no step; kept predictions are of no steps, their shapes traced, not compiled
+    if t_len == 0:
         if not return_predictions:
             return FitResult(state, None, skipped_out)
-        learner.check_given_hyper(hyper, state)
-        one = (np.zeros((1, nb) + x.shape[2:], dtype), np.zeros((1, nb) + y.shape[2:], y.dtype), np.ones((1, nb), bool))
-        _, out = jax.eval_shape(functools.partial(chunk_fn(learner, True), device_hyper(learner, hyper, dtype)),
-                                state, *one)
-        predictions, ll = jax.tree_util.tree_map(
-            lambda a: _batch_major(np.zeros((0,) + a.shape[1:], a.dtype), single), out)
+        empty = no_steps(learner, hyper, state, dtype, x.shape[2:], y.shape[2:], y.dtype, width=nb)
+        predictions, ll = jax.tree_util.tree_map(lambda a: _batch_major(a, single), empty)
         return FitResult(state, predictions, skipped_out, ll)
 
     # Time-major: the scan runs over time, each step over the B sequences.
