@@ -28,7 +28,8 @@ from kalnat.cli_choices import (
     AUTO_FLOAT32_ABOVE, AUTO_FULL_MAX, COVARIANCES, DEFAULT_RANK, DEFAULT_SCALING, DTYPES, FAMILIES, METHOD_NAMES,
     SCALINGS, parse_covariance, parse_delimiter, parse_model, resolve_dtype,
 )
-from kalnat.cli_files import check_folder, check_output, make_folder, output_file, remove_stale, write_json
+from kalnat.cli_files import (check_folder, check_output, folder_for, make_folder, output_file, remove_stale,
+                              write_json)
 from kalnat.datasets import DataError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -326,31 +327,13 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
     _jax()
     from kalnat import cli_learn, cli_report
 
-    # predictions written into the report folder (--out R --predictions R/p.csv): the folder is
-    # made first, and removed again if the run fails before writing anything else in it
-    made = None  # the outermost of the folders made for it (--out a/b/R: a, where a was not there)
-    if (predictions_path not in (None, "-") and not os.path.isdir(out_dir)
-            and os.path.dirname(os.path.realpath(predictions_path)) == os.path.realpath(out_dir)):
-        made = os.path.abspath(out_dir)
-        while not os.path.exists(os.path.dirname(made)):
-            made = os.path.dirname(made)
-        make_folder(out_dir, "--out")
-    try:
-        with output_file(predictions_path, "--predictions") as pred_file:   # complete, or not written
-            folder = cache_dir()
-            result = cli_learn.learn_stream(source, cfg, progress=not quiet,
-                                            log=None if quiet else (lambda m: click.echo(m, err=True)),
-                                            predictions=pred_file,
-                                            programs=None if folder is None else os.path.join(folder, "programs"))
-    except BaseException:
-        folder = os.path.abspath(out_dir)
-        while made is not None:  # each folder made, innermost first, while empty
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-            if folder == made:
-                break
-            folder = os.path.dirname(folder)
-        raise
+    # (output_file: complete, or not written; folder_for: --predictions inside --out, made for it)
+    with folder_for(predictions_path, out_dir, "--out"), output_file(predictions_path, "--predictions") as pred_file:
+        folder = cache_dir()
+        result = cli_learn.learn_stream(source, cfg, progress=not quiet,
+                                        log=None if quiet else (lambda m: click.echo(m, err=True)),
+                                        predictions=pred_file,
+                                        programs=None if folder is None else os.path.join(folder, "programs"))
     make_folder(out_dir, "--out")
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"

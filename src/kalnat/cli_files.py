@@ -103,6 +103,33 @@ def write_json(path: str, obj) -> None:
         json.dump(strict(obj), f, indent=2, allow_nan=False)
 
 
+@contextlib.contextmanager
+def folder_for(path, folder: str, option: str):
+    """A block that writes the file ``path`` inside the report ``folder``, not yet made (``kalnat
+    learn --out R --predictions R/p.csv``): the folder is made first, and on an exception every
+    folder made for it (``--out a/b/R``: a, b and R where none was there) is removed again,
+    innermost first, while empty. Any other ``path`` (None, ``-``, elsewhere): nothing done."""
+    if path in (None, "-") or os.path.isdir(folder) or \
+            os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        yield
+        return
+    outermost = os.path.abspath(folder)
+    while not os.path.exists(os.path.dirname(outermost)):
+        outermost = os.path.dirname(outermost)
+    make_folder(folder, option)
+    try:
+        yield
+    except BaseException:
+        made = os.path.abspath(folder)
+        while True:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+            if made == outermost:
+                break
+            made = os.path.dirname(made)
+        raise
+
+
 def make_folder(path: str, option: str) -> None:
     """``os.makedirs(path)``, its failure a usage error for ``option``."""
     try:
