@@ -232,9 +232,9 @@ def _config(kw) -> dict:
                               "covariance", "dtype")}
     if cfg["classes"]:
         cfg["classes"] = [c.strip() for c in cfg["classes"].split(",") if c.strip()]
-        dupes = sorted({c for c in cfg["classes"] if cfg["classes"].count(c) > 1})
-        if dupes:  # (the second '0' took label 0's index, and the first was never predicted)
-            raise click.BadParameter(f"the label {dupes[0]!r} is given twice", param_hint="--classes")
+        twice = _twice(cfg["classes"])
+        if twice is not None:  # (the second '0' took label 0's index, and the first was never predicted)
+            raise click.BadParameter(f"the label {twice!r} is given twice", param_hint="--classes")
         if cfg["family"] in ("gaussian", "poisson"):
             raise click.BadParameter(f"labels of classes, for a bernoulli or categorical target, not a "
                                      f"{cfg['family']} one", param_hint="--classes")
@@ -249,6 +249,11 @@ def _config(kw) -> dict:
     if not 0 <= cfg["clip"] < float("inf"):
         raise click.BadParameter("must be 0 (no clipping) or a positive number", param_hint="--clip")
     return cfg
+
+
+def _twice(values):
+    """The first of ``values`` that an earlier one equals, or ``None``."""
+    return next((v for i, v in enumerate(values) if v in values[:i]), None)
 
 
 def _option_value(parse, value, hint: str):
@@ -610,9 +615,8 @@ def compare(data, out_dir, lr_grid, kalnat_grid, **kw):
     bad = [v for v in lrs if not 0 < v < float("inf")]
     if bad:
         raise click.BadParameter(f"learning rates are positive numbers, not {bad[0]}", param_hint="--lr-grid")
-    twice = [v for i, v in enumerate(lrs) if v in lrs[:i]]
-    if twice:  # (run twice, and one line of the grid's table)
-        raise click.BadParameter(f"the rate {twice[0]:g} is given twice", param_hint="--lr-grid")
+    if _twice(lrs) is not None:  # (run twice, and one line of the grid's table)
+        raise click.BadParameter(f"the rate {_twice(lrs):g} is given twice", param_hint="--lr-grid")
     source = _open(data, kw)
     report = _compare.run(source, cfg, lrs=lrs, kalnat_grid=kalnat_grid,
                           log=lambda m: click.echo(m, err=True))
