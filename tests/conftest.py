@@ -58,12 +58,15 @@ if "KALNAT_TEST_XLA_FLAGS_TRIED" not in os.environ and not os.environ.get("KALNA
                 print(f"tests/conftest.py: running without XLA option {_flag} ({_why})", file=sys.stderr)
     os.environ["XLA_FLAGS"] = _flags
 
-# Python's cyclic garbage collector less often: a test process holds about a million objects
-# (JAX's traced, lowered and compiled programs), and each full collection went through them all,
-# 31 times in tests/test_structured.py (6.8 s of its ~120 s in one process, and 12.6 s of all
-# collections with test_equivalence.py) with Python's thresholds (700, 10, 10); with these, 7
-# full collections and 1.2 s of all three generations' (the same tests, peak memory within 2 %).
-# Objects freed by their reference counts (most of them) are freed as before.
+# Python's cyclic garbage collector (CPython 3.11's thresholds): a test process holds about a
+# million objects (JAX's traced, lowered and compiled programs), and each full collection went
+# through them all, 31 times in tests/test_structured.py with Python's thresholds (700, 10, 10):
+# 6.8 s of its ~120 s in one process, and 7.8 s with the younger generations'. With these, a
+# full collection comes only where something asks for one (pytest at its end, the tests that
+# check what is freed, the clearing below): one there (0.1 s), 1.1 s with the younger
+# generations' (KALNAT_TEST_COMPILE_TIMES=1 prints each generation's seconds).
+# Objects freed by their reference counts (most of them) are freed as before; cycles (a learner
+# and the programs that close over it) wait for the next full collection.
 gc.set_threshold(100_000, 50, 100)
 
 # The BLAS and LAPACK libraries on one thread, set before they load: the tests call jitted
@@ -124,14 +127,16 @@ def _maps() -> int:
 def _release_compiled_programs():
     yield
     if os.path.exists(_MAPS) and _maps() > _clear_above[0]:
+        gc.collect()  # the learners no test holds, and the programs that close over them, first
         jax.clear_caches()
         _clear_above[0] = max(MAPS_BEFORE_CLEARING, _maps() + MAPS_BEFORE_CLEARING // 2)
 
 
 # KALNAT_TEST_COMPILE_TIMES=1: where the suite's seconds go in JAX (the README quotes a run).
 # Each pytest process adds up JAX's own timings of tracing, lowering and compiling
-# (jax.monitoring) and leaves them in a folder the controller made; the controller prints their
-# sums. The subprocesses the tests start (the 8-device run, Dask's workers) are not counted.
+# (jax.monitoring), and the seconds of Python's garbage collections, and leaves them in a folder
+# the controller made; the controller prints their sums. The subprocesses the tests start (the
+# 8-device run, Dask's workers) are not counted.
 if os.environ.get("KALNAT_TEST_COMPILE_TIMES") == "1":
     import collections
     import json
@@ -152,6 +157,19 @@ if os.environ.get("KALNAT_TEST_COMPILE_TIMES") == "1":
 
     jax.monitoring.register_event_duration_secs_listener(_timed)
 
+    import time
+
+    _collecting = [0.0]
+
+    def _collection(phase, info):  # Python's cyclic garbage collector, each generation apart
+        if phase == "start":
+            _collecting[0] = time.perf_counter()
+        else:
+            _timed(f"Python's garbage collector, generation {info['generation']}",
+                   time.perf_counter() - _collecting[0])
+
+    gc.callbacks.append(_collection)
+
     def pytest_sessionfinish(session):  # a worker's, before it tells the controller it is done
         with open(os.path.join(os.environ["KALNAT_TEST_COMPILE_TIMES_DIR"], f"{os.getpid()}.json"), "w") as f:
             json.dump(_times, f)
@@ -167,19 +185,21 @@ if os.environ.get("KALNAT_TEST_COMPILE_TIMES") == "1":
                     sums[event][1] += count
         if os.path.basename(folder).startswith("kalnat-tests-times-"):  # the one made above
             shutil.rmtree(folder, ignore_errors=True)
-        terminalreporter.section("JAX's time in the pytest processes, not their subprocesses "
-                                 "(KALNAT_TEST_COMPILE_TIMES)")
+        terminalreporter.section("JAX's time and Python's garbage collections in the pytest processes, "
+                                 "not their subprocesses (KALNAT_TEST_COMPILE_TIMES)")
         for event, (seconds, count) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
             terminalreporter.write_line(f"{seconds:8.1f} s {count:7d}  {event}")
 
 
 # A test worker that has finished (its results are with the controller, which waits for the
-# process to end) leaves at once, skipping the exit functions registered before this one and
-# Python's teardown: JAX's own (clear_backends, clear_caches) frees the thousands of programs the
-# worker compiled one by one, and with Python's teardown it took 3–6 s after the last test, which
-# the whole run waited for (the controller's teardown of its workers: 5.5 s in one full run).
-# Registered when the worker's pytest is done, so that exit functions registered later (none of
-# kalnat's) still run first; threads that are not daemons have been joined by then.
+# process to end) leaves at once. That skips every exit function registered before this one, and
+# Python's teardown: JAX's (clear_backends, clear_caches) freed the thousands of programs the
+# worker compiled one by one, and with Python's teardown took 3–6 s after the last test, which
+# the whole run waited for (the controller's teardown of its workers: 5.5 s in one full run, 1.7 s
+# with this). Also skipped: logging's, multiprocessing's and weakref.finalize's, which the tests
+# leave nothing to (no forked pools once JAX is imported, temporary folders in `with` blocks).
+# Registered when the worker's pytest is done, so that exit functions registered later still run
+# first; threads that are not daemons have been joined by then.
 def pytest_unconfigure(config):
     if hasattr(config, "workerinput"):
         import atexit
