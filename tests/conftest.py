@@ -108,14 +108,26 @@ jax.config.update("jax_enable_x64", True)
 
 import pytest  # noqa: E402
 
-# Each compiled XLA CPU program keeps about 30 memory maps of its own while JAX caches it, and
-# Linux allows a process 65 530 (vm.max_map_count): a test worker that had compiled some 2 000
-# programs failed to map the next one ("LLVM compilation error: Cannot allocate memory") and
-# crashed in XLA's compiler. After a test, a worker past half that drops JAX's caches; programs
-# used again come back from the persistent cache above.
-MAPS_BEFORE_CLEARING = 32_000
+# Each compiled XLA CPU program keeps memory maps of its own while JAX caches it (here 6 for an
+# operation run outside jit, 34 on average for a fit's programs and up to 219; up to 371 with
+# XLA's default options), and Linux allows a process 65 530 (vm.max_map_count): a test worker
+# that had compiled some 2 000 programs failed to map the next one ("LLVM compilation error:
+# Cannot allocate memory") and crashed in XLA's compiler. After a test, a worker past 40 000 maps
+# drops JAX's caches; programs used again come back from the persistent cache above. A clearing
+# costs seconds (freeing the programs, and the full collection before it: 7 s at 32 000 maps),
+# and the most a worker held in a full run without one was 21 086 and 30 953, so a run rarely
+# clears at all.
+MAPS_BEFORE_CLEARING = 40_000
 _MAPS = "/proc/self/maps"
 _clear_above = [MAPS_BEFORE_CLEARING]  # raised when a clearing leaves many maps (live programs)
+# Reading /proc/self/maps takes about 1 µs a map: after every test it took 3.6–4.1 s of each
+# worker's time in a full run (495 and 537 reads). So a worker counts the programs JAX loads
+# (each one compiled or read from the persistent cache reports a backend compile) and reads its
+# maps only once so many programs could have taken it past the bound, at MAPS_PER_PROGRAM each
+# (more than any program above).
+MAPS_PER_PROGRAM = 400
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_programs_since = [0]  # programs loaded since the maps were last read
 
 
 def _maps() -> int:
@@ -123,13 +135,31 @@ def _maps() -> int:
         return f.read().count(b"\n")
 
 
+def _count_program(event, seconds, **_):
+    if event == _BACKEND_COMPILE:
+        _programs_since[0] += 1
+
+
+import jax.monitoring  # noqa: E402
+
+jax.monitoring.register_event_duration_secs_listener(_count_program)
+jax.jit(lambda x: x + 1).lower(1.0).compile()
+_counting = _programs_since[0] > 0  # a JAX that no longer reports it: the maps are read after every test
+_maps_read = [_maps() if os.path.exists(_MAPS) else 0]
+
+
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
     yield
-    if os.path.exists(_MAPS) and _maps() > _clear_above[0]:
+    if (_counting and _maps_read[0] + MAPS_PER_PROGRAM * _programs_since[0] <= _clear_above[0]) \
+            or not os.path.exists(_MAPS):
+        return
+    _maps_read[0], _programs_since[0] = _maps(), 0
+    if _maps_read[0] > _clear_above[0]:
         gc.collect()  # the learners no test holds, and the programs that close over them, first
         jax.clear_caches()
-        _clear_above[0] = max(MAPS_BEFORE_CLEARING, _maps() + MAPS_BEFORE_CLEARING // 2)
+        _maps_read[0] = _maps()
+        _clear_above[0] = max(MAPS_BEFORE_CLEARING, _maps_read[0] + 16_000)
 
 
 # KALNAT_TEST_COMPILE_TIMES=1: where the suite's seconds go in JAX (the README quotes a run).
