@@ -296,6 +296,12 @@ def _log_loss(out):
         return json.load(f)["final"]["log_loss"]
 
 
+def _score(x, spec):
+    """``x`` formatted by ``spec`` (width and precision), or ``null`` as wide: metrics.json
+    holds null for a score of no row, or of a run that diverged."""
+    return format(x, spec) if x is not None else format("null", ">" + spec.split(".")[0])
+
+
 def quick_compile_table(learn, env, cache, out, repeat):
     """The first, cold and warm runs of ``learn`` with the chunk program compiled quickly
     (``KALNAT_QUICK_COMPILE=1``, what breast_cancer's size chooses) and with XLA's defaults
@@ -310,7 +316,7 @@ def quick_compile_table(learn, env, cache, out, repeat):
     for i, label in enumerate(("first run", "cold cache", "warm cache")):
         q, d = (float(np.median([t[i] for t in times[s]])) for s in ("1", "0"))
         print(f"  {label:<27} {q:9.2f} s {d:13.2f} s {q / d:13.2f}")
-    print(f"  log-loss                    {losses['1']:11.4f} {losses['0']:15.4f}")
+    print(f"  log-loss                    {_score(losses['1'], '11.4f')} {_score(losses['0'], '15.4f')}")
     print("kalnat.fit, one EKF of d parameters: the first fit (compiling) and µs per row after it")
     print("  d     first: quick  defaults   per row: quick  defaults  quick/defaults")
     for d in (4, 32):
@@ -379,8 +385,8 @@ def digits_table(kalnat_cmd, covariances, dtypes, batch_sizes, env, cache, out):
                     with open(os.path.join(out, "metrics.json")) as f:
                         metrics = json.load(f)
                     final = metrics["final"]
-                    print(f"{' '.join(options):<56}{t:>8.1f}{final['log_loss']:>10.4f}"
-                          f"{final['accuracy']:>10.3f}  {metrics['dtype']}", flush=True)
+                    print(f"{' '.join(options):<56}{t:>8.1f}{_score(final['log_loss'], '10.4f')}"
+                          f"{_score(final['accuracy'], '10.3f')}  {metrics['dtype']}", flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -459,7 +465,7 @@ def main():
     t_first, t_cold, t_warm, t_exit = (float(np.median(t)) for t in (firsts, colds, warms, pythons_exit))
     print(f"kalnat --help                 {t_help:6.2f} s   (target 0.3)")
     print(f"kalnat learn, first run       {t_first:6.2f} s                 (empty cache folder)")
-    print(f"kalnat learn, cold cache      {t_cold:6.2f} s   (target 3)    log-loss {log_loss:.4f}")
+    print(f"kalnat learn, cold cache      {t_cold:6.2f} s   (target 3)    log-loss {_score(log_loss, '.4f')}")
     print(f"kalnat learn, warm cache      {t_warm:6.2f} s   (target 1.5)  warm/cold {t_warm / t_cold:.2f}")
     print(f"  the same, Python's exit     {t_exit:6.2f} s                 quick exit/Python's {t_warm / t_exit:.2f}")
     if not args.no_per_row:
