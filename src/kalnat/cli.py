@@ -319,13 +319,14 @@ def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, 
     source = _open(data or datasets.DEFAULT_DATASET, kw, key=key)  # a missing file fails here, before JAX
     from kalnat.figure_workers import FigureWorkers
 
-    if key is not None:
-        if click.get_current_context().get_parameter_source("scaling") == click.core.ParameterSource.DEFAULT:
-            cfg["scaling"] = "running"  # statistics pooled over keys (kalnat.cli_keyed)
-        with FigureWorkers(1) as figures:  # one figure job: the learning curves
-            return _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures)
-    with FigureWorkers() as figures:  # started before JAX is imported (see kalnat.figure_workers)
-        _learn_single(source, cfg, out_dir, quiet, predictions_path, figures)
+    with source:  # a run that stops closes its file
+        if key is not None:
+            if click.get_current_context().get_parameter_source("scaling") == click.core.ParameterSource.DEFAULT:
+                cfg["scaling"] = "running"  # statistics pooled over keys (kalnat.cli_keyed)
+            with FigureWorkers(1) as figures:  # one figure job: the learning curves
+                return _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures)
+        with FigureWorkers() as figures:  # started before JAX is imported (see kalnat.figure_workers)
+            _learn_single(source, cfg, out_dir, quiet, predictions_path, figures)
 
 
 def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
@@ -497,7 +498,7 @@ def predict(model_dir, data, out_file, chunk_rows, skip_bad_rows, delimiter):
     kw = dict(chunk_rows=chunk_rows, skip_bad_rows=skip_bad_rows, delimiter=delimiter)
     source = _open(data, kw, require_target=False, feature_names=model.feature_names,
                    **({"key": model.key_name} if keyed else {}))
-    with output_file(out_file, "--out") as out:   # complete, or not written
+    with source, output_file(out_file, "--out") as out:   # complete, or not written
         n, skipped = model.predict_csv(source, out, skip_bad_rows)
     if keyed and model.unseen_rows:
         click.echo(f"{model.unseen_rows} rows of {model.unseen_keys} keys not seen in learning: predicted "
@@ -617,9 +618,9 @@ def compare(data, out_dir, lr_grid, kalnat_grid, **kw):
         raise click.BadParameter(f"learning rates are positive numbers, not {bad[0]}", param_hint="--lr-grid")
     if _twice(lrs) is not None:  # (run twice, and one line of the grid's table)
         raise click.BadParameter(f"the rate {_twice(lrs):g} is given twice", param_hint="--lr-grid")
-    source = _open(data, kw)
-    report = _compare.run(source, cfg, lrs=lrs, kalnat_grid=kalnat_grid,
-                          log=lambda m: click.echo(m, err=True))
+    with _open(data, kw) as source:
+        report = _compare.run(source, cfg, lrs=lrs, kalnat_grid=kalnat_grid,
+                              log=lambda m: click.echo(m, err=True))
     make_folder(out_dir, "--out")
     report["plot"] = _compare.plot(report, os.path.join(out_dir, "compare.png"))
     write_json(os.path.join(out_dir, "compare.json"), report)

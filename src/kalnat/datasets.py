@@ -255,6 +255,23 @@ class Source:
     # at most this many data rows, where cheaply known (a bundled set's rows, a small file's
     # lines past its header): the command compiles a short job quickly (kalnat.cli_runner)
     rows_at_most: Optional[int] = None
+    # closes the file the chunks are read from (a CSV path's; not standard input)
+    close_file: Optional[Callable[[], None]] = field(default=None, repr=False)
+
+    def close(self):
+        """Closes the file the stream reads. Reading to the end closes it too; a run that stops
+        before then closes it here (``with open_source(…) as source``), not whenever the garbage
+        collector gets to it."""
+        if hasattr(self.chunks, "close"):  # a generator's own clean-up, where it has started
+            self.chunks.close()
+        if self.close_file is not None:
+            self.close_file()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def open_source(data: str, *, target: Optional[str] = None, chunk_rows: int = 10_000,
@@ -408,12 +425,21 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
         except OSError as err:
             raise DataError(label, f"cannot open ({err.strerror})") from None
         close = True
+    try:
+        return _csv_stream(stream, close, label, target, chunk_rows, skip_bad_rows, require_target,
+                           feature_names, delimiter, key)
+    except BaseException:  # a header the command refuses: the file is closed with the error
+        if close:
+            stream.close()
+        raise
+
+
+def _csv_stream(stream, close, label, target, chunk_rows, skip_bad_rows, require_target, feature_names,
+                delimiter, key):
     reader = csv.reader(_without_mark(stream), delimiter=delimiter)
     try:
         header = next(r for r in reader if r)
     except StopIteration:
-        if close:
-            stream.close()
         raise DataError(label, "empty file: expected a header row", line=1) from None
     except UnicodeDecodeError:
         raise DataError(label, f"not UTF-8 text (at or after line {reader.line_num + 1})") from None
@@ -482,7 +508,7 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
 
     tname = header[t_idx] if t_idx is not None else None
     return Source(label, names, tname, chunks(), key_name=key,
-                  rows_at_most=_lines_after(stream, header_line))
+                  rows_at_most=_lines_after(stream, header_line), close_file=stream.close if close else None)
 
 
 def _separator_hint(header) -> str:
