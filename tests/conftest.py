@@ -107,28 +107,35 @@ import jax  # noqa: E402
 # Exactness checks run in float64 (docs/method.md: equivalences hold to rounding).
 jax.config.update("jax_enable_x64", True)
 
+import jax.monitoring  # noqa: E402
 import pytest  # noqa: E402
 
-# Each compiled XLA CPU program keeps memory maps of its own while JAX caches it (here 6 for an
-# operation run outside jit, 34 on average for a fit's programs and up to 219; up to 371 with
-# XLA's default options), and Linux allows a process 65 530 (vm.max_map_count): a test worker
-# that had compiled some 2 000 programs failed to map the next one ("LLVM compilation error:
-# Cannot allocate memory") and crashed in XLA's compiler. After a test, a worker past 40 000 maps
-# drops JAX's caches; programs used again come back from the persistent cache above. A clearing
-# costs seconds (freeing the programs, and the full collection before it: 7 s at 32 000 maps),
-# and in two full runs without one the most a worker held was 30 953 in one and at least 34 760
-# (its count at the end) in the other, so a run rarely clears at all.
+# Each compiled XLA CPU program keeps memory maps of its own while JAX caches it (measured here:
+# 6 for an operation run outside jit, 34 on average for a fit's programs and up to 219; up to 371
+# with XLA's default options), and Linux allows a process 65 530 (vm.max_map_count): a test
+# worker that had compiled some 2 000 programs failed to map the next one ("LLVM compilation
+# error: Cannot allocate memory") and crashed in XLA's compiler. After a test, a worker past
+# MAPS_BEFORE_CLEARING drops JAX's caches; programs used again come back from the persistent
+# cache above. A clearing costs seconds (freeing the programs, and the full collection before it:
+# 7 s at 32 000 maps), and in two full runs without one the most a worker held was 30 953 in one
+# and at least 34 760 (its count at the end) in the other, so a run rarely clears at all. What
+# is left above the bound (25 530 maps: some 69 programs of 371 maps in one test) also takes the
+# maps that are not programs' (imports, threads, large arrays: ~1 300 for the libraries here).
+MAPS_LIMIT = 65_530
 MAPS_BEFORE_CLEARING = 40_000
+MAPS_HEADROOM = 16_000  # after a clearing that leaves many maps (live programs), the next bound
 _MAPS = "/proc/self/maps"
-_clear_above = [MAPS_BEFORE_CLEARING]  # raised when a clearing leaves many maps (live programs)
+_clear_above = [MAPS_BEFORE_CLEARING]
 # Reading /proc/self/maps takes about 1 µs a map: after every test it took 3.6–4.1 s of each
 # worker's time in a full run (495 and 537 reads). So a worker counts the programs JAX loads
-# (each one compiled or read from the persistent cache reports a backend compile) and reads its
-# maps only once so many programs could have taken it past the bound, at MAPS_PER_PROGRAM each
-# (more than any program above).
+# (each one compiled, or read from the persistent cache, reports a backend compile: the same
+# event for jit, operations run outside jit and lower().compile()), and reads its maps only once
+# so many programs could have taken it past the bound, at MAPS_PER_PROGRAM each (more than any
+# program above), or after READ_EVERY tests, should the count stop (a listener removed).
 MAPS_PER_PROGRAM = 400
+READ_EVERY = 50
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-_programs_since = [0]  # programs loaded since the maps were last read
+_programs_since, _tests_since = [0], [0]  # since the maps were last read
 
 
 def _maps() -> int:
@@ -138,43 +145,65 @@ def _maps() -> int:
 
 def _count_program(event, seconds, **_):
     if event == _BACKEND_COMPILE:
-        _programs_since[0] += 1
+        _programs_since[0] += 1  # (a count lost to two threads compiling at once is one program)
 
-
-import jax.monitoring  # noqa: E402
 
 jax.monitoring.register_event_duration_secs_listener(_count_program)
-jax.jit(lambda x: x + 1).lower(1.0).compile()
+jax.jit(lambda x: x + 1).lower(1.0).compile()  # (in a worker, a hit in the cache the controller wrote)
 _counting = _programs_since[0] > 0  # a JAX that no longer reports it: the maps are read after every test
-_maps_read = [_maps() if os.path.exists(_MAPS) else 0]
+_maps_read, _programs_since[0] = [_maps() if os.path.exists(_MAPS) else 0], 0
+
+
+def _may_pass_the_bound() -> bool:
+    _tests_since[0] += 1
+    return (not _counting or _tests_since[0] >= READ_EVERY
+            or _maps_read[0] + MAPS_PER_PROGRAM * _programs_since[0] > _clear_above[0])
 
 
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
     yield
-    if (_counting and _maps_read[0] + MAPS_PER_PROGRAM * _programs_since[0] <= _clear_above[0]) \
-            or not os.path.exists(_MAPS):
+    if not (_may_pass_the_bound() and os.path.exists(_MAPS)):
         return
-    _maps_read[0], _programs_since[0] = _maps(), 0
+    _maps_read[0], _programs_since[0], _tests_since[0] = _maps(), 0, 0
     if _maps_read[0] > _clear_above[0]:
         gc.collect()  # the learners no test holds, and the programs that close over them, first
         jax.clear_caches()
         _maps_read[0] = _maps()
-        _clear_above[0] = max(MAPS_BEFORE_CLEARING, _maps_read[0] + 16_000)
+        _clear_above[0] = max(MAPS_BEFORE_CLEARING, min(_maps_read[0] + MAPS_HEADROOM, MAPS_LIMIT - MAPS_HEADROOM))
 
 
 # The order in which the workers are handed files (--dist loadfile, --no-loadscope-reorder): the
-# files with the most tests first, as xdist's own order, but first of all the two whose module
-# fixture starts processes before their first test (the 8-device run, 18 s; the multi-host pair,
-# 7 s). With their few tests xdist handed them out last, and one worker ran the 8-device run
-# while the other had nothing left to do.
+# two whose module fixture starts processes before their first test (the 8-device run, 17–20 s;
+# the multi-host pair, 6–7 s) first, then the files with the most tests (about xdist's own
+# order, which counts the tests left after -k or -m). With their few tests xdist handed those
+# two out last, and one worker could run the 8-device run while the other had nothing left.
 _FIRST = ("test_sharded.py", "test_multihost.py")
 
 
+def _file(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
 def pytest_collection_modifyitems(items):
-    files = collections.Counter(item.nodeid.split("::")[0] for item in items)
-    items.sort(key=lambda item: (item.path.name not in _FIRST, -files[item.nodeid.split("::")[0]],
-                                 item.nodeid.split("::")[0]))  # stable: a file's tests keep their order
+    tests = collections.Counter(_file(item) for item in items)
+    first = {name: i for i, name in enumerate(_FIRST)}
+    # sorted is stable: a file's tests keep their order
+    items.sort(key=lambda item: (first.get(item.path.name, len(_FIRST)), -tests[_file(item)], _file(item)))
+
+
+@pytest.fixture
+def open_paths():
+    """A function giving the paths this process holds open (Linux's /proc/self/fd)."""
+    def paths():
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found.add(os.readlink(os.path.join("/proc/self/fd", fd)))
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+        return found
+    return paths
 
 
 # KALNAT_TEST_COMPILE_TIMES=1: where the suite's seconds go in JAX (the README quotes a run).
@@ -186,8 +215,6 @@ if os.environ.get("KALNAT_TEST_COMPILE_TIMES") == "1":
     import json
     import shutil
     import tempfile
-
-    import jax.monitoring
 
     if "KALNAT_TEST_COMPILE_TIMES_DIR" not in os.environ:  # the controller (or a run without workers)
         os.environ["KALNAT_TEST_COMPILE_TIMES_DIR"] = tempfile.mkdtemp(prefix="kalnat-tests-times-")
