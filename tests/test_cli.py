@@ -506,7 +506,7 @@ def test_a_diverging_learner_is_a_located_error_in_the_command_s_terms(tmp_path)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd (Linux)")
-def test_a_command_that_stops_closes_its_file(tmp_path):
+def test_a_command_that_stops_closes_its_file(tmp_path, open_paths):
     """A run stopped by its data after reading began (here a third class for a Bernoulli
     family) has closed the CSV file it read when it returns, not whenever the garbage collector
     frees its stream (a ResourceWarning in whichever test that falls in)."""
@@ -514,9 +514,7 @@ def test_a_command_that_stops_closes_its_file(tmp_path):
     path.write_text("a,b,y\n1,2,0\n2,3,1\n3,4,2\n")
     res = CliRunner().invoke(cli, ["learn", str(path), "--family", "bernoulli", "--quiet", "--out", str(tmp_path / "r")])
     assert res.exit_code == 1 and "bernoulli needs two classes" in res.output, res.output
-    fds = "/proc/self/fd"
-    assert str(path) not in {os.readlink(os.path.join(fds, fd)) for fd in os.listdir(fds)
-                             if os.path.exists(os.path.join(fds, fd))}
+    assert os.path.realpath(path) not in open_paths()
 
 
 @pytest.mark.parametrize("how", ["running", "key"])

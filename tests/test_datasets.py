@@ -314,34 +314,24 @@ def test_bundled_sets_name_their_classes():
     np.testing.assert_array_equal(names, np.array(src.class_names, dtype=object)[y])
 
 
-def _open_files():
-    """The paths this process holds open (Linux's /proc/self/fd)."""
-    paths = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            paths.add(os.readlink(os.path.join("/proc/self/fd", fd)))
-        except OSError:  # the listing's own descriptor, closed by now
-            pass
-    return paths
-
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd (Linux)")
-def test_a_stream_closes_its_file_when_its_header_is_refused_or_it_is_closed(tmp_path):
+def test_a_stream_closes_its_file_when_its_header_is_refused_or_it_is_closed(tmp_path, open_paths):
     """A CSV's file is closed with an error in its header (the error, and its traceback that
     holds the reader's frames, still alive), and by ``Source.close`` (``with``) before its
-    first chunk is read and part way through it, not only once read to its end."""
+    first chunk is read and part way through it, not only once read to its end; a chunk read
+    after the close is an error, not the end of the stream."""
     bad, good = tmp_path / "dupes.csv", tmp_path / "d.csv"
     bad.write_text("a,a,y\n1,2,0\n")
     good.write_text("a,b,y\n" + "".join(f"{i},{i + 1},{i % 2}\n" for i in range(6)))
     with pytest.raises(ds.DataError, match="duplicate column names") as err:
         ds.open_source(str(bad))
-    assert err.value.__traceback__ is not None and str(bad) not in _open_files()
+    assert str(bad) not in open_paths(), err  # (err, and its traceback, alive)
     for chunks_read in (0, 1):
-        with warnings.catch_warnings(record=True) as caught:  # closed, not freed unclosed
-            warnings.simplefilter("always", ResourceWarning)
-            with ds.open_source(str(good), chunk_rows=2) as source:
-                for _ in range(chunks_read):
-                    next(source.chunks)
-                assert str(good) in _open_files()
-            assert str(good) not in _open_files(), chunks_read
-        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], chunks_read
+        with ds.open_source(str(good), chunk_rows=2) as source:
+            for _ in range(chunks_read):
+                next(source.chunks)
+            assert str(good) in open_paths()
+        assert str(good) not in open_paths(), chunks_read
+    with pytest.raises(ValueError, match="closed file"):
+        next(source.chunks)

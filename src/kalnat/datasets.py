@@ -256,14 +256,12 @@ class Source:
     # lines past its header): the command compiles a short job quickly (kalnat.cli_runner)
     rows_at_most: Optional[int] = None
     # closes the file the chunks are read from (a CSV path's; not standard input)
-    close_file: Optional[Callable[[], None]] = field(default=None, repr=False)
+    close_file: Optional[Callable[[], None]] = field(default=None, repr=False, compare=False)
 
     def close(self):
-        """Closes the file the stream reads. Reading to the end closes it too; a run that stops
-        before then closes it here (``with open_source(…) as source``), not whenever the garbage
-        collector gets to it."""
-        if hasattr(self.chunks, "close"):  # a generator's own clean-up, where it has started
-            self.chunks.close()
+        """Closes the file the stream reads (a chunk read after it is an error, not the end).
+        Reading to the end closes it too; a run that stops before then closes it here (``with
+        open_source(…) as source``), not whenever the garbage collector gets to it."""
         if self.close_file is not None:
             self.close_file()
 
@@ -426,15 +424,16 @@ def _csv_source(path, target, chunk_rows, skip_bad_rows, require_target, feature
             raise DataError(label, f"cannot open ({err.strerror})") from None
         close = True
     try:
-        return _csv_stream(stream, close, label, target, chunk_rows, skip_bad_rows, require_target,
-                           feature_names, delimiter, key)
-    except BaseException:  # a header the command refuses: the file is closed with the error
+        return _csv_stream(stream, close, label, target=target, chunk_rows=chunk_rows,
+                           skip_bad_rows=skip_bad_rows, require_target=require_target,
+                           feature_names=feature_names, delimiter=delimiter, key=key)
+    except BaseException:  # any error before the stream is handed over (a refused header): closed
         if close:
             stream.close()
         raise
 
 
-def _csv_stream(stream, close, label, target, chunk_rows, skip_bad_rows, require_target, feature_names,
+def _csv_stream(stream, close, label, *, target, chunk_rows, skip_bad_rows, require_target, feature_names,
                 delimiter, key):
     reader = csv.reader(_without_mark(stream), delimiter=delimiter)
     try:
