@@ -512,7 +512,8 @@ def test_a_command_that_stops_closes_its_file(tmp_path, open_paths):
     frees its stream (a ResourceWarning in whichever test that falls in)."""
     path = tmp_path / "d.csv"
     path.write_text("a,b,y\n1,2,0\n2,3,1\n3,4,2\n")
-    res = CliRunner().invoke(cli, ["learn", str(path), "--family", "bernoulli", "--quiet", "--out", str(tmp_path / "r")])
+    res = CliRunner().invoke(cli, ["learn", str(path), "--family", "bernoulli", "--quiet",
+                                   "--out", str(tmp_path / "r")])
     assert res.exit_code == 1 and "bernoulli needs two classes" in res.output, res.output
     assert os.path.realpath(path) not in open_paths()
 

@@ -314,7 +314,6 @@ def test_bundled_sets_name_their_classes():
     np.testing.assert_array_equal(names, np.array(src.class_names, dtype=object)[y])
 
 
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd (Linux)")
 def test_a_stream_closes_its_file_when_its_header_is_refused_or_it_is_closed(tmp_path, open_paths):
     """A CSV's file is closed with an error in its header (the error, and its traceback that
