@@ -123,7 +123,7 @@ import pytest  # noqa: E402
 # maps that are not programs' (imports, threads, large arrays: ~1 300 for the libraries here).
 MAPS_LIMIT = 65_530
 MAPS_BEFORE_CLEARING = 40_000
-MAPS_HEADROOM = 16_000  # after a clearing that leaves many maps (live programs), the next bound
+MAPS_HEADROOM = 16_000  # a clearing that leaves many maps (live programs): the next bound is above them
 _MAPS = "/proc/self/maps"
 _clear_above = [MAPS_BEFORE_CLEARING]
 # Reading /proc/self/maps takes about 1 µs a map: after every test it took 3.6–4.1 s of each
