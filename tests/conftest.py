@@ -110,28 +110,30 @@ jax.config.update("jax_enable_x64", True)
 import jax.monitoring  # noqa: E402
 import pytest  # noqa: E402
 
-# Each compiled XLA CPU program keeps memory maps of its own while JAX caches it (measured here:
-# 6 for an operation run outside jit, 34 on average for a fit's programs and up to 219; up to 371
-# with XLA's default options), and Linux allows a process 65 530 (vm.max_map_count): a test
-# worker that had compiled some 2 000 programs failed to map the next one ("LLVM compilation
-# error: Cannot allocate memory") and crashed in XLA's compiler. After a test, a worker past
-# MAPS_BEFORE_CLEARING drops JAX's caches; programs used again come back from the persistent
-# cache above. A clearing costs seconds (freeing the programs, and the full collection before it:
-# 7 s at 32 000 maps), and in two full runs without one the most a worker held was 30 953 in one
-# and at least 34 760 (its count at the end) in the other, so a run rarely clears at all. What
-# is left above the bound (25 530 maps: some 69 programs of 371 maps in one test) also takes the
-# maps that are not programs' (imports, threads, large arrays: ~1 300 for the libraries here).
+# Each compiled XLA CPU program keeps memory maps of its own while JAX caches it (here 3 for an
+# operation run outside jit, 36 on average for a fit's programs and up to 217; 102 and up to 371
+# with XLA's default options: python benchmarks/memory_maps.py), and Linux allows a process 65 530
+# (vm.max_map_count): a test worker that had compiled some 2 000 programs failed to map the next
+# one ("LLVM compilation error: Cannot allocate memory") and crashed in XLA's compiler. After a
+# test, a worker past MAPS_BEFORE_CLEARING drops JAX's caches; programs used again come back from
+# the persistent cache above. A clearing costs seconds (freeing the programs, and the full
+# collection before it: 7 s at 32 000 maps), and in two full runs without one the most a worker
+# held was 30 953 in one and at least 34 760 (its count at the end) in the other, so a run rarely
+# clears at all. What is left above the bound (25 530 maps: some 69 programs of 371 maps in one
+# test) also takes the maps that are not programs' (imports, threads, large arrays: ~1 300 for the
+# libraries here).
 MAPS_LIMIT = 65_530
 MAPS_BEFORE_CLEARING = 40_000
 MAPS_HEADROOM = 16_000  # a clearing that leaves many maps (live programs): the next bound is above them
 _MAPS = "/proc/self/maps"
 _clear_above = [MAPS_BEFORE_CLEARING]
-# Reading /proc/self/maps takes about 1 µs a map: after every test it took 3.6–4.1 s of each
-# worker's time in a full run (495 and 537 reads). So a worker counts the programs JAX loads
-# (each one compiled, or read from the persistent cache, reports a backend compile: the same
-# event for jit, operations run outside jit and lower().compile()), and reads its maps only once
-# so many programs could have taken it past the bound, at MAPS_PER_PROGRAM each (more than any
-# program above), or after READ_EVERY tests, should the count stop (a listener removed).
+# Reading /proc/self/maps takes 0.6–1 µs a map (the same benchmark): after every test it took
+# 3.6–4.1 s of each worker's time in a full run (495 and 537 reads). So a worker counts the
+# programs JAX loads (each one compiled, or read from the persistent cache, reports a backend
+# compile: the same event for jit, operations run outside jit and lower().compile()), and reads
+# its maps only once so many programs could have taken it past the bound, at MAPS_PER_PROGRAM each
+# (more than any program above), or after READ_EVERY tests, should the count stop (a listener
+# removed).
 MAPS_PER_PROGRAM = 400
 READ_EVERY = 50
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
