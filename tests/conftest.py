@@ -153,7 +153,8 @@ def _count_program(event, seconds, **_):
 jax.monitoring.register_event_duration_secs_listener(_count_program)
 jax.jit(lambda x: x + 1).lower(1.0).compile()  # (in a worker, a hit in the cache the controller wrote)
 _counting = _programs_since[0] > 0  # a JAX that no longer reports it: the maps are read after every test
-_maps_read, _programs_since[0] = [_maps() if os.path.exists(_MAPS) else 0], 0
+_HAS_MAPS = os.path.exists(_MAPS)  # Linux
+_maps_read, _programs_since[0] = [_maps() if _HAS_MAPS else 0], 0
 
 
 def _may_pass_the_bound() -> bool:
@@ -165,7 +166,7 @@ def _may_pass_the_bound() -> bool:
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
     yield
-    if not (_may_pass_the_bound() and os.path.exists(_MAPS)):
+    if not (_HAS_MAPS and _may_pass_the_bound()):
         return
     _maps_read[0], _programs_since[0], _tests_since[0] = _maps(), 0, 0
     if _maps_read[0] > _clear_above[0]:
