@@ -56,6 +56,30 @@ def test_a_long_streams_learning_curve_is_thinned_and_each_point_still_says_what
     np.testing.assert_allclose(c["window_log_loss"], [lls[a:b].mean() for a, b in zip(since, upto)], rtol=1e-12)
 
 
+def test_each_figure_is_drawn_once_for_its_file_with_its_layout(tmp_path, monkeypatch):
+    """kalnat.plots._save: the tight layout is done once, and savefig draws each figure once
+    (a figure left with tight_layout's placeholder engine was drawn twice); the layout is still
+    the tight one (the axes moved from matplotlib's default margins)."""
+    import matplotlib.figure
+
+    draws, positions, draw = [], [], matplotlib.figure.Figure.draw
+
+    def counted(fig, renderer):
+        draws.append(fig)
+        positions.append(fig.axes[0].get_position().bounds)
+        return draw(fig, renderer)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "draw", counted)
+    rows = [1, 2, 3]
+    curve = {"row": rows, "log_loss": [0.7, 0.6, 0.5], "accuracy": [0.5, 0.6, 0.7], "window_log_loss": [0.7, 0.5, 0.4]}
+    paths = plots.learning_curves(curve, "accuracy", str(tmp_path / "curve"), "a title")
+    paths.append(plots.confusion([[3, 1], [0, 2]], ["a", "b"], str(tmp_path / "confusion.png"), "a title"))
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    assert len(draws) == len(paths) == len(set(map(id, draws))) == 3
+    default = matplotlib.figure.SubplotParams()
+    assert all(pos[0] != default.left for pos in positions)
+
+
 def test_a_one_row_report_draws_without_a_warning(tmp_path):
     """A stream of one row: one point on every figure, drawn without matplotlib's warning of
     equal axis limits (the bank's weights set their own)."""

@@ -10,6 +10,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 __all__ = ["learning_curves", "comparison", "bank_weights", "confusion", "distinct_colors", "wrap_title"]
 
 TITLE_WIDTH = 60  # characters per title line: longer titles are wrapped, not cut at the edge
+DPI = 110
+
+
+def _save(fig, path: str) -> str:
+    """Lays ``fig`` out (``tight_layout``), writes it to ``path`` and closes it; returns ``path``.
+
+    ``tight_layout`` leaves the figure a placeholder layout engine, and ``savefig`` draws a
+    figure that has one an extra time, rendering nothing, before drawing it for the file. The
+    layout is done, so the engine goes first: the same bytes, in about 0.9 × the time
+    (``python benchmarks/figures.py``)."""
+    fig.tight_layout()
+    fig.set_layout_engine(None)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def wrap_title(title: str, width: int = TITLE_WIDTH) -> str:
@@ -51,11 +66,7 @@ def learning_curves(curve: dict, metric: str, path: str, title: str = "") -> lis
         ax.set_ylabel(label)
         ax.set_title(wrap_title(title), fontsize=10)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = f"{path}_{key}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        out.append(p)
+        out.append(_save(fig, f"{path}_{key}.png"))
     return out
 
 
@@ -78,10 +89,7 @@ def comparison(curves: dict, references: dict, path: str, title: str = "",
     ax.set_title(wrap_title(title), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def bank_weights(rows, weights, labels, path: str, title: str = "") -> str:
@@ -107,10 +115,7 @@ def bank_weights(rows, weights, labels, path: str, title: str = "") -> str:
     ax.set_ylabel("weight when the row was predicted")
     ax.set_title(wrap_title(title), fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def confusion(counts, classes, path: str, title: str = "") -> str:
@@ -137,7 +142,4 @@ def confusion(counts, classes, path: str, title: str = "") -> str:
     ax.set_ylabel("true class")
     ax.set_title(wrap_title(title, int(TITLE_WIDTH * (size + 1.2) / 7.0)), fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
