@@ -258,6 +258,39 @@ def test_a_bank_moves_every_member_in_its_form_and_leaves_a_diverged_one():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_banks_move_is_one_compiled_program_whatever_the_coordinates():
+    """reexpress_members compiles one program for a model's layout and a bank's forms (T and
+    T⁻¹ its arguments), where its operations run one by one compiled 44 programs at a new layout
+    (60 with the prior set afresh; ~0.4 s a move in the command); later moves to other
+    coordinates compile nothing."""
+    import jax.monitoring
+
+    family = FAMILIES["categorical"]
+    model = kalnat.models.mlp(P_FEAT, (13,), family.n_outputs)  # a layout no other test moves
+    params = model.init(jax.random.PRNGKey(0))
+    learner = kalnat.ekf_bank(model, family, prior_vars=(0.3, 1.0), forgettings=(1.0,),
+                              representation=R.kronecker(params))
+    state = learner.init(params)
+    compiled = []
+
+    def count(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    priors = scaling.fresh_priors(learner.hyper, state, bank=True)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        counts = []
+        for old, new, with_prior in [(OLD, NEW, False), (NEW, OLD, False), (OLD, NEW, True), (NEW, OLD, True)]:
+            compiled.clear()
+            jax.block_until_ready(scaling.reexpress_members(state, old, new, bank=True,
+                                                            priors=priors if with_prior else None))
+            counts.append(len(compiled))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert counts[0] <= 2 and counts[2] <= 2 and counts[1] == counts[3] == 0, counts
+
+
 @pytest.mark.parametrize("form", ["diag", "kron", "lowrank"])
 def test_a_structured_form_moves_without_a_d_by_d_array(form):
     """The move of a structured state, with or without a new prior, forms no array as large as

@@ -24,7 +24,7 @@ without a ``d × d`` array:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +41,14 @@ class LayerMove(NamedTuple):
       rows: ``(n_out, q)`` integer positions in θ of each output's weights, then its bias
         (``q = p + 1``; ``p`` without a bias).
       t: ``(q, q)`` float64, ``T``.
+      t_inv: ``T⁻¹`` where it is given (computed on the host, for a move whose ``t`` is an
+        argument of a compiled program: :func:`kalnat.scaling.reexpress_members`), else
+        ``None``: :meth:`inverse_t` computes it.
     """
 
     rows: np.ndarray
     t: np.ndarray
+    t_inv: Optional[np.ndarray] = None
 
     def located(self, sizes):
         """``[(g, start, n, local)]`` for each of θ's consecutive slices of ``sizes`` that holds
@@ -55,7 +59,7 @@ class LayerMove(NamedTuple):
         for g, n in enumerate(sizes):
             inside = (self.rows >= start) & (self.rows < start + n)
             if inside.any():
-                out.append((g, start, n, LayerMove(self.rows - start, self.t) if inside.all() else None))
+                out.append((g, start, n, self._replace(rows=self.rows - start) if inside.all() else None))
             start += n
         return out
 
@@ -72,7 +76,7 @@ class LayerMove(NamedTuple):
 
     def inverse_t(self):
         """``T⁻¹`` (float64)."""
-        return np.linalg.inv(self.t)
+        return np.linalg.inv(self.t) if self.t_inv is None else self.t_inv
 
     def prior_change(self, c, dtype):
         """``c (I − T⁻¹ T⁻ᵀ)`` (``q × q``): a moved row's block of ``c (I − A⁻ᵀ A⁻¹)``, what
@@ -137,7 +141,7 @@ def moved_groups(parts, sizes, move: LayerMove, rebuild):
         if (where[move.rows] < 0).any():
             raise ValueError("a layer move's rows lie in groups that are not consecutive")
         dense = jax.scipy.linalg.block_diag(*[_dense(parts[g]) for g, _, _ in coupled])
-        dense = LayerMove(where[move.rows], move.t).congruence(dense)
+        dense = move._replace(rows=where[move.rows]).congruence(dense)
         i = 0
         for g, _, n in coupled:
             out[g] = rebuild(parts[g], dense[i:i + n, i:i + n])
