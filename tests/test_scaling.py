@@ -288,7 +288,8 @@ def test_a_banks_move_is_one_compiled_program_whatever_the_coordinates():
             counts.append(len(compiled))
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
-    assert counts[0] <= 2 and counts[2] <= 2 and counts[1] == counts[3] == 0, counts
+    # (at least one: a rerun in the same process, which finds every program made, fails too)
+    assert 1 <= counts[0] <= 2 and 1 <= counts[2] <= 2 and counts[1] == counts[3] == 0, counts
 
 
 @pytest.mark.parametrize("form", ["diag", "kron", "lowrank"])

@@ -442,6 +442,8 @@ def _move_program(shape, rows, rows_dtype, bank: bool, with_prior: bool):
     from jax.flatten_util import ravel_pytree
     from kalnat.representations.moves import LayerMove, moved
 
+    # the rows are constants of the program, not an argument: the forms read their values on
+    # the host (which parts of θ they lie in, whether a Kronecker layer's order is theirs)
     rows = np.frombuffer(rows, np.dtype(rows_dtype)).reshape(shape)
 
     def one(params, cov, t, t_inv, c):

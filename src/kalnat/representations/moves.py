@@ -75,7 +75,8 @@ class LayerMove(NamedTuple):
         return self.apply(self.apply(P).T).T
 
     def inverse_t(self):
-        """``T⁻¹`` (float64)."""
+        """``T⁻¹``: float64 on the host, or the program's argument :attr:`t_inv` where given
+        (a move made with ``_replace(t=…)`` must give its ``t_inv`` too)."""
         return np.linalg.inv(self.t) if self.t_inv is None else self.t_inv
 
     def prior_change(self, c, dtype):
