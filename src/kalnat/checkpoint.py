@@ -224,7 +224,9 @@ def load(path, like):
                     a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, numerics.lanes(a.shape[-1]) - a.shape[-1])])
                 if j in sizes and np.any(a[..., sizes[j]:] != 0) and other_size is None:
                     other_size = j
-                leaves.append(jnp.asarray(a))
+                # device_put, not jnp.asarray: that compiles a copy program for each new shape
+                # (jax 0.10): 7 for the default bank's 8 leaves (`a` is this load's own)
+                leaves.append(jax.device_put(a))
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: damaged checkpoint ({err})") from None
     if other_size is not None:
