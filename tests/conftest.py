@@ -209,6 +209,29 @@ def open_paths():
     return paths
 
 
+@pytest.fixture
+def compiled_programs():
+    """A context manager listing the programs JAX loads in its block, each one compiled or read
+    from the persistent cache (one backend compile each, as the maps' count above):
+    ``with compiled_programs() as programs: …`` then ``len(programs)``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def listing():
+        programs = []
+
+        def listen(event, seconds, **_):
+            if event == _BACKEND_COMPILE:
+                programs.append(seconds)
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        try:
+            yield programs
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listen)
+    return listing
+
+
 # KALNAT_TEST_COMPILE_TIMES=1: where the suite's seconds go in JAX (the README quotes a run).
 # Each pytest process adds up JAX's own timings of tracing, lowering and compiling
 # (jax.monitoring), and the seconds of Python's garbage collections, and leaves them in a folder

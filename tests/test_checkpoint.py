@@ -394,24 +394,13 @@ class _Odd(NamedTuple):
     b: jax.Array
 
 
-def test_a_load_compiles_no_program(tmp_path):
+def test_a_load_compiles_no_program(tmp_path, compiled_programs):
     """checkpoint.load puts each leaf on the device as it is (jax.device_put): no copy program
     compiled for each new shape and dtype, as jnp.asarray compiles one (jax 0.10: 7 programs
     for the default bank's 8 leaves, in a `kalnat predict` that has compiled nothing else)."""
-    import jax.monitoring
-
     state = _Odd(jnp.arange(17 * 3, dtype=jnp.float64).reshape(17, 3), jnp.ones(19, jnp.int32))  # shapes of its own
     path = checkpoint.save(tmp_path / "odd.npz", state)
-    compiled = []
-
-    def count(event, seconds, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with compiled_programs() as compiled:
         restored = checkpoint.load(path, state)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
     assert compiled == []
     assert_identical(restored, state)

@@ -98,27 +98,18 @@ def test_a_program_jax_export_refuses_is_traced_as_before(tmp_path, plain, monke
     assert _files(tmp_path) == []
 
 
-def test_a_saved_call_is_one_compiled_program_for_host_and_device_arguments(tmp_path):
+def test_a_saved_call_is_one_compiled_program_for_host_and_device_arguments(tmp_path, compiled_programs):
     """The state comes from init, then from the previous call, the rows from NumPy: once the
     first chunk has compiled, nothing more is compiled."""
     model, X, y = _problem()
     learner = kalnat.auto(model, kalnat.families.Bernoulli())
     saved.describe(learner, "one program", str(tmp_path))
-    compiles = []
-
-    def count(event, secs, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with compiled_programs() as compiles:
         res = kalnat.fit(learner, learner.init(model.init(None)), X[:16], y[:16], chunk_size=16)
         first = len(compiles)
         assert first >= 1
         res = kalnat.fit(learner, res.state, X[16:], y[16:], chunk_size=16)
         kalnat.fit(learner, learner.init(model.init(None)), X, y, chunk_size=16)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
     assert len(compiles) == first
 
 

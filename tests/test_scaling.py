@@ -258,36 +258,24 @@ def test_a_bank_moves_every_member_in_its_form_and_leaves_a_diverged_one():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_banks_move_is_one_compiled_program_whatever_the_coordinates():
+def test_a_banks_move_is_one_compiled_program_whatever_the_coordinates(compiled_programs):
     """reexpress_members compiles one program for a model's layout and a bank's forms (T and
     T⁻¹ its arguments), where its operations run one by one compiled 44 programs at a new layout
     (60 with the prior set afresh; ~0.4 s a move in the command); later moves to other
     coordinates compile nothing."""
-    import jax.monitoring
-
     family = FAMILIES["categorical"]
     model = kalnat.models.mlp(P_FEAT, (13,), family.n_outputs)  # a layout no other test moves
     params = model.init(jax.random.PRNGKey(0))
     learner = kalnat.ekf_bank(model, family, prior_vars=(0.3, 1.0), forgettings=(1.0,),
                               representation=R.kronecker(params))
     state = learner.init(params)
-    compiled = []
-
-    def count(event, seconds, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(event)
-
     priors = scaling.fresh_priors(learner.hyper, state, bank=True)
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
-        counts = []
-        for old, new, with_prior in [(OLD, NEW, False), (NEW, OLD, False), (OLD, NEW, True), (NEW, OLD, True)]:
-            compiled.clear()
+    counts = []
+    for old, new, with_prior in [(OLD, NEW, False), (NEW, OLD, False), (OLD, NEW, True), (NEW, OLD, True)]:
+        with compiled_programs() as compiled:
             jax.block_until_ready(scaling.reexpress_members(state, old, new, bank=True,
                                                             priors=priors if with_prior else None))
-            counts.append(len(compiled))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
+        counts.append(len(compiled))
     # (at least one: a rerun in the same process, which finds every program made, fails too)
     assert 1 <= counts[0] <= 2 and 1 <= counts[2] <= 2 and counts[1] == counts[3] == 0, counts
 
