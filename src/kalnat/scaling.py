@@ -9,7 +9,6 @@ as row by row.
 from __future__ import annotations
 
 import functools
-
 from typing import NamedTuple
 
 import numpy as np
@@ -420,10 +419,10 @@ def _moved_members(state, members, move, bank: bool, prior=None):
     One compiled program per model layout (:func:`_move_program`), ``T`` and ``T⁻¹`` its
     arguments: run op by op, the move of a bank's members took ~0.4 s a call."""
     import jax
-    import jax.numpy as jnp
 
     dtype = jax.tree_util.tree_leaves(members.params)[0].dtype
-    c = None if prior is None else jnp.asarray(prior if bank else prior[0], dtype)
+    # (NumPy arguments: jnp.asarray would compile a copy program for each new shape)
+    c = None if prior is None else np.asarray(prior if bank else prior[0], dtype)
     rows = np.asarray(move.rows)
     program = _move_program(rows.shape, rows.tobytes(), rows.dtype.str, bank, c is not None)
     params, cov = program(members.params, members.cov, np.asarray(move.t, np.float64),
