@@ -16,12 +16,12 @@ DPI = 110
 def _save(fig, path: str) -> str:
     """Lays ``fig`` out (``tight_layout``), writes it to ``path`` and closes it; returns ``path``.
 
-    Since matplotlib 3.8, ``tight_layout`` leaves the figure a placeholder layout engine, and
-    ``savefig`` draws a figure that has one an extra time, rendering nothing, before drawing it
-    for the file. The layout is done, so the engine goes first: the same bytes, in about 0.9 ×
-    the time (``python benchmarks/figures.py``; matplotlib 3.11); in 3.7 there was no
-    placeholder, and this changes nothing. (The rc settings that would make ``None`` a new
-    engine are set aside for that call.)"""
+    Since matplotlib 3.8, ``tight_layout`` leaves the figure a stand-in layout engine
+    (``PlaceHolderLayoutEngine``), and ``savefig`` draws a figure that has one an extra time,
+    rendering nothing, before drawing it for the file. The layout is done, so the engine goes
+    first: the same bytes, in about 0.9 × the time (``python benchmarks/figures.py``;
+    matplotlib 3.11); 3.7 left no engine, and this changes nothing there. (The rc settings that
+    would make ``None`` a new engine are set aside for that call.)"""
     fig.tight_layout()
     with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
         fig.set_layout_engine(None)
