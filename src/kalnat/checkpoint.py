@@ -29,7 +29,6 @@ import tempfile
 import zipfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kalnat import numerics
@@ -215,7 +214,7 @@ def load(path, like):
             for i, (shape, dtype) in zip(keep, file_specs):
                 a = z[f"leaf_{i}"]
                 if dtype.startswith("key:"):
-                    leaves.append(jax.random.wrap_key_data(jnp.asarray(a), impl=dtype[4:]))
+                    leaves.append(jax.random.wrap_key_data(jax.device_put(a), impl=dtype[4:]))
                     continue
                 if list(a.shape) != shape or str(a.dtype) != dtype:
                     raise ValueError(f"leaf {i} is {a.shape} {a.dtype}, its header says {shape} {dtype}")

@@ -424,7 +424,7 @@ def _moved_members(state, members, move, bank: bool, prior=None):
     # (NumPy arguments: jnp.asarray would compile a copy program for each new shape)
     c = None if prior is None else np.asarray(prior if bank else prior[0], dtype)
     rows = np.asarray(move.rows)
-    program = _move_program(rows.shape, rows.tobytes(), rows.dtype.str, bank, c is not None)
+    program = _move_program(rows.shape, rows.tobytes(), rows.dtype.str, bank)
     params, cov = program(members.params, members.cov, np.asarray(move.t, np.float64),
                           np.asarray(move.inverse_t(), np.float64), c)
     members = members._replace(params=params, cov=cov)
@@ -432,7 +432,7 @@ def _moved_members(state, members, move, bank: bool, prior=None):
 
 
 @functools.lru_cache(maxsize=32)
-def _move_program(shape, rows, rows_dtype, bank: bool, with_prior: bool):
+def _move_program(shape, rows, rows_dtype, bank: bool):
     """The jitted move of :func:`_moved_members` for a layer move's ``rows`` (given by their
     shape, bytes and dtype: a program's constants), ``(params, cov, t, t_inv, c) -> (params',
     cov')``."""
@@ -457,10 +457,5 @@ def _move_program(shape, rows, rows_dtype, bank: bool, with_prior: bool):
             new = (unravel(theta), cov_new)
         return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, (params, cov))
 
-    if not with_prior:
-        run = lambda p, v, t, t_inv, c: one(p, v, t, t_inv, None)  # noqa: E731
-    else:
-        run = one
-    if bank:
-        return jax.jit(jax.vmap(run, in_axes=(0, 0, None, None, 0 if with_prior else None)))
-    return jax.jit(run)
+    # (c: each member's, or None, an empty pytree, for an exact move)
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0)) if bank else one)
