@@ -11,8 +11,10 @@
               its options once), ``--repeat`` rounds alternating.
   sharing     seconds of a learner's first ``fit`` (100 rows, linear model, Bernoulli) when an
               equal learner with other hyperparameters is alive: with the programs it shares
-              (``kalnat.programs.once``) and with programs of its own (``program_key`` turned
-              off), ``--repeat`` rounds alternating, in one process.
+              (``kalnat.programs.once``), on the same model object or on one built again by
+              ``kalnat.models.linear``, and with programs of its own (``program_key`` turned
+              off); the same for the default bank (``kalnat.ekf_bank``) built again;
+              ``--repeat`` rounds alternating, in one process.
 
     python benchmarks/compile_time.py [--repeat 3] [--part options|sharing|both]
 """
@@ -83,6 +85,7 @@ def sharing(repeat: int) -> None:
     import numpy as np
 
     import kalnat
+    from kalnat.bank import Bank
     from kalnat.learners.base import Learner
 
     model = kalnat.models.linear(3)
@@ -92,19 +95,31 @@ def sharing(repeat: int) -> None:
     y = (X[:, 0] > 0).astype(float)
     keep = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.9)
     kalnat.fit(keep, keep.init(params), X, y)  # the live learner whose programs are shared
-    own_key = Learner.program_key
-    shared, alone = [], []
+    keep_bank = kalnat.ekf_bank(model, kalnat.families.Bernoulli())
+    kalnat.fit(keep_bank, keep_bank.init(params), X, y)  # and the live bank
+    own_key, own_bank_key = Learner.program_key, Bank.program_key
+    builds = {  # (what is built again, whether it may share)
+        "a learner, same model object": (lambda r: kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.95 - 0.01 * r), True),
+        "a learner, model built again": (lambda r: kalnat.ekf(kalnat.models.linear(3), kalnat.families.Bernoulli(),
+                                                              forgetting=0.95 - 0.01 * r), True),
+        "a learner, programs of its own": (lambda r: kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.95 - 0.01 * r), False),
+        "the default bank, model built again": (lambda r: kalnat.ekf_bank(kalnat.models.linear(3), kalnat.families.Bernoulli(),
+                                                                         prior_vars=(0.02, 0.2, 2.0, 20.0 + r)), True),
+        "the default bank, programs of its own": (lambda r: kalnat.ekf_bank(model, kalnat.families.Bernoulli()), False),
+    }
+    times = {name: [] for name in builds}
     for r in range(repeat):
-        for mode in ("shared", "alone"):
-            Learner.program_key = own_key if mode == "shared" else (lambda self: None)
-            learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.95 - 0.01 * r)
+        for name, (build, share) in builds.items():
+            Learner.program_key = own_key if share else (lambda self: None)
+            Bank.program_key = own_bank_key if share else (lambda self: None)
+            learner = build(r)
             t = time.perf_counter()
             jax.block_until_ready(kalnat.fit(learner, learner.init(params), X, y).state)
-            (shared if mode == "shared" else alone).append(time.perf_counter() - t)
-    Learner.program_key = own_key
-    s, a = statistics.median(shared), statistics.median(alone)
-    print(f"a learner's first fit of 100 rows beside an equal live learner, median of {repeat}")
-    print(f"  shared programs {s * 1e3:8.1f} ms   own programs {a * 1e3:8.1f} ms   own/shared {a / s:6.0f}")
+            times[name].append(time.perf_counter() - t)
+    Learner.program_key, Bank.program_key = own_key, own_bank_key
+    print(f"a first fit of 100 rows beside an equal live learner or bank, median of {repeat} (ms)")
+    for name, ts in times.items():
+        print(f"  {name:40s} {statistics.median(ts) * 1e3:8.1f}")
 
 
 def main() -> None:

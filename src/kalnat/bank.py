@@ -40,6 +40,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kalnat import filter as _filter
+from kalnat import saved
 from kalnat.filter import Hyper, Predictive
 from kalnat.learners.base import Boundary, Learner, check_hyper, check_live, check_params, forgetting_is_data
 
@@ -154,6 +155,23 @@ class Bank(Boundary):
     @property
     def moderated(self) -> bool:
         return self.learner.moderated
+
+    def program_key(self):
+        """What the bank's compiled programs depend on besides their arguments
+        (:func:`kalnat.programs.once`): its members' learner's key, its size, fixed share, prior
+        weights and name, and the members' counts of linearisations where they group the
+        members (:meth:`by_iterations`); the members' hyperparameters are an argument of every
+        program. Equal banks share their programs, as learners do (:meth:`Learner.program_key`):
+        ``kalnat.ekf_bank(model, family)`` built again (a scikit-learn estimator's ``fit``, a
+        cross-validation's folds) is neither traced nor compiled again while an equal one lives.
+        ``None`` (nothing shared) where the learner's key is ``None``, for a bank whose programs
+        are saved across processes (:func:`kalnat.saved.describe`), or whose share, prior or
+        name is not made of plain values."""
+        inner = self.learner.program_key()
+        if inner is None or saved.described(self) or not _filter._by_value((self.share, self.name, self.log_prior)):
+            return None
+        counts = None if self.by_iterations() is None else tuple(int(c) for c in np.asarray(self.hyper.iterations).reshape(-1))
+        return (type(self), inner, self.size, self.share, self.name, self.log_prior, counts)
 
     def member_hyper(self, k: int, hyper: Optional[Hyper] = None) -> Hyper:
         """Member k's hyperparameters (of ``hyper``, stacked; default the bank's own)."""

@@ -31,7 +31,6 @@ METHODS = ("auto", "ekf", "sqrt_ekf", "information_filter", "natural_gradient", 
 COVARIANCES = ("full", "diag", "blocks", "lowrank:K", "last-layer:K", "kron", "auto")
 
 _LEARNERS: dict = {}  # settings -> (learner, model)
-_MODELS: dict = {}  # (n_features, hidden, n_outputs) -> model
 
 
 def family(spec):
@@ -107,13 +106,11 @@ def learner(key):
 
 
 def _model(n_features, hidden, n_out):
-    """One model object per architecture: learners of one model function that differ only in
-    their hyperparameters share their compiled programs (:func:`kalnat.programs.once`), so a
-    search over ``prior_var`` or ``forgetting`` compiles once."""
-    key = (n_features, hidden, n_out)
-    if key not in _MODELS:
-        _MODELS[key] = models.linear(n_features, n_out) if not hidden else models.mlp(n_features, hidden, n_out)
-    return _MODELS[key]
+    """The model of an architecture: equal for equal arguments (:mod:`kalnat.models`), so
+    learners that differ only in their hyperparameters share their compiled programs
+    (:func:`kalnat.programs.once`) and a search over ``prior_var`` or ``forgetting`` compiles
+    once."""
+    return models.linear(n_features, n_out) if not hidden else models.mlp(n_features, hidden, n_out)
 
 
 def _build(family_spec, n_features, hidden, method, covariance, prior_var, forgetting, seed):

@@ -12,7 +12,7 @@ minibatches, so ``apply`` never sees a batch axis.
 
 from __future__ import annotations
 
-import weakref
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -24,17 +24,13 @@ __all__ = ["Model", "linear", "mlp"]
 
 Params = Any
 
-#: the ``apply_tapped`` functions this module builds, each with (a weak reference to) the
-#: ``apply`` it goes with: their layers are θ's, in θ's order (tested once, in
-#: tests/test_structured.py), so a learner does not check them as it checks a model's own
-_OWN_LAYER_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
 
 def own_layer_rows(apply_tapped, apply) -> bool:
     """Whether ``apply_tapped`` is one of :func:`linear`'s or :func:`mlp`'s, paired with its
-    own ``apply`` (a model whose ``apply`` was replaced, ``Model._replace(apply=…)``, is not)."""
-    ref = _OWN_LAYER_ROWS.get(apply_tapped)
-    return ref is not None and ref() is apply
+    own ``apply`` (a model whose ``apply`` was replaced, ``Model._replace(apply=…)``, is not):
+    their layers are θ's, in θ's order (tested once, in tests/test_structured.py), so a
+    learner does not check them as it checks a model's own."""
+    return isinstance(apply_tapped, (_LinearTapped, _MLPTapped)) and apply_tapped.own_apply() == apply
 
 
 class Model(NamedTuple):
@@ -64,11 +60,52 @@ class Model(NamedTuple):
     apply_tapped: Optional[Callable] = None
 
 
+# The constructors' functions are frozen dataclasses, not closures: two calls with equal
+# arguments give equal (and equally hashed) functions, so learners built on equal models have
+# equal program keys and share their traced and compiled programs (kalnat.programs.once), as
+# learners built on one model object do. A closure is a new object on each call: a search that
+# built kalnat.models.linear(p) again for each configuration traced each one's programs anew.
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearInit:
+    n_features: int
+    n_outputs: int
+    bias: bool
+    dtype: Any
+
+    def __call__(self, key=None):
+        dt = self.dtype or jax.dtypes.canonicalize_dtype(float)
+        params = {"w": jnp.zeros((self.n_outputs, self.n_features), dt)}
+        if self.bias:
+            params["b"] = jnp.zeros((self.n_outputs,), dt)
+        return params
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearApply:
+    bias: bool
+
+    def __call__(self, params, x):
+        z = params["w"] @ x
+        return z + params["b"] if self.bias else z
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearTapped:
+    def own_apply(self):
+        return _LinearApply(True)
+
+    def __call__(self, params, x, taps):
+        return self.own_apply()(params, x) + taps[0], [x]
+
+
 def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None) -> Model:
     """A linear predictor ``z = W x + b``; with a family's link this is a GLM.
 
     Parameters start at zero, the usual (and, for a GLM, harmless) choice: the prior of the
-    learner, not the initial value, carries the scale.
+    learner, not the initial value, carries the scale. Two calls with equal arguments give
+    equal models (learners on them share their compiled programs).
 
     Args:
       n_features: p, the length of x.
@@ -76,23 +113,56 @@ def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None
       bias: include the intercept b.
     """
     n_features, n_outputs = positive_int(n_features, "n_features"), positive_int(n_outputs, "n_outputs")
+    bias = bool(bias)
+    return Model(_LinearInit(n_features, n_outputs, bias, dtype), _LinearApply(bias), (n_features,), n_outputs,
+                 _LinearTapped() if bias else None)
 
-    def init(key=None):
-        dt = dtype or jax.dtypes.canonicalize_dtype(float)
-        params = {"w": jnp.zeros((n_outputs, n_features), dt)}
-        if bias:
-            params["b"] = jnp.zeros((n_outputs,), dt)
-        return params
 
-    def apply(params, x):
-        z = params["w"] @ x
-        return z + params["b"] if bias else z
+@dataclasses.dataclass(frozen=True)
+class _MLPInit:
+    sizes: tuple
+    dtype: Any
 
-    def apply_tapped(params, x, taps):
-        return apply(params, x) + taps[0], [x]
+    def __call__(self, key):
+        if key is None:  # linear's init takes None (its params are zeros); a network's hidden layers are random
+            raise ValueError("mlp: init needs a random key for the hidden layers' weights, "
+                             "e.g. model.init(jax.random.PRNGKey(0))")
+        sizes = self.sizes
+        dt = self.dtype or jax.dtypes.canonicalize_dtype(float)
+        keys = jax.random.split(key, len(sizes) - 1)
+        layers = []
+        for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
+            last = i == len(sizes) - 2
+            w = jnp.zeros((fan_out, fan_in), dt) if last else (
+                jax.random.normal(k, (fan_out, fan_in), dt) / jnp.sqrt(jnp.asarray(fan_in, dt))
+            )
+            layers.append({"w": w, "b": jnp.zeros((fan_out,), dt)})
+        return layers
 
-    _OWN_LAYER_ROWS[apply_tapped] = weakref.ref(apply)
-    return Model(init, apply, (n_features,), n_outputs, apply_tapped if bias else None)
+
+@dataclasses.dataclass(frozen=True)
+class _MLPTapped:
+    activation: Callable
+
+    def own_apply(self):
+        return _MLPApply(self.activation)
+
+    def __call__(self, params, x, taps=None):
+        h, inputs = x, []
+        for i, layer in enumerate(params):
+            inputs.append(h)
+            z = layer["w"] @ h + layer["b"]
+            z = z if taps is None else z + taps[i]
+            h = z if i == len(params) - 1 else self.activation(z)
+        return h, inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class _MLPApply:
+    activation: Callable
+
+    def __call__(self, params, x):
+        return _MLPTapped(self.activation)(params, x)[0]
 
 
 def mlp(
@@ -107,7 +177,8 @@ def mlp(
 
     The last layer starts at zero, so the initial prediction is the family's neutral value
     (p = ½, μ = 0, λ = 1) while hidden units already differ — the filter's prior then decides
-    how fast the readout moves.
+    how fast the readout moves. Two calls with equal arguments (the same ``activation``
+    object) give equal models (learners on them share their compiled programs).
 
     Args:
       n_features: p, the length of x.
@@ -117,34 +188,5 @@ def mlp(
     """
     n_features, n_outputs = positive_int(n_features, "n_features"), positive_int(n_outputs, "n_outputs")
     hidden = tuple(positive_int(h, f"hidden[{i}]") for i, h in enumerate(hidden))
-    sizes = [n_features, *hidden, n_outputs]
-
-    def init(key):
-        if key is None:  # linear's init takes None (its params are zeros); a network's hidden layers are random
-            raise ValueError("mlp: init needs a random key for the hidden layers' weights, "
-                             "e.g. model.init(jax.random.PRNGKey(0))")
-        dt = dtype or jax.dtypes.canonicalize_dtype(float)
-        keys = jax.random.split(key, len(sizes) - 1)
-        layers = []
-        for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
-            last = i == len(sizes) - 2
-            w = jnp.zeros((fan_out, fan_in), dt) if last else (
-                jax.random.normal(k, (fan_out, fan_in), dt) / jnp.sqrt(jnp.asarray(fan_in, dt))
-            )
-            layers.append({"w": w, "b": jnp.zeros((fan_out,), dt)})
-        return layers
-
-    def apply_tapped(params, x, taps=None):
-        h, inputs = x, []
-        for i, layer in enumerate(params):
-            inputs.append(h)
-            z = layer["w"] @ h + layer["b"]
-            z = z if taps is None else z + taps[i]
-            h = z if i == len(params) - 1 else activation(z)
-        return h, inputs
-
-    def apply(params, x):
-        return apply_tapped(params, x)[0]
-
-    _OWN_LAYER_ROWS[apply_tapped] = weakref.ref(apply)
-    return Model(init, apply, (n_features,), n_outputs, apply_tapped)
+    sizes = (n_features, *hidden, n_outputs)
+    return Model(_MLPInit(sizes, dtype), _MLPApply(activation), (n_features,), n_outputs, _MLPTapped(activation))
