@@ -98,14 +98,15 @@ def sharing(repeat: int) -> None:
     keep_bank = kalnat.ekf_bank(model, kalnat.families.Bernoulli())
     kalnat.fit(keep_bank, keep_bank.init(params), X, y)  # and the live bank
     own_key, own_bank_key = Learner.program_key, Bank.program_key
+    fam = kalnat.families.Bernoulli()
     builds = {  # (what is built again, whether it may share)
-        "a learner, same model object": (lambda r: kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.95 - 0.01 * r), True),
-        "a learner, model built again": (lambda r: kalnat.ekf(kalnat.models.linear(3), kalnat.families.Bernoulli(),
+        "a learner, same model object": (lambda r: kalnat.ekf(model, fam, forgetting=0.95 - 0.01 * r), True),
+        "a learner, model built again": (lambda r: kalnat.ekf(kalnat.models.linear(3), fam,
                                                               forgetting=0.95 - 0.01 * r), True),
-        "a learner, programs of its own": (lambda r: kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.95 - 0.01 * r), False),
-        "the default bank, model built again": (lambda r: kalnat.ekf_bank(kalnat.models.linear(3), kalnat.families.Bernoulli(),
+        "a learner, programs of its own": (lambda r: kalnat.ekf(model, fam, forgetting=0.95 - 0.01 * r), False),
+        "the default bank, model built again": (lambda r: kalnat.ekf_bank(kalnat.models.linear(3), fam,
                                                                          prior_vars=(0.02, 0.2, 2.0, 20.0 + r)), True),
-        "the default bank, programs of its own": (lambda r: kalnat.ekf_bank(model, kalnat.families.Bernoulli()), False),
+        "the default bank, programs of its own": (lambda r: kalnat.ekf_bank(model, fam), False),
     }
     times = {name: [] for name in builds}
     for r in range(repeat):

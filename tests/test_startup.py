@@ -468,7 +468,7 @@ def test_learners_that_differ_in_what_a_program_holds_do_not_share_it():
     X, y = rng.normal(size=(16, 3)), (rng.uniform(size=16) < 0.5).astype(float)
     base = kalnat.ekf(model, F.Bernoulli(), prior_var=1.0)
     first, _ = _chunk_program(base, params, X, y)
-    other_model = model._replace(apply=lambda p, x: p["w"] @ x + p["b"])  # the same architecture, another apply function
+    other_model = model._replace(apply=lambda p, x: p["w"] @ x + p["b"])  # the same layout, another apply function
     described = kalnat.ekf(model, F.Bernoulli(), prior_var=2.0)
     saved.describe(described, "a recipe", "/nonexistent-kalnat-programs")
     others = {
@@ -548,8 +548,9 @@ def test_equal_banks_share_programs_and_learn_as_if_alone(monkeypatch):
         "learner": kalnat.ekf_bank(model, F.Bernoulli(), learner="iterated", **grid),
         "counts": bank(iterated, [dict(iterations=k) for k in (1, 2, 2, 1)]),
     }
-    for name, other in others.items():
-        assert _chunk_program(other, params, X, y)[0] is not first, name
+    assert _chunk_program(others["share"], params, X, y)[0] is not first
+    for name, other in others.items():  # (once shares a program exactly where the keys are equal)
+        assert other.program_key() is not None and other.program_key() != a.program_key(), name
     # the members in another order of counts: other groups, another program
     swapped = bank(iterated, [dict(iterations=k) for k in (2, 1, 1, 2)])
     assert swapped.program_key() != others["counts"].program_key()

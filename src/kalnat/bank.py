@@ -162,15 +162,17 @@ class Bank(Boundary):
         weights and name, and the members' counts of linearisations where they group the
         members (:meth:`by_iterations`); the members' hyperparameters are an argument of every
         program. Equal banks share their programs, as learners do (:meth:`Learner.program_key`):
-        ``kalnat.ekf_bank(model, family)`` built again (a scikit-learn estimator's ``fit``, a
-        cross-validation's folds) is neither traced nor compiled again while an equal one lives.
+        ``kalnat.ekf_bank(model, family)`` built again, with another grid of as many prior
+        variances or forgetting factors, is neither traced nor compiled again while an equal
+        bank lives.
         ``None`` (nothing shared) where the learner's key is ``None``, for a bank whose programs
         are saved across processes (:func:`kalnat.saved.describe`), or whose share, prior or
         name is not made of plain values."""
         inner = self.learner.program_key()
         if inner is None or saved.described(self) or not _filter._by_value((self.share, self.name, self.log_prior)):
             return None
-        counts = None if self.by_iterations() is None else tuple(int(c) for c in np.asarray(self.hyper.iterations).reshape(-1))
+        counts = None if self.by_iterations() is None else \
+            tuple(int(c) for c in np.asarray(self.hyper.iterations).reshape(-1))
         return (type(self), inner, self.size, self.share, self.name, self.log_prior, counts)
 
     def member_hyper(self, k: int, hyper: Optional[Hyper] = None) -> Hyper:
