@@ -3,11 +3,11 @@
 
 Learners are cached by their settings (:func:`learner`), so that every estimator with the same
 settings and input size runs the same compiled programs: a refit, a clone or an unpickled
-estimator compiles nothing new. Learners of one architecture share one model (:func:`_model`),
-so settings that differ only in ``prior_var`` or ``forgetting`` share programs too
-(:func:`kalnat.programs.once`; not the self-tuning bank's, whose members are its own).
-Estimators hold the cache key and the state, never the learner itself (a model's ``apply`` is
-a closure, which does not pickle).
+estimator compiles nothing new. Learners of one architecture run on equal models
+(:func:`_model`), so settings that differ only in ``prior_var`` or ``forgetting`` share
+programs too (:func:`kalnat.programs.once`; a bank's, :meth:`kalnat.bank.Bank.program_key`).
+Estimators hold the cache key and the state, never the learner itself (an MLP's activation,
+``jnp.tanh``, does not pickle; nor need a user's model function).
 """
 
 from __future__ import annotations

@@ -30,7 +30,10 @@ def own_layer_rows(apply_tapped, apply) -> bool:
     own ``apply`` (a model whose ``apply`` was replaced, ``Model._replace(apply=…)``, is not):
     their layers are θ's, in θ's order (tested once, in tests/test_structured.py), so a
     learner does not check them as it checks a model's own."""
-    return isinstance(apply_tapped, (_LinearTapped, _MLPTapped)) and apply_tapped.own_apply() == apply
+    if not isinstance(apply_tapped, (_LinearTapped, _MLPTapped)):
+        return False
+    own = apply_tapped.own_apply()
+    return type(apply) is type(own) and own == apply  # (not a user object's own __eq__)
 
 
 class Model(NamedTuple):
@@ -67,8 +70,31 @@ class Model(NamedTuple):
 # built kalnat.models.linear(p) again for each configuration traced each one's programs anew.
 
 
+class _Function:
+    """Immutable: a copy is the object itself, as a function's is (a deep copy of ``jnp.tanh``
+    is another object, and a copied model would no longer share its programs)."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ByIdentity(_Function):
+    """An activation that cannot be hashed (a callable holding arrays), compared and hashed by
+    identity, as a closure over it was: the model stays hashable (``jax.jit`` of its
+    ``apply``), and its learners share programs with learners on that model object only."""
+
+    fn: Callable
+
+    def __call__(self, z):
+        return self.fn(z)
+
+
 @dataclasses.dataclass(frozen=True)
-class _LinearInit:
+class _LinearInit(_Function):
     n_features: int
     n_outputs: int
     bias: bool
@@ -83,7 +109,7 @@ class _LinearInit:
 
 
 @dataclasses.dataclass(frozen=True)
-class _LinearApply:
+class _LinearApply(_Function):
     bias: bool
 
     def __call__(self, params, x):
@@ -92,7 +118,7 @@ class _LinearApply:
 
 
 @dataclasses.dataclass(frozen=True)
-class _LinearTapped:
+class _LinearTapped(_Function):
     def own_apply(self):
         return _LinearApply(True)
 
@@ -119,7 +145,7 @@ def linear(n_features: int, n_outputs: int = 1, *, bias: bool = True, dtype=None
 
 
 @dataclasses.dataclass(frozen=True)
-class _MLPInit:
+class _MLPInit(_Function):
     sizes: tuple
     dtype: Any
 
@@ -141,7 +167,7 @@ class _MLPInit:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MLPTapped:
+class _MLPTapped(_Function):
     activation: Callable
 
     def own_apply(self):
@@ -158,7 +184,7 @@ class _MLPTapped:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MLPApply:
+class _MLPApply(_Function):
     activation: Callable
 
     def __call__(self, params, x):
@@ -189,4 +215,8 @@ def mlp(
     n_features, n_outputs = positive_int(n_features, "n_features"), positive_int(n_outputs, "n_outputs")
     hidden = tuple(positive_int(h, f"hidden[{i}]") for i, h in enumerate(hidden))
     sizes = (n_features, *hidden, n_outputs)
+    try:
+        hash(activation)
+    except TypeError:
+        activation = _ByIdentity(activation)
     return Model(_MLPInit(sizes, dtype), _MLPApply(activation), (n_features,), n_outputs, _MLPTapped(activation))
