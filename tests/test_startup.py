@@ -145,15 +145,22 @@ def test_the_compilation_cache_is_written_reused_relocatable_and_can_be_turned_o
     assert not off.exists()
 
 
+def _model_of_its_own(n_features):
+    """``kalnat.models.linear(n_features)`` with an ``apply`` no other test's model equals: a
+    test that counts a learner's programs, or their release, then counts its own (equal models
+    share their programs, and other modules keep learners on them alive)."""
+    import kalnat
+
+    linear = kalnat.models.linear(n_features)
+    return linear._replace(apply=lambda p, x: linear.apply(p, x))
+
+
 def test_fixed_chunk_compiles_one_program_and_learns_the_same():
     import jax
     import kalnat
     from kalnat.stream import chunk_fn
 
-    # a model of this test's own: kalnat.models.linear(3) equals other tests', whose live
-    # learners would share the program and its shapes
-    linear = kalnat.models.linear(3)
-    model = linear._replace(apply=lambda p, x: linear.apply(p, x))
+    model = _model_of_its_own(3)
     learner = kalnat.ekf(model, kalnat.families.Bernoulli(), forgetting=0.99)
     rng = np.random.default_rng(1)
     X = rng.normal(size=(50, 3))
@@ -627,10 +634,7 @@ def test_shared_programs_go_with_the_last_learner_holding_them():
     import kalnat
     from kalnat import programs
 
-    # a model of this test's own: kalnat.models.linear(3) equals other tests' (whose modules
-    # keep some of their learners alive, and with them the programs of that key)
-    linear = kalnat.models.linear(3)
-    model = linear._replace(apply=lambda p, x: linear.apply(p, x))
+    model = _model_of_its_own(3)
     X, y = np.zeros((8, 3)), np.zeros(8, int)
     alive, held = [], []
     for lam in (0.9, 0.95, 0.99):
