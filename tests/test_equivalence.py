@@ -16,6 +16,10 @@ import reference as ref
 RTOL = 1e-9
 STEPS = 200
 P_IN = 3
+# Fading memory is milder on the MLP: with strong forgetting, directions of θ the data do not
+# inform inflate as λ^-t, and the nonlinear filter amplifies rounding between the forms.
+FORGETTING = {"linear": 0.95, "mlp": 0.99}
+ETA0 = 0.3  # natural gradient's η_0 (free: every one gives the EKF's θ_t), a constant of its programs
 
 FAMILIES = {
     "gaussian": F.Gaussian(0.7),
@@ -47,7 +51,14 @@ def teacher_stream(model, family, n, seed):
     return params, X, Y
 
 
-def run_all(model, family, params, X, Y, prior_var, forgetting, batch_size, eta0=0.3, joseph=True):
+# Every learner the tests build, kept for the module: a later learner of an equal program key
+# (the same model, family, form and η_0; other hyperparameters) runs the compiled programs of
+# an earlier one (kalnat.programs) where its stream has as many minibatches: those of
+# test_against_numpy_reference run test_three_learners_agree's (STEPS minibatches each).
+_LEARNERS = []
+
+
+def run_all(model, family, params, X, Y, prior_var, forgetting, batch_size, eta0=ETA0, joseph=True):
     learners = {
         "ekf": kalnat.ekf(model, family, prior_var=prior_var, forgetting=forgetting),
         "ekf_joseph": kalnat.ekf(model, family, prior_var=prior_var, forgetting=forgetting, joseph=True),
@@ -57,6 +68,7 @@ def run_all(model, family, params, X, Y, prior_var, forgetting, batch_size, eta0
     }
     if not joseph:
         del learners["ekf_joseph"]
+    _LEARNERS.extend(learners.values())
     return {k: kalnat.fit(l, l.init(params), X, Y, batch_size=batch_size, return_predictions=False).state
             for k, l in learners.items()}
 
@@ -75,8 +87,6 @@ def check_equal(states):
     assert int(states["ekf"].count) == int(ng.count)
 
 
-# Fading memory is milder on the MLP: with strong forgetting, directions of θ the data do not
-# inform inflate as λ^-t, and the nonlinear filter amplifies rounding between the forms.
 @pytest.mark.parametrize("fam", list(FAMILIES))
 @pytest.mark.parametrize("arch", ["linear", "mlp"])
 @pytest.mark.parametrize("batch_size", [1, 8])
@@ -85,7 +95,7 @@ def test_three_learners_agree(fam, arch, batch_size):
     model = (kalnat.models.linear(P_IN, family.n_outputs) if arch == "linear"
              else kalnat.models.mlp(P_IN, (4,), family.n_outputs))
     params, X, Y = teacher_stream(model, family, STEPS * batch_size, seed=len(fam) + batch_size)
-    for forgetting in (1.0, 0.95 if arch == "linear" else 0.99):
+    for forgetting in (1.0, FORGETTING[arch]):
         states = run_all(model, family, params, X, Y, 0.5, forgetting, batch_size,
                          joseph=arch == "linear")
         assert int(states["ekf"].count) == STEPS
@@ -109,10 +119,10 @@ def test_against_numpy_reference(fam, arch, batch_size):
     family = FAMILIES[fam]
     model = (kalnat.models.linear(P_IN, family.n_outputs) if arch == "linear"
              else kalnat.models.mlp(P_IN, (4,), family.n_outputs))
-    n = 60 * batch_size
+    n = STEPS * batch_size
     params, X, Y = teacher_stream(model, family, n, seed=7)
-    lam, prior, eta0 = 0.97, 0.5, 2.0
-    states = run_all(model, family, params, X, Y, prior, lam, batch_size, eta0=eta0, joseph=False)
+    lam, prior, eta0 = FORGETTING[arch], 0.5, ETA0
+    states = run_all(model, family, params, X, Y, prior, lam, batch_size, joseph=False)
     jac, name, sigma, batches = reference_case(fam, arch, params, X, Y, batch_size, prior, lam)
     theta0 = flat(params)
     d = theta0.size

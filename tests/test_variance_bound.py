@@ -91,7 +91,7 @@ def test_bound_stops_windup(form, dtype):
 def test_bound_is_exact_below_it(form):
     """No forgetting: P only shrinks, the bound never binds (its factors are exactly 1) and
     the bounded filter is the exact one, to rounding (XLA may order the products differently)."""
-    data = stream(300, seed=1, dead_column=False)
+    data = stream(1_000, seed=1, dead_column=False)  # chunks of 1 000 rows, as the other tests here
     a = run(form, CAP, *data, forgetting=1.0)
     b = run(form, None, *data, forgetting=1.0)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
