@@ -218,7 +218,8 @@ def test_checkpoints_of_kalnat_0_1_load_into_the_same_state(name):
     learner, family = V1_LEARNERS[name]
     assert checkpoint.read_header(os.path.join(V1, f"{name}.npz"))["version"] == 1
     old = checkpoint.load(os.path.join(V1, f"{name}.npz"), learner.init(MODEL.init(None)))
-    now = kalnat.fit(learner, learner.init(MODEL.init(None)), *_v1_data(family)).state
+    # (chunks of 16 rows, as the resume test's: the programs it compiled)
+    now = kalnat.fit(learner, learner.init(MODEL.init(None)), *_v1_data(family), chunk_size=16).state
     assert int(old.count) == int(now.count) == 20
     assert len(leaves(old)) == len(leaves(now))
     for a, b in zip(leaves(old), leaves(now)):  # θ, covariance (each member's), counters, a and b
@@ -226,7 +227,7 @@ def test_checkpoints_of_kalnat_0_1_load_into_the_same_state(name):
     if name == "bank":
         np.testing.assert_allclose(old.log_weights, now.log_weights, rtol=1e-12)
     # and it learns on from there
-    kalnat.fit(learner, old, *_v1_data(family))
+    kalnat.fit(learner, old, *_v1_data(family), chunk_size=16)
 
 
 def test_recurrent_checkpoint_of_kalnat_0_1_loads_into_the_same_state():

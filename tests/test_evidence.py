@@ -22,8 +22,10 @@ INFO = kalnat.information_filter(MODEL, GAUSS, prior_var=1.0, forgetting=0.9, pr
                                  max_variance=1.5)
 
 
-def _stream(seed, n=N_ROWS):
-    rng = np.random.default_rng(seed)
+# The tests' streams have N_ROWS rows (a shorter one is fitted in chunks of N_ROWS,
+# fixed_chunk): their learners, equal but for their hyperparameters, run one compiled program.
+def _stream(seed):
+    rng, n = np.random.default_rng(seed), N_ROWS
     X = rng.normal(size=(n, P_FEAT)) * np.array([1.0, 0.3, 0.0])  # the last feature stays 0: the bound binds
     X[n // 2:, 1] *= 4.0
     y = X @ rng.normal(size=P_FEAT) + 0.5 + rng.normal(size=n) * np.sqrt(R_NOISE)
@@ -88,7 +90,7 @@ def test_random_walk_evidence_equals_the_batch_marginal_likelihood():
 @given(seed=st.integers(0, 10_000), lam=st.sampled_from([0.8, 0.95, 1.0]), q=st.sampled_from([0.0, 0.01, 0.3]),
        cap=st.sampled_from([None, 0.5, 5.0]))
 def test_evidence_matches_the_textbook_filter_on_random_problems(seed, lam, q, cap):
-    X, y = _stream(seed, n=12)
+    X, y = _stream(seed)
     hyper = EKF.hyper._replace(forgetting=lam, process_noise=q, max_variance=cap)
     res = kalnat.fit(EKF, EKF.init(MODEL.init(None), hyper), X, y, hyper=hyper)
     lls, _, _ = textbook_kalman(X, y, prior_var=1.0, lam=lam, q=q, cap=cap)
@@ -198,15 +200,15 @@ def test_minibatch_log_likelihoods_sum_to_the_exact_evidence(batch_size):
     """Rows of one minibatch share θ: each row's log-likelihood is conditioned on the rows before
     it, so a stream's sum is its exact marginal likelihood at any batch size (λ = 1, q = 0: a
     minibatch is then the same filter as rows one by one)."""
-    X, y = _stream(6, n=24)
+    X, y = _stream(6)
     learner = kalnat.ekf(MODEL, GAUSS, prior_var=0.7)
     one = kalnat.fit(learner, learner.init(MODEL.init(None)), X, y)
     many = kalnat.fit(learner, learner.init(MODEL.init(None)), X, y, batch_size=batch_size)
     np.testing.assert_allclose(many.log_likelihood, one.log_likelihood, rtol=1e-10)
-    A = np.hstack([np.ones((24, 1)), X])
-    C = 0.7 * A @ A.T + R_NOISE * np.eye(24)
+    A = np.hstack([np.ones((N_ROWS, 1)), X])
+    C = 0.7 * A @ A.T + R_NOISE * np.eye(N_ROWS)
     _, logdet = np.linalg.slogdet(C)
-    exact = -0.5 * (y @ np.linalg.solve(C, y) + logdet + 24 * np.log(2 * np.pi))
+    exact = -0.5 * (y @ np.linalg.solve(C, y) + logdet + N_ROWS * np.log(2 * np.pi))
     assert abs(many.log_likelihood.sum() - exact) < 1e-10 * abs(exact)
     # the normal–inverse-gamma filter's Student-t chain rule: the same with unknown noise
     nig = kalnat.nig_filter(MODEL, prior_var=0.5, noise_shape=2.0, noise_scale=0.3)
@@ -216,14 +218,14 @@ def test_minibatch_log_likelihoods_sum_to_the_exact_evidence(batch_size):
 
 
 def test_skipped_rows_inside_minibatches_add_nothing_to_the_evidence():
-    X, y = _stream(7, n=24)
-    keep = np.ones(24, bool)
+    X, y = _stream(7)
+    keep = np.ones(N_ROWS, bool)
     keep[[2, 5, 6, 13]] = False
     y_bad = y.copy()
     y_bad[~keep] = np.nan
     learner = kalnat.ekf(MODEL, GAUSS, prior_var=0.7)
     res = kalnat.fit(learner, learner.init(MODEL.init(None)), X, y_bad, batch_size=4, skip_bad_rows=True)
-    alone = kalnat.fit(learner, learner.init(MODEL.init(None)), X[keep], y[keep])
+    alone = kalnat.fit(learner, learner.init(MODEL.init(None)), X[keep], y[keep], chunk_size=N_ROWS, fixed_chunk=True)
     assert np.all(np.isnan(res.log_likelihood[~keep]))
     np.testing.assert_allclose(np.nansum(res.log_likelihood), alone.log_likelihood.sum(), rtol=1e-10)
     # and a bank's evidence sees the same
@@ -237,7 +239,7 @@ def test_public_predict_is_the_predictive_of_the_next_prior(learner):
     """learner.predict(state, x) after t rows is N(ŷ, h P⁻ hᵀ + R) with P⁻ the prediction step
     of row t + 1 (forgetting, noise and bound applied), not the posterior P_t."""
     X, y = _stream(8)
-    state = kalnat.fit(learner, learner.init(MODEL.init(None)), X[:-1], y[:-1]).state
+    state = kalnat.fit(learner, learner.init(MODEL.init(None)), X[:-1], y[:-1], chunk_size=N_ROWS, fixed_chunk=True).state
     P = kalnat.covariance(state)
     pred = learner.predict(state, X[-1])
     lls, _, _ = textbook_kalman(X, y, prior_var=1.0, lam=0.9, q=0.02, cap=1.5)
