@@ -13,8 +13,10 @@
               equal learner with other hyperparameters is alive: with the programs it shares
               (``kalnat.programs.once``), on the same model object or on one built again by
               ``kalnat.models.linear``, and with programs of its own (``program_key`` turned
-              off); the same for the default bank (``kalnat.ekf_bank``) built again;
-              ``--repeat`` rounds alternating, in one process.
+              off); the same for the default bank (``kalnat.ekf_bank``) built again, and for
+              natural-gradient RTRL (``kalnat.recurrent.rtrl``, an Elman cell of 4 states, the
+              100 rows as one sequence) on the same cell; ``--repeat`` rounds alternating, in
+              one process.
 
     python benchmarks/compile_time.py [--repeat 3] [--part options|sharing|both]
 """
@@ -87,6 +89,7 @@ def sharing(repeat: int) -> None:
     import kalnat
     from kalnat.bank import Bank
     from kalnat.learners.base import Learner
+    from kalnat.recurrent.base import RecurrentLearner
 
     model = kalnat.models.linear(3)
     params = model.init(None)
@@ -97,7 +100,11 @@ def sharing(repeat: int) -> None:
     kalnat.fit(keep, keep.init(params), X, y)  # the live learner whose programs are shared
     keep_bank = kalnat.ekf_bank(model, kalnat.families.Bernoulli())
     kalnat.fit(keep_bank, keep_bank.init(params), X, y)  # and the live bank
-    own_key, own_bank_key = Learner.program_key, Bank.program_key
+    cell = kalnat.recurrent.elman(n_inputs=3, n_state=4)
+    cell_params = cell.init(jax.random.PRNGKey(0))
+    keep_rtrl = kalnat.recurrent.rtrl(cell, kalnat.families.Bernoulli(), forgetting=0.9)
+    kalnat.recurrent.fit_sequence(keep_rtrl, keep_rtrl.init(cell_params), X, y)  # and the live RTRL learner
+    own_key, own_bank_key, own_recurrent_key = Learner.program_key, Bank.program_key, RecurrentLearner.program_key
     fam = kalnat.families.Bernoulli()
     builds = {  # (what is built again, whether it may share)
         "a learner, same model object": (lambda r: kalnat.ekf(model, fam, forgetting=0.95 - 0.01 * r), True),
@@ -107,17 +114,24 @@ def sharing(repeat: int) -> None:
         "the default bank, model built again": (lambda r: kalnat.ekf_bank(kalnat.models.linear(3), fam,
                                                                          prior_vars=(0.02, 0.2, 2.0, 20.0 + r)), True),
         "the default bank, programs of its own": (lambda r: kalnat.ekf_bank(model, fam), False),
+        "an RTRL learner, same cell": (lambda r: kalnat.recurrent.rtrl(cell, fam, prior_var=2.0 + r), True),
+        "an RTRL learner, programs of its own": (lambda r: kalnat.recurrent.rtrl(cell, fam, prior_var=2.0 + r), False),
     }
     times = {name: [] for name in builds}
     for r in range(repeat):
         for name, (build, share) in builds.items():
             Learner.program_key = own_key if share else (lambda self: None)
             Bank.program_key = own_bank_key if share else (lambda self: None)
+            RecurrentLearner.program_key = own_recurrent_key if share else (lambda self: None)
             learner = build(r)
+            recurrent = isinstance(learner, RecurrentLearner)
             t = time.perf_counter()
-            jax.block_until_ready(kalnat.fit(learner, learner.init(params), X, y).state)
+            if recurrent:  # the 100 rows as one sequence of 100 steps
+                jax.block_until_ready(kalnat.recurrent.fit_sequence(learner, learner.init(cell_params), X, y).state)
+            else:
+                jax.block_until_ready(kalnat.fit(learner, learner.init(params), X, y).state)
             times[name].append(time.perf_counter() - t)
-    Learner.program_key, Bank.program_key = own_key, own_bank_key
+    Learner.program_key, Bank.program_key, RecurrentLearner.program_key = own_key, own_bank_key, own_recurrent_key
     print(f"a first fit of 100 rows beside an equal live learner or bank, median of {repeat} (ms)")
     for name, ts in times.items():
         print(f"  {name:40s} {statistics.median(ts) * 1e3:8.1f}")

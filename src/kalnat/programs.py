@@ -5,7 +5,7 @@ program closing over a learner is built once per learner (and what it is for) an
 the learner: every call of ``fit`` or a keyed step on the same learner then reuses one
 compiled program for each shape.
 
-A learner (or bank) whose ``program_key()`` is not ``None`` also shares its programs with every
+A learner (core or recurrent) or bank whose ``program_key()`` is not ``None`` shares its programs with every
 live learner of an equal key: learners that differ only in their hyperparameters (an argument
 of every program, never a constant in one) run the same programs, on the same model or an
 equal one (:mod:`kalnat.models`' constructors give equal models for equal arguments). A

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ from jax.flatten_util import ravel_pytree
 from kalnat.families import Family
 from kalnat.filter import Hyper
 from kalnat.learners.base import check_live, check_range, check_targets, device_hyper, unbatch
+from kalnat.programs import once
 from kalnat.recurrent.cells import RecurrentModel
 from kalnat.validation import positive_int
 
@@ -181,6 +182,10 @@ class RecurrentLearner:
       hyper: the default hyperparameters (:class:`~kalnat.filter.Hyper`).
       check_hyper: ``(hyper, d)``: host checks of hyperparameters given to a call.
       config: the settings it was built with.
+      recipe: what ``step`` and ``propagate`` close over besides ``name``, ``cell`` and
+        ``family`` (a hashable tuple of plain values and the core learner's program key), or
+        ``None``: the learner's compiled programs are then its own. Learners of equal recipes
+        share their programs (:meth:`program_key`).
     """
 
     name: str
@@ -193,6 +198,22 @@ class RecurrentLearner:
     hyper: Hyper = Hyper()
     check_hyper: Callable = None
     config: dict = field(default_factory=dict)
+    recipe: Optional[tuple] = None
+
+    def program_key(self):
+        """What this learner's compiled programs depend on besides their arguments
+        (:func:`kalnat.programs.once`): its type, ``name``, ``cell``, ``family`` and ``recipe``.
+        Learners of equal keys (the same cell object or an equal one, other hyperparameters)
+        share their programs. ``None`` (nothing shared) without a recipe or where the key
+        cannot be hashed."""
+        if self.recipe is None:
+            return None
+        key = (type(self), self.name, self.cell, self.family, self.recipe)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     def check_given_hyper(self, hyper, state):
         if hyper is not None and self.check_hyper is not None:
@@ -203,18 +224,19 @@ class RecurrentLearner:
         def fn(h, s, xs, ys, single):
             s, pred, _ = self.step(h, s, xs, ys, jnp.ones(xs.shape[0], bool))
             return s, unbatch(pred, single)
-        return jax.jit(fn, donate_argnums=1, static_argnums=4)
+        return once(self, "update one", lambda: jax.jit(fn, donate_argnums=1, static_argnums=4))
 
     @functools.cached_property
     def _advance_jit(self):
         def fn(h, s, xs, single):
             s, pred = self.propagate(h, s, xs)
             return s, unbatch(pred, single)
-        return jax.jit(fn, donate_argnums=1, static_argnums=3)
+        return once(self, "advance one", lambda: jax.jit(fn, donate_argnums=1, static_argnums=3))
 
     @functools.cached_property
     def _predict_jit(self):
-        return jax.jit(lambda h, s, xs, single: unbatch(self.propagate(h, s, xs)[1], single), static_argnums=3)
+        return once(self, "predict one", lambda: jax.jit(
+            lambda h, s, xs, single: unbatch(self.propagate(h, s, xs)[1], single), static_argnums=3))
 
     def update(self, state, x, y, hyper=None):
         """Learns one time step: ``x`` (``input_shape``, or ``(B,) + input_shape``) and ``y``.

@@ -266,4 +266,8 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
             if not np.all(np.isfinite(q)) or np.any(q < 0):
                 raise ValueError("process_noise must be finite and non-negative")
 
-    return base.RecurrentLearner("joint_ekf", cell, family, init, step, propagate, JointState, hyper, check, config)
+    # step and propagate close over the cell, the family, λ's schedule (a function of t), the
+    # Joseph form and q_s (by value: a constant of the programs, not a hyperparameter)
+    recipe = (schedule, bool(joseph), q_state.shape, tuple(q_state.ravel().tolist()))
+    return base.RecurrentLearner("joint_ekf", cell, family, init, step, propagate, JointState, hyper, check, config,
+                                 recipe)

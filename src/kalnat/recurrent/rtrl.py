@@ -195,5 +195,9 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
         return RTRLState(state.core, s, g), _filter.predictive(core, hyper, prior, linearize_at(theta))
 
     config = dict(learner=core.name, correct_state=correct_state, core=core, **options)
+    # step and propagate close over the cell, the family, the core learner's programs and
+    # correct_state: equal recipes, equal programs (the core's hyperparameters are an argument)
+    core_key = core.program_key()
+    recipe = None if core_key is None else (core_key, bool(correct_state))
     return base.RecurrentLearner("rtrl", cell, family, init, step, propagate, RTRLState, core.hyper,
-                                 lambda hyper, d: check_hyper(core, hyper, d), config)
+                                 lambda hyper, d: check_hyper(core, hyper, d), config, recipe)
