@@ -690,46 +690,57 @@ def test_float32_long_stream_is_stable():
 def test_recurrent_learners_that_differ_only_in_hyperparameters_share_programs_and_learn_as_if_alone():
     """kalnat.programs.once: an RTRL or joint-EKF learner built again on the same cell and
     family with another prior, forgetting or process noise runs the chunk and one-step programs
-    of a live equal learner, and learns exactly what it learns with programs of its own; a
-    learner that differs in what its programs hold (the core learner, the state correction, the
-    Joseph form, the state noise, a schedule, the cell, the family) has another key."""
+    (update, predict, advance) of a live equal learner, and learns exactly what it learns with
+    programs of its own; a learner that differs in what its programs hold (the core learner, the
+    state correction, the Joseph form, the state noise, a schedule of λ, the cell, the family),
+    or whose functions are not the ones its constructor made, has another key or none."""
     import dataclasses
 
     from kalnat.stream import chunk_fn
     cell, fam = CELLS["elman"], FAMILIES["gaussian"]
     params = _params(cell, seed=3)
     x, y = _data(fam, 2, 30, seed=4)
+    one_step = ("_update_jit", "_predict_jit", "_advance_jit")
+
+    def run(learner):  # a fit, then one step learned, one predicted and one advanced
+        res = recurrent.fit_sequence(learner, learner.init(params), x, y)
+        learned = [np.array(a) for a in jax.tree_util.tree_leaves((res.state, res.predictions))]
+        state, pred = learner.update(res.state, x[0], y[0])  # (res.state donated)
+        learned += [np.array(a) for a in jax.tree_util.tree_leaves((state, pred, learner.predict(state, x[1])))]
+        return learned + [np.asarray(a) for a in jax.tree_util.tree_leaves(learner.advance(state, x[2]))]
+
     for build, first_kw, kws in (
             (recurrent.rtrl, dict(prior_var=1.0), [dict(prior_var=2.0, forgetting=0.95), dict(process_noise=1e-3)]),
             (recurrent.joint_ekf, dict(prior_var=1.0, state_noise=0.01),
              [dict(prior_var=0.3, forgetting=0.9, state_noise=0.01), dict(process_noise=1e-3, state_noise=0.01)])):
         first = build(cell, fam, **first_kw)
-        recurrent.fit_sequence(first, first.init(params), x, y)
+        run(first)
         for kw in kws:
             again = build(cell, fam, **kw)
-            alone = dataclasses.replace(again, recipe=None)  # programs of its own
+            # the same functions, wrapped: programs of their own
+            alone = dataclasses.replace(again, step=lambda *a, f=again.step: f(*a),
+                                        propagate=lambda *a, f=again.propagate: f(*a))
             assert again.program_key() == first.program_key() is not None and alone.program_key() is None
-            runs = []
-            for learner in (again, alone):
-                res = recurrent.fit_sequence(learner, learner.init(params), x, y)
-                learned = [np.array(a) for a in jax.tree_util.tree_leaves((res.state, res.predictions))]
-                state, pred = learner.update(res.state, x[0], y[0])  # the one-step program too (res.state donated)
-                runs.append(learned + [np.asarray(a) for a in jax.tree_util.tree_leaves(
-                    (state, pred, learner.predict(state, x[1])))])
+            runs = [run(again), run(alone)]
             assert chunk_fn(again, True) is chunk_fn(first, True) and chunk_fn(alone, True) is not chunk_fn(first, True)
-            assert again._update_jit is first._update_jit
+            assert all(getattr(again, p) is getattr(first, p) is not getattr(alone, p) for p in one_step)
             for a, b in zip(*runs):
                 np.testing.assert_array_equal(a, b)
-    # what the programs hold: each of these differs from `base` in one part of its recipe or key
+    # what the programs hold: each of these differs from `base` in one part of its recipe
     base = recurrent.rtrl(cell, fam)
     others = [recurrent.rtrl(cell, fam, learner="information"), recurrent.rtrl(cell, fam, correct_state=False),
-              recurrent.rtrl(cell, fam, joseph=True), recurrent.rtrl(CELLS["gru"], fam),
+              recurrent.rtrl(cell, fam, joseph=True),
               recurrent.rtrl(cell._replace(transition=CELLS["gru"].transition), fam),  # the same readout
               recurrent.rtrl(cell, families.Gaussian(0.7))]
     joint = recurrent.joint_ekf(cell, fam)
     others_joint = [recurrent.joint_ekf(cell, fam, joseph=True), recurrent.joint_ekf(cell, fam, state_noise=0.01),
-                    recurrent.joint_ekf(cell, fam, forgetting=schedules.kalman(0.9)),
+                    recurrent.joint_ekf(cell, fam, forgetting=lambda t: 0.9),
+                    recurrent.joint_ekf(cell, fam, forgetting=lambda t: 0.9),  # another schedule, equal or not
                     recurrent.joint_ekf(CELLS["gru"], fam), recurrent.joint_ekf(cell, families.Gaussian(0.7))]
-    assert all(o.program_key() not in (None, base.program_key()) for o in others)
-    assert all(o.program_key() not in (None, joint.program_key()) for o in others_joint)
+    for first, rest in ((base, others), (joint, others_joint)):
+        keys = [first.program_key()] + [o.program_key() for o in rest]
+        assert None not in keys and len(set(keys)) == len(keys)
     assert recurrent.joint_ekf(cell, fam, prior_var=3.0, state_var=0.5).program_key() == joint.program_key()
+    # a learner given another step (or cell: its functions run the old one) is not its constructor's
+    assert dataclasses.replace(joint, step=lambda *a: joint.step(*a)).program_key() is None
+    assert dataclasses.replace(joint, cell=CELLS["gru"]).program_key() == joint.program_key()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -182,10 +182,11 @@ class RecurrentLearner:
       hyper: the default hyperparameters (:class:`~kalnat.filter.Hyper`).
       check_hyper: ``(hyper, d)``: host checks of hyperparameters given to a call.
       config: the settings it was built with.
-      recipe: what ``step`` and ``propagate`` close over besides ``name``, ``cell`` and
-        ``family`` (a hashable tuple of plain values and the core learner's program key), or
-        ``None``: the learner's compiled programs are then its own. Learners of equal recipes
-        share their programs (:meth:`program_key`).
+
+    ``rtrl`` and ``joint_ekf`` mark their ``step`` and ``propagate`` with what those close
+    over (:func:`with_recipe`): learners of equal recipes share their compiled programs
+    (:meth:`program_key`); a learner given other functions (``dataclasses.replace``, one's own)
+    has programs of its own.
     """
 
     name: str
@@ -198,17 +199,18 @@ class RecurrentLearner:
     hyper: Hyper = Hyper()
     check_hyper: Callable = None
     config: dict = field(default_factory=dict)
-    recipe: Optional[tuple] = None
 
     def program_key(self):
         """What this learner's compiled programs depend on besides their arguments
-        (:func:`kalnat.programs.once`): its type, ``name``, ``cell``, ``family`` and ``recipe``.
-        Learners of equal keys (the same cell object or an equal one, other hyperparameters)
-        share their programs. ``None`` (nothing shared) without a recipe or where the key
-        cannot be hashed."""
-        if self.recipe is None:
+        (:func:`kalnat.programs.once`): its type, ``name`` and the recipe its ``step`` and
+        ``propagate`` were made from (:func:`with_recipe`). Learners of equal keys (the same
+        cell object, or one that compares equal, other hyperparameters) share their programs.
+        ``None`` (nothing shared) where the two functions carry no recipe or different ones, or
+        where the key cannot be hashed."""
+        recipe = getattr(self.step, RECIPE, None)
+        if recipe is None or getattr(self.propagate, RECIPE, None) is not recipe:
             return None
-        key = (type(self), self.name, self.cell, self.family, self.recipe)
+        key = (type(self), self.name, recipe)
         try:
             hash(key)
         except TypeError:
@@ -310,6 +312,19 @@ class RecurrentLearner:
             return x, False
         raise ValueError(f"x must have shape ({b},) + {shape}" + (f" or {shape}" if b == 1 else "")
                          + f" for this state of {b} sequence(s), got {x.shape}")
+
+
+RECIPE = "kalnat_recipe"  # the attribute of a step and a propagate made by with_recipe
+
+
+def with_recipe(recipe: tuple, step: Callable, propagate: Callable):
+    """``(step, propagate)`` marked with ``recipe``: everything the two functions close over
+    that is not an argument of the programs they run in (the cell, the family, a core
+    learner's program key, constants of the step). Equal recipes must make the same programs:
+    a learner's :meth:`~RecurrentLearner.program_key` is its recipe."""
+    setattr(step, RECIPE, recipe)
+    setattr(propagate, RECIPE, recipe)
+    return step, propagate
 
 
 def _check_numeric(a, name):

@@ -268,6 +268,6 @@ def joint_ekf(cell: RecurrentModel, family: Family, *, prior_var=1.0,
 
     # step and propagate close over the cell, the family, λ's schedule (a function of t), the
     # Joseph form and q_s (by value: a constant of the programs, not a hyperparameter)
-    recipe = (schedule, bool(joseph), q_state.shape, tuple(q_state.ravel().tolist()))
-    return base.RecurrentLearner("joint_ekf", cell, family, init, step, propagate, JointState, hyper, check, config,
-                                 recipe)
+    step, propagate = base.with_recipe(
+        (cell, family, schedule, bool(joseph), q_state.shape, tuple(q_state.ravel().tolist())), step, propagate)
+    return base.RecurrentLearner("joint_ekf", cell, family, init, step, propagate, JointState, hyper, check, config)

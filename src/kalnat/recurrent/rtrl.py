@@ -198,6 +198,7 @@ def rtrl(cell: RecurrentModel, family: Family, *, learner="ekf", correct_state: 
     # step and propagate close over the cell, the family, the core learner's programs and
     # correct_state: equal recipes, equal programs (the core's hyperparameters are an argument)
     core_key = core.program_key()
-    recipe = None if core_key is None else (core_key, bool(correct_state))
+    if core_key is not None:
+        step, propagate = base.with_recipe((cell, family, core_key, bool(correct_state)), step, propagate)
     return base.RecurrentLearner("rtrl", cell, family, init, step, propagate, RTRLState, core.hyper,
-                                 lambda hyper, d: check_hyper(core, hyper, d), config, recipe)
+                                 lambda hyper, d: check_hyper(core, hyper, d), config)
