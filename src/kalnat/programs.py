@@ -5,13 +5,13 @@ program closing over a learner is built once per learner (and what it is for) an
 the learner: every call of ``fit`` or a keyed step on the same learner then reuses one
 compiled program for each shape.
 
-A learner (core or recurrent) or bank whose ``program_key()`` is not ``None`` shares its programs with every
-live learner of an equal key: learners that differ only in their hyperparameters (an argument
-of every program, never a constant in one) run the same programs, on the same model or an
-equal one (:mod:`kalnat.models`' constructors give equal models for equal arguments; a
-recurrent learner's cell: the same object). A
-learner built again with another prior or forgetting, as a search over hyperparameters does,
-is then neither traced nor compiled again. The table of shared programs holds them weakly: a program goes when the last
+A learner (core or recurrent) or bank whose ``program_key()`` is not ``None`` shares its
+programs with every live learner of an equal key: learners that differ only in their
+hyperparameters (an argument of every program, never a constant in one) run the same programs,
+on the same model or an equal one (:mod:`kalnat.models`' constructors give equal models for
+equal arguments; a recurrent learner's cell: the same object). A learner built again with
+another prior or forgetting, as a search over hyperparameters does, is then neither traced nor
+compiled again. The table of shared programs holds them weakly: a program goes when the last
 learner holding it goes (it keeps the learner that made it alive until then).
 
 An owner marked by :func:`compile_quickly` has its chunk program (``kalnat.fit``'s scan,
