@@ -37,13 +37,18 @@ def logistic_csv(tmp_path_factory):
     return _csv(tmp_path_factory.mktemp("data") / "logit.csv", X, y)
 
 
-def _run(args, input=None):
+def _run(args, input=None, figures=False):
+    """The command's result. ``learn`` runs with --no-figures unless ``figures`` (or the args
+    say which): drawing the report's PNGs took a third of this file's time (19 of 59 s in one
+    process), and the tests of the figures ask for them."""
+    if args[:1] == ["learn"] and not figures and not {"--figures", "--no-figures"} & set(args):
+        args = args + ["--no-figures"]
     res = CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
     return res
 
 
-def _ok(args, input=None):
-    res = _run(args, input)
+def _ok(args, input=None, figures=False):
+    res = _run(args, input, figures)
     assert res.exit_code == 0, res.output
     return res
 
@@ -64,7 +69,7 @@ def _usage_error(args):
 
 def test_learn_csv_writes_report_and_checkpoint(tmp_path, logistic_csv):
     out = tmp_path / "rep"
-    res = _ok(["learn", logistic_csv, "--out", str(out), "--quiet"])
+    res = _ok(["learn", logistic_csv, "--out", str(out), "--quiet"], figures=True)
     assert res.output == ""
     m = json.loads((out / "metrics.json").read_text())
     assert m["family"] == "bernoulli" and m["rows_seen"] == 120 and m["rows_skipped"] == 0
@@ -87,9 +92,28 @@ def test_learn_csv_writes_report_and_checkpoint(tmp_path, logistic_csv):
     assert "bank_weights.png" in m["files"]["plots"]
 
 
+def test_no_figures_writes_the_report_without_them(tmp_path, logistic_csv):
+    """--no-figures: the same metrics.json (but its list of figures) and model as with figures,
+    no PNG, and the figures of a report written there before removed; one model per key too."""
+    keyed_csv = tmp_path / "keyed.csv"
+    lines = open(logistic_csv).read().splitlines()
+    keyed_csv.write_text("\n".join([lines[0] + ",user"] + [f"{line},u{i % 3}" for i, line in enumerate(lines[1:])]))
+    for name, extra, model in (("one", [logistic_csv, "--prior-var", "1"], "model.npz"),
+                               ("keyed", [str(keyed_csv), "--key", "user"], "keyed_model.npz")):
+        out = tmp_path / name
+        _ok(["learn", *extra, "--out", str(out), "--quiet"], figures=True)
+        drawn = json.loads((out / "metrics.json").read_text())
+        assert drawn["files"]["plots"] and all((out / png).exists() for png in drawn["files"]["plots"])
+        res = _ok(["learn", *extra, "--out", str(out), "--no-figures"])
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["files"]["plots"] == [] and not list(out.glob("*.png"))
+        assert m["final"] == drawn["final"] and m["curve"] == drawn["curve"] and (out / model).exists()
+        assert f"{model})" in res.output and ".png" not in res.output
+
+
 def test_given_settings_run_the_single_learner(tmp_path, logistic_csv):
     out = tmp_path / "one"
-    res = _ok(["learn", logistic_csv, "--out", str(out), "--prior-var", "0.5"])
+    res = _ok(["learn", logistic_csv, "--out", str(out), "--prior-var", "0.5"], figures=True)
     m = json.loads((out / "metrics.json").read_text())
     assert "bank" not in m and m["learner"] == "ekf" and "bank_weights.png" not in m["files"]["plots"]
     assert "ekf on linear" in res.output
@@ -872,18 +896,18 @@ def test_a_report_written_over_another_leaves_none_of_the_others_files(tmp_path)
     keyed.write_text("user,a,b,y\n" + "".join(f"u{i % 3},{a:.4f},{b:.4f},{int(a > 0)}\n" for i, (a, b) in enumerate(X)))
     plain.write_text("a,b,y\n" + "".join(f"{a:.4f},{b:.4f},{int(a > 0)}\n" for a, b in X))
     rep, single = tmp_path / "rep", ["--quiet", "--prior-var", "1"]
-    _ok(["learn", str(keyed), "--out", str(rep), "--key", "user"] + single)
+    _ok(["learn", str(keyed), "--out", str(rep), "--key", "user"] + single, figures=True)
     assert {"keyed_model.npz", "per_key.csv"} <= {p.name for p in rep.iterdir()}
     (rep / "notes.txt").write_text("mine")
     (tmp_path / "outside.txt").write_text("mine too")
     metrics = json.loads((rep / "metrics.json").read_text())
     metrics["files"]["plots"].append("../outside.txt")
     (rep / "metrics.json").write_text(json.dumps(metrics))
-    _ok(["learn", str(plain), "--out", str(rep)] + single)
+    _ok(["learn", str(plain), "--out", str(rep)] + single, figures=True)
     files = json.loads((rep / "metrics.json").read_text())["files"]
     assert {p.name for p in rep.iterdir()} == {"metrics.json", "notes.txt", files["model"], *files["plots"]}
     assert "confusion.png" in files["plots"] and (tmp_path / "outside.txt").exists()
-    _ok(["learn", str(keyed), "--out", str(rep), "--key", "user"] + single)
+    _ok(["learn", str(keyed), "--out", str(rep), "--key", "user"] + single, figures=True)
     assert not (rep / "model.npz").exists() and not (rep / "confusion.png").exists()
     assert (rep / "notes.txt").read_text() == "mine"
 

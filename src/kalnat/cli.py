@@ -286,6 +286,9 @@ def _open(data, kw, **more):
 @click.option("--out", "out_dir", default="kalnat-report", show_default=True,
               type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--figures/--no-figures", default=True, show_default=True,
+              help="Draw the report's PNG figures (learning curves, a bank's weights, a confusion "
+              "matrix); without them the report is metrics.json and the model (for many runs).")
 @click.option("--predictions", "predictions_path", default=None, type=click.Path(dir_okay=False),
               metavar="PATH", help="Also write every row's progressive prediction (made before the "
               "row was learned) as CSV: row (1-based, stream order), then mean,sd (gaussian, "
@@ -296,13 +299,14 @@ def _open(data, kw, **more):
               "cluster of this many worker processes, keys hashed to one shard per worker (kalnat[dask]).")
 @click.option("--scheduler", metavar="ADDRESS", default=None, help="With --key: learn on the Dask cluster "
               "of this scheduler (kalnat[dask]).")
-def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, **kw):
+def learn(data, out_dir, quiet, figures, key, workers, scheduler, predictions_path=None, **kw):
     """Learn DATA in one pass and write a report folder.
 
     DATA is a CSV file with a header row, - for standard input, or a bundled data set's name
     (see `kalnat datasets`); default: breast_cancer. The report folder gets metrics.json
     (progressive log-loss, accuracy or RMSE, over time; rows seen and skipped; time per
-    row), learning-curve PNGs and model.npz, the final learner state for `kalnat predict`.
+    row), learning-curve PNGs (unless --no-figures) and model.npz, the final learner state for
+    `kalnat predict`.
     """
     from kalnat import datasets
 
@@ -323,13 +327,17 @@ def learn(data, out_dir, quiet, key, workers, scheduler, predictions_path=None, 
         if key is not None:
             if click.get_current_context().get_parameter_source("scaling") == click.core.ParameterSource.DEFAULT:
                 cfg["scaling"] = "running"  # statistics pooled over keys (kalnat.cli_keyed)
-            with FigureWorkers(1) as figures:  # one figure job: the learning curves
-                return _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures)
-        with FigureWorkers() as figures:  # started before JAX is imported (see kalnat.figure_workers)
-            _learn_single(source, cfg, out_dir, quiet, predictions_path, figures)
+            # one figure job, the learning curves (none with --no-figures: no workers, None)
+            with FigureWorkers(1) if figures else contextlib.nullcontext() as drawing:
+                return _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, drawing)
+        # (the workers start before JAX is imported: see kalnat.figure_workers)
+        with FigureWorkers() if figures else contextlib.nullcontext() as drawing:
+            _learn_single(source, cfg, out_dir, quiet, predictions_path, drawing)
 
 
 def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
+    """``figures``: the :class:`kalnat.figure_workers.FigureWorkers` that draw the report's
+    figures, or ``None`` (--no-figures)."""
     _jax()
     from kalnat import cli_learn, cli_report
 
@@ -344,15 +352,17 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
     metrics = result.metrics
     metric = "accuracy" if result.is_classifier else "rmse"
     what = metrics["learner_text"]
-    drawn = [figures.draw("learning_curves", metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
-                          title=f"{source.name}: {what}, {cfg['model_spec']}, {result.family_name}")]
-    if "bank" in metrics:
+    drawn = []
+    if figures is not None:
+        drawn.append(figures.draw("learning_curves", metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
+                                  title=f"{source.name}: {what}, {cfg['model_spec']}, {result.family_name}"))
+    if "bank" in metrics and figures is not None:
         b = metrics["bank"]
         drawn.append(figures.draw("bank_weights", b["curve"]["row"], b["curve"]["weights"],
                                   [cli_report.member_label(c) for c in b["members"]],
                                   os.path.join(out_dir, "bank_weights.png"),
                                   title=f"{source.name}: weights of the bank's members"))
-    if "confusion" in metrics:
+    if "confusion" in metrics and figures is not None:
         drawn.append(figures.draw("confusion", metrics["confusion"], metrics["classes"],
                                   os.path.join(out_dir, "confusion.png"),
                                   title=f"{source.name}: progressive confusion matrix"))
@@ -380,8 +390,8 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
             b = metrics["bank"]
             top = sorted(zip(b["final_weights"], b["members"]), key=lambda t: -t[0])[:3]
             click.echo("  bank weights: " + ", ".join(f"{cli_report.member_label(c)}: {w:.2f}" for w, c in top))
-        click.echo(f"  report: {out_dir}/ (metrics.json, {', '.join(metrics['files']['plots'])}, "
-                   "model.npz)")
+        files = ["metrics.json", *metrics["files"]["plots"], "model.npz"]
+        click.echo(f"  report: {out_dir}/ ({', '.join(files)})")
 
 
 def _dask_client(workers, scheduler):
@@ -402,7 +412,7 @@ def _dask_client(workers, scheduler):
 def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
     """``kalnat learn --key``: one model per key (kalnat.cli_keyed), on Dask with --workers or
     --scheduler; ``figures``: the :class:`kalnat.figure_workers.FigureWorkers` that draw the
-    report's figures."""
+    report's figures, or ``None`` (--no-figures)."""
     _jax()
     from kalnat import cli_keyed, cli_report
 
@@ -428,13 +438,14 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
     metric = scores.metric
     keyed = metrics["keyed"]
     what = f"{metrics['learner_text']} per {keyed['key_column']}"
-    curves = figures.draw("learning_curves", metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
-                          title=f"{source.name}: {what}, {cfg['model_spec']}, {runner.family.name}")
+    curves = None if figures is None else figures.draw(
+        "learning_curves", metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
+        title=f"{source.name}: {what}, {cfg['model_spec']}, {runner.family.name}")
     cli_keyed.write_per_key(os.path.join(out_dir, "per_key.csv"), runner, scores)
     model_file = "keyed_model.npz" if runner.dask is None else "shards/"
     if runner.dask is None:  # while the figures are drawn
         cli_keyed.save_keyed(os.path.join(out_dir, model_file), runner, source)
-    pngs = curves.result()
+    pngs = [] if curves is None else curves.result()
     metrics["files"] = {"model": model_file, "per_key": "per_key.csv",
                         "plots": [os.path.basename(p) for p in pngs]}
     remove_stale(out_dir, metrics["files"])
@@ -460,8 +471,8 @@ def _learn_keyed(source, cfg, out_dir, quiet, workers, scheduler, figures):
             click.echo(f"  key average: progressive log-loss {per['log_loss']:.4f}  {metric} {fmt(per[metric])}")
         where = f" on {keyed['dask_shards']} Dask shards" if keyed["dask_shards"] else ""
         click.echo(f"  {keyed['rows_per_second']:.0f} rows/s{where} (compilation included)")
-        click.echo(f"  report: {out_dir}/ (metrics.json, per_key.csv, "
-                   f"{', '.join(metrics['files']['plots'])}, {model_file})")
+        files = ["metrics.json", "per_key.csv", *metrics["files"]["plots"], model_file]
+        click.echo(f"  report: {out_dir}/ ({', '.join(files)})")
 
 
 # ---- predict ----------------------------------------------------------------------------------
