@@ -92,22 +92,30 @@ def test_learn_csv_writes_report_and_checkpoint(tmp_path, logistic_csv):
     assert "bank_weights.png" in m["files"]["plots"]
 
 
-def test_no_figures_writes_the_report_without_them(tmp_path, logistic_csv):
-    """--no-figures: the same metrics.json (but its list of figures) and model as with figures,
-    no PNG, and the figures of a report written there before removed; one model per key too."""
+def test_no_figures_writes_the_report_without_them(tmp_path, logistic_csv, monkeypatch):
+    """--no-figures: the same scores, curve and model as with figures, no PNG and no figure
+    workers, and the figures of a report written there before removed; one model per key too."""
+    from kalnat import figure_workers
+
     keyed_csv = tmp_path / "keyed.csv"
     lines = open(logistic_csv).read().splitlines()
     keyed_csv.write_text("\n".join([lines[0] + ",user"] + [f"{line},u{i % 3}" for i, line in enumerate(lines[1:])]))
-    for name, extra, model in (("one", [logistic_csv, "--prior-var", "1"], "model.npz"),
-                               ("keyed", [str(keyed_csv), "--key", "user"], "keyed_model.npz")):
+    for name, extra, model in (("one", [logistic_csv], "model.npz"), ("keyed", [str(keyed_csv), "--key", "user"],
+                                                                     "keyed_model.npz")):
         out = tmp_path / name
-        _ok(["learn", *extra, "--out", str(out), "--quiet"], figures=True)
+        _ok(["learn", *extra, "--out", str(out), "--quiet", "--prior-var", "1"], figures=True)
         drawn = json.loads((out / "metrics.json").read_text())
         assert drawn["files"]["plots"] and all((out / png).exists() for png in drawn["files"]["plots"])
-        res = _ok(["learn", *extra, "--out", str(out), "--no-figures"])
+        with np.load(out / model) as z:
+            learned = {k: z[k] for k in z.files}
+        with monkeypatch.context() as mp:
+            mp.setattr(figure_workers, "FigureWorkers", None)  # (started, it would raise)
+            res = _ok(["learn", *extra, "--out", str(out), "--prior-var", "1", "--no-figures"])
         m = json.loads((out / "metrics.json").read_text())
         assert m["files"]["plots"] == [] and not list(out.glob("*.png"))
-        assert m["final"] == drawn["final"] and m["curve"] == drawn["curve"] and (out / model).exists()
+        assert m["final"] == drawn["final"] and m["curve"] == drawn["curve"]
+        with np.load(out / model) as z:
+            assert set(z.files) == set(learned) and all(np.array_equal(z[k], learned[k]) for k in z.files)
         assert f"{model})" in res.output and ".png" not in res.output
 
 
@@ -244,9 +252,10 @@ def test_every_method_learns_and_its_checkpoint_predicts(tmp_path, logistic_csv,
 
 def test_bundled_regression_set_and_predict_uncertainty(tmp_path):
     out = tmp_path / "rep"
-    _ok(["learn", "diabetes", "--out", str(out), "--quiet"])
+    _ok(["learn", "diabetes", "--out", str(out), "--quiet"], figures=True)  # a regression's figures
     m = json.loads((out / "metrics.json").read_text())
     assert m["family"] == "gaussian" and m["rows_seen"] == 442 and m["first_scored_row"] == 3
+    assert "learning_curve_rmse.png" in m["files"]["plots"] and (out / "learning_curve_rmse.png").exists()
     assert 50 < m["final"]["rmse"] < 65        # y has sd 77; least squares in-sample 53.5
     X = np.random.default_rng(0).normal(0, 0.05, size=(4, 10))
     names = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
@@ -260,9 +269,11 @@ def test_bundled_regression_set_and_predict_uncertainty(tmp_path):
 
 def test_default_learn_runs_on_a_bundled_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = _ok(["learn"])
+    res = _ok(["learn"], figures=True)  # the command as it is, figures and all
     assert "breast_cancer: 569 rows" in res.output
     m = json.load(open("kalnat-report/metrics.json"))
+    assert len(m["files"]["plots"]) == 4  # two learning curves, the bank's weights, the confusion matrix
+    assert f"report: kalnat-report/ ({', '.join(['metrics.json', *m['files']['plots'], 'model.npz'])})" in res.output
     # the numbers README.md and docs/cli.md (kalnat compare) give for the default, to their printed digits
     assert round(m["final"]["log_loss"], 4) == 0.1248 and round(m["final"]["accuracy"], 4) == 0.9578
 
@@ -793,7 +804,8 @@ def test_a_stream_too_short_to_score_says_so_and_its_report_is_strict_json(tmp_p
     neither calls it a divergence."""
     data = tmp_path / "two.csv"
     data.write_text("a,b,y\n0.1,0.2,1.5\n0.3,0.1,2.5\n")
-    res = _ok(["learn", str(data), "--out", str(tmp_path / "o"), "--prior-var", "1"])
+    # (the figures of a curve with no point drawn too)
+    res = _ok(["learn", str(data), "--out", str(tmp_path / "o"), "--prior-var", "1"], figures=True)
     assert ("progressive log-loss (from row 3) not scored  RMSE 1.275 over all rows, not scored after row 10"
             in res.output), res.output
     final = _strict_json(tmp_path / "o" / "metrics.json")["final"]

@@ -288,7 +288,8 @@ def _open(data, kw, **more):
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--figures/--no-figures", default=True, show_default=True,
               help="Draw the report's PNG figures (learning curves, a bank's weights, a confusion "
-              "matrix); without them the report is metrics.json and the model (for many runs).")
+              "matrix). Without them no PNG is written; the rest of the report is written as "
+              "usual, with the same numbers (e.g. for many runs in a script).")
 @click.option("--predictions", "predictions_path", default=None, type=click.Path(dir_okay=False),
               metavar="PATH", help="Also write every row's progressive prediction (made before the "
               "row was learned) as CSV: row (1-based, stream order), then mean,sd (gaussian, "
@@ -305,8 +306,8 @@ def learn(data, out_dir, quiet, figures, key, workers, scheduler, predictions_pa
     DATA is a CSV file with a header row, - for standard input, or a bundled data set's name
     (see `kalnat datasets`); default: breast_cancer. The report folder gets metrics.json
     (progressive log-loss, accuracy or RMSE, over time; rows seen and skipped; time per
-    row), learning-curve PNGs (unless --no-figures) and model.npz, the final learner state for
-    `kalnat predict`.
+    row), model.npz (the final learner state for `kalnat predict`) and PNG figures:
+    learning curves, a bank's weights, a confusion matrix (none with --no-figures).
     """
     from kalnat import datasets
 
