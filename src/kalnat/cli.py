@@ -357,16 +357,16 @@ def _learn_single(source, cfg, out_dir, quiet, predictions_path, figures):
     if figures is not None:
         drawn.append(figures.draw("learning_curves", metrics["curve"], metric, os.path.join(out_dir, "learning_curve"),
                                   title=f"{source.name}: {what}, {cfg['model_spec']}, {result.family_name}"))
-    if "bank" in metrics and figures is not None:
-        b = metrics["bank"]
-        drawn.append(figures.draw("bank_weights", b["curve"]["row"], b["curve"]["weights"],
-                                  [cli_report.member_label(c) for c in b["members"]],
-                                  os.path.join(out_dir, "bank_weights.png"),
-                                  title=f"{source.name}: weights of the bank's members"))
-    if "confusion" in metrics and figures is not None:
-        drawn.append(figures.draw("confusion", metrics["confusion"], metrics["classes"],
-                                  os.path.join(out_dir, "confusion.png"),
-                                  title=f"{source.name}: progressive confusion matrix"))
+        if "bank" in metrics:
+            b = metrics["bank"]
+            drawn.append(figures.draw("bank_weights", b["curve"]["row"], b["curve"]["weights"],
+                                      [cli_report.member_label(c) for c in b["members"]],
+                                      os.path.join(out_dir, "bank_weights.png"),
+                                      title=f"{source.name}: weights of the bank's members"))
+        if "confusion" in metrics:
+            drawn.append(figures.draw("confusion", metrics["confusion"], metrics["classes"],
+                                      os.path.join(out_dir, "confusion.png"),
+                                      title=f"{source.name}: progressive confusion matrix"))
     result.save(os.path.join(out_dir, "model.npz"))  # while the figures are drawn
     pngs = []
     for job in drawn:  # learning_curves draws two files, the others one
