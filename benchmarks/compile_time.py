@@ -124,9 +124,8 @@ def sharing(repeat: int) -> None:
             Bank.program_key = own_bank_key if share else (lambda self: None)
             RecurrentLearner.program_key = own_recurrent_key if share else (lambda self: None)
             learner = build(r)
-            recurrent = isinstance(learner, RecurrentLearner)
             t = time.perf_counter()
-            if recurrent:  # the 100 rows as one sequence of 100 steps
+            if isinstance(learner, RecurrentLearner):  # the 100 rows as one sequence of 100 steps
                 jax.block_until_ready(kalnat.recurrent.fit_sequence(learner, learner.init(cell_params), X, y).state)
             else:
                 jax.block_until_ready(kalnat.fit(learner, learner.init(params), X, y).state)
