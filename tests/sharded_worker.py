@@ -27,6 +27,20 @@ def on_host(tree):
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
+def fitted_collectives(learner, mesh, params, X, y, batch):
+    """The collectives of the chunk program ``sharded.fit`` ran on ``X``, ``y`` (every step of
+    the stream: one chunk), read back from JAX's caches of lowered and compiled programs: the
+    same avals and shardings lower and compile to what the fit ran, with nothing compiled again
+    (a step's own program, ``sharded.step_fn``, is another compile: the full covariance's cases
+    check that one)."""
+    c = X.shape[0] // batch
+    run = sharded._jitted(learner, mesh, "scan", learner.init(params).cov)
+    lowered = run.lower(device_hyper(learner, None, np.float64), sharded.shard(learner.init(params), mesh),
+                        X.reshape((c, batch) + X.shape[1:]), learner.family.check(y).reshape(c, batch),
+                        np.ones((c, batch), bool))
+    return sharded.collectives(lowered.compile().as_text())
+
+
 def rel(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-300))
@@ -73,10 +87,6 @@ def main():
         for batch in (1, 2):
             ref = kalnat.fit(learner, learner.init(model.init(None)), X, y, batch_size=batch)
             res = sharded.fit(learner, learner.init(model.init(None)), X, y, mesh, batch_size=batch)
-            hyper = device_hyper(learner, None, np.float64)
-            state = sharded.shard(learner.init(model.init(None)), mesh)
-            hlo = sharded.step_fn(learner, mesh, type(state.cov)).lower(hyper, state, X[:batch], y[:batch]) \
-                .compile().as_text()
             leaves = jax.tree_util.tree_leaves(res.state.cov)
             out["structured"].append({
                 "form": rep.name, "batch": batch,
@@ -90,7 +100,7 @@ def main():
                 "ll": rel(ref.log_likelihood, res.log_likelihood),
                 "specs": [list(a.sharding.spec) for a in leaves],
                 "shard_shapes": [list(a.addressable_shards[0].data.shape) for a in leaves],
-                "collectives": sharded.collectives(hlo),
+                "collectives": fitted_collectives(learner, mesh, model.init(None), X, y, batch),
             })
     # the forms made of parts: blocks per leaf, a low-rank rest with a full last layer, the
     # Kronecker factors per layer (kept whole); an MLP whose blocks of 8, 56 and 8 parameters
@@ -108,10 +118,6 @@ def main():
         for batch in batches:
             ref = kalnat.fit(learner, learner.init(params), Xm, y, batch_size=batch)
             res = sharded.fit(learner, learner.init(params), Xm, y, mesh, batch_size=batch)
-            hyper = device_hyper(learner, None, np.float64)
-            state = sharded.shard(learner.init(params), mesh)
-            hlo = sharded.step_fn(learner, mesh, state.cov).lower(hyper, state, Xm[:batch], y[:batch]) \
-                .compile().as_text()
             leaves = jax.tree_util.tree_leaves(res.state.cov)
             out["parts"].append({
                 "form": form, "batch": batch, "d": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
@@ -122,7 +128,7 @@ def main():
                 "ll": rel(ref.log_likelihood, res.log_likelihood),
                 "specs": [list(a.sharding.spec) for a in leaves],
                 "shapes": [list(a.shape) for a in leaves],
-                "collectives": sharded.collectives(hlo),
+                "collectives": fitted_collectives(learner, mesh, params, Xm, y, batch),
             })
     print(json.dumps(out))
 

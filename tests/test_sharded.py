@@ -1,7 +1,8 @@
 """One model across devices (kalnat.sharded): on 8 simulated CPU devices the filter with P
 row-sharded equals the one-device filter (float64, 1e-12), P stays sharded, and the compiled
 step moves no d × d array between devices (its HLO's collectives are d × m or m × m); the
-structured forms split by parameter, and blocks and groups part by part."""
+structured forms split by parameter and blocks and groups part by part, and the chunk programs
+their fits ran (every step of a stream) move no more than the bounds their tests name."""
 
 import json
 import math
@@ -54,8 +55,9 @@ def test_forms_of_parts_shard_each_part_that_splits(report):
     """Blocks, groups (a low-rank rest with a full last layer) and Kronecker factors on 8
     devices: equal to one device (1e-12, P itself); every block or group leaf whose first axis
     divides by 8 is split by rows, the rest (a 1-parameter block, the 9 × 9 last layer, the
-    Kronecker factors) kept whole; no split leaf moves whole between devices, and nothing
-    larger than d × m or a whole part (padded to the device count) moves."""
+    Kronecker factors) kept whole; in the chunk program the fit ran, no split leaf moves whole
+    between devices, and nothing larger than d × m or a whole part (padded to the device count)
+    moves."""
     by = {(c["form"], c["batch"]): c for c in report["parts"]}
     assert sorted(by) == [("blocks", 1), ("kron", 1), ("last-layer", 2)]
     rows, whole = ["rows", None], []
@@ -77,7 +79,8 @@ def test_forms_of_parts_shard_each_part_that_splits(report):
 
 def test_structured_forms_shard_by_parameter(report):
     """Diagonal (p (d,)) and LowRank (υ (d,), W (d, k)): every leaf split by parameter over the
-    8 devices, equal to one device (1e-12), and nothing larger than d × m moves (W stays split)."""
+    8 devices, equal to one device (1e-12), and nothing larger than d × m moves in the chunk
+    program the fit ran (W stays split)."""
     d, k = 16, 3
     assert [(c["form"], c["batch"]) for c in report["structured"]] == [
         ("diagonal", 1), ("diagonal", 2), ("lowrank", 1), ("lowrank", 2)]
