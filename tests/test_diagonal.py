@@ -65,6 +65,7 @@ def test_diagonal_state_and_step_never_hold_a_d_by_d_array():
                for eqn in full_jaxpr.jaxpr.eqns for v in eqn.outvars)  # the check can see one
 
 
+@pytest.mark.slow
 def test_diagonal_stays_positive_in_float32_and_runs_everywhere():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(20_000, 6)).astype(np.float32)

@@ -4,6 +4,7 @@ t · E[(θ_t − θ*)ᵀ I(θ*) (θ_t − θ*)] → d, the Cramér–Rao bound."
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
 
 import kalnat
@@ -14,6 +15,7 @@ T = 5000
 RUNS = 96
 
 
+@pytest.mark.slow
 def test_fisher_efficiency_logistic_regression():
     family = F.Bernoulli()
     model = kalnat.models.linear(D_FEATURES)

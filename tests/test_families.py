@@ -183,6 +183,7 @@ def test_the_default_floor_on_r_is_a_few_units_of_rounding_of_its_dtype(dtype):
     assert F.Categorical(3).cov(p).dtype == dtype
 
 
+@pytest.mark.slow
 def test_a_floor_on_r_keeps_a_float32_softmax_accurate():
     """digits' linear softmax on standardised inputs, the exact EKF, 640 rows, each dtype at the
     family's default floor on R: float32 predicts as float64 does. A confident softmax's R has

@@ -76,6 +76,7 @@ def _digits32(n):
     return np.asarray(X[:n], np.float32), y[:n]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rep", ["blocks", "lowrank:10"])
 def test_float32_minibatches_of_a_confident_classifier_do_not_diverge(rep):
     """digits' ten-class linear softmax (d = 585), float32, minibatches of 2 rows (S of 18

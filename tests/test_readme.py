@@ -3,8 +3,11 @@ order, in one namespace, as a reader would paste them). A block that only includ
 (``--8<-- "examples/x.py"``, the documentation site's snippet syntax) shows that file: the
 file must exist and compile; the examples themselves are scripts run by hand."""
 
+import importlib
 import pathlib
 import re
+import shlex
+import sys
 
 import matplotlib
 import pytest
@@ -78,3 +81,28 @@ def test_every_command_and_option_is_in_the_commands_page():
             if isinstance(param, click.Option):
                 missing += [f"kalnat {name} {o}" for o in param.opts + param.secondary_opts if o not in page]
     assert not missing, f"docs/cli.md does not document: {missing}"
+
+
+
+#: The files whose statistical tests are marked slow.
+SLOW_FILES = ("test_efficiency", "test_sklearn", "test_families", "test_stability", "test_structured", "test_recurrent",
+              "test_recurrent_reliability", "test_diagonal", "test_noise_units", "test_variance_bound",
+              "test_regression_default")
+
+
+def test_the_slow_statistical_tests_are_marked_and_the_readmes_command_runs_them():
+    """``slow`` is a registered mark (with ``--strict-markers`` a misspelt one is an error) that
+    the configured options do not deselect: ``python -m pytest`` (the README's command, CI's)
+    runs those tests, and ``-m "not slow"`` leaves them out of a quick run. Each file above marks
+    its statistical tests."""
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11 on) the project's options, not this run's
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "slow" in [line.split(":")[0].strip() for line in options["markers"]]
+    addopts = shlex.split(options["addopts"])
+    assert "--strict-markers" in addopts
+    assert not any(a == "-m" or (a.startswith("-m") and not a.startswith("--")) for a in addopts), addopts
+    for name in SLOW_FILES:
+        module = sys.modules.get(name) or importlib.import_module(name)
+        marked = [fn for fn in vars(module).values()
+                  if callable(fn) and any(m.name == "slow" for m in getattr(fn, "pytestmark", []))]
+        assert marked, f"tests/{name}.py marks no test slow"

@@ -672,6 +672,7 @@ def test_params_and_cells_that_do_not_fit_are_refused_at_init():
             recurrent.recurrent_model(cell.transition, read, n_state=3, input_shape=shape, n_outputs=1)
 
 
+@pytest.mark.slow
 def test_float32_long_stream_is_stable():
     cell = recurrent.elman(n_inputs=1, n_state=3, dtype=jnp.float32)
     fam = families.Gaussian(0.1)

@@ -224,6 +224,7 @@ def test_values_beyond_a_float32_state_are_refused_or_skipped():
         assert np.all(np.isnan(res.predictions.mean[bad]))
 
 
+@pytest.mark.slow
 def test_float32_forgetting_runs_with_the_square_root_core():
     """Float32 RTRL with forgetting: the square-root core runs the whole stream, finite, and
     forecasts at the noise level (the covariance-form core lost positive definiteness to

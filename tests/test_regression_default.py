@@ -27,6 +27,7 @@ def _forgetting_weight(runner):
     return runner.weights[:, lam < 1].sum(axis=1)
 
 
+@pytest.mark.slow
 def test_a_trending_series_is_forecast_after_its_lags_leave_the_early_range():
     """Flat for 256 rows, then rising 0.05 a row: in rows 257–511 the lags reach 12 deviations
     of the first 256 rows, the statistics the features and the target are expressed in until
@@ -56,6 +57,7 @@ def _linear_stream(rng, n, w, noise=0.5):
 W_TRUE = np.array([1.0, -2.0, 0.5])
 
 
+@pytest.mark.slow
 def test_on_a_stationary_stream_the_weight_stays_on_members_that_do_not_forget():
     """No drift: after 1000 rows the members with λ < 1 hold under 0.2 of the weight (before:
     0.99, with λ = 0.99 on top, because the target's units moved under the filter)."""
@@ -68,6 +70,7 @@ def test_on_a_stationary_stream_the_weight_stays_on_members_that_do_not_forget()
     assert np.sqrt(np.mean((y[100:] - pred.mean[100:]) ** 2)) < 0.6  # noise sd 0.5
 
 
+@pytest.mark.slow
 def test_after_an_abrupt_change_the_weight_moves_to_forgetting_within_50_rows():
     """The weights flip sign at row 601: the forgetting members (under 0.2 before) hold most of
     the weight within 50 rows, and the forecasts recover."""

@@ -298,6 +298,7 @@ print(jnp.zeros(()).dtype, clf.score(X[640:1280], y[640:1280]))  # JAX's default
 """
 
 
+@pytest.mark.slow
 def test_a_float32_softmax_classifier_learns_digits():
     """``KalmanClassifier(method="ekf")`` in JAX's default float32 (a process of its own: this
     suite runs in float64) on digits' ten classes, 640 rows learned, the next 640 scored. Its

@@ -261,6 +261,7 @@ def _long_stream_states(n, d, seed, chunk_size):
     return tuple(out)
 
 
+@pytest.mark.slow
 def test_float32_long_stream_sqrt_stays_close_to_float64():
     """2·10⁴ rows of an ill-scaled linear-Gaussian stream (feature scales 10^±1, P's condition
     number ~10⁴) in float32: L keeps a positive diagonal and θ, P stay near the float64 run
@@ -314,6 +315,7 @@ def test_downdate_is_one_pass_of_outer_products_up_to_its_bound():
     assert dots(numerics.FUSED_DOWNDATE + 1) == 1
 
 
+@pytest.mark.slow
 def test_float32_square_root_factor_tracks_float64_over_a_long_stream():
     """The compensated summation of the square-root form (README Reliability: P within 5e-8 of
     float64 over 10⁶ float32 rows): over 2·10⁵ rows P stays within 2e-6 of the float64 run.

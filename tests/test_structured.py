@@ -678,6 +678,7 @@ def test_structured_steps_never_hold_a_d_by_d_array(structure):
     assert _step_shapes(full, full.init(params), d, 40)  # the check can see one
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", ["diag", "blocks", "lowrank", "last-layer-full", "kron"])
 def test_structures_stay_positive_definite_over_a_long_float32_stream(structure):
     """10⁵ rows in float32 with forgetting, a dead input and the bound: every structure keeps

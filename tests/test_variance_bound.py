@@ -130,6 +130,7 @@ def test_variance_bound_congruence(d, seed, log_cap):
     np.linalg.cholesky(Q)
 
 
+@pytest.mark.slow
 def test_bank_keeps_its_forgetting_members():
     """Without the bound a fast-forgetting member overflows on a stream with a dead feature in
     float32 (λ = 0.95: after ~1 700 rows) and leaves the bank for good; with the default bound
