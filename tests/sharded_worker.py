@@ -8,6 +8,7 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import jax.monitoring  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -27,18 +28,37 @@ def on_host(tree):
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
+_PROGRAMS = [0]  # the programs JAX has loaded, each compiled or read from the persistent cache
+
+
+def _count_programs(event, seconds, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _PROGRAMS[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_programs)
+
+
 def fitted_collectives(learner, mesh, params, X, y, batch):
-    """The collectives of the chunk program ``sharded.fit`` ran on ``X``, ``y`` (every step of
-    the stream: one chunk), read back from JAX's caches of lowered and compiled programs: the
-    same avals and shardings lower and compile to what the fit ran, with nothing compiled again
-    (a step's own program, ``sharded.step_fn``, is another compile: the full covariance's cases
-    check that one)."""
-    c = X.shape[0] // batch
+    """``(collectives, programs)``: the collectives of the chunk program ``sharded.fit`` ran on
+    ``X``, ``y`` (every step of the stream: one chunk), read back from JAX's in-process caches
+    of lowered and compiled programs, and how many programs that loaded: none where the same
+    arguments lowered to what the fit ran (the tests check it: another chunk length or dtype
+    would compile, and describe, another program)."""
+    before, c = _PROGRAMS[0], X.shape[0] // batch
     run = sharded._jitted(learner, mesh, "scan", learner.init(params).cov)
     lowered = run.lower(device_hyper(learner, None, np.float64), sharded.shard(learner.init(params), mesh),
                         X.reshape((c, batch) + X.shape[1:]), learner.family.check(y).reshape(c, batch),
                         np.ones((c, batch), bool))
-    return sharded.collectives(lowered.compile().as_text())
+    return sharded.collectives(lowered.compile().as_text()), _PROGRAMS[0] - before
+
+
+def step_collectives(learner, mesh, params, cov, X, y, batch):
+    """The collectives of ``sharded.step_fn(learner, mesh, cov)``'s program (a step compiled
+    apart, for one minibatch)."""
+    hlo = sharded.step_fn(learner, mesh, cov).lower(device_hyper(learner, None, np.float64),
+                                                    sharded.shard(learner.init(params), mesh), X[:batch], y[:batch])
+    return sharded.collectives(hlo.compile().as_text())
 
 
 def rel(a, b):
@@ -100,8 +120,12 @@ def main():
                 "ll": rel(ref.log_likelihood, res.log_likelihood),
                 "specs": [list(a.sharding.spec) for a in leaves],
                 "shard_shapes": [list(a.addressable_shards[0].data.shape) for a in leaves],
-                "collectives": fitted_collectives(learner, mesh, model.init(None), X, y, batch),
             })
+            out["structured"][-1]["collectives"], out["structured"][-1]["programs"] = fitted_collectives(
+                learner, mesh, model.init(None), X, y, batch)
+            if rep.name == "lowrank" and batch == 2:  # step_fn given the covariance's type
+                out["structured"][-1]["step_collectives"] = step_collectives(
+                    learner, mesh, model.init(None), type(res.state.cov), X, y, batch)
     # the forms made of parts: blocks per leaf, a low-rank rest with a full last layer, the
     # Kronecker factors per layer (kept whole); an MLP whose blocks of 8, 56 and 8 parameters
     # split over 8 devices and whose output bias (1) and last layer (9) do not
@@ -128,8 +152,12 @@ def main():
                 "ll": rel(ref.log_likelihood, res.log_likelihood),
                 "specs": [list(a.sharding.spec) for a in leaves],
                 "shapes": [list(a.shape) for a in leaves],
-                "collectives": fitted_collectives(learner, mesh, params, Xm, y, batch),
             })
+            out["parts"][-1]["collectives"], out["parts"][-1]["programs"] = fitted_collectives(
+                learner, mesh, params, Xm, y, batch)
+            if form == "blocks":  # step_fn given the state's covariance, a pytree of parts
+                out["parts"][-1]["step_collectives"] = step_collectives(
+                    learner, mesh, params, learner.init(params).cov, Xm, y, batch)
     print(json.dumps(out))
 
 

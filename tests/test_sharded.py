@@ -55,11 +55,14 @@ def test_forms_of_parts_shard_each_part_that_splits(report):
     """Blocks, groups (a low-rank rest with a full last layer) and Kronecker factors on 8
     devices: equal to one device (1e-12, P itself); every block or group leaf whose first axis
     divides by 8 is split by rows, the rest (a 1-parameter block, the 9 × 9 last layer, the
-    Kronecker factors) kept whole; in the chunk program the fit ran, no split leaf moves whole
-    between devices, and nothing larger than d × m or a whole part (padded to the device count)
-    moves."""
+    Kronecker factors) kept whole; in the chunk program the fit ran (read back without compiling
+    another), and in ``sharded.step_fn``'s given the blocks' covariance, no split leaf moves
+    whole between devices, and nothing larger than d × m or a whole part (padded to the device
+    count) moves."""
     by = {(c["form"], c["batch"]): c for c in report["parts"]}
     assert sorted(by) == [("blocks", 1), ("kron", 1), ("last-layer", 2)]
+    assert [c["programs"] for c in report["parts"]] == [0, 0, 0]
+    assert "step_collectives" in by[("blocks", 1)]
     rows, whole = ["rows", None], []
     expected = {"blocks": [rows, rows, whole, rows], "last-layer": [["rows"], rows, whole],
                 "kron": [whole] * 4}
@@ -70,7 +73,7 @@ def test_forms_of_parts_shard_each_part_that_splits(report):
         split = [tuple(sh) for sh, spec in zip(case["shapes"], case["specs"]) if spec]
         kept = [math.prod([-(-sh[0] // 8) * 8] + sh[1:]) for sh, spec in zip(case["shapes"], case["specs"]) if not spec]
         bound = max([case["d"] * m] + kept)
-        for op, shapes in case["collectives"]:
+        for op, shapes in case["collectives"] + case.get("step_collectives", []):
             for shape in shapes:
                 assert tuple(v for v in shape if v != 1) not in split, (form, m, op, shape)
                 assert math.prod(shape) <= bound, (form, m, op, shape, bound)
@@ -80,10 +83,13 @@ def test_forms_of_parts_shard_each_part_that_splits(report):
 def test_structured_forms_shard_by_parameter(report):
     """Diagonal (p (d,)) and LowRank (υ (d,), W (d, k)): every leaf split by parameter over the
     8 devices, equal to one device (1e-12), and nothing larger than d × m moves in the chunk
-    program the fit ran (W stays split)."""
+    program the fit ran (read back without compiling another), nor in ``sharded.step_fn``'s given
+    the low-rank covariance's type (W stays split)."""
     d, k = 16, 3
     assert [(c["form"], c["batch"]) for c in report["structured"]] == [
         ("diagonal", 1), ("diagonal", 2), ("lowrank", 1), ("lowrank", 2)]
+    assert [c["programs"] for c in report["structured"]] == [0, 0, 0, 0]
+    assert "step_collectives" in report["structured"][3]
     for case in report["structured"]:
         for what in ("theta", "cov", "pred", "ll"):
             assert case[what] <= 1e-12, (case["form"], case["batch"], what, case[what])
@@ -93,7 +99,7 @@ def test_structured_forms_shard_by_parameter(report):
         ops = case["collectives"]
         assert any(op == "all-reduce" for op, _ in ops)
         # the low-rank step's sums over parameters are k × k, k × m and m × m: W is never gathered
-        for op, shapes in ops:
+        for op, shapes in ops + case.get("step_collectives", []):
             for shape in shapes:
                 assert math.prod(shape) <= d * m, (case["form"], op, shape)
 

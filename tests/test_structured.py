@@ -379,10 +379,11 @@ def test_kronecker_reads_the_layouts_networks_use_and_is_exact_there(layout):
 
 #: The layers (n_out, n_in) and counts of rows k of the docstring test. Each shape is one compiled
 #: program (0.4–0.8 s), so its examples draw their shapes from these, and their data (rows that are
-#: outer products or not, R coupling them or not, a zero row) freely. Between them they take every
-#: branch a shape chooses: one output (its rows whitened outright), one row, k below, at and above
-#: n_out and n_in + 1 (``_least``'s zero or an eigenvalue), and factors of 1 to 5 rows (5:
-#: ``numerics``' loops rather than unrolled steps).
+#: outer products or not, R coupling them or not, a zero row) freely. The explicit examples take
+#: every branch a shape chooses: one output (its rows whitened outright), one row, on the
+#: outer-product path k below, at and above n_out and n_in + 1 (``_least``'s zero or an
+#: eigenvalue), and on the general path factors of 2 to 5 rows (5: ``numerics``' loops rather than
+#: unrolled steps).
 _DOCSTRING_SHAPES = [(1, 3, 2), (1, 1, 3), (2, 1, 1), (3, 4, 2), (3, 2, 3), (4, 2, 3), (2, 4, 3)]
 
 
@@ -399,10 +400,14 @@ def _kronecker_paths(prior, H, whitened, R, e):
 
 @settings(max_examples=20, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate])
 @given(shape=st.sampled_from(_DOCSTRING_SHAPES), outer=st.booleans(), seed=st.integers(0, 2**16))
-@example(shape=(3, 4, 2), outer=False, seed=5)
-@example(shape=(3, 2, 3), outer=True, seed=1)
-@example(shape=(3, 2, 3), outer=True, seed=2)
-@example(shape=(4, 2, 3), outer=True, seed=6)  # rows of three examples, R coupling none of them
+@example(shape=(3, 4, 2), outer=False, seed=5)  # the general path, factors of 5 rows
+@example(shape=(3, 2, 3), outer=True, seed=1)   # one example's rows, k = n_out = n_in + 1; a zero row
+@example(shape=(3, 2, 3), outer=True, seed=2)   # rows of several examples that R couples: general
+@example(shape=(4, 2, 3), outer=True, seed=6)   # rows of three examples, R coupling none of them
+@example(shape=(2, 4, 3), outer=True, seed=4)   # k above n_out and below n_in + 1
+@example(shape=(2, 1, 1), outer=False, seed=3)  # one row
+@example(shape=(1, 3, 2), outer=False, seed=0)  # one output: any rows are outer products
+@example(shape=(1, 1, 3), outer=True, seed=5)   # one output, k above n_out and n_in + 1; a zero row
 def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(shape, outer, seed):
     """On a prior with full G and A and a noise R that couples the rows: P = (L_G U⁻¹ L_Gᵀ) ⊗
     (L_A V⁻¹ L_Aᵀ) from the alternating passes, damped where U ⊗ V falls below I ⊗ I
@@ -424,7 +429,8 @@ def test_kronecker_posterior_is_the_nearest_kronecker_product_of_its_docstring(s
         abar = np.r_[rng.normal(size=n_in), 1.0]
         mats = [np.outer(rng.normal(size=n_out), abar if shared else np.r_[rng.normal(size=n_in), 1.0])
                 for _ in range(k)]
-        mats[0] = mats[0] * (k > 1 and seed % 4 == 1)
+        if k > 1 and seed % 4 == 1:
+            mats[0] = 0.0 * mats[0]
     else:  # sums of two outer products: no dense layer's rows, unless the layer has one output
         mats = [np.outer(rng.normal(size=n_out), rng.normal(size=n_in + 1))
                 + np.outer(rng.normal(size=n_out), rng.normal(size=n_in + 1)) for _ in range(k)]
@@ -923,10 +929,11 @@ def test_derivative_of_the_evidence_through_the_low_rank_form_matches_finite_dif
 @pytest.mark.parametrize("family", ["gaussian", "categorical"])
 def test_the_low_rank_forms_gradient_at_rank_at_least_d_is_the_exact_ekfs(family):
     """With k ≥ d (21 and 26 parameters, k = 30) nothing is dropped and the filter is the exact
-    EKF: so is the evidence's gradient (``jax.grad``, reverse mode) in the three hyperparameters,
-    to rounding. The dropped directions are ones the data do not excite, so this checks that the
-    reverse mode is finite and exact where nothing is truncated, not the eigenspaces' derivative
-    itself (the finite-difference test above does)."""
+    EKF: so is the evidence's gradient in the three hyperparameters, the low-rank form's by
+    ``jax.grad`` (reverse mode) and the exact filter's by forward mode, to rounding. The dropped
+    directions are ones the data do not excite, so this checks that the reverse mode is finite
+    and exact where nothing is truncated, not the eigenspaces' derivative itself (the
+    finite-difference test above does)."""
     names, at, _ = _LOW_RANK_DERIVATIVE
 
     def gradient(rep, mode):
