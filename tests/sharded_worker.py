@@ -107,6 +107,7 @@ def main():
         for batch in (1, 2):
             ref = kalnat.fit(learner, learner.init(model.init(None)), X, y, batch_size=batch)
             res = sharded.fit(learner, learner.init(model.init(None)), X, y, mesh, batch_size=batch)
+            collectives, programs = fitted_collectives(learner, mesh, model.init(None), X, y, batch)
             leaves = jax.tree_util.tree_leaves(res.state.cov)
             out["structured"].append({
                 "form": rep.name, "batch": batch,
@@ -120,9 +121,8 @@ def main():
                 "ll": rel(ref.log_likelihood, res.log_likelihood),
                 "specs": [list(a.sharding.spec) for a in leaves],
                 "shard_shapes": [list(a.addressable_shards[0].data.shape) for a in leaves],
+                "collectives": collectives, "programs": programs,
             })
-            out["structured"][-1]["collectives"], out["structured"][-1]["programs"] = fitted_collectives(
-                learner, mesh, model.init(None), X, y, batch)
             if rep.name == "lowrank" and batch == 2:  # step_fn given the covariance's type
                 out["structured"][-1]["step_collectives"] = step_collectives(
                     learner, mesh, model.init(None), type(res.state.cov), X, y, batch)
@@ -142,6 +142,7 @@ def main():
         for batch in batches:
             ref = kalnat.fit(learner, learner.init(params), Xm, y, batch_size=batch)
             res = sharded.fit(learner, learner.init(params), Xm, y, mesh, batch_size=batch)
+            collectives, programs = fitted_collectives(learner, mesh, params, Xm, y, batch)
             leaves = jax.tree_util.tree_leaves(res.state.cov)
             out["parts"].append({
                 "form": form, "batch": batch, "d": int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
@@ -152,9 +153,8 @@ def main():
                 "ll": rel(ref.log_likelihood, res.log_likelihood),
                 "specs": [list(a.sharding.spec) for a in leaves],
                 "shapes": [list(a.shape) for a in leaves],
+                "collectives": collectives, "programs": programs,
             })
-            out["parts"][-1]["collectives"], out["parts"][-1]["programs"] = fitted_collectives(
-                learner, mesh, params, Xm, y, batch)
             if form == "blocks":  # step_fn given the state's covariance, a pytree of parts
                 out["parts"][-1]["step_collectives"] = step_collectives(
                     learner, mesh, params, learner.init(params).cov, Xm, y, batch)

@@ -83,7 +83,6 @@ def test_every_command_and_option_is_in_the_commands_page():
     assert not missing, f"docs/cli.md does not document: {missing}"
 
 
-
 #: The files whose statistical tests are marked slow.
 SLOW_FILES = ("test_efficiency", "test_sklearn", "test_families", "test_stability", "test_structured", "test_recurrent",
               "test_recurrent_reliability", "test_diagonal", "test_noise_units", "test_variance_bound",
